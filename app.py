@@ -1,0 +1,348 @@
+"""The FastAPI app: ``create_app(settings, engine=None)``, its lifespan, thin routes and error handlers.
+
+Run it with ``make run`` (``python app.py``), or ``uvicorn app:app``; tests build it with ``create_app``.
+A request travels: HTTP -> validated ``protocol`` model -> cheap CPU checks that fail fast (decode audio,
+resolve the voice) -> the engine's single worker -> encode -> response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from audio import AudioError, encode_audio
+from chat import ChatPlanner
+from engine import ContextLengthError, Engine
+from protocol import (
+    APIError,
+    AssistantMessage,
+    AudioOut,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    CompletionTokensDetails,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    Usage,
+)
+from settings import Settings, resolve_device
+from stt import AsyncTranscriber
+from voice_cloning import InvalidReference
+
+log = logging.getLogger(__name__)
+
+# Model names OpenAI clients hard-code; each is served by the one loaded model.
+MODEL_ALIASES = (
+    "gpt-4o-audio-preview",
+    "gpt-4o-mini-audio-preview",
+    "tts-1",
+    "tts-1-hd",
+    "gpt-4o-mini-tts",
+    "whisper-1",
+)
+AUDIO_LIFETIME_SECONDS = 3600
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+def _install_request_id_on_log_records() -> None:
+    """Give every log record a ``request_id`` attribute (``-`` outside a request)."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "adds_request_id", False):
+        return
+
+    def make_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        record.request_id = request_id.get()
+        return record
+
+    make_record.adds_request_id = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make_record)
+
+
+_UNION_MEMBERS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    """``('body', 'messages', 0, 'content', 1, 'input_audio', 'input_audio', 'data')`` -> dotted path."""
+    parts: list[Any] = [p for p in loc if p != "body"]
+    path = ""
+    previous: Any = None
+    for p in parts:
+        if isinstance(p, int):
+            path += f"[{p}]"
+        elif "[" in str(p) or p in _UNION_MEMBERS or p == previous:
+            # Union member names pydantic inserts ('str', 'list[...]', a tagged union's tag) are not fields.
+            pass
+        else:
+            path += f".{p}" if path else str(p)
+        previous = p
+    return path or None
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _validation_message(err: dict[str, Any]) -> str:
+    if err.get("type") == "json_invalid":
+        return "the request body is not valid JSON"
+    if err.get("type") == "missing":
+        return "this field is required"
+    if err.get("type") == "union_tag_invalid":
+        return f"unsupported content part type; use {err.get('ctx', {}).get('expected_tags', 'text or input_audio')}"
+    return str(err.get("msg", "invalid value"))
+
+
+def _usage(result) -> Usage:
+    return Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(audio_tokens=result.prompt_audio_tokens),
+        completion_tokens_details=CompletionTokensDetails(audio_tokens=result.completion_audio_tokens),
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    recognizer: AsyncTranscriber | None = None,
+) -> FastAPI:
+    """Build the app. Without ``engine``/``recognizer``, they are loaded from ``settings`` at start-up."""
+    settings = settings or Settings()
+    _install_request_id_on_log_records()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = app.state
+        state.ready = False
+        owned_engine = engine is None
+        if engine is None:
+            state.engine = await asyncio.to_thread(load_engine, settings)
+        else:
+            state.engine = engine
+        state.recognizer = recognizer
+        if recognizer is None and settings.stt_model:
+            state.recognizer = await asyncio.to_thread(load_recognizer, settings)
+        state.planner = ChatPlanner(settings, state.engine, state.recognizer)
+        if owned_engine and settings.warmup:
+            await asyncio.to_thread(state.engine.warm_up)
+        state.ready = True
+        log.info("ready: serving %s", settings.served_model_name)
+        try:
+            yield
+        finally:
+            state.ready = False
+            if owned_engine:
+                state.engine.close()
+            if state.recognizer is not None and recognizer is None:
+                state.recognizer.close()
+
+    app = FastAPI(title="Higgs Audio OpenAI-compatible server", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.ready = False
+    served_names = {settings.served_model_name, *MODEL_ALIASES}
+
+    # ---- cross-cutting ------------------------------------------------------------------------------------------
+
+    @app.middleware("http")
+    async def with_request_id(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        finally:
+            request_id.reset(token)
+        response.headers["X-Request-ID"] = rid
+        log.info(
+            "%s %s -> %d in %.3f s",
+            request.method,
+            request.url.path,
+            response.status_code,
+            time.perf_counter() - started,
+            extra={"request_id": rid},
+        )
+        return response
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(InvalidReference)
+    async def on_invalid_reference(request: Request, exc: InvalidReference) -> JSONResponse:
+        return _error_response(APIError(400, str(exc), param=exc.param, code="invalid_audio"))
+
+    @app.exception_handler(ContextLengthError)
+    async def on_context_length(request: Request, exc: ContextLengthError) -> JSONResponse:
+        return _error_response(APIError(400, str(exc), param="max_tokens", code="context_length_exceeded"))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Of a union's alternatives, the deepest error is the one closest to what the client meant.
+        err = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
+        param = None if err.get("type") == "json_invalid" else _param_from_loc(tuple(err.get("loc", ())))
+        return _error_response(APIError(400, _validation_message(err), param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected failure")
+        return _error_response(
+            APIError(500, "the server failed to handle this request; see its log", type="server_error")
+        )
+
+    def check_model(name: str) -> None:
+        if name not in served_names:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {settings.served_model_name!r} "
+                f"(also accepted: {', '.join(MODEL_ALIASES)})",
+                param="model",
+                code="model_not_found",
+            )
+
+    def log_ignored(body: Any) -> None:
+        if body.model_extra:
+            log.info("ignored unknown request fields: %s", ", ".join(sorted(body.model_extra)))
+
+    def require_ready(request: Request) -> None:
+        if not request.app.state.ready:
+            raise APIError(503, "the model is still loading; retry shortly", type="server_error",
+                           headers={"Retry-After": "5"})
+
+    # ---- routes ---------------------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """Readiness: models loaded and warmed up."""
+        is_ready = bool(request.app.state.ready)
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        now = int(time.time())
+        return ModelList(data=[ModelCard(id=name, created=now) for name in [settings.served_model_name, *MODEL_ALIASES]])
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard)
+    async def get_model(model_id: str) -> ModelCard:
+        check_model(model_id)
+        return ModelCard(id=model_id, created=int(time.time()))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=False)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        require_ready(request)
+        log_ignored(body)
+        check_model(body.model)
+        if body.stream:
+            raise APIError(400, "streaming is not supported yet; send stream: false", param="stream")
+        state = request.app.state
+        plan = await state.planner.plan(body)
+        headers = {"X-Voice": plan.voice}
+        if plan.fallback:
+            headers["X-Voice-Fallback"] = f"default; reason={plan.fallback}"
+        completion_id = "chatcmpl-" + uuid.uuid4().hex
+        created = int(time.time())
+        if plan.request is None:
+            message = AssistantMessage(content=plan.direct_answer)
+            usage = Usage(
+                prompt_tokens=0,
+                completion_tokens=0,
+                total_tokens=0,
+                prompt_tokens_details=PromptTokensDetails(),
+                completion_tokens_details=CompletionTokensDetails(),
+            )
+            choice = Choice(message=message, finish_reason="stop")
+        else:
+            result = await state.engine.generate(plan.request)
+            audio_out = None
+            if plan.request.audio_output:
+                fmt = body.audio.format if body.audio else "wav"
+                if result.audio is None:
+                    raise APIError(500, "the model produced no audio for this request", type="server_error")
+                try:
+                    data = await asyncio.to_thread(encode_audio, result.audio, fmt)
+                except AudioError as exc:
+                    raise APIError(400, str(exc), param="audio.format") from None
+                audio_out = AudioOut(
+                    id="audio_" + uuid.uuid4().hex,
+                    data=base64.b64encode(data).decode("ascii"),
+                    expires_at=created + AUDIO_LIFETIME_SECONDS,
+                    transcript=plan.spoken_text,
+                )
+                message = AssistantMessage(content=None, audio=audio_out)
+            else:
+                message = AssistantMessage(content=result.text)
+            usage = _usage(result)
+            choice = Choice(message=message, finish_reason=result.finish_reason)
+        completion = ChatCompletion(
+            id=completion_id, created=created, model=body.model, choices=[choice], usage=usage
+        )
+        return JSONResponse(completion.model_dump(mode="json"), headers=headers)
+
+    return app
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Load Higgs Audio as the settings say (blocking; minutes for the real model)."""
+    import torch
+
+    from engine import HiggsEngine
+
+    device = resolve_device(settings.device, torch.cuda.is_available())
+    return HiggsEngine(settings.model, settings.audio_tokenizer, device, settings.dtype, settings.kv_cache_lengths)
+
+
+def load_recognizer(settings: Settings) -> AsyncTranscriber:
+    """Load faster-whisper as the settings say and warm it up (blocking)."""
+    from stt import WhisperTranscriber
+
+    transcriber = WhisperTranscriber(settings.stt_model, device=settings.stt_device,
+                                     compute_type=settings.stt_compute_type)
+    transcriber.warm_up()
+    return AsyncTranscriber(transcriber)
+
+
+def main() -> None:
+    """``python app.py``: serve on the settings' host and port."""
+    import uvicorn
+
+    settings = Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+    _install_request_id_on_log_records()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn app:app` reads this attribute; building it lazily keeps settings out of import time.
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,613 @@
+"""Bytes <-> waveform: decode uploads to mono float32, encode responses.
+
+Knows nothing about HTTP; errors are ``AudioError`` with a message a user can act on.
+
+Decoding tries libsndfile (``soundfile``: wav, flac, ogg/vorbis, ogg/opus, mp3, aiff, ...)
+first and falls back to FFmpeg through PyAV (mp3, webm, m4a/aac, ...).  Both paths check the
+sample rate, channel count and, where the container states it, the duration before any
+samples are decoded, and stop decoding as soon as the duration limit is passed otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from av.audio.frame import AudioFrame
+    from av.container import InputContainer
+
+
+class AudioError(ValueError):
+    """The bytes given are not usable audio; the message says why, for the caller."""
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Mono float32 samples in [-1, 1] and their sample rate."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+    @property
+    def duration(self) -> float:
+        """Length in seconds."""
+        return len(self.samples) / self.sample_rate
+
+
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 384_000
+MAX_CHANNELS = 16
+
+MEDIA_TYPES: dict[str, str] = {
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
+    "pcm16": "audio/pcm",
+    "flac": "audio/flac",
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg; codecs=opus",
+    "aac": "audio/aac",
+}
+OUTPUT_FORMATS: frozenset[str] = frozenset(MEDIA_TYPES)
+
+_NOT_AUDIO = "the file could not be decoded as audio; send wav, mp3, flac, ogg, opus, webm or m4a"
+# Codec priming/padding and container rounding: a clip may decode a little longer than stated.
+_DURATION_SLACK_S = 0.1
+# Durations guessed from the bit rate may be this far off before the header alone refuses.
+_ESTIMATE_MARGIN = 1.5
+# Samples read per soundfile block while decoding (frames = this / channels).
+_SF_BLOCK_SAMPLES = 1 << 20
+# 20 ms analysis frames for the speech-activity helpers; absolute floor for "not silence".
+_FRAME_S = 0.02
+_ABS_FLOOR_DB = -60.0
+
+# ---------------------------------------------------------------------------------------------
+# base64
+# ---------------------------------------------------------------------------------------------
+
+_DATA_URL = re.compile(r"^\s*data:[^,]*?;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+_B64_CHARS = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+
+
+def _format_mb(n_bytes: int) -> str:
+    mb = n_bytes / (1024 * 1024)
+    return f"{mb:.3g} MB" if mb < 100 else f"{mb:.0f} MB"
+
+
+def decode_base64(data: str, *, max_bytes: int | None = None) -> bytes:
+    """Decode base64 audio sent by a client.
+
+    Accepts an optional ``data:audio/...;base64,`` prefix, embedded whitespace/newlines,
+    missing ``=`` padding and the url-safe alphabet (``-`` and ``_``).  With ``max_bytes``
+    the size is checked from the encoded length before anything is decoded.
+
+    Raises:
+        AudioError: empty input, input larger than ``max_bytes``, or not valid base64.
+    """
+    if not isinstance(data, str):
+        raise AudioError("the audio must be a base64 string")
+    match = _DATA_URL.match(data)
+    if match:
+        data = data[match.end() :]
+    elif data.lstrip()[:5].lower() == "data:":
+        raise AudioError("the audio data URL is not valid base64: expected 'data:audio/...;base64,...'")
+    if _WHITESPACE.search(data):
+        data = _WHITESPACE.sub("", data)
+    if not data:
+        raise AudioError("the audio is empty")
+    if max_bytes is not None and len(data.rstrip("=")) * 3 // 4 > max_bytes:
+        raise AudioError(f"the audio is larger than the {_format_mb(max_bytes)} limit")
+    data = data.translate(_URLSAFE_TO_STD)
+    if not _B64_CHARS.match(data):
+        raise AudioError("the audio is not valid base64 (unexpected characters)")
+    data = data.rstrip("=")
+    if len(data) % 4 == 1:
+        raise AudioError("the audio is not valid base64 (truncated data)")
+    data += "=" * (-len(data) % 4)
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise AudioError("the audio is not valid base64") from None
+    if not decoded:
+        raise AudioError("the audio is empty")
+    return decoded
+
+
+_URLSAFE_TO_STD = str.maketrans("-_", "+/")
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_audio(
+    data: bytes,
+    *,
+    target_rate: int | None = None,
+    max_seconds: float | None = None,
+    format_hint: str | None = None,
+) -> Audio:
+    """Decode an audio file held in memory to mono float32.
+
+    Supports wav, flac, ogg/vorbis, ogg/opus, mp3, webm/matroska, m4a/mp4 (aac), raw ADTS aac,
+    aiff and caf.  Channels are averaged to mono; samples end up in [-1, 1] (float input that
+    goes beyond full scale is scaled down, not clipped).  ``target_rate`` resamples the result.
+
+    ``max_seconds`` refuses longer audio: from the header where the container states the
+    length (nothing is decoded then), otherwise by stopping once decoding passes the limit.
+    ``format_hint`` (an extension or MIME type such as ``"m4a"`` or ``"audio/webm"``) is only
+    used when the bytes themselves do not identify the container.
+
+    Raises:
+        AudioError: with a message fit to show to the client.
+    """
+    if not data:
+        raise AudioError("the audio is empty")
+    if target_rate is not None and not MIN_SAMPLE_RATE <= target_rate <= MAX_SAMPLE_RATE:
+        raise ValueError(f"target_rate {target_rate} out of range")
+    data = bytes(data)
+
+    container = _sniff(data)
+    # libsndfile parses a dozen obscure formats too; only hand it the common ones.
+    decoded = _decode_soundfile(data, max_seconds) if container in _SOUNDFILE_CONTAINERS else None
+    if decoded is None:
+        decoded = _decode_pyav(data, max_seconds, container or _hint_demuxer(format_hint))
+    samples, rate = decoded
+
+    if samples.size == 0:
+        raise AudioError("the audio contains no samples")
+    if not np.isfinite(samples).all():
+        raise AudioError("the audio contains invalid samples (NaN or infinity)")
+    peak = float(np.max(np.abs(samples)))
+    if peak > 1.0:
+        samples = samples / peak
+    samples = np.ascontiguousarray(samples, dtype=np.float32)
+    if target_rate is not None and target_rate != rate:
+        samples = resample(samples, rate, target_rate)
+        rate = target_rate
+    return Audio(samples, rate)
+
+
+def _check_stream(
+    rate: int, channels: int, seconds: float | None, max_seconds: float | None, *, estimated: bool = False
+) -> None:
+    """Refuse from the stream parameters alone, before anything is decoded.
+
+    ``estimated`` durations (mp3 without a Xing/Info header, raw ADTS aac: guessed from the
+    bit rate) only refuse when well over the limit; decoding enforces the exact limit anyway.
+    """
+    if channels < 1:
+        raise AudioError("the audio has no channels")
+    if channels > MAX_CHANNELS:
+        raise AudioError(f"the audio has {channels} channels; at most {MAX_CHANNELS} are supported")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"the audio sample rate of {rate} Hz is not supported; "
+            f"use {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz"
+        )
+    if max_seconds is not None and seconds is not None:
+        limit = max_seconds * (_ESTIMATE_MARGIN if estimated else 1.0) + _DURATION_SLACK_S
+        if seconds > limit:
+            _too_long(max_seconds, seconds)
+
+
+def _too_long(max_seconds: float, seconds: float | None = None) -> None:
+    got = f" ({seconds:.1f} s)" if seconds is not None else ""
+    raise AudioError(f"the audio is longer than the {max_seconds:g} s limit{got}; send a shorter clip")
+
+
+def _limit_samples(rate: int, max_seconds: float | None) -> int | None:
+    """Samples per channel past which decoding stops and the clip is refused."""
+    if max_seconds is None:
+        return None
+    return math.floor((max_seconds + _DURATION_SLACK_S) * rate)
+
+
+def _decode_soundfile(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int] | None:
+    """Decode with libsndfile; None if it does not recognise (or cannot finish) the file."""
+    import soundfile as sf
+
+    try:
+        f = sf.SoundFile(io.BytesIO(data))
+    except (sf.SoundFileError, RuntimeError, TypeError, ValueError):
+        return None
+    with f:
+        rate, channels, frames = int(f.samplerate), int(f.channels), int(f.frames)
+        # frames is exact for wav/flac/ogg; libsndfile reports 0 or a huge value when unknown.
+        known = 0 < frames < (1 << 62)
+        seconds = frames / rate if known and rate > 0 else None
+        _check_stream(rate, channels, seconds, max_seconds, estimated=f.format == "MP3")
+        if frames == 0 and f.format in ("WAV", "WAVEX", "RF64", "W64", "AIFF", "FLAC", "CAF"):
+            raise AudioError("the audio contains no samples")
+        limit = _limit_samples(rate, max_seconds)
+        block = max(1024, _SF_BLOCK_SAMPLES // channels)
+        chunks: list[np.ndarray] = []
+        total = 0
+        try:
+            while True:
+                chunk = f.read(block, dtype="float32", always_2d=True)
+                if len(chunk) == 0:
+                    break
+                chunks.append(chunk.mean(axis=1, dtype=np.float32) if channels > 1 else chunk[:, 0])
+                total += len(chunk)
+                if limit is not None and total > limit:
+                    _too_long(max_seconds or 0.0)
+        except (sf.SoundFileError, RuntimeError):
+            if total == 0:
+                return None  # let FFmpeg have a go
+        if total == 0:
+            raise AudioError("the audio contains no samples")
+    return np.concatenate(chunks), rate
+
+
+# Leading bytes -> FFmpeg demuxer.  Sniffing first (rather than letting FFmpeg probe any
+# format) keeps playlist/concat-style demuxers that open other resources out of reach.
+_HINTS = {
+    "wav": "wav",
+    "wave": "wav",
+    "x-wav": "wav",
+    "vnd.wave": "wav",
+    "flac": "flac",
+    "x-flac": "flac",
+    "ogg": "ogg",
+    "oga": "ogg",
+    "opus": "ogg",
+    "vorbis": "ogg",
+    "mp3": "mp3",
+    "mpeg": "mp3",
+    "mpga": "mp3",
+    "mpeg3": "mp3",
+    "x-mpeg": "mp3",
+    "webm": "matroska",
+    "mkv": "matroska",
+    "mka": "matroska",
+    "matroska": "matroska",
+    "x-matroska": "matroska",
+    "m4a": "mov",
+    "mp4": "mov",
+    "x-m4a": "mov",
+    "mov": "mov",
+    "3gp": "mov",
+    "3gpp": "mov",
+    "aac": "aac",
+    "x-aac": "aac",
+    "aacp": "aac",
+    "adts": "aac",
+    "aiff": "aiff",
+    "x-aiff": "aiff",
+    "aif": "aiff",
+    "caf": "caf",
+    "x-caf": "caf",
+    "amr": "amr",
+}
+_SOUNDFILE_CONTAINERS = {"wav", "flac", "ogg", "aiff", "caf", "mp3"}
+_ALLOWED_DEMUXERS = {"wav", "w64", "flac", "ogg", "mp3", "aac", "matroska", "webm", "mov", "mp4", "m4a"}
+_ALLOWED_DEMUXERS |= {"3gp", "aiff", "caf", "amr", "asf"}
+
+
+def _sniff(data: bytes) -> str | None:
+    """Demuxer name from the first bytes, or None if unrecognised."""
+    head = data[:12]
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    if head[4:8] == b"ftyp":
+        return "mov"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    if head[:4] == b"caff":
+        return "caf"
+    if head[:5] == b"#!AMR":
+        return "amr"
+    offset = 0
+    if head[:3] == b"ID3" and len(data) >= 10:
+        size = (data[6] & 0x7F) << 21 | (data[7] & 0x7F) << 14 | (data[8] & 0x7F) << 7 | (data[9] & 0x7F)
+        offset = 10 + size + (10 if data[5] & 0x10 else 0)
+        if offset + 2 > len(data):
+            return "mp3"
+    if len(data) >= offset + 2 and data[offset] == 0xFF:
+        b1 = data[offset + 1]
+        if b1 & 0xF6 == 0xF0:
+            return "aac"  # ADTS: sync 0xFFF, layer 00
+        if b1 & 0xE0 == 0xE0 and (b1 >> 1) & 0x3 != 0:
+            return "mp3"
+    if offset:
+        return "mp3"
+    return None
+
+
+def _hint_demuxer(format_hint: str | None) -> str | None:
+    if not format_hint:
+        return None
+    hint = format_hint.strip().lower().split(";")[0].strip()
+    hint = hint.rsplit("/", 1)[-1].lstrip(".")
+    return _HINTS.get(hint)
+
+
+def _open_container(data: bytes, demuxer: str | None) -> InputContainer:
+    """Open with FFmpeg; ``demuxer`` None means probe, restricted to plain audio containers."""
+    import av
+
+    try:
+        container = av.open(io.BytesIO(data), mode="r", format=demuxer)
+    except (av.FFmpegError, ValueError, OSError, EOFError):
+        raise AudioError(_NOT_AUDIO) from None
+    if demuxer is None and not set(container.format.name.split(",")) & _ALLOWED_DEMUXERS:
+        container.close()
+        raise AudioError(_NOT_AUDIO)
+    return container
+
+
+def _frame_to_mono(frame: AudioFrame) -> np.ndarray:
+    """Average the channels of a decoded frame to float32 in nominal [-1, 1]."""
+    arr = frame.to_ndarray()
+    channels = frame.layout.nb_channels
+    fmt = frame.format
+    if not fmt.is_planar:
+        arr = arr.reshape(-1, channels).T
+    if arr.dtype == np.uint8:
+        arr = (arr.astype(np.float32) - 128.0) / 128.0
+    elif arr.dtype == np.int16:
+        arr = arr.astype(np.float32) / 32768.0
+    elif arr.dtype == np.int32:
+        arr = arr.astype(np.float32) / 2147483648.0
+    elif arr.dtype == np.int64:
+        arr = (arr / 9223372036854775808.0).astype(np.float32)
+    else:
+        arr = arr.astype(np.float32, copy=False)
+    return arr.mean(axis=0, dtype=np.float32) if arr.shape[0] > 1 else arr[0]
+
+
+def _decode_pyav(data: bytes, max_seconds: float | None, demuxer: str | None) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream with FFmpeg (PyAV)."""
+    import av
+
+    container = _open_container(data, demuxer)
+    with container:
+        if not container.streams.audio:
+            raise AudioError(_NOT_AUDIO)
+        stream = container.streams.audio[0]
+        ctx = stream.codec_context
+        # Some streams (e.g. ADTS with channel configuration 0) only tell rate/channels once
+        # decoding starts; then the first frame is checked instead.
+        rate = int(ctx.sample_rate or 0)
+        channels = int(ctx.channels or 0)
+        seconds: float | None = None
+        if stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration and container.duration > 0:
+            seconds = container.duration / 1_000_000
+        estimated = bool({"mp3", "aac"} & set(container.format.name.split(",")))
+        if rate and channels:
+            _check_stream(rate, channels, seconds, max_seconds, estimated=estimated)
+
+        chunks: list[np.ndarray] = []
+        total = 0
+        out_rate: int | None = None
+        try:
+            for frame in container.decode(stream):
+                if frame.samples == 0:
+                    continue
+                if out_rate is None:
+                    # Decoders may output another rate than the header says (opus: 48 kHz,
+                    # HE-AAC: twice the core rate); the frames are what counts.
+                    out_rate = int(frame.sample_rate)
+                    _check_stream(out_rate, frame.layout.nb_channels, None, None)
+                elif int(frame.sample_rate) != out_rate:
+                    raise AudioError("the audio changes sample rate mid-stream; convert it to wav first")
+                if frame.layout.nb_channels > MAX_CHANNELS:
+                    raise AudioError(f"the audio has more than {MAX_CHANNELS} channels")
+                chunk = _frame_to_mono(frame)
+                chunks.append(chunk)
+                total += len(chunk)
+                limit = _limit_samples(out_rate, max_seconds)
+                if limit is not None and total > limit:
+                    _too_long(max_seconds or 0.0)
+        except (av.FFmpegError, ValueError, OSError, EOFError) as exc:
+            if isinstance(exc, AudioError):
+                raise
+            if total == 0:
+                raise AudioError(_NOT_AUDIO) from None
+            # A truncated tail (e.g. an interrupted browser recording): keep what decoded.
+        if total == 0 or out_rate is None:
+            raise AudioError("the audio contains no samples")
+    return np.concatenate(chunks), out_rate
+
+
+# ---------------------------------------------------------------------------------------------
+# resampling
+# ---------------------------------------------------------------------------------------------
+
+# Kaiser-windowed sinc, close to librosa/resampy "kaiser_best" but with a shorter filter.
+_RESAMPLE_KW = {
+    "lowpass_filter_width": 32,
+    "rolloff": 0.945,
+    "resampling_method": "sinc_interp_kaiser",
+    "beta": 14.77,
+}
+# torchaudio builds a (new/g) x (orig/g + filter) polyphase kernel and spends about new/g
+# multiply-adds per input sample; for awkward ratios (e.g. 44099 -> 24000) use FFmpeg's
+# resampler instead, which handles any ratio at bounded cost.
+_MAX_PHASES = 1_000
+_MAX_POLYPHASE = 2_000_000
+
+
+def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Resample mono float32 samples; deterministic, output length ``ceil(n * new / orig)``."""
+    samples = np.ascontiguousarray(samples, dtype=np.float32)
+    if orig_rate == new_rate or samples.size == 0:
+        return samples
+    g = math.gcd(orig_rate, new_rate)
+    n_out = math.ceil(len(samples) * new_rate / orig_rate)
+    if new_rate // g <= _MAX_PHASES and (orig_rate // g) * (new_rate // g) <= _MAX_POLYPHASE:
+        import torch
+        import torchaudio.functional as taf
+
+        with torch.inference_mode():
+            out = taf.resample(torch.from_numpy(samples), orig_rate, new_rate, **_RESAMPLE_KW).numpy()
+    else:
+        out = _resample_ffmpeg(samples, orig_rate, new_rate)
+    if len(out) < n_out:
+        out = np.pad(out, (0, n_out - len(out)))
+    return np.ascontiguousarray(out[:n_out], dtype=np.float32)
+
+
+def _resample_ffmpeg(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    import av
+
+    frame = av.AudioFrame.from_ndarray(samples[None, :], format="fltp", layout="mono")
+    frame.sample_rate = orig_rate
+    resampler = av.AudioResampler(format="fltp", layout="mono", rate=new_rate)
+    out = resampler.resample(frame) + resampler.resample(None)
+    if not out:
+        return np.zeros(0, np.float32)
+    return np.concatenate([f.to_ndarray()[0] for f in out])
+
+
+# ---------------------------------------------------------------------------------------------
+# encoding
+# ---------------------------------------------------------------------------------------------
+
+# (container, codec, supported rates, bit rate)
+_PYAV_FORMATS: dict[str, tuple[str, str, tuple[int, ...], int]] = {
+    "mp3": ("mp3", "libmp3lame", (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000), 64_000),
+    "opus": ("ogg", "libopus", (8000, 12000, 16000, 24000, 48000), 32_000),
+    "aac": (
+        "adts",
+        "aac",
+        (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000),
+        64_000,
+    ),
+}
+
+
+def _to_int16(samples: np.ndarray) -> np.ndarray:
+    x = np.clip(np.nan_to_num(np.asarray(samples, dtype=np.float32)), -1.0, 1.0)
+    return np.round(x * 32767.0).astype("<i2")
+
+
+def encode_audio(audio: Audio, fmt: str) -> bytes:
+    """Encode mono audio as ``fmt`` (one of ``OUTPUT_FORMATS``).
+
+    wav/flac are 16-bit at the input rate; pcm/pcm16 are headerless signed 16-bit
+    little-endian mono; mp3, opus (in Ogg) and aac (ADTS) go through FFmpeg, resampled to a
+    rate the codec supports when needed (opus: 8/12/16/24/48 kHz).  Samples are clipped to
+    [-1, 1] before quantising.  Empty audio gives ``b""`` for pcm and a header-only wav.
+
+    Raises:
+        AudioError: unknown ``fmt``, or empty audio for a format other than pcm/wav.
+    """
+    fmt = fmt.lower()
+    if fmt not in OUTPUT_FORMATS:
+        raise AudioError(f"unsupported output format {fmt!r}; use one of {', '.join(sorted(OUTPUT_FORMATS))}")
+    samples = np.asarray(audio.samples, dtype=np.float32).reshape(-1)
+    rate = int(audio.sample_rate)
+    if fmt in ("pcm", "pcm16"):
+        return _to_int16(samples).tobytes()
+    if samples.size == 0 and fmt != "wav":
+        # FLAC and the FFmpeg muxers write nothing at all for zero samples.
+        raise AudioError(f"there is no audio to encode as {fmt}")
+    if fmt in ("wav", "flac"):
+        import soundfile as sf
+
+        buf = io.BytesIO()
+        sf.write(buf, _to_int16(samples), rate, format=fmt.upper(), subtype="PCM_16")
+        return buf.getvalue()
+    return _encode_pyav(samples, rate, *_PYAV_FORMATS[fmt])
+
+
+def _encode_pyav(
+    samples: np.ndarray, rate: int, container_fmt: str, codec: str, rates: tuple[int, ...], bit_rate: int
+) -> bytes:
+    import av
+
+    if rate not in rates:
+        higher = [r for r in rates if r >= rate]
+        new_rate = min(higher) if higher else max(rates)
+        samples = resample(samples, rate, new_rate)
+        rate = new_rate
+    x = np.clip(np.nan_to_num(samples), -1.0, 1.0).astype(np.float32)[None, :]
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container_fmt) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        stream.bit_rate = bit_rate
+        if x.shape[1]:
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x), format="fltp", layout="mono")
+            frame.sample_rate = rate
+            frame.pts = 0
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# speech-activity helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _frame_db(audio: Audio) -> tuple[np.ndarray, int]:
+    """Per 20 ms frame RMS in dBFS (last partial frame included) and the frame length."""
+    x = np.asarray(audio.samples, dtype=np.float32).reshape(-1)
+    hop = max(1, round(audio.sample_rate * _FRAME_S))
+    if x.size == 0:
+        return np.zeros(0), hop
+    n_frames = math.ceil(len(x) / hop)
+    padded = np.zeros(n_frames * hop, dtype=np.float64)
+    padded[: len(x)] = x
+    sq = (padded.reshape(n_frames, hop) ** 2).sum(axis=1)
+    lengths = np.full(n_frames, hop, dtype=np.float64)
+    lengths[-1] = len(x) - (n_frames - 1) * hop
+    rms = np.sqrt(sq / lengths)
+    return 20.0 * np.log10(np.maximum(rms, 1e-10)), hop
+
+
+def _active_frames(audio: Audio, threshold_db: float) -> tuple[np.ndarray, int]:
+    db, hop = _frame_db(audio)
+    if db.size == 0:
+        return np.zeros(0, dtype=bool), hop
+    return (db >= db.max() + threshold_db) & (db > _ABS_FLOOR_DB), hop
+
+
+def active_speech_seconds(audio: Audio, threshold_db: float = -40.0) -> float:
+    """Seconds of 20 ms frames loud enough to count as sound.
+
+    A frame counts when its RMS is within ``threshold_db`` (negative) of the loudest frame's
+    RMS and above an absolute floor of -60 dBFS.  A silent clip gives 0.0.
+    """
+    active, hop = _active_frames(audio, threshold_db)
+    if not active.any():
+        return 0.0
+    n = len(audio.samples)
+    seconds = int(active[:-1].sum()) * hop
+    if active[-1]:
+        seconds += n - (len(active) - 1) * hop
+    return seconds / audio.sample_rate
+
+
+def trim_silence(audio: Audio, threshold_db: float = -40.0, pad_seconds: float = 0.1) -> Audio:
+    """Strip leading and trailing silence, keeping ``pad_seconds`` of margin on each side.
+
+    Uses the same criterion as :func:`active_speech_seconds`.  A clip with no sound at all is
+    returned unchanged.
+    """
+    active, hop = _active_frames(audio, threshold_db)
+    idx = np.flatnonzero(active)
+    if idx.size == 0:
+        return audio
+    pad = max(0, round(pad_seconds * audio.sample_rate))
+    start = max(0, int(idx[0]) * hop - pad)
+    end = min(len(audio.samples), (int(idx[-1]) + 1) * hop + pad)
+    return Audio(np.ascontiguousarray(audio.samples[start:end], dtype=np.float32), audio.sample_rate)

@@ -1,0 +1,302 @@
+"""The Higgs Audio engine: the only module that imports ``boson_multimodal``.
+
+It loads the generation model, the text tokenizer and the audio tokenizer once, and owns a single worker
+thread through which every use of them passes: the upstream engine's static KV caches are shared between
+calls, so two generations at once would corrupt each other, and torch must never run on the event loop.
+Callers get typed results (``GenerationResult``, ``AudioCodes``), never tensors of the model's layout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from audio import Audio
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Placed between the scene description tags of the system prompt, as Higgs Audio was trained.
+SYSTEM_TEMPLATE = "Generate audio following instruction.\n\n<|scene_desc_start|>\n{scene}\n<|scene_desc_end|>"
+END_TOKENS = ("<|end_of_text|>", "<|eot_id|>")
+
+
+class ContextLengthError(ValueError):
+    """Prompt plus requested output do not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class AudioCodes:
+    """A clip in the audio tokenizer's codes: ``codes`` is (codebooks, frames), int64, on the CPU."""
+
+    codes: torch.Tensor
+
+    @property
+    def frames(self) -> int:
+        """Number of frames (the tokenizer makes 25 a second)."""
+        return int(self.codes.shape[1])
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One ChatML turn: text, or (for the assistant) a clip of audio the model "said"."""
+
+    role: Literal["system", "user", "assistant"]
+    text: str = ""
+    audio: AudioCodes | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one generation needs; built by the HTTP layer's helpers, consumed by the worker."""
+
+    turns: list[Turn]
+    audio_output: bool
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ras_window: int = 7
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What the model produced and what it consumed, in tokens as the model counts them."""
+
+    text: str
+    audio: Audio | None
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    prompt_audio_tokens: int
+    completion_tokens: int
+    completion_audio_tokens: int
+    seconds: float
+
+
+class Engine(Protocol):
+    """What the HTTP layer needs from a speech engine."""
+
+    sample_rate: int
+    frame_rate: int
+    max_context: int
+
+    async def encode(self, audio: Audio) -> AudioCodes:
+        """Turn a reference clip (any rate, mono) into audio codes."""
+        ...
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run one generation."""
+        ...
+
+    def close(self) -> None:
+        """Stop the worker."""
+        ...
+
+
+def _torch_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class HiggsEngine:
+    """Higgs Audio v2 behind one worker thread."""
+
+    def __init__(self, model: str, audio_tokenizer: str, device: str, dtype: str, kv_cache_lengths: list[int]):
+        # Imported here so that merely importing this module (for its types) stays cheap.
+        from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
+
+        started = time.perf_counter()
+        self.device = device
+        self._serve = HiggsAudioServeEngine(
+            model,
+            audio_tokenizer,
+            device=device,
+            torch_dtype=_torch_dtype(dtype, device),
+            kv_cache_lengths=sorted(kv_cache_lengths),
+        )
+        self._model = self._serve.model
+        self._tokenizer = self._serve.tokenizer
+        self._codec = self._serve.audio_tokenizer
+        self._config = self._model.config
+        self.sample_rate = int(self._codec.sampling_rate)
+        self.frame_rate = int(self._codec.tps)
+        self.num_codebooks = int(self._config.audio_num_codebooks)
+        self.max_context = max(kv_cache_lengths)
+        self._placeholder_ids = {self._config.audio_in_token_idx, self._config.audio_out_token_idx}
+        self._postfix_text = self._tokenizer.encode(
+            "<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False
+        )
+        self._postfix_audio = self._postfix_text + self._tokenizer.encode("<|audio_out_bos|>", add_special_tokens=False)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="higgs-worker")
+        log.info(
+            "loaded %s on %s (%s) in %.1f s; audio at %d Hz, %d frames/s",
+            model,
+            device,
+            self._model.dtype,
+            time.perf_counter() - started,
+            self.sample_rate,
+            self.frame_rate,
+        )
+
+    # ---- the async face: everything goes through the single worker -------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args) -> T:
+        # Carry the caller's context (its request id) into the worker's log lines.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._worker, context.run, fn, *args)
+
+    async def encode(self, audio: Audio) -> AudioCodes:
+        return await self._run(self.encode_sync, audio)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return await self._run(self.generate_sync, request)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    # ---- the worker's side ------------------------------------------------------------------------------
+
+    def encode_sync(self, audio: Audio) -> AudioCodes:
+        """Encode a clip with the audio tokenizer (resampling to its rate first)."""
+        samples = audio.samples.astype(np.float32, copy=False)
+        with torch.inference_mode():
+            codes = self._codec.encode(samples, audio.sample_rate)
+        return AudioCodes(codes.detach().to("cpu", torch.long))
+
+    def _prompt(self, request: GenerationRequest) -> tuple[dict, int, int]:
+        from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
+        from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
+
+        messages, clips = [], []
+        for turn in request.turns:
+            content: list = []
+            if turn.text:
+                content.append(TextContent(text=turn.text))
+            if turn.audio is not None:
+                content.append(AudioContent(audio_url=""))
+                clips.append(turn.audio.codes)
+            messages.append(Message(role=turn.role, content=content))
+        tokens, _, _, _ = prepare_chatml_sample(ChatMLSample(messages=messages), self._tokenizer)
+        if tokens is None:
+            raise ValueError("the conversation could not be turned into a Higgs Audio prompt")
+        tokens = tokens + (self._postfix_audio if request.audio_output else self._postfix_text)
+
+        if clips:
+            lengths = [c.shape[1] for c in clips]
+            starts = torch.tensor(np.cumsum([0, *lengths[:-1]]), dtype=torch.long)
+            concat = torch.cat(clips, dim=1)
+        else:
+            starts, concat = None, None
+        sample = ChatMLDatasetSample(
+            input_ids=torch.LongTensor(tokens),
+            label_ids=None,
+            audio_ids_concat=concat,
+            audio_ids_start=starts,
+            audio_waveforms_concat=None,
+            audio_waveforms_start=None,
+            audio_sample_rate=None,
+            audio_speaker_indices=None,
+        )
+        inputs = {
+            k: (v.to(self._model.device) if isinstance(v, torch.Tensor) else v)
+            for k, v in asdict(self._serve.collator([sample])).items()
+        }
+        # The model replaces each audio placeholder by the clip's columns (frames plus the stream's
+        # begin/end markers and the codebook delay), so that is what the context really holds.
+        audio_columns = sum(
+            int(inputs[key].shape[1]) for key in ("audio_in_ids", "audio_out_ids") if inputs.get(key) is not None
+        )
+        placeholders = sum(1 for t in tokens if t in self._placeholder_ids)
+        return inputs, len(tokens) - placeholders + audio_columns, audio_columns
+
+    def generate_sync(self, request: GenerationRequest) -> GenerationResult:
+        """Run one generation on the calling thread (the worker)."""
+        from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
+
+        started = time.perf_counter()
+        inputs, prompt_tokens, prompt_audio = self._prompt(request)
+        if prompt_tokens + request.max_new_tokens > self.max_context:
+            raise ContextLengthError(
+                f"the prompt takes {prompt_tokens} tokens and {request.max_new_tokens} more were asked for, "
+                f"but the context holds {self.max_context}; shorten the input or lower max_tokens"
+            )
+        prompt_len = int(inputs["input_ids"].shape[1])
+        for cache in self._serve.kv_caches.values():
+            cache.reset()
+        with torch.inference_mode():
+            sequences, audio_sequences = self._model.generate(
+                **inputs,
+                max_new_tokens=request.max_new_tokens,
+                use_cache=True,
+                # One audio answer per request: stop when its stream ends instead of sampling on.
+                stop_strings=[*END_TOKENS, *(["<|audio_eos|>"] if request.audio_output else []), *request.stop],
+                tokenizer=self._tokenizer,
+                do_sample=request.temperature > 0,
+                temperature=request.temperature if request.temperature > 0 else None,
+                top_k=request.top_k or None,
+                top_p=request.top_p if request.temperature > 0 else None,
+                past_key_values_buckets=self._serve.kv_caches,
+                ras_win_len=request.ras_window or None,
+                ras_win_max_num_repeat=2,
+                seed=request.seed,
+            )
+        new_text_ids = sequences[0, prompt_len:].tolist()
+        text_ids = [t for t in new_text_ids if t not in self._placeholder_ids]
+        text = self._tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+        audio_columns = sum(int(seq.shape[1]) for seq in audio_sequences)
+
+        audio = None
+        if request.audio_output and audio_sequences:
+            pieces = []
+            for seq in audio_sequences:
+                codes = revert_delay_pattern(seq).clip(0, self._config.audio_codebook_size - 1)[:, 1:-1]
+                if codes.shape[1] > 0:
+                    pieces.append(self._codec.decode(codes.unsqueeze(0))[0, 0])
+            samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+            audio = Audio(np.clip(samples, -1.0, 1.0).astype(np.float32), self.sample_rate)
+
+        ended = bool(new_text_ids) and self._tokenizer.decode(new_text_ids[-1:]) in END_TOKENS
+        if request.audio_output:
+            ended = ended or any(
+                bool((seq[:, -1] == self._config.audio_stream_eos_id).all()) for seq in audio_sequences[-1:]
+            )
+        completion = len(text_ids) + audio_columns
+        return GenerationResult(
+            text=text,
+            audio=audio,
+            finish_reason="stop" if ended or completion < request.max_new_tokens else "length",
+            prompt_tokens=prompt_tokens,
+            prompt_audio_tokens=prompt_audio,
+            completion_tokens=completion,
+            completion_audio_tokens=audio_columns,
+            seconds=time.perf_counter() - started,
+        )
+
+    def warm_up(self) -> None:
+        """One short clone generation, so the first request does not pay for lazy initialisation."""
+        started = time.perf_counter()
+        t = np.arange(int(self.sample_rate * 1.5), dtype=np.float32) / self.sample_rate
+        tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2).astype(np.float32)
+        reference = self.encode_sync(Audio(tone, self.sample_rate))
+        turns = [
+            Turn("system", SYSTEM_TEMPLATE.format(scene="Audio is recorded from a quiet room.")),
+            Turn("user", "Warm up."),
+            Turn("assistant", audio=reference),
+            Turn("user", "Ready."),
+        ]
+        self.generate_sync(GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=0))
+        self.generate_sync(GenerationRequest(turns[:2], False, 4, 0.7, 0.95, 50, seed=0))
+        log.info("warm-up done in %.1f s", time.perf_counter() - started)

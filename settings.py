@@ -1,0 +1,106 @@
+"""Every knob of the service, in one typed place.
+
+Each field reads the environment variable ``HIGGS_<FIELD NAME IN CAPITALS>`` (for example ``HIGGS_DEVICE``);
+the README lists them all with their defaults. Nothing else in the project reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration; built once in ``create_app``."""
+
+    model_config = SettingsConfigDict(env_prefix="HIGGS_", extra="ignore")
+
+    model: str = "bosonai/higgs-audio-v2-generation-3B-base"
+    """Higgs Audio generation model: a Hugging Face hub id or a local folder."""
+
+    audio_tokenizer: str = "bosonai/higgs-audio-v2-tokenizer"
+    """Higgs audio tokenizer (codec): a hub id or a local folder holding config.json and model.pth."""
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where the model runs. `auto` is CUDA when present; without CUDA the service refuses to start unless
+    `cpu` is chosen explicitly (Higgs Audio on a CPU is far slower than real time)."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Model weights' dtype; `auto` is bfloat16 on CUDA and float32 on the CPU."""
+
+    host: str = "127.0.0.1"
+    """Address `make run` binds to. Use 0.0.0.0 to serve other machines."""
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    """TCP port `make run` listens on."""
+
+    served_model_name: str = "higgs-audio-v2"
+    """Model id reported by /v1/models. OpenAI's own model names are accepted as aliases of it."""
+
+    kv_cache_lengths: list[int] = [1024, 4096, 8192]
+    """Static KV-cache sizes (tokens) the engine allocates; the largest bounds prompt plus output."""
+
+    warmup: bool = True
+    """Run one short generation (with a reference clip) at start-up, before reporting ready."""
+
+    default_scene: str = "Audio is recorded from a quiet room."
+    """Scene description put in the Higgs system prompt when the request has no system message."""
+
+    max_audio_seconds: float = Field(default=60.0, gt=0, le=3600)
+    """Ceiling on the audio generated for one request, in seconds (the token cap follows from it)."""
+
+    seconds_per_character: float = Field(default=0.15, gt=0, le=2)
+    """Without `max_tokens`, output is capped at 4 s plus this many seconds per character of text."""
+
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    """Sampling temperature when the request gives none."""
+
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    """Nucleus sampling threshold when the request gives none."""
+
+    top_k: int = Field(default=50, ge=0)
+    """Top-k sampling when the request gives none (0 disables it)."""
+
+    ras_window: int = Field(default=7, ge=0)
+    """Repetition-aware sampling window for audio codes (0 disables it)."""
+
+    min_reference_seconds: float = Field(default=1.0, gt=0)
+    """A voice reference needs at least this much non-silent speech."""
+
+    max_reference_seconds: float = Field(default=30.0, gt=0, le=300)
+    """A longer voice reference is refused with a 400 (longer clips add context without a closer voice)."""
+
+    max_upload_mb: float = Field(default=25.0, gt=0)
+    """Largest audio upload (decoded bytes), as OpenAI's limit."""
+
+    max_transcription_seconds: float = Field(default=1800.0, gt=0)
+    """Longest audio accepted by /v1/audio/transcriptions and /v1/audio/translations."""
+
+    stt_model: str = "large-v3-turbo"
+    """faster-whisper model for speech recognition: a name faster-whisper knows, or a local CTranslate2 folder."""
+
+    stt_device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where speech recognition runs; `auto` follows CUDA's presence."""
+
+    stt_compute_type: str = "auto"
+    """CTranslate2 compute type; `auto` is float16 on CUDA and int8 on the CPU."""
+
+    voices_dir: Path = Path("voices")
+    """Folder for stored voices (reserved for the voice library)."""
+
+
+def resolve_device(requested: str, cuda_available: bool) -> str:
+    """Turn the `device` setting into a torch device, refusing `auto` without CUDA."""
+    if requested == "cpu":
+        return "cpu"
+    if cuda_available:
+        return "cuda"
+    if requested == "cuda":
+        raise RuntimeError("HIGGS_DEVICE=cuda was asked for, but torch sees no CUDA device.")
+    raise RuntimeError(
+        "No CUDA device found. Higgs Audio needs a GPU to run at a useful speed; "
+        "set HIGGS_DEVICE=cpu to run on the CPU anyway (slow, meant for trying the API)."
+    )

@@ -1,0 +1,439 @@
+"""Speech to text: a small ``Transcriber`` interface, a faster-whisper implementation, and the
+formatters (SRT, WebVTT, OpenAI ``verbose_json``) the HTTP layer needs.
+
+Knows nothing about HTTP and keeps no global state.  Every problem the caller caused (unknown
+language, translation asked of a model that cannot translate, bad temperature or task) is a
+``ValueError`` whose message can be shown to the user as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torchaudio.functional as taf
+from faster_whisper import WhisperModel
+
+from audio import Audio
+
+#: Sample rate every Whisper model expects.
+WHISPER_SAMPLE_RATE = 16_000
+
+#: Tasks Whisper knows.
+TASKS = ("transcribe", "translate")
+
+#: ISO-639-1 (and a few ISO-639-3) codes Whisper knows -> the English name OpenAI reports in
+#: ``verbose_json`` (the same table as openai-whisper's ``LANGUAGES``; order = token id order).
+LANGUAGE_NAMES: dict[str, str] = {
+    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian",
+    "ko": "korean", "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish",
+    "pl": "polish", "ca": "catalan", "nl": "dutch", "ar": "arabic", "sv": "swedish",
+    "it": "italian", "id": "indonesian", "hi": "hindi", "fi": "finnish", "vi": "vietnamese",
+    "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay", "cs": "czech",
+    "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
+    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian",
+    "la": "latin", "mi": "maori", "ml": "malayalam", "cy": "welsh", "sk": "slovak",
+    "te": "telugu", "fa": "persian", "lv": "latvian", "bn": "bengali", "sr": "serbian",
+    "az": "azerbaijani", "sl": "slovenian", "kn": "kannada", "et": "estonian", "mk": "macedonian",
+    "br": "breton", "eu": "basque", "is": "icelandic", "hy": "armenian", "ne": "nepali",
+    "mn": "mongolian", "bs": "bosnian", "kk": "kazakh", "sq": "albanian", "sw": "swahili",
+    "gl": "galician", "mr": "marathi", "pa": "punjabi", "si": "sinhala", "km": "khmer",
+    "sn": "shona", "yo": "yoruba", "so": "somali", "af": "afrikaans", "oc": "occitan",
+    "ka": "georgian", "be": "belarusian", "tg": "tajik", "sd": "sindhi", "gu": "gujarati",
+    "am": "amharic", "yi": "yiddish", "lo": "lao", "uz": "uzbek", "fo": "faroese",
+    "ht": "haitian creole", "ps": "pashto", "tk": "turkmen", "nn": "nynorsk", "mt": "maltese",
+    "sa": "sanskrit", "lb": "luxembourgish", "my": "myanmar", "bo": "tibetan", "tl": "tagalog",
+    "mg": "malagasy", "as": "assamese", "tt": "tatar", "haw": "hawaiian", "ln": "lingala",
+    "ha": "hausa", "ba": "bashkir", "jw": "javanese", "su": "sundanese", "yue": "cantonese",
+}  # fmt: skip
+
+_NAME_TO_CODE = {name: code for code, name in LANGUAGE_NAMES.items()}
+
+#: Temperatures tried in turn when the caller asks for temperature 0: like OpenAI's API, 0 means
+#: "start greedy and raise the temperature while the decode looks like a failure".
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word with its time span (seconds from the start of the audio)."""
+
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One decoded segment, with the fields OpenAI's ``verbose_json`` reports."""
+
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    words: list[Word] | None = None
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """The whole result: stripped text, ISO language code, input duration in seconds, segments."""
+
+    text: str
+    language: str
+    duration: float
+    segments: list[Segment]
+
+
+@runtime_checkable
+class Transcriber(Protocol):
+    """Anything that turns ``Audio`` into a ``Transcript``."""
+
+    @property
+    def languages(self) -> frozenset[str]:
+        """ISO language codes the loaded model knows (an English-only model knows only ``"en"``)."""
+        ...
+
+    @property
+    def supports_translation(self) -> bool:
+        """Whether ``task="translate"`` (speech in any language -> English text) is available."""
+        ...
+
+    def transcribe(
+        self,
+        audio: Audio,
+        *,
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float = 0.0,
+        task: str = "transcribe",
+        word_timestamps: bool = False,
+    ) -> Transcript:
+        """Transcribe (or translate into English) ``audio``; ``ValueError`` for bad arguments."""
+        ...
+
+
+def normalize_language(language: str | None, known: Iterable[str] = LANGUAGE_NAMES) -> str | None:
+    """Map a user-given language (``"en"``, ``"EN"``, ``"english"``) to Whisper's code.
+
+    ``None`` or an empty string means "detect it".  Raises ``ValueError`` when the language is
+    not one Whisper knows, or not one in ``known`` (the languages of the loaded model).
+    """
+    if language is None or not language.strip():
+        return None
+    key = language.strip().lower()
+    code = key if key in LANGUAGE_NAMES else _NAME_TO_CODE.get(key)
+    if code is None:
+        raise ValueError(f"Unknown language {language!r}: use an ISO-639-1 code such as 'en', 'fr' or 'de'.")
+    known = frozenset(known)
+    if code not in known:
+        supported = ", ".join(sorted(known))
+        raise ValueError(
+            f"Language {language!r} is not supported by the loaded speech-to-text model "
+            f"(it supports: {supported})."
+        )
+    return code
+
+
+def resample_to_16k(audio: Audio) -> np.ndarray:
+    """Return ``audio``'s samples as contiguous mono float32 at 16 kHz."""
+    samples = np.asarray(audio.samples, dtype=np.float32)
+    if samples.ndim != 1:
+        raise ValueError(f"Expected mono audio (1-D samples), got shape {samples.shape}.")
+    if audio.sample_rate <= 0:
+        raise ValueError(f"Invalid sample rate {audio.sample_rate}.")
+    if audio.sample_rate != WHISPER_SAMPLE_RATE and samples.size:
+        samples = (
+            taf.resample(
+                torch.from_numpy(np.ascontiguousarray(samples)), audio.sample_rate, WHISPER_SAMPLE_RATE
+            )
+            .numpy()
+            .astype(np.float32, copy=False)
+        )
+    return np.ascontiguousarray(samples)
+
+
+class WhisperTranscriber:
+    """``Transcriber`` backed by faster-whisper (CTranslate2).
+
+    ``model`` is a faster-whisper model name (``"large-v3-turbo"``, ``"tiny.en"``: downloaded by
+    faster-whisper unless cached) or the path of a local CTranslate2 Whisper model folder.
+    ``device="auto"`` picks CUDA when torch sees a GPU, else CPU; ``compute_type="auto"`` picks
+    ``float16`` on CUDA and ``int8`` on CPU.  ``cpu_threads=0`` lets CTranslate2 choose.
+    ``num_workers`` > 1 lets that many ``transcribe`` calls from different threads run at once.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        compute_type: str = "auto",
+        cpu_threads: int = 0,
+        *,
+        beam_size: int = 5,
+        vad_filter: bool = False,
+        num_workers: int = 1,
+    ) -> None:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if compute_type == "auto":
+            compute_type = "float16" if device.startswith("cuda") else "int8"
+        self.model_name = str(model)
+        self.device = device
+        self.compute_type = compute_type
+        self.beam_size = beam_size
+        self.vad_filter = vad_filter
+        self._model = WhisperModel(
+            self.model_name,
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            num_workers=num_workers,
+        )
+        self._multilingual = bool(self._model.model.is_multilingual)
+        self._languages = frozenset(self._model.supported_languages)
+
+    @property
+    def languages(self) -> frozenset[str]:
+        """ISO codes the loaded model knows; ``{"en"}`` for English-only (``.en``) models."""
+        return self._languages
+
+    @property
+    def supports_translation(self) -> bool:
+        """False for English-only models and for ``turbo`` models (not trained to translate)."""
+        return self._multilingual and "turbo" not in self.model_name.lower()
+
+    def transcribe(
+        self,
+        audio: Audio,
+        *,
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float = 0.0,
+        task: str = "transcribe",
+        word_timestamps: bool = False,
+    ) -> Transcript:
+        """Transcribe ``audio`` (any sample rate; resampled to 16 kHz).
+
+        ``language=None`` detects the language (always ``"en"`` on English-only models);
+        ``prompt`` conditions the first window (spelling, style); ``temperature=0`` decodes
+        greedily/beam and falls back to higher temperatures on failure, as OpenAI's API does,
+        any other value in (0, 1] samples at that temperature only.  ``task="translate"``
+        produces English text.  Raises ``ValueError`` for an argument the model can't honour.
+        """
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}: expected 'transcribe' or 'translate'.")
+        if task == "translate" and not self.supports_translation:
+            why = (
+                "it is English-only"
+                if not self._multilingual
+                else "turbo models were not trained to translate"
+            )
+            raise ValueError(
+                f"Translation is not available with the loaded speech-to-text model ({why}); "
+                "use transcription instead."
+            )
+        code = normalize_language(language, self._languages)
+        if not isinstance(temperature, int | float) or math.isnan(temperature) or not 0 <= temperature <= 1:
+            raise ValueError(f"temperature must be between 0 and 1, got {temperature!r}.")
+        samples = resample_to_16k(audio)
+        duration = float(audio.duration)
+        if samples.size == 0:
+            return Transcript(text="", language=code or "en", duration=duration, segments=[])
+
+        temperatures = FALLBACK_TEMPERATURES if temperature == 0 else (float(temperature),)
+        raw_segments, info = self._model.transcribe(
+            samples,
+            language=code,
+            task=task,
+            beam_size=self.beam_size,
+            temperature=list(temperatures),
+            initial_prompt=prompt.strip() if prompt and prompt.strip() else None,
+            word_timestamps=word_timestamps,
+            vad_filter=self.vad_filter,
+        )
+        # faster-whisper decodes lazily: all the work happens while this generator is consumed.
+        segments = [_convert_segment(i, s, word_timestamps) for i, s in enumerate(raw_segments)]
+        text = "".join(s.text for s in segments).strip()
+        return Transcript(text=text, language=info.language, duration=duration, segments=segments)
+
+    def warm_up(self) -> None:
+        """Transcribe 1 s of silence so that the first real request does not pay for lazy init.
+
+        The silence is at 24 kHz so that the resampling path is exercised too.
+        """
+        self.transcribe(Audio(np.zeros(24_000, dtype=np.float32), 24_000))
+
+
+class AsyncTranscriber:
+    """Async face of a ``Transcriber`` for the HTTP layer.
+
+    ``await transcribe(...)`` runs the blocking ``Transcriber.transcribe`` on this object's own
+    worker thread(s) (``max_workers``, 1 by default, so requests queue instead of competing for
+    the model and the event loop and the default executor stay free).  ``ValueError`` from the
+    wrapped transcriber propagates unchanged.  Call ``close()`` at shutdown.
+    """
+
+    def __init__(self, transcriber: Transcriber, max_workers: int = 1) -> None:
+        self.transcriber = transcriber
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="stt")
+
+    @property
+    def languages(self) -> frozenset[str]:
+        """The wrapped transcriber's languages."""
+        return self.transcriber.languages
+
+    @property
+    def supports_translation(self) -> bool:
+        """Whether the wrapped transcriber can translate."""
+        return self.transcriber.supports_translation
+
+    async def transcribe(
+        self,
+        audio: Audio,
+        *,
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float = 0.0,
+        task: str = "transcribe",
+        word_timestamps: bool = False,
+    ) -> Transcript:
+        """``Transcriber.transcribe`` on the worker thread; same arguments, result and errors."""
+        call = functools.partial(
+            self.transcriber.transcribe,
+            audio,
+            language=language,
+            prompt=prompt,
+            temperature=temperature,
+            task=task,
+            word_timestamps=word_timestamps,
+        )
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def close(self) -> None:
+        """Stop the worker thread(s), dropping queued calls; idempotent."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _convert_segment(index: int, s: object, word_timestamps: bool) -> Segment:
+    """faster-whisper ``Segment`` -> our ``Segment``: plain Python numbers, ids from 0 like OpenAI."""
+    words = None
+    if word_timestamps:
+        words = [
+            Word(word=w.word, start=float(w.start), end=float(w.end), probability=float(w.probability))
+            for w in (s.words or [])  # type: ignore[attr-defined]
+        ]
+    return Segment(
+        id=index,
+        seek=int(s.seek),  # type: ignore[attr-defined]
+        start=float(s.start),  # type: ignore[attr-defined]
+        end=float(s.end),  # type: ignore[attr-defined]
+        text=str(s.text),  # type: ignore[attr-defined]
+        tokens=[int(t) for t in s.tokens],  # type: ignore[attr-defined]
+        temperature=float(s.temperature or 0.0),  # type: ignore[attr-defined]
+        avg_logprob=float(s.avg_logprob),  # type: ignore[attr-defined]
+        compression_ratio=float(s.compression_ratio),  # type: ignore[attr-defined]
+        no_speech_prob=float(s.no_speech_prob),  # type: ignore[attr-defined]
+        words=words,
+    )
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _timestamp(seconds: float, decimal_marker: str) -> str:
+    """``HH:MM:SS<marker>mmm`` (hours keep growing past 99)."""
+    ms = max(0, round(seconds * 1000))
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal_marker}{ms:03d}"
+
+
+def _cues(t: Transcript) -> list[tuple[float, float, str]]:
+    """Non-empty segments as (start, end, text) with end >= start, clamped to the audio."""
+    cues = []
+    for s in t.segments:
+        text = s.text.strip()
+        if not text:
+            continue
+        start = min(max(0.0, s.start), t.duration) if t.duration > 0 else max(0.0, s.start)
+        end = min(max(start, s.end), t.duration) if t.duration > 0 else max(start, s.end)
+        cues.append((start, end, text.replace("-->", "->")))
+    return cues
+
+
+def to_srt(t: Transcript) -> str:
+    """SubRip subtitles, one cue per segment (``00:00:01,000 --> 00:00:02,500``)."""
+    blocks = [
+        f"{i}\n{_timestamp(start, ',')} --> {_timestamp(end, ',')}\n{text}\n"
+        for i, (start, end, text) in enumerate(_cues(t), start=1)
+    ]
+    return "\n".join(blocks)
+
+
+def to_vtt(t: Transcript) -> str:
+    """WebVTT subtitles: ``WEBVTT`` header, then one cue per segment (``00:00:01.000 --> ...``)."""
+    blocks = [
+        f"{_timestamp(start, '.')} --> {_timestamp(end, '.')}\n{text}\n" for start, end, text in _cues(t)
+    ]
+    return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def language_name(code: str) -> str:
+    """ISO code -> the lower-case English name OpenAI reports (``"en"`` -> ``"english"``)."""
+    return LANGUAGE_NAMES.get(code, code)
+
+
+def to_verbose_json(t: Transcript, task: str, include_words: bool, include_segments: bool) -> dict:
+    """OpenAI's ``verbose_json`` body.
+
+    ``{"task", "language" (English name), "duration", "text", "segments"?, "words"?}``; the
+    ``segments``/``words`` keys are present only when asked for, as OpenAI does
+    (``timestamp_granularities``).  ``include_words`` needs a transcript made with
+    ``word_timestamps=True``, else ``ValueError``.
+    """
+    body: dict = {
+        "task": task,
+        "language": language_name(t.language),
+        "duration": t.duration,
+        "text": t.text,
+    }
+    if include_segments:
+        body["segments"] = [
+            {
+                "id": s.id,
+                "seek": s.seek,
+                "start": s.start,
+                "end": s.end,
+                "text": s.text,
+                "tokens": list(s.tokens),
+                "temperature": s.temperature,
+                "avg_logprob": s.avg_logprob,
+                "compression_ratio": s.compression_ratio,
+                "no_speech_prob": s.no_speech_prob,
+            }
+            for s in t.segments
+        ]
+    if include_words:
+        if any(s.words is None for s in t.segments):
+            raise ValueError("Word timestamps were not computed: transcribe with word_timestamps=True.")
+        body["words"] = [
+            {"word": w.word.strip(), "start": w.start, "end": w.end}
+            for s in t.segments
+            for w in (s.words or [])
+        ]
+    return body

