@@ -15,14 +15,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from audio import AudioError, encode_audio
+from audio import AudioError, decode_audio, encode_audio
 from chat import ChatPlanner
 from engine import ContextLengthError, Engine
 from protocol import (
@@ -37,9 +38,10 @@ from protocol import (
     ModelList,
     PromptTokensDetails,
     Usage,
+    bad_request,
 )
 from settings import Settings, resolve_device
-from stt import AsyncTranscriber
+from stt import AsyncTranscriber, to_srt, to_verbose_json, to_vtt
 from voice_cloning import InvalidReference
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ MODEL_ALIASES = (
     "whisper-1",
 )
 AUDIO_LIFETIME_SECONDS = 3600
+TRANSCRIPT_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -103,7 +106,8 @@ def _validation_message(err: dict[str, Any]) -> str:
     if err.get("type") == "missing":
         return "this field is required"
     if err.get("type") == "union_tag_invalid":
-        return f"unsupported content part type; use {err.get('ctx', {}).get('expected_tags', 'text or input_audio')}"
+        expected = err.get("ctx", {}).get("expected_tags", "text or input_audio")
+        return f"unsupported content part type; use {expected}"
     return str(err.get("msg", "invalid value"))
 
 
@@ -157,7 +161,7 @@ def create_app(
     app.state.ready = False
     served_names = {settings.served_model_name, *MODEL_ALIASES}
 
-    # ---- cross-cutting ------------------------------------------------------------------------------------------
+    # ---- cross-cutting ----
 
     @app.middleware("http")
     async def with_request_id(request: Request, call_next):
@@ -226,10 +230,14 @@ def create_app(
 
     def require_ready(request: Request) -> None:
         if not request.app.state.ready:
-            raise APIError(503, "the model is still loading; retry shortly", type="server_error",
-                           headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                "the model is still loading; retry shortly",
+                type="server_error",
+                headers={"Retry-After": "5"},
+            )
 
-    # ---- routes ---------------------------------------------------------------------------------------------------
+    # ---- routes ----
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -245,7 +253,9 @@ def create_app(
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
         now = int(time.time())
-        return ModelList(data=[ModelCard(id=name, created=now) for name in [settings.served_model_name, *MODEL_ALIASES]])
+        return ModelList(
+            data=[ModelCard(id=name, created=now) for name in [settings.served_model_name, *MODEL_ALIASES]]
+        )
 
     @app.get("/v1/models/{model_id}", response_model=ModelCard)
     async def get_model(model_id: str) -> ModelCard:
@@ -303,6 +313,128 @@ def create_app(
         )
         return JSONResponse(completion.model_dump(mode="json"), headers=headers)
 
+    async def speech_to_text(
+        request: Request,
+        task: str,
+        file: UploadFile,
+        model: str,
+        language: str | None,
+        prompt: str | None,
+        response_format: str,
+        temperature: float,
+        granularities: list[str],
+    ) -> Response:
+        """Shared body of /v1/audio/transcriptions and /v1/audio/translations."""
+        require_ready(request)
+        check_model(model)
+        recognizer: AsyncTranscriber | None = request.app.state.recognizer
+        if recognizer is None:
+            raise APIError(
+                400,
+                "speech recognition is turned off on this server (HIGGS_STT_MODEL is empty)",
+                param="model",
+            )
+        if response_format not in TRANSCRIPT_FORMATS:
+            raise bad_request(
+                f"unknown response_format {response_format!r}; use one of: {', '.join(TRANSCRIPT_FORMATS)}",
+                "response_format",
+            )
+        unknown = set(granularities) - {"segment", "word"}
+        if unknown:
+            raise bad_request(
+                f"unknown timestamp granularity {sorted(unknown)[0]!r}; use segment or word",
+                "timestamp_granularities[]",
+            )
+        if granularities and response_format != "verbose_json":
+            raise bad_request(
+                "timestamp_granularities needs response_format verbose_json", "timestamp_granularities[]"
+            )
+        if task == "translate" and not recognizer.supports_translation:
+            raise bad_request(
+                "the loaded speech recognition model cannot translate; use /v1/audio/transcriptions", "model"
+            )
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise APIError(413, f"the file is larger than {settings.max_upload_mb:g} MB", param="file")
+        try:
+            audio = await asyncio.to_thread(
+                decode_audio,
+                data,
+                target_rate=16000,
+                max_seconds=settings.max_transcription_seconds,
+                format_hint=Path(file.filename or "").suffix.lstrip(".") or None,
+            )
+        except AudioError as exc:
+            raise bad_request(str(exc), "file") from None
+        words = "word" in granularities
+        try:
+            transcript = await recognizer.transcribe(
+                audio,
+                language=language,
+                prompt=prompt,
+                temperature=temperature,
+                task=task,
+                word_timestamps=words,
+            )
+        except ValueError as exc:
+            param = "temperature" if "temperature" in str(exc) else "language"
+            raise bad_request(str(exc), param) from None
+        if response_format == "json":
+            return JSONResponse({"text": transcript.text})
+        if response_format == "verbose_json":
+            segments = "segment" in granularities or not granularities
+            return JSONResponse(
+                to_verbose_json(transcript, task, include_words=words, include_segments=segments)
+            )
+        if response_format == "srt":
+            return PlainTextResponse(to_srt(transcript))
+        if response_format == "vtt":
+            return PlainTextResponse(to_vtt(transcript), media_type="text/vtt")
+        return PlainTextResponse(transcript.text + "\n")
+
+    max_upload_bytes = int(settings.max_upload_mb * 1024 * 1024)
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(
+        request: Request,
+        file: Annotated[UploadFile, File()],
+        model: Annotated[str, Form()],
+        language: Annotated[str | None, Form()] = None,
+        prompt: Annotated[str | None, Form()] = None,
+        response_format: Annotated[str, Form()] = "json",
+        temperature: Annotated[float, Form()] = 0.0,
+        timestamp_granularities: Annotated[list[str], Form(alias="timestamp_granularities[]")] = [],  # noqa: B006
+        stream: Annotated[bool, Form()] = False,
+    ) -> Response:
+        """OpenAI's transcription endpoint (multipart form)."""
+        if stream:
+            raise bad_request("streamed transcription is not supported yet; send stream=false", "stream")
+        return await speech_to_text(
+            request,
+            "transcribe",
+            file,
+            model,
+            language,
+            prompt,
+            response_format,
+            temperature,
+            timestamp_granularities,
+        )
+
+    @app.post("/v1/audio/translations")
+    async def translations(
+        request: Request,
+        file: Annotated[UploadFile, File()],
+        model: Annotated[str, Form()],
+        prompt: Annotated[str | None, Form()] = None,
+        response_format: Annotated[str, Form()] = "json",
+        temperature: Annotated[float, Form()] = 0.0,
+    ) -> Response:
+        """OpenAI's translation endpoint: speech in any language the model knows, English text out."""
+        return await speech_to_text(
+            request, "translate", file, model, None, prompt, response_format, temperature, []
+        )
+
     return app
 
 
@@ -313,15 +445,18 @@ def load_engine(settings: Settings) -> Engine:
     from engine import HiggsEngine
 
     device = resolve_device(settings.device, torch.cuda.is_available())
-    return HiggsEngine(settings.model, settings.audio_tokenizer, device, settings.dtype, settings.kv_cache_lengths)
+    return HiggsEngine(
+        settings.model, settings.audio_tokenizer, device, settings.dtype, settings.kv_cache_lengths
+    )
 
 
 def load_recognizer(settings: Settings) -> AsyncTranscriber:
     """Load faster-whisper as the settings say and warm it up (blocking)."""
     from stt import WhisperTranscriber
 
-    transcriber = WhisperTranscriber(settings.stt_model, device=settings.stt_device,
-                                     compute_type=settings.stt_compute_type)
+    transcriber = WhisperTranscriber(
+        settings.stt_model, device=settings.stt_device, compute_type=settings.stt_compute_type
+    )
     transcriber.warm_up()
     return AsyncTranscriber(transcriber)
 
@@ -331,7 +466,9 @@ def main() -> None:
     import uvicorn
 
     settings = Settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+    )
     _install_request_id_on_log_records()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
 

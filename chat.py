@@ -31,7 +31,21 @@ CLONE_VOICE = "clone"
 # OpenAI's built-in voice names are accepted and, until a voice library names them, speak in the
 # default voice (documented in the README).
 OPENAI_VOICES = frozenset(
-    {"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse", "marin", "cedar"}
+    {
+        "alloy",
+        "ash",
+        "ballad",
+        "coral",
+        "echo",
+        "fable",
+        "nova",
+        "onyx",
+        "sage",
+        "shimmer",
+        "verse",
+        "marin",
+        "cedar",
+    }
 )
 
 
@@ -86,7 +100,7 @@ class ChatPlanner:
             max_bytes=int(settings.max_upload_mb * 1024 * 1024),
         )
 
-    # ---- helpers --------------------------------------------------------------------------------------------
+    # ---- helpers ----
 
     def _reference(self, param: str, part: InputAudioPart) -> Reference:
         audio = part.input_audio
@@ -165,7 +179,7 @@ class ChatPlanner:
             ras_window=s.ras_window,
         )
 
-    # ---- the plan ---------------------------------------------------------------------------------------------
+    # ---- the plan ----
 
     async def plan(self, request: ChatCompletionRequest) -> ChatPlan:
         """Validate the conversation and build the generation; raises ``APIError``/``InvalidReference``."""
@@ -173,7 +187,9 @@ class ChatPlanner:
         last = len(messages) - 1
         if messages[last].role != "user":
             raise bad_request("the last message must be the user's", f"messages[{last}].role")
-        scene = _join([_join(_parts(m, i).texts) for i, m in enumerate(messages) if m.role in ("system", "developer")])
+        scene = _join(
+            [_join(_parts(m, i).texts) for i, m in enumerate(messages) if m.role in ("system", "developer")]
+        )
         voice = request.audio.voice if request.audio else DEFAULT_VOICE
 
         if not request.wants_audio:
@@ -204,7 +220,9 @@ class ChatPlanner:
 
         text = await self._spoken_text(messages[last], last)
         if not text:
-            raise bad_request("there is no text to speak in the last user message", f"messages[{last}].content")
+            raise bad_request(
+                "there is no text to speak in the last user message", f"messages[{last}].content"
+            )
         turns = [system_turn(scene), Turn("user", text)]
         return ChatPlan(self._generation(request, turns, text), text, DEFAULT_VOICE, fallback)
 
@@ -240,7 +258,9 @@ class ChatPlanner:
         text = turns[-1].text
         if not text:
             last = len(request.messages) - 1
-            raise bad_request("there is no text to speak in the last user message", f"messages[{last}].content")
+            raise bad_request(
+                "there is no text to speak in the last user message", f"messages[{last}].content"
+            )
         return ChatPlan(self._generation(request, turns, text), text, "native")
 
     async def _plan_text(self, request: ChatCompletionRequest, scene: str) -> ChatPlan:

@@ -114,7 +114,9 @@ def _torch_dtype(name: str, device: str) -> torch.dtype:
 class HiggsEngine:
     """Higgs Audio v2 behind one worker thread."""
 
-    def __init__(self, model: str, audio_tokenizer: str, device: str, dtype: str, kv_cache_lengths: list[int]):
+    def __init__(
+        self, model: str, audio_tokenizer: str, device: str, dtype: str, kv_cache_lengths: list[int]
+    ):
         # Imported here so that merely importing this module (for its types) stays cheap.
         from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 
@@ -139,7 +141,9 @@ class HiggsEngine:
         self._postfix_text = self._tokenizer.encode(
             "<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False
         )
-        self._postfix_audio = self._postfix_text + self._tokenizer.encode("<|audio_out_bos|>", add_special_tokens=False)
+        self._postfix_audio = self._postfix_text + self._tokenizer.encode(
+            "<|audio_out_bos|>", add_special_tokens=False
+        )
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="higgs-worker")
         log.info(
             "loaded %s on %s (%s) in %.1f s; audio at %d Hz, %d frames/s",
@@ -217,7 +221,9 @@ class HiggsEngine:
         # The model replaces each audio placeholder by the clip's columns (frames plus the stream's
         # begin/end markers and the codebook delay), so that is what the context really holds.
         audio_columns = sum(
-            int(inputs[key].shape[1]) for key in ("audio_in_ids", "audio_out_ids") if inputs.get(key) is not None
+            int(inputs[key].shape[1])
+            for key in ("audio_in_ids", "audio_out_ids")
+            if inputs.get(key) is not None
         )
         placeholders = sum(1 for t in tokens if t in self._placeholder_ids)
         return inputs, len(tokens) - placeholders + audio_columns, audio_columns
@@ -242,7 +248,11 @@ class HiggsEngine:
                 max_new_tokens=request.max_new_tokens,
                 use_cache=True,
                 # One audio answer per request: stop when its stream ends instead of sampling on.
-                stop_strings=[*END_TOKENS, *(["<|audio_eos|>"] if request.audio_output else []), *request.stop],
+                stop_strings=[
+                    *END_TOKENS,
+                    *(["<|audio_eos|>"] if request.audio_output else []),
+                    *request.stop,
+                ],
                 tokenizer=self._tokenizer,
                 do_sample=request.temperature > 0,
                 temperature=request.temperature if request.temperature > 0 else None,

@@ -80,7 +80,8 @@ class Settings(BaseSettings):
     """Longest audio accepted by /v1/audio/transcriptions and /v1/audio/translations."""
 
     stt_model: str = "large-v3-turbo"
-    """faster-whisper model for speech recognition: a name faster-whisper knows, or a local CTranslate2 folder."""
+    """faster-whisper model for speech recognition: a name faster-whisper knows or a CTranslate2 folder;
+    empty turns speech recognition off."""
 
     stt_device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where speech recognition runs; `auto` follows CUDA's presence."""

@@ -54,8 +54,10 @@ class Reference:
     transcript: str | None = None
 
 
-def load_reference(data: str, fmt: str | None, transcript: str | None, limits: ReferenceLimits, param: str) -> Reference:
-    """Decode and check a base64 reference clip; ``param`` is its request path, e.g. ``messages[0].content[1]``.
+def load_reference(
+    data: str, fmt: str | None, transcript: str | None, limits: ReferenceLimits, param: str
+) -> Reference:
+    """Decode and check a base64 reference clip; ``param`` is its request path (``messages[0].content[1]``).
 
     Refuses, with a message that says what to fix: bad base64, bytes that are not audio, an unknown format,
     empty or header-only files, NaN samples, clips longer than ``limits.max_seconds``, and clips with less
@@ -84,8 +86,10 @@ def load_reference(data: str, fmt: str | None, transcript: str | None, limits: R
     if transcript is not None:
         transcript = " ".join(transcript.split())
         if not transcript:
-            raise InvalidReference("the reference transcript is empty; omit it or give the words spoken",
-                                   f"{param}.input_audio.transcript")
+            raise InvalidReference(
+                "the reference transcript is empty; omit it or give the words spoken",
+                f"{param}.input_audio.transcript",
+            )
     return Reference(audio, key, transcript)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -34,6 +35,33 @@ TEST_AUDIO = ROOT / "test_audio.wav"
 def transcripts() -> dict[str, str]:
     """Known words of the speech fixtures, by file name."""
     return json.loads((FIXTURES / "transcripts.json").read_text())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level Levenshtein distance / number of reference words.
+
+    Both sides are lower-cased and stripped of punctuation (apostrophes inside words are kept).
+    An empty reference gives 0.0 for an empty hypothesis and 1.0 otherwise.
+    """
+
+    def words(s: str) -> list[str]:
+        return re.sub(r"[^\w\s']|(?<!\w)'|'(?!\w)", " ", s.lower()).split()
+
+    ref, hyp = words(reference), words(hypothesis)
+    if not ref:
+        return 0.0 if not hyp else 1.0
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, start=1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, start=1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1] / len(ref)
+
+
+def fixture_path(name: str) -> Path:
+    """Where the speech fixture called ``name`` (a key of transcripts.json) lives."""
+    return ROOT / name if name == "test_audio.wav" else FIXTURES / name
 
 
 def b64(path: Path) -> str:

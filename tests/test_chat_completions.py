@@ -13,7 +13,9 @@ import soundfile as sf
 SPEAK = [{"role": "user", "content": "Hello world, this is a test."}]
 
 
-def speak(openai_client, seed: int = 7, fmt: str = "wav", text: str = "Hello world, this is a test.", **extra):
+def speak(
+    openai_client, seed: int = 7, fmt: str = "wav", text: str = "Hello world, this is a test.", **extra
+):
     return openai_client.chat.completions.create(
         model="gpt-4o-audio-preview",
         modalities=["text", "audio"],
@@ -74,13 +76,20 @@ def test_system_message_becomes_the_scene(openai_client, engine, monkeypatch):
         max_tokens=10,
     )
     system = seen[0].turns[0]
-    assert system.role == "system" and "<|scene_desc_start|>\nA windy beach.\n<|scene_desc_end|>" in system.text
+    assert (
+        system.role == "system" and "<|scene_desc_start|>\nA windy beach.\n<|scene_desc_end|>" in system.text
+    )
     assert seen[0].turns[-1].text == SPEAK[0]["content"]
 
 
 def test_text_only_returns_the_models_text(openai_client):
     completion = openai_client.chat.completions.create(
-        model="higgs-audio-v2", messages=SPEAK, max_tokens=8, seed=1, temperature=0.9, extra_body={"top_k": 20}
+        model="higgs-audio-v2",
+        messages=SPEAK,
+        max_tokens=8,
+        seed=1,
+        temperature=0.9,
+        extra_body={"top_k": 20},
     )
     message = completion.choices[0].message
     assert message.audio is None
@@ -90,7 +99,12 @@ def test_text_only_returns_the_models_text(openai_client):
 
 
 def test_unknown_fields_are_accepted(client):
-    body = {"model": "gpt-4o-audio-preview", "messages": SPEAK, "max_tokens": 4, "a_field_from_the_future": {"x": 1}}
+    body = {
+        "model": "gpt-4o-audio-preview",
+        "messages": SPEAK,
+        "max_tokens": 4,
+        "a_field_from_the_future": {"x": 1},
+    }
     assert client.post("/v1/chat/completions", json=body).status_code == 200
 
 
@@ -117,30 +131,82 @@ def test_concurrent_requests_each_equal_their_solo_run(client):
     for t in threads:
         t.join()
     for seed in (21, 22):
-        assert together[seed]["choices"][0]["message"]["audio"]["data"] == solo[seed]["choices"][0]["message"]["audio"]["data"]
+        assert (
+            together[seed]["choices"][0]["message"]["audio"]["data"]
+            == solo[seed]["choices"][0]["message"]["audio"]["data"]
+        )
 
 
 BAD_REQUESTS = [
     ("empty messages", {"model": "tts-1", "messages": []}, 400, "messages"),
-    ("last message not the user's", {"model": "tts-1", "messages": [{"role": "assistant", "content": "hi"}]}, 400,
-     "messages[0].role"),
-    ("unknown audio format", {"model": "tts-1", "modalities": ["text", "audio"], "messages": SPEAK,
-                              "audio": {"voice": "alloy", "format": "ogg-vorbis"}}, 400, "audio.format"),
+    (
+        "last message not the user's",
+        {"model": "tts-1", "messages": [{"role": "assistant", "content": "hi"}]},
+        400,
+        "messages[0].role",
+    ),
+    (
+        "unknown audio format",
+        {
+            "model": "tts-1",
+            "modalities": ["text", "audio"],
+            "messages": SPEAK,
+            "audio": {"voice": "alloy", "format": "ogg-vorbis"},
+        },
+        400,
+        "audio.format",
+    ),
     ("wrong type", {"model": "tts-1", "messages": SPEAK, "temperature": "hot"}, 400, "temperature"),
     ("out of range", {"model": "tts-1", "messages": SPEAK, "top_p": 3}, 400, "top_p"),
     ("messages not a list", {"model": "tts-1", "messages": "hello"}, 400, "messages"),
     ("missing model", {"messages": SPEAK}, 400, "model"),
-    ("unknown role", {"model": "tts-1", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
-    ("unknown part type", {"model": "tts-1", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content[0]"),
-    ("text part without text", {"model": "tts-1", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
-     400, "messages[0].content[0].text"),
+    (
+        "unknown role",
+        {"model": "tts-1", "messages": [{"role": "robot", "content": "x"}]},
+        400,
+        "messages[0].role",
+    ),
+    (
+        "unknown part type",
+        {
+            "model": "tts-1",
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}
+            ],
+        },
+        400,
+        "messages[0].content[0]",
+    ),
+    (
+        "text part without text",
+        {"model": "tts-1", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        400,
+        "messages[0].content[0].text",
+    ),
     ("n above 1", {"model": "tts-1", "messages": SPEAK, "n": 2}, 400, "n"),
     ("streaming", {"model": "tts-1", "messages": SPEAK, "stream": True}, 400, "stream"),
-    ("unknown voice", {"model": "tts-1", "modalities": ["text", "audio"], "messages": SPEAK,
-                       "audio": {"voice": "nobody", "format": "wav"}}, 400, "audio.voice"),
-    ("nothing to say", {"model": "tts-1", "modalities": ["text", "audio"], "messages": [{"role": "user", "content": " "}],
-                        "audio": {"voice": "alloy", "format": "wav"}}, 400, "messages[0].content"),
+    (
+        "unknown voice",
+        {
+            "model": "tts-1",
+            "modalities": ["text", "audio"],
+            "messages": SPEAK,
+            "audio": {"voice": "nobody", "format": "wav"},
+        },
+        400,
+        "audio.voice",
+    ),
+    (
+        "nothing to say",
+        {
+            "model": "tts-1",
+            "modalities": ["text", "audio"],
+            "messages": [{"role": "user", "content": " "}],
+            "audio": {"voice": "alloy", "format": "wav"},
+        },
+        400,
+        "messages[0].content",
+    ),
     ("context overflow", {"model": "tts-1", "messages": SPEAK, "max_tokens": 100000}, 400, "max_tokens"),
     ("unknown model", {"model": "gpt-5", "messages": SPEAK}, 404, "model"),
 ]
@@ -161,7 +227,9 @@ def test_bad_requests_get_the_openai_envelope(client, name, body, status, param)
 
 
 def test_invalid_json_is_a_400(client):
-    response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert "JSON" in response.json()["error"]["message"]
@@ -204,8 +272,14 @@ def test_startup_loads_models_from_settings_and_reports_readiness(settings):
     assert TestClient(app).get("/ready").status_code == 503  # lifespan not started: not ready
     with TestClient(app) as client:
         assert client.get("/ready").json() == {"ready": True}
-        body = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"},
-                "messages": SPEAK, "max_tokens": 12, "seed": 5}
+        body = {
+            "model": "tts-1",
+            "modalities": ["text", "audio"],
+            "audio": {"voice": "alloy", "format": "wav"},
+            "messages": SPEAK,
+            "max_tokens": 12,
+            "seed": 5,
+        }
         response = client.post("/v1/chat/completions", json=body)
         assert response.status_code == 200
         sf.read(io.BytesIO(base64.b64decode(response.json()["choices"][0]["message"]["audio"]["data"])))

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # so that `pytest tests/` works without installing the project
     sys.path.insert(0, str(ROOT))
 
+from conftest import word_error_rate  # noqa: E402
+
 from audio import Audio  # noqa: E402
 from stt import (  # noqa: E402
     AsyncTranscriber,
@@ -48,28 +50,6 @@ MAX_WER = 0.3
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level Levenshtein distance / number of reference words.
-
-    Both sides are lower-cased and stripped of punctuation (apostrophes inside words are kept).
-    An empty reference gives 0.0 for an empty hypothesis and 1.0 otherwise.
-    """
-
-    def words(s: str) -> list[str]:
-        return re.sub(r"[^\w\s']|(?<!\w)'|'(?!\w)", " ", s.lower()).split()
-
-    ref, hyp = words(reference), words(hypothesis)
-    if not ref:
-        return 0.0 if not hyp else 1.0
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, start=1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, start=1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1] / len(ref)
 
 
 def load_wav(path: Path) -> Audio:

@@ -25,7 +25,10 @@ def owner_request(reference_b64: str, text: str = "Say this in my voice: Hello w
                 "role": "user",
                 "content": [
                     {"type": "text", "text": text},
-                    {"type": "input_audio", "input_audio": {"data": reference_b64, "format": "wav", **audio_extra}},
+                    {
+                        "type": "input_audio",
+                        "input_audio": {"data": reference_b64, "format": "wav", **audio_extra},
+                    },
                 ],
             }
         ],
@@ -65,7 +68,9 @@ def test_owner_request_returns_decodable_wav_in_the_cloned_voice(client):
     assert "x-voice-fallback" not in response.headers
     samples, rate = audio_of(response)
     assert rate == 24000 and len(samples) > 0
-    assert response.json()["choices"][0]["message"]["audio"]["transcript"] == "Say this in my voice: Hello world"
+    assert (
+        response.json()["choices"][0]["message"]["audio"]["transcript"] == "Say this in my voice: Hello world"
+    )
 
 
 def test_owner_request_through_the_openai_sdk(openai_client):
@@ -122,8 +127,9 @@ def test_a_given_transcript_is_used_as_given(client, spy):
 
 
 def test_a_repeated_reference_is_not_encoded_again(client, spy):
-    body = owner_request(wav_b64(np.sin(np.arange(24000 * 2) / 7.0).astype(np.float32) * 0.5, 24000),
-                         transcript="a tone")
+    body = owner_request(
+        wav_b64(np.sin(np.arange(24000 * 2) / 7.0).astype(np.float32) * 0.5, 24000), transcript="a tone"
+    )
     assert client.post("/v1/chat/completions", json=body).status_code == 200
     assert client.post("/v1/chat/completions", json=body).status_code == 200
     assert len(spy["encode"]) == 1 and len(spy["generate"]) == 2
@@ -149,8 +155,12 @@ def test_native_higgs_pattern_is_honoured_whatever_the_voice(client, spy):
         "messages": [
             {"role": "system", "content": "A quiet studio."},
             {"role": "user", "content": transcripts()["test_audio.wav"]},
-            {"role": "assistant", "content": [{"type": "input_audio",
-                                               "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"}}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "input_audio", "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"}}
+                ],
+            },
             {"role": "user", "content": "Now say this."},
         ],
         "max_tokens": 20,
@@ -181,8 +191,13 @@ def header_only_wav() -> str:
 
 BAD_REFERENCES = [
     ("bad base64", "@@@not base64@@@", {}, "data", "base64"),
-    ("not audio", base64.b64encode(b"hello, I am plain text and not audio at all" * 20).decode(), {}, "data",
-     "decoded"),
+    (
+        "not audio",
+        base64.b64encode(b"hello, I am plain text and not audio at all" * 20).decode(),
+        {},
+        "data",
+        "decoded",
+    ),
     ("empty", "", {}, "data", "empty"),
     ("header only", header_only_wav(), {}, "data", ""),
     ("too short", wav_b64(tone(0.5), 24000), {}, "data", "too short"),
@@ -194,7 +209,9 @@ BAD_REFERENCES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "data", "extra", "field", "says"), BAD_REFERENCES, ids=[b[0] for b in BAD_REFERENCES])
+@pytest.mark.parametrize(
+    ("name", "data", "extra", "field", "says"), BAD_REFERENCES, ids=[b[0] for b in BAD_REFERENCES]
+)
 def test_bad_references_get_a_clear_400(client, spy, name, data, extra, field, says):
     body = owner_request(data)
     body["messages"][0]["content"][1]["input_audio"].update(extra)

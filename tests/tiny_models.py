@@ -139,7 +139,9 @@ def _write_model(path: Path, tokenizer) -> None:
     # sits mid-distribution, outside top-k, so the tiny model's audio length is set by max_tokens alone.
     head = model.audio_decoder_proj.audio_lm_head.weight
     with torch.no_grad():
-        head.view(config.audio_num_codebooks, config.audio_codebook_size + 2, -1)[:, config.audio_stream_eos_id] = 0
+        head.view(config.audio_num_codebooks, config.audio_codebook_size + 2, -1)[
+            :, config.audio_stream_eos_id
+        ] = 0
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
 

@@ -1,0 +1,199 @@
+"""Speech to text through HTTP with the openai SDK: real recognition (faster-whisper tiny.en), offline."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+from conftest import FIXTURES, TEST_AUDIO, b64, fixture_path, transcripts, wav_b64, word_error_rate
+
+CLIPS = ["test_audio.wav", "speech_female.wav"]
+FORMATS = ["json", "text", "srt", "vtt", "verbose_json"]
+CUE_TIME = re.compile(r"^\d\d:\d\d:\d\d[.,]\d{3} --> \d\d:\d\d:\d\d[.,]\d{3}$")
+
+
+def text_of(result, fmt: str) -> str:
+    """The words of a transcription response in any format."""
+    if fmt in ("json", "verbose_json"):
+        return result.text
+    if fmt == "text":
+        return result
+    lines = [ln for ln in result.splitlines() if ln.strip() and ln != "WEBVTT" and not ln.strip().isdigit()]
+    assert any(CUE_TIME.match(ln) for ln in lines), result
+    return " ".join(ln for ln in lines if not CUE_TIME.match(ln))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("clip", CLIPS)
+def test_transcription_in_every_format(openai_client, clip, fmt):
+    with open(fixture_path(clip), "rb") as f:
+        result = openai_client.audio.transcriptions.create(model="whisper-1", file=f, response_format=fmt)
+    assert word_error_rate(transcripts()[clip], text_of(result, fmt)) <= 0.3
+
+
+def test_verbose_json_with_word_and_segment_timestamps(openai_client):
+    duration = sf.info(str(TEST_AUDIO)).duration
+    with open(TEST_AUDIO, "rb") as f:
+        result = openai_client.audio.transcriptions.create(
+            model="whisper-1",
+            file=f,
+            response_format="verbose_json",
+            timestamp_granularities=["word", "segment"],
+            language="en",
+        )
+    assert result.language == "english"
+    assert abs(result.duration - duration) < 0.05
+    assert result.segments and all(0 <= s.start < s.end <= duration + 0.05 for s in result.segments)
+    assert [w.word.lower().strip(".,") for w in result.words][:3] == ["we", "need", "to"]
+    starts = [w.start for w in result.words]
+    assert starts == sorted(starts)
+
+
+def test_words_only_when_asked(client):
+    with open(TEST_AUDIO, "rb") as f:
+        body = client.post(
+            "/v1/audio/transcriptions",
+            files={"file": ("a.wav", f, "audio/wav")},
+            data={
+                "model": "whisper-1",
+                "response_format": "verbose_json",
+                "timestamp_granularities[]": "word",
+            },
+        ).json()
+    assert "words" in body and "segments" not in body
+
+
+def test_prompt_and_other_containers(openai_client):
+    """An mp3 of the clip (made with the service's own encoder) transcribes as well as the wav."""
+    from audio import decode_audio, encode_audio
+
+    mp3 = encode_audio(decode_audio(TEST_AUDIO.read_bytes()), "mp3")
+    result = openai_client.audio.transcriptions.create(
+        model="whisper-1", file=("clip.mp3", mp3, "audio/mpeg"), prompt="A note about a report."
+    )
+    assert word_error_rate(transcripts()["test_audio.wav"], result.text) <= 0.3
+
+
+def test_translation_on_an_english_only_model_is_a_400(openai_client):
+    with open(TEST_AUDIO, "rb") as f, pytest.raises(openai.BadRequestError) as info:
+        openai_client.audio.translations.create(model="whisper-1", file=f)
+    assert info.value.body["param"] == "model"
+    assert "translate" in info.value.body["message"]
+
+
+def silent_flac(seconds: float) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(16000 * seconds), dtype=np.int16), 16000, format="FLAC")
+    return buf.getvalue()
+
+
+GRAIN = "timestamp_granularities[]"
+BAD_UPLOADS = [
+    ("empty file", {"file": ("a.wav", b"", "audio/wav")}, {}, 400, "file"),
+    ("not audio", {"file": ("a.wav", b"this is not audio at all" * 50, "audio/wav")}, {}, 400, "file"),
+    ("over-long", {"file": ("long.flac", silent_flac(31 * 60), "audio/flac")}, {}, 400, "file"),
+    ("unknown format", None, {"response_format": "docx"}, 400, "response_format"),
+    ("unknown language", None, {"language": "xx"}, 400, "language"),
+    ("language the model lacks", None, {"language": "fr"}, 400, "language"),
+    ("bad temperature", None, {"temperature": "7"}, 400, "temperature"),
+    ("words without verbose_json", None, {GRAIN: "word"}, 400, GRAIN),
+    ("unknown granularity", None, {"response_format": "verbose_json", GRAIN: "letter"}, 400, GRAIN),
+    ("missing file", {}, {}, 400, "file"),
+    ("unknown model", None, {"model": "whisper-9"}, 404, "model"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "files", "data", "status", "param"), BAD_UPLOADS, ids=[b[0] for b in BAD_UPLOADS]
+)
+def test_bad_transcription_requests(client, name, files, data, status, param):
+    if files is None:
+        files = {"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")}
+    response = client.post("/v1/audio/transcriptions", files=files, data={"model": "whisper-1", **data})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"]
+    ok = client.post(
+        "/v1/audio/transcriptions",
+        files={"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")},
+        data={"model": "whisper-1"},
+    )
+    assert ok.status_code == 200
+
+
+def test_audio_in_a_text_only_chat_is_answered_with_its_transcript(openai_client):
+    completion = openai_client.chat.completions.create(
+        model="gpt-4o-audio-preview",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "input_audio",
+                        "input_audio": {"data": b64(FIXTURES / "speech_female.wav"), "format": "wav"},
+                    }
+                ],
+            }
+        ],
+    )
+    text = completion.choices[0].message.content
+    assert word_error_rate(transcripts()["speech_female.wav"], text) <= 0.3
+
+
+def test_audio_in_a_speech_request_is_spoken_as_its_transcript(client, engine, monkeypatch):
+    seen = []
+    real = engine.generate
+
+    async def spy(request):
+        seen.append(request)
+        return await real(request)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    body = {
+        "model": "gpt-4o-audio-preview",
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "wav"},
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Repeat:"},
+                    {"type": "input_audio", "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"}},
+                ],
+            }
+        ],
+        "max_tokens": 10,
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    spoken = seen[0].turns[-1].text
+    assert spoken.startswith("Repeat:")
+    assert word_error_rate(transcripts()["test_audio.wav"], spoken.removeprefix("Repeat:")) <= 0.3
+    assert response.json()["choices"][0]["message"]["audio"]["transcript"] == spoken
+
+
+def test_undecodable_audio_in_chat_is_a_400(client):
+    body = {
+        "model": "gpt-4o-audio-preview",
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "input_audio", "input_audio": {"data": wav_b64(np.zeros(0), 16000)}}],
+            }
+        ],
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages[0].content[0].input_audio.data"
+
+
+def test_transcripts_json_matches_the_fixtures():
+    names = json.loads((FIXTURES / "transcripts.json").read_text())
+    assert set(names) == set(CLIPS)
+    assert base64.b64decode(b64(TEST_AUDIO))[:4] == b"RIFF"
