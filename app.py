@@ -23,9 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from audio import AudioError, decode_audio, encode_audio
-from chat import ChatPlanner
+from audio import MEDIA_TYPES, AudioError, change_tempo, decode_audio, encode_audio
 from engine import ContextLengthError, Engine
+from planner import Planner
 from protocol import (
     APIError,
     AssistantMessage,
@@ -37,12 +37,13 @@ from protocol import (
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    SpeechRequest,
     Usage,
     bad_request,
 )
 from settings import Settings, resolve_device
 from stt import AsyncTranscriber, to_srt, to_verbose_json, to_vtt
-from voice_cloning import InvalidReference
+from voice_cloning import InvalidReference, VoiceLibrary
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,13 @@ def create_app(
         state.recognizer = recognizer
         if recognizer is None and settings.stt_model:
             state.recognizer = await asyncio.to_thread(load_recognizer, settings)
-        state.planner = ChatPlanner(settings, state.engine, state.recognizer)
+        library = await asyncio.to_thread(
+            VoiceLibrary,
+            settings.voices_dir,
+            max_voices=settings.max_voices,
+            max_bytes=int(settings.max_voice_library_mb * 1024 * 1024),
+        )
+        state.planner = Planner(settings, state.engine, state.recognizer, library)
         if owned_engine and settings.warmup:
             await asyncio.to_thread(state.engine.warm_up)
         state.ready = True
@@ -160,6 +167,7 @@ def create_app(
     app.state.settings = settings
     app.state.ready = False
     served_names = {settings.served_model_name, *MODEL_ALIASES}
+    max_upload_bytes = int(settings.max_upload_mb * 1024 * 1024)
 
     # ---- cross-cutting ----
 
@@ -313,6 +321,65 @@ def create_app(
         )
         return JSONResponse(completion.model_dump(mode="json"), headers=headers)
 
+    @app.post("/v1/audio/speech")
+    async def speech(body: SpeechRequest, request: Request) -> Response:
+        """OpenAI's text-to-speech endpoint: the body is the audio in ``response_format``."""
+        require_ready(request)
+        log_ignored(body)
+        check_model(body.model)
+        if body.stream_format == "sse":
+            raise bad_request("stream_format sse is not supported yet; use audio", "stream_format")
+        state = request.app.state
+        plan = await state.planner.plan_speech(body)
+        result = await state.engine.generate(plan.request)
+        if result.audio is None or result.audio.samples.size == 0:
+            raise APIError(500, "the model produced no audio for this request", type="server_error")
+
+        def encode() -> bytes:
+            return encode_audio(change_tempo(result.audio, body.speed), body.response_format)
+
+        data = await asyncio.to_thread(encode)
+        return Response(data, media_type=MEDIA_TYPES[body.response_format], headers={"X-Voice": plan.voice})
+
+    @app.post("/v1/audio/voices")
+    async def create_voice(
+        request: Request,
+        name: Annotated[str, Form()],
+        audio_sample: Annotated[UploadFile, File()],
+        transcript: Annotated[str | None, Form()] = None,
+        consent: Annotated[str | None, Form()] = None,
+    ) -> JSONResponse:
+        """Store a voice from an audio sample (multipart, as OpenAI's custom voices)."""
+        require_ready(request)
+        data = await audio_sample.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise APIError(
+                413, f"the sample is larger than {settings.max_upload_mb:g} MB", param="audio_sample"
+            )
+        voice = await request.app.state.planner.create_voice(name, data, transcript)
+        log.info("stored voice %r (%.1f s)", voice.name, voice.duration)
+        return JSONResponse(voice.public())
+
+    @app.get("/v1/audio/voices")
+    async def list_voices(request: Request) -> JSONResponse:
+        """Every stored voice."""
+        voices = await asyncio.to_thread(request.app.state.planner.library.list)
+        return JSONResponse({"object": "list", "data": [v.public() for v in voices]})
+
+    @app.get("/v1/audio/voices/{voice_id}")
+    async def get_voice(voice_id: str, request: Request) -> JSONResponse:
+        """One stored voice, by id or name."""
+        voice = await asyncio.to_thread(request.app.state.planner.library.get, voice_id)
+        if voice is None:
+            raise APIError(404, f"no voice {voice_id!r}", param="voice_id", code="voice_not_found")
+        return JSONResponse(voice.public())
+
+    @app.delete("/v1/audio/voices/{voice_id}")
+    async def delete_voice(voice_id: str, request: Request) -> JSONResponse:
+        """Remove a stored voice, by id or name."""
+        voice = await request.app.state.planner.delete_voice(voice_id)
+        return JSONResponse({"id": voice.id, "object": "audio.voice.deleted", "deleted": True})
+
     async def speech_to_text(
         request: Request,
         task: str,
@@ -391,8 +458,6 @@ def create_app(
         if response_format == "vtt":
             return PlainTextResponse(to_vtt(transcript), media_type="text/vtt")
         return PlainTextResponse(transcript.text + "\n")
-
-    max_upload_bytes = int(settings.max_upload_mb * 1024 * 1024)
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(

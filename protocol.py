@@ -165,6 +165,33 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+# ---- speech ----
+
+SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+MAX_SPEECH_INPUT = 4096
+
+
+class VoiceRef(OpenModel):
+    id: str
+
+
+class SpeechRequest(OpenModel):
+    model: str
+    input: str = Field(min_length=1, max_length=MAX_SPEECH_INPUT)
+    voice: str | VoiceRef
+    instructions: str | None = Field(default=None, max_length=MAX_SPEECH_INPUT)
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    speed: float = Field(default=1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] = "audio"
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    """Extension: same seed, input and voice give the same audio."""
+
+    @property
+    def voice_name(self) -> str:
+        """The voice's name or id, whichever form was sent."""
+        return self.voice.id if isinstance(self.voice, VoiceRef) else self.voice
+
+
 # ---- models ------------------------------------------------------------------------------------------------
 
 

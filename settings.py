@@ -90,7 +90,16 @@ class Settings(BaseSettings):
     """CTranslate2 compute type; `auto` is float16 on CUDA and int8 on the CPU."""
 
     voices_dir: Path = Path("voices")
-    """Folder for stored voices (reserved for the voice library)."""
+    """Folder of the voice library: NAME.wav + NAME.txt per voice (fill it by hand or through the API)."""
+
+    max_voices: int = Field(default=100, ge=1)
+    """Most voices the library holds."""
+
+    max_voice_library_mb: float = Field(default=200.0, gt=0)
+    """Most audio the library holds, in MB."""
+
+    builtin_voice_seconds: float = Field(default=12.0, ge=2, le=30)
+    """Longest clip made for an OpenAI built-in voice name on its first use."""
 
 
 def resolve_device(requested: str, cuda_available: bool) -> str:

@@ -100,6 +100,10 @@ def settings(tiny_settings):
         dtype="float32",
         stt_model=tiny_settings["HIGGS_STT_MODEL"],
         stt_device="cpu",
+        voices_dir=_TINY_DIR / "voices",
+        builtin_voice_seconds=3,
+        # The tiny model never ends its audio by itself: keep requests without max_tokens short.
+        max_audio_seconds=2.5,
     )
 
 

@@ -19,7 +19,7 @@ def speak(
     return openai_client.chat.completions.create(
         model="gpt-4o-audio-preview",
         modalities=["text", "audio"],
-        audio={"voice": "alloy", "format": fmt},
+        audio={"voice": "default", "format": fmt},
         messages=[{"role": "user", "content": text}],
         max_tokens=40,
         seed=seed,
@@ -71,7 +71,7 @@ def test_system_message_becomes_the_scene(openai_client, engine, monkeypatch):
     openai_client.chat.completions.create(
         model="tts-1",
         modalities=["text", "audio"],
-        audio={"voice": "alloy", "format": "wav"},
+        audio={"voice": "default", "format": "wav"},
         messages=[{"role": "system", "content": "A windy beach."}, *SPEAK],
         max_tokens=10,
     )
@@ -113,7 +113,7 @@ def test_concurrent_requests_each_equal_their_solo_run(client):
         return {
             "model": "gpt-4o-audio-preview",
             "modalities": ["text", "audio"],
-            "audio": {"voice": "alloy", "format": "wav"},
+            "audio": {"voice": "default", "format": "wav"},
             "messages": [{"role": "user", "content": f"Request number {seed}."}],
             "max_tokens": 30,
             "seed": seed,
@@ -151,7 +151,7 @@ BAD_REQUESTS = [
             "model": "tts-1",
             "modalities": ["text", "audio"],
             "messages": SPEAK,
-            "audio": {"voice": "alloy", "format": "ogg-vorbis"},
+            "audio": {"voice": "default", "format": "ogg-vorbis"},
         },
         400,
         "audio.format",
@@ -202,7 +202,7 @@ BAD_REQUESTS = [
             "model": "tts-1",
             "modalities": ["text", "audio"],
             "messages": [{"role": "user", "content": " "}],
-            "audio": {"voice": "alloy", "format": "wav"},
+            "audio": {"voice": "default", "format": "wav"},
         },
         400,
         "messages[0].content",
@@ -275,7 +275,7 @@ def test_startup_loads_models_from_settings_and_reports_readiness(settings):
         body = {
             "model": "tts-1",
             "modalities": ["text", "audio"],
-            "audio": {"voice": "alloy", "format": "wav"},
+            "audio": {"voice": "default", "format": "wav"},
             "messages": SPEAK,
             "max_tokens": 12,
             "seed": 5,

@@ -1,0 +1,307 @@
+"""/v1/audio/speech in every format, and the persistent voice library, against the tiny real engine."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+from conftest import FIXTURES, TEST_AUDIO, transcripts, wav_b64
+
+FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm"]
+MEDIA = {
+    "mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac", "wav": "audio/wav",
+    "pcm": "audio/pcm",
+}  # fmt: skip
+
+
+def decoded(data: bytes, fmt: str) -> tuple[float, int]:
+    """(duration, sample rate) of encoded audio, decoded with PyAV (pcm: raw 16-bit mono at 24 kHz)."""
+    if fmt == "pcm":
+        return len(data) / 2 / 24000, 24000
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        return samples / stream.rate, stream.rate
+
+
+def speech(openai_client, fmt="wav", voice="default", seed=5, **extra) -> bytes:
+    return openai_client.audio.speech.create(
+        model="tts-1", input="Hello from the speech endpoint.", voice=voice, response_format=fmt,
+        extra_body={"seed": seed}, **extra,
+    ).content  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference_duration(openai_client) -> float:
+    return decoded(speech(openai_client), "wav")[0]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_decodes_to_the_same_duration(openai_client, reference_duration, fmt):
+    raw = openai_client.audio.speech.with_raw_response.create(
+        model="gpt-4o-mini-tts", input="Hello from the speech endpoint.", voice="default",
+        response_format=fmt, extra_body={"seed": 5},
+    )  # fmt: skip
+    assert raw.headers["content-type"].startswith(MEDIA[fmt])
+    duration, rate = decoded(raw.content, fmt)
+    assert rate in (24000, 48000)  # opus decodes at 48 kHz in FFmpeg
+    assert reference_duration > 1.0
+    # AAC in ADTS carries about 1024 samples of encoder delay (43 ms at 24 kHz) it cannot signal.
+    assert abs(duration - reference_duration) <= 0.03 * reference_duration + (0.05 if fmt == "aac" else 0.01)
+
+
+def test_streaming_response_body_is_the_same_audio(openai_client):
+    with openai_client.audio.speech.with_streaming_response.create(
+        model="tts-1", input="Hello from the speech endpoint.", voice="default", response_format="wav",
+        extra_body={"seed": 5},
+    ) as response:  # fmt: skip
+        data = b"".join(response.iter_bytes())
+    assert data == speech(openai_client)
+
+
+def test_default_is_mp3(client):
+    response = client.post(
+        "/v1/audio/speech", json={"model": "tts-1", "input": "Hi there.", "voice": "default"}
+    )
+    assert response.status_code == 200 and response.headers["content-type"] == "audio/mpeg"
+    assert decoded(response.content, "mp3")[0] > 0
+
+
+@pytest.mark.parametrize("speed", [2.0, 0.5])
+def test_speed_changes_the_duration(openai_client, reference_duration, speed):
+    duration, _ = decoded(speech(openai_client, speed=speed), "wav")
+    assert abs(duration - reference_duration / speed) <= 0.1 * reference_duration / speed
+
+
+def test_instructions_become_the_scene(openai_client, engine, monkeypatch):
+    seen = []
+    real = engine.generate
+
+    async def spy(request):
+        seen.append(request)
+        return await real(request)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    speech(openai_client, instructions="Whispering in a library.")
+    assert "Whispering in a library." in seen[0].turns[0].text
+
+
+def test_builtin_voice_is_made_once_and_the_same_every_time(openai_client, engine, monkeypatch):
+    """`coral` is spoken from a stored reference: made on first use, cloned from ever after."""
+    calls = {"generate": 0, "encode": 0}
+    real_generate, real_encode = engine.generate, engine.encode
+
+    async def generate(request):
+        calls["generate"] += 1
+        return await real_generate(request)
+
+    async def encode(audio):
+        calls["encode"] += 1
+        return await real_encode(audio)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "encode", encode)
+    first = openai_client.audio.speech.create(
+        model="tts-1", input="One.", voice="coral", response_format="wav"
+    )
+    assert calls == {"generate": 2, "encode": 1}  # made the voice, encoded it, then spoke
+    voices = {v["name"]: v for v in openai_client.get("/audio/voices", cast_to=dict)["data"]}
+    assert voices["coral"]["builtin"] is True
+    second = openai_client.audio.speech.create(
+        model="tts-1", input="Two, a different text.", voice="coral", response_format="wav"
+    )
+    assert calls == {"generate": 3, "encode": 1}
+    assert first.content and second.content
+    completion = openai_client.chat.completions.create(
+        model="gpt-4o-audio-preview", modalities=["text", "audio"], audio={"voice": "coral", "format": "wav"},
+        messages=[{"role": "user", "content": "Three."}], max_tokens=10,
+    )  # fmt: skip
+    assert completion.usage.prompt_tokens_details.audio_tokens > 50
+    assert calls["encode"] == 1
+
+
+def upload(client, name, path=TEST_AUDIO, transcript=None):
+    data = {"name": name}
+    if transcript is not None:
+        data["transcript"] = transcript
+    with open(path, "rb") as f:
+        return client.post("/v1/audio/voices", data=data, files={"audio_sample": (path.name, f, "audio/wav")})
+
+
+def test_voice_lifecycle_and_no_second_tokenizer_pass(
+    client, openai_client, app, engine, settings, monkeypatch
+):
+    encodes = []
+    real_encode = engine.encode
+
+    async def encode(audio):
+        encodes.append(audio)
+        return await real_encode(audio)
+
+    monkeypatch.setattr(engine, "encode", encode)
+    created = upload(client, "narrator")
+    assert created.status_code == 200, created.text
+    voice = created.json()
+    assert voice["object"] == "audio.voice" and voice["id"].startswith("voice_")
+    words = set(transcripts()["test_audio.wav"].lower().rstrip(".").split())
+    assert len(words & set(voice["transcript"].lower().rstrip(".").split())) >= 0.7 * len(words)  # recognised
+    assert len(encodes) == 1
+
+    listed = [v["name"] for v in client.get("/v1/audio/voices").json()["data"]]
+    assert "narrator" in listed
+    assert client.get(f"/v1/audio/voices/{voice['id']}").json()["name"] == "narrator"
+
+    spoken = speech(openai_client, voice={"id": voice["id"]})
+    assert decoded(spoken, "wav")[0] > 0
+    completion = client.post("/v1/chat/completions", json={
+        "model": "gpt-4o-audio-preview", "modalities": ["text", "audio"], "audio": {"voice": "narrator"},
+        "messages": [{"role": "user", "content": "Hello."}], "max_tokens": 10,
+    }).json()  # fmt: skip
+    assert completion["usage"]["prompt_tokens_details"]["audio_tokens"] >= 25 * 3
+    assert len(encodes) == 1  # the stored codes were used
+
+    # A restart: a new app over the same folder and engine still has the voice, and its codes.
+    from fastapi.testclient import TestClient
+
+    from app import create_app
+
+    with TestClient(create_app(settings, engine=engine, recognizer=app.state.recognizer)) as restarted:
+        assert "narrator" in [v["name"] for v in restarted.get("/v1/audio/voices").json()["data"]]
+        again = restarted.post(
+            "/v1/audio/speech", json={"model": "tts-1", "input": "Hi.", "voice": "narrator"}
+        )
+        assert again.status_code == 200
+        assert len(encodes) == 1
+
+    deleted = openai_client.audio.voices.delete(voice["id"])
+    assert deleted.deleted is True and deleted.id == voice["id"]
+    assert client.get(f"/v1/audio/voices/{voice['id']}").status_code == 404
+    gone = client.post("/v1/audio/speech", json={"model": "tts-1", "input": "Hi.", "voice": "narrator"})
+    assert gone.status_code == 400
+    assert "narrator" not in gone.json()["error"]["message"].split("available voices:")[1]
+    assert not list(settings.voices_dir.glob("narrator*")) and not list(
+        settings.voices_dir.glob(".voices/narrator*")
+    )
+
+
+def test_upload_through_the_openai_sdk_with_a_given_transcript(openai_client):
+    with open(FIXTURES / "speech_female.wav", "rb") as f:
+        voice = openai_client.audio.voices.create(name="reader", audio_sample=f, consent="cons_local")
+    assert voice.name == "reader" and voice.object == "audio.voice"
+    try:
+        with open(TEST_AUDIO, "rb") as f, pytest.raises(openai.ConflictError):
+            openai_client.audio.voices.create(name="reader", audio_sample=f, consent="cons_local")
+    finally:
+        openai_client.audio.voices.delete("reader")
+
+
+def test_hand_placed_voices_are_found_and_encoded_once(client, settings, engine, monkeypatch):
+    import shutil
+
+    shutil.copy(TEST_AUDIO, settings.voices_dir / "preset.wav")
+    (settings.voices_dir / "preset.txt").write_text(transcripts()["test_audio.wav"])
+    encodes = []
+    real_encode = engine.encode
+
+    async def encode(audio):
+        encodes.append(audio)
+        return await real_encode(audio)
+
+    monkeypatch.setattr(engine, "encode", encode)
+    try:
+        body = {"model": "tts-1", "input": "Hi.", "voice": "preset", "response_format": "wav"}
+        assert client.post("/v1/audio/speech", json=body).status_code == 200
+        assert client.post("/v1/audio/speech", json=body).status_code == 200
+        assert len(encodes) == 1
+        assert list((settings.voices_dir / ".voices").glob("preset.*.npy"))
+    finally:
+        client.delete("/v1/audio/voices/preset")
+
+
+def files_in(folder) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+BAD_SPEECH = [
+    ("empty input", {"input": ""}, 400, "input"),
+    ("blank input", {"input": "   "}, 400, "input"),
+    ("over-long input", {"input": "a" * 4097}, 400, "input"),
+    ("unknown format", {"response_format": "ogg"}, 400, "response_format"),
+    ("speed too high", {"speed": 4.5}, 400, "speed"),
+    ("speed too low", {"speed": 0.1}, 400, "speed"),
+    ("unknown voice", {"voice": "nobody"}, 400, "voice"),
+    ("unknown voice id", {"voice": {"id": "voice_0000"}}, 400, "voice"),
+    ("missing voice", {"voice": None}, 400, "voice"),
+    ("unknown model", {"model": "tts-9"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "status", "param"), BAD_SPEECH, ids=[b[0] for b in BAD_SPEECH])
+def test_bad_speech_requests(client, name, change, status, param):
+    body = {"model": "tts-1", "input": "Hello.", "voice": "default", **change}
+    body = {k: v for k, v in body.items() if v is not None}
+    response = client.post("/v1/audio/speech", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def silence_wav(seconds: float) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(24000 * seconds), dtype=np.float32), 24000, format="WAV")
+    return buf.getvalue()
+
+
+BAD_UPLOADS = [
+    ("path traversal", {"name": "../evil"}, None, 400, "name"),
+    ("slash", {"name": "a/b"}, None, 400, "name"),
+    ("dot name", {"name": ".hidden"}, None, 400, "name"),
+    ("too long name", {"name": "n" * 65}, None, 400, "name"),
+    ("reserved name", {"name": "clone"}, None, 400, "name"),
+    ("not audio", {"name": "junk"}, b"definitely not audio" * 40, 400, "audio_sample"),
+    ("empty file", {"name": "empty"}, b"", 400, "audio_sample"),
+    ("too short", {"name": "short"}, "short", 400, "audio_sample"),
+    ("silent", {"name": "silent"}, silence_wav(3), 400, "audio_sample"),
+    ("empty transcript", {"name": "blank", "transcript": "  "}, None, 400, "transcript"),
+    ("missing name", {}, None, 400, "name"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "content", "status", "param"), BAD_UPLOADS, ids=[b[0] for b in BAD_UPLOADS]
+)
+def test_bad_uploads_write_nothing(client, settings, name, data, content, status, param):
+    if content is None:
+        content = TEST_AUDIO.read_bytes()
+    elif content == "short":
+        content = wav_bytes_of_tone(0.5)
+    before = files_in(settings.voices_dir)
+    response = client.post(
+        "/v1/audio/voices", data=data, files={"audio_sample": ("s.wav", content, "audio/wav")}
+    )
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+    assert files_in(settings.voices_dir) == before
+
+
+def wav_bytes_of_tone(seconds: float) -> bytes:
+    import base64
+
+    return base64.b64decode(
+        wav_b64((0.4 * np.sin(np.arange(int(24000 * seconds)) / 5)).astype(np.float32), 24000)
+    )
+
+
+def test_duplicate_name_is_a_409_and_writes_nothing(client, settings):
+    assert upload(client, "twin", transcript="known words").status_code == 200
+    try:
+        before = files_in(settings.voices_dir)
+        response = upload(client, "twin", transcript="known words")
+        assert response.status_code == 409 and response.json()["error"]["code"] == "voice_exists"
+        assert files_in(settings.voices_dir) == before
+    finally:
+        client.delete("/v1/audio/voices/twin")
+    assert client.delete("/v1/audio/voices/twin").status_code == 404

@@ -1,0 +1,125 @@
+"""The voice library on disk: atomic writes, recovery after a crash, quotas, names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from audio import Audio
+from engine import AudioCodes
+from voice_cloning import VoiceExists, VoiceLibrary, VoiceQuotaExceeded, check_voice_name
+
+
+def clip(seconds: float = 2.0, freq: float = 220.0) -> Audio:
+    t = np.arange(int(24000 * seconds)) / 24000
+    return Audio((0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 24000)
+
+
+def codes() -> AudioCodes:
+    return AudioCodes(torch.arange(8 * 50).reshape(8, 50) % 1024)
+
+
+def test_create_read_and_codes_round_trip(tmp_path):
+    library = VoiceLibrary(tmp_path)
+    voice = library.create("anna", clip(), "  Hello   there. ", codes())
+    again = VoiceLibrary(tmp_path).get("anna")
+    assert again == library.get(voice.id) and again.transcript == "Hello there."
+    assert abs(again.duration - 2.0) < 0.01 and not again.builtin
+    assert torch.equal(library.codes(again).codes, codes().codes)
+    assert np.allclose(library.audio(again).samples, clip().samples, atol=1e-4)
+    assert (tmp_path / "anna.wav").is_file() and (tmp_path / "anna.txt").is_file()
+
+
+def test_codes_follow_the_clip(tmp_path):
+    library = VoiceLibrary(tmp_path)
+    library.create("anna", clip(), "Hello.", codes())
+    import soundfile as sf
+
+    sf.write(tmp_path / "anna.wav", clip(freq=330).samples, 24000)  # replaced by hand
+    assert library.codes(library.get("anna")) is None
+
+
+def test_duplicates_and_quotas_write_nothing(tmp_path):
+    library = VoiceLibrary(tmp_path, max_voices=1)
+    library.create("anna", clip(), "Hello.")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(VoiceExists):
+        library.create("ANNA", clip(), "Hello.")
+    with pytest.raises(VoiceQuotaExceeded):
+        library.create("bob", clip(), "Hello.")
+    assert sorted(tmp_path.rglob("*")) == before
+    small = VoiceLibrary(tmp_path / "small", max_bytes=50_000)
+    with pytest.raises(VoiceQuotaExceeded):
+        small.create("bob", clip(), "Hello.")
+    assert small.list() == []
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", ".x", "", "x" * 65, "default", "Clone", "a..b"])
+def test_bad_names(name):
+    with pytest.raises(ValueError):
+        check_voice_name(name)
+
+
+CRASH = """
+import os, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+import voice_cloning
+from audio import Audio
+from pathlib import Path
+calls = 0
+def dying(real):
+    def step(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == {crash_at}:
+            os._exit(9)  # the process dies here, mid-write
+        return real(*args, **kwargs)
+    return step
+if {delete}:
+    Path.unlink = dying(Path.unlink)
+else:
+    voice_cloning.os.replace = dying(os.replace)
+library = voice_cloning.VoiceLibrary({folder!r})
+if {delete}:
+    library.delete("anna")
+else:
+    library.create("bob", Audio(np.full(48000, 0.1, dtype=np.float32), 24000), "Bob speaks.")
+"""
+
+
+def crash(folder, crash_at: int, delete: bool) -> None:
+    script = CRASH.format(root=str(ROOT), folder=str(folder), crash_at=crash_at, delete=delete)
+    assert subprocess.run([sys.executable, "-c", textwrap.dedent(script)], timeout=120).returncode == 9
+
+
+@pytest.mark.parametrize("crash_at", [2, 3, 4], ids=["after marker", "after audio", "after transcript"])
+def test_a_create_killed_midway_leaves_the_old_state(tmp_path, crash_at):
+    library = VoiceLibrary(tmp_path)
+    library.create("anna", clip(), "Anna speaks.", codes())
+    crash(tmp_path, crash_at, delete=False)
+    assert [v.name for v in library.list()] == ["anna"]  # readable while the leftovers are still there
+    restarted = VoiceLibrary(tmp_path)
+    assert [v.name for v in restarted.list()] == ["anna"]
+    assert torch.equal(restarted.codes(restarted.get("anna")).codes, codes().codes)
+    leftovers = [p.name for p in tmp_path.rglob("*") if "bob" in p.name or p.name.startswith(".tmp")]
+    assert leftovers == []
+    restarted.create("bob", clip(), "Bob speaks.")  # the name is free again
+    assert [v.name for v in restarted.list()] == ["anna", "bob"]
+
+
+def test_a_delete_killed_midway_completes_at_start(tmp_path):
+    library = VoiceLibrary(tmp_path)
+    library.create("anna", clip(), "Anna speaks.", codes())
+    library.create("carl", clip(), "Carl speaks.")
+    crash(tmp_path, 2, delete=True)  # the marker is written, the audio removed, the rest not
+    assert [v.name for v in library.list()] == ["carl"]
+    restarted = VoiceLibrary(tmp_path)
+    assert [v.name for v in restarted.list()] == ["carl"]
+    assert not [p for p in tmp_path.rglob("anna*")]
