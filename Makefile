@@ -32,4 +32,5 @@ test: $(VENV)/.test-deps
 bench: $(VENV)/.test-deps
 	$(PY) bench/bench_overhead.py
 	$(PY) bench/bench_clone.py
+	$(PY) bench/bench_streaming.py
 	$(PY) bench/bench_stt.py

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextvars
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,11 +21,11 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from audio import MEDIA_TYPES, AudioError, change_tempo, decode_audio, encode_audio
-from engine import ContextLengthError, Engine
+from audio import MEDIA_TYPES, AudioError, decode_audio, encode_audio
+from engine import ContextLengthError, Engine, GenerationResult, Started, StreamEvent, TextPiece
 from planner import Planner
 from protocol import (
     APIError,
@@ -42,6 +43,7 @@ from protocol import (
     bad_request,
 )
 from settings import Settings, resolve_device
+from streaming import chat_events, speech_audio, speech_events
 from stt import AsyncTranscriber, to_srt, to_verbose_json, to_vtt
 from voice_cloning import InvalidReference, VoiceLibrary
 
@@ -60,6 +62,8 @@ AUDIO_LIFETIME_SECONDS = 3600
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# A client's X-Request-ID is kept when it is a plain token (it ends up in log lines).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 def _install_request_id_on_log_records() -> None:
@@ -173,23 +177,23 @@ def create_app(
 
     @app.middleware("http")
     async def with_request_id(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        given = request.headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         token = request_id.set(rid)
         started = time.perf_counter()
         try:
             response = await call_next(request)
+            response.headers["X-Request-ID"] = rid
+            log.info(
+                "%s %s -> %d in %.3f s",
+                request.method,
+                request.url.path,
+                response.status_code,
+                time.perf_counter() - started,
+            )
+            return response
         finally:
             request_id.reset(token)
-        response.headers["X-Request-ID"] = rid
-        log.info(
-            "%s %s -> %d in %.3f s",
-            request.method,
-            request.url.path,
-            response.status_code,
-            time.perf_counter() - started,
-            extra={"request_id": rid},
-        )
-        return response
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -275,8 +279,8 @@ def create_app(
         require_ready(request)
         log_ignored(body)
         check_model(body.model)
-        if body.stream:
-            raise APIError(400, "streaming is not supported yet; send stream: false", param="stream")
+        if body.stream and body.wants_audio and body.audio and body.audio.format != "pcm16":
+            raise bad_request("streamed audio is pcm16; set audio.format to pcm16", "audio.format")
         state = request.app.state
         plan = await state.planner.plan(body)
         headers = {"X-Voice": plan.voice}
@@ -284,6 +288,20 @@ def create_app(
             headers["X-Voice-Fallback"] = f"default; reason={plan.fallback}"
         completion_id = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
+        if body.stream:
+            events = state.engine.stream(plan.request) if plan.request else _answer_events(plan.direct_answer)
+            await _started(events)
+            body_stream = chat_events(
+                events,
+                completion_id=completion_id,
+                created=created,
+                model=body.model,
+                audio_id="audio_" + uuid.uuid4().hex if body.wants_audio else None,
+                transcript=plan.spoken_text,
+                expires_at=created + AUDIO_LIFETIME_SECONDS,
+                include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            )
+            return StreamingResponse(body_stream, media_type="text/event-stream", headers=headers)
         if plan.request is None:
             message = AssistantMessage(content=plan.direct_answer)
             usage = Usage(
@@ -327,19 +345,17 @@ def create_app(
         require_ready(request)
         log_ignored(body)
         check_model(body.model)
-        if body.stream_format == "sse":
-            raise bad_request("stream_format sse is not supported yet; use audio", "stream_format")
         state = request.app.state
         plan = await state.planner.plan_speech(body)
-        result = await state.engine.generate(plan.request)
-        if result.audio is None or result.audio.samples.size == 0:
-            raise APIError(500, "the model produced no audio for this request", type="server_error")
-
-        def encode() -> bytes:
-            return encode_audio(change_tempo(result.audio, body.speed), body.response_format)
-
-        data = await asyncio.to_thread(encode)
-        return Response(data, media_type=MEDIA_TYPES[body.response_format], headers={"X-Voice": plan.voice})
+        events = state.engine.stream(plan.request)
+        await _started(events)
+        headers = {"X-Voice": plan.voice}
+        rate = state.engine.sample_rate
+        if body.stream_format == "sse":
+            stream = speech_events(events, body.response_format, body.speed, rate)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        stream = speech_audio(events, body.response_format, body.speed, rate)
+        return StreamingResponse(stream, media_type=MEDIA_TYPES[body.response_format], headers=headers)
 
     @app.post("/v1/audio/voices")
     async def create_voice(
@@ -503,27 +519,76 @@ def create_app(
     return app
 
 
+async def _started(events: AsyncIterator[StreamEvent]) -> None:
+    """Wait for generation to start, so that errors found while preparing it are answered as errors."""
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+    if not isinstance(first, Started):
+        await events.aclose()
+        raise RuntimeError(f"the engine's stream began with {type(first).__name__}")
+
+
+async def _answer_events(text: str | None) -> AsyncIterator[StreamEvent]:
+    """A stream for an answer that needs no generation (the transcript of audio in a text-only chat)."""
+    yield Started(0, 0)
+    if text:
+        yield TextPiece(text)
+    yield GenerationResult(text or "", None, "stop", 0, 0, 0, 0, 0.0)
+
+
 def load_engine(settings: Settings) -> Engine:
     """Load Higgs Audio as the settings say (blocking; minutes for the real model)."""
     import torch
 
-    from engine import HiggsEngine
+    from engine import HiggsEngine, StreamSettings
 
     device = resolve_device(settings.device, torch.cuda.is_available())
+    streaming = StreamSettings(
+        first_chunk_frames=settings.stream_first_chunk_frames,
+        chunk_frames=settings.stream_chunk_frames,
+        context_frames=settings.stream_context_frames,
+        crossfade_ms=settings.stream_crossfade_ms,
+    )
     return HiggsEngine(
-        settings.model, settings.audio_tokenizer, device, settings.dtype, settings.kv_cache_lengths
+        settings.model, settings.audio_tokenizer, device, settings.dtype, settings.kv_cache_lengths, streaming
     )
 
 
 def load_recognizer(settings: Settings) -> AsyncTranscriber:
-    """Load faster-whisper as the settings say and warm it up (blocking)."""
+    """Load faster-whisper as the settings say and warm it up (blocking).
+
+    With ``stt_device=auto`` on a GPU whose CUDA libraries CTranslate2 cannot load (its PyPI wheels need
+    CUDA 12's cuBLAS), recognition falls back to the CPU with a warning instead of failing the start-up.
+    """
     from stt import WhisperTranscriber
 
-    transcriber = WhisperTranscriber(
-        settings.stt_model, device=settings.stt_device, compute_type=settings.stt_compute_type
-    )
-    transcriber.warm_up()
-    return AsyncTranscriber(transcriber)
+    def load(device: str) -> WhisperTranscriber:
+        transcriber = WhisperTranscriber(
+            settings.stt_model, device=device, compute_type=settings.stt_compute_type
+        )
+        transcriber.warm_up()
+        return transcriber
+
+    try:
+        return AsyncTranscriber(load(settings.stt_device))
+    except RuntimeError as exc:
+        if settings.stt_device != "auto" or not _cuda_available():
+            raise
+        log.warning(
+            "speech recognition could not run on CUDA (%s); running it on the CPU instead. "
+            "See the README's 'Speech recognition on a GPU'.",
+            exc,
+        )
+        return AsyncTranscriber(load("cpu"))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import binascii
 import io
 import math
 import re
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -618,35 +619,169 @@ def trim_silence(audio: Audio, threshold_db: float = -40.0, pad_seconds: float =
 # ---------------------------------------------------------------------------------------------
 
 
-def change_tempo(audio: Audio, speed: float) -> Audio:
-    """Play ``audio`` ``speed`` times faster (0.25-4.0) without changing its pitch (FFmpeg's atempo)."""
-    if not 0.25 <= speed <= 4.0:
-        raise AudioError(f"speed must be between 0.25 and 4.0, got {speed:g}")
-    if speed == 1.0 or audio.samples.size == 0:
-        return audio
-    import av
-    import av.filter
+class TempoStream:
+    """Pitch-preserving tempo change (FFmpeg's atempo) applied to audio that arrives in pieces."""
 
-    # One atempo stage is accurate within 0.5-2.0; chain two for the rest of the range.
-    stages = [speed] if 0.5 <= speed <= 2.0 else [math.sqrt(speed)] * 2
-    graph = av.filter.Graph()
-    source = graph.add_abuffer(format="flt", sample_rate=audio.sample_rate, layout="mono")
-    nodes = [source, *(graph.add("atempo", f"{s:.6f}") for s in stages), graph.add("abuffersink")]
-    for a, b in zip(nodes, nodes[1:], strict=False):
-        a.link_to(b)
-    graph.configure()
-    frame = av.AudioFrame.from_ndarray(
-        np.ascontiguousarray(audio.samples, dtype=np.float32)[None, :], format="flt", layout="mono"
-    )
-    frame.sample_rate = audio.sample_rate
-    frame.pts = 0
-    graph.push(frame)
-    graph.push(None)
-    pieces = []
-    while True:
-        try:
-            pieces.append(graph.pull().to_ndarray().reshape(-1))
-        except (av.error.EOFError, av.error.BlockingIOError):
-            break
-    samples = np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
+    def __init__(self, speed: float, sample_rate: int):
+        if not 0.25 <= speed <= 4.0:
+            raise AudioError(f"speed must be between 0.25 and 4.0, got {speed:g}")
+        import av.filter
+
+        self.sample_rate = sample_rate
+        self._pts = 0
+        # One atempo stage is accurate within 0.5-2.0; chain two for the rest of the range.
+        stages = [speed] if 0.5 <= speed <= 2.0 else [math.sqrt(speed)] * 2
+        self._graph = av.filter.Graph()
+        source = self._graph.add_abuffer(format="flt", sample_rate=sample_rate, layout="mono")
+        nodes = [
+            source,
+            *(self._graph.add("atempo", f"{s:.6f}") for s in stages),
+            self._graph.add("abuffersink"),
+        ]
+        for a, b in zip(nodes, nodes[1:], strict=False):
+            a.link_to(b)
+        self._graph.configure()
+
+    def feed(self, samples: np.ndarray) -> np.ndarray:
+        """Push samples in; returns whatever the filter has ready."""
+        import av
+
+        if samples.size == 0:
+            return np.zeros(0, np.float32)
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples, dtype=np.float32)[None, :], format="flt", layout="mono"
+        )
+        frame.sample_rate = self.sample_rate
+        frame.pts = self._pts
+        self._pts += samples.size
+        self._graph.push(frame)
+        return self._pull()
+
+    def finish(self) -> np.ndarray:
+        """Flush the filter."""
+        self._graph.push(None)
+        return self._pull()
+
+    def _pull(self) -> np.ndarray:
+        import av
+
+        pieces = []
+        while True:
+            try:
+                pieces.append(self._graph.pull().to_ndarray().reshape(-1))
+            except (av.error.EOFError, av.error.BlockingIOError):
+                break
+        return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
+
+
+def change_tempo(audio: Audio, speed: float) -> Audio:
+    """Play ``audio`` ``speed`` times faster (0.25-4.0) without changing its pitch."""
+    if speed == 1.0 or audio.samples.size == 0:
+        TempoStream(speed, audio.sample_rate)  # validates speed
+        return audio
+    tempo = TempoStream(speed, audio.sample_rate)
+    samples = np.concatenate([tempo.feed(audio.samples), tempo.finish()])
     return Audio(samples, audio.sample_rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# streamed encoding
+# ---------------------------------------------------------------------------------------------
+
+STREAMABLE_FORMATS = frozenset({"pcm", "pcm16", "wav", "mp3", "opus", "aac"})
+
+
+def wav_stream_header(sample_rate: int) -> bytes:
+    """A 16-bit mono WAV header for a stream of unknown length (sizes 0xFFFFFFFF, as players expect)."""
+    unknown = 0xFFFFFFFF
+    return (
+        b"RIFF" + struct.pack("<I", unknown) + b"WAVE"
+        + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+        + b"data" + struct.pack("<I", unknown)
+    )  # fmt: skip
+
+
+class _Collector(io.RawIOBase):
+    """A write-only file that hands out what was written since the last ``take``."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data, self._parts = b"".join(self._parts), []
+        return data
+
+
+class EncoderStream:
+    """Encode audio that arrives in pieces, returning encoded bytes as soon as the encoder has them.
+
+    ``fmt`` is one of ``OUTPUT_FORMATS``. pcm is raw 16-bit; wav is a header for a stream of unknown length
+    followed by 16-bit samples; mp3, opus (Ogg) and aac (ADTS) go through FFmpeg's encoders as the audio
+    comes (``STREAMABLE_FORMATS``); flac, whose header holds the length, is encoded whole at ``finish``.
+    """
+
+    def __init__(self, fmt: str, sample_rate: int):
+        fmt = fmt.lower()
+        if fmt not in OUTPUT_FORMATS:
+            raise AudioError(
+                f"unsupported output format {fmt!r}; use one of {', '.join(sorted(OUTPUT_FORMATS))}"
+            )
+        self.fmt = fmt
+        self.sample_rate = sample_rate
+        self._header_sent = False
+        self._container = None
+        self._held: list[np.ndarray] | None = [] if fmt not in STREAMABLE_FORMATS else None
+        if fmt in _PYAV_FORMATS:
+            import av
+
+            container_fmt, codec, rates, bit_rate = _PYAV_FORMATS[fmt]
+            self._rate = sample_rate if sample_rate in rates else min(r for r in rates if r >= sample_rate)
+            self._sink = _Collector()
+            # Ogg holds packets until a page fills (a second by default): flush pages every 100 ms instead.
+            options = {"page_duration": "100000"} if container_fmt == "ogg" else {}
+            self._container = av.open(self._sink, mode="w", format=container_fmt, options=options)
+            self._stream = self._container.add_stream(codec, rate=self._rate, layout="mono")
+            self._stream.bit_rate = bit_rate
+            self._pts = 0
+
+    def feed(self, samples: np.ndarray) -> bytes:
+        """Encode the next samples (float32 mono at ``sample_rate``); returns the bytes ready so far."""
+        if self._held is not None:
+            self._held.append(np.asarray(samples, dtype=np.float32))
+            return b""
+        if self._container is None:
+            head = b""
+            if self.fmt == "wav" and not self._header_sent:
+                head, self._header_sent = wav_stream_header(self.sample_rate), True
+            return head + _to_int16(samples).tobytes()
+        if samples.size == 0:
+            return b""
+        import av
+
+        if self._rate != self.sample_rate:
+            samples = resample(samples, self.sample_rate, self._rate)
+        x = np.clip(np.nan_to_num(samples), -1.0, 1.0).astype(np.float32)[None, :]
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x), format="fltp", layout="mono")
+        frame.sample_rate = self._rate
+        frame.pts = self._pts
+        self._pts += x.shape[1]
+        self._container.mux(self._stream.encode(frame))
+        return self._sink.take()
+
+    def finish(self) -> bytes:
+        """Flush the encoder and close the container; returns the last bytes."""
+        if self._held is not None:
+            samples = np.concatenate(self._held) if self._held else np.zeros(0, np.float32)
+            return encode_audio(Audio(samples, self.sample_rate), self.fmt)
+        if self._container is None:
+            return wav_stream_header(self.sample_rate) if self.fmt == "wav" and not self._header_sent else b""
+        self._container.mux(self._stream.encode(None))
+        self._container.close()
+        return self._sink.take()

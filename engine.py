@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol, TypeVar
@@ -85,6 +86,48 @@ class GenerationResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Started:
+    """Streaming: the prompt is ready and generation begins (the moment a 4xx can no longer happen)."""
+
+    prompt_tokens: int
+    prompt_audio_tokens: int
+
+
+@dataclass(frozen=True)
+class AudioPiece:
+    """Streaming: the next samples of the answer, mono float32 at the engine's rate."""
+
+    samples: np.ndarray
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """Streaming: the next piece of generated text."""
+
+    text: str
+
+
+StreamEvent = Started | AudioPiece | TextPiece | GenerationResult
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How audio is decoded while it is generated.
+
+    Every ``chunk_frames`` frames (25 a second; ``first_chunk_frames`` for the first piece, so that sound
+    starts sooner) the codec decodes the new frames with ``context_frames`` of
+    already-sent frames on their left, and holds back the last ``context_frames`` until their right-hand
+    neighbours exist; each piece starts with a crossfade of ``crossfade_ms`` over the previous decode of the
+    same samples, so the joins are inaudible and the whole stream matches a one-shot decode closely.
+    """
+
+    first_chunk_frames: int = 4
+    chunk_frames: int = 12
+    context_frames: int = 4
+    crossfade_ms: float = 10.0
+
+
 class Engine(Protocol):
     """What the HTTP layer needs from a speech engine."""
 
@@ -98,6 +141,13 @@ class Engine(Protocol):
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run one generation."""
+        ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Run one generation, yielding ``Started``, then pieces, then the ``GenerationResult``.
+
+        Leaving the iteration early (a client gone) stops the generation within one decoding step.
+        """
         ...
 
     def close(self) -> None:
@@ -115,21 +165,37 @@ class HiggsEngine:
     """Higgs Audio v2 behind one worker thread."""
 
     def __init__(
-        self, model: str, audio_tokenizer: str, device: str, dtype: str, kv_cache_lengths: list[int]
+        self,
+        model: str,
+        audio_tokenizer: str,
+        device: str,
+        dtype: str,
+        kv_cache_lengths: list[int],
+        streaming: StreamSettings | None = None,
     ):
         # Imported here so that merely importing this module (for its types) stays cheap.
         from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 
         started = time.perf_counter()
         self.device = device
+        # Upstream captures CUDA graphs when the device is exactly "cuda", building the capture's inputs in
+        # config.torch_dtype (the checkpoint's bfloat16, whatever dtype was loaded). Load as "cuda:0" so it
+        # skips that, then capture here with the dtype the weights really have.
+        capture = device == "cuda"
         self._serve = HiggsAudioServeEngine(
             model,
             audio_tokenizer,
-            device=device,
+            device="cuda:0" if capture else device,
             torch_dtype=_torch_dtype(dtype, device),
             kv_cache_lengths=sorted(kv_cache_lengths),
         )
         self._model = self._serve.model
+        config = self._model.config
+        config.torch_dtype = self._model.dtype
+        if not hasattr(config, "hidden_size"):
+            config.hidden_size = config.text_config.hidden_size
+        if capture:
+            self._model.capture_model(self._serve.kv_caches.values())
         self._tokenizer = self._serve.tokenizer
         self._codec = self._serve.audio_tokenizer
         self._config = self._model.config
@@ -138,12 +204,21 @@ class HiggsEngine:
         self.num_codebooks = int(self._config.audio_num_codebooks)
         self.max_context = max(kv_cache_lengths)
         self._placeholder_ids = {self._config.audio_in_token_idx, self._config.audio_out_token_idx}
+        # Tokens that would start audio (or an audio placeholder with no audio behind it) in a text answer.
+        self._audio_start_ids = [
+            self._tokenizer.convert_tokens_to_ids("<|audio_out_bos|>"),
+            self._config.audio_out_token_idx,
+            self._config.audio_in_token_idx,
+        ]
         self._postfix_text = self._tokenizer.encode(
             "<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False
         )
         self._postfix_audio = self._postfix_text + self._tokenizer.encode(
             "<|audio_out_bos|>", add_special_tokens=False
         )
+        self.streaming = streaming or StreamSettings()
+        self.steps = 0
+        """Decoding steps run since start (all requests, finished or stopped early)."""
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="higgs-worker")
         log.info(
             "loaded %s on %s (%s) in %.1f s; audio at %d Hz, %d frames/s",
@@ -167,6 +242,35 @@ class HiggsEngine:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         return await self._run(self.generate_sync, request)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(item: StreamEvent | BaseException) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        def work() -> None:
+            if cancel.is_set():  # the client left while this waited for the worker
+                return
+            try:
+                emit(self.generate_sync(request, listener=emit, cancel=cancel))
+            except BaseException as exc:  # the consumer re-raises it; the worker thread must survive
+                emit(exc)
+
+        context = contextvars.copy_context()
+        loop.run_in_executor(self._worker, context.run, work)
+        try:
+            while True:
+                item = await events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerationResult):
+                    return
+        finally:
+            cancel.set()
 
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
@@ -228,9 +332,19 @@ class HiggsEngine:
         placeholders = sum(1 for t in tokens if t in self._placeholder_ids)
         return inputs, len(tokens) - placeholders + audio_columns, audio_columns
 
-    def generate_sync(self, request: GenerationRequest) -> GenerationResult:
-        """Run one generation on the calling thread (the worker)."""
+    def generate_sync(
+        self,
+        request: GenerationRequest,
+        listener: Callable[[StreamEvent], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        """Run one generation on the calling thread (the worker).
+
+        With a ``listener``, ``Started`` and the audio/text pieces are passed to it as they are made, and
+        the result carries no audio (it was all streamed). ``cancel`` stops the generation at the next step.
+        """
         from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
+        from transformers import StoppingCriteriaList
 
         started = time.perf_counter()
         inputs, prompt_tokens, prompt_audio = self._prompt(request)
@@ -240,6 +354,9 @@ class HiggsEngine:
                 f"but the context holds {self.max_context}; shorten the input or lower max_tokens"
             )
         prompt_len = int(inputs["input_ids"].shape[1])
+        if listener is not None:
+            listener(Started(prompt_tokens, prompt_audio))
+        streamer = _IncrementalDecoder(self, listener, request.audio_output) if listener is not None else None
         for cache in self._serve.kv_caches.values():
             cache.reset()
         with torch.inference_mode():
@@ -262,6 +379,10 @@ class HiggsEngine:
                 ras_win_len=request.ras_window or None,
                 ras_win_max_num_repeat=2,
                 seed=request.seed,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_Guard(self, cancel)]),
+                # A text answer must not switch into audio mode half-way.
+                suppress_tokens=None if request.audio_output else self._audio_start_ids,
             )
         new_text_ids = sequences[0, prompt_len:].tolist()
         text_ids = [t for t in new_text_ids if t not in self._placeholder_ids]
@@ -269,12 +390,13 @@ class HiggsEngine:
         audio_columns = sum(int(seq.shape[1]) for seq in audio_sequences)
 
         audio = None
-        if request.audio_output and audio_sequences:
+        if request.audio_output and audio_sequences and streamer is None:
             pieces = []
             for seq in audio_sequences:
                 codes = revert_delay_pattern(seq).clip(0, self._config.audio_codebook_size - 1)[:, 1:-1]
                 if codes.shape[1] > 0:
-                    pieces.append(self._codec.decode(codes.unsqueeze(0))[0, 0])
+                    with torch.inference_mode():  # no autograd graph: it would hold the decoder's activations
+                        pieces.append(self._codec.decode(codes.unsqueeze(0))[0, 0])
             samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
             audio = Audio(np.clip(samples, -1.0, 1.0).astype(np.float32), self.sample_rate)
 
@@ -310,3 +432,94 @@ class HiggsEngine:
         self.generate_sync(GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=0))
         self.generate_sync(GenerationRequest(turns[:2], False, 4, 0.7, 0.95, 50, seed=0))
         log.info("warm-up done in %.1f s", time.perf_counter() - started)
+
+
+class _Guard:
+    """Stopping criterion run after every decoding step: counts steps and honours cancellation."""
+
+    def __init__(self, engine: HiggsEngine, cancel: threading.Event | None):
+        self.engine = engine
+        self.cancel = cancel
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        self.engine.steps += 1
+        stop = self.cancel is not None and self.cancel.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class _IncrementalDecoder:
+    """A transformers streamer that turns delay-pattern audio columns into audio pieces as they arrive.
+
+    The model emits one column of codes per step; codebook ``c`` of column ``j`` belongs to frame ``j - c``,
+    so a frame is complete once the column ``num_codebooks - 1`` steps later exists. The first column is the
+    stream's begin marker; like the one-shot decode, the last frame is dropped at the end.
+    """
+
+    def __init__(self, engine: HiggsEngine, listener: Callable[[StreamEvent], None], audio_output: bool):
+        from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
+
+        self.engine = engine
+        self.listener = listener
+        self.audio_output = audio_output
+        self.revert = revert_delay_pattern
+        self.settings = engine.streaming
+        self.codebooks = engine.num_codebooks
+        self.samples_per_frame = engine.sample_rate // engine.frame_rate
+        held = self.settings.context_frames * self.samples_per_frame
+        self.crossfade = min(held, int(engine.sample_rate * self.settings.crossfade_ms / 1000))
+        self.columns: list[torch.Tensor] = []
+        self.text_ids: list[int] = []
+        self.text_sent = 0  # characters of text sent
+        self.prompt_seen = False
+        self.sent = 0  # frames sent
+        self.tail: np.ndarray | None = None  # the previous decode of the samples the next piece starts with
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # transformers passes the prompt first
+            self.prompt_seen = True
+            return
+        value = value.reshape(-1)
+        if value.numel() == self.codebooks:
+            if not self.audio_output:
+                return
+            self.columns.append(value)
+            ready = len(self.columns) - self.codebooks  # complete frames after the begin marker
+            hold = self.settings.context_frames
+            chunk = self.settings.first_chunk_frames if self.sent == 0 else self.settings.chunk_frames
+            if ready - hold - self.sent >= chunk:
+                self._send(ready - hold, ready)
+        elif not self.audio_output:
+            self.text_ids.extend(t for t in value.tolist() if t not in self.engine._placeholder_ids)
+            self._send_text(final=False)
+
+    def _send_text(self, final: bool) -> None:
+        text = self.engine._tokenizer.decode(self.text_ids, skip_special_tokens=True)
+        # A token may end inside a multi-byte character: wait for the rest of it.
+        if len(text) > self.text_sent and (final or not text.endswith("\ufffd")):
+            self.listener(TextPiece(text[self.text_sent :]))
+            self.text_sent = len(text)
+
+    def end(self) -> None:
+        final = len(self.columns) - self.codebooks - 1
+        if final > self.sent:
+            self._send(final, final)
+        if self.text_ids:
+            self._send_text(final=True)
+
+    def _send(self, upto: int, available: int) -> None:
+        """Send frames [sent, upto), decoding [sent - context, available)."""
+        first = max(0, self.sent - self.settings.context_frames)
+        codes = self.revert(torch.stack(self.columns, dim=1))[:, 1 + first : 1 + available]
+        codes = codes.clip(0, self.engine._config.audio_codebook_size - 1)
+        with torch.inference_mode():
+            decoded = self.engine._codec.decode(codes.unsqueeze(0))[0, 0]
+        spf = self.samples_per_frame
+        start, stop = (self.sent - first) * spf, (upto - first) * spf
+        piece = np.array(decoded[start:stop], dtype=np.float32)
+        if self.tail is not None:
+            n = min(len(self.tail), len(piece))
+            fade = np.linspace(0.0, 1.0, n, dtype=np.float32)
+            piece[:n] = self.tail[:n] * (1.0 - fade) + piece[:n] * fade
+        self.tail = np.array(decoded[stop : stop + self.crossfade], dtype=np.float32)
+        self.sent = upto
+        self.listener(AudioPiece(np.clip(piece, -1.0, 1.0)))

@@ -43,6 +43,18 @@ class Settings(BaseSettings):
     kv_cache_lengths: list[int] = [1024, 4096, 8192]
     """Static KV-cache sizes (tokens) the engine allocates; the largest bounds prompt plus output."""
 
+    stream_first_chunk_frames: int = Field(default=4, ge=1, le=250)
+    """Streaming: audio frames in the first piece sent (smaller: sound starts sooner)."""
+
+    stream_chunk_frames: int = Field(default=12, ge=1, le=250)
+    """Streaming: audio frames (25 a second) decoded and sent at a time; smaller is sooner, costlier."""
+
+    stream_context_frames: int = Field(default=4, ge=1, le=50)
+    """Streaming: frames of context decoded on each side of a piece so that joins match a one-shot decode."""
+
+    stream_crossfade_ms: float = Field(default=10.0, ge=0, le=40)
+    """Streaming: crossfade at each join, in milliseconds (at most the context's length)."""
+
     warmup: bool = True
     """Run one short generation (with a reference clip) at start-up, before reporting ready."""
 

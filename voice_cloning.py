@@ -247,6 +247,7 @@ class VoiceLibrary:
         self.max_bytes = max_bytes
         self.meta.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._digests: dict[tuple[str, int, int], str] = {}
         self.recover()
 
     # ---- reading ----
@@ -289,7 +290,13 @@ class VoiceLibrary:
         return Audio(samples.mean(axis=1), rate)
 
     def _codes_path(self, voice: Voice) -> Path:
-        digest = hashlib.sha256(self._files(voice.name)[0].read_bytes()).hexdigest()[:16]
+        wav = self._files(voice.name)[0]
+        stat = wav.stat()
+        key = (voice.name, stat.st_mtime_ns, stat.st_size)
+        digest = self._digests.get(key)
+        if digest is None:  # hash a clip once, not on every request that uses it
+            digest = hashlib.sha256(wav.read_bytes()).hexdigest()[:16]
+            self._digests[key] = digest
         return self.meta / f"{voice.name}.{digest}.npy"
 
     def codes(self, voice: Voice) -> AudioCodes | None:

@@ -128,6 +128,32 @@ def recognizer(settings):
     recognizer.close()
 
 
+@pytest.fixture
+def spy(engine, monkeypatch):
+    """Records what the real engine is asked: ``generate`` and ``stream`` requests (both under
+    ``"generate"``, in order, and separately under ``"stream"``), and ``encode`` clips."""
+    calls = {"generate": [], "stream": [], "encode": []}
+    real_generate, real_stream, real_encode = engine.generate, engine.stream, engine.encode
+
+    async def generate(request):
+        calls["generate"].append(request)
+        return await real_generate(request)
+
+    def stream(request):
+        calls["generate"].append(request)
+        calls["stream"].append(request)
+        return real_stream(request)
+
+    async def encode(audio):
+        calls["encode"].append(audio)
+        return await real_encode(audio)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "stream", stream)
+    monkeypatch.setattr(engine, "encode", encode)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def app(settings, engine, recognizer):
     """The app around the shared tiny engine."""

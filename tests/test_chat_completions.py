@@ -59,15 +59,8 @@ def test_pcm16_is_raw_samples_of_the_wav(openai_client):
     assert np.array_equal(np.frombuffer(pcm, dtype="<i2"), samples)
 
 
-def test_system_message_becomes_the_scene(openai_client, engine, monkeypatch):
-    seen = []
-    real = engine.generate
-
-    async def spy(request):
-        seen.append(request)
-        return await real(request)
-
-    monkeypatch.setattr(engine, "generate", spy)
+def test_system_message_becomes_the_scene(openai_client, spy):
+    seen = spy["generate"]
     openai_client.chat.completions.create(
         model="tts-1",
         modalities=["text", "audio"],
@@ -184,7 +177,6 @@ BAD_REQUESTS = [
         "messages[0].content[0].text",
     ),
     ("n above 1", {"model": "tts-1", "messages": SPEAK, "n": 2}, 400, "n"),
-    ("streaming", {"model": "tts-1", "messages": SPEAK, "stream": True}, 400, "stream"),
     (
         "unknown voice",
         {
@@ -268,10 +260,15 @@ def test_startup_loads_models_from_settings_and_reports_readiness(settings):
 
     from app import create_app
 
-    app = create_app(settings.model_copy(update={"stt_model": ""}))
+    changes = {"stt_model": "", "stream_first_chunk_frames": 2, "stream_chunk_frames": 5}
+    app = create_app(settings.model_copy(update=changes))
     assert TestClient(app).get("/ready").status_code == 503  # lifespan not started: not ready
     with TestClient(app) as client:
         assert client.get("/ready").json() == {"ready": True}
+        body = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "pcm", "seed": 1}
+        with client.stream("POST", "/v1/audio/speech", json=body) as response:
+            sizes = [len(piece) for piece in response.iter_bytes()]
+        assert sizes[:3] == [2 * 960 * 2, 5 * 960 * 2, 5 * 960 * 2]  # streaming settings reach the engine
         body = {
             "model": "tts-1",
             "modalities": ["text", "audio"],
@@ -295,3 +292,44 @@ def test_auto_device_without_cuda_refuses_to_start(settings):
     with pytest.raises(RuntimeError, match="HIGGS_DEVICE=cpu"):
         with TestClient(app):
             pass
+
+
+def test_log_lines_carry_the_request_id_and_no_audio(client, caplog):
+    """With INFO logging on (as `make run` runs), requests succeed and each line names its request."""
+    import logging
+
+    body = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "wav"},
+            "messages": SPEAK, "max_tokens": 8}  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        response = client.post("/v1/chat/completions", json=body, headers={"X-Request-ID": "req-42"})
+        assert response.status_code == 200
+        assert client.get("/health", headers={"X-Request-ID": "bad id\nwith newline"}).status_code == 200
+    ours = [r for r in caplog.records if getattr(r, "request_id", "-") == "req-42"]
+    assert any("/v1/chat/completions -> 200" in r.getMessage() for r in ours)
+    assert not any("\n" in getattr(r, "request_id", "") for r in caplog.records)
+    audio = response.json()["choices"][0]["message"]["audio"]["data"]
+    assert not any(audio[:40] in r.getMessage() for r in caplog.records)
+
+
+def test_speech_recognition_falls_back_to_the_cpu_when_cuda_libraries_are_missing(
+    settings, monkeypatch, caplog
+):
+    import app as app_module
+    import stt
+
+    class NoCudaWhisper:
+        def __init__(self, model, device, compute_type):
+            self.device = device
+
+        def warm_up(self):
+            if self.device != "cpu":
+                raise RuntimeError("Library libcublas.so.12 is not found or cannot be loaded")
+
+    monkeypatch.setattr(stt, "WhisperTranscriber", NoCudaWhisper)
+    monkeypatch.setattr(app_module, "_cuda_available", lambda: True)
+    recognizer = app_module.load_recognizer(settings.model_copy(update={"stt_device": "auto"}))
+    assert recognizer.transcriber.device == "cpu"
+    assert "libcublas.so.12" in caplog.text
+    recognizer.close()
+    with pytest.raises(RuntimeError, match="libcublas"):
+        app_module.load_recognizer(settings.model_copy(update={"stt_device": "cuda"}))

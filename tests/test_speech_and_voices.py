@@ -77,51 +77,37 @@ def test_speed_changes_the_duration(openai_client, reference_duration, speed):
     assert abs(duration - reference_duration / speed) <= 0.1 * reference_duration / speed
 
 
-def test_instructions_become_the_scene(openai_client, engine, monkeypatch):
-    seen = []
-    real = engine.generate
-
-    async def spy(request):
-        seen.append(request)
-        return await real(request)
-
-    monkeypatch.setattr(engine, "generate", spy)
+def test_instructions_become_the_scene(openai_client, spy):
     speech(openai_client, instructions="Whispering in a library.")
-    assert "Whispering in a library." in seen[0].turns[0].text
+    assert "Whispering in a library." in spy["generate"][0].turns[0].text
 
 
-def test_builtin_voice_is_made_once_and_the_same_every_time(openai_client, engine, monkeypatch):
+def test_builtin_voice_is_made_once_and_the_same_every_time(openai_client, spy):
     """`coral` is spoken from a stored reference: made on first use, cloned from ever after."""
-    calls = {"generate": 0, "encode": 0}
-    real_generate, real_encode = engine.generate, engine.encode
 
-    async def generate(request):
-        calls["generate"] += 1
-        return await real_generate(request)
+    def calls():
+        return {"generate": len(spy["generate"]), "encode": len(spy["encode"])}
 
-    async def encode(audio):
-        calls["encode"] += 1
-        return await real_encode(audio)
-
-    monkeypatch.setattr(engine, "generate", generate)
-    monkeypatch.setattr(engine, "encode", encode)
     first = openai_client.audio.speech.create(
         model="tts-1", input="One.", voice="coral", response_format="wav"
     )
-    assert calls == {"generate": 2, "encode": 1}  # made the voice, encoded it, then spoke
+    assert calls() == {"generate": 2, "encode": 1}  # made the voice, encoded it, then spoke
+    made, spoken = spy["generate"]
+    assert "SPEAKER0:" in made.turns[0].text and made.audio_output
+    assert spoken.turns[2].audio is not None  # the stored clip is the reference
     voices = {v["name"]: v for v in openai_client.get("/audio/voices", cast_to=dict)["data"]}
     assert voices["coral"]["builtin"] is True
     second = openai_client.audio.speech.create(
         model="tts-1", input="Two, a different text.", voice="coral", response_format="wav"
     )
-    assert calls == {"generate": 3, "encode": 1}
+    assert calls() == {"generate": 3, "encode": 1}
     assert first.content and second.content
     completion = openai_client.chat.completions.create(
         model="gpt-4o-audio-preview", modalities=["text", "audio"], audio={"voice": "coral", "format": "wav"},
         messages=[{"role": "user", "content": "Three."}], max_tokens=10,
     )  # fmt: skip
     assert completion.usage.prompt_tokens_details.audio_tokens > 50
-    assert calls["encode"] == 1
+    assert calls()["encode"] == 1
 
 
 def upload(client, name, path=TEST_AUDIO, transcript=None):
@@ -132,17 +118,8 @@ def upload(client, name, path=TEST_AUDIO, transcript=None):
         return client.post("/v1/audio/voices", data=data, files={"audio_sample": (path.name, f, "audio/wav")})
 
 
-def test_voice_lifecycle_and_no_second_tokenizer_pass(
-    client, openai_client, app, engine, settings, monkeypatch
-):
-    encodes = []
-    real_encode = engine.encode
-
-    async def encode(audio):
-        encodes.append(audio)
-        return await real_encode(audio)
-
-    monkeypatch.setattr(engine, "encode", encode)
+def test_voice_lifecycle_and_no_second_tokenizer_pass(client, openai_client, app, engine, settings, spy):
+    encodes = spy["encode"]
     created = upload(client, "narrator")
     assert created.status_code == 200, created.text
     voice = created.json()
@@ -199,19 +176,12 @@ def test_upload_through_the_openai_sdk_with_a_given_transcript(openai_client):
         openai_client.audio.voices.delete("reader")
 
 
-def test_hand_placed_voices_are_found_and_encoded_once(client, settings, engine, monkeypatch):
+def test_hand_placed_voices_are_found_and_encoded_once(client, settings, spy):
     import shutil
 
     shutil.copy(TEST_AUDIO, settings.voices_dir / "preset.wav")
     (settings.voices_dir / "preset.txt").write_text(transcripts()["test_audio.wav"])
-    encodes = []
-    real_encode = engine.encode
-
-    async def encode(audio):
-        encodes.append(audio)
-        return await real_encode(audio)
-
-    monkeypatch.setattr(engine, "encode", encode)
+    encodes = spy["encode"]
     try:
         body = {"model": "tts-1", "input": "Hi.", "voice": "preset", "response_format": "wav"}
         assert client.post("/v1/audio/speech", json=body).status_code == 200

@@ -42,25 +42,6 @@ def audio_of(response) -> tuple[np.ndarray, int]:
     return sf.read(io.BytesIO(data))
 
 
-@pytest.fixture
-def spy(engine, monkeypatch):
-    """Records the generation requests and encodings the real engine receives."""
-    calls = {"generate": [], "encode": []}
-    real_generate, real_encode = engine.generate, engine.encode
-
-    async def generate(request):
-        calls["generate"].append(request)
-        return await real_generate(request)
-
-    async def encode(audio):
-        calls["encode"].append(audio)
-        return await real_encode(audio)
-
-    monkeypatch.setattr(engine, "generate", generate)
-    monkeypatch.setattr(engine, "encode", encode)
-    return calls
-
-
 def test_owner_request_returns_decodable_wav_in_the_cloned_voice(client):
     response = client.post("/v1/chat/completions", json=owner_request(b64(TEST_AUDIO)))
     assert response.status_code == 200, response.text

@@ -132,6 +132,9 @@ def _write_model(path: Path, tokenizer) -> None:
         audio_eos_token_id=ids["<|audio_eos|>"],
         pad_token_id=ids["<|end_of_text|>"],
         audio_encoder_config={"d_model": 64, "encoder_layers": 1, "encoder_attention_heads": 2},
+        # As in the real checkpoint's config.json.
+        hidden_size=64,
+        torch_dtype="bfloat16",
     )
     torch.manual_seed(0)
     model = HiggsAudioModel(config)
@@ -142,7 +145,7 @@ def _write_model(path: Path, tokenizer) -> None:
         head.view(config.audio_num_codebooks, config.audio_codebook_size + 2, -1)[
             :, config.audio_stream_eos_id
         ] = 0
-    model.save_pretrained(path)
+    model.to(torch.bfloat16).save_pretrained(path)  # stored in bfloat16, as the real checkpoint is
     tokenizer.save_pretrained(path)
 
 
@@ -188,6 +191,19 @@ def _write_audio_tokenizer(path: Path) -> None:
     }
     torch.manual_seed(2)
     codec = HiggsAudioTokenizer(**config, device="cpu")
+    # The codebooks start empty and would be filled by k-means from whatever clip is encoded first, making
+    # results depend on request order; give them fixed random entries, as a trained codec has.
+    with torch.no_grad():
+        for name, buffer in codec.named_buffers():
+            if name.endswith("._codebook.embed"):
+                buffer.copy_(torch.randn_like(buffer))
+            elif name.endswith("._codebook.inited"):
+                buffer.fill_(1)
+        for name, buffer in codec.named_buffers():
+            if name.endswith("._codebook.embed_avg"):
+                buffer.copy_(dict(codec.named_buffers())[name.removesuffix("_avg")])
+            elif name.endswith("._codebook.cluster_size"):
+                buffer.fill_(1)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in codec.state_dict().items() if not k.startswith("semantic_model.")}
     torch.save(state, path / "model.pth")

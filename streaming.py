@@ -1,0 +1,148 @@
+"""Response bodies made while the engine generates: chat-completion SSE, speech audio and speech SSE.
+
+Each takes the engine's event iterator after its ``Started`` event (so every 4xx has already been answered)
+and yields bytes. Leaving early (the client disconnected) closes the engine's iterator, which stops the
+generation within one decoding step. A failure after the headers were sent ends an SSE stream with an
+``error`` event; a plain audio body is cut off (an incomplete chunked body tells the client it failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import numpy as np
+
+from audio import EncoderStream, TempoStream
+from engine import AudioPiece, GenerationResult, StreamEvent, TextPiece
+
+log = logging.getLogger(__name__)
+
+SERVER_ERROR = {"message": "generation failed; see the server log", "type": "server_error", "param": None,
+                "code": None}  # fmt: skip
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    """One server-sent event."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def _pcm16(samples: np.ndarray) -> str:
+    return base64.b64encode((np.clip(samples, -1, 1) * 32767).round().astype("<i2").tobytes()).decode()
+
+
+async def chat_events(
+    events: AsyncIterator[StreamEvent],
+    *,
+    completion_id: str,
+    created: int,
+    model: str,
+    audio_id: str | None,
+    transcript: str,
+    expires_at: int,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """``chat.completion.chunk`` events: base64 PCM16 audio in ``delta.audio``, text in ``delta.content``."""
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        return sse({**head, "system_fingerprint": None, "choices": [choice], **extra})
+
+    async with aclosing(events):
+        yield chunk({"role": "assistant", "content": None if audio_id else ""})
+        first_audio = True
+        try:
+            async for event in events:
+                if isinstance(event, AudioPiece) and audio_id:
+                    audio: dict[str, Any] = {"id": audio_id, "data": _pcm16(event.samples)}
+                    if first_audio:
+                        audio.update(transcript=transcript, expires_at=expires_at)
+                        first_audio = False
+                    yield chunk({"audio": audio})
+                elif isinstance(event, TextPiece):
+                    yield chunk({"content": event.text})
+                elif isinstance(event, GenerationResult):
+                    yield chunk({}, event.finish_reason)
+                    if include_usage:
+                        yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                   "model": model, "choices": [], "usage": usage_of(event)})  # fmt: skip
+        except Exception:
+            log.exception("generation failed mid-stream")
+            yield sse({"error": SERVER_ERROR})
+            return
+        yield sse("[DONE]")
+
+
+def usage_of(result: GenerationResult) -> dict[str, Any]:
+    """OpenAI's chat ``usage`` object for a result."""
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": result.prompt_audio_tokens},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": result.completion_audio_tokens,
+                                      "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+    }  # fmt: skip
+
+
+async def _encoded(
+    events: AsyncIterator[StreamEvent], fmt: str, speed: float, sample_rate: int
+) -> AsyncIterator[bytes | GenerationResult]:
+    """The engine's audio, tempo-changed and encoded as it comes; the result last."""
+    encoder = EncoderStream(fmt, sample_rate)
+    tempo = TempoStream(speed, sample_rate) if speed != 1.0 else None
+
+    def encode(samples: np.ndarray, last: bool) -> bytes:
+        if tempo is not None:
+            samples = np.concatenate([tempo.feed(samples), tempo.finish()]) if last else tempo.feed(samples)
+        data = encoder.feed(samples)
+        return data + encoder.finish() if last else data
+
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, AudioPiece):
+                data = await asyncio.to_thread(encode, event.samples, False)
+            elif isinstance(event, GenerationResult):
+                yield await asyncio.to_thread(encode, np.zeros(0, np.float32), True)
+                yield event
+                return
+            else:
+                continue
+            if data:
+                yield data
+
+
+async def speech_audio(
+    events: AsyncIterator[StreamEvent], fmt: str, speed: float, sample_rate: int
+) -> AsyncIterator[bytes]:
+    """The speech body itself, streamed. A failure midway cuts the body off (re-raised)."""
+    async with aclosing(_encoded(events, fmt, speed, sample_rate)) as pieces:
+        async for piece in pieces:
+            if isinstance(piece, bytes) and piece:
+                yield piece
+
+
+async def speech_events(
+    events: AsyncIterator[StreamEvent], fmt: str, speed: float, sample_rate: int
+) -> AsyncIterator[bytes]:
+    """OpenAI's ``speech.audio.delta`` events (base64 of the encoded audio), then ``speech.audio.done``."""
+    try:
+        async with aclosing(_encoded(events, fmt, speed, sample_rate)) as pieces:
+            async for piece in pieces:
+                if isinstance(piece, bytes):
+                    if piece:
+                        yield sse({"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode()})
+                else:
+                    usage = {"input_tokens": piece.prompt_tokens, "output_tokens": piece.completion_tokens,
+                             "total_tokens": piece.prompt_tokens + piece.completion_tokens}  # fmt: skip
+                    yield sse({"type": "speech.audio.done", "usage": usage})
+    except Exception:
+        log.exception("generation failed mid-stream")
+        yield sse({"type": "error", "error": SERVER_ERROR})

@@ -1,0 +1,192 @@
+"""Streaming: chat-completion SSE, speech bodies and speech SSE; joins, cancellation and faults."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import av
+import numpy as np
+import openai
+import pytest
+from conftest import TEST_AUDIO, b64
+
+import engine as engine_module
+
+TEXT = "Streaming should sound exactly like the whole answer."
+
+
+def chat_body(seed=9, fmt="pcm16", max_tokens=80, voice="default", **extra):
+    return {
+        "model": "gpt-4o-audio-preview", "modalities": ["text", "audio"],
+        "audio": {"voice": voice, "format": fmt}, "messages": [{"role": "user", "content": TEXT}],
+        "max_tokens": max_tokens, "seed": seed, **extra,
+    }  # fmt: skip
+
+
+def pcm(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767
+
+
+def whole(client, body) -> np.ndarray:
+    response = client.post("/v1/chat/completions", json={**body, "stream": False})
+    assert response.status_code == 200, response.text
+    return pcm(base64.b64decode(response.json()["choices"][0]["message"]["audio"]["data"]))
+
+
+def audio_deltas(chunks) -> list:
+    """The ``delta.audio`` objects of a chat stream, in order."""
+    return [
+        c.choices[0].delta.audio for c in chunks if c.choices and getattr(c.choices[0].delta, "audio", None)
+    ]
+
+
+def streamed_pieces(openai_client, body) -> tuple[list[np.ndarray], list]:
+    chunks = list(openai_client.chat.completions.create(**body, stream=True))
+    pieces = [pcm(base64.b64decode(audio.data)) for audio in audio_deltas(chunks) if audio.data]
+    return pieces, chunks
+
+
+def test_chat_stream_matches_the_whole_answer(client, openai_client):
+    body = chat_body(stream_options={"include_usage": True})
+    pieces, chunks = streamed_pieces(openai_client, body)
+    assert len(pieces) >= 3  # several pieces before the end
+    joined, reference = np.concatenate(pieces), whole(client, body)
+    assert abs(len(joined) - len(reference)) <= 0.02 * len(reference)
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+    assert rms(joined[: len(reference)] - reference[: len(joined)]) < 0.2 * rms(reference)
+    deltas = audio_deltas(chunks)
+    assert deltas[0].transcript == TEXT and deltas[0].id.startswith("audio_")
+    assert len({d.id for d in deltas}) == 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens_details.audio_tokens == 80
+
+
+def test_joins_show_no_discontinuity(openai_client):
+    pieces, _ = streamed_pieces(openai_client, chat_body(seed=4, max_tokens=120))
+    signal = np.concatenate(pieces)
+    jumps = np.abs(np.diff(signal))
+    joins = np.cumsum([len(p) for p in pieces])[:-1]
+    at_joins = max(jumps[j - 2 : j + 1].max() for j in joins)
+    elsewhere = np.delete(jumps, np.concatenate([np.arange(j - 2, j + 1) for j in joins]))
+    assert at_joins <= elsewhere.max()
+
+
+def test_cloning_streams_like_it_answers(client, openai_client):
+    body = chat_body(voice="clone", max_tokens=60)
+    body["messages"][0]["content"] = [
+        {"type": "text", "text": TEXT},
+        {
+            "type": "input_audio",
+            "input_audio": {"data": b64(TEST_AUDIO), "format": "wav", "transcript": "known"},
+        },
+    ]
+    pieces, chunks = streamed_pieces(openai_client, body)
+    joined, reference = np.concatenate(pieces), whole(client, body)
+    assert len(joined) == len(reference)
+    assert np.corrcoef(joined, reference)[0, 1] > 0.95
+
+
+def test_streamed_audio_must_be_pcm16(client):
+    response = client.post("/v1/chat/completions", json=chat_body(fmt="wav", stream=True))
+    assert response.status_code == 400 and response.json()["error"]["param"] == "audio.format"
+
+
+def test_text_only_stream_matches_the_whole_answer(client, openai_client):
+    body = {"model": "higgs-audio-v2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}
+    seed = next(seed for seed in range(20) if client.post("/v1/chat/completions", json={**body, "seed": seed})
+                .json()["choices"][0]["message"]["content"])  # fmt: skip
+    whole_text = client.post("/v1/chat/completions", json={**body, "seed": seed}).json()
+    chunks = list(openai_client.chat.completions.create(**body, seed=seed, stream=True))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2
+    assert "".join(pieces).strip() == whole_text["choices"][0]["message"]["content"]
+    assert chunks[-1].choices[0].finish_reason == whole_text["choices"][0]["finish_reason"]
+
+
+def decoded_seconds(data: bytes) -> float:
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        return sum(f.samples for f in container.decode(stream)) / stream.rate
+
+
+@pytest.mark.parametrize("fmt", ["pcm", "wav", "mp3", "opus", "aac"])
+def test_speech_body_streams_as_it_is_made(client, openai_client, fmt):
+    reference = whole(client, chat_body(seed=2, max_tokens=None))  # same prompt, seed and default cap
+    with openai_client.audio.speech.with_streaming_response.create(
+        model="tts-1", input=TEXT, voice="default", response_format=fmt, extra_body={"seed": 2}
+    ) as response:
+        pieces = list(response.iter_bytes())
+    assert len(pieces) >= 3
+    data = b"".join(pieces)
+    seconds = len(data) / 48000 if fmt == "pcm" else decoded_seconds(data)
+    if fmt == "pcm":
+        assert np.array_equal(pcm(data), reference) or np.abs(pcm(data) - reference).max() < 0.02
+    assert abs(seconds - len(reference) / 24000) <= 0.02 * len(reference) / 24000 + (
+        0.05 if fmt == "aac" else 0
+    )
+
+
+def test_speech_sse_events(client):
+    body = {"model": "gpt-4o-mini-tts", "input": TEXT, "voice": "default", "response_format": "mp3",
+            "stream_format": "sse", "seed": 2}  # fmt: skip
+    with client.stream("POST", "/v1/audio/speech", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    assert len(deltas) >= 2 and events[-1]["type"] == "speech.audio.done"
+    usage = events[-1]["usage"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] > 0
+    data = b"".join(base64.b64decode(e["audio"]) for e in deltas)
+    assert decoded_seconds(data) > 1.0
+
+
+def test_disconnect_stops_generation_and_the_next_request_is_served(client, engine):
+    """The client leaves after the first piece of a 1500-step request: generation stops within a step or
+    two of noticing, the worker is free, and the next request runs in full."""
+    before = engine.steps
+    with client.stream(
+        "POST", "/v1/chat/completions", json=chat_body(max_tokens=1500, stream=True)
+    ) as response:
+        for line in response.iter_lines():
+            if '"audio"' in line and '"data"' in line:
+                break  # first audio piece: hang up
+    after = client.post("/v1/chat/completions", json=chat_body(seed=3, max_tokens=10))
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 10
+    cancelled_steps = engine.steps - before - 10
+    assert 0 < cancelled_steps < 150, cancelled_steps
+
+
+def test_a_fault_mid_generation_ends_the_stream_with_an_error_event(client, openai_client, monkeypatch):
+    real_send = engine_module._IncrementalDecoder._send
+    sent = {"n": 0}
+
+    def failing_send(self, upto, available):
+        sent["n"] += 1
+        if sent["n"] == 2:
+            raise RuntimeError("injected fault")
+        return real_send(self, upto, available)
+
+    monkeypatch.setattr(engine_module._IncrementalDecoder, "_send", failing_send)
+    stream = openai_client.chat.completions.create(**chat_body(max_tokens=200), stream=True)
+    received = []
+    with pytest.raises(openai.APIError, match="generation failed"):
+        for chunk in stream:
+            received.append(chunk)
+    assert audio_deltas(received)
+
+    sent["n"] = 1  # speech SSE gets the same treatment: its second piece fails
+    body = {
+        "model": "tts-1",
+        "input": TEXT,
+        "voice": "default",
+        "stream_format": "sse",
+        "response_format": "pcm",
+    }
+    with client.stream("POST", "/v1/audio/speech", json=body) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "server_error"
+
+    monkeypatch.undo()
+    assert client.post("/v1/chat/completions", json=chat_body(max_tokens=10)).status_code == 200
