@@ -21,11 +21,24 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio import MEDIA_TYPES, AudioError, decode_audio, encode_audio
-from engine import ContextLengthError, Engine, GenerationResult, Started, StreamEvent, TextPiece
+from engine import (
+    ContextLengthError,
+    Engine,
+    EngineBusy,
+    EngineFailure,
+    GenerationResult,
+    Started,
+    StreamEvent,
+    TextPiece,
+)
+from guard import Guard
+from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from metrics import Metrics
 from planner import Planner
 from protocol import (
     APIError,
@@ -44,7 +57,7 @@ from protocol import (
 )
 from settings import Settings, resolve_device
 from streaming import chat_events, speech_audio, speech_events
-from stt import AsyncTranscriber, to_srt, to_verbose_json, to_vtt
+from stt import AsyncTranscriber, TranscriberBusy, to_srt, to_verbose_json, to_vtt
 from voice_cloning import InvalidReference, VoiceLibrary
 
 log = logging.getLogger(__name__)
@@ -156,12 +169,15 @@ def create_app(
         state.planner = Planner(settings, state.engine, state.recognizer, library)
         if owned_engine and settings.warmup:
             await asyncio.to_thread(state.engine.warm_up)
+        metrics.track_queue(lambda: state.engine.pending)
+        state.engine.observers.append(metrics.observe_generation)
         state.ready = True
         log.info("ready: serving %s", settings.served_model_name)
         try:
             yield
         finally:
             state.ready = False
+            state.engine.observers.remove(metrics.observe_generation)
             if owned_engine:
                 state.engine.close()
             if state.recognizer is not None and recognizer is None:
@@ -170,10 +186,15 @@ def create_app(
     app = FastAPI(title="Higgs Audio OpenAI-compatible server", lifespan=lifespan)
     app.state.settings = settings
     app.state.ready = False
+    metrics = Metrics()
+    app.state.metrics = metrics
     served_names = {settings.served_model_name, *MODEL_ALIASES}
     max_upload_bytes = int(settings.max_upload_mb * 1024 * 1024)
 
-    # ---- cross-cutting ----
+    # ---- cross-cutting (the last added runs first: CORS, then request ids, then the guard) ----
+
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=int(settings.max_body_mb * 1024 * 1024))
 
     @app.middleware("http")
     async def with_request_id(request: Request, call_next):
@@ -184,6 +205,8 @@ def create_app(
         try:
             response = await call_next(request)
             response.headers["X-Request-ID"] = rid
+            route = request.scope.get("route")
+            metrics.observe_request(getattr(route, "path", "unmatched"), response.status_code)
             log.info(
                 "%s %s -> %d in %.3f s",
                 request.method,
@@ -195,6 +218,15 @@ def create_app(
         finally:
             request_id.reset(token)
 
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Voice", "X-Voice-Fallback"],
+        )
+
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
         return _error_response(exc)
@@ -202,6 +234,18 @@ def create_app(
     @app.exception_handler(InvalidReference)
     async def on_invalid_reference(request: Request, exc: InvalidReference) -> JSONResponse:
         return _error_response(APIError(400, str(exc), param=exc.param, code="invalid_audio"))
+
+    @app.exception_handler(EngineBusy)
+    @app.exception_handler(TranscriberBusy)
+    async def on_busy(request: Request, exc: Exception) -> JSONResponse:
+        return _error_response(
+            APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": "2"})
+        )
+
+    @app.exception_handler(EngineFailure)
+    async def on_engine_failure(request: Request, exc: EngineFailure) -> JSONResponse:
+        status = 503 if exc.code == "engine_failed" else 500
+        return _error_response(APIError(status, str(exc), type="server_error", code=exc.code))
 
     @app.exception_handler(ContextLengthError)
     async def on_context_length(request: Request, exc: ContextLengthError) -> JSONResponse:
@@ -240,7 +284,18 @@ def create_app(
         if body.model_extra:
             log.info("ignored unknown request fields: %s", ", ".join(sorted(body.model_extra)))
 
-    def require_ready(request: Request) -> None:
+    def require_ready(request: Request, generation: bool = True) -> None:
+        """503 until ready or after an engine failure; generation routes also get 429 on a full queue."""
+        engine = getattr(request.app.state, "engine", None)
+        if engine is not None and engine.failure:
+            raise APIError(
+                503,
+                "the engine failed and the service needs a restart",
+                type="server_error",
+                code="engine_failed",
+            )
+        if generation and engine is not None and engine.pending >= engine.max_queue:
+            raise EngineBusy(f"the server is busy ({engine.pending} requests queued); retry shortly")
         if not request.app.state.ready:
             raise APIError(
                 503,
@@ -258,9 +313,19 @@ def create_app(
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
-        """Readiness: models loaded and warmed up."""
+        """Readiness: models loaded and warmed up, and the engine has not failed."""
+        engine = getattr(request.app.state, "engine", None)
+        if engine is not None and engine.failure:
+            return JSONResponse(
+                {"ready": False, "reason": "engine failed; restart the service"}, status_code=503
+            )
         is_ready = bool(request.app.state.ready)
         return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics (behind the API key when one is set)."""
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
@@ -408,7 +473,7 @@ def create_app(
         granularities: list[str],
     ) -> Response:
         """Shared body of /v1/audio/transcriptions and /v1/audio/translations."""
-        require_ready(request)
+        require_ready(request, generation=False)
         check_model(model)
         recognizer: AsyncTranscriber | None = request.app.state.recognizer
         if recognizer is None:
@@ -553,7 +618,13 @@ def load_engine(settings: Settings) -> Engine:
         crossfade_ms=settings.stream_crossfade_ms,
     )
     return HiggsEngine(
-        settings.model, settings.audio_tokenizer, device, settings.dtype, settings.kv_cache_lengths, streaming
+        settings.model,
+        settings.audio_tokenizer,
+        device,
+        settings.dtype,
+        settings.kv_cache_lengths,
+        streaming,
+        max_queue=settings.max_queue,
     )
 
 
@@ -573,7 +644,7 @@ def load_recognizer(settings: Settings) -> AsyncTranscriber:
         return transcriber
 
     try:
-        return AsyncTranscriber(load(settings.stt_device))
+        return AsyncTranscriber(load(settings.stt_device), max_pending=settings.max_queue)
     except RuntimeError as exc:
         if settings.stt_device != "auto" or not _cuda_available():
             raise
@@ -582,7 +653,7 @@ def load_recognizer(settings: Settings) -> AsyncTranscriber:
             "See the README's 'Speech recognition on a GPU'.",
             exc,
         )
-        return AsyncTranscriber(load("cpu"))
+        return AsyncTranscriber(load("cpu"), max_pending=settings.max_queue)
 
 
 def _cuda_available() -> bool:

@@ -36,6 +36,28 @@ class ContextLengthError(ValueError):
     """Prompt plus requested output do not fit the model's context."""
 
 
+class EngineBusy(Exception):
+    """The worker's queue is full; the request was not queued."""
+
+
+class EngineFailure(Exception):
+    """A generation failed in a way the client should hear about (``code``: ``out_of_memory``, ...)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    """Errors after which CUDA (and so the engine) cannot be trusted: the process must be restarted."""
+    text = str(exc)
+    return (
+        isinstance(exc, RuntimeError)
+        and not isinstance(exc, torch.cuda.OutOfMemoryError)
+        and ("CUDA error" in text or "device-side assert" in text or "illegal memory access" in text)
+    )
+
+
 @dataclass(frozen=True)
 class AudioCodes:
     """A clip in the audio tokenizer's codes: ``codes`` is (codebooks, frames), int64, on the CPU."""
@@ -70,6 +92,8 @@ class GenerationRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ras_window: int = 7
+    time_limit: float | None = None
+    """Wall-clock seconds after which generation stops with ``finish_reason`` ``length``."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +108,7 @@ class GenerationResult:
     completion_tokens: int
     completion_audio_tokens: int
     seconds: float
+    audio_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +159,14 @@ class Engine(Protocol):
     sample_rate: int
     frame_rate: int
     max_context: int
+    max_queue: int
+    failure: str | None
+    observers: list[Callable[[GenerationResult], None]]
+
+    @property
+    def pending(self) -> int:
+        """Jobs running or waiting."""
+        ...
 
     async def encode(self, audio: Audio) -> AudioCodes:
         """Turn a reference clip (any rate, mono) into audio codes."""
@@ -172,6 +205,7 @@ class HiggsEngine:
         dtype: str,
         kv_cache_lengths: list[int],
         streaming: StreamSettings | None = None,
+        max_queue: int = 16,
     ):
         # Imported here so that merely importing this module (for its types) stays cheap.
         from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
@@ -219,6 +253,14 @@ class HiggsEngine:
         self.streaming = streaming or StreamSettings()
         self.steps = 0
         """Decoding steps run since start (all requests, finished or stopped early)."""
+        self.max_queue = max_queue
+        """Most jobs (running or waiting) the worker takes; more are refused with ``EngineBusy``."""
+        self.failure: str | None = None
+        """Set when CUDA failed in a way that needs a restart; the engine refuses work from then on."""
+        self.observers: list[Callable[[GenerationResult], None]] = []
+        """Called on the worker with every finished generation (metrics)."""
+        self._pending = 0
+        self._pending_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="higgs-worker")
         log.info(
             "loaded %s on %s (%s) in %.1f s; audio at %d Hz, %d frames/s",
@@ -232,10 +274,48 @@ class HiggsEngine:
 
     # ---- the async face: everything goes through the single worker -------------------------------------
 
+    @property
+    def pending(self) -> int:
+        """Jobs running or waiting on the worker."""
+        return self._pending
+
+    def _admit(self) -> None:
+        if self.failure is not None:
+            raise EngineFailure(f"the engine failed and needs a restart: {self.failure}", "engine_failed")
+        with self._pending_lock:
+            if self._pending >= self.max_queue:
+                raise EngineBusy(f"the server is busy ({self._pending} requests queued); retry shortly")
+            self._pending += 1
+
+    def _release(self, *_: object) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    def _guarded(self, fn: Callable[..., T], *args) -> T:
+        """Run ``fn`` on the worker, turning GPU failures into errors the client can be told about."""
+        try:
+            return fn(*args)
+        except torch.cuda.OutOfMemoryError:
+            log.exception("out of GPU memory")
+            torch.cuda.empty_cache()
+            raise EngineFailure(
+                "the GPU ran out of memory for this request; try a shorter input or output", "out_of_memory"
+            ) from None
+        except Exception as exc:
+            if _is_fatal(exc):
+                self.failure = type(exc).__name__
+                log.critical("engine failed, restart the service: %s", exc)
+            raise
+
     async def _run(self, fn: Callable[..., T], *args) -> T:
+        self._admit()
         # Carry the caller's context (its request id) into the worker's log lines.
         context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(self._worker, context.run, fn, *args)
+        future = asyncio.get_running_loop().run_in_executor(
+            self._worker, context.run, self._guarded, fn, *args
+        )
+        future.add_done_callback(self._release)
+        return await future
 
     async def encode(self, audio: Audio) -> AudioCodes:
         return await self._run(self.encode_sync, audio)
@@ -255,12 +335,13 @@ class HiggsEngine:
             if cancel.is_set():  # the client left while this waited for the worker
                 return
             try:
-                emit(self.generate_sync(request, listener=emit, cancel=cancel))
+                emit(self._guarded(self.generate_sync, request, emit, cancel))
             except BaseException as exc:  # the consumer re-raises it; the worker thread must survive
                 emit(exc)
 
+        self._admit()
         context = contextvars.copy_context()
-        loop.run_in_executor(self._worker, context.run, work)
+        loop.run_in_executor(self._worker, context.run, work).add_done_callback(self._release)
         try:
             while True:
                 item = await events.get()
@@ -357,6 +438,7 @@ class HiggsEngine:
         if listener is not None:
             listener(Started(prompt_tokens, prompt_audio))
         streamer = _IncrementalDecoder(self, listener, request.audio_output) if listener is not None else None
+        guard = _Guard(self, cancel, request.time_limit)
         for cache in self._serve.kv_caches.values():
             cache.reset()
         with torch.inference_mode():
@@ -380,7 +462,7 @@ class HiggsEngine:
                 ras_win_max_num_repeat=2,
                 seed=request.seed,
                 streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_Guard(self, cancel)]),
+                stopping_criteria=StoppingCriteriaList([guard]),
                 # A text answer must not switch into audio mode half-way.
                 suppress_tokens=None if request.audio_output else self._audio_start_ids,
             )
@@ -406,16 +488,23 @@ class HiggsEngine:
                 bool((seq[:, -1] == self._config.audio_stream_eos_id).all()) for seq in audio_sequences[-1:]
             )
         completion = len(text_ids) + audio_columns
-        return GenerationResult(
+        stopped = guard.timed_out or not (ended or completion < request.max_new_tokens)
+        # Frames heard: the columns less the begin marker, the codebook delay and the dropped last frame.
+        frames = sum(max(0, int(seq.shape[1]) - self.num_codebooks - 1) for seq in audio_sequences)
+        result = GenerationResult(
             text=text,
             audio=audio,
-            finish_reason="stop" if ended or completion < request.max_new_tokens else "length",
+            finish_reason="length" if stopped else "stop",
             prompt_tokens=prompt_tokens,
             prompt_audio_tokens=prompt_audio,
             completion_tokens=completion,
             completion_audio_tokens=audio_columns,
             seconds=time.perf_counter() - started,
+            audio_seconds=frames / self.frame_rate if request.audio_output else 0.0,
         )
+        for observe in self.observers:
+            observe(result)
+        return result
 
     def warm_up(self) -> None:
         """One short clone generation, so the first request does not pay for lazy initialisation."""
@@ -435,15 +524,20 @@ class HiggsEngine:
 
 
 class _Guard:
-    """Stopping criterion run after every decoding step: counts steps and honours cancellation."""
+    """Stopping criterion run after every decoding step: counts steps, honours cancellation and the
+    wall-clock limit (``timed_out`` tells which stopped it)."""
 
-    def __init__(self, engine: HiggsEngine, cancel: threading.Event | None):
+    def __init__(self, engine: HiggsEngine, cancel: threading.Event | None, time_limit: float | None):
         self.engine = engine
         self.cancel = cancel
+        self.deadline = None if time_limit is None else time.monotonic() + time_limit
+        self.timed_out = False
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs) -> torch.Tensor:
         self.engine.steps += 1
-        stop = self.cancel is not None and self.cancel.is_set()
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.timed_out = True
+        stop = self.timed_out or (self.cancel is not None and self.cancel.is_set())
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 

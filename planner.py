@@ -238,6 +238,7 @@ class Planner:
             seed=seed,
             stop=[stop] if isinstance(stop, str) else list(stop or []),
             ras_window=s.ras_window,
+            time_limit=s.generation_timeout_seconds,
         )
 
     def _chat_generation(

@@ -90,7 +90,7 @@ class StreamOptions(OpenModel):
 
 
 class ChatCompletionRequest(OpenModel):
-    model: str
+    model: str = Field(examples=["gpt-4o-audio-preview"])
     messages: list[ChatMessage] = Field(min_length=1)
     modalities: list[Literal["text", "audio"]] | None = None
     audio: AudioParams | None = None
@@ -176,7 +176,7 @@ class VoiceRef(OpenModel):
 
 
 class SpeechRequest(OpenModel):
-    model: str
+    model: str = Field(examples=["tts-1"])
     input: str = Field(min_length=1, max_length=MAX_SPEECH_INPUT)
     voice: str | VoiceRef
     instructions: str | None = Field(default=None, max_length=MAX_SPEECH_INPUT)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,6 +36,21 @@ class Settings(BaseSettings):
 
     port: int = Field(default=8000, ge=1, le=65535)
     """TCP port `make run` listens on."""
+
+    api_key: SecretStr | None = None
+    """When set, every request but /health and /ready needs `Authorization: Bearer <key>` (401 otherwise)."""
+
+    cors_origins: list[str] = []
+    """Origins browsers may call from (JSON list, e.g. ["https://app.example"]); empty: CORS closed."""
+
+    max_body_mb: float = Field(default=40.0, gt=0)
+    """Largest request body, counted as it arrives (413 above); base64 makes audio a third larger."""
+
+    max_queue: int = Field(default=16, ge=1, le=10_000)
+    """Most generation jobs running or waiting; more are answered 429 with Retry-After at once."""
+
+    generation_timeout_seconds: float = Field(default=300.0, gt=0)
+    """Wall-clock limit of one generation; it then stops with finish_reason "length"."""
 
     served_model_name: str = "higgs-audio-v2"
     """Model id reported by /v1/models. OpenAI's own model names are accepted as aliases of it."""

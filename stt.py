@@ -278,6 +278,10 @@ class WhisperTranscriber:
         self.transcribe(Audio(np.zeros(24_000, dtype=np.float32), 24_000))
 
 
+class TranscriberBusy(Exception):
+    """Too many transcriptions are running or waiting; the request was not queued."""
+
+
 class AsyncTranscriber:
     """Async face of a ``Transcriber`` for the HTTP layer.
 
@@ -287,8 +291,10 @@ class AsyncTranscriber:
     wrapped transcriber propagates unchanged.  Call ``close()`` at shutdown.
     """
 
-    def __init__(self, transcriber: Transcriber, max_workers: int = 1) -> None:
+    def __init__(self, transcriber: Transcriber, max_workers: int = 1, max_pending: int = 16) -> None:
         self.transcriber = transcriber
+        self.max_pending = max_pending
+        self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="stt")
 
     @property
@@ -321,7 +327,17 @@ class AsyncTranscriber:
             task=task,
             word_timestamps=word_timestamps,
         )
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        if self._pending >= self.max_pending:  # the event loop is the only writer: no lock needed
+            raise TranscriberBusy(
+                f"speech recognition is busy ({self._pending} requests queued); retry shortly"
+            )
+        self._pending += 1
+        future = asyncio.get_running_loop().run_in_executor(self._executor, call)
+        future.add_done_callback(self._release)  # when the job ends, even if the caller stopped waiting
+        return await future
+
+    def _release(self, _: object) -> None:
+        self._pending -= 1
 
     def close(self) -> None:
         """Stop the worker thread(s), dropping queued calls; idempotent."""

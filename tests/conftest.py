@@ -17,6 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 _TINY_DIR = Path(tempfile.mkdtemp(prefix="higgs-tiny-"))
+# A private temporary folder, so that a test can see whether anything was left behind in it.
+tempfile.tempdir = tempfile.mkdtemp(prefix="higgs-test-tmp-")
+os.environ["TMPDIR"] = tempfile.tempdir
 os.environ["HF_HUB_CACHE"] = str(_TINY_DIR / "hf-cache")
 os.environ["HF_HUB_OFFLINE"] = "1"
 for key in [k for k in os.environ if k.startswith("HIGGS_")]:

@@ -1,0 +1,94 @@
+"""Access and size checks at the door, before any body is read: an ASGI middleware.
+
+* With an API key configured, every path but the public ones needs ``Authorization: Bearer <key>``,
+  compared in constant time; otherwise 401 in OpenAI's envelope, before the body is read.
+* A body is refused with 413 when its ``Content-Length`` is over the limit, or, for a body of unannounced
+  length, as soon as the bytes received pass it; the app then sees the body as it arrived.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+PUBLIC_PATHS = frozenset({"/health", "/ready"})
+
+
+async def send_error(
+    send: Send, status: int, message: str, type_: str, code: str | None, **headers: str
+) -> None:
+    """Answer with OpenAI's error envelope."""
+    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """The API-key and body-size checks (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if (
+            self.api_key is not None
+            and scope.get("path") not in PUBLIC_PATHS
+            and scope.get("method") != "OPTIONS"
+        ):
+            given = headers.get("authorization", "")
+            token = given[7:].strip().encode() if given[:7].lower() == "bearer " else b""
+            if not hmac.compare_digest(token, self.api_key):
+                what = "no API key was given" if not given else "the API key is not valid"
+                await send_error(
+                    send, 401, f"{what}; send Authorization: Bearer <key>", "authentication_error",
+                    "invalid_api_key", www_authenticate="Bearer",
+                )  # fmt: skip
+                return
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await self._too_large(send)
+            return
+        await self._with_counted_body(scope, receive, send)
+
+    async def _too_large(self, send: Send) -> None:
+        limit = self.max_body / (1024 * 1024)
+        await send_error(send, 413, f"the request body is larger than {limit:g} MB", "invalid_request_error",
+                         "request_too_large", connection="close")  # fmt: skip
+
+    async def _with_counted_body(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The body is read here, up to the limit, so that a 413 can still be answered before the app starts.
+        chunks: list[Message] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                chunks.append(message)
+                break
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                await self._too_large(send)
+                return
+            chunks.append(message)
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return chunks.pop(0) if chunks else await receive()
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,59 @@
+"""Prometheus metrics of one app: requests, queue depth, generation latency, audio made, real-time factor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from engine import GenerationResult
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The service's metrics, in a registry of their own (so that several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "higgs_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "higgs_queue_depth", "Generation jobs running or waiting on the worker", registry=self.registry
+        )
+        self.generation_seconds = Histogram(
+            "higgs_generation_seconds",
+            "Time of one generation on the worker",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.audio_seconds = Counter(
+            "higgs_audio_generated_seconds", "Seconds of audio generated", registry=self.registry
+        )
+        self.realtime_factor = Histogram(
+            "higgs_realtime_factor",
+            "Generation time divided by the duration of the audio generated (below 1: faster than real time)",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 4, 8),
+            registry=self.registry,
+        )
+
+    def track_queue(self, depth: Callable[[], int]) -> None:
+        """Read the queue depth from ``depth`` at each scrape."""
+        self.queue_depth.set_function(depth)
+
+    def observe_generation(self, result: GenerationResult) -> None:
+        """Record one finished generation (called on the engine's worker)."""
+        self.generation_seconds.observe(result.seconds)
+        if result.audio_seconds > 0:
+            self.audio_seconds.inc(result.audio_seconds)
+            self.realtime_factor.observe(result.seconds / result.audio_seconds)
+
+    def observe_request(self, route: str, status: int) -> None:
+        """Record one answered HTTP request."""
+        self.requests.labels(route=route, status=str(status)).inc()
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,366 @@
+"""Bad input, access, limits, load and faults: the server answers in the envelope and keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import struct
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import TEST_AUDIO, b64, wav_b64
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from app import create_app
+from guard import Guard
+
+SPEAK = [{"role": "user", "content": "Hello there."}]
+CHAT = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "wav"},
+        "messages": SPEAK, "max_tokens": 8, "seed": 1}  # fmt: skip
+
+
+def clone_body(data: str, fmt: str = "wav") -> dict:
+    return {
+        **CHAT,
+        "audio": {"voice": "clone", "format": "wav"},
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Hi."},
+                    {"type": "input_audio", "input_audio": {"data": data, "format": fmt}},
+                ],
+            }
+        ],
+    }
+
+
+def wav_header(rate: int, channels: int, frames: int = 2400) -> bytes:
+    """A PCM wav whose header says ``rate`` and ``channels`` (with a little data)."""
+    data = b"\0\0" * channels * frames
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * 2 * channels, 2 * channels, 16)
+    return b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack("<I", 16) + fmt + \
+        b"data" + struct.pack("<I", len(data)) + data  # fmt: skip
+
+
+def hour_of_silence_flac() -> str:
+    """A decompression bomb of sorts: a tiny FLAC that decodes to an hour of samples."""
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(16000 * 3600, dtype=np.int16), 16000, format="FLAC")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+TONE = (0.4 * np.sin(np.arange(24000 * 2) / 4)).astype(np.float32)
+WAV = TEST_AUDIO.read_bytes()
+
+# (name, method, path, request kwargs, status, param)
+BAD_INPUTS = [
+    ("chat: malformed JSON", "post", "/v1/chat/completions", {"content": b"{oops", "headers": {"content-type": "application/json"}}, 400, None),
+    ("chat: body is a list", "post", "/v1/chat/completions", {"json": [1, 2]}, 400, None),
+    ("chat: messages wrong type", "post", "/v1/chat/completions", {"json": {**CHAT, "messages": 5}}, 400, "messages"),
+    ("chat: temperature a string", "post", "/v1/chat/completions", {"json": {**CHAT, "temperature": "hot"}}, 400, "temperature"),
+    ("chat: negative max_tokens", "post", "/v1/chat/completions", {"json": {**CHAT, "max_tokens": -3}}, 400, "max_tokens"),
+    ("chat: max_tokens beyond the context", "post", "/v1/chat/completions", {"json": {**CHAT, "max_tokens": 10**6}}, 400, "max_tokens"),
+    ("chat: seed too large", "post", "/v1/chat/completions", {"json": {**CHAT, "seed": 2**70}}, 400, "seed"),
+    ("chat: unknown modality", "post", "/v1/chat/completions", {"json": {**CHAT, "modalities": ["video"]}}, 400, "modalities[0]"),
+    ("chat: unknown audio format", "post", "/v1/chat/completions", {"json": {**CHAT, "audio": {"voice": "default", "format": "ogg"}}}, 400, "audio.format"),
+    ("chat: unknown model", "post", "/v1/chat/completions", {"json": {**CHAT, "model": "nope"}}, 404, "model"),
+    ("clone: bad base64", "post", "/v1/chat/completions", {"json": clone_body("!!not base64!!")}, 400, "messages[0].content[1].input_audio.data"),
+    ("clone: random bytes", "post", "/v1/chat/completions", {"json": clone_body(base64.b64encode(os.urandom(3000)).decode())}, 400, "messages[0].content[1].input_audio.data"),
+    ("clone: truncated wav", "post", "/v1/chat/completions", {"json": clone_body(base64.b64encode(WAV[:30]).decode())}, 400, "messages[0].content[1].input_audio.data"),
+    ("clone: empty", "post", "/v1/chat/completions", {"json": clone_body("")}, 400, "messages[0].content[1].input_audio.data"),
+    ("clone: NaN samples", "post", "/v1/chat/completions", {"json": clone_body(wav_b64(np.full(48000, np.nan, np.float32), 24000, "FLOAT"))}, 400, "messages[0].content[1].input_audio.data"),
+    ("clone: huge sample rate", "post", "/v1/chat/completions", {"json": clone_body(base64.b64encode(wav_header(1_000_000, 1)).decode())}, 400, "messages[0].content[1].input_audio.data"),
+    ("clone: 64 channels", "post", "/v1/chat/completions", {"json": clone_body(base64.b64encode(wav_header(24000, 64)).decode())}, 400, "messages[0].content[1].input_audio.data"),
+    ("clone: an hour of silence in a small FLAC", "post", "/v1/chat/completions", {"json": clone_body(hour_of_silence_flac(), "flac")}, 400, "messages[0].content[1].input_audio.data"),
+    ("clone: unknown format", "post", "/v1/chat/completions", {"json": clone_body(wav_b64(TONE, 24000), "tape")}, 400, "messages[0].content[1].input_audio.format"),
+    ("speech: empty input", "post", "/v1/audio/speech", {"json": {"model": "tts-1", "input": "", "voice": "default"}}, 400, "input"),
+    ("speech: input too long", "post", "/v1/audio/speech", {"json": {"model": "tts-1", "input": "x" * 5000, "voice": "default"}}, 400, "input"),
+    ("speech: unknown format", "post", "/v1/audio/speech", {"json": {"model": "tts-1", "input": "Hi", "voice": "default", "response_format": "midi"}}, 400, "response_format"),
+    ("speech: speed out of range", "post", "/v1/audio/speech", {"json": {"model": "tts-1", "input": "Hi", "voice": "default", "speed": 9}}, 400, "speed"),
+    ("speech: voice path traversal", "post", "/v1/audio/speech", {"json": {"model": "tts-1", "input": "Hi", "voice": "../../etc/passwd"}}, 400, "voice"),
+    ("speech: voice a number", "post", "/v1/audio/speech", {"json": {"model": "tts-1", "input": "Hi", "voice": 7}}, 400, "voice"),
+    ("voices: path traversal name", "post", "/v1/audio/voices", {"data": {"name": "../x"}, "files": {"audio_sample": ("a.wav", WAV, "audio/wav")}}, 400, "name"),
+    ("voices: sample not audio", "post", "/v1/audio/voices", {"data": {"name": "junk"}, "files": {"audio_sample": ("a.wav", b"junk" * 100, "audio/wav")}}, 400, "audio_sample"),
+    ("voices: missing sample", "post", "/v1/audio/voices", {"data": {"name": "nosample"}}, 400, "audio_sample"),
+    ("voices: unknown id", "get", "/v1/audio/voices/voice_doesnotexist", {}, 404, "voice_id"),
+    ("voices: delete unknown", "delete", "/v1/audio/voices/nobody", {}, 404, "voice_id"),
+    ("transcriptions: random bytes", "post", "/v1/audio/transcriptions", {"data": {"model": "whisper-1"}, "files": {"file": ("a.mp3", os.urandom(5000), "audio/mpeg")}}, 400, "file"),
+    ("transcriptions: unknown format", "post", "/v1/audio/transcriptions", {"data": {"model": "whisper-1", "response_format": "pdf"}, "files": {"file": ("a.wav", WAV, "audio/wav")}}, 400, "response_format"),
+    ("transcriptions: unknown language", "post", "/v1/audio/transcriptions", {"data": {"model": "whisper-1", "language": "zz"}, "files": {"file": ("a.wav", WAV, "audio/wav")}}, 400, "language"),
+    ("translations: model cannot translate", "post", "/v1/audio/translations", {"data": {"model": "whisper-1"}, "files": {"file": ("a.wav", WAV, "audio/wav")}}, 400, "model"),
+    ("models: unknown", "get", "/v1/models/gpt-99", {}, 404, "model"),
+    ("unknown route", "get", "/v2/anything", {}, 404, None),
+    ("wrong method", "put", "/v1/chat/completions", {"json": CHAT}, 405, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "method", "path", "kwargs", "status", "param"), BAD_INPUTS,
+                         ids=[b[0] for b in BAD_INPUTS])  # fmt: skip
+def test_bad_input_gets_the_envelope_and_the_server_keeps_serving(
+    client, name, method, path, kwargs, status, param
+):
+    response = getattr(client, method)(path, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert "Traceback" not in error["message"] and "/work/" not in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_at_least_thirty_bad_inputs_are_covered():
+    assert len(BAD_INPUTS) >= 30
+
+
+# ---- access ----
+
+
+@pytest.fixture(scope="module")
+def locked(settings, engine, recognizer):
+    """The app with an API key, a 64 KB body limit and one allowed CORS origin."""
+    changes = {
+        "api_key": SecretStr("s3cret-key"),
+        "max_body_mb": 0.0625,
+        "cors_origins": ["https://app.example"],
+    }
+    with TestClient(
+        create_app(settings.model_copy(update=changes), engine=engine, recognizer=recognizer)
+    ) as c:
+        yield c
+
+
+def test_api_key_is_required_except_for_health(locked):
+    assert locked.get("/v1/models").status_code == 401
+    wrong = locked.get("/v1/models", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert wrong.json()["error"]["type"] == "authentication_error"
+    assert locked.get("/v1/models", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+    assert locked.get("/metrics").status_code == 401
+    assert locked.get("/health").status_code == 200 and locked.get("/ready").status_code == 200
+
+
+def test_the_openai_sdk_sends_the_key(locked):
+    import openai
+
+    good = openai.OpenAI(
+        base_url="http://testserver/v1", api_key="s3cret-key", http_client=locked, max_retries=0
+    )
+    assert good.models.list().data
+    bad = openai.OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=locked, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_the_key_is_checked_before_the_body_is_read():
+    """The guard answers 401 without ever calling ``receive``."""
+    sent: list[dict] = []
+
+    async def receive():
+        raise AssertionError("the body was read")
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app was called")
+
+    guard = Guard(app, api_key="k", max_body_bytes=10)
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "headers": [(b"content-length", b"999999999")]}  # fmt: skip
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 401
+
+
+def test_bodies_over_the_limit_are_refused(locked):
+    auth = {"Authorization": "Bearer s3cret-key"}
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 100_000}]}
+    response = locked.post("/v1/chat/completions", json=big, headers=auth)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(100):
+            yield b"x" * 1024
+
+    streamed = locked.post(
+        "/v1/chat/completions", content=chunks(), headers={**auth, "content-type": "application/json"}
+    )
+    assert streamed.status_code == 413
+    assert locked.post("/v1/chat/completions", json=CHAT, headers=auth).status_code == 200
+
+
+def test_cors_is_closed_by_default_and_opens_for_configured_origins(client, locked):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    assert (
+        "access-control-allow-origin" not in client.options("/v1/chat/completions", headers=preflight).headers
+    )
+    answer = locked.options("/v1/chat/completions", headers=preflight)
+    assert answer.headers["access-control-allow-origin"] == "https://app.example"
+    other = locked.options("/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+# ---- load ----
+
+
+def test_a_full_queue_answers_429_at_once_and_health_stays_up(client, engine, monkeypatch):
+    monkeypatch.setattr(engine, "max_queue", 1)
+    long = {**CHAT, "max_tokens": 300}
+    results: list = []
+    started = threading.Event()
+
+    def run():
+        started.set()
+        results.append(client.post("/v1/chat/completions", json=long))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    started.wait()
+    deadline = time.monotonic() + 10
+    while engine.pending == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    refused = client.post("/v1/chat/completions", json=CHAT)
+    health = client.get("/health")
+    quick = time.monotonic() - t0
+    worker.join()
+    assert refused.status_code == 429 and refused.headers["retry-after"]
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert health.status_code == 200 and quick < 2.0  # answered while the long generation ran
+    assert results[0].status_code == 200
+
+
+def test_speech_recognition_has_its_own_queue(client, engine, recognizer, monkeypatch):
+    upload = {"data": {"model": "whisper-1"}, "files": {"file": ("a.wav", WAV, "audio/wav")}}
+    monkeypatch.setattr(engine, "max_queue", 0)  # generation full: transcription is not affected
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 429
+    assert client.post("/v1/audio/transcriptions", **upload).status_code == 200
+    monkeypatch.undo()
+    monkeypatch.setattr(recognizer, "max_pending", 0)
+    busy = client.post("/v1/audio/transcriptions", **upload)
+    assert busy.status_code == 429 and busy.headers["retry-after"]
+    monkeypatch.undo()
+    assert client.post("/v1/audio/transcriptions", **upload).status_code == 200
+
+
+def test_concurrent_seeded_requests_equal_their_solo_runs(client):
+    bodies = {seed: {**CHAT, "seed": seed, "max_tokens": 20} for seed in (31, 32, 33, 34)}
+    solo = {s: client.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["audio"]["data"]
+            for s, b in bodies.items()}  # fmt: skip
+    together: dict = {}
+    threads = [threading.Thread(target=lambda s=s: together.__setitem__(
+        s, client.post("/v1/chat/completions", json=bodies[s]).json())) for s in bodies]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {s: r["choices"][0]["message"]["audio"]["data"] for s, r in together.items()} == solo
+
+
+def test_a_wall_clock_limit_ends_runaway_generation_with_length(client, app, monkeypatch):
+    planner = app.state.planner
+    monkeypatch.setattr(
+        planner, "settings", planner.settings.model_copy(update={"generation_timeout_seconds": 0.3})
+    )
+    response = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4000})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] < 4000
+
+
+# ---- faults ----
+
+
+@pytest.fixture
+def lenient(client, app):
+    """A client that gets the 500 answer instead of the server's exception (the session's app, running)."""
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_an_exception_in_generation_fails_that_request_alone(lenient, engine, monkeypatch):
+    client = lenient
+
+    def explode(**kwargs):
+        raise ValueError("internal detail /secret/path")
+
+    monkeypatch.setattr(engine._model, "generate", explode)
+    response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and "/secret/path" not in error["message"]
+    monkeypatch.undo()
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_out_of_memory_frees_the_cache_and_the_next_request_succeeds(client, engine, monkeypatch):
+    freed = []
+
+    def oom(**kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine._model, "generate", oom)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(True))
+    response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 500 and response.json()["error"]["code"] == "out_of_memory"
+    assert freed
+    monkeypatch.undo()
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert client.get("/ready").json() == {"ready": True}
+
+
+def test_a_fatal_cuda_error_makes_the_engine_not_ready(lenient, engine, monkeypatch):
+    client = lenient
+
+    def broken(**kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine._model, "generate", broken)
+    try:
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 500
+        assert client.get("/ready").status_code == 503
+        after = client.post("/v1/chat/completions", json=CHAT)
+        assert after.status_code == 503 and after.json()["error"]["code"] == "engine_failed"
+        assert client.get("/health").status_code == 200  # alive, not ready
+    finally:
+        engine.failure = None
+    monkeypatch.undo()
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_no_temporary_file_is_left_behind(client, settings):
+    before = set(os.listdir(tempfile.gettempdir()))
+    client.post("/v1/audio/transcriptions", data={"model": "whisper-1"},
+                files={"file": ("a.wav", WAV * 20, "audio/wav")})  # fmt: skip
+    client.post(
+        "/v1/audio/voices",
+        data={"name": "temp-check"},
+        files={"audio_sample": ("a.wav", b"bad", "audio/wav")},
+    )
+    client.post("/v1/chat/completions", json=clone_body(b64(TEST_AUDIO)))
+    assert set(os.listdir(tempfile.gettempdir())) == before
+    assert not [p for p in settings.voices_dir.rglob("*") if p.name.startswith(".tmp-")]
+
+
+# ---- observability ----
+
+
+def test_metrics(client):
+    client.post("/v1/chat/completions", json=CHAT)
+    client.get("/v1/models/nope")
+    text = client.get("/metrics").text
+    assert 'higgs_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'higgs_requests_total{route="/v1/models/{model_id}",status="404"}' in text
+    assert "higgs_queue_depth 0.0" in text
+    assert "higgs_generation_seconds_count" in text and "higgs_realtime_factor_count" in text
+    generated = [ln for ln in text.splitlines() if ln.startswith("higgs_audio_generated_seconds_total")]
+    assert float(generated[0].split()[-1]) > 0
