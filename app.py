@@ -19,13 +19,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from audio import MEDIA_TYPES, AudioError, decode_audio, encode_audio
+from audio import MEDIA_TYPES, Audio, AudioError, decode_audio, encode_audio
 from engine import (
     ContextLengthError,
     Engine,
@@ -47,16 +48,14 @@ from protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
-    CompletionTokensDetails,
     ModelCard,
     ModelList,
-    PromptTokensDetails,
     SpeechRequest,
     Usage,
     bad_request,
 )
 from settings import Settings, resolve_device
-from streaming import chat_events, speech_audio, speech_events
+from streaming import chat_events, speech_audio, speech_events, usage_of
 from stt import AsyncTranscriber, TranscriberBusy, to_srt, to_verbose_json, to_vtt
 from voice_cloning import InvalidReference, VoiceLibrary
 
@@ -127,16 +126,6 @@ def _validation_message(err: dict[str, Any]) -> str:
         expected = err.get("ctx", {}).get("expected_tags", "text or input_audio")
         return f"unsupported content part type; use {expected}"
     return str(err.get("msg", "invalid value"))
-
-
-def _usage(result) -> Usage:
-    return Usage(
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        total_tokens=result.prompt_tokens + result.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(audio_tokens=result.prompt_audio_tokens),
-        completion_tokens_details=CompletionTokensDetails(audio_tokens=result.completion_audio_tokens),
-    )
 
 
 def create_app(
@@ -368,37 +357,26 @@ def create_app(
             )
             return StreamingResponse(body_stream, media_type="text/event-stream", headers=headers)
         if plan.request is None:
-            message = AssistantMessage(content=plan.direct_answer)
-            usage = Usage(
-                prompt_tokens=0,
-                completion_tokens=0,
-                total_tokens=0,
-                prompt_tokens_details=PromptTokensDetails(),
-                completion_tokens_details=CompletionTokensDetails(),
-            )
-            choice = Choice(message=message, finish_reason="stop")
+            result = _answer(plan.direct_answer)
         else:
             result = await state.engine.generate(plan.request)
-            audio_out = None
-            if plan.request.audio_output:
-                fmt = body.audio.format if body.audio else "wav"
-                if result.audio is None:
-                    raise APIError(500, "the model produced no audio for this request", type="server_error")
-                try:
-                    data = await asyncio.to_thread(encode_audio, result.audio, fmt)
-                except AudioError as exc:
-                    raise APIError(400, str(exc), param="audio.format") from None
-                audio_out = AudioOut(
-                    id="audio_" + uuid.uuid4().hex,
-                    data=base64.b64encode(data).decode("ascii"),
-                    expires_at=created + AUDIO_LIFETIME_SECONDS,
-                    transcript=plan.spoken_text,
-                )
-                message = AssistantMessage(content=None, audio=audio_out)
-            else:
-                message = AssistantMessage(content=result.text)
-            usage = _usage(result)
-            choice = Choice(message=message, finish_reason=result.finish_reason)
+        if plan.request is not None and plan.request.audio_output:
+            fmt = body.audio.format if body.audio else "wav"
+            audio = result.audio or Audio(np.zeros(0, np.float32), state.engine.sample_rate)
+            if audio.samples.size == 0:  # too few tokens for one frame: an instant of silence, not an error
+                audio = Audio(np.zeros(audio.sample_rate // 100, np.float32), audio.sample_rate)
+            data = await asyncio.to_thread(encode_audio, audio, fmt)
+            audio_out = AudioOut(
+                id="audio_" + uuid.uuid4().hex,
+                data=base64.b64encode(data).decode("ascii"),
+                expires_at=created + AUDIO_LIFETIME_SECONDS,
+                transcript=plan.spoken_text,
+            )
+            message = AssistantMessage(content=None, audio=audio_out)
+        else:
+            message = AssistantMessage(content=result.text)
+        choice = Choice(message=message, finish_reason=result.finish_reason)
+        usage = Usage(**usage_of(result))
         completion = ChatCompletion(
             id=completion_id, created=created, model=body.model, choices=[choice], usage=usage
         )
@@ -596,12 +574,17 @@ async def _started(events: AsyncIterator[StreamEvent]) -> None:
         raise RuntimeError(f"the engine's stream began with {type(first).__name__}")
 
 
+def _answer(text: str | None) -> GenerationResult:
+    """The result of an answer that needs no generation (the transcript of audio in a text-only chat)."""
+    return GenerationResult(text or "", None, "stop", 0, 0, 0, 0, 0.0)
+
+
 async def _answer_events(text: str | None) -> AsyncIterator[StreamEvent]:
-    """A stream for an answer that needs no generation (the transcript of audio in a text-only chat)."""
+    """``_answer`` as a stream."""
     yield Started(0, 0)
     if text:
         yield TextPiece(text)
-    yield GenerationResult(text or "", None, "stop", 0, 0, 0, 0, 0.0)
+    yield _answer(text)
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -671,7 +654,10 @@ def main() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
     )
     _install_request_id_on_log_records()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    # access_log off: the request-id middleware already logs each request, with its id.
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -29,50 +29,18 @@ import base64
 import io
 import json
 import os
-import shutil
-import socket
 import statistics
-import sys
-import tempfile
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import ROOT, Stopwatch, conditions, serve, service_settings, spread, workspace, write_tiny_models
+
 CLIP = ROOT / "test_audio.wav"
 TEXT = "Say this in my voice: the quick brown fox jumps over the lazy dog."
 KINDS = ("no reference", "clone, cache miss", "clone, cache hit")
-
-
-@dataclass
-class AsyncStopwatch:
-    """Times an async method by wrapping it on its instance; counts the calls."""
-
-    seconds: float = 0.0
-    calls: int = 0
-
-    def wrap(self, obj: Any, name: str) -> None:
-        inner: Callable[..., Awaitable[Any]] = getattr(obj, name)
-
-        async def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return await inner(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - started
-                self.calls += 1
-
-        setattr(obj, name, timed)
-
-    def take(self) -> tuple[float, int]:
-        """Seconds and calls since the last ``take``; resets."""
-        taken = (self.seconds, self.calls)
-        self.seconds, self.calls = 0.0, 0
-        return taken
 
 
 @dataclass
@@ -83,31 +51,6 @@ class Timings:
     encode: list[float] = field(default_factory=list)
     generate: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a background thread; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 600
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start (see its log above)")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
 
 
 def altered_clips(count: int) -> list[str]:
@@ -126,10 +69,6 @@ def altered_clips(count: int) -> list[str]:
     return clips
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):7.3f} s ({min(values):.3f}-{max(values):.3f})"
-
-
 def main() -> None:
     """Run the benchmark and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -140,17 +79,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
 
-    for key in [k for k in os.environ if k.startswith("HIGGS_")]:
-        del os.environ[key]  # the settings below are the whole configuration
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    tmp = Path(tempfile.mkdtemp(prefix="higgs-bench-"))
-    try:
-        from tiny_models import write_tiny_models  # sets HF_HUB_CACHE/OFFLINE before transformers loads
-
-        tiny = write_tiny_models(tmp / "models")
-        run(args, tiny, tmp / "voices")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with workspace() as tmp:
+        run(args, write_tiny_models(tmp), tmp / "voices")
 
 
 def run(args: argparse.Namespace, tiny: dict[str, str], voices_dir: Path) -> None:
@@ -158,18 +88,10 @@ def run(args: argparse.Namespace, tiny: dict[str, str], voices_dir: Path) -> Non
     import torch
 
     from app import create_app
-    from settings import Settings
     from voice_cloning import load_reference
 
     torch.set_num_threads(args.threads)
-    settings = Settings(
-        model=tiny["HIGGS_MODEL"],
-        audio_tokenizer=tiny["HIGGS_AUDIO_TOKENIZER"],
-        device="cpu",
-        dtype="float32",
-        stt_model="",
-        voices_dir=voices_dir,
-    )
+    settings = service_settings(tiny["HIGGS_MODEL"], tiny["HIGGS_AUDIO_TOKENIZER"], voices_dir)
     transcripts = json.loads((ROOT / "tests" / "fixtures" / "transcripts.json").read_text())
     transcript = transcripts[CLIP.name]
     hit_clip = base64.b64encode(CLIP.read_bytes()).decode("ascii")
@@ -192,7 +114,7 @@ def run(args: argparse.Namespace, tiny: dict[str, str], voices_dir: Path) -> Non
     app = create_app(settings)
     with serve(app) as url, httpx.Client(base_url=url, timeout=600) as client:
         engine = app.state.engine  # the app's own engine, loaded and warmed up by its lifespan
-        encode, generate = AsyncStopwatch(), AsyncStopwatch()
+        encode, generate = Stopwatch(), Stopwatch()
         encode.wrap(engine, "encode")
         generate.wrap(engine, "generate")
         timings = {kind: Timings() for kind in KINDS}
@@ -261,8 +183,8 @@ def run(args: argparse.Namespace, tiny: dict[str, str], voices_dir: Path) -> Non
         f"checked: exactly 1 encode per miss, none per hit or no-reference request"
     )
     print(
-        f"{args.repeats} interleaved repeats of each kind ({elapsed:.0f} s; load average {load_before:.1f} "
-        f"before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs); medians (min-max)"
+        f"{args.repeats} interleaved repeats of each kind ({conditions(elapsed, load_before)}); "
+        "medians (min-max)"
     )
     print()
     width = 20

@@ -42,58 +42,21 @@ from __future__ import annotations
 
 import argparse
 import base64
-import functools
 import hashlib
 import io
 import os
-import shutil
-import socket
 import statistics
-import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import Stopwatch, conditions, serve, service_settings, spread, workspace, write_tiny_models
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT = "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun."
 GOAL = 1.05
-
-
-@dataclass
-class Stopwatch:
-    """Accumulates the wall time spent in the methods it wraps; keeps the last call's keyword arguments."""
-
-    seconds: float = 0.0
-    calls: int = 0
-    last_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def wrap(self, obj: Any, name: str) -> None:
-        """Replace ``obj.name`` (an instance attribute from now on) by a timed version of itself."""
-        inner = getattr(obj, name)
-
-        @functools.wraps(inner)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            self.last_kwargs = kwargs
-            started = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - started
-                self.calls += 1
-
-        setattr(obj, name, timed)
-
-    def take(self) -> float:
-        """The seconds accumulated since the last ``take``; resets."""
-        seconds, self.seconds, self.calls = self.seconds, 0.0, 0
-        return seconds
 
 
 @dataclass
@@ -118,34 +81,9 @@ class Side:
         finish = self.run(n)
         self.total.setdefault(n, []).append(time.perf_counter() - started)
         self.cpu.setdefault(n, []).append(time.process_time() - cpu_started)
-        self.in_loop.setdefault(n, []).append(self.loop.take())
-        self.in_decode.setdefault(n, []).append(self.decode.take())
+        self.in_loop.setdefault(n, []).append(self.loop.take()[0])
+        self.in_decode.setdefault(n, []).append(self.decode.take()[0])
         return finish()
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a background thread; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 600
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start (see its log above)")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
 
 
 def median(values: list[float]) -> float:
@@ -155,10 +93,6 @@ def median(values: list[float]) -> float:
 def slope(times: dict[int, list[float]], short: int, long: int) -> float:
     """Seconds per step between the two lengths, from the median times."""
     return (median(times[long]) - median(times[short])) / (long - short)
-
-
-def spread(values: list[float]) -> str:
-    return f"{median(values):7.3f} s ({min(values):.3f}-{max(values):.3f})"
 
 
 class EncodeMemo:
@@ -235,17 +169,8 @@ def main() -> None:
     if short == long or short < 1:
         parser.error("--lengths needs two different positive lengths")
 
-    for key in [k for k in os.environ if k.startswith("HIGGS_")]:
-        del os.environ[key]  # the settings below are the whole configuration
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    tmp = Path(tempfile.mkdtemp(prefix="higgs-bench-"))
-    try:
-        from tiny_models import write_tiny_models  # sets HF_HUB_CACHE/OFFLINE before transformers loads
-
-        tiny = write_tiny_models(tmp / "models")
-        run(args, short, long, tiny, tmp / "voices")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with workspace() as tmp:
+        run(args, short, long, write_tiny_models(tmp), tmp / "voices")
 
 
 def run(args: argparse.Namespace, short: int, long: int, tiny: dict[str, str], voices_dir: Path) -> None:
@@ -256,16 +181,10 @@ def run(args: argparse.Namespace, short: int, long: int, tiny: dict[str, str], v
     from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 
     from app import create_app
-    from settings import Settings
 
     torch.set_num_threads(args.threads)
-    settings = Settings(
-        model=tiny["HIGGS_MODEL"],
-        audio_tokenizer=tiny["HIGGS_AUDIO_TOKENIZER"],
-        device=args.device,
-        dtype=args.dtype,
-        stt_model="",
-        voices_dir=voices_dir,
+    settings = service_settings(
+        tiny["HIGGS_MODEL"], tiny["HIGGS_AUDIO_TOKENIZER"], voices_dir, device=args.device, dtype=args.dtype
     )
     upstream = HiggsAudioServeEngine(
         settings.model,
@@ -401,10 +320,7 @@ def run(args: argparse.Namespace, short: int, long: int, tiny: dict[str, str], v
         f"decoding steps: exactly {short} and {long} on both sides; same audio on both sides "
         f"(int16, within 1 LSB): {'yes' if same_audio else 'NO'}"
     )
-    print(
-        f"{args.repeats} interleaved repeats per side and length ({elapsed:.0f} s; load average "
-        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs)"
-    )
+    print(f"{args.repeats} interleaved repeats per side and length ({conditions(elapsed, load_before)})")
     print("medians (min-max)")
     print()
     width = 36

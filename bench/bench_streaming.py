@@ -41,24 +41,28 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import os
-import shutil
-import socket
 import statistics
-import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (
+    Stopwatch,
+    conditions,
+    serve,
+    service_settings,
+    speech_cap_settings,
+    spread,
+    workspace,
+    write_tiny_models,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT = "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun."
 KINDS = ("streamed chat (SSE)", "streamed speech (pcm)", "whole chat (stream false)")
 
@@ -111,58 +115,20 @@ class CodecTimer:
     """
 
     def __init__(self, engine: Any):
-        codec = engine._codec
-        inner = codec.decode
         self.engine = engine
-        self.seconds, self.calls = 0.0, 0
+        self.watch = Stopwatch()
         self.base = self.first_step = 0
+        self.watch.wrap(engine._codec, "decode", before=self._note_first_step)
 
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if self.calls == 0:
-                self.first_step = engine.steps - self.base
-            started = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - started
-                self.calls += 1
-
-        codec.decode = timed
+    def _note_first_step(self) -> None:
+        if self.watch.calls == 0:
+            self.first_step = self.engine.steps - self.base
 
     def take(self) -> tuple[float, int, int]:
         """Seconds, calls and the first decode's step since the last ``take``; resets."""
-        taken = (self.seconds, self.calls, self.first_step)
-        self.seconds, self.calls, self.base, self.first_step = 0.0, 0, self.engine.steps, 0
+        taken = (*self.watch.take(), self.first_step)
+        self.base, self.first_step = self.engine.steps, 0
         return taken
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a background thread; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 1800
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start (see its log above)")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
-
-
-def spread(values: list[float], unit: str = " s") -> str:
-    return f"{statistics.median(values):8.3f}{unit} ({min(values):.3f}-{max(values):.3f})"
 
 
 def as_float(pcm: bytes) -> np.ndarray:
@@ -204,21 +170,13 @@ def main() -> None:
     if args.max_tokens <= 16 or args.repeats < 1:
         parser.error("--max-tokens must exceed 16 and --repeats be positive")
 
-    for key in [k for k in os.environ if k.startswith("HIGGS_")]:
-        del os.environ[key]  # the settings below are the whole configuration
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    tmp = Path(tempfile.mkdtemp(prefix="higgs-bench-"))
-    try:
+    with workspace() as tmp:
         if args.model is None:
-            from tiny_models import write_tiny_models  # sets HF_HUB_CACHE/OFFLINE before transformers loads
-
-            tiny = write_tiny_models(tmp / "models")
+            tiny = write_tiny_models(tmp)
             model, tokenizer = tiny["HIGGS_MODEL"], tiny["HIGGS_AUDIO_TOKENIZER"]
         else:
             model, tokenizer = args.model, args.audio_tokenizer
         run(args, model, tokenizer, tmp / "voices")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: Path) -> None:
@@ -226,22 +184,16 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     import torch
 
     from app import create_app
-    from settings import Settings
 
     tiny = args.model is None
     torch.set_num_threads(args.threads)
-    frame_rate = 25  # the Higgs audio tokenizer's; checked below through the planner's cap
-    settings = Settings(
-        model=model,
-        audio_tokenizer=audio_tokenizer,
+    settings = service_settings(
+        model,
+        audio_tokenizer,
+        voices_dir,
         device=args.device,
         dtype=args.dtype,
-        stt_model="",
-        voices_dir=voices_dir,
-        # The speech endpoint's cap, int(frame_rate * min(max_audio_seconds, 4 + 2 * chars)) + 16, made
-        # equal to --max-tokens (the half frame keeps float rounding from losing one).
-        seconds_per_character=2.0,
-        max_audio_seconds=(args.max_tokens - 16 + 0.5) / frame_rate,
+        **speech_cap_settings(args.max_tokens),  # checked below through the planner's cap
     )
     chat = {
         "model": settings.served_model_name,
@@ -260,7 +212,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     }
 
     app = create_app(settings)
-    with serve(app) as url, httpx.Client(base_url=url, timeout=1800) as client:
+    with serve(app, start_timeout=1800) as url, httpx.Client(base_url=url, timeout=1800) as client:
         engine = app.state.engine  # the app's own engine, loaded and warmed up by its lifespan
         rate = engine.sample_rate
         cap = app.state.planner.audio_token_cap(args.text)
@@ -357,7 +309,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         raise RuntimeError(f"decoding steps per request {steps}, expected exactly {args.max_tokens}")
     s = engine.streaming
     # A frame is complete num_codebooks - 1 columns later (the delay pattern); the first column is a marker.
-    expected_step = s.chunk_frames + s.context_frames + engine.num_codebooks
+    expected_step = s.first_chunk_frames + s.context_frames + engine.num_codebooks
     first_steps = sorted({n + 1 for k in KINDS[:2] for n in timings[k].first_decode_step})
     first_step = max(first_steps)
     median = statistics.median
@@ -375,7 +327,8 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     )
     print(
         f"decoding steps per request: {', '.join(map(str, steps))} (all paths); streaming pieces of "
-        f"{s.chunk_frames} frames with {s.context_frames} held back and a {s.crossfade_ms:g} ms crossfade: "
+        f"{s.chunk_frames} frames (the first {s.first_chunk_frames}) with {s.context_frames} held back "
+        f"and a {s.crossfade_ms:g} ms crossfade: "
         f"the first piece is decoded in step {'/'.join(map(str, first_steps))} (expected "
         f"{expected_step}), {first_step / max(steps):.0%} of {max(steps)}"
     )
@@ -387,11 +340,12 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         + ", ".join(f"{k.split(' (')[0]} {'yes' if repeatable[k] else 'NO'}" for k in KINDS)
     )
     print(
-        f"{args.repeats} interleaved repeats of each kind ({elapsed:.0f} s; load average {load_before:.1f} "
-        f"before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs); medians (min-max)"
+        f"{args.repeats} interleaved repeats of each kind ({conditions(elapsed, load_before)}); "
+        "medians (min-max)"
     )
     print()
     width = 26
+    wide = functools.partial(spread, width=8)  # medians (min-max), a character wider
     print(
         f"{'':<{width}} {'time to first audio':>27} {'total':>27} {'audio':>9} {'real-time factor':>27} "
         f"{'in codec decode (calls)':>34}"
@@ -400,8 +354,8 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         t = timings[kind]
         calls = "/".join(map(str, sorted(t.codec_calls)))
         print(
-            f"{kind:<{width}} {spread(t.first):>27} {spread(t.total):>27} "
-            f"{median(t.audio_seconds):7.2f} s {spread(t.rtf, ''):>27} {spread(t.codec) + f' ({calls})':>34}"
+            f"{kind:<{width}} {wide(t.first):>27} {wide(t.total):>27} "
+            f"{median(t.audio_seconds):7.2f} s {wide(t.rtf, ''):>27} {wide(t.codec) + f' ({calls})':>34}"
         )
     print()
     whole_total = median(timings[KINDS[2]].total)

@@ -64,23 +64,19 @@ import ipaddress
 import json
 import math
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 import wave
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
+from _common import ROOT, serve, service_settings, speech_cap_settings, workspace, write_tiny_models
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIP = ROOT / "test_audio.wav"
 TEXT = "Hello there, and welcome to the show."
 SAMPLE_RATE = 24_000  # the service's PCM output: 16-bit mono at 24 kHz
@@ -696,60 +692,20 @@ def report(
 # ---- serving the tiny models in-process -----------------------------------------------------------------
 
 
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a background thread; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 600
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start (see its log above)")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
-
-
 def serve_tiny(args: argparse.Namespace) -> int:
     """Write the tiny models, serve them in this process and drive them."""
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for key in [k for k in os.environ if k.startswith("HIGGS_")]:
-        del os.environ[key]  # the settings below are the whole configuration
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    tmp = Path(tempfile.mkdtemp(prefix="higgs-load-"))
-    try:
+    with workspace(prefix="higgs-load-") as tmp:
         loading = time.perf_counter()
-        from tiny_models import write_tiny_models  # sets HF_HUB_CACHE/OFFLINE before transformers loads
-
-        tiny = write_tiny_models(tmp / "models")
+        tiny = write_tiny_models(tmp)
         from app import create_app
         from settings import Settings
 
-        frame_rate = 25  # the Higgs audio tokenizer's
         options: dict[str, Any] = {
-            "model": tiny["HIGGS_MODEL"],
-            "audio_tokenizer": tiny["HIGGS_AUDIO_TOKENIZER"],
-            "device": "cpu",
-            "dtype": "float32",
             "stt_model": tiny.get("HIGGS_STT_MODEL", ""),
-            "voices_dir": tmp / "voices",
-            # The speech endpoint's cap, int(frame_rate * min(max_audio_seconds, 4 + 2 * chars)) + 16, made
-            # equal to --max-tokens (the half frame keeps float rounding from losing one).
-            "seconds_per_character": 2.0,
-            "max_audio_seconds": (args.max_tokens - 16 + 0.5) / frame_rate,
+            **speech_cap_settings(args.max_tokens),  # the speech endpoint's cap: --max-tokens, as for chats
         }
         extras = {"api_key": args.api_key, "max_queue": args.serve_max_queue}
         unsupported = []
@@ -760,7 +716,9 @@ def serve_tiny(args: argparse.Namespace) -> int:
                 options[name] = value
             else:
                 unsupported.append(name)
-        settings = Settings(**options)
+        settings = service_settings(
+            tiny["HIGGS_MODEL"], tiny["HIGGS_AUDIO_TOKENIZER"], tmp / "voices", **options
+        )
         configured = ", ".join(f"{k}" for k in extras if extras[k] is not None and k not in unsupported)
         note = (
             " (tiny random-weight models served in-process on the CPU, float32; STT "
@@ -773,8 +731,6 @@ def serve_tiny(args: argparse.Namespace) -> int:
         with serve(app) as url:
             print(f"tiny server up in {time.perf_counter() - loading:.1f} s (models written, loaded, warm)")
             return drive(args, loopback_url(url), note)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

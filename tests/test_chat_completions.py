@@ -91,14 +91,18 @@ def test_text_only_returns_the_models_text(openai_client):
     assert completion.usage.prompt_tokens > 10
 
 
-def test_unknown_fields_are_accepted(client):
+def test_unknown_fields_are_accepted_and_logged(client, caplog):
     body = {
         "model": "gpt-4o-audio-preview",
         "messages": SPEAK,
         "max_tokens": 4,
         "a_field_from_the_future": {"x": 1},
     }
-    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    with caplog.at_level("INFO"):
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert any(
+        "ignored unknown request fields: a_field_from_the_future" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_concurrent_requests_each_equal_their_solo_run(client):
@@ -333,3 +337,31 @@ def test_speech_recognition_falls_back_to_the_cpu_when_cuda_libraries_are_missin
     recognizer.close()
     with pytest.raises(RuntimeError, match="libcublas"):
         app_module.load_recognizer(settings.model_copy(update={"stt_device": "cuda"}))
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "flac", "opus", "aac"])
+def test_every_chat_audio_format_decodes_to_the_wav_duration(client, fmt):
+    import av
+
+    def body(f):
+        return {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": f},
+                "messages": SPEAK, "max_tokens": 40, "seed": 8}  # fmt: skip
+
+    def data(f):
+        return base64.b64decode(
+            client.post("/v1/chat/completions", json=body(f)).json()["choices"][0]["message"]["audio"]["data"]
+        )
+
+    wav_seconds = sf.info(io.BytesIO(data("wav"))).duration
+    with av.open(io.BytesIO(data(fmt))) as container:
+        stream = container.streams.audio[0]
+        seconds = sum(frame.samples for frame in container.decode(stream)) / stream.rate
+    assert abs(seconds - wav_seconds) <= 0.03 * wav_seconds + 0.05
+
+
+def test_too_few_tokens_for_a_frame_still_give_valid_audio(client):
+    body = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "mp3"},
+            "messages": SPEAK, "max_tokens": 3}  # fmt: skip
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    assert base64.b64decode(response.json()["choices"][0]["message"]["audio"]["data"])

