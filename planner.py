@@ -288,15 +288,17 @@ class Planner:
             if parts.audios:
                 return await self._plan_clone(request, scene, parts)
             log.warning("voice 'clone' without an input_audio reference: falling back to the default voice")
-            fallback, prompt = "no-reference", VoicePrompt(DEFAULT_VOICE)
-        else:
-            fallback, prompt = None, await self.voice(voice, "audio.voice")
 
         text = await self._spoken_text(messages[last], last)
         if not text:
             raise bad_request(
                 "there is no text to speak in the last user message", f"messages[{last}].content"
             )
+        # Resolved last: a built-in voice's first use is a generation of its own.
+        if voice == CLONE_VOICE:
+            fallback, prompt = "no-reference", VoicePrompt(DEFAULT_VOICE)
+        else:
+            fallback, prompt = None, await self.voice(voice, "audio.voice")
         turns = prompt.turns(scene, text)
         return Plan(self._chat_generation(request, turns, text), text, prompt.name, fallback)
 
