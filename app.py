@@ -269,6 +269,13 @@ def create_app(
                 code="model_not_found",
             )
 
+    async def read_upload(upload: UploadFile, param: str) -> bytes:
+        """An uploaded file's bytes; 413 past ``max_upload_mb`` (read no further than that)."""
+        data = await upload.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise APIError(413, f"the {param} is larger than {settings.max_upload_mb:g} MB", param=param)
+        return data
+
     def log_ignored(body: Any) -> None:
         if body.model_extra:
             log.info("ignored unknown request fields: %s", ", ".join(sorted(body.model_extra)))
@@ -410,11 +417,7 @@ def create_app(
     ) -> JSONResponse:
         """Store a voice from an audio sample (multipart, as OpenAI's custom voices)."""
         require_ready(request)
-        data = await audio_sample.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise APIError(
-                413, f"the sample is larger than {settings.max_upload_mb:g} MB", param="audio_sample"
-            )
+        data = await read_upload(audio_sample, "audio_sample")
         voice = await request.app.state.planner.create_voice(name, data, transcript)
         log.info("stored voice %r (%.1f s)", voice.name, voice.duration)
         return JSONResponse(voice.public())
@@ -479,9 +482,7 @@ def create_app(
             raise bad_request(
                 "the loaded speech recognition model cannot translate; use /v1/audio/transcriptions", "model"
             )
-        data = await file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise APIError(413, f"the file is larger than {settings.max_upload_mb:g} MB", param="file")
+        data = await read_upload(file, "file")
         try:
             audio = await asyncio.to_thread(
                 decode_audio,

@@ -674,16 +674,6 @@ class TempoStream:
         return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
 
 
-def change_tempo(audio: Audio, speed: float) -> Audio:
-    """Play ``audio`` ``speed`` times faster (0.25-4.0) without changing its pitch."""
-    if speed == 1.0 or audio.samples.size == 0:
-        TempoStream(speed, audio.sample_rate)  # validates speed
-        return audio
-    tempo = TempoStream(speed, audio.sample_rate)
-    samples = np.concatenate([tempo.feed(audio.samples), tempo.finish()])
-    return Audio(samples, audio.sample_rate)
-
-
 # ---------------------------------------------------------------------------------------------
 # streamed encoding
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-CHAT_AUDIO_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16")
-
 
 class APIError(Exception):
     """A failure reported to the client in OpenAI's error envelope."""
@@ -167,7 +165,6 @@ class ChatCompletion(BaseModel):
 
 # ---- speech ----
 
-SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 MAX_SPEECH_INPUT = 4096
 
 

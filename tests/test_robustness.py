@@ -364,3 +364,14 @@ def test_metrics(client):
     assert "higgs_generation_seconds_count" in text and "higgs_realtime_factor_count" in text
     generated = [ln for ln in text.splitlines() if ln.startswith("higgs_audio_generated_seconds_total")]
     assert float(generated[0].split()[-1]) > 0
+
+
+def test_uploads_over_the_upload_limit_get_413(settings, engine, recognizer):
+    small = settings.model_copy(update={"max_upload_mb": 0.05})  # 50 KB; the test clip is 190 KB
+    with TestClient(create_app(small, engine=engine, recognizer=recognizer)) as c:
+        for path, field, extra in (("/v1/audio/transcriptions", "file", {"model": "whisper-1"}),
+                                   ("/v1/audio/voices", "audio_sample", {"name": "big"})):  # fmt: skip
+            response = c.post(path, data=extra, files={field: ("a.wav", WAV, "audio/wav")})
+            assert response.status_code == 413, response.text
+            assert response.json()["error"]["param"] == field
+        assert not list(settings.voices_dir.glob("big*"))
