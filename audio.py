@@ -495,62 +495,42 @@ _PYAV_FORMATS: dict[str, tuple[str, str, tuple[int, ...], int]] = {
 }
 
 
+def pcm16(samples: np.ndarray) -> bytes:
+    """Samples as headerless signed 16-bit little-endian PCM (clipped to [-1, 1]; NaN gives 0)."""
+    return _to_int16(samples).tobytes()
+
+
 def _to_int16(samples: np.ndarray) -> np.ndarray:
     x = np.clip(np.nan_to_num(np.asarray(samples, dtype=np.float32)), -1.0, 1.0)
     return np.round(x * 32767.0).astype("<i2")
 
 
 def encode_audio(audio: Audio, fmt: str) -> bytes:
-    """Encode mono audio as ``fmt`` (one of ``OUTPUT_FORMATS``).
+    """Encode mono audio as ``fmt`` (one of ``OUTPUT_FORMATS``): ``EncoderStream`` fed all of it at once.
 
-    wav/flac are 16-bit at the input rate; pcm/pcm16 are headerless signed 16-bit
-    little-endian mono; mp3, opus (in Ogg) and aac (ADTS) go through FFmpeg, resampled to a
-    rate the codec supports when needed (opus: 8/12/16/24/48 kHz).  Samples are clipped to
-    [-1, 1] before quantising.  Empty audio gives ``b""`` for pcm and a header-only wav.
+    wav/flac are 16-bit at the input rate (with their lengths in the header); pcm/pcm16 are headerless
+    signed 16-bit little-endian mono; mp3, opus (in Ogg) and aac (ADTS) go through FFmpeg, resampled to a
+    rate the codec supports when needed (opus: 8/12/16/24/48 kHz).  Samples are clipped to [-1, 1] before
+    quantising.  Empty audio gives ``b""`` for pcm and a header-only wav.
 
     Raises:
         AudioError: unknown ``fmt``, or empty audio for a format other than pcm/wav.
     """
     fmt = fmt.lower()
-    if fmt not in OUTPUT_FORMATS:
-        raise AudioError(f"unsupported output format {fmt!r}; use one of {', '.join(sorted(OUTPUT_FORMATS))}")
     samples = np.asarray(audio.samples, dtype=np.float32).reshape(-1)
-    rate = int(audio.sample_rate)
-    if fmt in ("pcm", "pcm16"):
-        return _to_int16(samples).tobytes()
-    if samples.size == 0 and fmt != "wav":
+    if samples.size == 0 and fmt in OUTPUT_FORMATS and fmt not in ("pcm", "pcm16", "wav"):
         # FLAC and the FFmpeg muxers write nothing at all for zero samples.
         raise AudioError(f"there is no audio to encode as {fmt}")
-    if fmt in ("wav", "flac"):
-        import soundfile as sf
-
-        buf = io.BytesIO()
-        sf.write(buf, _to_int16(samples), rate, format=fmt.upper(), subtype="PCM_16")
-        return buf.getvalue()
-    return _encode_pyav(samples, rate, *_PYAV_FORMATS[fmt])
+    encoder = EncoderStream(fmt, int(audio.sample_rate), whole=True)
+    return encoder.feed(samples) + encoder.finish()
 
 
-def _encode_pyav(
-    samples: np.ndarray, rate: int, container_fmt: str, codec: str, rates: tuple[int, ...], bit_rate: int
-) -> bytes:
-    import av
+def _encode_whole(samples: np.ndarray, rate: int, fmt: str) -> bytes:
+    """wav or flac with the length in the header: written by libsndfile once all samples are known."""
+    import soundfile as sf
 
-    if rate not in rates:
-        higher = [r for r in rates if r >= rate]
-        new_rate = min(higher) if higher else max(rates)
-        samples = resample(samples, rate, new_rate)
-        rate = new_rate
-    x = np.clip(np.nan_to_num(samples), -1.0, 1.0).astype(np.float32)[None, :]
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format=container_fmt) as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono")
-        stream.bit_rate = bit_rate
-        if x.shape[1]:
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x), format="fltp", layout="mono")
-            frame.sample_rate = rate
-            frame.pts = 0
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
+    sf.write(buf, _to_int16(samples), rate, format=fmt.upper(), subtype="PCM_16")
     return buf.getvalue()
 
 
@@ -713,11 +693,13 @@ class EncoderStream:
     """Encode audio that arrives in pieces, returning encoded bytes as soon as the encoder has them.
 
     ``fmt`` is one of ``OUTPUT_FORMATS``. pcm is raw 16-bit; wav is a header for a stream of unknown length
-    followed by 16-bit samples; mp3, opus (Ogg) and aac (ADTS) go through FFmpeg's encoders as the audio
-    comes (``STREAMABLE_FORMATS``); flac, whose header holds the length, is encoded whole at ``finish``.
+    followed by 16-bit samples (with ``whole=True``, for audio given all at once: a wav with its length in
+    the header); mp3, opus (Ogg) and aac (ADTS) go through FFmpeg's encoders as the audio comes
+    (``STREAMABLE_FORMATS``), resampled by one stateful resampler when the codec lacks the input rate; flac,
+    whose header holds the length, is encoded whole at ``finish``.
     """
 
-    def __init__(self, fmt: str, sample_rate: int):
+    def __init__(self, fmt: str, sample_rate: int, *, whole: bool = False):
         fmt = fmt.lower()
         if fmt not in OUTPUT_FORMATS:
             raise AudioError(
@@ -727,12 +709,17 @@ class EncoderStream:
         self.sample_rate = sample_rate
         self._header_sent = False
         self._container = None
-        self._held: list[np.ndarray] | None = [] if fmt not in STREAMABLE_FORMATS else None
+        self._resampler = None
+        held = fmt not in STREAMABLE_FORMATS or (whole and fmt == "wav")
+        self._held: list[np.ndarray] | None = [] if held else None
         if fmt in _PYAV_FORMATS:
             import av
 
             container_fmt, codec, rates, bit_rate = _PYAV_FORMATS[fmt]
-            self._rate = sample_rate if sample_rate in rates else min(r for r in rates if r >= sample_rate)
+            higher = [r for r in rates if r >= sample_rate]
+            self._rate = sample_rate if sample_rate in rates else min(higher) if higher else max(rates)
+            if self._rate != sample_rate:
+                self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=self._rate)
             self._sink = _Collector()
             # Ogg holds packets until a page fills (a second by default): flush pages every 100 ms instead.
             options = {"page_duration": "100000"} if container_fmt == "ogg" else {}
@@ -750,28 +737,31 @@ class EncoderStream:
             head = b""
             if self.fmt == "wav" and not self._header_sent:
                 head, self._header_sent = wav_stream_header(self.sample_rate), True
-            return head + _to_int16(samples).tobytes()
+            return head + pcm16(samples)
         if samples.size == 0:
             return b""
         import av
 
-        if self._rate != self.sample_rate:
-            samples = resample(samples, self.sample_rate, self._rate)
         x = np.clip(np.nan_to_num(samples), -1.0, 1.0).astype(np.float32)[None, :]
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x), format="fltp", layout="mono")
-        frame.sample_rate = self._rate
-        frame.pts = self._pts
-        self._pts += x.shape[1]
-        self._container.mux(self._stream.encode(frame))
+        frame.sample_rate = self.sample_rate
+        return self._encode(self._resampler.resample(frame) if self._resampler else [frame])
+
+    def _encode(self, frames: list) -> bytes:
+        for frame in frames:
+            frame.pts = self._pts
+            self._pts += frame.samples
+            self._container.mux(self._stream.encode(frame))
         return self._sink.take()
 
     def finish(self) -> bytes:
         """Flush the encoder and close the container; returns the last bytes."""
         if self._held is not None:
             samples = np.concatenate(self._held) if self._held else np.zeros(0, np.float32)
-            return encode_audio(Audio(samples, self.sample_rate), self.fmt)
+            return _encode_whole(samples, self.sample_rate, self.fmt)
         if self._container is None:
             return wav_stream_header(self.sample_rate) if self.fmt == "wav" and not self._header_sent else b""
+        tail = self._encode(self._resampler.resample(None)) if self._resampler else b""
         self._container.mux(self._stream.encode(None))
         self._container.close()
-        return self._sink.take()
+        return tail + self._sink.take()

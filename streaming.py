@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from audio import EncoderStream, TempoStream
+from audio import EncoderStream, TempoStream, pcm16
 from engine import AudioPiece, GenerationResult, StreamEvent, TextPiece
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,6 @@ def sse(payload: dict[str, Any] | str) -> bytes:
     """One server-sent event."""
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
-
-
-def _pcm16(samples: np.ndarray) -> str:
-    return base64.b64encode((np.clip(samples, -1, 1) * 32767).round().astype("<i2").tobytes()).decode()
 
 
 async def chat_events(
@@ -61,7 +57,8 @@ async def chat_events(
         try:
             async for event in events:
                 if isinstance(event, AudioPiece) and audio_id:
-                    audio: dict[str, Any] = {"id": audio_id, "data": _pcm16(event.samples)}
+                    data = base64.b64encode(pcm16(event.samples)).decode()
+                    audio: dict[str, Any] = {"id": audio_id, "data": data}
                     if first_audio:
                         audio.update(transcript=transcript, expires_at=expires_at)
                         first_audio = False

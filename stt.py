@@ -18,10 +18,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torchaudio.functional as taf
 from faster_whisper import WhisperModel
+from transformers.models.whisper.tokenization_whisper import LANGUAGES as WHISPER_LANGUAGES
+from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE as WHISPER_LANGUAGE_CODES
 
-from audio import Audio
+from audio import Audio, resample
 
 #: Sample rate every Whisper model expects.
 WHISPER_SAMPLE_RATE = 16_000
@@ -30,31 +31,9 @@ WHISPER_SAMPLE_RATE = 16_000
 TASKS = ("transcribe", "translate")
 
 #: ISO-639-1 (and a few ISO-639-3) codes Whisper knows -> the English name OpenAI reports in
-#: ``verbose_json`` (the same table as openai-whisper's ``LANGUAGES``; order = token id order).
-LANGUAGE_NAMES: dict[str, str] = {
-    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian",
-    "ko": "korean", "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish",
-    "pl": "polish", "ca": "catalan", "nl": "dutch", "ar": "arabic", "sv": "swedish",
-    "it": "italian", "id": "indonesian", "hi": "hindi", "fi": "finnish", "vi": "vietnamese",
-    "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay", "cs": "czech",
-    "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
-    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian",
-    "la": "latin", "mi": "maori", "ml": "malayalam", "cy": "welsh", "sk": "slovak",
-    "te": "telugu", "fa": "persian", "lv": "latvian", "bn": "bengali", "sr": "serbian",
-    "az": "azerbaijani", "sl": "slovenian", "kn": "kannada", "et": "estonian", "mk": "macedonian",
-    "br": "breton", "eu": "basque", "is": "icelandic", "hy": "armenian", "ne": "nepali",
-    "mn": "mongolian", "bs": "bosnian", "kk": "kazakh", "sq": "albanian", "sw": "swahili",
-    "gl": "galician", "mr": "marathi", "pa": "punjabi", "si": "sinhala", "km": "khmer",
-    "sn": "shona", "yo": "yoruba", "so": "somali", "af": "afrikaans", "oc": "occitan",
-    "ka": "georgian", "be": "belarusian", "tg": "tajik", "sd": "sindhi", "gu": "gujarati",
-    "am": "amharic", "yi": "yiddish", "lo": "lao", "uz": "uzbek", "fo": "faroese",
-    "ht": "haitian creole", "ps": "pashto", "tk": "turkmen", "nn": "nynorsk", "mt": "maltese",
-    "sa": "sanskrit", "lb": "luxembourgish", "my": "myanmar", "bo": "tibetan", "tl": "tagalog",
-    "mg": "malagasy", "as": "assamese", "tt": "tatar", "haw": "hawaiian", "ln": "lingala",
-    "ha": "hausa", "ba": "bashkir", "jw": "javanese", "su": "sundanese", "yue": "cantonese",
-}  # fmt: skip
-
-_NAME_TO_CODE = {name: code for code, name in LANGUAGE_NAMES.items()}
+#: ``verbose_json``; and English names (with their common variants) -> codes. Whisper's own tables.
+LANGUAGE_NAMES: dict[str, str] = WHISPER_LANGUAGES
+_NAME_TO_CODE: dict[str, str] = WHISPER_LANGUAGE_CODES
 
 #: Temperatures tried in turn when the caller asks for temperature 0: like OpenAI's API, 0 means
 #: "start greedy and raise the temperature while the decode looks like a failure".
@@ -148,22 +127,14 @@ def normalize_language(language: str | None, known: Iterable[str] = LANGUAGE_NAM
     return code
 
 
-def resample_to_16k(audio: Audio) -> np.ndarray:
-    """Return ``audio``'s samples as contiguous mono float32 at 16 kHz."""
+def _whisper_samples(audio: Audio) -> np.ndarray:
+    """``audio``'s samples as contiguous mono float32 at Whisper's rate."""
     samples = np.asarray(audio.samples, dtype=np.float32)
     if samples.ndim != 1:
         raise ValueError(f"Expected mono audio (1-D samples), got shape {samples.shape}.")
     if audio.sample_rate <= 0:
         raise ValueError(f"Invalid sample rate {audio.sample_rate}.")
-    if audio.sample_rate != WHISPER_SAMPLE_RATE and samples.size:
-        samples = (
-            taf.resample(
-                torch.from_numpy(np.ascontiguousarray(samples)), audio.sample_rate, WHISPER_SAMPLE_RATE
-            )
-            .numpy()
-            .astype(np.float32, copy=False)
-        )
-    return np.ascontiguousarray(samples)
+    return resample(samples, audio.sample_rate, WHISPER_SAMPLE_RATE)
 
 
 class WhisperTranscriber:
@@ -249,7 +220,7 @@ class WhisperTranscriber:
         code = normalize_language(language, self._languages)
         if not isinstance(temperature, int | float) or math.isnan(temperature) or not 0 <= temperature <= 1:
             raise ValueError(f"temperature must be between 0 and 1, got {temperature!r}.")
-        samples = resample_to_16k(audio)
+        samples = _whisper_samples(audio)
         duration = float(audio.duration)
         if samples.size == 0:
             return Transcript(text="", language=code or "en", duration=duration, segments=[])

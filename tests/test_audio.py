@@ -462,6 +462,16 @@ def test_resample_16k_to_24k() -> None:
     np.testing.assert_allclose(decoded.samples[1000:-1000], ref[1000:-1000], atol=2e-3)
 
 
+def test_resample_24k_to_16k() -> None:
+    tone = np.sin(2 * np.pi * 440 * np.arange(24_000) / 24_000).astype(np.float32)
+    out = audio.resample(tone, 24_000, 16_000)
+    assert out.dtype == np.float32 and out.shape == (16_000,)
+    peak_hz = np.argmax(np.abs(np.fft.rfft(out))) * 16_000 / len(out)
+    assert abs(peak_hz - 440) <= 2
+    same = np.zeros(100, np.float32)
+    assert audio.resample(same, 16_000, 16_000).shape == (100,)
+
+
 def test_resample_awkward_ratio_uses_bounded_path() -> None:
     x = sine(1.0, sr=44_099)
     out = audio.resample(x, 44_099, 24_000)
