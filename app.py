@@ -48,6 +48,7 @@ from protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
+    InvalidRequest,
     ModelCard,
     ModelList,
     SpeechRequest,
@@ -57,7 +58,16 @@ from protocol import (
 from settings import Settings, resolve_device
 from streaming import chat_events, speech_audio, speech_events, usage_of
 from stt import AsyncTranscriber, TranscriberBusy, to_srt, to_verbose_json, to_vtt
-from voice_cloning import InvalidReference, VoiceLibrary
+from voice_cloning import InvalidAudio
+from voices import (
+    BuiltinVoiceFailed,
+    InvalidVoiceName,
+    VoiceExists,
+    VoiceLibrary,
+    VoiceNotFound,
+    VoiceQuotaExceeded,
+    Voices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +165,8 @@ def create_app(
             max_voices=settings.max_voices,
             max_bytes=int(settings.max_voice_library_mb * 1024 * 1024),
         )
-        state.planner = Planner(settings, state.engine, state.recognizer, library)
+        state.voices = Voices(settings, state.engine, state.recognizer, library)
+        state.planner = Planner(settings, state.engine, state.recognizer, state.voices)
         if owned_engine and settings.warmup:
             await asyncio.to_thread(state.engine.warm_up)
         metrics.track_queue(lambda: state.engine.pending)
@@ -220,9 +231,33 @@ def create_app(
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
         return _error_response(exc)
 
-    @app.exception_handler(InvalidReference)
-    async def on_invalid_reference(request: Request, exc: InvalidReference) -> JSONResponse:
+    @app.exception_handler(InvalidRequest)
+    async def on_invalid_request(request: Request, exc: InvalidRequest) -> JSONResponse:
+        return _error_response(APIError(400, str(exc), param=exc.param, code=exc.code))
+
+    @app.exception_handler(InvalidAudio)
+    async def on_invalid_audio(request: Request, exc: InvalidAudio) -> JSONResponse:
         return _error_response(APIError(400, str(exc), param=exc.param, code="invalid_audio"))
+
+    @app.exception_handler(InvalidVoiceName)
+    async def on_invalid_voice_name(request: Request, exc: InvalidVoiceName) -> JSONResponse:
+        return _error_response(APIError(400, str(exc), param="name"))
+
+    @app.exception_handler(VoiceNotFound)
+    async def on_voice_not_found(request: Request, exc: VoiceNotFound) -> JSONResponse:
+        return _error_response(APIError(404, str(exc), param="voice_id", code="voice_not_found"))
+
+    @app.exception_handler(VoiceExists)
+    async def on_voice_exists(request: Request, exc: VoiceExists) -> JSONResponse:
+        return _error_response(APIError(409, str(exc), param="name", code="voice_exists"))
+
+    @app.exception_handler(VoiceQuotaExceeded)
+    async def on_voice_quota(request: Request, exc: VoiceQuotaExceeded) -> JSONResponse:
+        return _error_response(APIError(413, str(exc), param="audio_sample", code="voice_quota_exceeded"))
+
+    @app.exception_handler(BuiltinVoiceFailed)
+    async def on_builtin_voice_failed(request: Request, exc: BuiltinVoiceFailed) -> JSONResponse:
+        return _error_response(APIError(500, str(exc), type="server_error"))
 
     @app.exception_handler(EngineBusy)
     @app.exception_handler(TranscriberBusy)
@@ -418,28 +453,25 @@ def create_app(
         """Store a voice from an audio sample (multipart, as OpenAI's custom voices)."""
         require_ready(request)
         data = await read_upload(audio_sample, "audio_sample")
-        voice = await request.app.state.planner.create_voice(name, data, transcript)
+        voice = await request.app.state.voices.create(name, data, transcript)
         log.info("stored voice %r (%.1f s)", voice.name, voice.duration)
         return JSONResponse(voice.public())
 
     @app.get("/v1/audio/voices")
     async def list_voices(request: Request) -> JSONResponse:
         """Every stored voice."""
-        voices = await asyncio.to_thread(request.app.state.planner.library.list)
+        voices = await request.app.state.voices.list()
         return JSONResponse({"object": "list", "data": [v.public() for v in voices]})
 
     @app.get("/v1/audio/voices/{voice_id}")
     async def get_voice(voice_id: str, request: Request) -> JSONResponse:
         """One stored voice, by id or name."""
-        voice = await asyncio.to_thread(request.app.state.planner.library.get, voice_id)
-        if voice is None:
-            raise APIError(404, f"no voice {voice_id!r}", param="voice_id", code="voice_not_found")
-        return JSONResponse(voice.public())
+        return JSONResponse((await request.app.state.voices.get(voice_id)).public())
 
     @app.delete("/v1/audio/voices/{voice_id}")
     async def delete_voice(voice_id: str, request: Request) -> JSONResponse:
         """Remove a stored voice, by id or name."""
-        voice = await request.app.state.planner.delete_voice(voice_id)
+        voice = await request.app.state.voices.delete(voice_id)
         return JSONResponse({"id": voice.id, "object": "audio.voice.deleted", "deleted": True})
 
     async def speech_to_text(

@@ -1,8 +1,8 @@
 """Turn an OpenAI request (chat completions or speech) into one generation for the engine.
 
 Decides what is spoken and in which voice. A voice is ``default`` (Higgs' own, unconditioned), a stored
-voice of the library (by name or id; OpenAI's built-in names are made once and stored, see
-``BUILTIN_VOICES``), or, in chat, ``clone``. In chat:
+voice (``voices.py``: by name or id; OpenAI's built-in names are made once and stored), or, in chat,
+``clone``. In chat:
 
 * ``audio.voice == "clone"``: the last user message's ``input_audio`` part is the voice reference and its
   text parts are what is spoken; without a reference the default voice is used and the fallback reported.
@@ -12,92 +12,44 @@ voice of the library (by name or id; OpenAI's built-in names are made once and s
   and stand in as text.
 
 Every check on user input happens here, before the engine is asked for anything but encoding (and, the
-first time a built-in voice is used, making that voice).
+first time a built-in voice is used, making that voice). Failures are ``InvalidRequest``/``InvalidAudio``,
+which ``errors.py`` answers as 400s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 from dataclasses import dataclass
 
-from audio import Audio, AudioError, active_speech_seconds, decode_audio, decode_base64, trim_silence
+from audio import Audio
 from engine import AudioCodes, Engine, GenerationRequest, Turn
 from protocol import (
-    APIError,
     ChatCompletionRequest,
     ChatMessage,
     InputAudioPart,
+    InvalidRequest,
     SpeechRequest,
     TextPart,
-    bad_request,
 )
 from settings import Settings
 from stt import AsyncTranscriber
 from voice_cloning import (
     CodesCache,
-    InvalidReference,
     Reference,
     ReferenceLimits,
-    Voice,
-    VoiceExists,
-    VoiceLibrary,
-    VoiceQuotaExceeded,
-    check_voice_name,
     clone_turns,
+    decode_input_audio,
     load_reference,
-    reference_from_bytes,
+    recognised_words,
     system_turn,
 )
+from voices import DEFAULT_VOICE, VoicePrompt, Voices, audio_token_cap
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VOICE = "default"
 CLONE_VOICE = "clone"
-
-# OpenAI's built-in voice names. Each is a stored voice: the library's voice of that name when there is
-# one; otherwise, on first use, the model speaks BUILTIN_SENTENCE with this speaker description and a seed
-# derived from the name, and the clip is stored (marked built-in) and cloned from ever after, so the voice
-# is the same on every request. A description alone would give a new timbre for every text.
-BUILTIN_VOICES: dict[str, str] = {
-    "alloy": "a calm adult voice, neutral and balanced, clear diction",
-    "ash": "a male voice, relaxed and slightly husky",
-    "ballad": "a male voice, soft and warm, like a storyteller",
-    "coral": "a female voice, bright and friendly",
-    "echo": "a male voice, deep and resonant",
-    "fable": "a male voice with a British accent, expressive",
-    "nova": "a young female voice, energetic and clear",
-    "onyx": "a male voice, low and authoritative",
-    "sage": "a female voice, calm and thoughtful",
-    "shimmer": "a female voice, light and gentle",
-    "verse": "a male voice, lively and articulate",
-    "marin": "a female voice, smooth and professional",
-    "cedar": "a male voice, warm and grounded",
-}
-BUILTIN_SENTENCE = (
-    "Hello, it is nice to meet you. I will read your text in this voice, clearly and at an even pace."
-)
-
-
-def builtin_seed(name: str) -> int:
-    """The fixed seed a built-in voice is made with."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
-
-
-@dataclass(frozen=True)
-class VoicePrompt:
-    """What a voice adds to the prompt: a reference (transcript and codes), or nothing (default voice)."""
-
-    name: str
-    transcript: str | None = None
-    codes: AudioCodes | None = None
-
-    def turns(self, scene: str, text: str) -> list[Turn]:
-        """The prompt that speaks ``text`` in this voice."""
-        if self.codes is None or self.transcript is None:
-            return [system_turn(scene), Turn("user", text)]
-        return clone_turns(scene, self.transcript, self.codes, text)
+# The output cap of a text answer when the request gives none.
+TEXT_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -137,23 +89,17 @@ def _join(texts: list[str]) -> str:
 
 
 class Planner:
-    """Builds ``Plan``s; holds the voice library and the reference-codes cache shared by all requests."""
+    """Builds ``Plan``s; holds the reference-codes cache shared by all requests."""
 
     def __init__(
-        self, settings: Settings, engine: Engine, recognizer: AsyncTranscriber | None, library: VoiceLibrary
+        self, settings: Settings, engine: Engine, recognizer: AsyncTranscriber | None, voices: Voices
     ):
         self.settings = settings
         self.engine = engine
         self.recognizer = recognizer
-        self.library = library
+        self.voices = voices
         self.codes = CodesCache()
-        self._library_lock = asyncio.Lock()
-        self.limits = ReferenceLimits(
-            sample_rate=engine.sample_rate,
-            min_speech_seconds=settings.min_reference_seconds,
-            max_seconds=settings.max_reference_seconds,
-            max_bytes=int(settings.max_upload_mb * 1024 * 1024),
-        )
+        self.limits = ReferenceLimits.from_settings(settings, engine.sample_rate)
 
     # ---- helpers ----
 
@@ -161,22 +107,12 @@ class Planner:
         audio = part.input_audio
         return load_reference(audio.data, audio.format, audio.transcript, self.limits, param)
 
-    async def _transcribe(self, audio: Audio, param: str) -> str:
-        if self.recognizer is None:
-            raise bad_request(
-                "speech recognition is turned off on this server; give the words spoken in "
-                "input_audio.transcript",
-                param,
-            )
-        transcript = await self.recognizer.transcribe(audio)
-        return transcript.text
-
     async def _transcript_of(self, reference: Reference, param: str) -> str:
         if reference.transcript is not None:
             return reference.transcript
-        text = await self._transcribe(reference.audio, f"{param}.input_audio.transcript")
+        text = await recognised_words(self.recognizer, reference.audio, f"{param}.input_audio.transcript")
         if not text:
-            raise bad_request(
+            raise InvalidRequest(
                 "no words were recognised in the voice reference; send a clip of clear speech or give its "
                 "words in input_audio.transcript",
                 f"{param}.input_audio.data",
@@ -184,7 +120,7 @@ class Planner:
         log.info("reference transcript recognised (%d characters)", len(text))
         return text
 
-    async def _codes(self, reference: Reference):
+    async def _codes(self, reference: Reference) -> AudioCodes:
         codes = self.codes.get(reference.key)
         if codes is None:
             codes = await self.engine.encode(reference.audio)
@@ -192,11 +128,15 @@ class Planner:
         return codes
 
     def _user_audio(self, param: str, part: InputAudioPart) -> Audio:
-        try:
-            raw = decode_base64(part.input_audio.data, max_bytes=self.limits.max_bytes)
-            return decode_audio(raw, target_rate=16000, max_seconds=self.settings.max_transcription_seconds)
-        except AudioError as exc:
-            raise bad_request(f"input audio: {exc}", f"{param}.input_audio.data") from None
+        audio = part.input_audio
+        return decode_input_audio(
+            audio.data,
+            audio.format,
+            param,
+            sample_rate=self.limits.sample_rate,
+            max_seconds=self.settings.max_transcription_seconds,
+            max_bytes=self.limits.max_bytes,
+        )
 
     async def _spoken_text(self, message: ChatMessage, index: int) -> str:
         """The message's text, its ``input_audio`` parts replaced by what they say."""
@@ -204,14 +144,15 @@ class Planner:
         texts = list(parts.texts)
         for param, part in parts.audios:
             given = part.input_audio.transcript
-            texts.append(given if given else await self._transcribe(self._user_audio(param, part), param))
+            if not given:
+                given = await recognised_words(self.recognizer, self._user_audio(param, part), param)
+            texts.append(given)
         return _join(texts)
 
     def audio_token_cap(self, text: str) -> int:
         """Default output cap for speaking ``text``: 4 s plus ``seconds_per_character`` (bounded)."""
         seconds = min(self.settings.max_audio_seconds, 4.0 + self.settings.seconds_per_character * len(text))
-        # Plus the delay pattern's extra columns and the stream's end marker.
-        return int(self.engine.frame_rate * seconds) + 16
+        return audio_token_cap(self.engine.frame_rate, seconds)
 
     def _generation(
         self,
@@ -227,7 +168,7 @@ class Planner:
     ) -> GenerationRequest:
         s = self.settings
         if max_tokens is None:
-            max_tokens = self.audio_token_cap(text) if audio else 512
+            max_tokens = self.audio_token_cap(text) if audio else TEXT_MAX_TOKENS
         return GenerationRequest(
             turns=turns,
             audio_output=audio,
@@ -259,11 +200,11 @@ class Planner:
     # ---- the plan ----
 
     async def plan(self, request: ChatCompletionRequest) -> Plan:
-        """Validate the conversation and build the generation; raises ``APIError``/``InvalidReference``."""
+        """Validate the conversation and build the generation; raises ``InvalidRequest``/``InvalidAudio``."""
         messages = request.messages
         last = len(messages) - 1
         if messages[last].role != "user":
-            raise bad_request("the last message must be the user's", f"messages[{last}].role")
+            raise InvalidRequest("the last message must be the user's", f"messages[{last}].role")
         scene = _join(
             [_join(_parts(m, i).texts) for i, m in enumerate(messages) if m.role in ("system", "developer")]
         )
@@ -280,7 +221,7 @@ class Planner:
         if voice == CLONE_VOICE:
             parts = _parts(messages[last], last)
             if len(parts.audios) > 1:
-                raise bad_request(
+                raise InvalidRequest(
                     "a clone request takes one voice reference; this message has "
                     f"{len(parts.audios)} input_audio parts",
                     parts.audios[1][0],
@@ -291,14 +232,14 @@ class Planner:
 
         text = await self._spoken_text(messages[last], last)
         if not text:
-            raise bad_request(
+            raise InvalidRequest(
                 "there is no text to speak in the last user message", f"messages[{last}].content"
             )
         # Resolved last: a built-in voice's first use is a generation of its own.
         if voice == CLONE_VOICE:
             fallback, prompt = "no-reference", VoicePrompt(DEFAULT_VOICE)
         else:
-            fallback, prompt = None, await self.voice(voice, "audio.voice")
+            fallback, prompt = None, await self.voices.resolve(voice, "audio.voice")
         turns = prompt.turns(scene, text)
         return Plan(self._chat_generation(request, turns, text), text, prompt.name, fallback)
 
@@ -307,7 +248,7 @@ class Planner:
         param, part = parts.audios[0]
         text = _join(parts.texts)
         if not text:
-            raise bad_request(
+            raise InvalidRequest(
                 "the clone request has a voice reference but no text to speak; add a text part",
                 f"messages[{last}].content",
             )
@@ -334,7 +275,7 @@ class Planner:
         text = turns[-1].text
         if not text:
             last = len(request.messages) - 1
-            raise bad_request(
+            raise InvalidRequest(
                 "there is no text to speak in the last user message", f"messages[{last}].content"
             )
         return Plan(self._chat_generation(request, turns, text), text, "native")
@@ -355,103 +296,9 @@ class Planner:
         """The generation for /v1/audio/speech: ``input`` in ``voice``, ``instructions`` as the scene."""
         text = " ".join(request.input.split())
         if not text:
-            raise bad_request("input is empty; give the text to speak", "input")
+            raise InvalidRequest("input is empty; give the text to speak", "input")
         scene = (request.instructions or "").strip() or self.settings.default_scene
-        prompt = await self.voice(request.voice_name, "voice")
+        prompt = await self.voices.resolve(request.voice_name, "voice")
         return Plan(
             self._generation(prompt.turns(scene, text), text, True, seed=request.seed), text, prompt.name
         )
-
-    # ---- voices ----
-
-    def voice_names(self) -> list[str]:
-        """Every voice name a request may use."""
-        stored = [v.name for v in self.library.list()]
-        return sorted({DEFAULT_VOICE, *stored, *BUILTIN_VOICES})
-
-    async def voice(self, name: str, param: str) -> VoicePrompt:
-        """Resolve a voice name or id to what it adds to the prompt; 400 naming the voices if unknown."""
-        if name == DEFAULT_VOICE:
-            return VoicePrompt(DEFAULT_VOICE)
-        stored = await asyncio.to_thread(self.library.get, name)
-        if stored is None and name in BUILTIN_VOICES:
-            stored = await self._make_builtin(name)
-        if stored is None:
-            names = ", ".join(["clone (chat only)", *self.voice_names()])
-            raise bad_request(f"unknown voice {name!r}; available voices: {names}", param)
-        return VoicePrompt(stored.name, stored.transcript, await self._stored_codes(stored))
-
-    async def _stored_codes(self, voice: Voice) -> AudioCodes:
-        """A stored voice's codes: from disk when cached there, else encoded once and cached."""
-        codes = await asyncio.to_thread(self.library.codes, voice)
-        if codes is None:
-            audio = await asyncio.to_thread(self.library.audio, voice)
-            codes = await self.engine.encode(audio)
-            await asyncio.to_thread(self.library.save_codes, voice, codes)
-        return codes
-
-    async def _make_builtin(self, name: str) -> Voice:
-        async with self._library_lock:
-            stored = await asyncio.to_thread(self.library.get, name)
-            if stored is not None:
-                return stored
-            log.info("making built-in voice %r (first use)", name)
-            scene = f"{self.settings.default_scene}\n\nSPEAKER0: {BUILTIN_VOICES[name]}"
-            cap = int(self.engine.frame_rate * self.settings.builtin_voice_seconds) + 16
-            request = self._generation(
-                [system_turn(scene), Turn("user", BUILTIN_SENTENCE)],
-                BUILTIN_SENTENCE,
-                True,
-                max_tokens=cap,
-                seed=builtin_seed(name),
-            )
-            result = await self.engine.generate(request)
-            if (
-                result.audio is None
-                or active_speech_seconds(result.audio) < self.settings.min_reference_seconds
-            ):
-                raise APIError(
-                    500, f"the model did not produce a usable clip for voice {name!r}", type="server_error"
-                )
-            audio = trim_silence(result.audio)
-            codes = await self.engine.encode(audio)
-            return await asyncio.to_thread(self.library.create, name, audio, BUILTIN_SENTENCE, codes, True)
-
-    async def create_voice(self, name: str, data: bytes, transcript: str | None) -> Voice:
-        """Store an uploaded voice: validated, transcribed when no transcript is given, and encoded, all
-        before anything is written."""
-        try:
-            check_voice_name(name)
-        except ValueError as exc:
-            raise bad_request(str(exc), "name") from None
-        if await asyncio.to_thread(self.library.get, name) is not None:
-            raise APIError(409, f"a voice named {name!r} already exists", param="name", code="voice_exists")
-        reference = await asyncio.to_thread(
-            reference_from_bytes, data, transcript, self.limits, "audio_sample", "transcript"
-        )
-        if reference.transcript is None:
-            text = await self._transcribe(reference.audio, "transcript")
-            if not text:
-                raise InvalidReference(
-                    "no words were recognised in the sample; send clear speech or give its transcript",
-                    "audio_sample",
-                )
-            reference = Reference(reference.audio, reference.key, text)
-        codes = await self.engine.encode(reference.audio)
-        async with self._library_lock:
-            try:
-                return await asyncio.to_thread(
-                    self.library.create, name, reference.audio, reference.transcript, codes
-                )
-            except VoiceExists as exc:
-                raise APIError(409, str(exc), param="name", code="voice_exists") from None
-            except VoiceQuotaExceeded as exc:
-                raise APIError(413, str(exc), param="audio_sample", code="voice_quota_exceeded") from None
-
-    async def delete_voice(self, name_or_id: str) -> Voice:
-        """Remove a stored voice; 404 when there is none."""
-        async with self._library_lock:
-            voice = await asyncio.to_thread(self.library.get, name_or_id)
-            if voice is None or not await asyncio.to_thread(self.library.delete, voice.name):
-                raise APIError(404, f"no voice {name_or_id!r}", param="voice_id", code="voice_not_found")
-        return voice

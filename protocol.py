@@ -42,6 +42,15 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+class InvalidRequest(ValueError):
+    """A request that cannot be served as sent (a 400); ``param`` names the field to fix."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
 class OpenModel(BaseModel):
     """Request models keep unknown fields (reported in ``model_extra``) instead of rejecting them."""
 

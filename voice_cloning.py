@@ -10,54 +10,63 @@ prompt shows the model "saying" that clip::
     assistant: <|audio_out_bos|> ... generated in the same voice
 
 Everything here that can fail on user input runs on the CPU before any GPU work, and fails with
-``InvalidReference`` naming the request field (``param``) to fix. No HTTP knowledge.
+``InvalidAudio``/``InvalidReference`` naming the request field (``param``) to fix. No HTTP knowledge; the
+stored voices are ``voices.py``'s.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import io
-import json
 import logging
-import os
-import re
 import threading
-import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-import soundfile as sf
-import torch
+from typing import TYPE_CHECKING
 
 from audio import Audio, AudioError, active_speech_seconds, decode_audio, decode_base64, trim_silence
 from engine import SYSTEM_TEMPLATE, AudioCodes, Turn
+from protocol import InvalidRequest
+
+if TYPE_CHECKING:
+    from settings import Settings
+    from stt import AsyncTranscriber
 
 log = logging.getLogger(__name__)
 
-# The containers and codecs a reference may come in (the ``input_audio.format`` values accepted).
-REFERENCE_FORMATS = frozenset({"wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "mp4", "aac"})
+# The containers and codecs a chat ``input_audio`` part may come in (its ``format`` values accepted).
+INPUT_AUDIO_FORMATS = frozenset({"wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "mp4", "aac"})
 
 
-class InvalidReference(ValueError):
-    """A voice reference that cannot be used; ``param`` names the request field at fault."""
+class InvalidAudio(ValueError):
+    """Audio in a request that cannot be used; ``param`` names the request field at fault."""
 
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
 
 
+class InvalidReference(InvalidAudio):
+    """A voice reference that cannot be used (not enough speech, an empty transcript, ...)."""
+
+
 @dataclass(frozen=True)
 class ReferenceLimits:
-    """Bounds on a voice reference."""
+    """Bounds on a voice reference, and the rate (the audio tokenizer's) every clip is decoded at."""
 
     sample_rate: int
     min_speech_seconds: float = 1.0
     max_seconds: float = 30.0
     max_bytes: int = 25 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Settings, sample_rate: int) -> ReferenceLimits:
+        """The limits the settings give, at ``sample_rate``."""
+        return cls(
+            sample_rate=sample_rate,
+            min_speech_seconds=settings.min_reference_seconds,
+            max_seconds=settings.max_reference_seconds,
+            max_bytes=int(settings.max_upload_mb * 1024 * 1024),
+        )
 
 
 @dataclass(frozen=True)
@@ -69,41 +78,60 @@ class Reference:
     transcript: str | None = None
 
 
+def decode_input_audio(
+    data: str, fmt: str | None, param: str, *, sample_rate: int, max_seconds: float, max_bytes: int
+) -> Audio:
+    """Decode a chat ``input_audio`` part (a voice reference or speech to transcribe): the one decoder.
+
+    ``param`` is the part's request path (``messages[0].content[1]``). Refuses, naming the field to fix, an
+    unknown format, bad base64, and bytes that are not audio or are longer than ``max_seconds``.
+    """
+    if fmt is not None and fmt.lower() not in INPUT_AUDIO_FORMATS:
+        raise InvalidAudio(
+            f"unsupported audio format {fmt!r}; use one of: {', '.join(sorted(INPUT_AUDIO_FORMATS))}",
+            f"{param}.input_audio.format",
+        )
+    try:
+        raw = decode_base64(data, max_bytes=max_bytes)
+        return decode_audio(raw, target_rate=sample_rate, max_seconds=max_seconds)
+    except AudioError as exc:
+        raise InvalidAudio(f"input audio: {exc}", f"{param}.input_audio.data") from None
+
+
 def load_reference(
     data: str, fmt: str | None, transcript: str | None, limits: ReferenceLimits, param: str
 ) -> Reference:
     """Decode and check a base64 reference clip; ``param`` is its request path (``messages[0].content[1]``).
 
-    Refuses, with a message that says what to fix, an unknown format and bad base64, then whatever
-    ``reference_from_bytes`` refuses.
+    Refuses what ``decode_input_audio`` refuses, then what ``check_reference`` refuses.
     """
-    if fmt is not None and fmt.lower() not in REFERENCE_FORMATS:
-        raise InvalidReference(
-            f"unsupported audio format {fmt!r}; use one of: {', '.join(sorted(REFERENCE_FORMATS))}",
-            f"{param}.input_audio.format",
-        )
-    try:
-        raw = decode_base64(data, max_bytes=limits.max_bytes)
-    except AudioError as exc:
-        raise InvalidReference(f"voice reference: {exc}", f"{param}.input_audio.data") from None
-    return reference_from_bytes(
-        raw, transcript, limits, f"{param}.input_audio.data", f"{param}.input_audio.transcript"
+    audio = decode_input_audio(
+        data, fmt, param, sample_rate=limits.sample_rate, max_seconds=limits.max_seconds,
+        max_bytes=limits.max_bytes,
+    )  # fmt: skip
+    return check_reference(
+        audio, transcript, limits, f"{param}.input_audio.data", f"{param}.input_audio.transcript"
     )
 
 
 def reference_from_bytes(
     raw: bytes, transcript: str | None, limits: ReferenceLimits, param: str, transcript_param: str
 ) -> Reference:
-    """Decode and check a reference clip's bytes.
-
-    Refuses bytes that are not audio, empty or header-only files, NaN samples, clips longer than
-    ``limits.max_seconds``, clips with less than ``limits.min_speech_seconds`` of non-silent sound, and an
-    empty transcript. Leading and trailing silence is trimmed.
-    """
+    """Decode and check an uploaded reference clip's bytes (``check_reference``)."""
     try:
         audio = decode_audio(raw, target_rate=limits.sample_rate, max_seconds=limits.max_seconds)
     except AudioError as exc:
         raise InvalidReference(f"voice reference: {exc}", param) from None
+    return check_reference(audio, transcript, limits, param, transcript_param)
+
+
+def check_reference(
+    audio: Audio, transcript: str | None, limits: ReferenceLimits, param: str, transcript_param: str
+) -> Reference:
+    """Check a decoded reference clip and trim its leading and trailing silence.
+
+    Refuses a clip with less than ``limits.min_speech_seconds`` of non-silent sound and an empty transcript.
+    """
     speech = active_speech_seconds(audio)
     if speech < limits.min_speech_seconds:
         what = "silent" if speech == 0 else f"too short ({speech:.1f} s of sound)"
@@ -121,6 +149,18 @@ def reference_from_bytes(
                 "the reference transcript is empty; omit it or give the words spoken", transcript_param
             )
     return Reference(audio, key, transcript)
+
+
+async def recognised_words(recognizer: AsyncTranscriber | None, audio: Audio, param: str) -> str:
+    """What ``audio`` says, by speech recognition; ``InvalidRequest`` naming ``param`` when it is off."""
+    if recognizer is None:
+        raise InvalidRequest(
+            "speech recognition is turned off on this server; give the words spoken in "
+            "input_audio.transcript",
+            param,
+        )
+    transcript = await recognizer.transcribe(audio)
+    return transcript.text
 
 
 class CodesCache:
@@ -157,220 +197,3 @@ def system_turn(scene: str) -> Turn:
 def clone_turns(scene: str, transcript: str, codes: AudioCodes, text: str) -> list[Turn]:
     """The in-context cloning prompt: scene, the reference said by the "assistant", then the text to speak."""
     return [system_turn(scene), Turn("user", transcript), Turn("assistant", audio=codes), Turn("user", text)]
-
-
-# ---- the voice library on disk ----
-
-VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RESERVED_NAMES = frozenset({"clone", "default"})
-META_DIR = ".voices"
-
-
-class VoiceExists(ValueError):
-    """A voice of that name is already stored."""
-
-
-class VoiceQuotaExceeded(ValueError):
-    """The library is full (count or bytes)."""
-
-
-@dataclass(frozen=True)
-class Voice:
-    """A stored voice: ``NAME.wav`` + ``NAME.txt`` in the voices folder (as Higgs publishes voice prompts)."""
-
-    id: str
-    name: str
-    transcript: str
-    created_at: int
-    builtin: bool
-    duration: float
-    bytes: int
-
-    def public(self) -> dict:
-        """The voice as the API shows it."""
-        return {
-            "id": self.id,
-            "object": "audio.voice",
-            "type": "audio_sample",
-            "name": self.name,
-            "transcript": self.transcript,
-            "created_at": self.created_at,
-            "duration": round(self.duration, 3),
-            "builtin": self.builtin,
-        }
-
-
-def voice_id(name: str) -> str:
-    """A voice's stable id, derived from its name (so hand-placed voices have one too)."""
-    return "voice_" + hashlib.sha256(name.encode()).hexdigest()[:20]
-
-
-def check_voice_name(name: str) -> str:
-    """Return ``name`` if it can name a stored voice, else raise ``ValueError`` saying why."""
-    if not VOICE_NAME.match(name) or ".." in name:
-        raise ValueError(
-            "a voice name is 1 to 64 letters, digits, '_', '-' or '.', starting with a letter or digit"
-        )
-    if name.lower() in RESERVED_NAMES:
-        raise ValueError(f"{name!r} is reserved; choose another name")
-    return name
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class VoiceLibrary:
-    """Voices stored under one folder; survives restarts and crashes.
-
-    Layout: ``NAME.wav`` (24 kHz mono 16-bit) and ``NAME.txt`` (its transcript), as Higgs publishes its voice
-    prompts, so the folder can be filled by hand; ``.voices/NAME.json`` (metadata) and
-    ``.voices/NAME.<audio hash>.npy`` (cached audio codes). A create or delete first writes the marker
-    ``.voices/NAME.pending``, then its files one by one, each atomically (temporary file + rename), the
-    metadata last, and removes the marker; at start-up ``recover`` finishes or undoes whatever a crash
-    interrupted, and removes temporary files. Methods are synchronous and cheap; callers serialise writers.
-    """
-
-    def __init__(self, root: Path, *, max_voices: int = 100, max_bytes: int = 200 * 1024 * 1024):
-        self.root = Path(root)
-        self.meta = self.root / META_DIR
-        self.max_voices = max_voices
-        self.max_bytes = max_bytes
-        self.meta.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._digests: dict[tuple[str, int, int], str] = {}
-        self.recover()
-
-    # ---- reading ----
-
-    def _files(self, name: str) -> tuple[Path, Path, Path]:
-        return self.root / f"{name}.wav", self.root / f"{name}.txt", self.meta / f"{name}.json"
-
-    def _load(self, name: str) -> Voice | None:
-        wav, txt, meta_path = self._files(name)
-        if not (wav.is_file() and txt.is_file()) or (self.meta / f"{name}.pending").exists():
-            return None
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        info = sf.info(str(wav))
-        return Voice(
-            id=voice_id(name),
-            name=name,
-            transcript=" ".join(txt.read_text(encoding="utf-8").split()),
-            created_at=int(meta.get("created_at", wav.stat().st_mtime)),
-            builtin=bool(meta.get("builtin", False)),
-            duration=float(info.duration),
-            bytes=wav.stat().st_size,
-        )
-
-    def list(self) -> list[Voice]:
-        """Every complete voice, by name."""
-        names = sorted(p.stem for p in self.root.glob("*.wav") if VOICE_NAME.match(p.stem))
-        return [v for v in (self._load(n) for n in names) if v is not None]
-
-    def get(self, name_or_id: str) -> Voice | None:
-        """A voice by name or id."""
-        if name_or_id.startswith("voice_"):
-            return next((v for v in self.list() if v.id == name_or_id), None)
-        if not VOICE_NAME.match(name_or_id) or ".." in name_or_id:
-            return None
-        return self._load(name_or_id)
-
-    def audio(self, voice: Voice) -> Audio:
-        """The voice's reference clip."""
-        samples, rate = sf.read(str(self._files(voice.name)[0]), dtype="float32", always_2d=True)
-        return Audio(samples.mean(axis=1), rate)
-
-    def _codes_path(self, voice: Voice) -> Path:
-        wav = self._files(voice.name)[0]
-        stat = wav.stat()
-        key = (voice.name, stat.st_mtime_ns, stat.st_size)
-        digest = self._digests.get(key)
-        if digest is None:  # hash a clip once, not on every request that uses it
-            digest = hashlib.sha256(wav.read_bytes()).hexdigest()[:16]
-            self._digests[key] = digest
-        return self.meta / f"{voice.name}.{digest}.npy"
-
-    def codes(self, voice: Voice) -> AudioCodes | None:
-        """The cached audio codes of the voice's clip, if computed (they follow the clip's content)."""
-        path = self._codes_path(voice)
-        if not path.is_file():
-            return None
-        return AudioCodes(torch.from_numpy(np.load(path).astype(np.int64)))
-
-    def save_codes(self, voice: Voice, codes: AudioCodes) -> None:
-        """Cache a voice's audio codes next to it."""
-        buf = io.BytesIO()
-        np.save(buf, codes.codes.numpy().astype(np.int16))
-        _write_atomic(self._codes_path(voice), buf.getvalue())
-
-    # ---- writing ----
-
-    def create(
-        self, name: str, audio: Audio, transcript: str, codes: AudioCodes | None = None, builtin: bool = False
-    ) -> Voice:
-        """Store a new voice; raises ``VoiceExists`` or ``VoiceQuotaExceeded``, writing nothing then."""
-        check_voice_name(name)
-        buf = io.BytesIO()
-        sf.write(buf, audio.samples, audio.sample_rate, format="WAV", subtype="PCM_16")
-        wav_bytes = buf.getvalue()
-        with self._lock:
-            voices = self.list()
-            if any(v.name.lower() == name.lower() for v in voices) or self._files(name)[0].exists():
-                raise VoiceExists(
-                    f"a voice named {name!r} already exists; delete it first or pick another name"
-                )
-            if len(voices) >= self.max_voices:
-                raise VoiceQuotaExceeded(f"the voice library is full ({self.max_voices} voices)")
-            if sum(v.bytes for v in voices) + len(wav_bytes) > self.max_bytes:
-                raise VoiceQuotaExceeded(
-                    f"the voice library is full ({self.max_bytes / 1e6:g} MB of audio); delete a voice first"
-                )
-            wav, txt, meta = self._files(name)
-            marker = self.meta / f"{name}.pending"
-            _write_atomic(marker, b"create")
-            _write_atomic(wav, wav_bytes)
-            _write_atomic(txt, transcript.encode("utf-8"))
-            voice = Voice(
-                voice_id(name), name, transcript, int(time.time()), builtin, audio.duration, len(wav_bytes)
-            )
-            if codes is not None:
-                self.save_codes(voice, codes)
-            _write_atomic(meta, json.dumps({"created_at": voice.created_at, "builtin": builtin}).encode())
-            marker.unlink()
-        return voice
-
-    def delete(self, name_or_id: str) -> bool:
-        """Remove a voice; False if there is none of that name or id."""
-        with self._lock:
-            voice = self.get(name_or_id)
-            if voice is None:
-                return False
-            marker = self.meta / f"{voice.name}.pending"
-            _write_atomic(marker, b"delete")
-            self._remove(voice.name)
-            marker.unlink()
-        return True
-
-    def _remove(self, name: str) -> None:
-        for path in (*self._files(name), *self.meta.glob(f"{glob.escape(name)}.*.npy")):
-            path.unlink(missing_ok=True)
-
-    def recover(self) -> None:
-        """Finish or undo what a crash interrupted, and remove temporary files."""
-        for tmp in [*self.root.glob(".tmp-*"), *self.meta.glob(".tmp-*")]:
-            tmp.unlink(missing_ok=True)
-        for marker in self.meta.glob("*.pending"):
-            name = marker.name.removesuffix(".pending")
-            if marker.read_bytes() == b"delete" or not self._files(name)[2].is_file():
-                log.warning("voice %r: removing what an interrupted write left", name)
-                self._remove(name)
-            marker.unlink()

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 from audio import Audio
 from engine import AudioCodes
-from voice_cloning import VoiceExists, VoiceLibrary, VoiceQuotaExceeded, check_voice_name
+from voices import VoiceExists, VoiceLibrary, VoiceQuotaExceeded, check_voice_name
 
 
 def clip(seconds: float = 2.0, freq: float = 220.0) -> Audio:
@@ -70,7 +70,7 @@ CRASH = """
 import os, sys
 sys.path.insert(0, {root!r})
 import numpy as np
-import voice_cloning
+import voices
 from audio import Audio
 from pathlib import Path
 calls = 0
@@ -85,8 +85,8 @@ def dying(real):
 if {delete}:
     Path.unlink = dying(Path.unlink)
 else:
-    voice_cloning.os.replace = dying(os.replace)
-library = voice_cloning.VoiceLibrary({folder!r})
+    voices.os.replace = dying(os.replace)
+library = voices.VoiceLibrary({folder!r})
 if {delete}:
     library.delete("anna")
 else:

@@ -1,0 +1,440 @@
+"""Stored voices: the library on disk, OpenAI's built-in voice names, and resolving a name to a prompt.
+
+A voice is ``default`` (Higgs' own, unconditioned) or a stored voice: a clip and its transcript in the
+voices folder, by name or id. OpenAI's built-in names (``BUILTIN_VOICES``) are stored voices too, made by
+the model the first time one is used and cloned from ever after. ``Voices`` is what the routes and the
+planner use: it serialises the library's writers, transcribes an uploaded clip once (the transcript is
+stored with it) and caches each voice's audio codes on disk. No HTTP knowledge: failures are domain errors
+(``VoiceNotFound``, ``VoiceExists``, ...) that ``errors.py`` maps to statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from audio import Audio, active_speech_seconds, trim_silence
+from engine import AudioCodes, Engine, GenerationRequest, Turn
+from protocol import InvalidRequest
+from settings import Settings
+from stt import AsyncTranscriber
+from voice_cloning import (
+    InvalidReference,
+    Reference,
+    ReferenceLimits,
+    clone_turns,
+    recognised_words,
+    reference_from_bytes,
+    system_turn,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VOICE = "default"
+
+# OpenAI's built-in voice names. Each is a stored voice: the library's voice of that name when there is
+# one; otherwise, on first use, the model speaks BUILTIN_SENTENCE with this speaker description and a seed
+# derived from the name, and the clip is stored (marked built-in) and cloned from ever after, so the voice
+# is the same on every request. A description alone would give a new timbre for every text.
+BUILTIN_VOICES: dict[str, str] = {
+    "alloy": "a calm adult voice, neutral and balanced, clear diction",
+    "ash": "a male voice, relaxed and slightly husky",
+    "ballad": "a male voice, soft and warm, like a storyteller",
+    "coral": "a female voice, bright and friendly",
+    "echo": "a male voice, deep and resonant",
+    "fable": "a male voice with a British accent, expressive",
+    "nova": "a young female voice, energetic and clear",
+    "onyx": "a male voice, low and authoritative",
+    "sage": "a female voice, calm and thoughtful",
+    "shimmer": "a female voice, light and gentle",
+    "verse": "a male voice, lively and articulate",
+    "marin": "a female voice, smooth and professional",
+    "cedar": "a male voice, warm and grounded",
+}
+BUILTIN_SENTENCE = (
+    "Hello, it is nice to meet you. I will read your text in this voice, clearly and at an even pace."
+)
+
+# Audio tokens past the last frame of speech: the delay pattern's extra columns and the stream's end marker.
+AUDIO_TOKEN_MARGIN = 16
+
+
+def audio_token_cap(frame_rate: float, seconds: float) -> int:
+    """Audio tokens that ``seconds`` of speech take, with the margin the model needs to end them."""
+    return int(frame_rate * seconds) + AUDIO_TOKEN_MARGIN
+
+
+def builtin_seed(name: str) -> int:
+    """The fixed seed a built-in voice is made with."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
+
+
+@dataclass(frozen=True)
+class VoicePrompt:
+    """What a voice adds to the prompt: a reference (transcript and codes), or nothing (default voice)."""
+
+    name: str
+    transcript: str | None = None
+    codes: AudioCodes | None = None
+
+    def turns(self, scene: str, text: str) -> list[Turn]:
+        """The prompt that speaks ``text`` in this voice."""
+        if self.codes is None or self.transcript is None:
+            return [system_turn(scene), Turn("user", text)]
+        return clone_turns(scene, self.transcript, self.codes, text)
+
+
+VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RESERVED_NAMES = frozenset({"clone", "default"})
+META_DIR = ".voices"
+
+
+class VoiceExists(ValueError):
+    """A voice of that name is already stored."""
+
+
+class VoiceQuotaExceeded(ValueError):
+    """The library is full (count or bytes)."""
+
+
+class VoiceNotFound(LookupError):
+    """No stored voice has that name or id."""
+
+
+class InvalidVoiceName(ValueError):
+    """A name that cannot name a stored voice; the message says why."""
+
+
+class BuiltinVoiceFailed(RuntimeError):
+    """The model made no usable clip for a built-in voice (a server fault, not the client's)."""
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A stored voice: ``NAME.wav`` + ``NAME.txt`` in the voices folder (as Higgs publishes voice prompts)."""
+
+    id: str
+    name: str
+    transcript: str
+    created_at: int
+    builtin: bool
+    duration: float
+    bytes: int
+
+    def public(self) -> dict:
+        """The voice as the API shows it."""
+        return {
+            "id": self.id,
+            "object": "audio.voice",
+            "type": "audio_sample",
+            "name": self.name,
+            "transcript": self.transcript,
+            "created_at": self.created_at,
+            "duration": round(self.duration, 3),
+            "builtin": self.builtin,
+        }
+
+
+def voice_id(name: str) -> str:
+    """A voice's stable id, derived from its name (so hand-placed voices have one too)."""
+    return "voice_" + hashlib.sha256(name.encode()).hexdigest()[:20]
+
+
+def check_voice_name(name: str) -> str:
+    """Return ``name`` if it can name a stored voice, else raise ``InvalidVoiceName`` saying why."""
+    if not VOICE_NAME.match(name) or ".." in name:
+        raise InvalidVoiceName(
+            "a voice name is 1 to 64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    if name.lower() in RESERVED_NAMES:
+        raise InvalidVoiceName(f"{name!r} is reserved; choose another name")
+    return name
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``."""
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class VoiceLibrary:
+    """Voices stored under one folder; survives restarts and crashes.
+
+    Layout: ``NAME.wav`` (24 kHz mono 16-bit) and ``NAME.txt`` (its transcript), as Higgs publishes its voice
+    prompts, so the folder can be filled by hand; ``.voices/NAME.json`` (metadata) and
+    ``.voices/NAME.<audio hash>.npy`` (cached audio codes). A create or delete first writes the marker
+    ``.voices/NAME.pending``, then its files one by one, each atomically (temporary file + rename), the
+    metadata last, and removes the marker; at start-up ``recover`` finishes or undoes whatever a crash
+    interrupted, and removes temporary files. Methods are synchronous and cheap; callers serialise writers.
+    """
+
+    def __init__(self, root: Path, *, max_voices: int = 100, max_bytes: int = 200 * 1024 * 1024):
+        self.root = Path(root)
+        self.meta = self.root / META_DIR
+        self.max_voices = max_voices
+        self.max_bytes = max_bytes
+        self.meta.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._digests: dict[tuple[str, int, int], str] = {}
+        self.recover()
+
+    # ---- reading ----
+
+    def _files(self, name: str) -> tuple[Path, Path, Path]:
+        return self.root / f"{name}.wav", self.root / f"{name}.txt", self.meta / f"{name}.json"
+
+    def _load(self, name: str) -> Voice | None:
+        wav, txt, meta_path = self._files(name)
+        if not (wav.is_file() and txt.is_file()) or (self.meta / f"{name}.pending").exists():
+            return None
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        info = sf.info(str(wav))
+        return Voice(
+            id=voice_id(name),
+            name=name,
+            transcript=" ".join(txt.read_text(encoding="utf-8").split()),
+            created_at=int(meta.get("created_at", wav.stat().st_mtime)),
+            builtin=bool(meta.get("builtin", False)),
+            duration=float(info.duration),
+            bytes=wav.stat().st_size,
+        )
+
+    def list(self) -> list[Voice]:
+        """Every complete voice, by name."""
+        names = sorted(p.stem for p in self.root.glob("*.wav") if VOICE_NAME.match(p.stem))
+        return [v for v in (self._load(n) for n in names) if v is not None]
+
+    def get(self, name_or_id: str) -> Voice | None:
+        """A voice by name or id."""
+        if name_or_id.startswith("voice_"):
+            return next((v for v in self.list() if v.id == name_or_id), None)
+        if not VOICE_NAME.match(name_or_id) or ".." in name_or_id:
+            return None
+        return self._load(name_or_id)
+
+    def audio(self, voice: Voice) -> Audio:
+        """The voice's reference clip."""
+        samples, rate = sf.read(str(self._files(voice.name)[0]), dtype="float32", always_2d=True)
+        return Audio(samples.mean(axis=1), rate)
+
+    def _codes_path(self, voice: Voice) -> Path:
+        wav = self._files(voice.name)[0]
+        stat = wav.stat()
+        key = (voice.name, stat.st_mtime_ns, stat.st_size)
+        digest = self._digests.get(key)
+        if digest is None:  # hash a clip once, not on every request that uses it
+            digest = hashlib.sha256(wav.read_bytes()).hexdigest()[:16]
+            self._digests[key] = digest
+        return self.meta / f"{voice.name}.{digest}.npy"
+
+    def codes(self, voice: Voice) -> AudioCodes | None:
+        """The cached audio codes of the voice's clip, if computed (they follow the clip's content)."""
+        path = self._codes_path(voice)
+        if not path.is_file():
+            return None
+        return AudioCodes(torch.from_numpy(np.load(path).astype(np.int64)))
+
+    def save_codes(self, voice: Voice, codes: AudioCodes) -> None:
+        """Cache a voice's audio codes next to it."""
+        buf = io.BytesIO()
+        np.save(buf, codes.codes.numpy().astype(np.int16))
+        _write_atomic(self._codes_path(voice), buf.getvalue())
+
+    # ---- writing ----
+
+    def create(
+        self, name: str, audio: Audio, transcript: str, codes: AudioCodes | None = None, builtin: bool = False
+    ) -> Voice:
+        """Store a new voice; raises ``VoiceExists`` or ``VoiceQuotaExceeded``, writing nothing then."""
+        check_voice_name(name)
+        buf = io.BytesIO()
+        sf.write(buf, audio.samples, audio.sample_rate, format="WAV", subtype="PCM_16")
+        wav_bytes = buf.getvalue()
+        with self._lock:
+            voices = self.list()
+            if any(v.name.lower() == name.lower() for v in voices) or self._files(name)[0].exists():
+                raise VoiceExists(
+                    f"a voice named {name!r} already exists; delete it first or pick another name"
+                )
+            if len(voices) >= self.max_voices:
+                raise VoiceQuotaExceeded(f"the voice library is full ({self.max_voices} voices)")
+            if sum(v.bytes for v in voices) + len(wav_bytes) > self.max_bytes:
+                raise VoiceQuotaExceeded(
+                    f"the voice library is full ({self.max_bytes / 1e6:g} MB of audio); delete a voice first"
+                )
+            wav, txt, meta = self._files(name)
+            marker = self.meta / f"{name}.pending"
+            _write_atomic(marker, b"create")
+            _write_atomic(wav, wav_bytes)
+            _write_atomic(txt, transcript.encode("utf-8"))
+            voice = Voice(
+                voice_id(name), name, transcript, int(time.time()), builtin, audio.duration, len(wav_bytes)
+            )
+            if codes is not None:
+                self.save_codes(voice, codes)
+            _write_atomic(meta, json.dumps({"created_at": voice.created_at, "builtin": builtin}).encode())
+            marker.unlink()
+        return voice
+
+    def delete(self, name_or_id: str) -> bool:
+        """Remove a voice; False if there is none of that name or id."""
+        with self._lock:
+            voice = self.get(name_or_id)
+            if voice is None:
+                return False
+            marker = self.meta / f"{voice.name}.pending"
+            _write_atomic(marker, b"delete")
+            self._remove(voice.name)
+            marker.unlink()
+        return True
+
+    def _remove(self, name: str) -> None:
+        for path in (*self._files(name), *self.meta.glob(f"{glob.escape(name)}.*.npy")):
+            path.unlink(missing_ok=True)
+
+    def recover(self) -> None:
+        """Finish or undo what a crash interrupted, and remove temporary files."""
+        for tmp in [*self.root.glob(".tmp-*"), *self.meta.glob(".tmp-*")]:
+            tmp.unlink(missing_ok=True)
+        for marker in self.meta.glob("*.pending"):
+            name = marker.name.removesuffix(".pending")
+            if marker.read_bytes() == b"delete" or not self._files(name)[2].is_file():
+                log.warning("voice %r: removing what an interrupted write left", name)
+                self._remove(name)
+            marker.unlink()
+
+
+class Voices:
+    """The voice library as the service uses it: find, make, store and remove voices.
+
+    Writers (create, delete, making a built-in voice) hold one lock, so that two requests cannot store the
+    same name at once; every file operation runs off the event loop.
+    """
+
+    def __init__(
+        self, settings: Settings, engine: Engine, recognizer: AsyncTranscriber | None, library: VoiceLibrary
+    ):
+        self.settings = settings
+        self.engine = engine
+        self.recognizer = recognizer
+        self.library = library
+        self.limits = ReferenceLimits.from_settings(settings, engine.sample_rate)
+        self._lock = asyncio.Lock()
+
+    def names(self) -> list[str]:
+        """Every voice name a request may use."""
+        stored = [v.name for v in self.library.list()]
+        return sorted({DEFAULT_VOICE, *stored, *BUILTIN_VOICES})
+
+    async def list(self) -> list[Voice]:
+        """Every stored voice."""
+        return await asyncio.to_thread(self.library.list)
+
+    async def get(self, name_or_id: str) -> Voice:
+        """A stored voice by name or id; ``VoiceNotFound`` when there is none."""
+        voice = await asyncio.to_thread(self.library.get, name_or_id)
+        if voice is None:
+            raise VoiceNotFound(f"no voice {name_or_id!r}")
+        return voice
+
+    async def resolve(self, name: str, param: str) -> VoicePrompt:
+        """What voice ``name`` (or id) adds to a prompt. A built-in name not stored yet is made first: a whole
+        generation, once. ``InvalidRequest`` naming the voices there are when the name is unknown."""
+        if name == DEFAULT_VOICE:
+            return VoicePrompt(DEFAULT_VOICE)
+        stored = await asyncio.to_thread(self.library.get, name)
+        if stored is None and name in BUILTIN_VOICES:
+            stored = await self.make_builtin(name)
+        if stored is None:
+            names = ", ".join(["clone (chat only)", *self.names()])
+            raise InvalidRequest(f"unknown voice {name!r}; available voices: {names}", param)
+        return VoicePrompt(stored.name, stored.transcript, await self._codes(stored))
+
+    async def _codes(self, voice: Voice) -> AudioCodes:
+        """A stored voice's codes: from disk when cached there, else encoded once and cached."""
+        codes = await asyncio.to_thread(self.library.codes, voice)
+        if codes is None:
+            audio = await asyncio.to_thread(self.library.audio, voice)
+            codes = await self.engine.encode(audio)
+            await asyncio.to_thread(self.library.save_codes, voice, codes)
+        return codes
+
+    async def make_builtin(self, name: str) -> Voice:
+        """Generate built-in voice ``name``'s clip and store it (unless another request just did)."""
+        async with self._lock:
+            stored = await asyncio.to_thread(self.library.get, name)
+            if stored is not None:
+                return stored
+            log.info("making built-in voice %r (first use)", name)
+            s = self.settings
+            scene = f"{s.default_scene}\n\nSPEAKER0: {BUILTIN_VOICES[name]}"
+            request = GenerationRequest(
+                turns=[system_turn(scene), Turn("user", BUILTIN_SENTENCE)],
+                audio_output=True,
+                max_new_tokens=audio_token_cap(self.engine.frame_rate, s.builtin_voice_seconds),
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                seed=builtin_seed(name),
+                ras_window=s.ras_window,
+                time_limit=s.generation_timeout_seconds,
+            )
+            result = await self.engine.generate(request)
+            if result.audio is None or active_speech_seconds(result.audio) < s.min_reference_seconds:
+                raise BuiltinVoiceFailed(f"the model did not produce a usable clip for voice {name!r}")
+            audio = trim_silence(result.audio)
+            codes = await self.engine.encode(audio)
+            return await asyncio.to_thread(self.library.create, name, audio, BUILTIN_SENTENCE, codes, True)
+
+    async def create(self, name: str, data: bytes, transcript: str | None) -> Voice:
+        """Store an uploaded voice: validated, transcribed when no transcript is given, and encoded, all
+        before anything is written."""
+        check_voice_name(name)
+        if await asyncio.to_thread(self.library.get, name) is not None:
+            raise VoiceExists(f"a voice named {name!r} already exists")
+        reference = await asyncio.to_thread(
+            reference_from_bytes, data, transcript, self.limits, "audio_sample", "transcript"
+        )
+        if reference.transcript is None:
+            text = await recognised_words(self.recognizer, reference.audio, "transcript")
+            if not text:
+                raise InvalidReference(
+                    "no words were recognised in the sample; send clear speech or give its transcript",
+                    "audio_sample",
+                )
+            reference = Reference(reference.audio, reference.key, text)
+        codes = await self.engine.encode(reference.audio)
+        async with self._lock:
+            return await asyncio.to_thread(
+                self.library.create, name, reference.audio, reference.transcript, codes
+            )
+
+    async def delete(self, name_or_id: str) -> Voice:
+        """Remove a stored voice; ``VoiceNotFound`` when there is none."""
+        async with self._lock:
+            voice = await asyncio.to_thread(self.library.get, name_or_id)
+            if voice is None or not await asyncio.to_thread(self.library.delete, voice.name):
+                raise VoiceNotFound(f"no voice {name_or_id!r}")
+        return voice
