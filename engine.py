@@ -617,3 +617,28 @@ class _IncrementalDecoder:
         self.tail = np.array(decoded[stop : stop + self.crossfade], dtype=np.float32)
         self.sent = upto
         self.listener(AudioPiece(np.clip(piece, -1.0, 1.0)))
+
+
+# ---- loading from the settings ----
+
+from settings import Settings, resolve_device  # noqa: E402
+
+
+def load_engine(settings: Settings) -> HiggsEngine:
+    """Load Higgs Audio as the settings say (blocking; minutes for the real model)."""
+    device = resolve_device(settings.device, torch.cuda.is_available())
+    streaming = StreamSettings(
+        first_chunk_frames=settings.stream_first_chunk_frames,
+        chunk_frames=settings.stream_chunk_frames,
+        context_frames=settings.stream_context_frames,
+        crossfade_ms=settings.stream_crossfade_ms,
+    )
+    return HiggsEngine(
+        settings.model,
+        settings.audio_tokenizer,
+        device,
+        settings.dtype,
+        settings.kv_cache_lengths,
+        streaming,
+        max_queue=settings.max_queue,
+    )

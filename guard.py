@@ -13,6 +13,8 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from errors import error_body
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -26,14 +28,14 @@ async def send_error(
     send: Send, status: int, message: str, type_: str, code: str | None, **headers: str
 ) -> None:
     """Answer with OpenAI's error envelope."""
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    body = json.dumps(error_body(message, type_, None, code)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
 
 
-class Guard:
+class RequestGate:
     """The API-key and body-size checks (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int):

@@ -1,45 +1,15 @@
-"""The wire: OpenAI-shaped request and response models, and the one error type.
+"""The wire: OpenAI-shaped request and response models, and the error a request is refused with.
 
 Requests accept unknown fields (new OpenAI SDK fields must not break old servers); the HTTP layer logs
-which were ignored. Nothing here touches torch or the model.
+which were ignored. Nothing here touches torch or the model; ``errors.py`` turns ``InvalidRequest`` into
+OpenAI's error envelope.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-
-class APIError(Exception):
-    """A failure reported to the client in OpenAI's error envelope."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        """The JSON body, exactly OpenAI's shape."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    """A 400 ``invalid_request_error``."""
-    return APIError(400, message, param=param, code=code)
 
 
 class InvalidRequest(ValueError):
@@ -211,3 +181,23 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- speech to text (multipart form fields; the file is a separate part) -----------------------------------
+
+
+class TranslationForm(BaseModel):
+    """The form fields of ``/v1/audio/translations``."""
+
+    model: str
+    prompt: str | None = None
+    response_format: str = "json"
+    temperature: float = 0.0
+
+
+class TranscriptionForm(TranslationForm):
+    """The form fields of ``/v1/audio/transcriptions``."""
+
+    language: str | None = None
+    timestamp_granularities: list[str] = Field(default_factory=list, alias="timestamp_granularities[]")
+    stream: bool = False

@@ -1,9 +1,10 @@
 """Response bodies made while the engine generates: chat-completion SSE, speech audio and speech SSE.
 
-Each takes the engine's event iterator after its ``Started`` event (so every 4xx has already been answered)
-and yields bytes. Leaving early (the client disconnected) closes the engine's iterator, which stops the
-generation within one decoding step. A failure after the headers were sent ends an SSE stream with an
-``error`` event; a plain audio body is cut off (an incomplete chunked body tells the client it failed).
+Each takes the engine's event iterator after ``started`` has read its ``Started`` event (so every 4xx has
+already been answered) and yields bytes. Leaving early (the client disconnected) closes the engine's
+iterator, which stops the generation within one decoding step. A failure after the headers were sent ends
+an SSE stream with an ``error`` event (``errors.error_body``); a plain audio body is cut off (an incomplete
+chunked body tells the client it failed).
 """
 
 from __future__ import annotations
@@ -19,18 +20,30 @@ from typing import Any
 import numpy as np
 
 from audio import EncoderStream, TempoStream, pcm16
-from engine import AudioPiece, GenerationResult, StreamEvent, TextPiece
+from engine import AudioPiece, GenerationResult, Started, StreamEvent, TextPiece
+from errors import error_body
 
 log = logging.getLogger(__name__)
 
-SERVER_ERROR = {"message": "generation failed; see the server log", "type": "server_error", "param": None,
-                "code": None}  # fmt: skip
+SERVER_ERROR = error_body("generation failed; see the server log", "server_error")["error"]
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
     """One server-sent event."""
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
+
+
+async def started(events: AsyncIterator[StreamEvent]) -> None:
+    """Wait for generation to start, so that errors found while preparing it are answered as errors."""
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+    if not isinstance(first, Started):
+        await events.aclose()
+        raise RuntimeError(f"the engine's stream began with {type(first).__name__}")
 
 
 async def chat_events(

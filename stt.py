@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,9 @@ from transformers.models.whisper.tokenization_whisper import LANGUAGES as WHISPE
 from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE as WHISPER_LANGUAGE_CODES
 
 from audio import Audio, resample
+from settings import Settings
+
+log = logging.getLogger(__name__)
 
 #: Sample rate every Whisper model expects.
 WHISPER_SAMPLE_RATE = 16_000
@@ -424,3 +428,34 @@ def to_verbose_json(t: Transcript, task: str, include_words: bool, include_segme
             for w in (s.words or [])
         ]
     return body
+
+
+def load_recognizer(settings: Settings) -> AsyncTranscriber:
+    """Load faster-whisper as the settings say and warm it up (blocking).
+
+    With ``stt_device=auto`` on a GPU whose CUDA libraries CTranslate2 cannot load (its PyPI wheels need
+    CUDA 12's cuBLAS), recognition falls back to the CPU with a warning instead of failing the start-up.
+    """
+
+    def load(device: str) -> WhisperTranscriber:
+        transcriber = WhisperTranscriber(
+            settings.stt_model, device=device, compute_type=settings.stt_compute_type
+        )
+        transcriber.warm_up()
+        return transcriber
+
+    try:
+        return AsyncTranscriber(load(settings.stt_device), max_pending=settings.max_queue)
+    except RuntimeError as exc:
+        if settings.stt_device != "auto" or not _cuda_available():
+            raise
+        log.warning(
+            "speech recognition could not run on CUDA (%s); running it on the CPU instead. "
+            "See the README's 'Speech recognition on a GPU'.",
+            exc,
+        )
+        return AsyncTranscriber(load("cpu"), max_pending=settings.max_queue)
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()

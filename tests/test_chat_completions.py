@@ -318,7 +318,6 @@ def test_log_lines_carry_the_request_id_and_no_audio(client, caplog):
 def test_speech_recognition_falls_back_to_the_cpu_when_cuda_libraries_are_missing(
     settings, monkeypatch, caplog
 ):
-    import app as app_module
     import stt
 
     class NoCudaWhisper:
@@ -330,13 +329,13 @@ def test_speech_recognition_falls_back_to_the_cpu_when_cuda_libraries_are_missin
                 raise RuntimeError("Library libcublas.so.12 is not found or cannot be loaded")
 
     monkeypatch.setattr(stt, "WhisperTranscriber", NoCudaWhisper)
-    monkeypatch.setattr(app_module, "_cuda_available", lambda: True)
-    recognizer = app_module.load_recognizer(settings.model_copy(update={"stt_device": "auto"}))
+    monkeypatch.setattr(stt, "_cuda_available", lambda: True)
+    recognizer = stt.load_recognizer(settings.model_copy(update={"stt_device": "auto"}))
     assert recognizer.transcriber.device == "cpu"
     assert "libcublas.so.12" in caplog.text
     recognizer.close()
     with pytest.raises(RuntimeError, match="libcublas"):
-        app_module.load_recognizer(settings.model_copy(update={"stt_device": "cuda"}))
+        stt.load_recognizer(settings.model_copy(update={"stt_device": "cuda"}))
 
 
 @pytest.mark.parametrize("fmt", ["mp3", "flac", "opus", "aac"])

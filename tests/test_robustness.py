@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from app import create_app
-from guard import Guard
+from guard import RequestGate
 
 SPEAK = [{"role": "user", "content": "Hello there."}]
 CHAT = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "wav"},
@@ -174,7 +174,7 @@ def test_the_key_is_checked_before_the_body_is_read():
     async def app(scope, receive, send):
         raise AssertionError("the app was called")
 
-    guard = Guard(app, api_key="k", max_body_bytes=10)
+    guard = RequestGate(app, api_key="k", max_body_bytes=10)
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
              "headers": [(b"content-length", b"999999999")]}  # fmt: skip
     asyncio.run(guard(scope, receive, send))

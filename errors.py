@@ -1,0 +1,188 @@
+"""Every failure a client hears about, in OpenAI's error envelope, and nowhere else.
+
+``error_body`` is the one builder of ``{"error": {"message", "type", "param", "code"}}``; the exception
+handlers, the door checks (``guard.py``) and the SSE error events (``streaming.py``) all use it. The
+modules below the HTTP layer raise domain errors (a voice that does not exist, a full queue, a reference
+that is not audio, ...); ``install_error_handlers`` maps each to its HTTP status here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine import ContextLengthError, EngineBusy, EngineFailure
+from protocol import InvalidRequest
+from stt import TranscriberBusy
+from voice_cloning import InvalidAudio
+from voices import BuiltinVoiceFailed, InvalidVoiceName, VoiceExists, VoiceNotFound, VoiceQuotaExceeded
+
+log = logging.getLogger(__name__)
+
+# Seconds a client is told to wait when a queue is full, unless the error says otherwise.
+DEFAULT_RETRY_AFTER = 2
+
+
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error envelope, exactly."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """A failure reported to the client with ``status`` and OpenAI's error envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 ``invalid_request_error``."""
+    return APIError(400, message, param=param, code=code)
+
+
+def as_api_error(exc: Exception) -> APIError:
+    """The HTTP face of a domain error (anything else is a 500 that says to read the log)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequest):
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, InvalidAudio):
+        return APIError(400, str(exc), param=exc.param, code="invalid_audio")
+    if isinstance(exc, InvalidVoiceName):
+        return APIError(400, str(exc), param="name")
+    if isinstance(exc, VoiceNotFound):
+        return APIError(404, str(exc), param="voice_id", code="voice_not_found")
+    if isinstance(exc, VoiceExists):
+        return APIError(409, str(exc), param="name", code="voice_exists")
+    if isinstance(exc, VoiceQuotaExceeded):
+        return APIError(413, str(exc), param="audio_sample", code="voice_quota_exceeded")
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, EngineBusy | TranscriberBusy):
+        retry_after = getattr(exc, "retry_after", DEFAULT_RETRY_AFTER)
+        return APIError(
+            429,
+            str(exc),
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
+        )
+    if isinstance(exc, EngineFailure):
+        status = 503 if exc.code == "engine_failed" else 500
+        return APIError(status, str(exc), type="server_error", code=exc.code)
+    if isinstance(exc, BuiltinVoiceFailed):
+        return APIError(500, str(exc), type="server_error")
+    return APIError(500, "the server failed to handle this request; see its log", type="server_error")
+
+
+DOMAIN_ERRORS: tuple[type[Exception], ...] = (
+    APIError,
+    InvalidRequest,
+    InvalidAudio,
+    InvalidVoiceName,
+    VoiceNotFound,
+    VoiceExists,
+    VoiceQuotaExceeded,
+    ContextLengthError,
+    EngineBusy,
+    TranscriberBusy,
+    EngineFailure,
+    BuiltinVoiceFailed,
+)
+
+
+def error_response(error: APIError) -> JSONResponse:
+    """``error`` as a response."""
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+# Union member names pydantic puts in an error's location ('str', 'list[...]', a tagged union's tag).
+_UNION_MEMBERS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    """``('body', 'messages', 0, 'content', 1, 'input_audio', 'input_audio', 'data')`` -> dotted path."""
+    parts: list[Any] = [p for p in loc if p != "body"]
+    path = ""
+    previous: Any = None
+    for p in parts:
+        if isinstance(p, int):
+            path += f"[{p}]"
+        elif "[" in str(p) or p in _UNION_MEMBERS or p == previous:
+            pass
+        else:
+            path += f".{p}" if path else str(p)
+        previous = p
+    return path or None
+
+
+def _validation_message(err: dict[str, Any]) -> str:
+    if err.get("type") == "json_invalid":
+        return "the request body is not valid JSON"
+    if err.get("type") == "missing":
+        return "this field is required"
+    if err.get("type") == "union_tag_invalid":
+        expected = err.get("ctx", {}).get("expected_tags", "text or input_audio")
+        return f"unsupported content part type; use {expected}"
+    return str(err.get("msg", "invalid value"))
+
+
+async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+    """A domain error (or ``APIError``) as its HTTP answer."""
+    return error_response(as_api_error(exc))
+
+
+async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 becomes OpenAI's 400, naming the field."""
+    # Of a union's alternatives, the deepest error is the one closest to what the client meant.
+    err = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
+    param = None if err.get("type") == "json_invalid" else param_from_loc(tuple(err.get("loc", ())))
+    return error_response(APIError(400, _validation_message(err), param=param))
+
+
+async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (unknown route, wrong method) in the envelope."""
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+
+async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """Anything else: a 500 that leaks nothing; the traceback goes to the log."""
+    log.exception("unexpected failure")
+    return error_response(as_api_error(exc))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every failure in OpenAI's envelope."""
+    for kind in DOMAIN_ERRORS:
+        app.add_exception_handler(kind, on_domain_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,104 @@
+"""``POST /v1/chat/completions``: speech (or the model's text) as a chat completion, whole or streamed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import numpy as np
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from audio import Audio, encode_audio
+from engine import GenerationResult, Started, StreamEvent, TextPiece
+from errors import bad_request
+from protocol import AssistantMessage, AudioOut, ChatCompletion, ChatCompletionRequest, Choice, Usage
+from routes.deps import EngineDep, PlannerDep, SettingsDep, check_model, log_ignored, require_generation_slot
+from streaming import chat_events, started, usage_of
+
+router = APIRouter(tags=["chat"])
+
+# How long the answer says its audio stays valid (OpenAI's ``expires_at``); nothing is kept here.
+AUDIO_LIFETIME_SECONDS = 3600
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    response_model_exclude_none=False,
+    dependencies=[Depends(require_generation_slot)],
+)
+async def chat_completions(
+    body: ChatCompletionRequest, settings: SettingsDep, planner: PlannerDep, engine: EngineDep
+) -> Response:
+    """OpenAI's chat completions with audio output: the last user message spoken, or the model's text."""
+    log_ignored(body)
+    check_model(settings, body.model)
+    if body.stream and body.wants_audio and body.audio and body.audio.format != "pcm16":
+        raise bad_request("streamed audio is pcm16; set audio.format to pcm16", "audio.format")
+    plan = await planner.plan(body)
+    headers = {"X-Voice": plan.voice}
+    if plan.fallback:
+        headers["X-Voice-Fallback"] = f"default; reason={plan.fallback}"
+    completion_id = "chatcmpl-" + uuid.uuid4().hex
+    created = int(time.time())
+    if body.stream:
+        events = engine.stream(plan.request) if plan.request else _answer_events(plan.direct_answer)
+        await started(events)
+        body_stream = chat_events(
+            events,
+            completion_id=completion_id,
+            created=created,
+            model=body.model,
+            audio_id="audio_" + uuid.uuid4().hex if body.wants_audio else None,
+            transcript=plan.spoken_text,
+            expires_at=created + AUDIO_LIFETIME_SECONDS,
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        )
+        return StreamingResponse(body_stream, media_type="text/event-stream", headers=headers)
+    result = _answer(plan.direct_answer) if plan.request is None else await engine.generate(plan.request)
+    if plan.request is not None and plan.request.audio_output:
+        fmt = body.audio.format if body.audio else "wav"
+        audio = result.audio or Audio(np.zeros(0, np.float32), engine.sample_rate)
+        if audio.samples.size == 0:  # too few tokens for one frame: an instant of silence, not an error
+            audio = Audio(np.zeros(audio.sample_rate // 100, np.float32), audio.sample_rate)
+        data = await asyncio.to_thread(encode_audio, audio, fmt)
+        audio_out = AudioOut(
+            id="audio_" + uuid.uuid4().hex,
+            data=base64.b64encode(data).decode("ascii"),
+            expires_at=created + AUDIO_LIFETIME_SECONDS,
+            transcript=plan.spoken_text,
+        )
+        message = AssistantMessage(content=None, audio=audio_out)
+    else:
+        message = AssistantMessage(content=result.text)
+    choice = Choice(message=message, finish_reason=result.finish_reason)
+    completion = ChatCompletion(
+        id=completion_id, created=created, model=body.model, choices=[choice], usage=Usage(**usage_of(result))
+    )
+    return JSONResponse(completion.model_dump(mode="json"), headers=headers)
+
+
+def _answer(text: str | None) -> GenerationResult:
+    """The result of an answer that needs no generation (the transcript of audio in a text-only chat)."""
+    return GenerationResult(
+        text=text or "",
+        audio=None,
+        finish_reason="stop",
+        prompt_tokens=0,
+        prompt_audio_tokens=0,
+        completion_tokens=0,
+        completion_audio_tokens=0,
+        seconds=0.0,
+    )
+
+
+async def _answer_events(text: str | None) -> AsyncIterator[StreamEvent]:
+    """``_answer`` as a stream."""
+    yield Started(prompt_tokens=0, prompt_audio_tokens=0)
+    if text:
+        yield TextPiece(text)
+    yield _answer(text)

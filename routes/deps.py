@@ -1,0 +1,124 @@
+"""What the routes share, reached per request through ``Depends``: the serving objects on ``app.state``
+(built by the lifespan in ``app.py``), readiness, and the model-name check.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, UploadFile
+
+from engine import Engine, EngineBusy
+from errors import APIError
+from metrics import Metrics
+from planner import Planner
+from settings import Settings
+from stt import AsyncTranscriber
+from voices import Voices
+
+log = logging.getLogger(__name__)
+
+# Model names OpenAI clients hard-code; each is served by the one loaded model.
+MODEL_ALIASES = (
+    "gpt-4o-audio-preview",
+    "gpt-4o-mini-audio-preview",
+    "tts-1",
+    "tts-1-hd",
+    "gpt-4o-mini-tts",
+    "whisper-1",
+)
+# Seconds a client is told to wait while the model loads.
+LOADING_RETRY_AFTER = 5
+
+
+def get_settings(request: Request) -> Settings:
+    """The service's settings."""
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> Engine:
+    """The generation engine."""
+    return request.app.state.engine
+
+
+def get_planner(request: Request) -> Planner:
+    """Turns requests into generations."""
+    return request.app.state.planner
+
+
+def get_voices(request: Request) -> Voices:
+    """The voice library."""
+    return request.app.state.voices
+
+
+def get_recognizer(request: Request) -> AsyncTranscriber | None:
+    """Speech recognition, or None when it is turned off."""
+    return request.app.state.recognizer
+
+
+def get_metrics(request: Request) -> Metrics:
+    """The Prometheus metrics."""
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+PlannerDep = Annotated[Planner, Depends(get_planner)]
+VoicesDep = Annotated[Voices, Depends(get_voices)]
+RecognizerDep = Annotated[AsyncTranscriber | None, Depends(get_recognizer)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def require_ready(request: Request) -> None:
+    """503 until the models are loaded and warmed up, and after an engine failure."""
+    engine = getattr(request.app.state, "engine", None)
+    if engine is not None and engine.failure:
+        raise APIError(
+            503,
+            "the engine failed and the service needs a restart",
+            type="server_error",
+            code="engine_failed",
+        )
+    if not request.app.state.ready:
+        raise APIError(
+            503,
+            "the model is still loading; retry shortly",
+            type="server_error",
+            headers={"Retry-After": str(LOADING_RETRY_AFTER)},
+        )
+
+
+def require_generation_slot(request: Request) -> None:
+    """``require_ready``, and 429 at once when the engine's queue is full (nothing is read or decoded)."""
+    engine = getattr(request.app.state, "engine", None)
+    if engine is not None and not engine.failure and engine.pending >= engine.max_queue:
+        raise EngineBusy(f"the server is busy ({engine.pending} requests queued); retry shortly")
+    require_ready(request)
+
+
+def check_model(settings: Settings, name: str) -> None:
+    """404 unless ``name`` is the served model or one of the aliases."""
+    if name not in {settings.served_model_name, *MODEL_ALIASES}:
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist; this server serves {settings.served_model_name!r} "
+            f"(also accepted: {', '.join(MODEL_ALIASES)})",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def log_ignored(body: Any) -> None:
+    """Log the unknown fields a request carried (they are accepted and ignored)."""
+    if body.model_extra:
+        log.info("ignored unknown request fields: %s", ", ".join(sorted(body.model_extra)))
+
+
+async def read_upload(upload: UploadFile, param: str, settings: Settings) -> bytes:
+    """An uploaded file's bytes; 413 past ``max_upload_mb`` (read no further than that)."""
+    limit = int(settings.max_upload_mb * 1024 * 1024)
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise APIError(413, f"the {param} is larger than {settings.max_upload_mb:g} MB", param=param)
+    return data

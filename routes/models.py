@@ -1,0 +1,27 @@
+"""``/v1/models``: the served model and the OpenAI names it answers to."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+
+from protocol import ModelCard, ModelList
+from routes.deps import MODEL_ALIASES, SettingsDep, check_model
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=ModelList)
+async def list_models(settings: SettingsDep) -> ModelList:
+    """Every model name this server accepts."""
+    now = int(time.time())
+    names = [settings.served_model_name, *MODEL_ALIASES]
+    return ModelList(data=[ModelCard(id=name, created=now) for name in names])
+
+
+@router.get("/{model_id}", response_model=ModelCard)
+async def get_model(model_id: str, settings: SettingsDep) -> ModelCard:
+    """One model name; 404 for a name this server does not accept."""
+    check_model(settings, model_id)
+    return ModelCard(id=model_id, created=int(time.time()))

@@ -1,0 +1,32 @@
+"""``POST /v1/audio/speech``: OpenAI's text to speech; the body is the audio, streamed as it is made."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response, StreamingResponse
+
+from audio import MEDIA_TYPES
+from protocol import SpeechRequest
+from routes.deps import EngineDep, PlannerDep, SettingsDep, check_model, log_ignored, require_generation_slot
+from streaming import speech_audio, speech_events, started
+
+router = APIRouter(tags=["speech"])
+
+
+@router.post("/v1/audio/speech", dependencies=[Depends(require_generation_slot)])
+async def speech(
+    body: SpeechRequest, settings: SettingsDep, planner: PlannerDep, engine: EngineDep
+) -> Response:
+    """The audio of ``input`` in ``response_format``, or OpenAI's speech SSE events."""
+    log_ignored(body)
+    check_model(settings, body.model)
+    plan = await planner.plan_speech(body)
+    events = engine.stream(plan.request)
+    await started(events)
+    headers = {"X-Voice": plan.voice}
+    rate = engine.sample_rate
+    if body.stream_format == "sse":
+        stream = speech_events(events, body.response_format, body.speed, rate)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    stream = speech_audio(events, body.response_format, body.speed, rate)
+    return StreamingResponse(stream, media_type=MEDIA_TYPES[body.response_format], headers=headers)

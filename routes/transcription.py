@@ -1,0 +1,117 @@
+"""``/v1/audio/transcriptions`` and ``/v1/audio/translations``: speech to text (multipart form)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from audio import AudioError, decode_audio
+from errors import APIError, bad_request
+from protocol import TranscriptionForm, TranslationForm
+from routes.deps import RecognizerDep, SettingsDep, check_model, read_upload, require_ready
+from settings import Settings
+from stt import WHISPER_SAMPLE_RATE, AsyncTranscriber, to_srt, to_verbose_json, to_vtt
+
+router = APIRouter(prefix="/v1/audio", tags=["speech to text"], dependencies=[Depends(require_ready)])
+
+TRANSCRIPT_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("segment", "word")
+
+
+@router.post("/transcriptions")
+async def transcriptions(
+    form: Annotated[TranscriptionForm, Form()],
+    file: Annotated[UploadFile, File()],
+    settings: SettingsDep,
+    recognizer: RecognizerDep,
+) -> Response:
+    """OpenAI's transcription endpoint."""
+    if form.stream:
+        raise bad_request("streamed transcription is not supported yet; send stream=false", "stream")
+    return await _speech_to_text("transcribe", form, form.language, form.timestamp_granularities, file,
+                                 settings, recognizer)  # fmt: skip
+
+
+@router.post("/translations")
+async def translations(
+    form: Annotated[TranslationForm, Form()],
+    file: Annotated[UploadFile, File()],
+    settings: SettingsDep,
+    recognizer: RecognizerDep,
+) -> Response:
+    """OpenAI's translation endpoint: speech in any language the model knows, English text out."""
+    return await _speech_to_text("translate", form, None, [], file, settings, recognizer)
+
+
+async def _speech_to_text(
+    task: str,
+    form: TranslationForm,
+    language: str | None,
+    granularities: list[str],
+    file: UploadFile,
+    settings: Settings,
+    recognizer: AsyncTranscriber | None,
+) -> Response:
+    """The body both endpoints share: cheap checks, decode, recognise, format."""
+    check_model(settings, form.model)
+    if recognizer is None:
+        raise APIError(
+            400, "speech recognition is turned off on this server (HIGGS_STT_MODEL is empty)", param="model"
+        )
+    fmt = form.response_format
+    if fmt not in TRANSCRIPT_FORMATS:
+        raise bad_request(
+            f"unknown response_format {fmt!r}; use one of: {', '.join(TRANSCRIPT_FORMATS)}", "response_format"
+        )
+    unknown = set(granularities) - set(GRANULARITIES)
+    if unknown:
+        raise bad_request(
+            f"unknown timestamp granularity {sorted(unknown)[0]!r}; use segment or word",
+            "timestamp_granularities[]",
+        )
+    if granularities and fmt != "verbose_json":
+        raise bad_request(
+            "timestamp_granularities needs response_format verbose_json", "timestamp_granularities[]"
+        )
+    if task == "translate" and not recognizer.supports_translation:
+        raise bad_request(
+            "the loaded speech recognition model cannot translate; use /v1/audio/transcriptions", "model"
+        )
+    data = await read_upload(file, "file", settings)
+    try:
+        audio = await asyncio.to_thread(
+            decode_audio,
+            data,
+            target_rate=WHISPER_SAMPLE_RATE,
+            max_seconds=settings.max_transcription_seconds,
+            format_hint=Path(file.filename or "").suffix.lstrip(".") or None,
+        )
+    except AudioError as exc:
+        raise bad_request(str(exc), "file") from None
+    words = "word" in granularities
+    try:
+        transcript = await recognizer.transcribe(
+            audio,
+            language=language,
+            prompt=form.prompt,
+            temperature=form.temperature,
+            task=task,
+            word_timestamps=words,
+        )
+    except ValueError as exc:
+        param = "temperature" if "temperature" in str(exc) else "language"
+        raise bad_request(str(exc), param) from None
+    if fmt == "json":
+        return JSONResponse({"text": transcript.text})
+    if fmt == "verbose_json":
+        segments = "segment" in granularities or not granularities
+        return JSONResponse(to_verbose_json(transcript, task, include_words=words, include_segments=segments))
+    if fmt == "srt":
+        return PlainTextResponse(to_srt(transcript))
+    if fmt == "vtt":
+        return PlainTextResponse(to_vtt(transcript), media_type="text/vtt")
+    return PlainTextResponse(transcript.text + "\n")

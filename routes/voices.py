@@ -1,0 +1,50 @@
+"""``/v1/audio/voices``: store, list, read and delete voices (multipart upload, as OpenAI's custom voices)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.responses import JSONResponse
+
+from routes.deps import SettingsDep, VoicesDep, read_upload, require_generation_slot
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/audio/voices", tags=["voices"])
+
+
+@router.post("", dependencies=[Depends(require_generation_slot)])
+async def create_voice(
+    voices: VoicesDep,
+    settings: SettingsDep,
+    name: Annotated[str, Form()],
+    audio_sample: Annotated[UploadFile, File()],
+    transcript: Annotated[str | None, Form()] = None,
+    consent: Annotated[str | None, Form()] = None,
+) -> JSONResponse:
+    """Store a voice from an audio sample (transcribed when no transcript is given)."""
+    data = await read_upload(audio_sample, "audio_sample", settings)
+    voice = await voices.create(name, data, transcript)
+    log.info("stored voice %r (%.1f s)", voice.name, voice.duration)
+    return JSONResponse(voice.public())
+
+
+@router.get("")
+async def list_voices(voices: VoicesDep) -> JSONResponse:
+    """Every stored voice."""
+    return JSONResponse({"object": "list", "data": [v.public() for v in await voices.list()]})
+
+
+@router.get("/{voice_id}")
+async def get_voice(voice_id: str, voices: VoicesDep) -> JSONResponse:
+    """One stored voice, by id or name."""
+    return JSONResponse((await voices.get(voice_id)).public())
+
+
+@router.delete("/{voice_id}")
+async def delete_voice(voice_id: str, voices: VoicesDep) -> JSONResponse:
+    """Remove a stored voice, by id or name."""
+    voice = await voices.delete(voice_id)
+    return JSONResponse({"id": voice.id, "object": "audio.voice.deleted", "deleted": True})
