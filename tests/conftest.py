@@ -7,6 +7,7 @@ here, before any test module imports transformers.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -72,13 +73,35 @@ def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def wav_b64(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> str:
-    """Samples as a base64 WAV."""
-    import io
-
+def wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
+    """Samples as a WAV file."""
     buf = io.BytesIO()
     sf.write(buf, samples, rate, format="WAV", subtype=subtype)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def wav_b64(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> str:
+    """Samples as a base64 WAV."""
+    return base64.b64encode(wav_bytes(samples, rate, subtype)).decode("ascii")
+
+
+def pcm16_samples(data: bytes) -> np.ndarray:
+    """Raw signed 16-bit little-endian PCM as float32 samples."""
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767
+
+
+def chat_audio(completion: dict) -> bytes:
+    """The audio bytes of a chat completion's JSON body."""
+    return base64.b64decode(completion["choices"][0]["message"]["audio"]["data"])
+
+
+def decoded_seconds(data: bytes) -> float:
+    """The duration of encoded audio, every frame decoded by FFmpeg (PyAV)."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        return sum(f.samples for f in container.decode(stream)) / stream.rate
 
 
 @pytest.fixture(scope="session")
@@ -180,3 +203,30 @@ def openai_client(client):
     import openai
 
     return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+
+
+@pytest.fixture
+def fake_engine():
+    """An instant engine for HTTP-layer tests (``tests/fakes.py``)."""
+    from fakes import FakeEngine
+
+    return FakeEngine()
+
+
+@pytest.fixture
+def fake_app(fake_engine, tmp_path):
+    """The app around the fake engine, speech recognition off, its own voice folder."""
+    from app import create_app
+    from settings import Settings
+
+    settings = Settings(stt_model="", voices_dir=tmp_path / "voices", builtin_voice_seconds=2, max_voices=2)
+    return create_app(settings, engine=fake_engine)
+
+
+@pytest.fixture
+def fake_client(fake_app):
+    """A TestClient of ``fake_app`` with its lifespan running; server errors answered, not raised."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(fake_app, raise_server_exceptions=False) as client:
+        yield client

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 import tracemalloc
 
 import av
@@ -14,7 +13,6 @@ import soundfile as sf
 
 import audio
 from audio import (
-    MEDIA_TYPES,
     OUTPUT_FORMATS,
     Audio,
     AudioError,
@@ -206,16 +204,6 @@ def test_mp3_is_mpeg_audio() -> None:
         assert c.streams.audio[0].codec_context.name.startswith("mp3")
 
 
-def test_media_types() -> None:
-    assert OUTPUT_FORMATS == frozenset({"wav", "pcm", "pcm16", "flac", "mp3", "opus", "aac"})
-    assert MEDIA_TYPES["wav"] == "audio/wav"
-    assert MEDIA_TYPES["pcm"] == MEDIA_TYPES["pcm16"] == "audio/pcm"
-    assert MEDIA_TYPES["flac"] == "audio/flac"
-    assert MEDIA_TYPES["mp3"] == "audio/mpeg"
-    assert MEDIA_TYPES["opus"].startswith("audio/ogg")
-    assert MEDIA_TYPES["aac"] == "audio/aac"
-
-
 def test_encode_clips_and_quantises() -> None:
     x = np.array([0.0, 2.0, -3.0, 0.5, -1.0, np.nan], np.float32)
     pcm = np.frombuffer(encode_audio(Audio(x, SR), "pcm16"), "<i2")
@@ -378,18 +366,16 @@ def test_accept_edge_sample_rates() -> None:
         assert decode_audio(sf_bytes(np.full(2000, 0.1, np.float32), rate)).sample_rate == rate
 
 
-def _refused_cheaply(data: bytes, max_seconds: float, max_peak_mb: float, max_s: float) -> str:
+def _refused_cheaply(data: bytes, max_seconds: float, max_peak_mb: float) -> str:
+    """Refused with a memory peak far below what decoding it all takes (so, before decoding it)."""
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         with pytest.raises(AudioError) as exc:
             decode_audio(data, max_seconds=max_seconds)
-        elapsed = time.perf_counter() - t0
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert f"{max_seconds:g} s limit" in str(exc.value)
-    assert elapsed < max_s, elapsed
     assert peak < max_peak_mb * 1e6, peak
     return str(exc.value)
 
@@ -403,19 +389,19 @@ def test_refuse_long_flac_from_header() -> None:
             f.write(block)
     data = buf.getvalue()
     assert len(data) < 1_000_000
-    msg = _refused_cheaply(data, 60, max_peak_mb=2, max_s=0.5)
+    msg = _refused_cheaply(data, 60, max_peak_mb=2)
     assert "3600" in msg
 
 
 def test_refuse_long_mp3_from_header() -> None:
     data = silent_stream(600, 8000, "mp3", "libmp3lame")
-    _refused_cheaply(data, 30, max_peak_mb=2, max_s=0.5)
+    _refused_cheaply(data, 30, max_peak_mb=2)
 
 
 @pytest.mark.parametrize(("container", "codec"), [("mp4", "aac"), ("webm", "libopus")])
 def test_refuse_long_pyav_from_header(container: str, codec: str) -> None:
     data = silent_stream(600 if codec == "aac" else 240, 8000, container, codec)
-    _refused_cheaply(data, 30, max_peak_mb=2, max_s=0.5)
+    _refused_cheaply(data, 30, max_peak_mb=2)
 
 
 def test_refuse_long_stream_without_duration_stops_early() -> None:
@@ -426,7 +412,7 @@ def test_refuse_long_stream_without_duration_stops_early() -> None:
         assert c.duration is None and c.streams.audio[0].duration is None
     # Decoding all 120 s needs about 15 MB (16 kHz float32, plus the concatenation); stopping
     # at the 20 s limit needs a fraction of that.
-    _refused_cheaply(data, 20, max_peak_mb=5, max_s=0.5)
+    _refused_cheaply(data, 20, max_peak_mb=5)
     # ... and a limit above the real length accepts it.
     assert abs(decode_audio(data, max_seconds=130).duration - 120) < 0.5
 

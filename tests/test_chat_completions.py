@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import chat_audio
 
 SPEAK = [{"role": "user", "content": "Hello world, this is a test."}]
 
@@ -283,7 +284,7 @@ def test_startup_loads_models_from_settings_and_reports_readiness(settings):
         }
         response = client.post("/v1/chat/completions", json=body)
         assert response.status_code == 200
-        sf.read(io.BytesIO(base64.b64decode(response.json()["choices"][0]["message"]["audio"]["data"])))
+        sf.read(io.BytesIO(chat_audio(response.json())))
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
@@ -363,4 +364,4 @@ def test_too_few_tokens_for_a_frame_still_give_valid_audio(client):
             "messages": SPEAK, "max_tokens": 3}  # fmt: skip
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200
-    assert base64.b64decode(response.json()["choices"][0]["message"]["audio"]["data"])
+    assert chat_audio(response.json())

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 
-import av
 import numpy as np
 import openai
 import pytest
-from conftest import TEST_AUDIO, b64
+from conftest import TEST_AUDIO, b64, chat_audio, decoded_seconds, pcm16_samples
 
 import engine as engine_module
 
@@ -25,14 +23,10 @@ def chat_body(seed=9, fmt="pcm16", max_tokens=80, voice="default", **extra):
     }  # fmt: skip
 
 
-def pcm(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767
-
-
 def whole(client, body) -> np.ndarray:
     response = client.post("/v1/chat/completions", json={**body, "stream": False})
     assert response.status_code == 200, response.text
-    return pcm(base64.b64decode(response.json()["choices"][0]["message"]["audio"]["data"]))
+    return pcm16_samples(chat_audio(response.json()))
 
 
 def audio_deltas(chunks) -> list:
@@ -44,7 +38,7 @@ def audio_deltas(chunks) -> list:
 
 def streamed_pieces(openai_client, body) -> tuple[list[np.ndarray], list]:
     chunks = list(openai_client.chat.completions.create(**body, stream=True))
-    pieces = [pcm(base64.b64decode(audio.data)) for audio in audio_deltas(chunks) if audio.data]
+    pieces = [pcm16_samples(base64.b64decode(audio.data)) for audio in audio_deltas(chunks) if audio.data]
     return pieces, chunks
 
 
@@ -105,12 +99,6 @@ def test_text_only_stream_matches_the_whole_answer(client, openai_client):
     assert chunks[-1].choices[0].finish_reason == whole_text["choices"][0]["finish_reason"]
 
 
-def decoded_seconds(data: bytes) -> float:
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        return sum(f.samples for f in container.decode(stream)) / stream.rate
-
-
 @pytest.mark.parametrize("fmt", ["pcm", "wav", "mp3", "opus", "aac"])
 def test_speech_body_streams_as_it_is_made(client, openai_client, fmt):
     reference = whole(client, chat_body(seed=2, max_tokens=None))  # same prompt, seed and default cap
@@ -122,7 +110,8 @@ def test_speech_body_streams_as_it_is_made(client, openai_client, fmt):
     data = b"".join(pieces)
     seconds = len(data) / 48000 if fmt == "pcm" else decoded_seconds(data)
     if fmt == "pcm":
-        assert np.array_equal(pcm(data), reference) or np.abs(pcm(data) - reference).max() < 0.02
+        samples = pcm16_samples(data)
+        assert np.array_equal(samples, reference) or np.abs(samples - reference).max() < 0.02
     assert abs(seconds - len(reference) / 24000) <= 0.02 * len(reference) / 24000 + (
         0.05 if fmt == "aac" else 0
     )

@@ -10,21 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, ROOT, fixture_path, transcripts, word_error_rate
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # so that `pytest tests/` works without installing the project
-    sys.path.insert(0, str(ROOT))
-
-from conftest import word_error_rate  # noqa: E402
-
-from audio import Audio, resample  # noqa: E402
-from stt import (  # noqa: E402
+from audio import Audio, resample
+from stt import (
     AsyncTranscriber,
     Segment,
     Transcriber,
@@ -36,14 +30,7 @@ from stt import (  # noqa: E402
     to_vtt,
 )
 
-FIXTURES = ROOT / "tests" / "fixtures"
-TRANSCRIPTS: dict[str, str] = json.loads((FIXTURES / "transcripts.json").read_text())
-
-
-def fixture_path(name: str) -> Path:
-    """Where the fixture called ``name`` (a key of transcripts.json) lives."""
-    return ROOT / name if name == "test_audio.wav" else FIXTURES / name
-
+TRANSCRIPTS = transcripts()
 
 MAX_WER = 0.3
 
@@ -118,19 +105,6 @@ def test_word_error_rate() -> None:
     assert word_error_rate("don't stop", "Don't, stop!") == 0.0
     assert word_error_rate("", "") == 0.0
     assert word_error_rate("", "x") == 1.0
-
-
-# --------------------------------------------------------------------------- fixtures are sane
-
-
-@pytest.mark.parametrize("key", sorted(TRANSCRIPTS))
-def test_fixture_files(key: str) -> None:
-    path = fixture_path(key)
-    assert path.stat().st_size < 400_000
-    audio = load_wav(path)
-    assert 3.0 <= audio.duration <= 8.0
-    assert audio.sample_rate == (24_000 if key == "test_audio.wav" else 16_000)
-    assert np.abs(audio.samples).max() > 0.1  # actually speech, not silence
 
 
 # --------------------------------------------------------------------------- recognition

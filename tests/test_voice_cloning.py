@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import FIXTURES, TEST_AUDIO, b64, transcripts, wav_b64
+from conftest import FIXTURES, TEST_AUDIO, b64, chat_audio, transcripts, wav_b64
 
 FEMALE = FIXTURES / "speech_female.wav"
 
@@ -38,8 +38,7 @@ def owner_request(reference_b64: str, text: str = "Say this in my voice: Hello w
 
 
 def audio_of(response) -> tuple[np.ndarray, int]:
-    data = base64.b64decode(response.json()["choices"][0]["message"]["audio"]["data"])
-    return sf.read(io.BytesIO(data))
+    return sf.read(io.BytesIO(chat_audio(response.json())))
 
 
 def test_owner_request_returns_decodable_wav_in_the_cloned_voice(client):

@@ -1,0 +1,201 @@
+"""The HTTP layer alone, against the fake engine (``tests/fakes.py``): routing, readiness, the error
+envelope for every domain error, the voice routes. Everything that crosses the model is tested against the
+tiny real engine in the other files."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import TEST_AUDIO, b64, chat_audio, wav_b64
+from fastapi.testclient import TestClient
+
+from engine import ContextLengthError, EngineBusy, EngineFailure
+
+CHAT = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "wav"},
+        "messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 8}  # fmt: skip
+SPEECH = {"model": "tts-1", "input": "Hello there.", "voice": "default", "response_format": "wav"}
+
+
+def assert_envelope(response, status: int, param: str | None = None, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param and error["code"] == code
+    return error
+
+
+def test_chat_and_speech_reach_the_engine_with_the_planned_request(fake_client, fake_engine):
+    response = fake_client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 200 and response.headers["x-voice"] == "default"
+    samples, rate = sf.read(io.BytesIO(chat_audio(response.json())))
+    assert rate == 24_000 and len(samples) == 8 * 24_000 // 25
+    speech = fake_client.post("/v1/audio/speech", json=SPEECH)
+    assert speech.status_code == 200 and speech.headers["content-type"] == "audio/wav"
+    chat_request, speech_request = fake_engine.requests
+    assert chat_request.max_new_tokens == 8 and chat_request.turns[-1].text == "Hello there."
+    assert speech_request.audio_output and speech_request.turns[-1].text == "Hello there."
+
+
+def test_not_ready_until_the_lifespan_has_run(fake_app):
+    client = TestClient(fake_app)  # no ``with``: the lifespan never starts
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").status_code == 503
+    loading = client.post("/v1/chat/completions", json=CHAT)
+    assert_envelope(loading, 503)
+    assert loading.headers["retry-after"] == "5"
+
+
+def test_a_failed_engine_is_reported_by_ready_and_every_generation_route(fake_client, fake_engine):
+    fake_engine.failure = "CUDA error: an illegal memory access"
+    assert fake_client.get("/ready").status_code == 503
+    assert fake_client.get("/health").status_code == 200
+    for path, body in (("/v1/chat/completions", CHAT), ("/v1/audio/speech", SPEECH)):
+        assert_envelope(fake_client.post(path, json=body), 503, code="engine_failed")
+
+
+def test_a_full_queue_is_a_429_before_the_body_is_used(fake_client, fake_engine):
+    fake_engine.pending = fake_engine.max_queue
+    busy = fake_client.post("/v1/chat/completions", json=CHAT)
+    assert_envelope(busy, 429, code="queue_full")
+    assert busy.headers["retry-after"] == "2" and busy.json()["error"]["type"] == "rate_limit_error"
+    assert fake_engine.requests == []
+
+
+def test_a_busy_error_with_its_own_wait_sets_retry_after(fake_client, fake_engine):
+    busy = EngineBusy("the server is busy")
+    busy.retry_after = 7.2
+    fake_engine.fail_with = busy
+    response = fake_client.post("/v1/chat/completions", json=CHAT)
+    assert_envelope(response, 429, code="queue_full")
+    assert response.headers["retry-after"] == "8"
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "param", "code"),
+    [
+        (ContextLengthError("too long for the context"), 400, "max_tokens", "context_length_exceeded"),
+        (EngineFailure("out of GPU memory", "out_of_memory"), 500, None, "out_of_memory"),
+        (EngineFailure("the engine failed", "engine_failed"), 503, None, "engine_failed"),
+    ],
+)
+def test_engine_errors_are_mapped_to_their_status(fake_client, fake_engine, error, status, param, code):
+    fake_engine.fail_with = error
+    for path, body in (("/v1/chat/completions", CHAT), ("/v1/audio/speech", SPEECH)):
+        assert_envelope(fake_client.post(path, json=body), status, param, code)
+
+
+def test_an_unexpected_error_is_a_500_that_leaks_nothing(fake_client, fake_engine):
+    fake_engine.fail_with = RuntimeError("secret detail at /srv/model/weights")
+    error = assert_envelope(fake_client.post("/v1/chat/completions", json=CHAT), 500)
+    assert error["type"] == "server_error" and "/srv" not in error["message"]
+
+
+def test_a_failure_mid_stream_ends_the_sse_with_an_error_envelope(fake_client, fake_engine):
+    fake_engine.fail_mid_stream = True
+    body = {**CHAT, "audio": {"voice": "default", "format": "pcm16"}, "stream": True}
+    response = fake_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    assert set(events[-1]["error"]) == {"message", "type", "param", "code"}
+    assert events[-1]["error"]["type"] == "server_error" and "[DONE]" not in response.text
+    speech = fake_client.post("/v1/audio/speech", json={**SPEECH, "stream_format": "sse"})
+    last = json.loads(speech.text.strip().splitlines()[-1][6:])
+    assert last["type"] == "error" and set(last["error"]) == {"message", "type", "param", "code"}
+
+
+def test_streamed_chat_audio_must_be_pcm16_and_nothing_is_generated(fake_client, fake_engine):
+    body = {**CHAT, "stream": True}
+    assert_envelope(fake_client.post("/v1/chat/completions", json=body), 400, "audio.format")
+    assert fake_engine.requests == []
+
+
+def test_speech_recognition_off(fake_client, fake_engine):
+    upload = fake_client.post(
+        "/v1/audio/transcriptions",
+        data={"model": "whisper-1"},
+        files={"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")},
+    )
+    assert_envelope(upload, 400, "model")
+    audio_part = {"type": "input_audio", "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"}}
+    chat = {**CHAT, "modalities": ["text"], "messages": [{"role": "user", "content": [audio_part]}]}
+    assert_envelope(fake_client.post("/v1/chat/completions", json=chat), 400, "messages[0].content[0]")
+    assert fake_engine.requests == []
+
+
+def test_unknown_voice_names_the_voices_there_are(fake_client):
+    error = assert_envelope(
+        fake_client.post("/v1/audio/speech", json={**SPEECH, "voice": "nobody"}), 400, "voice"
+    )
+    assert "coral" in error["message"] and "default" in error["message"]
+
+
+def upload(client, name: str, transcript: str | None = "Known words of the clip."):
+    data = {"name": name} if transcript is None else {"name": name, "transcript": transcript}
+    files = {"audio_sample": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")}
+    return client.post("/v1/audio/voices", data=data, files=files)
+
+
+def test_voice_routes(fake_client, fake_engine):
+    created = upload(fake_client, "anna")
+    assert created.status_code == 200, created.text
+    voice = created.json()
+    assert voice["name"] == "anna" and voice["transcript"] == "Known words of the clip."
+    assert len(fake_engine.encoded) == 1
+    assert [v["name"] for v in fake_client.get("/v1/audio/voices").json()["data"]] == ["anna"]
+    assert fake_client.get(f"/v1/audio/voices/{voice['id']}").json()["name"] == "anna"
+    assert_envelope(upload(fake_client, "anna"), 409, "name", "voice_exists")
+    assert_envelope(upload(fake_client, "../evil"), 400, "name")
+    assert_envelope(upload(fake_client, "nowords", transcript=None), 400, "transcript")  # recognition is off
+    assert upload(fake_client, "bob").status_code == 200
+    assert_envelope(upload(fake_client, "carol"), 413, "audio_sample", "voice_quota_exceeded")  # max_voices=2
+    deleted = fake_client.delete("/v1/audio/voices/anna")
+    assert deleted.json() == {"id": voice["id"], "object": "audio.voice.deleted", "deleted": True}
+    assert_envelope(fake_client.get("/v1/audio/voices/anna"), 404, "voice_id", "voice_not_found")
+    assert_envelope(fake_client.delete("/v1/audio/voices/anna"), 404, "voice_id", "voice_not_found")
+
+
+def test_a_builtin_voice_is_made_by_one_generation_then_cloned(fake_client, fake_engine):
+    assert fake_client.post("/v1/audio/speech", json={**SPEECH, "voice": "nova"}).status_code == 200
+    made, spoken = fake_engine.requests
+    assert "SPEAKER0:" in made.turns[0].text and made.max_new_tokens == 2 * 25 + 16
+    assert spoken.turns[2].audio is not None
+    assert fake_client.post("/v1/audio/speech", json={**SPEECH, "voice": "nova"}).status_code == 200
+    assert len(fake_engine.requests) == 3  # no second making
+
+
+def test_a_builtin_voice_the_model_cannot_make_is_a_server_error(fake_client, fake_engine):
+    fake_engine.silent = True
+    error = assert_envelope(fake_client.post("/v1/audio/speech", json={**SPEECH, "voice": "onyx"}), 500)
+    assert error["type"] == "server_error"
+    assert "onyx" not in [v["name"] for v in fake_client.get("/v1/audio/voices").json()["data"]]
+
+
+def test_clone_audio_that_is_not_audio_is_refused_before_the_engine(fake_client, fake_engine):
+    part = {"type": "input_audio", "input_audio": {"data": b64(TEST_AUDIO)[:40], "format": "wav"}}
+    body = {**CHAT, "audio": {"voice": "clone", "format": "wav"},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi."}, part]}]}  # fmt: skip
+    assert_envelope(
+        fake_client.post("/v1/chat/completions", json=body), 400, "messages[0].content[1].input_audio.data",
+        "invalid_audio",
+    )  # fmt: skip
+    silent = {**part, "input_audio": {"data": wav_b64(np.zeros(48_000, np.float32), 24_000), "format": "wav"}}
+    body["messages"][0]["content"][1] = silent
+    assert_envelope(
+        fake_client.post("/v1/chat/completions", json=body), 400, "messages[0].content[1].input_audio.data",
+        "invalid_audio",
+    )  # fmt: skip
+    assert fake_engine.requests == [] and fake_engine.encoded == []
+
+
+def test_models_and_metrics(fake_client):
+    ids = [m["id"] for m in fake_client.get("/v1/models").json()["data"]]
+    assert ids[0] == "higgs-audio-v2" and "whisper-1" in ids
+    assert fake_client.get("/v1/models/tts-1").json()["id"] == "tts-1"
+    assert_envelope(fake_client.get("/v1/models/nope"), 404, "model", "model_not_found")
+    fake_client.post("/v1/audio/speech", json=SPEECH)
+    metrics = fake_client.get("/metrics").text
+    assert 'route="/v1/audio/speech",status="200"' in metrics
