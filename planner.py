@@ -235,11 +235,11 @@ class Planner:
             raise InvalidRequest(
                 "there is no text to speak in the last user message", f"messages[{last}].content"
             )
-        # Resolved last: a built-in voice's first use is a generation of its own.
+        # Resolved last: a built-in voice's first use is a generation of its own (make_builtin).
         if voice == CLONE_VOICE:
             fallback, prompt = "no-reference", VoicePrompt(DEFAULT_VOICE)
         else:
-            fallback, prompt = None, await self.voices.resolve(voice, "audio.voice")
+            fallback, prompt = None, await self.voices.resolve_or_make(voice, "audio.voice")
         turns = prompt.turns(scene, text)
         return Plan(self._chat_generation(request, turns, text), text, prompt.name, fallback)
 
@@ -298,7 +298,7 @@ class Planner:
         if not text:
             raise InvalidRequest("input is empty; give the text to speak", "input")
         scene = (request.instructions or "").strip() or self.settings.default_scene
-        prompt = await self.voices.resolve(request.voice_name, "voice")
+        prompt = await self.voices.resolve_or_make(request.voice_name, "voice")
         return Plan(
             self._generation(prompt.turns(scene, text), text, True, seed=request.seed), text, prompt.name
         )

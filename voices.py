@@ -359,7 +359,7 @@ class Voices:
             raise VoiceNotFound(f"no voice {name_or_id!r}")
         return voice
 
-    async def resolve(self, name: str, param: str) -> VoicePrompt:
+    async def resolve_or_make(self, name: str, param: str) -> VoicePrompt:
         """What voice ``name`` (or id) adds to a prompt. A built-in name not stored yet is made first: a whole
         generation, once. ``InvalidRequest`` naming the voices there are when the name is unknown."""
         if name == DEFAULT_VOICE:
