@@ -1,0 +1,336 @@
+"""Defects found by trying the service as a new user would (issue 14), each reproduced through HTTP.
+
+Items about speech recognition (15, 19, 23, 24) and the engine (1, 22) are tested beside their modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import threading
+import time
+
+import openai
+import pytest
+from conftest import TEST_AUDIO, b64, transcripts
+from fastapi.testclient import TestClient
+
+from app import create_app
+
+SPEAK = [{"role": "user", "content": "Hello there."}]
+CHAT = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "wav"},
+        "messages": SPEAK, "max_tokens": 8, "seed": 1}  # fmt: skip
+WAV = TEST_AUDIO.read_bytes()
+WORDS = transcripts()["test_audio.wav"]
+
+
+def upload(client, name: str, transcript: str | None = WORDS):
+    data = {"name": name} if transcript is None else {"name": name, "transcript": transcript}
+    return client.post(
+        "/v1/audio/voices", data=data, files={"audio_sample": ("a.wav", WAV, "audio/wav")}
+    )
+
+
+@pytest.fixture
+def isolated(settings, engine, recognizer, tmp_path):
+    """An app with a library of its own (so quotas and names do not touch the shared one)."""
+
+    def make(**changes):
+        changes.setdefault("voices_dir", tmp_path / "voices")
+        return TestClient(create_app(settings.model_copy(update=changes), engine=engine, recognizer=recognizer))
+
+    return make
+
+
+# ---- 500s and wrong states ----
+
+
+def test_2_health_answers_while_the_model_loads_and_ready_follows(settings, monkeypatch, tmp_path):
+    import app as app_module
+
+    release = threading.Event()
+    loaded = []
+
+    def slow_engine(_settings):
+        release.wait(30)
+        loaded.append(True)
+        raise RuntimeError("stop here: only the start-up order is under test")
+
+    monkeypatch.setattr(app_module, "load_engine", slow_engine, raising=False)
+    import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "load_engine", slow_engine, raising=False)
+    app = create_app(settings.model_copy(update={"voices_dir": tmp_path / "v", "stt_model": ""}))
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        not_ready = client.get("/ready")
+        assert not_ready.status_code == 503 and not_ready.json()["ready"] is False
+        busy = client.post("/v1/chat/completions", json=CHAT)
+        assert busy.status_code == 503 and busy.headers["retry-after"]
+        release.set()
+        deadline = time.monotonic() + 20
+        while not loaded and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        failed = client.get("/ready")
+        # A loader that fails leaves the service alive but never ready, and says why.
+        assert failed.status_code == 503 and client.get("/health").status_code == 200
+        assert "load" in failed.json().get("reason", "")
+
+
+def test_3_names_that_look_like_ids_are_refused(isolated):
+    with isolated() as client:
+        refused = upload(client, "voice_abc")
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "name"
+        assert "voice_" in refused.json()["error"]["message"]
+
+
+def test_4_a_full_library_is_checked_before_making_a_builtin_voice(isolated, spy):
+    with isolated(max_voices=1) as client:
+        assert upload(client, "first").status_code == 200
+        before = len(spy["generate"])
+        body = {"model": "tts-1", "input": "Hi.", "voice": "nova", "response_format": "wav"}
+        full = client.post("/v1/audio/speech", json=body)
+        assert full.status_code == 413, full.text
+        error = full.json()["error"]
+        assert error["code"] == "voice_quota_exceeded" and error["param"] == "voice"
+        assert "delete" in error["message"]
+        assert len(spy["generate"]) == before  # no generation was wasted
+
+
+def test_5_deleting_a_hand_placed_voice_during_its_first_encoding_is_never_a_500(
+    isolated, engine, monkeypatch, tmp_path
+):
+    with isolated() as client:
+        folder = tmp_path / "voices"
+        shutil.copy(TEST_AUDIO, folder / "handmade.wav")
+        (folder / "handmade.txt").write_text(WORDS)
+        real_encode = engine.encode
+
+        async def encode_then_lose_the_file(audio):
+            codes = await real_encode(audio)
+            for path in folder.glob("handmade.*"):
+                path.unlink()
+            return codes
+
+        monkeypatch.setattr(engine, "encode", encode_then_lose_the_file)
+        body = {"model": "tts-1", "input": "Hi.", "voice": "handmade", "response_format": "wav"}
+        answer = client.post("/v1/audio/speech", json=body)
+        assert answer.status_code in (200, 404), answer.text
+
+
+def test_6_unexpected_failures_carry_the_request_id_and_are_counted(client, engine, monkeypatch, caplog):
+    async def explode(request):
+        raise KeyError("something internal")
+
+    def explode_stream(request):
+        raise KeyError("something internal")
+
+    monkeypatch.setattr(engine, "generate", explode)
+    monkeypatch.setattr(engine, "stream", explode_stream)
+    with caplog.at_level(logging.ERROR):
+        answer = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-ID": "req-500-check"})
+    assert answer.status_code == 500 and answer.json()["error"]["type"] == "server_error"
+    assert answer.headers["x-request-id"] == "req-500-check"
+    assert any(getattr(r, "request_id", None) == "req-500-check" for r in caplog.records)
+    metrics = client.get("/metrics").text
+    assert 'higgs_requests_total{route="/v1/chat/completions",status="500"}' in metrics
+
+
+def test_7_a_text_chat_whose_user_message_has_no_content_is_a_400(client):
+    body = {"model": "tts-1", "messages": [{"role": "user"}], "max_tokens": 4}
+    answer = client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "messages[0].content"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", "10"), ("seed", "3"), ("temperature", "0.5"), ("stream", "true"), ("n", 1.0)],
+)
+def test_8_types_are_strict_as_openai_s(client, field, value):
+    answer = client.post("/v1/chat/completions", json={**CHAT, field: value})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == field
+
+
+def test_8_integers_are_still_fine_where_a_number_is_expected(client):
+    assert client.post("/v1/chat/completions", json={**CHAT, "temperature": 1, "top_p": 1}).status_code == 200
+
+
+# ---- compatibility with real clients ----
+
+
+def test_9_cors_preflight_of_the_openai_node_sdk_is_allowed(isolated):
+    with isolated(cors_origins=["https://app.example"]) as client:
+        preflight = client.options(
+            "/v1/audio/speech",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type,x-stainless-arch,"
+                "x-stainless-lang,x-stainless-os,x-stainless-package-version,x-stainless-retry-count,"
+                "x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout",
+            },
+        )
+        assert preflight.status_code == 200, preflight.text
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_10_voice_list_has_the_voices_field_other_clients_read(isolated):
+    with isolated() as client:
+        assert upload(client, "lister").status_code == 200
+        listing = client.get("/v1/audio/voices").json()
+        assert [v["name"] for v in listing["data"]] == ["lister"]
+        names = {v["id"]: v["name"] for v in listing["voices"]}
+        assert names["lister"] == "lister"  # usable as `voice` directly
+        for builtin in ("alloy", "nova", "default"):
+            assert names[builtin] == builtin
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "gpt-audio",
+        "gpt-audio-mini",
+        "gpt-4o-audio-preview-2025-06-03",
+        "bosonai/higgs-audio-v2-generation-3B-base",
+        "higgs-audio-v2-generation-3B-base",
+    ],
+)
+def test_11_chat_model_names_in_use_today(openai_client, model):
+    completion = openai_client.chat.completions.create(
+        model=model, modalities=["text", "audio"], audio={"voice": "default", "format": "wav"},
+        messages=SPEAK, max_tokens=8,
+    )  # fmt: skip
+    assert completion.choices[0].message.audio.data
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini-tts-2025-03-20", "gpt-4o-mini-tts-2025-12-15"])
+def test_11_dated_speech_models(openai_client, model):
+    audio = openai_client.audio.speech.create(model=model, voice="default", input="Hi.", response_format="pcm")
+    assert len(audio.content) > 0
+
+
+@pytest.mark.parametrize(
+    "model", ["gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-mini-transcribe-2025-03-20"]
+)
+def test_11_transcription_model_names(openai_client, model):
+    with open(TEST_AUDIO, "rb") as f:
+        assert openai_client.audio.transcriptions.create(model=model, file=f).text
+
+
+def test_11_unknown_names_are_still_404(client):
+    assert client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-audio-9000x"}).status_code == 404
+
+
+def test_12_chat_voice_by_id(isolated):
+    with isolated() as client:
+        voice = upload(client, "byid").json()
+        answer = client.post("/v1/chat/completions", json={**CHAT, "audio": {"voice": {"id": voice["id"]}}})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-voice"] == "byid"
+
+
+def test_13_a_boson_style_system_prompt_is_used_as_it_is(client, spy):
+    system = (
+        "Generate audio following instruction.\n\n<|scene_desc_start|>\nA windy beach.\n<|scene_desc_end|>"
+    )
+    body = {**CHAT, "messages": [{"role": "system", "content": system}, *SPEAK]}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    turns = spy["generate"][-1].turns
+    assert turns[0].role == "system" and turns[0].text == system
+
+
+def test_14_an_earlier_audio_answer_is_used_by_its_transcript(client, spy):
+    first = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]["audio"]
+    body = {
+        **CHAT,
+        "messages": [*SPEAK, {"role": "assistant", "audio": {"id": first["id"]}}, SPEAK[0]],
+    }
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    turns = spy["generate"][-1].turns
+    assert any(t.role == "assistant" and t.text == first["transcript"] for t in turns)
+
+
+def test_14_an_unknown_audio_id_is_logged_as_ignored(client, caplog):
+    body = {**CHAT, "messages": [*SPEAK, {"role": "assistant", "audio": {"id": "audio_gone"}}, SPEAK[0]]}
+    with caplog.at_level(logging.INFO):
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert any("audio_gone" in r.getMessage() for r in caplog.records)
+
+
+# ---- quality of service ----
+
+
+def test_16_a_clone_reference_is_recognised_once(client, recognizer, monkeypatch):
+    calls = []
+    real = recognizer.transcribe
+
+    async def counting(*args, **kwargs):
+        calls.append(1)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(recognizer, "transcribe", counting)
+    body = {
+        **CHAT,
+        "audio": {"voice": "clone", "format": "wav"},
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Once, twice."},
+                    {"type": "input_audio", "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"}},
+                ],
+            }
+        ],
+    }
+    for _ in range(2):
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert len(calls) <= 1  # at most the first use (an earlier test may already have cached it)
+
+
+def test_17_a_transcript_is_limited_at_creation(isolated):
+    with isolated() as client:
+        refused = upload(client, "wordy", transcript="word " * 20_000)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "transcript"
+        assert client.get("/v1/audio/voices/wordy").status_code == 404
+
+
+def test_18_voice_names_are_case_insensitive_everywhere(isolated):
+    with isolated() as client:
+        assert upload(client, "Dupe").status_code == 200
+        assert upload(client, "DUPE").status_code == 409
+        assert client.get("/v1/audio/voices/DUPE").json()["name"] == "Dupe"
+        body = {"model": "tts-1", "input": "Hi.", "voice": "dupe", "response_format": "wav"}
+        assert client.post("/v1/audio/speech", json=body).headers["x-voice"] == "Dupe"
+        assert client.delete("/v1/audio/voices/dUpE").status_code == 200
+        assert client.get("/v1/audio/voices/Dupe").status_code == 404
+
+
+def test_20_making_a_builtin_voice_does_not_block_the_library(isolated, engine, monkeypatch):
+    with isolated() as client:
+        assert upload(client, "keeper").status_code == 200
+        gate = threading.Event()
+        entered = threading.Event()
+        real_generate = engine.generate
+
+        async def slow_generate(request):
+            entered.set()
+            await asyncio.to_thread(gate.wait, 30)
+            return await real_generate(request)
+
+        monkeypatch.setattr(engine, "generate", slow_generate)
+        body = {"model": "tts-1", "input": "Hi.", "voice": "shimmer", "response_format": "wav"}
+        making = threading.Thread(target=lambda: client.post("/v1/audio/speech", json=body))
+        making.start()
+        try:
+            assert entered.wait(30)
+            deleted = []
+            deleter = threading.Thread(target=lambda: deleted.append(client.delete("/v1/audio/voices/keeper")))
+            deleter.start()
+            deleter.join(10)
+            # The delete finished while the built-in voice was still being made.
+            assert deleted and deleted[0].status_code == 200
+        finally:
+            gate.set()
+            making.join(60)
