@@ -11,7 +11,6 @@ import shutil
 import threading
 import time
 
-import openai
 import pytest
 from conftest import TEST_AUDIO, b64, transcripts
 from fastapi.testclient import TestClient
@@ -27,9 +26,7 @@ WORDS = transcripts()["test_audio.wav"]
 
 def upload(client, name: str, transcript: str | None = WORDS):
     data = {"name": name} if transcript is None else {"name": name, "transcript": transcript}
-    return client.post(
-        "/v1/audio/voices", data=data, files={"audio_sample": ("a.wav", WAV, "audio/wav")}
-    )
+    return client.post("/v1/audio/voices", data=data, files={"audio_sample": ("a.wav", WAV, "audio/wav")})
 
 
 @pytest.fixture
@@ -38,7 +35,9 @@ def isolated(settings, engine, recognizer, tmp_path):
 
     def make(**changes):
         changes.setdefault("voices_dir", tmp_path / "voices")
-        return TestClient(create_app(settings.model_copy(update=changes), engine=engine, recognizer=recognizer))
+        return TestClient(
+            create_app(settings.model_copy(update=changes), engine=engine, recognizer=recognizer)
+        )
 
     return make
 
@@ -207,7 +206,9 @@ def test_11_chat_model_names_in_use_today(openai_client, model):
 
 @pytest.mark.parametrize("model", ["gpt-4o-mini-tts-2025-03-20", "gpt-4o-mini-tts-2025-12-15"])
 def test_11_dated_speech_models(openai_client, model):
-    audio = openai_client.audio.speech.create(model=model, voice="default", input="Hi.", response_format="pcm")
+    audio = openai_client.audio.speech.create(
+        model=model, voice="default", input="Hi.", response_format="pcm"
+    )
     assert len(audio.content) > 0
 
 
@@ -326,7 +327,9 @@ def test_20_making_a_builtin_voice_does_not_block_the_library(isolated, engine, 
         try:
             assert entered.wait(30)
             deleted = []
-            deleter = threading.Thread(target=lambda: deleted.append(client.delete("/v1/audio/voices/keeper")))
+            deleter = threading.Thread(
+                target=lambda: deleted.append(client.delete("/v1/audio/voices/keeper"))
+            )
             deleter.start()
             deleter.join(10)
             # The delete finished while the built-in voice was still being made.
