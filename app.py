@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 
 from engine import Engine, load_engine
-from errors import install_error_handlers
+from errors import as_api_error, error_response, install_error_handlers
 from guard import RequestGate
 from metrics import Metrics
 from planner import Planner
@@ -71,7 +71,9 @@ def create_app(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            # Any request header: SDKs send their own (openai-node's x-stainless-*), and each new
+            # version adds some; the origin list is what guards access.
+            allow_headers=["*"],
             expose_headers=["X-Request-ID", "X-Voice", "X-Voice-Fallback"],
         )
     return app
@@ -82,14 +84,13 @@ def _lifespan(
 ) -> Callable[[FastAPI], Any]:
     """Load (or take) the engine and the recognizer, open the voice library, put them on ``app.state``."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = app.state
-        state.ready = False
-        owned_engine = engine is None
+    owned_engine = engine is None
+    owned_recognizer = recognizer is None and bool(settings.stt_model)
+
+    async def load(state: Any) -> None:
         state.engine = await asyncio.to_thread(load_engine, settings) if engine is None else engine
         state.recognizer = recognizer
-        if recognizer is None and settings.stt_model:
+        if owned_recognizer:
             state.recognizer = await asyncio.to_thread(load_recognizer, settings)
         library = await asyncio.to_thread(
             VoiceLibrary,
@@ -106,14 +107,38 @@ def _lifespan(
         state.engine.observers.append(metrics.observe_generation)
         state.ready = True
         log.info("ready: serving %s", settings.served_model_name)
+
+    async def load_behind(state: Any) -> None:
+        try:
+            await load(state)
+        except Exception as exc:
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            log.critical("loading failed; /health and /ready answer 503", exc_info=True)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = app.state
+        state.ready = False
+        state.load_error = None
+        # Models read from disk load behind a listening server, so that /health answers at once and
+        # /ready tells when they are there; what was handed in is ready before the first request.
+        loading = None
+        if owned_engine or owned_recognizer:
+            loading = asyncio.create_task(load_behind(state))
+        else:
+            await load(state)
         try:
             yield
         finally:
             state.ready = False
-            state.engine.observers.remove(metrics.observe_generation)
-            if owned_engine:
-                state.engine.close()
-            if state.recognizer is not None and recognizer is None:
+            if loading is not None and not loading.done():
+                loading.cancel()  # the thread it waits on finishes by itself; nothing is served from it
+            loaded = getattr(state, "engine", None)
+            if loaded is not None and state.metrics.observe_generation in loaded.observers:
+                loaded.observers.remove(state.metrics.observe_generation)
+            if owned_engine and loaded is not None:
+                loaded.close()
+            if owned_recognizer and getattr(state, "recognizer", None) is not None:
                 state.recognizer.close()
 
     return lifespan
@@ -126,7 +151,11 @@ async def _with_request_id(request: Request, call_next: Callable[[Request], Awai
     token = request_id.set(rid)
     started = time.perf_counter()
     try:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # answered here, so that it carries the id, is logged with it and counted
+            log.exception("unexpected failure")
+            response = error_response(as_api_error(exc))
         response.headers["X-Request-ID"] = rid
         route = request.scope.get("route")
         request.app.state.metrics.observe_request(getattr(route, "path", "unmatched"), response.status_code)

@@ -78,11 +78,11 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, InvalidVoiceName):
         return APIError(400, str(exc), param="name")
     if isinstance(exc, VoiceNotFound):
-        return APIError(404, str(exc), param="voice_id", code="voice_not_found")
+        return APIError(404, str(exc), param=exc.param, code="voice_not_found")
     if isinstance(exc, VoiceExists):
         return APIError(409, str(exc), param="name", code="voice_exists")
     if isinstance(exc, VoiceQuotaExceeded):
-        return APIError(413, str(exc), param="audio_sample", code="voice_quota_exceeded")
+        return APIError(413, str(exc), param=exc.param, code="voice_quota_exceeded")
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
     if isinstance(exc, EngineBusy | TranscriberBusy):

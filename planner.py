@@ -34,8 +34,8 @@ from protocol import (
 from settings import Settings
 from stt import AsyncTranscriber
 from voice_cloning import (
-    CodesCache,
     Reference,
+    ReferenceCache,
     ReferenceLimits,
     clone_turns,
     decode_input_audio,
@@ -48,6 +48,8 @@ from voices import DEFAULT_VOICE, VoicePrompt, Voices, audio_token_cap
 log = logging.getLogger(__name__)
 
 CLONE_VOICE = "clone"
+# Recent audio answers kept (transcript and codes, a few KB each) for requests that refer to them by id.
+ANSWERS_KEPT = 256
 # The output cap of a text answer when the request gives none.
 TEXT_MAX_TOKENS = 512
 
@@ -84,6 +86,14 @@ def _parts(message: ChatMessage, index: int) -> _Parts:
     return _Parts(texts, audios)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """An audio answer this server gave, as a later request may refer to it (``{"audio": {"id": ...}}``)."""
+
+    transcript: str
+    codes: AudioCodes | None
+
+
 def _join(texts: list[str]) -> str:
     return "\n".join(t.strip() for t in texts if t.strip())
 
@@ -98,7 +108,9 @@ class Planner:
         self.engine = engine
         self.recognizer = recognizer
         self.voices = voices
-        self.codes = CodesCache()
+        self.codes: ReferenceCache[AudioCodes] = ReferenceCache()
+        self.transcripts: ReferenceCache[str] = ReferenceCache()
+        self.answers: ReferenceCache[Answer] = ReferenceCache(capacity=ANSWERS_KEPT)
         self.limits = ReferenceLimits.from_settings(settings, engine.sample_rate)
 
     # ---- helpers ----
@@ -110,6 +122,9 @@ class Planner:
     async def _transcript_of(self, reference: Reference, param: str) -> str:
         if reference.transcript is not None:
             return reference.transcript
+        known = self.transcripts.get(reference.key)
+        if known is not None:
+            return known
         text = await recognised_words(self.recognizer, reference.audio, f"{param}.input_audio.transcript")
         if not text:
             raise InvalidRequest(
@@ -118,6 +133,7 @@ class Planner:
                 f"{param}.input_audio.data",
             )
         log.info("reference transcript recognised (%d characters)", len(text))
+        self.transcripts.put(reference.key, text)
         return text
 
     async def _codes(self, reference: Reference) -> AudioCodes:
@@ -137,6 +153,19 @@ class Planner:
             max_seconds=self.settings.max_transcription_seconds,
             max_bytes=self.limits.max_bytes,
         )
+
+    def remember_answer(self, audio_id: str, transcript: str, codes: AudioCodes | None) -> None:
+        """Keep an audio answer, so that a later request can hold it as an assistant message by its id."""
+        self.answers.put(audio_id, Answer(transcript, codes))
+
+    def _answer_of(self, message: ChatMessage) -> Answer | None:
+        """The earlier answer an assistant message refers to by ``audio.id``; logged when unknown."""
+        if message.role != "assistant" or message.audio is None:
+            return None
+        answer = self.answers.get(message.audio.id)
+        if answer is None:
+            log.info("ignored assistant audio %r: no such answer is kept here", message.audio.id)
+        return answer
 
     async def _spoken_text(self, message: ChatMessage, index: int) -> str:
         """The message's text, its ``input_audio`` parts replaced by what they say."""
@@ -208,14 +237,15 @@ class Planner:
         scene = _join(
             [_join(_parts(m, i).texts) for i, m in enumerate(messages) if m.role in ("system", "developer")]
         )
-        voice = request.audio.voice if request.audio else DEFAULT_VOICE
+        voice = request.audio.voice_name if request.audio else DEFAULT_VOICE
 
         if not request.wants_audio:
             return await self._plan_text(request, scene)
 
-        native = [i for i, m in enumerate(messages) if m.role == "assistant" and _parts(m, i).audios]
-        if native:
-            return await self._plan_native(request, scene or self.settings.default_scene)
+        answers = {i: self._answer_of(m) for i, m in enumerate(messages) if m.role == "assistant"}
+        kept_audio = any(a is not None and a.codes is not None for a in answers.values())
+        if kept_audio or any(_parts(m, i).audios for i, m in enumerate(messages) if m.role == "assistant"):
+            return await self._plan_native(request, scene or self.settings.default_scene, answers)
         scene = scene or self.settings.default_scene
 
         if voice == CLONE_VOICE:
@@ -258,7 +288,10 @@ class Planner:
         turns = clone_turns(scene, transcript, codes, text)
         return Plan(self._chat_generation(request, turns, text), text, CLONE_VOICE)
 
-    async def _plan_native(self, request: ChatCompletionRequest, scene: str) -> Plan:
+    async def _plan_native(
+        self, request: ChatCompletionRequest, scene: str, answers: dict[int, Answer | None]
+    ) -> Plan:
+        """The conversation as it stands: assistant audio (sent, or an earlier answer by id) in context."""
         turns = [system_turn(scene)]
         for i, message in enumerate(request.messages):
             if message.role in ("system", "developer"):
@@ -268,7 +301,10 @@ class Planner:
                 for param, part in parts.audios:
                     reference = self._reference(param, part)
                     turns.append(Turn("assistant", audio=await self._codes(reference)))
-                if parts.texts and not parts.audios:
+                answer = answers.get(i)
+                if answer is not None and answer.codes is not None:
+                    turns.append(Turn("assistant", audio=answer.codes))
+                elif parts.texts and not parts.audios:
                     turns.append(Turn("assistant", _join(parts.texts)))
             elif message.role == "user":
                 turns.append(Turn("user", await self._spoken_text(message, i)))
@@ -289,7 +325,11 @@ class Planner:
         turns = [Turn("system", scene)] if scene else []
         for i, message in enumerate(request.messages):
             if message.role in ("user", "assistant"):
-                turns.append(Turn(message.role, await self._spoken_text(message, i)))
+                answer = self._answer_of(message)
+                text = answer.transcript if answer else await self._spoken_text(message, i)
+                turns.append(Turn(message.role, text))
+        if not turns[-1].text:
+            raise InvalidRequest("the last user message has no content", f"messages[{last}].content")
         return Plan(self._chat_generation(request, turns, turns[-1].text), turns[-1].text, DEFAULT_VOICE)
 
     async def plan_speech(self, request: SpeechRequest) -> Plan:

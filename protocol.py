@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+# OpenAI's request types are strict: "10" is not an integer, 1.0 not a count, "true" not a boolean.
+# (A float field still takes an integer: 1 is a fine temperature.)
+StrictInt = Annotated[int, Strict()]
+StrictFloat = Annotated[float, Strict()]
+StrictBool = Annotated[bool, Strict()]
 
 
 class InvalidRequest(ValueError):
@@ -51,19 +57,35 @@ class InputAudioPart(OpenModel):
 ContentPart = Annotated[TextPart | InputAudioPart, Field(discriminator="type")]
 
 
+class AudioRef(OpenModel):
+    id: str
+    """An earlier answer's ``message.audio.id`` (OpenAI's multi-turn pattern)."""
+
+
 class ChatMessage(OpenModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    audio: AudioRef | None = None
+    """On an assistant message: the audio answer it was."""
+
+
+class VoiceRef(OpenModel):
+    id: str
 
 
 class AudioParams(OpenModel):
-    voice: str = "default"
+    voice: str | VoiceRef = "default"
     format: Literal["wav", "mp3", "flac", "opus", "aac", "pcm16"] = "wav"
+
+    @property
+    def voice_name(self) -> str:
+        """The voice's name or id, whichever form was sent."""
+        return self.voice.id if isinstance(self.voice, VoiceRef) else self.voice
 
 
 class StreamOptions(OpenModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(OpenModel):
@@ -71,15 +93,15 @@ class ChatCompletionRequest(OpenModel):
     messages: list[ChatMessage] = Field(min_length=1)
     modalities: list[Literal["text", "audio"]] | None = None
     audio: AudioParams | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
+    top_k: StrictInt | None = Field(default=None, ge=0)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
-    stream: bool | None = None
+    n: StrictInt | None = Field(default=None, ge=1, le=1)
+    stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
 
     @property
@@ -147,19 +169,15 @@ class ChatCompletion(BaseModel):
 MAX_SPEECH_INPUT = 4096
 
 
-class VoiceRef(OpenModel):
-    id: str
-
-
 class SpeechRequest(OpenModel):
     model: str = Field(examples=["tts-1"])
     input: str = Field(min_length=1, max_length=MAX_SPEECH_INPUT)
     voice: str | VoiceRef
     instructions: str | None = Field(default=None, max_length=MAX_SPEECH_INPUT)
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
-    speed: float = Field(default=1.0, ge=0.25, le=4.0)
+    speed: StrictFloat = Field(default=1.0, ge=0.25, le=4.0)
     stream_format: Literal["audio", "sse"] = "audio"
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
     """Extension: same seed, input and voice give the same audio."""
 
     @property

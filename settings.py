@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     max_reference_seconds: float = Field(default=30.0, gt=0, le=300)
     """A longer voice reference is refused with a 400 (longer clips add context without a closer voice)."""
 
+    max_transcript_characters: int = Field(default=1000, ge=1, le=10_000)
+    """Longest transcript of a voice reference (given or stored): a 30 s clip says a few hundred characters,
+    and the transcript is part of every prompt that uses the voice."""
+
     max_upload_mb: float = Field(default=25.0, gt=0)
     """Largest audio upload (decoded bytes), as OpenAI's limit."""
 

@@ -21,7 +21,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from audio import Audio, AudioError, active_speech_seconds, decode_audio, decode_base64, trim_silence
 from engine import SYSTEM_TEMPLATE, AudioCodes, Turn
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from stt import AsyncTranscriber
 
 log = logging.getLogger(__name__)
+
+V = TypeVar("V")
 
 # The containers and codecs a chat ``input_audio`` part may come in (its ``format`` values accepted).
 INPUT_AUDIO_FORMATS = frozenset({"wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "mp4", "aac"})
@@ -57,6 +59,7 @@ class ReferenceLimits:
     min_speech_seconds: float = 1.0
     max_seconds: float = 30.0
     max_bytes: int = 25 * 1024 * 1024
+    max_transcript_characters: int = 1000
 
     @classmethod
     def from_settings(cls, settings: Settings, sample_rate: int) -> ReferenceLimits:
@@ -66,6 +69,7 @@ class ReferenceLimits:
             min_speech_seconds=settings.min_reference_seconds,
             max_seconds=settings.max_reference_seconds,
             max_bytes=int(settings.max_upload_mb * 1024 * 1024),
+            max_transcript_characters=settings.max_transcript_characters,
         )
 
 
@@ -148,6 +152,12 @@ def check_reference(
             raise InvalidReference(
                 "the reference transcript is empty; omit it or give the words spoken", transcript_param
             )
+        if len(transcript) > limits.max_transcript_characters:
+            raise InvalidReference(
+                f"the reference transcript has {len(transcript)} characters; at most "
+                f"{limits.max_transcript_characters} are taken (the words of the clip, nothing more)",
+                transcript_param,
+            )
     return Reference(audio, key, transcript)
 
 
@@ -163,34 +173,41 @@ async def recognised_words(recognizer: AsyncTranscriber | None, audio: Audio, pa
     return transcript.text
 
 
-class CodesCache:
-    """A small LRU of reference audio codes, keyed by the reference's content hash.
+class ReferenceCache(Generic[V]):
+    """A small LRU keyed by a reference's content hash (its audio codes, or its recognised transcript).
 
-    Clients resend the same reference with every request; encoding it again would cost a tokenizer pass.
+    Clients resend the same reference with every request; encoding or recognising it again would cost a
+    tokenizer pass or a Whisper run.
     """
 
     def __init__(self, capacity: int = 64):
         self._capacity = capacity
-        self._items: OrderedDict[str, AudioCodes] = OrderedDict()
+        self._items: OrderedDict[str, V] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> AudioCodes | None:
+    def get(self, key: str) -> V | None:
         with self._lock:
-            codes = self._items.get(key)
-            if codes is not None:
+            value = self._items.get(key)
+            if value is not None:
                 self._items.move_to_end(key)
-            return codes
+            return value
 
-    def put(self, key: str, codes: AudioCodes) -> None:
+    def put(self, key: str, value: V) -> None:
         with self._lock:
-            self._items[key] = codes
+            self._items[key] = value
             self._items.move_to_end(key)
             while len(self._items) > self._capacity:
                 self._items.popitem(last=False)
 
 
+# A system message that already is a Higgs system prompt (as Boson's own examples send it) is used as it is.
+_HIGGS_SYSTEM_MARKERS = ("Generate audio following instruction.", "<|scene_desc_start|>")
+
+
 def system_turn(scene: str) -> Turn:
-    """The Higgs system prompt with a scene description."""
+    """The Higgs system prompt with a scene description (or ``scene`` itself when it already is one)."""
+    if any(marker in scene for marker in _HIGGS_SYSTEM_MARKERS):
+        return Turn("system", scene.strip())
     return Turn("system", SYSTEM_TEMPLATE.format(scene=scene.strip()))
 
 

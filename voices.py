@@ -101,6 +101,7 @@ class VoicePrompt:
 
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = frozenset({"clone", "default"})
+ID_PREFIX = "voice_"
 META_DIR = ".voices"
 
 
@@ -109,11 +110,19 @@ class VoiceExists(ValueError):
 
 
 class VoiceQuotaExceeded(ValueError):
-    """The library is full (count or bytes)."""
+    """The library is full (count or bytes); ``param`` names the request field that needed the room."""
+
+    def __init__(self, message: str, param: str = "audio_sample"):
+        super().__init__(message)
+        self.param = param
 
 
 class VoiceNotFound(LookupError):
-    """No stored voice has that name or id."""
+    """No stored voice has that name or id; ``param`` names the request field that named it."""
+
+    def __init__(self, message: str, param: str = "voice_id"):
+        super().__init__(message)
+        self.param = param
 
 
 class InvalidVoiceName(ValueError):
@@ -152,7 +161,7 @@ class Voice:
 
 def voice_id(name: str) -> str:
     """A voice's stable id, derived from its name (so hand-placed voices have one too)."""
-    return "voice_" + hashlib.sha256(name.encode()).hexdigest()[:20]
+    return ID_PREFIX + hashlib.sha256(name.encode()).hexdigest()[:20]
 
 
 def check_voice_name(name: str) -> str:
@@ -163,6 +172,8 @@ def check_voice_name(name: str) -> str:
         )
     if name.lower() in RESERVED_NAMES:
         raise InvalidVoiceName(f"{name!r} is reserved; choose another name")
+    if name.lower().startswith(ID_PREFIX):
+        raise InvalidVoiceName(f"names starting with {ID_PREFIX!r} are voice ids; choose another name")
     return name
 
 
@@ -227,12 +238,17 @@ class VoiceLibrary:
         return [v for v in (self._load(n) for n in names) if v is not None]
 
     def get(self, name_or_id: str) -> Voice | None:
-        """A voice by name or id."""
-        if name_or_id.startswith("voice_"):
+        """A voice by id, or by name in any case (names are unique regardless of case)."""
+        if name_or_id.startswith(ID_PREFIX):
             return next((v for v in self.list() if v.id == name_or_id), None)
         if not VOICE_NAME.match(name_or_id) or ".." in name_or_id:
             return None
-        return self._load(name_or_id)
+        voice = self._load(name_or_id)
+        if voice is None:
+            wanted = name_or_id.lower()
+            stored = next((p.stem for p in self.root.glob("*.wav") if p.stem.lower() == wanted), None)
+            voice = self._load(stored) if stored is not None else None
+        return voice
 
     def audio(self, voice: Voice) -> Audio:
         """The voice's reference clip."""
@@ -278,12 +294,7 @@ class VoiceLibrary:
                 raise VoiceExists(
                     f"a voice named {name!r} already exists; delete it first or pick another name"
                 )
-            if len(voices) >= self.max_voices:
-                raise VoiceQuotaExceeded(f"the voice library is full ({self.max_voices} voices)")
-            if sum(v.bytes for v in voices) + len(wav_bytes) > self.max_bytes:
-                raise VoiceQuotaExceeded(
-                    f"the voice library is full ({self.max_bytes / 1e6:g} MB of audio); delete a voice first"
-                )
+            self._check_room(voices, len(wav_bytes))
             wav, txt, meta = self._files(name)
             marker = self.meta / f"{name}.pending"
             _write_atomic(marker, b"create")
@@ -297,6 +308,23 @@ class VoiceLibrary:
             _write_atomic(meta, json.dumps({"created_at": voice.created_at, "builtin": builtin}).encode())
             marker.unlink()
         return voice
+
+    def check_room(self, param: str, new_bytes: int = 0) -> None:
+        """``VoiceQuotaExceeded`` (naming ``param``) unless one more voice of ``new_bytes`` fits."""
+        self._check_room(self.list(), new_bytes, param)
+
+    def _check_room(self, voices: list[Voice], new_bytes: int, param: str = "audio_sample") -> None:
+        what = "delete a voice (DELETE /v1/audio/voices/{name}) or raise"
+        if len(voices) >= self.max_voices:
+            raise VoiceQuotaExceeded(
+                f"the voice library is full ({self.max_voices} voices); {what} HIGGS_MAX_VOICES", param
+            )
+        if sum(v.bytes for v in voices) + new_bytes > self.max_bytes:
+            raise VoiceQuotaExceeded(
+                f"the voice library is full ({self.max_bytes / 1e6:g} MB of audio); {what} "
+                "HIGGS_MAX_VOICE_LIBRARY_MB",
+                param,
+            )
 
     def delete(self, name_or_id: str) -> bool:
         """Remove a voice; False if there is none of that name or id."""
@@ -342,6 +370,9 @@ class Voices:
         self.library = library
         self.limits = ReferenceLimits.from_settings(settings, engine.sample_rate)
         self._lock = asyncio.Lock()
+        # One lock per built-in name being made: making one is a whole generation, during which the
+        # library's writers (create, delete) must not wait.
+        self._making: dict[str, asyncio.Lock] = {}
 
     def names(self) -> list[str]:
         """Every voice name a request may use."""
@@ -366,27 +397,42 @@ class Voices:
             return VoicePrompt(DEFAULT_VOICE)
         stored = await asyncio.to_thread(self.library.get, name)
         if stored is None and name in BUILTIN_VOICES:
-            stored = await self.make_builtin(name)
+            stored = await self.make_builtin(name, param)
         if stored is None:
             names = ", ".join(["clone (chat only)", *self.names()])
             raise InvalidRequest(f"unknown voice {name!r}; available voices: {names}", param)
-        return VoicePrompt(stored.name, stored.transcript, await self._codes(stored))
+        return VoicePrompt(stored.name, stored.transcript, await self._codes(stored, param))
 
-    async def _codes(self, voice: Voice) -> AudioCodes:
-        """A stored voice's codes: from disk when cached there, else encoded once and cached."""
-        codes = await asyncio.to_thread(self.library.codes, voice)
-        if codes is None:
+    async def _codes(self, voice: Voice, param: str) -> AudioCodes:
+        """A stored voice's codes: from disk when cached there, else encoded once and cached.
+
+        A voice deleted while this runs: what was read is used (the request finishes with it), and a clip
+        that was gone before it could be read is ``VoiceNotFound``.
+        """
+        try:
+            codes = await asyncio.to_thread(self.library.codes, voice)
+            if codes is not None:
+                return codes
             audio = await asyncio.to_thread(self.library.audio, voice)
-            codes = await self.engine.encode(audio)
+        except (FileNotFoundError, sf.LibsndfileError):
+            raise VoiceNotFound(f"voice {voice.name!r} was deleted", param) from None
+        codes = await self.engine.encode(audio)
+        try:
             await asyncio.to_thread(self.library.save_codes, voice, codes)
+        except FileNotFoundError:
+            log.info("voice %r was deleted while it was encoded; its codes are not kept", voice.name)
         return codes
 
-    async def make_builtin(self, name: str) -> Voice:
-        """Generate built-in voice ``name``'s clip and store it (unless another request just did)."""
-        async with self._lock:
+    async def make_builtin(self, name: str, param: str = "voice") -> Voice:
+        """Generate built-in voice ``name``'s clip and store it (unless another request just did).
+
+        The library's room is checked first, so that a full library costs no generation.
+        """
+        async with self._making.setdefault(name, asyncio.Lock()):
             stored = await asyncio.to_thread(self.library.get, name)
             if stored is not None:
                 return stored
+            await asyncio.to_thread(self.library.check_room, param)
             log.info("making built-in voice %r (first use)", name)
             s = self.settings
             scene = f"{s.default_scene}\n\nSPEAKER0: {BUILTIN_VOICES[name]}"
@@ -406,7 +452,10 @@ class Voices:
                 raise BuiltinVoiceFailed(f"the model did not produce a usable clip for voice {name!r}")
             audio = trim_silence(result.audio)
             codes = await self.engine.encode(audio)
-            return await asyncio.to_thread(self.library.create, name, audio, BUILTIN_SENTENCE, codes, True)
+            async with self._lock:
+                return await asyncio.to_thread(
+                    self.library.create, name, audio, BUILTIN_SENTENCE, codes, True
+                )
 
     async def create(self, name: str, data: bytes, transcript: str | None) -> Voice:
         """Store an uploaded voice: validated, transcribed when no transcript is given, and encoded, all

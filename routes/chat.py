@@ -7,6 +7,7 @@ import base64
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import numpy as np
 from fastapi import APIRouter, Depends
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from audio import Audio, encode_audio
 from engine import GenerationResult, Started, StreamEvent, TextPiece
 from errors import bad_request
+from planner import Planner
 from protocol import AssistantMessage, AudioOut, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from routes.deps import EngineDep, PlannerDep, SettingsDep, check_model, log_ignored, require_generation_slot
 from streaming import chat_events, started, usage_of
@@ -45,15 +47,18 @@ async def chat_completions(
         headers["X-Voice-Fallback"] = f"default; reason={plan.fallback}"
     completion_id = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
+    audio_id = "audio_" + uuid.uuid4().hex
     if body.stream:
         events = engine.stream(plan.request) if plan.request else _answer_events(plan.direct_answer)
         await started(events)
+        if body.wants_audio:
+            events = _remembered(events, planner, audio_id, plan.spoken_text)
         body_stream = chat_events(
             events,
             completion_id=completion_id,
             created=created,
             model=body.model,
-            audio_id="audio_" + uuid.uuid4().hex if body.wants_audio else None,
+            audio_id=audio_id if body.wants_audio else None,
             transcript=plan.spoken_text,
             expires_at=created + AUDIO_LIFETIME_SECONDS,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
@@ -66,8 +71,9 @@ async def chat_completions(
         if audio.samples.size == 0:  # too few tokens for one frame: an instant of silence, not an error
             audio = Audio(np.zeros(audio.sample_rate // 100, np.float32), audio.sample_rate)
         data = await asyncio.to_thread(encode_audio, audio, fmt)
+        planner.remember_answer(audio_id, plan.spoken_text, getattr(result, "codes", None))
         audio_out = AudioOut(
-            id="audio_" + uuid.uuid4().hex,
+            id=audio_id,
             data=base64.b64encode(data).decode("ascii"),
             expires_at=created + AUDIO_LIFETIME_SECONDS,
             transcript=plan.spoken_text,
@@ -94,6 +100,17 @@ def _answer(text: str | None) -> GenerationResult:
         completion_audio_tokens=0,
         seconds=0.0,
     )
+
+
+async def _remembered(
+    events: AsyncIterator[StreamEvent], planner: Planner, audio_id: str, transcript: str
+) -> AsyncIterator[StreamEvent]:
+    """``events``, keeping the finished answer for later requests that refer to ``audio_id``."""
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, GenerationResult):
+                planner.remember_answer(audio_id, transcript, getattr(event, "codes", None))
+            yield event
 
 
 async def _answer_events(text: str | None) -> AsyncIterator[StreamEvent]:

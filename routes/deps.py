@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, UploadFile
@@ -19,15 +20,23 @@ from voices import Voices
 
 log = logging.getLogger(__name__)
 
-# Model names OpenAI clients hard-code; each is served by the one loaded model.
+# Model names OpenAI clients hard-code; each is served by the one loaded model, and so is a dated snapshot of
+# each (``gpt-4o-mini-tts-2025-03-20``).
 MODEL_ALIASES = (
     "gpt-4o-audio-preview",
     "gpt-4o-mini-audio-preview",
+    "gpt-audio",
+    "gpt-audio-mini",
     "tts-1",
     "tts-1-hd",
     "gpt-4o-mini-tts",
     "whisper-1",
+    "gpt-4o-transcribe",
+    "gpt-4o-mini-transcribe",
 )
+# The hub id Boson's own examples send as the model (and its basename).
+HIGGS_MODEL_NAMES = ("bosonai/higgs-audio-v2-generation-3B-base", "higgs-audio-v2-generation-3B-base")
+_SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 # Seconds a client is told to wait while the model loads.
 LOADING_RETRY_AFTER = 5
 
@@ -99,7 +108,8 @@ def require_generation_slot(request: Request) -> None:
 
 def check_model(settings: Settings, name: str) -> None:
     """404 unless ``name`` is the served model or one of the aliases."""
-    if name not in {settings.served_model_name, *MODEL_ALIASES}:
+    accepted = {settings.served_model_name, settings.model, *MODEL_ALIASES, *HIGGS_MODEL_NAMES}
+    if name not in accepted and _SNAPSHOT.sub("", name) not in MODEL_ALIASES:
         raise APIError(
             404,
             f"the model {name!r} does not exist; this server serves {settings.served_model_name!r} "

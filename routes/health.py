@@ -12,19 +12,27 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    """Liveness: the process answers."""
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    """Liveness: the process answers, from the moment it listens (the models load behind it). Only a load
+    that failed, which no waiting mends, makes it 503, so that an orchestrator restarts the process."""
+    failed = getattr(request.app.state, "load_error", None)
+    if failed:
+        return JSONResponse({"status": "failed", "reason": f"loading failed: {failed}"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     """Readiness: models loaded and warmed up, and the engine has not failed."""
-    engine = getattr(request.app.state, "engine", None)
+    state = request.app.state
+    engine = getattr(state, "engine", None)
     if engine is not None and engine.failure:
         return JSONResponse({"ready": False, "reason": "engine failed; restart the service"}, status_code=503)
-    is_ready = bool(request.app.state.ready)
-    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+    if getattr(state, "load_error", None):
+        return JSONResponse({"ready": False, "reason": f"loading failed: {state.load_error}"}, status_code=503)
+    if not state.ready:
+        return JSONResponse({"ready": False, "reason": "loading"}, status_code=503)
+    return JSONResponse({"ready": True})
 
 
 @router.get("/metrics")

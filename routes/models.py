@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter
 
 from protocol import ModelCard, ModelList
-from routes.deps import MODEL_ALIASES, SettingsDep, check_model
+from routes.deps import HIGGS_MODEL_NAMES, MODEL_ALIASES, SettingsDep, check_model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -16,11 +16,11 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 async def list_models(settings: SettingsDep) -> ModelList:
     """Every model name this server accepts."""
     now = int(time.time())
-    names = [settings.served_model_name, *MODEL_ALIASES]
+    names = [settings.served_model_name, *MODEL_ALIASES, *HIGGS_MODEL_NAMES]
     return ModelList(data=[ModelCard(id=name, created=now) for name in names])
 
 
-@router.get("/{model_id}", response_model=ModelCard)
+@router.get("/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, settings: SettingsDep) -> ModelCard:
     """One model name; 404 for a name this server does not accept."""
     check_model(settings, model_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated
 
@@ -33,8 +34,17 @@ async def create_voice(
 
 @router.get("")
 async def list_voices(voices: VoicesDep) -> JSONResponse:
-    """Every stored voice."""
-    return JSONResponse({"object": "list", "data": [v.public() for v in await voices.list()]})
+    """Every stored voice in ``data``; in ``voices``, every name a request may use as ``voice`` (the list
+    Open WebUI and Kokoro clients read)."""
+    stored = await voices.list()
+    usable = await asyncio.to_thread(voices.names)
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [v.public() for v in stored],
+            "voices": [{"id": name, "name": name} for name in usable],
+        }
+    )
 
 
 @router.get("/{voice_id}")

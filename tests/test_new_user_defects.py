@@ -73,9 +73,9 @@ def test_2_health_answers_while_the_model_loads_and_ready_follows(settings, monk
             time.sleep(0.02)
         time.sleep(0.2)
         failed = client.get("/ready")
-        # A loader that fails leaves the service alive but never ready, and says why.
-        assert failed.status_code == 503 and client.get("/health").status_code == 200
-        assert "load" in failed.json().get("reason", "")
+        # A load that failed is for good: not ready, and not alive either, so that an orchestrator restarts.
+        assert failed.status_code == 503 and "loading failed" in failed.json()["reason"]
+        assert client.get("/health").status_code == 503
 
 
 def test_3_names_that_look_like_ids_are_refused(isolated):
@@ -242,15 +242,19 @@ def test_13_a_boson_style_system_prompt_is_used_as_it_is(client, spy):
     assert turns[0].role == "system" and turns[0].text == system
 
 
-def test_14_an_earlier_audio_answer_is_used_by_its_transcript(client, spy):
-    first = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]["audio"]
-    body = {
-        **CHAT,
-        "messages": [*SPEAK, {"role": "assistant", "audio": {"id": first["id"]}}, SPEAK[0]],
-    }
-    assert client.post("/v1/chat/completions", json=body).status_code == 200
+def test_14_an_earlier_audio_answer_is_context_in_a_later_request(client, spy):
+    longer = {**CHAT, "max_tokens": 24}
+    first = client.post("/v1/chat/completions", json=longer).json()["choices"][0]["message"]["audio"]
+    later = [*SPEAK, {"role": "assistant", "audio": {"id": first["id"]}}, SPEAK[0]]
+    # Text: the answer's transcript stands for it.
+    text_only = {"model": "tts-1", "messages": later, "max_tokens": 4}
+    assert client.post("/v1/chat/completions", json=text_only).status_code == 200
+    assert [t.text for t in spy["generate"][-1].turns if t.role == "assistant"] == [first["transcript"]]
+    # Audio: the answer's own audio is in context (the native pattern), so the voice carries on.
+    assert client.post("/v1/chat/completions", json={**CHAT, "messages": later}).status_code == 200
     turns = spy["generate"][-1].turns
-    assert any(t.role == "assistant" and t.text == first["transcript"] for t in turns)
+    assert [t.role for t in turns] == ["system", "user", "assistant", "user"]
+    assert turns[2].audio is not None and turns[2].audio.frames > 0
 
 
 def test_14_an_unknown_audio_id_is_logged_as_ignored(client, caplog):
@@ -337,3 +341,21 @@ def test_20_making_a_builtin_voice_does_not_block_the_library(isolated, engine, 
         finally:
             gate.set()
             making.join(60)
+
+
+def test_21_the_documented_uvicorn_start_logs_with_request_ids():
+    import subprocess
+    import sys
+
+    # What `uvicorn app:build --factory` calls; nothing is loaded until the server starts.
+    code = (
+        "import logging, app\n"
+        "app.build()\n"
+        "root = logging.getLogger()\n"
+        "formats = [h.formatter._fmt for h in root.handlers if h.formatter]\n"
+        "print(root.getEffectiveLevel() <= logging.INFO, any('request_id' in f for f in formats))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=TEST_AUDIO.parent
+    )
+    assert out.stdout.split()[-2:] == ["True", "True"], out.stdout + out.stderr
