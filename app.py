@@ -54,6 +54,7 @@ from protocol import (
     Usage,
     bad_request,
 )
+from routes import web as web_page
 from settings import Settings, resolve_device
 from streaming import chat_events, speech_audio, speech_events, usage_of
 from stt import AsyncTranscriber, TranscriberBusy, to_srt, to_verbose_json, to_vtt
@@ -559,6 +560,10 @@ def create_app(
         return await speech_to_text(
             request, "translate", file, model, None, prompt, response_format, temperature, []
         )
+
+    # ---- the web page at / (routes/web.py), unless HIGGS_WEB_UI=false ----
+    if settings.web_ui:
+        app.include_router(web_page.router)
 
     return app
 
