@@ -269,7 +269,7 @@ def test_recording_with_the_fake_microphone_gives_a_clip_the_api_reads(page, bas
 def test_keyboard_reaches_every_control_with_a_visible_focus(page, base_url):
     open_page(page, base_url)
     reached = []
-    for _ in range(40):
+    for _ in range(60):
         page.keyboard.press("Tab")
         reached.append(page.evaluate("() => document.activeElement.id || document.activeElement.textContent"))
     for control in ["text", "voice", "format", "speed", "instructions", "speak", "clip-file", "record"]:
