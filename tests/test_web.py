@@ -245,6 +245,21 @@ def test_bad_input_shows_the_apis_own_message(page, base_url, tmp_path):
     expect(page.get_by_role("alert")).to_be_hidden()
 
 
+def test_a_refused_speech_request_shows_the_apis_message_and_no_player(page, base_url):
+    store_voice(base_url, "gone-soon")
+    open_page(page, base_url)
+    assert httpx.delete(f"{base_url}/v1/audio/voices/gone-soon").status_code == 200  # from elsewhere
+    expected = httpx.post(
+        f"{base_url}/v1/audio/speech", json={"model": "tts-1", "input": "Hi.", "voice": "gone-soon"}
+    ).json()["error"]["message"]
+    page.fill("#text", "Hi.")
+    page.select_option("#voice", "gone-soon")
+    page.click("#speak")
+    expect(page.locator("#error-text")).to_have_text(expected)
+    expect(page.locator("#download")).to_be_hidden()
+    expect(page.locator("#speak")).to_be_enabled()
+
+
 def test_cloning_the_clip_once_streams_it(page, base_url):
     open_page(page, base_url)
     page.set_input_files("#clip-file", str(TEST_AUDIO))

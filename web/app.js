@@ -60,8 +60,13 @@ async function watchReadiness() {
 }
 
 async function loadLimit() {
-  // The API's own schema states the speech input limit; OpenAI's 4096 when it does not.
-  const schema = await (await request("/openapi.json")).json();
+  // The API's own schema states the speech input limit; OpenAI's 4096 when it does not (or is not served).
+  let schema = null;
+  try {
+    schema = await (await request("/openapi.json")).json();
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) throw err;
+  }
   const limit = schema?.components?.schemas?.SpeechRequest?.properties?.input?.maxLength;
   state.limit = Number.isInteger(limit) ? limit : DEFAULT_LIMIT;
   $("text").maxLength = state.limit;
