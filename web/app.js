@@ -283,7 +283,11 @@ $("speak-form").addEventListener("submit", async (event) => {
     status.textContent = `Done in ${total} s; first audio after ${(first / 1000).toFixed(1)} s.`;
     if (state.voices.length === 0 || OPENAI_VOICES.includes($("voice").value)) loadVoices().catch(() => {});
   } catch (err) {
-    player.stop();
+    try {
+      player.stop();
+    } catch {
+      // a player that could not stop cleanly is dropped anyway; the request's error is what matters
+    }
     status.textContent = err.name === "AbortError" ? "Stopped." : "";
     showError(err);
   } finally {

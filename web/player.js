@@ -78,6 +78,7 @@ class MsePlayer extends Player {
       this.source.addEventListener(
         "sourceopen",
         () => {
+          if (this.stopped) return resolve(); // refused or stopped before the source opened
           this.buffer = this.source.addSourceBuffer(MSE_TYPES[format]);
           this.buffer.addEventListener("updateend", () => this.pump());
           this.pump();
@@ -117,8 +118,9 @@ class MsePlayer extends Player {
 
   stop() {
     super.stop();
+    this.stopped = true;
     this.queue = [];
-    if (this.source.readyState === "open" && !this.buffer?.updating) this.source.endOfStream();
+    if (this.buffer && !this.buffer.updating && this.source.readyState === "open") this.source.endOfStream();
   }
 }
 
@@ -172,13 +174,13 @@ class PcmPlayer extends Player {
     // The same audio, for replay and seeking, in the page's <audio> element (not played again now).
     this.audio.src = URL.createObjectURL(this.format === "pcm" ? wav(new Blob(this.chunks), this.bytes) : file);
     const left = this.next - this.context.currentTime;
-    setTimeout(() => this.context.close(), Math.max(0, left) * 1000 + 200);
+    setTimeout(() => this.context.close().catch(() => {}), Math.max(0, left) * 1000 + 200);
     return file;
   }
 
   stop() {
     super.stop();
-    this.context.close();
+    this.context.close().catch(() => {});
   }
 }
 
