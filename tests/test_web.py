@@ -5,6 +5,7 @@ Chromium is Debian's (``/usr/bin/chromium``, installed by ``make test``); withou
 
 from __future__ import annotations
 
+import http.client
 import re
 
 import httpx
@@ -342,3 +343,11 @@ def test_with_an_api_key_the_page_asks_for_it_and_then_works(browser, web_settin
         page.wait_for_function("() => document.getElementById('sample-player').duration > 0")
         assert httpx.get(f"{url}/v1/audio/voices/keyed-voice/sample").status_code == 401
         context.close()
+        # the public /web/ prefix opens nothing else, however the path is spelled
+        host, port = url.removeprefix("http://").split(":")
+        for path in ["/web/../v1/audio/voices", "/web/%2e%2e/v1/audio/voices", "/web/x/../../metrics"]:
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            connection.request("GET", path)
+            answer = connection.getresponse()
+            assert answer.status == 404 and b"keyed-voice" not in answer.read(), path
+            connection.close()

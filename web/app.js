@@ -70,6 +70,7 @@ async function loadLimit() {
   const limit = schema?.components?.schemas?.SpeechRequest?.properties?.input?.maxLength;
   state.limit = Number.isInteger(limit) ? limit : DEFAULT_LIMIT;
   $("text").maxLength = state.limit;
+  $("instructions").maxLength = state.limit;
   updateCount();
 }
 
@@ -239,8 +240,11 @@ $("speed").addEventListener("input", () => {
 });
 
 function setSpeaking(on) {
+  // Keyboard focus follows the one button that can act: Stop while generating, Speak after.
+  const hadFocus = document.activeElement === $("speak") || document.activeElement === $("stop");
   $("speak").disabled = on;
   $("stop").hidden = !on;
+  if (hadFocus) $(on ? "stop" : "speak").focus();
 }
 
 $("speak-form").addEventListener("submit", async (event) => {
@@ -261,15 +265,18 @@ $("speak-form").addEventListener("submit", async (event) => {
   const onAudio = (bytes) => {
     if (first === null) {
       first = performance.now() - started;
-      status.textContent = `Playing while the rest is generated (first audio after ${(first / 1000).toFixed(1)} s)…`;
+      const after = (first / 1000).toFixed(1);
+      status.textContent = `Playing while the rest is generated (first audio after ${after} s)…`;
     }
     player.push(bytes);
   };
   try {
-    const response = cloning ? await cloneOnce(controller.signal) : await speak(wireFormat(format), controller.signal);
+    const signal = controller.signal;
+    const response = cloning ? await cloneOnce(signal) : await speak(wireFormat(format), signal);
     for await (const message of events(response)) {
       if (message.error) throw new ApiError(500, message.error.message);
-      const delta = message.type === "speech.audio.delta" ? message.audio : message.choices?.[0]?.delta?.audio?.data;
+      const delta =
+        message.type === "speech.audio.delta" ? message.audio : message.choices?.[0]?.delta?.audio?.data;
       if (delta) onAudio(fromBase64(delta));
     }
     if (player.bytes === 0) throw new ApiError(500, "the service sent no audio");
@@ -281,7 +288,8 @@ $("speak-form").addEventListener("submit", async (event) => {
     download.hidden = false;
     const total = ((performance.now() - started) / 1000).toFixed(1);
     status.textContent = `Done in ${total} s; first audio after ${(first / 1000).toFixed(1)} s.`;
-    if (state.voices.length === 0 || OPENAI_VOICES.includes($("voice").value)) loadVoices().catch(() => {});
+    // an OpenAI name's first use stores a voice for it
+    if (OPENAI_VOICES.includes($("voice").value)) loadVoices().catch(() => {});
   } catch (err) {
     try {
       player.stop();
@@ -320,7 +328,10 @@ async function cloneOnce(signal) {
     role: "user",
     content: [
       { type: "text", text: $("text").value },
-      { type: "input_audio", input_audio: { data: await dataUrl(state.clip), format: clipFormat(state.clip) } },
+      {
+        type: "input_audio",
+        input_audio: { data: await dataUrl(state.clip), format: clipFormat(state.clip) },
+      },
     ],
   });
   const body = {

@@ -172,7 +172,8 @@ class PcmPlayer extends Player {
   async end() {
     const file = await super.end();
     // The same audio, for replay and seeking, in the page's <audio> element (not played again now).
-    this.audio.src = URL.createObjectURL(this.format === "pcm" ? wav(new Blob(this.chunks), this.bytes) : file);
+    const playable = this.format === "pcm" ? wav(new Blob(this.chunks), this.bytes) : file;
+    this.audio.src = URL.createObjectURL(playable);
     const left = this.next - this.context.currentTime;
     setTimeout(() => this.context.close().catch(() => {}), Math.max(0, left) * 1000 + 200);
     return file;
