@@ -25,7 +25,16 @@ $(VENV)/.test-deps: requirements.txt requirements-test.txt | $(PY)
 run: $(VENV)/.run-deps
 	$(PY) app.py
 
-test: $(VENV)/.test-deps
+# Debian's Chromium drives the web page's tests (tests/test_web.py); installed once when missing (as root in
+# CI, through sudo elsewhere). Without it those tests fail rather than skip.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+
+test: $(VENV)/.test-deps $(CHROMIUM)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

@@ -26,7 +26,7 @@ from errors import as_api_error, error_response, install_error_handlers
 from guard import RequestGate
 from metrics import Metrics
 from planner import Planner
-from routes import chat, health, models, speech, transcription, voices
+from routes import chat, health, models, speech, transcription, voices, web
 from settings import Settings
 from stt import AsyncTranscriber, load_recognizer
 from voices import VoiceLibrary, Voices
@@ -60,6 +60,8 @@ def create_app(
     app.include_router(speech.router)
     app.include_router(voices.router)
     app.include_router(transcription.router)
+    if settings.web_ui:
+        app.include_router(web.router)
 
     install_error_handlers(app)
     # The last added runs first: CORS, then request ids, then the gate.

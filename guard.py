@@ -1,7 +1,8 @@
 """Access and size checks at the door, before any body is read: an ASGI middleware.
 
-* With an API key configured, every path but the public ones needs ``Authorization: Bearer <key>``,
-  compared in constant time; otherwise 401 in OpenAI's envelope, before the body is read.
+* With an API key configured, every path but the public ones (health, readiness, the web page's files)
+  needs ``Authorization: Bearer <key>``, compared in constant time; otherwise 401 in OpenAI's envelope,
+  before the body is read.
 * A body is refused with 413 when its ``Content-Length`` is over the limit, or, for a body of unannounced
   length, as soon as the bytes received pass it; the app then sees the body as it arrived.
 """
@@ -21,7 +22,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/"})
+# The web page's static files hold no data; the page asks for the key itself when the API answers 401.
+PUBLIC_PREFIXES = ("/web/",)
 
 
 async def send_error(
@@ -51,6 +54,7 @@ class RequestGate:
         if (
             self.api_key is not None
             and scope.get("path") not in PUBLIC_PATHS
+            and not scope.get("path", "").startswith(PUBLIC_PREFIXES)
             and scope.get("method") != "OPTIONS"
         ):
             given = headers.get("authorization", "")

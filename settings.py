@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     builtin_voice_seconds: float = Field(default=12.0, ge=2, le=30)
     """Longest clip made for an OpenAI built-in voice name on its first use."""
 
+    web_ui: bool = True
+    """Serve the web page at `/` (its static files under `/web/`, public even with an API key)."""
+
 
 def resolve_device(requested: str, cuda_available: bool) -> str:
     """Turn the `device` setting into a torch device, refusing `auto` without CUDA."""

@@ -29,7 +29,8 @@ async def ready(request: Request) -> JSONResponse:
     if engine is not None and engine.failure:
         return JSONResponse({"ready": False, "reason": "engine failed; restart the service"}, status_code=503)
     if getattr(state, "load_error", None):
-        return JSONResponse({"ready": False, "reason": f"loading failed: {state.load_error}"}, status_code=503)
+        reason = f"loading failed: {state.load_error}"
+        return JSONResponse({"ready": False, "reason": reason}, status_code=503)
     if not state.ready:
         return JSONResponse({"ready": False, "reason": "loading"}, status_code=503)
     return JSONResponse({"ready": True})

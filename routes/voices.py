@@ -7,8 +7,9 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from audio import MEDIA_TYPES, encode_audio
 from routes.deps import SettingsDep, VoicesDep, read_upload, require_generation_slot
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,14 @@ async def list_voices(voices: VoicesDep) -> JSONResponse:
 async def get_voice(voice_id: str, voices: VoicesDep) -> JSONResponse:
     """One stored voice, by id or name."""
     return JSONResponse((await voices.get(voice_id)).public())
+
+
+@router.get("/{voice_id}/sample")
+async def voice_sample(voice_id: str, voices: VoicesDep) -> Response:
+    """A stored voice's reference clip as WAV (24 kHz mono), by id or name: what the voice sounds like."""
+    voice = await voices.get(voice_id)
+    data = await asyncio.to_thread(lambda: encode_audio(voices.library.audio(voice), "wav"))
+    return Response(data, media_type=MEDIA_TYPES["wav"])
 
 
 @router.delete("/{voice_id}")

@@ -1,0 +1,43 @@
+"""The web page: ``/`` and its static files under ``/web/``.
+
+The page is plain HTML, CSS and JavaScript modules from the ``web/`` folder (no build step); it calls the
+same OpenAI-shaped API as any client. Its files are public (see ``guard.py``); the API behind it is not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from errors import APIError
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+# Only the files shipped in web/, looked up by exact name: no path from the URL ever reaches the disk.
+_ASSETS = {p.name: p for p in WEB_DIR.iterdir() if p.suffix in _CONTENT_TYPES} if WEB_DIR.is_dir() else {}
+# Revalidate on each load, so a new version of the page is never mixed with cached old modules.
+_NO_CACHE = {"Cache-Control": "no-cache"}
+
+router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    """The page."""
+    return await asset("index.html")
+
+
+@router.get("/web/{name}", include_in_schema=False)
+async def asset(name: str) -> FileResponse:
+    """One of the page's static files."""
+    path = _ASSETS.get(name)
+    if path is None:
+        raise APIError(404, f"no file {name!r} in the web page", type="not_found_error")
+    return FileResponse(path, media_type=_CONTENT_TYPES[path.suffix], headers=_NO_CACHE)

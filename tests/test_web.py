@@ -1,0 +1,353 @@
+"""The web page at ``/``, driven in a real headless Chromium against the app on uvicorn and the tiny engine.
+
+Chromium is Debian's (``/usr/bin/chromium``, installed by ``make test``); without it these tests fail.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+
+import httpx
+import pytest
+from browser import launch, serve
+from conftest import FIXTURES, TEST_AUDIO
+from playwright.sync_api import Page, expect, sync_playwright
+from pydantic import SecretStr
+
+TIMEOUT_MS = 120_000  # a generation on 2 busy CPU cores; the page shows audio long before
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+@pytest.fixture(scope="module")
+def web_settings(settings, tmp_path_factory):
+    """The shared test settings with a voice library of this module's own."""
+    return settings.model_copy(update={"voices_dir": tmp_path_factory.mktemp("web-voices")})
+
+
+@pytest.fixture(scope="module")
+def base_url(web_settings, engine, recognizer):
+    """The app, on uvicorn on a loopback port."""
+    from app import create_app
+
+    with serve(create_app(web_settings, engine=engine, recognizer=recognizer)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium."""
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        yield browser
+        browser.close()
+
+
+class Console:
+    """What the page logged as errors, and what it threw."""
+
+    def __init__(self, page: Page):
+        self.errors: list[str] = []
+        page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+
+    @property
+    def uncaught(self) -> list[str]:
+        return [e for e in self.errors if e.startswith("uncaught")]
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh tab (its own sessionStorage) at desktop width."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.console = Console(page)
+    yield page
+    assert not page.console.uncaught, page.console.uncaught
+    context.close()
+
+
+def open_page(page: Page, url: str) -> None:
+    page.goto(url + "/")
+    expect(page.locator("#status")).to_have_text("Ready")
+    expect(page.locator("#voice option[value=alloy]")).to_have_count(1)
+
+
+def store_voice(url: str, name: str, headers: dict | None = None) -> None:
+    with open(TEST_AUDIO, "rb") as clip:
+        response = httpx.post(
+            f"{url}/v1/audio/voices",
+            data={
+                "name": name,
+                "transcript": "We need to finish the report before the meeting on Friday morning.",
+            },
+            files={"audio_sample": ("ref.wav", clip, "audio/wav")},
+            headers=headers,
+            timeout=120,
+        )
+    assert response.status_code == 200, response.text
+
+
+def api_voices(url: str, headers: dict | None = None) -> list[str]:
+    response = httpx.get(f"{url}/v1/audio/voices", headers=headers)
+    assert response.status_code == 200
+    return [v["name"] for v in response.json()["data"]]
+
+
+def speak(page: Page, text: str, voice: str, fmt: str = "mp3") -> None:
+    """Type, choose, press Speak, and wait until the finished file is offered."""
+    page.fill("#text", text)
+    page.select_option("#voice", voice)
+    if voice != ":clip":
+        page.select_option("#format", fmt)
+    page.click("#speak")
+    expect(page.locator("#download")).to_be_visible()
+
+
+def download_head(page: Page, count: int = 4) -> bytes:
+    """The first bytes of the file the Download link offers."""
+    values = page.evaluate(
+        """async (n) => {
+            const blob = await (await fetch(document.getElementById('download').href)).blob();
+            return [...new Uint8Array(await blob.slice(0, n).arrayBuffer())];
+        }""",
+        count,
+    )
+    return bytes(values)
+
+
+def test_page_loads_without_console_errors_and_shows_the_apis_limit(page, base_url):
+    open_page(page, base_url)
+    schema = httpx.get(f"{base_url}/openapi.json").json()
+    limit = schema["components"]["schemas"]["SpeechRequest"]["properties"]["input"]["maxLength"]
+    expect(page.locator("#count")).to_have_text(f"0 / {limit}")
+    assert page.locator("#text").get_attribute("maxlength") == str(limit)
+    page.fill("#text", "Hello")
+    expect(page.locator("#count")).to_have_text(f"5 / {limit}")
+    page.wait_for_load_state("networkidle")
+    assert page.console.errors == []
+    # the page's files are served with their types; anything else under /web/ is a 404 in the envelope
+    assert httpx.get(f"{base_url}/web/app.js").headers["content-type"].startswith("text/javascript")
+    missing = httpx.get(f"{base_url}/web/..%2Fapp.py")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+
+
+def test_the_setting_turns_the_page_off(web_settings, engine, recognizer):
+    from fastapi.testclient import TestClient
+
+    from app import create_app
+
+    off = create_app(web_settings.model_copy(update={"web_ui": False}), engine=engine, recognizer=recognizer)
+    with TestClient(off) as client:
+        assert client.get("/").status_code == 404
+        assert client.get("/web/app.js").status_code == 404
+        assert client.get("/health").status_code == 200
+
+
+def test_lists_the_voices_the_api_holds(page, base_url):
+    store_voice(base_url, "listed-voice")
+    open_page(page, base_url)
+    shown = page.locator("#voices li").evaluate_all("items => items.map(i => i.dataset.voice)")
+    assert shown == api_voices(base_url)
+    assert "listed-voice" in shown
+    expect(page.locator("#voice option[value='listed-voice']")).to_have_count(1)
+
+
+def test_speaking_plays_in_the_audio_element_while_it_streams(page, base_url):
+    open_page(page, base_url)
+    # when the <audio> element starts playing, and when the finished file is offered (the stream ended)
+    page.evaluate(
+        """() => {
+            window.seen = {};
+            const audio = document.getElementById('player');
+            const download = document.getElementById('download');
+            audio.addEventListener('playing', () => (seen.playing ??= performance.now()));
+            new MutationObserver(() => download.hidden || (seen.done ??= performance.now()))
+                .observe(download, {attributes: true, attributeFilter: ['hidden']});
+        }"""
+    )
+    speak(page, "Hello there, this is the web page speaking.", "default", "mp3")
+    seen = page.evaluate("() => window.seen")
+    assert seen["playing"] < seen["done"], "the audio began only after the whole stream had arrived"
+    page.wait_for_function("() => document.getElementById('player').currentTime > 0.5")
+    audio = page.evaluate(
+        """() => { const a = document.getElementById('player');
+                   return {duration: a.duration, played: a.played.length ? a.played.end(0) : 0,
+                           state: a.dataset.state}; }"""
+    )
+    assert audio["duration"] > 0.5 and audio["played"] > 0.5 and audio["state"] == "done"
+    head = download_head(page, 3)
+    assert head == b"ID3" or (head[0] == 0xFF and head[1] & 0xE0 == 0xE0)  # an mp3
+    assert page.locator("#download").get_attribute("download") == "speech.mp3"
+
+
+def test_wav_plays_as_it_streams_and_downloads_a_wav(page, base_url):
+    open_page(page, base_url)
+    speak(page, "A second sentence, as a wave file.", "default", "wav")
+    assert download_head(page, 4) == b"RIFF"
+    page.wait_for_function("() => document.getElementById('player').duration > 0.5")
+    assert "first audio after" in page.locator("#speak-status").inner_text()
+
+
+def test_storing_a_voice_from_an_uploaded_file_lists_plays_and_deletes_it(page, base_url):
+    open_page(page, base_url)
+    page.set_input_files("#clip-file", str(FIXTURES / "speech_female.wav"))
+    expect(page.locator("#clip-info")).to_contain_text("speech_female.wav")
+    page.fill("#voice-name", "uploaded")
+    page.check("#consent")
+    page.click("#store")  # no transcript given: the server recognises it
+    item = page.locator("#voices li[data-voice='uploaded']")
+    expect(item).to_be_visible()
+    assert "uploaded" in api_voices(base_url)
+    expect(page.locator("#voice")).to_have_value("uploaded")
+
+    item.get_by_role("button", name="Play the sample of uploaded").click()
+    page.wait_for_function("() => document.getElementById('sample-player').currentTime > 0")
+    duration = page.evaluate("() => document.getElementById('sample-player').duration")
+    voice = httpx.get(f"{base_url}/v1/audio/voices/uploaded").json()
+    assert duration == pytest.approx(voice["duration"], abs=0.05)
+
+    delete = item.get_by_role("button", name="Delete uploaded")
+    delete.click()
+    expect(delete).to_have_text("Confirm delete")
+    assert "uploaded" in api_voices(base_url)  # the first press only asks
+    delete.click()
+    expect(page.locator("#voices li[data-voice='uploaded']")).to_have_count(0)
+    assert "uploaded" not in api_voices(base_url)
+
+
+def test_bad_input_shows_the_apis_own_message(page, base_url, tmp_path):
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_bytes(b"these are words, not audio " * 20)
+    expected = httpx.post(
+        f"{base_url}/v1/audio/transcriptions",
+        data={"model": "whisper-1"},
+        files={"file": ("notes.wav", not_audio.read_bytes(), "audio/wav")},
+    ).json()["error"]["message"]
+    open_page(page, base_url)
+    page.set_input_files("#clip-file", str(not_audio))
+    page.click("#transcribe")
+    expect(page.get_by_role("alert")).to_have_text(re.compile(re.escape(expected)))
+
+    # a voice name the API refuses: its message, word for word
+    with open(TEST_AUDIO, "rb") as clip:
+        expected = httpx.post(
+            f"{base_url}/v1/audio/voices",
+            data={"name": "my voice!"},
+            files={"audio_sample": ("ref.wav", clip, "audio/wav")},
+        ).json()["error"]["message"]
+    page.set_input_files("#clip-file", str(TEST_AUDIO))
+    page.fill("#voice-name", "my voice!")
+    page.check("#consent")
+    page.click("#store")
+    expect(page.locator("#error-text")).to_have_text(expected)
+    page.click("#error-close")
+    expect(page.get_by_role("alert")).to_be_hidden()
+
+
+def test_a_refused_speech_request_shows_the_apis_message_and_no_player(page, base_url):
+    store_voice(base_url, "gone-soon")
+    open_page(page, base_url)
+    assert httpx.delete(f"{base_url}/v1/audio/voices/gone-soon").status_code == 200  # from elsewhere
+    expected = httpx.post(
+        f"{base_url}/v1/audio/speech", json={"model": "tts-1", "input": "Hi.", "voice": "gone-soon"}
+    ).json()["error"]["message"]
+    page.fill("#text", "Hi.")
+    page.select_option("#voice", "gone-soon")
+    page.click("#speak")
+    expect(page.locator("#error-text")).to_have_text(expected)
+    expect(page.locator("#download")).to_be_hidden()
+    expect(page.locator("#speak")).to_be_enabled()
+
+
+def test_cloning_the_clip_once_streams_it(page, base_url):
+    open_page(page, base_url)
+    page.set_input_files("#clip-file", str(TEST_AUDIO))
+    speak(page, "Spoken once in the voice of the clip.", ":clip")
+    assert download_head(page, 4) == b"RIFF"
+    page.wait_for_function("() => document.getElementById('player').duration > 0.5")
+    assert "uploaded" not in api_voices(base_url)  # nothing was stored
+
+
+def test_recording_with_the_fake_microphone_gives_a_clip_the_api_reads(page, base_url):
+    open_page(page, base_url)
+    page.click("#record")
+    expect(page.locator("#record")).to_have_text("Stop recording")
+    page.wait_for_timeout(2500)
+    page.click("#record")
+    expect(page.locator("#clip-info")).to_contain_text("Recorded: recording.webm")
+    page.click("#transcribe")  # webm/opus, decoded by the server
+    expect(page.locator("#transcript")).not_to_have_text(re.compile(r"^(|Transcribing…)$"))
+    expect(page.get_by_role("alert")).to_be_hidden()
+
+
+def test_keyboard_reaches_every_control_with_a_visible_focus(page, base_url):
+    open_page(page, base_url)
+    reached = []
+    for _ in range(60):
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate("() => document.activeElement.id || document.activeElement.textContent"))
+    for control in ["text", "voice", "format", "speed", "instructions", "speak", "clip-file", "record"]:
+        assert control in reached, (control, reached)
+    page.focus("#speak")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Tab")
+    outline = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
+    assert page.evaluate("() => document.activeElement.id") == "speak" and outline == "solid"
+    # every form control has a label
+    unlabelled = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea')]
+                 .filter(e => !e.labels.length && !e.getAttribute('aria-label')).map(e => e.id)"""
+    )
+    assert unlabelled == []
+
+
+def test_fits_a_phone_width_screen(browser, base_url):
+    context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True)
+    page = context.new_page()
+    open_page(page, base_url)
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 360
+    box = page.locator("#speak").bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 360
+    context.close()
+
+
+def test_with_an_api_key_the_page_asks_for_it_and_then_works(browser, web_settings, engine, recognizer):
+    from app import create_app
+
+    settings = web_settings.model_copy(update={"api_key": SecretStr("page-secret")})
+    with serve(create_app(settings, engine=engine, recognizer=recognizer)) as url:
+        store_voice(url, "keyed-voice", headers={"Authorization": "Bearer page-secret"})
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url + "/")  # the page itself is public
+        expect(page.locator("#key-form")).to_be_visible()
+        expect(page.locator("#error-text")).to_contain_text("no API key was given")
+        assert page.locator("#voices li").count() == 0
+
+        page.fill("#api-key", "wrong")
+        page.keyboard.press("Enter")
+        expect(page.locator("#error-text")).to_contain_text("the API key is not valid")
+
+        page.fill("#api-key", "page-secret")
+        page.keyboard.press("Enter")
+        expect(page.locator("#key-form")).to_be_hidden()
+        expect(page.locator("#voices li[data-voice='keyed-voice']")).to_be_visible()
+        assert page.evaluate("() => sessionStorage.getItem('higgs-api-key')") == "page-secret"
+        speak(page, "Spoken behind a key.", "keyed-voice", "mp3")
+        page.wait_for_function("() => document.getElementById('player').currentTime > 0")
+        # the sample, fetched with the key
+        page.locator("#voices li[data-voice='keyed-voice']").get_by_role("button", name="Play").click()
+        page.wait_for_function("() => document.getElementById('sample-player').duration > 0")
+        assert httpx.get(f"{url}/v1/audio/voices/keyed-voice/sample").status_code == 401
+        context.close()
+        # the public /web/ prefix opens nothing else, however the path is spelled
+        host, port = url.removeprefix("http://").split(":")
+        for path in ["/web/../v1/audio/voices", "/web/%2e%2e/v1/audio/voices", "/web/x/../../metrics"]:
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            connection.request("GET", path)
+            answer = connection.getresponse()
+            assert answer.status == 404 and b"keyed-voice" not in answer.read(), path
+            connection.close()

@@ -1,0 +1,473 @@
+// The page's behaviour: voices, speaking with streamed playback, the reference clip, the library.
+
+import { ApiError, apiKey, dataUrl, events, fromBase64, request } from "./api.js";
+import { playerFor, streamsLive, wireFormat } from "./player.js";
+import { canRecord, startRecording } from "./recorder.js";
+
+const OPENAI_VOICES = ["alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer",
+  "verse", "marin", "cedar"];
+const CLIP = ":clip"; // the voice option that clones the reference clip once (no voice name starts with ":")
+const DEFAULT_LIMIT = 4096; // OpenAI's, when the API's schema does not say
+
+const $ = (id) => document.getElementById(id);
+const state = { voices: [], clip: null, limit: DEFAULT_LIMIT, speaking: null, recording: null };
+
+// ---- errors and the API key ----
+
+function showError(err) {
+  if (err?.name === "AbortError") return;
+  $("error-text").textContent = err instanceof ApiError ? err.message : `Something went wrong: ${err}`;
+  $("error").hidden = false;
+  if (err instanceof ApiError && err.status === 401) askForKey();
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error-text").textContent = "";
+}
+
+function askForKey() {
+  const form = $("key-form");
+  const first = form.hidden;
+  form.hidden = false;
+  $("api-key").value = apiKey.get();
+  if (first) $("api-key").focus();
+}
+
+$("key-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  apiKey.set($("api-key").value.trim());
+  clearError();
+  if (await load()) $("key-form").hidden = true;
+});
+$("error-close").addEventListener("click", clearError);
+
+// ---- readiness, limits, voices ----
+
+async function watchReadiness() {
+  const pill = $("status");
+  try {
+    const response = await fetch("/ready");
+    const ready = response.ok;
+    pill.textContent = ready ? "Ready" : "Model loading…";
+    pill.dataset.state = ready ? "ready" : "loading";
+    if (!ready) setTimeout(watchReadiness, 3000);
+  } catch {
+    pill.textContent = "Offline";
+    pill.dataset.state = "offline";
+    setTimeout(watchReadiness, 5000);
+  }
+}
+
+async function loadLimit() {
+  // The API's own schema states the speech input limit; OpenAI's 4096 when it does not (or is not served).
+  let schema = null;
+  try {
+    schema = await (await request("/openapi.json")).json();
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) throw err;
+  }
+  const limit = schema?.components?.schemas?.SpeechRequest?.properties?.input?.maxLength;
+  state.limit = Number.isInteger(limit) ? limit : DEFAULT_LIMIT;
+  $("text").maxLength = state.limit;
+  $("instructions").maxLength = state.limit;
+  updateCount();
+}
+
+async function loadVoices() {
+  const { data } = await (await request("/v1/audio/voices")).json();
+  state.voices = data;
+  renderVoiceSelect();
+  renderLibrary();
+}
+
+/** Loads what needs the API; true when it answered. */
+async function load() {
+  try {
+    await Promise.all([loadVoices(), loadLimit()]);
+    return true;
+  } catch (err) {
+    showError(err);
+    return false;
+  }
+}
+
+function option(value, text) {
+  const element = document.createElement("option");
+  element.value = value;
+  element.textContent = text;
+  return element;
+}
+
+function renderVoiceSelect() {
+  const select = $("voice");
+  const previous = select.value || "alloy";
+  select.replaceChildren();
+  const stored = state.voices.filter((v) => !v.builtin);
+  const named = new Set(stored.map((v) => v.name));
+  if (stored.length) {
+    const group = document.createElement("optgroup");
+    group.label = "Stored voices";
+    stored.forEach((v) => group.append(option(v.name, v.name)));
+    select.append(group);
+  }
+  const builtins = document.createElement("optgroup");
+  builtins.label = "OpenAI names";
+  OPENAI_VOICES.filter((n) => !named.has(n)).forEach((n) => builtins.append(option(n, n)));
+  select.append(builtins);
+  const other = document.createElement("optgroup");
+  other.label = "Other";
+  other.append(option("default", "default (model’s choice)"));
+  const clip = option(CLIP, "the reference clip (clone once)");
+  clip.disabled = !state.clip;
+  other.append(clip);
+  select.append(other);
+  const still = [...select.options].find((o) => o.value === previous && !o.disabled);
+  select.value = still ? previous : "alloy";
+}
+
+function renderLibrary() {
+  const list = $("voices");
+  list.replaceChildren();
+  $("voices-empty").hidden = state.voices.length > 0;
+  for (const voice of state.voices) {
+    const item = document.createElement("li");
+    item.dataset.voice = voice.name;
+    const about = document.createElement("div");
+    about.className = "about";
+    const name = document.createElement("strong");
+    name.textContent = voice.name;
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    meta.textContent = `${voice.duration.toFixed(1)} s${voice.builtin ? " · made for the OpenAI name" : ""}`;
+    const words = document.createElement("span");
+    words.className = "words";
+    words.textContent = voice.transcript;
+    about.append(name, meta, words);
+    const buttons = document.createElement("div");
+    buttons.className = "buttons";
+    buttons.append(
+      button("Play", `Play the sample of ${voice.name}`, () => playSample(voice)),
+      button("Use", `Speak with ${voice.name}`, () => useVoice(voice.name)),
+      deleteButton(voice),
+    );
+    item.append(about, buttons);
+    list.append(item);
+  }
+}
+
+function button(text, label, onClick) {
+  const element = document.createElement("button");
+  element.type = "button";
+  element.textContent = text;
+  element.setAttribute("aria-label", label);
+  element.addEventListener("click", onClick);
+  return element;
+}
+
+function deleteButton(voice) {
+  // Two presses: the first asks, the second deletes (no modal dialog to trap the keyboard).
+  const element = button("Delete", `Delete ${voice.name}`, async () => {
+    if (element.dataset.armed !== "yes") {
+      element.dataset.armed = "yes";
+      element.textContent = "Confirm delete";
+      element.classList.add("danger");
+      return;
+    }
+    clearError();
+    try {
+      await request(`/v1/audio/voices/${encodeURIComponent(voice.id)}`, { method: "DELETE" });
+      await loadVoices();
+      $("refresh").focus();
+    } catch (err) {
+      showError(err);
+    }
+  });
+  element.addEventListener("blur", () => {
+    element.dataset.armed = "";
+    element.textContent = "Delete";
+    element.classList.remove("danger");
+  });
+  return element;
+}
+
+async function playSample(voice) {
+  clearError();
+  try {
+    const blob = await (await request(`/v1/audio/voices/${encodeURIComponent(voice.id)}/sample`)).blob();
+    const player = $("sample-player");
+    player.hidden = false;
+    player.src = URL.createObjectURL(blob);
+    await player.play();
+  } catch (err) {
+    showError(err);
+  }
+}
+
+function useVoice(name) {
+  const select = $("voice");
+  if (![...select.options].some((o) => o.value === name)) select.append(option(name, name));
+  select.value = name;
+  $("text").focus();
+}
+
+$("refresh").addEventListener("click", () => loadVoices().catch(showError));
+
+// ---- speaking ----
+
+function updateCount() {
+  const length = $("text").value.length;
+  const count = $("count");
+  count.textContent = `${length} / ${state.limit}`;
+  count.classList.toggle("full", length >= state.limit);
+}
+
+function updateFormatHint() {
+  const format = $("format").value;
+  $("format-hint").textContent =
+    $("voice").value === CLIP
+      ? "Cloning from the clip streams raw audio; the download is wav."
+      : streamsLive(format)
+        ? `${format} plays as it streams.`
+        : `${format} plays when it is complete; mp3, wav, aac or pcm play as they stream.`;
+}
+
+$("text").addEventListener("input", updateCount);
+$("format").addEventListener("change", updateFormatHint);
+$("voice").addEventListener("change", updateFormatHint);
+$("speed").addEventListener("input", () => {
+  $("speed-out").textContent = `${Number($("speed").value).toFixed(2)}×`;
+});
+
+function setSpeaking(on) {
+  // Keyboard focus follows the one button that can act: Stop while generating, Speak after.
+  const hadFocus = document.activeElement === $("speak") || document.activeElement === $("stop");
+  $("speak").disabled = on;
+  $("stop").hidden = !on;
+  if (hadFocus) $(on ? "stop" : "speak").focus();
+}
+
+$("speak-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  clearError();
+  const cloning = $("voice").value === CLIP;
+  const format = cloning ? "wav" : $("format").value;
+  const controller = new AbortController();
+  const status = $("speak-status");
+  const download = $("download");
+  download.hidden = true;
+  const player = playerFor(format, $("player"));
+  state.speaking = { controller, player };
+  setSpeaking(true);
+  status.textContent = "Generating…";
+  const started = performance.now();
+  let first = null;
+  const onAudio = (bytes) => {
+    if (first === null) {
+      first = performance.now() - started;
+      const after = (first / 1000).toFixed(1);
+      status.textContent = `Playing while the rest is generated (first audio after ${after} s)…`;
+    }
+    player.push(bytes);
+  };
+  try {
+    const signal = controller.signal;
+    const response = cloning ? await cloneOnce(signal) : await speak(wireFormat(format), signal);
+    for await (const message of events(response)) {
+      if (message.error) throw new ApiError(500, message.error.message);
+      const delta =
+        message.type === "speech.audio.delta" ? message.audio : message.choices?.[0]?.delta?.audio?.data;
+      if (delta) onAudio(fromBase64(delta));
+    }
+    if (player.bytes === 0) throw new ApiError(500, "the service sent no audio");
+    const file = await player.end();
+    if (download.href) URL.revokeObjectURL(download.href);
+    download.href = URL.createObjectURL(file);
+    download.download = `speech.${format}`;
+    download.textContent = `Download ${format} (${(file.size / 1024).toFixed(0)} KB)`;
+    download.hidden = false;
+    const total = ((performance.now() - started) / 1000).toFixed(1);
+    status.textContent = `Done in ${total} s; first audio after ${(first / 1000).toFixed(1)} s.`;
+    // an OpenAI name's first use stores a voice for it
+    if (OPENAI_VOICES.includes($("voice").value)) loadVoices().catch(() => {});
+  } catch (err) {
+    try {
+      player.stop();
+    } catch {
+      // a player that could not stop cleanly is dropped anyway; the request's error is what matters
+    }
+    status.textContent = err.name === "AbortError" ? "Stopped." : "";
+    showError(err);
+  } finally {
+    state.speaking = null;
+    setSpeaking(false);
+  }
+});
+
+$("stop").addEventListener("click", () => state.speaking?.controller.abort());
+
+function speak(format, signal) {
+  const body = {
+    model: "tts-1",
+    input: $("text").value,
+    voice: $("voice").value,
+    response_format: format,
+    speed: Number($("speed").value),
+    stream_format: "sse",
+  };
+  const instructions = $("instructions").value.trim();
+  if (instructions) body.instructions = instructions;
+  return request("/v1/audio/speech", { method: "POST", json: body, signal });
+}
+
+async function cloneOnce(signal) {
+  const messages = [];
+  const instructions = $("instructions").value.trim();
+  if (instructions) messages.push({ role: "system", content: instructions });
+  messages.push({
+    role: "user",
+    content: [
+      { type: "text", text: $("text").value },
+      {
+        type: "input_audio",
+        input_audio: { data: await dataUrl(state.clip), format: clipFormat(state.clip) },
+      },
+    ],
+  });
+  const body = {
+    model: "gpt-4o-audio-preview",
+    modalities: ["text", "audio"],
+    audio: { voice: "clone", format: "pcm16" },
+    stream: true,
+    messages,
+  };
+  return request("/v1/chat/completions", { method: "POST", json: body, signal });
+}
+
+// ---- the reference clip ----
+
+function clipFormat(file) {
+  const extension = (file.name.split(".").pop() || "").toLowerCase();
+  if (extension && extension !== file.name.toLowerCase()) return extension;
+  return (file.type.split("/")[1] || "wav").split(";")[0];
+}
+
+function setClip(file, origin) {
+  state.clip = file;
+  const player = $("clip-player");
+  if (player.src) URL.revokeObjectURL(player.src);
+  player.src = URL.createObjectURL(file);
+  player.hidden = false;
+  $("clip-info").textContent = `${origin}: ${file.name}, ${(file.size / 1024).toFixed(0)} KB.`;
+  player.addEventListener(
+    "loadedmetadata",
+    () => {
+      if (Number.isFinite(player.duration)) {
+        $("clip-info").textContent = `${origin}: ${file.name}, ${player.duration.toFixed(1)} s.`;
+      }
+    },
+    { once: true },
+  );
+  renderVoiceSelect();
+}
+
+$("clip-file").addEventListener("change", () => {
+  const file = $("clip-file").files[0];
+  if (file) setClip(file, "Uploaded");
+});
+
+$("record").addEventListener("click", async () => {
+  const record = $("record");
+  if (state.recording) {
+    record.disabled = true;
+    const file = await state.recording.stop();
+    state.recording = null;
+    record.disabled = false;
+    record.textContent = "Record";
+    record.classList.remove("recording");
+    setClip(file, "Recorded");
+    return;
+  }
+  clearError();
+  try {
+    state.recording = await startRecording({
+      onTick: (seconds) => {
+        $("clip-info").textContent = `Recording… ${seconds.toFixed(0)} s (at most 30 s)`;
+      },
+    });
+    record.textContent = "Stop recording";
+    record.classList.add("recording");
+    state.recording.done.then((file) => {
+      if (state.recording) record.click(); // stopped at the time limit
+      return file;
+    });
+  } catch (err) {
+    showError(new ApiError(0, `the microphone could not be used: ${err.message}`));
+  }
+});
+if (!canRecord()) {
+  $("record").disabled = true;
+  $("record").title = "This browser cannot record here (recording needs HTTPS or localhost).";
+}
+
+function needClip() {
+  if (state.clip) return true;
+  showError(new ApiError(0, "upload or record a reference clip first"));
+  $("clip-file").focus();
+  return false;
+}
+
+$("store-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  clearError();
+  if (!needClip()) return;
+  const form = new FormData();
+  const name = $("voice-name").value.trim();
+  form.append("name", name);
+  form.append("audio_sample", state.clip, state.clip.name);
+  const transcript = $("voice-transcript").value.trim();
+  if (transcript) form.append("transcript", transcript);
+  const store = $("store");
+  store.disabled = true;
+  store.textContent = "Storing…";
+  try {
+    await request("/v1/audio/voices", { method: "POST", form });
+    await loadVoices();
+    useVoice(name);
+    $("speak-status").textContent = `Stored the voice ${name}; it is selected above.`;
+  } catch (err) {
+    showError(err);
+  } finally {
+    store.disabled = false;
+    store.textContent = "Store voice";
+  }
+});
+
+$("transcribe").addEventListener("click", async () => {
+  clearError();
+  if (!needClip()) return;
+  const form = new FormData();
+  form.append("file", state.clip, state.clip.name);
+  form.append("model", "whisper-1");
+  const output = $("transcript");
+  const transcribe = $("transcribe");
+  transcribe.disabled = true;
+  output.textContent = "Transcribing…";
+  try {
+    const { text } = await (await request("/v1/audio/transcriptions", { method: "POST", form })).json();
+    output.textContent = text.trim() || "(no words recognised)";
+  } catch (err) {
+    output.textContent = "";
+    showError(err);
+  } finally {
+    transcribe.disabled = false;
+  }
+});
+
+// ---- start ----
+
+renderVoiceSelect();
+updateCount();
+updateFormatHint();
+watchReadiness();
+load();
