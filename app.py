@@ -56,7 +56,7 @@ from protocol import (
 )
 from settings import Settings, resolve_device
 from streaming import chat_events, speech_audio, speech_events, usage_of
-from stt import AsyncTranscriber, TranscriberBusy, to_srt, to_verbose_json, to_vtt
+from stt import AsyncTranscriber, TranscriberBusy, TranslatorUnavailable, to_srt, to_verbose_json, to_vtt
 from voice_cloning import InvalidReference, VoiceLibrary
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,10 @@ def create_app(
         return _error_response(
             APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": "2"})
         )
+
+    @app.exception_handler(TranslatorUnavailable)
+    async def on_translator_unavailable(request: Request, exc: TranslatorUnavailable) -> JSONResponse:
+        return _error_response(APIError(503, str(exc), type="server_error", code="model_unavailable"))
 
     @app.exception_handler(EngineFailure)
     async def on_engine_failure(request: Request, exc: EngineFailure) -> JSONResponse:
@@ -480,7 +484,11 @@ def create_app(
             )
         if task == "translate" and not recognizer.supports_translation:
             raise bad_request(
-                "the loaded speech recognition model cannot translate; use /v1/audio/transcriptions", "model"
+                "the speech recognition model cannot translate (English-only and turbo models cannot); "
+                "the server's operator can set HIGGS_STT_TRANSLATION_MODEL to a multilingual Whisper model "
+                "such as large-v3, medium or small (loaded on the first translation), or use "
+                "/v1/audio/transcriptions",
+                "model",
             )
         data = await read_upload(file, "file")
         try:
@@ -613,22 +621,28 @@ def load_engine(settings: Settings) -> Engine:
 
 
 def load_recognizer(settings: Settings) -> AsyncTranscriber:
-    """Load faster-whisper as the settings say and warm it up (blocking).
+    """Load faster-whisper as the settings say and warm it up (blocking); the translation model, if set,
+    is only described here and loaded on the first translation, on the device recognition runs on.
 
-    With ``stt_device=auto`` on a GPU whose CUDA libraries CTranslate2 cannot load (its PyPI wheels need
-    CUDA 12's cuBLAS), recognition falls back to the CPU with a warning instead of failing the start-up.
+    On CUDA, CUDA 12's cuBLAS is preloaded from the ``nvidia-cublas-cu12`` wheel (see ``stt``). Should
+    CTranslate2 still fail there with ``stt_device=auto``, recognition falls back to the CPU with a warning
+    instead of failing the start-up.
     """
     from stt import WhisperTranscriber
 
-    def load(device: str) -> WhisperTranscriber:
+    def load(model: str, device: str) -> WhisperTranscriber:
         transcriber = WhisperTranscriber(
-            settings.stt_model, device=device, compute_type=settings.stt_compute_type
+            model,
+            device=device,
+            compute_type=settings.stt_compute_type,
+            vad_filter=settings.stt_vad_filter,
+            min_speech_ms=settings.stt_min_speech_ms,
         )
         transcriber.warm_up()
         return transcriber
 
     try:
-        return AsyncTranscriber(load(settings.stt_device), max_pending=settings.max_queue)
+        transcriber = load(settings.stt_model, settings.stt_device)
     except RuntimeError as exc:
         if settings.stt_device != "auto" or not _cuda_available():
             raise
@@ -637,7 +651,15 @@ def load_recognizer(settings: Settings) -> AsyncTranscriber:
             "See the README's 'Speech recognition on a GPU'.",
             exc,
         )
-        return AsyncTranscriber(load("cpu"), max_pending=settings.max_queue)
+        transcriber = load(settings.stt_model, "cpu")
+    translator = None
+    if settings.stt_translation_model:
+
+        def translator() -> WhisperTranscriber:
+            log.info("loading the translation model %s", settings.stt_translation_model)
+            return load(settings.stt_translation_model, transcriber.device)
+
+    return AsyncTranscriber(transcriber, max_pending=settings.max_queue, translator=translator)
 
 
 def _cuda_available() -> bool:

@@ -175,9 +175,9 @@ class Planner:
         if reference.transcript is not None:
             return reference.transcript
         text = await self._transcribe(reference.audio, f"{param}.input_audio.transcript")
-        if not text:
-            raise bad_request(
-                "no words were recognised in the voice reference; send a clip of clear speech or give its "
+        if not text:  # with voice-activity filtering, also a clip of noise, hum or a lone syllable
+            raise InvalidReference(
+                "no speech was found in the voice reference; send a clip of clear speech or give its "
                 "words in input_audio.transcript",
                 f"{param}.input_audio.data",
             )
@@ -433,7 +433,7 @@ class Planner:
             text = await self._transcribe(reference.audio, "transcript")
             if not text:
                 raise InvalidReference(
-                    "no words were recognised in the sample; send clear speech or give its transcript",
+                    "no speech was found in the sample; send a clip of clear speech or give its transcript",
                     "audio_sample",
                 )
             reference = Reference(reference.audio, reference.key, text)
