@@ -84,7 +84,9 @@ def test_translation_on_an_english_only_model_is_a_400(openai_client):
     with open(TEST_AUDIO, "rb") as f, pytest.raises(openai.BadRequestError) as info:
         openai_client.audio.translations.create(model="whisper-1", file=f)
     assert info.value.body["param"] == "model"
-    assert "translate" in info.value.body["message"]
+    # It says how to get translation: a translation-capable model, loaded on first use.
+    assert "cannot translate" in info.value.body["message"]
+    assert "HIGGS_STT_TRANSLATION_MODEL" in info.value.body["message"]
 
 
 def silent_flac(seconds: float) -> bytes:
