@@ -331,9 +331,16 @@ class WhisperTranscriber:
     def warm_up(self) -> None:
         """Transcribe 1 s of silence so that the first real request does not pay for lazy init.
 
-        The silence is at 24 kHz so that the resampling path is exercised too.
+        The silence is at 24 kHz so that the resampling path is exercised too.  The model is then run on it
+        once more without the voice-activity filter, which finds no speech in silence and skips the model.
         """
-        self.transcribe(Audio(np.zeros(24_000, dtype=np.float32), 24_000))
+        silence = Audio(np.zeros(24_000, dtype=np.float32), 24_000)
+        self.transcribe(silence)
+        if self.vad_filter:
+            segments, _ = self._model.transcribe(
+                resample_to_16k(silence), beam_size=self.beam_size, temperature=0.0, vad_filter=False
+            )
+            list(segments)  # decoding happens as the generator is consumed
 
 
 class TranscriberBusy(Exception):
