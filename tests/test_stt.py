@@ -281,7 +281,7 @@ def test_silence_and_a_syllable_give_no_invented_words(transcriber: WhisperTrans
     clips = {"silence": np.zeros(160_000, np.float32), "0.1 s of speech": speech[4_800:6_400]}
     unfiltered = WhisperTranscriber(transcriber.model_name, "cpu", "int8", vad_filter=False)
     invented = {name: unfiltered.transcribe(Audio(clip, 16_000)).text for name, clip in clips.items()}
-    assert invented == {"silence": "You", "0.1 s of speech": "Thank you."}
+    assert all(invented.values()), invented  # here: "You" and "Thank you."
     assert transcriber.vad_filter and transcriber.min_speech_ms == 250
     for clip in clips.values():
         t = transcriber.transcribe(Audio(clip, 16_000))
