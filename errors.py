@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import ContextLengthError, EngineBusy, EngineFailure
 from protocol import InvalidRequest
-from stt import TranscriberBusy
+from stt import TranscriberBusy, TranslatorUnavailable
 from voice_cloning import InvalidAudio
 from voices import BuiltinVoiceFailed, InvalidVoiceName, VoiceExists, VoiceNotFound, VoiceQuotaExceeded
 
@@ -97,6 +97,8 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, EngineFailure):
         status = 503 if exc.code == "engine_failed" else 500
         return APIError(status, str(exc), type="server_error", code=exc.code)
+    if isinstance(exc, TranslatorUnavailable):
+        return APIError(503, str(exc), type="server_error", code="model_unavailable")
     if isinstance(exc, BuiltinVoiceFailed):
         return APIError(500, str(exc), type="server_error")
     return APIError(500, "the server failed to handle this request; see its log", type="server_error")
@@ -113,6 +115,7 @@ DOMAIN_ERRORS: tuple[type[Exception], ...] = (
     ContextLengthError,
     EngineBusy,
     TranscriberBusy,
+    TranslatorUnavailable,
     EngineFailure,
     BuiltinVoiceFailed,
 )

@@ -34,6 +34,7 @@ from protocol import (
 from settings import Settings
 from stt import AsyncTranscriber
 from voice_cloning import (
+    InvalidReference,
     Reference,
     ReferenceCache,
     ReferenceLimits,
@@ -126,9 +127,9 @@ class Planner:
         if known is not None:
             return known
         text = await recognised_words(self.recognizer, reference.audio, f"{param}.input_audio.transcript")
-        if not text:
-            raise InvalidRequest(
-                "no words were recognised in the voice reference; send a clip of clear speech or give its "
+        if not text:  # with voice-activity filtering, also a clip of noise, hum or a lone syllable
+            raise InvalidReference(
+                "no speech was found in the voice reference; send a clip of clear speech or give its "
                 "words in input_audio.transcript",
                 f"{param}.input_audio.data",
             )

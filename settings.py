@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -120,6 +120,19 @@ class Settings(BaseSettings):
     stt_compute_type: str = "auto"
     """CTranslate2 compute type; `auto` is float16 on CUDA and int8 on the CPU."""
 
+    stt_translation_model: str = ""
+    """faster-whisper model for /v1/audio/translations when `stt_model` cannot translate (English-only `.en`
+    and turbo models cannot): a multilingual name such as `large-v3`, `medium` or `small`, or a CTranslate2
+    folder. Loaded on the first translation request; empty: translation only if `stt_model` can."""
+
+    stt_vad_filter: bool = True
+    """Decode only the speech that voice-activity detection (Silero) finds, so that silence and noise give
+    no invented words; a voice reference without speech is then refused."""
+
+    stt_min_speech_ms: int = Field(default=250, ge=0, le=2000)
+    """With `stt_vad_filter`: stretches of speech shorter than this are dropped (Whisper makes up words
+    from a fragment of a syllable)."""
+
     voices_dir: Path = Path("voices")
     """Folder of the voice library: NAME.wav + NAME.txt per voice (fill it by hand or through the API)."""
 
@@ -134,6 +147,18 @@ class Settings(BaseSettings):
 
     web_ui: bool = True
     """Serve the web page at `/` (its static files under `/web/`, public even with an API key)."""
+
+    @field_validator("stt_translation_model")
+    @classmethod
+    def _can_translate(cls, name: str) -> str:
+        # Refused at start-up rather than on the first translation, minutes of loading later.
+        base = Path(name.strip()).name.lower()
+        if base.endswith(".en") or "turbo" in base:
+            raise ValueError(
+                f"{name!r} cannot translate (English-only and turbo Whisper models were not trained to); "
+                "use a multilingual model such as large-v3, medium or small"
+            )
+        return name.strip()
 
 
 def resolve_device(requested: str, cuda_available: bool) -> str:

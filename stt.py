@@ -1,20 +1,26 @@
 """Speech to text: a small ``Transcriber`` interface, a faster-whisper implementation, and the
 formatters (SRT, WebVTT, OpenAI ``verbose_json``) the HTTP layer needs.
 
-Knows nothing about HTTP and keeps no global state.  Every problem the caller caused (unknown
-language, translation asked of a model that cannot translate, bad temperature or task) is a
-``ValueError`` whose message can be shown to the user as is.
+Knows nothing about HTTP and keeps no global state (but for CUDA 12's cuBLAS, which
+``preload_cuda12_libraries`` loads into the process once, for CTranslate2).  Every problem the caller
+caused (unknown language, translation asked of a model that cannot translate, bad temperature or task)
+is a ``ValueError`` whose message can be shown to the user as is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import ctypes
 import functools
 import logging
 import math
-from collections.abc import Iterable
+import sys
+import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -28,8 +34,16 @@ from settings import Settings
 
 log = logging.getLogger(__name__)
 
+log = logging.getLogger(__name__)
+
 #: Sample rate every Whisper model expects.
 WHISPER_SAMPLE_RATE = 16_000
+
+#: CUDA 12 libraries that CTranslate2's PyPI wheels open by name (dlopen) on their first CUDA matrix
+#: product, in load order (cuBLAS needs cuBLASLt), and where NVIDIA's ``nvidia-cublas-cu12`` wheel puts
+#: them under site-packages.  CTranslate2 4.6 and later need no cuDNN.
+CUDA12_LIBRARIES = ("libcublasLt.so.12", "libcublas.so.12")
+CUDA12_LIBRARY_DIR = Path("nvidia", "cublas", "lib")
 
 #: Tasks Whisper knows.
 TASKS = ("transcribe", "translate")
@@ -141,6 +155,39 @@ def _whisper_samples(audio: Audio) -> np.ndarray:
     return resample(samples, audio.sample_rate, WHISPER_SAMPLE_RATE)
 
 
+def find_cuda12_libraries(search_path: Iterable[str] | None = None) -> list[Path]:
+    """The files of ``CUDA12_LIBRARIES`` in the first folder of ``search_path`` (default ``sys.path``, which
+    holds site-packages) that has all of them under ``CUDA12_LIBRARY_DIR``; empty when none has."""
+    for entry in sys.path if search_path is None else search_path:
+        folder = Path(entry or ".") / CUDA12_LIBRARY_DIR
+        paths = [folder / name for name in CUDA12_LIBRARIES]
+        if all(path.is_file() for path in paths):
+            return paths
+    return []
+
+
+def preload_cuda12_libraries(search_path: Iterable[str] | None = None) -> list[Path]:
+    """Load CUDA 12's cuBLAS from the ``nvidia-cublas-cu12`` wheel so that CTranslate2 finds it on a GPU.
+
+    CTranslate2 asks the dynamic loader for ``libcublas.so.12`` by name; the loader answers such a request
+    with an already loaded library of that soname before searching any folder.  Loading the wheel's files
+    by path first therefore works without ``LD_LIBRARY_PATH`` (which a running process cannot change for
+    itself).  They are loaded ``RTLD_LOCAL`` so that their symbols never stand in for the CUDA 13 cuBLAS
+    that PyTorch uses.  Returns the files loaded: none off Linux, when the wheel is not installed, or when
+    loading fails (logged; CTranslate2 then reports the missing library itself).  Loading twice is harmless.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    paths = find_cuda12_libraries(search_path)
+    try:
+        for path in paths:
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
+    except OSError as exc:
+        log.warning("could not load CUDA 12's cuBLAS from %s: %s", paths[0].parent, exc)
+        return []
+    return paths
+
+
 class WhisperTranscriber:
     """``Transcriber`` backed by faster-whisper (CTranslate2).
 
@@ -149,6 +196,11 @@ class WhisperTranscriber:
     ``device="auto"`` picks CUDA when torch sees a GPU, else CPU; ``compute_type="auto"`` picks
     ``float16`` on CUDA and ``int8`` on CPU.  ``cpu_threads=0`` lets CTranslate2 choose.
     ``num_workers`` > 1 lets that many ``transcribe`` calls from different threads run at once.
+    On CUDA, CUDA 12's cuBLAS is preloaded first (``preload_cuda12_libraries``).
+
+    ``vad_filter`` (on by default) runs Silero voice-activity detection first and decodes only the
+    speech it finds, dropping stretches of speech shorter than ``min_speech_ms``: on silence, noise or a
+    fragment of a syllable Whisper otherwise invents words ("You", "Thank you.").
     """
 
     def __init__(
@@ -159,18 +211,23 @@ class WhisperTranscriber:
         cpu_threads: int = 0,
         *,
         beam_size: int = 5,
-        vad_filter: bool = False,
+        vad_filter: bool = True,
+        min_speech_ms: int = 250,
         num_workers: int = 1,
     ) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if compute_type == "auto":
             compute_type = "float16" if device.startswith("cuda") else "int8"
+        if device.startswith("cuda"):
+            loaded = preload_cuda12_libraries()
+            log.info("CUDA 12 cuBLAS for speech recognition: %s", loaded[-1] if loaded else "not preloaded")
         self.model_name = str(model)
         self.device = device
         self.compute_type = compute_type
         self.beam_size = beam_size
         self.vad_filter = vad_filter
+        self.min_speech_ms = min_speech_ms
         self._model = WhisperModel(
             self.model_name,
             device=device,
@@ -239,6 +296,7 @@ class WhisperTranscriber:
             initial_prompt=prompt.strip() if prompt and prompt.strip() else None,
             word_timestamps=word_timestamps,
             vad_filter=self.vad_filter,
+            vad_parameters={"min_speech_duration_ms": self.min_speech_ms},
         )
         # faster-whisper decodes lazily: all the work happens while this generator is consumed.
         segments = [_convert_segment(i, s, word_timestamps) for i, s in enumerate(raw_segments)]
@@ -248,13 +306,24 @@ class WhisperTranscriber:
     def warm_up(self) -> None:
         """Transcribe 1 s of silence so that the first real request does not pay for lazy init.
 
-        The silence is at 24 kHz so that the resampling path is exercised too.
+        The silence is at 24 kHz so that the resampling path is exercised too.  The model is then run on it
+        once more without the voice-activity filter, which finds no speech in silence and skips the model.
         """
-        self.transcribe(Audio(np.zeros(24_000, dtype=np.float32), 24_000))
+        silence = Audio(np.zeros(24_000, dtype=np.float32), 24_000)
+        self.transcribe(silence)
+        if self.vad_filter:
+            segments, _ = self._model.transcribe(
+                _whisper_samples(silence), beam_size=self.beam_size, temperature=0.0, vad_filter=False
+            )
+            list(segments)  # decoding happens as the generator is consumed
 
 
 class TranscriberBusy(Exception):
     """Too many transcriptions are running or waiting; the request was not queued."""
+
+
+class TranslatorUnavailable(Exception):
+    """The translation model, loaded on first use, could not be loaded or cannot translate."""
 
 
 class AsyncTranscriber:
@@ -264,13 +333,27 @@ class AsyncTranscriber:
     worker thread(s) (``max_workers``, 1 by default, so requests queue instead of competing for
     the model and the event loop and the default executor stay free).  ``ValueError`` from the
     wrapped transcriber propagates unchanged.  Call ``close()`` at shutdown.
+
+    ``translator``, when given, makes the ``Transcriber`` used for ``task="translate"`` if the wrapped
+    one cannot translate (English-only and turbo models): it is called once, on the worker thread, at the
+    first translation, so that a second model costs memory only once someone translates.  A failure to
+    make it is ``TranslatorUnavailable`` (and is retried on the next translation).
     """
 
-    def __init__(self, transcriber: Transcriber, max_workers: int = 1, max_pending: int = 16) -> None:
+    def __init__(
+        self,
+        transcriber: Transcriber,
+        max_workers: int = 1,
+        max_pending: int = 16,
+        translator: Callable[[], Transcriber] | None = None,
+    ) -> None:
         self.transcriber = transcriber
         self.max_pending = max_pending
         self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="stt")
+        self._make_translator = translator
+        self._translator: Transcriber | None = None
+        self._translator_lock = threading.Lock()
 
     @property
     def languages(self) -> frozenset[str]:
@@ -279,8 +362,37 @@ class AsyncTranscriber:
 
     @property
     def supports_translation(self) -> bool:
-        """Whether the wrapped transcriber can translate."""
-        return self.transcriber.supports_translation
+        """Whether the wrapped transcriber can translate or a translation model is set up."""
+        return self.transcriber.supports_translation or self._make_translator is not None
+
+    @property
+    def translator(self) -> Transcriber | None:
+        """The translation model once it has been loaded (``None`` before the first translation)."""
+        return self._translator
+
+    def _for_task(self, task: str) -> Transcriber:
+        """The transcriber for ``task``, making the translation model on first use (worker thread)."""
+        if task != "translate" or self.transcriber.supports_translation or self._make_translator is None:
+            return self.transcriber
+        with self._translator_lock:
+            if self._translator is None:
+                try:
+                    translator = self._make_translator()
+                except Exception as exc:  # a download, a folder or CUDA: the server's set-up, not the request
+                    log.exception("the translation model could not be loaded")
+                    raise TranslatorUnavailable(
+                        "the translation model could not be loaded; see the server log"
+                    ) from exc
+                if not translator.supports_translation:
+                    raise TranslatorUnavailable(
+                        "the configured translation model cannot translate (English-only and turbo "
+                        "models cannot); configure a multilingual Whisper model such as large-v3"
+                    )
+                self._translator = translator
+            return self._translator
+
+    def _run(self, audio: Audio, task: str, **options: object) -> Transcript:
+        return self._for_task(task).transcribe(audio, task=task, **options)
 
     async def transcribe(
         self,
@@ -292,14 +404,15 @@ class AsyncTranscriber:
         task: str = "transcribe",
         word_timestamps: bool = False,
     ) -> Transcript:
-        """``Transcriber.transcribe`` on the worker thread; same arguments, result and errors."""
+        """``Transcriber.transcribe`` on the worker thread; same arguments, result and errors (and
+        ``TranslatorUnavailable`` when the translation model cannot be had)."""
         call = functools.partial(
-            self.transcriber.transcribe,
+            self._run,
             audio,
+            task,
             language=language,
             prompt=prompt,
             temperature=temperature,
-            task=task,
             word_timestamps=word_timestamps,
         )
         if self._pending >= self.max_pending:  # the event loop is the only writer: no lock needed
@@ -307,7 +420,9 @@ class AsyncTranscriber:
                 f"speech recognition is busy ({self._pending} requests queued); retry shortly"
             )
         self._pending += 1
-        future = asyncio.get_running_loop().run_in_executor(self._executor, call)
+        # In the caller's context, so that log lines from the worker carry the request's id.
+        in_context = functools.partial(contextvars.copy_context().run, call)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, in_context)
         future.add_done_callback(self._release)  # when the job ends, even if the caller stopped waiting
         return await future
 
@@ -431,21 +546,27 @@ def to_verbose_json(t: Transcript, task: str, include_words: bool, include_segme
 
 
 def load_recognizer(settings: Settings) -> AsyncTranscriber:
-    """Load faster-whisper as the settings say and warm it up (blocking).
+    """Load faster-whisper as the settings say and warm it up (blocking); the translation model, if set,
+    is only described here and loaded on the first translation, on the device recognition runs on.
 
-    With ``stt_device=auto`` on a GPU whose CUDA libraries CTranslate2 cannot load (its PyPI wheels need
-    CUDA 12's cuBLAS), recognition falls back to the CPU with a warning instead of failing the start-up.
+    On CUDA, CUDA 12's cuBLAS is preloaded from the ``nvidia-cublas-cu12`` wheel (see ``stt``). Should
+    CTranslate2 still fail there with ``stt_device=auto``, recognition falls back to the CPU with a warning
+    instead of failing the start-up.
     """
 
-    def load(device: str) -> WhisperTranscriber:
+    def load(model: str, device: str) -> WhisperTranscriber:
         transcriber = WhisperTranscriber(
-            settings.stt_model, device=device, compute_type=settings.stt_compute_type
+            model,
+            device=device,
+            compute_type=settings.stt_compute_type,
+            vad_filter=settings.stt_vad_filter,
+            min_speech_ms=settings.stt_min_speech_ms,
         )
         transcriber.warm_up()
         return transcriber
 
     try:
-        return AsyncTranscriber(load(settings.stt_device), max_pending=settings.max_queue)
+        transcriber = load(settings.stt_model, settings.stt_device)
     except RuntimeError as exc:
         if settings.stt_device != "auto" or not _cuda_available():
             raise
@@ -454,7 +575,15 @@ def load_recognizer(settings: Settings) -> AsyncTranscriber:
             "See the README's 'Speech recognition on a GPU'.",
             exc,
         )
-        return AsyncTranscriber(load("cpu"), max_pending=settings.max_queue)
+        transcriber = load(settings.stt_model, "cpu")
+    translator = None
+    if settings.stt_translation_model:
+
+        def translator() -> WhisperTranscriber:
+            log.info("loading the translation model %s", settings.stt_translation_model)
+            return load(settings.stt_translation_model, transcriber.device)
+
+    return AsyncTranscriber(transcriber, max_pending=settings.max_queue, translator=translator)
 
 
 def _cuda_available() -> bool:

@@ -79,7 +79,11 @@ async def _speech_to_text(
         )
     if task == "translate" and not recognizer.supports_translation:
         raise bad_request(
-            "the loaded speech recognition model cannot translate; use /v1/audio/transcriptions", "model"
+            "the speech recognition model cannot translate (English-only and turbo models cannot); "
+            "the server's operator can set HIGGS_STT_TRANSLATION_MODEL to a multilingual Whisper model "
+            "such as large-v3, medium or small (loaded on the first translation), or use "
+            "/v1/audio/transcriptions",
+            "model",
         )
     data = await read_upload(file, "file", settings)
     try:

@@ -10,6 +10,9 @@
 #   test_audio.wav                    24 kHz, espeak-ng voice en-us (default male), default speed/pitch
 #   tests/fixtures/speech_female.wav  16 kHz, espeak-ng voice en-gb+f3, slower, higher pitch
 #   tests/fixtures/transcripts.json   {"<file name>": "<text spoken>"}
+#   tests/fixtures/speech_german.wav  16 kHz, espeak-ng voice de, for translation (not in transcripts.json,
+#                                     whose clips are all English); its text and meaning are in
+#   tests/fixtures/translations.json  {"<file name>": {"language", "text", "english"}}
 #
 # The keys of transcripts.json are bare file names: "test_audio.wav" lives at the repository
 # root, every other key names a file in tests/fixtures/.
@@ -23,6 +26,8 @@ trap 'rm -rf "$TMP"' EXIT
 
 MALE_TEXT="We need to finish the report before the meeting on Friday morning."
 FEMALE_TEXT="My favorite color is green and I like to walk in the park."
+GERMAN_TEXT="Guten Morgen. Ich trinke jeden Tag Kaffee mit Milch."
+GERMAN_ENGLISH="Good morning. I drink coffee with milk every day."
 
 # synth VOICE SPEED PITCH TEXT RATE OUT
 synth() {
@@ -36,6 +41,7 @@ synth() {
 
 synth en-us 160 50 "$MALE_TEXT" 24000 "$ROOT/test_audio.wav"
 synth en-gb+f3 140 70 "$FEMALE_TEXT" 16000 "$FIX/speech_female.wav"
+synth de 140 50 "$GERMAN_TEXT" 16000 "$FIX/speech_german.wav"
 
 cat > "$FIX/transcripts.json" <<JSON
 {
@@ -44,6 +50,12 @@ cat > "$FIX/transcripts.json" <<JSON
 }
 JSON
 
-for f in "$ROOT/test_audio.wav" "$FIX/speech_female.wav"; do
+cat > "$FIX/translations.json" <<JSON
+{
+  "speech_german.wav": {"language": "de", "text": "$GERMAN_TEXT", "english": "$GERMAN_ENGLISH"}
+}
+JSON
+
+for f in "$ROOT/test_audio.wav" "$FIX/speech_female.wav" "$FIX/speech_german.wav"; do
     printf '%s: %s s, %s Hz, %s bytes\n' "${f#"$ROOT"/}" "$(soxi -D "$f")" "$(soxi -r "$f")" "$(stat -c %s "$f")"
 done

@@ -322,7 +322,7 @@ def test_speech_recognition_falls_back_to_the_cpu_when_cuda_libraries_are_missin
     import stt
 
     class NoCudaWhisper:
-        def __init__(self, model, device, compute_type):
+        def __init__(self, model, device, compute_type, **options):
             self.device = device
 
         def warm_up(self):

