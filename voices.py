@@ -470,7 +470,7 @@ class Voices:
             text = await recognised_words(self.recognizer, reference.audio, "transcript")
             if not text:
                 raise InvalidReference(
-                    "no words were recognised in the sample; send clear speech or give its transcript",
+                    "no speech was found in the sample; send a clip of clear speech or give its transcript",
                     "audio_sample",
                 )
             reference = Reference(reference.audio, reference.key, text)

@@ -281,13 +281,17 @@ def test_find_cuda12_libraries(tmp_path: Path) -> None:
     assert preload_cuda12_libraries([str(complete)]) == []
 
 
-# Run in a fresh interpreter without torch: importing torch preloads any nvidia/cublas/lib it finds (its
-# own CUDA 12 habit), which would hide whether stt's preload works on its own.
+# Run in a fresh interpreter without torch (nor transformers, which imports it): importing torch
+# preloads any nvidia/cublas/lib it finds (its own CUDA 12 habit), which would hide whether stt's preload
+# works on its own.
 _PRELOAD_CHECK = """
 import ctypes, sys, types
 sys.path.insert(0, sys.argv[1])
-for name in ("torch", "torchaudio", "torchaudio.functional"):
+for name in ("torch", "torchaudio", "torchaudio.functional", "transformers", "transformers.models",
+             "transformers.models.whisper", "transformers.models.whisper.tokenization_whisper"):
     sys.modules[name] = types.ModuleType(name)
+sys.modules["transformers.models.whisper.tokenization_whisper"].LANGUAGES = {}
+sys.modules["transformers.models.whisper.tokenization_whisper"].TO_LANGUAGE_CODE = {}
 import stt
 try:
     ctypes.CDLL("libcublas.so.12")

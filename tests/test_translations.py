@@ -33,7 +33,8 @@ def serve(settings, engine, translation_model: str):
     """A client of an app whose recognizer is loaded from settings with this translation model."""
     from fastapi.testclient import TestClient
 
-    from app import create_app, load_recognizer
+    from app import create_app
+    from stt import load_recognizer
 
     changed = settings.model_copy(update={"stt_translation_model": translation_model})
     recognizer = load_recognizer(changed)
@@ -45,7 +46,7 @@ def sdk(client) -> openai.OpenAI:
 
 
 def test_the_translation_model_is_loaded_on_first_use_and_translates(settings, engine, base_model, caplog):
-    caplog.set_level(logging.INFO, logger="app")
+    caplog.set_level(logging.INFO, logger="stt")
     expected = json.loads((FIXTURES / "translations.json").read_text())[GERMAN.name]
     client, recognizer = serve(settings, engine, str(base_model))
     with client:
