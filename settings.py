@@ -128,6 +128,12 @@ class Settings(BaseSettings):
     builtin_voice_seconds: float = Field(default=12.0, ge=2, le=30)
     """Longest clip made for an OpenAI built-in voice name on its first use."""
 
+    replicas: int = Field(default=0, ge=0, le=1024)
+    """Ray Serve (`make cluster`): replicas of the app; 0: one per GPU in the Ray cluster (one on the CPU)."""
+
+    max_replicas: int = Field(default=0, ge=0, le=1024)
+    """Ray Serve: when above `replicas`, autoscale between the two on load (one generation per replica)."""
+
 
 def resolve_device(requested: str, cuda_available: bool) -> str:
     """Turn the `device` setting into a torch device, refusing `auto` without CUDA."""
