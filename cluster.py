@@ -151,10 +151,13 @@ def runtime_env() -> dict[str, Any]:
     return {"working_dir": str(ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": hub}
 
 
-def deploy(settings: Settings, *, blocking: bool = False) -> None:
+def deploy(
+    settings: Settings, *, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/"
+) -> None:
     """Deploy the app on the connected Ray cluster, serving HTTP on the settings' host and port.
 
     Returns once every replica is up (its model loaded and warmed up), or, with ``blocking``, at Ctrl-C.
+    ``name`` and ``route_prefix`` let several applications share one cluster (the benchmark does).
     """
     import ray
 
@@ -162,8 +165,8 @@ def deploy(settings: Settings, *, blocking: bool = False) -> None:
     options = deployment_options(settings, gpus)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     application = Replica.options(**options).bind(shareable(settings))
-    log.info("deploying %s on a cluster with %d GPUs: %s", APP_NAME, gpus, options)
-    serve.run(application, name=APP_NAME, route_prefix="/", blocking=blocking)
+    log.info("deploying %s on a cluster with %d GPUs: %s", name, gpus, options)
+    serve.run(application, name=name, route_prefix=route_prefix, blocking=blocking)
 
 
 def main() -> None:

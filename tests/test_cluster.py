@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -122,15 +123,19 @@ def create_voice(sdk: openai.OpenAI, name: str):
 # ---- without Ray's cluster: the pieces cluster.py adds ----
 
 
-def test_unready_reason_follows_the_apps_readiness(client, app, engine):
+def test_the_replica_health_check_is_the_apps_readiness(client, app, engine):
+    replica = SimpleNamespace(app=app)  # what check_health reads of the replica: its app
+    check_health = cluster.Replica.func_or_class.check_health
+    check_health(replica)
     assert cluster.unready_reason(app) is None
-    engine.failure = "AcceleratorError"
+    engine.failure = "AcceleratorError"  # what a fatal CUDA error leaves
     try:
-        assert "engine failed" in cluster.unready_reason(app)
         assert client.get("/ready").status_code == 503
+        with pytest.raises(RuntimeError, match="engine failed"):
+            check_health(replica)  # Ray replaces the replica
     finally:
         engine.failure = None
-    assert cluster.unready_reason(app) is None
+    check_health(replica)
 
 
 def test_deployment_options_one_replica_per_gpu(settings):
