@@ -162,10 +162,10 @@ def main() -> None:
         f"{'' if args.model else ' (tiny models)'}; median of {args.rounds} interleaved rounds\n"
     )
     rate = {name: statistics.median(load.rate for load in runs) for name, runs in loads.items()}
-    print(f"{'':14} {'audio s/s':>32}  replicas answering")
+    print(f"{'':14} {'audio s/s: median (min-max)':>30}  replicas answering")
     for name, runs in loads.items():
         answering = {len(load.replicas) for load in runs}
-        print(f"{name:14} {spread([load.rate for load in runs], unit='', width=8)}  {sorted(answering)}")
+        print(f"{name:14} {spread([load.rate for load in runs], unit='', width=8):>30}  {sorted(answering)}")
     print(f"\n2 replicas / 1 replica: {rate['2 replicas'] / rate['1 replica']:.2f}x")
     if "bare app" in rate:
         print(f"1 replica behind Ray / bare app: {rate['1 replica'] / rate['bare app']:.2f}x")
