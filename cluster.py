@@ -13,8 +13,10 @@ check (the app's readiness: a replica whose engine failed is replaced by Ray), a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -172,16 +174,25 @@ def deploy(
 def main() -> None:
     """``python cluster.py``: start or join a Ray cluster (``RAY_ADDRESS``) and serve until Ctrl-C."""
     import ray
+    from ray.serve.exceptions import RayServeException
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # A service manager's stop (SIGTERM) ends it as Ctrl-C does: the application is removed from the cluster.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     settings = Settings()
     ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env())
+    try:
+        deployment_options(settings, int(ray.cluster_resources().get("GPU", 0)))
+    except RuntimeError as exc:  # no GPU and no HIGGS_DEVICE=cpu: refused, as `make run` refuses
+        raise SystemExit(f"cluster.py: {exc}") from None
     try:
         deploy(settings, blocking=True)
     except KeyboardInterrupt:
         pass
     finally:
-        serve.delete(APP_NAME)
+        with contextlib.suppress(RayServeException):  # Serve may not have started
+            serve.delete(APP_NAME)
+        ray.shutdown()
 
 
 if __name__ == "__main__":
