@@ -33,8 +33,6 @@ ROOT = Path(__file__).resolve().parent
 APP_NAME = "higgs"
 DEPLOYMENT_NAME = "Higgs"
 REPLICA_HEADER = "X-Replica"
-# Generations one replica runs at once: its engine has one worker, so autoscaling aims at one per replica.
-ENGINE_SLOTS = 1
 # The code travels to every replica (on any machine) as Ray's working_dir; none of this is needed there.
 UPLOAD_EXCLUDES = [
     ".git",
@@ -115,6 +113,12 @@ def shareable(settings: Settings) -> Settings:
     return settings.model_copy(update=update)
 
 
+def engine_slots(settings: Settings) -> int:
+    """Generations one replica runs at once: the engine's batch slots where it batches (``max_batch_size``,
+    a setting of the batching engine), else one (a single worker runs one generation at a time)."""
+    return int(getattr(settings, "max_batch_size", 1))
+
+
 def deployment_options(settings: Settings, cluster_gpus: int) -> dict[str, Any]:
     """Serve options for the settings on a cluster with ``cluster_gpus`` GPUs.
 
@@ -140,7 +144,7 @@ def deployment_options(settings: Settings, cluster_gpus: int) -> dict[str, Any]:
             "min_replicas": replicas,
             "initial_replicas": replicas,
             "max_replicas": settings.max_replicas,
-            "target_ongoing_requests": ENGINE_SLOTS,
+            "target_ongoing_requests": engine_slots(settings),
         }
     else:
         options["num_replicas"] = replicas

@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     """Ray Serve (`make cluster`): replicas of the app; 0: one per GPU in the Ray cluster (one on the CPU)."""
 
     max_replicas: int = Field(default=0, ge=0, le=1024)
-    """Ray Serve: when above `replicas`, autoscale between the two on load (one generation per replica)."""
+    """Ray Serve: when above `replicas`, autoscale between the two on load."""
 
 
 def resolve_device(requested: str, cuda_available: bool) -> str:

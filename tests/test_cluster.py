@@ -144,6 +144,7 @@ def test_deployment_options_one_replica_per_gpu(settings):
     assert options["num_replicas"] == 4 and options["ray_actor_options"]["num_gpus"] == 1
     scaled = cluster.deployment_options(gpu.model_copy(update={"replicas": 2, "max_replicas": 6}), 8)
     assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"]["target_ongoing_requests"] == cluster.engine_slots(gpu)
     assert (
         scaled["autoscaling_config"]["min_replicas"] == 2
         and scaled["autoscaling_config"]["max_replicas"] == 6
