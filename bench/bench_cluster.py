@@ -1,7 +1,7 @@
 """Aggregate audio throughput of the Ray Serve deployment (cluster.py): 1 against 2 replicas, and 1 replica
 behind Ray against the bare app.
 
-Run:  .venv/bin/python bench/bench_cluster.py [--rounds 3] [--clients 4] [--requests 1] [--tokens 80]
+Run:  .venv/bin/python bench/bench_cluster.py [--rounds 3] [--clients 4] [--requests 2] [--tokens 80]
           [--device cpu|cuda] [--model M --audio-tokenizer T] [--skip-bare]
 
 A local Ray (loopback, no dashboard) runs two applications of ``cluster.deploy`` side by side, with the tiny
@@ -89,7 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=80)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model")
