@@ -34,16 +34,17 @@ APP_NAME = "higgs"
 DEPLOYMENT_NAME = "Higgs"
 REPLICA_HEADER = "X-Replica"
 # The code travels to every replica (on any machine) as Ray's working_dir; none of this is needed there.
+# A leading "/" anchors a pattern at this folder (gitignore syntax).
 UPLOAD_EXCLUDES = [
     ".git",
     ".venv",
-    "voices",
-    ".models",
-    ".whl",
-    ".gl",
     "__pycache__",
     "*.pyc",
-    "tests/fixtures",
+    "/voices",
+    "/.models",
+    "/.whl",
+    "/.gl",
+    "/tests/fixtures",
 ]
 
 
