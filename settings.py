@@ -160,6 +160,12 @@ class Settings(BaseSettings):
             )
         return name.strip()
 
+    replicas: int = Field(default=0, ge=0, le=1024)
+    """Ray Serve (`make cluster`): replicas of the app; 0: one per GPU in the Ray cluster (one on the CPU)."""
+
+    max_replicas: int = Field(default=0, ge=0, le=1024)
+    """Ray Serve: when above `replicas`, autoscale between the two on load."""
+
 
 def resolve_device(requested: str, cuda_available: bool) -> str:
     """Turn the `device` setting into a torch device, refusing `auto` without CUDA."""

@@ -11,6 +11,7 @@ stored with it) and caches each voice's audio codes on disk. No HTTP knowledge: 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import glob
 import hashlib
 import io
@@ -21,7 +22,9 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +106,8 @@ VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = frozenset({"clone", "default"})
 ID_PREFIX = "voice_"
 META_DIR = ".voices"
+# Held (flock) by whoever writes the library, in any process on any machine that shares the folder.
+LOCK_FILE = ".lock"
 
 
 class VoiceExists(ValueError):
@@ -125,6 +130,10 @@ class VoiceNotFound(LookupError):
         self.param = param
 
 
+class VoiceChanged(VoiceNotFound):
+    """A voice's clip was replaced or removed (by another request or process) while it was being read."""
+
+
 class InvalidVoiceName(ValueError):
     """A name that cannot name a stored voice; the message says why."""
 
@@ -144,6 +153,8 @@ class Voice:
     builtin: bool
     duration: float
     bytes: int
+    digest: str = field(default="", repr=False)
+    """Content hash of the clip as read; its cached codes are stored and looked up under it."""
 
     def public(self) -> dict:
         """The voice as the API shows it."""
@@ -198,7 +209,12 @@ class VoiceLibrary:
     ``.voices/NAME.<audio hash>.npy`` (cached audio codes). A create or delete first writes the marker
     ``.voices/NAME.pending``, then its files one by one, each atomically (temporary file + rename), the
     metadata last, and removes the marker; at start-up ``recover`` finishes or undoes whatever a crash
-    interrupted, and removes temporary files. Methods are synchronous and cheap; callers serialise writers.
+    interrupted, and removes temporary files. Methods are synchronous and cheap.
+
+    Several processes (replicas, on one machine or several sharing the folder) may use one library: every
+    write holds an exclusive ``flock`` on ``.voices/.lock``, every read goes to the disk (a voice stored or
+    deleted by one process is seen by all at once), and audio codes are cached under the clip's content hash
+    and only while that clip is the voice's, so they never outlive or mismatch their voice.
     """
 
     def __init__(self, root: Path, *, max_voices: int = 100, max_bytes: int = 200 * 1024 * 1024):
@@ -208,8 +224,19 @@ class VoiceLibrary:
         self.max_bytes = max_bytes
         self.meta.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._digests: dict[tuple[str, int, int], str] = {}
+        self._digests: dict[str, tuple[tuple[int, ...], str]] = {}
         self.recover()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive right to write the library, across threads and processes (released if one dies)."""
+        with self._lock:
+            fd = os.open(self.meta / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
 
     # ---- reading ----
 
@@ -220,16 +247,23 @@ class VoiceLibrary:
         wav, txt, meta_path = self._files(name)
         if not (wav.is_file() and txt.is_file()) or (self.meta / f"{name}.pending").exists():
             return None
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        info = sf.info(str(wav))
+        try:
+            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+            info = sf.info(str(wav))
+            digest = self._digest(wav)
+            transcript = txt.read_text(encoding="utf-8")
+            stat = wav.stat()
+        except FileNotFoundError:  # deleted by another request or process while being read
+            return None
         return Voice(
             id=voice_id(name),
             name=name,
-            transcript=" ".join(txt.read_text(encoding="utf-8").split()),
-            created_at=int(meta.get("created_at", wav.stat().st_mtime)),
+            transcript=" ".join(transcript.split()),
+            created_at=int(meta.get("created_at", stat.st_mtime)),
             builtin=bool(meta.get("builtin", False)),
             duration=float(info.duration),
-            bytes=wav.stat().st_size,
+            bytes=stat.st_size,
+            digest=digest,
         )
 
     def list(self) -> list[Voice]:
@@ -250,30 +284,53 @@ class VoiceLibrary:
             voice = self._load(stored) if stored is not None else None
         return voice
 
+    def _digest(self, wav: Path) -> str:
+        """The clip's content hash; hashed again only when the file changed (a rewrite is a new inode)."""
+        stat = wav.stat()
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        known = self._digests.get(wav.stem)
+        if known is not None and known[0] == key:
+            return known[1]
+        digest = hashlib.sha256(wav.read_bytes()).hexdigest()[:16]
+        self._digests[wav.stem] = (key, digest)
+        return digest
+
+    def _is_current(self, voice: Voice) -> bool:
+        """Whether ``voice`` is still stored with the clip it was read with."""
+        current = self._load(voice.name)
+        return current is not None and current.digest == voice.digest
+
     def audio(self, voice: Voice) -> Audio:
-        """The voice's reference clip."""
-        samples, rate = sf.read(str(self._files(voice.name)[0]), dtype="float32", always_2d=True)
+        """The voice's clip; ``VoiceChanged`` when it is no longer the clip ``voice`` was read with."""
+        try:
+            data = self._files(voice.name)[0].read_bytes()
+        except FileNotFoundError:
+            raise VoiceChanged(f"voice {voice.name!r} was deleted") from None
+        if hashlib.sha256(data).hexdigest()[:16] != voice.digest:
+            raise VoiceChanged(f"voice {voice.name!r} was replaced")
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
         return Audio(samples.mean(axis=1), rate)
 
     def _codes_path(self, voice: Voice) -> Path:
-        wav = self._files(voice.name)[0]
-        stat = wav.stat()
-        key = (voice.name, stat.st_mtime_ns, stat.st_size)
-        digest = self._digests.get(key)
-        if digest is None:  # hash a clip once, not on every request that uses it
-            digest = hashlib.sha256(wav.read_bytes()).hexdigest()[:16]
-            self._digests[key] = digest
-        return self.meta / f"{voice.name}.{digest}.npy"
+        return self.meta / f"{voice.name}.{voice.digest}.npy"
 
     def codes(self, voice: Voice) -> AudioCodes | None:
-        """The cached audio codes of the voice's clip, if computed (they follow the clip's content)."""
-        path = self._codes_path(voice)
-        if not path.is_file():
+        """The cached audio codes of the voice's clip, if computed and the clip is still the voice's."""
+        try:
+            codes = np.load(self._codes_path(voice))
+        except FileNotFoundError:
             return None
-        return AudioCodes(torch.from_numpy(np.load(path).astype(np.int64)))
+        if not self._is_current(voice):
+            return None
+        return AudioCodes(torch.from_numpy(codes.astype(np.int64)))
 
     def save_codes(self, voice: Voice, codes: AudioCodes) -> None:
-        """Cache a voice's audio codes next to it."""
+        """Cache a voice's audio codes next to it, unless the voice was deleted or replaced meanwhile."""
+        with self._locked():
+            if self._is_current(voice):
+                self._write_codes(voice, codes)
+
+    def _write_codes(self, voice: Voice, codes: AudioCodes) -> None:
         buf = io.BytesIO()
         np.save(buf, codes.codes.numpy().astype(np.int16))
         _write_atomic(self._codes_path(voice), buf.getvalue())
@@ -288,7 +345,7 @@ class VoiceLibrary:
         buf = io.BytesIO()
         sf.write(buf, audio.samples, audio.sample_rate, format="WAV", subtype="PCM_16")
         wav_bytes = buf.getvalue()
-        with self._lock:
+        with self._locked():
             voices = self.list()
             if any(v.name.lower() == name.lower() for v in voices) or self._files(name)[0].exists():
                 raise VoiceExists(
@@ -301,10 +358,17 @@ class VoiceLibrary:
             _write_atomic(wav, wav_bytes)
             _write_atomic(txt, transcript.encode("utf-8"))
             voice = Voice(
-                voice_id(name), name, transcript, int(time.time()), builtin, audio.duration, len(wav_bytes)
+                id=voice_id(name),
+                name=name,
+                transcript=transcript,
+                created_at=int(time.time()),
+                builtin=builtin,
+                duration=audio.duration,
+                bytes=len(wav_bytes),
+                digest=hashlib.sha256(wav_bytes).hexdigest()[:16],
             )
             if codes is not None:
-                self.save_codes(voice, codes)
+                self._write_codes(voice, codes)
             _write_atomic(meta, json.dumps({"created_at": voice.created_at, "builtin": builtin}).encode())
             marker.unlink()
         return voice
@@ -328,7 +392,7 @@ class VoiceLibrary:
 
     def delete(self, name_or_id: str) -> bool:
         """Remove a voice; False if there is none of that name or id."""
-        with self._lock:
+        with self._locked():
             voice = self.get(name_or_id)
             if voice is None:
                 return False
@@ -343,15 +407,19 @@ class VoiceLibrary:
             path.unlink(missing_ok=True)
 
     def recover(self) -> None:
-        """Finish or undo what a crash interrupted, and remove temporary files."""
-        for tmp in [*self.root.glob(".tmp-*"), *self.meta.glob(".tmp-*")]:
-            tmp.unlink(missing_ok=True)
-        for marker in self.meta.glob("*.pending"):
-            name = marker.name.removesuffix(".pending")
-            if marker.read_bytes() == b"delete" or not self._files(name)[2].is_file():
-                log.warning("voice %r: removing what an interrupted write left", name)
-                self._remove(name)
-            marker.unlink()
+        """Finish or undo what a crash interrupted, and remove temporary files.
+
+        Under the lock, so that a process starting beside a running one never undoes a write in progress.
+        """
+        with self._locked():
+            for tmp in [*self.root.glob(".tmp-*"), *self.meta.glob(".tmp-*")]:
+                tmp.unlink(missing_ok=True)
+            for marker in self.meta.glob("*.pending"):
+                name = marker.name.removesuffix(".pending")
+                if marker.read_bytes() == b"delete" or not self._files(name)[2].is_file():
+                    log.warning("voice %r: removing what an interrupted write left", name)
+                    self._remove(name)
+                marker.unlink()
 
 
 class Voices:
@@ -409,18 +477,16 @@ class Voices:
         A voice deleted while this runs: what was read is used (the request finishes with it), and a clip
         that was gone before it could be read is ``VoiceNotFound``.
         """
+        codes = await asyncio.to_thread(self.library.codes, voice)
+        if codes is not None:
+            return codes
         try:
-            codes = await asyncio.to_thread(self.library.codes, voice)
-            if codes is not None:
-                return codes
             audio = await asyncio.to_thread(self.library.audio, voice)
-        except (FileNotFoundError, sf.LibsndfileError):
-            raise VoiceNotFound(f"voice {voice.name!r} was deleted", param) from None
+        except VoiceChanged as exc:
+            raise VoiceChanged(f"{exc}; send the request again", param) from None
         codes = await self.engine.encode(audio)
-        try:
-            await asyncio.to_thread(self.library.save_codes, voice, codes)
-        except FileNotFoundError:
-            log.info("voice %r was deleted while it was encoded; its codes are not kept", voice.name)
+        # Kept only while the clip is still the voice's (a voice deleted meanwhile keeps nothing).
+        await asyncio.to_thread(self.library.save_codes, voice, codes)
         return codes
 
     async def make_builtin(self, name: str, param: str = "voice") -> Voice:

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 from audio import Audio
 from engine import AudioCodes
-from voices import VoiceExists, VoiceLibrary, VoiceQuotaExceeded, check_voice_name
+from voices import VoiceChanged, VoiceExists, VoiceLibrary, VoiceQuotaExceeded, check_voice_name
 
 
 def clip(seconds: float = 2.0, freq: float = 220.0) -> Audio:
@@ -123,3 +123,78 @@ def test_a_delete_killed_midway_completes_at_start(tmp_path):
     restarted = VoiceLibrary(tmp_path)
     assert [v.name for v in restarted.list()] == ["carl"]
     assert not [p for p in tmp_path.rglob("anna*")]
+
+
+# ---- one library shared by several processes (Ray replicas, machines sharing the folder) ----
+
+RACE = """
+import sys, time
+sys.path.insert(0, {root!r})
+import numpy as np
+from audio import Audio
+import voices
+from voices import VoiceExists, VoiceLibrary
+write = voices._write_atomic
+def slow_write(path, data):
+    time.sleep(0.3)  # a slow shared disk: every check-then-write window is wide open
+    write(path, data)
+voices._write_atomic = slow_write
+library = VoiceLibrary({folder!r})
+while time.time() < {start}:
+    time.sleep(0.001)
+try:
+    library.create("same", Audio(np.full(48000, {level}, dtype=np.float32), 24000), "Process {level}.")
+    print("created")
+except VoiceExists:
+    print("exists")
+"""
+
+
+def test_concurrent_creates_in_several_processes_store_one_voice(tmp_path):
+    import time
+
+    VoiceLibrary(tmp_path)
+    start = time.time() + 8  # every process has imported torch and waits on the same instant
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                RACE.format(root=str(ROOT), folder=str(tmp_path), start=start, level=level),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for level in (0.1, 0.2, 0.3, 0.4)
+    ]
+    answers = sorted(p.communicate(timeout=120)[0].strip() for p in processes)
+    assert answers == ["created", "exists", "exists", "exists"]
+    voice = VoiceLibrary(tmp_path).get("same")
+    level = float(voice.transcript.split()[1].rstrip("."))
+    assert np.allclose(VoiceLibrary(tmp_path).audio(voice).samples, level, atol=1e-3)  # files of one writer
+
+
+def test_a_deletion_is_seen_at_once_by_another_process_and_takes_the_codes(tmp_path):
+    mine, theirs = VoiceLibrary(tmp_path), VoiceLibrary(tmp_path)
+    mine.create("anna", clip(), "Anna speaks.", codes())
+    voice = theirs.get("anna")
+    assert theirs.codes(voice) is not None
+    mine.delete("anna")
+    assert theirs.get("anna") is None and theirs.codes(voice) is None
+    theirs.save_codes(voice, codes())  # an encode that finished after the delete stores nothing
+    assert not list(tmp_path.rglob("anna*"))
+
+
+def test_codes_never_outlive_or_mismatch_their_voice(tmp_path):
+    mine, theirs = VoiceLibrary(tmp_path), VoiceLibrary(tmp_path)
+    mine.create("anna", clip(), "Anna speaks.")
+    old = theirs.get("anna")  # read before another process replaces the voice
+    mine.delete("anna")
+    mine.create("anna", clip(freq=330), "Anna again.")
+    with pytest.raises(VoiceChanged):
+        theirs.audio(old)  # the clip it was read with is gone
+    theirs.save_codes(old, codes())  # codes of the old clip are not stored under the new one
+    new = theirs.get("anna")
+    assert new.digest != old.digest and theirs.codes(new) is None and theirs.codes(old) is None
+    theirs.save_codes(new, codes())
+    assert torch.equal(mine.codes(mine.get("anna")).codes, codes().codes)

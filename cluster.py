@@ -1,0 +1,207 @@
+"""The service as a Ray Serve application: the unchanged app, one replica per GPU, on one machine or many.
+
+    make cluster                      # installs requirements-ray.txt, then runs the line below
+    python cluster.py                 # start a local Ray (or join the one RAY_ADDRESS names) and serve
+
+Each replica runs ``app.create_app(settings)`` exactly as ``make run`` would, behind Ray Serve's HTTP proxy on
+``HIGGS_HOST:HIGGS_PORT``; the ``HIGGS_*`` settings are read once here and handed to every replica. What this
+module adds around the app: the ``X-Replica`` response header (which replica answered), the replica's health
+check (the app's readiness: a replica whose engine failed is replaced by Ray), and the replica count
+(``HIGGS_REPLICAS``, or autoscaling up to ``HIGGS_MAX_REPLICAS``). The voice library is shared through
+``HIGGS_VOICES_DIR``, which must be one folder that every machine sees (see ``VoiceLibrary``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import create_app
+from settings import Settings, resolve_device
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent
+APP_NAME = "higgs"
+DEPLOYMENT_NAME = "Higgs"
+REPLICA_HEADER = "X-Replica"
+# The code travels to every replica (on any machine) as Ray's working_dir; none of this is needed there.
+# A leading "/" anchors a pattern at this folder (gitignore syntax).
+UPLOAD_EXCLUDES = [
+    ".git",
+    ".venv",
+    "__pycache__",
+    "*.pyc",
+    "/voices",
+    "/.models",
+    "/.whl",
+    "/.gl",
+    "/tests/fixtures",
+]
+
+
+class ReplicaHeader:
+    """ASGI middleware naming the replica in every HTTP response (streams included, untouched)."""
+
+    def __init__(self, app: ASGIApp, replica: str):
+        self.app = app
+        self.header = (REPLICA_HEADER.lower().encode(), replica.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+def replica_app(settings: Settings, replica: str) -> FastAPI:
+    """``create_app(settings)`` whose responses carry ``X-Replica: <replica>``."""
+    app = create_app(settings)
+    app.add_middleware(ReplicaHeader, replica=replica)
+    return app
+
+
+def unready_reason(app: FastAPI) -> str | None:
+    """Why the app's ``/ready`` would answer 503 (engine failed, or not started), or None when ready."""
+    engine = getattr(app.state, "engine", None)
+    if engine is not None and engine.failure:
+        return f"the engine failed ({engine.failure}) and needs a restart"
+    if not app.state.ready:
+        return "the app is not ready"
+    return None
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress()
+class Replica:
+    """One copy of the app: Ray builds it in the replica, runs its lifespan, and asks ``check_health``."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        replica = serve.get_replica_context().replica_tag
+        return replica_app(self.settings, replica)
+
+    def check_health(self) -> None:
+        """Ray replaces a replica whose check raises: the app's readiness, as ``/ready`` reports it."""
+        reason = unready_reason(self.app)
+        if reason is not None:
+            raise RuntimeError(reason)
+
+
+def shareable(settings: Settings) -> Settings:
+    """The settings with local paths made absolute (a replica's working folder is not this one)."""
+    update: dict[str, Any] = {"voices_dir": settings.voices_dir.resolve()}
+    for name in ("model", "audio_tokenizer", "stt_model"):
+        value = getattr(settings, name)
+        if value and Path(value).exists():
+            update[name] = str(Path(value).resolve())
+    return settings.model_copy(update=update)
+
+
+def engine_slots(settings: Settings) -> int:
+    """Generations one replica runs at once: the engine's batch slots where it batches (``max_batch_size``,
+    a setting of the batching engine), else one (a single worker runs one generation at a time)."""
+    return int(getattr(settings, "max_batch_size", 1))
+
+
+def deployment_options(settings: Settings, cluster_gpus: int) -> dict[str, Any]:
+    """Serve options for the settings on a cluster with ``cluster_gpus`` GPUs.
+
+    One GPU per replica when the model runs on CUDA; as many replicas as GPUs unless ``HIGGS_REPLICAS``
+    says otherwise; autoscaling between ``HIGGS_REPLICAS`` and ``HIGGS_MAX_REPLICAS`` when the latter is
+    larger. Refuses, as ``make run`` does, a cluster without GPUs unless ``HIGGS_DEVICE=cpu``.
+    """
+    device = resolve_device(settings.device, cluster_gpus > 0)
+    replicas = settings.replicas or (cluster_gpus if device == "cuda" else 1)
+    if device == "cuda" and max(replicas, settings.max_replicas) > cluster_gpus:
+        log.warning(
+            "%d replicas asked for but the cluster has %d GPUs: the others wait for GPUs to join",
+            max(replicas, settings.max_replicas),
+            cluster_gpus,
+        )
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if device == "cuda" else 0},
+        # Past the app's own bounded queue a replica answers 429 itself; Serve should not hold more.
+        "max_ongoing_requests": settings.max_queue,
+    }
+    if settings.max_replicas > replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": replicas,
+            "initial_replicas": replicas,
+            "max_replicas": settings.max_replicas,
+            "target_ongoing_requests": engine_slots(settings),
+        }
+    else:
+        options["num_replicas"] = replicas
+    return options
+
+
+def runtime_env() -> dict[str, Any]:
+    """What every replica's process gets: this folder's code, and the Hugging Face environment."""
+    hub = {k: v for k, v in os.environ.items() if k.startswith("HF_")}
+    return {"working_dir": str(ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": hub}
+
+
+def deploy(
+    settings: Settings, *, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/"
+) -> None:
+    """Deploy the app on the connected Ray cluster, serving HTTP on the settings' host and port.
+
+    Returns once every replica is up (its model loaded and warmed up), or, with ``blocking``, at Ctrl-C.
+    ``name`` and ``route_prefix`` let several applications share one cluster (the benchmark does).
+    """
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    options = deployment_options(settings, gpus)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    application = Replica.options(**options).bind(shareable(settings))
+    log.info("deploying %s on a cluster with %d GPUs: %s", name, gpus, options)
+    serve.run(application, name=name, route_prefix=route_prefix, blocking=blocking)
+
+
+def main() -> None:
+    """``python cluster.py``: start or join a Ray cluster (``RAY_ADDRESS``) and serve until Ctrl-C."""
+    import ray
+    from ray.serve.exceptions import RayServeException
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # A service manager's stop (SIGTERM) ends it as Ctrl-C does: the application is removed from the cluster.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    settings = Settings()
+    ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env())
+    try:
+        deployment_options(settings, int(ray.cluster_resources().get("GPU", 0)))
+    except RuntimeError as exc:  # no GPU and no HIGGS_DEVICE=cpu: refused, as `make run` refuses
+        raise SystemExit(f"cluster.py: {exc}") from None
+    try:
+        deploy(settings, blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with contextlib.suppress(RayServeException):  # Serve may not have started
+            serve.delete(APP_NAME)
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    # Through the module ``cluster`` rather than ``__main__``, so that Ray pickles ``Replica`` by name.
+    import cluster
+
+    cluster.main()
