@@ -11,13 +11,14 @@ import asyncio
 import base64
 import contextvars
 import logging
+import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -60,6 +61,8 @@ from stt import AsyncTranscriber, TranscriberBusy, to_srt, to_verbose_json, to_v
 from voice_cloning import InvalidReference, VoiceLibrary
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Model names OpenAI clients hard-code; each is served by the one loaded model.
 MODEL_ALIASES = (
@@ -159,6 +162,7 @@ def create_app(
         if owned_engine and settings.warmup:
             await asyncio.to_thread(state.engine.warm_up)
         metrics.track_queue(lambda: state.engine.pending)
+        metrics.track_engine(state.engine)
         state.engine.observers.append(metrics.observe_generation)
         state.ready = True
         log.info("ready: serving %s", settings.served_model_name)
@@ -227,8 +231,11 @@ def create_app(
     @app.exception_handler(EngineBusy)
     @app.exception_handler(TranscriberBusy)
     async def on_busy(request: Request, exc: Exception) -> JSONResponse:
+        retry = str(max(1, math.ceil(getattr(exc, "retry_after", 2.0))))
         return _error_response(
-            APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": "2"})
+            APIError(
+                429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": retry}
+            )
         )
 
     @app.exception_handler(EngineFailure)
@@ -291,7 +298,10 @@ def create_app(
                 code="engine_failed",
             )
         if generation and engine is not None and engine.pending >= engine.max_queue:
-            raise EngineBusy(f"the server is busy ({engine.pending} requests queued); retry shortly")
+            raise EngineBusy(
+                f"the server is busy ({engine.pending} requests queued); retry shortly",
+                retry_after=getattr(engine, "retry_after", 2.0),
+            )
         if not request.app.state.ready:
             raise APIError(
                 503,
@@ -366,7 +376,10 @@ def create_app(
         if plan.request is None:
             result = _answer(plan.direct_answer)
         else:
-            result = await state.engine.generate(plan.request)
+            try:
+                result = await _unless_disconnected(request, state.engine.generate(plan.request))
+            except ClientDisconnected:
+                return Response(status_code=499)  # nobody reads it; logged and counted as 499
         if plan.request is not None and plan.request.audio_output:
             fmt = body.audio.format if body.audio else "wav"
             audio = result.audio or Audio(np.zeros(0, np.float32), state.engine.sample_rate)
@@ -575,6 +588,34 @@ async def _started(events: AsyncIterator[StreamEvent]) -> None:
         raise RuntimeError(f"the engine's stream began with {type(first).__name__}")
 
 
+class ClientDisconnected(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``, cancelling it when the client disconnects (the engine then frees its slot).
+
+    A non-streamed answer is computed before anything is sent, so only the connection tells that its
+    client gave up. Raises ``ClientDisconnected`` in that case.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientDisconnected
+    return task.result()
+
+
 def _answer(text: str | None) -> GenerationResult:
     """The result of an answer that needs no generation (the transcript of audio in a text-only chat)."""
     return GenerationResult(text or "", None, "stop", 0, 0, 0, 0, 0.0)
@@ -609,6 +650,9 @@ def load_engine(settings: Settings) -> Engine:
         settings.kv_cache_lengths,
         streaming,
         max_queue=settings.max_queue,
+        max_batch_size=settings.max_batch_size,
+        kv_cache_gb=settings.kv_cache_gb,
+        cuda_graphs=settings.cuda_graphs,
     )
 
 
