@@ -610,8 +610,8 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -
     finally:
         watch.cancel()
         if not task.done():
-            task.cancel()
-    if task.cancelled():
+            task.cancel()  # leaves the engine's stream, which frees the request's slot
+    if not task.done():
         raise ClientDisconnected
     return task.result()
 
