@@ -131,6 +131,7 @@ class BatchDecoder:
         self.busy: set[int] = set()
         self._arange = torch.arange(max_len, device=dev)
         self._codebook = torch.arange(self.codebooks, device=dev)
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
 
         self.length_buckets = sorted(b for b in (length_buckets or [max_len]) if b <= max_len) or [max_len]
         if self.length_buckets[-1] != max_len:
@@ -257,7 +258,7 @@ class BatchDecoder:
         if text_logits is not None:
             logits = text_logits[:, None, :]
             logits[..., self.suppress] = float("-inf")
-            token = self._choose(logits, index, [(s, s) for s in sorted(self.text_rows)])[:, 0]
+            token = self._pick(logits, sorted(self.text_rows), self.token[:rows, None])[:, 0]
             moved = live & ~is_audio
             self.token[:rows] = torch.where(moved, token, self.token[:rows])
             out_token = torch.where(is_audio, out_token, token)
@@ -265,6 +266,20 @@ class BatchDecoder:
         for slot in self.busy:
             self.lengths[slot] += 1
         return torch.cat([out_token[:, None], out_column], dim=1).cpu()
+
+    def _pick(self, logits: torch.Tensor, slots: list[int], fill: torch.Tensor) -> torch.Tensor:
+        """``_choose`` for the rows of ``slots`` only (sampling costs per row, unlike the forward pass);
+        the other rows of the result are ``fill``."""
+        key = tuple(slots)
+        index = self._indices.get(key)
+        if index is None:  # one small host-to-device copy per batch composition, not per step
+            if len(self._indices) > 4096:
+                self._indices.clear()
+            index = self._indices[key] = torch.tensor(slots, device=self.device, dtype=torch.long)
+        chosen = self._choose(logits[index], index, list(enumerate(slots)))
+        out = fill.clone()
+        out[index] = chosen
+        return out
 
     def _choose(
         self, logits: torch.Tensor, index: torch.Tensor, sampled: list[tuple[int, int]]
@@ -297,15 +312,14 @@ class BatchDecoder:
         """Sample the next column of every row, with RAS, the delay pattern and the end of the stream."""
         rows = logits.shape[0]
         audio_rows = sorted(s for s in self.busy if s not in self.text_rows)
-        column = self._choose(logits, index, [(s, s) for s in audio_rows])
+        column = self._pick(logits, audio_rows, self.column[:rows])
         repeats = ((self.history[:rows] == column[:, :, None]) & self.window[:rows, None, :]).sum(dim=-1)
-        raw = logits.softmax(dim=-1)
         for slot in audio_rows:
             setting = self.sampling[slot]
             if setting is None or setting.ras_window <= 0:
                 continue
             # Always drawn (not only when a code repeats), so that no host read is needed to decide.
-            redraw = torch.multinomial(raw[slot], 1, replacement=True, generator=self.generators[slot])[:, 0]
+            redraw = torch.multinomial(logits[slot].softmax(dim=-1), 1, replacement=True, generator=self.generators[slot])[:, 0]
             column[slot] = torch.where(repeats[slot] >= 2, redraw, column[slot])
 
         codebook = self._codebook[None, :]

@@ -757,70 +757,83 @@ class HiggsEngine:
     def _codec_work(self) -> None:
         if self._codec_stream is not None:
             torch.cuda.set_device(self._model.device)
+        pending: list[tuple] = []
         while True:
-            batch = [self._codec_queue.get()]
+            if not pending:
+                pending.append(self._codec_queue.get())
             while True:
                 try:
-                    batch.append(self._codec_queue.get_nowait())
+                    pending.append(self._codec_queue.get_nowait())
                 except queue.Empty:
                     break
-            if None in batch:
+            if None in pending:
                 return
+            work = self._next_codec_work(pending)
+            taken = {id(item) for item in work}
+            pending = [item for item in pending if id(item) not in taken]
             with (
                 torch.inference_mode(),
                 torch.cuda.stream(self._codec_stream) if self._codec_stream is not None else _nothing(),
             ):
                 try:
-                    self._codec_batch(batch)
+                    self._codec_run(work)
                 except BaseException:  # a bug here must not stop every stream's audio for good
                     log.exception("the codec thread failed a batch")
 
-    def _codec_batch(self, batch: list[tuple]) -> None:
-        """Decode every due piece of every stream, grouped by length, one codec call per group."""
-        pieces = [item[2] for item in batch if item[0] == "piece"]
-        decoded: dict[int, np.ndarray | BaseException] = {}
-        by_length: dict[int, list[_Piece]] = {}
-        for piece in pieces:
-            by_length.setdefault(piece.codes.shape[1], []).append(piece)
+    def _next_codec_work(self, pending: list[tuple]) -> list[tuple]:
+        """What to do next: a reference to encode (a request waits for it before it can be queued), else
+        the first piece of a stream that has sent nothing (a listener is waiting for sound), else the
+        oldest item; a piece goes together with the other streams' next pieces of the same length."""
+        encodes = [item for item in pending if item[0] == "encode"]
+        if encodes:
+            return encodes[:1]
+        heads: dict[int, tuple] = {}  # each stream's oldest item: a stream's pieces are joined in order
+        for item in pending:
+            heads.setdefault(id(item[1]), item)
+        firsts = [item for item in heads.values() if item[0] == "piece" and item[2].first]
+        chosen = firsts[0] if firsts else next(iter(heads.values()))
         # On the CPU a batch saves nothing, and its rounding would differ with the batch's size (so an
         # answer would depend on what else was decoding): there every piece is decoded alone.
-        batchable = self._codec_stream is not None
-        groups = list(by_length.values()) if batchable else [[p] for p in pieces]
-        for group in groups:
+        if chosen[0] != "piece" or self._codec_stream is None:
+            return [chosen]
+        length = chosen[2].codes.shape[1]
+        same = [i for i in heads.values() if i[0] == "piece" and i[2].codes.shape[1] == length]
+        return [chosen, *(i for i in same if i is not chosen)]
+
+    def _codec_run(self, work: list[tuple]) -> None:
+        """Encode a reference, end a stream, or decode pieces of several streams in one codec call."""
+        if work[0][0] == "encode":
+            _, audio, future, context = work[0]
             try:
-                audio = self._guarded(self._codec.decode, torch.stack([p.codes for p in group]))
-                for i, piece in enumerate(group):
-                    decoded[id(piece)] = audio[i, 0]
+                future.set_result(context.run(self._guarded, self._encode, audio))
             except BaseException as exc:
-                log.exception("audio decoding failed")
-                for piece in group:
-                    decoded[id(piece)] = exc
-        for item in batch:
-            kind = item[0]
-            if kind == "encode":
-                _, audio, future, context = item
-                try:
-                    future.set_result(context.run(self._guarded, self._encode, audio))
-                except BaseException as exc:
-                    future.set_exception(exc)
-                continue
-            stream: _AudioStream = item[1]
-            if stream.job.failed:
-                continue
+                future.set_exception(exc)
+            return
+        live = [item for item in work if not item[1].job.failed]
+        if not live:
+            return
+        try:
+            if live[0][0] == "end":
+                self._end_stream(live[0][1], live[0][2])
+                return
+            audio = self._guarded(self._codec.decode, torch.stack([item[2].codes for item in live]))
+        except BaseException as exc:
+            log.exception("audio decoding failed")
+            for item in live:
+                self._fail_stream(item[1], exc)
+            return
+        for i, (_, stream, piece) in enumerate(live):
             try:
-                if kind == "piece":
-                    samples = decoded[id(item[2])]
-                    if isinstance(samples, BaseException):
-                        raise samples
-                    stream.job.emit(stream.join(item[2], samples))
-                else:
-                    self._end_stream(stream, item[2])
+                stream.job.emit(stream.join(piece, audio[i, 0]))
             except BaseException as exc:
-                stream.job.failed = True
-                stream.job.cancel.set()  # the scheduler frees its slot at the next step
-                with self._cond:
-                    self._cond.notify()
-                stream.job.emit(exc)
+                self._fail_stream(stream, exc)
+
+    def _fail_stream(self, stream: _AudioStream, exc: BaseException) -> None:
+        stream.job.failed = True
+        stream.job.cancel.set()  # the scheduler frees its slot before its next step
+        with self._cond:
+            self._cond.notify()
+        stream.job.emit(exc)
 
     def _end_stream(self, stream: _AudioStream, result: GenerationResult) -> None:
         last = stream.final()
@@ -874,6 +887,7 @@ class _Piece:
     codes: torch.Tensor  # (codebooks, frames), clipped to the codec's range
     start: int
     stop: int
+    first: bool  # the stream's first piece
 
 
 class _AudioStream:
@@ -925,7 +939,7 @@ class _AudioStream:
         window = torch.stack(self.columns[1 + first : 1 + available + self.codebooks - 1], dim=1)
         codes = _revert_delay(window).clip(0, self.engine._config.audio_codebook_size - 1)
         spf = self.samples_per_frame
-        piece = _Piece(codes, (self.sent - first) * spf, (upto - first) * spf)
+        piece = _Piece(codes, (self.sent - first) * spf, (upto - first) * spf, self.sent == 0)
         self.sent = upto
         return piece
 
