@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+import torch
 from conftest import TEST_AUDIO, b64
 
 import engine as engine_module
@@ -326,3 +327,23 @@ def test_a_full_engine_answers_429_with_retry_after_from_the_measured_rate(clien
     with pytest.raises(engine_module.EngineBusy) as refused:
         asyncio.run(engine.generate(engine_module.GenerationRequest([], True, 5, 0.7, 0.95)))
     assert refused.value.retry_after == pytest.approx(7.3)
+
+
+@pytest.mark.parametrize("temperature, seed", [(0.0, None), (0.7, 5)])
+def test_a_request_decodes_as_upstream_generate_does(engine, temperature, seed):
+    """The batched decoder reproduces upstream's batch-1 ``generate`` token for token (float32, with the
+    repetition-aware redraw off: ours draws for every codebook, upstream's only for repeated ones)."""
+    from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
+
+    turns = [engine_module.Turn("system", "Generate audio."), engine_module.Turn("user", "Hello there.")]
+    request = engine_module.GenerationRequest(turns, True, 60, temperature, 0.95, 50, seed=seed, ras_window=0)
+    ours = asyncio.run(engine.generate(request))
+    inputs = engine._prepare(request).inputs
+    with torch.inference_mode():
+        _, audio = engine._model.generate(
+            **inputs, max_new_tokens=60, use_cache=True, tokenizer=engine._tokenizer,
+            stop_strings=["<|end_of_text|>", "<|eot_id|>", "<|audio_eos|>"], do_sample=temperature > 0,
+            temperature=temperature or None, top_k=50, top_p=0.95 if temperature else None, seed=seed,
+        )  # fmt: skip
+    upstream = revert_delay_pattern(audio[0]).clip(0, 1023)[:, 1:-1]
+    assert upstream.shape[1] == 51 and torch.equal(ours.codes.codes, upstream)
