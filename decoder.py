@@ -243,11 +243,10 @@ class BatchDecoder:
         audio_logits, text_logits = self._run_forward(rows, length, mode)
         live = self.live[:rows]
         is_audio = self.audio[:rows]
-        index = torch.arange(rows, device=self.device)
         out_column = self.column[:rows]
         out_token = self.token[:rows]
         if audio_logits is not None:
-            column, done = self._audio_tokens(audio_logits, index)
+            column, done = self._audio_tokens(audio_logits)
             moved = live & is_audio
             self.column[:rows] = torch.where(moved[:, None], column, self.column[:rows])
             shifted = torch.cat([self.history[:rows, :, 1:], column[:, :, None]], dim=2)
@@ -308,7 +307,7 @@ class BatchDecoder:
             tokens[row] = torch.multinomial(probs[row], 1, generator=self.generators[slot])[:, 0]
         return tokens
 
-    def _audio_tokens(self, logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _audio_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample the next column of every row, with RAS, the delay pattern and the end of the stream."""
         rows = logits.shape[0]
         audio_rows = sorted(s for s in self.busy if s not in self.text_rows)
@@ -319,7 +318,8 @@ class BatchDecoder:
             if setting is None or setting.ras_window <= 0:
                 continue
             # Always drawn (not only when a code repeats), so that no host read is needed to decide.
-            redraw = torch.multinomial(logits[slot].softmax(dim=-1), 1, replacement=True, generator=self.generators[slot])[:, 0]
+            raw = logits[slot].softmax(dim=-1)  # the redraw ignores temperature, top-k and top-p
+            redraw = torch.multinomial(raw, 1, replacement=True, generator=self.generators[slot])[:, 0]
             column[slot] = torch.where(repeats[slot] >= 2, redraw, column[slot])
 
         codebook = self._codebook[None, :]
@@ -379,13 +379,18 @@ class BatchDecoder:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self._forward(rows, length, mode)  # warm-up: same inputs, same writes as the real step
+                # Warm-up, and the reference the replay must match: same inputs, same cache writes.
+                expected = [t.clone() for t in self._forward(rows, length, mode) if t is not None]
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 outputs = self._forward(rows, length, mode)
+            graph.replay()
+            for want, got in zip(expected, (t for t in outputs if t is not None), strict=True):
+                if not torch.allclose(want, got, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
+                    raise RuntimeError("the replayed graph's logits differ from the eager forward pass")
         except Exception:
             log.exception("CUDA graph capture failed for %s; decoding that shape eagerly", key)
             self._graph_failed.add(key)

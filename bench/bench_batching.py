@@ -2,7 +2,8 @@
 
 Run:  .venv/bin/python bench/bench_batching.py [--max-tokens 100] [--repeats 3] [--threads N]
       .venv/bin/python bench/bench_batching.py --model bosonai/higgs-audio-v2-generation-3B-base \\
-          --audio-tokenizer bosonai/higgs-audio-v2-tokenizer --device cuda --max-tokens 400 --concurrency 1 4 16
+          --audio-tokenizer bosonai/higgs-audio-v2-tokenizer --device cuda --max-tokens 400 \\
+          --slots 16 --listeners 16 --concurrency 1 4 16
 
 The service (``create_app``, speech recognition off) is served for real by uvicorn on 127.0.0.1 in a
 background thread, by default over the tiny random-weight models of ``tests/tiny_models.py`` on the CPU in
@@ -151,12 +152,12 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     ratio = max(crowd) / alone_first
     print(
         f"\nbench_batching: {'tiny random-weight models' if args.model is None else args.model} on "
-        f"{args.device}, {args.slots} slots, {args.max_tokens} steps per request, torch threads {args.threads}"
+        f"{args.device}, {args.slots} slots, {args.max_tokens} steps per request, "
+        f"torch threads {args.threads}"
     )
     print(f"first audio, one stream alone:          {spread(alone)}")
-    print(
-        f"first audio, {args.listeners} streams at once (slowest): {max(crowd):7.3f} s  (all: {spread(crowd)})"
-    )
+    slowest = f"{max(crowd):7.3f} s  (all: {spread(crowd)})"
+    print(f"first audio, {args.listeners} streams at once (slowest): {slowest}")
     print(f"slowest of {args.listeners} / alone:                  {ratio:7.2f}x   (target: at most 3x)")
     print("\nconcurrency   one at a time   batched (audio s/s)   ratio   batched steps")
     for c, sequential, batched, steps in rows:
