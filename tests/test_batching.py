@@ -142,6 +142,10 @@ def test_eight_concurrent_requests_each_get_their_own_answer(client, engine, sto
     assert engine.batch_steps - batch_steps < 0.6 * (engine.steps - steps)
     usage = [json.loads(a[2]) for a in alone if len(a) == 3]
     assert [u["completion_tokens"] for u in usage[:2]] == [30, 41]
+    metrics = client.get("/metrics").text
+    waits = next(line for line in metrics.splitlines() if line.startswith("higgs_queue_wait_seconds_count"))
+    assert float(waits.split()[-1]) >= 2 * len(bodies)
+    assert "higgs_decode_steps_per_second" in metrics and "higgs_audio_seconds_per_second" in metrics
     assert_idle(client, engine)
 
 
