@@ -15,8 +15,8 @@ request decodes exactly that many steps). Two measurements, side by side in one 
   requests sent at once: the slowest of them to hear its first audio piece, as a multiple of the alone time
   (the issue's target: at most 3x);
 * **throughput**: for each concurrency ``c``, ``c`` whole (non-streamed) requests sent at once, against the
-  same ``c`` requests sent one after another: seconds of audio produced per wall-clock second, and the ratio
-  (batched / one at a time; it should never be below 1).
+  same ``c`` requests sent one after another, in ``--rounds`` interleaved rounds: seconds of audio produced
+  per wall-clock second, and the ratio (batched / one at a time; it should never be below 1).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alone first-audio runs (median)")
     parser.add_argument("--listeners", type=int, default=8, help="streamed requests sent at once")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per concurrency")
     parser.add_argument("--slots", type=int, default=8, help="HIGGS_MAX_BATCH_SIZE")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
     parser.add_argument("--model", help="generation model (hub id or folder); default: the tiny model")
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     load_before = os.getloadavg()[0]
     started = time.monotonic()
     with serve(app, start_timeout=1800) as url, httpx.Client(base_url=url, timeout=1800) as client:
-        engine = app.state.engine
+        slots = app.state.engine.slots  # what the KV budget allowed
 
         def first_audio(seed: int, gate: threading.Barrier | None = None) -> float:
             """Seconds from sending a streamed request to its first audio piece (then read to the end)."""
@@ -137,31 +138,44 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         crowd = at_once(first_audio, [200 + i for i in range(args.listeners)])
         alone_first = statistics.median(alone)
 
+        def one_at_a_time(seeds: list[int]) -> float:
+            t0 = time.perf_counter()
+            return sum(whole(s) for s in seeds) / (time.perf_counter() - t0)
+
+        def batched(seeds: list[int]) -> float:
+            t0 = time.perf_counter()
+            return sum(at_once(whole, seeds)) / (time.perf_counter() - t0)
+
         rows = []
         for c in args.concurrency:
             seeds = [300 + c * 10 + i for i in range(c)]
-            t0 = time.perf_counter()
-            audio = sum(whole(s) for s in seeds)
-            sequential = audio / (time.perf_counter() - t0)
-            steps = engine.batch_steps
-            t0 = time.perf_counter()
-            audio = sum(at_once(whole, seeds))
-            batched = audio / (time.perf_counter() - t0)
-            rows.append((c, sequential, batched, engine.batch_steps - steps))
+            alone_rates, batch_rates, ratios = [], [], []
+            for r in range(args.rounds):  # interleaved, the order alternating: drift hits both sides
+                if r % 2:
+                    b, a = batched(seeds), one_at_a_time(seeds)
+                else:
+                    a, b = one_at_a_time(seeds), batched(seeds)
+                alone_rates.append(a)
+                batch_rates.append(b)
+                ratios.append(b / a)
+            rows.append((c, alone_rates, batch_rates, ratios))
 
     ratio = max(crowd) / alone_first
     print(
         f"\nbench_batching: {'tiny random-weight models' if args.model is None else args.model} on "
-        f"{args.device}, {args.slots} slots, {args.max_tokens} steps per request, "
+        f"{args.device}, {slots} slots, {args.max_tokens} steps per request, "
         f"torch threads {args.threads}"
     )
     print(f"first audio, one stream alone:          {spread(alone)}")
     slowest = f"{max(crowd):7.3f} s  (all: {spread(crowd)})"
     print(f"first audio, {args.listeners} streams at once (slowest): {slowest}")
     print(f"slowest of {args.listeners} / alone:                  {ratio:7.2f}x   (target: at most 3x)")
-    print("\nconcurrency   one at a time   batched (audio s/s)   ratio   batched steps")
-    for c, sequential, batched, steps in rows:
-        print(f"{c:11d}   {sequential:13.2f}   {batched:19.2f}   {batched / sequential:5.2f}x   {steps:13d}")
+    print(f"\naudio s/s, median of {args.rounds} interleaved rounds (min-max):")
+    print("concurrency   one at a time             batched                   batched / one at a time")
+    for c, alone_rates, batch_rates, ratios in rows:
+        one = spread(alone_rates, unit="", width=6)
+        together = spread(batch_rates, unit="", width=6)
+        print(f"{c:11d}   {one:24}  {together:24}  {spread(ratios, unit='x', width=5)}")
     print(f"\nrun: {conditions(time.monotonic() - started, load_before)}")
 
 
