@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from audio import Audio
+from decoder import BatchDecoder, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +282,6 @@ class HiggsEngine:
         from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
         from boson_multimodal.model.higgs_audio import HiggsAudioModel
         from transformers import AutoProcessor, AutoTokenizer
-
-        from decoder import BatchDecoder
 
         started = time.perf_counter()
         self.device = device
@@ -596,13 +595,19 @@ class HiggsEngine:
                 if self._closing:
                     break
                 job = self._waiting.popleft() if self._waiting and len(self._running) < self.slots else None
-            for running in list(self._running.values()):
-                if running.cancel.is_set():  # the client left, or its audio failed: free the slot now
+            try:
+                for running in list(self._running.values()):
+                    if running.cancel.is_set():  # the client left, or its audio failed: free the slot now
+                        self._leave(running)
+                if job is not None and not job.cancel.is_set():
+                    job.context.run(self._join, job)
+                if self._running:
+                    self._step()
+            except BaseException as exc:  # a bug here must not stop the engine for every later request
+                log.exception("the scheduler failed; failing the requests it was decoding")
+                for running in list(self._running.values()):
+                    running.emit(exc)
                     self._leave(running)
-            if job is not None and not job.cancel.is_set():
-                job.context.run(self._join, job)
-            if self._running:
-                self._step()
         for job in [*self._running.values(), *self._waiting]:
             job.emit(EngineFailure("the engine is shutting down", "engine_closed"))
 
@@ -614,8 +619,6 @@ class HiggsEngine:
         request = job.request
         if request.time_limit is not None:
             job.deadline = job.started + request.time_limit
-        from decoder import Sampling
-
         sampling = Sampling(
             temperature=request.temperature,
             top_p=request.top_p,
