@@ -106,6 +106,7 @@ def _lifespan(
             await asyncio.to_thread(state.engine.warm_up)
         metrics: Metrics = state.metrics
         metrics.track_queue(lambda: state.engine.pending)
+        metrics.track_engine(state.engine)
         state.engine.observers.append(metrics.observe_generation)
         state.ready = True
         log.info("ready: serving %s", settings.served_model_name)

@@ -1,8 +1,13 @@
 """The Higgs Audio engine: the only module that imports ``boson_multimodal``.
 
-It loads the generation model, the text tokenizer and the audio tokenizer once, and owns a single worker
-thread through which every use of them passes: the upstream engine's static KV caches are shared between
-calls, so two generations at once would corrupt each other, and torch must never run on the event loop.
+It loads the generation model, the text tokenizer and the audio tokenizer once. Requests are served by
+continuous batching: one scheduler thread owns the model and a ``BatchDecoder`` (``decoder.py``) with a
+fixed number of slots; each loop it prefills at most one waiting request into a free slot, then runs one
+decoding step for every running request. A request joins at the step after its prefill and leaves when it
+ends, is cancelled, or hits its token or time limit, without disturbing the others. A second thread (on
+CUDA with its own stream) owns the audio codec: it turns the audio pieces that are due, of every stream at
+once, into samples, and encodes reference clips. Prompts are built, and their length checked, before a
+request is queued, off both threads. A non-streamed answer is the collected stream.
 Callers get typed results (``GenerationResult``, ``AudioCodes``), never tensors of the model's layout.
 """
 
@@ -11,17 +16,22 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
+import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from audio import Audio
+from decoder import BatchDecoder, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +47,14 @@ class ContextLengthError(ValueError):
 
 
 class EngineBusy(Exception):
-    """The worker's queue is full; the request was not queued."""
+    """Every slot and the waiting line are full; the request was not queued.
+
+    ``retry_after`` is the number of seconds after which a slot is likely free, from the measured rate.
+    """
+
+    def __init__(self, message: str, retry_after: float = 2.0):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class EngineFailure(Exception):
@@ -109,6 +126,10 @@ class GenerationResult:
     completion_audio_tokens: int
     seconds: float
     audio_seconds: float = 0.0
+    codes: AudioCodes | None = None
+    """The answer's audio frames as heard (delay pattern reverted), (codebooks, frames) on the CPU."""
+    queue_seconds: float = 0.0
+    """Time the request waited for a slot."""
 
 
 @dataclass(frozen=True)
@@ -188,14 +209,60 @@ class Engine(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """What the scheduler is doing now (read by /metrics)."""
+
+    slots: int
+    busy_slots: int
+    waiting: int
+    steps_per_second: float
+    audio_seconds_per_second: float
+
+
 def _torch_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
     return getattr(torch, name)
 
 
+def _revert_delay(columns: torch.Tensor) -> torch.Tensor:
+    """Columns of the delay pattern (codebooks, n) -> frames (codebooks, n - codebooks + 1)."""
+    from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
+
+    return revert_delay_pattern(columns)
+
+
+class _Job:
+    """One admitted request, from the waiting line to its result."""
+
+    def __init__(self, request: GenerationRequest, prompt: _Prompt, emit: Callable, cancel: threading.Event):
+        self.request = request
+        self.prompt = prompt
+        self.emit = emit
+        self.cancel = cancel
+        self.context = contextvars.copy_context()  # the request id, for log lines on the worker threads
+        self.queued = time.monotonic()
+        self.started = 0.0
+        self.deadline = math.inf
+        self.slot = -1
+        self.steps = 0
+        self.text_ids: list[int] = []
+        self.text_sent = 0
+        self.text: str | None = None  # set when a stop string ended the text
+        self.stream: _AudioStream | None = None
+        self.failed = False
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    inputs: dict
+    tokens: int
+    audio_tokens: int
+
+
 class HiggsEngine:
-    """Higgs Audio v2 behind one worker thread."""
+    """Higgs Audio v2 with continuous batching: a scheduler thread with ``slots`` rows, a codec thread."""
 
     def __init__(
         self,
@@ -206,43 +273,57 @@ class HiggsEngine:
         kv_cache_lengths: list[int],
         streaming: StreamSettings | None = None,
         max_queue: int = 16,
+        max_batch_size: int = 8,
+        kv_cache_gb: float = 16.0,
+        cuda_graphs: bool = True,
     ):
         # Imported here so that merely importing this module (for its types) stays cheap.
-        from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
+        from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
+        from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
+        from boson_multimodal.model.higgs_audio import HiggsAudioModel
+        from transformers import AutoProcessor, AutoTokenizer
 
         started = time.perf_counter()
         self.device = device
-        # Upstream captures CUDA graphs when the device is exactly "cuda", building the capture's inputs in
-        # config.torch_dtype (the checkpoint's bfloat16, whatever dtype was loaded). Load as "cuda:0" so it
-        # skips that, then capture here with the dtype the weights really have.
-        capture = device == "cuda"
-        self._serve = HiggsAudioServeEngine(
-            model,
-            audio_tokenizer,
-            device="cuda:0" if capture else device,
-            torch_dtype=_torch_dtype(dtype, device),
-            kv_cache_lengths=sorted(kv_cache_lengths),
+        torch_device = "cuda:0" if device == "cuda" else device
+        self._model = HiggsAudioModel.from_pretrained(model, torch_dtype=_torch_dtype(dtype, device))
+        self._model.to(torch_device).eval()
+        self._tokenizer = AutoTokenizer.from_pretrained(model)
+        self._model.set_audio_special_tokens(self._tokenizer)
+        self._codec = load_higgs_audio_tokenizer(audio_tokenizer, device=torch_device)
+        config = self._config = self._model.config
+        whisper = (
+            AutoProcessor.from_pretrained("openai/whisper-large-v3-turbo", trust_remote=True, device=device)
+            if config.encode_whisper_embed
+            else None
         )
-        self._model = self._serve.model
-        config = self._model.config
-        config.torch_dtype = self._model.dtype
-        if not hasattr(config, "hidden_size"):
-            config.hidden_size = config.text_config.hidden_size
-        if capture:
-            self._model.capture_model(self._serve.kv_caches.values())
-        self._tokenizer = self._serve.tokenizer
-        self._codec = self._serve.audio_tokenizer
-        self._config = self._model.config
+        self._collator = HiggsAudioSampleCollator(
+            whisper_processor=whisper,
+            encode_whisper_embed=config.encode_whisper_embed,
+            audio_in_token_id=config.audio_in_token_idx,
+            audio_out_token_id=config.audio_out_token_idx,
+            audio_stream_bos_id=config.audio_stream_bos_id,
+            audio_stream_eos_id=config.audio_stream_eos_id,
+            pad_token_id=config.pad_token_id,
+            return_audio_in_tokens=False,
+            use_delay_pattern=config.use_delay_pattern,
+            audio_num_codebooks=config.audio_num_codebooks,
+            round_to=1,
+            pad_left=True,
+        )
         self.sample_rate = int(self._codec.sampling_rate)
         self.frame_rate = int(self._codec.tps)
-        self.num_codebooks = int(self._config.audio_num_codebooks)
+        self.num_codebooks = int(config.audio_num_codebooks)
         self.max_context = max(kv_cache_lengths)
-        self._placeholder_ids = {self._config.audio_in_token_idx, self._config.audio_out_token_idx}
+        self._placeholder_ids = {config.audio_in_token_idx, config.audio_out_token_idx}
+        token = self._tokenizer.convert_tokens_to_ids
+        self._end_ids = {token(t) for t in END_TOKENS}
+        self._audio_eos_id = token("<|audio_eos|>")
         # Tokens that would start audio (or an audio placeholder with no audio behind it) in a text answer.
         self._audio_start_ids = [
-            self._tokenizer.convert_tokens_to_ids("<|audio_out_bos|>"),
-            self._config.audio_out_token_idx,
-            self._config.audio_in_token_idx,
+            token("<|audio_out_bos|>"),
+            config.audio_out_token_idx,
+            config.audio_in_token_idx,
         ]
         self._postfix_text = self._tokenizer.encode(
             "<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False
@@ -250,51 +331,121 @@ class HiggsEngine:
         self._postfix_audio = self._postfix_text + self._tokenizer.encode(
             "<|audio_out_bos|>", add_special_tokens=False
         )
+
+        text = config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        slot_bytes = (
+            2 * len(self._model.layers) * text.num_key_value_heads * head_dim * self.max_context
+            * self._model.dtype.itemsize
+        )  # fmt: skip
+        fit = int(kv_cache_gb * 1024**3 // slot_bytes)
+        if fit < 1:
+            raise RuntimeError(
+                f"one slot of {self.max_context} tokens needs {slot_bytes / 1024**3:.2f} GiB of KV cache, "
+                f"more than HIGGS_KV_CACHE_GB={kv_cache_gb:g}; raise it or lower HIGGS_KV_CACHE_LENGTHS"
+            )
+        if fit < max_batch_size:
+            log.warning("the KV budget holds %d slots, not the %d asked for", fit, max_batch_size)
+        self.slots = min(max_batch_size, fit)
+        """Requests decoded together (rows of the batch)."""
+        self._decoder = BatchDecoder(
+            self._model,
+            slots=self.slots,
+            max_len=self.max_context,
+            audio_out_token=config.audio_out_token_idx,
+            audio_eos_token=self._audio_eos_id,
+            suppress_in_text=self._audio_start_ids,
+            graphs=cuda_graphs,
+            length_buckets=sorted(kv_cache_lengths),
+        )
+
         self.streaming = streaming or StreamSettings()
         self.steps = 0
-        """Decoding steps run since start (all requests, finished or stopped early)."""
+        """Decoding steps run since start, counted per request (a step of 8 rows counts 8)."""
+        self.batch_steps = 0
+        """Batched steps run since start (one forward pass each, whatever the number of rows)."""
         self.max_queue = max_queue
-        """Most jobs (running or waiting) the worker takes; more are refused with ``EngineBusy``."""
+        """Most jobs (running or waiting) the engine takes; more are refused with ``EngineBusy``."""
         self.failure: str | None = None
         """Set when CUDA failed in a way that needs a restart; the engine refuses work from then on."""
         self.observers: list[Callable[[GenerationResult], None]] = []
-        """Called on the worker with every finished generation (metrics)."""
+        """Called on a worker thread with every finished generation (metrics)."""
         self._pending = 0
         self._pending_lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="higgs-worker")
+        self._tokenizer_lock = threading.Lock()
+        self._prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="higgs-prompt")
+        self._cond = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        self._running: dict[int, _Job] = {}
+        self._closing = False
+        self._job_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
+        self._rates: deque[tuple[float, int, int]] = deque()  # (time, batch steps, audio frames) samples
+        self._frames = 0
+        self._codec_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._codec_stream = torch.cuda.Stream() if device == "cuda" else None
+        self._scheduler = threading.Thread(target=self._schedule, name="higgs-decoder", daemon=True)
+        self._codec_thread = threading.Thread(target=self._codec_work, name="higgs-codec", daemon=True)
+        self._scheduler.start()
+        self._codec_thread.start()
         log.info(
-            "loaded %s on %s (%s) in %.1f s; audio at %d Hz, %d frames/s",
+            "loaded %s on %s (%s) in %.1f s; %d slots of %d tokens; audio at %d Hz, %d frames/s",
             model,
             device,
             self._model.dtype,
             time.perf_counter() - started,
+            self.slots,
+            self.max_context,
             self.sample_rate,
             self.frame_rate,
         )
 
-    # ---- the async face: everything goes through the single worker -------------------------------------
+    # ---- the async face ------------------------------------------------------------------------------------
 
     @property
     def pending(self) -> int:
-        """Jobs running or waiting on the worker."""
+        """Jobs running or waiting (generations and reference encodings)."""
         return self._pending
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds after which a refused request would likely find room, from the measured rate."""
+        with self._cond:
+            ahead = len(self._waiting) + 1
+        return float(min(120.0, max(1.0, self._job_seconds * math.ceil(ahead / self.slots))))
+
+    def stats(self) -> EngineStats:
+        """Slots in use, the waiting line, and the measured steps and audio per second (last 10 s)."""
+        now = time.monotonic()
+        with self._cond:
+            busy, waiting = len(self._running), len(self._waiting)
+            rates = list(self._rates)
+        steps_per_second = audio_per_second = 0.0
+        if len(rates) >= 2 and now - rates[-1][0] < 2.0:
+            (t0, s0, f0), (t1, s1, f1) = rates[0], rates[-1]
+            if t1 > t0:
+                steps_per_second = (s1 - s0) / (t1 - t0)
+                audio_per_second = (f1 - f0) / self.frame_rate / (t1 - t0)
+        return EngineStats(self.slots, busy, waiting, steps_per_second, audio_per_second)
 
     def _admit(self) -> None:
         if self.failure is not None:
             raise EngineFailure(f"the engine failed and needs a restart: {self.failure}", "engine_failed")
         with self._pending_lock:
             if self._pending >= self.max_queue:
-                raise EngineBusy(f"the server is busy ({self._pending} requests queued); retry shortly")
+                raise EngineBusy(
+                    f"the server is busy ({self._pending} requests running or waiting); retry shortly",
+                    retry_after=self.retry_after,
+                )
             self._pending += 1
 
-    def _release(self, *_: object) -> None:
+    def _release(self) -> None:
         with self._pending_lock:
             self._pending -= 1
 
-    def _guarded(self, fn: Callable[..., T], *args) -> T:
-        """Run ``fn`` on the worker, turning GPU failures into errors the client can be told about."""
+    def _guarded(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run ``fn``, turning GPU failures into errors the client can be told about."""
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except torch.cuda.OutOfMemoryError:
             log.exception("out of GPU memory")
             torch.cuda.empty_cache()
@@ -307,42 +458,56 @@ class HiggsEngine:
                 log.critical("engine failed, restart the service: %s", exc)
             raise
 
-    async def _run(self, fn: Callable[..., T], *args) -> T:
-        self._admit()
-        # Carry the caller's context (its request id) into the worker's log lines.
-        context = contextvars.copy_context()
-        future = asyncio.get_running_loop().run_in_executor(
-            self._worker, context.run, self._guarded, fn, *args
-        )
-        future.add_done_callback(self._release)
-        return await future
-
     async def encode(self, audio: Audio) -> AudioCodes:
-        return await self._run(self.encode_sync, audio)
+        self._admit()
+        try:
+            future: Future[AudioCodes] = Future()
+            self._codec_queue.put(("encode", audio, future, contextvars.copy_context()))
+            return await asyncio.wrap_future(future)
+        finally:
+            self._release()
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return await self._run(self.generate_sync, request)
+        """Run one generation: the collected stream."""
+        pieces: list[np.ndarray] = []
+        result: GenerationResult | None = None
+        async with aclosing(self._events(request)) as events:
+            async for event in events:
+                if isinstance(event, AudioPiece):
+                    pieces.append(event.samples)
+                elif isinstance(event, GenerationResult):
+                    result = event
+        if result is None:  # the engine was closed under it
+            raise EngineFailure("the engine stopped before the generation ended", "engine_closed")
+        if not request.audio_output:
+            return result
+        samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        return replace(result, audio=Audio(samples, self.sample_rate))
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        return self._events(request)
+
+    async def _events(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        self._admit()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
         cancel = threading.Event()
 
         def emit(item: StreamEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, item)
-
-        def work() -> None:
-            if cancel.is_set():  # the client left while this waited for the worker
-                return
             try:
-                emit(self._guarded(self.generate_sync, request, emit, cancel))
-            except BaseException as exc:  # the consumer re-raises it; the worker thread must survive
-                emit(exc)
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # the consumer's loop is gone
+                cancel.set()
 
-        self._admit()
-        context = contextvars.copy_context()
-        loop.run_in_executor(self._worker, context.run, work).add_done_callback(self._release)
         try:
+            context = contextvars.copy_context()
+            prompt = await loop.run_in_executor(self._prompt_pool, context.run, self._prepare, request)
+            with self._cond:
+                if self._closing:
+                    raise EngineFailure("the engine is shutting down", "engine_closed")
+                self._waiting.append(_Job(request, prompt, emit, cancel))
+                self._cond.notify()
+            yield Started(prompt.tokens, prompt.audio_tokens)
             while True:
                 item = await events.get()
                 if isinstance(item, BaseException):
@@ -352,20 +517,23 @@ class HiggsEngine:
                     return
         finally:
             cancel.set()
+            with self._cond:
+                self._cond.notify()
+            self._release()
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._scheduler.join(timeout=30)
+        self._codec_queue.put(None)
+        self._codec_thread.join(timeout=30)
+        self._prompt_pool.shutdown(wait=True, cancel_futures=True)
 
-    # ---- the worker's side ------------------------------------------------------------------------------
+    # ---- prompts (off the worker threads, before admission) ------------------------------------------------
 
-    def encode_sync(self, audio: Audio) -> AudioCodes:
-        """Encode a clip with the audio tokenizer (resampling to its rate first)."""
-        samples = audio.samples.astype(np.float32, copy=False)
-        with torch.inference_mode():
-            codes = self._codec.encode(samples, audio.sample_rate)
-        return AudioCodes(codes.detach().to("cpu", torch.long))
-
-    def _prompt(self, request: GenerationRequest) -> tuple[dict, int, int]:
+    def _prepare(self, request: GenerationRequest) -> _Prompt:
+        """The model's inputs for ``request`` (on the CPU), refused when prompt plus output do not fit."""
         from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
         from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
 
@@ -378,7 +546,8 @@ class HiggsEngine:
                 content.append(AudioContent(audio_url=""))
                 clips.append(turn.audio.codes)
             messages.append(Message(role=turn.role, content=content))
-        tokens, _, _, _ = prepare_chatml_sample(ChatMLSample(messages=messages), self._tokenizer)
+        with self._tokenizer_lock:
+            tokens, _, _, _ = prepare_chatml_sample(ChatMLSample(messages=messages), self._tokenizer)
         if tokens is None:
             raise ValueError("the conversation could not be turned into a Higgs Audio prompt")
         tokens = tokens + (self._postfix_audio if request.audio_output else self._postfix_text)
@@ -399,10 +568,7 @@ class HiggsEngine:
             audio_sample_rate=None,
             audio_speaker_indices=None,
         )
-        inputs = {
-            k: (v.to(self._model.device) if isinstance(v, torch.Tensor) else v)
-            for k, v in asdict(self._serve.collator([sample])).items()
-        }
+        inputs = asdict(self._collator([sample]))
         # The model replaces each audio placeholder by the clip's columns (frames plus the stream's
         # begin/end markers and the codebook delay), so that is what the context really holds.
         audio_columns = sum(
@@ -411,212 +577,392 @@ class HiggsEngine:
             if inputs.get(key) is not None
         )
         placeholders = sum(1 for t in tokens if t in self._placeholder_ids)
-        return inputs, len(tokens) - placeholders + audio_columns, audio_columns
-
-    def generate_sync(
-        self,
-        request: GenerationRequest,
-        listener: Callable[[StreamEvent], None] | None = None,
-        cancel: threading.Event | None = None,
-    ) -> GenerationResult:
-        """Run one generation on the calling thread (the worker).
-
-        With a ``listener``, ``Started`` and the audio/text pieces are passed to it as they are made, and
-        the result carries no audio (it was all streamed). ``cancel`` stops the generation at the next step.
-        """
-        from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
-        from transformers import StoppingCriteriaList
-
-        started = time.perf_counter()
-        inputs, prompt_tokens, prompt_audio = self._prompt(request)
+        prompt_tokens = len(tokens) - placeholders + audio_columns
         if prompt_tokens + request.max_new_tokens > self.max_context:
             raise ContextLengthError(
                 f"the prompt takes {prompt_tokens} tokens and {request.max_new_tokens} more were asked for, "
                 f"but the context holds {self.max_context}; shorten the input or lower max_tokens"
             )
-        prompt_len = int(inputs["input_ids"].shape[1])
-        if listener is not None:
-            listener(Started(prompt_tokens, prompt_audio))
-        streamer = _IncrementalDecoder(self, listener, request.audio_output) if listener is not None else None
-        guard = _Guard(self, cancel, request.time_limit)
-        for cache in self._serve.kv_caches.values():
-            cache.reset()
-        with torch.inference_mode():
-            sequences, audio_sequences = self._model.generate(
-                **inputs,
-                max_new_tokens=request.max_new_tokens,
-                use_cache=True,
-                # One audio answer per request: stop when its stream ends instead of sampling on.
-                stop_strings=[
-                    *END_TOKENS,
-                    *(["<|audio_eos|>"] if request.audio_output else []),
-                    *request.stop,
-                ],
-                tokenizer=self._tokenizer,
-                do_sample=request.temperature > 0,
-                temperature=request.temperature if request.temperature > 0 else None,
-                top_k=request.top_k or None,
-                top_p=request.top_p if request.temperature > 0 else None,
-                past_key_values_buckets=self._serve.kv_caches,
-                ras_win_len=request.ras_window or None,
-                ras_win_max_num_repeat=2,
-                seed=request.seed,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([guard]),
-                # A text answer must not switch into audio mode half-way.
-                suppress_tokens=None if request.audio_output else self._audio_start_ids,
-            )
-        new_text_ids = sequences[0, prompt_len:].tolist()
-        text_ids = [t for t in new_text_ids if t not in self._placeholder_ids]
-        text = self._tokenizer.decode(text_ids, skip_special_tokens=True).strip()
-        audio_columns = sum(int(seq.shape[1]) for seq in audio_sequences)
+        return _Prompt(inputs, prompt_tokens, audio_columns)
 
-        audio = None
-        if request.audio_output and audio_sequences and streamer is None:
-            pieces = []
-            for seq in audio_sequences:
-                codes = revert_delay_pattern(seq).clip(0, self._config.audio_codebook_size - 1)[:, 1:-1]
-                if codes.shape[1] > 0:
-                    with torch.inference_mode():  # no autograd graph: it would hold the decoder's activations
-                        pieces.append(self._codec.decode(codes.unsqueeze(0))[0, 0])
-            samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-            audio = Audio(np.clip(samples, -1.0, 1.0).astype(np.float32), self.sample_rate)
+    # ---- the scheduler thread ----------------------------------------------------------------------------
 
-        ended = bool(new_text_ids) and self._tokenizer.decode(new_text_ids[-1:]) in END_TOKENS
-        if request.audio_output:
-            ended = ended or any(
-                bool((seq[:, -1] == self._config.audio_stream_eos_id).all()) for seq in audio_sequences[-1:]
-            )
-        completion = len(text_ids) + audio_columns
-        stopped = guard.timed_out or not (ended or completion < request.max_new_tokens)
-        # Frames heard: the columns less the begin marker, the codebook delay and the dropped last frame.
-        frames = sum(max(0, int(seq.shape[1]) - self.num_codebooks - 1) for seq in audio_sequences)
-        result = GenerationResult(
-            text=text,
-            audio=audio,
-            finish_reason="length" if stopped else "stop",
-            prompt_tokens=prompt_tokens,
-            prompt_audio_tokens=prompt_audio,
-            completion_tokens=completion,
-            completion_audio_tokens=audio_columns,
-            seconds=time.perf_counter() - started,
-            audio_seconds=frames / self.frame_rate if request.audio_output else 0.0,
+    def _schedule(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._closing:
+                    break
+                job = self._waiting.popleft() if self._waiting and len(self._running) < self.slots else None
+            try:
+                for running in list(self._running.values()):
+                    if running.cancel.is_set():  # the client left, or its audio failed: free the slot now
+                        self._leave(running)
+                if job is not None and not job.cancel.is_set():
+                    job.context.run(self._join, job)
+                if self._running:
+                    self._step()
+            except BaseException as exc:  # a bug here must not stop the engine for every later request
+                log.exception("the scheduler failed; failing the requests it was decoding")
+                for running in list(self._running.values()):
+                    running.emit(exc)
+                    self._leave(running)
+        for job in [*self._running.values(), *self._waiting]:
+            job.emit(EngineFailure("the engine is shutting down", "engine_closed"))
+
+    def _join(self, job: _Job) -> None:
+        """Prefill ``job`` into a free slot; a failure fails this request alone."""
+        slot = self._decoder.free_slot()
+        job.slot = slot
+        job.started = time.monotonic()
+        request = job.request
+        if request.time_limit is not None:
+            job.deadline = job.started + request.time_limit
+        sampling = Sampling(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            ras_window=request.ras_window,
+            seed=request.seed,
         )
+        try:
+            first = self._guarded(
+                self._decoder.prefill,
+                slot=slot,
+                inputs=job.prompt.inputs,
+                audio_output=request.audio_output,
+                sampling=sampling,
+            )
+        except BaseException as exc:
+            if not isinstance(exc, EngineFailure):
+                log.exception("prefill failed")
+            self._decoder.release(slot)
+            job.emit(exc)
+            return
+        with self._cond:
+            self._running[slot] = job
+        if request.audio_output:
+            job.stream = _AudioStream(self, job)
+        self.steps += 1
+        self._advance(job, first)
+
+    def _step(self) -> None:
+        try:
+            out = self._guarded(self._decoder.step)
+        except BaseException as exc:  # the step is shared: every running request fails with it
+            log.exception("decoding step failed")
+            for job in list(self._running.values()):
+                job.emit(exc)
+                self._leave(job)
+            return
+        self.batch_steps += 1
+        self.steps += len(self._running)
+        for slot, job in list(self._running.items()):
+            if not job.cancel.is_set():
+                job.context.run(self._advance, job, out[slot])
+        now = time.monotonic()
+        with self._cond:
+            if not self._rates or now - self._rates[-1][0] >= 0.2:
+                self._rates.append((now, self.batch_steps, self._frames))
+            while self._rates and now - self._rates[0][0] > 10.0:
+                self._rates.popleft()
+
+    def _advance(self, job: _Job, row: torch.Tensor) -> None:
+        """Take one step's output for ``job``: stream it, and end the job when it is done."""
+        job.steps += 1
+        token = int(row[0])
+        request = job.request
+        ended = False
+        try:
+            if request.audio_output:
+                self._frames += 1
+                job.stream.add(row[1:])
+                ended = token == self._audio_eos_id
+            elif token in self._end_ids:
+                ended = True
+            else:
+                if token not in self._placeholder_ids:
+                    job.text_ids.append(token)
+                ended = self._send_text(job, final=False)
+        except BaseException as exc:
+            log.exception("generation failed")
+            job.emit(exc)
+            self._leave(job)
+            return
+        if ended:
+            self._complete(job, "stop")
+        elif job.steps >= request.max_new_tokens or time.monotonic() > job.deadline:
+            self._complete(job, "length")
+
+    def _send_text(self, job: _Job, final: bool) -> bool:
+        """Stream the text decoded so far; True when it reached one of the request's stop strings."""
+        with self._tokenizer_lock:
+            text = self._tokenizer.decode(job.text_ids, skip_special_tokens=True)
+        stops = job.request.stop
+        cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+        if cut >= 0:
+            job.text = text = text[:cut]
+            final = True
+        # Hold back what could be the start of a stop string, and a character cut in the middle.
+        hold = 0 if final else max((len(s) - 1 for s in stops), default=0)
+        ready = len(text) - hold
+        if ready > job.text_sent and (final or not text[:ready].endswith("\ufffd")):
+            job.emit(TextPiece(text[job.text_sent : ready]))
+            job.text_sent = ready
+        return cut >= 0
+
+    def _leave(self, job: _Job) -> None:
+        """Free the job's slot without an answer (cancelled or failed)."""
+        with self._cond:
+            if self._running.get(job.slot) is job:
+                del self._running[job.slot]
+                self._decoder.release(job.slot)
+
+    def _complete(self, job: _Job, reason: Literal["stop", "length"]) -> None:
+        self._leave(job)
+        seconds = time.monotonic() - job.started
+        self._job_seconds = 0.8 * self._job_seconds + 0.2 * seconds
+        request = job.request
+        if not request.audio_output:
+            self._send_text(job, final=True)
+            with self._tokenizer_lock:
+                text = (
+                    job.text
+                    if job.text is not None
+                    else self._tokenizer.decode(job.text_ids, skip_special_tokens=True)
+                )
+        else:
+            text = ""
+        result = GenerationResult(
+            text=text.strip(),
+            audio=None,
+            finish_reason=reason,
+            prompt_tokens=job.prompt.tokens,
+            prompt_audio_tokens=job.prompt.audio_tokens,
+            completion_tokens=job.steps,
+            completion_audio_tokens=job.steps if request.audio_output else 0,
+            seconds=seconds,
+            queue_seconds=job.started - job.queued,
+        )
+        if job.stream is not None:  # the codec thread sends the last piece, then the result
+            self._codec_queue.put(("end", job.stream, result))
+        else:
+            self._finish(job, result)
+
+    def _finish(self, job: _Job, result: GenerationResult) -> None:
         for observe in self.observers:
             observe(result)
-        return result
+        job.emit(result)
+
+    # ---- the codec thread --------------------------------------------------------------------------------
+
+    def _codec_work(self) -> None:
+        if self._codec_stream is not None:
+            torch.cuda.set_device(self._model.device)
+        pending: list[tuple] = []
+        while True:
+            if not pending:
+                pending.append(self._codec_queue.get())
+            while True:
+                try:
+                    pending.append(self._codec_queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in pending:
+                return
+            work = self._next_codec_work(pending)
+            taken = {id(item) for item in work}
+            pending = [item for item in pending if id(item) not in taken]
+            with (
+                torch.inference_mode(),
+                torch.cuda.stream(self._codec_stream) if self._codec_stream is not None else _nothing(),
+            ):
+                try:
+                    self._codec_run(work)
+                except BaseException:  # a bug here must not stop every stream's audio for good
+                    log.exception("the codec thread failed a batch")
+
+    def _next_codec_work(self, pending: list[tuple]) -> list[tuple]:
+        """What to do next: a reference to encode (a request waits for it before it can be queued), else
+        the first piece of a stream that has sent nothing (a listener is waiting for sound), else the
+        oldest item; a piece goes together with the other streams' next pieces of the same length."""
+        encodes = [item for item in pending if item[0] == "encode"]
+        if encodes:
+            return encodes[:1]
+        heads: dict[int, tuple] = {}  # each stream's oldest item: a stream's pieces are joined in order
+        for item in pending:
+            heads.setdefault(id(item[1]), item)
+        firsts = [item for item in heads.values() if item[0] == "piece" and item[2].first]
+        chosen = firsts[0] if firsts else next(iter(heads.values()))
+        # On the CPU a batch saves nothing, and its rounding would differ with the batch's size (so an
+        # answer would depend on what else was decoding): there every piece is decoded alone.
+        if chosen[0] != "piece" or self._codec_stream is None:
+            return [chosen]
+        length = chosen[2].codes.shape[1]
+        same = [i for i in heads.values() if i[0] == "piece" and i[2].codes.shape[1] == length]
+        return [chosen, *(i for i in same if i is not chosen)]
+
+    def _codec_run(self, work: list[tuple]) -> None:
+        """Encode a reference, end a stream, or decode pieces of several streams in one codec call."""
+        if work[0][0] == "encode":
+            _, audio, future, context = work[0]
+            try:
+                future.set_result(context.run(self._guarded, self._encode, audio))
+            except BaseException as exc:
+                future.set_exception(exc)
+            return
+        live = [item for item in work if not item[1].job.failed]
+        if not live:
+            return
+        try:
+            if live[0][0] == "end":
+                self._end_stream(live[0][1], live[0][2])
+                return
+            audio = self._guarded(self._codec.decode, torch.stack([item[2].codes for item in live]))
+        except BaseException as exc:
+            log.exception("audio decoding failed")
+            for item in live:
+                self._fail_stream(item[1], exc)
+            return
+        for i, (_, stream, piece) in enumerate(live):
+            try:
+                stream.job.emit(stream.join(piece, audio[i, 0]))
+            except BaseException as exc:
+                self._fail_stream(stream, exc)
+
+    def _fail_stream(self, stream: _AudioStream, exc: BaseException) -> None:
+        stream.job.failed = True
+        stream.job.cancel.set()  # the scheduler frees its slot before its next step
+        with self._cond:
+            self._cond.notify()
+        stream.job.emit(exc)
+
+    def _end_stream(self, stream: _AudioStream, result: GenerationResult) -> None:
+        last = stream.final()
+        if last is not None:
+            samples = self._guarded(self._codec.decode, last.codes[None])[0, 0]
+            stream.job.emit(stream.join(last, samples))
+        frames = stream.frames
+        result = replace(result, audio_seconds=frames / self.frame_rate, codes=stream.codes())
+        self._finish(stream.job, result)
+
+    def _encode(self, audio: Audio) -> AudioCodes:
+        samples = audio.samples.astype(np.float32, copy=False)
+        codes = self._codec.encode(samples, audio.sample_rate)
+        return AudioCodes(codes.detach().to("cpu", torch.long))
+
+    # ---- start-up ------------------------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """One short clone generation, so the first request does not pay for lazy initialisation."""
+        """A short clone generation and a text answer, so the first request pays no lazy initialisation."""
         started = time.perf_counter()
         t = np.arange(int(self.sample_rate * 1.5), dtype=np.float32) / self.sample_rate
         tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2).astype(np.float32)
-        reference = self.encode_sync(Audio(tone, self.sample_rate))
-        turns = [
-            Turn("system", SYSTEM_TEMPLATE.format(scene="Audio is recorded from a quiet room.")),
-            Turn("user", "Warm up."),
-            Turn("assistant", audio=reference),
-            Turn("user", "Ready."),
-        ]
-        self.generate_sync(GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=0))
-        self.generate_sync(GenerationRequest(turns[:2], False, 4, 0.7, 0.95, 50, seed=0))
+
+        async def run() -> None:
+            reference = await self.encode(Audio(tone, self.sample_rate))
+            turns = [
+                Turn("system", SYSTEM_TEMPLATE.format(scene="Audio is recorded from a quiet room.")),
+                Turn("user", "Warm up."),
+                Turn("assistant", audio=reference),
+                Turn("user", "Ready."),
+            ]
+            await self.generate(GenerationRequest(turns, True, 24, 0.7, 0.95, 50, seed=0))
+            await self.generate(GenerationRequest(turns[:2], False, 4, 0.7, 0.95, 50, seed=0))
+
+        asyncio.run(run())
         log.info("warm-up done in %.1f s", time.perf_counter() - started)
 
 
-class _Guard:
-    """Stopping criterion run after every decoding step: counts steps, honours cancellation and the
-    wall-clock limit (``timed_out`` tells which stopped it)."""
+class _nothing:
+    def __enter__(self) -> None:
+        return None
 
-    def __init__(self, engine: HiggsEngine, cancel: threading.Event | None, time_limit: float | None):
-        self.engine = engine
-        self.cancel = cancel
-        self.deadline = None if time_limit is None else time.monotonic() + time_limit
-        self.timed_out = False
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs) -> torch.Tensor:
-        self.engine.steps += 1
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            self.timed_out = True
-        stop = self.timed_out or (self.cancel is not None and self.cancel.is_set())
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
-class _IncrementalDecoder:
-    """A transformers streamer that turns delay-pattern audio columns into audio pieces as they arrive.
+@dataclass(eq=False)
+class _Piece:
+    """Codes to decode for one piece of a stream, and which of the decoded samples to send."""
 
-    The model emits one column of codes per step; codebook ``c`` of column ``j`` belongs to frame ``j - c``,
-    so a frame is complete once the column ``num_codebooks - 1`` steps later exists. The first column is the
-    stream's begin marker; like the one-shot decode, the last frame is dropped at the end.
+    codes: torch.Tensor  # (codebooks, frames), clipped to the codec's range
+    start: int
+    stop: int
+    first: bool  # the stream's first piece
+
+
+class _AudioStream:
+    """Turns one request's delay-pattern columns into audio pieces as they arrive.
+
+    The model emits one column per step; codebook ``c`` of column ``j`` belongs to frame ``j - c``, so a
+    frame is complete once the column ``num_codebooks - 1`` steps later exists. The first column is the
+    stream's begin marker and the last frame is dropped at the end. Every ``chunk_frames`` frames
+    (``first_chunk_frames`` for the first piece) the new frames are cut with ``context_frames`` of
+    already-sent frames on their left and the last ``context_frames`` held back until their right-hand
+    neighbours exist (``cut``, on the scheduler thread); the codec thread decodes the cut and ``join``s it
+    to what was sent with a short crossfade over the previous decode of the same samples.
     """
 
-    def __init__(self, engine: HiggsEngine, listener: Callable[[StreamEvent], None], audio_output: bool):
-        from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
-
+    def __init__(self, engine: HiggsEngine, job: _Job):
         self.engine = engine
-        self.listener = listener
-        self.audio_output = audio_output
-        self.revert = revert_delay_pattern
+        self.job = job
         self.settings = engine.streaming
         self.codebooks = engine.num_codebooks
         self.samples_per_frame = engine.sample_rate // engine.frame_rate
         held = self.settings.context_frames * self.samples_per_frame
         self.crossfade = min(held, int(engine.sample_rate * self.settings.crossfade_ms / 1000))
         self.columns: list[torch.Tensor] = []
-        self.text_ids: list[int] = []
-        self.text_sent = 0  # characters of text sent
-        self.prompt_seen = False
-        self.sent = 0  # frames sent
+        self.sent = 0  # frames cut so far
         self.tail: np.ndarray | None = None  # the previous decode of the samples the next piece starts with
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # transformers passes the prompt first
-            self.prompt_seen = True
-            return
-        value = value.reshape(-1)
-        if value.numel() == self.codebooks:
-            if not self.audio_output:
-                return
-            self.columns.append(value)
-            ready = len(self.columns) - self.codebooks  # complete frames after the begin marker
-            hold = self.settings.context_frames
-            chunk = self.settings.first_chunk_frames if self.sent == 0 else self.settings.chunk_frames
-            if ready - hold - self.sent >= chunk:
-                self._send(ready - hold, ready)
-        elif not self.audio_output:
-            self.text_ids.extend(t for t in value.tolist() if t not in self.engine._placeholder_ids)
-            self._send_text(final=False)
+    @property
+    def frames(self) -> int:
+        """Frames heard once the stream ends: the columns less the begin marker, the delay and the last."""
+        return max(0, len(self.columns) - self.codebooks - 1)
 
-    def _send_text(self, final: bool) -> None:
-        text = self.engine._tokenizer.decode(self.text_ids, skip_special_tokens=True)
-        # A token may end inside a multi-byte character: wait for the rest of it.
-        if len(text) > self.text_sent and (final or not text.endswith("\ufffd")):
-            self.listener(TextPiece(text[self.text_sent :]))
-            self.text_sent = len(text)
+    def add(self, column: torch.Tensor) -> None:
+        """Take the next column; queue a piece for the codec when one is due."""
+        self.columns.append(column)
+        ready = len(self.columns) - self.codebooks  # complete frames after the begin marker
+        hold = self.settings.context_frames
+        chunk = self.settings.first_chunk_frames if self.sent == 0 else self.settings.chunk_frames
+        if ready - hold - self.sent >= chunk:
+            self.engine._codec_queue.put(("piece", self, self.cut(ready - hold, ready)))
 
-    def end(self) -> None:
-        final = len(self.columns) - self.codebooks - 1
-        if final > self.sent:
-            self._send(final, final)
-        if self.text_ids:
-            self._send_text(final=True)
+    def final(self) -> _Piece | None:
+        """The last piece (everything not yet cut), or None."""
+        final = self.frames
+        return self.cut(final, final) if final > self.sent else None
 
-    def _send(self, upto: int, available: int) -> None:
-        """Send frames [sent, upto), decoding [sent - context, available)."""
+    def cut(self, upto: int, available: int) -> _Piece:
+        """Frames [sent, upto) to send, decoded from [sent - context, available)."""
         first = max(0, self.sent - self.settings.context_frames)
-        codes = self.revert(torch.stack(self.columns, dim=1))[:, 1 + first : 1 + available]
-        codes = codes.clip(0, self.engine._config.audio_codebook_size - 1)
-        with torch.inference_mode():
-            decoded = self.engine._codec.decode(codes.unsqueeze(0))[0, 0]
+        window = torch.stack(self.columns[1 + first : 1 + available + self.codebooks - 1], dim=1)
+        codes = _revert_delay(window).clip(0, self.engine._config.audio_codebook_size - 1)
         spf = self.samples_per_frame
-        start, stop = (self.sent - first) * spf, (upto - first) * spf
-        piece = np.array(decoded[start:stop], dtype=np.float32)
-        if self.tail is not None:
-            n = min(len(self.tail), len(piece))
-            fade = np.linspace(0.0, 1.0, n, dtype=np.float32)
-            piece[:n] = self.tail[:n] * (1.0 - fade) + piece[:n] * fade
-        self.tail = np.array(decoded[stop : stop + self.crossfade], dtype=np.float32)
+        piece = _Piece(codes, (self.sent - first) * spf, (upto - first) * spf, self.sent == 0)
         self.sent = upto
-        self.listener(AudioPiece(np.clip(piece, -1.0, 1.0)))
+        return piece
+
+    def join(self, piece: _Piece, decoded: np.ndarray) -> AudioPiece:
+        """The piece's samples, cross-faded into the previous piece's tail."""
+        samples = np.array(decoded[piece.start : piece.stop], dtype=np.float32)
+        if self.tail is not None:
+            n = min(len(self.tail), len(samples))
+            fade = np.linspace(0.0, 1.0, n, dtype=np.float32)
+            samples[:n] = self.tail[:n] * (1.0 - fade) + samples[:n] * fade
+        self.tail = np.array(decoded[piece.stop : piece.stop + self.crossfade], dtype=np.float32)
+        return AudioPiece(np.clip(samples, -1.0, 1.0))
+
+    def codes(self) -> AudioCodes:
+        """The frames heard, (codebooks, frames)."""
+        frames = self.frames
+        if frames == 0:
+            return AudioCodes(torch.zeros((self.codebooks, 0), dtype=torch.long))
+        reverted = _revert_delay(torch.stack(self.columns, dim=1))[:, 1 : 1 + frames]
+        return AudioCodes(reverted.clip(0, self.engine._config.audio_codebook_size - 1).contiguous())
 
 
 # ---- loading from the settings ----
@@ -641,4 +987,7 @@ def load_engine(settings: Settings) -> HiggsEngine:
         settings.kv_cache_lengths,
         streaming,
         max_queue=settings.max_queue,
+        max_batch_size=settings.max_batch_size,
+        kv_cache_gb=settings.kv_cache_gb,
+        cuda_graphs=settings.cuda_graphs,
     )

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one app: requests, queue depth, generation latency, audio made, real-time factor."""
+"""Prometheus metrics of one app: requests, queue depth, generation latency, audio made, real-time factor,
+and the batching engine's slots, queue wait, steps and audio per second."""
 
 from __future__ import annotations
 
@@ -39,6 +40,43 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.queue_wait = Histogram(
+            "higgs_queue_wait_seconds",
+            "Time a generation waited for a decoding slot",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
+            registry=self.registry,
+        )
+        self.slots = Gauge(
+            "higgs_batch_slots", "Decoding slots (most requests decoded together)", registry=self.registry
+        )
+        self.busy_slots = Gauge(
+            "higgs_batch_occupancy", "Decoding slots in use (requests decoding now)", registry=self.registry
+        )
+        self.waiting = Gauge(
+            "higgs_waiting_requests", "Requests waiting for a decoding slot", registry=self.registry
+        )
+        self.steps_per_second = Gauge(
+            "higgs_decode_steps_per_second",
+            "Batched decoding steps per second (last 10 s)",
+            registry=self.registry,
+        )
+        self.audio_per_second = Gauge(
+            "higgs_audio_seconds_per_second",
+            "Seconds of audio generated per second, all requests together (last 10 s)",
+            registry=self.registry,
+        )
+
+    def track_engine(self, engine: object) -> None:
+        """Read the engine's batching gauges at each scrape (engines without ``stats()`` leave them at 0)."""
+        stats = getattr(engine, "stats", None)
+        if stats is None:
+            return
+        self.slots.set_function(lambda: stats().slots)
+        self.busy_slots.set_function(lambda: stats().busy_slots)
+        self.waiting.set_function(lambda: stats().waiting)
+        self.steps_per_second.set_function(lambda: stats().steps_per_second)
+        self.audio_per_second.set_function(lambda: stats().audio_seconds_per_second)
+
     def track_queue(self, depth: Callable[[], int]) -> None:
         """Read the queue depth from ``depth`` at each scrape."""
         self.queue_depth.set_function(depth)
@@ -46,6 +84,7 @@ class Metrics:
     def observe_generation(self, result: GenerationResult) -> None:
         """Record one finished generation (called on the engine's worker)."""
         self.generation_seconds.observe(result.seconds)
+        self.queue_wait.observe(result.queue_seconds)
         if result.audio_seconds > 0:
             self.audio_seconds.inc(result.audio_seconds)
             self.realtime_factor.observe(result.seconds / result.audio_seconds)

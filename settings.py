@@ -47,7 +47,19 @@ class Settings(BaseSettings):
     """Largest request body, counted as it arrives (413 above); base64 makes audio a third larger."""
 
     max_queue: int = Field(default=16, ge=1, le=10_000)
-    """Most generation jobs running or waiting; more are answered 429 with Retry-After at once."""
+    """Most generation jobs running or waiting (slots included); more are answered 429 with Retry-After at
+    once, its seconds estimated from the measured time of a request."""
+
+    max_batch_size: int = Field(default=8, ge=1, le=256)
+    """Slots: requests decoded together in one batch. More slots give more audio per second in total and
+    take KV-cache memory; each slot holds the largest of `kv_cache_lengths` tokens."""
+
+    kv_cache_gb: float = Field(default=16.0, gt=0, le=4096)
+    """Memory (GiB) the slots' KV cache may take; fewer slots are made when `max_batch_size` would not fit."""
+
+    cuda_graphs: bool = True
+    """On CUDA, replay each decoding step's forward pass as a CUDA graph (per rows/length bucket); a shape
+    whose capture fails is decoded eagerly."""
 
     generation_timeout_seconds: float = Field(default=300.0, gt=0)
     """Wall-clock limit of one generation; it then stops with finish_reason "length"."""
@@ -56,7 +68,8 @@ class Settings(BaseSettings):
     """Model id reported by /v1/models. OpenAI's own model names are accepted as aliases of it."""
 
     kv_cache_lengths: list[int] = [1024, 4096, 8192]
-    """Static KV-cache sizes (tokens) the engine allocates; the largest bounds prompt plus output."""
+    """Attention lengths (tokens) a decoding step is bucketed to; the largest bounds prompt plus output and
+    is what every slot holds."""
 
     stream_first_chunk_frames: int = Field(default=4, ge=1, le=250)
     """Streaming: audio frames in the first piece sent (smaller: sound starts sooner)."""
@@ -91,7 +104,7 @@ class Settings(BaseSettings):
     top_k: int = Field(default=50, ge=0)
     """Top-k sampling when the request gives none (0 disables it)."""
 
-    ras_window: int = Field(default=7, ge=0)
+    ras_window: int = Field(default=7, ge=0, le=32)
     """Repetition-aware sampling window for audio codes (0 disables it)."""
 
     min_reference_seconds: float = Field(default=1.0, gt=0)

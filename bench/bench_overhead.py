@@ -199,7 +199,7 @@ def run(args: argparse.Namespace, short: int, long: int, tiny: dict[str, str], v
         engine = app.state.engine  # the app's own engine, loaded and warmed up by its lifespan
         # Its warm-up's encode k-means-initialised the tiny codec's codebooks: give upstream the same ones.
         upstream.audio_tokenizer.load_state_dict(engine._codec.state_dict())
-        worker_threads = engine._worker.submit(torch.get_num_threads).result()
+        worker_threads = torch.get_num_threads()  # intra-op threads are per process
         if worker_threads != torch.get_num_threads():
             raise RuntimeError(
                 f"torch threads differ: service worker {worker_threads}, upstream {torch.get_num_threads()}"

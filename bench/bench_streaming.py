@@ -220,7 +220,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             raise RuntimeError(
                 f"the speech endpoint's cap is {cap} tokens, not --max-tokens {args.max_tokens}"
             )
-        worker_threads = engine._worker.submit(torch.get_num_threads).result()
+        worker_threads = torch.get_num_threads()  # intra-op threads are per process
         codec = CodecTimer(engine)
 
         def timed(send: Callable[[], Answer]) -> Answer:

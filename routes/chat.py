@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import numpy as np
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from audio import Audio, encode_audio
@@ -18,7 +18,16 @@ from engine import GenerationResult, Started, StreamEvent, TextPiece
 from errors import bad_request
 from planner import Planner
 from protocol import AssistantMessage, AudioOut, ChatCompletion, ChatCompletionRequest, Choice, Usage
-from routes.deps import EngineDep, PlannerDep, SettingsDep, check_model, log_ignored, require_generation_slot
+from routes.deps import (
+    ClientDisconnected,
+    EngineDep,
+    PlannerDep,
+    SettingsDep,
+    check_model,
+    log_ignored,
+    require_generation_slot,
+    until_disconnected,
+)
 from streaming import chat_events, started, usage_of
 
 router = APIRouter(tags=["chat"])
@@ -34,7 +43,11 @@ AUDIO_LIFETIME_SECONDS = 3600
     dependencies=[Depends(require_generation_slot)],
 )
 async def chat_completions(
-    body: ChatCompletionRequest, settings: SettingsDep, planner: PlannerDep, engine: EngineDep
+    body: ChatCompletionRequest,
+    request: Request,
+    settings: SettingsDep,
+    planner: PlannerDep,
+    engine: EngineDep,
 ) -> Response:
     """OpenAI's chat completions with audio output: the last user message spoken, or the model's text."""
     log_ignored(body)
@@ -64,14 +77,20 @@ async def chat_completions(
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
         )
         return StreamingResponse(body_stream, media_type="text/event-stream", headers=headers)
-    result = _answer(plan.direct_answer) if plan.request is None else await engine.generate(plan.request)
+    if plan.request is None:
+        result = _answer(plan.direct_answer)
+    else:
+        try:
+            result = await until_disconnected(request, engine.generate(plan.request))
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it; logged and counted as 499
     if plan.request is not None and plan.request.audio_output:
         fmt = body.audio.format if body.audio else "wav"
         audio = result.audio or Audio(np.zeros(0, np.float32), engine.sample_rate)
         if audio.samples.size == 0:  # too few tokens for one frame: an instant of silence, not an error
             audio = Audio(np.zeros(audio.sample_rate // 100, np.float32), audio.sample_rate)
         data = await asyncio.to_thread(encode_audio, audio, fmt)
-        planner.remember_answer(audio_id, plan.spoken_text, getattr(result, "codes", None))
+        planner.remember_answer(audio_id, plan.spoken_text, result.codes)
         audio_out = AudioOut(
             id=audio_id,
             data=base64.b64encode(data).decode("ascii"),
@@ -109,7 +128,7 @@ async def _remembered(
     async with aclosing(events):
         async for event in events:
             if isinstance(event, GenerationResult):
-                planner.remember_answer(audio_id, transcript, getattr(event, "codes", None))
+                planner.remember_answer(audio_id, transcript, event.codes)
             yield event
 
 

@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
-from typing import Annotated, Any
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, UploadFile
 
@@ -102,7 +104,10 @@ def require_generation_slot(request: Request) -> None:
     """``require_ready``, and 429 at once when the engine's queue is full (nothing is read or decoded)."""
     engine = getattr(request.app.state, "engine", None)
     if engine is not None and not engine.failure and engine.pending >= engine.max_queue:
-        raise EngineBusy(f"the server is busy ({engine.pending} requests queued); retry shortly")
+        raise EngineBusy(
+            f"the server is busy ({engine.pending} requests queued); retry shortly",
+            retry_after=getattr(engine, "retry_after", 2.0),
+        )
     require_ready(request)
 
 
@@ -132,3 +137,34 @@ async def read_upload(upload: UploadFile, param: str, settings: Settings) -> byt
     if len(data) > limit:
         raise APIError(413, f"the {param} is larger than {settings.max_upload_mb:g} MB", param=param)
     return data
+
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``, cancelling it when the client disconnects (the engine then frees its slot).
+
+    A non-streamed answer is computed before anything is sent, so only the connection tells that its
+    client gave up. Raises ``ClientDisconnected`` in that case.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()  # leaves the engine's stream, which frees the request's slot
+    if not task.done():
+        raise ClientDisconnected
+    return task.result()

@@ -288,7 +288,7 @@ def test_an_exception_in_generation_fails_that_request_alone(lenient, engine, mo
     def explode(**kwargs):
         raise ValueError("internal detail /secret/path")
 
-    monkeypatch.setattr(engine._model, "generate", explode)
+    monkeypatch.setattr(engine._decoder, "prefill", explode)
     response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 500
     error = response.json()["error"]
@@ -303,7 +303,7 @@ def test_out_of_memory_frees_the_cache_and_the_next_request_succeeds(client, eng
     def oom(**kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(engine._model, "generate", oom)
+    monkeypatch.setattr(engine._decoder, "prefill", oom)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(True))
     response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 500 and response.json()["error"]["code"] == "out_of_memory"
@@ -319,7 +319,7 @@ def test_a_fatal_cuda_error_makes_the_engine_not_ready(lenient, engine, monkeypa
     def broken(**kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(engine._model, "generate", broken)
+    monkeypatch.setattr(engine._decoder, "prefill", broken)
     try:
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 500
         assert client.get("/ready").status_code == 503

@@ -148,16 +148,16 @@ def test_disconnect_stops_generation_and_the_next_request_is_served(client, engi
 
 
 def test_a_fault_mid_generation_ends_the_stream_with_an_error_event(client, openai_client, monkeypatch):
-    real_send = engine_module._IncrementalDecoder._send
+    real_join = engine_module._AudioStream.join
     sent = {"n": 0}
 
-    def failing_send(self, upto, available):
+    def failing_join(self, piece, decoded):
         sent["n"] += 1
         if sent["n"] == 2:
             raise RuntimeError("injected fault")
-        return real_send(self, upto, available)
+        return real_join(self, piece, decoded)
 
-    monkeypatch.setattr(engine_module._IncrementalDecoder, "_send", failing_send)
+    monkeypatch.setattr(engine_module._AudioStream, "join", failing_join)
     stream = openai_client.chat.completions.create(**chat_body(max_tokens=200), stream=True)
     received = []
     with pytest.raises(openai.APIError, match="generation failed"):

@@ -1,0 +1,183 @@
+"""Continuous batching: first audio and total audio per second with many listeners, against one at a time.
+
+Run:  .venv/bin/python bench/bench_batching.py [--max-tokens 100] [--repeats 3] [--threads N]
+      .venv/bin/python bench/bench_batching.py --model bosonai/higgs-audio-v2-generation-3B-base \\
+          --audio-tokenizer bosonai/higgs-audio-v2-tokenizer --device cuda --max-tokens 400 \\
+          --slots 16 --listeners 16 --concurrency 1 4 16
+
+The service (``create_app``, speech recognition off) is served for real by uvicorn on 127.0.0.1 in a
+background thread, by default over the tiny random-weight models of ``tests/tiny_models.py`` on the CPU in
+float32 (absolute times then mean nothing; the ratios do). Every request is a chat completion for audio
+with voice ``default``, its own seed and ``max_tokens`` (the tiny model's audio never ends by itself, so each
+request decodes exactly that many steps). Two measurements, side by side in one run:
+
+* **first audio**: one streamed request alone (median of ``--repeats``), then ``--listeners`` streamed
+  requests sent at once: the slowest of them to hear its first audio piece, as a multiple of the alone time
+  (the issue's target: at most 3x);
+* **throughput**: for each concurrency ``c``, ``c`` whole (non-streamed) requests sent at once, against the
+  same ``c`` requests sent one after another, in ``--rounds`` interleaved rounds: seconds of audio produced
+  per wall-clock second, and the ratio (batched / one at a time; it should never be below 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from _common import conditions, serve, service_settings, spread, workspace, write_tiny_models
+
+TEXT = "Many listeners, one model: every stream should start soon and keep up."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--max-tokens", type=int, default=100, help="decoding steps per request")
+    parser.add_argument("--repeats", type=int, default=3, help="alone first-audio runs (median)")
+    parser.add_argument("--listeners", type=int, default=8, help="streamed requests sent at once")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per concurrency")
+    parser.add_argument("--slots", type=int, default=8, help="HIGGS_MAX_BATCH_SIZE")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
+    parser.add_argument("--model", help="generation model (hub id or folder); default: the tiny model")
+    parser.add_argument("--audio-tokenizer", help="audio tokenizer (hub id or folder); default: the tiny one")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    args = parser.parse_args()
+    if (args.model is None) != (args.audio_tokenizer is None):
+        parser.error("give both --model and --audio-tokenizer, or neither (the tiny models)")
+    with workspace() as tmp:
+        if args.model is None:
+            tiny = write_tiny_models(tmp)
+            model, tokenizer = tiny["HIGGS_MODEL"], tiny["HIGGS_AUDIO_TOKENIZER"]
+        else:
+            model, tokenizer = args.model, args.audio_tokenizer
+        run(args, model, tokenizer, tmp / "voices")
+
+
+def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: Path) -> None:
+    import httpx
+    import torch
+
+    from app import create_app
+
+    torch.set_num_threads(args.threads)
+    dtype = args.dtype if args.model is not None else ("float32" if args.dtype == "auto" else args.dtype)
+    settings = service_settings(
+        model,
+        audio_tokenizer,
+        voices_dir,
+        device=args.device,
+        dtype=dtype,
+        max_batch_size=args.slots,
+        max_queue=max(64, 2 * args.listeners),
+        max_audio_seconds=600,
+    )
+
+    def body(seed: int, stream: bool) -> dict:
+        return {
+            "model": settings.served_model_name, "modalities": ["text", "audio"],
+            "audio": {"voice": "default", "format": "pcm16" if stream else "wav"},
+            "messages": [{"role": "user", "content": TEXT}], "max_tokens": args.max_tokens, "seed": seed,
+            "stream": stream,
+        }  # fmt: skip
+
+    app = create_app(settings)
+    load_before = os.getloadavg()[0]
+    started = time.monotonic()
+    with serve(app, start_timeout=1800) as url, httpx.Client(base_url=url, timeout=1800) as client:
+        slots = app.state.engine.slots  # what the KV budget allowed
+
+        def first_audio(seed: int, gate: threading.Barrier | None = None) -> float:
+            """Seconds from sending a streamed request to its first audio piece (then read to the end)."""
+            if gate is not None:
+                gate.wait()
+            sent = time.perf_counter()
+            heard = None
+            with client.stream("POST", "/v1/chat/completions", json=body(seed, True)) as response:
+                for line in response.iter_lines():
+                    if heard is None and line.startswith("data: {") and '"data":"' in line:
+                        chunk = json.loads(line[6:])
+                        audio = chunk["choices"][0]["delta"].get("audio") if chunk["choices"] else None
+                        if audio and audio.get("data"):
+                            heard = time.perf_counter() - sent
+            if heard is None:
+                raise RuntimeError("a stream ended without audio")
+            return heard
+
+        def whole(seed: int, gate: threading.Barrier | None = None) -> float:
+            """Seconds of audio in one whole answer."""
+            if gate is not None:
+                gate.wait()
+            response = client.post("/v1/chat/completions", json=body(seed, False))
+            response.raise_for_status()
+            return response.json()["usage"]["completion_tokens"] / 25.0
+
+        def at_once(fn, seeds: list[int]) -> list[float]:
+            results: list[float] = [0.0] * len(seeds)
+            gate = threading.Barrier(len(seeds))
+
+            def one(i: int) -> None:
+                results[i] = fn(seeds[i], gate)
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(seeds))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return results
+
+        whole(0)  # untimed: first-use costs
+        alone = [first_audio(100 + i) for i in range(args.repeats)]
+        crowd = at_once(first_audio, [200 + i for i in range(args.listeners)])
+        alone_first = statistics.median(alone)
+
+        def one_at_a_time(seeds: list[int]) -> float:
+            t0 = time.perf_counter()
+            return sum(whole(s) for s in seeds) / (time.perf_counter() - t0)
+
+        def batched(seeds: list[int]) -> float:
+            t0 = time.perf_counter()
+            return sum(at_once(whole, seeds)) / (time.perf_counter() - t0)
+
+        rows = []
+        for c in args.concurrency:
+            seeds = [300 + c * 10 + i for i in range(c)]
+            alone_rates, batch_rates, ratios = [], [], []
+            for r in range(args.rounds):  # interleaved, the order alternating: drift hits both sides
+                if r % 2:
+                    b, a = batched(seeds), one_at_a_time(seeds)
+                else:
+                    a, b = one_at_a_time(seeds), batched(seeds)
+                alone_rates.append(a)
+                batch_rates.append(b)
+                ratios.append(b / a)
+            rows.append((c, alone_rates, batch_rates, ratios))
+
+    ratio = max(crowd) / alone_first
+    print(
+        f"\nbench_batching: {'tiny random-weight models' if args.model is None else args.model} on "
+        f"{args.device}, {slots} slots, {args.max_tokens} steps per request, "
+        f"torch threads {args.threads}"
+    )
+    print(f"first audio, one stream alone:          {spread(alone)}")
+    slowest = f"{max(crowd):7.3f} s  (all: {spread(crowd)})"
+    print(f"first audio, {args.listeners} streams at once (slowest): {slowest}")
+    print(f"slowest of {args.listeners} / alone:                  {ratio:7.2f}x   (target: at most 3x)")
+    print(f"\naudio s/s, median of {args.rounds} interleaved rounds (min-max):")
+    print("concurrency   one at a time             batched                   batched / one at a time")
+    for c, alone_rates, batch_rates, ratios in rows:
+        one = spread(alone_rates, unit="", width=6)
+        together = spread(batch_rates, unit="", width=6)
+        print(f"{c:11d}   {one:24}  {together:24}  {spread(ratios, unit='x', width=5)}")
+    print(f"\nrun: {conditions(time.monotonic() - started, load_before)}")
+
+
+if __name__ == "__main__":
+    main()

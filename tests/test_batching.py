@@ -1,0 +1,353 @@
+"""Continuous batching through HTTP on the tiny engine: requests decoded together each get their own answer.
+
+Why exact equality holds here: on the CPU the decoder computes every slot at every step and rounds the
+attention length up to a bucket (1024 tokens for these prompts), so a request's numbers never depend on
+how many others are decoding; each seeded request draws from its own generator; and on the CPU the codec
+decodes each piece alone. In float32 the audio of a request decoded among others is therefore the same,
+bit for bit, as when it runs alone. (On a GPU, bfloat16 and batch-size-dependent kernels make that
+"close", not "equal".)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import threading
+import time
+
+import pytest
+import torch
+from conftest import TEST_AUDIO, b64
+
+import engine as engine_module
+
+SPEAK = "Read this sentence aloud, please."
+
+
+def chat(seed: int | None = 1, max_tokens: int = 30, voice="default", text=SPEAK, **extra) -> dict:
+    body = {
+        "model": "gpt-4o-audio-preview", "modalities": ["text", "audio"],
+        "audio": {"voice": voice, "format": "wav"}, "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens, **extra,
+    }  # fmt: skip
+    if seed is not None:
+        body["seed"] = seed
+    return body
+
+
+def clone(seed: int, max_tokens: int, **extra) -> dict:
+    content = [
+        {"type": "text", "text": "Say it like me: batching works."},
+        {"type": "input_audio", "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"}},
+    ]
+    return {
+        **chat(seed, max_tokens, voice="clone", **extra),
+        "messages": [{"role": "user", "content": content}],
+    }
+
+
+def text_chat(seed: int, max_tokens: int, **extra) -> dict:
+    return {
+        "model": "gpt-4o-audio-preview", "modalities": ["text"],
+        "messages": [{"role": "user", "content": "Tell me something."}],
+        "max_tokens": max_tokens, "seed": seed, **extra,
+    }  # fmt: skip
+
+
+def answer(response) -> tuple:
+    """What must not change when others decode alongside: the audio (or text), the finish, the usage."""
+    assert response.status_code == 200, response.text
+    if response.headers["content-type"].startswith("audio/"):
+        return ("speech", response.content)
+    body = response.json()
+    choice = body["choices"][0]
+    message = choice["message"]
+    content = message["audio"]["data"] if message.get("audio") else message["content"]
+    return (content, choice["finish_reason"], json.dumps(body["usage"], sort_keys=True))
+
+
+def post(client, body: dict):
+    path = "/v1/audio/speech" if "input" in body else "/v1/chat/completions"
+    return client.post(path, json=body)
+
+
+def together(client, bodies: list[dict]) -> list:
+    """Post every body at once (one thread each); the answers in the bodies' order."""
+    results: list = [None] * len(bodies)
+    gate = threading.Barrier(len(bodies))
+
+    def run(i: int) -> None:
+        gate.wait()
+        results[i] = post(client, bodies[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def settle(engine) -> None:
+    """Wait until the engine holds nothing (answers are sent a moment before their job is released)."""
+    deadline = time.monotonic() + 10
+    while (engine.pending or engine.stats().busy_slots) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def assert_idle(client, engine) -> None:
+    """No slot, queue entry or pending job is left behind; /metrics says the same."""
+    settle(engine)
+    stats = engine.stats()
+    assert (engine.pending, stats.busy_slots, stats.waiting) == (0, 0, 0)
+    metrics = client.get("/metrics").text
+    assert "higgs_batch_occupancy 0.0" in metrics and "higgs_waiting_requests 0.0" in metrics
+    assert f"higgs_batch_slots {float(engine.slots)}" in metrics
+
+
+@pytest.fixture(scope="module")
+def stored_voice(client):
+    with open(TEST_AUDIO, "rb") as f:
+        created = client.post(
+            "/v1/audio/voices",
+            data={"name": "batcher", "transcript": "A stored voice for the batching tests."},
+            files={"audio_sample": ("v.wav", f, "audio/wav")},
+        )
+    assert created.status_code == 200, created.text
+    yield "batcher"
+    client.delete("/v1/audio/voices/batcher")
+
+
+def test_eight_concurrent_requests_each_get_their_own_answer(client, engine, stored_voice):
+    bodies = [
+        chat(seed=1, max_tokens=30),
+        chat(seed=None, max_tokens=41, temperature=0, text="Greedy, and no seed at all."),
+        clone(seed=2, max_tokens=24, temperature=1.0, top_p=0.8),
+        chat(seed=3, max_tokens=36, voice=stored_voice),
+        chat(seed=4, max_tokens=18, voice="nova", text="A built-in voice."),
+        text_chat(seed=5, max_tokens=20),
+        text_chat(seed=6, max_tokens=12, temperature=0.3),
+        {"model": "tts-1", "input": "Speech, in the same batch.", "voice": "default",
+         "response_format": "pcm", "seed": 7},
+    ]  # fmt: skip
+    alone = [answer(post(client, body)) for body in bodies]
+    batch_steps = engine.batch_steps
+    steps = engine.steps
+    concurrent = [answer(r) for r in together(client, bodies)]
+    for i, (a, c) in enumerate(zip(alone, concurrent, strict=True)):
+        assert a == c, f"request {i} changed when decoded with the others"
+    # They really were decoded together: far fewer batched steps than request steps.
+    assert engine.batch_steps - batch_steps < 0.6 * (engine.steps - steps)
+    usage = [json.loads(a[2]) for a in alone if len(a) == 3]
+    assert [u["completion_tokens"] for u in usage[:2]] == [30, 41]
+    metrics = client.get("/metrics").text
+    waits = next(line for line in metrics.splitlines() if line.startswith("higgs_queue_wait_seconds_count"))
+    assert float(waits.split()[-1]) >= 2 * len(bodies)
+    assert "higgs_decode_steps_per_second" in metrics and "higgs_audio_seconds_per_second" in metrics
+    assert_idle(client, engine)
+
+
+def test_a_request_joins_while_another_decodes_and_others_leave_early(client, engine):
+    long = chat(seed=11, max_tokens=150)
+    short = chat(seed=12, max_tokens=20, text="I join late and leave early.")
+    probe = text_chat(seed=13, max_tokens=30)
+    alone_long, alone_short = answer(post(client, long)), answer(post(client, short))
+    alone_text = post(client, probe).json()["choices"][0]["message"]["content"]
+    # The tiny model's text is random characters: stop at the first plain one after the third.
+    stop = next(c for c in alone_text[3:] if c.isascii() and c.isprintable() and not c.isspace())
+    expected_text = alone_text[: alone_text.find(stop)]
+
+    results: dict = {}
+    first_piece = threading.Event()
+
+    def run_long() -> None:
+        results["long"] = post(client, long)
+
+    def run_leaver() -> None:  # a streamed request whose client hangs up after its first piece
+        with client.stream(
+            "POST", "/v1/chat/completions", json={**chat(seed=14, max_tokens=400), "stream": True}
+        ) as r:
+            for line in r.iter_lines():
+                if '"audio"' in line and '"data"' in line:
+                    break
+        first_piece.set()
+
+    long_thread = threading.Thread(target=run_long)
+    long_thread.start()
+    deadline = time.monotonic() + 30
+    while engine.stats().busy_slots == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    steps_before_join = engine.batch_steps
+    leaver = threading.Thread(target=run_leaver)
+    leaver.start()
+    joined = answer(post(client, short))  # joins the running long request and leaves before it ends
+    assert "long" not in results and engine.batch_steps > steps_before_join
+    stopped = post(client, {**probe, "stop": [stop]}).json()
+    leaver.join()
+    long_thread.join()
+
+    assert joined == alone_short
+    assert answer(results["long"]) == alone_long
+    assert stopped["choices"][0]["message"]["content"] == expected_text.strip()
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert_idle(client, engine)
+
+
+def test_a_cancelled_slot_is_free_within_one_step(engine, client, monkeypatch):
+    released: list[int] = []
+    real_release = engine._decoder.release
+
+    def release(slot: int) -> None:
+        released.append(engine.batch_steps)
+        real_release(slot)
+
+    monkeypatch.setattr(engine._decoder, "release", release)
+    turns = [engine_module.Turn("user", "Cancel me.")]
+    request = engine_module.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=1)
+    keep = engine_module.GenerationRequest(turns, True, 60, 0.7, 0.95, 50, seed=2)
+
+    async def run() -> int:
+        other = asyncio.ensure_future(engine.generate(keep))
+        stream = engine.stream(request)
+        async for event in stream:
+            if isinstance(event, engine_module.AudioPiece):
+                break
+        await stream.aclose()  # sets the cancel flag; the slot must be free one step later at most
+        at_cancel = engine.batch_steps
+        await other
+        return at_cancel
+
+    at_cancel = asyncio.run(run())
+    assert released and released[0] - at_cancel <= 1
+    assert_idle(client, engine)
+
+
+def test_a_fault_in_one_request_fails_only_it(client, engine, monkeypatch, lenient):
+    others = [chat(seed=21, max_tokens=40), clone(seed=22, max_tokens=25)]
+    alone = [answer(post(client, body)) for body in others]
+    real_prefill = engine._decoder.prefill
+
+    def prefill(**kwargs):
+        if not kwargs["audio_output"]:  # the text request's prefill fails; the audio ones run on
+            raise ValueError("injected prefill fault")
+        return real_prefill(**kwargs)
+
+    real_join = engine_module._AudioStream.join
+
+    def join(self, piece, decoded):
+        if self.job.request.seed == 666:  # this stream's audio fails half-way
+            raise RuntimeError("injected codec fault")
+        return real_join(self, piece, decoded)
+
+    monkeypatch.setattr(engine._decoder, "prefill", prefill)
+    monkeypatch.setattr(engine_module._AudioStream, "join", join)
+    bodies = [*others, text_chat(seed=23, max_tokens=10), chat(seed=666, max_tokens=80)]
+    results = together(lenient, bodies)
+    assert [answer(r) for r in results[:2]] == alone
+    assert results[2].status_code == 500 and results[3].status_code == 500
+    monkeypatch.undo()
+    assert_idle(client, engine)
+    assert client.post("/v1/chat/completions", json=text_chat(seed=23, max_tokens=10)).status_code == 200
+
+
+@pytest.fixture
+def lenient(app, client):
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_a_non_streamed_chat_stops_when_its_client_disconnects(client, app, engine):
+    """The client gives up while its answer is being made: generation stops, the slot frees at once."""
+    body = json.dumps(chat(seed=5, max_tokens=1500)).encode()
+    before = engine.steps
+    messages: list = []
+
+    async def call() -> None:
+        delivered = False
+
+        async def receive() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            while engine.steps - before < 20:  # noqa: ASYNC110 (the engine's thread sets no asyncio.Event)
+                await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            messages.append(message)
+
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+            "query_string": b"", "root_path": "", "headers": [(b"host", b"testserver"), *headers],
+            "client": ("127.0.0.1", 5000), "server": ("testserver", 80),
+        }  # fmt: skip
+        await app(scope, receive, send)
+
+    client.portal.call(call)
+    assert messages[0]["status"] == 499
+    settle(engine)
+    assert engine.steps - before < 200  # not the 1500 asked for
+    assert_idle(client, engine)
+
+
+@pytest.mark.parametrize("max_tokens", [4, 5, 6, 9, 10])
+def test_audio_chat_with_too_few_tokens_for_a_frame_is_silence_not_an_error(client, max_tokens):
+    """Issue 14.1: fewer columns than the delay pattern spans make no frame; that is a short silence."""
+    response = client.post("/v1/chat/completions", json=chat(seed=1, max_tokens=max_tokens))
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == max_tokens
+    audio = base64.b64decode(response.json()["choices"][0]["message"]["audio"]["data"])
+    assert audio[:4] == b"RIFF"
+
+
+def test_temperature_zero_without_a_seed_is_deterministic(client):
+    """Issue 14.22: greedy decoding picks the argmax; the repetition-aware redraw uses a fixed seed."""
+    body = chat(seed=None, max_tokens=60, temperature=0)
+    first, second = answer(post(client, body)), answer(post(client, body))
+    assert first == second
+    assert [answer(r) for r in together(client, [body, body])] == [first, first]
+
+
+def test_an_impossible_max_tokens_is_a_400_before_queueing(client, engine):
+    steps = engine.steps
+    response = client.post("/v1/chat/completions", json=chat(seed=1, max_tokens=engine.max_context))
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert engine.steps == steps and engine.pending == 0
+
+
+def test_a_full_engine_answers_429_with_retry_after_from_the_measured_rate(client, engine, monkeypatch):
+    monkeypatch.setattr(engine, "max_queue", 0)
+    monkeypatch.setattr(engine, "_job_seconds", 7.3)
+    busy = client.post("/v1/chat/completions", json=chat())
+    assert busy.status_code == 429
+    assert busy.headers["retry-after"] == str(math.ceil(7.3))
+    with pytest.raises(engine_module.EngineBusy) as refused:
+        asyncio.run(engine.generate(engine_module.GenerationRequest([], True, 5, 0.7, 0.95)))
+    assert refused.value.retry_after == pytest.approx(7.3)
+
+
+@pytest.mark.parametrize("temperature, seed", [(0.0, None), (0.7, 5)])
+def test_a_request_decodes_as_upstream_generate_does(engine, temperature, seed):
+    """The batched decoder reproduces upstream's batch-1 ``generate`` token for token (float32, with the
+    repetition-aware redraw off: ours draws for every codebook, upstream's only for repeated ones)."""
+    from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
+
+    turns = [engine_module.Turn("system", "Generate audio."), engine_module.Turn("user", "Hello there.")]
+    request = engine_module.GenerationRequest(turns, True, 60, temperature, 0.95, 50, seed=seed, ras_window=0)
+    ours = asyncio.run(engine.generate(request))
+    inputs = engine._prepare(request).inputs
+    with torch.inference_mode():
+        _, audio = engine._model.generate(
+            **inputs, max_new_tokens=60, use_cache=True, tokenizer=engine._tokenizer,
+            stop_strings=["<|end_of_text|>", "<|eot_id|>", "<|audio_eos|>"], do_sample=temperature > 0,
+            temperature=temperature or None, top_k=50, top_p=0.95 if temperature else None, seed=seed,
+        )  # fmt: skip
+    upstream = revert_delay_pattern(audio[0]).clip(0, 1023)[:, 1:-1]
+    assert upstream.shape[1] == 51 and torch.equal(ours.codes.codes, upstream)
