@@ -43,12 +43,17 @@ def create_app(
     settings: Settings | None = None,
     engine: Engine | None = None,
     recognizer: AsyncTranscriber | None = None,
+    *,
+    load_behind: bool = True,
 ) -> FastAPI:
-    """Build the app. Without ``engine``/``recognizer``, they are loaded from ``settings`` at start-up."""
+    """Build the app. Without ``engine``/``recognizer``, they are loaded from ``settings`` at start-up:
+    behind a server that already answers ``/health`` (``load_behind``), or before it starts serving (where
+    something else holds requests back until start-up is done, as Ray Serve does with its replicas)."""
     settings = settings or Settings()
     _install_request_id_on_log_records()
     app = FastAPI(
-        title="Higgs Audio OpenAI-compatible server", lifespan=_lifespan(settings, engine, recognizer)
+        title="Higgs Audio OpenAI-compatible server",
+        lifespan=_lifespan(settings, engine, recognizer, load_behind),
     )
     app.state.settings = settings
     app.state.ready = False
@@ -82,7 +87,7 @@ def create_app(
 
 
 def _lifespan(
-    settings: Settings, engine: Engine | None, recognizer: AsyncTranscriber | None
+    settings: Settings, engine: Engine | None, recognizer: AsyncTranscriber | None, load_behind: bool
 ) -> Callable[[FastAPI], Any]:
     """Load (or take) the engine and the recognizer, open the voice library, put them on ``app.state``."""
 
@@ -126,7 +131,7 @@ def _lifespan(
         # Models read from disk load behind a listening server, so that /health answers at once and
         # /ready tells when they are there; what was handed in is ready before the first request.
         loading = None
-        if owned_engine or owned_recognizer:
+        if load_behind and (owned_engine or owned_recognizer):
             loading = asyncio.create_task(load_behind(state))
         else:
             await load(state)

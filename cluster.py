@@ -69,8 +69,9 @@ class ReplicaHeader:
 
 
 def replica_app(settings: Settings, replica: str) -> FastAPI:
-    """``create_app(settings)`` whose responses carry ``X-Replica: <replica>``."""
-    app = create_app(settings)
+    """``create_app(settings)`` whose responses carry ``X-Replica: <replica>``. The models load during the
+    app's start-up, which Ray waits for before it sends the replica any request."""
+    app = create_app(settings, load_behind=False)
     app.add_middleware(ReplicaHeader, replica=replica)
     return app
 
