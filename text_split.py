@@ -5,7 +5,8 @@ decimals, quotes, ellipses, and the full stops of Chinese and Japanese); consecu
 pieces of at most ``max_chars`` characters, so a piece ends at a sentence end whenever one fits. A sentence
 longer than that is cut at its clauses (``, ; :`` and dashes followed by a space, ``，、；：`` without one), a
 clause still too long at spaces, and a run without spaces (a long word, or Chinese without punctuation) at
-``max_chars``. No character is dropped: the pieces, joined with the whitespace they were split at, are the text.
+``max_chars``. No character is dropped: the pieces, joined with the whitespace they were split at, are the
+text.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import re
 
 from sentencex import segment
 
-# A clause ends after a Latin mark followed by whitespace (so "3,000" and "10:30" stay whole), after a dash set
-# off by spaces, or after a CJK mark, which needs no space.
+# A clause ends after a Latin mark followed by whitespace (so "3,000" and "10:30" stay whole), after a dash
+# set off by spaces, or after a CJK mark, which needs no space.
 _CLAUSE_END = re.compile(r"(?<=[,;:])\s+|(?<=\s[\u2013\u2014-])\s+|(?<=[\uff0c\u3001\uff1b\uff1a])")
 _SPACE = re.compile(r"\s+")
 
@@ -23,7 +24,8 @@ _SPACE = re.compile(r"\s+")
 def split_text(text: str, max_chars: int, language: str = "en") -> list[str]:
     """``text`` as pieces of 1 to ``max_chars`` characters, stripped, in order; ``[]`` for a blank text.
 
-    ``language`` picks sentencex's abbreviation rules (the sentence marks of every script apply whatever it is).
+    ``language`` picks sentencex's abbreviation rules (the sentence marks of every script apply whatever
+    it is).
     """
     if max_chars < 1:
         raise ValueError("max_chars must be at least 1")

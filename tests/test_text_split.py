@@ -99,7 +99,7 @@ TABLE = [
         "First paragraph.\n\nSecond one\nwith a line break.",
         100,
         ["First paragraph.\n\nSecond one\nwith a line break."],
-    ),  # fmt: skip
+    ),
     ("blank text", "  \n ", 10, []),
 ]
 
