@@ -19,14 +19,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from audio import MEDIA_TYPES, Audio, AudioError, decode_audio, encode_audio
+from audio import MEDIA_TYPES, AudioError, decode_audio
 from engine import (
     ContextLengthError,
     Engine,
@@ -38,6 +37,7 @@ from engine import (
     TextPiece,
 )
 from guard import Guard
+from longform import encode_whole, speak
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import Metrics
 from planner import Planner
@@ -349,8 +349,14 @@ def create_app(
             headers["X-Voice-Fallback"] = f"default; reason={plan.fallback}"
         completion_id = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
+        join_ms = settings.join_fade_ms
         if body.stream:
-            events = state.engine.stream(plan.request) if plan.request else _answer_events(plan.direct_answer)
+            if plan.script is not None:  # long-form: an audio answer, spoken in pieces
+                events = speak(state.engine, plan.script, join_ms)
+            else:
+                events = (
+                    state.engine.stream(plan.request) if plan.request else _answer_events(plan.direct_answer)
+                )
             await _started(events)
             body_stream = chat_events(
                 events,
@@ -363,16 +369,16 @@ def create_app(
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
             )
             return StreamingResponse(body_stream, media_type="text/event-stream", headers=headers)
-        if plan.request is None:
+        if plan.script is not None:
+            # Long-form, and any audio answer: encoded as it is decoded, in bounded memory.
+            fmt = body.audio.format if body.audio else "wav"
+            events = speak(state.engine, plan.script, join_ms)
+            data, result = await encode_whole(events, fmt, state.engine.sample_rate)
+        elif plan.request is None:
             result = _answer(plan.direct_answer)
         else:
             result = await state.engine.generate(plan.request)
-        if plan.request is not None and plan.request.audio_output:
-            fmt = body.audio.format if body.audio else "wav"
-            audio = result.audio or Audio(np.zeros(0, np.float32), state.engine.sample_rate)
-            if audio.samples.size == 0:  # too few tokens for one frame: an instant of silence, not an error
-                audio = Audio(np.zeros(audio.sample_rate // 100, np.float32), audio.sample_rate)
-            data = await asyncio.to_thread(encode_audio, audio, fmt)
+        if plan.script is not None:
             audio_out = AudioOut(
                 id="audio_" + uuid.uuid4().hex,
                 data=base64.b64encode(data).decode("ascii"),
@@ -397,7 +403,7 @@ def create_app(
         check_model(body.model)
         state = request.app.state
         plan = await state.planner.plan_speech(body)
-        events = state.engine.stream(plan.request)
+        events = speak(state.engine, plan.script, settings.join_fade_ms)  # long-form: in pieces
         await _started(events)
         headers = {"X-Voice": plan.voice}
         rate = state.engine.sample_rate

@@ -109,6 +109,9 @@ class GenerationResult:
     completion_audio_tokens: int
     seconds: float
     audio_seconds: float = 0.0
+    codes: AudioCodes | None = None
+    """The generated audio as codes (delay pattern reverted), streamed or not: the context a next piece of a
+    long text is generated after."""
 
 
 @dataclass(frozen=True)
@@ -471,14 +474,17 @@ class HiggsEngine:
         text = self._tokenizer.decode(text_ids, skip_special_tokens=True).strip()
         audio_columns = sum(int(seq.shape[1]) for seq in audio_sequences)
 
-        audio = None
-        if request.audio_output and audio_sequences and streamer is None:
-            pieces = []
+        audio, heard = None, []
+        if request.audio_output:
             for seq in audio_sequences:
                 codes = revert_delay_pattern(seq).clip(0, self._config.audio_codebook_size - 1)[:, 1:-1]
                 if codes.shape[1] > 0:
-                    with torch.inference_mode():  # no autograd graph: it would hold the decoder's activations
-                        pieces.append(self._codec.decode(codes.unsqueeze(0))[0, 0])
+                    heard.append(codes)
+        if request.audio_output and audio_sequences and streamer is None:
+            pieces = []
+            for codes in heard:
+                with torch.inference_mode():  # no autograd graph: it would hold the decoder's activations
+                    pieces.append(self._codec.decode(codes.unsqueeze(0))[0, 0])
             samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
             audio = Audio(np.clip(samples, -1.0, 1.0).astype(np.float32), self.sample_rate)
 
@@ -501,6 +507,7 @@ class HiggsEngine:
             completion_audio_tokens=audio_columns,
             seconds=time.perf_counter() - started,
             audio_seconds=frames / self.frame_rate if request.audio_output else 0.0,
+            codes=AudioCodes(torch.cat(heard, dim=1).to("cpu", torch.long)) if heard else None,
         )
         for observe in self.observers:
             observe(result)
