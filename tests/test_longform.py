@@ -308,3 +308,63 @@ def test_other_requests_are_served_between_the_pieces(long_app, spy):
     assert served_while_long_ran
     pieces = [r.turns[-1].text for r in spy["stream"]]
     assert SHORT in pieces and 0 < pieces.index(SHORT) < len(pieces) - 1  # between two pieces of the long one
+
+
+class _ScriptedEngine:
+    """A stand-in engine for the long-form loop alone: each generation is one frame of ones; it refuses a
+    prompt with more than ``max_context_pieces`` context pieces and is busy for the first ``busy`` tries of
+    every later piece."""
+
+    sample_rate = 24000
+
+    def __init__(self, max_context_pieces: int = 8, busy: int = 0):
+        self.max_context_pieces, self.busy = max_context_pieces, busy
+        self.requests, self.refused = [], 0
+
+    async def stream(self, request):
+        from engine import AudioCodes, ContextLengthError, EngineBusy, Started
+
+        context = sum(1 for t in request.turns if t.audio is not None)
+        if context > self.max_context_pieces:
+            raise ContextLengthError("too long")
+        if len(self.requests) > 0 and self.refused < self.busy:
+            self.refused += 1
+            raise EngineBusy("busy")
+        self.requests.append(request)
+        yield Started(10, 0)
+        yield AudioPiece(np.ones(960, np.float32))
+        codes = AudioCodes(torch.full((8, 1), len(self.requests)))
+        yield GenerationResult("", None, "stop", 10, 0, 5, 5, 0.0, 0.04, codes=codes)
+
+
+def _speak_all(engine, pieces: list[str]) -> list:
+    import asyncio
+
+    from engine import GenerationRequest, Turn
+    from longform import script_for, speak
+
+    turns = [Turn("system", "scene"), Turn("user", " ".join(pieces))]
+    template = GenerationRequest(turns, True, 50, 0.7, 0.9)
+    script = script_for(template, pieces, [50] * len(pieces), None, context_pieces=2)
+
+    async def run():
+        return [event async for event in speak(engine, script, join_ms=1.0)]
+
+    return asyncio.run(run())
+
+
+def test_a_later_piece_too_long_for_the_context_drops_its_oldest_context():
+    engine = _ScriptedEngine(max_context_pieces=1)
+    events = _speak_all(engine, ["One.", "Two.", "Three."])
+    assert [len([t for t in r.turns if t.audio is not None]) for r in engine.requests] == [0, 1, 1]
+    assert engine.requests[2].turns[1].text == "Two."  # the older piece went, the newer one stayed
+    result = events[-1]
+    assert result.finish_reason == "stop" and result.completion_tokens == 15 and result.prompt_tokens == 30
+    assert sum(len(e.samples) for e in events if isinstance(e, AudioPiece)) == 3 * 960
+
+
+def test_a_later_piece_waits_out_a_full_queue():
+    engine = _ScriptedEngine(busy=3)
+    events = _speak_all(engine, ["One.", "Two."])
+    assert engine.refused == 3 and len(engine.requests) == 2
+    assert events[-1].finish_reason == "stop"
