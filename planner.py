@@ -19,10 +19,11 @@ which ``errors.py`` answers as 400s.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from audio import Audio
 from engine import AudioCodes, Engine, GenerationRequest, Turn
+from longform import Script, script_for
 from protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -33,6 +34,7 @@ from protocol import (
 )
 from settings import Settings
 from stt import AsyncTranscriber
+from text_split import split_text
 from voice_cloning import (
     InvalidReference,
     Reference,
@@ -65,6 +67,8 @@ class Plan:
     fallback: str | None = None
     direct_answer: str | None = None
     """Set when the answer needs no generation (a text-only request that carries audio: its transcript)."""
+    script: Script | None = None
+    """Every audio answer: ``request``'s text as pieces, spoken one after another (``longform.speak``)."""
 
 
 @dataclass(frozen=True)
@@ -227,10 +231,46 @@ class Planner:
             request.stop,
         )
 
+    # ---- long texts (longform.py) ----
+
+    def _check_length(self, text: str, param: str) -> None:
+        """400 when ``text`` is longer than one request may speak."""
+        limit = self.settings.max_input_characters
+        if len(text) > limit:
+            raise InvalidRequest(
+                f"the text to speak has {len(text)} characters; this server speaks at most {limit} per "
+                "request (HIGGS_MAX_INPUT_CHARACTERS): split it over several requests",
+                param,
+                code="string_above_max_length",
+            )
+
+    def _script(self, request: GenerationRequest, text: str, max_tokens: int | None) -> Script:
+        """``request`` (whose last turn is ``text``) as pieces; each piece capped by its own length, or all
+        of them together by the client's ``max_tokens``."""
+        pieces = split_text(text, self.settings.piece_characters) or [text]
+        caps = [self.audio_token_cap(piece) for piece in pieces]
+        return script_for(request, pieces, caps, max_tokens, self.settings.context_pieces)
+
     # ---- the plan ----
 
     async def plan(self, request: ChatCompletionRequest) -> Plan:
-        """Validate the conversation and build the generation; raises ``InvalidRequest``/``InvalidAudio``."""
+        """Validate the conversation and build the generation; raises ``InvalidRequest``/``InvalidAudio``.
+
+        An audio answer also gets its ``script``: the spoken text in pieces (at most
+        ``max_input_characters``, checked before any work on the text parts and again on the text spoken).
+        """
+        last = len(request.messages) - 1
+        param = f"messages[{last}].content"
+        if request.wants_audio:
+            self._check_length(_join(_parts(request.messages[last], last).texts), param)
+        plan = await self._plan_chat(request)
+        if plan.request is None or not plan.request.audio_output:
+            return plan
+        self._check_length(plan.spoken_text, param)
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        return replace(plan, script=self._script(plan.request, plan.spoken_text, max_tokens))
+
+    async def _plan_chat(self, request: ChatCompletionRequest) -> Plan:
         messages = request.messages
         last = len(messages) - 1
         if messages[last].role != "user":
@@ -338,8 +378,8 @@ class Planner:
         text = " ".join(request.input.split())
         if not text:
             raise InvalidRequest("input is empty; give the text to speak", "input")
+        self._check_length(request.input, "input")
         scene = (request.instructions or "").strip() or self.settings.default_scene
         prompt = await self.voices.resolve_or_make(request.voice_name, "voice")
-        return Plan(
-            self._generation(prompt.turns(scene, text), text, True, seed=request.seed), text, prompt.name
-        )
+        generation = self._generation(prompt.turns(scene, text), text, True, seed=request.seed)
+        return Plan(generation, text, prompt.name, script=self._script(generation, text, None))

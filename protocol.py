@@ -166,14 +166,15 @@ class ChatCompletion(BaseModel):
 
 # ---- speech ----
 
-MAX_SPEECH_INPUT = 4096
+MAX_INSTRUCTIONS = 4096
 
 
 class SpeechRequest(OpenModel):
     model: str = Field(examples=["tts-1"])
-    input: str = Field(min_length=1, max_length=MAX_SPEECH_INPUT)
+    input: str = Field(min_length=1)
+    """At most ``max_input_characters`` (a setting, checked by the planner with a 400 naming it)."""
     voice: str | VoiceRef
-    instructions: str | None = Field(default=None, max_length=MAX_SPEECH_INPUT)
+    instructions: str | None = Field(default=None, max_length=MAX_INSTRUCTIONS)
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: StrictFloat = Field(default=1.0, ge=0.25, le=4.0)
     stream_format: Literal["audio", "sse"] = "audio"

@@ -90,10 +90,23 @@ class Settings(BaseSettings):
     """Scene description put in the Higgs system prompt when the request has no system message."""
 
     max_audio_seconds: float = Field(default=60.0, gt=0, le=3600)
-    """Ceiling on the audio generated for one request, in seconds (the token cap follows from it)."""
+    """Ceiling on the audio generated for one piece of a text, in seconds (its token cap follows from it)."""
 
     seconds_per_character: float = Field(default=0.15, gt=0, le=2)
-    """Without `max_tokens`, output is capped at 4 s plus this many seconds per character of text."""
+    """Without `max_tokens`, each piece's output is capped at 4 s plus this many seconds per character."""
+
+    # -- long texts (longform.py) --
+    max_input_characters: int = Field(default=4096, ge=1, le=1_000_000)
+    """Longest text one request speaks (speech `input`, the text of an audio chat answer); 400 above."""
+
+    piece_characters: int = Field(default=300, ge=20, le=10_000)
+    """Texts longer than this are spoken in pieces of at most this many characters, cut at sentences."""
+
+    context_pieces: int = Field(default=2, ge=0, le=8)
+    """Previous pieces (text and generated audio) in each piece's prompt, so the voice carries on."""
+
+    join_fade_ms: float = Field(default=10.0, ge=0, le=100)
+    """Fade-out and fade-in at each join between pieces, in milliseconds."""
 
     temperature: float = Field(default=0.7, ge=0, le=2)
     """Sampling temperature when the request gives none."""

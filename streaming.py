@@ -152,7 +152,9 @@ async def speech_events(
                 else:
                     usage = {"input_tokens": piece.prompt_tokens, "output_tokens": piece.completion_tokens,
                              "total_tokens": piece.prompt_tokens + piece.completion_tokens}  # fmt: skip
-                    yield sse({"type": "speech.audio.done", "usage": usage})
+                    # finish_reason is this server's extension: "length" when a limit cut the speech short.
+                    done = {"type": "speech.audio.done", "usage": usage, "finish_reason": piece.finish_reason}
+                    yield sse(done)
     except Exception:
         log.exception("generation failed mid-stream")
         yield sse({"type": "error", "error": SERVER_ERROR})

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from audio import Audio, encode_audio
 from engine import GenerationResult, Started, StreamEvent, TextPiece
 from errors import bad_request
+from longform import encode_whole, speak
 from planner import Planner
 from protocol import AssistantMessage, AudioOut, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from routes.deps import (
@@ -62,7 +60,12 @@ async def chat_completions(
     created = int(time.time())
     audio_id = "audio_" + uuid.uuid4().hex
     if body.stream:
-        events = engine.stream(plan.request) if plan.request else _answer_events(plan.direct_answer)
+        if plan.script is not None:  # an audio answer: spoken in pieces when the text is long
+            events = speak(engine, plan.script, settings.join_fade_ms)
+        elif plan.request is not None:
+            events = engine.stream(plan.request)
+        else:
+            events = _answer_events(plan.direct_answer)
         await started(events)
         if body.wants_audio:
             events = _remembered(events, planner, audio_id, plan.spoken_text)
@@ -77,19 +80,19 @@ async def chat_completions(
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
         )
         return StreamingResponse(body_stream, media_type="text/event-stream", headers=headers)
-    if plan.request is None:
-        result = _answer(plan.direct_answer)
-    else:
-        try:
+    try:
+        if plan.script is not None:
+            # Encoded as it is decoded, piece by piece: memory stays bounded whatever the length.
+            fmt = body.audio.format if body.audio else "wav"
+            events = speak(engine, plan.script, settings.join_fade_ms)
+            data, result = await until_disconnected(request, encode_whole(events, fmt, engine.sample_rate))
+        elif plan.request is not None:
             result = await until_disconnected(request, engine.generate(plan.request))
-        except ClientDisconnected:
-            return Response(status_code=499)  # nobody reads it; logged and counted as 499
-    if plan.request is not None and plan.request.audio_output:
-        fmt = body.audio.format if body.audio else "wav"
-        audio = result.audio or Audio(np.zeros(0, np.float32), engine.sample_rate)
-        if audio.samples.size == 0:  # too few tokens for one frame: an instant of silence, not an error
-            audio = Audio(np.zeros(audio.sample_rate // 100, np.float32), audio.sample_rate)
-        data = await asyncio.to_thread(encode_audio, audio, fmt)
+        else:
+            result = _answer(plan.direct_answer)
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; logged and counted as 499
+    if plan.script is not None:
         planner.remember_answer(audio_id, plan.spoken_text, result.codes)
         audio_out = AudioOut(
             id=audio_id,

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response, StreamingResponse
 
 from audio import MEDIA_TYPES
+from longform import speak
 from protocol import SpeechRequest
 from routes.deps import EngineDep, PlannerDep, SettingsDep, check_model, log_ignored, require_generation_slot
 from streaming import speech_audio, speech_events, started
@@ -21,7 +22,7 @@ async def speech(
     log_ignored(body)
     check_model(settings, body.model)
     plan = await planner.plan_speech(body)
-    events = engine.stream(plan.request)
+    events = speak(engine, plan.script, settings.join_fade_ms)  # long texts: in pieces, one stream
     await started(events)
     headers = {"X-Voice": plan.voice}
     rate = engine.sample_rate

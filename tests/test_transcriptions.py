@@ -146,15 +146,8 @@ def test_audio_in_a_text_only_chat_is_answered_with_its_transcript(openai_client
     assert word_error_rate(transcripts()["speech_female.wav"], text) <= 0.3
 
 
-def test_audio_in_a_speech_request_is_spoken_as_its_transcript(client, engine, monkeypatch):
-    seen = []
-    real = engine.generate
-
-    async def spy(request):
-        seen.append(request)
-        return await real(request)
-
-    monkeypatch.setattr(engine, "generate", spy)
+def test_audio_in_a_speech_request_is_spoken_as_its_transcript(client, spy):
+    seen = spy["generate"]
     body = {
         "model": "gpt-4o-audio-preview",
         "modalities": ["text", "audio"],

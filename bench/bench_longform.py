@@ -1,0 +1,203 @@
+"""Long texts: time to first audio, total time and peak memory for 100, 1,000 and 4,000 characters.
+
+Run:  .venv/bin/python bench/bench_longform.py [--repeats 3] [--piece-seconds 1.0]
+      .venv/bin/python bench/bench_longform.py --model bosonai/higgs-audio-v2-generation-3B-base \\
+          --audio-tokenizer bosonai/higgs-audio-v2-tokenizer --device cuda --piece-seconds 60
+
+The service (``create_app``, speech recognition off, an empty voice library in a temporary folder) is
+served for real by uvicorn on 127.0.0.1 in a background thread. By default it runs the tiny random-weight
+models of ``tests/tiny_models.py`` on the CPU: their absolute times mean nothing, only the ratios between
+the three lengths do. The tiny model never ends a piece by itself, so every piece runs to its cap, which
+``--piece-seconds`` (``max_audio_seconds``) keeps small; the audio then grows with the number of pieces, as
+real speech grows with the text. With real weights each piece ends where its speech ends.
+
+For each length, in rotating order after one untimed round:
+
+* **streamed speech**: ``/v1/audio/speech``, ``response_format: "pcm"``. Time to first audio: the first body
+  bytes; total: the end of the body. Also the decoding steps the engine had run when the first bytes
+  arrived (counted from the request's start; a measure that the machine's load does not blur).
+* **whole chat**: ``/v1/chat/completions`` with ``stream: false`` and a wav answer: total time, and the peak
+  memory the request added (the process's resident memory above its level before, from ``VmHWM`` after
+  resetting it; on CUDA also ``torch.cuda.max_memory_allocated`` above the memory allocated before).
+
+Printed: medians (min-max), and the ratios of each length to the 100-character text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _common import conditions, serve, service_settings, spread, workspace, write_tiny_models
+
+SENTENCES = [
+    "Mr. Brown opened the old shop at 7.30 a.m. on a grey Monday in March.",
+    "The bell above the door rang twice, as it always did, and the smell of paper filled the room.",
+    "He counted 3,412 books on the shelves, e.g. atlases, diaries and a few rare maps of the U.S. coast.",
+    '"Nobody reads maps any more," said his neighbour, leaning on the counter.',
+    "Mr. Brown only smiled; he knew that somebody, somewhere, was looking for exactly this one.",
+    "By noon the rain had stopped and the street was full of people with umbrellas they no longer needed.",
+]
+LENGTHS = (100, 1000, 4000)
+
+
+def text_of(length: int) -> str:
+    """About ``length`` characters of sentences (cut at a word, ending with a full stop)."""
+    text = " ".join(SENTENCES[i % len(SENTENCES)] for i in range(length // 40 + 2))
+    return text[: text.rfind(" ", 0, length)].rstrip(",;") + "."
+
+
+@dataclass
+class Column:
+    """The timed requests of one length."""
+
+    first: list[float] = field(default_factory=list)
+    first_steps: list[int] = field(default_factory=list)
+    total: list[float] = field(default_factory=list)
+    whole: list[float] = field(default_factory=list)
+    rss: list[float] = field(default_factory=list)
+    cuda: list[float] = field(default_factory=list)
+    audio_seconds: float = 0.0
+    pieces: int = 0
+
+
+def _status_bytes(name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(name)
+
+
+def main() -> None:
+    """Run the benchmark and print the comparison."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed requests of each kind and length")
+    parser.add_argument("--piece-seconds", type=float, default=1.0, help="cap on each piece's audio")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
+    parser.add_argument("--model", help="generation model (hub id or folder); default: the tiny model")
+    parser.add_argument("--audio-tokenizer", help="audio tokenizer (hub id or folder); default: the tiny one")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    args = parser.parse_args()
+    if (args.model is None) != (args.audio_tokenizer is None):
+        parser.error("give both --model and --audio-tokenizer, or neither (the tiny models)")
+    with workspace() as tmp:
+        if args.model is None:
+            tiny = write_tiny_models(tmp)
+            model, tokenizer = tiny["HIGGS_MODEL"], tiny["HIGGS_AUDIO_TOKENIZER"]
+        else:
+            model, tokenizer = args.model, args.audio_tokenizer
+        run(args, model, tokenizer, tmp / "voices")
+
+
+def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: Path) -> None:
+    import httpx
+    import torch
+
+    from app import create_app
+    from text_split import split_text
+
+    torch.set_num_threads(args.threads)
+    settings = service_settings(
+        model,
+        audio_tokenizer,
+        voices_dir,
+        device=args.device,
+        dtype=args.dtype,
+        max_audio_seconds=args.piece_seconds,
+        generation_timeout_seconds=3600,
+    )
+    texts = {n: text_of(n) for n in LENGTHS}
+    columns = {n: Column() for n in LENGTHS}
+    cuda = args.device == "cuda"
+    app = create_app(settings)
+    load_before, started = os.getloadavg()[0], time.perf_counter()
+    with serve(app, start_timeout=1800) as url, httpx.Client(base_url=url, timeout=3600) as client:
+        engine = app.state.engine
+
+        def speech(n: int) -> tuple[float, int, float, float]:
+            body = {"model": "tts-1", "input": texts[n], "voice": "default", "response_format": "pcm",
+                    "seed": args.seed}  # fmt: skip
+            steps, size, first, first_steps = engine.steps, 0, None, 0
+            t0 = time.perf_counter()
+            with client.stream("POST", "/v1/audio/speech", json=body) as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"speech: {response.status_code} {response.read()!r}")
+                for chunk in response.iter_bytes():
+                    if first is None and chunk:
+                        first, first_steps = time.perf_counter() - t0, engine.steps - steps
+                    size += len(chunk)
+            return first or 0.0, first_steps, time.perf_counter() - t0, size / 2 / engine.sample_rate
+
+        def whole(n: int) -> tuple[float, float, float]:
+            body = {"model": "gpt-4o-audio-preview", "modalities": ["text", "audio"],
+                    "audio": {"voice": "default", "format": "wav"},
+                    "messages": [{"role": "user", "content": texts[n]}], "seed": args.seed}  # fmt: skip
+            rss = _status_bytes("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                allocated = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            response = client.post("/v1/chat/completions", json=body)
+            total = time.perf_counter() - t0
+            if response.status_code != 200:
+                raise RuntimeError(f"chat: {response.status_code} {response.text[:200]}")
+            base64.b64decode(response.json()["choices"][0]["message"]["audio"]["data"])
+            peak_cuda = (torch.cuda.max_memory_allocated() - allocated) / 2**20 if cuda else 0.0
+            return total, (_status_bytes("VmHWM") - rss) / 2**20, peak_cuda
+
+        for n in LENGTHS:  # untimed round: the first request of a kind allocates what later ones reuse
+            speech(n)
+            whole(n)
+        for repeat in range(args.repeats):
+            order = LENGTHS[repeat % 3 :] + LENGTHS[: repeat % 3]
+            for n in order:
+                first, first_steps, total, audio_seconds = speech(n)
+                whole_total, rss, peak_cuda = whole(n)
+                column = columns[n]
+                column.first.append(first)
+                column.first_steps.append(first_steps)
+                column.total.append(total)
+                column.whole.append(whole_total)
+                column.rss.append(rss)
+                column.cuda.append(peak_cuda)
+                column.audio_seconds = audio_seconds
+        for n in LENGTHS:
+            columns[n].pieces = len(split_text(texts[n], settings.piece_characters))
+
+    base = columns[LENGTHS[0]]
+    median = statistics.median
+    print(f"{'tiny models on the CPU' if args.model is None else model} ({args.device}); "
+          f"pieces of at most {settings.piece_characters} characters, each capped at {args.piece_seconds} s "
+          f"of audio; {settings.context_pieces} pieces of context; {args.repeats} repeats")  # fmt: skip
+    print(f"run: {conditions(time.perf_counter() - started, load_before)}")
+
+    def ratio(values: list[float], base_values: list[float]) -> str:
+        return f"x{median(values) / median(base_values):.2f}"
+
+    for n in LENGTHS:
+        c = columns[n]
+        print(f"\n{len(texts[n])} characters: {c.pieces} pieces, {c.audio_seconds:.1f} s of audio")
+        print(
+            f"  streamed speech, first audio  {spread(c.first)}   {ratio(c.first, base.first)}   "
+            f"steps to first audio {median(c.first_steps):.0f} ({ratio(c.first_steps, base.first_steps)})"
+        )
+        print(f"  streamed speech, total        {spread(c.total)}   {ratio(c.total, base.total)}")
+        print(f"  whole chat (wav), total       {spread(c.whole)}   {ratio(c.whole, base.whole)}")
+        print(f"  whole chat, peak RSS added    {spread(c.rss, ' MiB')}")
+        if cuda:
+            print(f"  whole chat, peak CUDA added   {spread(c.cuda, ' MiB')}")
+
+
+if __name__ == "__main__":
+    main()

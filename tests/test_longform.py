@@ -1,0 +1,370 @@
+"""Long texts through HTTP on the tiny engine: spoken whole, in pieces, each after the previous pieces' audio.
+
+The tiny model never ends its audio by itself, so every piece runs to its own cap (1 s of audio here, plus
+the delay pattern's columns): the answer's length follows from the pieces the splitter makes and their caps.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from engine import AudioPiece, GenerationResult
+from longform import Joiner
+from text_split import split_text
+
+SENTENCES = [
+    "Mr. Brown opened the old shop at 7.30 a.m. on a grey Monday in March.",
+    "The bell above the door rang twice, as it always did, and the smell of paper filled the room.",
+    "He counted 3,412 books on the shelves, e.g. atlases, diaries and a few rare maps of the U.S. coast.",
+    '"Nobody reads maps any more," said his neighbour, leaning on the counter.',
+    "Mr. Brown only smiled; he knew that somebody, somewhere, was looking for exactly this one.",
+    "By noon the rain had stopped and the street was full of people with umbrellas they no longer needed.",
+]
+TEXT = " ".join(SENTENCES[i % len(SENTENCES)] for i in range(200))
+TEXT = TEXT[: TEXT.rfind(".", 0, 3000) + 1]
+SHORT = "One short sentence is spoken here."
+SAMPLES_PER_FRAME = 960  # 24 kHz audio, 25 frames a second
+
+
+@pytest.fixture(scope="module")
+def long_app(settings, engine):
+    """The app with short piece caps (1 s of audio each) and the default piece size and context."""
+    from fastapi.testclient import TestClient
+
+    from app import create_app
+
+    changes = {
+        "stt_model": "",
+        "max_audio_seconds": 1.0,
+        "max_input_characters": 3500,
+        "generation_timeout_seconds": 3600,  # a 5-minute answer on a busy CPU
+    }
+    app = create_app(settings.model_copy(update=changes), engine=engine)
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
+def results(spy, engine, monkeypatch):
+    """Every finished generation's result, in order, next to the requests ``spy`` records, and the decoding
+    steps at which each stream started and gave its first audio."""
+    seen = {"results": [], "steps": []}
+    recorded = engine.stream
+
+    async def stream(request):
+        steps = {"start": engine.steps, "first_audio": None}
+        seen["steps"].append(steps)
+        async for event in recorded(request):
+            if isinstance(event, AudioPiece) and steps["first_audio"] is None:
+                steps["first_audio"] = engine.steps
+            elif isinstance(event, GenerationResult):
+                seen["results"].append(event)
+            yield event
+
+    monkeypatch.setattr(engine, "stream", stream)
+    return seen
+
+
+def pieces_of(client, text: str) -> list[str]:
+    return split_text(text, client.app.state.settings.piece_characters)
+
+
+def expected_samples(client, text: str) -> tuple[list[int], list[int]]:
+    """Each piece's output cap (in columns) and its samples: the cap less the begin marker, the delay
+    pattern's columns and the dropped last frame."""
+    planner = client.app.state.planner
+    caps = [planner.audio_token_cap(piece) for piece in pieces_of(client, text)]
+    return caps, [(cap - 9) * SAMPLES_PER_FRAME for cap in caps]
+
+
+def pcm(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767
+
+
+def speech(client, text, voice="default", **extra) -> dict:
+    return {"model": "tts-1", "input": text, "voice": voice, "response_format": "pcm", "seed": 5, **extra}
+
+
+def chat(text, **extra) -> dict:
+    return {
+        "model": "gpt-4o-audio-preview", "modalities": ["text", "audio"],
+        "audio": {"voice": "default", "format": "pcm16"}, "messages": [{"role": "user", "content": text}],
+        "seed": 5, **extra,
+    }  # fmt: skip
+
+
+def assert_joins_are_smooth(signal: np.ndarray, lengths: list[int]) -> None:
+    """No join between pieces jumps more than the signal does elsewhere (than its median step, even)."""
+    jumps = np.abs(np.diff(signal))
+    joins = np.cumsum(lengths)[:-1]
+    near = np.concatenate([np.arange(j - 2, j + 1) for j in joins])
+    assert jumps[near].max() <= np.median(np.delete(jumps, near))
+
+
+def test_the_text_is_long_and_split_in_many_pieces(long_app):
+    assert 2900 <= len(TEXT) <= 3000
+    assert len(pieces_of(long_app, TEXT)) >= 10
+
+
+def test_speech_body_speaks_every_piece_after_the_previous_ones(long_app, spy, results):
+    caps, samples = expected_samples(long_app, TEXT)
+    with long_app.stream("POST", "/v1/audio/speech", json=speech(long_app, TEXT, voice="alloy")) as response:
+        assert response.status_code == 200, response.read()
+        data = b"".join(response.iter_bytes())
+    audio = pcm(data)
+    assert len(audio) == sum(samples)  # every piece spoken, to its cap
+    assert_joins_are_smooth(audio, samples)
+
+    requests, made = spy["stream"], results["results"]
+    pieces = pieces_of(long_app, TEXT)
+    assert [r.turns[-1].text for r in requests] == pieces
+    assert [r.max_new_tokens for r in requests] == caps
+    reference = requests[0].turns[2]  # the stored voice's clip, in every piece's prompt
+    assert reference.role == "assistant" and reference.audio is not None
+    for k, request in enumerate(requests):
+        assert [t.text for t in request.turns[:2]] == [t.text for t in requests[0].turns[:2]]
+        assert request.turns[2].audio is reference.audio
+        context = request.turns[3:-1]  # (user text, assistant codes) of the last two pieces
+        assert len(context) == 2 * min(k, 2)
+        for back, (said, codes) in enumerate(zip(context[::2], context[1::2], strict=True)):
+            piece = k - min(k, 2) + back
+            assert said.role == "user" and said.text == pieces[piece]
+            assert codes.role == "assistant" and torch.equal(codes.audio.codes, made[piece].codes.codes)
+            assert codes.audio.frames == caps[piece] - 9
+
+
+def test_speech_sse_reports_usage_summed_and_the_cut(long_app, results):
+    caps, samples = expected_samples(long_app, TEXT)
+    body = speech(long_app, TEXT, stream_format="sse")
+    with long_app.stream("POST", "/v1/audio/speech", json=body) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    audio = pcm(b"".join(base64.b64decode(e["audio"]) for e in deltas))
+    assert len(audio) == sum(samples)
+    done = events[-1]
+    assert done["type"] == "speech.audio.done"
+    assert done["finish_reason"] == "length"  # every tiny piece ran into its cap, and the answer says so
+    made = results["results"]
+    assert done["usage"]["output_tokens"] == sum(caps) == sum(r.completion_tokens for r in made)
+    assert done["usage"]["input_tokens"] == sum(r.prompt_tokens for r in made)
+
+
+def test_chat_stream_speaks_the_whole_text(long_app, results):
+    caps, samples = expected_samples(long_app, TEXT)
+    body = chat(TEXT, stream=True, stream_options={"include_usage": True})
+    with long_app.stream("POST", "/v1/chat/completions", json=body) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    deltas = [
+        c["choices"][0]["delta"]["audio"]
+        for c in chunks
+        if c["choices"] and "audio" in c["choices"][0]["delta"]
+    ]
+    audio = pcm(b"".join(base64.b64decode(d["data"]) for d in deltas))
+    assert len(audio) == sum(samples)
+    assert_joins_are_smooth(audio, samples)
+    assert deltas[0]["transcript"] == TEXT
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    usage = chunks[-1]["usage"]
+    assert usage["completion_tokens_details"]["audio_tokens"] == sum(caps)
+    assert usage["prompt_tokens"] == sum(r.prompt_tokens for r in results["results"])
+
+
+def test_chat_answer_speaks_the_whole_text(long_app):
+    caps, samples = expected_samples(long_app, TEXT)
+    body = chat(TEXT)
+    body["audio"]["format"] = "wav"
+    response = long_app.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    audio, rate = sf.read(io.BytesIO(base64.b64decode(answer["choices"][0]["message"]["audio"]["data"])))
+    assert rate == 24000 and len(audio) == sum(samples)  # a WAV header with the real length
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == sum(caps)
+
+
+def test_max_tokens_bounds_the_whole_answer_and_says_where_it_cut(long_app, spy):
+    response = long_app.post("/v1/chat/completions", json=chat(TEXT, max_tokens=60))
+    answer = response.json()
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 60
+    assert len(spy["stream"]) == 1  # the budget was spent on the first piece: the rest is not spoken
+
+
+def test_first_audio_of_a_long_text_comes_as_soon_as_a_short_ones(long_app, results, engine):
+    """Counted in decoding steps from the request's first generation to its first audio piece."""
+
+    def first_audio_steps(text: str) -> int:
+        before = len(results["steps"])
+        body = speech(long_app, text, stream_format="sse")
+        with long_app.stream("POST", "/v1/audio/speech", json=body) as response:
+            for line in response.iter_lines():
+                if "speech.audio.delta" in line:
+                    break  # first audio: leave (the rest of the long text is not generated)
+        steps = results["steps"][before]
+        return steps["first_audio"] - steps["start"]
+
+    short, long = first_audio_steps(SHORT), first_audio_steps(TEXT)
+    assert long <= 1.5 * short, (long, short)
+    assert len(results["steps"]) == 2  # leaving stopped the long text in its first piece
+    assert long < expected_samples(long_app, TEXT)[0][0]  # within the first piece, not after it
+
+
+def test_speech_input_over_the_limit_is_refused_naming_it(client, long_app, spy):
+    response = client.post("/v1/audio/speech", json=speech(client, "a" * 4097))
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "input" and "4096" in error["message"]
+    assert "HIGGS_MAX_INPUT_CHARACTERS" in error["message"]
+    assert long_app.post("/v1/audio/speech", json=speech(long_app, "b " * 1751)).status_code == 400
+    response = long_app.post("/v1/chat/completions", json=chat("c" * 3501))
+    error = response.json()["error"]
+    assert response.status_code == 400 and "3500" in error["message"]
+    assert error["param"] == "messages[0].content"
+    assert spy["generate"] == []
+
+
+def test_joiner_keeps_the_length_and_fades_the_joins():
+    joiner = Joiner(4)
+    out = []
+    for k, piece in enumerate([np.ones(10, np.float32), np.ones(3, np.float32), np.ones(6, np.float32)]):
+        joiner.start(fade_in=k > 0, fade_out=k < 2)
+        out.append(joiner.feed(piece[:2]))
+        out.append(joiner.feed(piece[2:]))
+        out.append(joiner.end(fade_out=k < 2))
+    signal = np.concatenate(out)
+    assert len(signal) == 19
+    assert np.all(signal[:6] == 1) and signal[9] < 0.1  # the first piece fades out at its end
+    assert signal[10] < 0.2 and np.all(signal[-2:] == 1)  # the next fades in; the last is not faded out
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(field)
+
+
+def peak_growth(action) -> int:
+    """How far this process's resident memory rose above its level before ``action``, at its peak."""
+    before = _status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident size
+    action()
+    return _status_bytes("VmHWM") - before
+
+
+def test_a_five_minute_answer_is_made_in_bounded_memory(long_app):
+    """Peak memory of a non-streamed 5-minute answer, against that of a 4-second one: only the encoded
+    answer may grow (an mp3 of 5 minutes is a few MB; the whole waveform in float32 alone would be 29 MB,
+    and decoding it in one codec call takes gigabytes)."""
+
+    def answer(frames: int) -> float:
+        body = chat(SHORT, max_tokens=frames + 9)
+        body["audio"]["format"] = "mp3"
+        response = long_app.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        data = base64.b64decode(response.json()["choices"][0]["message"]["audio"]["data"])
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.audio[0]
+            return sum(f.samples for f in container.decode(stream)) / stream.rate
+
+    seconds = {"warm-up": answer(100)}  # the first answer of a kind allocates what later ones reuse
+    short = peak_growth(lambda: seconds.update(short=answer(100)))
+    long = peak_growth(lambda: seconds.update(long=answer(7500)))
+    assert seconds["short"] == pytest.approx(4.0, abs=0.1) and seconds["long"] == pytest.approx(300, abs=0.2)
+    assert long - short < 24 * 2**20, (short, long)
+
+
+def test_other_requests_are_served_between_the_pieces(long_app, spy):
+    """A short request sent while a long text is spoken is answered before the long one ends."""
+    import threading
+
+    text = TEXT[: TEXT.index(".", 1200) + 1]  # five pieces or so
+    first_audio, finished = threading.Event(), threading.Event()
+
+    def long_request() -> None:
+        with long_app.stream("POST", "/v1/audio/speech", json=speech(long_app, text)) as response:
+            for chunk in response.iter_bytes():
+                if chunk:
+                    first_audio.set()
+        finished.set()
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    try:
+        assert first_audio.wait(timeout=600)
+        response = long_app.post("/v1/chat/completions", json=chat(SHORT, max_tokens=10))
+        assert response.status_code == 200
+        served_while_long_ran = not finished.is_set()
+    finally:
+        worker.join(timeout=600)
+    assert served_while_long_ran
+    pieces = [r.turns[-1].text for r in spy["stream"]]
+    assert SHORT in pieces and 0 < pieces.index(SHORT) < len(pieces) - 1  # between two pieces of the long one
+
+
+class _ScriptedEngine:
+    """A stand-in engine for the long-form loop alone: each generation is one frame of ones; it refuses a
+    prompt with more than ``max_context_pieces`` context pieces and is busy for the first ``busy`` tries of
+    every later piece."""
+
+    sample_rate = 24000
+
+    def __init__(self, max_context_pieces: int = 8, busy: int = 0):
+        self.max_context_pieces, self.busy = max_context_pieces, busy
+        self.requests, self.refused = [], 0
+
+    async def stream(self, request):
+        from engine import AudioCodes, ContextLengthError, EngineBusy, Started
+
+        context = sum(1 for t in request.turns if t.audio is not None)
+        if context > self.max_context_pieces:
+            raise ContextLengthError("too long")
+        if len(self.requests) > 0 and self.refused < self.busy:
+            self.refused += 1
+            raise EngineBusy("busy")
+        self.requests.append(request)
+        yield Started(10, 0)
+        yield AudioPiece(np.ones(960, np.float32))
+        codes = AudioCodes(torch.full((8, 1), len(self.requests)))
+        yield GenerationResult("", None, "stop", 10, 0, 5, 5, 0.0, 0.04, codes=codes)
+
+
+def _speak_all(engine, pieces: list[str]) -> list:
+    import asyncio
+
+    from engine import GenerationRequest, Turn
+    from longform import script_for, speak
+
+    turns = [Turn("system", "scene"), Turn("user", " ".join(pieces))]
+    template = GenerationRequest(turns, True, 50, 0.7, 0.9)
+    script = script_for(template, pieces, [50] * len(pieces), None, context_pieces=2)
+
+    async def run():
+        return [event async for event in speak(engine, script, join_ms=1.0)]
+
+    return asyncio.run(run())
+
+
+def test_a_later_piece_too_long_for_the_context_drops_its_oldest_context():
+    engine = _ScriptedEngine(max_context_pieces=1)
+    events = _speak_all(engine, ["One.", "Two.", "Three."])
+    assert [len([t for t in r.turns if t.audio is not None]) for r in engine.requests] == [0, 1, 1]
+    assert engine.requests[2].turns[1].text == "Two."  # the older piece went, the newer one stayed
+    result = events[-1]
+    assert result.finish_reason == "stop" and result.completion_tokens == 15 and result.prompt_tokens == 30
+    assert sum(len(e.samples) for e in events if isinstance(e, AudioPiece)) == 3 * 960
+
+
+def test_a_later_piece_waits_out_a_full_queue():
+    engine = _ScriptedEngine(busy=3)
+    events = _speak_all(engine, ["One.", "Two."])
+    assert engine.refused == 3 and len(engine.requests) == 2
+    assert events[-1].finish_reason == "stop"

@@ -1,0 +1,151 @@
+"""The long-text splitter: a table of texts and the pieces they must give, and its invariants."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from text_split import split_text
+
+TABLE = [
+    # (name, text, max_chars, expected pieces)
+    (
+        "abbreviations are not sentence ends",
+        "Mr. Smith met Dr. Jones in the U.S. capital, e.g. at noon. They talked.",
+        60,
+        ["Mr. Smith met Dr. Jones in the U.S. capital, e.g. at noon.", "They talked."],
+    ),
+    (
+        "decimals and thousands stay whole",
+        "Pi is about 3.14159 and the price was $3,000.50 in total. That is all.",
+        60,
+        ["Pi is about 3.14159 and the price was $3,000.50 in total.", "That is all."],
+    ),
+    (
+        "a quote ends with its closing mark",
+        'He said "Stop! Now." Then he left. “Why?” she asked.',
+        24,
+        ['He said "Stop! Now."', "Then he left.", "“Why?” she asked."],
+    ),
+    (
+        "times and versions",
+        "We met at 10 a.m. and left at 10:30. Version 2.0 shipped.",
+        40,
+        ["We met at 10 a.m. and left at 10:30.", "Version 2.0 shipped."],
+    ),
+    (
+        "sentences are packed up to the budget",
+        "One. Two. Three. Four. Five.",
+        11,
+        ["One. Two.", "Three.", "Four. Five."],
+    ),
+    (
+        "Chinese without spaces: sentence marks",
+        "东京是日本的首都。它很大！你去过吗？是的。",
+        10,
+        ["东京是日本的首都。", "它很大！你去过吗？", "是的。"],
+    ),
+    (
+        "Chinese: a long sentence is cut at its clause marks",
+        "今天天气很好，我们去公园散步，然后吃午饭。",
+        8,
+        ["今天天气很好，", "我们去公园散步，", "然后吃午饭。"],
+    ),
+    (
+        "Japanese",
+        "これはペンです。あれは何ですか？わかりません、本当に。",
+        12,
+        ["これはペンです。", "あれは何ですか？", "わかりません、本当に。"],
+    ),
+    (
+        "a long sentence is cut at clauses before spaces",
+        "When the rain stopped, the children ran outside; the dog followed them: it was a fine day.",
+        40,
+        [
+            "When the rain stopped,",
+            "the children ran outside;",
+            "the dog followed them:",
+            "it was a fine day.",
+        ],
+    ),
+    (
+        "a dash set off by spaces is a clause end, a hyphen is not",
+        "A well-known fact — and a surprising one — is here.",
+        30,
+        ["A well-known fact —", "and a surprising one —", "is here."],
+    ),
+    (
+        "a run without punctuation is cut at spaces",
+        "alpha beta gamma delta epsilon zeta eta theta",
+        17,
+        ["alpha beta gamma", "delta epsilon", "zeta eta theta"],
+    ),
+    (
+        "a run without spaces is cut hard",
+        "abcdefghijklmnopqrstuvwxyz",
+        10,
+        ["abcdefghij", "klmnopqrst", "uvwxyz"],
+    ),
+    (
+        "Chinese without any punctuation is cut hard",
+        "我们明天一起去看电影吧好吗",
+        5,
+        ["我们明天一", "起去看电影", "吧好吗"],
+    ),
+    (
+        "paragraphs",
+        "First paragraph.\n\nSecond one\nwith a line break.",
+        100,
+        ["First paragraph.\n\nSecond one\nwith a line break."],
+    ),
+    ("blank text", "  \n ", 10, []),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "max_chars", "expected"), TABLE, ids=[row[0] for row in TABLE])
+def test_table(name, text, max_chars, expected):
+    assert split_text(text, max_chars) == expected
+
+
+def _squeeze(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+@pytest.mark.parametrize(("name", "text", "max_chars", "expected"), TABLE, ids=[row[0] for row in TABLE])
+def test_pieces_fit_and_lose_nothing(name, text, max_chars, expected):
+    pieces = split_text(text, max_chars)
+    assert all(0 < len(p) <= max_chars for p in pieces)
+    assert _squeeze("".join(pieces)) == _squeeze(text)
+
+
+def test_3000_characters_without_punctuation_split_at_spaces():
+    rng = random.Random(3)
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(1, 11)))
+        for _ in range(600)
+    ]
+    text = " ".join(words)[:3000].rstrip()
+    assert len(text) >= 2990 and not re.search(r"[.,;:!?]", text)
+    pieces = split_text(text, 250)
+    assert len(pieces) >= 12
+    assert all(len(p) <= 250 for p in pieces)
+    assert " ".join(pieces) == text  # every cut is at a space: no word is broken
+    # Greedy: each piece is as full as the next word allows.
+    for piece, following in zip(pieces, pieces[1:], strict=False):
+        assert len(piece) + 1 + len(following.split(" ")[0]) > 250
+
+
+def test_3000_characters_of_sentences_end_every_piece_at_a_sentence():
+    sentence = "The quick brown fox, who was not slow, jumped over 3.5 lazy dogs."
+    text = " ".join([sentence] * 46)
+    assert len(text) > 3000
+    pieces = split_text(text, 300)
+    assert all(p.endswith("dogs.") and len(p) <= 300 for p in pieces)
+    assert " ".join(pieces) == text
+
+
+def test_budget_must_be_positive():
+    with pytest.raises(ValueError):
+        split_text("Hello.", 0)

@@ -1,0 +1,84 @@
+"""Split a long text into pieces that a speech model speaks one at a time.
+
+Sentences come from ``sentencex`` (Wikimedia's rule-based segmenter: abbreviations such as "Mr." or "e.g.",
+decimals, quotes, ellipses, and the full stops of Chinese and Japanese); consecutive sentences are packed into
+pieces of at most ``max_chars`` characters, so a piece ends at a sentence end whenever one fits. A sentence
+longer than that is cut at its clauses (``, ; :`` and dashes followed by a space, ``，、；：`` without one), a
+clause still too long at spaces, and a run without spaces (a long word, or Chinese without punctuation) at
+``max_chars``. No character is dropped: the pieces, joined with the whitespace they were split at, are the
+text.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sentencex import segment
+
+# A clause ends after a Latin mark followed by whitespace (so "3,000" and "10:30" stay whole), after a dash
+# set off by spaces, or after a CJK mark, which needs no space.
+_CLAUSE_END = re.compile(r"(?<=[,;:])\s+|(?<=\s[\u2013\u2014-])\s+|(?<=[\uff0c\u3001\uff1b\uff1a])")
+_SPACE = re.compile(r"\s+")
+
+
+def split_text(text: str, max_chars: int, language: str = "en") -> list[str]:
+    """``text`` as pieces of 1 to ``max_chars`` characters, stripped, in order; ``[]`` for a blank text.
+
+    ``language`` picks sentencex's abbreviation rules (the sentence marks of every script apply whatever
+    it is).
+    """
+    if max_chars < 1:
+        raise ValueError("max_chars must be at least 1")
+    units: list[str] = []
+    for sentence in segment(language, text):
+        units.extend(_units(sentence, max_chars))
+    return _pack(units, max_chars)
+
+
+def _units(sentence: str, max_chars: int) -> list[str]:
+    """The sentence as one unit, or cut at clauses, spaces, and finally every ``max_chars`` characters.
+
+    Each unit keeps the whitespace that followed it, so that concatenating the units gives the sentence back.
+    """
+    if len(sentence.strip()) <= max_chars:
+        return [sentence]
+    units: list[str] = []
+    for clause in _cut_after(_CLAUSE_END, sentence):
+        if len(clause.strip()) <= max_chars:
+            units.append(clause)
+            continue
+        for word in _cut_after(_SPACE, clause):
+            while len(word.strip()) > max_chars:
+                units.append(word[:max_chars])
+                word = word[max_chars:]
+            units.append(word)
+    return units
+
+
+def _cut_after(pattern: re.Pattern[str], text: str) -> list[str]:
+    """``text`` cut at the end of each match of ``pattern`` (the match stays with the left part)."""
+    parts, start = [], 0
+    for match in pattern.finditer(text):
+        if match.end() > start:
+            parts.append(text[start : match.end()])
+            start = match.end()
+    if start < len(text):
+        parts.append(text[start:])
+    return parts
+
+
+def _pack(units: list[str], max_chars: int) -> list[str]:
+    """Greedily join consecutive units while the stripped piece stays within ``max_chars``."""
+    pieces: list[str] = []
+    current = ""
+    for unit in units:
+        if not unit.strip():
+            current += unit
+            continue
+        if current.strip() and len((current + unit).strip()) > max_chars:
+            pieces.append(current.strip())
+            current = ""
+        current += unit
+    if current.strip():
+        pieces.append(current.strip())
+    return pieces
