@@ -116,7 +116,7 @@ def _lifespan(
         state.ready = True
         log.info("ready: serving %s", settings.served_model_name)
 
-    async def load_behind(state: Any) -> None:
+    async def load_or_record_failure(state: Any) -> None:
         try:
             await load(state)
         except Exception as exc:
@@ -132,7 +132,7 @@ def _lifespan(
         # /ready tells when they are there; what was handed in is ready before the first request.
         loading = None
         if load_behind and (owned_engine or owned_recognizer):
-            loading = asyncio.create_task(load_behind(state))
+            loading = asyncio.create_task(load_or_record_failure(state))
         else:
             await load(state)
         try:
