@@ -69,6 +69,7 @@ def create_app(
         app.include_router(web.router)
 
     install_error_handlers(app)
+    _document_setting_limits(app, settings)
     # The last added runs first: CORS, then request ids, then the gate.
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=int(settings.max_body_mb * 1024 * 1024))
@@ -150,6 +151,20 @@ def _lifespan(
                 state.recognizer.close()
 
     return lifespan
+
+
+def _document_setting_limits(app: FastAPI, settings: Settings) -> None:
+    """Put the limits that settings choose into the OpenAPI schema, where clients (the web page too) read
+    them: the speech ``input``'s length is checked by the planner against ``max_input_characters``."""
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build_schema()
+        speech_input = schema["components"]["schemas"]["SpeechRequest"]["properties"]["input"]
+        speech_input["maxLength"] = settings.max_input_characters
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _with_request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
