@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -27,7 +28,7 @@ from guard import RequestGate
 from metrics import Metrics
 from planner import Planner
 from routes import chat, health, models, speech, transcription, voices, web
-from settings import Settings
+from settings import Settings, resolve_device
 from stt import AsyncTranscriber, load_recognizer
 from voices import VoiceLibrary, Voices
 
@@ -132,6 +133,8 @@ def _lifespan(
         # Models read from disk load behind a listening server, so that /health answers at once and
         # /ready tells when they are there; what was handed in is ready before the first request.
         loading = None
+        if owned_engine:  # cheap, and a machine without CUDA should refuse to start, not start failed
+            resolve_device(settings.device, torch.cuda.is_available())
         if load_behind and (owned_engine or owned_recognizer):
             loading = asyncio.create_task(load_or_record_failure(state))
         else:

@@ -677,7 +677,7 @@ class HiggsEngine:
         try:
             if request.audio_output:
                 self._frames += 1
-                job.stream.add(row[1:])
+                job.stream.add(row[1:].clone())  # a view would keep the whole step's output alive
                 ended = token == self._audio_eos_id
             elif token in self._end_ids:
                 ended = True

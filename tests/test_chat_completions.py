@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -269,6 +270,10 @@ def test_startup_loads_models_from_settings_and_reports_readiness(settings):
     app = create_app(settings.model_copy(update=changes))
     assert TestClient(app).get("/ready").status_code == 503  # lifespan not started: not ready
     with TestClient(app) as client:
+        assert client.get("/health").status_code == 200  # at once: the models load behind the server
+        deadline = time.monotonic() + 300
+        while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert client.get("/ready").json() == {"ready": True}
         body = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "pcm", "seed": 1}
         with client.stream("POST", "/v1/audio/speech", json=body) as response:
