@@ -598,7 +598,7 @@ class HiggsEngine:
             try:
                 for running in list(self._running.values()):
                     if running.cancel.is_set():  # the client left, or its audio failed: free the slot now
-                        self._leave(running)
+                        self._abandon(running)
                 if job is not None and not job.cancel.is_set():
                     job.context.run(self._join, job)
                 if self._running:
@@ -718,6 +718,25 @@ class HiggsEngine:
             if self._running.get(job.slot) is job:
                 del self._running[job.slot]
                 self._decoder.release(job.slot)
+
+    def _abandon(self, job: _Job) -> None:
+        """Free a cancelled job's slot; the work it did still counts for the observers (metrics)."""
+        self._leave(job)
+        frames = job.stream.frames if job.stream is not None else 0
+        partial = GenerationResult(
+            text="",
+            audio=None,
+            finish_reason="length",
+            prompt_tokens=job.prompt.tokens,
+            prompt_audio_tokens=job.prompt.audio_tokens,
+            completion_tokens=job.steps,
+            completion_audio_tokens=job.steps if job.request.audio_output else 0,
+            seconds=time.monotonic() - job.started,
+            audio_seconds=frames / self.frame_rate,
+            queue_seconds=job.started - job.queued,
+        )
+        for observe in self.observers:
+            observe(partial)
 
     def _complete(self, job: _Job, reason: Literal["stop", "length"]) -> None:
         self._leave(job)

@@ -82,7 +82,7 @@ class Metrics:
         self.queue_depth.set_function(depth)
 
     def observe_generation(self, result: GenerationResult) -> None:
-        """Record one finished generation (called on the engine's worker)."""
+        """Record one generation, finished or stopped early (called on the engine's threads)."""
         self.generation_seconds.observe(result.seconds)
         self.queue_wait.observe(result.queue_seconds)
         if result.audio_seconds > 0:
