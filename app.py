@@ -184,7 +184,7 @@ async def _with_request_id(request: Request, call_next: Callable[[Request], Awai
             response = error_response(as_api_error(exc))
         response.headers["X-Request-ID"] = rid
         route = request.scope.get("route")
-        request.app.state.metrics.observe_request(getattr(route, "path", "unmatched"), response.status_code)
+        request.app.state.metrics.observe_request(getattr(route, "path_format", "unmatched"), response.status_code)
         log.info(
             "%s %s -> %d in %.3f s",
             request.method,
