@@ -183,8 +183,8 @@ async def _with_request_id(request: Request, call_next: Callable[[Request], Awai
             log.exception("unexpected failure")
             response = error_response(as_api_error(exc))
         response.headers["X-Request-ID"] = rid
-        route = request.scope.get("route")
-        request.app.state.metrics.observe_request(getattr(route, "path_format", "unmatched"), response.status_code)
+        route = getattr(request.scope.get("route"), "path_format", "unmatched")
+        request.app.state.metrics.observe_request(route, response.status_code)
         log.info(
             "%s %s -> %d in %.3f s",
             request.method,
