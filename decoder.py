@@ -42,7 +42,6 @@ RAS_MAX_WINDOW = 32
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
-_DRAW, _REDRAW = 1, 2  # the two random streams of a row: the token or column draw, and the RAS redraw
 
 
 @dataclass(frozen=True)
@@ -72,18 +71,19 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
-def gumbel_lanes(k: int, v: int, device: torch.device) -> torch.Tensor:
-    """The per-element part of ``gumbel_noise``'s key: codebook ``c``, index ``i`` -> hash input [k, v]."""
-    return (torch.arange(1, k * v + 1, device=device) * _GOLDEN).view(k, v)
+def gumbel_lanes(streams: int, k: int, v: int, device: torch.device) -> torch.Tensor:
+    """The per-element part of ``gumbel_noise``'s key: (stream, codebook, index) -> hash input, [streams,
+    k, v]. A row has two streams of numbers, the token or column draw and the RAS redraw."""
+    return (torch.arange(1, streams * k * v + 1, device=device) * _GOLDEN).view(streams, k, v)
 
 
-def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, stream: int, lanes: torch.Tensor):
-    """Standard Gumbel noise [rows, k, v], each element a pure function of its row's ``seed`` and
-    ``position``, the ``stream`` and its lane (codebook, index): one batched hash instead of a generator
-    per row, so a row draws the same numbers in any batch. The 23 top bits of the hash make a uniform in
-    (0, 1) that float32 holds exactly (never 0 or 1, so the noise is finite)."""
-    row = _mix(_mix(seed ^ _signed64(stream * _MIX2)) + position * _GOLDEN)
-    bits = (_mix(row.view(-1, 1, 1) + lanes) >> 41) & ((1 << 23) - 1)
+def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise [rows, *lanes.shape], each element a pure function of its row's ``seed`` and
+    ``position`` and its lane: one batched hash instead of a generator per row, so a row draws the same
+    numbers in any batch. The 23 top bits of the hash make a uniform in (0, 1) that float32 holds
+    exactly (never 0 or 1, so the noise is finite)."""
+    row = _mix(_mix(seed) + position * _GOLDEN)
+    bits = (_mix(row.view(-1, *[1] * lanes.dim()) + lanes) >> 41) & ((1 << 23) - 1)
     uniform = (bits.float() + 0.5) * 2.0**-23
     return -torch.log(-torch.log(uniform))
 
@@ -176,8 +176,9 @@ class BatchDecoder:
         self.top_k_rows: set[int] = set()
         self.top_p_rows: set[int] = set()
         self._arange = torch.arange(max_len, device=dev)
+        self._arange_vocab = torch.arange(max(self.vocab, self.codes), device=dev)  # ranks, for top-k
         self._codebook = torch.arange(self.codebooks, device=dev)
-        self._lanes: dict[tuple[int, int], torch.Tensor] = {}
+        self._lanes: dict[tuple[int, int, int], torch.Tensor] = {}
 
         self.length_buckets = sorted(b for b in (length_buckets or [max_len]) if b <= max_len) or [max_len]
         if self.length_buckets[-1] != max_len:
@@ -267,7 +268,9 @@ class BatchDecoder:
             self.text_rows.add(slot)
             logits = out.logits[:, -1:, :].float()  # [1, 1, vocab]
             logits[..., self.suppress] = float("-inf")
-            token = self._choose(logits, slice(slot, slot + 1), self.pos[slot : slot + 1])[0, 0]
+            rows = slice(slot, slot + 1)
+            noise = self._gumbel(rows, self.pos[rows], 1, 1, self.vocab)[:, 0]
+            token = self._choose(logits, rows, noise)[0, 0]
             self.token[slot] = token
             first[0] = token.item()
         return first
@@ -299,7 +302,8 @@ class BatchDecoder:
         if text_logits is not None:
             logits = text_logits[:, None, :]
             logits[..., self.suppress] = float("-inf")
-            token = self._choose(logits, slice(0, rows), self.pos[:rows] + 1)[:, 0]
+            noise = self._gumbel(slice(0, rows), self.pos[:rows] + 1, 1, 1, self.vocab)[:, 0]
+            token = self._choose(logits, slice(0, rows), noise)[:, 0]
             moved = live & ~is_audio
             self.token[:rows] = torch.where(moved, token, self.token[:rows])
             out_token = torch.where(is_audio, out_token, token)
@@ -308,43 +312,41 @@ class BatchDecoder:
             self.lengths[slot] += 1
         return torch.cat([out_token[:, None], out_column], dim=1).cpu()
 
-    def _choose(self, logits: torch.Tensor, rows: slice, position: torch.Tensor) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, rows: slice, noise: torch.Tensor) -> torch.Tensor:
         """Pick one token per row and codebook from ``logits`` [rows, K, V] (the rows of slots ``rows``):
-        temperature, then top-k, then top-p (as transformers' warpers), then a Gumbel-max draw keyed by
-        the row's seed and ``position`` (of the token drawn); greedy rows take the argmax. Every row is
-        computed (cheaper than selecting the sampled ones); the caller keeps the rows it needs."""
+        temperature, then top-k, then top-p (like transformers' warpers, from one sort), then the argmax
+        of the scores plus the row's Gumbel ``noise`` (a draw from the filtered softmax); greedy rows take
+        the plain argmax. Every row is computed (cheaper than selecting the sampled ones); the caller
+        keeps the rows it needs."""
         scores = logits / self.temperature[rows].view(-1, 1, 1)
-        if self.top_k_rows:
-            top_k = (self.top_k[rows] - 1).clamp(0, logits.shape[-1] - 1).view(-1, 1, 1)
-            descending = scores.sort(dim=-1, descending=True).values
-            kth = descending.gather(-1, top_k.expand(-1, scores.shape[1], 1))
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if self.top_p_rows:
-            ascending, order = scores.sort(dim=-1)
-            cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-            remove = cumulative <= (1 - self.top_p[rows]).view(-1, 1, 1)
-            remove[..., -1:] = False
-            scores = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-        noise = self._gumbel(self.seed[rows], position, _DRAW, scores.shape[1], scores.shape[2])
+        if self.top_k_rows or self.top_p_rows:
+            descending, order = scores.sort(dim=-1, descending=True, stable=True)
+            remove = self._arange_vocab[: scores.shape[-1]] >= self.top_k[rows].view(-1, 1, 1)
+            if self.top_p_rows:
+                # A token goes when the tokens ranked above it already hold top_p of the mass (never the
+                # first: nothing is above it, and top_p > 0).
+                probs = descending.masked_fill(remove, float("-inf")).softmax(dim=-1)
+                remove = remove | (probs.cumsum(dim=-1) - probs >= self.top_p[rows].view(-1, 1, 1))
+            unsorted = torch.empty_like(scores, dtype=torch.bool)
+            scores = scores.masked_fill(unsorted.scatter_(-1, order, remove.expand_as(scores)), float("-inf"))
         return (scores + noise * self.sampled[rows].view(-1, 1, 1)).argmax(dim=-1)
 
-    def _gumbel(self, seed: torch.Tensor, position: torch.Tensor, stream: int, k: int, v: int):
-        """``gumbel_noise`` [rows, k, v] for these rows, with the (cached) lanes of that shape."""
-        lanes = self._lanes.get((k, v))
+    def _gumbel(self, rows: slice, position: torch.Tensor, streams: int, k: int, v: int) -> torch.Tensor:
+        """``gumbel_noise`` [rows, streams, k, v] for the slots ``rows``, with cached lanes."""
+        lanes = self._lanes.get((streams, k, v))
         if lanes is None:
-            lanes = self._lanes[(k, v)] = gumbel_lanes(k, v, self.device)
-        return gumbel_noise(seed, position, stream, lanes)
+            lanes = self._lanes[(streams, k, v)] = gumbel_lanes(streams, k, v, self.device)
+        return gumbel_noise(self.seed[rows], position, lanes)
 
     def _audio_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample the next column of every row, with RAS, the delay pattern and the end of the stream."""
         rows = logits.shape[0]
-        position = self.pos[:rows] + 1
-        column = self._choose(logits, slice(0, rows), position)
+        noise = self._gumbel(slice(0, rows), self.pos[:rows] + 1, 2, self.codebooks, self.codes)
+        column = self._choose(logits, slice(0, rows), noise[:, 0])
         repeats = ((self.history[:rows] == column[:, :, None]) & self.window[:rows, None, :]).sum(dim=-1)
         # Drawn for every row (rows without RAS have an empty window, so never redraw), so that no host
         # read is needed to decide; the redraw ignores temperature, top-k and top-p.
-        noise = self._gumbel(self.seed[:rows], position, _REDRAW, self.codebooks, self.codes)
-        redraw = (logits + noise).argmax(dim=-1)
+        redraw = (logits + noise[:, 1]).argmax(dim=-1)
         column = torch.where(repeats >= 2, redraw, column)
 
         codebook = self._codebook[None, :]
