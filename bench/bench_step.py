@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--kv-cache-length", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
 
     with workspace() as tmp:
@@ -133,6 +134,8 @@ def main() -> None:
         else:
             tiny = write_tiny_models(tmp)
             models = {"model": tiny["HIGGS_MODEL"], "audio_tokenizer": tiny["HIGGS_AUDIO_TOKENIZER"]}
+        import torch
+
         import decoder
         from engine import GenerationRequest, Turn, load_engine
 
@@ -145,6 +148,7 @@ def main() -> None:
             max_batch_size=1,
             cuda_graphs=False,
         )
+        torch.set_num_threads(args.threads)
         engine = load_engine(settings)
         turns = [Turn("system", "Generate audio."), Turn("user", "Many rows, one step.")]
         inputs = engine._prepare(GenerationRequest(turns, True, args.steps, 0.7, 0.95, 50)).inputs
