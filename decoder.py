@@ -82,7 +82,7 @@ def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, lanes: torch.Tensor
     ``position`` and its lane: one batched hash instead of a generator per row, so a row draws the same
     numbers in any batch. The 23 top bits of the hash make a uniform in (0, 1) that float32 holds
     exactly (never 0 or 1, so the noise is finite)."""
-    row = _mix(_mix(seed) + position * _GOLDEN)
+    row = _mix(seed * _GOLDEN + position)
     bits = (_mix(row.view(-1, *[1] * lanes.dim()) + lanes) >> 41) & ((1 << 23) - 1)
     uniform = (bits.float() + 0.5) * 2.0**-23
     return -torch.log(-torch.log(uniform))
