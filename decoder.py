@@ -62,14 +62,16 @@ def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors. ``>>`` is arithmetic on signed integers, so each shift is
-    masked to the logical shift that the 64-bit unsigned original uses."""
-    x = x ^ ((x >> 30) & ((1 << 34) - 1))
-    x = x * _MIX1
-    x = x ^ ((x >> 27) & ((1 << 37) - 1))
-    x = x * _MIX2
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
+def _mix_(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser, in place on an int64 tensor (few temporaries: a step runs it on every row,
+    codebook and code). ``>>`` is arithmetic on signed integers, so each shift is masked to the logical
+    shift that the 64-bit unsigned original uses."""
+    x ^= (x >> 30).bitwise_and_((1 << 34) - 1)
+    x.mul_(_MIX1)
+    x ^= (x >> 27).bitwise_and_((1 << 37) - 1)
+    x.mul_(_MIX2)
+    x ^= (x >> 31).bitwise_and_((1 << 33) - 1)
+    return x
 
 
 def gumbel_lanes(streams: int, k: int, v: int, device: torch.device) -> torch.Tensor:
@@ -83,10 +85,10 @@ def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, lanes: torch.Tensor
     ``position`` and its lane: one batched hash instead of a generator per row, so a row draws the same
     numbers in any batch. The 23 top bits of the hash make a uniform in (0, 1) that float32 holds
     exactly (never 0 or 1, so the noise is finite)."""
-    row = _mix(seed * _GOLDEN + position)
-    bits = (_mix(row.view(-1, *[1] * lanes.dim()) + lanes) >> 41) & ((1 << 23) - 1)
-    uniform = (bits.float() + 0.5) * 2.0**-23
-    return -torch.log(-torch.log(uniform))
+    row = _mix_(seed * _GOLDEN + position)
+    bits = (_mix_(row.view(-1, *[1] * lanes.dim()) + lanes) >> 41).bitwise_and_((1 << 23) - 1)
+    uniform = bits.float().add_(0.5).mul_(2.0**-23)
+    return uniform.log_().neg_().log_().neg_()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
