@@ -382,7 +382,8 @@ class HiggsEngine:
         self._rates: deque[tuple[float, int, int]] = deque()  # (time, batch steps, audio frames) samples
         self._frames = 0
         self._codec_queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._codec_stream = torch.cuda.Stream() if device == "cuda" else None
+        # High priority: the decoding loop replays its graphs back to back, and a listener waits on the codec.
+        self._codec_stream = torch.cuda.Stream(priority=-1) if device == "cuda" else None
         self._scheduler = threading.Thread(target=self._schedule, name="higgs-decoder", daemon=True)
         self._codec_thread = threading.Thread(target=self._codec_work, name="higgs-codec", daemon=True)
         self._scheduler.start()
