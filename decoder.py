@@ -19,9 +19,8 @@ Nothing here reads the host per row: the step's state lives on the model's devic
 kernel launches does not grow with the batch: each row's random numbers are a counter-based hash of its
 seed, the position of the token being drawn, the codebook and the vocabulary index (``_gumbel``), and a draw
 is ``argmax(scores + Gumbel noise)``. A row's draws therefore depend on nothing but its own seed and
-position, whatever else is decoding and whenever it joined. On CUDA a whole step (forward pass, sampling,
-state update) can be captured as a CUDA graph per (rows, length, mode, filters) bucket, so that a step is
-one replay and one copy to the host; any capture error falls back to eager, logged.
+position, whatever else is decoding and whenever it joined. On CUDA the forward half of a step can be
+captured as a CUDA graph per (rows, length, mode) bucket; any capture error falls back to eager, logged.
 """
 
 from __future__ import annotations
@@ -187,8 +186,8 @@ class BatchDecoder:
         if self.length_buckets[-1] != max_len:
             self.length_buckets.append(max_len)
         self.graphs_enabled = graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._graph_failed: set[tuple] = set()
+        self._graphs: dict[tuple[int, int, str], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self._graph_failed: set[tuple[int, int, str]] = set()
         self._graph_pool = None
 
     # ---- slots ----------------------------------------------------------------------------------------
@@ -273,8 +272,7 @@ class BatchDecoder:
             logits[..., self.suppress] = float("-inf")
             rows = slice(slot, slot + 1)
             noise = self._gumbel(rows, self.pos[rows], 1, 1, self.vocab)[:, 0]
-            filters = (slot in self.top_k_rows or slot in self.top_p_rows, slot in self.top_p_rows)
-            token = self._choose(logits, rows, noise, filters)[0, 0]
+            token = self._choose(logits, rows, noise)[0, 0]
             self.token[slot] = token
             first[0] = token.item()
         return first
@@ -289,23 +287,13 @@ class BatchDecoder:
         any_text = bool(self.text_rows)
         all_text = len(self.text_rows) == len(self.busy)
         mode = "text" if all_text else ("mixed" if any_text else "audio")
-        filters = (bool(self.top_k_rows or self.top_p_rows), bool(self.top_p_rows))
-        out = self._run((rows, length, mode, filters))
-        for slot in self.busy:
-            self.lengths[slot] += 1
-        return out.cpu()
-
-    def _device_step(self, rows: int, length: int, mode: str, filters: tuple[bool, bool]):
-        """Everything of a step on the device, with static shapes and no host read (so that it can be a
-        CUDA graph): the forward pass, sampling and the rows' state update. Returns the step's output
-        [rows, 1 + codebooks] and the logits (for the capture's check)."""
-        audio_logits, text_logits = self._forward(rows, length, mode)
+        audio_logits, text_logits = self._run_forward(rows, length, mode)
         live = self.live[:rows]
         is_audio = self.audio[:rows]
         out_column = self.column[:rows]
         out_token = self.token[:rows]
         if audio_logits is not None:
-            column, done = self._audio_tokens(audio_logits, filters)
+            column, done = self._audio_tokens(audio_logits)
             moved = live & is_audio
             self.column[:rows] = torch.where(moved[:, None], column, self.column[:rows])
             shifted = torch.cat([self.history[:rows, :, 1:], column[:, :, None]], dim=2)
@@ -317,27 +305,26 @@ class BatchDecoder:
             logits = text_logits[:, None, :]
             logits[..., self.suppress] = float("-inf")
             noise = self._gumbel(slice(0, rows), self.pos[:rows] + 1, 1, 1, self.vocab)[:, 0]
-            token = self._choose(logits, slice(0, rows), noise, filters)[:, 0]
+            token = self._choose(logits, slice(0, rows), noise)[:, 0]
             moved = live & ~is_audio
             self.token[:rows] = torch.where(moved, token, self.token[:rows])
             out_token = torch.where(is_audio, out_token, token)
         self.pos[:rows] += live.long()
-        return torch.cat([out_token[:, None], out_column], dim=1), audio_logits, text_logits
+        for slot in self.busy:
+            self.lengths[slot] += 1
+        return torch.cat([out_token[:, None], out_column], dim=1).cpu()
 
-    def _choose(
-        self, logits: torch.Tensor, rows: slice, noise: torch.Tensor, filters: tuple[bool, bool]
-    ) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, rows: slice, noise: torch.Tensor) -> torch.Tensor:
         """Pick one token per row and codebook from ``logits`` [rows, K, V] (the rows of slots ``rows``):
         temperature, then top-k, then top-p (like transformers' warpers, from one sort), then the argmax
         of the scores plus the row's Gumbel ``noise`` (a draw from the filtered softmax); greedy rows take
-        the plain argmax. ``filters`` says whether any row filters (top-k or top-p), and by top-p: the
-        sort is skipped when none does. Every row is computed (cheaper than selecting the sampled ones);
-        the caller keeps the rows it needs."""
+        the plain argmax. Every row is computed (cheaper than selecting the sampled ones); the caller
+        keeps the rows it needs."""
         scores = logits / self.temperature[rows].view(-1, 1, 1)
-        if filters[0]:
+        if self.top_k_rows or self.top_p_rows:
             descending, order = scores.sort(dim=-1, descending=True, stable=True)
             remove = self._arange_vocab[: scores.shape[-1]] >= self.top_k[rows].view(-1, 1, 1)
-            if filters[1]:
+            if self.top_p_rows:
                 # A token goes when the tokens ranked above it already hold top_p of the mass (never the
                 # first: nothing is above it, and top_p > 0).
                 probs = descending.masked_fill(remove, float("-inf")).softmax(dim=-1)
@@ -353,13 +340,11 @@ class BatchDecoder:
             lanes = self._lanes[(streams, k, v)] = gumbel_lanes(streams, k, v, self.device)
         return gumbel_noise(self.seed[rows], position, lanes)
 
-    def _audio_tokens(
-        self, logits: torch.Tensor, filters: tuple[bool, bool]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _audio_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample the next column of every row, with RAS, the delay pattern and the end of the stream."""
         rows = logits.shape[0]
         noise = self._gumbel(slice(0, rows), self.pos[:rows] + 1, 2, self.codebooks, self.codes)
-        column = self._choose(logits, slice(0, rows), noise[:, 0], filters)
+        column = self._choose(logits, slice(0, rows), noise[:, 0])
         repeats = ((self.history[:rows] == column[:, :, None]) & self.window[:rows, None, :]).sum(dim=-1)
         # Drawn for every row (rows without RAS have an empty window, so never redraw), so that no host
         # read is needed to decide; the redraw ignores temperature, top-k and top-p.
@@ -403,50 +388,44 @@ class BatchDecoder:
         needed = 1 + max(self.lengths[s] for s in self.busy)
         return rows, next(b for b in self.length_buckets if b >= needed)
 
-    def _run(self, key: tuple[int, int, str, tuple[bool, bool]]) -> torch.Tensor:
-        """The step's output, from the key's CUDA graph when there is one (captured on first use)."""
-        if self.graphs_enabled and key not in self._graph_failed:
-            graph = self._graphs.get(key) or self._capture(key)
-            if graph is not None:
-                graph[0].replay()
-                return graph[1]
-        return self._device_step(*key)[0]
+    def _run_forward(self, rows: int, length: int, mode: str):
+        if self.graphs_enabled:
+            key = (rows, length, mode)
+            if key not in self._graph_failed:
+                graph = self._graphs.get(key) or self._capture(key)
+                if graph is not None:
+                    graph[0].replay()
+                    audio_logits, text_logits = graph[1]
+                    return (
+                        None if audio_logits is None else audio_logits[:rows],
+                        None if text_logits is None else text_logits[:rows],
+                    )
+        return self._forward(rows, length, mode)
 
-    def _capture(self, key: tuple[int, int, str, tuple[bool, bool]]):
-        # The warm-up and the check replay each advance the rows' state: it is put back after each. (The
-        # KV cache writes land where the restored positions put them again, with the same values.)
-        state = [self.pos, self.column, self.token, self.history, self.delay, self.remaining]
-        saved = [t.clone() for t in state]
-
-        def restore() -> None:
-            for tensor, value in zip(state, saved, strict=True):
-                tensor.copy_(value)
-
+    def _capture(self, key: tuple[int, int, str]):
+        rows, length, mode = key
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 # Warm-up, and the reference the replay must match: same inputs, same cache writes.
-                expected = [t.clone() for t in self._device_step(*key)[1:] if t is not None]
-                restore()
+                expected = [t.clone() for t in self._forward(rows, length, mode) if t is not None]
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-                out, *logits = self._device_step(*key)
+                outputs = self._forward(rows, length, mode)
             graph.replay()
-            for want, got in zip(expected, (t for t in logits if t is not None), strict=True):
+            for want, got in zip(expected, (t for t in outputs if t is not None), strict=True):
                 if not torch.allclose(want, got, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
-                    raise RuntimeError("the replayed graph's logits differ from the eager step's")
+                    raise RuntimeError("the replayed graph's logits differ from the eager forward pass")
         except Exception:
             log.exception("CUDA graph capture failed for %s; decoding that shape eagerly", key)
             self._graph_failed.add(key)
             return None
-        finally:
-            restore()
-        self._graphs[key] = (graph, out)
-        log.info("captured a CUDA graph for %d rows, %d tokens, %s, filters %s", *key)
+        self._graphs[key] = (graph, outputs)
+        log.info("captured a CUDA graph for %d rows, %d tokens, %s", rows, length, mode)
         return self._graphs[key]
 
     def _forward(self, rows: int, length: int, mode: str):

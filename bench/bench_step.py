@@ -8,10 +8,9 @@ Run:  .venv/bin/python bench/bench_step.py [--rows 1 8] [--steps 200] [--baselin
 tiny random-weight models of ``tests/tiny_models.py`` on the CPU in float32. For each row count ``r`` a
 decoder of ``r`` slots is filled with ``r`` sampled audio requests (temperature 0.7, top-p 0.95, top-k 50,
 RAS window 7, seeds 0..r-1), warmed up, and then runs ``--steps`` steps; the step time and the time spent
-outside ``_forward`` (sampling, RAS, the delay pattern, the state update, the copy to the host) are
+outside ``_run_forward`` (sampling, RAS, the delay pattern, the state update, the copy to the host) are
 medians over the steps. The number of torch operators dispatched outside the forward pass in one step is
-counted too (a stand-in for kernel launches: it should not grow with the rows). On CUDA the decoders
-capture their CUDA graphs: a graphed step does not call ``_forward``, so all of it shows as "outside".
+counted too (a stand-in for kernel launches: it should not grow with the rows).
 
 ``--baseline FILE`` loads another ``decoder.py`` (e.g. ``git show main:decoder.py > /tmp/old.py``) and
 measures it in the same run, interleaved per row count, for a before/after ratio on the same machine.
@@ -51,7 +50,7 @@ def _operators(decoder) -> int:
             return func(*args, **(kwargs or {}))
 
     counter = Count()
-    forward = decoder._forward
+    forward = decoder._run_forward
 
     def paused(*args):
         counter.paused = True
@@ -60,12 +59,12 @@ def _operators(decoder) -> int:
         finally:
             counter.paused = False
 
-    decoder._forward = paused
+    decoder._run_forward = paused
     try:
         with torch.inference_mode(), counter:
             decoder.step()
     finally:
-        del decoder._forward
+        del decoder._run_forward
     return counter.count
 
 
@@ -87,7 +86,7 @@ def _measure(module, engine, inputs, rows: int, steps: int, warmup: int) -> tupl
         sampling = module.Sampling(temperature=0.7, top_p=0.95, top_k=50, ras_window=7, seed=slot)
         decoder.prefill(slot=slot, inputs=inputs, audio_output=True, sampling=sampling)
     sync = torch.cuda.synchronize if engine.device == "cuda" else (lambda: None)
-    forward = decoder._forward
+    forward = decoder._run_forward
     spent = [0.0]
 
     def timed(*args):
@@ -98,7 +97,7 @@ def _measure(module, engine, inputs, rows: int, steps: int, warmup: int) -> tupl
         spent[0] += time.perf_counter() - started
         return out
 
-    decoder._forward = timed
+    decoder._run_forward = timed
     totals, outside = [], []
     for i in range(warmup + steps):
         spent[0] = 0.0
@@ -109,7 +108,7 @@ def _measure(module, engine, inputs, rows: int, steps: int, warmup: int) -> tupl
         if i >= warmup:
             totals.append(elapsed)
             outside.append(elapsed - spent[0])
-    del decoder._forward
+    del decoder._run_forward
     return statistics.median(totals), statistics.median(outside), _operators(decoder)
 
 
