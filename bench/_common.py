@@ -20,6 +20,7 @@ imports transformers, and the service's modules become importable only inside ``
 
 from __future__ import annotations
 
+import argparse
 import functools
 import inspect
 import os
@@ -73,6 +74,28 @@ def write_tiny_models(folder: Path) -> dict[str, str]:
     from tiny_models import write_tiny_models as write
 
     return write(folder / "models")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--audio-tokenizer`` (both or neither: the tiny models), ``--device`` and ``--dtype``."""
+    parser.add_argument("--model", help="generation model (hub id or folder); default: the tiny model")
+    parser.add_argument("--audio-tokenizer", help="audio tokenizer (hub id or folder); default: the tiny one")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+
+
+def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse ``--model`` without ``--audio-tokenizer`` and the other way round."""
+    if (args.model is None) != (args.audio_tokenizer is None):
+        parser.error("give both --model and --audio-tokenizer, or neither (the tiny models)")
+
+
+def models(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
+    """The generation model and audio tokenizer to serve: the arguments', or tiny ones in ``folder``."""
+    if args.model is None:
+        tiny = write_tiny_models(folder)
+        return tiny["HIGGS_MODEL"], tiny["HIGGS_AUDIO_TOKENIZER"]
+    return args.model, args.audio_tokenizer
 
 
 def service_settings(

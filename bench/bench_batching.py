@@ -29,7 +29,16 @@ import threading
 import time
 from pathlib import Path
 
-from _common import conditions, serve, service_settings, spread, workspace, write_tiny_models
+from _common import (
+    add_model_arguments,
+    check_model_arguments,
+    conditions,
+    models,
+    serve,
+    service_settings,
+    spread,
+    workspace,
+)
 
 TEXT = "Many listeners, one model: every stream should start soon and keep up."
 
@@ -45,19 +54,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per concurrency")
     parser.add_argument("--slots", type=int, default=8, help="HIGGS_MAX_BATCH_SIZE")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
-    parser.add_argument("--model", help="generation model (hub id or folder); default: the tiny model")
-    parser.add_argument("--audio-tokenizer", help="audio tokenizer (hub id or folder); default: the tiny one")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    add_model_arguments(parser)
     args = parser.parse_args()
-    if (args.model is None) != (args.audio_tokenizer is None):
-        parser.error("give both --model and --audio-tokenizer, or neither (the tiny models)")
+    check_model_arguments(parser, args)
     with workspace() as tmp:
-        if args.model is None:
-            tiny = write_tiny_models(tmp)
-            model, tokenizer = tiny["HIGGS_MODEL"], tiny["HIGGS_AUDIO_TOKENIZER"]
-        else:
-            model, tokenizer = args.model, args.audio_tokenizer
+        model, tokenizer = models(args, tmp)
         run(args, model, tokenizer, tmp / "voices")
 
 

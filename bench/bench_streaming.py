@@ -54,13 +54,15 @@ from typing import Any
 import numpy as np
 from _common import (
     Stopwatch,
+    add_model_arguments,
+    check_model_arguments,
     conditions,
+    models,
     serve,
     service_settings,
     speech_cap_settings,
     spread,
     workspace,
-    write_tiny_models,
 )
 
 TEXT = "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun."
@@ -160,22 +162,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--text", default=TEXT, help="what every request speaks")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
-    parser.add_argument("--model", help="generation model (hub id or folder); default: the tiny model")
-    parser.add_argument("--audio-tokenizer", help="audio tokenizer (hub id or folder); default: the tiny one")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    add_model_arguments(parser)
     args = parser.parse_args()
-    if (args.model is None) != (args.audio_tokenizer is None):
-        parser.error("give both --model and --audio-tokenizer, or neither (the tiny models)")
+    check_model_arguments(parser, args)
     if args.max_tokens <= 16 or args.repeats < 1:
         parser.error("--max-tokens must exceed 16 and --repeats be positive")
 
     with workspace() as tmp:
-        if args.model is None:
-            tiny = write_tiny_models(tmp)
-            model, tokenizer = tiny["HIGGS_MODEL"], tiny["HIGGS_AUDIO_TOKENIZER"]
-        else:
-            model, tokenizer = args.model, args.audio_tokenizer
+        model, tokenizer = models(args, tmp)
         run(args, model, tokenizer, tmp / "voices")
 
 
