@@ -139,7 +139,7 @@ def speech_cap_settings(max_tokens: int) -> dict[str, float]:
 def serve(app: Any, start_timeout: float = 600.0) -> Iterator[str]:
     """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a background thread; yields its base URL.
 
-    The app's lifespan runs (its engine loads and warms up) before this yields; ``RuntimeError`` when the
+    The app's models are loaded and warmed up (it is ready) before this yields; ``RuntimeError`` when the
     server has not started within ``start_timeout`` seconds or its thread ended.
     """
     import uvicorn
@@ -152,7 +152,10 @@ def serve(app: Any, start_timeout: float = 600.0) -> Iterator[str]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout
-    while not server.started:
+    # The server listens at once and loads its models behind it: wait until it is ready too.
+    while not (server.started and getattr(app.state, "ready", False)):
+        if getattr(app.state, "load_error", None):
+            raise RuntimeError(f"the server could not load its models: {app.state.load_error}")
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the server did not start (see its log above)")
         time.sleep(0.05)
