@@ -15,14 +15,21 @@ repetition-aware sampling (RAS) redraws a code from the raw distribution when it
 the last ``ras_window`` columns.
 
 Nothing here reads the host per row: the step's state lives on the model's device and one small tensor
-(the sampled tokens) comes back per step. On CUDA the forward half of a step can be captured as a CUDA
-graph per (rows, length, mode) bucket; any capture error falls back to eager, logged.
+(the sampled tokens) comes back per step. Sampling is one batched computation for all rows, so its cost in
+kernel launches does not grow with the batch: each row's random numbers are a counter-based hash of its
+seed, the position of the token being drawn, the codebook and the vocabulary index (``_gumbel``), and a draw
+is ``argmax(scores + Gumbel noise)``. A row's draws therefore depend on nothing but its own seed and
+position, whatever else is decoding and whenever it joined. On CUDA a whole step (forward pass, sampling,
+state update) is a CUDA graph per (rows, length, mode) bucket, captured before the first request
+(``capture_graphs``), so that a step is one replay and one copy to the host; a capture that fails, or whose
+replay differs from the eager step, leaves that bucket eager, logged.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +39,11 @@ log = logging.getLogger(__name__)
 
 RAS_MAX_WINDOW = 32
 """Longest repetition-aware sampling window a request may use (columns)."""
+
+# splitmix64's constants, as signed 64-bit integers (torch has no uint64 arithmetic); products wrap.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,41 @@ class Sampling:
     top_k: int | None
     ras_window: int
     seed: int | None
+
+
+def _signed64(value: int) -> int:
+    """``value`` modulo 2**64 as a signed 64-bit integer (a seed as an int64 tensor holds it)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _mix_(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser, in place on an int64 tensor (few temporaries: a step runs it on every row,
+    codebook and code). ``>>`` is arithmetic on signed integers, so each shift is masked to the logical
+    shift that the 64-bit unsigned original uses."""
+    x ^= (x >> 30).bitwise_and_((1 << 34) - 1)
+    x.mul_(_MIX1)
+    x ^= (x >> 27).bitwise_and_((1 << 37) - 1)
+    x.mul_(_MIX2)
+    x ^= (x >> 31).bitwise_and_((1 << 33) - 1)
+    return x
+
+
+def gumbel_lanes(streams: int, k: int, v: int, device: torch.device) -> torch.Tensor:
+    """The per-element part of ``gumbel_noise``'s key: (stream, codebook, index) -> hash input, [streams,
+    k, v]. A row has two streams of numbers, the token or column draw and the RAS redraw."""
+    return (torch.arange(1, streams * k * v + 1, device=device) * _GOLDEN).view(streams, k, v)
+
+
+def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise [rows, *lanes.shape], each element a pure function of its row's ``seed`` and
+    ``position`` and its lane: one batched hash instead of a generator per row, so a row draws the same
+    numbers in any batch. The 23 top bits of the hash make a uniform in (0, 1) that float32 holds
+    exactly (never 0 or 1, so the noise is finite)."""
+    row = _mix_(seed * _GOLDEN + position)
+    bits = (_mix_(row.view(-1, *[1] * lanes.dim()) + lanes) >> 41).bitwise_and_((1 << 23) - 1)
+    uniform = bits.float().add_(0.5).mul_(2.0**-23)
+    return uniform.log_().neg_().log_().neg_()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -121,24 +168,28 @@ class BatchDecoder:
         self.history = longs(slots, self.codebooks, RAS_MAX_WINDOW, fill=-1)  # last columns, newest last
         self.window = torch.zeros(slots, RAS_MAX_WINDOW, device=dev, dtype=torch.bool)  # RAS positions used
         self.temperature = torch.ones(slots, device=dev)
+        self.sampled = torch.zeros(slots, device=dev)  # 1 where the row samples, 0 where it is greedy
         self.top_p = torch.ones(slots, device=dev)
         self.top_k = longs(slots, fill=self.vocab)
+        self.seed = longs(slots)
         self.suppress = torch.tensor(suppress_in_text, device=dev, dtype=torch.long)
-        self.sampling: list[Sampling | None] = [None] * slots
-        self.generators: list[torch.Generator | None] = [None] * slots
         self.lengths = [0] * slots  # host copy of ``pos``: no device read needed to size a step
         self.text_rows: set[int] = set()
         self.busy: set[int] = set()
+        # Rows whose request filters by top-k / top-p: a step skips the (sorting) filter when none does.
+        self.top_k_rows: set[int] = set()
+        self.top_p_rows: set[int] = set()
         self._arange = torch.arange(max_len, device=dev)
+        self._arange_vocab = torch.arange(max(self.vocab, self.codes), device=dev)  # ranks, for top-k
         self._codebook = torch.arange(self.codebooks, device=dev)
-        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self._lanes: dict[tuple[int, int, int], torch.Tensor] = {}
 
         self.length_buckets = sorted(b for b in (length_buckets or [max_len]) if b <= max_len) or [max_len]
         if self.length_buckets[-1] != max_len:
             self.length_buckets.append(max_len)
         self.graphs_enabled = graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple[int, int, str], tuple[torch.cuda.CUDAGraph, tuple]] = {}
-        self._graph_failed: set[tuple[int, int, str]] = set()
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_failed: set[tuple] = set()
         self._graph_pool = None
 
     # ---- slots ----------------------------------------------------------------------------------------
@@ -158,16 +209,8 @@ class BatchDecoder:
         self.pos[slot] = 0
         self.audio[slot] = True
         self.lengths[slot] = 0
-        self.sampling[slot] = None
-        self.generators[slot] = None
-
-    def _generator(self, seed: int | None) -> torch.Generator:
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        return generator
+        self.top_k_rows.discard(slot)
+        self.top_p_rows.discard(slot)
 
     @torch.inference_mode()
     def prefill(self, *, slot: int, inputs: dict, audio_output: bool, sampling: Sampling) -> torch.Tensor:
@@ -196,12 +239,17 @@ class BatchDecoder:
         self.audio[slot] = audio_output
         greedy = sampling.temperature <= 0
         self.temperature[slot] = 1.0 if greedy else sampling.temperature
+        self.sampled[slot] = 0.0 if greedy else 1.0
         self.top_p[slot] = 1.0 if greedy else sampling.top_p
         self.top_k[slot] = min(sampling.top_k or self.vocab, self.vocab) if not greedy else self.vocab
-        self.sampling[slot] = sampling
+        if not greedy and sampling.top_k:
+            self.top_k_rows.add(slot)
+        if not greedy and sampling.top_p < 1:
+            self.top_p_rows.add(slot)
         # Greedy requests keep RAS (it stops the codes from looping) but draw it from a fixed seed, so
         # that temperature 0 is deterministic with or without a seed.
-        self.generators[slot] = self._generator(0 if greedy and sampling.seed is None else sampling.seed)
+        seed = sampling.seed if sampling.seed is not None else 0 if greedy else secrets.randbits(63)
+        self.seed[slot] = _signed64(seed)
         first = torch.full((1 + self.codebooks,), self.bos, dtype=torch.long)
         if audio_output:
             self.text_rows.discard(slot)
@@ -222,10 +270,11 @@ class BatchDecoder:
             first[0] = self.audio_out_token
         else:
             self.text_rows.add(slot)
-            logits = out.logits[:, -1:, :].float()  # [1, 1, vocab]
-            logits[..., self.suppress] = float("-inf")
-            rows = torch.tensor([slot], device=self.device)
-            token = self._choose(logits, rows, [(0, slot)])[0, 0]
+            logits = out.logits[:, -1:, :].float().index_fill_(-1, self.suppress, float("-inf"))
+            rows = slice(slot, slot + 1)
+            noise = self._gumbel(rows, self.pos[rows], 1, 1, self.vocab)[:, 0]
+            filters = (slot in self.top_k_rows or slot in self.top_p_rows, slot in self.top_p_rows)
+            token = self._choose(logits, rows, noise, filters)[0, 0]
             self.token[slot] = token
             first[0] = token.item()
         return first
@@ -240,13 +289,23 @@ class BatchDecoder:
         any_text = bool(self.text_rows)
         all_text = len(self.text_rows) == len(self.busy)
         mode = "text" if all_text else ("mixed" if any_text else "audio")
-        audio_logits, text_logits = self._run_forward(rows, length, mode)
+        out = self._run(rows, length, mode)
+        for slot in self.busy:
+            self.lengths[slot] += 1
+        return out.cpu()
+
+    def _device_step(self, rows: int, length: int, mode: str, filters: tuple[bool, bool]):
+        """Everything of a step on the device, with static shapes and no host read (so that it can be a
+        CUDA graph): the forward pass, sampling and the rows' state update. ``filters``: whether to apply
+        top-k / top-p at all, and top-p (see ``_choose``). Returns the step's output [rows, 1 + codebooks]
+        and the logits (for the capture's check)."""
+        audio_logits, text_logits = self._forward(rows, length, mode)
         live = self.live[:rows]
         is_audio = self.audio[:rows]
         out_column = self.column[:rows]
         out_token = self.token[:rows]
         if audio_logits is not None:
-            column, done = self._audio_tokens(audio_logits)
+            column, done = self._audio_tokens(audio_logits, filters)
             moved = live & is_audio
             self.column[:rows] = torch.where(moved[:, None], column, self.column[:rows])
             shifted = torch.cat([self.history[:rows, :, 1:], column[:, :, None]], dim=2)
@@ -255,72 +314,58 @@ class BatchDecoder:
             out_column = column
             out_token = torch.where(is_audio, audio_token, out_token)
         if text_logits is not None:
-            logits = text_logits[:, None, :]
-            logits[..., self.suppress] = float("-inf")
-            token = self._pick(logits, sorted(self.text_rows), self.token[:rows, None])[:, 0]
+            # index_fill_ takes the value as a kernel argument (an index_put of a Python float would copy
+            # it from the host, which a CUDA graph cannot hold).
+            logits = text_logits.index_fill_(-1, self.suppress, float("-inf"))[:, None, :]
+            noise = self._gumbel(slice(0, rows), self.pos[:rows] + 1, 1, 1, self.vocab)[:, 0]
+            token = self._choose(logits, slice(0, rows), noise, filters)[:, 0]
             moved = live & ~is_audio
             self.token[:rows] = torch.where(moved, token, self.token[:rows])
             out_token = torch.where(is_audio, out_token, token)
         self.pos[:rows] += live.long()
-        for slot in self.busy:
-            self.lengths[slot] += 1
-        return torch.cat([out_token[:, None], out_column], dim=1).cpu()
-
-    def _pick(self, logits: torch.Tensor, slots: list[int], fill: torch.Tensor) -> torch.Tensor:
-        """``_choose`` for the rows of ``slots`` only (sampling costs per row, unlike the forward pass);
-        the other rows of the result are ``fill``."""
-        key = tuple(slots)
-        index = self._indices.get(key)
-        if index is None:  # one small host-to-device copy per batch composition, not per step
-            if len(self._indices) > 4096:
-                self._indices.clear()
-            index = self._indices[key] = torch.tensor(slots, device=self.device, dtype=torch.long)
-        chosen = self._choose(logits[index], index, list(enumerate(slots)))
-        out = fill.clone()
-        out[index] = chosen
-        return out
+        return torch.cat([out_token[:, None], out_column], dim=1), audio_logits, text_logits
 
     def _choose(
-        self, logits: torch.Tensor, index: torch.Tensor, sampled: list[tuple[int, int]]
+        self, logits: torch.Tensor, rows: slice, noise: torch.Tensor, filters: tuple[bool, bool]
     ) -> torch.Tensor:
-        """Pick one token per row and codebook from ``logits`` [rows, K, V] (row r is slot ``index[r]``):
-        temperature, then top-k, then top-p (as transformers' warpers), then one draw per ``(row, slot)``
-        in ``sampled`` with that slot's generator; the other rows (greedy) take the argmax."""
-        draws = [(r, s) for r, s in sampled if (x := self.sampling[s]) is not None and x.temperature > 0]
-        scores = logits / self.temperature[index].view(-1, 1, 1)
-        if not draws:
-            return scores.argmax(dim=-1)
-        if any(self.sampling[s].top_k for _, s in draws):
-            top_k = (self.top_k[index] - 1).clamp(0, logits.shape[-1] - 1).view(-1, 1, 1)
-            descending = scores.sort(dim=-1, descending=True).values
-            kth = descending.gather(-1, top_k.expand(-1, scores.shape[1], 1))
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if any(self.sampling[s].top_p < 1 for _, s in draws):
-            ascending, order = scores.sort(dim=-1)
-            cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-            remove = cumulative <= (1 - self.top_p[index]).view(-1, 1, 1)
-            remove[..., -1:] = False
-            scores = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-        tokens = scores.argmax(dim=-1)
-        probs = scores.softmax(dim=-1)
-        for row, slot in draws:
-            tokens[row] = torch.multinomial(probs[row], 1, generator=self.generators[slot])[:, 0]
-        return tokens
+        """Pick one token per row and codebook from ``logits`` [rows, K, V] (the rows of slots ``rows``):
+        temperature, then top-k, then top-p (like transformers' warpers, from one sort), then the argmax
+        of the scores plus the row's Gumbel ``noise`` (a draw from the filtered softmax); greedy rows take
+        the plain argmax. ``filters`` says whether any row filters (top-k or top-p), and by top-p: the
+        sort is skipped when none does. Every row is computed (cheaper than selecting the sampled ones);
+        the caller keeps the rows it needs."""
+        scores = logits / self.temperature[rows].view(-1, 1, 1)
+        if filters[0]:
+            descending, order = scores.sort(dim=-1, descending=True, stable=True)
+            remove = self._arange_vocab[: scores.shape[-1]] >= self.top_k[rows].view(-1, 1, 1)
+            if filters[1]:
+                # A token goes when the tokens ranked above it already hold top_p of the mass (never the
+                # first: nothing is above it, and top_p > 0).
+                probs = descending.masked_fill(remove, float("-inf")).softmax(dim=-1)
+                remove = remove | (probs.cumsum(dim=-1) - probs >= self.top_p[rows].view(-1, 1, 1))
+            unsorted = torch.empty_like(scores, dtype=torch.bool)
+            scores = scores.masked_fill(unsorted.scatter_(-1, order, remove.expand_as(scores)), float("-inf"))
+        return (scores + noise * self.sampled[rows].view(-1, 1, 1)).argmax(dim=-1)
 
-    def _audio_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gumbel(self, rows: slice, position: torch.Tensor, streams: int, k: int, v: int) -> torch.Tensor:
+        """``gumbel_noise`` [rows, streams, k, v] for the slots ``rows``, with cached lanes."""
+        lanes = self._lanes.get((streams, k, v))
+        if lanes is None:
+            lanes = self._lanes[(streams, k, v)] = gumbel_lanes(streams, k, v, self.device)
+        return gumbel_noise(self.seed[rows], position, lanes)
+
+    def _audio_tokens(
+        self, logits: torch.Tensor, filters: tuple[bool, bool]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample the next column of every row, with RAS, the delay pattern and the end of the stream."""
         rows = logits.shape[0]
-        audio_rows = sorted(s for s in self.busy if s not in self.text_rows)
-        column = self._pick(logits, audio_rows, self.column[:rows])
+        noise = self._gumbel(slice(0, rows), self.pos[:rows] + 1, 2, self.codebooks, self.codes)
+        column = self._choose(logits, slice(0, rows), noise[:, 0], filters)
         repeats = ((self.history[:rows] == column[:, :, None]) & self.window[:rows, None, :]).sum(dim=-1)
-        for slot in audio_rows:
-            setting = self.sampling[slot]
-            if setting is None or setting.ras_window <= 0:
-                continue
-            # Always drawn (not only when a code repeats), so that no host read is needed to decide.
-            raw = logits[slot].softmax(dim=-1)  # the redraw ignores temperature, top-k and top-p
-            redraw = torch.multinomial(raw, 1, replacement=True, generator=self.generators[slot])[:, 0]
-            column[slot] = torch.where(repeats[slot] >= 2, redraw, column[slot])
+        # Drawn for every row (rows without RAS have an empty window, so never redraw), so that no host
+        # read is needed to decide; the redraw ignores temperature, top-k and top-p.
+        redraw = (logits + noise[:, 1]).argmax(dim=-1)
+        column = torch.where(repeats >= 2, redraw, column)
 
         codebook = self._codebook[None, :]
         delay = self.delay[:rows, None]
@@ -359,44 +404,72 @@ class BatchDecoder:
         needed = 1 + max(self.lengths[s] for s in self.busy)
         return rows, next(b for b in self.length_buckets if b >= needed)
 
-    def _run_forward(self, rows: int, length: int, mode: str):
-        if self.graphs_enabled:
-            key = (rows, length, mode)
-            if key not in self._graph_failed:
-                graph = self._graphs.get(key) or self._capture(key)
-                if graph is not None:
-                    graph[0].replay()
-                    audio_logits, text_logits = graph[1]
-                    return (
-                        None if audio_logits is None else audio_logits[:rows],
-                        None if text_logits is None else text_logits[:rows],
-                    )
-        return self._forward(rows, length, mode)
+    def _run(self, rows: int, length: int, mode: str) -> torch.Tensor:
+        """The step's output: a replay of the bucket's CUDA graph (captured now if ``capture_graphs`` did
+        not), else the eager step, which skips the top-k / top-p sort when no running row filters."""
+        if self.graphs_enabled and (rows, length, mode) not in self._graph_failed:
+            graph = self._graphs.get((rows, length, mode)) or self._capture((rows, length, mode))
+            if graph is not None:
+                graph[0].replay()
+                return graph[1]
+        filters = (bool(self.top_k_rows or self.top_p_rows), bool(self.top_p_rows))
+        return self._device_step(rows, length, mode, filters)[0]
+
+    def row_buckets(self) -> list[int]:
+        """The row counts a CUDA step is computed for: powers of two, then every slot."""
+        buckets = [1 << i for i in range(self.slots.bit_length()) if 1 << i < self.slots]
+        return [*buckets, self.slots]
+
+    def capture_graphs(self, modes: tuple[str, ...] = ("audio", "mixed", "text")) -> int:
+        """Capture every bucket's CUDA graph now (before serving: a capture takes a step's time several
+        times over, which a listener would otherwise hear as a stall). Returns how many were captured."""
+        if not self.graphs_enabled or self.busy:
+            return 0
+        for mode in modes:
+            for length in self.length_buckets:
+                for rows in self.row_buckets():
+                    if (rows, length, mode) not in self._graphs:
+                        self._capture((rows, length, mode))
+        return len(self._graphs)
 
     def _capture(self, key: tuple[int, int, str]):
-        rows, length, mode = key
+        """A graph of the whole step for ``key``, filters included (they cost the GPU little; a graph per
+        filter choice would multiply the captures). The warm-up and the check replay each advance the rows'
+        state: it is put back after each (the KV cache writes land where the restored positions put them
+        again, with the same values)."""
+        step = (*key, (True, True))
+        state = [self.pos, self.column, self.token, self.history, self.delay, self.remaining]
+        saved = [t.clone() for t in state]
+
+        def restore() -> None:
+            for tensor, value in zip(state, saved, strict=True):
+                tensor.copy_(value)
+
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 # Warm-up, and the reference the replay must match: same inputs, same cache writes.
-                expected = [t.clone() for t in self._forward(rows, length, mode) if t is not None]
+                expected = [t.clone() for t in self._device_step(*step)[1:] if t is not None]
+                restore()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-                outputs = self._forward(rows, length, mode)
+                out, *logits = self._device_step(*step)
             graph.replay()
-            for want, got in zip(expected, (t for t in outputs if t is not None), strict=True):
+            for want, got in zip(expected, (t for t in logits if t is not None), strict=True):
                 if not torch.allclose(want, got, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
-                    raise RuntimeError("the replayed graph's logits differ from the eager forward pass")
+                    raise RuntimeError("the replayed graph's logits differ from the eager step's")
         except Exception:
             log.exception("CUDA graph capture failed for %s; decoding that shape eagerly", key)
             self._graph_failed.add(key)
             return None
-        self._graphs[key] = (graph, outputs)
-        log.info("captured a CUDA graph for %d rows, %d tokens, %s", rows, length, mode)
+        finally:
+            restore()
+        self._graphs[key] = (graph, out)
+        log.debug("captured a CUDA graph for %d rows, %d tokens, %s", *key)
         return self._graphs[key]
 
     def _forward(self, rows: int, length: int, mode: str):
@@ -417,7 +490,7 @@ class BatchDecoder:
         cos, sin = model.rotary_emb(hidden, positions[:, None])
         cos, sin = cos[:, None], sin[:, None]  # [rows, 1 (heads), 1, dim]
         mask = (self._arange[None, :length] <= positions[:, None])[:, None, None, :]
-        index = torch.arange(rows, device=self.device)
+        index = self._arange[:rows]
 
         def pick(audio_fn, text_fn, x):
             if mode == "audio":

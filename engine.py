@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from audio import Audio
+from codec import PieceDecoder
 from decoder import BatchDecoder, Sampling
 
 log = logging.getLogger(__name__)
@@ -360,6 +361,27 @@ class HiggsEngine:
         )
 
         self.streaming = streaming or StreamSettings()
+        self._pieces = PieceDecoder(
+            self._codec,
+            codebooks=int(config.audio_num_codebooks),
+            codebook_size=int(config.audio_codebook_size),
+            graphs=cuda_graphs,
+        )
+        if cuda_graphs and device == "cuda":
+            took = time.perf_counter()
+            steps = self._decoder.capture_graphs()
+            piece = self.streaming
+            lengths = [  # a stream's first piece, and every later one but the last (``_AudioStream.cut``)
+                piece.first_chunk_frames + piece.context_frames,
+                piece.context_frames + piece.chunk_frames + piece.context_frames,
+            ]
+            pieces = self._pieces.capture(lengths, self._decoder.row_buckets())
+            log.info(
+                "captured %d CUDA graphs of the decoding step and %d of the codec in %.1f s",
+                steps,
+                pieces,
+                time.perf_counter() - took,
+            )
         self.steps = 0
         """Decoding steps run since start, counted per request (a step of 8 rows counts 8)."""
         self.batch_steps = 0
@@ -839,7 +861,7 @@ class HiggsEngine:
             if live[0][0] == "end":
                 self._end_stream(live[0][1], live[0][2])
                 return
-            audio = self._guarded(self._codec.decode, torch.stack([item[2].codes for item in live]))
+            audio = self._guarded(self._pieces.decode, torch.stack([item[2].codes for item in live]))
         except BaseException as exc:
             log.exception("audio decoding failed")
             for item in live:
@@ -861,7 +883,7 @@ class HiggsEngine:
     def _end_stream(self, stream: _AudioStream, result: GenerationResult) -> None:
         last = stream.final()
         if last is not None:
-            samples = self._guarded(self._codec.decode, last.codes[None])[0, 0]
+            samples = self._guarded(self._pieces.decode, last.codes[None])[0, 0]
             stream.job.emit(stream.join(last, samples))
         frames = stream.frames
         result = replace(result, audio_seconds=frames / self.frame_rate, codes=stream.codes())

@@ -2,10 +2,10 @@
 
 Why exact equality holds here: on the CPU the decoder computes every slot at every step and rounds the
 attention length up to a bucket (1024 tokens for these prompts), so a request's numbers never depend on
-how many others are decoding; each seeded request draws from its own generator; and on the CPU the codec
-decodes each piece alone. In float32 the audio of a request decoded among others is therefore the same,
-bit for bit, as when it runs alone. (On a GPU, bfloat16 and batch-size-dependent kernels make that
-"close", not "equal".)
+how many others are decoding; a request's random numbers are a hash of its own seed and position; and on
+the CPU the codec decodes each piece alone. In float32 the audio of a request decoded among others is
+therefore the same, bit for bit, as when it runs alone. (On a GPU, bfloat16 and batch-size-dependent
+kernels make that "close", not "equal".)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import TEST_AUDIO, b64
 
+import decoder
 import engine as engine_module
 
 SPEAK = "Read this sentence aloud, please."
@@ -333,21 +334,40 @@ def test_a_full_engine_answers_429_with_retry_after_from_the_measured_rate(clien
     assert refused.value.retry_after == pytest.approx(7.3)
 
 
-@pytest.mark.parametrize("temperature, seed", [(0.0, None), (0.7, 5)])
-def test_a_request_decodes_as_upstream_generate_does(engine, temperature, seed):
-    """The batched decoder reproduces upstream's batch-1 ``generate`` token for token (float32, with the
-    repetition-aware redraw off: ours draws for every codebook, upstream's only for repeated ones)."""
+def test_a_greedy_request_decodes_as_upstream_generate_does(engine):
+    """The batched decoder reproduces upstream's batch-1 ``generate`` token for token (float32, greedy, with
+    the repetition-aware redraw off). Greedy only: a sampled request draws its random numbers from a hash of
+    its seed and position (the same in any batch), not from torch's generator as upstream does, so the
+    same seed picks other tokens than upstream's; ``test_sampling_follows_the_distribution`` checks those."""
     from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
 
     turns = [engine_module.Turn("system", "Generate audio."), engine_module.Turn("user", "Hello there.")]
-    request = engine_module.GenerationRequest(turns, True, 60, temperature, 0.95, 50, seed=seed, ras_window=0)
+    request = engine_module.GenerationRequest(turns, True, 60, 0.0, 0.95, 50, ras_window=0)
     ours = asyncio.run(engine.generate(request))
     inputs = engine._prepare(request).inputs
     with torch.inference_mode():
         _, audio = engine._model.generate(
             **inputs, max_new_tokens=60, use_cache=True, tokenizer=engine._tokenizer,
-            stop_strings=["<|end_of_text|>", "<|eot_id|>", "<|audio_eos|>"], do_sample=temperature > 0,
-            temperature=temperature or None, top_k=50, top_p=0.95 if temperature else None, seed=seed,
+            stop_strings=["<|end_of_text|>", "<|eot_id|>", "<|audio_eos|>"], do_sample=False,
         )  # fmt: skip
     upstream = revert_delay_pattern(audio[0]).clip(0, 1023)[:, 1:-1]
     assert upstream.shape[1] == 51 and torch.equal(ours.codes.codes, upstream)
+
+
+def test_sampling_follows_the_distribution():
+    """The hashed Gumbel-max draw picks each token as often as softmax says, a row's noise depends on its
+    own seed and position only (not on the rows beside it), and the RAS redraw uses other numbers."""
+    lanes = decoder.gumbel_lanes(2, 2, 4, torch.device("cpu"))
+    n = 20000
+    seed, position = torch.full((n,), 7), torch.arange(n)
+    noise = decoder.gumbel_noise(seed, position, lanes)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0], [3.0, 0.0, 0.0, 0.0]])
+    drawn = (logits + noise[:, 0]).argmax(dim=-1)
+    for codebook in range(2):
+        frequency = torch.bincount(drawn[:, codebook], minlength=4) / n
+        assert torch.allclose(frequency, logits[codebook].softmax(dim=-1), atol=0.015)
+    assert noise.isfinite().all() and abs(float(noise.mean()) - 0.5772) < 0.03  # Euler-Mascheroni
+    alone = decoder.gumbel_noise(seed[5:6], position[5:6], lanes)
+    among = decoder.gumbel_noise(torch.tensor([1, 7, 2**62]), torch.tensor([0, 5, 9]), lanes)
+    assert torch.equal(alone[0], among[1]) and torch.equal(alone[0], noise[5])
+    assert not torch.equal(alone[0, 0], alone[0, 1])  # the draw and the RAS redraw use other numbers

@@ -179,3 +179,17 @@ def test_a_fault_mid_generation_ends_the_stream_with_an_error_event(client, open
 
     monkeypatch.undo()
     assert client.post("/v1/chat/completions", json=chat_body(max_tokens=10)).status_code == 200
+
+
+def test_the_codec_graphs_decode_as_the_codec_does(engine):
+    """What ``codec.PieceDecoder`` captures as a CUDA graph (its own forward, without the codec's host
+    copies) decodes a batch of pieces as the codec's ``decode`` does. Here on the CPU, where ``decode``
+    itself goes straight to the codec; the capture and its replay check run on CUDA only."""
+    import torch
+
+    pieces = engine._pieces
+    codes = torch.randint(0, 1024, (3, engine.num_codebooks, 20), generator=torch.Generator().manual_seed(3))
+    ours = pieces._forward(codes).numpy()
+    theirs = engine._codec.decode(codes)
+    assert ours.shape == theirs.shape == (3, 1, 20 * engine.sample_rate // engine.frame_rate)
+    assert np.allclose(ours, theirs, atol=1e-6) and np.array_equal(pieces.decode(codes), theirs)

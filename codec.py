@@ -1,0 +1,93 @@
+"""Decoding audio-code pieces with Higgs Audio's codec, batched, and on CUDA from captured graphs.
+
+A streamed answer reaches the codec as pieces of a few fixed lengths (the first piece, then every later one
+but the last: see ``engine._AudioStream``), from every stream at once. The codec's decoder is a deep stack
+of small convolutions: at batch 1 a piece costs about as much as a batch of 8 (launch-bound), and every
+launch holds Python's lock that the decoding loop needs too. So on CUDA each (batch bucket, piece length)
+gets a CUDA graph, captured before serving: a piece is then one copy in, one replay and one copy out,
+whatever else is decoding. Other shapes (a stream's last piece), a capture that failed its check, and the
+CPU use the codec's own ``decode``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class PieceDecoder:
+    """Audio codes ``[batch, codebooks, frames]`` to samples ``[batch, 1, frames * samples_per_frame]``."""
+
+    def __init__(self, codec, *, codebooks: int, codebook_size: int, graphs: bool):
+        self.codec = codec
+        self.codebooks = codebooks
+        self.codebook_size = codebook_size
+        self.device = torch.device(codec.device)
+        self.graphs_enabled = graphs and self.device.type == "cuda" and codec.quantizer_type == "RVQ"
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._pool = None  # not the decoding loop's pool: the two run at the same time on two streams
+
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """Decode a batch of pieces of one length (on the caller's CUDA stream)."""
+        batch, _, frames = codes.shape
+        bucket = next((b for b, f in sorted(self._graphs) if f == frames and b >= batch), None)
+        if bucket is None:
+            return self.codec.decode(codes)
+        graph, inputs, output = self._graphs[(bucket, frames)]
+        inputs[:batch].copy_(codes)  # rows past ``batch`` keep earlier (valid) codes; their output is unread
+        graph.replay()
+        return output[:batch].float().cpu().numpy()
+
+    def capture(self, frames: list[int], batches: list[int]) -> int:
+        """Capture a graph per piece length and batch bucket (before serving). Returns how many there are."""
+        if not self.graphs_enabled:
+            return 0
+        for length in sorted(set(frames)):
+            for batch in sorted(set(batches)):
+                if (batch, length) not in self._graphs:
+                    self._capture(batch, length)
+        return len(self._graphs)
+
+    @torch.inference_mode()
+    def _forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """The codec's decode without its host copies: code embeddings summed over the residual
+        codebooks, the projection, the decoder (the codec starts its sum from a tensor made on the host)."""
+        codec = self.codec
+        layers = codec.quantizer.vq.layers
+        by_codebook = codes.permute(1, 0, 2)
+        quantized = layers[0].decode(by_codebook[0])
+        for i in range(1, by_codebook.shape[0]):
+            quantized = quantized + layers[i].decode(by_codebook[i])
+        hidden = codec.fc_post2(quantized.transpose(1, 2)).transpose(1, 2)
+        return codec.decoder_2(hidden)
+
+    @torch.inference_mode()
+    def _capture(self, batch: int, frames: int) -> None:
+        generator = torch.Generator().manual_seed(batch * 1000 + frames)
+        sample = torch.randint(0, self.codebook_size, (batch, self.codebooks, frames), generator=generator)
+        try:
+            inputs = sample.to(self.device)
+            expected = torch.from_numpy(self.codec.decode(sample)).to(self.device)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._forward(inputs)  # warm-up outside the capture (lazy initialisation, cuDNN plans)
+            torch.cuda.current_stream().wait_stream(stream)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                output = self._forward(inputs)
+            graph.replay()
+            torch.cuda.synchronize()
+            scale = float(expected.abs().max()) or 1.0
+            if not torch.allclose(output.float(), expected.float(), rtol=1e-2, atol=1e-2 * scale):
+                raise RuntimeError("the replayed codec graph differs from the codec's decode")
+        except Exception:
+            log.exception("CUDA graph capture of the codec failed for %d pieces of %d frames", batch, frames)
+            return
+        self._graphs[(batch, frames)] = (graph, inputs, output)
