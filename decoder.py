@@ -6,13 +6,18 @@ delay-pattern state. A request is prefilled alone (upstream's own forward, batch
 each ``step`` runs the decoder layers once for rows ``0..B-1`` (B = the highest busy slot + 1, so the
 buffers are sliced, never gathered) and samples each row's next token or audio column.
 
-The model's modules are reused as they are (embeddings, ``_embed_audio_ids``, the decoder layers' norms,
-projections and FFNs, ``rotary_emb``, ``norm``, the heads); only the attention over the slot buffers and
-the control flow are written here. The decisions are upstream's (``modeling_higgs_audio.py``): an audio
-answer starts with an all-BOS column, codebook ``c`` starts ``c`` steps late (delay pattern), the lowest
-codebook that samples end-of-stream ends the audio ``7 - c`` steps later with ``<|audio_eos|>``, and
-repetition-aware sampling (RAS) redraws a code from the raw distribution when it already occurs twice in
-the last ``ras_window`` columns.
+The model's parts are reused (embeddings, ``_embed_audio_ids``, the decoder layers' weights, ``rotary_emb``,
+the heads); the attention over the slot buffers, the norms and the FFNs' arithmetic and the control flow are
+written here. A step's kernels are few, because at small batches each kernel costs the GPU more time to start
+than to run: each layer's query, key and value projections are one matrix product, and each FFN's gate and
+up projections another (``_fuse_rows`` stacks the weights once and leaves the upstream modules views of
+them, so nothing is stored twice and upstream's own forward, which prefills, reads the same numbers); the
+rotation is applied to queries and keys together; a norm's statistics are one call.
+
+The decisions are upstream's (``modeling_higgs_audio.py``): an audio answer starts with an all-BOS column,
+codebook ``c`` starts ``c`` steps late (delay pattern), the lowest codebook that samples end-of-stream ends
+the audio ``7 - c`` steps later with ``<|audio_eos|>``, and repetition-aware sampling (RAS) redraws a code
+from the raw distribution when it already occurs twice in the last ``ras_window`` columns.
 
 Nothing here reads the host per row: the step's state lives on the model's device and one small tensor
 (the sampled tokens) comes back per step. Sampling is one batched computation for all rows, so its cost in
@@ -92,6 +97,36 @@ def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, lanes: torch.Tensor
     return uniform.log_().neg_().log_().neg_()
 
 
+def _fuse_rows(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) stacking the rows of ``linears``, whose own weights become views of it."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    has_bias = [linear.bias is not None for linear in linears]
+    bias = torch.cat([linear.bias.detach() for linear in linears]) if all(has_bias) else None
+    if any(has_bias) and bias is None:
+        raise NotImplementedError("projections with and without bias in one layer")
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
+        if bias is not None:
+            linear.bias = torch.nn.Parameter(bias[start : start + rows], requires_grad=False)
+        start += rows
+    return weight, bias
+
+
+def _is_gated_mlp(mlp) -> bool:
+    """Llama's FFN, ``down(act(gate(x)) * up(x))``, in one piece (not split for tensor parallelism)."""
+    names = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    return all(hasattr(mlp, n) for n in names) and getattr(mlp.config, "pretraining_tp", 1) == 1
+
+
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm, as upstream's module computes it (in float32, the weight applied in ``x``'s dtype),
+    with the normalisation as one call."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
+    return norm.weight * normed.to(x.dtype)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -146,6 +181,15 @@ class BatchDecoder:
                 self.kinds.append("skip")
             else:
                 self.kinds.append("plain")
+        self._qkv = [
+            _fuse_rows([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+            for layer in model.layers
+        ]
+        self._gate_up: dict[int, tuple[torch.Tensor, torch.Tensor | None] | None] = {}
+        for layer in model.layers:
+            for mlp in (layer.mlp, getattr(layer, "audio_mlp", None)):
+                if mlp is not None and _is_gated_mlp(mlp):
+                    self._gate_up[id(mlp)] = _fuse_rows([mlp.gate_proj, mlp.up_proj])
         attn = model.layers[0].self_attn
         self.heads = int(getattr(attn, "num_heads", text.num_attention_heads))
         self.kv_heads = int(getattr(attn, "num_key_value_heads", text.num_key_value_heads))
@@ -487,8 +531,7 @@ class BatchDecoder:
                 model.embed_tokens(self.token[:rows]),
             )
         hidden = hidden[:, None, :].to(self.dtype)
-        cos, sin = model.rotary_emb(hidden, positions[:, None])
-        cos, sin = cos[:, None], sin[:, None]  # [rows, 1 (heads), 1, dim]
+        cos, sin = model.rotary_emb(hidden, positions[:, None])  # [rows, 1 (heads), dim]
         mask = (self._arange[None, :length] <= positions[:, None])[:, None, None, :]
         index = self._arange[:rows]
 
@@ -502,41 +545,53 @@ class BatchDecoder:
         for i, (layer, kind) in enumerate(zip(model.layers, self.kinds, strict=True)):
             layer_input = residual = hidden
             if kind == "dual":
-                x = pick(layer.audio_input_layernorm, layer.input_layernorm, hidden)
+                x = pick(
+                    lambda h, layer=layer: _rms_norm(layer.audio_input_layernorm, h),
+                    lambda h, layer=layer: _rms_norm(layer.input_layernorm, h),
+                    hidden,
+                )
             else:
-                x = layer.input_layernorm(hidden)
+                x = _rms_norm(layer.input_layernorm, hidden)
             hidden = residual + self._attention(
                 i, layer.self_attn, x, cos, sin, mask, index, positions, length
             )
             residual = hidden
             if kind == "dual":
                 ffn = pick(
-                    lambda h, layer=layer: layer.audio_mlp(layer.audio_post_attention_layernorm(h)),
-                    lambda h, layer=layer: layer.mlp(layer.post_attention_layernorm(h)),
+                    lambda h, layer=layer: self._mlp(
+                        layer.audio_mlp, _rms_norm(layer.audio_post_attention_layernorm, h)
+                    ),
+                    lambda h, layer=layer: self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, h)),
                     hidden,
                 )
             else:
-                ffn = layer.mlp(layer.post_attention_layernorm(hidden))
+                ffn = self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden))
             out = residual + ffn
             if kind == "skip" and mode != "text":
                 out = torch.where(is_audio, layer_input, out) if mode == "mixed" else layer_input
             hidden = out
-        hidden = model.norm(hidden)[:, 0]
+        hidden = _rms_norm(model.norm, hidden)[:, 0]
         audio_logits = (
             None if mode == "text" else self.audio_head(hidden).view(rows, self.codebooks, self.codes).float()
         )
         text_logits = None if mode == "audio" else self.text_head(hidden).float()
         return audio_logits, text_logits
 
+    def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
+        fused = self._gate_up.get(id(mlp))
+        if fused is None:
+            return mlp(x)
+        gate, up = F.linear(x, *fused).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
     def _attention(self, i, attn, x, cos, sin, mask, index, positions, length) -> torch.Tensor:
         rows = x.shape[0]
-        q = attn.q_proj(x).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        self.keys[i][index, :, positions] = k[:, :, 0]
-        self.values[i][index, :, positions] = v[:, :, 0]
+        qkv = F.linear(x[:, 0], *self._qkv[i]).view(rows, self.heads + 2 * self.kv_heads, self.head_dim)
+        rotated = self.heads + self.kv_heads  # queries and keys, rotated together
+        qk = qkv[:, :rotated] * cos + _rotate_half(qkv[:, :rotated]) * sin
+        q, k, v = qk[:, : self.heads], qk[:, self.heads :], qkv[:, rotated:]
+        self.keys[i][index, :, positions] = k
+        self.values[i][index, :, positions] = v
         keys = self.keys[i][:rows, :, :length]
         values = self.values[i][:rows, :, :length]
         # Grouped-query attention without copying the cache: the query heads that share a key/value head

@@ -1,0 +1,171 @@
+"""One batched decoding step, alone and inside the engine: its time and the operators (kernels) it runs.
+
+Run:  .venv/bin/python bench/bench_step.py [--rows 1 8] [--steps 100] [--baseline OLD_DECODER.py]
+      .venv/bin/python bench/bench_step.py --model MODEL --audio-tokenizer TOKENIZER --device cuda \\
+          --dtype bfloat16 --rows 1 16
+
+``BatchDecoder`` (``decoder.py``) is driven directly, over the tiny random-weight models of
+``tests/tiny_models.py`` on the CPU in float32 unless a model is named. For each row count a decoder of
+that many slots is filled with sampled audio requests (temperature 0.7, top-p 0.95, top-k 50, RAS window
+7), and reports:
+
+* **operators per step**: aten operators one eager step dispatches (each is at least one kernel on a GPU;
+  inside a CUDA graph a kernel still costs the GPU a few microseconds to start, so at batch 1, where every
+  kernel is tiny, their number sets the step time more than their work does). Exact on any machine;
+* **step**: the median wall time of a step (graph replays on CUDA, ending with the copy to the host);
+* **engine**: on the same model, the median time per step of one request decoded by the whole engine
+  (scheduler thread, codec thread, streaming), from its steps counter: what the step alone does not
+  explain is the engine's own overhead.
+
+``--baseline FILE`` (e.g. ``git show HEAD~1:decoder.py > /tmp/old.py``) measures another ``decoder.py`` in
+the same run for a before/after ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import statistics
+import sys
+import time
+
+from _common import service_settings, workspace, write_tiny_models
+
+
+def _load(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _operators(decoder) -> int:
+    """Aten operators dispatched by one eager step (views included: they are cheap but counted)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.count += 1
+            return func(*args, **(kwargs or {}))
+
+    graphs, decoder.graphs_enabled = decoder.graphs_enabled, False
+    try:
+        with torch.inference_mode(), Count():
+            decoder.step()
+    finally:
+        decoder.graphs_enabled = graphs
+    return Count.count
+
+
+def _decoder(module, engine, inputs, rows: int):
+    decoder = module.BatchDecoder(
+        engine._model,
+        slots=rows,
+        max_len=engine.max_context,
+        audio_out_token=engine._config.audio_out_token_idx,
+        audio_eos_token=engine._audio_eos_id,
+        suppress_in_text=engine._audio_start_ids,
+        graphs=engine.device == "cuda",
+        length_buckets=[engine.max_context],
+    )
+    for slot in range(rows):
+        sampling = module.Sampling(temperature=0.7, top_p=0.95, top_k=50, ras_window=7, seed=slot)
+        decoder.prefill(slot=slot, inputs=inputs, audio_output=True, sampling=sampling)
+    return decoder
+
+
+def _step_time(decoder, steps: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + steps):
+        started = time.perf_counter()
+        decoder.step()  # ends with the copy to the host, which waits for the device
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _engine_step_time(engine, request, steps: int) -> float:
+    """Seconds per step of one request through the engine (two lengths: the fixed costs cancel)."""
+    from dataclasses import replace
+
+    def run(n: int) -> float:
+        started = time.perf_counter()
+        asyncio.run(engine.generate(replace(request, max_new_tokens=n)))
+        return time.perf_counter() - started
+
+    run(steps)  # warm-up
+    short = statistics.median(run(steps // 4) for _ in range(3))
+    long = statistics.median(run(steps) for _ in range(3))
+    return (long - short) / (steps - steps // 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--baseline", help="another decoder.py to measure side by side")
+    parser.add_argument("--model", help="generation model (hub id or folder); default: the tiny model")
+    parser.add_argument("--audio-tokenizer", help="audio tokenizer (hub id or folder); default: the tiny one")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args()
+
+    with workspace() as tmp:
+        if args.model:
+            models = {"model": args.model, "audio_tokenizer": args.audio_tokenizer}
+        else:
+            tiny = write_tiny_models(tmp)
+            models = {"model": tiny["HIGGS_MODEL"], "audio_tokenizer": tiny["HIGGS_AUDIO_TOKENIZER"]}
+        import torch
+
+        import decoder
+        from engine import GenerationRequest, Turn, load_engine
+
+        settings = service_settings(
+            **models,
+            voices_dir=tmp / "voices",
+            device=args.device,
+            dtype=args.dtype,
+            kv_cache_lengths=[1024],
+            max_batch_size=1,
+        )
+        torch.set_num_threads(args.threads)
+        engine = load_engine(settings)
+        turns = [Turn("system", "Generate audio."), Turn("user", "Many rows, one step.")]
+        request = GenerationRequest(turns, True, args.steps, 0.7, 0.95, 50, seed=0)
+        inputs = engine._prepare(request).inputs
+        contenders = {"new": decoder}
+        if args.baseline:
+            contenders = {"old": _load(args.baseline, "decoder_baseline"), **contenders}
+        layers = len(engine._model.layers)
+        print(f"{args.device} {args.dtype}, {layers} layers; {args.steps} steps after {args.warmup}, medians")
+        for rows in args.rows:
+            results = {}
+            for name, module in contenders.items():
+                made = _decoder(module, engine, inputs, rows)
+                operators = _operators(made)
+                results[name] = (operators, _step_time(made, args.steps, args.warmup))
+                print(
+                    f"rows {rows:3d} {name:>4}: {operators:5d} operators per step "
+                    f"({operators / layers:.1f} per layer), step {results[name][1] * 1e3:8.3f} ms"
+                )
+                del made
+            if "old" in results:
+                (old_ops, old_time), (new_ops, new_time) = results["old"], results["new"]
+                ratio = f"operators x{old_ops / new_ops:.2f}, step x{old_time / new_time:.2f}"
+                print(f"rows {rows:3d} old/new: {ratio}")
+        per_step = _engine_step_time(engine, request, args.steps)
+        print(f"engine, one request: {per_step * 1e3:.3f} ms per step (the step alone above, at 1 row)")
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()
