@@ -9,9 +9,9 @@ Run:  .venv/bin/python bench/bench_step.py [--rows 1 8] [--steps 100] [--baselin
 that many slots is filled with sampled audio requests (temperature 0.7, top-p 0.95, top-k 50, RAS window
 7), and reports:
 
-* **operators per step**: aten operators one eager step dispatches (each is at least one kernel on a GPU;
-  inside a CUDA graph a kernel still costs the GPU a few microseconds to start, so at batch 1, where every
-  kernel is tiny, their number sets the step time more than their work does). Exact on any machine;
+* **operators per step**, and per layer of the forward pass: aten operators one eager step dispatches
+  (most are a kernel on a GPU; inside a CUDA graph a kernel still costs the GPU microseconds to start, so at
+  batch 1, where every kernel is tiny, their number weighs more than their work). Exact on any machine;
 * **step**: the median wall time of a step (graph replays on CUDA, ending with the copy to the host);
 * **engine**: on the same model, the median time per step of one request decoded by the whole engine
   (scheduler thread, codec thread, streaming), from its steps counter: what the step alone does not
@@ -40,25 +40,39 @@ def _load(path: str, name: str):
     return module
 
 
-def _operators(decoder) -> int:
-    """Aten operators dispatched by one eager step (views included: they are cheap but counted)."""
+def _operators(decoder) -> tuple[int, int]:
+    """Aten operators dispatched by one eager step, and those of them in the forward pass (views count
+    too: they launch nothing, but the same views are on both sides of a comparison)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
-        count = 0
+        total = forward = 0
+        inside = False
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.count += 1
+            Count.total += 1
+            Count.forward += Count.inside
             return func(*args, **(kwargs or {}))
 
+    forward = decoder._forward
+
+    def counted(*args):
+        Count.inside = True
+        try:
+            return forward(*args)
+        finally:
+            Count.inside = False
+
     graphs, decoder.graphs_enabled = decoder.graphs_enabled, False
+    decoder._forward = counted
     try:
         with torch.inference_mode(), Count():
             decoder.step()
     finally:
         decoder.graphs_enabled = graphs
-    return Count.count
+        del decoder._forward
+    return Count.total, Count.forward
 
 
 def _decoder(module, engine, inputs, rows: int):
@@ -151,11 +165,12 @@ def main() -> None:
             results = {}
             for name, module in contenders.items():
                 made = _decoder(module, engine, inputs, rows)
-                operators = _operators(made)
+                operators, forward = _operators(made)
                 results[name] = (operators, _step_time(made, args.steps, args.warmup))
                 print(
-                    f"rows {rows:3d} {name:>4}: {operators:5d} operators per step "
-                    f"({operators / layers:.1f} per layer), step {results[name][1] * 1e3:8.3f} ms"
+                    f"rows {rows:3d} {name:>4}: {operators:5d} operators per step, "
+                    f"{forward / layers:5.1f} per layer in the forward pass; "
+                    f"step {results[name][1] * 1e3:8.3f} ms"
                 )
                 del made
             if "old" in results:
