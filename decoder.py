@@ -62,6 +62,18 @@ class Sampling:
     seed: int | None
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A request entering a slot: its model inputs (a batch of one), answer kind, sampling, and its prompt's
+    length in the cache (after the model merges its audio into the sequence)."""
+
+    slot: int
+    inputs: dict
+    audio_output: bool
+    sampling: Sampling
+    tokens: int = 0
+
+
 def _signed64(value: int) -> int:
     """``value`` modulo 2**64 as a signed 64-bit integer (a seed as an int64 tensor holds it)."""
     value &= (1 << 64) - 1
@@ -245,6 +257,13 @@ class BatchDecoder:
                 return slot
         return None
 
+    def free_slots(self, n: int) -> list[int]:
+        """The ``n`` lowest free slots (the caller knows there are that many)."""
+        free = [slot for slot in range(self.slots) if slot not in self.busy][:n]
+        if len(free) < n:
+            raise RuntimeError(f"{n} slots asked for, {len(free)} free")
+        return free
+
     def release(self, slot: int) -> None:
         """Free a slot at once; the next step no longer counts it."""
         self.busy.discard(slot)
@@ -258,24 +277,47 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def prefill(self, *, slot: int, inputs: dict, audio_output: bool, sampling: Sampling) -> torch.Tensor:
-        """Run the prompt through the model into ``slot`` and choose the first token.
+        """Run one prompt into ``slot`` and choose the first token (see ``prefill_many``)."""
+        return self.prefill_many([Admission(slot, inputs, audio_output, sampling)])[0]
 
-        Returns, on the CPU, ``[text token, *audio column]``: for an audio answer ``<|AUDIO_OUT|>`` and the
-        all-BOS column that opens the stream (nothing is sampled), for a text answer the first token.
+    @torch.inference_mode()
+    def prefill_many(self, admissions: list[Admission], batch: dict | None = None) -> list[torch.Tensor]:
+        """Run prompts through the model into their slots, in one forward pass, and choose first tokens.
+
+        One admission runs its own ``inputs``; several run ``batch``, their samples collated together and
+        padded on the left (upstream's forward then pads the merged sequences on the left too, and a row's
+        real tokens keep positions ``0..tokens-1``, as when alone), and each row's cache is taken from
+        behind its padding. Returns, per admission, on the CPU, ``[text token, *audio column]``: for an
+        audio answer ``<|AUDIO_OUT|>`` and the all-BOS column that opens the stream (nothing is sampled),
+        for a text answer the first token.
         """
         from transformers import DynamicCache
 
+        inputs = admissions[0].inputs if batch is None else batch
         args = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         args = {k: v for k, v in args.items() if k in self._forward_keys}
         cache = DynamicCache()
         out = self.model(**args, past_key_values=cache, use_cache=True, return_dict=True)
-        length = cache.get_seq_length()
-        if length > self.max_len:
-            raise ValueError(f"the prompt takes {length} tokens, more than the slots hold ({self.max_len})")
-        for i, layer in enumerate(self.model.layers):
-            index = layer.self_attn.layer_idx
-            self.keys[i][slot, :, :length] = cache.key_cache[index][0]
-            self.values[i][slot, :, :length] = cache.value_cache[index][0]
+        total = cache.get_seq_length()
+        lengths = [total] if batch is None else [a.tokens for a in admissions]
+        if batch is not None and max(lengths) != total:
+            raise ValueError(f"prompts of {lengths} tokens made a batch of {total}, not {max(lengths)}")
+        if max(lengths) > self.max_len:
+            longest = max(lengths)
+            raise ValueError(f"the prompt takes {longest} tokens, more than the slots hold ({self.max_len})")
+        firsts = []
+        for row, (admission, length) in enumerate(zip(admissions, lengths, strict=True)):
+            pad = total - length
+            for i, layer in enumerate(self.model.layers):
+                index = layer.self_attn.layer_idx
+                self.keys[i][admission.slot, :, :length] = cache.key_cache[index][row, :, pad:]
+                self.values[i][admission.slot, :, :length] = cache.value_cache[index][row, :, pad:]
+            firsts.append(self._occupy(admission, length, out.logits[row : row + 1, -1:, :]))
+        return firsts
+
+    def _occupy(self, admission: Admission, length: int, logits: torch.Tensor) -> torch.Tensor:
+        """Set a prefilled slot's state; ``logits`` [1, 1, vocab] are the prompt's last position's."""
+        slot, sampling, audio_output = admission.slot, admission.sampling, admission.audio_output
         self.busy.add(slot)
         self.lengths[slot] = length
         self.pos[slot] = length
@@ -305,7 +347,7 @@ class BatchDecoder:
             # The RAS window looks back into the prompt's audio (upstream counts the voice reference's
             # last columns too), then the opening column.
             history = torch.full((self.codebooks, RAS_MAX_WINDOW), -1, dtype=torch.long)
-            prompt = inputs.get("audio_out_ids")
+            prompt = admission.inputs.get("audio_out_ids")
             if prompt is not None and prompt.shape[-1] > 0:
                 tail = prompt[:, -(RAS_MAX_WINDOW - 1) :].to(torch.long)
                 history[:, -1 - tail.shape[1] : -1] = tail
@@ -314,7 +356,7 @@ class BatchDecoder:
             first[0] = self.audio_out_token
         else:
             self.text_rows.add(slot)
-            logits = out.logits[:, -1:, :].float().index_fill_(-1, self.suppress, float("-inf"))
+            logits = logits.float().index_fill_(-1, self.suppress, float("-inf"))
             rows = slice(slot, slot + 1)
             noise = self._gumbel(rows, self.pos[rows], 1, 1, self.vocab)[:, 0]
             filters = (slot in self.top_k_rows or slot in self.top_p_rows, slot in self.top_p_rows)

@@ -32,7 +32,7 @@ import torch
 
 from audio import Audio
 from codec import PieceDecoder
-from decoder import BatchDecoder, Sampling
+from decoder import Admission, BatchDecoder, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ T = TypeVar("T")
 # Placed between the scene description tags of the system prompt, as Higgs Audio was trained.
 SYSTEM_TEMPLATE = "Generate audio following instruction.\n\n<|scene_desc_start|>\n{scene}\n<|scene_desc_end|>"
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>")
+PREFILL_TOKENS = 16384
+"""Most tokens (rows x the longest prompt, padding included) one prefill of several requests may take."""
 
 
 class ContextLengthError(ValueError):
@@ -257,7 +259,8 @@ class _Job:
 
 @dataclass(frozen=True)
 class _Prompt:
-    inputs: dict
+    inputs: dict  # the model's inputs for this prompt alone
+    sample: object  # its ChatMLDatasetSample, to collate with others for a prefill together
     tokens: int
     audio_tokens: int
 
@@ -277,6 +280,7 @@ class HiggsEngine:
         max_batch_size: int = 8,
         kv_cache_gb: float = 16.0,
         cuda_graphs: bool = True,
+        prefill_batch: int | None = None,
     ):
         # Imported here so that merely importing this module (for its types) stays cheap.
         from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
@@ -387,6 +391,8 @@ class HiggsEngine:
         self.batch_steps = 0
         """Batched steps run since start (one forward pass each, whatever the number of rows)."""
         self.max_queue = max_queue
+        self.prefill_batch = prefill_batch or (8 if device == "cuda" else 1)
+        """Most waiting requests prefilled together in one forward pass."""
         """Most jobs (running or waiting) the engine takes; more are refused with ``EngineBusy``."""
         self.failure: str | None = None
         """Set when CUDA failed in a way that needs a restart; the engine refuses work from then on."""
@@ -606,7 +612,7 @@ class HiggsEngine:
                 f"the prompt takes {prompt_tokens} tokens and {request.max_new_tokens} more were asked for, "
                 f"but the context holds {self.max_context}; shorten the input or lower max_tokens"
             )
-        return _Prompt(inputs, prompt_tokens, audio_columns)
+        return _Prompt(inputs, sample, prompt_tokens, audio_columns)
 
     # ---- the scheduler thread ----------------------------------------------------------------------------
 
@@ -617,13 +623,16 @@ class HiggsEngine:
                     self._cond.wait()
                 if self._closing:
                     break
-                job = self._waiting.popleft() if self._waiting and len(self._running) < self.slots else None
+                jobs = self._admissible()
             try:
                 for running in list(self._running.values()):
                     if running.cancel.is_set():  # the client left, or its audio failed: free the slot now
                         self._abandon(running)
-                if job is not None and not job.cancel.is_set():
-                    job.context.run(self._join, job)
+                jobs = [job for job in jobs if not job.cancel.is_set()]
+                if len(jobs) == 1:
+                    jobs[0].context.run(self._join, jobs[0])
+                elif jobs:
+                    self._join_together(jobs)
                 if self._running:
                     self._step()
             except BaseException as exc:  # a bug here must not stop the engine for every later request
@@ -634,38 +643,87 @@ class HiggsEngine:
         for job in [*self._running.values(), *self._waiting]:
             job.emit(EngineFailure("the engine is shutting down", "engine_closed"))
 
-    def _join(self, job: _Job) -> None:
-        """Prefill ``job`` into a free slot; a failure fails this request alone."""
-        slot = self._decoder.free_slot()
-        job.slot = slot
-        job.started = time.monotonic()
-        request = job.request
-        if request.time_limit is not None:
-            job.deadline = job.started + request.time_limit
-        sampling = Sampling(
+    def _admissible(self) -> list[_Job]:
+        """The waiting requests to prefill now (under the lock): as many as there are free slots, at most
+        ``prefill_batch``, and a batch's padded prompts within ``PREFILL_TOKENS``."""
+        jobs: list[_Job] = []
+        longest = 0
+        room = min(self.slots - len(self._running), self.prefill_batch)
+        while self._waiting and len(jobs) < room:
+            longest = max(longest, self._waiting[0].prompt.tokens)
+            if jobs and longest * (len(jobs) + 1) > PREFILL_TOKENS:
+                break
+            jobs.append(self._waiting.popleft())
+        return jobs
+
+    def _sampling(self, request: GenerationRequest) -> Sampling:
+        return Sampling(
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
             ras_window=request.ras_window,
             seed=request.seed,
         )
+
+    def _start(self, job: _Job, slot: int) -> None:
+        job.slot = slot
+        job.started = time.monotonic()
+        if job.request.time_limit is not None:
+            job.deadline = job.started + job.request.time_limit
+
+    def _join(self, job: _Job) -> None:
+        """Prefill ``job`` into a free slot; a failure fails this request alone."""
+        self._start(job, self._decoder.free_slot())
+        request = job.request
         try:
             first = self._guarded(
                 self._decoder.prefill,
-                slot=slot,
+                slot=job.slot,
                 inputs=job.prompt.inputs,
                 audio_output=request.audio_output,
-                sampling=sampling,
+                sampling=self._sampling(request),
             )
         except BaseException as exc:
             if not isinstance(exc, EngineFailure):
                 log.exception("prefill failed")
-            self._decoder.release(slot)
+            self._decoder.release(job.slot)
             job.emit(exc)
             return
+        self._joined(job, first)
+
+    def _join_together(self, jobs: list[_Job]) -> None:
+        """Prefill ``jobs`` in one forward pass, their samples collated (padded on the left); when that
+        fails, each is prefilled alone, so that a fault fails its own request only."""
+        slots = self._decoder.free_slots(len(jobs))
+        admissions = []
+        for job, slot in zip(jobs, slots, strict=True):
+            self._start(job, slot)
+            request = job.request
+            admissions.append(
+                Admission(
+                    slot, job.prompt.inputs, request.audio_output, self._sampling(request), job.prompt.tokens
+                )
+            )
+        try:
+            batch = asdict(self._collator([job.prompt.sample for job in jobs]))
+            firsts = self._guarded(self._decoder.prefill_many, admissions, batch)
+        except BaseException:
+            log.warning(
+                "prefilling %d requests together failed; prefilling them one by one", len(jobs), exc_info=True
+            )
+            for slot in slots:
+                self._decoder.release(slot)
+            for job in jobs:
+                job.context.run(self._join, job)
+            return
+        for job, first in zip(jobs, firsts, strict=True):
+            job.context.run(self._joined, job, first)
+
+    def _joined(self, job: _Job, first: torch.Tensor) -> None:
+        """A prefilled job starts decoding: it runs from the next step, its first token taken now."""
         with self._cond:
-            self._running[slot] = job
-        if request.audio_output:
+            self._running[job.slot] = job
+        if job.request.audio_output:
             job.stream = _AudioStream(self, job)
         self.steps += 1
         self._advance(job, first)
@@ -1032,4 +1090,5 @@ def load_engine(settings: Settings) -> HiggsEngine:
         max_batch_size=settings.max_batch_size,
         kv_cache_gb=settings.kv_cache_gb,
         cuda_graphs=settings.cuda_graphs,
+        prefill_batch=settings.prefill_batch,
     )

@@ -57,9 +57,14 @@ class Settings(BaseSettings):
     kv_cache_gb: float = Field(default=16.0, gt=0, le=4096)
     """Memory (GiB) the slots' KV cache may take; fewer slots are made when `max_batch_size` would not fit."""
 
+    prefill_batch: int | None = Field(default=None, ge=1, le=256)
+    """Waiting requests prefilled together in one forward pass when slots are free (a burst of listeners
+    is admitted in one pass instead of one after another). Default: 8 on CUDA; 1 on the CPU, where a pass
+    costs its tokens in full and one prompt at a time keeps answers bit-identical to a request alone."""
+
     cuda_graphs: bool = True
-    """On CUDA, replay each decoding step's forward pass as a CUDA graph (per rows/length bucket); a shape
-    whose capture fails is decoded eagerly."""
+    """On CUDA, replay each decoding step (forward pass and sampling) and each streamed piece's audio decode
+    as CUDA graphs, captured at start-up per rows/length bucket; a shape whose capture fails runs eagerly."""
 
     generation_timeout_seconds: float = Field(default=300.0, gt=0)
     """Wall-clock limit of one generation; it then stops with finish_reason "length"."""

@@ -371,3 +371,114 @@ def test_sampling_follows_the_distribution():
     among = decoder.gumbel_noise(torch.tensor([1, 7, 2**62]), torch.tensor([0, 5, 9]), lanes)
     assert torch.equal(alone[0], among[1]) and torch.equal(alone[0], noise[5])
     assert not torch.equal(alone[0, 0], alone[0, 1])  # the draw and the RAS redraw use other numbers
+
+
+def test_waiting_requests_prefilled_together_get_the_answers_they_get_alone(
+    client, engine, stored_voice, monkeypatch
+):
+    """With ``prefill_batch`` above 1 (the default on CUDA) a burst is prefilled in one forward pass, the
+    prompts padded on the left. Each request (default, stored, built-in and cloned voices, a text answer)
+    keeps its length, finish and usage; its tokens are not bit-for-bit guaranteed, because a padded row's
+    cache differs from its solo prefill by rounding (``test_a_prefill_together_fills_each_slot_as_alone``
+    bounds that difference), so a near-tie could pick another token."""
+    bodies = [
+        chat(seed=1, max_tokens=20),
+        clone(seed=2, max_tokens=16, temperature=1.0, top_p=0.8),
+        chat(seed=3, max_tokens=18, voice=stored_voice),
+        chat(seed=None, max_tokens=14, temperature=0, voice="nova", text="A built-in voice, greedy."),
+        text_chat(seed=5, max_tokens=10),
+    ]
+    alone = [answer(post(client, body)) for body in bodies]
+    batches = []
+    real_prefill_many, real_admissible = engine._decoder.prefill_many, engine._admissible
+
+    def prefill_many(admissions, batch=None):
+        batches.append(len(admissions))
+        return real_prefill_many(admissions, batch)
+
+    def admissible():  # (under the engine's lock) nothing is admitted until all of them wait: one burst
+        return real_admissible() if batches or len(engine._waiting) == len(bodies) else []
+
+    monkeypatch.setattr(engine._decoder, "prefill_many", prefill_many)
+    monkeypatch.setattr(engine, "_admissible", admissible)
+    monkeypatch.setattr(engine, "prefill_batch", 8)
+    together_answers = [answer(r) for r in together(client, bodies)]
+    assert batches[0] == len(bodies), batches
+    for i, (a, c) in enumerate(zip(alone, together_answers, strict=True)):
+        assert a[1:] == c[1:], f"request {i}: finish or usage changed when prefilled with the others"
+        if a[0] and c[0] and i < 4:  # the audio answers: as long as alone
+            assert len(base64.b64decode(a[0])) == len(base64.b64decode(c[0])), i
+    assert_idle(client, engine)
+
+
+def test_a_prefill_together_fills_each_slot_as_alone(engine):
+    """Three prompts of different lengths (one with a voice reference, one for a text answer) prefilled in
+    one pass fill their slots' caches as three solo prefills do, to float32 rounding, with the same first
+    tokens; the longest row, which has no padding, exactly."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    t = np.arange(48000, dtype=np.float32) / 24000
+    reference = asyncio.run(engine.encode(engine_module.Audio((0.3 * np.sin(2 * np.pi * 220 * t)), 24000)))
+    Turn = engine_module.Turn
+    requests = [
+        engine_module.GenerationRequest(
+            [Turn("system", "Generate audio."), Turn("user", "A longer prompt, with a few words in it.")],
+            True, 10, 0.7, 0.95, 50, seed=1,
+        ),
+        engine_module.GenerationRequest(
+            [Turn("system", "Generate audio."), Turn("user", "Say it."), Turn("assistant", audio=reference),
+             Turn("user", "Now.")],
+            True, 10, 0.7, 0.95, 50, seed=2,
+        ),
+        engine_module.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.7, 0.95, 50, seed=3),
+    ]  # fmt: skip
+    prompts = [engine._prepare(r) for r in requests]
+    admissions = [
+        decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
+        for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
+    ]
+    small = decoder.BatchDecoder(
+        engine._model, slots=len(requests), max_len=1024, audio_out_token=engine._config.audio_out_token_idx,
+        audio_eos_token=engine._audio_eos_id, suppress_in_text=engine._audio_start_ids,
+    )  # fmt: skip
+    solo_firsts, solo_keys = [], []
+    for a in admissions:
+        solo_firsts.append(small.prefill_many([a])[0])
+        solo_keys.append([k[a.slot, :, : a.tokens].clone() for k in small.keys])
+        small.release(a.slot)
+    batch = asdict(engine._collator([p.sample for p in prompts]))
+    firsts = small.prefill_many(admissions, batch)
+    longest = max(range(3), key=lambda i: prompts[i].tokens)
+    for i, a in enumerate(admissions):
+        assert small.lengths[i] == a.tokens and torch.equal(firsts[i], solo_firsts[i])
+        diff = max(
+            float((k[i, :, : a.tokens] - s).abs().max())
+            for k, s in zip(small.keys, solo_keys[i], strict=False)
+        )
+        assert diff < 1e-5 and (i != longest or diff == 0), (i, diff)
+
+
+def test_a_failed_prefill_together_falls_back_to_one_at_a_time(client, engine, monkeypatch):
+    """A fault in a prefill of several requests (a prompt the batch cannot take) costs nobody an answer:
+    each is prefilled alone."""
+    bodies = [chat(seed=1, max_tokens=12), chat(seed=2, max_tokens=10, text="Another one.")]
+    alone = [answer(post(client, body)) for body in bodies]
+    failed = []
+    real_prefill_many, real_admissible = engine._decoder.prefill_many, engine._admissible
+
+    def prefill_many(admissions, batch=None):
+        if len(admissions) == 1:  # a prefill alone (``prefill`` calls this too)
+            return real_prefill_many(admissions, batch)
+        failed.append(len(admissions))
+        raise ValueError("injected fault in a prefill together")
+
+    def admissible():
+        return real_admissible() if failed or len(engine._waiting) == len(bodies) else []
+
+    monkeypatch.setattr(engine._decoder, "prefill_many", prefill_many)
+    monkeypatch.setattr(engine, "_admissible", admissible)
+    monkeypatch.setattr(engine, "prefill_batch", 8)
+    assert [answer(r) for r in together(client, bodies)] == alone and failed == [2]
+    assert_idle(client, engine)
