@@ -41,8 +41,9 @@ T = TypeVar("T")
 # Placed between the scene description tags of the system prompt, as Higgs Audio was trained.
 SYSTEM_TEMPLATE = "Generate audio following instruction.\n\n<|scene_desc_start|>\n{scene}\n<|scene_desc_end|>"
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>")
-PREFILL_TOKENS = 16384
-"""Most tokens (rows x the longest prompt, padding included) one prefill of several requests may take."""
+PREFILL_TOKENS = 4096
+"""Most tokens (rows x the longest prompt, padding included) one prefill of several requests may take:
+upstream's forward makes text logits for every position, 128,256 of them per token."""
 
 
 class ContextLengthError(ValueError):
