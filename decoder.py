@@ -74,6 +74,19 @@ class Admission:
     tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Launched:
+    """A launched step: its tokens [rows, 1 + codebooks] on the host once ``result`` returns."""
+
+    tokens: torch.Tensor
+    ready: torch.cuda.Event | None
+
+    def result(self) -> torch.Tensor:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tokens
+
+
 def _signed64(value: int) -> int:
     """``value`` modulo 2**64 as a signed 64-bit integer (a seed as an int64 tensor holds it)."""
     value &= (1 << 64) - 1
@@ -247,6 +260,8 @@ class BatchDecoder:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_failed: set[tuple] = set()
         self._graph_pool = None
+        self._host: list[torch.Tensor] | None = None  # two pinned buffers for the steps' tokens (CUDA)
+        self._flip = 0
 
     # ---- slots ----------------------------------------------------------------------------------------
 
@@ -367,10 +382,17 @@ class BatchDecoder:
 
     # ---- the step ---------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def step(self) -> torch.Tensor:
         """One token or column for every busy slot. Returns [B, 1 + codebooks] on the CPU (row = slot):
         the text token (``<|AUDIO_OUT|>``, or ``<|audio_eos|>`` when the row's audio ended) and the column."""
+        return self.launch().result()
+
+    @torch.inference_mode()
+    def launch(self) -> Launched:
+        """Start a step (``step`` without waiting): on CUDA its output comes back to one of two pinned host
+        buffers while the caller goes on, so that the host's work on one step's tokens overlaps the GPU's
+        work on the next. The slots' state on the device already holds the step's result, so the next step
+        can be launched before this one's tokens are read."""
         rows, length = self._shape()
         any_text = bool(self.text_rows)
         all_text = len(self.text_rows) == len(self.busy)
@@ -378,7 +400,17 @@ class BatchDecoder:
         out = self._run(rows, length, mode)
         for slot in self.busy:
             self.lengths[slot] += 1
-        return out.cpu()
+        if self.device.type != "cuda":
+            return Launched(out, None)
+        if self._host is None:
+            shape = (self.slots, 1 + self.codebooks)
+            self._host = [torch.empty(shape, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        host = self._host[self._flip][:rows]
+        self._flip ^= 1  # the buffer is read before the step after next is launched
+        host.copy_(out, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return Launched(host, ready)
 
     def _device_step(self, rows: int, length: int, mode: str, filters: tuple[bool, bool]):
         """Everything of a step on the device, with static shapes and no host read (so that it can be a

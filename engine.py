@@ -32,7 +32,7 @@ import torch
 
 from audio import Audio
 from codec import PieceDecoder
-from decoder import Admission, BatchDecoder, Sampling
+from decoder import Admission, BatchDecoder, Launched, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +394,10 @@ class HiggsEngine:
         self.max_queue = max_queue
         self.prefill_batch = prefill_batch or (8 if device == "cuda" else 1)
         """Most waiting requests prefilled together in one forward pass."""
+        self.lookahead = device == "cuda"
+        """Launch each step before taking the previous one's tokens (on the CPU a step is done when launched,
+        so there it would only delay every token by a step)."""
+        self._in_flight: tuple[Launched, dict[int, _Job]] | None = None
         """Most jobs (running or waiting) the engine takes; more are refused with ``EngineBusy``."""
         self.failure: str | None = None
         """Set when CUDA failed in a way that needs a restart; the engine refuses work from then on."""
@@ -638,6 +642,7 @@ class HiggsEngine:
                     self._step()
             except BaseException as exc:  # a bug here must not stop the engine for every later request
                 log.exception("the scheduler failed; failing the requests it was decoding")
+                self._in_flight = None
                 for running in list(self._running.values()):
                     running.emit(exc)
                     self._leave(running)
@@ -730,18 +735,31 @@ class HiggsEngine:
         self._advance(job, first)
 
     def _step(self) -> None:
+        """Launch a step for every running job; with ``lookahead``, take the previous step's tokens while
+        this one runs on the GPU (a job that ended or left meanwhile has its row of the newer step
+        ignored)."""
         try:
-            out = self._guarded(self._decoder.step)
+            launched = self._guarded(self._decoder.launch)
         except BaseException as exc:  # the step is shared: every running request fails with it
-            log.exception("decoding step failed")
-            for job in list(self._running.values()):
-                job.emit(exc)
-                self._leave(job)
+            self._fail_running(exc)
+            return
+        step = (launched, dict(self._running))
+        if self.lookahead:
+            step, self._in_flight = self._in_flight, step
+        if step is not None:
+            self._take(*step)
+
+    def _take(self, launched: Launched, jobs: dict[int, _Job]) -> None:
+        """Stream a step's tokens to the jobs it was launched for that still hold their slots."""
+        try:
+            out = launched.result()
+        except BaseException as exc:
+            self._fail_running(exc)
             return
         self.batch_steps += 1
-        self.steps += len(self._running)
-        for slot, job in list(self._running.items()):
-            if not job.cancel.is_set():
+        for slot, job in jobs.items():
+            if self._running.get(slot) is job and not job.cancel.is_set():
+                self.steps += 1
                 job.context.run(self._advance, job, out[slot])
         now = time.monotonic()
         with self._cond:
@@ -749,6 +767,13 @@ class HiggsEngine:
                 self._rates.append((now, self.batch_steps, self._frames))
             while self._rates and now - self._rates[0][0] > 10.0:
                 self._rates.popleft()
+
+    def _fail_running(self, exc: BaseException) -> None:
+        log.exception("decoding step failed", exc_info=exc)
+        self._in_flight = None
+        for job in list(self._running.values()):
+            job.emit(exc)
+            self._leave(job)
 
     def _advance(self, job: _Job, row: torch.Tensor) -> None:
         """Take one step's output for ``job``: stream it, and end the job when it is done."""

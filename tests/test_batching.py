@@ -108,6 +108,14 @@ def assert_idle(client, engine) -> None:
     assert f"higgs_batch_slots {float(engine.slots)}" in metrics
 
 
+@pytest.fixture(params=[False, True], ids=["step by step", "lookahead"])
+def lookahead(request, engine, monkeypatch):
+    """The engine taking each step's tokens before launching the next (the CPU's way) or while the next one
+    runs (CUDA's): nothing a client gets may differ."""
+    monkeypatch.setattr(engine, "lookahead", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def stored_voice(client):
     with open(TEST_AUDIO, "rb") as f:
@@ -121,7 +129,7 @@ def stored_voice(client):
     client.delete("/v1/audio/voices/batcher")
 
 
-def test_eight_concurrent_requests_each_get_their_own_answer(client, engine, stored_voice):
+def test_eight_concurrent_requests_each_get_their_own_answer(client, engine, stored_voice, lookahead):
     bodies = [
         chat(seed=1, max_tokens=30),
         chat(seed=None, max_tokens=41, temperature=0, text="Greedy, and no seed at all."),
@@ -150,7 +158,7 @@ def test_eight_concurrent_requests_each_get_their_own_answer(client, engine, sto
     assert_idle(client, engine)
 
 
-def test_a_request_joins_while_another_decodes_and_others_leave_early(client, engine):
+def test_a_request_joins_while_another_decodes_and_others_leave_early(client, engine, lookahead):
     long = chat(seed=11, max_tokens=150)
     short = chat(seed=12, max_tokens=20, text="I join late and leave early.")
     probe = text_chat(seed=13, max_tokens=30)
@@ -196,7 +204,7 @@ def test_a_request_joins_while_another_decodes_and_others_leave_early(client, en
     assert_idle(client, engine)
 
 
-def test_a_cancelled_slot_is_free_within_one_step(engine, client, monkeypatch):
+def test_a_cancelled_slot_is_free_within_one_step(engine, client, monkeypatch, lookahead):
     released: list[int] = []
     real_release = engine._decoder.release
 
