@@ -142,7 +142,8 @@ def _fuse_rows(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tens
 def _is_gated_mlp(mlp) -> bool:
     """Llama's FFN, ``down(act(gate(x)) * up(x))``, in one piece (not split for tensor parallelism)."""
     names = ("gate_proj", "up_proj", "down_proj", "act_fn")
-    return all(hasattr(mlp, n) for n in names) and getattr(mlp.config, "pretraining_tp", 1) == 1
+    split = getattr(getattr(mlp, "config", None), "pretraining_tp", 1)
+    return all(hasattr(mlp, n) for n in names) and split == 1
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
