@@ -392,13 +392,13 @@ class HiggsEngine:
         self.batch_steps = 0
         """Batched steps run since start (one forward pass each, whatever the number of rows)."""
         self.max_queue = max_queue
+        """Most jobs (running or waiting) the engine takes; more are refused with ``EngineBusy``."""
         self.prefill_batch = prefill_batch or (8 if device == "cuda" else 1)
         """Most waiting requests prefilled together in one forward pass."""
         self.lookahead = device == "cuda"
         """Launch each step before taking the previous one's tokens (on the CPU a step is done when launched,
         so there it would only delay every token by a step)."""
         self._in_flight: tuple[Launched, dict[int, _Job]] | None = None
-        """Most jobs (running or waiting) the engine takes; more are refused with ``EngineBusy``."""
         self.failure: str | None = None
         """Set when CUDA failed in a way that needs a restart; the engine refuses work from then on."""
         self.observers: list[Callable[[GenerationResult], None]] = []
