@@ -123,7 +123,12 @@ def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, lanes: torch.Tensor
 
 
 def _fuse_rows(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) stacking the rows of ``linears``, whose own weights become views of it."""
+    """One weight (and bias) stacking the rows of ``linears``, whose own weights become views of it; made
+    once per model (another decoder over the same model reuses it)."""
+    key = tuple(id(linear) for linear in linears)
+    made = getattr(linears[0], "_fused_rows", None)
+    if made is not None and made[0] == key:
+        return made[1], made[2]
     weight = torch.cat([linear.weight.detach() for linear in linears])
     has_bias = [linear.bias is not None for linear in linears]
     bias = torch.cat([linear.bias.detach() for linear in linears]) if all(has_bias) else None
@@ -136,6 +141,7 @@ def _fuse_rows(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tens
         if bias is not None:
             linear.bias = torch.nn.Parameter(bias[start : start + rows], requires_grad=False)
         start += rows
+    linears[0]._fused_rows = (key, weight, bias)
     return weight, bias
 
 
