@@ -1,10 +1,10 @@
 """Batched decoding over Higgs Audio's parts: one KV-cache slot per running request, one step for all.
 
 Upstream's ``generate`` decodes one request at a time. Here every running request owns a *slot*: a row of
-fixed-size key/value buffers, its own position, attention mask, sampling settings, random generator and
-delay-pattern state. A request is prefilled alone (upstream's own forward, batch 1) into a free slot, then
-each ``step`` runs the decoder layers once for rows ``0..B-1`` (B = the highest busy slot + 1, so the
-buffers are sliced, never gathered) and samples each row's next token or audio column.
+fixed-size key/value buffers, its own position, attention mask, sampling settings, seed and delay-pattern
+state. A request is prefilled by upstream's own forward into a free slot (a burst of them in one pass:
+``prefill_many``), then each ``step`` runs the decoder layers once for rows ``0..B-1`` (B = the highest busy
+slot + 1, so the buffers are sliced, never gathered) and samples each row's next token or audio column.
 
 The model's parts are reused (embeddings, ``_embed_audio_ids``, the decoder layers' weights, ``rotary_emb``,
 the heads); the attention over the slot buffers, the norms and the FFNs' arithmetic and the control flow are
