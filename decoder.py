@@ -8,8 +8,8 @@ slot + 1, so the buffers are sliced, never gathered) and samples each row's next
 
 The model's parts are reused (embeddings, ``_embed_audio_ids``, the decoder layers' weights, ``rotary_emb``,
 the heads); the attention over the slot buffers, the norms and the FFNs' arithmetic and the control flow are
-written here. A step's kernels are few, because at small batches each kernel costs the GPU more time to start
-than to run: each layer's query, key and value projections are one matrix product, and each FFN's gate and
+written here. A step's kernels are kept few, because at small batches a kernel's start can cost the GPU more
+than its work: each layer's query, key and value projections are one matrix product, and each FFN's gate and
 up projections another (``_fuse_rows`` stacks the weights once and leaves the upstream modules views of
 them, so nothing is stored twice and upstream's own forward, which prefills, reads the same numbers); the
 rotation is applied to queries and keys together; a norm's statistics are one call.
