@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from audio import Audio
-from codec import PieceDecoder
+from codec import PieceDecoder, bake_weight_norm
 from decoder import Admission, BatchDecoder, Launched, Sampling
 
 log = logging.getLogger(__name__)
@@ -297,6 +297,7 @@ class HiggsEngine:
         self._tokenizer = AutoTokenizer.from_pretrained(model)
         self._model.set_audio_special_tokens(self._tokenizer)
         self._codec = load_higgs_audio_tokenizer(audio_tokenizer, device=torch_device)
+        bake_weight_norm(self._codec)
         config = self._config = self._model.config
         whisper = (
             AutoProcessor.from_pretrained("openai/whisper-large-v3-turbo", trust_remote=True, device=device)

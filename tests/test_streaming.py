@@ -193,3 +193,24 @@ def test_the_codec_graphs_decode_as_the_codec_does(engine):
     theirs = engine._codec.decode(codes)
     assert ours.shape == theirs.shape == (3, 1, 20 * engine.sample_rate // engine.frame_rate)
     assert np.allclose(ours, theirs, atol=1e-6) and np.array_equal(pieces.decode(codes), theirs)
+
+
+def test_the_codec_runs_with_its_weight_norm_folded_and_gives_upstreams_numbers(engine, tiny_settings):
+    """The engine folds the codec's weight normalisation into plain weights at load (``codec.
+    bake_weight_norm``): nothing recomputes them per call any more, and decoding and encoding give exactly
+    what the codec as upstream loads it gives."""
+    import torch
+    from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
+
+    def hooks(codec) -> list[str]:
+        return [type(h).__name__ for m in codec.modules() for h in m._forward_pre_hooks.values()]
+
+    upstream = load_higgs_audio_tokenizer(tiny_settings["HIGGS_AUDIO_TOKENIZER"], device="cpu")
+    assert "WeightNorm" not in hooks(engine._codec) and "WeightNorm" in hooks(upstream)
+    codes = torch.randint(0, 1024, (2, engine.num_codebooks, 12), generator=torch.Generator().manual_seed(5))
+    t = np.arange(engine.sample_rate, dtype=np.float32) / engine.sample_rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    rate = engine.sample_rate
+    with torch.inference_mode():
+        assert np.array_equal(engine._codec.decode(codes), upstream.decode(codes))
+        assert torch.equal(engine._codec.encode(tone, rate), upstream.encode(tone, rate))
