@@ -59,8 +59,8 @@ class Settings(BaseSettings):
 
     prefill_batch: int | None = Field(default=None, ge=1, le=256)
     """Waiting requests prefilled together in one forward pass when slots are free (a burst of listeners
-    is admitted in one pass instead of one after another). Default: 8 on CUDA; 1 on the CPU, where a pass
-    costs its tokens in full and one prompt at a time keeps answers bit-identical to a request alone."""
+    is admitted in one pass instead of one after another). Default: 8 on CUDA; 1 on the CPU, where one
+    prompt at a time keeps every answer bit-identical to the request alone (padded rows round differently)."""
 
     cuda_graphs: bool = True
     """On CUDA, replay each decoding step (forward pass and sampling) and each streamed piece's audio decode
