@@ -40,6 +40,7 @@ from engine import (
     StreamEvent,
     Turn,
 )
+from streaming import started
 
 log = logging.getLogger(__name__)
 
@@ -142,27 +143,16 @@ async def _open(
     while True:
         events = engine.stream(script.request(k, list(history), max_new_tokens))
         try:
-            first = await anext(events)
+            return events, await started(events)  # (it closes the stream when it raises)
         except ContextLengthError:
-            await events.aclose()
             if k == 0 or not history:
                 raise
             history.popleft()
             log.info("piece %d: context shortened to %d pieces to fit", k + 1, len(history))
-            continue
         except EngineBusy:
-            await events.aclose()
             if k == 0 or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(BUSY_RETRY_SECONDS)
-            continue
-        except BaseException:
-            await events.aclose()
-            raise
-        if not isinstance(first, Started):
-            await events.aclose()
-            raise RuntimeError(f"the engine's stream began with {type(first).__name__}")
-        return events, first
 
 
 async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncIterator[StreamEvent]:

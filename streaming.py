@@ -34,8 +34,9 @@ def sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def started(events: AsyncIterator[StreamEvent]) -> None:
-    """Wait for generation to start, so that errors found while preparing it are answered as errors."""
+async def started(events: AsyncIterator[StreamEvent]) -> Started:
+    """Wait for generation to start, so that errors found while preparing it are answered as errors; the
+    stream is closed when it does not start."""
     try:
         first = await anext(events)
     except BaseException:
@@ -44,6 +45,7 @@ async def started(events: AsyncIterator[StreamEvent]) -> None:
     if not isinstance(first, Started):
         await events.aclose()
         raise RuntimeError(f"the engine's stream began with {type(first).__name__}")
+    return first
 
 
 async def chat_events(

@@ -25,11 +25,9 @@ import functools
 import inspect
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -142,29 +140,10 @@ def serve(app: Any, start_timeout: float = 600.0) -> Iterator[str]:
     The app's models are loaded and warmed up (it is ready) before this yields; ``RuntimeError`` when the
     server has not started within ``start_timeout`` seconds or its thread ended.
     """
-    import uvicorn
+    from live_server import serve as serve_app  # tests/, on the path inside ``workspace()``
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + start_timeout
-    # The server listens at once and loads its models behind it: wait until it is ready too.
-    while not (server.started and getattr(app.state, "ready", False)):
-        if getattr(app.state, "load_error", None):
-            raise RuntimeError(f"the server could not load its models: {app.state.load_error}")
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start (see its log above)")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
+    with serve_app(app, start_timeout) as url:
+        yield url
 
 
 @dataclass

@@ -104,6 +104,7 @@ def main() -> None:
         else:
             models = write_tiny_models(tmp)
         import ray
+        from live_server import free_port
         from ray import serve as ray_serve
 
         import cluster
@@ -115,7 +116,7 @@ def main() -> None:
             device=args.device,
             dtype="float32" if args.device == "cpu" else "auto",
             host="127.0.0.1",
-            port=_free_port(),
+            port=free_port(),
             **speech_cap_settings(args.tokens),
         )
         ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
@@ -170,14 +171,6 @@ def main() -> None:
     if "bare app" in rate:
         print(f"1 replica behind Ray / bare app: {rate['1 replica'] / rate['bare app']:.2f}x")
     print(conditions(time.perf_counter() - started, load_before))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

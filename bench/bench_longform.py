@@ -44,20 +44,14 @@ from _common import (
     workspace,
 )
 
-SENTENCES = [
-    "Mr. Brown opened the old shop at 7.30 a.m. on a grey Monday in March.",
-    "The bell above the door rang twice, as it always did, and the smell of paper filled the room.",
-    "He counted 3,412 books on the shelves, e.g. atlases, diaries and a few rare maps of the U.S. coast.",
-    '"Nobody reads maps any more," said his neighbour, leaning on the counter.',
-    "Mr. Brown only smiled; he knew that somebody, somewhere, was looking for exactly this one.",
-    "By noon the rain had stopped and the street was full of people with umbrellas they no longer needed.",
-]
 LENGTHS = (100, 1000, 4000)
 
 
 def text_of(length: int) -> str:
     """About ``length`` characters of sentences (cut at a word, ending with a full stop)."""
-    text = " ".join(SENTENCES[i % len(SENTENCES)] for i in range(length // 40 + 2))
+    from sample_texts import sentences  # tests/, on the path inside ``workspace()``
+
+    text = sentences(length // 40 + 2)
     return text[: text.rfind(" ", 0, length)].rstrip(",;") + "."
 
 

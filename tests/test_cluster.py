@@ -11,7 +11,6 @@ import base64
 import json
 import re
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import openai
 import pytest
 from conftest import FIXTURES
+from live_server import free_port
 
 ray = pytest.importorskip("ray", reason="Ray is installed by `make test` (requirements-ray.txt)")
 
@@ -32,12 +32,6 @@ from settings import Settings  # noqa: E402
 TEXT = "Every replica should sound the same."
 SAMPLE = FIXTURES / "speech_female.wav"
 SAMPLE_TRANSCRIPT = "A few words from a woman, read clearly."
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

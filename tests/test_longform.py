@@ -18,20 +18,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from sample_texts import sentences
 
 from engine import AudioPiece, GenerationResult
 from longform import Joiner
 from text_split import split_text
 
-SENTENCES = [
-    "Mr. Brown opened the old shop at 7.30 a.m. on a grey Monday in March.",
-    "The bell above the door rang twice, as it always did, and the smell of paper filled the room.",
-    "He counted 3,412 books on the shelves, e.g. atlases, diaries and a few rare maps of the U.S. coast.",
-    '"Nobody reads maps any more," said his neighbour, leaning on the counter.',
-    "Mr. Brown only smiled; he knew that somebody, somewhere, was looking for exactly this one.",
-    "By noon the rain had stopped and the street was full of people with umbrellas they no longer needed.",
-]
-TEXT = " ".join(SENTENCES[i % len(SENTENCES)] for i in range(200))
+TEXT = sentences(200)
 TEXT = TEXT[: TEXT.rfind(".", 0, 3000) + 1]
 SHORT = "One short sentence is spoken here."
 SAMPLES_PER_FRAME = 960  # 24 kHz audio, 25 frames a second

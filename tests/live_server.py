@@ -1,0 +1,51 @@
+"""The app served for real: uvicorn on a free loopback port in a background thread.
+
+Shared by the tests that need a real server (the web page's, the Ray cluster's port) and by the benchmarks
+(``bench/_common.py`` puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve(app, start_timeout: float = 120.0) -> Iterator[str]:
+    """Serve ``app`` on a free 127.0.0.1 port in a thread; yields its base URL once it is ready (the
+    server listens at once and loads its models behind it). ``RuntimeError`` when loading failed, or the
+    server was not ready within ``start_timeout`` seconds, or its thread ended."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    try:
+        while not (server.started and getattr(app.state, "ready", False)):
+            if getattr(app.state, "load_error", None):
+                raise RuntimeError(f"the server could not load its models: {app.state.load_error}")
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start (see its log above)")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
