@@ -272,15 +272,9 @@ class BatchDecoder:
 
     # ---- slots ----------------------------------------------------------------------------------------
 
-    def free_slot(self) -> int | None:
-        """The lowest free slot (keeping busy rows low keeps steps small), or None."""
-        for slot in range(self.slots):
-            if slot not in self.busy:
-                return slot
-        return None
-
     def free_slots(self, n: int) -> list[int]:
-        """The ``n`` lowest free slots (the caller knows there are that many)."""
+        """The ``n`` lowest free slots (keeping busy rows low keeps steps small; the caller knows there are
+        that many)."""
         free = [slot for slot in range(self.slots) if slot not in self.busy][:n]
         if len(free) < n:
             raise RuntimeError(f"{n} slots asked for, {len(free)} free")

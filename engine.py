@@ -369,7 +369,7 @@ class HiggsEngine:
         self.streaming = streaming or StreamSettings()
         self._pieces = PieceDecoder(
             self._codec,
-            codebooks=int(config.audio_num_codebooks),
+            codebooks=self.num_codebooks,
             codebook_size=int(config.audio_codebook_size),
             graphs=cuda_graphs,
         )
@@ -680,7 +680,7 @@ class HiggsEngine:
 
     def _join(self, job: _Job) -> None:
         """Prefill ``job`` into a free slot; a failure fails this request alone."""
-        self._start(job, self._decoder.free_slot())
+        self._start(job, self._decoder.free_slots(1)[0])
         request = job.request
         try:
             first = self._guarded(

@@ -266,7 +266,7 @@ def test_startup_loads_models_from_settings_and_reports_readiness(settings):
 
     from app import create_app
 
-    changes = {"stt_model": "", "stream_first_chunk_frames": 2, "stream_chunk_frames": 5}
+    changes = {"stt_model": "", "stream_first_chunk_frames": 2, "stream_chunk_frames": 5, "prefill_batch": 3}
     app = create_app(settings.model_copy(update=changes))
     assert TestClient(app).get("/ready").status_code == 503  # lifespan not started: not ready
     with TestClient(app) as client:
@@ -279,6 +279,7 @@ def test_startup_loads_models_from_settings_and_reports_readiness(settings):
         with client.stream("POST", "/v1/audio/speech", json=body) as response:
             sizes = [len(piece) for piece in response.iter_bytes()]
         assert sizes[:3] == [2 * 960 * 2, 5 * 960 * 2, 5 * 960 * 2]  # streaming settings reach the engine
+        assert app.state.engine.prefill_batch == 3  # and HIGGS_PREFILL_BATCH
         body = {
             "model": "tts-1",
             "modalities": ["text", "audio"],
