@@ -256,6 +256,7 @@ class _Job:
         self.text: str | None = None  # set when a stop string ended the text
         self.stream: _AudioStream | None = None
         self.failed = False
+        self.counted = True  # counts against the engine's bound until it leaves its slot or the line
 
 
 @dataclass(frozen=True)
@@ -375,6 +376,7 @@ class HiggsEngine:
         )
         if cuda_graphs and device == "cuda":
             took = time.perf_counter()
+            reserved = torch.cuda.memory_reserved()
             steps = self._decoder.capture_graphs()
             piece = self.streaming
             lengths = [  # a stream's first piece, and every later one but the last (``_AudioStream.cut``)
@@ -382,11 +384,15 @@ class HiggsEngine:
                 piece.context_frames + piece.chunk_frames + piece.context_frames,
             ]
             pieces = self._pieces.capture(lengths, self._decoder.row_buckets())
+            torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs keep their own pools
             log.info(
-                "captured %d CUDA graphs of the decoding step and %d of the codec in %.1f s",
+                "captured %d CUDA graphs of the decoding step and %d of the codec in %.1f s; "
+                "GPU memory reserved by PyTorch %.2f GiB before, %.2f GiB after",
                 steps,
                 pieces,
                 time.perf_counter() - took,
+                reserved / 1024**3,
+                torch.cuda.memory_reserved() / 1024**3,
             )
         self.steps = 0
         """Decoding steps run since start, counted per request (a step of 8 rows counts 8)."""
@@ -438,7 +444,8 @@ class HiggsEngine:
 
     @property
     def pending(self) -> int:
-        """Jobs running or waiting (generations and reference encodings)."""
+        """Jobs holding a slot, waiting for one or being prepared, and reference encodings. A generation
+        counts until its slot is free (not merely until its client left), so this is the engine's load."""
         return self._pending
 
     @property
@@ -476,6 +483,13 @@ class HiggsEngine:
     def _release(self) -> None:
         with self._pending_lock:
             self._pending -= 1
+
+    def _let_go(self, job: _Job) -> None:
+        """``job`` holds no slot and no place in the line any more: it stops counting (once)."""
+        with self._pending_lock:
+            if job.counted:
+                job.counted = False
+                self._pending -= 1
 
     def _guarded(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """Run ``fn``, turning GPU failures into errors the client can be told about."""
@@ -534,13 +548,15 @@ class HiggsEngine:
             except RuntimeError:  # the consumer's loop is gone
                 cancel.set()
 
+        job: _Job | None = None
         try:
             context = contextvars.copy_context()
             prompt = await loop.run_in_executor(self._prompt_pool, context.run, self._prepare, request)
             with self._cond:
                 if self._closing:
                     raise EngineFailure("the engine is shutting down", "engine_closed")
-                self._waiting.append(_Job(request, prompt, emit, cancel))
+                job = _Job(request, prompt, emit, cancel)
+                self._waiting.append(job)
                 self._cond.notify()
             yield Started(prompt.tokens, prompt.audio_tokens)
             while True:
@@ -551,10 +567,18 @@ class HiggsEngine:
                 if isinstance(item, GenerationResult):
                     return
         finally:
+            # A job still in the line leaves it now; one in a slot counts until the scheduler frees the
+            # slot (before its next step), one that ended already stopped counting.
             cancel.set()
             with self._cond:
+                waiting = job is not None and job in self._waiting
+                if waiting:
+                    self._waiting.remove(job)
                 self._cond.notify()
-            self._release()
+            if job is None:
+                self._release()
+            elif waiting:
+                self._let_go(job)
 
     def close(self) -> None:
         with self._cond:
@@ -634,6 +658,9 @@ class HiggsEngine:
                 for running in list(self._running.values()):
                     if running.cancel.is_set():  # the client left, or its audio failed: free the slot now
                         self._abandon(running)
+                for job in jobs:
+                    if job.cancel.is_set():
+                        self._let_go(job)
                 jobs = [job for job in jobs if not job.cancel.is_set()]
                 if len(jobs) == 1:
                     jobs[0].context.run(self._join, jobs[0])
@@ -642,13 +669,20 @@ class HiggsEngine:
                 if self._running:
                     self._step()
             except BaseException as exc:  # a bug here must not stop the engine for every later request
-                log.exception("the scheduler failed; failing the requests it was decoding")
+                log.exception("the scheduler failed; failing the requests it was decoding or admitting")
                 self._in_flight = None
                 for running in list(self._running.values()):
                     running.emit(exc)
                     self._leave(running)
+                for job in jobs:  # taken from the line, not decoding yet
+                    if job.counted:
+                        if job.slot >= 0 and job.slot not in self._running:
+                            self._decoder.release(job.slot)
+                        job.emit(exc)
+                        self._let_go(job)
         for job in [*self._running.values(), *self._waiting]:
             job.emit(EngineFailure("the engine is shutting down", "engine_closed"))
+            self._let_go(job)
 
     def _admissible(self) -> list[_Job]:
         """The waiting requests to prefill now (under the lock): as many as there are free slots, at most
@@ -694,6 +728,7 @@ class HiggsEngine:
             if not isinstance(exc, EngineFailure):
                 log.exception("prefill failed")
             self._decoder.release(job.slot)
+            self._let_go(job)
             job.emit(exc)
             return
         self._joined(job, first)
@@ -821,11 +856,12 @@ class HiggsEngine:
         return cut >= 0
 
     def _leave(self, job: _Job) -> None:
-        """Free the job's slot without an answer (cancelled or failed)."""
+        """Free the job's slot (it ended, was cancelled or failed)."""
         with self._cond:
             if self._running.get(job.slot) is job:
                 del self._running[job.slot]
                 self._decoder.release(job.slot)
+        self._let_go(job)
 
     def _abandon(self, job: _Job) -> None:
         """Free a cancelled job's slot; the work it did still counts for the observers (metrics)."""

@@ -233,6 +233,44 @@ def test_a_cancelled_slot_is_free_within_one_step(engine, client, monkeypatch, l
     assert_idle(client, engine)
 
 
+def test_a_request_counts_against_the_bound_until_its_slot_is_free(engine, client, monkeypatch):
+    """``pending`` (the queue gauge and the 429 bound) counts a request whose client left until the
+    scheduler has freed its slot; a waiting request whose client left is out of the line at once."""
+    pending_at_release: list[int] = []
+    real_release = engine._decoder.release
+
+    def release(slot: int) -> None:
+        pending_at_release.append(engine.pending)
+        real_release(slot)
+
+    monkeypatch.setattr(engine._decoder, "release", release)
+    monkeypatch.setattr(engine, "slots", 1)  # one request decodes, the next one waits
+    turns = [engine_module.Turn("user", "Count me.")]
+    leaving = engine_module.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=1)
+    waiting = engine_module.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=2)
+
+    async def run() -> list[tuple[int, int]]:
+        seen = []
+        first = engine.stream(leaving)
+        async for event in first:
+            if isinstance(event, engine_module.AudioPiece):
+                break
+        second = engine.stream(waiting)
+        assert isinstance(await anext(second), engine_module.Started)  # queued behind the first
+        seen.append((engine.pending, engine.stats().waiting))
+        await second.aclose()
+        seen.append((engine.pending, engine.stats().waiting))
+        await first.aclose()
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen == [(2, 1), (1, 0)]
+    settle(engine)
+    assert pending_at_release == [1]  # the leaving request still counted while its slot was freed
+    monkeypatch.undo()
+    assert_idle(client, engine)
+
+
 def test_a_fault_in_one_request_fails_only_it(client, engine, monkeypatch, lenient):
     others = [chat(seed=21, max_tokens=40), clone(seed=22, max_tokens=25)]
     alone = [answer(post(client, body)) for body in others]
