@@ -43,6 +43,7 @@ class PieceDecoder:
         self.graphs_enabled = graphs and self.device.type == "cuda" and codec.quantizer_type == "RVQ"
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None  # not the decoding loop's pool: the two run at the same time on two streams
+        self._side_stream: torch.cuda.Stream | None = None
 
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         """Decode a batch of pieces of one length (on the caller's CUDA stream)."""
@@ -85,7 +86,9 @@ class PieceDecoder:
         try:
             inputs = sample.to(self.device)
             expected = torch.from_numpy(self.codec.decode(sample)).to(self.device)
-            stream = torch.cuda.Stream()
+            if self._side_stream is None:  # one for every capture (see ``BatchDecoder._warm_up_stream``)
+                self._side_stream = torch.cuda.Stream()
+            stream = self._side_stream
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self._forward(inputs)  # warm-up outside the capture (lazy initialisation, cuDNN plans)

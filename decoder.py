@@ -153,15 +153,10 @@ def _is_gated_mlp(mlp) -> bool:
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """Llama's RMSNorm, as upstream's module computes it (in float32, the weight applied in ``x``'s dtype),
-    with the normalisation as one call."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
-    return norm.weight * normed.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    """Llama's RMSNorm, as upstream's module computes it (the statistics and the scaling in float32, rounded
+    to ``x``'s dtype, then the weight applied in that dtype), with the normalisation as one call: the fused
+    kernel computes in float32 inside, so no float32 copy of ``x`` goes in or comes out."""
+    return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=norm.variance_epsilon)
 
 
 class BatchDecoder:
@@ -267,6 +262,7 @@ class BatchDecoder:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_failed: set[tuple] = set()
         self._graph_pool = None
+        self._side_stream: torch.cuda.Stream | None = None
         self._host: list[torch.Tensor] | None = None  # two pinned buffers for the steps' tokens (CUDA)
         self._flip = 0
 
@@ -565,7 +561,7 @@ class BatchDecoder:
                 tensor.copy_(value)
 
         try:
-            stream = torch.cuda.Stream()
+            stream = self._warm_up_stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 # Warm-up, and the reference the replay must match: same inputs, same cache writes.
@@ -591,6 +587,14 @@ class BatchDecoder:
         log.debug("captured a CUDA graph for %d rows, %d tokens, %s", *key)
         return self._graphs[key]
 
+    def _warm_up_stream(self) -> torch.cuda.Stream:
+        """The side stream every capture warms up on: one for all, because PyTorch's allocator keeps the
+        blocks freed on a stream for that stream, so a stream per capture would hold a warm-up's memory
+        per graph until ``torch.cuda.empty_cache``."""
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream()
+        return self._side_stream
+
     def _forward(self, rows: int, length: int, mode: str):
         model = self.model
         is_audio = self.audio[:rows, None, None]
@@ -607,7 +611,14 @@ class BatchDecoder:
             )
         hidden = hidden[:, None, :].to(self.dtype)
         cos, sin = model.rotary_emb(hidden, positions[:, None])  # [rows, 1 (heads), dim]
-        mask = (self._arange[None, :length] <= positions[:, None])[:, None, None, :]
+        # Llama's rotation is x * cos + cat(-x2, x1) * sin for the halves x1, x2 of x; with the sign moved
+        # onto sin, once per step, cat(-x2, x1) becomes a roll (a negation is exact: the same numbers).
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        # An additive mask in the model's dtype, made once per step: given as booleans, attention would
+        # turn them into this in every layer.
+        mask = torch.full((rows, 1, 1, length), float("-inf"), device=self.device, dtype=self.dtype)
+        mask.masked_fill_((self._arange[None, :length] <= positions[:, None])[:, None, None, :], 0.0)
         index = self._arange[:rows]
 
         def pick(audio_fn, text_fn, x):
@@ -663,7 +674,7 @@ class BatchDecoder:
         rows = x.shape[0]
         qkv = F.linear(x[:, 0], *self._qkv[i]).view(rows, self.heads + 2 * self.kv_heads, self.head_dim)
         rotated = self.heads + self.kv_heads  # queries and keys, rotated together
-        qk = qkv[:, :rotated] * cos + _rotate_half(qkv[:, :rotated]) * sin
+        qk = qkv[:, :rotated] * cos + qkv[:, :rotated].roll(self.head_dim // 2, dims=-1) * sin
         q, k, v = qk[:, : self.heads], qk[:, self.heads :], qkv[:, rotated:]
         self.keys[i][index, :, positions] = k
         self.values[i][index, :, positions] = v
