@@ -9,16 +9,20 @@ Run:  .venv/bin/python bench/bench_step.py [--rows 1 8] [--steps 100] [--baselin
 that many slots is filled with sampled audio requests (temperature 0.7, top-p 0.95, top-k 50, RAS window
 7), and reports:
 
-* **operators per step**, and per layer of the forward pass: aten operators one eager step dispatches
-  (most are a kernel on a GPU; inside a CUDA graph a kernel still costs the GPU microseconds to start, so at
-  batch 1, where every kernel is tiny, their number weighs more than their work). Exact on any machine;
+* **operators per step**, and per layer of the forward pass: aten operators one eager step dispatches,
+  and how many of them compute (write memory: a kernel on a GPU; inside a CUDA graph a kernel still costs
+  the GPU microseconds to start, so at batch 1, where every kernel is tiny, their number weighs more than
+  their work). Exact on any machine; in ``--dtype bfloat16`` the dtype conversions count as they do on a
+  GPU;
 * **step**: the median wall time of a step (graph replays on CUDA, ending with the copy to the host);
 * **engine**: on the same model, the median time per step of one request decoded by the whole engine
   (scheduler thread, codec thread, streaming), from its steps counter: what the step alone does not
   explain is the engine's own overhead.
 
 ``--baseline FILE`` (e.g. ``git show HEAD~1:decoder.py > /tmp/old.py``) measures another ``decoder.py`` in
-the same run for a before/after ratio.
+the same run for a before/after ratio. ``--profile`` also prints, per row count, where an eager step's time
+goes (PyTorch's profiler; the GPU's kernels on CUDA, the operators' own CPU time otherwise): what a graphed
+step replays, broken down.
 """
 
 from __future__ import annotations
@@ -40,20 +44,30 @@ def _load(path: str, name: str):
     return module
 
 
-def _operators(decoder) -> tuple[int, int]:
-    """Aten operators dispatched by one eager step, and those of them in the forward pass (views count
-    too: they launch nothing, but the same views are on both sides of a comparison)."""
+def _operators(decoder) -> tuple[int, int, int]:
+    """Aten operators dispatched by one eager step, those of them in the forward pass (views count too:
+    they launch nothing, but the same views are on both sides of a comparison), and the operators that
+    compute: that write memory (in place, or a result not sharing its storage with an input), which is
+    what launches a kernel on a GPU (a conversion to the dtype a tensor already has, a view, does not;
+    a conversion between dtypes does)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def storages(value) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in tree_leaves(value) if isinstance(t, torch.Tensor)}
 
     class Count(TorchDispatchMode):
-        total = forward = 0
+        total = forward = computing = 0
         inside = False
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Count.total += 1
             Count.forward += Count.inside
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            if func._schema.is_mutable or storages(out) - storages((args, kwargs)):
+                Count.computing += 1
+            return out
 
     forward = decoder._forward
 
@@ -72,7 +86,7 @@ def _operators(decoder) -> tuple[int, int]:
     finally:
         decoder.graphs_enabled = graphs
         del decoder._forward
-    return Count.total, Count.forward
+    return Count.total, Count.forward, Count.computing
 
 
 def _decoder(module, engine, inputs, rows: int):
@@ -100,6 +114,33 @@ def _step_time(decoder, steps: int, warmup: int) -> float:
         if i >= warmup:
             times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def _profile(decoder, steps: int = 20) -> None:
+    """The top operators (kernels on CUDA) of ``steps`` eager steps, by their own time, per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = decoder.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    graphs, decoder.graphs_enabled = decoder.graphs_enabled, False
+    try:
+        decoder.step()  # warm-up
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                decoder.step()
+            if cuda:
+                torch.cuda.synchronize()
+    finally:
+        decoder.graphs_enabled = graphs
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total)]
+    events.sort(key=lambda e: -(e.self_device_time_total if cuda else e.self_cpu_time_total))
+    total = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events)
+    where = "GPU kernels" if cuda else "operators' own CPU time"
+    print(f"    {where}: {total / steps / 1e3:.3f} ms per eager step; the top 15:")
+    for e in events[:15]:
+        own = e.self_device_time_total if cuda else e.self_cpu_time_total
+        print(f"    {own / steps:9.1f} us {e.count / steps:6.1f}x  {e.key[:90]}")
 
 
 def _engine_step_time(engine, request, steps: int) -> float:
@@ -130,6 +171,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--profile", action="store_true", help="where an eager step's time goes")
     args = parser.parse_args()
 
     with workspace() as tmp:
@@ -166,19 +208,27 @@ def main() -> None:
             results = {}
             for name, module in contenders.items():
                 made = _decoder(module, engine, inputs, rows)
-                operators, forward = _operators(made)
-                results[name] = (operators, _step_time(made, args.steps, args.warmup))
+                operators, forward, computing = _operators(made)
+                results[name] = (operators, _step_time(made, args.steps, args.warmup), computing)
                 print(
-                    f"rows {rows:3d} {name:>4}: {operators:5d} operators per step, "
+                    f"rows {rows:3d} {name:>4}: {operators:5d} operators per step ({computing} compute), "
                     f"{forward / layers:5.1f} per layer in the forward pass; "
                     f"step {results[name][1] * 1e3:8.3f} ms"
                 )
                 if rows == 1 and name == "new":
                     alone_one_row = results[name][1]
+                if args.profile and name == "new":
+                    _profile(made)
                 del made
             if "old" in results:
-                (old_ops, old_time), (new_ops, new_time) = results["old"], results["new"]
-                ratio = f"operators x{old_ops / new_ops:.2f}, step x{old_time / new_time:.2f}"
+                (old_ops, old_time, old_computing), (new_ops, new_time, new_computing) = (
+                    results["old"],
+                    results["new"],
+                )
+                ratio = (
+                    f"operators x{old_ops / new_ops:.2f}, computing x{old_computing / new_computing:.2f}, "
+                    f"step x{old_time / new_time:.2f}"
+                )
                 print(f"rows {rows:3d} old/new: {ratio}")
         per_step = _engine_step_time(engine, request, args.steps)
         ratio = f"; x{per_step / alone_one_row:.2f} the step alone at 1 row" if alone_one_row else ""
