@@ -5,10 +5,11 @@
 
 Each replica runs ``app.create_app(settings)`` exactly as ``make run`` would, behind Ray Serve's HTTP proxy on
 ``HIGGS_HOST:HIGGS_PORT``; the ``HIGGS_*`` settings are read once here and handed to every replica. What this
-module adds around the app: the ``X-Replica`` response header (which replica answered), the replica's health
-check (the app's readiness: a replica whose engine failed is replaced by Ray), and the replica count
-(``HIGGS_REPLICAS``, or autoscaling up to ``HIGGS_MAX_REPLICAS``). The voice library is shared through
-``HIGGS_VOICES_DIR``, which must be one folder that every machine sees (see ``VoiceLibrary``).
+module adds around the app: the ``X-Replica`` response header (which replica answered; ``X-Request-ID`` is
+the proxy's, once), the replica's health check (the app's readiness: a replica whose engine failed is
+replaced by Ray), and the replica count (``HIGGS_REPLICAS``, or autoscaling up to ``HIGGS_MAX_REPLICAS``).
+The voice library is shared through ``HIGGS_VOICES_DIR``, which must be one folder that every machine sees
+(see ``VoiceLibrary``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ UPLOAD_EXCLUDES = [
 
 
 class ReplicaHeader:
-    """ASGI middleware naming the replica in every HTTP response (streams included, untouched)."""
+    """ASGI middleware naming the replica in every HTTP response (streams included, untouched), and leaving
+    ``X-Request-ID`` to Ray's proxy: the proxy gives every request an id (the client's, or one it makes),
+    hands it to the app in the request's ``X-Request-ID`` (which the app then uses in its log lines) and
+    adds it to the response itself, so the app's own header would be a second one."""
 
     def __init__(self, app: ASGIApp, replica: str):
         self.app = app
@@ -62,7 +66,8 @@ class ReplicaHeader:
 
         async def send_named(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), self.header]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message["headers"] = [*headers, self.header]
             await send(message)
 
         await self.app(scope, receive, send_named)

@@ -980,12 +980,12 @@ class HiggsEngine:
             return
         try:
             if live[0][0] == "end":
-                self._end_stream(live[0][1], live[0][2])
+                live[0][1].job.context.run(self._end_stream, live[0][1], live[0][2])
                 return
             audio = self._guarded(self._pieces.decode, torch.stack([item[2].codes for item in live]))
         except BaseException as exc:
-            log.exception("audio decoding failed")
-            for item in live:
+            for item in live:  # each stream's line under its own request id
+                item[1].job.context.run(log.exception, "audio decoding failed")
                 self._fail_stream(item[1], exc)
             return
         for i, (_, stream, piece) in enumerate(live):

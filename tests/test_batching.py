@@ -299,6 +299,23 @@ def test_a_fault_in_one_request_fails_only_it(client, engine, monkeypatch, lenie
     assert client.post("/v1/chat/completions", json=text_chat(seed=23, max_tokens=10)).status_code == 200
 
 
+def test_the_codec_threads_log_lines_name_the_request(client, engine, monkeypatch, lenient, caplog):
+    """Audio is decoded on the codec thread, for several requests at once; a failure there is logged
+    under each request's own id."""
+
+    def decode(codes):
+        raise RuntimeError("injected codec failure")
+
+    monkeypatch.setattr(engine._pieces, "decode", decode)
+    response = lenient.post("/v1/chat/completions", json=chat(seed=7), headers={"X-Request-ID": "codec-7"})
+    assert response.status_code == 500
+    failed = [r for r in caplog.records if r.getMessage() == "audio decoding failed"]
+    assert [r.request_id for r in failed] == ["codec-7"]
+    assert failed[0].threadName == "higgs-codec"
+    monkeypatch.undo()
+    assert_idle(client, engine)
+
+
 @pytest.fixture
 def lenient(app, client):
     from fastapi.testclient import TestClient

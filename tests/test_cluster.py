@@ -162,6 +162,16 @@ def test_both_replicas_serve_under_concurrent_load(sdk, http):
     assert all(len(body) > 24000 for _, body in answers)  # over half a second of 24 kHz 16-bit audio each
 
 
+def test_a_response_through_the_proxy_carries_one_request_id(http):
+    """Ray's proxy adds ``X-Request-ID`` itself (the client's, or one it makes and hands to the app): the
+    app's own would be a second header."""
+    given = http.get("/v1/models", headers={"X-Request-ID": "trace-42"})
+    made = http.post("/v1/audio/speech", json={"model": "tts-1", "voice": "default"})  # no input: a 400
+    assert given.status_code == 200 and made.status_code == 400
+    assert given.headers.get_list("x-request-id") == ["trace-42"]
+    assert len(made.headers.get_list("x-request-id")) == 1 and made.headers["x-request-id"]
+
+
 def test_a_voice_stored_through_one_replica_is_used_and_deleted_through_the_other(
     sdk, http, cluster_settings
 ):
