@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import re
+import time
 
 import httpx
 import pytest
@@ -188,6 +189,38 @@ def test_wav_plays_as_it_streams_and_downloads_a_wav(page, base_url):
     assert download_head(page, 4) == b"RIFF"
     page.wait_for_function("() => document.getElementById('player').duration > 0.5")
     assert "first audio after" in page.locator("#speak-status").inner_text()
+
+
+def test_stop_ends_the_generation_on_the_server(page, web_settings, engine, recognizer):
+    """Stop while audio plays: the page says so and offers nothing, and the server's slot is free soon,
+    long before the speech would have reached its cap (the tiny model's audio never ends by itself)."""
+    from app import create_app
+
+    settings = web_settings.model_copy(update={"max_audio_seconds": 60})
+    with serve(create_app(settings, engine=engine, recognizer=recognizer)) as url:
+        open_page(page, url)
+        stop_while_playing(page, engine)
+
+
+def stop_while_playing(page: Page, engine) -> None:
+    page.fill("#text", "A long answer that nobody will wait for. " * 4)  # a cap of 29 s: 741 steps
+    page.select_option("#voice", "default")
+    page.select_option("#format", "mp3")
+    before = engine.steps
+    page.click("#speak")
+    expect(page.locator("#speak-status")).to_contain_text("Playing while")
+    expect(page.locator("#stop")).to_be_focused()
+    page.click("#stop")
+    expect(page.locator("#speak-status")).to_have_text("Stopped.")
+    expect(page.locator("#speak")).to_be_visible()
+    expect(page.locator("#stop")).to_be_hidden()
+    expect(page.locator("#download")).to_be_hidden()
+    expect(page.locator("#error")).to_be_hidden()
+    deadline = time.monotonic() + 10
+    while (engine.pending or engine.stats().busy_slots) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (engine.pending, engine.stats().busy_slots) == (0, 0)
+    assert engine.steps - before < 300  # well short of the cap
 
 
 def test_storing_a_voice_from_an_uploaded_file_lists_plays_and_deletes_it(page, base_url):
