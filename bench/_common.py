@@ -10,6 +10,8 @@ imports transformers, and the service's modules become importable only inside ``
   that is removed afterwards;
 * ``write_tiny_models(folder)``: the tiny random-weight Higgs models of ``tests/tiny_models.py`` written to
   ``folder / "models"``; returns their ``HIGGS_*`` settings;
+* ``run_script(parser, run)``: a script's ``main`` after its own arguments (threads, model arguments,
+  workspace, models);
 * ``service_settings(...)``: the service's ``Settings`` for a model (by default on the CPU in float32, with
   speech recognition off), and ``speech_cap_settings(max_tokens)``, the options that make the speech
   endpoint's output cap exactly ``max_tokens`` decoding steps;
@@ -94,6 +96,30 @@ def models(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
         tiny = write_tiny_models(folder)
         return tiny["HIGGS_MODEL"], tiny["HIGGS_AUDIO_TOKENIZER"]
     return args.model, args.audio_tokenizer
+
+
+def run_script(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace, str, str, Path], None],
+    check: Callable[[argparse.Namespace], str | None] | None = None,
+) -> None:
+    """A script's ``main`` after its own arguments: adds ``--threads`` and the model arguments to ``parser``,
+    parses (``check(args)`` returns what is wrong, if anything), sets torch's CPU threads and calls
+    ``run(args, model, audio_tokenizer, voices_dir)`` inside ``workspace()``, on the tiny models unless
+    ``--model`` names one."""
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
+    add_model_arguments(parser)
+    args = parser.parse_args()
+    check_model_arguments(parser, args)
+    wrong = check(args) if check is not None else None
+    if wrong:
+        parser.error(wrong)
+    with workspace() as tmp:
+        model, tokenizer = models(args, tmp)
+        import torch
+
+        torch.set_num_threads(args.threads)
+        run(args, model, tokenizer, tmp / "voices")
 
 
 def service_settings(

@@ -31,14 +31,11 @@ import time
 from pathlib import Path
 
 from _common import (
-    add_model_arguments,
-    check_model_arguments,
     conditions,
-    models,
+    run_script,
     serve,
     service_settings,
     spread,
-    workspace,
 )
 
 TEXT = "Many listeners, one model: every stream should start soon and keep up."
@@ -54,22 +51,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per concurrency")
     parser.add_argument("--slots", type=int, default=8, help="HIGGS_MAX_BATCH_SIZE")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
-    add_model_arguments(parser)
-    args = parser.parse_args()
-    check_model_arguments(parser, args)
-    with workspace() as tmp:
-        model, tokenizer = models(args, tmp)
-        run(args, model, tokenizer, tmp / "voices")
+    run_script(parser, run)
 
 
 def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: Path) -> None:
     import httpx
-    import torch
 
     from app import create_app
 
-    torch.set_num_threads(args.threads)
     dtype = args.dtype if args.model is not None else ("float32" if args.dtype == "auto" else args.dtype)
     settings = service_settings(
         model,

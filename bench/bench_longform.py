@@ -34,14 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _common import (
-    add_model_arguments,
-    check_model_arguments,
     conditions,
-    models,
+    run_script,
     serve,
     service_settings,
     spread,
-    workspace,
 )
 
 LENGTHS = (100, 1000, 4000)
@@ -84,13 +81,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed requests of each kind and length")
     parser.add_argument("--piece-seconds", type=float, default=1.0, help="cap on each piece's audio")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
-    add_model_arguments(parser)
-    args = parser.parse_args()
-    check_model_arguments(parser, args)
-    with workspace() as tmp:
-        model, tokenizer = models(args, tmp)
-        run(args, model, tokenizer, tmp / "voices")
+    run_script(parser, run)
 
 
 def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: Path) -> None:
@@ -100,7 +91,6 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     from app import create_app
     from text_split import split_text
 
-    torch.set_num_threads(args.threads)
     settings = service_settings(
         model,
         audio_tokenizer,

@@ -54,15 +54,12 @@ from typing import Any
 import numpy as np
 from _common import (
     Stopwatch,
-    add_model_arguments,
-    check_model_arguments,
     conditions,
-    models,
+    run_script,
     serve,
     service_settings,
     speech_cap_settings,
     spread,
-    workspace,
 )
 
 TEXT = "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun."
@@ -161,16 +158,13 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--text", default=TEXT, help="what every request speaks")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
-    add_model_arguments(parser)
-    args = parser.parse_args()
-    check_model_arguments(parser, args)
-    if args.max_tokens <= 16 or args.repeats < 1:
-        parser.error("--max-tokens must exceed 16 and --repeats be positive")
 
-    with workspace() as tmp:
-        model, tokenizer = models(args, tmp)
-        run(args, model, tokenizer, tmp / "voices")
+    def check(args: argparse.Namespace) -> str | None:
+        if args.max_tokens <= 16 or args.repeats < 1:
+            return "--max-tokens must exceed 16 and --repeats be positive"
+        return None
+
+    run_script(parser, run, check)
 
 
 def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: Path) -> None:
@@ -180,7 +174,6 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     from app import create_app
 
     tiny = args.model is None
-    torch.set_num_threads(args.threads)
     settings = service_settings(
         model,
         audio_tokenizer,
