@@ -133,14 +133,15 @@ def _profile(decoder, steps: int = 20) -> None:
                 torch.cuda.synchronize()
     finally:
         decoder.graphs_enabled = graphs
-    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total)]
-    events.sort(key=lambda e: -(e.self_device_time_total if cuda else e.self_cpu_time_total))
-    total = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events)
+
+    def own(event) -> float:  # microseconds
+        return event.self_device_time_total if cuda else event.self_cpu_time_total
+
+    events = sorted((e for e in prof.key_averages() if own(e)), key=own, reverse=True)
     where = "GPU kernels" if cuda else "operators' own CPU time"
-    print(f"    {where}: {total / steps / 1e3:.3f} ms per eager step; the top 15:")
+    print(f"    {where}: {sum(map(own, events)) / steps / 1e3:.3f} ms per eager step; the top 15:")
     for e in events[:15]:
-        own = e.self_device_time_total if cuda else e.self_cpu_time_total
-        print(f"    {own / steps:9.1f} us {e.count / steps:6.1f}x  {e.key[:90]}")
+        print(f"    {own(e) / steps:9.1f} us {e.count / steps:6.1f}x  {e.key[:90]}")
 
 
 def _engine_step_time(engine, request, steps: int) -> float:

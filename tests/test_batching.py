@@ -16,6 +16,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -204,15 +205,21 @@ def test_a_request_joins_while_another_decodes_and_others_leave_early(client, en
     assert_idle(client, engine)
 
 
-def test_a_cancelled_slot_is_free_within_one_step(engine, client, monkeypatch, lookahead):
-    released: list[int] = []
+def at_each_release(engine, monkeypatch, read: Callable[[], int]) -> list[int]:
+    """``read()`` noted each time the decoder frees a slot (before it does)."""
+    noted: list[int] = []
     real_release = engine._decoder.release
 
     def release(slot: int) -> None:
-        released.append(engine.batch_steps)
+        noted.append(read())
         real_release(slot)
 
     monkeypatch.setattr(engine._decoder, "release", release)
+    return noted
+
+
+def test_a_cancelled_slot_is_free_within_one_step(engine, client, monkeypatch, lookahead):
+    released = at_each_release(engine, monkeypatch, lambda: engine.batch_steps)
     turns = [engine_module.Turn("user", "Cancel me.")]
     request = engine_module.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=1)
     keep = engine_module.GenerationRequest(turns, True, 60, 0.7, 0.95, 50, seed=2)
@@ -236,14 +243,7 @@ def test_a_cancelled_slot_is_free_within_one_step(engine, client, monkeypatch, l
 def test_a_request_counts_against_the_bound_until_its_slot_is_free(engine, client, monkeypatch):
     """``pending`` (the queue gauge and the 429 bound) counts a request whose client left until the
     scheduler has freed its slot; a waiting request whose client left is out of the line at once."""
-    pending_at_release: list[int] = []
-    real_release = engine._decoder.release
-
-    def release(slot: int) -> None:
-        pending_at_release.append(engine.pending)
-        real_release(slot)
-
-    monkeypatch.setattr(engine._decoder, "release", release)
+    pending_at_release = at_each_release(engine, monkeypatch, lambda: engine.pending)
     monkeypatch.setattr(engine, "slots", 1)  # one request decodes, the next one waits
     turns = [engine_module.Turn("user", "Count me.")]
     leaving = engine_module.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=1)
