@@ -2,12 +2,14 @@
 
 It loads the generation model, the text tokenizer and the audio tokenizer once. Requests are served by
 continuous batching: one scheduler thread owns the model and a ``BatchDecoder`` (``decoder.py``) with a
-fixed number of slots; each loop it prefills at most one waiting request into a free slot, then runs one
-decoding step for every running request. A request joins at the step after its prefill and leaves when it
-ends, is cancelled, or hits its token or time limit, without disturbing the others. A second thread (on
-CUDA with its own stream) owns the audio codec: it turns the audio pieces that are due, of every stream at
-once, into samples, and encodes reference clips. Prompts are built, and their length checked, before a
-request is queued, off both threads. A non-streamed answer is the collected stream.
+fixed number of slots; each loop it prefills waiting requests into free slots (together, up to
+``prefill_batch``), then runs one decoding step for every running request. A request joins at the step after
+its prefill and leaves when it ends, is cancelled, or hits its token or time limit, without disturbing the
+others. A second thread (on CUDA with its own stream of high priority) owns the audio codec: it turns the
+audio pieces that are due, of every stream at once, into samples, first pieces first, and encodes reference
+clips; on a CPU, where the two threads share the cores, the loop pauses while a first piece is due.
+Prompts are built, and their length checked, before a request is queued, off both threads. A non-streamed
+answer is the collected stream.
 Callers get typed results (``GenerationResult``, ``AudioCodes``), never tensors of the model's layout.
 """
 
@@ -424,6 +426,12 @@ class HiggsEngine:
         self._codec_queue: queue.SimpleQueue = queue.SimpleQueue()
         # High priority: the decoding loop replays its graphs back to back, and a listener waits on the codec.
         self._codec_stream = torch.cuda.Stream(priority=-1) if device == "cuda" else None
+        self.yield_to_first_pieces = self._codec_stream is None
+        """Pause decoding while a stream's first piece waits for the codec or is being decoded. On a CPU the
+        two threads share the cores (a piece took the tiny codec 0.096 s beside the loop, 0.061 s with the
+        loop paused), so the codec's priority is that the loop steps aside; on CUDA the codec has a stream
+        of higher priority than the loop's."""
+        self._first_pieces = 0  # first pieces queued for the codec or being decoded (under ``_cond``)
         self._scheduler = threading.Thread(target=self._schedule, name="higgs-decoder", daemon=True)
         self._codec_thread = threading.Thread(target=self._codec_work, name="higgs-codec", daemon=True)
         self._scheduler.start()
@@ -649,7 +657,10 @@ class HiggsEngine:
     def _schedule(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and not self._waiting and not self._running:
+                while not self._closing and (
+                    (not self._waiting and not self._running)
+                    or (self._first_pieces and self.yield_to_first_pieces)
+                ):
                     self._cond.wait()
                 if self._closing:
                     break
@@ -945,6 +956,12 @@ class HiggsEngine:
                     self._codec_run(work)
                 except BaseException:  # a bug here must not stop every stream's audio for good
                     log.exception("the codec thread failed a batch")
+                finally:
+                    firsts = sum(1 for item in work if item[0] == "piece" and item[2].first)
+                    if firsts:  # a decoding loop that stepped aside for them goes on
+                        with self._cond:
+                            self._first_pieces -= firsts
+                            self._cond.notify()
 
     def _next_codec_work(self, pending: list[tuple]) -> list[tuple]:
         """What to do next: a reference to encode (a request waits for it before it can be queued), else
@@ -1092,6 +1109,9 @@ class _AudioStream:
         hold = self.settings.context_frames
         chunk = self.settings.first_chunk_frames if self.sent == 0 else self.settings.chunk_frames
         if ready - hold - self.sent >= chunk:
+            if self.sent == 0:
+                with self.engine._cond:
+                    self.engine._first_pieces += 1
             self.engine._codec_queue.put(("piece", self, self.cut(ready - hold, ready)))
 
     def final(self) -> _Piece | None:

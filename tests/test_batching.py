@@ -104,6 +104,7 @@ def assert_idle(client, engine) -> None:
     settle(engine)
     stats = engine.stats()
     assert (engine.pending, stats.busy_slots, stats.waiting) == (0, 0, 0)
+    assert engine._first_pieces == 0  # else the CPU's decoding loop would wait for the codec for good
     metrics = client.get("/metrics").text
     assert "higgs_batch_occupancy 0.0" in metrics and "higgs_waiting_requests 0.0" in metrics
     assert f"higgs_batch_slots {float(engine.slots)}" in metrics
@@ -312,6 +313,42 @@ def test_the_codec_threads_log_lines_name_the_request(client, engine, monkeypatc
     failed = [r for r in caplog.records if r.getMessage() == "audio decoding failed"]
     assert [r.request_id for r in failed] == ["codec-7"]
     assert failed[0].threadName == "higgs-codec"
+    monkeypatch.undo()
+    assert_idle(client, engine)
+
+
+def test_on_a_cpu_the_loop_steps_aside_while_a_first_piece_is_with_the_codec(
+    client, engine, monkeypatch, lookahead
+):
+    """The decoding loop and the codec share a CPU's cores: while a listener waits for its first piece, no
+    step runs (the codec then has the cores to itself: on CUDA its stream's priority does that). Later
+    pieces are decoded while the loop runs on; every request still gets its own answer."""
+    assert engine.yield_to_first_pieces  # the CPU's default
+    bodies = [chat(seed=40 + i, max_tokens=60) for i in range(4)]
+    alone = [answer(post(client, body)) for body in bodies]
+    launches = [0]
+    real_launch = engine._decoder.launch
+
+    def launch():
+        launches[0] += 1
+        return real_launch()
+
+    calls: list[tuple[bool, int, int]] = []  # (a first piece?, launches before, launches after)
+    real_run = engine._codec_run
+
+    def codec_run(work):
+        before = launches[0]
+        real_run(work)
+        if work[0][0] == "piece":
+            calls.append((work[0][2].first, before, launches[0]))
+
+    monkeypatch.setattr(engine._decoder, "launch", launch)
+    monkeypatch.setattr(engine, "_codec_run", codec_run)
+    assert [answer(r) for r in together(client, bodies)] == alone
+    firsts = [after - before for first, before, after in calls if first]
+    later = [after - before for first, before, after in calls if not first]
+    assert firsts == [0, 0, 0, 0]
+    assert later and max(later) > 0  # what is counted does move while other pieces decode
     monkeypatch.undo()
     assert_idle(client, engine)
 
