@@ -121,9 +121,9 @@ def shareable(settings: Settings) -> Settings:
 
 
 def engine_slots(settings: Settings) -> int:
-    """Generations one replica runs at once: the engine's batch slots where it batches (``max_batch_size``,
-    a setting of the batching engine), else one (a single worker runs one generation at a time)."""
-    return int(getattr(settings, "max_batch_size", 1))
+    """Generations one replica decodes at once: its engine's batch slots (fewer where the KV cache budget
+    does not hold them all; the engine logs that)."""
+    return settings.max_batch_size
 
 
 def deployment_options(settings: Settings, cluster_gpus: int) -> dict[str, Any]:
@@ -158,9 +158,22 @@ def deployment_options(settings: Settings, cluster_gpus: int) -> dict[str, Any]:
     return options
 
 
+# Ray shows a runtime environment's variables on its dashboard and writes them to its logs: a token must
+# reach the replicas another way (the environment of each node's ``ray start``, or a login there).
+SECRET_HUB_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
 def runtime_env() -> dict[str, Any]:
-    """What every replica's process gets: this folder's code, and the Hugging Face environment."""
-    hub = {k: v for k, v in os.environ.items() if k.startswith("HF_")}
+    """What every replica's process gets: this folder's code, and the Hugging Face environment but its
+    token (see ``SECRET_HUB_VARIABLES``)."""
+    hub = {k: v for k, v in os.environ.items() if k.startswith("HF_") and k not in SECRET_HUB_VARIABLES}
+    held = [k for k in SECRET_HUB_VARIABLES if os.environ.get(k)]
+    if held:
+        log.info(
+            "%s not sent to the replicas (Ray would show it on its dashboard); where a node's replicas need "
+            "it, set it in the environment of that node's `ray start` or log in there",
+            " and ".join(held),
+        )
     return {"working_dir": str(ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": hub}
 
 

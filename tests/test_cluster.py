@@ -149,6 +149,19 @@ def test_deployment_options_one_replica_per_gpu(settings):
     assert cpu["num_replicas"] == 1 and cpu["ray_actor_options"]["num_gpus"] == 0
 
 
+def test_the_hub_token_stays_out_of_rays_runtime_environment(monkeypatch, caplog):
+    """Ray shows a runtime environment's variables on its dashboard and logs them: the Hugging Face
+    settings travel to the replicas, the token does not (and is not logged either)."""
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_new")
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_secret_old")
+    monkeypatch.setenv("HF_HUB_CACHE", "/models/hub")
+    with caplog.at_level("INFO", logger="cluster"):
+        env = cluster.runtime_env()
+    assert env["env_vars"]["HF_HUB_CACHE"] == "/models/hub"
+    assert "hf_secret" not in json.dumps(env) and "hf_secret" not in caplog.text
+    assert "HF_TOKEN and HUGGING_FACE_HUB_TOKEN not sent to the replicas" in caplog.text
+
+
 # ---- through Ray's proxy ----
 
 
