@@ -226,6 +226,31 @@ class EngineStats:
     audio_seconds_per_second: float
 
 
+SCHEDULER_WORK = ("prefill", "step", "paused")
+CODEC_WORK = ("first_piece", "piece", "end", "encode")
+
+
+@dataclass
+class EngineWork:
+    """Where the engine's time went since it started (read by /metrics; each field written by one thread).
+
+    ``scheduler``: the decoding loop's seconds by work: ``prefill`` (prompts into slots: ``prefills``
+    forward passes for ``prefilled`` requests), ``step`` (launching ``steps`` batched steps and taking their
+    tokens; on CUDA that includes waiting for the GPU) and ``paused`` (on a CPU, stepping aside while a
+    first piece is with the codec). ``codec`` and ``codec_calls``: the codec thread's seconds and calls by
+    work: ``first_piece`` and ``piece`` (``codec_pieces`` pieces in all: more than one a call is a batch of
+    several streams' pieces), ``end`` (a stream's last piece) and ``encode`` (a voice reference).
+    """
+
+    scheduler: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SCHEDULER_WORK, 0.0))
+    prefills: int = 0
+    prefilled: int = 0
+    steps: int = 0
+    codec: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CODEC_WORK, 0.0))
+    codec_calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CODEC_WORK, 0))
+    codec_pieces: int = 0
+
+
 def _torch_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
@@ -398,8 +423,7 @@ class HiggsEngine:
             )
         self.steps = 0
         """Decoding steps run since start, counted per request (a step of 8 rows counts 8)."""
-        self.batch_steps = 0
-        """Batched steps run since start (one forward pass each, whatever the number of rows)."""
+        self._work = EngineWork()
         self.max_queue = max_queue
         """Most jobs (running or waiting) the engine takes; more are refused with ``EngineBusy``."""
         self.prefill_batch = prefill_batch or (8 if device == "cuda" else 1)
@@ -476,6 +500,18 @@ class HiggsEngine:
                 steps_per_second = (s1 - s0) / (t1 - t0)
                 audio_per_second = (f1 - f0) / self.frame_rate / (t1 - t0)
         return EngineStats(self.slots, busy, waiting, steps_per_second, audio_per_second)
+
+    @property
+    def batch_steps(self) -> int:
+        """Batched steps run since start (one forward pass each, whatever the number of rows)."""
+        return self._work.steps
+
+    def work(self) -> EngineWork:
+        """Where the time went since start (a copy)."""
+        done = self._work
+        return replace(
+            done, scheduler=dict(done.scheduler), codec=dict(done.codec), codec_calls=dict(done.codec_calls)
+        )
 
     def _admit(self) -> None:
         if self.failure is not None:
@@ -655,13 +691,18 @@ class HiggsEngine:
     # ---- the scheduler thread ----------------------------------------------------------------------------
 
     def _schedule(self) -> None:
+        spent = self._work.scheduler
         while True:
             with self._cond:
                 while not self._closing and (
                     (not self._waiting and not self._running)
                     or (self._first_pieces and self.yield_to_first_pieces)
                 ):
+                    pausing = bool(self._first_pieces and (self._waiting or self._running))
+                    waited = time.perf_counter()
                     self._cond.wait()
+                    if pausing:
+                        spent["paused"] += time.perf_counter() - waited
                 if self._closing:
                     break
                 jobs = self._admissible()
@@ -673,12 +714,17 @@ class HiggsEngine:
                     if job.cancel.is_set():
                         self._let_go(job)
                 jobs = [job for job in jobs if not job.cancel.is_set()]
+                started = time.perf_counter()
                 if len(jobs) == 1:
                     jobs[0].context.run(self._join, jobs[0])
                 elif jobs:
                     self._join_together(jobs)
+                if jobs:
+                    spent["prefill"] += time.perf_counter() - started
                 if self._running:
+                    started = time.perf_counter()
                     self._step()
+                    spent["step"] += time.perf_counter() - started
             except BaseException as exc:  # a bug here must not stop the engine for every later request
                 log.exception("the scheduler failed; failing the requests it was decoding or admitting")
                 self._in_flight = None
@@ -742,6 +788,8 @@ class HiggsEngine:
             self._let_go(job)
             job.emit(exc)
             return
+        self._work.prefills += 1
+        self._work.prefilled += 1
         self._joined(job, first)
 
     def _join_together(self, jobs: list[_Job]) -> None:
@@ -769,6 +817,8 @@ class HiggsEngine:
             for job in jobs:
                 job.context.run(self._join, job)
             return
+        self._work.prefills += 1
+        self._work.prefilled += len(jobs)
         for job, first in zip(jobs, firsts, strict=True):
             job.context.run(self._joined, job, first)
 
@@ -803,7 +853,7 @@ class HiggsEngine:
         except BaseException as exc:
             self._fail_running(exc)
             return
-        self.batch_steps += 1
+        self._work.steps += 1
         for slot, job in jobs.items():
             if self._running.get(slot) is job and not job.cancel.is_set():
                 self.steps += 1
@@ -948,6 +998,8 @@ class HiggsEngine:
             work = self._next_codec_work(pending)
             taken = {id(item) for item in work}
             pending = [item for item in pending if id(item) not in taken]
+            kind = "first_piece" if work[0][0] == "piece" and work[0][2].first else work[0][0]
+            started = time.perf_counter()
             with (
                 torch.inference_mode(),
                 torch.cuda.stream(self._codec_stream) if self._codec_stream is not None else _nothing(),
@@ -957,6 +1009,10 @@ class HiggsEngine:
                 except BaseException:  # a bug here must not stop every stream's audio for good
                     log.exception("the codec thread failed a batch")
                 finally:
+                    self._work.codec[kind] += time.perf_counter() - started
+                    self._work.codec_calls[kind] += 1
+                    if kind in ("first_piece", "piece"):
+                        self._work.codec_pieces += len(work)
                     firsts = sum(1 for item in work if item[0] == "piece" and item[2].first)
                     if firsts:  # a decoding loop that stepped aside for them goes on
                         with self._cond:

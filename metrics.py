@@ -1,14 +1,16 @@
 """Prometheus metrics of one app: requests, queue depth, generation latency, audio made, real-time factor,
-and the batching engine's slots, queue wait, steps and audio per second."""
+the batching engine's slots, queue wait, steps and audio per second, and where its time goes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
-from engine import GenerationResult
+from engine import EngineWork, GenerationResult
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -65,9 +67,18 @@ class Metrics:
             "Seconds of audio generated per second, all requests together (last 10 s)",
             registry=self.registry,
         )
+        self._work: _WorkCollector | None = None
 
     def track_engine(self, engine: object) -> None:
-        """Read the engine's batching gauges at each scrape (engines without ``stats()`` leave them at 0)."""
+        """Read the engine's batching gauges at each scrape (engines without ``stats()`` leave them at 0),
+        and its ``work()`` counters (engines without it show none)."""
+        work = getattr(engine, "work", None)
+        if self._work is not None:  # a second start of the same app
+            self.registry.unregister(self._work)
+            self._work = None
+        if work is not None:
+            self._work = _WorkCollector(work)
+            self.registry.register(self._work)
         stats = getattr(engine, "stats", None)
         if stats is None:
             return
@@ -96,3 +107,31 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
+
+
+class _WorkCollector(Collector):
+    """The engine's ``EngineWork`` counters, read at each scrape."""
+
+    def __init__(self, work: Callable[[], EngineWork]):
+        self._read = work
+
+    def collect(self):
+        work = self._read()
+        by_work = [
+            ("higgs_scheduler_seconds", "Seconds the decoding loop spent, by work", work.scheduler),
+            ("higgs_codec_seconds", "Seconds the audio codec's thread spent, by work", work.codec),
+            ("higgs_codec_calls", "Calls of the audio codec, by work", work.codec_calls),
+        ]
+        for name, documentation, values in by_work:
+            family = CounterMetricFamily(name, documentation, labels=["work"])
+            for label, value in values.items():
+                family.add_metric([label], value)
+            yield family
+        yield CounterMetricFamily(
+            "higgs_codec_pieces", "Audio pieces decoded by the codec's piece calls", value=work.codec_pieces
+        )
+        yield CounterMetricFamily("higgs_prefills", "Prefill forward passes", value=work.prefills)
+        yield CounterMetricFamily(
+            "higgs_prefilled_requests", "Requests prefilled into slots", value=work.prefilled
+        )
+        yield CounterMetricFamily("higgs_decode_steps", "Batched decoding steps", value=work.steps)

@@ -353,6 +353,44 @@ def test_on_a_cpu_the_loop_steps_aside_while_a_first_piece_is_with_the_codec(
     assert_idle(client, engine)
 
 
+def work_counters(client) -> dict[str, float]:
+    """The engine's work counters on /metrics, by name with labels."""
+    found = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(("higgs_scheduler_", "higgs_codec_", "higgs_prefill", "higgs_decode_steps_total")):
+            name, value = line.rsplit(" ", 1)
+            found[name] = float(value)
+    return found
+
+
+def test_metrics_say_where_the_engines_time_goes(client, engine):
+    """The decoding loop's time (prefill, steps, pauses) and the codec's, by work, as counters: three
+    requests at once add what they must."""
+    before, steps_before = work_counters(client), engine.batch_steps
+    assert all(
+        r.status_code == 200 for r in together(client, [chat(seed=60 + i, max_tokens=40) for i in range(3)])
+    )
+    settle(engine)
+    deadline = time.monotonic() + 10  # a stream's last codec call is counted just after its answer is sent
+    while True:
+        after = work_counters(client)
+        added = {name: value - before.get(name, 0.0) for name, value in after.items()}
+        if added['higgs_codec_calls_total{work="end"}'] >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert added["higgs_prefilled_requests_total"] == 3
+    assert added["higgs_prefills_total"] == 3  # one request a forward pass on a CPU (``prefill_batch``)
+    assert added["higgs_decode_steps_total"] == engine.batch_steps - steps_before > 0
+    calls = {work: added[f'higgs_codec_calls_total{{work="{work}"}}'] for work in engine_module.CODEC_WORK}
+    assert calls["first_piece"] == 3 and calls["end"] == 3 and calls["piece"] >= 3 and calls["encode"] == 0
+    assert added["higgs_codec_pieces_total"] == calls["first_piece"] + calls["piece"]  # one a call on a CPU
+    for work in engine_module.SCHEDULER_WORK:  # the loop paused: its first pieces were due while it ran
+        assert added[f'higgs_scheduler_seconds_total{{work="{work}"}}'] > 0, work
+    for work in ("first_piece", "piece", "end"):
+        assert added[f'higgs_codec_seconds_total{{work="{work}"}}'] > 0, work
+    assert added['higgs_codec_seconds_total{work="encode"}'] == 0
+
+
 @pytest.fixture
 def lenient(app, client):
     from fastapi.testclient import TestClient
