@@ -452,9 +452,9 @@ class HiggsEngine:
         self._codec_stream = torch.cuda.Stream(priority=-1) if device == "cuda" else None
         self.yield_to_first_pieces = self._codec_stream is None
         """Pause decoding while a stream's first piece waits for the codec or is being decoded. On a CPU the
-        two threads share the cores (a piece took the tiny codec 0.096 s beside the loop, 0.061 s with the
-        loop paused), so the codec's priority is that the loop steps aside; on CUDA the codec has a stream
-        of higher priority than the loop's."""
+        two threads share the cores (a first piece took the tiny codec 0.097 s beside the loop, 0.059 s with
+        the loop paused: ``bench/bench_batching.py``), so the codec's priority is that the loop steps aside;
+        on CUDA the codec has a stream of higher priority than the loop's."""
         self._first_pieces = 0  # first pieces queued for the codec or being decoded (under ``_cond``)
         self._scheduler = threading.Thread(target=self._schedule, name="higgs-decoder", daemon=True)
         self._codec_thread = threading.Thread(target=self._codec_work, name="higgs-codec", daemon=True)
@@ -1020,17 +1020,16 @@ class HiggsEngine:
                             self._cond.notify()
 
     def _next_codec_work(self, pending: list[tuple]) -> list[tuple]:
-        """What to do next: a reference to encode (a request waits for it before it can be queued), else
-        the first piece of a stream that has sent nothing (a listener is waiting for sound), else the
-        oldest item; a piece goes together with the other streams' next pieces of the same length."""
-        encodes = [item for item in pending if item[0] == "encode"]
-        if encodes:
-            return encodes[:1]
+        """What to do next: the first piece of a stream that has sent nothing (a listener is waiting for
+        sound; on a CPU the decoding loop too), else a reference to encode (a request waits for it before it
+        can be queued), else the oldest item; a piece goes together with the other streams' next pieces of
+        the same length."""
         heads: dict[int, tuple] = {}  # each stream's oldest item: a stream's pieces are joined in order
         for item in pending:
             heads.setdefault(id(item[1]), item)
         firsts = [item for item in heads.values() if item[0] == "piece" and item[2].first]
-        chosen = firsts[0] if firsts else next(iter(heads.values()))
+        encodes = [item for item in pending if item[0] == "encode"]
+        chosen = firsts[0] if firsts else encodes[0] if encodes else next(iter(heads.values()))
         # On the CPU a batch saves nothing, and its rounding would differ with the batch's size (so an
         # answer would depend on what else was decoding): there every piece is decoded alone.
         if chosen[0] != "piece" or self._codec_stream is None:

@@ -353,6 +353,24 @@ def test_on_a_cpu_the_loop_steps_aside_while_a_first_piece_is_with_the_codec(
     assert_idle(client, engine)
 
 
+def test_the_codec_takes_first_pieces_then_references_then_the_oldest_piece(engine):
+    """A first piece goes first (a listener waits for sound, and on a CPU the decoding loop waits with
+    it: a reference's encoding, seconds long on a CPU, must not hold every stream), then a reference to
+    encode (its request waits for it to be queued), then the oldest piece; a stream's pieces in order."""
+
+    def stream() -> object:
+        return object()
+
+    def piece(owner: object, first: bool) -> tuple:
+        return ("piece", owner, engine_module._Piece(torch.zeros((8, 8), dtype=torch.long), 0, 1, first))
+
+    one, two = stream(), stream()
+    later, encode, newcomer = piece(one, False), ("encode", object(), None, None), piece(two, True)
+    assert engine._next_codec_work([later, encode, newcomer]) == [newcomer]
+    assert engine._next_codec_work([later, encode]) == [encode]
+    assert engine._next_codec_work([later, piece(one, False)]) == [later]
+
+
 def work_counters(client) -> dict[str, float]:
     """The engine's work counters on /metrics, by name with labels."""
     found = {}
