@@ -1047,7 +1047,13 @@ class HiggsEngine:
             except BaseException as exc:
                 future.set_exception(exc)
             return
-        live = [item for item in work if not item[1].job.failed]
+        # A failed stream's items are dropped, and so are the pieces of one whose client left (nobody would
+        # hear them); its end item is not (it is a finished request's result, for the observers).
+        live = [
+            item
+            for item in work
+            if not item[1].job.failed and not (item[0] == "piece" and item[1].job.cancel.is_set())
+        ]
         if not live:
             return
         try:

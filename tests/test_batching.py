@@ -241,6 +241,51 @@ def test_a_cancelled_slot_is_free_within_one_step(engine, client, monkeypatch, l
     assert_idle(client, engine)
 
 
+def test_the_queued_pieces_of_a_stream_whose_client_left_are_not_decoded(engine, client, monkeypatch):
+    """A client that leaves (a closed stream, Stop on the web page) frees its slot within a step, and the
+    pieces it had waiting for the codec are dropped, not decoded for nobody (here the codec is slowed
+    down so that they pile up: four more are due when the client leaves)."""
+    real_decode = engine._pieces.decode
+
+    def slow(codes):
+        time.sleep(0.3)
+        return real_decode(codes)
+
+    joined: list[float] = []  # when each piece was decoded and sent
+    real_join = engine_module._AudioStream.join
+
+    def join(self, piece, decoded):
+        joined.append(time.monotonic())
+        return real_join(self, piece, decoded)
+
+    monkeypatch.setattr(engine._pieces, "decode", slow)
+    monkeypatch.setattr(engine_module._AudioStream, "join", join)
+    turns = [engine_module.Turn("user", "Leave early.")]
+    request = engine_module.GenerationRequest(turns, True, 400, 0.7, 0.95, 50, seed=3)
+
+    async def run() -> float:
+        stream = engine.stream(request)
+        async for event in stream:
+            if isinstance(event, engine_module.AudioPiece):
+                break
+        due = engine.batch_steps + 4 * engine.streaming.chunk_frames
+
+        def four_more_pieces_due() -> None:
+            while engine.batch_steps < due:
+                time.sleep(0.01)
+
+        await asyncio.to_thread(four_more_pieces_due)
+        await stream.aclose()
+        return time.monotonic()
+
+    left = asyncio.run(run())
+    settle(engine)
+    time.sleep(1.5)  # long enough for the codec to decode four more pieces, were they kept
+    assert len([t for t in joined if t > left]) <= 1  # the one being decoded when the client left
+    monkeypatch.undo()
+    assert_idle(client, engine)
+
+
 def test_a_request_counts_against_the_bound_until_its_slot_is_free(engine, client, monkeypatch):
     """``pending`` (the queue gauge and the 429 bound) counts a request whose client left until the
     scheduler has freed its slot; a waiting request whose client left is out of the line at once."""
