@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Protocol, TypeVar
 
@@ -1002,7 +1002,7 @@ class HiggsEngine:
             started = time.perf_counter()
             with (
                 torch.inference_mode(),
-                torch.cuda.stream(self._codec_stream) if self._codec_stream is not None else _nothing(),
+                torch.cuda.stream(self._codec_stream) if self._codec_stream is not None else nullcontext(),
             ):
                 try:
                     self._codec_run(work)
@@ -1114,14 +1114,6 @@ class HiggsEngine:
 
         asyncio.run(run())
         log.info("warm-up done in %.1f s", time.perf_counter() - started)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @dataclass(eq=False)
