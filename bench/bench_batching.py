@@ -15,8 +15,10 @@ request decodes exactly that many steps). Two measurements, side by side in one 
   requests sent at once (``--repeats`` rounds, the median round reported): the slowest of them to hear its
   first audio piece, as a multiple of the alone time (the issue's target: at most 3x); and the codec's time
   on first pieces in both cases (on the CPU each piece is decoded alone, so the last listener waits for
-  every first piece before its own). On the CPU, where the decoding loop pauses while a first piece is due,
-  the same again with the loop decoding on beside the codec, the rounds of the two interleaved;
+  every first piece before its own), and the engine's work in the median round, the streams to their end
+  (``engine.work()``: prefill, steps, pauses, the codec's calls by kind). On the CPU, where the decoding
+  loop pauses while a first piece is due, the same again with the loop decoding on beside the codec, the
+  rounds of the two interleaved;
 * **throughput**: for each concurrency ``c``, ``c`` whole (non-streamed) requests sent at once, against the
   same ``c`` requests sent one after another, in ``--rounds`` interleaved rounds: seconds of audio produced
   per wall-clock second, and the ratio (batched / one at a time; it should never be below 1).
@@ -54,6 +56,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per concurrency")
     parser.add_argument("--slots", type=int, default=8, help="HIGGS_MAX_BATCH_SIZE")
     run_script(parser, run)
+
+
+def work_done(before, after) -> str:
+    """The engine's work between two ``engine.work()`` readings: the decoding loop's and the codec's."""
+    spent = {k: after.scheduler[k] - before.scheduler[k] for k in after.scheduler}
+    codec = {k: after.codec[k] - before.codec[k] for k in after.codec}
+    calls = {k: after.codec_calls[k] - before.codec_calls[k] for k in after.codec_calls}
+    pieces = ", ".join(f"{k} {calls[k]} in {codec[k]:.3f} s" for k in codec if calls[k])
+    return (
+        f"prefill {spent['prefill']:.3f} s ({after.prefills - before.prefills} passes), "
+        f"{after.steps - before.steps} steps in {spent['step']:.3f} s, paused {spent['paused']:.3f} s; "
+        f"codec: {pieces}"
+    )
 
 
 def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: Path) -> None:
@@ -144,7 +159,8 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
 
         # On a CPU the loop pauses while a first piece is due; measured against no pause, interleaved.
         pausing = [True, False] if engine.yield_to_first_pieces else [False]
-        runs = {p: {"alone": [], "alone_codec": [], "crowds": [], "crowd_codecs": []} for p in pausing}
+        kept = ("alone", "alone_codec", "crowds", "crowd_codecs", "crowd_work")
+        runs = {p: {k: [] for k in kept} for p in pausing}
         for r in range(args.repeats):
             for pause in pausing if r % 2 == 0 else pausing[::-1]:
                 engine.yield_to_first_pieces = pause
@@ -153,8 +169,10 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
                 got["alone"].append(first_audio(100 + r))
                 got["alone_codec"] += [seconds for _, seconds in firsts]
                 firsts.clear()
+                before = engine.work()
                 got["crowds"].append(at_once(first_audio, [200 + 100 * r + i for i in range(args.listeners)]))
                 got["crowd_codecs"].append(list(firsts))
+                got["crowd_work"].append(work_done(before, engine.work()))
         engine.yield_to_first_pieces = pausing[0]
 
         def one_at_a_time(seeds: list[int]) -> float:
@@ -201,6 +219,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             f"{args.listeners} at once {pieces} pieces in {len(crowd_codec)} calls, "
             f"{sum(s for _, s in crowd_codec):.3f} s in all"
         )
+        print(f"that round's engine work, the streams to their end: {got['crowd_work'][middle]}")
     print(f"\naudio s/s, median of {args.rounds} interleaved rounds (min-max):")
     print("concurrency   one at a time             batched                   batched / one at a time")
     for c, alone_rates, batch_rates, ratios in rows:
