@@ -7,12 +7,14 @@ launch holds Python's lock that the decoding loop needs too. So on CUDA each (ba
 gets a CUDA graph, captured before serving: a piece is then one copy in, one replay and one copy out,
 whatever else is decoding. Other shapes (a stream's last piece), a capture that failed its check, and the
 CPU use the codec's own ``decode``. Either way the codec's weight normalisation is folded into plain weights
-at load (``bake_weight_norm``), so no call recomputes its convolution weights.
+at load (``bake_weight_norm``), so no call recomputes its convolution weights, and its Snake activations
+work on one buffer each (``snakes_in_place``); the numbers stay upstream's.
 """
 
 from __future__ import annotations
 
 import logging
+import types
 
 import numpy as np
 import torch
@@ -30,6 +32,32 @@ def bake_weight_norm(codec: torch.nn.Module) -> int:
             torch.nn.utils.remove_weight_norm(module)
             folded += 1
     return folded
+
+
+def snakes_in_place(codec: torch.nn.Module) -> int:
+    """Make each of the codec's Snake activations (``x + sin(alpha * x) ** 2 / (alpha + 1e-9)``, DAC's) run
+    the same operations in the same order on one new buffer, where upstream's makes four. At the full sample
+    rate a buffer is megabytes, and on a CPU getting fresh memory for it costs more than the arithmetic: one
+    64 x 7,680 activation took 1.15 ms upstream's way, 0.42 ms in place (and 0.44 ms upstream's way with
+    glibc's malloc told to keep freed memory). Under autograd upstream's form runs (a backward pass needs
+    the values an in-place step overwrites). Returns how many activations were changed."""
+    changed = 0
+    for module in codec.modules():
+        if type(module).__name__ == "Snake1d":
+            module.forward = types.MethodType(_snake_in_place, module)
+            changed += 1
+    return changed
+
+
+def _snake_in_place(self, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() or x.dim() != 3:
+        return type(self).forward(self, x)
+    alpha = self.alpha
+    y = alpha * x
+    y.sin_()
+    y.mul_(y)  # ``pow(2)`` squares by multiplying too
+    y.mul_((alpha + 1e-9).reciprocal())
+    return y.add_(x)
 
 
 class PieceDecoder:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from audio import Audio
-from codec import PieceDecoder, bake_weight_norm
+from codec import PieceDecoder, bake_weight_norm, snakes_in_place
 from decoder import Admission, BatchDecoder, Launched, Sampling
 
 log = logging.getLogger(__name__)
@@ -326,6 +326,7 @@ class HiggsEngine:
         self._model.set_audio_special_tokens(self._tokenizer)
         self._codec = load_higgs_audio_tokenizer(audio_tokenizer, device=torch_device)
         bake_weight_norm(self._codec)
+        snakes_in_place(self._codec)
         config = self._config = self._model.config
         whisper = (
             AutoProcessor.from_pretrained("openai/whisper-large-v3-turbo", trust_remote=True, device=device)

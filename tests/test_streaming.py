@@ -10,6 +10,7 @@ import openai
 import pytest
 from conftest import TEST_AUDIO, b64, chat_audio, decoded_seconds, pcm16_samples
 
+import codec as codec_module
 import engine as engine_module
 
 TEXT = "Streaming should sound exactly like the whole answer."
@@ -197,20 +198,50 @@ def test_the_codec_graphs_decode_as_the_codec_does(engine):
 
 def test_the_codec_runs_with_its_weight_norm_folded_and_gives_upstreams_numbers(engine, tiny_settings):
     """The engine folds the codec's weight normalisation into plain weights at load (``codec.
-    bake_weight_norm``): nothing recomputes them per call any more, and decoding and encoding give exactly
-    what the codec as upstream loads it gives."""
+    bake_weight_norm``) and runs its Snake activations on one buffer each (``codec.snakes_in_place``):
+    nothing recomputes the weights per call any more, and decoding (a first piece, a later one, a batch)
+    and encoding give exactly what the codec as upstream loads it gives."""
     import torch
     from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
 
     def hooks(codec) -> list[str]:
         return [type(h).__name__ for m in codec.modules() for h in m._forward_pre_hooks.values()]
 
+    def snakes(codec) -> list[bool]:  # per Snake activation: does it run in place?
+        return [
+            getattr(m.forward, "__func__", None) is codec_module._snake_in_place
+            for m in codec.modules()
+            if type(m).__name__ == "Snake1d"
+        ]
+
     upstream = load_higgs_audio_tokenizer(tiny_settings["HIGGS_AUDIO_TOKENIZER"], device="cpu")
     assert "WeightNorm" not in hooks(engine._codec) and "WeightNorm" in hooks(upstream)
-    codes = torch.randint(0, 1024, (2, engine.num_codebooks, 12), generator=torch.Generator().manual_seed(5))
+    assert len(snakes(engine._codec)) > 20 and all(snakes(engine._codec)) and not any(snakes(upstream))
+    generator = torch.Generator().manual_seed(5)
     t = np.arange(engine.sample_rate, dtype=np.float32) / engine.sample_rate
     tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
     rate = engine.sample_rate
     with torch.inference_mode():
-        assert np.array_equal(engine._codec.decode(codes), upstream.decode(codes))
+        for shape in [(1, 8), (1, 20), (2, 12)]:
+            codes = torch.randint(0, 1024, (shape[0], engine.num_codebooks, shape[1]), generator=generator)
+            assert np.array_equal(engine._codec.decode(codes), upstream.decode(codes)), shape
         assert torch.equal(engine._codec.encode(tone, rate), upstream.encode(tone, rate))
+
+
+def test_a_snake_in_place_leaves_its_input_alone_and_steps_aside_under_autograd(engine):
+    """An in-place Snake writes only its own new buffer (its input feeds the residual sum after it), and
+    where gradients are recorded it runs upstream's form, whose backward pass works."""
+    import torch
+
+    snake = next(m for m in engine._codec.modules() if type(m).__name__ == "Snake1d")
+    x = torch.randn(1, snake.alpha.shape[1], 50, generator=torch.Generator().manual_seed(6))
+    kept = x.clone()
+    with torch.inference_mode():
+        fast = snake(x)
+    assert torch.equal(x, kept) and torch.equal(fast, type(snake).forward(snake, x))
+    with torch.enable_grad():
+        x.requires_grad_(True)
+        out = snake(x)
+        out.sum().backward()
+    snake.alpha.grad = None  # the engine's codec is shared by the other tests
+    assert torch.equal(out.detach(), fast) and x.grad is not None

@@ -1,0 +1,98 @@
+"""The audio codec's decode as upstream loads it, against the engine's preparation of it, side by side.
+
+Run:  .venv/bin/python bench/bench_codec.py [--rounds 7] [--calls 10] [--frames 8 20] [--batch 1]
+      .venv/bin/python bench/bench_codec.py --model bosonai/higgs-audio-v2-generation-3B-base \\
+          --audio-tokenizer bosonai/higgs-audio-v2-tokenizer --device cuda
+
+Three copies of the codec, each loaded by upstream's ``load_higgs_audio_tokenizer``: as loaded; with its
+weight normalisation folded into plain weights (``codec.bake_weight_norm``); and that with its Snake
+activations in place as well (``codec.snakes_in_place``: what the engine serves). Each decodes the same
+pieces with the codec's own ``decode``, by default of the streamed lengths (a first piece of 8 frames, a
+later one of 20), ``--calls`` calls per timing; the copies take turns in ``--rounds`` rounds, the order
+rotating, so drift in the machine's load hits all three. Printed: the median milliseconds per call, each
+copy's time as a multiple of upstream's, and whether its samples equal upstream's (they must). By default
+on the tiny codec of ``tests/tiny_models.py`` on the CPU, whose decoder has the real one's 1,024 channels
+at the frame rate and four upsampling stages; ``--audio-tokenizer`` (with ``--model``, which is not loaded)
+measures another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+from _common import conditions, run_script, spread
+
+CODEBOOK_SIZE = 1024  # Higgs Audio v2's codebooks (the tiny codec's too)
+COPIES = ("upstream", "weight norm folded", "folded, snakes in place")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--frames", type=int, nargs="+", default=[8, 20], help="piece lengths, in frames")
+    parser.add_argument("--batch", type=int, default=1, help="pieces per call")
+    parser.add_argument("--calls", type=int, default=10, help="calls per timing")
+    parser.add_argument("--rounds", type=int, default=7, help="timings per copy and length")
+    run_script(parser, run)
+
+
+def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: Path) -> None:
+    import numpy as np
+    import torch
+    from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
+
+    from codec import bake_weight_norm, snakes_in_place
+
+    device = "cuda:0" if args.device == "cuda" else "cpu"
+    codecs = {}
+    for name in COPIES:
+        codec = load_higgs_audio_tokenizer(audio_tokenizer, device=device)
+        if name != "upstream":
+            bake_weight_norm(codec)
+        if name == "folded, snakes in place":
+            snakes_in_place(codec)
+        codecs[name] = codec
+    codebooks = codecs["upstream"].num_codebooks
+    generator = torch.Generator().manual_seed(0)
+    load_before = os.getloadavg()[0]
+    started = time.monotonic()
+    rows = []
+    with torch.inference_mode():
+        for frames in args.frames:
+            codes = torch.randint(0, CODEBOOK_SIZE, (args.batch, codebooks, frames), generator=generator)
+            same = {
+                name: bool(np.array_equal(codec.decode(codes), codecs["upstream"].decode(codes)))
+                for name, codec in codecs.items()
+            }  # also the warm-up of each copy for this shape
+            times: dict[str, list[float]] = {name: [] for name in COPIES}
+            for r in range(args.rounds):
+                order = COPIES[r % len(COPIES) :] + COPIES[: r % len(COPIES)]
+                for name in order:
+                    t0 = time.perf_counter()
+                    for _ in range(args.calls):
+                        codecs[name].decode(codes)
+                    times[name].append((time.perf_counter() - t0) / args.calls * 1000)
+            rows.append((frames, times, same))
+
+    print(
+        f"\nbench_codec: {'the tiny codec' if args.model is None else audio_tokenizer} on {args.device}, "
+        f"{args.batch} piece(s) a call, {args.calls} calls a timing, {args.rounds} rounds, "
+        f"torch threads {args.threads}"
+    )
+    print("frames  copy                      ms per call, median (min-max)   against upstream   same samples")
+    for frames, times, same in rows:
+        upstream = statistics.median(times["upstream"])
+        for name in COPIES:
+            ratio = statistics.median(times[name]) / upstream
+            column = spread(times[name], unit=" ms", width=8)
+            print(f"{frames:6d}  {name:24}  {column:32}  {ratio:15.2f}x   {same[name]}")
+    print(f"\nrun: {conditions(time.monotonic() - started, load_before)}")
+
+
+if __name__ == "__main__":
+    main()
