@@ -8,9 +8,10 @@ Three copies of the codec, each loaded by upstream's ``load_higgs_audio_tokenize
 weight normalisation folded into plain weights (``codec.bake_weight_norm``); and that with its Snake
 activations in place as well (``codec.snakes_in_place``: what the engine serves). Each decodes the same
 pieces with the codec's own ``decode``, by default of the streamed lengths (a first piece of 8 frames, a
-later one of 20), ``--calls`` calls per timing; the copies take turns in ``--rounds`` rounds, the order
-rotating, so drift in the machine's load hits all three. Printed: the median milliseconds per call, each
-copy's time as a multiple of upstream's, and whether its samples equal upstream's (they must). By default
+later one of 20), ``--calls`` calls per timing, and each encodes a clip of ``--encode-seconds`` (a voice
+reference's work); the copies take turns in ``--rounds`` rounds, the order rotating, so drift in the
+machine's load hits all three. Printed: the median milliseconds per call, each copy's time as a multiple of
+upstream's, and whether its samples (codes, for the clip) equal upstream's (they must). By default
 on the tiny codec of ``tests/tiny_models.py`` on the CPU, whose decoder has the real one's 1,024 channels
 at the frame rate and four upsampling stages; ``--audio-tokenizer`` (with ``--model``, which is not loaded)
 measures another.
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="pieces per call")
     parser.add_argument("--calls", type=int, default=10, help="calls per timing")
     parser.add_argument("--rounds", type=int, default=7, help="timings per copy and length")
+    parser.add_argument("--encode-seconds", type=float, default=4.0, help="the clip to encode (0: none)")
     run_script(parser, run)
 
 
@@ -77,20 +79,34 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
                     for _ in range(args.calls):
                         codecs[name].decode(codes)
                     times[name].append((time.perf_counter() - t0) / args.calls * 1000)
-            rows.append((frames, times, same))
+            rows.append((str(frames), times, same))
+        if args.encode_seconds > 0:
+            rate = codecs["upstream"].sample_rate
+            t = np.arange(int(rate * args.encode_seconds), dtype=np.float32) / rate
+            noise = np.random.default_rng(0).standard_normal(t.size)
+            clip = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * noise).astype(np.float32)
+            codes = codecs["upstream"].encode(clip, rate)
+            same = {name: bool(torch.equal(c.encode(clip, rate), codes)) for name, c in codecs.items()}
+            times = {name: [] for name in COPIES}
+            for r in range(args.rounds):
+                for name in COPIES[r % len(COPIES) :] + COPIES[: r % len(COPIES)]:
+                    t0 = time.perf_counter()
+                    codecs[name].encode(clip, rate)
+                    times[name].append((time.perf_counter() - t0) * 1000)
+            rows.append((f"{args.encode_seconds:g} s clip", times, same))
 
     print(
         f"\nbench_codec: {'the tiny codec' if args.model is None else audio_tokenizer} on {args.device}, "
         f"{args.batch} piece(s) a call, {args.calls} calls a timing, {args.rounds} rounds, "
         f"torch threads {args.threads}"
     )
-    print("frames  copy                      ms per call, median (min-max)   against upstream   same samples")
-    for frames, times, same in rows:
+    print("   piece  copy                      ms per call, median (min-max)   vs upstream   same output")
+    for piece, times, same in rows:
         upstream = statistics.median(times["upstream"])
         for name in COPIES:
             ratio = statistics.median(times[name]) / upstream
             column = spread(times[name], unit=" ms", width=8)
-            print(f"{frames:6d}  {name:24}  {column:32}  {ratio:15.2f}x   {same[name]}")
+            print(f"{piece:>8}  {name:24}  {column:32}  {ratio:10.2f}x   {same[name]}")
     print(f"\nrun: {conditions(time.monotonic() - started, load_before)}")
 
 
