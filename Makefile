@@ -61,6 +61,7 @@ bench: $(VENV)/.test-deps
 	$(PY) bench/bench_streaming.py
 	$(PY) bench/bench_batching.py
 	$(PY) bench/bench_step.py
+	$(PY) bench/bench_codec.py
 	$(PY) bench/bench_longform.py
 	$(PY) bench/bench_stt.py
 	$(PY) bench/bench_cluster.py
