@@ -36,7 +36,7 @@ def bake_weight_norm(codec: torch.nn.Module) -> int:
 
 def snakes_in_place(codec: torch.nn.Module) -> int:
     """Make each of the codec's Snake activations (``x + sin(alpha * x) ** 2 / (alpha + 1e-9)``, DAC's) run
-    the same operations in the same order on one new buffer, where upstream's makes four. At the full sample
+    the same operations in the same order on one new buffer, where upstream's makes five. At the full sample
     rate a buffer is megabytes, and on a CPU getting fresh memory for it costs more than the arithmetic: one
     64 x 7,680 activation took 1.15 ms upstream's way, 0.42 ms in place (and 0.44 ms upstream's way with
     glibc's malloc told to keep freed memory). Under autograd upstream's form runs (a backward pass needs
