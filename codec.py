@@ -43,7 +43,7 @@ def snakes_in_place(codec: torch.nn.Module) -> int:
     the values an in-place step overwrites). Returns how many activations were changed."""
     changed = 0
     for module in codec.modules():
-        if type(module).__name__ == "Snake1d":
+        if type(module).__name__ == "Snake1d" and isinstance(getattr(module, "alpha", None), torch.Tensor):
             module.forward = types.MethodType(_snake_in_place, module)
             changed += 1
     return changed
