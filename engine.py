@@ -1163,10 +1163,11 @@ class _AudioStream:
         hold = self.settings.context_frames
         chunk = self.settings.first_chunk_frames if self.sent == 0 else self.settings.chunk_frames
         if ready - hold - self.sent >= chunk:
-            if self.sent == 0:
+            piece = self.cut(ready - hold, ready)
+            if piece.first:  # counted until the codec thread is done with it (``_codec_work``)
                 with self.engine._cond:
                     self.engine._first_pieces += 1
-            self.engine._codec_queue.put(("piece", self, self.cut(ready - hold, ready)))
+            self.engine._codec_queue.put(("piece", self, piece))
 
     def final(self) -> _Piece | None:
         """The last piece (everything not yet cut), or None."""
