@@ -58,9 +58,10 @@ class Settings(BaseSettings):
     """Memory (GiB) the slots' KV cache may take; fewer slots are made when `max_batch_size` would not fit."""
 
     prefill_batch: int | None = Field(default=None, ge=1, le=256)
-    """Waiting requests prefilled together in one forward pass when slots are free (a burst of listeners
-    is admitted in one pass instead of one after another). Default: 8 on CUDA; 1 on the CPU, where one
-    prompt at a time keeps every answer bit-identical to the request alone (padded rows round differently)."""
+    """Waiting requests admitted in one turn of the decoding loop when slots are free (default 8), so a burst
+    of listeners starts together instead of one after another. On CUDA they are prefilled in one forward
+    pass; on the CPU one prompt a pass, which keeps every answer's tokens those of the request alone (padded
+    rows round differently)."""
 
     cuda_graphs: bool = True
     """On CUDA, replay each decoding step (forward pass and sampling) and each streamed piece's audio decode

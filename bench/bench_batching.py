@@ -14,8 +14,8 @@ request decodes exactly that many steps). Two measurements, side by side in one 
 * **first audio**: one streamed request alone (median of ``--repeats``), then ``--listeners`` streamed
   requests sent at once (``--repeats`` rounds, the median round reported): the slowest of them to hear its
   first audio piece, as a multiple of the alone time (the issue's target: at most 3x); and the codec's time
-  on first pieces in both cases (on the CPU each piece is decoded alone, so the last listener waits for
-  every first piece before its own), and the engine's work in the median round, the streams to their end
+  on first pieces in both cases (on the CPU up to 4 first pieces share a codec call, so the last listener
+  waits for the calls before its own), and the engine's work in the median round, the streams to their end
   (``engine.work()``: prefill, steps, pauses, the codec's calls by kind). On the CPU, where the decoding
   loop pauses while a first piece is due, the same again with the loop decoding on beside the codec, the
   rounds of the two interleaved;

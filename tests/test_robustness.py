@@ -258,7 +258,14 @@ def test_concurrent_seeded_requests_equal_their_solo_runs(client):
         t.start()
     for t in threads:
         t.join()
-    assert {s: r["choices"][0]["message"]["audio"]["data"] for s, r in together.items()} == solo
+    # Within one step of 16-bit PCM, same length: on a CPU the first pieces of streams due together share a
+    # codec call, whose float32 rounding differs from a lone decode by up to 1.6e-7 (README "Concurrency").
+    for seed, answer in together.items():
+        got, want = (
+            np.frombuffer(base64.b64decode(data)[44:], dtype="<i2").astype(np.int32)
+            for data in (answer["choices"][0]["message"]["audio"]["data"], solo[seed])
+        )
+        assert len(got) == len(want) and int(np.abs(got - want).max()) <= 1, seed
 
 
 def test_a_wall_clock_limit_ends_runaway_generation_with_length(client, app, monkeypatch):
