@@ -438,8 +438,8 @@ class HiggsEngine:
         """Most waiting requests admitted in one turn of the loop: a burst starts decoding together."""
         self.prefill_in_one_pass = device == "cuda"
         """Prefill a turn's admissions in one forward pass, their prompts padded. On the CPU each prompt has
-        its own pass: a padded row's cache differs from its solo prefill by rounding, and there an answer is
-        bit-identical to the request alone (tested)."""
+        its own pass: a padded row's cache differs from its solo prefill by rounding, and there an answer's
+        tokens are those of the request alone (tested)."""
         self.lookahead = device == "cuda"
         """Launch each step before taking the previous one's tokens (on the CPU a step is done when launched,
         so there it would only delay every token by a step)."""
