@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import math
 import threading
@@ -22,9 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
-from conftest import TEST_AUDIO, b64
+from conftest import TEST_AUDIO, Pcm, b64
 
 import decoder
 import engine as engine_module
@@ -60,41 +58,6 @@ def text_chat(seed: int, max_tokens: int, **extra) -> dict:
         "messages": [{"role": "user", "content": "Tell me something."}],
         "max_tokens": max_tokens, "seed": seed, **extra,
     }  # fmt: skip
-
-
-class Pcm:
-    """A 16-bit PCM answer (raw, or a WAV file) that equals another when its header bytes are the same and
-    every sample is within one step of 16-bit PCM. Why one step: on the CPU the first pieces of streams that
-    are due together are decoded in one codec call, and a row decoded in a batch differs from the same piece
-    decoded alone by float32 rounding (up to 1.6e-7: the CPU's convolutions choose their arithmetic by batch
-    size), which can carry a sample across a rounding boundary of 16-bit PCM (1/32,768). Another request's
-    audio leaking in, or a token changed, moves samples by far more than that on the random-weight codec."""
-
-    def __init__(self, data: bytes):
-        self.header: tuple = (len(data),)
-        if data[:4] == b"RIFF":
-            samples, rate = sf.read(io.BytesIO(data), dtype="int16")
-            self.header += (rate,)
-        else:
-            samples = np.frombuffer(data, dtype="<i2")
-        self.samples = samples.astype(np.int32)
-
-    def __eq__(self, other) -> bool:
-        return (
-            isinstance(other, Pcm)
-            and self.header == other.header
-            and len(self.samples) == len(other.samples)
-            and (len(self.samples) == 0 or int(np.abs(self.samples - other.samples).max()) <= 1)
-        )
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __bool__(self) -> bool:
-        return True
-
-    def __repr__(self) -> str:
-        return f"Pcm({len(self.samples)} samples)"
 
 
 def answer(response) -> tuple:
@@ -719,8 +682,6 @@ def test_a_prefill_together_fills_each_slot_as_alone(engine):
     one pass fill their slots' caches as three solo prefills do, to float32 rounding, with the same first
     tokens; the longest row, which has no padding, exactly."""
     from dataclasses import asdict
-
-    import numpy as np
 
     t = np.arange(48000, dtype=np.float32) / 24000
     reference = asyncio.run(engine.encode(engine_module.Audio((0.3 * np.sin(2 * np.pi * 220 * t)), 24000)))
