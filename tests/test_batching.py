@@ -442,6 +442,47 @@ def test_on_a_cpu_a_burst_starts_together_and_its_first_pieces_share_a_codec_cal
     assert_idle(client, engine)
 
 
+@pytest.mark.parametrize(
+    "apart, ends, firsts_expected", [(1, False, [4]), (3, False, [1, 3]), (1, True, [4])]
+)
+def test_on_a_cpu_a_first_piece_waits_a_step_for_one_due_at_the_next(
+    client, engine, monkeypatch, apart, ends, firsts_expected
+):
+    """A request admitted a turn before three others is a step ahead of them: its first piece waits that
+    step and the four share one codec call (one call less for the listeners behind it). It waits no longer:
+    three steps ahead, it goes alone. One that ends during that step still sends its first piece, then the
+    rest. The answers are those of the requests alone."""
+    bodies = [chat(seed=80 + i, max_tokens=30, text=f"Staggered number {i}.") for i in range(4)]
+    if ends:  # a first piece is due once the stream has begin marker, delay, 4 + 4 frames: a step more
+        bodies[0]["max_tokens"] = engine.num_codebooks + 9
+    alone = [answer(post(client, body)) for body in bodies]
+    firsts: list[int] = []
+    real_admissible, real_run = engine._admissible, engine._codec_run
+    admitted_at: list[int] = []
+
+    def admissible():  # (under the engine's lock) one request, then the others ``apart`` steps later
+        if len(engine._waiting) + len(admitted_at) < len(bodies):
+            return []
+        if not admitted_at:  # the one with the fewest tokens (the one that ends), whichever came first
+            admitted_at.append(engine.batch_steps)
+            ahead = min(engine._waiting, key=lambda job: job.request.max_new_tokens)
+            engine._waiting.remove(ahead)
+            return [ahead]
+        return real_admissible() if engine.batch_steps - admitted_at[0] >= apart else []
+
+    def codec_run(work):
+        if work[0][0] == "piece" and work[0][2].first:
+            firsts.append(len(work))
+        real_run(work)
+
+    monkeypatch.setattr(engine, "_admissible", admissible)
+    monkeypatch.setattr(engine, "_codec_run", codec_run)
+    assert [answer(r) for r in together(client, bodies)] == alone
+    assert firsts == firsts_expected
+    monkeypatch.undo()
+    assert_idle(client, engine)
+
+
 def test_the_codec_takes_first_pieces_then_references_then_the_oldest_piece(engine):
     """A first piece goes first (a listener waits for sound, and on a CPU the decoding loop waits with
     it: a reference's encoding, seconds long on a CPU, must not hold every stream), then a reference to
