@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing, nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal, Protocol, TypeVar
+from typing import ClassVar, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -459,8 +459,8 @@ class HiggsEngine:
         self._job_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
         self._rates: deque[tuple[float, int, int]] = deque()  # (time, batch steps, audio frames) samples
         self._frames = 0
-        self._codec_queue: queue.SimpleQueue = queue.SimpleQueue()  # lists of work items, or None to stop
-        self._handover: list[tuple] = []  # the scheduler's items for the codec this turn (``_hand_over``)
+        self._codec_queue: queue.SimpleQueue = queue.SimpleQueue()  # lists of ``_CodecWork``, or None to stop
+        self._handover: list[_CodecWork] = []  # the scheduler's items for the codec this turn
         # High priority: the decoding loop replays its graphs back to back, and a listener waits on the codec.
         self._codec_stream = torch.cuda.Stream(priority=-1) if device == "cuda" else None
         self.yield_to_first_pieces = self._codec_stream is None
@@ -573,7 +573,7 @@ class HiggsEngine:
         self._admit()
         try:
             future: Future[AudioCodes] = Future()
-            self._codec_queue.put([("encode", audio, future, contextvars.copy_context())])
+            self._codec_queue.put([_Encode(audio, future, contextvars.copy_context())])
             return await asyncio.wrap_future(future)
         finally:
             self._release()
@@ -1018,7 +1018,7 @@ class HiggsEngine:
         if job.stream is not None:  # the codec thread sends the last piece, then the result
             if job.stream.sent == 0 and job.stream.first_due_in <= 0:
                 job.stream.cut_first()  # as when it ends alone
-            self._handover.append(("end", job.stream, result))
+            self._handover.append(_End(job.stream, result))
         else:
             self._finish(job, result)
 
@@ -1032,7 +1032,7 @@ class HiggsEngine:
     def _codec_work(self) -> None:
         if self._codec_stream is not None:
             torch.cuda.set_device(self._model.device)
-        pending: list[tuple] = []
+        pending: list[_CodecWork] = []
         while True:
             items = [] if pending else [self._codec_queue.get()]
             while True:
@@ -1047,7 +1047,8 @@ class HiggsEngine:
             work = self._next_codec_work(pending)
             taken = {id(item) for item in work}
             pending = [item for item in pending if id(item) not in taken]
-            kind = "first_piece" if work[0][0] == "piece" and work[0][2].first else work[0][0]
+            firsts = sum(1 for item in work if _is_first(item))
+            kind = "first_piece" if firsts else work[0].kind
             started = time.perf_counter()
             with (
                 torch.inference_mode(),
@@ -1062,66 +1063,66 @@ class HiggsEngine:
                     self._work.codec_calls[kind] += 1
                     if kind in ("first_piece", "piece"):
                         self._work.codec_pieces += len(work)
-                    firsts = sum(1 for item in work if item[0] == "piece" and item[2].first)
                     if firsts:  # a decoding loop that stepped aside for them goes on
                         with self._cond:
                             self._first_pieces -= firsts
                             self._cond.notify()
 
-    def _next_codec_work(self, pending: list[tuple]) -> list[tuple]:
+    def _next_codec_work(self, pending: list[_CodecWork]) -> list[_CodecWork]:
         """What to do next: the first piece of a stream that has sent nothing (a listener is waiting for
         sound; on a CPU the decoding loop too), else a reference to encode (a request waits for it before it
         can be queued), else the oldest item; a piece goes together with the other streams' next pieces of
         the same length."""
-        heads: dict[int, tuple] = {}  # each stream's oldest item: a stream's pieces are joined in order
+        heads: dict[int, _CodecWork] = {}  # each stream's oldest item: a stream's pieces are joined in order
         for item in pending:
-            heads.setdefault(id(item[1]), item)
-        firsts = [item for item in heads.values() if item[0] == "piece" and item[2].first]
-        encodes = [item for item in pending if item[0] == "encode"]
+            heads.setdefault(id(item.stream if not isinstance(item, _Encode) else item), item)
+        firsts = [item for item in heads.values() if _is_first(item)]
+        encodes = [item for item in pending if isinstance(item, _Encode)]
         chosen = firsts[0] if firsts else encodes[0] if encodes else next(iter(heads.values()))
-        if chosen[0] != "piece":
+        if not isinstance(chosen, _Decode):
             return [chosen]
-        length = chosen[2].codes.shape[1]
-        same = [i for i in heads.values() if i[0] == "piece" and i[2].codes.shape[1] == length]
+        length = chosen.frames
+        same = [i for i in heads.values() if isinstance(i, _Decode) and i.frames == length]
         work = [chosen, *(i for i in same if i is not chosen)]
         # On a CPU a batch pays only while its activations fit the caches (``CPU_CODEC_FRAMES``). A row
         # decoded in a batch differs from the piece decoded alone by float32 rounding (up to 1.6e-7: the
         # convolutions choose their arithmetic by batch size), at most a step of 16-bit PCM in a sample.
         return work if self._codec_stream is not None else work[: max(1, CPU_CODEC_FRAMES // length)]
 
-    def _codec_run(self, work: list[tuple]) -> None:
+    def _codec_run(self, work: list[_CodecWork]) -> None:
         """Encode a reference, end a stream, or decode pieces of several streams in one codec call."""
-        if work[0][0] == "encode":
-            _, audio, future, context = work[0]
+        if isinstance(work[0], _Encode):
+            encode = work[0]
             try:
-                future.set_result(context.run(self._guarded, self._encode, audio))
+                encode.future.set_result(encode.context.run(self._guarded, self._encode, encode.audio))
             except BaseException as exc:
-                future.set_exception(exc)
+                encode.future.set_exception(exc)
             return
         # A failed stream's items are dropped, and so are the pieces of one whose client left (nobody would
         # hear them); its end item is not (it is a finished request's result, for the observers).
         live = [
             item
             for item in work
-            if not item[1].job.failed and not (item[0] == "piece" and item[1].job.cancel.is_set())
+            if not item.stream.job.failed
+            and not (isinstance(item, _Decode) and item.stream.job.cancel.is_set())
         ]
         if not live:
             return
         try:
-            if live[0][0] == "end":
-                live[0][1].job.context.run(self._end_stream, live[0][1], live[0][2])
+            if isinstance(live[0], _End):
+                live[0].stream.job.context.run(self._end_stream, live[0].stream, live[0].result)
                 return
-            audio = self._guarded(self._pieces.decode, torch.stack([item[2].codes for item in live]))
+            audio = self._guarded(self._pieces.decode, torch.stack([item.piece.codes for item in live]))
         except BaseException as exc:
             for item in live:  # each stream's line under its own request id
-                item[1].job.context.run(log.exception, "audio decoding failed")
-                self._fail_stream(item[1], exc)
+                item.stream.job.context.run(log.exception, "audio decoding failed")
+                self._fail_stream(item.stream, exc)
             return
-        for i, (_, stream, piece) in enumerate(live):
+        for i, item in enumerate(live):
             try:
-                stream.job.emit(stream.join(piece, audio[i, 0]))
+                item.stream.job.emit(item.stream.join(item.piece, audio[i, 0]))
             except BaseException as exc:
-                self._fail_stream(stream, exc)
+                self._fail_stream(item.stream, exc)
 
     def _fail_stream(self, stream: _AudioStream, exc: BaseException) -> None:
         stream.job.failed = True
@@ -1177,6 +1178,47 @@ class _Piece:
     first: bool  # the stream's first piece
 
 
+@dataclass(eq=False)
+class _Decode:
+    """For the codec thread: a stream's piece to decode and send."""
+
+    kind: ClassVar[str] = "piece"
+    stream: _AudioStream
+    piece: _Piece
+
+    @property
+    def frames(self) -> int:
+        return self.piece.codes.shape[1]
+
+
+@dataclass(eq=False)
+class _End:
+    """For the codec thread: a stream that ended (what was not cut yet is decoded and sent, then the
+    result)."""
+
+    kind: ClassVar[str] = "end"
+    stream: _AudioStream
+    result: GenerationResult
+
+
+@dataclass(eq=False)
+class _Encode:
+    """For the codec thread: a voice reference to encode; ``future`` gets its codes."""
+
+    kind: ClassVar[str] = "encode"
+    audio: Audio
+    future: Future
+    context: contextvars.Context
+
+
+_CodecWork = _Decode | _End | _Encode
+
+
+def _is_first(item: _CodecWork) -> bool:
+    """A stream's first piece (a listener waits for sound; on a CPU the decoding loop waits too)."""
+    return isinstance(item, _Decode) and item.piece.first
+
+
 class _AudioStream:
     """Turns one request's delay-pattern columns into audio pieces as they arrive.
 
@@ -1215,7 +1257,7 @@ class _AudioStream:
         ready = len(self.columns) - self.codebooks  # complete frames after the begin marker
         hold = self.settings.context_frames
         if ready - hold - self.sent >= self.settings.chunk_frames:
-            self.engine._handover.append(("piece", self, self.cut(ready - hold, ready)))
+            self.engine._handover.append(_Decode(self, self.cut(ready - hold, ready)))
 
     @property
     def first_due_in(self) -> int:
@@ -1226,7 +1268,7 @@ class _AudioStream:
     def cut_first(self) -> None:
         """Queue the first piece (it is due), as long as it would have been cut the step it became due."""
         frames = self.settings.first_chunk_frames
-        self.engine._handover.append(("piece", self, self.cut(frames, frames + self.settings.context_frames)))
+        self.engine._handover.append(_Decode(self, self.cut(frames, frames + self.settings.context_frames)))
         with self.engine._cond:  # counted until the codec thread is done with it (``_codec_work``)
             self.engine._first_pieces += 1
 

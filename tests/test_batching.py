@@ -390,8 +390,8 @@ def test_on_a_cpu_the_loop_steps_aside_while_a_first_piece_is_with_the_codec(
     def codec_run(work):
         before = launches[0]
         real_run(work)
-        if work[0][0] == "piece":
-            calls.append((work[0][2].first, len(work), before, launches[0]))
+        if work[0].kind == "piece":
+            calls.append((work[0].piece.first, len(work), before, launches[0]))
 
     monkeypatch.setattr(engine._decoder, "launch", launch)
     monkeypatch.setattr(engine, "_codec_run", codec_run)
@@ -429,7 +429,7 @@ def test_on_a_cpu_a_burst_starts_together_and_its_first_pieces_share_a_codec_cal
         return real_admissible() if passes or len(engine._waiting) == len(bodies) else []
 
     def codec_run(work):
-        if work[0][0] == "piece" and work[0][2].first:
+        if engine_module._is_first(work[0]):
             firsts.append(len(work))
         real_run(work)
 
@@ -471,7 +471,7 @@ def test_on_a_cpu_a_first_piece_waits_a_step_for_one_due_at_the_next(
         return real_admissible() if engine.batch_steps - admitted_at[0] >= apart else []
 
     def codec_run(work):
-        if work[0][0] == "piece" and work[0][2].first:
+        if engine_module._is_first(work[0]):
             firsts.append(len(work))
         real_run(work)
 
@@ -491,11 +491,14 @@ def test_the_codec_takes_first_pieces_then_references_then_the_oldest_piece(engi
     def stream() -> object:
         return object()
 
-    def piece(owner: object, first: bool) -> tuple:
-        return ("piece", owner, engine_module._Piece(torch.zeros((8, 8), dtype=torch.long), 0, 1, first))
+    def piece(owner: object, first: bool) -> engine_module._Decode:
+        return engine_module._Decode(
+            owner, engine_module._Piece(torch.zeros((8, 8), dtype=torch.long), 0, 1, first)
+        )
 
     one, two = stream(), stream()
-    later, encode, newcomer = piece(one, False), ("encode", object(), None, None), piece(two, True)
+    encode = engine_module._Encode(object(), None, None)
+    later, newcomer = piece(one, False), piece(two, True)
     assert engine._next_codec_work([later, encode, newcomer]) == [newcomer, later]  # same length: together
     assert engine._next_codec_work([later, encode]) == [encode]
     assert engine._next_codec_work([later, piece(one, False)]) == [later]
@@ -506,9 +509,9 @@ def test_on_a_cpu_the_codec_decodes_a_few_short_pieces_together(engine, monkeypa
     (first pieces, 8 frames, 4 at a time; later ones, 20 frames, alone), on CUDA all of them (a graph
     replays the batch)."""
 
-    def piece(frames: int, first: bool) -> tuple:
+    def piece(frames: int, first: bool) -> engine_module._Decode:
         codes = torch.zeros((8, frames), dtype=torch.long)
-        return ("piece", object(), engine_module._Piece(codes, 0, 1, first))
+        return engine_module._Decode(object(), engine_module._Piece(codes, 0, 1, first))
 
     firsts = [piece(8, True) for _ in range(6)]
     laters = [piece(20, False) for _ in range(3)]
