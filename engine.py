@@ -233,7 +233,7 @@ class EngineStats:
     audio_seconds_per_second: float
 
 
-SCHEDULER_WORK = ("prefill", "step", "paused")
+SCHEDULER_WORK = ("prefill", "launch", "wait", "tokens", "paused")
 CODEC_WORK = ("first_piece", "piece", "end", "encode")
 
 
@@ -242,9 +242,12 @@ class EngineWork:
     """Where the engine's time went since it started (read by /metrics; each field written by one thread).
 
     ``scheduler``: the decoding loop's seconds by work: ``prefill`` (prompts into slots: ``prefills``
-    forward passes for ``prefilled`` requests), ``step`` (launching ``steps`` batched steps and taking their
-    tokens; on CUDA that includes waiting for the GPU) and ``paused`` (on a CPU, stepping aside while a
-    first piece is with the codec). ``codec`` and ``codec_calls``: the codec thread's seconds and calls by
+    forward passes for ``prefilled`` requests); for ``steps`` batched steps ``launch`` (starting them: on a
+    CPU the whole computation, on CUDA a graph replay), ``wait`` (blocked until a step's tokens are on the
+    host: on CUDA the GPU's time the host did not cover; on a CPU nothing) and ``tokens`` (streaming them,
+    cutting audio pieces, stop strings: the host's own work per step); and ``paused`` (on a CPU, stepping
+    aside while a first piece is with the codec). On CUDA a ``wait`` near zero means the GPU waits for the
+    host. ``codec`` and ``codec_calls``: the codec thread's seconds and calls by
     work: ``first_piece`` and ``piece`` (``codec_pieces`` pieces in all: more than one a call is a batch of
     several streams' pieces), ``end`` (a stream's last piece) and ``encode`` (a voice reference).
     """
@@ -741,9 +744,7 @@ class HiggsEngine:
                 if jobs:
                     spent["prefill"] += time.perf_counter() - started
                 if self._running:
-                    started = time.perf_counter()
                     self._step()
-                    spent["step"] += time.perf_counter() - started
             except BaseException as exc:  # a bug here must not stop the engine for every later request
                 log.exception("the scheduler failed; failing the requests it was decoding or admitting")
                 self._in_flight = None
@@ -863,11 +864,14 @@ class HiggsEngine:
         """Launch a step for every running job; with ``lookahead``, take the previous step's tokens while
         this one runs on the GPU (a job that ended or left meanwhile has its row of the newer step
         ignored)."""
+        started = time.perf_counter()
         try:
             launched = self._guarded(self._decoder.launch)
         except BaseException as exc:  # the step is shared: every running request fails with it
             self._fail_running(exc)
             return
+        finally:
+            self._work.scheduler["launch"] += time.perf_counter() - started
         step = (launched, dict(self._running))
         if self.lookahead:
             step, self._in_flight = self._in_flight, step
@@ -876,11 +880,15 @@ class HiggsEngine:
 
     def _take(self, launched: Launched, jobs: dict[int, _Job]) -> None:
         """Stream a step's tokens to the jobs it was launched for that still hold their slots."""
+        spent = self._work.scheduler
+        started = time.perf_counter()
         try:
             out = launched.result()
         except BaseException as exc:
             self._fail_running(exc)
             return
+        finally:
+            spent["wait"] += (taken := time.perf_counter()) - started
         self._work.steps += 1
         for slot, job in jobs.items():
             if self._running.get(slot) is job and not job.cancel.is_set():
@@ -893,6 +901,7 @@ class HiggsEngine:
                 self._rates.append((now, self.batch_steps, self._frames))
             while self._rates and now - self._rates[0][0] > 10.0:
                 self._rates.popleft()
+        spent["tokens"] += time.perf_counter() - taken
 
     def _cut_first_pieces(self) -> None:
         """Queue the first pieces that are due. They may wait ``first_piece_wait`` steps while another

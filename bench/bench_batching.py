@@ -66,7 +66,8 @@ def work_done(before, after) -> str:
     pieces = ", ".join(f"{k} {calls[k]} in {codec[k]:.3f} s" for k in codec if calls[k])
     return (
         f"prefill {spent['prefill']:.3f} s ({after.prefills - before.prefills} passes), "
-        f"{after.steps - before.steps} steps in {spent['step']:.3f} s, paused {spent['paused']:.3f} s; "
+        f"{after.steps - before.steps} steps: launch {spent['launch']:.3f} s, wait {spent['wait']:.3f} s, "
+        f"tokens {spent['tokens']:.3f} s; paused {spent['paused']:.3f} s; "
         f"codec: {pieces}"
     )
 
