@@ -443,15 +443,18 @@ def test_on_a_cpu_a_burst_starts_together_and_its_first_pieces_share_a_codec_cal
 
 
 @pytest.mark.parametrize(
-    "apart, ends, firsts_expected", [(1, False, [4]), (3, False, [1, 3]), (1, True, [4])]
+    "apart, ends, wait, firsts_expected",
+    [(1, False, 1, [4]), (3, False, 1, [1, 3]), (1, True, 1, [4]), (1, False, 0, [1, 3])],
 )
 def test_on_a_cpu_a_first_piece_waits_a_step_for_one_due_at_the_next(
-    client, engine, monkeypatch, apart, ends, firsts_expected
+    client, engine, monkeypatch, apart, ends, wait, firsts_expected
 ):
     """A request admitted a turn before three others is a step ahead of them: its first piece waits that
     step and the four share one codec call (one call less for the listeners behind it). It waits no longer:
     three steps ahead, it goes alone. One that ends during that step still sends its first piece, then the
-    rest. The answers are those of the requests alone."""
+    rest. With no wait (CUDA's choice) it goes alone. The answers are those of the requests alone."""
+    assert engine.first_piece_wait == 1  # a CPU's
+    monkeypatch.setattr(engine, "first_piece_wait", wait)
     bodies = [chat(seed=80 + i, max_tokens=30, text=f"Staggered number {i}.") for i in range(4)]
     if ends:  # a first piece is due once the stream has begin marker, delay, 4 + 4 frames: a step more
         bodies[0]["max_tokens"] = engine.num_codebooks + 9
