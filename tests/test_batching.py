@@ -456,8 +456,9 @@ def test_on_a_cpu_a_first_piece_waits_a_step_for_one_due_at_the_next(
     assert engine.first_piece_wait == 1  # a CPU's
     monkeypatch.setattr(engine, "first_piece_wait", wait)
     bodies = [chat(seed=80 + i, max_tokens=30, text=f"Staggered number {i}.") for i in range(4)]
-    if ends:  # a first piece is due once the stream has begin marker, delay, 4 + 4 frames: a step more
-        bodies[0]["max_tokens"] = engine.num_codebooks + 9
+    if ends:  # due with the begin marker, the delay, the first piece's frames and its context: a step more
+        frames = engine.streaming.first_chunk_frames + engine.streaming.context_frames
+        bodies[0]["max_tokens"] = engine.num_codebooks + frames + 1
     alone = [answer(post(client, body)) for body in bodies]
     firsts: list[int] = []
     real_admissible, real_run = engine._admissible, engine._codec_run
