@@ -1054,8 +1054,7 @@ class HiggsEngine:
             for work_items in items:
                 pending.extend(work_items)
             work = self._next_codec_work(pending)
-            taken = {id(item) for item in work}
-            pending = [item for item in pending if id(item) not in taken]
+            pending = [item for item in pending if item not in work]  # (by identity: ``eq=False``)
             firsts = sum(1 for item in work if _is_first(item))
             kind = "first_piece" if firsts else work[0].kind
             started = time.perf_counter()
@@ -1083,8 +1082,8 @@ class HiggsEngine:
         can be queued), else the oldest item; a piece goes together with the other streams' next pieces of
         the same length."""
         heads: dict[int, _CodecWork] = {}  # each stream's oldest item: a stream's pieces are joined in order
-        for item in pending:
-            heads.setdefault(id(item.stream if not isinstance(item, _Encode) else item), item)
+        for item in pending:  # a reference to encode is a line of its own
+            heads.setdefault(id(item if isinstance(item, _Encode) else item.stream), item)
         firsts = [item for item in heads.values() if _is_first(item)]
         encodes = [item for item in pending if isinstance(item, _Encode)]
         chosen = firsts[0] if firsts else encodes[0] if encodes else next(iter(heads.values()))
