@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from browser import launch, serve
+from browser import Cable, launch, serve
 from conftest import FIXTURES, TEST_AUDIO
 from playwright.sync_api import Page, expect, sync_playwright
 from pydantic import SecretStr
@@ -191,6 +191,21 @@ def test_wav_plays_as_it_streams_and_downloads_a_wav(page, base_url):
     assert "first audio after" in page.locator("#speak-status").inner_text()
 
 
+def test_a_format_that_plays_when_complete_says_so_while_it_arrives(page, base_url):
+    open_page(page, base_url)
+    speak(page, "First a wave file.", "default", "wav")
+    page.fill("#text", "Then an opus file.")
+    page.select_option("#format", "opus")
+    page.click("#speak")
+    status = page.locator("#speak-status")
+    expect(status).to_contain_text("opus plays when it is complete")
+    assert "Playing" not in status.inner_text()
+    # the player forgot the wave file at once: no old length or position shown while opus arrives
+    assert page.evaluate("() => isNaN(document.getElementById('player').duration)")
+    expect(page.locator("#download")).to_be_visible()
+    expect(status).to_contain_text("Done in")
+
+
 def test_stop_ends_the_generation_on_the_server(page, web_settings, engine, recognizer):
     """Stop while audio plays: the page says so and offers nothing, and the server's slot is free soon,
     long before the speech would have reached its cap (the tiny model's audio never ends by itself)."""
@@ -241,13 +256,16 @@ def test_storing_a_voice_from_an_uploaded_file_lists_plays_and_deletes_it(page, 
     voice = httpx.get(f"{base_url}/v1/audio/voices/uploaded").json()
     assert duration == pytest.approx(voice["duration"], abs=0.05)
 
-    delete = item.get_by_role("button", name="Delete uploaded")
-    delete.click()
-    expect(delete).to_have_text("Confirm delete")
+    item.get_by_role("button", name="Delete uploaded").click()
+    confirm = item.get_by_role("button", name="Confirm: delete uploaded")  # what a screen reader hears
+    expect(confirm).to_have_text("Confirm delete")
     assert "uploaded" in api_voices(base_url)  # the first press only asks
-    delete.click()
+    confirm.click()
     expect(page.locator("#voices li[data-voice='uploaded']")).to_have_count(0)
     assert "uploaded" not in api_voices(base_url)
+    # it was the selected voice: the page says which one speaks now
+    expect(page.locator("#voice")).to_have_value("alloy")
+    expect(page.locator("#speak-status")).to_have_text("Deleted the voice uploaded; the voice is now alloy.")
 
 
 def test_bad_input_shows_the_apis_own_message(page, base_url, tmp_path):
@@ -297,10 +315,16 @@ def test_a_refused_speech_request_shows_the_apis_message_and_no_player(page, bas
 def test_cloning_the_clip_once_streams_it(page, base_url):
     open_page(page, base_url)
     page.set_input_files("#clip-file", str(TEST_AUDIO))
+    page.select_option("#voice", ":clip")
+    # the chat endpoint that clones once has no speed: the slider says so by being off
+    expect(page.locator("#speed")).to_be_disabled()
+    expect(page.locator("#format-hint")).to_contain_text("at normal speed")
     speak(page, "Spoken once in the voice of the clip.", ":clip")
     assert download_head(page, 4) == b"RIFF"
     page.wait_for_function("() => document.getElementById('player').duration > 0.5")
     assert "uploaded" not in api_voices(base_url)  # nothing was stored
+    page.select_option("#voice", "alloy")
+    expect(page.locator("#speed")).to_be_enabled()
 
 
 def test_recording_with_the_fake_microphone_gives_a_clip_the_api_reads(page, base_url):
@@ -313,6 +337,26 @@ def test_recording_with_the_fake_microphone_gives_a_clip_the_api_reads(page, bas
     page.click("#transcribe")  # webm/opus, decoded by the server
     expect(page.locator("#transcript")).not_to_have_text(re.compile(r"^(|Transcribing…)$"))
     expect(page.get_by_role("alert")).to_be_hidden()
+
+
+def test_a_double_click_on_record_records_once(page, base_url):
+    page.add_init_script(
+        """{
+            window.microphones = 0;
+            const ask = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+            navigator.mediaDevices.getUserMedia = (c) => (window.microphones++, ask(c));
+        }"""
+    )
+    open_page(page, base_url)
+    page.dblclick("#record")
+    expect(page.locator("#record")).to_have_text("Stop recording")
+    page.wait_for_timeout(1500)
+    page.click("#record")
+    info = page.locator("#clip-info")
+    expect(info).to_contain_text("Recorded: recording.webm")
+    page.wait_for_timeout(1000)  # a second recorder would still be ticking here
+    expect(info).to_contain_text("Recorded: recording.webm")
+    assert page.evaluate("() => window.microphones") == 1
 
 
 def test_keyboard_reaches_every_control_with_a_visible_focus(page, base_url):
@@ -336,14 +380,76 @@ def test_keyboard_reaches_every_control_with_a_visible_focus(page, base_url):
     assert unlabelled == []
 
 
+LONGEST_NAME = "b" * 64  # the longest voice name the API takes
+
+OVERFLOWING = """() => [...document.querySelectorAll('.card, .card *')]
+    .filter(e => e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflowX === 'visible')
+    .map(e => e.id || e.className || e.tagName)"""
+
+
+def store_longest_name(url: str) -> None:
+    if LONGEST_NAME not in api_voices(url):
+        store_voice(url, LONGEST_NAME)
+
+
 def test_fits_a_phone_width_screen(browser, base_url):
+    store_longest_name(base_url)
     context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True)
     page = context.new_page()
     open_page(page, base_url)
+    expect(page.locator(f"#voices li[data-voice='{LONGEST_NAME}']")).to_be_visible()
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 360
+    assert page.evaluate(OVERFLOWING) == []
     box = page.locator("#speak").bounding_box()
     assert box["x"] >= 0 and box["x"] + box["width"] <= 360
+
+    # an error shows above the cards: pressing a button far below brings it into view
+    page.click("#transcribe")  # no clip yet
+    expect(page.locator("#error-text")).to_have_text("upload or record a reference clip first")
+    expect(page.locator("#error")).to_be_in_viewport()
+    page.click("#error-close")
+    expect(page.locator("#error")).to_be_hidden()
     context.close()
+
+
+def test_a_long_voice_name_keeps_the_columns_apart(page, base_url):
+    store_longest_name(base_url)
+    open_page(page, base_url)
+    page.select_option("#voice", LONGEST_NAME)
+    page.set_input_files("#clip-file", str(TEST_AUDIO))
+    page.fill("#voice-name", "c" * 64)
+    page.fill("#voice-transcript", "We need to finish the report before the meeting on Friday morning.")
+    page.check("#consent")
+    page.click("#store")
+    expect(page.locator("#speak-status")).to_contain_text("Stored the voice ccc")
+    left = page.locator(".layout > .column").first.bounding_box()
+    right = page.locator(".clip").bounding_box()
+    assert left["x"] + left["width"] <= right["x"]
+    for selector in ["#speak-status", "#voice", f"#voices li[data-voice='{LONGEST_NAME}']"]:
+        box = page.locator(selector).bounding_box()
+        assert box["x"] + box["width"] <= right["x"], selector
+    assert page.evaluate(OVERFLOWING) == []
+    assert httpx.delete(f"{base_url}/v1/audio/voices/{'c' * 64}").status_code == 200
+
+
+def test_the_page_notices_when_the_service_goes_away(page, base_url):
+    cable = Cable(base_url)
+    open_page(page, cable.url)
+    page.fill("#text", "A sentence that will not be finished. " * 3)
+    page.select_option("#voice", "default")
+    page.select_option("#format", "wav")
+    page.click("#speak")
+    expect(page.locator("#speak-status")).to_contain_text("Playing while")
+    cable.cut()  # the connection breaks while the answer streams
+    expect(page.locator("#error-text")).to_have_text(
+        "the connection to the service broke before the answer was complete"
+    )
+    expect(page.locator("#speak")).to_be_enabled()
+    expect(page.locator("#status")).to_have_text("Ready")  # checked again at once: the service is there
+    cable.unplug()  # now it is gone: the pill notices by itself (it checks every 15 s while ready)
+    expect(page.locator("#status")).to_have_text("Offline", timeout=25_000)
+    page.click("#refresh")
+    expect(page.locator("#error-text")).to_have_text("the service could not be reached; is it running?")
 
 
 def test_with_an_api_key_the_page_asks_for_it_and_then_works(browser, web_settings, engine, recognizer):

@@ -12,6 +12,13 @@ export class ApiError extends Error {
   }
 }
 
+/** The service did not answer, or the connection broke before the answer was complete. */
+export class Unreachable extends ApiError {
+  constructor(message) {
+    super(0, message);
+  }
+}
+
 export const apiKey = {
   get: () => sessionStorage.getItem(KEY_ITEM) || "",
   set: (key) => (key ? sessionStorage.setItem(KEY_ITEM, key) : sessionStorage.removeItem(KEY_ITEM)),
@@ -34,7 +41,7 @@ export async function request(path, { method = "GET", json, form, signal } = {})
     response = await fetch(path, { method, headers, body, signal });
   } catch (err) {
     if (err.name === "AbortError") throw err;
-    throw new ApiError(0, "the service could not be reached; is it running?");
+    throw new Unreachable("the service could not be reached; is it running?");
   }
   if (!response.ok) throw await errorOf(response);
   return response;
@@ -58,7 +65,14 @@ export async function* events(response) {
   let buffer = "";
   try {
     for (;;) {
-      const { value, done } = await reader.read();
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch (err) {
+        if (err.name === "AbortError") throw err;
+        throw new Unreachable("the connection to the service broke before the answer was complete");
+      }
+      const { value, done } = chunk;
       if (done) break;
       buffer += decoder.decode(value, { stream: true });
       let end;

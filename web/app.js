@@ -1,6 +1,6 @@
 // The page's behaviour: voices, speaking with streamed playback, the reference clip, the library.
 
-import { ApiError, apiKey, dataUrl, events, fromBase64, request } from "./api.js";
+import { ApiError, apiKey, dataUrl, events, fromBase64, request, Unreachable } from "./api.js";
 import { playerFor, streamsLive, wireFormat } from "./player.js";
 import { canRecord, startRecording } from "./recorder.js";
 
@@ -10,7 +10,15 @@ const CLIP = ":clip"; // the voice option that clones the reference clip once (n
 const DEFAULT_LIMIT = 4096; // OpenAI's, when the API's schema does not say
 
 const $ = (id) => document.getElementById(id);
-const state = { voices: [], clip: null, limit: DEFAULT_LIMIT, speaking: null, recording: null };
+const state = {
+  voices: [],
+  clip: null,
+  limit: DEFAULT_LIMIT,
+  speaking: null,
+  recording: null,
+  errorFrom: null, // the control that was focused when the error showed, focused again when it is dismissed
+  readiness: null, // the timer of the next readiness check
+};
 
 // ---- errors and the API key ----
 
@@ -18,7 +26,11 @@ function showError(err) {
   if (err?.name === "AbortError") return;
   $("error-text").textContent = err instanceof ApiError ? err.message : `Something went wrong: ${err}`;
   $("error").hidden = false;
+  state.errorFrom = document.activeElement;
+  // The message is above the cards: bring it into view from wherever the button pressed was.
+  $("error").scrollIntoView({ block: "nearest" });
   if (err instanceof ApiError && err.status === 401) askForKey();
+  if (err instanceof Unreachable) watchReadiness(); // the service may be gone: the pill says so
 }
 
 function clearError() {
@@ -40,23 +52,33 @@ $("key-form").addEventListener("submit", async (event) => {
   clearError();
   if (await load()) $("key-form").hidden = true;
 });
-$("error-close").addEventListener("click", clearError);
+$("error-close").addEventListener("click", () => {
+  clearError();
+  const back = state.errorFrom;
+  (back?.isConnected && back !== document.body && !back.disabled ? back : $("text")).focus();
+});
 
 // ---- readiness, limits, voices ----
 
+/** Checks /ready now and then again: every 3 s while the model loads, 5 s while the service cannot be
+ * reached, 15 s while it is ready (so that the pill notices a service that went away). */
 async function watchReadiness() {
+  clearTimeout(state.readiness);
   const pill = $("status");
+  let next;
   try {
     const response = await fetch("/ready");
     const ready = response.ok;
     pill.textContent = ready ? "Ready" : "Model loading…";
     pill.dataset.state = ready ? "ready" : "loading";
-    if (!ready) setTimeout(watchReadiness, 3000);
+    next = ready ? 15000 : 3000;
   } catch {
     pill.textContent = "Offline";
     pill.dataset.state = "offline";
-    setTimeout(watchReadiness, 5000);
+    next = 5000;
   }
+  clearTimeout(state.readiness); // a check started meanwhile (after an error) schedules one timer only
+  state.readiness = setTimeout(watchReadiness, next);
 }
 
 async function loadLimit() {
@@ -167,17 +189,26 @@ function button(text, label, onClick) {
 
 function deleteButton(voice) {
   // Two presses: the first asks, the second deletes (no modal dialog to trap the keyboard).
-  const element = button("Delete", `Delete ${voice.name}`, async () => {
+  const label = `Delete ${voice.name}`;
+  const element = button("Delete", label, async () => {
     if (element.dataset.armed !== "yes") {
       element.dataset.armed = "yes";
       element.textContent = "Confirm delete";
+      element.setAttribute("aria-label", `Confirm: delete ${voice.name}`);
       element.classList.add("danger");
       return;
     }
     clearError();
     try {
       await request(`/v1/audio/voices/${encodeURIComponent(voice.id)}`, { method: "DELETE" });
+      const selected = $("voice").value;
       await loadVoices();
+      const now = $("voice").value;
+      $("speak-status").textContent =
+        selected === voice.name && now !== selected
+          ? `Deleted the voice ${voice.name}; the voice is now ${now}.`
+          : `Deleted the voice ${voice.name}.`;
+      updateFormatHint();
       $("refresh").focus();
     } catch (err) {
       showError(err);
@@ -186,6 +217,7 @@ function deleteButton(voice) {
   element.addEventListener("blur", () => {
     element.dataset.armed = "";
     element.textContent = "Delete";
+    element.setAttribute("aria-label", label);
     element.classList.remove("danger");
   });
   return element;
@@ -224,10 +256,11 @@ function updateCount() {
 
 function updateFormatHint() {
   const format = $("format").value;
-  $("format-hint").textContent =
-    $("voice").value === CLIP
-      ? "Cloning from the clip streams raw audio; the download is wav."
-      : streamsLive(format)
+  const cloning = $("voice").value === CLIP;
+  $("speed").disabled = cloning; // the chat endpoint that clones once has no speed
+  $("format-hint").textContent = cloning
+    ? "Cloning from the clip streams raw audio at normal speed; the download is wav."
+    : streamsLive(format)
         ? `${format} plays as it streams.`
         : `${format} plays when it is complete; mp3, wav, aac or pcm play as they stream.`;
 }
@@ -262,11 +295,14 @@ $("speak-form").addEventListener("submit", async (event) => {
   status.textContent = "Generating…";
   const started = performance.now();
   let first = null;
+  const live = streamsLive(wireFormat(format));
   const onAudio = (bytes) => {
     if (first === null) {
       first = performance.now() - started;
       const after = (first / 1000).toFixed(1);
-      status.textContent = `Playing while the rest is generated (first audio after ${after} s)…`;
+      status.textContent = live
+        ? `Playing while the rest is generated (first audio after ${after} s)…`
+        : `Receiving the audio (the first of it after ${after} s); ${format} plays when it is complete…`;
     }
     player.push(bytes);
   };
@@ -378,6 +414,7 @@ $("clip-file").addEventListener("change", () => {
 
 $("record").addEventListener("click", async () => {
   const record = $("record");
+  if (record.dataset.starting) return; // a second click while the microphone opens
   if (state.recording) {
     record.disabled = true;
     const file = await state.recording.stop();
@@ -389,6 +426,7 @@ $("record").addEventListener("click", async () => {
     return;
   }
   clearError();
+  record.dataset.starting = "yes";
   try {
     state.recording = await startRecording({
       onTick: (seconds) => {
@@ -403,6 +441,8 @@ $("record").addEventListener("click", async () => {
     });
   } catch (err) {
     showError(new ApiError(0, `the microphone could not be used: ${err.message}`));
+  } finally {
+    delete record.dataset.starting;
   }
 });
 if (!canRecord()) {
@@ -413,7 +453,7 @@ if (!canRecord()) {
 function needClip() {
   if (state.clip) return true;
   showError(new ApiError(0, "upload or record a reference clip first"));
-  $("clip-file").focus();
+  $("clip-file").focus({ preventScroll: true }); // the message above stays in view
   return false;
 }
 

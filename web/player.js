@@ -43,6 +43,7 @@ class Player {
     this.bytes = 0;
     audio.pause();
     audio.removeAttribute("src");
+    audio.load(); // the controls forget the previous answer (its length, its position) at once
     audio.dataset.state = "streaming";
   }
 
