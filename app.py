@@ -28,7 +28,7 @@ from guard import RequestGate
 from metrics import Metrics
 from planner import Planner
 from routes import chat, health, models, speech, transcription, voices, web
-from settings import Settings, resolve_device
+from settings import Settings, from_environment, resolve_device
 from stt import AsyncTranscriber, load_recognizer
 from voices import VoiceLibrary, Voices
 
@@ -215,14 +215,14 @@ def _install_request_id_on_log_records() -> None:
 def build() -> FastAPI:
     """The app with the settings of the environment: ``uvicorn app:build --factory``."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    return create_app(Settings())
+    return create_app(from_environment())
 
 
 def main() -> None:
     """``python app.py``: serve on the settings' host and port."""
     import uvicorn
 
-    settings = Settings()
+    settings = from_environment()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     _install_request_id_on_log_records()
     # access_log off: the request-id middleware already logs each request, with its id.

@@ -26,7 +26,7 @@ from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import create_app
-from settings import Settings, resolve_device
+from settings import Settings, from_environment, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # A service manager's stop (SIGTERM) ends it as Ctrl-C does: the application is removed from the cluster.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    settings = Settings()
+    settings = from_environment()
     ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env())
     try:
         deployment_options(settings, int(ray.cluster_resources().get("GPU", 0)))

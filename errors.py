@@ -12,7 +12,7 @@ import logging
 import math
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -154,6 +154,11 @@ def _validation_message(err: dict[str, Any]) -> str:
     if err.get("type") == "union_tag_invalid":
         expected = err.get("ctx", {}).get("expected_tags", "text or input_audio")
         return f"unsupported content part type; use {expected}"
+    if err.get("type") == "value_error":  # a validator's own words, without pydantic's "Value error, "
+        message = str(err.get("ctx", {}).get("error", err.get("msg", "invalid value")))
+        if message.startswith("Expected UploadFile"):  # text sent where a form wants a file
+            return "this field must be a file, sent as multipart/form-data"
+        return message
     return str(err.get("msg", "invalid value"))
 
 
@@ -162,8 +167,32 @@ async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(as_api_error(exc))
 
 
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def _wrong_body_kind(request: Request, errors: list[dict[str, Any]]) -> str | None:
+    """What to say when the body is not of the kind the route reads: JSON sent to a route that takes a form
+    (an upload), or a form (curl's ``-d`` without a content type) sent to one that takes JSON."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body_params = getattr(getattr(request.scope.get("route"), "dependant", None), "body_params", [])
+    if not body_params:
+        return None
+    if any(isinstance(p.field_info, params.Form) for p in body_params):  # ``File`` is a ``Form``
+        if content_type in FORM_TYPES:
+            return None
+        given = content_type or "a body without a content type"
+        return f"this endpoint takes a multipart/form-data upload (curl: -F name=value), not {given}"
+    whole_body = any(tuple(e.get("loc", ())) == ("body",) for e in errors)
+    if whole_body and content_type != "application/json":
+        return "the body must be a JSON object, sent with Content-Type: application/json"
+    return None
+
+
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 becomes OpenAI's 400, naming the field."""
+    wrong_kind = _wrong_body_kind(request, exc.errors())
+    if wrong_kind:
+        return error_response(APIError(400, wrong_kind))
     # Of a union's alternatives, the deepest error is the one closest to what the client meant.
     err = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
     param = None if err.get("type") == "json_invalid" else param_from_loc(tuple(err.get("loc", ())))

@@ -40,7 +40,7 @@ from engine import (
     StreamEvent,
     Turn,
 )
-from streaming import started
+from streaming import no_audio, started
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +228,8 @@ async def encode_whole(
     """A non-streamed answer: the stream's audio encoded as ``fmt`` as it comes, and the final result.
 
     Only the encoded answer grows with its length (flac, whose header needs the length, holds its samples
-    until the end); no decode or encode step ever sees more than one piece of the stream. An answer with no
-    audio at all is 10 ms of silence, so that every format has something to hold.
+    until the end); no decode or encode step ever sees more than one piece of the stream (``no_audio`` when
+    there is none).
     """
     wav = fmt == "wav"
     encoder = EncoderStream("pcm" if wav or fmt == "pcm16" else fmt, sample_rate)
@@ -246,7 +246,7 @@ async def encode_whole(
     if result is None:
         raise RuntimeError("the engine's stream ended without a result")
     if not heard:
-        chunks.append(encoder.feed(np.zeros(sample_rate // 100, np.float32)))
+        chunks.append(encoder.feed(no_audio(sample_rate)))
     chunks.append(await asyncio.to_thread(encoder.finish))
     data = b"".join(chunks)
     return (_wav_header(sample_rate, len(data)) + data if wav else data), result

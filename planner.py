@@ -46,11 +46,10 @@ from voice_cloning import (
     recognised_words,
     system_turn,
 )
-from voices import DEFAULT_VOICE, VoicePrompt, Voices, audio_token_cap
+from voices import CLONE_VOICE, DEFAULT_VOICE, VoicePrompt, Voices, audio_token_cap
 
 log = logging.getLogger(__name__)
 
-CLONE_VOICE = "clone"
 # Recent audio answers kept (transcript and codes, a few KB each) for requests that refer to them by id.
 ANSWERS_KEPT = 256
 # The output cap of a text answer when the request gives none.
@@ -175,13 +174,17 @@ class Planner:
     async def _spoken_text(self, message: ChatMessage, index: int) -> str:
         """The message's text, its ``input_audio`` parts replaced by what they say."""
         parts = _parts(message, index)
-        texts = list(parts.texts)
+        return _join([*parts.texts, *await self._heard(parts)])
+
+    async def _heard(self, parts: _Parts) -> list[str]:
+        """What each ``input_audio`` part says: its ``transcript`` when given, else recognised."""
+        heard = []
         for param, part in parts.audios:
             given = part.input_audio.transcript
             if not given:
                 given = await recognised_words(self.recognizer, self._user_audio(param, part), param)
-            texts.append(given)
-        return _join(texts)
+            heard.append(given)
+        return heard
 
     def audio_token_cap(self, text: str) -> int:
         """Default output cap for speaking ``text``: 4 s plus ``seconds_per_character`` (bounded)."""
@@ -359,9 +362,11 @@ class Planner:
 
     async def _plan_text(self, request: ChatCompletionRequest, scene: str) -> Plan:
         last = len(request.messages) - 1
-        if _parts(request.messages[last], last).audios:
-            # The base model is no chat model: audio in a text-only request is answered by its transcript.
-            text = await self._spoken_text(request.messages[last], last)
+        parts = _parts(request.messages[last], last)
+        if parts.audios:
+            # The base model is no chat model: audio in a text-only request is answered by its transcript
+            # (the text beside it is the asker's, "What does this say?", not part of the answer).
+            text = _join(await self._heard(parts))
             return Plan(None, text, DEFAULT_VOICE, direct_answer=text)
         turns = [Turn("system", scene)] if scene else []
         for i, message in enumerate(request.messages):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
 # OpenAI's request types are strict: "10" is not an integer, 1.0 not a count, "true" not a boolean.
 # (A float field still takes an integer: 1 is a fine temperature.)
@@ -93,8 +93,8 @@ class ChatCompletionRequest(OpenModel):
     messages: list[ChatMessage] = Field(min_length=1)
     modalities: list[Literal["text", "audio"]] | None = None
     audio: AudioParams | None = None
-    temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
-    top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: StrictFloat | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: StrictInt | None = Field(default=None, ge=0)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
@@ -103,6 +103,13 @@ class ChatCompletionRequest(OpenModel):
     n: StrictInt | None = Field(default=None, ge=1, le=1)
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError(f"stop takes at most 4 sequences, as OpenAI's does; {len(stop)} were given")
+        return stop
 
     @property
     def wants_audio(self) -> bool:
@@ -176,7 +183,7 @@ class SpeechRequest(OpenModel):
     voice: str | VoiceRef
     instructions: str | None = Field(default=None, max_length=MAX_INSTRUCTIONS)
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
-    speed: StrictFloat = Field(default=1.0, ge=0.25, le=4.0)
+    speed: StrictFloat = Field(default=1.0, ge=0.25, le=4.0, allow_inf_nan=False)
     stream_format: Literal["audio", "sse"] = "audio"
     seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
     """Extension: same seed, input and voice give the same audio."""

@@ -6,11 +6,13 @@ the README lists them all with their defaults. Nothing else in the project reads
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 
 class Settings(BaseSettings):
@@ -197,6 +199,24 @@ class Settings(BaseSettings):
 
     max_replicas: int = Field(default=0, ge=0, le=1024)
     """Ray Serve: when above `replicas`, autoscale between the two on load."""
+
+
+def from_environment() -> Settings:
+    """The settings of the environment, for the service's entry points: a value that does not fit exits
+    with one line per setting at fault, naming its variable, instead of a traceback."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        faults = []
+        for error in exc.errors():
+            name = "HIGGS_" + "_".join(str(part) for part in error["loc"][:1]).upper()
+            given = "" if "key" in name.lower() else f" (given: {error['input']!r})"
+            faults.append(f"{name}: {error['msg']}{given}")
+    except SettingsError as exc:  # a list or mapping setting whose value is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"HIGGS_{field.group(1).upper()}" if field else "a setting"
+        faults = [f"{name}: not valid JSON; write a list as JSON, e.g. {name}='[\"https://app.example\"]'"]
+    raise SystemExit("invalid settings:\n  " + "\n  ".join(faults))
 
 
 def resolve_device(requested: str, cuda_available: bool) -> str:

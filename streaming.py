@@ -48,6 +48,13 @@ async def started(events: AsyncIterator[StreamEvent]) -> Started:
     return first
 
 
+def no_audio(sample_rate: int) -> np.ndarray:
+    """An audio answer in which the model made no audio at all (``max_tokens`` shorter than the codebooks'
+    delay, or an end at once): 10 ms of silence, streamed or not, so that every format has something to
+    hold and a stream carries its audio's id and transcript."""
+    return np.zeros(sample_rate // 100, np.float32)
+
+
 async def chat_events(
     events: AsyncIterator[StreamEvent],
     *,
@@ -58,6 +65,7 @@ async def chat_events(
     transcript: str,
     expires_at: int,
     include_usage: bool,
+    sample_rate: int,
 ) -> AsyncIterator[bytes]:
     """``chat.completion.chunk`` events: base64 PCM16 audio in ``delta.audio``, text in ``delta.content``."""
 
@@ -66,21 +74,27 @@ async def chat_events(
         head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
         return sse({**head, "system_fingerprint": None, "choices": [choice], **extra})
 
+    first_audio = True
+
+    def audio_chunk(samples: np.ndarray) -> bytes:
+        nonlocal first_audio
+        audio: dict[str, Any] = {"id": audio_id, "data": base64.b64encode(pcm16(samples)).decode()}
+        if first_audio:
+            audio.update(transcript=transcript, expires_at=expires_at)
+            first_audio = False
+        return chunk({"audio": audio})
+
     async with aclosing(events):
         yield chunk({"role": "assistant", "content": None if audio_id else ""})
-        first_audio = True
         try:
             async for event in events:
                 if isinstance(event, AudioPiece) and audio_id:
-                    data = base64.b64encode(pcm16(event.samples)).decode()
-                    audio: dict[str, Any] = {"id": audio_id, "data": data}
-                    if first_audio:
-                        audio.update(transcript=transcript, expires_at=expires_at)
-                        first_audio = False
-                    yield chunk({"audio": audio})
+                    yield audio_chunk(event.samples)
                 elif isinstance(event, TextPiece):
                     yield chunk({"content": event.text})
                 elif isinstance(event, GenerationResult):
+                    if audio_id and first_audio:
+                        yield audio_chunk(no_audio(sample_rate))
                     yield chunk({}, event.finish_reason)
                     if include_usage:
                         yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,

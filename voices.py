@@ -49,6 +49,7 @@ from voice_cloning import (
 log = logging.getLogger(__name__)
 
 DEFAULT_VOICE = "default"
+CLONE_VOICE = "clone"  # chat only: the voice of the request's own input_audio reference
 
 # OpenAI's built-in voice names. Each is a stored voice: the library's voice of that name when there is
 # one; otherwise, on first use, the model speaks BUILTIN_SENTENCE with this speaker description and a seed
@@ -103,7 +104,7 @@ class VoicePrompt:
 
 
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RESERVED_NAMES = frozenset({"clone", "default"})
+RESERVED_NAMES = frozenset({CLONE_VOICE, DEFAULT_VOICE})
 ID_PREFIX = "voice_"
 META_DIR = ".voices"
 # Held (flock) by whoever writes the library, in any process on any machine that shares the folder.
@@ -467,8 +468,16 @@ class Voices:
         if stored is None and name in BUILTIN_VOICES:
             stored = await self.make_builtin(name, param)
         if stored is None:
-            names = ", ".join(["clone (chat only)", *self.names()])
-            raise InvalidRequest(f"unknown voice {name!r}; available voices: {names}", param)
+            names = ", ".join(self.names())
+            if name == CLONE_VOICE:
+                raise InvalidRequest(
+                    "voice 'clone' clones the input_audio reference of a chat completion "
+                    f"(/v1/chat/completions); here choose a voice: {names}",
+                    param,
+                )
+            raise InvalidRequest(
+                f"unknown voice {name!r}; available voices: {names} (and, in chat, clone)", param
+            )
         return VoicePrompt(stored.name, stored.transcript, await self._codes(stored, param))
 
     async def _codes(self, voice: Voice, param: str) -> AudioCodes:

@@ -78,6 +78,7 @@ async def chat_completions(
             transcript=plan.spoken_text,
             expires_at=created + AUDIO_LIFETIME_SECONDS,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            sample_rate=engine.sample_rate,
         )
         return StreamingResponse(body_stream, media_type="text/event-stream", headers=headers)
     try:

@@ -12,6 +12,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)  # some probes send HEAD
 async def health(request: Request) -> JSONResponse:
     """Liveness: the process answers, from the moment it listens (the models load behind it). Only a load
     that failed, which no waiting mends, makes it 503, so that an orchestrator restarts the process."""
@@ -22,6 +23,7 @@ async def health(request: Request) -> JSONResponse:
 
 
 @router.get("/ready")
+@router.head("/ready", include_in_schema=False)
 async def ready(request: Request) -> JSONResponse:
     """Readiness: models loaded and warmed up, and the engine has not failed."""
     state = request.app.state

@@ -10,11 +10,12 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from audio import MEDIA_TYPES, encode_audio
-from routes.deps import SettingsDep, VoicesDep, read_upload, require_generation_slot
+from routes.deps import SettingsDep, VoicesDep, read_upload, require_generation_slot, require_ready
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/audio/voices", tags=["voices"])
+# The library opens once the models are loaded (a voice is encoded by the codec): 503 until then.
+router = APIRouter(prefix="/v1/audio/voices", tags=["voices"], dependencies=[Depends(require_ready)])
 
 
 @router.post("", dependencies=[Depends(require_generation_slot)])

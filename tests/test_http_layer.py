@@ -49,6 +49,25 @@ def test_not_ready_until_the_lifespan_has_run(fake_app):
     assert loading.headers["retry-after"] == "5"
 
 
+def test_every_route_that_needs_the_models_answers_503_while_they_load(fake_app):
+    """Every ``/v1/`` route but the model list, whatever its method and body: a 503 with Retry-After,
+    never a 500 from a library or engine that is not there yet."""
+    client = TestClient(fake_app)  # no ``with``: the lifespan never starts
+    assert client.get("/v1/models").status_code == 200
+    checked = []
+    for path, operations in fake_app.openapi()["paths"].items():
+        if not path.startswith("/v1/") or path.startswith("/v1/models"):
+            continue
+        path = path.replace("{voice_id}", "narrator")
+        for method in operations:
+            response = client.request(method, path)
+            assert_envelope(response, 503)
+            assert response.headers["retry-after"] == "5", (method, path)
+            checked.append(f"{method.upper()} {path}")
+    expected = {"GET /v1/audio/voices", "DELETE /v1/audio/voices/narrator", "POST /v1/audio/speech"}
+    assert expected <= set(checked)
+
+
 def test_a_failed_engine_is_reported_by_ready_and_every_generation_route(fake_client, fake_engine):
     fake_engine.failure = "CUDA error: an illegal memory access"
     assert fake_client.get("/ready").status_code == 503
@@ -131,6 +150,64 @@ def test_unknown_voice_names_the_voices_there_are(fake_client):
         fake_client.post("/v1/audio/speech", json={**SPEECH, "voice": "nobody"}), 400, "voice"
     )
     assert "coral" in error["message"] and "default" in error["message"]
+
+
+def test_probes_may_send_head(fake_client):
+    assert fake_client.head("/health").status_code == 200 and fake_client.head("/ready").status_code == 200
+
+
+CHAT_TEXT = {"model": "tts-1", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param", "words"),
+    [
+        ("/v1/audio/speech", {**SPEECH, "speed": float("nan")}, "speed", "Input should be a finite number"),
+        (
+            "/v1/chat/completions",
+            {**CHAT_TEXT, "temperature": float("inf")},
+            "temperature",
+            "a finite number",
+        ),
+        ("/v1/chat/completions", {**CHAT_TEXT, "stop": list("abcde")}, "stop", "at most 4 sequences"),
+        (
+            "/v1/audio/speech",
+            {**SPEECH, "voice": "clone"},
+            "voice",
+            "clones the input_audio reference of a chat",
+        ),
+        ("/v1/audio/transcriptions", {"model": "whisper-1", "file": "hello"}, "file", "must be a file"),
+    ],
+)
+def test_a_careless_request_gets_a_400_in_plain_words(fake_client, path, fields, param, words):
+    if path.endswith("transcriptions"):  # a form, the file sent as a text field
+        response = fake_client.post(path, data=fields)
+    else:  # NaN and Infinity as Python's json writes them (httpx's own encoder refuses them)
+        response = fake_client.post(
+            path, content=json.dumps(fields), headers={"content-type": "application/json"}
+        )
+    error = assert_envelope(response, 400, param)
+    assert words in error["message"] and "Value error" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "kind", "words"),
+    [  # curl -d '{...}' without -H sends a form; JSON sent where an upload is expected
+        ("/v1/audio/speech", "application/x-www-form-urlencoded", "sent with Content-Type: application/json"),
+        ("/v1/chat/completions", None, "sent with Content-Type: application/json"),
+        ("/v1/audio/transcriptions", "application/json", "takes a multipart/form-data upload"),
+        ("/v1/audio/voices", "application/json", "takes a multipart/form-data upload"),
+    ],
+)
+def test_a_body_of_the_wrong_kind_is_told_which_kind(fake_client, path, kind, words):
+    headers = {"content-type": kind} if kind else {}
+    error = assert_envelope(fake_client.post(path, content=json.dumps(SPEECH), headers=headers), 400)
+    assert words in error["message"]
+    # the right kind with a field missing still names the field
+    assert_envelope(
+        fake_client.post("/v1/audio/speech", json={"model": "tts-1", "input": "Hi."}), 400, "voice"
+    )
+    assert_envelope(fake_client.post("/v1/audio/transcriptions", data={"model": "whisper-1"}), 400, "file")
 
 
 def upload(client, name: str, transcript: str | None = "Known words of the clip."):

@@ -359,3 +359,27 @@ def test_21_the_documented_uvicorn_start_logs_with_request_ids():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=TEST_AUDIO.parent
     )
     assert out.stdout.split()[-2:] == ["True", "True"], out.stdout + out.stderr
+
+
+def test_22_a_setting_that_does_not_fit_stops_the_service_with_a_line_naming_it():
+    import os
+    import subprocess
+    import sys
+
+    def start(**settings: str) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HIGGS_")} | settings
+        out = subprocess.run(
+            [sys.executable, "app.py"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=TEST_AUDIO.parent,
+            env=env,
+        )
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        return out.stderr
+
+    assert "HIGGS_CORS_ORIGINS: not valid JSON" in start(HIGGS_CORS_ORIGINS="http://app.example")
+    wrong = start(HIGGS_MAX_QUEUE="many", HIGGS_STREAM_FIRST_CHUNK_FRAMES="0")
+    assert "HIGGS_MAX_QUEUE: Input should be a valid integer" in wrong and "'many'" in wrong
+    assert "HIGGS_STREAM_FIRST_CHUNK_FRAMES: Input should be greater than or equal to 1" in wrong

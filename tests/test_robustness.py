@@ -143,6 +143,7 @@ def test_api_key_is_required_except_for_health(locked):
     assert locked.get("/v1/models", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
     assert locked.get("/metrics").status_code == 401
     assert locked.get("/health").status_code == 200 and locked.get("/ready").status_code == 200
+    assert locked.head("/health").status_code == 200  # probes that send HEAD need no key either
 
 
 def test_the_openai_sdk_sends_the_key(locked):

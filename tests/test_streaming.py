@@ -58,6 +58,19 @@ def test_chat_stream_matches_the_whole_answer(client, openai_client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens_details.audio_tokens == 80
 
 
+def test_an_answer_shorter_than_the_codebooks_delay_streams_as_it_answers(client, openai_client):
+    """``max_tokens`` below the delay pattern's 8 columns makes no audio frame: both answers hold the same
+    10 ms of silence, and the stream still says its audio's id and transcript."""
+    body = chat_body(max_tokens=3)
+    pieces, chunks = streamed_pieces(openai_client, body)
+    reference = whole(client, body)
+    assert len(reference) == 240 and not reference.any()
+    assert len(pieces) == 1 and np.array_equal(pieces[0], reference)
+    (delta,) = audio_deltas(chunks)
+    assert delta.transcript == TEXT and delta.id.startswith("audio_")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
 def test_joins_show_no_discontinuity(openai_client):
     pieces, _ = streamed_pieces(openai_client, chat_body(seed=4, max_tokens=120))
     signal = np.concatenate(pieces)

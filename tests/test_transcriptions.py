@@ -134,15 +134,17 @@ def test_audio_in_a_text_only_chat_is_answered_with_its_transcript(openai_client
             {
                 "role": "user",
                 "content": [
+                    {"type": "text", "text": "What does this say?"},  # the asker's, not the answer's
                     {
                         "type": "input_audio",
                         "input_audio": {"data": b64(FIXTURES / "speech_female.wav"), "format": "wav"},
-                    }
+                    },
                 ],
             }
         ],
     )
     text = completion.choices[0].message.content
+    assert "What does this say" not in text
     assert word_error_rate(transcripts()["speech_female.wav"], text) <= 0.3
 
 
