@@ -43,11 +43,12 @@ def boson_voice_clone_stream(openai_client):
 
 
 def test_the_examples_dict_access_fails_in_the_sdk(openai_client):
-    for chunk in boson_voice_clone_stream(openai_client):
-        if chunk.choices and hasattr(chunk.choices[0].delta, "audio") and chunk.choices[0].delta.audio:
-            with pytest.raises(TypeError, match="'ChoiceDeltaAudio' object is not subscriptable"):
-                chunk.choices[0].delta.audio["data"]
-            return
+    with boson_voice_clone_stream(openai_client) as stream:  # closed when left early, not when collected
+        for chunk in stream:
+            if chunk.choices and hasattr(chunk.choices[0].delta, "audio") and chunk.choices[0].delta.audio:
+                with pytest.raises(TypeError, match="'ChoiceDeltaAudio' object is not subscriptable"):
+                    chunk.choices[0].delta.audio["data"]
+                return
     pytest.fail("the stream carried no audio")
 
 
