@@ -1173,7 +1173,21 @@ class HiggsEngine:
             await self.generate(GenerationRequest(turns[:2], False, 4, 0.7, 0.95, 50, seed=0))
 
         asyncio.run(run())
-        log.info("warm-up done in %.1f s", time.perf_counter() - started)
+        log.info("warm-up done in %.1f s%s", time.perf_counter() - started, self._gpu_memory())
+
+    def _gpu_memory(self) -> str:
+        """On CUDA, where the GPU's memory went (for sizing the slots: README "Concurrency"); else ""."""
+        if self.device != "cuda":
+            return ""
+        gib = 1024**3
+        free, total = torch.cuda.mem_get_info()
+        kv = sum(t.numel() * t.element_size() for t in (*self._decoder.keys, *self._decoder.values))
+        return (
+            f"; GPU memory: {kv / gib:.2f} GiB of KV cache ({self.slots} slots) within "
+            f"{torch.cuda.memory_allocated() / gib:.2f} GiB allocated by PyTorch, "
+            f"{torch.cuda.memory_reserved() / gib:.2f} GiB reserved; "
+            f"{free / gib:.2f} of {total / gib:.2f} GiB free"
+        )
 
 
 @dataclass(eq=False)

@@ -261,8 +261,8 @@ function updateFormatHint() {
   $("format-hint").textContent = cloning
     ? "Cloning from the clip streams raw audio at normal speed; the download is wav."
     : streamsLive(format)
-        ? `${format} plays as it streams.`
-        : `${format} plays when it is complete; mp3, wav, aac or pcm play as they stream.`;
+      ? `${format} plays as it streams.`
+      : `${format} plays when it is complete; mp3, wav, aac or pcm play as they stream.`;
 }
 
 $("text").addEventListener("input", updateCount);
@@ -295,7 +295,7 @@ $("speak-form").addEventListener("submit", async (event) => {
   status.textContent = "Generating…";
   const started = performance.now();
   let first = null;
-  const live = streamsLive(wireFormat(format));
+  const live = streamsLive(format);
   const onAudio = (bytes) => {
     if (first === null) {
       first = performance.now() - started;
