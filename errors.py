@@ -200,9 +200,12 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
 
 
 async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Starlette's own errors (unknown route, wrong method) in the envelope."""
-    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+    """Starlette's own errors (unknown route, wrong method) in the envelope; an unknown route as OpenAI
+    words it."""
+    message = str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    return error_response(APIError(exc.status_code, message))
 
 
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

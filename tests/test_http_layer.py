@@ -152,6 +152,12 @@ def test_unknown_voice_names_the_voices_there_are(fake_client):
     assert "coral" in error["message"] and "default" in error["message"]
 
 
+def test_an_unknown_url_is_answered_as_openai_words_it(fake_client):
+    error = assert_envelope(fake_client.post("/v1/audio/speak", json=SPEECH), 404)
+    assert error["type"] == "invalid_request_error"
+    assert error["message"] == "Invalid URL (POST /v1/audio/speak)"
+
+
 def test_probes_may_send_head(fake_client):
     assert fake_client.head("/health").status_code == 200 and fake_client.head("/ready").status_code == 200
 

@@ -131,7 +131,7 @@ def test_page_loads_without_console_errors_and_shows_the_apis_limit(page, base_u
     # the page's files are served with their types; anything else under /web/ is a 404 in the envelope
     assert httpx.get(f"{base_url}/web/app.js").headers["content-type"].startswith("text/javascript")
     missing = httpx.get(f"{base_url}/web/..%2Fapp.py")
-    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_the_setting_turns_the_page_off(web_settings, engine, recognizer):
