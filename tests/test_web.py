@@ -333,10 +333,26 @@ def test_recording_with_the_fake_microphone_gives_a_clip_the_api_reads(page, bas
     expect(page.locator("#record")).to_have_text("Stop recording")
     page.wait_for_timeout(2500)
     page.click("#record")
-    expect(page.locator("#clip-info")).to_contain_text("Recorded: recording.webm")
+    # a recording's webm states no length: the page decodes it to say how long it is
+    expect(page.locator("#clip-info")).to_have_text(re.compile(r"^Recorded: recording\.webm, [23]\.\d s\.$"))
     page.click("#transcribe")  # webm/opus, decoded by the server
     expect(page.locator("#transcript")).not_to_have_text(re.compile(r"^(|Transcribing…)$"))
     expect(page.get_by_role("alert")).to_be_hidden()
+
+
+def test_one_sound_at_a_time(page, base_url):
+    if "sampled" not in api_voices(base_url):
+        store_voice(base_url, "sampled")
+    open_page(page, base_url)
+    page.set_input_files("#clip-file", str(TEST_AUDIO))
+    playing = "(id) => !document.getElementById(id).paused"
+    page.evaluate("() => document.getElementById('clip-player').play()")
+    page.wait_for_function(playing, arg="clip-player")
+    page.get_by_role("button", name="Play the sample of sampled").click()
+    page.wait_for_function(playing, arg="sample-player")
+    assert not page.evaluate(playing, "clip-player")  # the sample paused the clip
+    speak(page, "Louder than the sample.", "default", "wav")  # wav: through Web Audio, not an element
+    assert not page.evaluate(playing, "sample-player")
 
 
 def test_a_double_click_on_record_records_once(page, base_url):

@@ -20,6 +20,14 @@ const state = {
   readiness: null, // the timer of the next readiness check
 };
 
+// One sound at a time: the generated speech, a voice's sample and the clip pause each other (speech
+// streamed through Web Audio pauses the others when it starts: see the Speak handler).
+const players = ["player", "sample-player", "clip-player"].map($);
+function hush(except = null) {
+  players.filter((p) => p !== except).forEach((p) => p.pause());
+}
+for (const player of players) player.addEventListener("play", () => hush(player));
+
 // ---- errors and the API key ----
 
 function showError(err) {
@@ -289,6 +297,7 @@ $("speak-form").addEventListener("submit", async (event) => {
   const status = $("speak-status");
   const download = $("download");
   download.hidden = true;
+  hush();
   const player = playerFor(format, $("player"));
   state.speaking = { controller, player };
   setSpeaking(true);
@@ -395,16 +404,27 @@ function setClip(file, origin) {
   player.src = URL.createObjectURL(file);
   player.hidden = false;
   $("clip-info").textContent = `${origin}: ${file.name}, ${(file.size / 1024).toFixed(0)} KB.`;
+  const said = (seconds) => {
+    if (state.clip === file) $("clip-info").textContent = `${origin}: ${file.name}, ${seconds.toFixed(1)} s.`;
+  };
   player.addEventListener(
     "loadedmetadata",
     () => {
-      if (Number.isFinite(player.duration)) {
-        $("clip-info").textContent = `${origin}: ${file.name}, ${player.duration.toFixed(1)} s.`;
-      }
+      if (Number.isFinite(player.duration)) said(player.duration);
+      else clipSeconds(file).then(said, () => {}); // a recording's webm states no length: decode it
     },
     { once: true },
   );
   renderVoiceSelect();
+}
+
+async function clipSeconds(file) {
+  const context = new AudioContext();
+  try {
+    return (await context.decodeAudioData(await file.arrayBuffer())).duration;
+  } finally {
+    context.close();
+  }
 }
 
 $("clip-file").addEventListener("change", () => {
