@@ -149,6 +149,7 @@ def test_the_setting_turns_the_page_off(web_settings, engine, recognizer):
 def test_lists_the_voices_the_api_holds(page, base_url):
     store_voice(base_url, "listed-voice")
     open_page(page, base_url)
+    expect(page.locator("#voices li")).to_have_count(len(api_voices(base_url)))  # the list has loaded
     shown = page.locator("#voices li").evaluate_all("items => items.map(i => i.dataset.voice)")
     assert shown == api_voices(base_url)
     assert "listed-voice" in shown
