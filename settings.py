@@ -215,7 +215,8 @@ def from_environment() -> Settings:
     except SettingsError as exc:  # a list or mapping setting whose value is not JSON
         field = re.search(r'field "(\w+)"', str(exc))
         name = f"HIGGS_{field.group(1).upper()}" if field else "a setting"
-        faults = [f"{name}: not valid JSON; write a list as JSON, e.g. {name}='[\"https://app.example\"]'"]
+        example = "'[\"https://a.example\"]', '[1024, 4096]'"
+        faults = [f"{name}: not valid JSON; a list is written as JSON: {example}"]
     raise SystemExit("invalid settings:\n  " + "\n  ".join(faults))
 
 
