@@ -7,7 +7,7 @@ OpenAI's error envelope.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
@@ -28,9 +28,25 @@ class InvalidRequest(ValueError):
 
 
 class OpenModel(BaseModel):
-    """Request models keep unknown fields (reported in ``model_extra``) instead of rejecting them."""
+    """Request models keep unknown fields (reported in ``model_extra``) instead of rejecting them, and take
+    only text that is Unicode: JSON may spell half a surrogate pair (``"\\ud800"``), which no tokenizer or
+    encoder takes."""
 
     model_config = ConfigDict(extra="allow")
+
+    @field_validator("*")
+    @classmethod
+    def _whole_characters(cls, value: Any) -> Any:
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise ValueError(
+                        f"the text holds half of a surrogate pair ({text[exc.start]!r} at character "
+                        f"{exc.start}); send whole characters"
+                    ) from None
+        return value
 
 
 # ---- chat completions: request ---------------------------------------------------------------------------

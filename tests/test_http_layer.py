@@ -158,6 +158,30 @@ def test_an_unknown_url_is_answered_as_openai_words_it(fake_client):
     assert error["message"] == "Invalid URL (POST /v1/audio/speak)"
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [  # JSON may escape half a surrogate pair; no tokenizer or encoder takes it (it was a 500)
+        ("/v1/audio/speech", '{"model": "tts-1", "input": "ab\\ud800c", "voice": "alloy"}', "input"),
+        ("/v1/audio/speech", '{"model": "tts-1", "input": "ab\\udc00c", "voice": "alloy"}', "input"),
+        ("/v1/chat/completions", '{"model": "tts-1", "messages": [{"role": "user", "content": "x\\udc00"}]}',
+         "messages[0].content"),
+        ("/v1/chat/completions", '{"model": "tts-1", "messages": [{"role": "user", "content": '
+         '[{"type": "text", "text": "x\\ud800"}]}]}', "messages[0].content[0].text"),
+        ("/v1/chat/completions", '{"model": "tts-1", "messages": [{"role": "user", "content": "Hi."}], '
+         '"stop": ["ok", "\\udfff"]}', "stop"),
+    ],
+)  # fmt: skip
+def test_half_a_surrogate_pair_is_a_400(fake_client, path, body, param):
+    response = fake_client.post(path, content=body, headers={"content-type": "application/json"})
+    assert_envelope(response, 400, param)
+    whole = body.replace("\\ud800", "\\ud83d\\ude00").replace("\\udc00", "\\ud83d\\ude00")
+    if "stop" not in body:  # a whole pair (an emoji) is fine
+        assert (
+            fake_client.post(path, content=whole, headers={"content-type": "application/json"}).status_code
+            == 200
+        )
+
+
 def test_probes_may_send_head(fake_client):
     assert fake_client.head("/health").status_code == 200 and fake_client.head("/ready").status_code == 200
 
