@@ -80,7 +80,8 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, VoiceNotFound):
         return APIError(404, str(exc), param=exc.param, code="voice_not_found")
     if isinstance(exc, VoiceExists):
-        return APIError(409, str(exc), param="name", code="voice_exists")
+        # The openai SDK retries a 409 unless told not to: the name stays taken however often it is sent.
+        return APIError(409, str(exc), param="name", code="voice_exists", headers={"x-should-retry": "false"})
     if isinstance(exc, VoiceQuotaExceeded):
         return APIError(413, str(exc), param=exc.param, code="voice_quota_exceeded")
     if isinstance(exc, ContextLengthError):

@@ -265,6 +265,19 @@ def test_voice_routes(fake_client, fake_engine):
     assert_envelope(fake_client.delete("/v1/audio/voices/anna"), 404, "voice_id", "voice_not_found")
 
 
+def test_a_taken_name_is_refused_once_not_retried_by_the_sdk(fake_client):
+    import openai
+
+    assert upload(fake_client, "taken").status_code == 200
+    sent = []
+    fake_client.event_hooks["request"].append(lambda request: sent.append(request.url.path))
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=fake_client)
+    with pytest.raises(openai.ConflictError):  # the SDK's default: 2 retries of a 409 unless told not to
+        sample = ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")
+        sdk.audio.voices.create(name="taken", audio_sample=sample, consent="cons_1")
+    assert sent == ["/v1/audio/voices"]
+
+
 def test_a_builtin_voice_is_made_by_one_generation_then_cloned(fake_client, fake_engine):
     assert fake_client.post("/v1/audio/speech", json={**SPEECH, "voice": "nova"}).status_code == 200
     made, spoken = fake_engine.requests
