@@ -422,11 +422,22 @@ class AsyncTranscriber:
         self._pending += 1
         # In the caller's context, so that log lines from the worker carry the request's id.
         in_context = functools.partial(contextvars.copy_context().run, call)
-        future = asyncio.get_running_loop().run_in_executor(self._executor, in_context)
-        future.add_done_callback(self._release)  # when the job ends, even if the caller stopped waiting
-        return await future
+        job = self._executor.submit(in_context)
+        loop = asyncio.get_running_loop()
 
-    def _release(self, _: object) -> None:
+        # Counted until the job is over (or dropped), not until the caller stops waiting: a caller that
+        # leaves (its client hung up) cancels the job, which drops it while it waits for the worker; one
+        # already running runs to its end and counts until then.
+        def done(_: object) -> None:
+            try:
+                loop.call_soon_threadsafe(self._release)
+            except RuntimeError:  # the event loop is closed (shut down): nothing counts any more
+                pass
+
+        job.add_done_callback(done)
+        return await asyncio.wrap_future(job)
+
+    def _release(self) -> None:
         self._pending -= 1
 
     def close(self) -> None:

@@ -6,13 +6,21 @@ import asyncio
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from audio import AudioError, decode_audio
 from errors import APIError, bad_request
 from protocol import TranscriptionForm, TranslationForm
-from routes.deps import RecognizerDep, SettingsDep, check_model, read_upload, require_ready
+from routes.deps import (
+    ClientDisconnected,
+    RecognizerDep,
+    SettingsDep,
+    check_model,
+    read_upload,
+    require_ready,
+    until_disconnected,
+)
 from settings import Settings
 from stt import WHISPER_SAMPLE_RATE, AsyncTranscriber, to_srt, to_verbose_json, to_vtt
 
@@ -26,6 +34,7 @@ GRANULARITIES = ("segment", "word")
 async def transcriptions(
     form: Annotated[TranscriptionForm, Form()],
     file: Annotated[UploadFile, File()],
+    request: Request,
     settings: SettingsDep,
     recognizer: RecognizerDep,
 ) -> Response:
@@ -33,18 +42,19 @@ async def transcriptions(
     if form.stream:
         raise bad_request("streamed transcription is not supported yet; send stream=false", "stream")
     return await _speech_to_text("transcribe", form, form.language, form.timestamp_granularities, file,
-                                 settings, recognizer)  # fmt: skip
+                                 request, settings, recognizer)  # fmt: skip
 
 
 @router.post("/translations")
 async def translations(
     form: Annotated[TranslationForm, Form()],
     file: Annotated[UploadFile, File()],
+    request: Request,
     settings: SettingsDep,
     recognizer: RecognizerDep,
 ) -> Response:
     """OpenAI's translation endpoint: speech in any language the model knows, English text out."""
-    return await _speech_to_text("translate", form, None, [], file, settings, recognizer)
+    return await _speech_to_text("translate", form, None, [], file, request, settings, recognizer)
 
 
 async def _speech_to_text(
@@ -53,6 +63,7 @@ async def _speech_to_text(
     language: str | None,
     granularities: list[str],
     file: UploadFile,
+    request: Request,
     settings: Settings,
     recognizer: AsyncTranscriber | None,
 ) -> Response:
@@ -98,7 +109,7 @@ async def _speech_to_text(
         raise bad_request(str(exc), "file") from None
     words = "word" in granularities
     try:
-        transcript = await recognizer.transcribe(
+        work = recognizer.transcribe(
             audio,
             language=language,
             prompt=form.prompt,
@@ -106,6 +117,9 @@ async def _speech_to_text(
             task=task,
             word_timestamps=words,
         )
+        transcript = await until_disconnected(request, work)
+    except ClientDisconnected:  # its job is dropped if it still waited for the worker
+        return Response(status_code=499)  # nobody reads it; logged and counted as 499
     except ValueError as exc:
         param = "temperature" if "temperature" in str(exc) else "language"
         raise bad_request(str(exc), param) from None

@@ -4,8 +4,11 @@ tiny real engine in the other files."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -319,3 +322,86 @@ def test_models_and_metrics(fake_client):
     fake_client.post("/v1/audio/speech", json=SPEECH)
     metrics = fake_client.get("/metrics").text
     assert 'route="/v1/audio/speech",status="200"' in metrics
+
+
+class GatedTranscriber:
+    """A ``Transcriber`` whose jobs hold the worker until ``gate`` opens; ``ran`` lists the jobs it ran."""
+
+    languages = frozenset({"en"})
+    supports_translation = False
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.running = threading.Event()
+        self.ran: list[int] = []
+
+    def transcribe(self, audio, **options):
+        from stt import Transcript
+
+        self.ran.append(len(audio.samples))
+        self.running.set()
+        self.gate.wait(30)
+        return Transcript("words", "en", len(audio.samples) / audio.sample_rate, [])
+
+
+def test_a_transcription_whose_client_left_is_dropped_while_it_waits(fake_engine, tmp_path):
+    """One job holds the recognition worker; the next one's client hangs up while it waits: 499, and the
+    worker never runs it (it used to run every abandoned job to its end, and those behind them waited)."""
+    import httpx
+
+    from app import create_app
+    from settings import Settings
+    from stt import AsyncTranscriber
+
+    gated = GatedTranscriber()
+    recognizer = AsyncTranscriber(gated)
+    settings = Settings(stt_model="", voices_dir=tmp_path / "voices")
+    app = create_app(settings, engine=fake_engine, recognizer=recognizer)
+    upload = httpx.Request(
+        "POST", "http://testserver/v1/audio/transcriptions", data={"model": "whisper-1"},
+        files={"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")},
+    )  # fmt: skip
+    body = upload.read()
+    with TestClient(app) as client:
+        answers = []
+        holder = threading.Thread(
+            target=lambda: answers.append(client.post(upload.url.path, content=body, headers=upload.headers))
+        )
+        holder.start()
+        assert gated.running.wait(30)
+        sent: list = []
+
+        async def leave_while_waiting() -> None:
+            delivered = False
+
+            async def receive() -> dict:
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                while recognizer._pending < 2:  # noqa: ASYNC110 (the worker's thread sets no asyncio.Event)
+                    await asyncio.sleep(0.01)
+                return {"type": "http.disconnect"}  # queued behind the running job
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            headers = [(k.lower().encode(), v.encode()) for k, v in upload.headers.items()]
+            scope = {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                "scheme": "http", "path": upload.url.path, "raw_path": upload.url.path.encode(),
+                "query_string": b"", "root_path": "", "headers": headers,
+                "client": ("127.0.0.1", 5000), "server": ("testserver", 80),
+            }  # fmt: skip
+            await app(scope, receive, send)
+
+        client.portal.call(leave_while_waiting)
+        assert sent[0]["status"] == 499
+        gated.gate.set()
+        holder.join(30)
+        assert answers[0].status_code == 200 and answers[0].json()["text"] == "words"
+        assert len(gated.ran) == 1  # the abandoned job never reached the worker
+        deadline = time.monotonic() + 10
+        while recognizer._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert recognizer._pending == 0  # both counted out of the queue
