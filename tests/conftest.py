@@ -6,6 +6,7 @@ here, before any test module imports transformers.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -93,6 +94,34 @@ def pcm16_samples(data: bytes) -> np.ndarray:
 def chat_audio(completion: dict) -> bytes:
     """The audio bytes of a chat completion's JSON body."""
     return base64.b64decode(completion["choices"][0]["message"]["audio"]["data"])
+
+
+async def post_then_hang_up(app, path: str, headers: list[tuple[bytes, bytes]], body: bytes, until) -> list:
+    """``POST path`` to the ASGI ``app`` from a client that hangs up once ``until()`` is true (a TestClient
+    cannot hang up while the answer is being made); returns the ASGI messages the app sent."""
+    sent: list = []
+    delivered = False
+
+    async def receive() -> dict:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        while not until():  # noqa: ASYNC110 (set by another thread, which has no asyncio.Event to set)
+            await asyncio.sleep(0.01)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"testserver"), *headers], "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }  # fmt: skip
+    await app(scope, receive, send)
+    return sent
 
 
 def decoded_seconds(data: bytes) -> float:

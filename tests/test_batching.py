@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_AUDIO, Pcm, b64
+from conftest import TEST_AUDIO, Pcm, b64, post_then_hang_up
 
 import decoder
 import engine as engine_module
@@ -584,33 +584,9 @@ def test_a_non_streamed_chat_stops_when_its_client_disconnects(client, app, engi
     """The client gives up while its answer is being made: generation stops, the slot frees at once."""
     body = json.dumps(chat(seed=5, max_tokens=1500)).encode()
     before = engine.steps
-    messages: list = []
-
-    async def call() -> None:
-        delivered = False
-
-        async def receive() -> dict:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            while engine.steps - before < 20:  # noqa: ASYNC110 (the engine's thread sets no asyncio.Event)
-                await asyncio.sleep(0.01)
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict) -> None:
-            messages.append(message)
-
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-            "query_string": b"", "root_path": "", "headers": [(b"host", b"testserver"), *headers],
-            "client": ("127.0.0.1", 5000), "server": ("testserver", 80),
-        }  # fmt: skip
-        await app(scope, receive, send)
-
-    client.portal.call(call)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    twenty_steps = lambda: engine.steps - before >= 20  # noqa: E731
+    messages = client.portal.call(post_then_hang_up, app, "/v1/chat/completions", headers, body, twenty_steps)
     assert messages[0]["status"] == 499
     settle(engine)
     assert engine.steps - before < 200  # not the 1500 asked for

@@ -4,7 +4,6 @@ tiny real engine in the other files."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import threading
@@ -13,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import TEST_AUDIO, b64, chat_audio, wav_b64
+from conftest import TEST_AUDIO, b64, chat_audio, post_then_hang_up, wav_b64
 from fastapi.testclient import TestClient
 
 from engine import ContextLengthError, EngineBusy, EngineFailure
@@ -369,33 +368,9 @@ def test_a_transcription_whose_client_left_is_dropped_while_it_waits(fake_engine
         )
         holder.start()
         assert gated.running.wait(30)
-        sent: list = []
-
-        async def leave_while_waiting() -> None:
-            delivered = False
-
-            async def receive() -> dict:
-                nonlocal delivered
-                if not delivered:
-                    delivered = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                while recognizer._pending < 2:  # noqa: ASYNC110 (the worker's thread sets no asyncio.Event)
-                    await asyncio.sleep(0.01)
-                return {"type": "http.disconnect"}  # queued behind the running job
-
-            async def send(message: dict) -> None:
-                sent.append(message)
-
-            headers = [(k.lower().encode(), v.encode()) for k, v in upload.headers.items()]
-            scope = {
-                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                "scheme": "http", "path": upload.url.path, "raw_path": upload.url.path.encode(),
-                "query_string": b"", "root_path": "", "headers": headers,
-                "client": ("127.0.0.1", 5000), "server": ("testserver", 80),
-            }  # fmt: skip
-            await app(scope, receive, send)
-
-        client.portal.call(leave_while_waiting)
+        headers = [(k.lower().encode(), v.encode()) for k, v in upload.headers.items() if k != "host"]
+        queued = lambda: recognizer._pending >= 2  # noqa: E731 (behind the running job)
+        sent = client.portal.call(post_then_hang_up, app, upload.url.path, headers, body, queued)
         assert sent[0]["status"] == 499
         gated.gate.set()
         holder.join(30)
