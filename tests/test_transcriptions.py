@@ -245,3 +245,31 @@ def test_a_voice_sample_without_speech_is_refused(client, spy):
     assert error["param"] == "audio_sample" and "no speech" in error["message"]
     assert spy["encode"] == []
     assert client.get("/v1/audio/voices").json()["data"] == before
+
+
+def test_a_transcription_whose_client_left_while_it_waited_is_never_run(client, app, recognizer, monkeypatch):
+    """The real recognizer's one worker is busy; a request queued behind it hangs up: 499, and Whisper is
+    never run for it (the HTTP-layer test shows the same with a gated fake)."""
+    import threading
+
+    import httpx
+    from conftest import post_then_hang_up
+
+    ran = []
+    real = recognizer.transcriber.transcribe
+    monkeypatch.setattr(recognizer.transcriber, "transcribe", lambda *a, **k: ran.append(1) or real(*a, **k))
+    busy = threading.Event()
+    recognizer._executor.submit(busy.wait, 30)  # holds the worker, as a long file would
+    upload = httpx.Request(
+        "POST", "http://testserver/v1/audio/transcriptions", data={"model": "whisper-1"},
+        files={"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")},
+    )  # fmt: skip
+    headers = [(k.lower().encode(), v.encode()) for k, v in upload.headers.items() if k != "host"]
+    queued = lambda: recognizer._executor._work_queue.qsize() >= 1  # noqa: E731
+    sent = client.portal.call(post_then_hang_up, app, upload.url.path, headers, upload.read(), queued)
+    busy.set()
+    assert sent[0]["status"] == 499
+    later = client.post("/v1/audio/transcriptions", data={"model": "whisper-1"},
+                        files={"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")})  # fmt: skip
+    assert later.status_code == 200 and later.json()["text"]
+    assert len(ran) == 1  # the later request's only: the abandoned one never reached Whisper
