@@ -153,10 +153,21 @@ def _is_gated_mlp(mlp) -> bool:
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """Llama's RMSNorm, as upstream's module computes it (the statistics and the scaling in float32, rounded
-    to ``x``'s dtype, then the weight applied in that dtype), with the normalisation as one call: the fused
-    kernel computes in float32 inside, so no float32 copy of ``x`` goes in or comes out."""
-    return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=norm.variance_epsilon)
+    """Llama's RMSNorm as one call, its weight included: the fused kernel computes in float32 inside and
+    rounds once to ``x``'s dtype (upstream's module rounds the normalised values, then applies the weight
+    in that dtype: the same numbers in float32, one rounding fewer in bfloat16)."""
+    return F.rms_norm(x, (x.shape[-1],), weight=norm.weight, eps=norm.variance_epsilon)
+
+
+def _plus(residual: torch.Tensor | None, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x)``, written into ``residual``: one matrix product that adds (``addmm_``, beta
+    1) instead of a product and an addition. Without a residual, ``linear(x)``."""
+    if residual is None:
+        return linear(x)
+    if linear.bias is not None:
+        return residual + linear(x)
+    residual.view(-1, residual.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), linear.weight.t())
+    return residual
 
 
 class BatchDecoder:
@@ -221,10 +232,16 @@ class BatchDecoder:
         self.heads = int(getattr(attn, "num_heads", text.num_attention_heads))
         self.kv_heads = int(getattr(attn, "num_key_value_heads", text.num_key_value_heads))
         self.head_dim = int(getattr(attn, "head_dim", text.hidden_size // text.num_attention_heads))
-        shape = (slots, self.kv_heads, max_len, self.head_dim)
         dev, dt = self.device, self.dtype
-        self.keys = [torch.zeros(shape, device=dev, dtype=dt) for _ in model.layers]
-        self.values = [torch.zeros(shape, device=dev, dtype=dt) for _ in model.layers]
+        # A layer's keys and values are one tensor, [slots, 2, kv heads, max_len, dim], so that a step
+        # writes a token's keys and values with one indexed copy; ``keys`` and ``values`` are its halves,
+        # each laid out as attention reads it, [slots, kv heads, max_len, dim] (a head's tokens contiguous).
+        self.cache = [
+            torch.zeros((slots, 2, self.kv_heads, max_len, self.head_dim), device=dev, dtype=dt)
+            for _ in model.layers
+        ]
+        self.keys = [kv[:, 0] for kv in self.cache]
+        self.values = [kv[:, 1] for kv in self.cache]
 
         def longs(*size: int, fill: int = 0) -> torch.Tensor:
             return torch.full(size, fill, device=dev, dtype=torch.long)
@@ -621,41 +638,33 @@ class BatchDecoder:
         mask.masked_fill_((self._arange[None, :length] <= positions[:, None])[:, None, None, :], 0.0)
         index = self._arange[:rows]
 
-        def pick(audio_fn, text_fn, x):
-            if mode == "audio":
-                return audio_fn(x)
-            if mode == "text":
-                return text_fn(x)
-            return torch.where(is_audio, audio_fn(x), text_fn(x))
-
         for i, (layer, kind) in enumerate(zip(model.layers, self.kinds, strict=True)):
-            layer_input = residual = hidden
-            if kind == "dual":
-                x = pick(
-                    lambda h, layer=layer: _rms_norm(layer.audio_input_layernorm, h),
-                    lambda h, layer=layer: _rms_norm(layer.input_layernorm, h),
-                    hidden,
+            # The residual sums are written into ``hidden`` by the products that make them (``_plus``);
+            # a fast-forward layer gives audio rows their input back, so it keeps a copy.
+            layer_input = hidden.clone() if kind == "skip" and mode != "text" else hidden
+            audio_path = kind == "dual" and mode == "audio"
+            if kind == "dual" and mode == "mixed":
+                x = torch.where(
+                    is_audio,
+                    _rms_norm(layer.audio_input_layernorm, hidden),
+                    _rms_norm(layer.input_layernorm, hidden),
                 )
             else:
-                x = _rms_norm(layer.input_layernorm, hidden)
-            hidden = residual + self._attention(
-                i, layer.self_attn, x, cos, sin, mask, index, positions, length
-            )
-            residual = hidden
-            if kind == "dual":
-                ffn = pick(
-                    lambda h, layer=layer: self._mlp(
-                        layer.audio_mlp, _rms_norm(layer.audio_post_attention_layernorm, h)
-                    ),
-                    lambda h, layer=layer: self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, h)),
-                    hidden,
+                x = _rms_norm(layer.audio_input_layernorm if audio_path else layer.input_layernorm, hidden)
+            hidden = self._attention(i, layer.self_attn, x, cos, sin, mask, index, positions, length, hidden)
+            if kind == "dual" and mode == "mixed":
+                hidden = hidden + torch.where(
+                    is_audio,
+                    self._mlp(layer.audio_mlp, _rms_norm(layer.audio_post_attention_layernorm, hidden)),
+                    self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden)),
                 )
+            elif audio_path:
+                x = _rms_norm(layer.audio_post_attention_layernorm, hidden)
+                hidden = self._mlp(layer.audio_mlp, x, hidden)
             else:
-                ffn = self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden))
-            out = residual + ffn
+                hidden = self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden), hidden)
             if kind == "skip" and mode != "text":
-                out = torch.where(is_audio, layer_input, out) if mode == "mixed" else layer_input
-            hidden = out
+                hidden = torch.where(is_audio, layer_input, hidden) if mode == "mixed" else layer_input
         hidden = _rms_norm(model.norm, hidden)[:, 0]
         audio_logits = (
             None if mode == "text" else self.audio_head(hidden).view(rows, self.codebooks, self.codes).float()
@@ -663,27 +672,29 @@ class BatchDecoder:
         text_logits = None if mode == "audio" else self.text_head(hidden).float()
         return audio_logits, text_logits
 
-    def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, mlp, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The FFN of ``x``, added into ``residual`` when one is given."""
         fused = self._gate_up.get(id(mlp))
         if fused is None:
-            return mlp(x)
+            return mlp(x) if residual is None else residual + mlp(x)
         gate, up = F.linear(x, *fused).chunk(2, dim=-1)
-        return mlp.down_proj(mlp.act_fn(gate) * up)
+        return _plus(residual, mlp.down_proj, mlp.act_fn(gate) * up)
 
-    def _attention(self, i, attn, x, cos, sin, mask, index, positions, length) -> torch.Tensor:
+    def _attention(self, i, attn, x, cos, sin, mask, index, positions, length, residual) -> torch.Tensor:
+        """The layer's attention of ``x``, added into ``residual``."""
         rows = x.shape[0]
         qkv = F.linear(x[:, 0], *self._qkv[i]).view(rows, self.heads + 2 * self.kv_heads, self.head_dim)
-        rotated = self.heads + self.kv_heads  # queries and keys, rotated together
-        qk = qkv[:, :rotated] * cos + qkv[:, :rotated].roll(self.head_dim // 2, dims=-1) * sin
-        q, k, v = qk[:, : self.heads], qk[:, self.heads :], qkv[:, rotated:]
-        self.keys[i][index, :, positions] = k
-        self.values[i][index, :, positions] = v
+        # Queries and keys are rotated together, in place: keys and values are then side by side in
+        # ``qkv``, as the cache holds them, and go in with one indexed copy.
+        qk = qkv[:, : self.heads + self.kv_heads]
+        torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, dims=-1), sin, out=qk)
+        kv = qkv[:, self.heads :].view(rows, 2, self.kv_heads, self.head_dim)
+        self.cache[i][index, :, :, positions] = kv
         keys = self.keys[i][:rows, :, :length]
         values = self.values[i][:rows, :, :length]
         # Grouped-query attention without copying the cache: the query heads that share a key/value head
         # become that head's "query positions".
         groups = self.heads // self.kv_heads
-        q = q.reshape(rows, self.kv_heads, groups, self.head_dim)
+        q = qkv[:, : self.heads].reshape(rows, self.kv_heads, groups, self.head_dim)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.reshape(rows, 1, self.heads * self.head_dim)
-        return attn.o_proj(out)
+        return _plus(residual, attn.o_proj, out.reshape(rows, 1, self.heads * self.head_dim))

@@ -53,6 +53,14 @@ with the tiny codec (the real decoder's 1,024 channels) on this project's 2-core
 pieces one by one: first pieces (8 frames) 2 at a time took 0.72x the time, 4 at a time 0.64x, 8 at a time
 0.76x (the activations outgrow the caches); later pieces (20 frames) 2 at a time 0.97x, 4 at a time 1.11x.
 So first pieces go 4 at a time, later ones alone."""
+HOLD_SECONDS = 1.0
+"""How long the slot of a generation with ``keep_slot`` waits for the answer's next piece once this one's
+result went out. The next piece's prompt needs this piece's audio codes, which come with the result, after
+its last audio is decoded; the next piece then arrives when its prompt is built (milliseconds). A next piece
+that never comes (the client left, ``max_tokens`` ran out) costs the line this long."""
+HOLD_WHILE_DECODING = 30.0
+"""The longest a kept slot waits for its generation's last audio to be decoded (the codec's backlog, on a
+CPU under load seconds; a failed stream gives its slot back at once)."""
 
 
 class ContextLengthError(ValueError):
@@ -124,6 +132,13 @@ class GenerationRequest:
     ras_window: int = 7
     time_limit: float | None = None
     """Wall-clock seconds after which generation stops with ``finish_reason`` ``length``."""
+    keep_slot: bool = False
+    """More of the same answer follows (a long text's next piece): when this generation ends, its slot is
+    kept for the next piece (until ``HOLD_SECONDS`` after its result went out) rather than given to the
+    waiting line."""
+    continues: bool = False
+    """This generation continues an answer already under way: the queue bound does not refuse it, and it
+    takes a kept slot, or else the first free one, ahead of new requests."""
 
 
 @dataclass(frozen=True)
@@ -458,6 +473,7 @@ class HiggsEngine:
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
         self._running: dict[int, _Job] = {}
+        self._held: dict[_Job, float] = {}  # the ended jobs whose slots are kept, and until when
         self._closing = False
         self._job_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
         self._rates: deque[tuple[float, int, int]] = deque()  # (time, batch steps, audio frames) samples
@@ -534,11 +550,11 @@ class HiggsEngine:
             done, scheduler=dict(done.scheduler), codec=dict(done.codec), codec_calls=dict(done.codec_calls)
         )
 
-    def _admit(self) -> None:
+    def _admit(self, continues: bool = False) -> None:
         if self.failure is not None:
             raise EngineFailure(f"the engine failed and needs a restart: {self.failure}", "engine_failed")
         with self._pending_lock:
-            if self._pending >= self.max_queue:
+            if self._pending >= self.max_queue and not continues:
                 raise EngineBusy(
                     f"the server is busy ({self._pending} requests running or waiting); retry shortly",
                     retry_after=self.retry_after,
@@ -602,7 +618,7 @@ class HiggsEngine:
         return self._events(request)
 
     async def _events(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        self._admit()
+        self._admit(request.continues)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
         cancel = threading.Event()
@@ -621,7 +637,11 @@ class HiggsEngine:
                 if self._closing:
                     raise EngineFailure("the engine is shutting down", "engine_closed")
                 job = _Job(request, prompt, emit, cancel)
-                self._waiting.append(job)
+                if request.continues:  # behind the other continuations, ahead of new requests
+                    at = next((i for i, j in enumerate(self._waiting) if not j.request.continues), None)
+                    self._waiting.insert(len(self._waiting) if at is None else at, job)
+                else:
+                    self._waiting.append(job)
                 self._cond.notify()
             yield Started(prompt.tokens, prompt.audio_tokens)
             while True:
@@ -727,6 +747,11 @@ class HiggsEngine:
                 if self._closing:
                     break
                 jobs = self._admissible()
+                if not jobs and not self._running and self._held:
+                    # The waiting requests wait for slots kept for continuations: until one comes, a
+                    # result goes out (its hold shortens) or the earliest hold ends.
+                    self._cond.wait(max(0.0, min(self._held.values()) - time.monotonic()))
+                    continue
             try:
                 for running in list(self._running.values()):
                     if running.cancel.is_set():  # the client left, or its audio failed: free the slot now
@@ -772,14 +797,25 @@ class HiggsEngine:
 
     def _admissible(self) -> list[_Job]:
         """The waiting requests to prefill now (under the lock): as many as there are free slots, at most
-        ``prefill_batch``, and a batch's padded prompts within ``PREFILL_TOKENS``."""
+        ``prefill_batch``, and a batch's padded prompts within ``PREFILL_TOKENS``. A slot kept for a
+        continuation (``keep_slot``) goes to the first continuation in the line (they lead it), to nobody
+        else until its hold ends."""
+        now = time.monotonic()
+        for ended in [ended for ended, until in self._held.items() if until <= now]:
+            del self._held[ended]
         jobs: list[_Job] = []
         longest = 0
-        room = min(self.slots - len(self._running), self.prefill_batch)
-        while self._waiting and len(jobs) < room:
-            longest = max(longest, self._waiting[0].prompt.tokens)
+        free = self.slots - len(self._running)
+        while self._waiting and len(jobs) < min(free, self.prefill_batch):
+            job = self._waiting[0]
+            kept = bool(job.request.continues and self._held)
+            if not kept and free - len(jobs) <= len(self._held):
+                break  # the free slots left are kept for continuations
+            longest = max(longest, job.prompt.tokens)
             if jobs and longest * (len(jobs) + 1) > PREFILL_TOKENS:
                 break
+            if kept:
+                del self._held[min(self._held, key=self._held.__getitem__)]
             jobs.append(self._waiting.popleft())
         return jobs
 
@@ -1000,6 +1036,9 @@ class HiggsEngine:
 
     def _complete(self, job: _Job, reason: Literal["stop", "length"]) -> None:
         self._leave(job)
+        if job.request.keep_slot:
+            with self._cond:
+                self._held[job] = time.monotonic() + HOLD_WHILE_DECODING
         seconds = time.monotonic() - job.started
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * seconds
         request = job.request
@@ -1034,7 +1073,15 @@ class HiggsEngine:
     def _finish(self, job: _Job, result: GenerationResult) -> None:
         for observe in self.observers:
             observe(result)
+        self._hold_ends(job, HOLD_SECONDS)
         job.emit(result)
+
+    def _hold_ends(self, job: _Job, seconds: float) -> None:
+        """The slot kept for ``job``'s next piece (if any) is kept ``seconds`` more at most."""
+        with self._cond:
+            if job in self._held:
+                self._held[job] = min(self._held[job], time.monotonic() + seconds)
+                self._cond.notify()
 
     # ---- the codec thread --------------------------------------------------------------------------------
 
@@ -1106,8 +1153,12 @@ class HiggsEngine:
             except BaseException as exc:
                 encode.future.set_exception(exc)
             return
-        # A failed stream's items are dropped, and so are the pieces of one whose client left (nobody would
-        # hear them); its end item is not (it is a finished request's result, for the observers).
+        # A failed stream's items are dropped (and the slot kept for its next piece goes back), and so are
+        # the pieces of one whose client left (nobody would hear them); its end item is not (it is a
+        # finished request's result, for the observers).
+        for item in work:
+            if isinstance(item, _End) and item.stream.job.failed:
+                self._hold_ends(item.stream.job, 0.0)
         live = [
             item
             for item in work
@@ -1138,6 +1189,7 @@ class HiggsEngine:
         with self._cond:
             self._cond.notify()
         stream.job.emit(exc)
+        self._hold_ends(stream.job, 0.0)  # no next piece follows a failed one
 
     def _end_stream(self, stream: _AudioStream, result: GenerationResult) -> None:
         last = stream.final()
@@ -1181,7 +1233,7 @@ class HiggsEngine:
             return ""
         gib = 1024**3
         free, total = torch.cuda.mem_get_info()
-        kv = sum(t.numel() * t.element_size() for t in (*self._decoder.keys, *self._decoder.values))
+        kv = sum(t.numel() * t.element_size() for t in self._decoder.cache)
         return (
             f"; GPU memory: {kv / gib:.2f} GiB of KV cache ({self.slots} slots) within "
             f"{torch.cuda.memory_allocated() / gib:.2f} GiB allocated by PyTorch, "

@@ -1,11 +1,13 @@
 """Long texts, spoken whole: piece by piece, each piece after the last pieces' own audio, as one stream.
 
 A text is split into pieces (``text_split``). Piece k is one generation through ``engine.stream``, so the
-batched engine keeps serving other requests between (and beside) the pieces of a long one. Its prompt is the
-request's voice (the scene and, for a cloned or stored voice, the reference clip) followed by the last
-``context_pieces`` pieces as the model itself made them (a user turn with a piece's text, an assistant turn
-with the audio codes generated for it) and then the user turn of piece k: the rolling buffer of Higgs Audio's
-own long-form generation script, so that voice and prosody carry on from piece to piece.
+batched engine serves other requests beside the pieces of a long one; each piece keeps its slot for the next
+(``keep_slot``, ``continues``), so when every slot is taken the next piece does not wait behind the line and
+the listener hears no gap. Its prompt is the request's voice (the scene and, for a cloned or stored voice,
+the reference clip) followed by the last ``context_pieces`` pieces as the model itself made them (a user
+turn with a piece's text, an assistant turn with the audio codes generated for it) and then the user turn of
+piece k: the rolling buffer of Higgs Audio's own long-form generation script, so that voice and prosody
+carry on from piece to piece.
 
 Audio goes out as it is decoded: the first piece plays while the rest are generated, so a long text starts
 sounding as soon as a short one. At each join the end of one piece fades out and the start of the next fades
@@ -66,7 +68,9 @@ class Script:
     def request(
         self, k: int, history: list[tuple[str, AudioCodes]], max_new_tokens: int
     ) -> GenerationRequest:
-        """The generation of piece ``k`` after the pieces in ``history`` (oldest first)."""
+        """The generation of piece ``k`` after the pieces in ``history`` (oldest first). A piece with another
+        after it keeps its slot for that one, and a later piece continues the answer (``GenerationRequest``):
+        under load the listener hears no gap while new requests take the slot between two pieces."""
         context = [t for text, codes in history for t in (Turn("user", text), Turn("assistant", audio=codes))]
         seed = None if self.template.seed is None else (self.template.seed + k) % 2**63
         return replace(
@@ -74,6 +78,8 @@ class Script:
             turns=[*self.prefix, *context, Turn("user", self.pieces[k])],
             max_new_tokens=max_new_tokens,
             seed=seed,
+            keep_slot=k < len(self.pieces) - 1,
+            continues=k > 0,
         )
 
 
@@ -136,8 +142,9 @@ async def _open(
 ) -> tuple[AsyncIterator[StreamEvent], Started]:
     """Start piece ``k``: its stream and its ``Started`` event.
 
-    For a later piece (the answer is already under way, a 4xx is no longer possible) a full queue is waited
-    out, and a prompt too long for the context drops the oldest context pieces rather than failing.
+    For a later piece (the answer is already under way, a 4xx is no longer possible) a prompt too long for
+    the context drops the oldest context pieces rather than failing, and a full queue is waited out (the
+    service's engine never refuses a continuation; an engine that does not know them may).
     """
     deadline = time.monotonic() + (script.template.time_limit or 300.0)
     while True:

@@ -118,8 +118,10 @@ class Transcriber(Protocol):
         temperature: float = 0.0,
         task: str = "transcribe",
         word_timestamps: bool = False,
+        stop: threading.Event | None = None,
     ) -> Transcript:
-        """Transcribe (or translate into English) ``audio``; ``ValueError`` for bad arguments."""
+        """Transcribe (or translate into English) ``audio``; ``ValueError`` for bad arguments. When ``stop``
+        is set (the caller left), ``TranscriptionStopped`` as soon as the work can stop."""
         ...
 
 
@@ -257,6 +259,7 @@ class WhisperTranscriber:
         temperature: float = 0.0,
         task: str = "transcribe",
         word_timestamps: bool = False,
+        stop: threading.Event | None = None,
     ) -> Transcript:
         """Transcribe ``audio`` (any sample rate; resampled to 16 kHz).
 
@@ -264,7 +267,8 @@ class WhisperTranscriber:
         ``prompt`` conditions the first window (spelling, style); ``temperature=0`` decodes
         greedily/beam and falls back to higher temperatures on failure, as OpenAI's API does,
         any other value in (0, 1] samples at that temperature only.  ``task="translate"``
-        produces English text.  Raises ``ValueError`` for an argument the model can't honour.
+        produces English text.  Raises ``ValueError`` for an argument the model can't honour, and
+        ``TranscriptionStopped`` after the segment being decoded when ``stop`` is set.
         """
         if task not in TASKS:
             raise ValueError(f"Unknown task {task!r}: expected 'transcribe' or 'translate'.")
@@ -298,8 +302,15 @@ class WhisperTranscriber:
             vad_filter=self.vad_filter,
             vad_parameters={"min_speech_duration_ms": self.min_speech_ms},
         )
-        # faster-whisper decodes lazily: all the work happens while this generator is consumed.
-        segments = [_convert_segment(i, s, word_timestamps) for i, s in enumerate(raw_segments)]
+        # faster-whisper decodes lazily: all the work happens while this generator is consumed, a window of
+        # up to 30 s at a time, so a caller that left stops it before the next window.
+        segments = []
+        for i, raw in enumerate(raw_segments):
+            segments.append(_convert_segment(i, raw, word_timestamps))
+            if stop is not None and stop.is_set():
+                raise TranscriptionStopped(
+                    f"stopped after {raw.end:.1f} s of {duration:.1f} s: the caller left"
+                )
         text = "".join(s.text for s in segments).strip()
         return Transcript(text=text, language=info.language, duration=duration, segments=segments)
 
@@ -316,6 +327,10 @@ class WhisperTranscriber:
                 _whisper_samples(silence), beam_size=self.beam_size, temperature=0.0, vad_filter=False
             )
             list(segments)  # decoding happens as the generator is consumed
+
+
+class TranscriptionStopped(Exception):
+    """The caller left, and the transcription stopped between two segments."""
 
 
 class TranscriberBusy(Exception):
@@ -405,7 +420,10 @@ class AsyncTranscriber:
         word_timestamps: bool = False,
     ) -> Transcript:
         """``Transcriber.transcribe`` on the worker thread; same arguments, result and errors (and
-        ``TranslatorUnavailable`` when the translation model cannot be had)."""
+        ``TranslatorUnavailable`` when the translation model cannot be had). A caller that stops waiting
+        (cancelled: its client hung up) drops a job still queued and stops a running one after the
+        segment it is decoding."""
+        stop = threading.Event()
         call = functools.partial(
             self._run,
             audio,
@@ -414,6 +432,7 @@ class AsyncTranscriber:
             prompt=prompt,
             temperature=temperature,
             word_timestamps=word_timestamps,
+            stop=stop,
         )
         if self._pending >= self.max_pending:  # the event loop is the only writer: no lock needed
             raise TranscriberBusy(
@@ -427,7 +446,7 @@ class AsyncTranscriber:
 
         # Counted until the job is over (or dropped), not until the caller stops waiting: a caller that
         # leaves (its client hung up) cancels the job, which drops it while it waits for the worker; one
-        # already running runs to its end and counts until then.
+        # already running stops after its current segment and counts until then.
         def done(_: object) -> None:
             try:
                 loop.call_soon_threadsafe(self._release)
@@ -435,7 +454,11 @@ class AsyncTranscriber:
                 pass
 
         job.add_done_callback(done)
-        return await asyncio.wrap_future(job)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     def _release(self) -> None:
         self._pending -= 1

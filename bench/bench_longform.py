@@ -21,12 +21,23 @@ For each length, in rotating order after one untimed round:
   resetting it; on CUDA also ``torch.cuda.max_memory_allocated`` above the memory allocated before).
 
 Printed: medians (min-max), and the ratios of each length to the 100-character text.
+
+Then **under load** (``--load-rounds``, 0 to skip): a second service with ``--load-slots`` slots, kept full
+by ``--load-clients`` other clients, each asking back to back for ``--load-tokens`` tokens of text (a text
+answer holds a slot without the codec's work, so that on a CPU too the requests wait for slots, not for the
+codec), streams the 1,000-character text. Rounds alternate between the engine as it is (each piece keeps its
+slot for the next: ``keep_slot``) and the same engine with ``engine.HOLD_SECONDS`` and
+``engine.HOLD_WHILE_DECODING`` at 0 (no slot kept: the next piece waits in the line, at its head, for a slot
+to free). Printed: how long the text's later pieces waited for a slot (``queue_seconds`` of their results:
+the silence a listener hears at a join once the audio already received has played, when generation is not
+far ahead), the longest silence between two chunks of the long text's body, its total time, and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import math
 import os
 import statistics
 import time
@@ -81,6 +92,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed requests of each kind and length")
     parser.add_argument("--piece-seconds", type=float, default=1.0, help="cap on each piece's audio")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--load-rounds", type=int, default=2, help="rounds of each kind under load")
+    parser.add_argument("--load-slots", type=int, default=2, help="slots of the service under load")
+    parser.add_argument("--load-clients", type=int, default=3, help="other clients under load")
+    parser.add_argument("--load-tokens", type=int, default=100, help="tokens of each other request")
     run_script(parser, run)
 
 
@@ -159,6 +174,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
                 column.audio_seconds = audio_seconds
         for n in LENGTHS:
             columns[n].pieces = len(split_text(texts[n], settings.piece_characters))
+    loaded = _under_load(args, settings, texts[1000]) if args.load_rounds > 0 else None
 
     base = columns[LENGTHS[0]]
     median = statistics.median
@@ -182,6 +198,90 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         print(f"  whole chat, peak RSS added    {spread(c.rss, ' MiB')}")
         if cuda:
             print(f"  whole chat, peak CUDA added   {spread(c.cuda, ' MiB')}")
+    if loaded is not None:
+        kept, given = loaded["kept"], loaded["given"]
+        print(
+            f"\nunder load ({args.load_slots} slots kept full by {args.load_clients} other clients), "
+            f"{len(texts[1000])} characters streamed, {args.load_rounds} rounds each, alternated:"
+        )
+        for name, label in (("wait", "piece's wait"), ("silence", "longest silence"), ("total", "total")):
+            times = median(given[name]) / median(kept[name]) if median(kept[name]) > 0 else math.inf
+            print(
+                f"  {label:<16} slot kept {spread(kept[name])}   given to the line {spread(given[name])}   "
+                f"x{times:.2f}"
+            )
+
+
+def _under_load(args: argparse.Namespace, settings, text: str) -> dict[str, dict[str, list[float]]]:
+    """The long text streamed while other clients keep every slot busy, with and without kept slots."""
+    import threading
+
+    import httpx
+
+    import engine as engine_module
+    from app import create_app
+
+    holds = engine_module.HOLD_SECONDS, engine_module.HOLD_WHILE_DECODING
+    loaded = settings.model_copy(update={"max_batch_size": args.load_slots})
+    app = create_app(loaded)
+    found = {k: {"wait": [], "silence": [], "total": []} for k in ("kept", "given")}
+    with serve(app, start_timeout=1800) as url:
+        stop = threading.Event()
+        engine, waits = app.state.engine, []
+        stream = engine.stream
+
+        async def recorded(request):  # the later pieces' waits for a slot
+            async for event in stream(request):
+                if isinstance(event, engine_module.GenerationResult) and request.continues:
+                    waits.append(event.queue_seconds)
+                yield event
+
+        engine.stream = recorded
+
+        def other(i: int) -> None:
+            # Text answers: they hold a slot for their tokens without the codec's work, so that on a CPU too
+            # the slots, not the codec, are what the requests wait for.
+            body = {"model": "gpt-4o-audio-preview", "modalities": ["text"], "max_tokens": args.load_tokens,
+                    "messages": [{"role": "user", "content": f"Another client, number {i}."}]}  # fmt: skip
+            with httpx.Client(base_url=url, timeout=600) as client:
+                while not stop.is_set():
+                    client.post("/v1/chat/completions", json=body)
+
+        def long_text() -> tuple[float, float]:
+            body = {"model": "tts-1", "input": text, "voice": "default", "response_format": "pcm",
+                    "seed": args.seed}  # fmt: skip
+            arrivals = []
+            t0 = time.perf_counter()
+            with httpx.Client(base_url=url, timeout=3600) as client:
+                with client.stream("POST", "/v1/audio/speech", json=body) as response:
+                    if response.status_code != 200:
+                        raise RuntimeError(f"speech: {response.status_code} {response.read()!r}")
+                    for chunk in response.iter_bytes():
+                        if chunk:
+                            arrivals.append(time.perf_counter())
+            gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+            return max(gaps, default=0.0), time.perf_counter() - t0
+
+        others = [threading.Thread(target=other, args=(i,)) for i in range(args.load_clients)]
+        for thread in others:
+            thread.start()
+        try:
+            time.sleep(1.0)  # the slots fill
+            for round_ in range(2 * args.load_rounds):
+                kind = ("kept", "given")[round_ % 2]
+                kept = kind == "kept"
+                engine_module.HOLD_SECONDS, engine_module.HOLD_WHILE_DECODING = holds if kept else (0.0, 0.0)
+                waits.clear()
+                silence, total = long_text()
+                found[kind]["wait"].extend(waits)
+                found[kind]["silence"].append(silence)
+                found[kind]["total"].append(total)
+        finally:
+            engine_module.HOLD_SECONDS, engine_module.HOLD_WHILE_DECODING = holds
+            stop.set()
+            for thread in others:
+                thread.join()
+    return found
 
 
 if __name__ == "__main__":

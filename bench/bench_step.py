@@ -44,12 +44,12 @@ def _load(path: str, name: str):
     return module
 
 
-def _operators(decoder) -> tuple[int, int, int]:
+def _operators(decoder) -> tuple[int, int, int, int]:
     """Aten operators dispatched by one eager step, those of them in the forward pass (views count too:
     they launch nothing, but the same views are on both sides of a comparison), and the operators that
-    compute: that write memory (in place, or a result not sharing its storage with an input), which is
-    what launches a kernel on a GPU (a conversion to the dtype a tensor already has, a view, does not;
-    a conversion between dtypes does)."""
+    compute, in the step and in its forward pass: that write memory (in place, or a result not sharing its
+    storage with an input), which is what launches a kernel on a GPU (a conversion to the dtype a tensor
+    already has, a view, does not; a conversion between dtypes does)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
@@ -58,7 +58,7 @@ def _operators(decoder) -> tuple[int, int, int]:
         return {t.untyped_storage().data_ptr() for t in tree_leaves(value) if isinstance(t, torch.Tensor)}
 
     class Count(TorchDispatchMode):
-        total = forward = computing = 0
+        total = forward = computing = forward_computing = 0
         inside = False
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -67,6 +67,7 @@ def _operators(decoder) -> tuple[int, int, int]:
             out = func(*args, **(kwargs or {}))
             if func._schema.is_mutable or storages(out) - storages((args, kwargs)):
                 Count.computing += 1
+                Count.forward_computing += Count.inside
             return out
 
     forward = decoder._forward
@@ -86,7 +87,7 @@ def _operators(decoder) -> tuple[int, int, int]:
     finally:
         decoder.graphs_enabled = graphs
         del decoder._forward
-    return Count.total, Count.forward, Count.computing
+    return Count.total, Count.forward, Count.computing, Count.forward_computing
 
 
 def _decoder(module, engine, inputs, rows: int):
@@ -209,11 +210,12 @@ def main() -> None:
             results = {}
             for name, module in contenders.items():
                 made = _decoder(module, engine, inputs, rows)
-                operators, forward, computing = _operators(made)
+                operators, forward, computing, forward_computing = _operators(made)
                 results[name] = (operators, _step_time(made, args.steps, args.warmup), computing)
                 print(
                     f"rows {rows:3d} {name:>4}: {operators:5d} operators per step ({computing} compute), "
-                    f"{forward / layers:5.1f} per layer in the forward pass; "
+                    f"{forward / layers:5.1f} per layer in the forward pass "
+                    f"({forward_computing / layers:.1f} compute); "
                     f"step {results[name][1] * 1e3:8.3f} ms"
                 )
                 if rows == 1 and name == "new":

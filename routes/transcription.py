@@ -41,8 +41,10 @@ async def transcriptions(
     """OpenAI's transcription endpoint."""
     if form.stream:
         raise bad_request("streamed transcription is not supported yet; send stream=false", "stream")
-    return await _speech_to_text("transcribe", form, form.language, form.timestamp_granularities, file,
-                                 request, settings, recognizer)  # fmt: skip
+    # OpenAI's clients send ``timestamp_granularities[]``; a form written by hand may leave out the brackets.
+    granularities = form.timestamp_granularities or (await request.form()).getlist("timestamp_granularities")
+    return await _speech_to_text("transcribe", form, form.language, granularities, file, request, settings,
+                                 recognizer)  # fmt: skip
 
 
 @router.post("/translations")

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -320,6 +322,123 @@ def test_a_request_counts_against_the_bound_until_its_slot_is_free(engine, clien
     settle(engine)
     assert pending_at_release == [1]  # the leaving request still counted while its slot was freed
     monkeypatch.undo()
+    assert_idle(client, engine)
+
+
+def admissions(engine, monkeypatch) -> list[tuple[int, float]]:
+    """The seed of each request the engine gives a slot, and when (monotonic), in order."""
+    started: list[tuple[int, float]] = []
+    real_start = engine._start
+
+    def start(job, slot: int) -> None:
+        started.append((job.request.seed, time.monotonic()))
+        real_start(job, slot)
+
+    monkeypatch.setattr(engine, "_start", start)
+    return started
+
+
+def test_a_continuation_takes_the_slot_kept_for_it_ahead_of_the_line(engine, client, monkeypatch):
+    """A generation with ``keep_slot`` leaves its slot to the answer's next piece (``continues``): a request
+    that waited longer gets it after that piece, and a full line, which refuses a new request, takes the
+    continuation."""
+    started = admissions(engine, monkeypatch)
+    monkeypatch.setattr(engine, "slots", 1)
+    monkeypatch.setattr(engine_module, "HOLD_SECONDS", 30.0)  # whatever the machine's speed
+    GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
+    turns = [Turn("user", "Keep my slot.")]
+    piece = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=1, keep_slot=True)
+    other = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=2)
+    later = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=3, continues=True)
+
+    async def run() -> list:
+        waiting = engine.stream(other)
+        async with contextlib.aclosing(engine.stream(piece)) as events:
+            async for event in events:
+                if isinstance(event, engine_module.AudioPiece) and engine.stats().waiting == 0:
+                    assert isinstance(await anext(waiting), engine_module.Started)  # in the line
+        assert engine.stats().waiting == 1 and engine.stats().busy_slots == 0  # kept, not given to it
+        monkeypatch.setattr(engine, "max_queue", engine.pending)  # the line is full now
+        with pytest.raises(engine_module.EngineBusy):
+            await engine.generate(replace(other, seed=4))
+        continued = await engine.generate(later)
+        rest = [event async for event in waiting]
+        return [continued, rest[-1]]
+
+    continued, waited = asyncio.run(run())
+    assert [seed for seed, _ in started] == [1, 3, 2]
+    assert continued.completion_tokens == waited.completion_tokens == 12
+    assert engine._held == {}  # the continuation took the kept slot
+    monkeypatch.undo()
+    assert_idle(client, engine)
+
+
+def test_a_kept_slot_nobody_continues_goes_back_after_its_hold(engine, client, monkeypatch):
+    """The next piece may never come (its client left, ``max_tokens`` ran out): the waiting line gets the
+    slot when the hold ends, not before, and nothing stays kept."""
+    started = admissions(engine, monkeypatch)
+    monkeypatch.setattr(engine, "slots", 1)
+    monkeypatch.setattr(engine_module, "HOLD_SECONDS", 2.0)
+    GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
+    turns = [Turn("user", "Keep my slot.")]
+    piece = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=1, keep_slot=True)
+    other = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=2)
+
+    async def run() -> tuple[float, engine_module.GenerationResult]:
+        waiting = engine.stream(other)
+        async with contextlib.aclosing(engine.stream(piece)) as events:
+            async for event in events:
+                if isinstance(event, engine_module.AudioPiece) and engine.stats().waiting == 0:
+                    assert isinstance(await anext(waiting), engine_module.Started)  # in the line
+        (hold_ends,) = engine._held.values()  # the piece's slot is kept (the other request still waits)
+        return hold_ends, [event async for event in waiting][-1]
+
+    hold_ends, waited = asyncio.run(run())
+    assert [seed for seed, _ in started] == [1, 2] and waited.completion_tokens == 12
+    assert started[1][1] >= hold_ends
+    monkeypatch.undo()
+    assert engine._held == {}
+    assert_idle(client, engine)
+
+
+def test_a_kept_slot_goes_back_at_once_when_its_last_audio_fails(engine, client, monkeypatch):
+    """No next piece follows a piece whose audio failed: the request waiting behind it gets the slot at
+    once, not after the hold."""
+    started = admissions(engine, monkeypatch)
+    monkeypatch.setattr(engine, "slots", 1)
+    monkeypatch.setattr(engine_module, "HOLD_SECONDS", 3600.0)
+    monkeypatch.setattr(engine_module, "HOLD_WHILE_DECODING", 3600.0)
+    failures, real_decode = [RuntimeError("injected codec failure")], engine._pieces.decode
+
+    def decode(codes):
+        if failures:
+            raise failures.pop()
+        return real_decode(codes)
+
+    monkeypatch.setattr(engine._pieces, "decode", decode)
+    GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
+    turns = [Turn("user", "Keep my slot.")]
+    piece = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=1, keep_slot=True)
+    other = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=2)
+
+    async def run() -> engine_module.GenerationResult:
+        async with contextlib.aclosing(engine.stream(piece)) as events:
+            assert isinstance(await anext(events), engine_module.Started)
+            waiting = engine.stream(other)
+            assert isinstance(await anext(waiting), engine_module.Started)  # in the line behind it
+            with pytest.raises(RuntimeError, match="injected"):
+                async for _ in events:
+                    pass
+
+        async def rest() -> list:
+            return [event async for event in waiting]
+
+        return (await asyncio.wait_for(rest(), timeout=120))[-1]
+
+    waited = asyncio.run(run())
+    assert [seed for seed, _ in started] == [1, 2] and waited.completion_tokens == 12
+    monkeypatch.undo()
+    assert engine._held == {}
     assert_idle(client, engine)
 
 
@@ -648,6 +767,36 @@ def test_a_greedy_request_decodes_as_upstream_generate_does(engine):
         )  # fmt: skip
     upstream = revert_delay_pattern(audio[0]).clip(0, 1023)[:, 1:-1]
     assert upstream.shape[1] == 51 and torch.equal(ours.codes.codes, upstream)
+
+
+def test_fast_forward_layers_decode_as_upstream_does(engine):
+    """Layers outside ``audio_dual_ffn_layers`` fast-forward audio tokens (they keep their input hidden
+    state): the decoder's path for them, beside the residual sums it writes in place, matches upstream's
+    greedy ``generate`` column for column (the tiny model has every layer dual, as the real one does)."""
+    import copy
+
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    config = copy.deepcopy(engine._model.config)
+    config.audio_dual_ffn_layers = [0]
+    model = HiggsAudioModel(config).eval()
+    model.load_state_dict(engine._model.state_dict(), strict=False)  # layer 1 has no audio FFN now
+    small = decoder.BatchDecoder(
+        model, slots=1, max_len=1024, audio_out_token=engine._config.audio_out_token_idx,
+        audio_eos_token=engine._audio_eos_id, suppress_in_text=engine._audio_start_ids,
+    )  # fmt: skip
+    assert small.kinds == ["dual", "skip"]
+    turns = [engine_module.Turn("system", "Generate audio."), engine_module.Turn("user", "Hello there.")]
+    request = engine_module.GenerationRequest(turns, True, 30, 0.0, 0.95, 50, ras_window=0)
+    inputs = engine._prepare(request).inputs
+    first = small.prefill(slot=0, inputs=inputs, audio_output=True, sampling=engine._sampling(request))
+    ours = torch.stack([first[1:], *(small.step()[0, 1:] for _ in range(29))], dim=1)
+    with torch.inference_mode():
+        _, audio = model.generate(
+            **inputs, max_new_tokens=30, use_cache=True, tokenizer=engine._tokenizer, do_sample=False,
+            stop_strings=["<|end_of_text|>", "<|eot_id|>", "<|audio_eos|>"],
+        )  # fmt: skip
+    assert torch.equal(ours, audio[0][:, :30])
 
 
 def test_sampling_follows_the_distribution():

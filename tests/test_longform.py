@@ -322,6 +322,57 @@ def test_other_requests_are_served_between_the_pieces(long_app, spy):
     assert SHORT in pieces and 0 < pieces.index(SHORT) < len(pieces) - 1  # between two pieces of the long one
 
 
+def test_under_load_a_long_text_keeps_its_slot_from_piece_to_piece(long_app, engine, monkeypatch):
+    """With every slot taken and a request waiting, each piece of a long text keeps its slot for the next:
+    the pieces run back to back and the waiting request after them, and every piece is spoken whole. (Were
+    the slot given to the line between two pieces, the listener would hear a gap as long as that request.)"""
+    import threading
+    import time
+
+    import engine as engine_module
+
+    monkeypatch.setattr(engine, "slots", 1)
+    monkeypatch.setattr(engine_module, "HOLD_SECONDS", 30.0)  # whatever the machine's speed
+    text = TEXT[: TEXT.index(".", 800) + 1]
+    pieces = pieces_of(long_app, text)
+    assert len(pieces) == 4
+    admitted: list[str] = []  # the text each admitted generation speaks, in order
+    short_waits = threading.Event()
+    real_start, real_complete = engine._start, engine._complete
+
+    def start(job, slot: int) -> None:
+        admitted.append(job.request.turns[-1].text)
+        real_start(job, slot)
+
+    def complete(job, reason) -> None:
+        if len(admitted) == 1:  # the first piece ends only once the short request waits for a slot
+            assert short_waits.wait(timeout=120)
+        real_complete(job, reason)
+
+    monkeypatch.setattr(engine, "_start", start)
+    monkeypatch.setattr(engine, "_complete", complete)
+    answers = {}
+
+    def send(name: str, path: str, body: dict) -> threading.Thread:
+        thread = threading.Thread(target=lambda: answers.update({name: long_app.post(path, json=body)}))
+        thread.start()
+        return thread
+
+    threads = [send("long", "/v1/audio/speech", speech(long_app, text))]
+    deadline = time.monotonic() + 120
+    while not admitted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    threads.append(send("short", "/v1/chat/completions", chat(SHORT, max_tokens=10)))
+    while engine.stats().waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    short_waits.set()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert answers["long"].status_code == answers["short"].status_code == 200
+    assert admitted == [*pieces, SHORT]
+    assert len(pcm(answers["long"].content)) == sum(expected_samples(long_app, text)[1])
+
+
 class _ScriptedEngine:
     """A stand-in engine for the long-form loop alone: each generation is one frame of ones; it refuses a
     prompt with more than ``max_context_pieces`` context pieces and is busy for the first ``busy`` tries of

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 
 import numpy as np
 import openai
@@ -53,16 +54,14 @@ def test_verbose_json_with_word_and_segment_timestamps(openai_client):
     assert starts == sorted(starts)
 
 
-def test_words_only_when_asked(client):
+@pytest.mark.parametrize("field", ["timestamp_granularities[]", "timestamp_granularities"])
+def test_words_only_when_asked(client, field):
+    """As OpenAI's clients name the field, and without the brackets (a form written by hand)."""
     with open(TEST_AUDIO, "rb") as f:
         body = client.post(
             "/v1/audio/transcriptions",
             files={"file": ("a.wav", f, "audio/wav")},
-            data={
-                "model": "whisper-1",
-                "response_format": "verbose_json",
-                "timestamp_granularities[]": "word",
-            },
+            data={"model": "whisper-1", "response_format": "verbose_json", field: "word"},
         ).json()
     assert "words" in body and "segments" not in body
 
@@ -273,3 +272,46 @@ def test_a_transcription_whose_client_left_while_it_waited_is_never_run(client, 
                         files={"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")})  # fmt: skip
     assert later.status_code == 200 and later.json()["text"]
     assert len(ran) == 1  # the later request's only: the abandoned one never reached Whisper
+
+
+def test_a_running_transcription_stops_when_its_client_leaves(client, app, recognizer, monkeypatch):
+    """A long file's transcription is running when its client hangs up: 499, and Whisper stops after the
+    segment it is decoding instead of transcribing the rest of the file (which kept the worker from the
+    requests behind it)."""
+    import httpx
+    from conftest import post_then_hang_up
+
+    decoded: list[float] = []  # where each segment Whisper gave ends (seconds)
+    finished: list[bool] = []
+    model = recognizer.transcriber._model
+    real = model.transcribe
+
+    def transcribe(*args, **kwargs):
+        segments, info = real(*args, **kwargs)
+
+        def counted():
+            for segment in segments:
+                decoded.append(segment.end)
+                yield segment
+            finished.append(True)
+
+        return counted(), info
+
+    monkeypatch.setattr(model, "transcribe", transcribe)
+    samples, rate = sf.read(str(TEST_AUDIO), dtype="float32")
+    clip = np.tile(np.concatenate([samples, np.zeros(rate // 2, np.float32)]), 30)  # 136 s of speech
+    buffer = io.BytesIO()
+    sf.write(buffer, clip, rate, format="WAV")
+    upload = httpx.Request(
+        "POST", "http://testserver/v1/audio/transcriptions", data={"model": "whisper-1"},
+        files={"file": ("long.wav", buffer.getvalue(), "audio/wav")},
+    )  # fmt: skip
+    headers = [(k.lower().encode(), v.encode()) for k, v in upload.headers.items() if k != "host"]
+    body, began = upload.read(), lambda: bool(decoded)
+    sent = client.portal.call(post_then_hang_up, app, upload.url.path, headers, body, began)
+    assert sent[0]["status"] == 499
+    deadline = time.monotonic() + 300
+    while recognizer._pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert recognizer._pending == 0  # the job is over
+    assert not finished and max(decoded) < len(clip) / rate - 60, decoded  # two 30-s windows never decoded
