@@ -246,6 +246,8 @@ class EngineStats:
     waiting: int
     steps_per_second: float
     audio_seconds_per_second: float
+    kept_slots: int = 0
+    """Free slots kept for the next piece of a long text (``GenerationRequest.keep_slot``)."""
 
 
 SCHEDULER_WORK = ("prefill", "launch", "wait", "tokens", "paused")
@@ -529,6 +531,7 @@ class HiggsEngine:
         now = time.monotonic()
         with self._cond:
             busy, waiting = len(self._running), len(self._waiting)
+            kept = sum(1 for until in self._held.values() if until > now)
             rates = list(self._rates)
         steps_per_second = audio_per_second = 0.0
         if len(rates) >= 2 and now - rates[-1][0] < 2.0:
@@ -536,7 +539,7 @@ class HiggsEngine:
             if t1 > t0:
                 steps_per_second = (s1 - s0) / (t1 - t0)
                 audio_per_second = (f1 - f0) / self.frame_rate / (t1 - t0)
-        return EngineStats(self.slots, busy, waiting, steps_per_second, audio_per_second)
+        return EngineStats(self.slots, busy, waiting, steps_per_second, audio_per_second, kept)
 
     @property
     def batch_steps(self) -> int:

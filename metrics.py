@@ -57,6 +57,11 @@ class Metrics:
         self.waiting = Gauge(
             "higgs_waiting_requests", "Requests waiting for a decoding slot", registry=self.registry
         )
+        self.kept_slots = Gauge(
+            "higgs_kept_slots",
+            "Free decoding slots kept for the next piece of a long text",
+            registry=self.registry,
+        )
         self.steps_per_second = Gauge(
             "higgs_decode_steps_per_second",
             "Batched decoding steps per second (last 10 s)",
@@ -85,6 +90,7 @@ class Metrics:
         self.slots.set_function(lambda: stats().slots)
         self.busy_slots.set_function(lambda: stats().busy_slots)
         self.waiting.set_function(lambda: stats().waiting)
+        self.kept_slots.set_function(lambda: stats().kept_slots)
         self.steps_per_second.set_function(lambda: stats().steps_per_second)
         self.audio_per_second.set_function(lambda: stats().audio_seconds_per_second)
 

@@ -115,6 +115,7 @@ def assert_idle(client, engine) -> None:
     assert engine._first_pieces == 0  # else the CPU's decoding loop would wait for the codec for good
     metrics = client.get("/metrics").text
     assert "higgs_batch_occupancy 0.0" in metrics and "higgs_waiting_requests 0.0" in metrics
+    assert "higgs_kept_slots 0.0" in metrics
     assert f"higgs_batch_slots {float(engine.slots)}" in metrics
 
 
@@ -358,6 +359,7 @@ def test_a_continuation_takes_the_slot_kept_for_it_ahead_of_the_line(engine, cli
                 if isinstance(event, engine_module.AudioPiece) and engine.stats().waiting == 0:
                     assert isinstance(await anext(waiting), engine_module.Started)  # in the line
         assert engine.stats().waiting == 1 and engine.stats().busy_slots == 0  # kept, not given to it
+        assert engine.stats().kept_slots == 1 and "higgs_kept_slots 1.0" in client.get("/metrics").text
         monkeypatch.setattr(engine, "max_queue", engine.pending)  # the line is full now
         with pytest.raises(engine_module.EngineBusy):
             await engine.generate(replace(other, seed=4))
