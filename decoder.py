@@ -12,7 +12,9 @@ written here. A step's kernels are kept few, because at small batches a kernel's
 than its work: each layer's query, key and value projections are one matrix product, and each FFN's gate and
 up projections another (``_fuse_rows`` stacks the weights once and leaves the upstream modules views of
 them, so nothing is stored twice and upstream's own forward, which prefills, reads the same numbers); the
-rotation is applied to queries and keys together; a norm's statistics are one call.
+rotation is applied to queries and keys together and written back in place; a norm, weight included, is one
+call; a token's keys and values go into the cache with one copy; and the residual sums are matrix products
+that add into the hidden state (``_plus``): 13 kernels a decoder layer.
 
 The decisions are upstream's (``modeling_higgs_audio.py``): an audio answer starts with an all-BOS column,
 codebook ``c`` starts ``c`` steps late (delay pattern), the lowest codebook that samples end-of-stream ends
