@@ -47,6 +47,10 @@ from streaming import no_audio, started
 log = logging.getLogger(__name__)
 
 BUSY_RETRY_SECONDS = 0.05
+KEEP_SLOT_LEAD = 4.0
+"""A piece keeps its slot for the next one while the listener has less audio than this in hand (seconds
+sent and not yet heard, if it plays from the first piece on). With more, the next piece waits its turn at
+the head of the line without a gap being heard, and new requests are not held behind long texts."""
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,12 @@ class Script:
     """How many previous pieces (text and generated codes) precede each piece in its prompt."""
 
     def request(
-        self, k: int, history: list[tuple[str, AudioCodes]], max_new_tokens: int
+        self, k: int, history: list[tuple[str, AudioCodes]], max_new_tokens: int, keep_slot: bool = True
     ) -> GenerationRequest:
         """The generation of piece ``k`` after the pieces in ``history`` (oldest first). A piece with another
-        after it keeps its slot for that one, and a later piece continues the answer (``GenerationRequest``):
-        under load the listener hears no gap while new requests take the slot between two pieces."""
+        after it keeps its slot for that one (unless ``keep_slot`` is false), and a later piece continues the
+        answer (``GenerationRequest``): under load the listener hears no gap while new requests take the slot
+        between two pieces."""
         context = [t for text, codes in history for t in (Turn("user", text), Turn("assistant", audio=codes))]
         seed = None if self.template.seed is None else (self.template.seed + k) % 2**63
         return replace(
@@ -78,7 +83,7 @@ class Script:
             turns=[*self.prefix, *context, Turn("user", self.pieces[k])],
             max_new_tokens=max_new_tokens,
             seed=seed,
-            keep_slot=k < len(self.pieces) - 1,
+            keep_slot=keep_slot and k < len(self.pieces) - 1,
             continues=k > 0,
         )
 
@@ -138,7 +143,12 @@ class Joiner:
 
 
 async def _open(
-    engine: Engine, script: Script, k: int, history: deque[tuple[str, AudioCodes]], max_new_tokens: int
+    engine: Engine,
+    script: Script,
+    k: int,
+    history: deque[tuple[str, AudioCodes]],
+    max_new_tokens: int,
+    keep_slot: bool,
 ) -> tuple[AsyncIterator[StreamEvent], Started]:
     """Start piece ``k``: its stream and its ``Started`` event.
 
@@ -148,7 +158,7 @@ async def _open(
     """
     deadline = time.monotonic() + (script.template.time_limit or 300.0)
     while True:
-        events = engine.stream(script.request(k, list(history), max_new_tokens))
+        events = engine.stream(script.request(k, list(history), max_new_tokens, keep_slot))
         try:
             return events, await started(events)  # (it closes the stream when it raises)
         except ContextLengthError:
@@ -166,6 +176,7 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
     """Speak ``script``: ``Started`` (of the first piece), audio pieces as they are decoded, and finally a
     ``GenerationResult`` summing the pieces' usage. Closing it early stops the piece being generated."""
     joiner = Joiner(int(engine.sample_rate * join_ms / 1000))
+    in_hand = _InHand(engine.sample_rate)
     history: deque[tuple[str, AudioCodes]] = deque(maxlen=script.context_pieces)
     results: list[GenerationResult] = []
     used, cut = 0, False
@@ -175,7 +186,8 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
             cut = True
             log.warning("max_tokens ran out after %d of %d pieces of the text", k, len(script.pieces))
             break
-        events, started = await _open(engine, script, k, history, cap)
+        keep_slot = in_hand.seconds() < KEEP_SLOT_LEAD
+        events, started = await _open(engine, script, k, history, cap, keep_slot)
         if k == 0:
             yield started
         joiner.start(fade_in=k > 0, fade_out=k < len(script.pieces) - 1)
@@ -185,6 +197,7 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
                 if isinstance(event, AudioPiece):
                     out = joiner.feed(event.samples)
                     if out.size:
+                        in_hand.sent(out.size)
                         yield AudioPiece(out)
                 elif isinstance(event, GenerationResult):
                     result = event
@@ -192,6 +205,7 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
             raise RuntimeError("the engine's stream ended without a result")
         tail = joiner.end(fade_out=k < len(script.pieces) - 1)
         if tail.size:
+            in_hand.sent(tail.size)
             yield AudioPiece(tail)
         results.append(result)
         used += result.completion_tokens
@@ -201,6 +215,25 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
             cut = True
             log.warning("piece %d of %d reached its cap before it ended", k + 1, len(script.pieces))
     yield _total(results, cut)
+
+
+class _InHand:
+    """Seconds of audio a listener has been sent and not yet heard, if it plays from its first audio on."""
+
+    def __init__(self, sample_rate: int):
+        self.sample_rate = sample_rate
+        self.first: float | None = None
+        self.samples = 0
+
+    def sent(self, samples: int) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+        self.samples += samples
+
+    def seconds(self) -> float:
+        if self.first is None:
+            return 0.0
+        return self.samples / self.sample_rate - (time.monotonic() - self.first)
 
 
 def _total(results: list[GenerationResult], cut: bool) -> GenerationResult:

@@ -322,15 +322,22 @@ def test_other_requests_are_served_between_the_pieces(long_app, spy):
     assert SHORT in pieces and 0 < pieces.index(SHORT) < len(pieces) - 1  # between two pieces of the long one
 
 
-def test_under_load_a_long_text_keeps_its_slot_from_piece_to_piece(long_app, engine, monkeypatch):
-    """With every slot taken and a request waiting, each piece of a long text keeps its slot for the next:
-    the pieces run back to back and the waiting request after them, and every piece is spoken whole. (Were
-    the slot given to the line between two pieces, the listener would hear a gap as long as that request.)"""
+@pytest.mark.parametrize("lead", [None, 0.0], ids=["little audio in hand", "enough audio in hand"])
+def test_under_load_a_long_text_keeps_its_slot_from_piece_to_piece(long_app, engine, monkeypatch, lead):
+    """With every slot taken and a request waiting, each piece of a long text keeps its slot for the next
+    while its listener has little audio in hand (``KEEP_SLOT_LEAD``, 4 s; here at most 3.8 s were sent
+    before the last piece): the pieces run back to back and the waiting request after them, and every piece
+    is spoken whole. (Were the slot given to the line between two pieces, the listener would hear a gap as
+    long as that request.) A listener with enough audio in hand (here a lead of 0) lets the waiting request
+    go first: long texts do not hold new requests back for their whole length."""
     import threading
     import time
 
     import engine as engine_module
+    import longform
 
+    if lead is not None:
+        monkeypatch.setattr(longform, "KEEP_SLOT_LEAD", lead)
     monkeypatch.setattr(engine, "slots", 1)
     monkeypatch.setattr(engine_module, "HOLD_SECONDS", 30.0)  # whatever the machine's speed
     text = TEXT[: TEXT.index(".", 800) + 1]
@@ -369,7 +376,7 @@ def test_under_load_a_long_text_keeps_its_slot_from_piece_to_piece(long_app, eng
     for thread in threads:
         thread.join(timeout=600)
     assert answers["long"].status_code == answers["short"].status_code == 200
-    assert admitted == [*pieces, SHORT]
+    assert admitted == ([*pieces, SHORT] if lead is None else [pieces[0], SHORT, *pieces[1:]])
     assert len(pcm(answers["long"].content)) == sum(expected_samples(long_app, text)[1])
 
 
