@@ -1,13 +1,13 @@
 """Long texts, spoken whole: piece by piece, each piece after the last pieces' own audio, as one stream.
 
 A text is split into pieces (``text_split``). Piece k is one generation through ``engine.stream``, so the
-batched engine serves other requests beside the pieces of a long one; each piece keeps its slot for the next
-(``keep_slot``, ``continues``), so when every slot is taken the next piece does not wait behind the line and
-the listener hears no gap. Its prompt is the request's voice (the scene and, for a cloned or stored voice,
-the reference clip) followed by the last ``context_pieces`` pieces as the model itself made them (a user
-turn with a piece's text, an assistant turn with the audio codes generated for it) and then the user turn of
-piece k: the rolling buffer of Higgs Audio's own long-form generation script, so that voice and prosody
-carry on from piece to piece.
+batched engine serves other requests beside the pieces of a long one; while the listener has little audio
+in hand (``KEEP_SLOT_LEAD``) each piece keeps its slot for the next (``keep_slot``, ``continues``), so when
+every slot is taken the next piece does not wait behind the line and the listener hears no gap. Its prompt
+is the request's voice (the scene and, for a cloned or stored voice, the reference clip) followed by the last
+``context_pieces`` pieces as the model itself made them (a user turn with a piece's text, an assistant turn
+with the audio codes generated for it) and then the user turn of piece k: the rolling buffer of Higgs Audio's
+own long-form generation script, so that voice and prosody carry on from piece to piece.
 
 Audio goes out as it is decoded: the first piece plays while the rest are generated, so a long text starts
 sounding as soon as a short one. At each join the end of one piece fades out and the start of the next fades

@@ -26,11 +26,13 @@ Then **under load** (``--load-rounds``, 0 to skip): a second service with ``--lo
 by ``--load-clients`` other clients, each asking back to back for ``--load-tokens`` tokens of text (a text
 answer holds a slot without the codec's work, so that on a CPU too the requests wait for slots, not for the
 codec), streams the 1,000-character text. Rounds alternate between the engine as it is (each piece keeps its
-slot for the next: ``keep_slot``) and the same engine with ``engine.HOLD_SECONDS`` and
-``engine.HOLD_WHILE_DECODING`` at 0 (no slot kept: the next piece waits in the line, at its head, for a slot
-to free). Printed: how long the text's later pieces waited for a slot (``queue_seconds`` of their results:
-the silence a listener hears at a join once the audio already received has played, when generation is not
-far ahead), the longest silence between two chunks of the long text's body, its total time, and the ratios.
+slot for the next: ``keep_slot``; with pieces under 1.3 s of audio, as by default here, the listener never
+has ``longform.KEEP_SLOT_LEAD`` in hand before the 4th piece) and the same engine with
+``engine.HOLD_SECONDS`` and ``engine.HOLD_WHILE_DECODING`` at 0 (no slot kept: the next piece waits in the
+line, at its head, for a slot to free). Printed: how long the text's later pieces waited for a slot
+(``queue_seconds`` of their results: the silence a listener hears at a join once the audio already
+received has played, when generation is not far ahead), the longest silence between two chunks of the long
+text's body, its total time, and the ratios.
 """
 
 from __future__ import annotations
