@@ -182,7 +182,15 @@ class TextPiece:
     text: str
 
 
-StreamEvent = Started | AudioPiece | TextPiece | GenerationResult
+@dataclass(frozen=True)
+class Transcript:
+    """Streaming: what the audio that follows says (``longform.speak`` sends one per piece as it starts; the
+    engine itself sends none)."""
+
+    text: str
+
+
+StreamEvent = Started | AudioPiece | TextPiece | Transcript | GenerationResult
 
 
 @dataclass(frozen=True)

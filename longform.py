@@ -40,9 +40,11 @@ from engine import (
     GenerationResult,
     Started,
     StreamEvent,
+    Transcript,
     Turn,
 )
 from streaming import no_audio, started
+from text_split import spaced
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,15 @@ class Script:
     """The client's ``max_tokens`` for the whole answer: each piece may use what the earlier ones left."""
     context_pieces: int = 2
     """How many previous pieces (text and generated codes) precede each piece in its prompt."""
+    transcripts: list[str] | None = None
+    """What each piece adds to the answer's transcript (the piece and the whitespace before it, so that the
+    pieces spoken concatenate to the text spoken); the pieces joined by spaces when not given."""
+
+    def transcript(self, k: int) -> str:
+        """What piece ``k`` adds to the answer's transcript."""
+        if self.transcripts is not None:
+            return self.transcripts[k]
+        return self.pieces[k] if k == 0 else " " + self.pieces[k]
 
     def request(
         self, k: int, history: list[tuple[str, AudioCodes]], max_new_tokens: int, keep_slot: bool = True
@@ -97,7 +108,8 @@ def script_for(
 ) -> Script:
     """The script that speaks ``pieces`` where ``request`` (whose last turn is the user's text) would speak
     them all at once."""
-    return Script(request.turns[:-1], pieces, request, caps, budget, context_pieces)
+    transcripts = spaced(request.turns[-1].text, pieces)
+    return Script(request.turns[:-1], pieces, request, caps, budget, context_pieces, transcripts)
 
 
 class Joiner:
@@ -173,12 +185,15 @@ async def _open(
 
 
 async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncIterator[StreamEvent]:
-    """Speak ``script``: ``Started`` (of the first piece), audio pieces as they are decoded, and finally a
-    ``GenerationResult`` summing the pieces' usage. Closing it early stops the piece being generated."""
+    """Speak ``script``: ``Started`` (of the first piece), then for each piece its ``Transcript`` and its
+    audio as it is decoded, and finally a ``GenerationResult`` summing the pieces' usage, whose ``text`` is
+    the transcript of the pieces spoken (all of them, unless ``max_tokens`` ran out first). Closing it early
+    stops the piece being generated."""
     joiner = Joiner(int(engine.sample_rate * join_ms / 1000))
     in_hand = _InHand(engine.sample_rate)
     history: deque[tuple[str, AudioCodes]] = deque(maxlen=script.context_pieces)
     results: list[GenerationResult] = []
+    said: list[str] = []
     used, cut = 0, False
     for k, text in enumerate(script.pieces):
         cap = script.caps[k] if script.budget is None else script.budget - used
@@ -190,6 +205,8 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
         events, started = await _open(engine, script, k, history, cap, keep_slot)
         if k == 0:
             yield started
+        said.append(script.transcript(k))
+        yield Transcript(said[-1])
         joiner.start(fade_in=k > 0, fade_out=k < len(script.pieces) - 1)
         result = None
         async with aclosing(events):
@@ -214,7 +231,7 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
         if result.finish_reason == "length":
             cut = True
             log.warning("piece %d of %d reached its cap before it ended", k + 1, len(script.pieces))
-    yield _total(results, cut)
+    yield _total(results, cut, "".join(said))
 
 
 class _InHand:
@@ -236,10 +253,11 @@ class _InHand:
         return self.samples / self.sample_rate - (time.monotonic() - self.first)
 
 
-def _total(results: list[GenerationResult], cut: bool) -> GenerationResult:
-    """One result for the whole text: usage and durations summed, the last piece's codes."""
+def _total(results: list[GenerationResult], cut: bool, transcript: str) -> GenerationResult:
+    """One result for the whole text: its ``transcript`` as the text, usage and durations summed, the last
+    piece's codes."""
     return GenerationResult(
-        text="",
+        text=transcript,
         audio=None,
         finish_reason="length" if cut else "stop",
         prompt_tokens=sum(r.prompt_tokens for r in results),

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from audio import EncoderStream, TempoStream, pcm16
-from engine import AudioPiece, GenerationResult, Started, StreamEvent, TextPiece
+from engine import AudioPiece, GenerationResult, Started, StreamEvent, TextPiece, Transcript
 from errors import error_body
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,14 @@ async def chat_events(
     created: int,
     model: str,
     audio_id: str | None,
-    transcript: str,
     expires_at: int,
     include_usage: bool,
     sample_rate: int,
 ) -> AsyncIterator[bytes]:
-    """``chat.completion.chunk`` events: base64 PCM16 audio in ``delta.audio``, text in ``delta.content``."""
+    """``chat.completion.chunk`` events: base64 PCM16 audio in ``delta.audio``, text in ``delta.content``.
+
+    The audio's transcript goes in ``delta.audio.transcript`` with the first audio of what it says (a long
+    text's pieces each with their own), so the deltas concatenate to the transcript of the audio sent."""
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
@@ -75,12 +77,17 @@ async def chat_events(
         return sse({**head, "system_fingerprint": None, "choices": [choice], **extra})
 
     first_audio = True
+    said = ""  # transcript not yet sent
 
-    def audio_chunk(samples: np.ndarray) -> bytes:
-        nonlocal first_audio
-        audio: dict[str, Any] = {"id": audio_id, "data": base64.b64encode(pcm16(samples)).decode()}
+    def audio_chunk(samples: np.ndarray | None) -> bytes:
+        nonlocal first_audio, said
+        audio: dict[str, Any] = {"id": audio_id}
+        if samples is not None:
+            audio["data"] = base64.b64encode(pcm16(samples)).decode()
+        if said:
+            audio["transcript"], said = said, ""
         if first_audio:
-            audio.update(transcript=transcript, expires_at=expires_at)
+            audio["expires_at"] = expires_at
             first_audio = False
         return chunk({"audio": audio})
 
@@ -90,11 +97,13 @@ async def chat_events(
             async for event in events:
                 if isinstance(event, AudioPiece) and audio_id:
                     yield audio_chunk(event.samples)
+                elif isinstance(event, Transcript) and audio_id:
+                    said += event.text
                 elif isinstance(event, TextPiece):
                     yield chunk({"content": event.text})
                 elif isinstance(event, GenerationResult):
-                    if audio_id and first_audio:
-                        yield audio_chunk(no_audio(sample_rate))
+                    if audio_id and (first_audio or said):
+                        yield audio_chunk(no_audio(sample_rate) if first_audio else None)
                     yield chunk({}, event.finish_reason)
                     if include_usage:
                         yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,

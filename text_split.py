@@ -35,6 +35,23 @@ def split_text(text: str, max_chars: int, language: str = "en") -> list[str]:
     return _pack(units, max_chars)
 
 
+def spaced(text: str, pieces: list[str]) -> list[str]:
+    """``split_text``'s pieces of ``text`` with the whitespace around them, so that they concatenate to
+    ``text``: each piece takes the whitespace before it (the first also the text's leading, the last also
+    its trailing whitespace). A piece not found where it should be is taken with one space before it."""
+    parts: list[str] = []
+    start = 0
+    for piece in pieces:
+        at = text.find(piece, start)
+        if at < 0:
+            return [piece if i == 0 else " " + piece for i, piece in enumerate(pieces)]
+        parts.append(text[start : at + len(piece)])
+        start = at + len(piece)
+    if parts:
+        parts[-1] += text[start:]
+    return parts
+
+
 def _units(sentence: str, max_chars: int) -> list[str]:
     """The sentence as one unit, or cut at clauses, spaces, and finally every ``max_chars`` characters.
 

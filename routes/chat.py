@@ -68,14 +68,13 @@ async def chat_completions(
             events = _answer_events(plan.direct_answer)
         await started(events)
         if body.wants_audio:
-            events = _remembered(events, planner, audio_id, plan.spoken_text)
+            events = _remembered(events, planner, audio_id)
         body_stream = chat_events(
             events,
             completion_id=completion_id,
             created=created,
             model=body.model,
             audio_id=audio_id if body.wants_audio else None,
-            transcript=plan.spoken_text,
             expires_at=created + AUDIO_LIFETIME_SECONDS,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
             sample_rate=engine.sample_rate,
@@ -94,12 +93,13 @@ async def chat_completions(
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it; logged and counted as 499
     if plan.script is not None:
-        planner.remember_answer(audio_id, plan.spoken_text, result.codes)
+        # The transcript of the pieces spoken: the whole text unless max_tokens ran out first.
+        planner.remember_answer(audio_id, result.text, result.codes)
         audio_out = AudioOut(
             id=audio_id,
             data=base64.b64encode(data).decode("ascii"),
             expires_at=created + AUDIO_LIFETIME_SECONDS,
-            transcript=plan.spoken_text,
+            transcript=result.text,
         )
         message = AssistantMessage(content=None, audio=audio_out)
     else:
@@ -126,13 +126,14 @@ def _answer(text: str | None) -> GenerationResult:
 
 
 async def _remembered(
-    events: AsyncIterator[StreamEvent], planner: Planner, audio_id: str, transcript: str
+    events: AsyncIterator[StreamEvent], planner: Planner, audio_id: str
 ) -> AsyncIterator[StreamEvent]:
-    """``events``, keeping the finished answer for later requests that refer to ``audio_id``."""
+    """``events``, keeping the finished answer (its transcript and last audio) for later requests that refer
+    to ``audio_id``."""
     async with aclosing(events):
         async for event in events:
             if isinstance(event, GenerationResult):
-                planner.remember_answer(audio_id, transcript, event.codes)
+                planner.remember_answer(audio_id, event.text, event.codes)
             yield event
 
 

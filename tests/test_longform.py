@@ -22,7 +22,7 @@ from sample_texts import sentences
 
 from engine import AudioPiece, GenerationResult
 from longform import Joiner
-from text_split import split_text
+from text_split import spaced, split_text
 
 TEXT = sentences(200)
 TEXT = TEXT[: TEXT.rfind(".", 0, 3000) + 1]
@@ -166,7 +166,12 @@ def test_chat_stream_speaks_the_whole_text(long_app, results):
     audio = pcm(b"".join(base64.b64decode(d["data"]) for d in deltas))
     assert len(audio) == sum(samples)
     assert_joins_are_smooth(audio, samples)
-    assert deltas[0]["transcript"] == TEXT
+    # Each piece's transcript comes with its first audio, and together they are the text.
+    offsets = np.cumsum([0] + [len(base64.b64decode(d["data"])) // 2 for d in deltas])
+    said = [(int(offsets[i]), d["transcript"]) for i, d in enumerate(deltas) if "transcript" in d]
+    pieces = spaced(TEXT, pieces_of(long_app, TEXT))
+    assert said == list(zip(np.cumsum([0] + samples[:-1]).tolist(), pieces, strict=True))
+    assert "".join(pieces) == TEXT
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
     usage = chunks[-1]["usage"]
     assert usage["completion_tokens_details"]["audio_tokens"] == sum(caps)
@@ -192,6 +197,33 @@ def test_max_tokens_bounds_the_whole_answer_and_says_where_it_cut(long_app, spy)
     assert answer["choices"][0]["finish_reason"] == "length"
     assert answer["usage"]["completion_tokens"] == 60
     assert len(spy["stream"]) == 1  # the budget was spent on the first piece: the rest is not spoken
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cut_answer_is_transcribed_as_far_as_it_was_spoken(long_app, spy, stream):
+    """``max_tokens`` ran out in the first piece: the transcript names that piece, not the whole text, and a
+    later request that refers to the answer has that transcript in its context."""
+    body = chat(TEXT, max_tokens=60, stream=stream)
+    if stream:
+        with long_app.stream("POST", "/v1/chat/completions", json=body) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        deltas = [c["choices"][0]["delta"].get("audio") for c in chunks if c["choices"]]
+        audio_id = next(d["id"] for d in deltas if d)
+        transcript = "".join(d.get("transcript", "") for d in deltas if d)
+    else:
+        audio = long_app.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["audio"]
+        audio_id, transcript = audio["id"], audio["transcript"]
+    assert len(spy["stream"]) == 1
+    assert transcript == pieces_of(long_app, TEXT)[0] != TEXT
+    later = [
+        {"role": "user", "content": TEXT},
+        {"role": "assistant", "audio": {"id": audio_id}},
+        {"role": "user", "content": SHORT},
+    ]
+    text_only = {"model": "tts-1", "messages": later, "max_tokens": 4}
+    response = long_app.post("/v1/chat/completions", json=text_only)
+    assert response.status_code == 200, response.text
+    assert [t.text for t in spy["generate"][-1].turns if t.role == "assistant"] == [transcript]
 
 
 def test_first_audio_of_a_long_text_comes_as_soon_as_a_short_ones(long_app, results, engine):

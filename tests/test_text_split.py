@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from text_split import split_text
+from text_split import spaced, split_text
 
 TABLE = [
     # (name, text, max_chars, expected pieces)
@@ -118,6 +118,10 @@ def test_pieces_fit_and_lose_nothing(name, text, max_chars, expected):
     pieces = split_text(text, max_chars)
     assert all(0 < len(p) <= max_chars for p in pieces)
     assert _squeeze("".join(pieces)) == _squeeze(text)
+    # With the whitespace they were cut at (a long answer's transcript, piece by piece), they are the text.
+    parts = spaced(" " + text + "\n", pieces)
+    assert [p.strip() for p in parts] == pieces
+    assert "".join(parts) == (" " + text + "\n" if pieces else "")
 
 
 def test_3000_characters_without_punctuation_split_at_spaces():
@@ -144,6 +148,10 @@ def test_3000_characters_of_sentences_end_every_piece_at_a_sentence():
     pieces = split_text(text, 300)
     assert all(p.endswith("dogs.") and len(p) <= 300 for p in pieces)
     assert " ".join(pieces) == text
+
+
+def test_a_piece_not_found_in_the_text_is_joined_with_a_space():
+    assert spaced("One. Two.", ["One.", "Three."]) == ["One.", " Three."]
 
 
 def test_budget_must_be_positive():
