@@ -183,14 +183,14 @@ class TextPiece:
 
 
 @dataclass(frozen=True)
-class Transcript:
+class TranscriptPiece:
     """Streaming: what the audio that follows says (``longform.speak`` sends one per piece as it starts; the
     engine itself sends none)."""
 
     text: str
 
 
-StreamEvent = Started | AudioPiece | TextPiece | Transcript | GenerationResult
+StreamEvent = Started | AudioPiece | TextPiece | TranscriptPiece | GenerationResult
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from engine import (
     GenerationResult,
     Started,
     StreamEvent,
-    Transcript,
+    TranscriptPiece,
     Turn,
 )
 from streaming import no_audio, started
@@ -185,7 +185,7 @@ async def _open(
 
 
 async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncIterator[StreamEvent]:
-    """Speak ``script``: ``Started`` (of the first piece), then for each piece its ``Transcript`` and its
+    """Speak ``script``: ``Started`` (of the first piece), then for each piece its ``TranscriptPiece`` and its
     audio as it is decoded, and finally a ``GenerationResult`` summing the pieces' usage, whose ``text`` is
     the transcript of the pieces spoken (all of them, unless ``max_tokens`` ran out first). Closing it early
     stops the piece being generated."""
@@ -206,7 +206,7 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
         if k == 0:
             yield started
         said.append(script.transcript(k))
-        yield Transcript(said[-1])
+        yield TranscriptPiece(said[-1])
         joiner.start(fade_in=k > 0, fade_out=k < len(script.pieces) - 1)
         result = None
         async with aclosing(events):

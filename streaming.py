@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from audio import EncoderStream, TempoStream, pcm16
-from engine import AudioPiece, GenerationResult, Started, StreamEvent, TextPiece, Transcript
+from engine import AudioPiece, GenerationResult, Started, StreamEvent, TextPiece, TranscriptPiece
 from errors import error_body
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ async def chat_events(
             async for event in events:
                 if isinstance(event, AudioPiece) and audio_id:
                     yield audio_chunk(event.samples)
-                elif isinstance(event, Transcript) and audio_id:
+                elif isinstance(event, TranscriptPiece) and audio_id:
                     said += event.text
                 elif isinstance(event, TextPiece):
                     yield chunk({"content": event.text})
