@@ -83,7 +83,8 @@ def create_app(
             # Any request header: SDKs send their own (openai-node's x-stainless-*), and each new
             # version adds some; the origin list is what guards access.
             allow_headers=["*"],
-            expose_headers=["X-Request-ID", "X-Voice", "X-Voice-Fallback"],
+            # What a browser's script may read: ours, and what the openai SDK reads to decide on retries.
+            expose_headers=["X-Request-ID", "X-Voice", "X-Voice-Fallback", "Retry-After", "X-Should-Retry"],
         )
     return app
 

@@ -357,7 +357,8 @@ class BatchDecoder:
         greedy = sampling.temperature <= 0
         self.temperature[slot] = 1.0 if greedy else sampling.temperature
         self.sampled[slot] = 0.0 if greedy else 1.0
-        self.top_p[slot] = 1.0 if greedy else sampling.top_p
+        # top_p 0 (OpenAI accepts it) keeps the most likely token alone, as the smallest positive one does.
+        self.top_p[slot] = 1.0 if greedy else max(sampling.top_p, 1e-6)
         self.top_k[slot] = min(sampling.top_k or self.vocab, self.vocab) if not greedy else self.vocab
         if not greedy and sampling.top_k:
             self.top_k_rows.add(slot)

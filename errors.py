@@ -127,7 +127,8 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-# Union member names pydantic puts in an error's location ('str', 'list[...]', a tagged union's tag).
+# Union member names pydantic puts in an error's location ('str', 'list[...]', a tagged union's tag, a
+# model's class name such as 'VoiceRef': no field of the API is capitalised).
 _UNION_MEMBERS = {"str", "int", "float", "bool", "none", "dict", "list"}
 
 
@@ -139,7 +140,7 @@ def param_from_loc(loc: tuple[Any, ...]) -> str | None:
     for p in parts:
         if isinstance(p, int):
             path += f"[{p}]"
-        elif "[" in str(p) or p in _UNION_MEMBERS or p == previous:
+        elif "[" in str(p) or p in _UNION_MEMBERS or str(p)[:1].isupper() or p == previous:
             pass
         else:
             path += f".{p}" if path else str(p)

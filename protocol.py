@@ -110,11 +110,11 @@ class ChatCompletionRequest(OpenModel):
     modalities: list[Literal["text", "audio"]] | None = None
     audio: AudioParams | None = None
     temperature: StrictFloat | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
-    top_p: StrictFloat | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    top_p: StrictFloat | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     top_k: StrictInt | None = Field(default=None, ge=0)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
     n: StrictInt | None = Field(default=None, ge=1, le=1)
     stream: StrictBool | None = None
@@ -201,7 +201,7 @@ class SpeechRequest(OpenModel):
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: StrictFloat = Field(default=1.0, ge=0.25, le=4.0, allow_inf_nan=False)
     stream_format: Literal["audio", "sse"] = "audio"
-    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**63)
     """Extension: same seed, input and voice give the same audio."""
 
     @property

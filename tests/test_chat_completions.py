@@ -54,6 +54,16 @@ def test_same_seed_same_bytes_other_seed_other_audio(openai_client):
     assert a != c
 
 
+def test_openai_s_ranges_negative_seeds_and_top_p_0(openai_client):
+    """OpenAI takes any signed 64-bit seed and a top_p of 0 (the most likely token alone, as top_k 1)."""
+    negative = speak(openai_client, seed=-(2**63)).choices[0].message.audio.data
+    assert negative == speak(openai_client, seed=-(2**63)).choices[0].message.audio.data
+    assert negative != speak(openai_client, seed=11).choices[0].message.audio.data
+    top_p_0 = speak(openai_client, seed=3, top_p=0).choices[0].message.audio.data
+    assert top_p_0 == speak(openai_client, seed=3, extra_body={"top_k": 1}).choices[0].message.audio.data
+    assert top_p_0 != speak(openai_client, seed=3).choices[0].message.audio.data
+
+
 def test_pcm16_is_raw_samples_of_the_wav(openai_client):
     wav = base64.b64decode(speak(openai_client, seed=3).choices[0].message.audio.data)
     pcm = base64.b64decode(speak(openai_client, seed=3, fmt="pcm16").choices[0].message.audio.data)
@@ -184,6 +194,13 @@ BAD_REQUESTS = [
         "messages[0].content[0].text",
     ),
     ("n above 1", {"model": "tts-1", "messages": SPEAK, "n": 2}, 400, "n"),
+    ("seed beyond 64 bits", {"model": "tts-1", "messages": SPEAK, "seed": 2**63}, 400, "seed"),
+    (
+        "voice id not a string",
+        {"model": "tts-1", "modalities": ["text", "audio"], "messages": SPEAK, "audio": {"voice": {"id": 5}}},
+        400,
+        "audio.voice.id",
+    ),
     (
         "unknown voice",
         {

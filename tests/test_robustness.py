@@ -204,6 +204,10 @@ def test_cors_is_closed_by_default_and_opens_for_configured_origins(client, lock
     assert answer.headers["access-control-allow-origin"] == "https://app.example"
     other = locked.options("/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+    # A browser's script may read what the openai SDK reads to decide whether and when to retry.
+    refused = locked.get("/v1/models", headers={"Origin": "https://app.example"})
+    exposed = refused.headers["access-control-expose-headers"].lower().split(", ")
+    assert {"retry-after", "x-should-retry", "x-request-id", "x-voice"} <= set(exposed)
 
 
 # ---- load ----

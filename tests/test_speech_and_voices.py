@@ -204,6 +204,8 @@ BAD_SPEECH = [
     ("speed too low", {"speed": 0.1}, 400, "speed"),
     ("unknown voice", {"voice": "nobody"}, 400, "voice"),
     ("unknown voice id", {"voice": {"id": "voice_0000"}}, 400, "voice"),
+    ("voice id not a string", {"voice": {"id": 5}}, 400, "voice.id"),
+    ("voice object without id", {"voice": {"name": "echo"}}, 400, "voice.id"),
     ("missing voice", {"voice": None}, 400, "voice"),
     ("unknown model", {"model": "tts-9"}, 404, "model"),
 ]
