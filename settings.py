@@ -6,9 +6,10 @@ the README lists them all with their defaults. Nothing else in the project reads
 
 from __future__ import annotations
 
-import re
+import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_origin
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -202,22 +203,35 @@ class Settings(BaseSettings):
 
 
 def from_environment() -> Settings:
-    """The settings of the environment, for the service's entry points: a value that does not fit exits
-    with one line per setting at fault, naming its variable, instead of a traceback."""
+    """The settings of the environment, for the service's entry points: values that do not fit exit with
+    one line per setting at fault, naming its variable, instead of a traceback."""
+    # A list setting that is not JSON stops pydantic-settings before any value is checked: those are found
+    # here, and the others checked without them, so that every fault is named at once.
+    faults, hidden = [], {}
+    example = "'[\"https://a.example\"]', '[1024, 4096]'"
+    for name, field in Settings.model_fields.items():
+        if get_origin(field.annotation) not in (list, dict):
+            continue
+        for variable in [v for v in os.environ if v.upper() == f"HIGGS_{name.upper()}"]:
+            try:
+                json.loads(os.environ[variable])
+            except ValueError:
+                faults.append(f"{variable.upper()}: not valid JSON; a list is written as JSON: {example}")
+                hidden[variable] = os.environ.pop(variable)
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
-        faults = []
         for error in exc.errors():
             name = "HIGGS_" + "_".join(str(part) for part in error["loc"][:1]).upper()
             given = "" if "key" in name.lower() else f" (given: {error['input']!r})"
             faults.append(f"{name}: {error['msg']}{given}")
-    except SettingsError as exc:  # a list or mapping setting whose value is not JSON
-        field = re.search(r'field "(\w+)"', str(exc))
-        name = f"HIGGS_{field.group(1).upper()}" if field else "a setting"
-        example = "'[\"https://a.example\"]', '[1024, 4096]'"
-        faults = [f"{name}: not valid JSON; a list is written as JSON: {example}"]
-    raise SystemExit("invalid settings:\n  " + "\n  ".join(faults))
+    except SettingsError as exc:  # a value pydantic-settings could not parse otherwise
+        faults.append(str(exc))
+    finally:
+        os.environ.update(hidden)
+    if faults:
+        raise SystemExit("invalid settings:\n  " + "\n  ".join(faults))
+    return settings
 
 
 def resolve_device(requested: str, cuda_available: bool) -> str:

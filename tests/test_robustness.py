@@ -377,3 +377,28 @@ def test_uploads_over_the_upload_limit_get_413(settings, engine, recognizer):
             assert response.status_code == 413, response.text
             assert response.json()["error"]["param"] == field
         assert not list(settings.voices_dir.glob("big*"))
+
+
+# ---- settings ----
+
+
+def test_every_setting_at_fault_is_named_at_once(monkeypatch):
+    from settings import from_environment
+
+    monkeypatch.setenv("HIGGS_PORT", "abc")
+    monkeypatch.setenv("HIGGS_MAX_QUEUE", "-1")
+    monkeypatch.setenv("HIGGS_CORS_ORIGINS", "https://app.example")  # not a JSON list
+    monkeypatch.setenv("higgs_kv_cache_lengths", "[1024,")
+    with pytest.raises(SystemExit) as stopped:
+        from_environment()
+    lines = str(stopped.value).splitlines()
+    assert lines[0] == "invalid settings:" and len(lines) == 5
+    for name in ("HIGGS_PORT", "HIGGS_MAX_QUEUE", "HIGGS_CORS_ORIGINS", "HIGGS_KV_CACHE_LENGTHS"):
+        assert sum(line.strip().startswith(name + ":") for line in lines) == 1, name
+    assert os.environ["HIGGS_CORS_ORIGINS"] == "https://app.example"  # the environment is left as it was
+    monkeypatch.delenv("HIGGS_PORT")
+    monkeypatch.delenv("HIGGS_MAX_QUEUE")
+    monkeypatch.setenv("HIGGS_CORS_ORIGINS", '["https://app.example"]')
+    monkeypatch.setenv("higgs_kv_cache_lengths", "[1024, 2048]")
+    settings = from_environment()
+    assert settings.cors_origins == ["https://app.example"] and settings.kv_cache_lengths == [1024, 2048]
