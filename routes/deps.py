@@ -135,7 +135,12 @@ async def read_upload(upload: UploadFile, param: str, settings: Settings) -> byt
     limit = int(settings.max_upload_mb * 1024 * 1024)
     data = await upload.read(limit + 1)
     if len(data) > limit:
-        raise APIError(413, f"the {param} is larger than {settings.max_upload_mb:g} MB", param=param)
+        raise APIError(
+            413,
+            f"the {param} is larger than {settings.max_upload_mb:g} MB",
+            param=param,
+            code="file_too_large",
+        )
     return data
 
 

@@ -108,7 +108,7 @@ async def _speech_to_text(
             format_hint=Path(file.filename or "").suffix.lstrip(".") or None,
         )
     except AudioError as exc:
-        raise bad_request(str(exc), "file") from None
+        raise bad_request(str(exc), "file", code="invalid_audio") from None
     words = "word" in granularities
     try:
         work = recognizer.transcribe(

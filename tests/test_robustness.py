@@ -376,6 +376,7 @@ def test_uploads_over_the_upload_limit_get_413(settings, engine, recognizer):
             response = c.post(path, data=extra, files={field: ("a.wav", WAV, "audio/wav")})
             assert response.status_code == 413, response.text
             assert response.json()["error"]["param"] == field
+            assert response.json()["error"]["code"] == "file_too_large"
         assert not list(settings.voices_dir.glob("big*"))
 
 
