@@ -23,7 +23,7 @@ from voices import Voices
 log = logging.getLogger(__name__)
 
 # Model names OpenAI clients hard-code; each is served by the one loaded model, and so is a dated snapshot of
-# each (``gpt-4o-mini-tts-2025-03-20``).
+# each (``gpt-4o-mini-tts-2025-03-20``, or month and day alone as in ``tts-1-1106``).
 MODEL_ALIASES = (
     "gpt-4o-audio-preview",
     "gpt-4o-mini-audio-preview",
@@ -38,7 +38,7 @@ MODEL_ALIASES = (
 )
 # The hub id Boson's own examples send as the model (and its basename).
 HIGGS_MODEL_NAMES = ("bosonai/higgs-audio-v2-generation-3B-base", "higgs-audio-v2-generation-3B-base")
-_SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
 # Seconds a client is told to wait while the model loads.
 LOADING_RETRY_AFTER = 5
 

@@ -269,6 +269,11 @@ def test_models_health_and_readiness(client, openai_client):
     ids = [m.id for m in openai_client.models.list().data]
     assert ids[0] == "higgs-audio-v2" and "gpt-4o-audio-preview" in ids and "whisper-1" in ids
     assert openai_client.models.retrieve("tts-1").id == "tts-1"
+    created = {m.created for m in openai_client.models.list().data}
+    created.add(openai_client.models.retrieve("tts-1").created)
+    time.sleep(1.1)
+    created.update(m.created for m in openai_client.models.list().data)
+    assert len(created) == 1  # fixed, as OpenAI's, not the time of the call
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"ready": True}
     assert client.get("/health").headers["x-request-id"]

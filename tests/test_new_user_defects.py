@@ -204,7 +204,9 @@ def test_11_chat_model_names_in_use_today(openai_client, model):
     assert completion.choices[0].message.audio.data
 
 
-@pytest.mark.parametrize("model", ["gpt-4o-mini-tts-2025-03-20", "gpt-4o-mini-tts-2025-12-15"])
+@pytest.mark.parametrize(
+    "model", ["gpt-4o-mini-tts-2025-03-20", "gpt-4o-mini-tts-2025-12-15", "tts-1-1106", "tts-1-hd-1106"]
+)
 def test_11_dated_speech_models(openai_client, model):
     audio = openai_client.audio.speech.create(
         model=model, voice="default", input="Hi.", response_format="pcm"
@@ -222,6 +224,7 @@ def test_11_transcription_model_names(openai_client, model):
 
 def test_11_unknown_names_are_still_404(client):
     assert client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-audio-9000x"}).status_code == 404
+    assert client.post("/v1/chat/completions", json={**CHAT, "model": "tts-9-1106"}).status_code == 404
 
 
 def test_12_chat_voice_by_id(isolated):
