@@ -226,6 +226,7 @@ class VoiceLibrary:
         self.meta.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._digests: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._ignored: set[str] = set()  # clips already logged as ignored
         self.recover()
 
     @contextmanager
@@ -267,10 +268,21 @@ class VoiceLibrary:
             digest=digest,
         )
 
+    def _names(self) -> dict[str, str]:
+        """The stored names by their lower case: names are unique regardless of case, so of clips placed
+        by hand whose names differ only in case the first in sorted order is the voice (the others are
+        ignored, logged)."""
+        names: dict[str, str] = {}
+        for stem in sorted(p.stem for p in self.root.glob("*.wav") if VOICE_NAME.match(p.stem)):
+            kept = names.setdefault(stem.lower(), stem)
+            if kept != stem and stem not in self._ignored:
+                self._ignored.add(stem)
+                log.warning("voice file %s.wav ignored: its name is %s.wav's but for case", stem, kept)
+        return names
+
     def list(self) -> list[Voice]:
         """Every complete voice, by name."""
-        names = sorted(p.stem for p in self.root.glob("*.wav") if VOICE_NAME.match(p.stem))
-        return [v for v in (self._load(n) for n in names) if v is not None]
+        return [v for v in (self._load(n) for n in self._names().values()) if v is not None]
 
     def get(self, name_or_id: str) -> Voice | None:
         """A voice by id, or by name in any case (names are unique regardless of case)."""
@@ -278,12 +290,8 @@ class VoiceLibrary:
             return next((v for v in self.list() if v.id == name_or_id), None)
         if not VOICE_NAME.match(name_or_id) or ".." in name_or_id:
             return None
-        voice = self._load(name_or_id)
-        if voice is None:
-            wanted = name_or_id.lower()
-            stored = next((p.stem for p in self.root.glob("*.wav") if p.stem.lower() == wanted), None)
-            voice = self._load(stored) if stored is not None else None
-        return voice
+        stored = self._names().get(name_or_id.lower())
+        return self._load(stored) if stored is not None else None
 
     def _digest(self, wav: Path) -> str:
         """The clip's content hash; hashed again only when the file changed (a rewrite is a new inode)."""

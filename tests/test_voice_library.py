@@ -45,6 +45,19 @@ def test_codes_follow_the_clip(tmp_path):
     assert library.codes(library.get("anna")) is None
 
 
+def test_clips_placed_by_hand_whose_names_differ_in_case_are_one_voice(tmp_path, caplog):
+    import soundfile as sf
+
+    for name, freq in (("Dup", 220.0), ("dup", 330.0)):
+        sf.write(tmp_path / f"{name}.wav", clip(freq=freq).samples, 24000)
+        (tmp_path / f"{name}.txt").write_text(f"Said by {name}.")
+    library = VoiceLibrary(tmp_path)
+    (voice,) = library.list()
+    assert voice.name == "Dup" and voice.transcript == "Said by Dup."
+    assert library.get("dup") == library.get("DUP") == library.get(voice.id) == voice
+    assert caplog.text.count("dup.wav ignored") == 1  # once, not at every use
+
+
 def test_duplicates_and_quotas_write_nothing(tmp_path):
     library = VoiceLibrary(tmp_path, max_voices=1)
     library.create("anna", clip(), "Hello.")
