@@ -213,17 +213,27 @@ def _install_request_id_on_log_records() -> None:
     logging.setLogRecordFactory(make_record)
 
 
+def _startable(settings: Settings) -> Settings:
+    """``settings``, unless the device they ask for is missing: then the process stops at once with one
+    line that says why (the app's start would refuse too, with a server's traceback around it)."""
+    try:
+        resolve_device(settings.device, torch.cuda.is_available())
+    except RuntimeError as exc:
+        raise SystemExit(f"cannot start: {exc}") from None
+    return settings
+
+
 def build() -> FastAPI:
     """The app with the settings of the environment: ``uvicorn app:build --factory``."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    return create_app(from_environment())
+    return create_app(_startable(from_environment()))
 
 
 def main() -> None:
     """``python app.py``: serve on the settings' host and port."""
     import uvicorn
 
-    settings = from_environment()
+    settings = _startable(from_environment())
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     _install_request_id_on_log_records()
     # access_log off: the request-id middleware already logs each request, with its id.

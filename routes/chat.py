@@ -53,9 +53,11 @@ async def chat_completions(
     if body.stream and body.wants_audio and body.audio and body.audio.format != "pcm16":
         raise bad_request("streamed audio is pcm16; set audio.format to pcm16", "audio.format")
     plan = await planner.plan(body)
-    headers = {"X-Voice": plan.voice}
-    if plan.fallback:
-        headers["X-Voice-Fallback"] = f"default; reason={plan.fallback}"
+    headers = {}
+    if body.wants_audio:  # the voice of an audio answer (a text answer has none)
+        headers["X-Voice"] = plan.voice
+        if plan.fallback:
+            headers["X-Voice-Fallback"] = f"default; reason={plan.fallback}"
     completion_id = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
     audio_id = "audio_" + uuid.uuid4().hex

@@ -87,6 +87,15 @@ def test_system_message_becomes_the_scene(openai_client, spy):
     assert seen[0].turns[-1].text == SPEAK[0]["content"]
 
 
+def test_only_an_audio_answer_names_its_voice(client):
+    body = {"model": "tts-1", "messages": SPEAK, "max_tokens": 4}
+    text_only = client.post("/v1/chat/completions", json=body)
+    assert text_only.status_code == 200 and "x-voice" not in text_only.headers
+    audio = {"modalities": ["text", "audio"], "audio": {"voice": "default", "format": "wav"}, "max_tokens": 4}
+    spoken = client.post("/v1/chat/completions", json={**body, **audio})
+    assert spoken.headers["x-voice"] == "default"
+
+
 def test_text_only_returns_the_models_text(openai_client):
     completion = openai_client.chat.completions.create(
         model="higgs-audio-v2",
@@ -326,6 +335,24 @@ def test_auto_device_without_cuda_refuses_to_start(settings):
     with pytest.raises(RuntimeError, match="HIGGS_DEVICE=cpu"):
         with TestClient(app):
             pass
+
+
+def test_python_app_py_without_cuda_says_why_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "HIGGS_DEVICE": "auto", "CUDA_VISIBLE_DEVICES": "", "HIGGS_PORT": "18655",
+           "HIGGS_VOICES_DIR": str(tmp_path)}  # fmt: skip
+    for command in (["app.py"], ["-m", "uvicorn", "app:build", "--factory", "--port", "18655"]):
+        done = subprocess.run(
+            [sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("cannot start: No CUDA device found.")
 
 
 def test_log_lines_carry_the_request_id_and_no_audio(client, caplog):
