@@ -28,6 +28,7 @@ router = APIRouter(prefix="/v1/audio", tags=["speech to text"], dependencies=[De
 
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("segment", "word")
+GRANULARITIES_FIELD = "timestamp_granularities[]"
 
 
 @router.post("/transcriptions")
@@ -42,9 +43,12 @@ async def transcriptions(
     if form.stream:
         raise bad_request("streamed transcription is not supported yet; send stream=false", "stream")
     # OpenAI's clients send ``timestamp_granularities[]``; a form written by hand may leave out the brackets.
-    granularities = form.timestamp_granularities or (await request.form()).getlist("timestamp_granularities")
+    granularities, field = form.timestamp_granularities, GRANULARITIES_FIELD
+    if not granularities:
+        field = "timestamp_granularities"
+        granularities = (await request.form()).getlist(field)
     return await _speech_to_text("transcribe", form, form.language, granularities, file, request, settings,
-                                 recognizer)  # fmt: skip
+                                 recognizer, granularities_field=field)  # fmt: skip
 
 
 @router.post("/translations")
@@ -68,8 +72,10 @@ async def _speech_to_text(
     request: Request,
     settings: Settings,
     recognizer: AsyncTranscriber | None,
+    granularities_field: str = GRANULARITIES_FIELD,
 ) -> Response:
-    """The body both endpoints share: cheap checks, decode, recognise, format."""
+    """The body both endpoints share: cheap checks, decode, recognise, format. Errors about
+    ``granularities`` name ``granularities_field``, the form field they came in."""
     check_model(settings, form.model)
     if recognizer is None:
         raise APIError(
@@ -84,12 +90,10 @@ async def _speech_to_text(
     if unknown:
         raise bad_request(
             f"unknown timestamp granularity {sorted(unknown)[0]!r}; use segment or word",
-            "timestamp_granularities[]",
+            granularities_field,
         )
     if granularities and fmt != "verbose_json":
-        raise bad_request(
-            "timestamp_granularities needs response_format verbose_json", "timestamp_granularities[]"
-        )
+        raise bad_request("timestamp_granularities needs response_format verbose_json", granularities_field)
     if task == "translate" and not recognizer.supports_translation:
         raise bad_request(
             "the speech recognition model cannot translate (English-only and turbo models cannot); "

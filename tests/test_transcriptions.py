@@ -103,6 +103,9 @@ BAD_UPLOADS = [
     ("bad temperature", None, {"temperature": "7"}, 400, "temperature"),
     ("words without verbose_json", None, {GRAIN: "word"}, 400, GRAIN),
     ("unknown granularity", None, {"response_format": "verbose_json", GRAIN: "letter"}, 400, GRAIN),
+    ("words without verbose_json, no brackets", None, {GRAIN[:-2]: "word"}, 400, GRAIN[:-2]),
+    ("unknown granularity, no brackets", None, {"response_format": "verbose_json", GRAIN[:-2]: "x"}, 400,
+     GRAIN[:-2]),
     ("missing file", {}, {}, 400, "file"),
     ("unknown model", None, {"model": "whisper-9"}, 404, "model"),
 ]  # fmt: skip
