@@ -74,12 +74,14 @@ BUILTIN_SENTENCE = (
     "Hello, it is nice to meet you. I will read your text in this voice, clearly and at an even pace."
 )
 
-# Audio tokens past the last frame of speech: the delay pattern's extra columns and the stream's end marker.
-AUDIO_TOKEN_MARGIN = 16
+# Output tokens of an audio answer that are not heard: the stream's begin marker, the delay pattern's 7
+# extra columns (8 codebooks) and the column that ends the stream (a cut stream's last frame).
+AUDIO_TOKEN_MARGIN = 9
 
 
 def audio_token_cap(frame_rate: float, seconds: float) -> int:
-    """Audio tokens that ``seconds`` of speech take, with the margin the model needs to end them."""
+    """Output tokens for ``seconds`` of audio: a stream cut there holds ``seconds`` of audio (to the frame
+    below), and one that ends by itself within them ends before the cap."""
     return int(frame_rate * seconds) + AUDIO_TOKEN_MARGIN
 
 

@@ -149,13 +149,13 @@ def service_settings(
 def speech_cap_settings(max_tokens: int) -> dict[str, float]:
     """Settings that make the speech endpoint's output cap exactly ``max_tokens`` decoding steps.
 
-    That cap is ``int(FRAME_RATE * min(max_audio_seconds, 4 + seconds_per_character * chars)) + 16``; with
-    two seconds per character ``max_audio_seconds`` decides it for any text (the half frame keeps float
-    rounding from losing one).
+    That cap is ``int(FRAME_RATE * min(max_audio_seconds, 4 + seconds_per_character * chars)) + 9``
+    (``voices.AUDIO_TOKEN_MARGIN``); with two seconds per character ``max_audio_seconds`` decides it for any
+    text (the half frame keeps float rounding from losing one).
     """
     return {
         "seconds_per_character": 2.0,
-        "max_audio_seconds": (max_tokens - 16 + 0.5) / FRAME_RATE,
+        "max_audio_seconds": (max_tokens - 9 + 0.5) / FRAME_RATE,
     }
 
 

@@ -154,14 +154,14 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=7, help="timed requests of each kind (median)")
     parser.add_argument(
-        "--max-tokens", type=int, default=150, help="output cap of every request (decoding steps; > 16)"
+        "--max-tokens", type=int, default=150, help="output cap of every request (decoding steps; > 9)"
     )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--text", default=TEXT, help="what every request speaks")
 
     def check(args: argparse.Namespace) -> str | None:
-        if args.max_tokens <= 16 or args.repeats < 1:
-            return "--max-tokens must exceed 16 and --repeats be positive"
+        if args.max_tokens <= 9 or args.repeats < 1:
+            return "--max-tokens must exceed 9 and --repeats be positive"
         return None
 
     run_script(parser, run, check)

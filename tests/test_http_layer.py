@@ -283,7 +283,7 @@ def test_a_taken_name_is_refused_once_not_retried_by_the_sdk(fake_client):
 def test_a_builtin_voice_is_made_by_one_generation_then_cloned(fake_client, fake_engine):
     assert fake_client.post("/v1/audio/speech", json={**SPEECH, "voice": "nova"}).status_code == 200
     made, spoken = fake_engine.requests
-    assert "SPEAKER0:" in made.turns[0].text and made.max_new_tokens == 2 * 25 + 16
+    assert "SPEAKER0:" in made.turns[0].text and made.max_new_tokens == 2 * 25 + 9
     assert spoken.turns[2].audio is not None
     assert fake_client.post("/v1/audio/speech", json={**SPEECH, "voice": "nova"}).status_code == 200
     assert len(fake_engine.requests) == 3  # no second making

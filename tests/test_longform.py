@@ -180,6 +180,7 @@ def test_chat_stream_speaks_the_whole_text(long_app, results):
 
 def test_chat_answer_speaks_the_whole_text(long_app):
     caps, samples = expected_samples(long_app, TEXT)
+    assert set(samples) == {24000}  # each piece cut at HIGGS_MAX_AUDIO_SECONDS=1.0 holds 1 s of audio
     body = chat(TEXT)
     body["audio"]["format"] = "wav"
     response = long_app.post("/v1/chat/completions", json=body)
