@@ -56,8 +56,9 @@ So first pieces go 4 at a time, later ones alone."""
 HOLD_SECONDS = 1.0
 """How long the slot of a generation with ``keep_slot`` waits for the answer's next piece once this one's
 result went out. The next piece's prompt needs this piece's audio codes, which come with the result, after
-its last audio is decoded; the next piece then arrives when its prompt is built (milliseconds). A next piece
-that never comes (the client left, ``max_tokens`` ran out) costs the line this long."""
+its last audio is decoded; the next piece then arrives when its prompt is built (milliseconds). When the
+answer knows that none will come (the client left, ``max_tokens`` ran out) it says so (``release_slot``) and
+the slot goes back at once; this bounds what a next piece that never comes costs the line otherwise."""
 HOLD_WHILE_DECODING = 30.0
 """The longest a kept slot waits for its generation's last audio to be decoded (the codec's backlog, on a
 CPU under load seconds; a failed stream gives its slot back at once)."""
@@ -134,8 +135,8 @@ class GenerationRequest:
     """Wall-clock seconds after which generation stops with ``finish_reason`` ``length``."""
     keep_slot: bool = False
     """More of the same answer follows (a long text's next piece): when this generation ends, its slot is
-    kept for the next piece (until ``HOLD_SECONDS`` after its result went out) rather than given to the
-    waiting line."""
+    kept for the next piece (until ``HOLD_SECONDS`` after its result went out, or ``release_slot``) rather
+    than given to the waiting line."""
     continues: bool = False
     """This generation continues an answer already under way: the queue bound does not refuse it, and it
     takes a kept slot, or else the first free one, ahead of new requests."""
@@ -238,6 +239,11 @@ class Engine(Protocol):
 
         Leaving the iteration early (a client gone) stops the generation within one decoding step.
         """
+        ...
+
+    def release_slot(self, request: GenerationRequest) -> None:
+        """No piece follows ``request`` (a ``keep_slot`` generation that ended): the slot kept for the next
+        one goes back now rather than when its hold ends."""
         ...
 
     def close(self) -> None:
@@ -675,6 +681,12 @@ class HiggsEngine:
                 self._release()
             elif waiting:
                 self._let_go(job)
+
+    def release_slot(self, request: GenerationRequest) -> None:
+        with self._cond:
+            held = [job for job in self._held if job.request is request]
+        for job in held:
+            self._hold_ends(job, 0.0)
 
     def close(self) -> None:
         with self._cond:

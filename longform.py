@@ -161,8 +161,8 @@ async def _open(
     history: deque[tuple[str, AudioCodes]],
     max_new_tokens: int,
     keep_slot: bool,
-) -> tuple[AsyncIterator[StreamEvent], Started]:
-    """Start piece ``k``: its stream and its ``Started`` event.
+) -> tuple[AsyncIterator[StreamEvent], Started, GenerationRequest]:
+    """Start piece ``k``: its stream, its ``Started`` event and its request.
 
     For a later piece (the answer is already under way, a 4xx is no longer possible) a prompt too long for
     the context drops the oldest context pieces rather than failing, and a full queue is waited out (the
@@ -170,9 +170,10 @@ async def _open(
     """
     deadline = time.monotonic() + (script.template.time_limit or 300.0)
     while True:
-        events = engine.stream(script.request(k, list(history), max_new_tokens, keep_slot))
+        request = script.request(k, list(history), max_new_tokens, keep_slot)
+        events = engine.stream(request)
         try:
-            return events, await started(events)  # (it closes the stream when it raises)
+            return events, await started(events), request  # (it closes the stream when it raises)
         except ContextLengthError:
             if k == 0 or not history:
                 raise
@@ -195,42 +196,49 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
     results: list[GenerationResult] = []
     said: list[str] = []
     used, cut = 0, False
-    for k, text in enumerate(script.pieces):
-        cap = script.caps[k] if script.budget is None else script.budget - used
-        if cap <= 0:
-            cut = True
-            log.warning("max_tokens ran out after %d of %d pieces of the text", k, len(script.pieces))
-            break
-        keep_slot = in_hand.seconds() < KEEP_SLOT_LEAD
-        events, started = await _open(engine, script, k, history, cap, keep_slot)
-        if k == 0:
-            yield started
-        said.append(script.transcript(k))
-        yield TranscriptPiece(said[-1])
-        joiner.start(fade_in=k > 0, fade_out=k < len(script.pieces) - 1)
-        result = None
-        async with aclosing(events):
-            async for event in events:
-                if isinstance(event, AudioPiece):
-                    out = joiner.feed(event.samples)
-                    if out.size:
-                        in_hand.sent(out.size)
-                        yield AudioPiece(out)
-                elif isinstance(event, GenerationResult):
-                    result = event
-        if result is None:
-            raise RuntimeError("the engine's stream ended without a result")
-        tail = joiner.end(fade_out=k < len(script.pieces) - 1)
-        if tail.size:
-            in_hand.sent(tail.size)
-            yield AudioPiece(tail)
-        results.append(result)
-        used += result.completion_tokens
-        if result.codes is not None:
-            history.append((text, result.codes))
-        if result.finish_reason == "length":
-            cut = True
-            log.warning("piece %d of %d reached its cap before it ended", k + 1, len(script.pieces))
+    kept: GenerationRequest | None = None  # the last piece's, while its slot is kept for the next one
+    try:
+        for k, text in enumerate(script.pieces):
+            cap = script.caps[k] if script.budget is None else script.budget - used
+            if cap <= 0:
+                cut = True
+                log.warning("max_tokens ran out after %d of %d pieces of the text", k, len(script.pieces))
+                break
+            keep_slot = in_hand.seconds() < KEEP_SLOT_LEAD
+            events, started, request = await _open(engine, script, k, history, cap, keep_slot)
+            kept = None  # the next piece is in the line, at its head: the slot is its own
+            if k == 0:
+                yield started
+            said.append(script.transcript(k))
+            yield TranscriptPiece(said[-1])
+            joiner.start(fade_in=k > 0, fade_out=k < len(script.pieces) - 1)
+            result = None
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, AudioPiece):
+                        out = joiner.feed(event.samples)
+                        if out.size:
+                            in_hand.sent(out.size)
+                            yield AudioPiece(out)
+                    elif isinstance(event, GenerationResult):
+                        result = event
+            if result is None:
+                raise RuntimeError("the engine's stream ended without a result")
+            kept = request if request.keep_slot else None
+            tail = joiner.end(fade_out=k < len(script.pieces) - 1)
+            if tail.size:
+                in_hand.sent(tail.size)
+                yield AudioPiece(tail)
+            results.append(result)
+            used += result.completion_tokens
+            if result.codes is not None:
+                history.append((text, result.codes))
+            if result.finish_reason == "length":
+                cut = True
+                log.warning("piece %d of %d reached its cap before it ended", k + 1, len(script.pieces))
+    finally:
+        if kept is not None:  # no next piece comes (the client left, max_tokens ran out): its slot goes back
+            engine.release_slot(kept)
     yield _total(results, cut, "".join(said))
 
 

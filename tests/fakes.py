@@ -97,5 +97,8 @@ class FakeEngine:
     def warm_up(self) -> None:
         """Nothing to warm up."""
 
+    def release_slot(self, request: GenerationRequest) -> None:
+        """No slot is kept."""
+
     def close(self) -> None:
         """Nothing to stop."""

@@ -444,6 +444,63 @@ def test_a_kept_slot_goes_back_at_once_when_its_last_audio_fails(engine, client,
     assert_idle(client, engine)
 
 
+@pytest.mark.parametrize("why", ["client left", "max_tokens ran out"])
+def test_a_long_text_that_stops_between_pieces_gives_its_kept_slot_back_at_once(
+    engine, client, monkeypatch, why
+):
+    """The slot a piece kept for the next one goes back when no next piece will come: when the listener
+    leaves between two pieces, or when ``max_tokens`` is spent; the request waiting behind it gets it then,
+    not when the hold ends (an hour here)."""
+    from longform import script_for, speak
+
+    started = admissions(engine, monkeypatch)
+    monkeypatch.setattr(engine, "slots", 1)
+    monkeypatch.setattr(engine_module, "HOLD_SECONDS", 3600.0)
+    monkeypatch.setattr(engine_module, "HOLD_WHILE_DECODING", 3600.0)
+    GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
+    pieces = ["First piece.", "Second piece.", "Third piece."]
+    template = GenerationRequest([Turn("user", " ".join(pieces))], True, 12, 0.7, 0.95, 50, seed=1)
+    budget = 12 if why == "max_tokens ran out" else None  # all spent by the first piece
+    script = script_for(template, pieces, [12] * 3, budget, context_pieces=2)
+    other = GenerationRequest([Turn("user", "Waiting.")], True, 12, 0.7, 0.95, 50, seed=100)
+    ended = []  # the pieces whose result has reached the long text
+    real_stream = engine.stream
+
+    async def stream(request):
+        async for event in real_stream(request):
+            if isinstance(event, engine_module.GenerationResult):
+                ended.append(request)
+            yield event
+
+    monkeypatch.setattr(engine, "stream", stream)
+
+    async def run() -> engine_module.GenerationResult:
+        waiting = None
+        async with contextlib.aclosing(speak(engine, script)) as events:
+            async for event in events:
+                if waiting is None and isinstance(event, engine_module.AudioPiece):
+                    waiting = real_stream(other)  # in the line behind the first piece
+                    assert isinstance(await anext(waiting), engine_module.Started)
+                if ended and why == "client left":
+                    break  # between the first piece and the second
+        assert engine.stats().kept_slots == 0
+
+        async def rest() -> list:
+            return [event async for event in waiting]
+
+        return (await asyncio.wait_for(rest(), timeout=120))[-1]
+
+    try:
+        waited = asyncio.run(run())
+    finally:
+        for job in list(engine._held):  # a failed check leaves no slot kept for the tests after it
+            engine._hold_ends(job, 0.0)
+    assert [seed for seed, _ in started] == [1, 100] and waited.completion_tokens == 12
+    monkeypatch.undo()
+    assert engine._held == {}
+    assert_idle(client, engine)
+
+
 def test_a_fault_in_one_request_fails_only_it(client, engine, monkeypatch, lenient):
     others = [chat(seed=21, max_tokens=40), clone(seed=22, max_tokens=25)]
     alone = [answer(post(client, body)) for body in others]

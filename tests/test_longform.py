@@ -439,6 +439,9 @@ class _ScriptedEngine:
         codes = AudioCodes(torch.full((8, 1), len(self.requests)))
         yield GenerationResult("", None, "stop", 10, 0, 5, 5, 0.0, 0.04, codes=codes)
 
+    def release_slot(self, request) -> None:
+        """No slot is kept."""
+
 
 def _speak_all(engine, pieces: list[str]) -> list:
     import asyncio
