@@ -647,6 +647,7 @@ class HiggsEngine:
                 cancel.set()
 
         job: _Job | None = None
+        ended = False  # the result went out
         try:
             context = contextvars.copy_context()
             prompt = await loop.run_in_executor(self._prompt_pool, context.run, self._prepare, request)
@@ -665,13 +666,17 @@ class HiggsEngine:
                 item = await events.get()
                 if isinstance(item, BaseException):
                     raise item
+                ended = isinstance(item, GenerationResult)
                 yield item
-                if isinstance(item, GenerationResult):
+                if ended:
                     return
         finally:
             # A job still in the line leaves it now; one in a slot counts until the scheduler frees the
-            # slot (before its next step), one that ended already stopped counting.
+            # slot (before its next step), one that ended already stopped counting. One left before its
+            # result (its client went) has no next piece: a slot kept for that goes back now.
             cancel.set()
+            if job is not None and not ended:
+                self._hold_ends(job, 0.0)
             with self._cond:
                 waiting = job is not None and job in self._waiting
                 if waiting:
@@ -1059,7 +1064,7 @@ class HiggsEngine:
 
     def _complete(self, job: _Job, reason: Literal["stop", "length"]) -> None:
         self._leave(job)
-        if job.request.keep_slot:
+        if job.request.keep_slot and not job.cancel.is_set():  # (a client gone takes no next piece)
             with self._cond:
                 self._held[job] = time.monotonic() + HOLD_WHILE_DECODING
         seconds = time.monotonic() - job.started

@@ -444,6 +444,46 @@ def test_a_kept_slot_goes_back_at_once_when_its_last_audio_fails(engine, client,
     assert_idle(client, engine)
 
 
+def test_a_kept_slot_goes_back_at_once_when_its_client_leaves_before_the_result(engine, client, monkeypatch):
+    """A piece whose decoding ended (its slot kept for the next piece) and whose client leaves while its
+    audio is still on the way: no next piece comes, and the waiting request gets the slot at once."""
+    started = admissions(engine, monkeypatch)
+    monkeypatch.setattr(engine, "slots", 1)
+    monkeypatch.setattr(engine_module, "HOLD_SECONDS", 3600.0)
+    monkeypatch.setattr(engine_module, "HOLD_WHILE_DECODING", 3600.0)
+    GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
+    turns = [Turn("user", "Keep my slot.")]
+    piece = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=1, keep_slot=True)
+    other = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=2)
+
+    async def run() -> engine_module.GenerationResult:
+        events = engine.stream(piece)
+        assert isinstance(await anext(events), engine_module.Started)
+        waiting = engine.stream(other)
+        assert isinstance(await anext(waiting), engine_module.Started)  # in the line behind it
+        deadline = time.monotonic() + 120
+        while not engine._held and time.monotonic() < deadline:  # noqa: ASYNC110 (set by the scheduler thread)
+            await asyncio.sleep(0.01)
+        assert engine.stats().kept_slots == 1
+        await events.aclose()  # the client leaves before the result
+        assert engine.stats().kept_slots == 0
+
+        async def rest() -> list:
+            return [event async for event in waiting]
+
+        return (await asyncio.wait_for(rest(), timeout=120))[-1]
+
+    try:
+        waited = asyncio.run(run())
+    finally:
+        for job in list(engine._held):  # a failed check leaves no slot kept for the tests after it
+            engine._hold_ends(job, 0.0)
+    assert [seed for seed, _ in started] == [1, 2] and waited.completion_tokens == 12
+    monkeypatch.undo()
+    assert engine._held == {}
+    assert_idle(client, engine)
+
+
 @pytest.mark.parametrize("why", ["client left", "max_tokens ran out"])
 def test_a_long_text_that_stops_between_pieces_gives_its_kept_slot_back_at_once(
     engine, client, monkeypatch, why
