@@ -1176,6 +1176,8 @@ class HiggsEngine:
         """Encode a reference, end a stream, or decode pieces of several streams in one codec call."""
         if isinstance(work[0], _Encode):
             encode = work[0]
+            if not encode.future.set_running_or_notify_cancel():
+                return  # its request is gone (the client left while it waited)
             try:
                 encode.future.set_result(encode.context.run(self._guarded, self._encode, encode.audio))
             except BaseException as exc:

@@ -52,7 +52,10 @@ async def chat_completions(
     check_model(settings, body.model)
     if body.stream and body.wants_audio and body.audio and body.audio.format != "pcm16":
         raise bad_request("streamed audio is pcm16; set audio.format to pcm16", "audio.format")
-    plan = await planner.plan(body)
+    try:  # a reference to recognise and encode is work the client may not wait for
+        plan = await until_disconnected(request, planner.plan(body))
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; logged and counted as 499
     headers = {}
     if body.wants_audio:  # the voice of an audio answer (a text answer has none)
         headers["X-Voice"] = plan.voice

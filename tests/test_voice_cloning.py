@@ -227,3 +227,49 @@ def test_data_url_and_unpadded_base64_are_accepted(client):
     data = b64(TEST_AUDIO).rstrip("=")
     body = owner_request("data:audio/wav;base64," + data, transcript="known words")
     assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def _hang_up_request(body: dict) -> tuple[str, list[tuple[bytes, bytes]], bytes]:
+    import httpx
+
+    request = httpx.Request("POST", "http://testserver/v1/chat/completions", json=body)
+    headers = [(k.lower().encode(), v.encode()) for k, v in request.headers.items() if k != "host"]
+    return request.url.path, headers, request.read()
+
+
+def test_a_reference_whose_client_left_is_not_encoded(client, app, engine, monkeypatch):
+    """The codec is busy; a clone request's reference waits for it and its client hangs up: 499, and the
+    reference is never encoded (abandoned references would hold up the requests behind them)."""
+    import threading
+
+    from conftest import post_then_hang_up
+
+    from audio import Audio, decode_audio
+
+    blocker = Audio(np.zeros(24000, np.float32), 24000)
+    busy, encoded, real = threading.Event(), [], engine._encode
+
+    def encode(audio):
+        if audio is blocker:
+            busy.wait(30)  # holds the codec thread, as other streams' pieces would
+        else:
+            encoded.append(audio)
+        return real(audio)
+
+    monkeypatch.setattr(engine, "_encode", encode)
+    holding = client.portal.start_task_soon(engine.encode, blocker)
+    words = transcripts()["test_audio.wav"]
+    clip = decode_audio(TEST_AUDIO.read_bytes())
+
+    def fresh(gain: float) -> str:  # a reference not encoded before (codes are cached by content)
+        return wav_b64(clip.samples * gain, clip.sample_rate)
+
+    path, headers, body = _hang_up_request(owner_request(fresh(0.9), transcript=words))
+    queued = lambda: engine._codec_queue.qsize() >= 1  # noqa: E731
+    sent = client.portal.call(post_then_hang_up, app, path, headers, body, queued)
+    busy.set()
+    holding.result(timeout=60)
+    assert sent[0]["status"] == 499
+    later = client.post("/v1/chat/completions", json=owner_request(fresh(0.8), transcript=words))
+    assert later.status_code == 200
+    assert len(encoded) == 1  # the later request's reference alone (the codec takes them in order)
