@@ -60,6 +60,7 @@ bench: $(VENV)/.test-deps
 	$(PY) bench/bench_clone.py
 	$(PY) bench/bench_streaming.py
 	$(PY) bench/bench_batching.py
+	$(PY) bench/bench_underrun.py
 	$(PY) bench/bench_step.py
 	$(PY) bench/bench_codec.py
 	$(PY) bench/bench_longform.py

@@ -1154,18 +1154,24 @@ class HiggsEngine:
     def _next_codec_work(self, pending: list[_CodecWork]) -> list[_CodecWork]:
         """What to do next: the first piece of a stream that has sent nothing (a listener is waiting for
         sound; on a CPU the decoding loop too), else a reference to encode (a request waits for it before it
-        can be queued), else the oldest item; a piece goes together with the other streams' next pieces of
-        the same length."""
+        can be queued), else the next item of the stream whose listener runs out of audio first (the oldest
+        item first would serve the streams that started earlier, with seconds in hand, while one that
+        joined later falls silent); a piece goes together with the other streams' next pieces of the same
+        length."""
         heads: dict[int, _CodecWork] = {}  # each stream's oldest item: a stream's pieces are joined in order
         for item in pending:  # a reference to encode is a line of its own
             heads.setdefault(id(item if isinstance(item, _Encode) else item.stream), item)
         firsts = [item for item in heads.values() if _is_first(item)]
         encodes = [item for item in pending if isinstance(item, _Encode)]
-        chosen = firsts[0] if firsts else encodes[0] if encodes else next(iter(heads.values()))
+        if firsts or encodes:
+            chosen = firsts[0] if firsts else encodes[0]
+        else:  # (min keeps the oldest of equals)
+            chosen = min(heads.values(), key=lambda item: item.stream.runs_out)
         if not isinstance(chosen, _Decode):
             return [chosen]
         length = chosen.frames
         same = [i for i in heads.values() if isinstance(i, _Decode) and i.frames == length]
+        same.sort(key=lambda item: item.stream.runs_out)
         work = [chosen, *(i for i in same if i is not chosen)]
         # On a CPU a batch pays only while its activations fit the caches (``CPU_CODEC_FRAMES``). A row
         # decoded in a batch differs from the piece decoded alone by float32 rounding (up to 1.6e-7: the
@@ -1346,6 +1352,16 @@ class _AudioStream:
         self.columns: list[torch.Tensor] = []
         self.sent = 0  # frames cut so far
         self.tail: np.ndarray | None = None  # the previous decode of the samples the next piece starts with
+        self.heard_from: float | None = None  # when its first audio went out (monotonic)
+        self.samples_out = 0  # samples gone out
+
+    @property
+    def runs_out(self) -> float:
+        """When its listener, playing from its first audio on, has heard all the audio sent (monotonic;
+        minus infinity before any went out): the codec serves the stream that runs out first."""
+        if self.heard_from is None:
+            return -math.inf
+        return self.heard_from + self.samples_out / self.engine.sample_rate
 
     @property
     def frames(self) -> int:
@@ -1399,6 +1415,9 @@ class _AudioStream:
             fade = np.linspace(0.0, 1.0, n, dtype=np.float32)
             samples[:n] = self.tail[:n] * (1.0 - fade) + samples[:n] * fade
         self.tail = np.array(decoded[piece.stop : piece.stop + self.crossfade], dtype=np.float32)
+        if self.heard_from is None:
+            self.heard_from = time.monotonic()
+        self.samples_out += len(samples)
         return AudioPiece(np.clip(samples, -1.0, 1.0))
 
     def codes(self) -> AudioCodes:

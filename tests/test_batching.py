@@ -444,6 +444,39 @@ def test_a_kept_slot_goes_back_at_once_when_its_last_audio_fails(engine, client,
     assert_idle(client, engine)
 
 
+def test_the_codec_serves_the_listener_who_runs_out_first(engine, monkeypatch):
+    """Of the streams' next pieces, the codec decodes first the one whose listener runs out of audio first,
+    not the oldest: a stream that joined later is not left silent while earlier ones have seconds in hand.
+    First pieces (nothing heard yet) still go before all."""
+    from types import SimpleNamespace
+
+    now = time.monotonic()
+
+    def item(runs_out: float, frames: int, first: bool = False):
+        piece = engine_module._Piece(torch.zeros((8, frames), dtype=torch.long), 0, 0, first)
+        return engine_module._Decode(SimpleNamespace(runs_out=runs_out), piece)
+
+    early = item(now + 3.0, 20)  # started first: 3 s in hand
+    late = item(now + 0.2, 24)  # joined later: about to run out
+    later = item(now + 1.0, 28)
+    assert engine._next_codec_work([early, later, late]) == [late]
+    assert engine._next_codec_work([early, later]) == [later]
+    fresh = item(-math.inf, 12, first=True)
+    assert engine._next_codec_work([early, late, fresh]) == [fresh]
+    # Pieces of one length go together, the neediest first (the CPU batch is cut to what fits its caches).
+    same = [item(now + t, 20) for t in (2.0, 0.5, 1.0)]
+    work = engine._next_codec_work(same)
+    assert work[0] is same[1] and [w.stream.runs_out for w in work] == sorted(w.stream.runs_out for w in work)
+
+
+def test_a_stream_s_deadline_is_its_first_audio_plus_the_audio_sent(engine):
+    stream = engine_module._AudioStream(engine, None)
+    assert stream.runs_out == -math.inf
+    stream.join(engine_module._Piece(torch.zeros((8, 1)), 0, 4800, True), np.zeros(4800, np.float32))
+    stream.join(engine_module._Piece(torch.zeros((8, 1)), 0, 2400, False), np.zeros(4800, np.float32))
+    assert stream.runs_out == pytest.approx(stream.heard_from + 7200 / 24000)
+
+
 def test_a_kept_slot_goes_back_at_once_when_its_client_leaves_before_the_result(engine, client, monkeypatch):
     """A piece whose decoding ended (its slot kept for the next piece) and whose client leaves while its
     audio is still on the way: no next piece comes, and the waiting request gets the slot at once."""
