@@ -154,6 +154,8 @@ class GenerationResult:
     completion_tokens: int
     completion_audio_tokens: int
     seconds: float
+    """From the slot to the end: for audio, until its last piece was decoded and sent (the codec's delay
+    included, as a listener experiences it)."""
     audio_seconds: float = 0.0
     codes: AudioCodes | None = None
     """The answer's audio frames as heard (delay pattern reverted), (codebooks, frames) on the CPU."""
@@ -1232,8 +1234,9 @@ class HiggsEngine:
         if last is not None:
             samples = self._guarded(self._pieces.decode, last.codes[None])[0, 0]
             stream.job.emit(stream.join(last, samples))
-        frames = stream.frames
-        result = replace(result, audio_seconds=frames / self.frame_rate, codes=stream.codes())
+        seconds = time.monotonic() - stream.job.started  # to the last audio, the codec's backlog included
+        audio_seconds = stream.frames / self.frame_rate
+        result = replace(result, seconds=seconds, audio_seconds=audio_seconds, codes=stream.codes())
         self._finish(stream.job, result)
 
     def _encode(self, audio: Audio) -> AudioCodes:

@@ -28,7 +28,7 @@ class Metrics:
         )
         self.generation_seconds = Histogram(
             "higgs_generation_seconds",
-            "Time of one generation on the worker",
+            "Time of one generation from its slot to its last audio sent (the codec's delay included)",
             buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300),
             registry=self.registry,
         )
@@ -37,7 +37,8 @@ class Metrics:
         )
         self.realtime_factor = Histogram(
             "higgs_realtime_factor",
-            "Generation time divided by the duration of the audio generated (below 1: faster than real time)",
+            "Generation time (to the last audio sent) divided by the audio's duration (below 1: faster than "
+            "real time)",
             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 4, 8),
             registry=self.registry,
         )
@@ -64,12 +65,13 @@ class Metrics:
         )
         self.steps_per_second = Gauge(
             "higgs_decode_steps_per_second",
-            "Batched decoding steps per second (last 10 s)",
+            "Batched decoding steps per second (over the last 10 s of decoding; 0 after 2 s without any)",
             registry=self.registry,
         )
         self.audio_per_second = Gauge(
             "higgs_audio_seconds_per_second",
-            "Seconds of audio generated per second, all requests together (last 10 s)",
+            "Seconds of audio decoded (as tokens) per second, all requests together (over the last 10 s of "
+            "decoding; 0 after 2 s without any); the codec's own work is higgs_codec_seconds_total",
             registry=self.registry,
         )
         self._work: _WorkCollector | None = None

@@ -368,6 +368,28 @@ def test_metrics(client):
     assert float(generated[0].split()[-1]) > 0
 
 
+def test_generation_time_runs_to_the_last_audio_sent(client, engine, monkeypatch):
+    """``higgs_generation_seconds`` and the real-time factor count until the listener has the last audio,
+    the codec's time included (a CPU's codec, which falls behind under load, made them look faster)."""
+    calls, real = [], engine._pieces.decode
+
+    def slow(codes):
+        time.sleep(0.2)
+        calls.append(1)
+        return real(codes)
+
+    monkeypatch.setattr(engine._pieces, "decode", slow)
+    seen = []
+    engine.observers.append(seen.append)
+    try:
+        answer = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 60})
+    finally:
+        engine.observers.remove(seen.append)
+    assert answer.status_code == 200 and len(calls) >= 3
+    (result,) = seen
+    assert result.seconds >= 0.2 * len(calls)
+
+
 def test_uploads_over_the_upload_limit_get_413(settings, engine, recognizer):
     small = settings.model_copy(update={"max_upload_mb": 0.05})  # 50 KB; the test clip is 190 KB
     with TestClient(create_app(small, engine=engine, recognizer=recognizer)) as c:
