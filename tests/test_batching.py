@@ -738,13 +738,15 @@ def test_on_a_cpu_a_first_piece_waits_a_step_for_one_due_at_the_next(
     assert_idle(client, engine)
 
 
-def test_the_codec_takes_first_pieces_then_references_then_the_oldest_piece(engine):
+def test_the_codec_takes_first_pieces_then_references_then_later_pieces(engine):
     """A first piece goes first (a listener waits for sound, and on a CPU the decoding loop waits with
     it: a reference's encoding, seconds long on a CPU, must not hold every stream), then a reference to
-    encode (its request waits for it to be queued), then the oldest piece; a stream's pieces in order."""
+    encode (its request waits for it to be queued), then later pieces (whose order among streams
+    ``test_the_codec_serves_the_listener_who_runs_out_first`` shows); a stream's pieces in order."""
+    from types import SimpleNamespace
 
     def stream() -> object:
-        return object()
+        return SimpleNamespace(runs_out=-math.inf)
 
     def piece(owner: object, first: bool) -> engine_module._Decode:
         return engine_module._Decode(
@@ -764,9 +766,12 @@ def test_on_a_cpu_the_codec_decodes_a_few_short_pieces_together(engine, monkeypa
     (first pieces, 8 frames, 4 at a time; later ones, 20 frames, alone), on CUDA all of them (a graph
     replays the batch)."""
 
+    from types import SimpleNamespace
+
     def piece(frames: int, first: bool) -> engine_module._Decode:
         codes = torch.zeros((8, frames), dtype=torch.long)
-        return engine_module._Decode(object(), engine_module._Piece(codes, 0, 1, first))
+        stream = SimpleNamespace(runs_out=-math.inf if first else 0.0)
+        return engine_module._Decode(stream, engine_module._Piece(codes, 0, 1, first))
 
     firsts = [piece(8, True) for _ in range(6)]
     laters = [piece(20, False) for _ in range(3)]

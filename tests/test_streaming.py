@@ -126,8 +126,9 @@ def test_speech_body_streams_as_it_is_made(client, openai_client, fmt):
     if fmt == "pcm":
         samples = pcm16_samples(data)
         assert np.array_equal(samples, reference) or np.abs(samples - reference).max() < 0.02
+    # mp3 and aac fill their last frame (1152 and 1024 samples, up to 48 ms at 24 kHz); decoders may keep it.
     assert abs(seconds - len(reference) / 24000) <= 0.02 * len(reference) / 24000 + (
-        0.05 if fmt == "aac" else 0
+        0.05 if fmt in ("aac", "mp3") else 0
     )
 
 
