@@ -16,6 +16,7 @@ imports transformers, and the service's modules become importable only inside ``
   speech recognition off), and ``speech_cap_settings(max_tokens)``, the options that make the speech
   endpoint's output cap exactly ``max_tokens`` decoding steps;
 * ``serve(app)``: the app served for real by uvicorn on a free 127.0.0.1 port in a background thread;
+* ``at_once(fn, seeds)``: ``fn(seed, gate)`` for every seed, each on its own thread, released together;
 * ``Stopwatch``, ``spread`` and ``conditions``: timing a wrapped method, a median (min-max) column, and the
   wall time and machine load of a run.
 """
@@ -30,6 +31,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -228,6 +230,23 @@ class Stopwatch:
         taken = (self.seconds, self.calls)
         self.seconds, self.calls = 0.0, 0
         return taken
+
+
+def at_once(fn: Callable[[int, threading.Barrier], Any], seeds: list[int]) -> list[Any]:
+    """``fn(seed, gate)`` for every seed, each on a thread of its own; ``fn`` waits on ``gate`` just before
+    its request, so that the requests leave together. The results, in the seeds' order."""
+    results: list[Any] = [None] * len(seeds)
+    gate = threading.Barrier(len(seeds))
+
+    def one(i: int) -> None:
+        results[i] = fn(seeds[i], gate)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(seeds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def spread(values: list[float], unit: str = " s", width: int = 7) -> str:

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from _common import (
+    at_once,
     conditions,
     run_script,
     serve,
@@ -127,20 +128,6 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             response = client.post("/v1/chat/completions", json=body(seed, False))
             response.raise_for_status()
             return response.json()["usage"]["completion_tokens"] / 25.0
-
-        def at_once(fn, seeds: list[int]) -> list[float]:
-            results: list[float] = [0.0] * len(seeds)
-            gate = threading.Barrier(len(seeds))
-
-            def one(i: int) -> None:
-                results[i] = fn(seeds[i], gate)
-
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(seeds))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            return results
 
         engine = app.state.engine
         first_frames = engine.streaming.first_chunk_frames + engine.streaming.context_frames

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import conditions, run_script, serve, service_settings, spread
+from _common import at_once, conditions, run_script, serve, service_settings, spread
 
 TEXT = "More listeners than slots: each should hear its fair share of the silence, if any."
 
@@ -92,18 +92,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             return silences(arrivals)
 
         def round_of(seeds: list[int]) -> list[list[float]]:
-            results: list[list[float]] = [[] for _ in seeds]
-            gate = threading.Barrier(len(seeds))
-
-            def one(i: int) -> None:
-                results[i] = listen(seeds[i], gate)
-
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(seeds))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            return results
+            return at_once(listen, seeds)
 
         round_of([1])  # untimed: first-use costs
         neediest = engine_module._AudioStream.runs_out

@@ -477,6 +477,25 @@ def test_a_stream_s_deadline_is_its_first_audio_plus_the_audio_sent(engine):
     assert stream.runs_out == pytest.approx(stream.heard_from + 7200 / 24000)
 
 
+async def last_event(events):
+    """The last event of a stream read to its end (within 2 minutes)."""
+
+    async def rest() -> list:
+        return [event async for event in events]
+
+    return (await asyncio.wait_for(rest(), timeout=120))[-1]
+
+
+def run_releasing_holds(engine, run):
+    """``asyncio.run(run())``; then no slot stays kept, so that a failed check does not hold the slot of
+    the tests after it for the hour their hold lasts."""
+    try:
+        return asyncio.run(run())
+    finally:
+        for job in list(engine._held):
+            engine._hold_ends(job, 0.0)
+
+
 def test_a_kept_slot_goes_back_at_once_when_its_client_leaves_before_the_result(engine, client, monkeypatch):
     """A piece whose decoding ended (its slot kept for the next piece) and whose client leaves while its
     audio is still on the way: no next piece comes, and the waiting request gets the slot at once."""
@@ -500,17 +519,9 @@ def test_a_kept_slot_goes_back_at_once_when_its_client_leaves_before_the_result(
         assert engine.stats().kept_slots == 1
         await events.aclose()  # the client leaves before the result
         assert engine.stats().kept_slots == 0
+        return await last_event(waiting)
 
-        async def rest() -> list:
-            return [event async for event in waiting]
-
-        return (await asyncio.wait_for(rest(), timeout=120))[-1]
-
-    try:
-        waited = asyncio.run(run())
-    finally:
-        for job in list(engine._held):  # a failed check leaves no slot kept for the tests after it
-            engine._hold_ends(job, 0.0)
+    waited = run_releasing_holds(engine, run)
     assert [seed for seed, _ in started] == [1, 2] and waited.completion_tokens == 12
     monkeypatch.undo()
     assert engine._held == {}
@@ -557,17 +568,9 @@ def test_a_long_text_that_stops_between_pieces_gives_its_kept_slot_back_at_once(
                 if ended and why == "client left":
                     break  # between the first piece and the second
         assert engine.stats().kept_slots == 0
+        return await last_event(waiting)
 
-        async def rest() -> list:
-            return [event async for event in waiting]
-
-        return (await asyncio.wait_for(rest(), timeout=120))[-1]
-
-    try:
-        waited = asyncio.run(run())
-    finally:
-        for job in list(engine._held):  # a failed check leaves no slot kept for the tests after it
-            engine._hold_ends(job, 0.0)
+    waited = run_releasing_holds(engine, run)
     assert [seed for seed, _ in started] == [1, 100] and waited.completion_tokens == 12
     monkeypatch.undo()
     assert engine._held == {}
