@@ -66,19 +66,13 @@ class Script:
     """Sampling settings for every piece; its ``turns`` and ``max_new_tokens`` are replaced per piece."""
     caps: list[int]
     """Each piece's own cap on output tokens (used when the client gave no ``max_tokens``)."""
+    transcripts: list[str]
+    """What each piece adds to the answer's transcript: the piece and the whitespace before it, so that the
+    pieces spoken concatenate to the text spoken."""
     budget: int | None = None
     """The client's ``max_tokens`` for the whole answer: each piece may use what the earlier ones left."""
     context_pieces: int = 2
     """How many previous pieces (text and generated codes) precede each piece in its prompt."""
-    transcripts: list[str] | None = None
-    """What each piece adds to the answer's transcript (the piece and the whitespace before it, so that the
-    pieces spoken concatenate to the text spoken); the pieces joined by spaces when not given."""
-
-    def transcript(self, k: int) -> str:
-        """What piece ``k`` adds to the answer's transcript."""
-        if self.transcripts is not None:
-            return self.transcripts[k]
-        return self.pieces[k] if k == 0 else " " + self.pieces[k]
 
     def request(
         self, k: int, history: list[tuple[str, AudioCodes]], max_new_tokens: int, keep_slot: bool = True
@@ -109,7 +103,7 @@ def script_for(
     """The script that speaks ``pieces`` where ``request`` (whose last turn is the user's text) would speak
     them all at once."""
     transcripts = spaced(request.turns[-1].text, pieces)
-    return Script(request.turns[:-1], pieces, request, caps, budget, context_pieces, transcripts)
+    return Script(request.turns[:-1], pieces, request, caps, transcripts, budget, context_pieces)
 
 
 class Joiner:
@@ -209,7 +203,7 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
             kept = None  # the next piece is in the line, at its head: the slot is its own
             if k == 0:
                 yield started
-            said.append(script.transcript(k))
+            said.append(script.transcripts[k])
             yield TranscriptPiece(said[-1])
             joiner.start(fade_in=k > 0, fade_out=k < len(script.pieces) - 1)
             result = None

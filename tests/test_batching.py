@@ -339,13 +339,47 @@ def admissions(engine, monkeypatch) -> list[tuple[int, float]]:
     return started
 
 
+def one_slot_kept_for(engine, monkeypatch, hold: float, while_decoding: float | None = None) -> list:
+    """One slot, kept ``hold`` seconds for an answer's next piece (``HOLD_SECONDS``; ``while_decoding``:
+    ``HOLD_WHILE_DECODING``); returns the admissions as ``admissions`` records them."""
+    monkeypatch.setattr(engine, "slots", 1)
+    monkeypatch.setattr(engine_module, "HOLD_SECONDS", hold)
+    if while_decoding is not None:
+        monkeypatch.setattr(engine_module, "HOLD_WHILE_DECODING", while_decoding)
+    return admissions(engine, monkeypatch)
+
+
+def assert_nothing_kept(client, engine, monkeypatch) -> None:
+    """The engine's settings back, no slot kept, nothing running or waiting."""
+    monkeypatch.undo()
+    assert engine._held == {}
+    assert_idle(client, engine)
+
+
+async def last_event(events):
+    """The last event of a stream read to its end (within 2 minutes)."""
+
+    async def rest() -> list:
+        return [event async for event in events]
+
+    return (await asyncio.wait_for(rest(), timeout=120))[-1]
+
+
+def run_releasing_holds(engine, run):
+    """``asyncio.run(run())``; then no slot stays kept, so that a failed check does not hold the slot of
+    the tests after it for the hour their hold lasts."""
+    try:
+        return asyncio.run(run())
+    finally:
+        for job in list(engine._held):
+            engine._hold_ends(job, 0.0)
+
+
 def test_a_continuation_takes_the_slot_kept_for_it_ahead_of_the_line(engine, client, monkeypatch):
     """A generation with ``keep_slot`` leaves its slot to the answer's next piece (``continues``): a request
     that waited longer gets it after that piece, and a full line, which refuses a new request, takes the
     continuation."""
-    started = admissions(engine, monkeypatch)
-    monkeypatch.setattr(engine, "slots", 1)
-    monkeypatch.setattr(engine_module, "HOLD_SECONDS", 30.0)  # whatever the machine's speed
+    started = one_slot_kept_for(engine, monkeypatch, 30.0)  # whatever the machine's speed
     GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
     turns = [Turn("user", "Keep my slot.")]
     piece = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=1, keep_slot=True)
@@ -370,17 +404,13 @@ def test_a_continuation_takes_the_slot_kept_for_it_ahead_of_the_line(engine, cli
     continued, waited = asyncio.run(run())
     assert [seed for seed, _ in started] == [1, 3, 2]
     assert continued.completion_tokens == waited.completion_tokens == 12
-    assert engine._held == {}  # the continuation took the kept slot
-    monkeypatch.undo()
-    assert_idle(client, engine)
+    assert_nothing_kept(client, engine, monkeypatch)  # the continuation took the kept slot
 
 
 def test_a_kept_slot_nobody_continues_goes_back_after_its_hold(engine, client, monkeypatch):
     """The next piece may never come (its client left, ``max_tokens`` ran out): the waiting line gets the
     slot when the hold ends, not before, and nothing stays kept."""
-    started = admissions(engine, monkeypatch)
-    monkeypatch.setattr(engine, "slots", 1)
-    monkeypatch.setattr(engine_module, "HOLD_SECONDS", 2.0)
+    started = one_slot_kept_for(engine, monkeypatch, 2.0)
     GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
     turns = [Turn("user", "Keep my slot.")]
     piece = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=1, keep_slot=True)
@@ -398,18 +428,13 @@ def test_a_kept_slot_nobody_continues_goes_back_after_its_hold(engine, client, m
     hold_ends, waited = asyncio.run(run())
     assert [seed for seed, _ in started] == [1, 2] and waited.completion_tokens == 12
     assert started[1][1] >= hold_ends
-    monkeypatch.undo()
-    assert engine._held == {}
-    assert_idle(client, engine)
+    assert_nothing_kept(client, engine, monkeypatch)
 
 
 def test_a_kept_slot_goes_back_at_once_when_its_last_audio_fails(engine, client, monkeypatch):
     """No next piece follows a piece whose audio failed: the request waiting behind it gets the slot at
     once, not after the hold."""
-    started = admissions(engine, monkeypatch)
-    monkeypatch.setattr(engine, "slots", 1)
-    monkeypatch.setattr(engine_module, "HOLD_SECONDS", 3600.0)
-    monkeypatch.setattr(engine_module, "HOLD_WHILE_DECODING", 3600.0)
+    started = one_slot_kept_for(engine, monkeypatch, 3600.0, 3600.0)
     failures, real_decode = [RuntimeError("injected codec failure")], engine._pieces.decode
 
     def decode(codes):
@@ -431,17 +456,11 @@ def test_a_kept_slot_goes_back_at_once_when_its_last_audio_fails(engine, client,
             with pytest.raises(RuntimeError, match="injected"):
                 async for _ in events:
                     pass
-
-        async def rest() -> list:
-            return [event async for event in waiting]
-
-        return (await asyncio.wait_for(rest(), timeout=120))[-1]
+        return await last_event(waiting)
 
     waited = asyncio.run(run())
     assert [seed for seed, _ in started] == [1, 2] and waited.completion_tokens == 12
-    monkeypatch.undo()
-    assert engine._held == {}
-    assert_idle(client, engine)
+    assert_nothing_kept(client, engine, monkeypatch)
 
 
 def test_the_codec_serves_the_listener_who_runs_out_first(engine, monkeypatch):
@@ -477,32 +496,10 @@ def test_a_stream_s_deadline_is_its_first_audio_plus_the_audio_sent(engine):
     assert stream.runs_out == pytest.approx(stream.heard_from + 7200 / 24000)
 
 
-async def last_event(events):
-    """The last event of a stream read to its end (within 2 minutes)."""
-
-    async def rest() -> list:
-        return [event async for event in events]
-
-    return (await asyncio.wait_for(rest(), timeout=120))[-1]
-
-
-def run_releasing_holds(engine, run):
-    """``asyncio.run(run())``; then no slot stays kept, so that a failed check does not hold the slot of
-    the tests after it for the hour their hold lasts."""
-    try:
-        return asyncio.run(run())
-    finally:
-        for job in list(engine._held):
-            engine._hold_ends(job, 0.0)
-
-
 def test_a_kept_slot_goes_back_at_once_when_its_client_leaves_before_the_result(engine, client, monkeypatch):
     """A piece whose decoding ended (its slot kept for the next piece) and whose client leaves while its
     audio is still on the way: no next piece comes, and the waiting request gets the slot at once."""
-    started = admissions(engine, monkeypatch)
-    monkeypatch.setattr(engine, "slots", 1)
-    monkeypatch.setattr(engine_module, "HOLD_SECONDS", 3600.0)
-    monkeypatch.setattr(engine_module, "HOLD_WHILE_DECODING", 3600.0)
+    started = one_slot_kept_for(engine, monkeypatch, 3600.0, 3600.0)
     GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
     turns = [Turn("user", "Keep my slot.")]
     piece = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=1, keep_slot=True)
@@ -523,9 +520,7 @@ def test_a_kept_slot_goes_back_at_once_when_its_client_leaves_before_the_result(
 
     waited = run_releasing_holds(engine, run)
     assert [seed for seed, _ in started] == [1, 2] and waited.completion_tokens == 12
-    monkeypatch.undo()
-    assert engine._held == {}
-    assert_idle(client, engine)
+    assert_nothing_kept(client, engine, monkeypatch)
 
 
 @pytest.mark.parametrize("why", ["client left", "max_tokens ran out"])
@@ -537,10 +532,7 @@ def test_a_long_text_that_stops_between_pieces_gives_its_kept_slot_back_at_once(
     not when the hold ends (an hour here)."""
     from longform import script_for, speak
 
-    started = admissions(engine, monkeypatch)
-    monkeypatch.setattr(engine, "slots", 1)
-    monkeypatch.setattr(engine_module, "HOLD_SECONDS", 3600.0)
-    monkeypatch.setattr(engine_module, "HOLD_WHILE_DECODING", 3600.0)
+    started = one_slot_kept_for(engine, monkeypatch, 3600.0, 3600.0)
     GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
     pieces = ["First piece.", "Second piece.", "Third piece."]
     template = GenerationRequest([Turn("user", " ".join(pieces))], True, 12, 0.7, 0.95, 50, seed=1)
@@ -572,9 +564,7 @@ def test_a_long_text_that_stops_between_pieces_gives_its_kept_slot_back_at_once(
 
     waited = run_releasing_holds(engine, run)
     assert [seed for seed, _ in started] == [1, 100] and waited.completion_tokens == 12
-    monkeypatch.undo()
-    assert engine._held == {}
-    assert_idle(client, engine)
+    assert_nothing_kept(client, engine, monkeypatch)
 
 
 def test_a_fault_in_one_request_fails_only_it(client, engine, monkeypatch, lenient):

@@ -98,6 +98,22 @@ def test_4_a_full_library_is_checked_before_making_a_builtin_voice(isolated, spy
         assert len(spy["generate"]) == before  # no generation was wasted
 
 
+def test_hand_placed_voices_differing_only_in_case_are_one_voice_through_http(isolated):
+    import shutil
+
+    with isolated(stt_model="") as client:
+        folder = client.app.state.settings.voices_dir
+        for name in ("Twin", "twin"):
+            shutil.copy(TEST_AUDIO, folder / f"{name}.wav")
+            (folder / f"{name}.txt").write_text(f"{WORDS} ({name})")
+        listed = client.get("/v1/audio/voices").json()["data"]
+        assert [v["name"] for v in listed if v["name"].lower() == "twin"] == ["Twin"]
+        assert client.get("/v1/audio/voices/twin").json()["transcript"].endswith("(Twin)")
+        body = {"model": "tts-1", "input": "Hi.", "voice": "twin", "response_format": "pcm"}
+        spoken = client.post("/v1/audio/speech", json=body)
+        assert spoken.status_code == 200 and spoken.headers["x-voice"] == "Twin"
+
+
 def test_5_deleting_a_hand_placed_voice_during_its_first_encoding_is_never_a_500(
     isolated, engine, monkeypatch, tmp_path
 ):
