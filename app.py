@@ -1,7 +1,7 @@
 """Assembles the service: ``create_app(settings, engine=None, recognizer=None)``.
 
-Run it with ``make run`` (``python app.py``) or ``uvicorn app:build --factory``; tests build it with
-``create_app``. The routes live in ``routes/`` (one module per endpoint family), the error envelope in
+Run it with ``make run`` (``python app.py``), ``uvicorn app:app`` or ``uvicorn app:build --factory``;
+tests build it with ``create_app``. The routes live in ``routes/`` (one module per endpoint family), the error envelope in
 ``errors.py``. A request travels: HTTP -> validated ``protocol`` model -> cheap CPU checks that fail fast
 (decode audio, resolve the voice) -> the engine's single worker -> encode -> response.
 """
@@ -227,6 +227,14 @@ def build() -> FastAPI:
     """The app with the settings of the environment: ``uvicorn app:build --factory``."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     return create_app(_startable(from_environment()))
+
+
+def __getattr__(name: str) -> FastAPI:
+    """``uvicorn app:app`` (how FastAPI apps are usually started): ``build()``'s app, made when asked for,
+    so that importing this module reads no settings and loads nothing."""
+    if name == "app":
+        return build()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:

@@ -346,7 +346,11 @@ def test_python_app_py_without_cuda_says_why_in_one_line(tmp_path):
 
     env = {**os.environ, "HIGGS_DEVICE": "auto", "CUDA_VISIBLE_DEVICES": "", "HIGGS_PORT": "18655",
            "HIGGS_VOICES_DIR": str(tmp_path)}  # fmt: skip
-    for command in (["app.py"], ["-m", "uvicorn", "app:build", "--factory", "--port", "18655"]):
+    for command in (
+        ["app.py"],
+        ["-m", "uvicorn", "app:build", "--factory", "--port", "18655"],
+        ["-m", "uvicorn", "app:app", "--port", "18655"],
+    ):
         done = subprocess.run(
             [sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
         )
