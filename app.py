@@ -1,9 +1,9 @@
 """Assembles the service: ``create_app(settings, engine=None, recognizer=None)``.
 
 Run it with ``make run`` (``python app.py``), ``uvicorn app:app`` or ``uvicorn app:build --factory``;
-tests build it with ``create_app``. The routes live in ``routes/`` (one module per endpoint family), the error envelope in
-``errors.py``. A request travels: HTTP -> validated ``protocol`` model -> cheap CPU checks that fail fast
-(decode audio, resolve the voice) -> the engine's single worker -> encode -> response.
+tests build it with ``create_app``. The routes live in ``routes/`` (one module per endpoint family), the
+error envelope in ``errors.py``. A request travels: HTTP -> validated ``protocol`` model -> cheap CPU
+checks that fail fast (decode audio, resolve the voice) -> the engine's scheduler -> encode -> response.
 """
 
 from __future__ import annotations
@@ -98,10 +98,11 @@ def _lifespan(
     owned_recognizer = recognizer is None and bool(settings.stt_model)
 
     async def load(state: Any) -> None:
-        state.engine = await asyncio.to_thread(load_engine, settings) if engine is None else engine
+        # The recognizer first: on a GPU the engine sizes its KV cache to the memory left free.
         state.recognizer = recognizer
         if owned_recognizer:
             state.recognizer = await asyncio.to_thread(load_recognizer, settings)
+        state.engine = await asyncio.to_thread(load_engine, settings) if engine is None else engine
         library = await asyncio.to_thread(
             VoiceLibrary,
             settings.voices_dir,

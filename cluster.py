@@ -123,7 +123,7 @@ def shareable(settings: Settings) -> Settings:
 def engine_slots(settings: Settings) -> int:
     """Generations one replica decodes at once: its engine's batch slots (fewer where the KV cache budget
     does not hold them all; the engine logs that)."""
-    return settings.max_batch_size
+    return settings.batch_slots("cpu" if settings.device == "cpu" else "cuda")
 
 
 def deployment_options(settings: Settings, cluster_gpus: int) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def deployment_options(settings: Settings, cluster_gpus: int) -> dict[str, Any]:
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if device == "cuda" else 0},
         # Past the app's own bounded queue a replica answers 429 itself; Serve should not hold more.
-        "max_ongoing_requests": settings.max_queue,
+        "max_ongoing_requests": settings.max_queue or 2 * engine_slots(settings),
     }
     if settings.max_replicas > replicas:
         options["autoscaling_config"] = {

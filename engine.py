@@ -44,6 +44,13 @@ T = TypeVar("T")
 # Placed between the scene description tags of the system prompt, as Higgs Audio was trained.
 SYSTEM_TEMPLATE = "Generate audio following instruction.\n\n<|scene_desc_start|>\n{scene}\n<|scene_desc_end|>"
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>")
+GPU_HEADROOM_GB = 3.0
+"""GPU memory (GiB) left free beside the KV cache when ``HIGGS_KV_CACHE_GB`` is not set: a batched
+prefill's activations and text logits (``PREFILL_TOKENS`` x 128,256 of them, 1 GiB in bfloat16), the CUDA
+graphs' buffers, the codec's pieces. An estimate: the start-up log's ``warm-up done`` line says what was
+left free."""
+CPU_KV_CACHE_GB = 16.0
+"""The KV cache's budget (GiB) on the CPU when ``HIGGS_KV_CACHE_GB`` is not set."""
 PREFILL_TOKENS = 4096
 """Most tokens (rows x the longest prompt, padding included) one prefill of several requests may take:
 upstream's forward makes text logits for every position, 128,256 of them per token."""
@@ -294,6 +301,52 @@ class EngineWork:
     codec_pieces: int = 0
 
 
+def kv_slots(wanted: int, slot_bytes: int, tokens: int, budget_gb: float | None, free: int | None) -> int:
+    """How many slots to make: ``wanted``, fewer where the KV cache's budget does not hold them. The budget
+    is ``budget_gb`` when set (``HIGGS_KV_CACHE_GB``); else, on a GPU, the ``free`` bytes it has once the
+    models are loaded less ``GPU_HEADROOM_GB``, and on the CPU ``CPU_KV_CACHE_GB``. Raises, saying what to
+    change, when not one slot of ``tokens`` tokens (``slot_bytes``) fits."""
+    gib = 1024**3
+    if budget_gb is not None:
+        budget, source = budget_gb * gib, f"HIGGS_KV_CACHE_GB={budget_gb:g}"
+    elif free is not None:
+        budget = free - GPU_HEADROOM_GB * gib
+        source = (
+            f"the GPU's {free / gib:.1f} GiB free once the models are loaded, less {GPU_HEADROOM_GB:g} GiB "
+            "of headroom"
+        )
+    else:
+        budget, source = CPU_KV_CACHE_GB * gib, f"the CPU's default budget of {CPU_KV_CACHE_GB:g} GiB"
+    fit = max(0, int(budget // slot_bytes))
+    if fit < 1:
+        raise RuntimeError(
+            f"one slot of {tokens} tokens needs {slot_bytes / gib:.2f} GiB of KV cache, more than {source}; "
+            "lower HIGGS_KV_CACHE_LENGTHS (e.g. [1024, 2048] for speech without long voice references)"
+            + (" or raise HIGGS_KV_CACHE_GB" if budget_gb is not None else "")
+        )
+    slots = min(wanted, fit)
+    if fit < wanted:
+        log.warning(
+            "the KV cache's budget (%s) holds %d slots of %d tokens, not %d",
+            source,
+            fit,
+            tokens,
+            wanted,
+        )
+    if budget_gb is not None and free is not None and free - slots * slot_bytes < GPU_HEADROOM_GB * gib:
+        log.warning(
+            "HIGGS_KV_CACHE_GB=%g leaves %.1f GiB of the GPU free for prefills, CUDA graphs and the codec",
+            budget_gb,
+            (free - slots * slot_bytes) / gib,
+        )
+    return slots
+
+
+def _free_memory(device: str) -> int | None:
+    """Bytes free on the GPU (every process's use counted), or None on the CPU."""
+    return torch.cuda.mem_get_info()[0] if device == "cuda" else None
+
+
 def _torch_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
@@ -348,9 +401,9 @@ class HiggsEngine:
         dtype: str,
         kv_cache_lengths: list[int],
         streaming: StreamSettings | None = None,
-        max_queue: int = 16,
+        max_queue: int | None = None,
         max_batch_size: int = 8,
-        kv_cache_gb: float = 16.0,
+        kv_cache_gb: float | None = None,
         cuda_graphs: bool = True,
         prefill_batch: int | None = None,
     ):
@@ -417,15 +470,7 @@ class HiggsEngine:
             2 * len(self._model.layers) * text.num_key_value_heads * head_dim * self.max_context
             * self._model.dtype.itemsize
         )  # fmt: skip
-        fit = int(kv_cache_gb * 1024**3 // slot_bytes)
-        if fit < 1:
-            raise RuntimeError(
-                f"one slot of {self.max_context} tokens needs {slot_bytes / 1024**3:.2f} GiB of KV cache, "
-                f"more than HIGGS_KV_CACHE_GB={kv_cache_gb:g}; raise it or lower HIGGS_KV_CACHE_LENGTHS"
-            )
-        if fit < max_batch_size:
-            log.warning("the KV budget holds %d slots, not the %d asked for", fit, max_batch_size)
-        self.slots = min(max_batch_size, fit)
+        self.slots = kv_slots(max_batch_size, slot_bytes, self.max_context, kv_cache_gb, _free_memory(device))
         """Requests decoded together (rows of the batch)."""
         self._decoder = BatchDecoder(
             self._model,
@@ -468,7 +513,7 @@ class HiggsEngine:
         self.steps = 0
         """Decoding steps run since start, counted per request (a step of 8 rows counts 8)."""
         self._work = EngineWork()
-        self.max_queue = max_queue
+        self.max_queue = max_queue or 2 * self.slots
         """Most jobs (running or waiting) the engine takes; more are refused with ``EngineBusy``."""
         self.prefill_batch = prefill_batch or 8
         """Most waiting requests admitted in one turn of the loop: a burst starts decoding together."""
@@ -1454,7 +1499,7 @@ def load_engine(settings: Settings) -> HiggsEngine:
         settings.kv_cache_lengths,
         streaming,
         max_queue=settings.max_queue,
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=settings.batch_slots(device),
         kv_cache_gb=settings.kv_cache_gb,
         cuda_graphs=settings.cuda_graphs,
         prefill_batch=settings.prefill_batch,

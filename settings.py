@@ -49,16 +49,25 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(default=40.0, gt=0)
     """Largest request body, counted as it arrives (413 above); base64 makes audio a third larger."""
 
-    max_queue: int = Field(default=16, ge=1, le=10_000)
+    max_queue: int | None = Field(default=None, ge=1, le=10_000)
     """Most generation jobs running or waiting (slots included); more are answered 429 with Retry-After at
-    once, its seconds estimated from the measured time of a request."""
+    once, its seconds estimated from the measured time of a request. Default: twice the slots. Speech
+    recognition's requests have a line of their own, as long (16 when unset)."""
 
-    max_batch_size: int = Field(default=8, ge=1, le=256)
+    max_batch_size: int | None = Field(default=None, ge=1, le=256)
     """Slots: requests decoded together in one batch. More slots give more audio per second in total and
-    take KV-cache memory; each slot holds the largest of `kv_cache_lengths` tokens."""
+    take KV-cache memory; each slot holds the largest of `kv_cache_lengths` tokens. Default: 16 on a GPU
+    (fewer where its memory does not hold them, see `kv_cache_gb`), 8 on the CPU (where every slot is
+    computed at every step)."""
 
-    kv_cache_gb: float = Field(default=16.0, gt=0, le=4096)
-    """Memory (GiB) the slots' KV cache may take; fewer slots are made when `max_batch_size` would not fit."""
+    kv_cache_gb: float | None = Field(default=None, gt=0, le=4096)
+    """Memory (GiB) the slots' KV cache may take; fewer slots are made when `max_batch_size` would not fit.
+    Default: on a GPU what it has free once the models are loaded, less 3 GiB of headroom (prefills, CUDA
+    graphs, the codec); on the CPU 16."""
+
+    def batch_slots(self, device: str) -> int:
+        """`max_batch_size`, or its default for ``device`` ("cuda" or "cpu")."""
+        return self.max_batch_size or (16 if device == "cuda" else 8)
 
     prefill_batch: int | None = Field(default=None, ge=1, le=256)
     """Waiting requests admitted in one turn of the decoding loop when slots are free (default 8), so a burst

@@ -45,6 +45,9 @@ WHISPER_SAMPLE_RATE = 16_000
 CUDA12_LIBRARIES = ("libcublasLt.so.12", "libcublas.so.12")
 CUDA12_LIBRARY_DIR = Path("nvidia", "cublas", "lib")
 
+#: Recognitions running or waiting at most, unless ``HIGGS_MAX_QUEUE`` is set (more are refused at once).
+MAX_PENDING = 16
+
 #: Tasks Whisper knows.
 TASKS = ("transcribe", "translate")
 
@@ -359,7 +362,7 @@ class AsyncTranscriber:
         self,
         transcriber: Transcriber,
         max_workers: int = 1,
-        max_pending: int = 16,
+        max_pending: int = MAX_PENDING,
         translator: Callable[[], Transcriber] | None = None,
     ) -> None:
         self.transcriber = transcriber
@@ -617,7 +620,7 @@ def load_recognizer(settings: Settings) -> AsyncTranscriber:
             log.info("loading the translation model %s", settings.stt_translation_model)
             return load(settings.stt_translation_model, transcriber.device)
 
-    return AsyncTranscriber(transcriber, max_pending=settings.max_queue, translator=translator)
+    return AsyncTranscriber(transcriber, max_pending=settings.max_queue or MAX_PENDING, translator=translator)
 
 
 def _cuda_available() -> bool:

@@ -1055,3 +1055,85 @@ def test_a_failed_prefill_together_falls_back_to_one_at_a_time(client, engine, m
     monkeypatch.setattr(engine, "prefill_in_one_pass", True)
     assert [answer(r) for r in together(client, bodies)] == alone and failed == [2]
     assert_idle(client, engine)
+
+
+# ---- how many slots ----
+
+
+def test_the_slots_are_as_many_as_the_kv_cache_budget_holds(caplog):
+    gib = 1024**3
+    slot = gib // 2
+    headroom = int(engine_module.GPU_HEADROOM_GB * gib)
+    kv_slots = engine_module.kv_slots
+    # On a GPU without HIGGS_KV_CACHE_GB: what it has free less the headroom, up to the slots wanted.
+    assert kv_slots(16, slot, 8192, None, headroom + int(3.2 * gib)) == 6
+    assert kv_slots(16, slot, 8192, None, 80 * gib) == 16
+    # HIGGS_KV_CACHE_GB alone counts when set, on a GPU as on the CPU; the CPU's default is 16 GiB.
+    assert kv_slots(16, slot, 8192, 2.0, 80 * gib) == 4
+    assert kv_slots(8, slot, 8192, None, None) == 8
+    assert kv_slots(64, slot, 8192, None, None) == int(engine_module.CPU_KV_CACHE_GB * 2)
+    # Not one slot: a start-up error saying what to change.
+    with pytest.raises(RuntimeError, match=r"8192 tokens needs 0\.50 GiB .*GPU's 3\.4 GiB free") as small:
+        kv_slots(16, slot, 8192, None, int(3.4 * gib))
+    assert "HIGGS_KV_CACHE_LENGTHS" in str(small.value) and "raise HIGGS_KV_CACHE_GB" not in str(small.value)
+    with pytest.raises(RuntimeError, match="HIGGS_KV_CACHE_GB=0.25; lower HIGGS_KV_CACHE_LENGTHS"):
+        kv_slots(16, slot, 8192, 0.25, 80 * gib)
+    # A budget set beyond what the GPU can spare is taken, with a warning.
+    with caplog.at_level("WARNING", logger="engine"):
+        assert kv_slots(16, slot, 8192, 8.0, headroom + 9 * gib) == 16
+    assert "leaves" not in caplog.text
+    with caplog.at_level("WARNING", logger="engine"):
+        assert kv_slots(16, slot, 8192, 8.0, headroom + 6 * gib) == 16
+    assert "HIGGS_KV_CACHE_GB=8 leaves 1.0 GiB of the GPU free" in caplog.text
+
+
+def test_the_default_slots_are_16_on_a_gpu_and_8_on_the_cpu(settings):
+    unset = settings.model_copy(update={"max_batch_size": None})
+    assert (unset.batch_slots("cuda"), unset.batch_slots("cpu")) == (16, 8)
+    assert settings.model_copy(update={"max_batch_size": 3}).batch_slots("cuda") == 3
+
+
+def test_the_engine_sizes_its_slots_and_line_to_the_memory_free(settings, engine, tmp_path, monkeypatch):
+    """On a GPU (its free memory faked: the tiny engine runs on the CPU) the engine makes as many of the
+    slots wanted as fit beside the headroom, and a waiting line twice as long; /metrics shows them."""
+    from fastapi.testclient import TestClient
+
+    from app import create_app
+
+    slot_bytes = sum(kv[0].numel() * kv.element_size() for kv in engine._decoder.cache)
+    free = int(engine_module.GPU_HEADROOM_GB * 1024**3) + 5 * slot_bytes + slot_bytes // 2
+    monkeypatch.setattr(engine_module, "_free_memory", lambda device: free)
+    changes = {"stt_model": "", "warmup": False, "voices_dir": tmp_path, "max_batch_size": 16}
+    app = create_app(settings.model_copy(update=changes))
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 300
+        while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (app.state.engine.slots, app.state.engine.max_queue) == (5, 10)
+        assert "higgs_batch_slots 5.0" in client.get("/metrics").text
+        body = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "wav", "seed": 1}
+        assert client.post("/v1/audio/speech", json=body).status_code == 200
+
+
+def test_speech_recognition_loads_before_the_engine_sizes_its_slots(settings, monkeypatch, tmp_path):
+    """On a GPU the engine takes what is free for its KV cache: the recognizer must hold its memory first."""
+    from fastapi.testclient import TestClient
+
+    import app as app_module
+
+    loaded = []
+
+    def recognizer(_settings):
+        loaded.append("recognizer")
+        return object()
+
+    def engine(_settings):
+        loaded.append("engine")
+        raise RuntimeError("stop here: only the loading order is under test")
+
+    monkeypatch.setattr(app_module, "load_recognizer", recognizer)
+    monkeypatch.setattr(app_module, "load_engine", engine)
+    app = app_module.create_app(settings.model_copy(update={"voices_dir": tmp_path}), load_behind=False)
+    with pytest.raises(RuntimeError, match="stop here"), TestClient(app):
+        pass
+    assert loaded == ["recognizer", "engine"]

@@ -139,6 +139,12 @@ def test_deployment_options_one_replica_per_gpu(settings):
     scaled = cluster.deployment_options(gpu.model_copy(update={"replicas": 2, "max_replicas": 6}), 8)
     assert "num_replicas" not in scaled
     assert scaled["autoscaling_config"]["target_ongoing_requests"] == cluster.engine_slots(gpu)
+    # Unset, a GPU replica's slots and line are the engine's defaults there: 16, and twice as many.
+    unset = gpu.model_copy(update={"max_batch_size": None, "max_queue": None})
+    assert (
+        cluster.engine_slots(unset) == 16
+        and cluster.deployment_options(unset, 1)["max_ongoing_requests"] == 32
+    )
     assert (
         scaled["autoscaling_config"]["min_replicas"] == 2
         and scaled["autoscaling_config"]["max_replicas"] == 6
