@@ -22,8 +22,9 @@ import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 
-from engine import Engine, load_engine
+from engine import load_engine
 from errors import as_api_error, error_response, install_error_handlers
+from generation import Engine
 from guard import RequestGate
 from metrics import Metrics
 from planner import Planner

@@ -11,7 +11,8 @@ streams in one call, and encodes reference clips; on a CPU, where the two thread
 pauses while a first piece is due.
 Prompts are built, and their length checked, before a request is queued, off both threads. A non-streamed
 answer is the collected stream.
-Callers get typed results (``GenerationResult``, ``AudioCodes``), never tensors of the model's layout.
+It implements ``generation.Engine``: callers get the typed results of ``generation.py``, never tensors of
+the model's layout.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing, nullcontext
-from dataclasses import asdict, dataclass, field, replace
-from typing import ClassVar, Literal, Protocol, TypeVar
+from dataclasses import asdict, dataclass, replace
+from typing import ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -36,13 +37,28 @@ import torch
 from audio import Audio
 from codec import PieceDecoder, bake_weight_norm, snakes_in_place
 from decoder import Admission, BatchDecoder, Launched, Sampling
+from generation import (
+    SYSTEM_TEMPLATE,
+    AudioCodes,
+    AudioPiece,
+    ContextLengthError,
+    EngineBusy,
+    EngineFailure,
+    EngineStats,
+    EngineWork,
+    GenerationRequest,
+    GenerationResult,
+    Started,
+    StreamEvent,
+    StreamSettings,
+    TextPiece,
+    Turn,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Placed between the scene description tags of the system prompt, as Higgs Audio was trained.
-SYSTEM_TEMPLATE = "Generate audio following instruction.\n\n<|scene_desc_start|>\n{scene}\n<|scene_desc_end|>"
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>")
 GPU_HEADROOM_GB = 3.0
 """GPU memory (GiB) left free beside the KV cache when ``HIGGS_KV_CACHE_GB`` is not set: a batched
@@ -71,29 +87,6 @@ HOLD_WHILE_DECODING = 30.0
 CPU under load seconds; a failed stream gives its slot back at once)."""
 
 
-class ContextLengthError(ValueError):
-    """Prompt plus requested output do not fit the model's context."""
-
-
-class EngineBusy(Exception):
-    """Every slot and the waiting line are full; the request was not queued.
-
-    ``retry_after`` is the number of seconds after which a slot is likely free, from the measured rate.
-    """
-
-    def __init__(self, message: str, retry_after: float = 2.0):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class EngineFailure(Exception):
-    """A generation failed in a way the client should hear about (``code``: ``out_of_memory``, ...)."""
-
-    def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.code = code
-
-
 def _is_fatal(exc: BaseException) -> bool:
     """Errors after which CUDA (and so the engine) cannot be trusted: the process must be restarted."""
     text = str(exc)
@@ -102,203 +95,6 @@ def _is_fatal(exc: BaseException) -> bool:
         and not isinstance(exc, torch.cuda.OutOfMemoryError)
         and ("CUDA error" in text or "device-side assert" in text or "illegal memory access" in text)
     )
-
-
-@dataclass(frozen=True)
-class AudioCodes:
-    """A clip in the audio tokenizer's codes: ``codes`` is (codebooks, frames), int64, on the CPU."""
-
-    codes: torch.Tensor
-
-    @property
-    def frames(self) -> int:
-        """Number of frames (the tokenizer makes 25 a second)."""
-        return int(self.codes.shape[1])
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One ChatML turn: text, or (for the assistant) a clip of audio the model "said"."""
-
-    role: Literal["system", "user", "assistant"]
-    text: str = ""
-    audio: AudioCodes | None = None
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Everything one generation needs; built by the HTTP layer's helpers, consumed by the worker."""
-
-    turns: list[Turn]
-    audio_output: bool
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ras_window: int = 7
-    time_limit: float | None = None
-    """Wall-clock seconds after which generation stops with ``finish_reason`` ``length``."""
-    keep_slot: bool = False
-    """More of the same answer follows (a long text's next piece): when this generation ends, its slot is
-    kept for the next piece (until ``HOLD_SECONDS`` after its result went out, or ``release_slot``) rather
-    than given to the waiting line."""
-    continues: bool = False
-    """This generation continues an answer already under way: the queue bound does not refuse it, and it
-    takes a kept slot, or else the first free one, ahead of new requests."""
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """What the model produced and what it consumed, in tokens as the model counts them."""
-
-    text: str
-    audio: Audio | None
-    finish_reason: Literal["stop", "length"]
-    prompt_tokens: int
-    prompt_audio_tokens: int
-    completion_tokens: int
-    completion_audio_tokens: int
-    seconds: float
-    """From the slot to the end: for audio, until its last piece was decoded and sent (the codec's delay
-    included, as a listener experiences it)."""
-    audio_seconds: float = 0.0
-    codes: AudioCodes | None = None
-    """The answer's audio frames as heard (delay pattern reverted), (codebooks, frames) on the CPU."""
-    queue_seconds: float = 0.0
-    """Time the request waited for a slot."""
-
-
-@dataclass(frozen=True)
-class Started:
-    """Streaming: the prompt is ready and generation begins (the moment a 4xx can no longer happen)."""
-
-    prompt_tokens: int
-    prompt_audio_tokens: int
-
-
-@dataclass(frozen=True)
-class AudioPiece:
-    """Streaming: the next samples of the answer, mono float32 at the engine's rate."""
-
-    samples: np.ndarray
-
-
-@dataclass(frozen=True)
-class TextPiece:
-    """Streaming: the next piece of generated text."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class TranscriptPiece:
-    """Streaming: what the audio that follows says (``longform.speak`` sends one per piece as it starts; the
-    engine itself sends none)."""
-
-    text: str
-
-
-StreamEvent = Started | AudioPiece | TextPiece | TranscriptPiece | GenerationResult
-
-
-@dataclass(frozen=True)
-class StreamSettings:
-    """How audio is decoded while it is generated.
-
-    Every ``chunk_frames`` frames (25 a second; ``first_chunk_frames`` for the first piece, so that sound
-    starts sooner) the codec decodes the new frames with ``context_frames`` of
-    already-sent frames on their left, and holds back the last ``context_frames`` until their right-hand
-    neighbours exist; each piece starts with a crossfade of ``crossfade_ms`` over the previous decode of the
-    same samples, so the joins are inaudible and the whole stream matches a one-shot decode closely.
-    """
-
-    first_chunk_frames: int = 4
-    chunk_frames: int = 12
-    context_frames: int = 4
-    crossfade_ms: float = 10.0
-
-
-class Engine(Protocol):
-    """What the HTTP layer needs from a speech engine."""
-
-    sample_rate: int
-    frame_rate: int
-    max_context: int
-    max_queue: int
-    failure: str | None
-    observers: list[Callable[[GenerationResult], None]]
-
-    @property
-    def pending(self) -> int:
-        """Jobs running or waiting."""
-        ...
-
-    async def encode(self, audio: Audio) -> AudioCodes:
-        """Turn a reference clip (any rate, mono) into audio codes."""
-        ...
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Run one generation."""
-        ...
-
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        """Run one generation, yielding ``Started``, then pieces, then the ``GenerationResult``.
-
-        Leaving the iteration early (a client gone) stops the generation within one decoding step.
-        """
-        ...
-
-    def release_slot(self, request: GenerationRequest) -> None:
-        """No piece follows ``request`` (a ``keep_slot`` generation that ended): the slot kept for the next
-        one goes back now rather than when its hold ends."""
-        ...
-
-    def close(self) -> None:
-        """Stop the worker."""
-        ...
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What the scheduler is doing now (read by /metrics)."""
-
-    slots: int
-    busy_slots: int
-    waiting: int
-    steps_per_second: float
-    audio_seconds_per_second: float
-    kept_slots: int = 0
-    """Free slots kept for the next piece of a long text (``GenerationRequest.keep_slot``)."""
-
-
-SCHEDULER_WORK = ("prefill", "launch", "wait", "tokens", "paused")
-CODEC_WORK = ("first_piece", "piece", "end", "encode")
-
-
-@dataclass
-class EngineWork:
-    """Where the engine's time went since it started (read by /metrics; each field written by one thread).
-
-    ``scheduler``: the decoding loop's seconds by work: ``prefill`` (prompts into slots: ``prefills``
-    forward passes for ``prefilled`` requests); for ``steps`` batched steps ``launch`` (starting them: on a
-    CPU the whole computation, on CUDA a graph replay), ``wait`` (blocked until a step's tokens are on the
-    host: on CUDA the GPU's time the host did not cover; on a CPU nothing) and ``tokens`` (streaming them,
-    cutting audio pieces, stop strings: the host's own work per step); and ``paused`` (on a CPU, stepping
-    aside while a first piece is with the codec). On CUDA a ``wait`` near zero means the GPU waits for the
-    host. ``codec`` and ``codec_calls``: the codec thread's seconds and calls by
-    work: ``first_piece`` and ``piece`` (``codec_pieces`` pieces in all: more than one a call is a batch of
-    several streams' pieces), ``end`` (a stream's last piece) and ``encode`` (a voice reference).
-    """
-
-    scheduler: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SCHEDULER_WORK, 0.0))
-    prefills: int = 0
-    prefilled: int = 0
-    steps: int = 0
-    codec: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CODEC_WORK, 0.0))
-    codec_calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CODEC_WORK, 0))
-    codec_pieces: int = 0
 
 
 def kv_slots(wanted: int, slot_bytes: int, tokens: int, budget_gb: float | None, free: int | None) -> int:

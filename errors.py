@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import ContextLengthError, EngineBusy, EngineFailure
+from generation import ContextLengthError, EngineBusy, EngineFailure
 from protocol import InvalidRequest
 from stt import TranscriberBusy, TranslatorUnavailable
 from voice_cloning import InvalidAudio

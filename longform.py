@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from audio import EncoderStream
-from engine import (
+from generation import (
     AudioCodes,
     AudioPiece,
     ContextLengthError,

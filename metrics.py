@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from engine import EngineWork, GenerationResult
+from generation import EngineWork, GenerationResult
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

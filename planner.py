@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from audio import Audio
-from engine import AudioCodes, Engine, GenerationRequest, Turn
+from generation import AudioCodes, Engine, GenerationRequest, Turn
 from longform import Script, script_for
 from protocol import (
     ChatCompletionRequest,

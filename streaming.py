@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from audio import EncoderStream, TempoStream, pcm16
-from engine import AudioPiece, GenerationResult, Started, StreamEvent, TextPiece, TranscriptPiece
 from errors import error_body
+from generation import AudioPiece, GenerationResult, Started, StreamEvent, TextPiece, TranscriptPiece
 
 log = logging.getLogger(__name__)
 

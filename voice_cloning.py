@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from audio import Audio, AudioError, active_speech_seconds, decode_audio, decode_base64, trim_silence
-from engine import SYSTEM_TEMPLATE, AudioCodes, Turn
+from generation import SYSTEM_TEMPLATE, AudioCodes, Turn
 from protocol import InvalidRequest
 
 if TYPE_CHECKING:

@@ -32,7 +32,7 @@ import soundfile as sf
 import torch
 
 from audio import Audio, active_speech_seconds, trim_silence
-from engine import AudioCodes, Engine, GenerationRequest, Turn
+from generation import AudioCodes, Engine, GenerationRequest, Turn
 from protocol import InvalidRequest
 from settings import Settings
 from stt import AsyncTranscriber

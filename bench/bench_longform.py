@@ -221,6 +221,7 @@ def _under_load(args: argparse.Namespace, settings, text: str) -> dict[str, dict
     import httpx
 
     import engine as engine_module
+    import generation
     from app import create_app
 
     holds = engine_module.HOLD_SECONDS, engine_module.HOLD_WHILE_DECODING
@@ -234,7 +235,7 @@ def _under_load(args: argparse.Namespace, settings, text: str) -> dict[str, dict
 
         async def recorded(request):  # the later pieces' waits for a slot
             async for event in stream(request):
-                if isinstance(event, engine_module.GenerationResult) and request.continues:
+                if isinstance(event, generation.GenerationResult) and request.continues:
                     waits.append(event.queue_seconds)
                 yield event
 

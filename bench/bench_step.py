@@ -185,7 +185,8 @@ def main() -> None:
         import torch
 
         import decoder
-        from engine import GenerationRequest, Turn, load_engine
+        from engine import load_engine
+        from generation import GenerationRequest, Turn
 
         settings = service_settings(
             **models,

@@ -11,8 +11,8 @@ from contextlib import aclosing
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine import GenerationResult, Started, StreamEvent, TextPiece
 from errors import bad_request
+from generation import GenerationResult, Started, StreamEvent, TextPiece
 from longform import encode_whole, speak
 from planner import Planner
 from protocol import AssistantMessage, AudioOut, ChatCompletion, ChatCompletionRequest, Choice, Usage

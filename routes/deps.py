@@ -12,8 +12,8 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, UploadFile
 
-from engine import Engine, EngineBusy
 from errors import APIError
+from generation import Engine, EngineBusy
 from metrics import Metrics
 from planner import Planner
 from settings import Settings

@@ -1,6 +1,6 @@
 """A fake engine for HTTP-layer tests where the model adds nothing: instant, deterministic, scriptable.
 
-It has the engine's public face (``engine.Engine``): ``encode``, ``generate``, ``stream`` with the typed
+It has the engine's public face (``generation.Engine``): ``encode``, ``generate``, ``stream`` with the typed
 events, ``pending``/``max_queue``/``failure``/``observers``. Its audio is a 440 Hz tone as long as the
 request's token cap says; ``fail_with`` makes the next generations raise, ``fail_mid_stream`` raises after
 the first audio piece.
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from audio import Audio
-from engine import (
+from generation import (
     AudioCodes,
     AudioPiece,
     GenerationRequest,

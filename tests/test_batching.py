@@ -28,6 +28,7 @@ from conftest import TEST_AUDIO, Pcm, b64, post_then_hang_up
 
 import decoder
 import engine as engine_module
+import generation
 
 SPEAK = "Read this sentence aloud, please."
 
@@ -230,15 +231,15 @@ def at_each_release(engine, monkeypatch, read: Callable[[], int]) -> list[int]:
 
 def test_a_cancelled_slot_is_free_within_one_step(engine, client, monkeypatch, lookahead):
     released = at_each_release(engine, monkeypatch, lambda: engine.batch_steps)
-    turns = [engine_module.Turn("user", "Cancel me.")]
-    request = engine_module.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=1)
-    keep = engine_module.GenerationRequest(turns, True, 60, 0.7, 0.95, 50, seed=2)
+    turns = [generation.Turn("user", "Cancel me.")]
+    request = generation.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=1)
+    keep = generation.GenerationRequest(turns, True, 60, 0.7, 0.95, 50, seed=2)
 
     async def run() -> int:
         other = asyncio.ensure_future(engine.generate(keep))
         stream = engine.stream(request)
         async for event in stream:
-            if isinstance(event, engine_module.AudioPiece):
+            if isinstance(event, generation.AudioPiece):
                 break
         await stream.aclose()  # sets the cancel flag; the slot must be free one step later at most
         at_cancel = engine.batch_steps
@@ -269,13 +270,13 @@ def test_the_queued_pieces_of_a_stream_whose_client_left_are_not_decoded(engine,
 
     monkeypatch.setattr(engine._pieces, "decode", slow)
     monkeypatch.setattr(engine_module._AudioStream, "join", join)
-    turns = [engine_module.Turn("user", "Leave early.")]
-    request = engine_module.GenerationRequest(turns, True, 400, 0.7, 0.95, 50, seed=3)
+    turns = [generation.Turn("user", "Leave early.")]
+    request = generation.GenerationRequest(turns, True, 400, 0.7, 0.95, 50, seed=3)
 
     async def run() -> float:
         stream = engine.stream(request)
         async for event in stream:
-            if isinstance(event, engine_module.AudioPiece):
+            if isinstance(event, generation.AudioPiece):
                 break
         due = engine.batch_steps + 4 * engine.streaming.chunk_frames
 
@@ -300,18 +301,18 @@ def test_a_request_counts_against_the_bound_until_its_slot_is_free(engine, clien
     scheduler has freed its slot; a waiting request whose client left is out of the line at once."""
     pending_at_release = at_each_release(engine, monkeypatch, lambda: engine.pending)
     monkeypatch.setattr(engine, "slots", 1)  # one request decodes, the next one waits
-    turns = [engine_module.Turn("user", "Count me.")]
-    leaving = engine_module.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=1)
-    waiting = engine_module.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=2)
+    turns = [generation.Turn("user", "Count me.")]
+    leaving = generation.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=1)
+    waiting = generation.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=2)
 
     async def run() -> list[tuple[int, int]]:
         seen = []
         first = engine.stream(leaving)
         async for event in first:
-            if isinstance(event, engine_module.AudioPiece):
+            if isinstance(event, generation.AudioPiece):
                 break
         second = engine.stream(waiting)
-        assert isinstance(await anext(second), engine_module.Started)  # queued behind the first
+        assert isinstance(await anext(second), generation.Started)  # queued behind the first
         seen.append((engine.pending, engine.stats().waiting))
         await second.aclose()
         seen.append((engine.pending, engine.stats().waiting))
@@ -380,7 +381,7 @@ def test_a_continuation_takes_the_slot_kept_for_it_ahead_of_the_line(engine, cli
     that waited longer gets it after that piece, and a full line, which refuses a new request, takes the
     continuation."""
     started = one_slot_kept_for(engine, monkeypatch, 30.0)  # whatever the machine's speed
-    GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
+    GenerationRequest, Turn = generation.GenerationRequest, generation.Turn
     turns = [Turn("user", "Keep my slot.")]
     piece = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=1, keep_slot=True)
     other = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=2)
@@ -390,12 +391,12 @@ def test_a_continuation_takes_the_slot_kept_for_it_ahead_of_the_line(engine, cli
         waiting = engine.stream(other)
         async with contextlib.aclosing(engine.stream(piece)) as events:
             async for event in events:
-                if isinstance(event, engine_module.AudioPiece) and engine.stats().waiting == 0:
-                    assert isinstance(await anext(waiting), engine_module.Started)  # in the line
+                if isinstance(event, generation.AudioPiece) and engine.stats().waiting == 0:
+                    assert isinstance(await anext(waiting), generation.Started)  # in the line
         assert engine.stats().waiting == 1 and engine.stats().busy_slots == 0  # kept, not given to it
         assert engine.stats().kept_slots == 1 and "higgs_kept_slots 1.0" in client.get("/metrics").text
         monkeypatch.setattr(engine, "max_queue", engine.pending)  # the line is full now
-        with pytest.raises(engine_module.EngineBusy):
+        with pytest.raises(generation.EngineBusy):
             await engine.generate(replace(other, seed=4))
         continued = await engine.generate(later)
         rest = [event async for event in waiting]
@@ -411,17 +412,17 @@ def test_a_kept_slot_nobody_continues_goes_back_after_its_hold(engine, client, m
     """The next piece may never come (its client left, ``max_tokens`` ran out): the waiting line gets the
     slot when the hold ends, not before, and nothing stays kept."""
     started = one_slot_kept_for(engine, monkeypatch, 2.0)
-    GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
+    GenerationRequest, Turn = generation.GenerationRequest, generation.Turn
     turns = [Turn("user", "Keep my slot.")]
     piece = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=1, keep_slot=True)
     other = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=2)
 
-    async def run() -> tuple[float, engine_module.GenerationResult]:
+    async def run() -> tuple[float, generation.GenerationResult]:
         waiting = engine.stream(other)
         async with contextlib.aclosing(engine.stream(piece)) as events:
             async for event in events:
-                if isinstance(event, engine_module.AudioPiece) and engine.stats().waiting == 0:
-                    assert isinstance(await anext(waiting), engine_module.Started)  # in the line
+                if isinstance(event, generation.AudioPiece) and engine.stats().waiting == 0:
+                    assert isinstance(await anext(waiting), generation.Started)  # in the line
         (hold_ends,) = engine._held.values()  # the piece's slot is kept (the other request still waits)
         return hold_ends, [event async for event in waiting][-1]
 
@@ -443,16 +444,16 @@ def test_a_kept_slot_goes_back_at_once_when_its_last_audio_fails(engine, client,
         return real_decode(codes)
 
     monkeypatch.setattr(engine._pieces, "decode", decode)
-    GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
+    GenerationRequest, Turn = generation.GenerationRequest, generation.Turn
     turns = [Turn("user", "Keep my slot.")]
     piece = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=1, keep_slot=True)
     other = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=2)
 
-    async def run() -> engine_module.GenerationResult:
+    async def run() -> generation.GenerationResult:
         async with contextlib.aclosing(engine.stream(piece)) as events:
-            assert isinstance(await anext(events), engine_module.Started)
+            assert isinstance(await anext(events), generation.Started)
             waiting = engine.stream(other)
-            assert isinstance(await anext(waiting), engine_module.Started)  # in the line behind it
+            assert isinstance(await anext(waiting), generation.Started)  # in the line behind it
             with pytest.raises(RuntimeError, match="injected"):
                 async for _ in events:
                     pass
@@ -500,16 +501,16 @@ def test_a_kept_slot_goes_back_at_once_when_its_client_leaves_before_the_result(
     """A piece whose decoding ended (its slot kept for the next piece) and whose client leaves while its
     audio is still on the way: no next piece comes, and the waiting request gets the slot at once."""
     started = one_slot_kept_for(engine, monkeypatch, 3600.0, 3600.0)
-    GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
+    GenerationRequest, Turn = generation.GenerationRequest, generation.Turn
     turns = [Turn("user", "Keep my slot.")]
     piece = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=1, keep_slot=True)
     other = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=2)
 
-    async def run() -> engine_module.GenerationResult:
+    async def run() -> generation.GenerationResult:
         events = engine.stream(piece)
-        assert isinstance(await anext(events), engine_module.Started)
+        assert isinstance(await anext(events), generation.Started)
         waiting = engine.stream(other)
-        assert isinstance(await anext(waiting), engine_module.Started)  # in the line behind it
+        assert isinstance(await anext(waiting), generation.Started)  # in the line behind it
         deadline = time.monotonic() + 120
         while not engine._held and time.monotonic() < deadline:  # noqa: ASYNC110 (set by the scheduler thread)
             await asyncio.sleep(0.01)
@@ -533,7 +534,7 @@ def test_a_long_text_that_stops_between_pieces_gives_its_kept_slot_back_at_once(
     from longform import script_for, speak
 
     started = one_slot_kept_for(engine, monkeypatch, 3600.0, 3600.0)
-    GenerationRequest, Turn = engine_module.GenerationRequest, engine_module.Turn
+    GenerationRequest, Turn = generation.GenerationRequest, generation.Turn
     pieces = ["First piece.", "Second piece.", "Third piece."]
     template = GenerationRequest([Turn("user", " ".join(pieces))], True, 12, 0.7, 0.95, 50, seed=1)
     budget = 12 if why == "max_tokens ran out" else None  # all spent by the first piece
@@ -544,19 +545,19 @@ def test_a_long_text_that_stops_between_pieces_gives_its_kept_slot_back_at_once(
 
     async def stream(request):
         async for event in real_stream(request):
-            if isinstance(event, engine_module.GenerationResult):
+            if isinstance(event, generation.GenerationResult):
                 ended.append(request)
             yield event
 
     monkeypatch.setattr(engine, "stream", stream)
 
-    async def run() -> engine_module.GenerationResult:
+    async def run() -> generation.GenerationResult:
         waiting = None
         async with contextlib.aclosing(speak(engine, script)) as events:
             async for event in events:
-                if waiting is None and isinstance(event, engine_module.AudioPiece):
+                if waiting is None and isinstance(event, generation.AudioPiece):
                     waiting = real_stream(other)  # in the line behind the first piece
-                    assert isinstance(await anext(waiting), engine_module.Started)
+                    assert isinstance(await anext(waiting), generation.Started)
                 if ended and why == "client left":
                     break  # between the first piece and the second
         assert engine.stats().kept_slots == 0
@@ -804,14 +805,13 @@ def test_metrics_say_where_the_engines_time_goes(client, engine):
     assert added["higgs_prefilled_requests_total"] == 3
     assert added["higgs_prefills_total"] == 3  # one request a forward pass on a CPU (``prefill_batch``)
     assert added["higgs_decode_steps_total"] == engine.batch_steps - steps_before > 0
-    calls = {work: added[f'higgs_codec_calls_total{{work="{work}"}}'] for work in engine_module.CODEC_WORK}
+    calls = {work: added[f'higgs_codec_calls_total{{work="{work}"}}'] for work in generation.CODEC_WORK}
     assert 1 <= calls["first_piece"] <= 3 and calls["end"] == 3 and calls["piece"] >= 3
     assert calls["encode"] == 0
     # 3 first pieces (8 frames, up to 4 a call on a CPU), then later pieces (20 frames) one a call.
     assert added["higgs_codec_pieces_total"] == 3 + calls["piece"]
     spent = {
-        work: added[f'higgs_scheduler_seconds_total{{work="{work}"}}']
-        for work in engine_module.SCHEDULER_WORK
+        work: added[f'higgs_scheduler_seconds_total{{work="{work}"}}'] for work in generation.SCHEDULER_WORK
     }
     # The loop paused: its first pieces were due while it ran. On a CPU a step is computed when launched,
     # so waiting for its tokens takes (next to) nothing.
@@ -874,8 +874,8 @@ def test_a_full_engine_answers_429_with_retry_after_from_the_measured_rate(clien
     busy = client.post("/v1/chat/completions", json=chat())
     assert busy.status_code == 429
     assert busy.headers["retry-after"] == str(math.ceil(7.3))
-    with pytest.raises(engine_module.EngineBusy) as refused:
-        asyncio.run(engine.generate(engine_module.GenerationRequest([], True, 5, 0.7, 0.95)))
+    with pytest.raises(generation.EngineBusy) as refused:
+        asyncio.run(engine.generate(generation.GenerationRequest([], True, 5, 0.7, 0.95)))
     assert refused.value.retry_after == pytest.approx(7.3)
 
 
@@ -886,8 +886,8 @@ def test_a_greedy_request_decodes_as_upstream_generate_does(engine):
     same seed picks other tokens than upstream's; ``test_sampling_follows_the_distribution`` checks those."""
     from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
 
-    turns = [engine_module.Turn("system", "Generate audio."), engine_module.Turn("user", "Hello there.")]
-    request = engine_module.GenerationRequest(turns, True, 60, 0.0, 0.95, 50, ras_window=0)
+    turns = [generation.Turn("system", "Generate audio."), generation.Turn("user", "Hello there.")]
+    request = generation.GenerationRequest(turns, True, 60, 0.0, 0.95, 50, ras_window=0)
     ours = asyncio.run(engine.generate(request))
     inputs = engine._prepare(request).inputs
     with torch.inference_mode():
@@ -916,8 +916,8 @@ def test_fast_forward_layers_decode_as_upstream_does(engine):
         audio_eos_token=engine._audio_eos_id, suppress_in_text=engine._audio_start_ids,
     )  # fmt: skip
     assert small.kinds == ["dual", "skip"]
-    turns = [engine_module.Turn("system", "Generate audio."), engine_module.Turn("user", "Hello there.")]
-    request = engine_module.GenerationRequest(turns, True, 30, 0.0, 0.95, 50, ras_window=0)
+    turns = [generation.Turn("system", "Generate audio."), generation.Turn("user", "Hello there.")]
+    request = generation.GenerationRequest(turns, True, 30, 0.0, 0.95, 50, ras_window=0)
     inputs = engine._prepare(request).inputs
     first = small.prefill(slot=0, inputs=inputs, audio_output=True, sampling=engine._sampling(request))
     ours = torch.stack([first[1:], *(small.step()[0, 1:] for _ in range(29))], dim=1)
@@ -994,18 +994,18 @@ def test_a_prefill_together_fills_each_slot_as_alone(engine):
 
     t = np.arange(48000, dtype=np.float32) / 24000
     reference = asyncio.run(engine.encode(engine_module.Audio((0.3 * np.sin(2 * np.pi * 220 * t)), 24000)))
-    Turn = engine_module.Turn
+    Turn = generation.Turn
     requests = [
-        engine_module.GenerationRequest(
+        generation.GenerationRequest(
             [Turn("system", "Generate audio."), Turn("user", "A longer prompt, with a few words in it.")],
             True, 10, 0.7, 0.95, 50, seed=1,
         ),
-        engine_module.GenerationRequest(
+        generation.GenerationRequest(
             [Turn("system", "Generate audio."), Turn("user", "Say it."), Turn("assistant", audio=reference),
              Turn("user", "Now.")],
             True, 10, 0.7, 0.95, 50, seed=2,
         ),
-        engine_module.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.7, 0.95, 50, seed=3),
+        generation.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.7, 0.95, 50, seed=3),
     ]  # fmt: skip
     prompts = [engine._prepare(r) for r in requests]
     admissions = [

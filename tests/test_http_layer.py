@@ -15,7 +15,7 @@ import soundfile as sf
 from conftest import TEST_AUDIO, b64, chat_audio, post_then_hang_up, wav_b64
 from fastapi.testclient import TestClient
 
-from engine import ContextLengthError, EngineBusy, EngineFailure
+from generation import ContextLengthError, EngineBusy, EngineFailure
 
 CHAT = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "wav"},
         "messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 8}  # fmt: skip

@@ -20,7 +20,7 @@ import soundfile as sf
 import torch
 from sample_texts import sentences
 
-from engine import AudioPiece, GenerationResult
+from generation import AudioPiece, GenerationResult
 from longform import Joiner
 from text_split import spaced, split_text
 
@@ -425,7 +425,7 @@ class _ScriptedEngine:
         self.requests, self.refused = [], 0
 
     async def stream(self, request):
-        from engine import AudioCodes, ContextLengthError, EngineBusy, Started
+        from generation import AudioCodes, ContextLengthError, EngineBusy, Started
 
         context = sum(1 for t in request.turns if t.audio is not None)
         if context > self.max_context_pieces:
@@ -446,7 +446,7 @@ class _ScriptedEngine:
 def _speak_all(engine, pieces: list[str]) -> list:
     import asyncio
 
-    from engine import GenerationRequest, Turn
+    from generation import GenerationRequest, Turn
     from longform import script_for, speak
 
     turns = [Turn("system", "scene"), Turn("user", " ".join(pieces))]

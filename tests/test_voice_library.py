@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 
 from audio import Audio
-from engine import AudioCodes
+from generation import AudioCodes
 from voices import VoiceChanged, VoiceExists, VoiceLibrary, VoiceQuotaExceeded, check_voice_name
 
 
