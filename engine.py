@@ -62,14 +62,13 @@ T = TypeVar("T")
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>")
 GPU_HEADROOM_GB = 3.0
 """GPU memory (GiB) left free beside the KV cache when ``HIGGS_KV_CACHE_GB`` is not set: a batched
-prefill's activations and text logits (``PREFILL_TOKENS`` x 128,256 of them, 1 GiB in bfloat16), the CUDA
-graphs' buffers, the codec's pieces. An estimate: the start-up log's ``warm-up done`` line says what was
-left free."""
+prefill's activations (``PREFILL_TOKENS`` tokens), the CUDA graphs' buffers, the codec's pieces. An
+estimate: the start-up log's ``warm-up done`` line says what was left free."""
 CPU_KV_CACHE_GB = 16.0
 """The KV cache's budget (GiB) on the CPU when ``HIGGS_KV_CACHE_GB`` is not set."""
 PREFILL_TOKENS = 4096
-"""Most tokens (rows x the longest prompt, padding included) one prefill of several requests may take:
-upstream's forward makes text logits for every position, 128,256 of them per token."""
+"""Most tokens (rows x the longest prompt, padding included) one prefill of several requests may take: the
+pass stalls every running stream, and its activations grow with it."""
 CPU_CODEC_FRAMES = 32
 """Most frames one codec call decodes on a CPU, same-length pieces of several streams together. Measured
 with the tiny codec (the real decoder's 1,024 channels) on this project's 2-core CPU, against the same

@@ -1137,3 +1137,40 @@ def test_speech_recognition_loads_before_the_engine_sizes_its_slots(settings, mo
     with pytest.raises(RuntimeError, match="stop here"), TestClient(app):
         pass
     assert loaded == ["recognizer", "engine"]
+
+
+def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine):
+    """Upstream's forward would make text logits for every prompt token (1 GiB for a 4,096-token prefill
+    of the real model); the prefill makes them for the last one, and chooses the same first token."""
+    from dataclasses import asdict
+
+    from transformers import DynamicCache
+
+    Turn = generation.Turn
+    requests = [
+        generation.GenerationRequest([Turn("user", "Hi there, how are you today?")], False, 10, 0.0, 1.0, 0),
+        generation.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.0, 1.0, 0),
+    ]
+    prompts = [engine._prepare(r) for r in requests]
+    small = decoder.BatchDecoder(
+        engine._model, slots=2, max_len=1024, audio_out_token=engine._config.audio_out_token_idx,
+        audio_eos_token=engine._audio_eos_id, suppress_in_text=engine._audio_start_ids,
+    )  # fmt: skip
+    seen = []
+    hook = small.text_head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    try:
+        admissions = [
+            decoder.Admission(i, p.inputs, False, engine._sampling(r), p.tokens)
+            for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
+        ]
+        firsts = small.prefill_many(admissions, asdict(engine._collator([p.sample for p in prompts])))
+        assert seen == [(2, 1, small.vocab)]  # two rows, one position each
+        with torch.inference_mode():  # upstream's forward alone, as the prefill calls it: every position
+            args = asdict(engine._collator([p.sample for p in prompts]))
+            args = {k: v for k, v in args.items() if k in small._forward_keys}
+            full = engine._model(**args, past_key_values=DynamicCache(), use_cache=True).logits
+    finally:
+        hook.remove()
+    assert seen[-1][:2] == (2, max(p.tokens for p in prompts)) and seen[-1][1] > 1
+    chosen = full[:, -1].index_fill(-1, small.suppress, float("-inf")).argmax(-1)
+    assert [int(f[0]) for f in firsts] == chosen.tolist()
