@@ -5,9 +5,11 @@ voice (``voices.py``: by name or id; OpenAI's built-in names are made once and s
 ``clone``. In chat:
 
 * ``audio.voice == "clone"``: the last user message's ``input_audio`` part is the voice reference and its
-  text parts are what is spoken; without a reference the default voice is used and the fallback reported.
-* an assistant message holding ``input_audio`` (the native Higgs pattern, as Boson's own client sends it):
-  the conversation is used as it stands, whatever ``audio.voice`` says.
+  text parts are what is spoken, whatever audio came earlier in the conversation; without a reference the
+  default voice is used and the fallback reported (unless the case below applies).
+* an assistant message holding ``input_audio`` (the native Higgs pattern, as Boson's own client sends it),
+  or naming an earlier audio answer of this server: the conversation is used as it stands, whatever
+  ``audio.voice`` says (but for a ``clone`` reference in the last user message).
 * otherwise the default voice speaks the last user message; ``input_audio`` parts there are transcribed
   and stand in as text.
 
@@ -286,12 +288,6 @@ class Planner:
         if not request.wants_audio:
             return await self._plan_text(request, scene)
 
-        answers = {i: self._answer_of(m) for i, m in enumerate(messages) if m.role == "assistant"}
-        kept_audio = any(a is not None and a.codes is not None for a in answers.values())
-        if kept_audio or any(_parts(m, i).audios for i, m in enumerate(messages) if m.role == "assistant"):
-            return await self._plan_native(request, scene or self.settings.default_scene, answers)
-        scene = scene or self.settings.default_scene
-
         if voice == CLONE_VOICE:
             parts = _parts(messages[last], last)
             if len(parts.audios) > 1:
@@ -300,8 +296,15 @@ class Planner:
                     f"{len(parts.audios)} input_audio parts",
                     parts.audios[1][0],
                 )
-            if parts.audios:
-                return await self._plan_clone(request, scene, parts)
+            if parts.audios:  # the voice asked for, whatever audio came earlier in the conversation
+                return await self._plan_clone(request, scene or self.settings.default_scene, parts)
+
+        answers = {i: self._answer_of(m) for i, m in enumerate(messages) if m.role == "assistant"}
+        kept_audio = any(a is not None and a.codes is not None for a in answers.values())
+        if kept_audio or any(_parts(m, i).audios for i, m in enumerate(messages) if m.role == "assistant"):
+            return await self._plan_native(request, scene or self.settings.default_scene, answers)
+        scene = scene or self.settings.default_scene
+        if voice == CLONE_VOICE:
             log.warning("voice 'clone' without an input_audio reference: falling back to the default voice")
 
         text = await self._spoken_text(messages[last], last)

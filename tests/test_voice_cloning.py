@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from conftest import FIXTURES, TEST_AUDIO, b64, chat_audio, transcripts, wav_b64
 
 FEMALE = FIXTURES / "speech_female.wav"
@@ -153,6 +154,41 @@ def test_native_higgs_pattern_is_honoured_whatever_the_voice(client, spy):
     assert [t.role for t in turns] == ["system", "user", "assistant", "user"]
     assert "A quiet studio." in turns[0].text and turns[2].audio is not None
     assert response.json()["usage"]["prompt_tokens_details"]["audio_tokens"] > 75
+
+
+def test_a_clone_reference_in_a_later_turn_is_the_voice_whatever_came_before(client, spy):
+    """A conversation that already holds audio (an earlier answer by id, or Boson's assistant
+    ``input_audio``): ``clone`` with a reference in the last user message clones that reference, and its
+    text alone is spoken (the reference is not transcribed into it). Without a reference, the earlier
+    answer's voice carries on."""
+    first = client.post("/v1/chat/completions", json=owner_request(b64(TEST_AUDIO))).json()
+    answer = {"role": "assistant", "audio": {"id": first["choices"][0]["message"]["audio"]["id"]}}
+    boson = {
+        "role": "assistant",
+        "content": [{"type": "input_audio", "input_audio": {"data": b64(TEST_AUDIO)}}],
+    }
+    again = owner_request(b64(FEMALE), text="Third, cloned again.")["messages"][0]
+    for earlier in (answer, boson):
+        body = owner_request(b64(FEMALE))
+        body["messages"] = [*owner_request(b64(TEST_AUDIO))["messages"], earlier, again]
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-voice"] == "clone" and "x-voice-fallback" not in response.headers
+        assert response.json()["choices"][0]["message"]["audio"]["transcript"] == "Third, cloned again."
+        turns = spy["generate"][-1].turns
+        assert [t.role for t in turns] == ["system", "user", "assistant", "user"]
+        assert turns[3].text == "Third, cloned again."
+        # The new reference's codes, as a request with it alone has them.
+        assert client.post("/v1/chat/completions", json=owner_request(b64(FEMALE))).status_code == 200
+        assert torch.equal(turns[2].audio.codes, spy["generate"][-1].turns[2].audio.codes)
+    body = owner_request(b64(FEMALE))
+    body["messages"] = [
+        *owner_request(b64(TEST_AUDIO))["messages"],
+        answer,
+        {"role": "user", "content": "On."},
+    ]
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200 and response.headers["x-voice"] == "native"
 
 
 def silence(seconds: float) -> np.ndarray:
