@@ -1139,6 +1139,9 @@ def test_speech_recognition_loads_before_the_engine_sizes_its_slots(settings, mo
     assert loaded == ["recognizer", "engine"]
 
 
+# ---- prefill ----
+
+
 def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine):
     """Upstream's forward would make text logits for every prompt token (1 GiB for a 4,096-token prefill
     of the real model); the prefill makes them for the last one, and chooses the same first token."""
