@@ -1,7 +1,7 @@
 """Decoding audio-code pieces with Higgs Audio's codec, batched, and on CUDA from captured graphs.
 
 A streamed answer reaches the codec as pieces of a few fixed lengths (the first piece, then every later one
-but the last: see ``engine._AudioStream``), from every stream at once. The codec's decoder is a deep stack
+but the last: see ``AudioStream.cut``), from every stream at once. The codec's decoder is a deep stack
 of small convolutions: at batch 1 a piece costs about as much as a batch of 8 (launch-bound), and every
 launch holds Python's lock that the decoding loop needs too. So on CUDA each (batch bucket, piece length)
 gets a CUDA graph, captured before serving: a piece is then one copy in, one replay and one copy out,

@@ -29,12 +29,13 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing, nullcontext
 from dataclasses import asdict, dataclass, replace
-from typing import ClassVar, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
 
 from audio import Audio
+from audio_stream import AudioStream, CodecWork, Decode, Encode, End, Layout, is_first, next_codec_work
 from codec import PieceDecoder, bake_weight_norm, snakes_in_place
 from decoder import Admission, BatchDecoder, Launched, Sampling
 from generation import (
@@ -172,7 +173,7 @@ class _Job:
         self.text_ids: list[int] = []
         self.text_sent = 0
         self.text: str | None = None  # set when a stop string ended the text
-        self.stream: _AudioStream | None = None
+        self.stream: AudioStream | None = None
         self.failed = False
         self.counted = True  # counts against the engine's bound until it leaves its slot or the line
 
@@ -279,6 +280,14 @@ class HiggsEngine:
         )
 
         self.streaming = streaming or StreamSettings()
+        self._layout = Layout(
+            self.streaming,
+            self.num_codebooks,
+            int(config.audio_codebook_size),
+            self.sample_rate,
+            self.frame_rate,
+            _revert_delay,
+        )
         self._pieces = PieceDecoder(
             self._codec,
             codebooks=self.num_codebooks,
@@ -290,7 +299,7 @@ class HiggsEngine:
             reserved = torch.cuda.memory_reserved()
             steps = self._decoder.capture_graphs()
             piece = self.streaming
-            lengths = [  # a stream's first piece, and every later one but the last (``_AudioStream.cut``)
+            lengths = [  # a stream's first piece, and every later one but the last (``AudioStream.cut``)
                 piece.first_chunk_frames + piece.context_frames,
                 piece.context_frames + piece.chunk_frames + piece.context_frames,
             ]
@@ -336,8 +345,8 @@ class HiggsEngine:
         self._job_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
         self._rates: deque[tuple[float, int, int]] = deque()  # (time, batch steps, audio frames) samples
         self._frames = 0
-        self._codec_queue: queue.SimpleQueue = queue.SimpleQueue()  # lists of ``_CodecWork``, or None to stop
-        self._handover: list[_CodecWork] = []  # the scheduler's items for the codec this turn
+        self._codec_queue: queue.SimpleQueue = queue.SimpleQueue()  # lists of ``CodecWork``, or None to stop
+        self._handover: list[CodecWork] = []  # the scheduler's items for the codec this turn
         # High priority: the decoding loop replays its graphs back to back, and a listener waits on the codec.
         self._codec_stream = torch.cuda.Stream(priority=-1) if device == "cuda" else None
         self.yield_to_first_pieces = self._codec_stream is None
@@ -451,7 +460,7 @@ class HiggsEngine:
         self._admit()
         try:
             future: Future[AudioCodes] = Future()
-            self._codec_queue.put([_Encode(audio, future, contextvars.copy_context())])
+            self._codec_queue.put([Encode(audio, future, contextvars.copy_context())])
             return await asyncio.wrap_future(future)
         finally:
             self._release()
@@ -665,6 +674,16 @@ class HiggsEngine:
             self._codec_queue.put(self._handover)
             self._handover = []
 
+    def _to_codec(self, item: CodecWork) -> None:
+        """Queue ``item`` for the codec with the rest of this turn's (``_hand_over``)."""
+        self._handover.append(item)
+
+    def _first_piece_cut(self) -> None:
+        """A stream's first piece is queued: counted until the codec thread is done with it
+        (``_codec_work``), while which a CPU's decoding loop steps aside."""
+        with self._cond:
+            self._first_pieces += 1
+
     def _admissible(self) -> list[_Job]:
         """The waiting requests to prefill now (under the lock): as many as there are free slots, at most
         ``prefill_batch``, and a batch's padded prompts within ``PREFILL_TOKENS``. A slot kept for a
@@ -762,7 +781,7 @@ class HiggsEngine:
         with self._cond:
             self._running[job.slot] = job
         if job.request.audio_output:
-            job.stream = _AudioStream(self, job)
+            job.stream = AudioStream(job, self._layout, self._to_codec, self._first_piece_cut)
         self.steps += 1
         self._advance(job, first)
 
@@ -936,7 +955,7 @@ class HiggsEngine:
         if job.stream is not None:  # the codec thread sends the last piece, then the result
             if job.stream.sent == 0 and job.stream.first_due_in <= 0:
                 job.stream.cut_first()  # as when it ends alone
-            self._handover.append(_End(job.stream, result))
+            self._handover.append(End(job.stream, result))
         else:
             self._finish(job, result)
 
@@ -958,7 +977,7 @@ class HiggsEngine:
     def _codec_work(self) -> None:
         if self._codec_stream is not None:
             torch.cuda.set_device(self._model.device)
-        pending: list[_CodecWork] = []
+        pending: list[CodecWork] = []
         while True:
             items = [] if pending else [self._codec_queue.get()]
             while True:
@@ -972,7 +991,7 @@ class HiggsEngine:
                 pending.extend(work_items)
             work = self._next_codec_work(pending)
             pending = [item for item in pending if item not in work]  # (by identity: ``eq=False``)
-            firsts = sum(1 for item in work if _is_first(item))
+            firsts = sum(1 for item in work if is_first(item))
             kind = "first_piece" if firsts else work[0].kind
             started = time.perf_counter()
             with (
@@ -993,36 +1012,14 @@ class HiggsEngine:
                             self._first_pieces -= firsts
                             self._cond.notify()
 
-    def _next_codec_work(self, pending: list[_CodecWork]) -> list[_CodecWork]:
-        """What to do next: the first piece of a stream that has sent nothing (a listener is waiting for
-        sound; on a CPU the decoding loop too), else a reference to encode (a request waits for it before it
-        can be queued), else the next item of the stream whose listener runs out of audio first (the oldest
-        item first would serve the streams that started earlier, with seconds in hand, while one that
-        joined later falls silent); a piece goes together with the other streams' next pieces of the same
-        length."""
-        heads: dict[int, _CodecWork] = {}  # each stream's oldest item: a stream's pieces are joined in order
-        for item in pending:  # a reference to encode is a line of its own
-            heads.setdefault(id(item if isinstance(item, _Encode) else item.stream), item)
-        firsts = [item for item in heads.values() if _is_first(item)]
-        encodes = [item for item in pending if isinstance(item, _Encode)]
-        if firsts or encodes:
-            chosen = firsts[0] if firsts else encodes[0]
-        else:  # (min keeps the oldest of equals)
-            chosen = min(heads.values(), key=lambda item: item.stream.runs_out)
-        if not isinstance(chosen, _Decode):
-            return [chosen]
-        length = chosen.frames
-        same = [i for i in heads.values() if isinstance(i, _Decode) and i.frames == length]
-        same.sort(key=lambda item: item.stream.runs_out)
-        work = [chosen, *(i for i in same if i is not chosen)]
-        # On a CPU a batch pays only while its activations fit the caches (``CPU_CODEC_FRAMES``). A row
-        # decoded in a batch differs from the piece decoded alone by float32 rounding (up to 1.6e-7: the
-        # convolutions choose their arithmetic by batch size), at most a step of 16-bit PCM in a sample.
-        return work if self._codec_stream is not None else work[: max(1, CPU_CODEC_FRAMES // length)]
+    def _next_codec_work(self, pending: list[CodecWork]) -> list[CodecWork]:
+        """``next_codec_work``; on a CPU a batch pays only while its activations fit the caches
+        (``CPU_CODEC_FRAMES``), on CUDA a graph replays any batch."""
+        return next_codec_work(pending, None if self._codec_stream is not None else CPU_CODEC_FRAMES)
 
-    def _codec_run(self, work: list[_CodecWork]) -> None:
+    def _codec_run(self, work: list[CodecWork]) -> None:
         """Encode a reference, end a stream, or decode pieces of several streams in one codec call."""
-        if isinstance(work[0], _Encode):
+        if isinstance(work[0], Encode):
             encode = work[0]
             if not encode.future.set_running_or_notify_cancel():
                 return  # its request is gone (the client left while it waited)
@@ -1035,18 +1032,18 @@ class HiggsEngine:
         # the pieces of one whose client left (nobody would hear them); its end item is not (it is a
         # finished request's result, for the observers).
         for item in work:
-            if isinstance(item, _End) and item.stream.job.failed:
+            if isinstance(item, End) and item.stream.job.failed:
                 self._hold_ends(item.stream.job, 0.0)
         live = [
             item
             for item in work
             if not item.stream.job.failed
-            and not (isinstance(item, _Decode) and item.stream.job.cancel.is_set())
+            and not (isinstance(item, Decode) and item.stream.job.cancel.is_set())
         ]
         if not live:
             return
         try:
-            if isinstance(live[0], _End):
+            if isinstance(live[0], End):
                 live[0].stream.job.context.run(self._end_stream, live[0].stream, live[0].result)
                 return
             audio = self._guarded(self._pieces.decode, torch.stack([item.piece.codes for item in live]))
@@ -1061,7 +1058,7 @@ class HiggsEngine:
             except BaseException as exc:
                 self._fail_stream(item.stream, exc)
 
-    def _fail_stream(self, stream: _AudioStream, exc: BaseException) -> None:
+    def _fail_stream(self, stream: AudioStream, exc: BaseException) -> None:
         stream.job.failed = True
         stream.job.cancel.set()  # the scheduler frees its slot before its next step
         with self._cond:
@@ -1069,7 +1066,7 @@ class HiggsEngine:
         stream.job.emit(exc)
         self._hold_ends(stream.job, 0.0)  # no next piece follows a failed one
 
-    def _end_stream(self, stream: _AudioStream, result: GenerationResult) -> None:
+    def _end_stream(self, stream: AudioStream, result: GenerationResult) -> None:
         last = stream.final()
         if last is not None:
             samples = self._guarded(self._pieces.decode, last.codes[None])[0, 0]
@@ -1119,157 +1116,6 @@ class HiggsEngine:
             f"{torch.cuda.memory_reserved() / gib:.2f} GiB reserved; "
             f"{free / gib:.2f} of {total / gib:.2f} GiB free"
         )
-
-
-@dataclass(eq=False)
-class _Piece:
-    """Codes to decode for one piece of a stream, and which of the decoded samples to send."""
-
-    codes: torch.Tensor  # (codebooks, frames), clipped to the codec's range
-    start: int
-    stop: int
-    first: bool  # the stream's first piece
-
-
-@dataclass(eq=False)
-class _Decode:
-    """For the codec thread: a stream's piece to decode and send."""
-
-    kind: ClassVar[str] = "piece"
-    stream: _AudioStream
-    piece: _Piece
-
-    @property
-    def frames(self) -> int:
-        return self.piece.codes.shape[1]
-
-
-@dataclass(eq=False)
-class _End:
-    """For the codec thread: a stream that ended (what was not cut yet is decoded and sent, then the
-    result)."""
-
-    kind: ClassVar[str] = "end"
-    stream: _AudioStream
-    result: GenerationResult
-
-
-@dataclass(eq=False)
-class _Encode:
-    """For the codec thread: a voice reference to encode; ``future`` gets its codes."""
-
-    kind: ClassVar[str] = "encode"
-    audio: Audio
-    future: Future
-    context: contextvars.Context
-
-
-_CodecWork = _Decode | _End | _Encode
-
-
-def _is_first(item: _CodecWork) -> bool:
-    """A stream's first piece (a listener waits for sound; on a CPU the decoding loop waits too)."""
-    return isinstance(item, _Decode) and item.piece.first
-
-
-class _AudioStream:
-    """Turns one request's delay-pattern columns into audio pieces as they arrive.
-
-    The model emits one column per step; codebook ``c`` of column ``j`` belongs to frame ``j - c``, so a
-    frame is complete once the column ``num_codebooks - 1`` steps later exists. The first column is the
-    stream's begin marker and the last frame is dropped at the end. Every ``chunk_frames`` frames
-    (``first_chunk_frames`` for the first piece) the new frames are cut with ``context_frames`` of
-    already-sent frames on their left and the last ``context_frames`` held back until their right-hand
-    neighbours exist (``cut``, on the scheduler thread); the codec thread decodes the cut and ``join``s it
-    to what was sent with a short crossfade over the previous decode of the same samples.
-    """
-
-    def __init__(self, engine: HiggsEngine, job: _Job):
-        self.engine = engine
-        self.job = job
-        self.settings = engine.streaming
-        self.codebooks = engine.num_codebooks
-        self.samples_per_frame = engine.sample_rate // engine.frame_rate
-        held = self.settings.context_frames * self.samples_per_frame
-        self.crossfade = min(held, int(engine.sample_rate * self.settings.crossfade_ms / 1000))
-        self.columns: list[torch.Tensor] = []
-        self.sent = 0  # frames cut so far
-        self.tail: np.ndarray | None = None  # the previous decode of the samples the next piece starts with
-        self.heard_from: float | None = None  # when its first audio went out (monotonic)
-        self.samples_out = 0  # samples gone out
-
-    @property
-    def runs_out(self) -> float:
-        """When its listener, playing from its first audio on, has heard all the audio sent (monotonic;
-        minus infinity before any went out): the codec serves the stream that runs out first."""
-        if self.heard_from is None:
-            return -math.inf
-        return self.heard_from + self.samples_out / self.engine.sample_rate
-
-    @property
-    def frames(self) -> int:
-        """Frames heard once the stream ends: the columns less the begin marker, the delay and the last."""
-        return max(0, len(self.columns) - self.codebooks - 1)
-
-    def add(self, column: torch.Tensor) -> None:
-        """Take the next column; queue a later piece for the codec when one is due (the engine cuts first
-        pieces after the step: ``HiggsEngine._cut_first_pieces``)."""
-        self.columns.append(column)
-        if self.sent == 0:
-            return
-        ready = len(self.columns) - self.codebooks  # complete frames after the begin marker
-        hold = self.settings.context_frames
-        if ready - hold - self.sent >= self.settings.chunk_frames:
-            self.engine._handover.append(_Decode(self, self.cut(ready - hold, ready)))
-
-    @property
-    def first_due_in(self) -> int:
-        """Steps until the first piece is complete: 0 at the step it becomes due, -1 a step later."""
-        frames = self.settings.first_chunk_frames + self.settings.context_frames
-        return frames + self.codebooks - len(self.columns)
-
-    def cut_first(self) -> None:
-        """Queue the first piece (it is due), as long as it would have been cut the step it became due."""
-        frames = self.settings.first_chunk_frames
-        self.engine._handover.append(_Decode(self, self.cut(frames, frames + self.settings.context_frames)))
-        with self.engine._cond:  # counted until the codec thread is done with it (``_codec_work``)
-            self.engine._first_pieces += 1
-
-    def final(self) -> _Piece | None:
-        """The last piece (everything not yet cut), or None."""
-        final = self.frames
-        return self.cut(final, final) if final > self.sent else None
-
-    def cut(self, upto: int, available: int) -> _Piece:
-        """Frames [sent, upto) to send, decoded from [sent - context, available)."""
-        first = max(0, self.sent - self.settings.context_frames)
-        window = torch.stack(self.columns[1 + first : 1 + available + self.codebooks - 1], dim=1)
-        codes = _revert_delay(window).clip(0, self.engine._config.audio_codebook_size - 1)
-        spf = self.samples_per_frame
-        piece = _Piece(codes, (self.sent - first) * spf, (upto - first) * spf, self.sent == 0)
-        self.sent = upto
-        return piece
-
-    def join(self, piece: _Piece, decoded: np.ndarray) -> AudioPiece:
-        """The piece's samples, cross-faded into the previous piece's tail."""
-        samples = np.array(decoded[piece.start : piece.stop], dtype=np.float32)
-        if self.tail is not None:
-            n = min(len(self.tail), len(samples))
-            fade = np.linspace(0.0, 1.0, n, dtype=np.float32)
-            samples[:n] = self.tail[:n] * (1.0 - fade) + samples[:n] * fade
-        self.tail = np.array(decoded[piece.stop : piece.stop + self.crossfade], dtype=np.float32)
-        if self.heard_from is None:
-            self.heard_from = time.monotonic()
-        self.samples_out += len(samples)
-        return AudioPiece(np.clip(samples, -1.0, 1.0))
-
-    def codes(self) -> AudioCodes:
-        """The frames heard, (codebooks, frames)."""
-        frames = self.frames
-        if frames == 0:
-            return AudioCodes(torch.zeros((self.codebooks, 0), dtype=torch.long))
-        reverted = _revert_delay(torch.stack(self.columns, dim=1))[:, 1 : 1 + frames]
-        return AudioCodes(reverted.clip(0, self.engine._config.audio_codebook_size - 1).contiguous())
 
 
 # ---- loading from the settings ----

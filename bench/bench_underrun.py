@@ -10,7 +10,7 @@ already decode. Each listener is taken to play its audio from its first piece on
 after the audio before it has been played is a silence of that length.
 
 Two contenders, in interleaved rounds (the order alternating) in one run, on the same server: the codec
-taking the oldest due piece first (what the engine did before; ``_AudioStream.runs_out`` made constant, so
+taking the oldest due piece first (what the engine did before; ``AudioStream.runs_out`` made constant, so
 the choice falls to the oldest), and the engine as it is, which takes the next piece of the listener who
 runs out of audio first. The total silence is what the codec's speed leaves; the choice decides who hears
 it. Reported per contender (median round, and the range over rounds): the longest single silence any
@@ -58,7 +58,7 @@ def silences(arrivals: list[tuple[float, float]]) -> list[float]:
 def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: Path) -> None:
     import httpx
 
-    import engine as engine_module
+    import audio_stream
     from app import create_app
 
     dtype = args.dtype if args.model is not None else ("float32" if args.dtype == "auto" else args.dtype)
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             return at_once(listen, seeds)
 
         round_of([1])  # untimed: first-use costs
-        neediest = engine_module._AudioStream.runs_out
+        neediest = audio_stream.AudioStream.runs_out
         contenders = {"oldest piece first": property(lambda stream: 0.0), "neediest listener first": neediest}
         got: dict[str, dict[str, list[float]]] = {
             name: {"longest": [], "one listener": [], "total": []} for name in contenders
@@ -104,13 +104,13 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             for r in range(args.rounds):
                 names = list(contenders) if r % 2 == 0 else list(contenders)[::-1]
                 for name in names:
-                    engine_module._AudioStream.runs_out = contenders[name]
+                    audio_stream.AudioStream.runs_out = contenders[name]
                     heard = round_of([100 * r + i for i in range(args.listeners)])
                     got[name]["longest"].append(max((max(g) for g in heard if g), default=0.0))
                     got[name]["one listener"].append(max(sum(g) for g in heard))
                     got[name]["total"].append(sum(sum(g) for g in heard))
         finally:
-            engine_module._AudioStream.runs_out = neediest
+            audio_stream.AudioStream.runs_out = neediest
 
     print(
         f"\nbench_underrun: {'tiny random-weight models' if args.model is None else args.model} on "

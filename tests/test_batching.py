@@ -26,6 +26,7 @@ import pytest
 import torch
 from conftest import TEST_AUDIO, Pcm, b64, post_then_hang_up
 
+import audio_stream
 import decoder
 import engine as engine_module
 import generation
@@ -262,14 +263,14 @@ def test_the_queued_pieces_of_a_stream_whose_client_left_are_not_decoded(engine,
         return real_decode(codes)
 
     joined: list[float] = []  # when each piece was decoded and sent
-    real_join = engine_module._AudioStream.join
+    real_join = audio_stream.AudioStream.join
 
     def join(self, piece, decoded):
         joined.append(time.monotonic())
         return real_join(self, piece, decoded)
 
     monkeypatch.setattr(engine._pieces, "decode", slow)
-    monkeypatch.setattr(engine_module._AudioStream, "join", join)
+    monkeypatch.setattr(audio_stream.AudioStream, "join", join)
     turns = [generation.Turn("user", "Leave early.")]
     request = generation.GenerationRequest(turns, True, 400, 0.7, 0.95, 50, seed=3)
 
@@ -473,8 +474,8 @@ def test_the_codec_serves_the_listener_who_runs_out_first(engine, monkeypatch):
     now = time.monotonic()
 
     def item(runs_out: float, frames: int, first: bool = False):
-        piece = engine_module._Piece(torch.zeros((8, frames), dtype=torch.long), 0, 0, first)
-        return engine_module._Decode(SimpleNamespace(runs_out=runs_out), piece)
+        piece = audio_stream.Piece(torch.zeros((8, frames), dtype=torch.long), 0, 0, first)
+        return audio_stream.Decode(SimpleNamespace(runs_out=runs_out), piece)
 
     early = item(now + 3.0, 20)  # started first: 3 s in hand
     late = item(now + 0.2, 24)  # joined later: about to run out
@@ -490,10 +491,10 @@ def test_the_codec_serves_the_listener_who_runs_out_first(engine, monkeypatch):
 
 
 def test_a_stream_s_deadline_is_its_first_audio_plus_the_audio_sent(engine):
-    stream = engine_module._AudioStream(engine, None)
+    stream = audio_stream.AudioStream(None, engine._layout, lambda item: None, lambda: None)
     assert stream.runs_out == -math.inf
-    stream.join(engine_module._Piece(torch.zeros((8, 1)), 0, 4800, True), np.zeros(4800, np.float32))
-    stream.join(engine_module._Piece(torch.zeros((8, 1)), 0, 2400, False), np.zeros(4800, np.float32))
+    stream.join(audio_stream.Piece(torch.zeros((8, 1)), 0, 4800, True), np.zeros(4800, np.float32))
+    stream.join(audio_stream.Piece(torch.zeros((8, 1)), 0, 2400, False), np.zeros(4800, np.float32))
     assert stream.runs_out == pytest.approx(stream.heard_from + 7200 / 24000)
 
 
@@ -578,7 +579,7 @@ def test_a_fault_in_one_request_fails_only_it(client, engine, monkeypatch, lenie
             raise ValueError("injected prefill fault")
         return real_prefill(**kwargs)
 
-    real_join = engine_module._AudioStream.join
+    real_join = audio_stream.AudioStream.join
 
     def join(self, piece, decoded):
         if self.job.request.seed == 666:  # this stream's audio fails half-way
@@ -586,7 +587,7 @@ def test_a_fault_in_one_request_fails_only_it(client, engine, monkeypatch, lenie
         return real_join(self, piece, decoded)
 
     monkeypatch.setattr(engine._decoder, "prefill", prefill)
-    monkeypatch.setattr(engine_module._AudioStream, "join", join)
+    monkeypatch.setattr(audio_stream.AudioStream, "join", join)
     bodies = [*others, text_chat(seed=23, max_tokens=10), chat(seed=666, max_tokens=80)]
     results = together(lenient, bodies)
     assert [answer(r) for r in results[:2]] == alone
@@ -674,7 +675,7 @@ def test_on_a_cpu_a_burst_starts_together_and_its_first_pieces_share_a_codec_cal
         return real_admissible() if passes or len(engine._waiting) == len(bodies) else []
 
     def codec_run(work):
-        if engine_module._is_first(work[0]):
+        if audio_stream.is_first(work[0]):
             firsts.append(len(work))
         real_run(work)
 
@@ -720,7 +721,7 @@ def test_on_a_cpu_a_first_piece_waits_a_step_for_one_due_at_the_next(
         return real_admissible() if engine.batch_steps - admitted_at[0] >= apart else []
 
     def codec_run(work):
-        if engine_module._is_first(work[0]):
+        if audio_stream.is_first(work[0]):
             firsts.append(len(work))
         real_run(work)
 
@@ -742,13 +743,13 @@ def test_the_codec_takes_first_pieces_then_references_then_later_pieces(engine):
     def stream() -> object:
         return SimpleNamespace(runs_out=-math.inf)
 
-    def piece(owner: object, first: bool) -> engine_module._Decode:
-        return engine_module._Decode(
-            owner, engine_module._Piece(torch.zeros((8, 8), dtype=torch.long), 0, 1, first)
+    def piece(owner: object, first: bool) -> audio_stream.Decode:
+        return audio_stream.Decode(
+            owner, audio_stream.Piece(torch.zeros((8, 8), dtype=torch.long), 0, 1, first)
         )
 
     one, two = stream(), stream()
-    encode = engine_module._Encode(object(), None, None)
+    encode = audio_stream.Encode(object(), None, None)
     later, newcomer = piece(one, False), piece(two, True)
     assert engine._next_codec_work([later, encode, newcomer]) == [newcomer, later]  # same length: together
     assert engine._next_codec_work([later, encode]) == [encode]
@@ -762,10 +763,10 @@ def test_on_a_cpu_the_codec_decodes_a_few_short_pieces_together(engine, monkeypa
 
     from types import SimpleNamespace
 
-    def piece(frames: int, first: bool) -> engine_module._Decode:
+    def piece(frames: int, first: bool) -> audio_stream.Decode:
         codes = torch.zeros((8, frames), dtype=torch.long)
         stream = SimpleNamespace(runs_out=-math.inf if first else 0.0)
-        return engine_module._Decode(stream, engine_module._Piece(codes, 0, 1, first))
+        return audio_stream.Decode(stream, audio_stream.Piece(codes, 0, 1, first))
 
     firsts = [piece(8, True) for _ in range(6)]
     laters = [piece(20, False) for _ in range(3)]

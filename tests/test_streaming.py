@@ -10,8 +10,8 @@ import openai
 import pytest
 from conftest import TEST_AUDIO, b64, chat_audio, decoded_seconds, pcm16_samples
 
+import audio_stream
 import codec as codec_module
-import engine as engine_module
 
 TEXT = "Streaming should sound exactly like the whole answer."
 
@@ -163,7 +163,7 @@ def test_disconnect_stops_generation_and_the_next_request_is_served(client, engi
 
 
 def test_a_fault_mid_generation_ends_the_stream_with_an_error_event(client, openai_client, monkeypatch):
-    real_join = engine_module._AudioStream.join
+    real_join = audio_stream.AudioStream.join
     sent = {"n": 0}
 
     def failing_join(self, piece, decoded):
@@ -172,7 +172,7 @@ def test_a_fault_mid_generation_ends_the_stream_with_an_error_event(client, open
             raise RuntimeError("injected fault")
         return real_join(self, piece, decoded)
 
-    monkeypatch.setattr(engine_module._AudioStream, "join", failing_join)
+    monkeypatch.setattr(audio_stream.AudioStream, "join", failing_join)
     stream = openai_client.chat.completions.create(**chat_body(max_tokens=200), stream=True)
     received = []
     with pytest.raises(openai.APIError, match="generation failed"):

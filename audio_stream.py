@@ -1,0 +1,224 @@
+"""A request's audio while it is generated: its delay-pattern columns cut into pieces for the codec, the
+decoded pieces joined into one stream, and the order in which the codec serves the pieces of many streams.
+
+The scheduler thread feeds an ``AudioStream`` one column a step and cuts pieces as they become due; the
+codec thread decodes them (``Decode``), ends streams (``End``) and encodes voice references (``Encode``),
+taking its work in the order ``next_codec_work`` gives.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from audio import Audio
+from generation import AudioCodes, AudioPiece, GenerationResult, StreamSettings
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a stream needs to know of the model and the codec."""
+
+    settings: StreamSettings
+    codebooks: int
+    codebook_size: int
+    sample_rate: int
+    frame_rate: int
+    revert_delay: Callable[[torch.Tensor], torch.Tensor]
+    """Columns of the delay pattern (codebooks, n) -> frames (codebooks, n - codebooks + 1)."""
+
+
+@dataclass(eq=False)
+class Piece:
+    """Codes to decode for one piece of a stream, and which of the decoded samples to send."""
+
+    codes: torch.Tensor  # (codebooks, frames), clipped to the codec's range
+    start: int
+    stop: int
+    first: bool  # the stream's first piece
+
+
+@dataclass(eq=False)
+class Decode:
+    """For the codec thread: a stream's piece to decode and send."""
+
+    kind: ClassVar[str] = "piece"
+    stream: AudioStream
+    piece: Piece
+
+    @property
+    def frames(self) -> int:
+        return self.piece.codes.shape[1]
+
+
+@dataclass(eq=False)
+class End:
+    """For the codec thread: a stream that ended (what was not cut yet is decoded and sent, then the
+    result)."""
+
+    kind: ClassVar[str] = "end"
+    stream: AudioStream
+    result: GenerationResult
+
+
+@dataclass(eq=False)
+class Encode:
+    """For the codec thread: a voice reference to encode; ``future`` gets its codes."""
+
+    kind: ClassVar[str] = "encode"
+    audio: Audio
+    future: Future
+    context: contextvars.Context
+
+
+CodecWork = Decode | End | Encode
+
+
+def is_first(item: CodecWork) -> bool:
+    """A stream's first piece (a listener waits for sound; on a CPU the decoding loop waits too)."""
+    return isinstance(item, Decode) and item.piece.first
+
+
+def next_codec_work(pending: list[CodecWork], max_frames: int | None = None) -> list[CodecWork]:
+    """What to do next: the first piece of a stream that has sent nothing (a listener is waiting for
+    sound; on a CPU the decoding loop too), else a reference to encode (a request waits for it before it
+    can be queued), else the next item of the stream whose listener runs out of audio first (the oldest
+    item first would serve the streams that started earlier, with seconds in hand, while one that
+    joined later falls silent); a piece goes together with the other streams' next pieces of the same
+    length, as many as make ``max_frames`` frames at most (all of them when None)."""
+    heads: dict[int, CodecWork] = {}  # each stream's oldest item: a stream's pieces are joined in order
+    for item in pending:  # a reference to encode is a line of its own
+        heads.setdefault(id(item if isinstance(item, Encode) else item.stream), item)
+    firsts = [item for item in heads.values() if is_first(item)]
+    encodes = [item for item in pending if isinstance(item, Encode)]
+    if firsts or encodes:
+        chosen = firsts[0] if firsts else encodes[0]
+    else:  # (min keeps the oldest of equals)
+        chosen = min(heads.values(), key=lambda item: item.stream.runs_out)
+    if not isinstance(chosen, Decode):
+        return [chosen]
+    length = chosen.frames
+    same = [i for i in heads.values() if isinstance(i, Decode) and i.frames == length]
+    same.sort(key=lambda item: item.stream.runs_out)
+    work = [chosen, *(i for i in same if i is not chosen)]
+    # A row decoded in a batch differs from the piece decoded alone by float32 rounding (up to 1.6e-7: the
+    # convolutions choose their arithmetic by batch size), at most a step of 16-bit PCM in a sample.
+    return work if max_frames is None else work[: max(1, max_frames // length)]
+
+
+class AudioStream:
+    """Turns one request's delay-pattern columns into audio pieces as they arrive.
+
+    The model emits one column per step; codebook ``c`` of column ``j`` belongs to frame ``j - c``, so a
+    frame is complete once the column ``num_codebooks - 1`` steps later exists. The first column is the
+    stream's begin marker and the last frame is dropped at the end. Every ``chunk_frames`` frames
+    (``first_chunk_frames`` for the first piece) the new frames are cut with ``context_frames`` of
+    already-sent frames on their left and the last ``context_frames`` held back until their right-hand
+    neighbours exist (``cut``, on the scheduler thread); the codec thread decodes the cut and ``join``s it
+    to what was sent with a short crossfade over the previous decode of the same samples.
+    """
+
+    def __init__(
+        self,
+        job: Any,
+        layout: Layout,
+        to_codec: Callable[[CodecWork], None],
+        first_cut: Callable[[], None],
+    ):
+        self.job = job
+        """The engine's request (the codec thread answers it)."""
+        self.layout = layout
+        self.settings = layout.settings
+        self.codebooks = layout.codebooks
+        self.to_codec = to_codec
+        """Queues a piece for the codec (with the rest of the scheduler's turn)."""
+        self.first_cut = first_cut
+        """Says that the first piece was cut (on a CPU the decoding loop steps aside until it is decoded)."""
+        self.samples_per_frame = layout.sample_rate // layout.frame_rate
+        held = self.settings.context_frames * self.samples_per_frame
+        self.crossfade = min(held, int(layout.sample_rate * self.settings.crossfade_ms / 1000))
+        self.columns: list[torch.Tensor] = []
+        self.sent = 0  # frames cut so far
+        self.tail: np.ndarray | None = None  # the previous decode of the samples the next piece starts with
+        self.heard_from: float | None = None  # when its first audio went out (monotonic)
+        self.samples_out = 0  # samples gone out
+
+    @property
+    def runs_out(self) -> float:
+        """When its listener, playing from its first audio on, has heard all the audio sent (monotonic;
+        minus infinity before any went out): the codec serves the stream that runs out first."""
+        if self.heard_from is None:
+            return -math.inf
+        return self.heard_from + self.samples_out / self.layout.sample_rate
+
+    @property
+    def frames(self) -> int:
+        """Frames heard once the stream ends: the columns less the begin marker, the delay and the last."""
+        return max(0, len(self.columns) - self.codebooks - 1)
+
+    def add(self, column: torch.Tensor) -> None:
+        """Take the next column; queue a later piece for the codec when one is due (the engine cuts first
+        pieces after the step: ``HiggsEngine._cut_first_pieces``)."""
+        self.columns.append(column)
+        if self.sent == 0:
+            return
+        ready = len(self.columns) - self.codebooks  # complete frames after the begin marker
+        hold = self.settings.context_frames
+        if ready - hold - self.sent >= self.settings.chunk_frames:
+            self.to_codec(Decode(self, self.cut(ready - hold, ready)))
+
+    @property
+    def first_due_in(self) -> int:
+        """Steps until the first piece is complete: 0 at the step it becomes due, -1 a step later."""
+        frames = self.settings.first_chunk_frames + self.settings.context_frames
+        return frames + self.codebooks - len(self.columns)
+
+    def cut_first(self) -> None:
+        """Queue the first piece (it is due), as long as it would have been cut the step it became due."""
+        frames = self.settings.first_chunk_frames
+        self.to_codec(Decode(self, self.cut(frames, frames + self.settings.context_frames)))
+        self.first_cut()
+
+    def final(self) -> Piece | None:
+        """The last piece (everything not yet cut), or None."""
+        final = self.frames
+        return self.cut(final, final) if final > self.sent else None
+
+    def cut(self, upto: int, available: int) -> Piece:
+        """Frames [sent, upto) to send, decoded from [sent - context, available)."""
+        first = max(0, self.sent - self.settings.context_frames)
+        window = torch.stack(self.columns[1 + first : 1 + available + self.codebooks - 1], dim=1)
+        codes = self.layout.revert_delay(window).clip(0, self.layout.codebook_size - 1)
+        spf = self.samples_per_frame
+        piece = Piece(codes, (self.sent - first) * spf, (upto - first) * spf, self.sent == 0)
+        self.sent = upto
+        return piece
+
+    def join(self, piece: Piece, decoded: np.ndarray) -> AudioPiece:
+        """The piece's samples, cross-faded into the previous piece's tail."""
+        samples = np.array(decoded[piece.start : piece.stop], dtype=np.float32)
+        if self.tail is not None:
+            n = min(len(self.tail), len(samples))
+            fade = np.linspace(0.0, 1.0, n, dtype=np.float32)
+            samples[:n] = self.tail[:n] * (1.0 - fade) + samples[:n] * fade
+        self.tail = np.array(decoded[piece.stop : piece.stop + self.crossfade], dtype=np.float32)
+        if self.heard_from is None:
+            self.heard_from = time.monotonic()
+        self.samples_out += len(samples)
+        return AudioPiece(np.clip(samples, -1.0, 1.0))
+
+    def codes(self) -> AudioCodes:
+        """The frames heard, (codebooks, frames)."""
+        frames = self.frames
+        if frames == 0:
+            return AudioCodes(torch.zeros((self.codebooks, 0), dtype=torch.long))
+        reverted = self.layout.revert_delay(torch.stack(self.columns, dim=1))[:, 1 : 1 + frames]
+        return AudioCodes(reverted.clip(0, self.layout.codebook_size - 1).contiguous())
