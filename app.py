@@ -19,8 +19,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.datastructures import Headers, MutableHeaders
 
 from engine import load_engine
 from errors import as_api_error, error_response, install_error_handlers
@@ -75,7 +76,7 @@ def create_app(
     # The last added runs first: CORS, then request ids, then the gate.
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=int(settings.max_body_mb * 1024 * 1024))
-    app.middleware("http")(_with_request_id)
+    app.add_middleware(_RequestIds)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -173,31 +174,52 @@ def _document_setting_limits(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-async def _with_request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """Give the request an id (the client's ``X-Request-ID`` when usable), log it and count it."""
-    given = request.headers.get("x-request-id", "")
-    rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
-    token = request_id.set(rid)
-    started = time.perf_counter()
-    try:
+class _RequestIds:
+    """Give each HTTP request an id (the client's ``X-Request-ID`` when usable), answer it with the id, log
+    and count it (when its response starts: the time logged is the time to the first byte). A failure
+    nothing else answered becomes a 500 envelope with the id; one after the response started goes on to
+    the server, which then cuts the body off (a chunked body without its last chunk), so that a client never
+    mistakes a broken answer for a whole one. A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware``
+    ended such a body as if it were complete."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-request-id", "")
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        responded = False
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.start":
+                responded = True
+                MutableHeaders(scope=message)["X-Request-ID"] = rid
+                route = getattr(scope.get("route"), "path_format", "unmatched")
+                scope["app"].state.metrics.observe_request(route, message["status"])
+                log.info(
+                    "%s %s -> %d in %.3f s",
+                    scope["method"],
+                    scope["path"],
+                    message["status"],
+                    time.perf_counter() - started,
+                )
+            await send(message)
+
         try:
-            response = await call_next(request)
-        except Exception as exc:  # answered here, so that it carries the id, is logged with it and counted
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if responded:
+                raise
             log.exception("unexpected failure")
-            response = error_response(as_api_error(exc))
-        response.headers["X-Request-ID"] = rid
-        route = getattr(request.scope.get("route"), "path_format", "unmatched")
-        request.app.state.metrics.observe_request(route, response.status_code)
-        log.info(
-            "%s %s -> %d in %.3f s",
-            request.method,
-            request.url.path,
-            response.status_code,
-            time.perf_counter() - started,
-        )
-        return response
-    finally:
-        request_id.reset(token)
+            await error_response(as_api_error(exc))(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
 
 
 def _install_request_id_on_log_records() -> None:
@@ -226,8 +248,15 @@ def _startable(settings: Settings) -> Settings:
 
 
 def build() -> FastAPI:
-    """The app with the settings of the environment: ``uvicorn app:build --factory``."""
+    """The app with the settings of the environment: ``uvicorn app:build --factory``. Logs as ``python
+    app.py`` does: uvicorn's own lines through the root logger, in this format, and no access log (each
+    request is logged with its id already); uvicorn has set up its loggers by the time it calls this."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    for name in ("uvicorn", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True
     return create_app(_startable(from_environment()))
 
 

@@ -485,6 +485,11 @@ class HiggsEngine:
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         return self._events(request)
 
+    async def check_context(self, request: GenerationRequest) -> None:
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._prompt_pool, context.run, self._prepare, request)
+
     async def _events(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         self._admit(request.continues)
         loop = asyncio.get_running_loop()
@@ -604,7 +609,7 @@ class HiggsEngine:
         if prompt_tokens + request.max_new_tokens > self.max_context:
             raise ContextLengthError(
                 f"the prompt takes {prompt_tokens} tokens and {request.max_new_tokens} more were asked for, "
-                f"but the context holds {self.max_context}; shorten the input or lower max_tokens"
+                f"but the context holds {self.max_context}"
             )
         return _Prompt(inputs, sample, prompt_tokens, audio_columns)
 

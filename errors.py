@@ -85,7 +85,7 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, VoiceQuotaExceeded):
         return APIError(413, str(exc), param=exc.param, code="voice_quota_exceeded")
     if isinstance(exc, ContextLengthError):
-        return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
+        return APIError(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, EngineBusy | TranscriberBusy):
         retry_after = getattr(exc, "retry_after", DEFAULT_RETRY_AFTER)
         return APIError(

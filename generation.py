@@ -22,7 +22,20 @@ SYSTEM_TEMPLATE = "Generate audio following instruction.\n\n<|scene_desc_start|>
 
 
 class ContextLengthError(ValueError):
-    """Prompt plus requested output do not fit the model's context."""
+    """Prompt plus requested output do not fit the model's context: ``detail`` says by how much, ``advice``
+    what to change, ``param`` which request field (``max_tokens`` unless the caller knows better)."""
+
+    def __init__(
+        self, detail: str, advice: str = "shorten the input or lower max_tokens", param: str = "max_tokens"
+    ):
+        super().__init__(f"{detail}; {advice}")
+        self.detail = detail
+        self.advice = advice
+        self.param = param
+
+    def naming(self, param: str, advice: str) -> ContextLengthError:
+        """The same overflow, blamed on ``param`` (an endpoint without ``max_tokens``)."""
+        return ContextLengthError(self.detail, advice, param)
 
 
 class EngineBusy(Exception):
@@ -188,6 +201,11 @@ class Engine(Protocol):
 
         Leaving the iteration early (a client gone) stops the generation within one decoding step.
         """
+        ...
+
+    async def check_context(self, request: GenerationRequest) -> None:
+        """Raise ``ContextLengthError`` when ``request``'s prompt and ``max_new_tokens`` do not fit the
+        context (its prompt is built as ``stream`` would; nothing is queued)."""
         ...
 
     def release_slot(self, request: GenerationRequest) -> None:

@@ -179,6 +179,15 @@ async def _open(
             await asyncio.sleep(BUSY_RETRY_SECONDS)
 
 
+async def _check_later_pieces(engine: Engine, script: Script) -> None:
+    """Before the answer starts (while a 4xx is still possible): every later piece fits the context with no
+    earlier piece in its prompt, and the most output it may be given (``_open`` drops context pieces to
+    fit, which is all it can do once the answer is under way)."""
+    for k in range(1, len(script.pieces)):
+        cap = script.caps[k] if script.budget is None else script.budget
+        await engine.check_context(script.request(k, [], cap, keep_slot=False))
+
+
 async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncIterator[StreamEvent]:
     """Speak ``script``: ``Started`` (of the first piece), then for each piece its ``TranscriptPiece`` and its
     audio as it is decoded, and finally a ``GenerationResult`` summing the pieces' usage, whose ``text`` is
@@ -202,6 +211,11 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
             events, started, request = await _open(engine, script, k, history, cap, keep_slot)
             kept = None  # the next piece is in the line, at its head: the slot is its own
             if k == 0:
+                try:
+                    await _check_later_pieces(engine, script)
+                except BaseException:
+                    await events.aclose()
+                    raise
                 yield started
             said.append(script.transcripts[k])
             yield TranscriptPiece(said[-1])

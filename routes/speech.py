@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response, StreamingResponse
 
 from audio import MEDIA_TYPES
+from generation import ContextLengthError
 from longform import speak
 from protocol import SpeechRequest
 from routes.deps import EngineDep, PlannerDep, SettingsDep, check_model, log_ignored, require_generation_slot
@@ -23,7 +24,11 @@ async def speech(
     check_model(settings, body.model)
     plan = await planner.plan_speech(body)
     events = speak(engine, plan.script, settings.join_fade_ms)  # long texts: in pieces, one stream
-    await started(events)
+    try:
+        await started(events)
+    except ContextLengthError as exc:  # speech has no max_tokens: what makes the prompt long is the scene
+        param = "instructions" if (body.instructions or "").strip() else "input"
+        raise exc.naming(param, f"shorten the {param}") from None
     headers = {"X-Voice": plan.voice}
     rate = engine.sample_rate
     if body.stream_format == "sse":

@@ -18,6 +18,7 @@ from audio import Audio
 from generation import (
     AudioCodes,
     AudioPiece,
+    ContextLengthError,
     GenerationRequest,
     GenerationResult,
     Started,
@@ -45,6 +46,9 @@ class FakeEngine:
     encoded: list[Audio] = field(default_factory=list)
     fail_with: Exception | None = None
     fail_mid_stream: bool = False
+    mid_stream_error: Exception = field(
+        default_factory=lambda: RuntimeError("the fake engine failed mid-stream")
+    )
     silent: bool = False
 
     async def encode(self, audio: Audio) -> AudioCodes:
@@ -88,11 +92,16 @@ class FakeEngine:
             half = len(result.audio.samples) // 2
             yield AudioPiece(result.audio.samples[:half])
             if self.fail_mid_stream:
-                raise RuntimeError("the fake engine failed mid-stream")
+                raise self.mid_stream_error
             yield AudioPiece(result.audio.samples[half:])
         else:
             yield TextPiece(result.text)
         yield result
+
+    async def check_context(self, request: GenerationRequest) -> None:
+        prompt = self._result(request).prompt_tokens
+        if prompt + request.max_new_tokens > self.max_context:
+            raise ContextLengthError(f"{prompt} + {request.max_new_tokens} tokens, {self.max_context} fit")
 
     def warm_up(self) -> None:
         """Nothing to warm up."""

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -98,15 +99,24 @@ def test_a_busy_error_with_its_own_wait_sets_retry_after(fake_client, fake_engin
 @pytest.mark.parametrize(
     ("error", "status", "param", "code"),
     [
-        (ContextLengthError("too long for the context"), 400, "max_tokens", "context_length_exceeded"),
-        (EngineFailure("out of GPU memory", "out_of_memory"), 500, None, "out_of_memory"),
-        (EngineFailure("the engine failed", "engine_failed"), 503, None, "engine_failed"),
+        # (speech has no max_tokens: the overflow is blamed on its input, or its instructions when given)
+        (
+            ContextLengthError("too long for the context"),
+            400,
+            ("max_tokens", "input"),
+            "context_length_exceeded",
+        ),
+        (EngineFailure("out of GPU memory", "out_of_memory"), 500, (None, None), "out_of_memory"),
+        (EngineFailure("the engine failed", "engine_failed"), 503, (None, None), "engine_failed"),
     ],
 )
 def test_engine_errors_are_mapped_to_their_status(fake_client, fake_engine, error, status, param, code):
     fake_engine.fail_with = error
-    for path, body in (("/v1/chat/completions", CHAT), ("/v1/audio/speech", SPEECH)):
-        assert_envelope(fake_client.post(path, json=body), status, param, code)
+    for path, body, named in (
+        ("/v1/chat/completions", CHAT, param[0]),
+        ("/v1/audio/speech", SPEECH, param[1]),
+    ):
+        assert_envelope(fake_client.post(path, json=body), status, named, code)
 
 
 def test_an_unexpected_error_is_a_500_that_leaks_nothing(fake_client, fake_engine):
@@ -126,6 +136,24 @@ def test_a_failure_mid_stream_ends_the_sse_with_an_error_envelope(fake_client, f
     speech = fake_client.post("/v1/audio/speech", json={**SPEECH, "stream_format": "sse"})
     last = json.loads(speech.text.strip().splitlines()[-1][6:])
     assert last["type"] == "error" and set(last["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("failure", ["RuntimeError", "EngineFailure"])
+def test_a_failure_mid_stream_cuts_a_plain_audio_body_short(fake_app, fake_engine, failure):
+    """Through a real server: the body ends without its last chunk, so a client sees an error, never a
+    short answer that looks whole (an unexpected error, or one with an answer of its own, alike)."""
+    from live_server import serve
+
+    fake_engine.fail_mid_stream = True
+    if failure == "EngineFailure":
+        fake_engine.mid_stream_error = EngineFailure("the GPU ran out of memory", "out_of_memory")
+    with serve(fake_app) as url:
+        for fmt in ("pcm", "mp3", "wav"):
+            with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+                httpx.post(f"{url}/v1/audio/speech", json={**SPEECH, "response_format": fmt}, timeout=60)
+        fake_engine.fail_mid_stream = False  # and the server goes on serving
+        whole = httpx.post(f"{url}/v1/audio/speech", json={**SPEECH, "response_format": "pcm"}, timeout=60)
+        assert whole.status_code == 200 and whole.headers["x-request-id"]
 
 
 def test_streamed_chat_audio_must_be_pcm16_and_nothing_is_generated(fake_client, fake_engine):

@@ -261,6 +261,28 @@ def test_speech_input_over_the_limit_is_refused_naming_it(client, long_app, spy)
     assert spy["generate"] == []
 
 
+def test_a_text_whose_later_piece_cannot_fit_is_refused_before_the_answer_starts(client):
+    """Long instructions leave room for a short first piece but not for a longer later one (the tiny
+    tokenizer takes 4 tokens an emoji): a 400 naming ``instructions`` before any audio, where the answer
+    used to stop after its first piece with a body that looked whole."""
+    text = "Hello there. " + "\N{GRINNING FACE}" * 600  # pieces of 12, 1,200 and 1,200 tokens
+    body = speech(client, text, instructions="\N{GRINNING FACE}" * 1750)  # 7,000 tokens of scene
+    for stream_format in ("audio", "sse"):
+        response = client.post("/v1/audio/speech", json={**body, "stream_format": stream_format})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "instructions", response.text[:300]
+        assert error["code"] == "context_length_exceeded" and error["message"].endswith(
+            "shorten the instructions"
+        )
+    # Instructions too long for even the first piece: the same answer (speech has no max_tokens to blame).
+    response = client.post(
+        "/v1/audio/speech", json=speech(client, "Hi.", instructions="\N{GRINNING FACE}" * 4096)
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "instructions"
+    # Without them, the same text is spoken whole.
+    assert len(pcm(client.post("/v1/audio/speech", json=speech(client, text)).content)) > 0
+
+
 def test_joiner_keeps_the_length_and_fades_the_joins():
     joiner = Joiner(4)
     out = []
@@ -438,6 +460,9 @@ class _ScriptedEngine:
         yield AudioPiece(np.ones(960, np.float32))
         codes = AudioCodes(torch.full((8, 1), len(self.requests)))
         yield GenerationResult("", None, "stop", 10, 0, 5, 5, 0.0, 0.04, codes=codes)
+
+    async def check_context(self, request) -> None:
+        """Every piece fits when alone."""
 
     def release_slot(self, request) -> None:
         """No slot is kept."""

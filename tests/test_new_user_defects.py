@@ -389,6 +389,45 @@ def test_21_the_documented_uvicorn_start_logs_with_request_ids():
         assert out.stdout.split()[-3:] == ["True", "True", "True"], target + out.stdout + out.stderr
 
 
+def test_21_uvicorn_app_app_serves_and_logs_as_python_app_py(tiny_settings, tmp_path):
+    """`uvicorn app:app`, the way FastAPI apps are usually started: it serves, uvicorn's own lines come in
+    the service's format, and each request is logged once, with its id (no access log beside it)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import httpx
+    from live_server import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIGGS_")} | tiny_settings
+    env |= {"HIGGS_DEVICE": "cpu", "HIGGS_DTYPE": "float32", "HIGGS_STT_MODEL": "", "HIGGS_WARMUP": "false"}
+    env["HIGGS_VOICES_DIR"] = str(tmp_path)
+    command = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)]
+    server = subprocess.Popen(command, cwd=TEST_AUDIO.parent, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        body = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "wav"}
+        spoken = httpx.post(f"{url}/v1/audio/speech", json=body, headers={"X-Request-ID": "u21"}, timeout=120)
+        assert spoken.status_code == 200
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=60)[1]
+    started = next(line for line in log.splitlines() if "Started server process" in line)
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO uvicorn.error \[-\] ", started), started
+    assert "[u21] POST /v1/audio/speech -> 200" in log
+    assert '"POST /v1/audio/speech HTTP/1.1" 200' not in log, log[-2000:]
+
+
 def test_22_a_setting_that_does_not_fit_stops_the_service_with_a_line_naming_it():
     import os
     import subprocess
