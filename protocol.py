@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 # OpenAI's request types are strict: "10" is not an integer, 1.0 not a count, "true" not a boolean.
 # (A float field still takes an integer: 1 is a fine temperature.)
@@ -28,11 +28,22 @@ class InvalidRequest(ValueError):
 
 
 class OpenModel(BaseModel):
-    """Request models keep unknown fields (reported in ``model_extra``) instead of rejecting them, and take
-    only text that is Unicode: JSON may spell half a surrogate pair (``"\\ud800"``), which no tokenizer or
-    encoder takes."""
+    """Request models keep unknown fields (reported in ``model_extra``) instead of rejecting them, take
+    ``null`` for an optional field as not given (the ``openai`` SDK sends ``null`` for an argument passed as
+    ``None``: ``speed=None`` is speed 1), and take only text that is Unicode: JSON may spell half a
+    surrogate pair (``"\\ud800"``), which no tokenizer or encoder takes."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v for k, v in data.items() if not (v is None and k in fields and not fields[k].is_required())
+        }
 
     @field_validator("*")
     @classmethod

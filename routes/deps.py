@@ -169,7 +169,8 @@ async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> 
     finally:
         watch.cancel()
         if not task.done():
-            task.cancel()  # leaves the engine's stream, which frees the request's slot
-    if not task.done():
+            task.cancel()  # leaves the engine's stream (its slot is freed), drops a job still in a line
+            await asyncio.wait({task})  # done before the answer goes out, so nobody runs it after
+    if task.cancelled():
         raise ClientDisconnected
     return task.result()

@@ -156,6 +156,19 @@ def test_a_failure_mid_stream_cuts_a_plain_audio_body_short(fake_app, fake_engin
         assert whole.status_code == 200 and whole.headers["x-request-id"]
 
 
+def test_null_for_an_optional_field_is_its_default(fake_client, fake_engine):
+    """The openai SDK sends ``null`` for an argument passed as ``None`` (``speed=None``): the default, as
+    for an absent field; a required field stays required."""
+    nulls = {"speed": None, "response_format": None, "stream_format": None, "instructions": None}
+    response = fake_client.post("/v1/audio/speech", json={**SPEECH, **nulls})
+    assert response.status_code == 200 and response.headers["content-type"] == "audio/mpeg"
+    chat = {**CHAT, "audio": {"voice": "default", "format": None}, "temperature": None, "stream": None}
+    response = fake_client.post("/v1/chat/completions", json=chat)
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["audio"]["data"]
+    assert_envelope(fake_client.post("/v1/audio/speech", json={**SPEECH, "model": None}), 400, "model")
+    assert_envelope(fake_client.post("/v1/audio/speech", json={**SPEECH, "input": None}), 400, "input")
+
+
 def test_streamed_chat_audio_must_be_pcm16_and_nothing_is_generated(fake_client, fake_engine):
     body = {**CHAT, "stream": True}
     assert_envelope(fake_client.post("/v1/chat/completions", json=body), 400, "audio.format")
