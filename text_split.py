@@ -5,20 +5,23 @@ decimals, quotes, ellipses, and the full stops of Chinese and Japanese); consecu
 pieces of at most ``max_chars`` characters, so a piece ends at a sentence end whenever one fits. A sentence
 longer than that is cut at its clauses (``, ; :`` and dashes followed by a space, ``，、；：`` without one), a
 clause still too long at spaces, and a run without spaces (a long word, or Chinese without punctuation) at
-``max_chars``. No character is dropped: the pieces, joined with the whitespace they were split at, are the
-text.
+``max_chars``, moved back to the last boundary between graphemes (what a reader sees as one character: a
+letter with its accents, an emoji with its skin tone or its joined parts, a flag). No character is dropped:
+the pieces, joined with the whitespace they were split at, are the text.
 """
 
 from __future__ import annotations
 
 import re
 
+import regex
 from sentencex import segment
 
 # A clause ends after a Latin mark followed by whitespace (so "3,000" and "10:30" stay whole), after a dash
 # set off by spaces, or after a CJK mark, which needs no space.
 _CLAUSE_END = re.compile(r"(?<=[,;:])\s+|(?<=\s[\u2013\u2014-])\s+|(?<=[\uff0c\u3001\uff1b\uff1a])")
 _SPACE = re.compile(r"\s+")
+_GRAPHEME = regex.compile(r"\X")  # an extended grapheme cluster (Unicode's UAX #29)
 
 
 def split_text(text: str, max_chars: int, language: str = "en") -> list[str]:
@@ -66,10 +69,22 @@ def _units(sentence: str, max_chars: int) -> list[str]:
             continue
         for word in _cut_after(_SPACE, clause):
             while len(word.strip()) > max_chars:
-                units.append(word[:max_chars])
-                word = word[max_chars:]
+                cut = _grapheme_cut(word, max_chars)
+                units.append(word[:cut])
+                word = word[cut:]
             units.append(word)
     return units
+
+
+def _grapheme_cut(text: str, limit: int) -> int:
+    """The last boundary between graphemes of ``text`` within its first ``limit`` characters (``limit``
+    itself when the first grapheme is longer)."""
+    cut = 0
+    for match in _GRAPHEME.finditer(text, 0, limit + 1):
+        if match.end() > limit:
+            break
+        cut = match.end()
+    return cut or limit
 
 
 def _cut_after(pattern: re.Pattern[str], text: str) -> list[str]:

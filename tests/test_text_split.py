@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 
+import numpy as np
 import pytest
 
 from text_split import spaced, split_text
@@ -157,3 +158,37 @@ def test_a_piece_not_found_in_the_text_is_joined_with_a_space():
 def test_budget_must_be_positive():
     with pytest.raises(ValueError):
         split_text("Hello.", 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "first_ends"),
+    [
+        (
+            "a" + "\N{THUMBS UP SIGN}\N{EMOJI MODIFIER FITZPATRICK TYPE-4}" * 200,
+            "\N{EMOJI MODIFIER FITZPATRICK TYPE-4}",
+        ),
+        ("x" * 299 + "e\N{COMBINING ACUTE ACCENT}" + "y" * 10, "x"),  # the accent stays on its e
+        (
+            "z" + "\N{REGIONAL INDICATOR SYMBOL LETTER U}\N{REGIONAL INDICATOR SYMBOL LETTER S}" * 150,
+            "\N{REGIONAL INDICATOR SYMBOL LETTER S}",
+        ),
+        ("w" * 298 + "\N{WOMAN}\N{ZERO WIDTH JOINER}\N{PERSONAL COMPUTER}" + "v", "w"),
+    ],
+    ids=["skin tone", "combining accent", "flags", "joined emoji"],
+)
+def test_a_run_without_spaces_is_cut_between_graphemes(text, first_ends):
+    """A cut every 300 characters moves back to a boundary between what a reader sees as characters: no
+    piece starts with a mark that belongs to the one before (it would be spoken as something else)."""
+    import regex
+
+    pieces = split_text(text, 300)
+    assert "".join(pieces) == text and all(len(p) <= 300 for p in pieces) and len(pieces) > 1
+    assert pieces[0].endswith(first_ends)
+    graphemes = regex.findall(r"\X", text)
+    ends = set(np.cumsum([len(g) for g in graphemes]).tolist())
+    assert all(end in ends for end in np.cumsum([len(p) for p in pieces]).tolist())
+
+
+def test_a_grapheme_longer_than_a_piece_is_cut_at_the_limit():
+    text = "e" + "\N{COMBINING ACUTE ACCENT}" * 400
+    assert [len(p) for p in split_text(text, 300)] == [300, 101]
