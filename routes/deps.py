@@ -118,10 +118,17 @@ def check_model(settings: Settings, name: str) -> None:
         raise APIError(
             404,
             f"the model {name!r} does not exist; this server serves {settings.served_model_name!r} "
-            f"(also accepted: {', '.join(MODEL_ALIASES)})",
+            f"(also accepted: {', '.join(_others(settings))}, and OpenAI's names with a date, such as "
+            "gpt-4o-audio-preview-2025-06-03)",
             param="model",
             code="model_not_found",
         )
+
+
+def _others(settings: Settings) -> list[str]:
+    """The names besides the served one that ``check_model`` accepts, each once, in order."""
+    names = [settings.model, *HIGGS_MODEL_NAMES, *MODEL_ALIASES]
+    return [n for n in dict.fromkeys(names) if n != settings.served_model_name]
 
 
 def log_ignored(body: Any) -> None:

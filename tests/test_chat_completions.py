@@ -246,8 +246,16 @@ def test_bad_requests_get_the_openai_envelope(client, name, body, status, param)
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
     assert error["message"]
-    if status == 404:
+    if status == 404:  # and it names every name this server takes
         assert error["code"] == "model_not_found"
+        settings = client.app.state.settings
+        assert all(
+            repr(n) in error["message"] or f" {n}," in error["message"] for n in ("tts-1", "gpt-audio")
+        )
+        assert (
+            settings.model in error["message"]
+            and "bosonai/higgs-audio-v2-generation-3B-base" in error["message"]
+        )
     assert client.get("/health").status_code == 200
 
 
