@@ -7,9 +7,11 @@ voice (``voices.py``: by name or id; OpenAI's built-in names are made once and s
 * ``audio.voice == "clone"``: the last user message's ``input_audio`` part is the voice reference and its
   text parts are what is spoken, whatever audio came earlier in the conversation; without a reference the
   default voice is used and the fallback reported (unless the case below applies).
-* an assistant message holding ``input_audio`` (the native Higgs pattern, as Boson's own client sends it),
-  or naming an earlier audio answer of this server: the conversation is used as it stands, whatever
-  ``audio.voice`` says (but for a ``clone`` reference in the last user message).
+* an assistant message holding ``input_audio`` (the native Higgs pattern, as Boson's own client sends it):
+  the conversation is used as it stands, whatever ``audio.voice`` says (but for a ``clone`` reference in
+  the last user message); so is one naming an earlier audio answer of this server, for the ``default``
+  voice and ``clone`` without a reference (the earlier answer's voice carries on). A stored or built-in
+  voice speaks from its own reference clip in every turn.
 * otherwise the default voice speaks the last user message; ``input_audio`` parts there are transcribed
   and stand in as text.
 
@@ -301,7 +303,9 @@ class Planner:
 
         answers = {i: self._answer_of(m) for i, m in enumerate(messages) if m.role == "assistant"}
         kept_audio = any(a is not None and a.codes is not None for a in answers.values())
-        if kept_audio or any(_parts(m, i).audios for i, m in enumerate(messages) if m.role == "assistant"):
+        sent_audio = any(_parts(m, i).audios for i, m in enumerate(messages) if m.role == "assistant")
+        named = voice not in (DEFAULT_VOICE, CLONE_VOICE)  # its own reference: the same voice every time
+        if sent_audio or (kept_audio and not named):
             return await self._plan_native(request, scene or self.settings.default_scene, answers)
         scene = scene or self.settings.default_scene
         if voice == CLONE_VOICE:

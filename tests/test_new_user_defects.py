@@ -276,6 +276,26 @@ def test_14_an_earlier_audio_answer_is_context_in_a_later_request(client, spy):
     assert turns[2].audio is not None and turns[2].audio.frames > 0
 
 
+def test_14_a_named_voice_speaks_from_its_own_clip_in_a_later_turn(isolated, spy):
+    """After an earlier audio answer (by id), a stored voice is that voice, not the earlier answer's: the
+    same voice on every request, whatever the conversation holds."""
+    with isolated() as client:
+        assert upload(client, "narrator").status_code == 200
+        first = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 24}).json()
+        answer = {"role": "assistant", "audio": {"id": first["choices"][0]["message"]["audio"]["id"]}}
+        body = {
+            **CHAT,
+            "audio": {"voice": "narrator", "format": "wav"},
+            "messages": [*SPEAK, answer, SPEAK[0]],
+        }
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200 and response.headers["x-voice"] == "narrator"
+        turns = spy["generate"][-1].turns
+        alone = client.post("/v1/chat/completions", json={**body, "messages": SPEAK})
+        assert alone.status_code == 200
+        assert [(t.role, t.text) for t in turns] == [(t.role, t.text) for t in spy["generate"][-1].turns]
+
+
 def test_14_an_unknown_audio_id_is_logged_as_ignored(client, caplog):
     body = {**CHAT, "messages": [*SPEAK, {"role": "assistant", "audio": {"id": "audio_gone"}}, SPEAK[0]]}
     with caplog.at_level(logging.INFO):
