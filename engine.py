@@ -486,9 +486,13 @@ class HiggsEngine:
         return self._events(request)
 
     async def check_context(self, request: GenerationRequest) -> None:
+        await self._prompt(request)
+
+    async def _prompt(self, request: GenerationRequest) -> _Prompt:
+        """``request``'s prompt, built off the event loop (in the caller's context, for its log lines)."""
         context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._prompt_pool, context.run, self._prepare, request)
+        return await loop.run_in_executor(self._prompt_pool, context.run, self._prepare, request)
 
     async def _events(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         self._admit(request.continues)
@@ -505,8 +509,7 @@ class HiggsEngine:
         job: _Job | None = None
         ended = False  # the result went out
         try:
-            context = contextvars.copy_context()
-            prompt = await loop.run_in_executor(self._prompt_pool, context.run, self._prepare, request)
+            prompt = await self._prompt(request)
             with self._cond:
                 if self._closing:
                     raise EngineFailure("the engine is shutting down", "engine_closed")
