@@ -62,6 +62,7 @@ bench: $(VENV)/.test-deps
 	$(PY) bench/bench_batching.py
 	$(PY) bench/bench_underrun.py
 	$(PY) bench/bench_step.py
+	$(PY) bench/bench_text.py
 	$(PY) bench/bench_codec.py
 	$(PY) bench/bench_longform.py
 	$(PY) bench/bench_stt.py

@@ -38,6 +38,7 @@ from audio import Audio
 from audio_stream import AudioStream, CodecWork, Decode, Encode, End, Layout, is_first, next_codec_work
 from codec import PieceDecoder, bake_weight_norm, snakes_in_place
 from decoder import Admission, BatchDecoder, Launched, Sampling
+from detokenize import Detokenizer, ids_decoder
 from generation import (
     SYSTEM_TEMPLATE,
     AudioCodes,
@@ -170,9 +171,7 @@ class _Job:
         self.deadline = math.inf
         self.slot = -1
         self.steps = 0
-        self.text_ids: list[int] = []
-        self.text_sent = 0
-        self.text: str | None = None  # set when a stop string ended the text
+        self.text: Detokenizer | None = None  # a text answer's, from its first token
         self.stream: AudioStream | None = None
         self.failed = False
         self.counted = True  # counts against the engine's bound until it leaves its slot or the line
@@ -216,6 +215,7 @@ class HiggsEngine:
         self._model.to(torch_device).eval()
         self._tokenizer = AutoTokenizer.from_pretrained(model)
         self._model.set_audio_special_tokens(self._tokenizer)
+        self._decode_ids = ids_decoder(self._tokenizer)  # the scheduler thread's
         self._codec = load_higgs_audio_tokenizer(audio_tokenizer, device=torch_device)
         bake_weight_norm(self._codec)
         snakes_in_place(self._codec)
@@ -790,6 +790,8 @@ class HiggsEngine:
             self._running[job.slot] = job
         if job.request.audio_output:
             job.stream = AudioStream(job, self._layout, self._to_codec, self._first_piece_cut)
+        else:
+            job.text = Detokenizer(self._decode_ids, job.request.stop)
         self.steps += 1
         self._advance(job, first)
 
@@ -873,10 +875,10 @@ class HiggsEngine:
                 ended = token == self._audio_eos_id
             elif token in self._end_ids:
                 ended = True
-            else:
-                if token not in self._placeholder_ids:
-                    job.text_ids.append(token)
-                ended = self._send_text(job, final=False)
+            elif token not in self._placeholder_ids:
+                if piece := job.text.add(token):
+                    job.emit(TextPiece(piece))
+                ended = job.text.stopped
         except BaseException as exc:
             log.exception("generation failed")
             job.emit(exc)
@@ -886,23 +888,6 @@ class HiggsEngine:
             self._complete(job, "stop")
         elif job.steps >= request.max_new_tokens or time.monotonic() > job.deadline:
             self._complete(job, "length")
-
-    def _send_text(self, job: _Job, final: bool) -> bool:
-        """Stream the text decoded so far; True when it reached one of the request's stop strings."""
-        with self._tokenizer_lock:
-            text = self._tokenizer.decode(job.text_ids, skip_special_tokens=True)
-        stops = job.request.stop
-        cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-        if cut >= 0:
-            job.text = text = text[:cut]
-            final = True
-        # Hold back what could be the start of a stop string, and a character cut in the middle.
-        hold = 0 if final else max((len(s) - 1 for s in stops), default=0)
-        ready = len(text) - hold
-        if ready > job.text_sent and (final or not text[:ready].endswith("\ufffd")):
-            job.emit(TextPiece(text[job.text_sent : ready]))
-            job.text_sent = ready
-        return cut >= 0
 
     def _leave(self, job: _Job) -> None:
         """Free the job's slot (it ended, was cancelled or failed)."""
@@ -939,16 +924,11 @@ class HiggsEngine:
         seconds = time.monotonic() - job.started
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * seconds
         request = job.request
-        if not request.audio_output:
-            self._send_text(job, final=True)
-            with self._tokenizer_lock:
-                text = (
-                    job.text
-                    if job.text is not None
-                    else self._tokenizer.decode(job.text_ids, skip_special_tokens=True)
-                )
-        else:
-            text = ""
+        text = ""
+        if job.text is not None:
+            if piece := job.text.finish():
+                job.emit(TextPiece(piece))
+            text = job.text.text
         result = GenerationResult(
             text=text.strip(),
             audio=None,
