@@ -42,8 +42,8 @@ def ids_decoder(tokenizer) -> Callable[[list[int]], str]:
 class Detokenizer:
     """One generation's text, token by token: the text to send now, and whether a stop string ended it.
 
-    ``decode`` comes from ``ids_decoder``. ``add`` takes each token and returns the text that
-    can go out (held back: what could be the start of a stop string); ``finish`` returns the rest when the
+    ``decode`` comes from ``ids_decoder``. ``add`` takes each token and returns the text that can go out
+    (held back: an end of the text that a stop string begins with); ``finish`` returns the rest when the
     generation ends. ``text`` is the answer (cut before the stop string that ended it, if one did).
     """
 
@@ -95,9 +95,25 @@ class Detokenizer:
                 text = text[:cut]
                 self.stopped = final = True
             self.text = text
-        ready = len(self.text) if final else len(self.text) - self._hold
+        ready = len(self.text) if final else len(self.text) - self._could_stop(self.text)
         if ready <= self.sent:
             return ""
         piece = self.text[self.sent : ready]
         self.sent = ready
         return piece
+
+    def _could_stop(self, text: str) -> int:
+        """How many characters at the end of ``text`` could begin a stop string (held back until the next
+        tokens tell): the longest end of the text that a stop string starts with."""
+        if not text:
+            return 0
+        last, best = text[-1], 0
+        for stop in self.stops:
+            k = min(len(stop) - 1, len(text))
+            while k > best:
+                k = stop.rfind(last, 0, k) + 1  # the longest start of ``stop`` ending as the text does
+                if k > best and text.endswith(stop[:k]):
+                    best = k
+                    break
+                k -= 1
+        return best

@@ -342,7 +342,7 @@ class HiggsEngine:
         self._running: dict[int, _Job] = {}
         self._held: dict[_Job, float] = {}  # the ended jobs whose slots are kept, and until when
         self._closing = False
-        self._job_seconds = 5.0  # moving average of a request's time in a slot, for Retry-After
+        self._job_seconds = 5.0  # moving average of a request's time from slot to result (Retry-After)
         self._rates: deque[tuple[float, int, int]] = deque()  # (time, batch steps, audio frames) samples
         self._frames = 0
         self._codec_queue: queue.SimpleQueue = queue.SimpleQueue()  # lists of ``CodecWork``, or None to stop
@@ -889,13 +889,17 @@ class HiggsEngine:
         elif job.steps >= request.max_new_tokens or time.monotonic() > job.deadline:
             self._complete(job, "length")
 
-    def _leave(self, job: _Job) -> None:
-        """Free the job's slot (it ended, was cancelled or failed)."""
+    def _leave(self, job: _Job, audio_to_come: bool = False) -> None:
+        """Free the job's slot (it ended, was cancelled or failed). It stops counting against the engine's
+        bound now or, with ``audio_to_come`` (its last pieces are with the codec), when its result goes
+        out: on a CPU the codec can be seconds behind the decoding, and the queue's bound, its gauge and
+        ``Retry-After`` are about when answers end, not when their tokens do."""
         with self._cond:
             if self._running.get(job.slot) is job:
                 del self._running[job.slot]
                 self._decoder.release(job.slot)
-        self._let_go(job)
+        if not audio_to_come:
+            self._let_go(job)
 
     def _abandon(self, job: _Job) -> None:
         """Free a cancelled job's slot; the work it did still counts for the observers (metrics)."""
@@ -917,12 +921,11 @@ class HiggsEngine:
             observe(partial)
 
     def _complete(self, job: _Job, reason: Literal["stop", "length"]) -> None:
-        self._leave(job)
+        self._leave(job, audio_to_come=job.stream is not None)
         if job.request.keep_slot and not job.cancel.is_set():  # (a client gone takes no next piece)
             with self._cond:
                 self._held[job] = time.monotonic() + HOLD_WHILE_DECODING
         seconds = time.monotonic() - job.started
-        self._job_seconds = 0.8 * self._job_seconds + 0.2 * seconds
         request = job.request
         text = ""
         if job.text is not None:
@@ -930,7 +933,7 @@ class HiggsEngine:
                 job.emit(TextPiece(piece))
             text = job.text.text
         result = GenerationResult(
-            text=text.strip(),
+            text=text,
             audio=None,
             finish_reason=reason,
             prompt_tokens=job.prompt.tokens,
@@ -948,6 +951,9 @@ class HiggsEngine:
             self._finish(job, result)
 
     def _finish(self, job: _Job, result: GenerationResult) -> None:
+        # A request's time from its slot to its result (its audio's last piece decoded): Retry-After's unit.
+        self._job_seconds = 0.8 * self._job_seconds + 0.2 * result.seconds
+        self._let_go(job)
         for observe in self.observers:
             observe(result)
         self._hold_ends(job, HOLD_SECONDS)
@@ -1022,6 +1028,7 @@ class HiggsEngine:
         for item in work:
             if isinstance(item, End) and item.stream.job.failed:
                 self._hold_ends(item.stream.job, 0.0)
+                self._let_go(item.stream.job)  # no result follows
         live = [
             item
             for item in work
@@ -1039,6 +1046,8 @@ class HiggsEngine:
             for item in live:  # each stream's line under its own request id
                 item.stream.job.context.run(log.exception, "audio decoding failed")
                 self._fail_stream(item.stream, exc)
+                if isinstance(item, End):  # its slot is already free, and no result follows
+                    self._let_go(item.stream.job)
             return
         for i, item in enumerate(live):
             try:

@@ -202,12 +202,12 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
 
 
 async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Starlette's own errors (unknown route, wrong method) in the envelope; an unknown route as OpenAI
-    words it."""
+    """Starlette's own errors (unknown route, wrong method) in the envelope, with their headers (a 405's
+    ``Allow``); an unknown route as OpenAI words it."""
     message = str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
         message = f"Invalid URL ({request.method} {request.url.path})"
-    return error_response(APIError(exc.status_code, message))
+    return error_response(APIError(exc.status_code, message, headers=dict(exc.headers or {})))
 
 
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

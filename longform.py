@@ -82,7 +82,8 @@ class Script:
         answer (``GenerationRequest``): under load the listener hears no gap while new requests take the slot
         between two pieces."""
         context = [t for text, codes in history for t in (Turn("user", text), Turn("assistant", audio=codes))]
-        seed = None if self.template.seed is None else (self.template.seed + k) % 2**63
+        # Piece k's seed: the request's plus k, wrapped into the signed 64-bit range.
+        seed = None if self.template.seed is None else (self.template.seed + k + 2**63) % 2**64 - 2**63
         return replace(
             self.template,
             turns=[*self.prefix, *context, Turn("user", self.pieces[k])],

@@ -217,7 +217,7 @@ class Planner:
             temperature=s.temperature if temperature is None else temperature,
             top_p=s.top_p if top_p is None else top_p,
             top_k=s.top_k if top_k is None else top_k,
-            seed=None if seed is None else seed % 2**63,  # OpenAI's seeds are signed 64-bit integers
+            seed=seed,  # any signed 64-bit integer, as OpenAI's: each its own draws
             stop=[stop] if isinstance(stop, str) else list(stop or []),
             ras_window=s.ras_window,
             time_limit=s.generation_timeout_seconds,

@@ -130,6 +130,63 @@ class ChatCompletionRequest(OpenModel):
     n: StrictInt | None = Field(default=None, ge=1, le=1)
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
+    # OpenAI fields whose promise this server cannot keep (Higgs Audio v2 is a speech model): checked for
+    # OpenAI's bounds, then refused unless they ask for nothing, so that no client trusts an answer that
+    # ignored them. Other unknown fields are accepted and logged as ignored.
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
+    presence_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streamed(cls, options: StreamOptions | None, info: Any) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true, as OpenAI's")
+        return options
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None, info: Any) -> bool | int | None:
+        if value:
+            raise ValueError(f"this server does not return log probabilities; leave {info.field_name} out")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias:
+            raise ValueError("this server does not apply logit_bias; leave it out or send {}")
+        return bias
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None, info: Any) -> float | None:
+        if value:
+            raise ValueError(f"this server does not apply {info.field_name}; leave it out or send 0")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_forced_tool(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if choice is not None and choice not in ("none", "auto"):
+            raise ValueError(
+                "this model does not call tools, so it cannot be made to; send tool_choice none or auto"
+            )
+        return choice
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+        if fmt is not None and fmt.get("type", "text") != "text":
+            raise ValueError(
+                f"this model cannot hold its answer to {fmt.get('type')!r}; send response_format "
+                '{"type": "text"} or leave it out'
+            )
+        return fmt
 
     @field_validator("stop")
     @classmethod

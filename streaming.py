@@ -74,7 +74,9 @@ async def chat_events(
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-        return sse({**head, "system_fingerprint": None, "choices": [choice], **extra})
+        # With include_usage every chunk carries usage, null until the last one's (OpenAI's shape).
+        usage = {"usage": None} if include_usage else {}
+        return sse({**head, "system_fingerprint": None, "choices": [choice], **usage, **extra})
 
     first_audio = True
     said = ""  # transcript not yet sent
@@ -107,7 +109,8 @@ async def chat_events(
                     yield chunk({}, event.finish_reason)
                     if include_usage:
                         yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                   "model": model, "choices": [], "usage": usage_of(event)})  # fmt: skip
+                                   "model": model, "system_fingerprint": None, "choices": [],
+                                   "usage": usage_of(event)})  # fmt: skip
         except Exception:
             log.exception("generation failed mid-stream")
             yield sse({"error": SERVER_ERROR})

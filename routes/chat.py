@@ -12,9 +12,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from errors import bad_request
-from generation import GenerationResult, Started, StreamEvent, TextPiece
+from generation import ContextLengthError, Engine, GenerationResult, Started, StreamEvent, TextPiece
 from longform import encode_whole, speak
-from planner import Planner
+from planner import TEXT_MAX_TOKENS, Planner
 from protocol import AssistantMessage, AudioOut, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from routes.deps import (
     ClientDisconnected,
@@ -26,6 +26,7 @@ from routes.deps import (
     require_generation_slot,
     until_disconnected,
 )
+from settings import Settings
 from streaming import chat_events, started, usage_of
 
 router = APIRouter(tags=["chat"])
@@ -48,6 +49,31 @@ async def chat_completions(
     engine: EngineDep,
 ) -> Response:
     """OpenAI's chat completions with audio output: the last user message spoken, or the model's text."""
+    try:
+        return await _complete(body, request, settings, planner, engine)
+    except ContextLengthError as exc:
+        raise _blamed(body, exc) from None
+
+
+def _blamed(body: ChatCompletionRequest, exc: ContextLengthError) -> ContextLengthError:
+    """A context overflow blamed on the field the client sent: ``max_completion_tokens`` (which wins over
+    ``max_tokens``), else ``max_tokens``, else the messages (the answer's length was the server's default)."""
+    if exc.param != "max_tokens":
+        return exc
+    if body.max_completion_tokens is not None:
+        return exc.naming("max_completion_tokens", "shorten the messages or lower max_completion_tokens")
+    if body.max_tokens is None:
+        return exc.naming(
+            "messages",
+            f"shorten the messages (a text answer without max_tokens may take up to {TEXT_MAX_TOKENS} "
+            "tokens, a spoken one what its text needs)",
+        )
+    return exc
+
+
+async def _complete(
+    body: ChatCompletionRequest, request: Request, settings: Settings, planner: Planner, engine: Engine
+) -> Response:
     log_ignored(body)
     check_model(settings, body.model)
     if body.stream and body.wants_audio and body.audio and body.audio.format != "pcm16":
@@ -70,7 +96,7 @@ async def chat_completions(
         elif plan.request is not None:
             events = engine.stream(plan.request)
         else:
-            events = _answer_events(plan.direct_answer)
+            events = _answer_events(_before_stop(plan.direct_answer, body.stop))
         await started(events)
         if body.wants_audio:
             events = _remembered(events, planner, audio_id)
@@ -94,7 +120,7 @@ async def chat_completions(
         elif plan.request is not None:
             result = await until_disconnected(request, engine.generate(plan.request))
         else:
-            result = _answer(plan.direct_answer)
+            result = _answer(_before_stop(plan.direct_answer, body.stop))
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it; logged and counted as 499
     if plan.script is not None:
@@ -114,6 +140,13 @@ async def chat_completions(
         id=completion_id, created=created, model=body.model, choices=[choice], usage=Usage(**usage_of(result))
     )
     return JSONResponse(completion.model_dump(mode="json"), headers=headers)
+
+
+def _before_stop(text: str | None, stop: str | list[str] | None) -> str | None:
+    """``text`` up to the first of the ``stop`` strings in it, as a generated answer would end."""
+    stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1) if text else -1
+    return text if cut < 0 else text[:cut]
 
 
 def _answer(text: str | None) -> GenerationResult:

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, UploadFile
@@ -126,8 +127,10 @@ def check_model(settings: Settings, name: str) -> None:
 
 
 def _others(settings: Settings) -> list[str]:
-    """The names besides the served one that ``check_model`` accepts, each once, in order."""
-    names = [settings.model, *HIGGS_MODEL_NAMES, *MODEL_ALIASES]
+    """The names besides the served one that ``check_model`` accepts, each once, in order; the model's
+    setting only when it is a hub id (a local folder's path is the server's business, not its clients')."""
+    local = Path(settings.model).expanduser().exists()
+    names = [*([] if local else [settings.model]), *HIGGS_MODEL_NAMES, *MODEL_ALIASES]
     return [n for n in dict.fromkeys(names) if n != settings.served_model_name]
 
 

@@ -212,8 +212,50 @@ def test_a_request_joins_while_another_decodes_and_others_leave_early(client, en
 
     assert joined == alone_short
     assert answer(results["long"]) == alone_long
-    assert stopped["choices"][0]["message"]["content"] == expected_text.strip()
+    assert stopped["choices"][0]["message"]["content"] == expected_text
     assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert_idle(client, engine)
+
+
+def test_a_finished_request_counts_until_its_last_audio_is_decoded(engine, client, monkeypatch):
+    """Its slot is free as soon as its tokens are done, but the codec may still be decoding its last piece
+    (seconds behind on a CPU under load): until the result goes out it counts against the bound, the queue
+    gauge shows it, and Retry-After's measure of a request's time includes the wait."""
+    gate = threading.Event()
+    real_end = engine._end_stream
+
+    def slow_end(stream, result):
+        gate.wait(30)
+        real_end(stream, result)
+
+    monkeypatch.setattr(engine, "_end_stream", slow_end)
+    monkeypatch.setattr(engine, "_job_seconds", 0.0)
+    released = threading.Event()
+    at_each_release(engine, monkeypatch, lambda: released.set() or 0)
+    request = generation.GenerationRequest(
+        [generation.Turn("user", "Count me.")], True, 20, 0.7, 0.95, 50, seed=3
+    )
+
+    async def run() -> tuple[int, int, float]:
+        events = engine.stream(request)
+        assert isinstance(await anext(events), generation.Started)
+
+        def slot_freed() -> None:
+            released.wait(30)
+            time.sleep(0.3)  # the last piece waits at the codec
+
+        await asyncio.to_thread(slot_freed)
+        seen = (engine.stats().busy_slots, engine.pending, engine._job_seconds)
+        gate.set()
+        async for _ in events:
+            pass
+        return seen
+
+    busy, pending, job_seconds = asyncio.run(run())
+    assert (busy, pending, job_seconds) == (0, 1, 0.0)
+    settle(engine)
+    assert engine.pending == 0 and engine._job_seconds >= 0.2 * 0.3  # the codec's wait counted
+    monkeypatch.undo()
     assert_idle(client, engine)
 
 

@@ -252,10 +252,9 @@ def test_bad_requests_get_the_openai_envelope(client, name, body, status, param)
         assert all(
             repr(n) in error["message"] or f" {n}," in error["message"] for n in ("tts-1", "gpt-audio")
         )
-        assert (
-            settings.model in error["message"]
-            and "bosonai/higgs-audio-v2-generation-3B-base" in error["message"]
-        )
+        assert "bosonai/higgs-audio-v2-generation-3B-base" in error["message"]
+        # The tiny model is a local folder: its path is the server's business, not told to clients.
+        assert settings.model not in error["message"]
     assert client.get("/health").status_code == 200
 
 

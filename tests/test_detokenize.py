@@ -105,18 +105,57 @@ def test_each_token_decodes_a_few_tokens_whatever_the_length(tokenizer):
 
 def test_a_stop_string_ends_the_text_before_it_and_nothing_of_it_is_sent(tokenizer):
     decode = ids_decoder(tokenizer)
-    ids = tokenizer.encode("one two STOP three", add_special_tokens=False)
+    ids = tokenizer.encode("one two nev STOP three", add_special_tokens=False)
     detokenizer = Detokenizer(decode, ["STOP", "", "never"])
     sent = []
     for token in ids:
         sent.append(detokenizer.add(token))
-        # What could be the start of "never" (5 characters) is held back until it cannot be.
-        assert len("".join(sent)) <= max(0, len(detokenizer.text) - 4) or detokenizer.stopped
         if detokenizer.stopped:
             break
-    assert detokenizer.stopped and detokenizer.text == "one two "
+    # "nev" waited while it could still become "never", "S" while it could become "STOP".
+    assert "".join(sent[: len("one two nev")]) == "one two "
+    assert detokenizer.stopped and detokenizer.text == "one two nev "
     assert detokenizer.add(tokenizer.encode("x")[0]) == ""  # the answer is over
-    assert "".join(sent) + detokenizer.finish() == "one two "
+    assert "".join(sent) + detokenizer.finish() == "one two nev "
+
+
+def test_text_goes_out_at_once_unless_its_end_could_begin_a_stop_string(tokenizer):
+    """A stop string of a thousand characters holds back nothing of a text that does not end like its
+    start (holding back its length less one would hold the whole answer)."""
+    decode = ids_decoder(tokenizer)
+    detokenizer = Detokenizer(decode, ["x" * 1000, "world!"])
+    sent = [detokenizer.add(token) for token in tokenizer.encode("hello wox", add_special_tokens=False)]
+    # "w" and "wo" could begin "world!"; then "wo" goes, and the "x" that could begin the thousand waits.
+    assert sent == [*"hello ", "", "", "wo"]
+    assert detokenizer.finish() == "x"
+
+
+def test_with_stop_strings_the_stream_is_the_answer_cut_at_the_first(tokenizer):
+    """Random texts and stop strings from a small alphabet (so that stops often begin, and often end, in
+    the text): the pieces sent are the answer, which is the whole text up to where a stop string first
+    completed."""
+    rng = random.Random(11)
+    decode = ids_decoder(tokenizer)
+    for _ in range(500):
+        text = "".join(rng.choice("ab é🎉") for _ in range(rng.randrange(0, 40)))
+        stops = [
+            "".join(rng.choice("ab é") for _ in range(rng.randrange(1, 5)))
+            for _ in range(rng.randrange(1, 4))
+        ]
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        detokenizer = Detokenizer(decode, stops)
+        sent = streamed(detokenizer, ids)
+        assert sent == detokenizer.text, (text, stops)
+        ends = [i + len(s) for s in stops for i in [text.find(s)] if i >= 0]
+        if ends:  # cut before the stop that completed first
+            first = min(ends)
+            assert detokenizer.stopped
+            assert detokenizer.text == min(
+                (text[: text.find(s)] for s in stops if 0 <= text.find(s) and text.find(s) + len(s) == first),
+                key=len,
+            )
+        else:
+            assert not detokenizer.stopped and detokenizer.text == text
 
 
 def test_a_character_split_across_tokens_is_sent_whole(tokenizer):

@@ -1,0 +1,185 @@
+"""The host's ceiling: the audio seconds per second the service's Python side can carry when the GPU is not
+the limit, measured against a simulated GPU of given speed.
+
+Run:  .venv/bin/python bench/bench_host.py [--listeners 16] [--step-ms 3] [--codec-ms 5] [--seconds 10]
+
+On a GPU the decoding step, the codec and the prefill run on the device, and everything else on the host's
+Python threads: HTTP and encoding on the event loop, launching steps and streaming their tokens on the
+scheduler thread, cutting and joining pieces on the codec thread, all under one interpreter lock. Whether
+that host side can feed the issue's target (150 audio seconds per second at 16 listeners) does not need a
+GPU to find out. This serves the real app (uvicorn on 127.0.0.1, the tiny models on the CPU) with its
+device work replaced by waits that hold no lock, as a GPU's do:
+
+* a decoding step is a wait of ``--step-ms`` from when the GPU is free (steps queue as a CUDA stream's
+  would, launched ahead with the engine's CUDA lookahead) and gives a column of codes for every row;
+* a codec call is a wait of ``--codec-ms`` (whatever its batch, as measured on an H200 for a 20-frame piece
+  at batch 1 and 8) and gives silence of the right length; the codec batches any number of pieces, as
+  CUDA graphs let it;
+* prefills are real (the tiny model's, milliseconds) plus ``--prefill-ms``.
+
+The clients run in a separate process (as real clients would), each streaming ``/v1/audio/speech`` as raw
+PCM (``--seconds`` of audio each). Printed, for 1 and for ``--listeners`` at once: audio seconds per second
+of all streams together, first audio (median and 95th percentile), each stream's real-time factor (its
+time from sending to its last byte over its audio's length), and the
+ceiling the simulated GPU allows (rows / (step x 25 frames a second)) with the ratio to it; then the
+engine's host time per step: ``launch`` and ``tokens`` (the host's work) against ``wait`` (the host idle
+for the simulated GPU). A ``wait`` near zero means the host is the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import statistics
+import time
+from pathlib import Path
+
+from _common import conditions, run_script, serve, service_settings, speech_cap_settings
+
+FRAME_RATE = 25
+TEXT = "Many listeners, one model: every stream should start soon and keep up."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--listeners", type=int, default=16, help="streamed requests sent at once")
+    parser.add_argument("--step-ms", type=float, default=3.0, help="simulated decoding step, any rows")
+    parser.add_argument("--codec-ms", type=float, default=5.0, help="simulated codec call, any batch")
+    parser.add_argument("--prefill-ms", type=float, default=0.0, help="added to each (real) prefill pass")
+    parser.add_argument("--seconds", type=float, default=10.0, help="audio per request")
+    run_script(parser, run)
+
+
+def _clients(url: str, n: int, seconds: float, out) -> None:
+    """In the clients' process: ``n`` streamed speech requests at once; per request (first audio, end,
+    audio seconds) in seconds from the start."""
+    import httpx
+
+    async def one(client: httpx.AsyncClient, i: int, start: float) -> tuple[float, float, float]:
+        body = {"model": "tts-1", "input": TEXT, "voice": "alloy", "response_format": "pcm", "speed": 1.0}
+        first, received = None, 0
+        async with client.stream("POST", "/v1/audio/speech", json=body) as response:
+            response.raise_for_status()
+            async for chunk in response.aiter_bytes():
+                if first is None and chunk:
+                    first = time.perf_counter() - start
+                received += len(chunk)
+        return first, time.perf_counter() - start, received / 2 / 24000
+
+    async def all_at_once() -> list[tuple[float, float, float]]:
+        limits = httpx.Limits(max_connections=n + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            start = time.perf_counter()
+            return await asyncio.gather(*(one(client, i, start) for i in range(n)))
+
+    out.put(asyncio.run(all_at_once()))
+
+
+def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) -> None:
+    """Replace the engine's device work by lock-free waits of the given lengths (see the module's text)."""
+    import numpy as np
+    import torch
+
+    from audio_stream import next_codec_work
+
+    decoder = engine._decoder
+    codes = torch.full((decoder.slots, 1 + engine.num_codebooks), 7, dtype=torch.long)
+    codes[:, 0] = engine._config.audio_out_token_idx
+    gpu_free = [0.0]
+
+    class Step:
+        def __init__(self, rows: int, done: float):
+            self.rows, self.done = rows, done
+
+        def result(self) -> torch.Tensor:
+            time.sleep(max(0.0, self.done - time.perf_counter()))
+            return codes[: self.rows]
+
+    def launch() -> Step:
+        rows, _ = decoder._shape()
+        for slot in decoder.busy:
+            decoder.lengths[slot] += 1
+        gpu_free[0] = max(time.perf_counter(), gpu_free[0]) + step_ms / 1e3
+        return Step(rows, gpu_free[0])
+
+    samples_per_frame = engine.sample_rate // engine.frame_rate
+
+    def decode(batch: torch.Tensor) -> np.ndarray:
+        time.sleep(codec_ms / 1e3)
+        return np.zeros((batch.shape[0], 1, batch.shape[2] * samples_per_frame), np.float32)
+
+    def with_delay(prefill):
+        def delayed(*args, **kwargs):
+            time.sleep(prefill_ms / 1e3)
+            return prefill(*args, **kwargs)
+
+        return delayed
+
+    decoder.launch = launch
+    decoder.prefill = with_delay(decoder.prefill)
+    decoder.prefill_many = with_delay(decoder.prefill_many)
+    engine._pieces.decode = decode
+    engine._next_codec_work = lambda pending: next_codec_work(pending, None)
+    engine.lookahead = True
+    engine.yield_to_first_pieces = False
+    engine.first_piece_wait = 0
+
+
+def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: Path) -> None:
+    from app import create_app
+
+    steps = int(args.seconds * FRAME_RATE)
+    settings = service_settings(
+        model,
+        audio_tokenizer,
+        voices_dir,
+        max_batch_size=args.listeners,
+        max_queue=4 * args.listeners,
+        kv_cache_lengths=[1024],
+        **speech_cap_settings(steps),
+    )
+    app = create_app(settings)
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    with serve(app, start_timeout=1800) as url:
+        engine = app.state.engine
+        _simulate_gpu(engine, args.step_ms, args.codec_ms, args.prefill_ms)
+        context = multiprocessing.get_context("spawn")
+        print(
+            f"simulated GPU: a step {args.step_ms} ms, a codec call {args.codec_ms} ms, prefill + "
+            f"{args.prefill_ms} ms; {steps} steps ({args.seconds} s of audio) per request"
+        )
+        print(
+            f"{'at once':>8} {'audio s/s':>10} {'ceiling':>8} {'ratio':>6} {'first p50':>10} "
+            f"{'first p95':>10} {'RTF p50':>8} {'RTF max':>8}   host per step: launch / tokens / wait (ms)"
+        )
+        for n in sorted({1, args.listeners}):
+            out = context.Queue()
+            before = engine.work()
+            clients = context.Process(target=_clients, args=(url, n, args.seconds, out))
+            clients.start()
+            results = out.get()
+            clients.join()
+            after = engine.work()
+            firsts = sorted(r[0] for r in results)
+            wall = max(r[1] for r in results)
+            audio = sum(r[2] for r in results)
+            rtf = sorted(r[1] / r[2] for r in results)
+            ceiling = min(n, engine.slots) / (args.step_ms / 1e3 * FRAME_RATE)
+            done = max(after.steps - before.steps, 1)
+            per = {k: (after.scheduler[k] - before.scheduler[k]) / done * 1e3 for k in after.scheduler}
+            p95 = firsts[min(len(firsts) - 1, int(round(0.95 * (len(firsts) - 1))))]
+            print(
+                f"{n:>8} {audio / wall:>10.1f} {ceiling:>8.1f} {audio / wall / ceiling:>6.2f} "
+                f"{statistics.median(firsts):>9.3f}s {p95:>9.3f}s {statistics.median(rtf):>8.3f} "
+                f"{rtf[-1]:>8.3f}   {per['launch']:.3f} / {per['tokens']:.3f} / {per['wait']:.3f}"
+            )
+    print(conditions(time.monotonic() - started, load_before))
+
+
+if __name__ == "__main__":
+    main()
