@@ -61,6 +61,7 @@ bench: $(VENV)/.test-deps
 	$(PY) bench/bench_streaming.py
 	$(PY) bench/bench_batching.py
 	$(PY) bench/bench_underrun.py
+	$(PY) bench/bench_host.py
 	$(PY) bench/bench_step.py
 	$(PY) bench/bench_text.py
 	$(PY) bench/bench_codec.py

@@ -15,7 +15,8 @@ device work replaced by waits that hold no lock, as a GPU's do:
 * a codec call is a wait of ``--codec-ms`` (whatever its batch, as measured on an H200 for a 20-frame piece
   at batch 1 and 8) and gives silence of the right length; the codec batches any number of pieces, as
   CUDA graphs let it;
-* prefills are real (the tiny model's, milliseconds) plus ``--prefill-ms``.
+* prefills are real (the tiny model's, milliseconds) plus ``--prefill-ms`` a pass; a turn's newcomers are
+  prefilled in one pass, as on CUDA.
 
 The clients run in a separate process (as real clients would), each streaming ``/v1/audio/speech`` as raw
 PCM (``--seconds`` of audio each). Printed, for 1 and for ``--listeners`` at once: audio seconds per second
@@ -60,7 +61,7 @@ def _clients(url: str, n: int, seconds: float, out) -> None:
     import httpx
 
     async def one(client: httpx.AsyncClient, i: int, start: float) -> tuple[float, float, float]:
-        body = {"model": "tts-1", "input": TEXT, "voice": "alloy", "response_format": "pcm", "speed": 1.0}
+        body = {"model": "tts-1", "input": TEXT, "voice": "default", "response_format": "pcm", "speed": 1.0}
         first, received = None, 0
         async with client.stream("POST", "/v1/audio/speech", json=body) as response:
             response.raise_for_status()
@@ -76,7 +77,10 @@ def _clients(url: str, n: int, seconds: float, out) -> None:
             start = time.perf_counter()
             return await asyncio.gather(*(one(client, i, start) for i in range(n)))
 
-    out.put(asyncio.run(all_at_once()))
+    try:
+        out.put(asyncio.run(all_at_once()))
+    except Exception as exc:  # the parent waits on ``out``: tell it
+        out.put(repr(exc))
 
 
 def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) -> None:
@@ -125,6 +129,7 @@ def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) ->
     engine._pieces.decode = decode
     engine._next_codec_work = lambda pending: next_codec_work(pending, None)
     engine.lookahead = True
+    engine.prefill_in_one_pass = True
     engine.yield_to_first_pieces = False
     engine.first_piece_wait = 0
 
@@ -164,6 +169,8 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             clients.start()
             results = out.get()
             clients.join()
+            if isinstance(results, str):
+                raise RuntimeError(f"the clients failed: {results}")
             after = engine.work()
             firsts = sorted(r[0] for r in results)
             wall = max(r[1] for r in results)
