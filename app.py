@@ -40,6 +40,27 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 # A client's X-Request-ID is kept when it is a plain token (it ends up in log lines).
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+# Control characters, as they are escaped in log lines (tabs are left alone).
+_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(32), 127] if c != 9} | {10: "\\n", 13: "\\r"}
+
+
+class OneLineFormatter(logging.Formatter):
+    """``LOG_FORMAT``, one line per record whatever its message holds: a client's text that reaches a log
+    line (a path with ``%0A`` in it, the name of an unknown JSON field) could otherwise start a line of its
+    own and pass for the server's. Control characters are escaped; a traceback still follows its line."""
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return super().formatMessage(record).translate(_ESCAPED)
+
+
+def configure_logging() -> None:
+    """INFO and up to standard error in ``LOG_FORMAT``, one line per record (``OneLineFormatter``)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(OneLineFormatter())
 
 
 def create_app(
@@ -251,7 +272,7 @@ def build() -> FastAPI:
     """The app with the settings of the environment: ``uvicorn app:build --factory``. Logs as ``python
     app.py`` does: uvicorn's own lines through the root logger, in this format, and no access log (each
     request is logged with its id already); uvicorn has set up its loggers by the time it calls this."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging()
     for name in ("uvicorn", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
@@ -273,7 +294,7 @@ def main() -> None:
     import uvicorn
 
     settings = _startable(from_environment())
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging()
     _install_request_id_on_log_records()
     # access_log off: the request-id middleware already logs each request, with its id.
     uvicorn.run(

@@ -7,13 +7,16 @@ the README lists them all with their defaults. Nothing else in the project reads
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Literal, get_origin
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
+
+MIN_CONTEXT, MAX_CONTEXT = 256, 131_072  # attention lengths: room for a prompt, and Llama 3's context
 
 
 class Settings(BaseSettings):
@@ -191,6 +194,60 @@ class Settings(BaseSettings):
 
     web_ui: bool = True
     """Serve the web page at `/` (its static files under `/web/`, public even with an API key)."""
+
+    @field_validator("*")
+    @classmethod
+    def _finite(cls, value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _a_key_or_none(cls, key: SecretStr | None) -> SecretStr | None:
+        # A secret templated from nothing must not open the service, and a mounted secret's trailing
+        # newline must not lock every client out (a client's key is read stripped too).
+        if key is None:
+            return None
+        stripped = key.get_secret_value().strip()
+        if not stripped:
+            raise ValueError("is empty; unset it to serve without a key, or give the key")
+        return SecretStr(stripped)
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("is empty; /v1/models would list a model without a name")
+        return name.strip()
+
+    @field_validator("voices_dir", mode="before")
+    @classmethod
+    def _a_folder(cls, folder: object) -> object:
+        if isinstance(folder, str) and not folder.strip():
+            raise ValueError(
+                "is empty; name the voice library's folder (an empty value meant the working one)"
+            )
+        return folder
+
+    @field_validator("kv_cache_lengths")
+    @classmethod
+    def _lengths(cls, lengths: list[int]) -> list[int]:
+        if not lengths:
+            raise ValueError("is empty; give at least one attention length, e.g. [1024, 4096, 8192]")
+        if min(lengths) < MIN_CONTEXT or max(lengths) > MAX_CONTEXT:
+            raise ValueError(
+                f"each length must be {MIN_CONTEXT} to {MAX_CONTEXT} tokens (a prompt takes a few hundred)"
+            )
+        return sorted(set(lengths))
+
+    @field_validator("max_reference_seconds")
+    @classmethod
+    def _above_the_minimum(cls, most: float, info: ValidationInfo) -> float:
+        least = info.data.get("min_reference_seconds")
+        if least is not None and least > most:
+            raise ValueError(f"is below HIGGS_MIN_REFERENCE_SECONDS ({least}): no reference could be taken")
+        return most
 
     @field_validator("stt_translation_model")
     @classmethod

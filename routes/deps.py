@@ -83,7 +83,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def require_ready(request: Request) -> None:
-    """503 until the models are loaded and warmed up, and after an engine failure."""
+    """503 until the models are loaded and warmed up, and after a loading or engine failure."""
     engine = getattr(request.app.state, "engine", None)
     if engine is not None and engine.failure:
         raise APIError(
@@ -91,6 +91,14 @@ def require_ready(request: Request) -> None:
             "the engine failed and the service needs a restart",
             type="server_error",
             code="engine_failed",
+        )
+    if getattr(request.app.state, "load_error", None):  # no wait mends it: no Retry-After, no retries
+        raise APIError(
+            503,
+            "the service could not load its models: it needs a restart once its log's cause is mended",
+            type="server_error",
+            code="load_failed",
+            headers={"x-should-retry": "false"},  # the openai SDK retries a 503 unless told not to
         )
     if not request.app.state.ready:
         raise APIError(

@@ -76,6 +76,10 @@ def test_2_health_answers_while_the_model_loads_and_ready_follows(settings, monk
         # A load that failed is for good: not ready, and not alive either, so that an orchestrator restarts.
         assert failed.status_code == 503 and "loading failed" in failed.json()["reason"]
         assert client.get("/health").status_code == 503
+        # And the API does not say "still loading, retry" for good (an operator's trial): no retries.
+        refused = client.post("/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "load_failed"
+        assert "retry-after" not in refused.headers and refused.headers["x-should-retry"] == "false"
 
 
 def test_3_names_that_look_like_ids_are_refused(isolated):
@@ -411,7 +415,8 @@ def test_21_the_documented_uvicorn_start_logs_with_request_ids():
 
 def test_21_uvicorn_app_app_serves_and_logs_as_python_app_py(tiny_settings, tmp_path):
     """`uvicorn app:app`, the way FastAPI apps are usually started: it serves, uvicorn's own lines come in
-    the service's format, and each request is logged once, with its id (no access log beside it)."""
+    the service's format, and each request is logged once, with its id (no access log beside it); a
+    client's text in a line is escaped (an operator's trial forged log lines with %0A in a path)."""
     import os
     import re
     import subprocess
@@ -439,6 +444,10 @@ def test_21_uvicorn_app_app_serves_and_logs_as_python_app_py(tiny_settings, tmp_
         body = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "wav"}
         spoken = httpx.post(f"{url}/v1/audio/speech", json=body, headers={"X-Request-ID": "u21"}, timeout=120)
         assert spoken.status_code == 200
+        # A client's text in a log line cannot start a line of its own (a path's %0A, a field's name).
+        httpx.post(f"{url}/v1/audio/speech%0A2026-01-01%2000:00:00,000%20WARNING%20voices%20FORGED1")
+        forged = {**body, "zz\n2026-01-01 00:00:00,000 ERROR engine FORGED2": 1}
+        assert httpx.post(f"{url}/v1/audio/speech", json=forged, timeout=120).status_code == 200
     finally:
         server.terminate()
         log = server.communicate(timeout=60)[1]
@@ -446,6 +455,9 @@ def test_21_uvicorn_app_app_serves_and_logs_as_python_app_py(tiny_settings, tmp_
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO uvicorn.error \[-\] ", started), started
     assert "[u21] POST /v1/audio/speech -> 200" in log
     assert '"POST /v1/audio/speech HTTP/1.1" 200' not in log, log[-2000:]
+    assert not [line for line in log.splitlines() if line.startswith("2026-01-01")]
+    assert "/v1/audio/speech\\n2026-01-01 00:00:00,000 WARNING voices FORGED1 -> 404" in log
+    assert "zz\\n2026-01-01 00:00:00,000 ERROR engine FORGED2" in log
 
 
 def test_22_a_setting_that_does_not_fit_stops_the_service_with_a_line_naming_it():

@@ -425,3 +425,47 @@ def test_every_setting_at_fault_is_named_at_once(monkeypatch):
     monkeypatch.setenv("higgs_kv_cache_lengths", "[1024, 2048]")
     settings = from_environment()
     assert settings.cors_origins == ["https://app.example"] and settings.kv_cache_lengths == [1024, 2048]
+
+
+BAD_SETTINGS = [
+    ("HIGGS_MAX_BODY_MB", "inf"),  # stopped the process with a traceback
+    ("HIGGS_MAX_UPLOAD_MB", "inf"),  # failed the load
+    ("HIGGS_MAX_TRANSCRIPTION_SECONDS", "inf"),  # failed every transcription
+    ("HIGGS_GENERATION_TIMEOUT_SECONDS", "nan"),
+    ("HIGGS_KV_CACHE_LENGTHS", "[]"),
+    ("HIGGS_KV_CACHE_LENGTHS", "[0]"),
+    ("HIGGS_KV_CACHE_LENGTHS", "[16]"),  # too short for any prompt: the warm-up failed
+    ("HIGGS_VOICES_DIR", ""),  # meant the working folder
+    ("HIGGS_SERVED_MODEL_NAME", " "),
+    ("HIGGS_API_KEY", ""),  # a secret templated from nothing served without a key
+    ("HIGGS_API_KEY", "  \n"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_SETTINGS, ids=[f"{n}={v!r}" for n, v in BAD_SETTINGS])
+def test_a_value_that_cannot_work_stops_the_start_with_a_line_naming_it(monkeypatch, name, value):
+    """Found by an operator's trial: each of these started (or died with a traceback) and failed later."""
+    from settings import from_environment
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        from_environment()
+    lines = str(stopped.value).splitlines()
+    assert len(lines) == 2 and lines[1].strip().startswith(name + ":"), lines
+
+
+def test_reference_bounds_that_admit_no_clip_are_refused(monkeypatch):
+    from settings import from_environment
+
+    monkeypatch.setenv("HIGGS_MIN_REFERENCE_SECONDS", "40")
+    with pytest.raises(SystemExit, match="HIGGS_MAX_REFERENCE_SECONDS: .*below HIGGS_MIN_REFERENCE_SECONDS"):
+        from_environment()
+
+
+def test_a_mounted_key_with_a_trailing_newline_is_the_key(monkeypatch):
+    from settings import from_environment
+
+    monkeypatch.setenv("HIGGS_API_KEY", "abc\n")
+    assert from_environment().api_key.get_secret_value() == "abc"
+    monkeypatch.setenv("HIGGS_KV_CACHE_LENGTHS", "[4096, 1024, 4096]")
+    assert from_environment().kv_cache_lengths == [1024, 4096]
