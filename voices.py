@@ -538,9 +538,16 @@ class Voices:
             audio = trim_silence(result.audio)
             codes = await self.engine.encode(audio)
             async with self._lock:
-                return await asyncio.to_thread(
-                    self.library.create, name, audio, BUILTIN_SENTENCE, codes, True
-                )
+                try:
+                    return await asyncio.to_thread(
+                        self.library.create, name, audio, BUILTIN_SENTENCE, codes, True
+                    )
+                except VoiceExists:
+                    # Another process sharing the library stored it meanwhile: that clip is the voice.
+                    stored = await asyncio.to_thread(self.library.get, name)
+                    if stored is None:
+                        raise
+                    return stored
 
     async def create(self, name: str, data: bytes, transcript: str | None) -> Voice:
         """Store an uploaded voice: validated, transcribed when no transcript is given, and encoded, all

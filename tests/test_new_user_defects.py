@@ -482,3 +482,30 @@ def test_22_a_setting_that_does_not_fit_stops_the_service_with_a_line_naming_it(
     wrong = start(HIGGS_MAX_QUEUE="many", HIGGS_STREAM_FIRST_CHUNK_FRAMES="0")
     assert "HIGGS_MAX_QUEUE: Input should be a valid integer" in wrong and "'many'" in wrong
     assert "HIGGS_STREAM_FIRST_CHUNK_FRAMES: Input should be greater than or equal to 1" in wrong
+
+
+def test_31_two_processes_making_the_same_builtin_voice_both_answer(
+    isolated, settings, engine, recognizer, tmp_path
+):
+    """Two servers share one library; both see a first use of "ash" at once. The one that stores second
+    used to answer 409 "pick another name" to a speech request; it now speaks with the clip just stored."""
+    shared = tmp_path / "shared"
+    body = {"model": "tts-1", "input": "Hi.", "voice": "ash", "response_format": "wav"}
+    with isolated(voices_dir=shared) as first, isolated(voices_dir=shared) as second:
+        library = second.app.state.voices.library
+        real_get, real_create = library.get, library.create
+        storing = []
+
+        def get(name):  # the second process looks before the first has stored it...
+            return real_get(name) if storing else None
+
+        def create(*args, **kwargs):  # ...and stores after
+            storing.append(args[0])
+            return real_create(*args, **kwargs)
+
+        library.get, library.create = get, create
+        assert first.post("/v1/audio/speech", json=body).status_code == 200
+        answer = second.post("/v1/audio/speech", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-voice"] == "ash" and storing == ["ash"]
+        assert [v["name"] for v in first.get("/v1/audio/voices").json()["data"]].count("ash") == 1
