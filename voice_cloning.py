@@ -162,12 +162,11 @@ def check_reference(
 
 
 async def recognised_words(recognizer: AsyncTranscriber | None, audio: Audio, param: str) -> str:
-    """What ``audio`` says, by speech recognition; ``InvalidRequest`` naming ``param`` when it is off."""
+    """What ``audio`` says, by speech recognition; ``InvalidRequest`` naming ``param`` (the field where the
+    words go) when it is off."""
     if recognizer is None:
         raise InvalidRequest(
-            "speech recognition is turned off on this server; give the words spoken in "
-            "input_audio.transcript",
-            param,
+            f"speech recognition is turned off on this server; give the words spoken in {param}", param
         )
     transcript = await recognizer.transcribe(audio)
     return transcript.text
