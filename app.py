@@ -298,7 +298,12 @@ def main() -> None:
     _install_request_id_on_log_records()
     # access_log off: the request-id middleware already logs each request, with its id.
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
 
 

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     generation_timeout_seconds: float = Field(default=300.0, gt=0)
     """Wall-clock limit of one generation; it then stops with finish_reason "length"."""
 
+    shutdown_timeout_seconds: float = Field(default=25.0, gt=0, le=3600)
+    """On SIGTERM (`python app.py`): the listener closes at once, running answers may finish for this long,
+    then they are cut and the process exits (a Kubernetes pod gets 30 s by default)."""
+
     served_model_name: str = "higgs-audio-v2"
     """Model id reported by /v1/models. OpenAI's own model names are accepted as aliases of it."""
 

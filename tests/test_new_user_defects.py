@@ -509,3 +509,59 @@ def test_31_two_processes_making_the_same_builtin_voice_both_answer(
         assert answer.status_code == 200, answer.text
         assert answer.headers["x-voice"] == "ash" and storing == ["ash"]
         assert [v["name"] for v in first.get("/v1/audio/voices").json()["data"]].count("ash") == 1
+
+
+def test_32_sigterm_lets_answers_finish_for_the_shutdown_timeout_then_exits(tiny_settings, tmp_path):
+    """An operator's trial: SIGTERM waited for every running answer however long (30 s there), past a
+    Kubernetes pod's grace period. Now `python app.py` waits HIGGS_SHUTDOWN_TIMEOUT_SECONDS at most."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    from live_server import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIGGS_")} | tiny_settings
+    env |= {
+        "HIGGS_DEVICE": "cpu", "HIGGS_DTYPE": "float32", "HIGGS_STT_MODEL": "", "HIGGS_WARMUP": "false",
+        "HIGGS_PORT": str(port), "HIGGS_VOICES_DIR": str(tmp_path), "HIGGS_SHUTDOWN_TIMEOUT_SECONDS": "2",
+        # Two minutes of audio (the tiny model never ends it by itself): far longer than the timeout.
+        "HIGGS_SECONDS_PER_CHARACTER": "2", "HIGGS_MAX_AUDIO_SECONDS": "120",
+    }  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=TEST_AUDIO.parent, env=env, stderr=subprocess.PIPE
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        text = "Hello there, this is a rather long test sentence for you, friend."  # 4 s + 2 s a character
+        body = {"model": "tts-1", "input": text, "voice": "default", "response_format": "pcm"}
+        received = 0
+        with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=120) as response:
+            assert response.status_code == 200
+            chunks = response.iter_bytes()
+            received += len(next(chunks))
+            server.send_signal(signal.SIGTERM)
+            terminated = time.monotonic()
+            try:
+                for chunk in chunks:
+                    received += len(chunk)
+            except httpx.HTTPError:
+                pass  # the answer was cut when the timeout ran out
+        server.wait(timeout=60)
+        took = time.monotonic() - terminated
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.communicate(timeout=60)
+    assert took < 10, took  # 2 s of grace, then the engine's and the process's own shutdown
+    assert received < 120 * 24000 * 2  # not the whole answer
