@@ -39,6 +39,11 @@ def ids_decoder(tokenizer) -> Callable[[list[int]], str]:
     return lambda ids: own.decode(ids, skip_special_tokens=True)
 
 
+def first_stop(text: str, stops: list[str], start: int = 0) -> int:
+    """Where the first of ``stops`` found in ``text`` (from ``start`` on) begins; -1 when none is."""
+    return min((i for i in (text.find(s, start) for s in stops if s) if i >= 0), default=-1)
+
+
 class Detokenizer:
     """One generation's text, token by token: the text to send now, and whether a stop string ended it.
 
@@ -89,7 +94,7 @@ class Detokenizer:
         text = self._decoded
         if not self.stopped:
             start = max(0, self._looked - self._hold)
-            cut = min((i for i in (text.find(s, start) for s in self.stops) if i >= 0), default=-1)
+            cut = first_stop(text, self.stops, start)
             self._looked = len(text)
             if cut >= 0:
                 text = text[:cut]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_validator
 
 # OpenAI's request types are strict: "10" is not an integer, 1.0 not a count, "true" not a boolean.
 # (A float field still takes an integer: 1 is a fine temperature.)
@@ -111,6 +111,17 @@ class AudioParams(OpenModel):
         return self.voice.id if isinstance(self.voice, VoiceRef) else self.voice
 
 
+# Chat fields this server cannot honour, refused unless they ask for nothing: what it does not do, and the
+# value that asks for nothing.
+_NOT_APPLIED = {
+    "logprobs": ("return log probabilities", "false"),
+    "top_logprobs": ("return log probabilities", "0"),
+    "logit_bias": ("apply logit_bias", "{}"),
+    "presence_penalty": ("apply presence_penalty", "0"),
+    "frequency_penalty": ("apply frequency_penalty", "0"),
+}
+
+
 class StreamOptions(OpenModel):
     include_usage: StrictBool = False
 
@@ -143,30 +154,17 @@ class ChatCompletionRequest(OpenModel):
 
     @field_validator("stream_options")
     @classmethod
-    def _only_when_streamed(cls, options: StreamOptions | None, info: Any) -> StreamOptions | None:
+    def _only_when_streamed(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
         if options is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true, as OpenAI's")
         return options
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator(*_NOT_APPLIED)
     @classmethod
-    def _no_logprobs(cls, value: bool | int | None, info: Any) -> bool | int | None:
-        if value:
-            raise ValueError(f"this server does not return log probabilities; leave {info.field_name} out")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
-        if bias:
-            raise ValueError("this server does not apply logit_bias; leave it out or send {}")
-        return bias
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None, info: Any) -> float | None:
-        if value:
-            raise ValueError(f"this server does not apply {info.field_name}; leave it out or send 0")
+    def _asks_for_nothing(cls, value: object, info: ValidationInfo) -> object:
+        if value:  # true, above 0, not empty
+            what, neutral = _NOT_APPLIED[info.field_name]
+            raise ValueError(f"this server does not {what}; leave {info.field_name} out or send {neutral}")
         return value
 
     @field_validator("tool_choice")

@@ -11,6 +11,7 @@ from contextlib import aclosing
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from detokenize import first_stop
 from errors import bad_request
 from generation import ContextLengthError, Engine, GenerationResult, Started, StreamEvent, TextPiece
 from longform import encode_whole, speak
@@ -144,8 +145,7 @@ async def _complete(
 
 def _before_stop(text: str | None, stop: str | list[str] | None) -> str | None:
     """``text`` up to the first of the ``stop`` strings in it, as a generated answer would end."""
-    stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1) if text else -1
+    cut = first_stop(text, [stop] if isinstance(stop, str) else stop or []) if text else -1
     return text if cut < 0 else text[:cut]
 
 

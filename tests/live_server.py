@@ -6,11 +6,15 @@ Shared by the tests that need a real server (the web page's, the Ray cluster's p
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -49,3 +53,24 @@ def serve(app, start_timeout: float = 120.0) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=60)
         sock.close()
+
+
+def start_process(args: list[str], settings: dict[str, str], timeout: float = 300.0) -> subprocess.Popen:
+    """The service as an operator starts it: ``python <args>`` in the project's folder, in a process of its
+    own with ``settings`` (``HIGGS_*``; none inherited) and its standard error piped as text. Returns once
+    ``HIGGS_PORT``'s ``/ready`` says 200, or the process ended, or ``timeout`` seconds passed."""
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIGGS_")} | settings
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen([sys.executable, *args], cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{settings['HIGGS_PORT']}/ready"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(url).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    return process

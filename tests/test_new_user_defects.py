@@ -14,6 +14,7 @@ import time
 import pytest
 from conftest import TEST_AUDIO, b64, transcripts
 from fastapi.testclient import TestClient
+from live_server import free_port, start_process
 
 from app import create_app
 
@@ -22,6 +23,15 @@ CHAT = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "d
         "messages": SPEAK, "max_tokens": 8, "seed": 1}  # fmt: skip
 WAV = TEST_AUDIO.read_bytes()
 WORDS = transcripts()["test_audio.wav"]
+
+
+def tiny_process_settings(tiny_settings: dict[str, str], voices_dir) -> dict[str, str]:
+    """A server process's settings: the tiny models on the CPU, no speech recognition, no warm-up, a free
+    port, its own voice library."""
+    return tiny_settings | {
+        "HIGGS_DEVICE": "cpu", "HIGGS_DTYPE": "float32", "HIGGS_STT_MODEL": "", "HIGGS_WARMUP": "false",
+        "HIGGS_PORT": str(free_port()), "HIGGS_VOICES_DIR": str(voices_dir),
+    }  # fmt: skip
 
 
 def upload(client, name: str, transcript: str | None = WORDS):
@@ -417,30 +427,15 @@ def test_21_uvicorn_app_app_serves_and_logs_as_python_app_py(tiny_settings, tmp_
     """`uvicorn app:app`, the way FastAPI apps are usually started: it serves, uvicorn's own lines come in
     the service's format, and each request is logged once, with its id (no access log beside it); a
     client's text in a line is escaped (an operator's trial forged log lines with %0A in a path)."""
-    import os
     import re
-    import subprocess
-    import sys
 
     import httpx
-    from live_server import free_port
 
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HIGGS_")} | tiny_settings
-    env |= {"HIGGS_DEVICE": "cpu", "HIGGS_DTYPE": "float32", "HIGGS_STT_MODEL": "", "HIGGS_WARMUP": "false"}
-    env["HIGGS_VOICES_DIR"] = str(tmp_path)
-    command = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)]
-    server = subprocess.Popen(command, cwd=TEST_AUDIO.parent, env=env, stderr=subprocess.PIPE, text=True)
+    settings = tiny_process_settings(tiny_settings, tmp_path)
+    port = settings["HIGGS_PORT"]
+    server = start_process(["-m", "uvicorn", "app:app", "--port", port], settings)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
         body = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "wav"}
         spoken = httpx.post(f"{url}/v1/audio/speech", json=body, headers={"X-Request-ID": "u21"}, timeout=120)
         assert spoken.status_code == 200
@@ -514,35 +509,19 @@ def test_31_two_processes_making_the_same_builtin_voice_both_answer(
 def test_32_sigterm_lets_answers_finish_for_the_shutdown_timeout_then_exits(tiny_settings, tmp_path):
     """An operator's trial: SIGTERM waited for every running answer however long (30 s there), past a
     Kubernetes pod's grace period. Now `python app.py` waits HIGGS_SHUTDOWN_TIMEOUT_SECONDS at most."""
-    import os
     import signal
-    import subprocess
-    import sys
 
     import httpx
-    from live_server import free_port
 
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HIGGS_")} | tiny_settings
-    env |= {
-        "HIGGS_DEVICE": "cpu", "HIGGS_DTYPE": "float32", "HIGGS_STT_MODEL": "", "HIGGS_WARMUP": "false",
-        "HIGGS_PORT": str(port), "HIGGS_VOICES_DIR": str(tmp_path), "HIGGS_SHUTDOWN_TIMEOUT_SECONDS": "2",
+    settings = tiny_process_settings(tiny_settings, tmp_path)
+    settings |= {
+        "HIGGS_SHUTDOWN_TIMEOUT_SECONDS": "2",
         # Two minutes of audio (the tiny model never ends it by itself): far longer than the timeout.
         "HIGGS_SECONDS_PER_CHARACTER": "2", "HIGGS_MAX_AUDIO_SECONDS": "120",
     }  # fmt: skip
-    server = subprocess.Popen(
-        [sys.executable, "app.py"], cwd=TEST_AUDIO.parent, env=env, stderr=subprocess.PIPE
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = start_process(["app.py"], settings)
+    url = f"http://127.0.0.1:{settings['HIGGS_PORT']}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
         text = "Hello there, this is a rather long test sentence for you, friend."  # 4 s + 2 s a character
         body = {"model": "tts-1", "input": text, "voice": "default", "response_format": "pcm"}
         received = 0
