@@ -30,6 +30,10 @@ class AudioError(ValueError):
     """The bytes given are not usable audio; the message says why, for the caller."""
 
 
+class AudioTooLarge(AudioError):
+    """Audio past the size limit (refused before it is decoded)."""
+
+
 @dataclass(frozen=True)
 class Audio:
     """Mono float32 samples in [-1, 1] and their sample rate."""
@@ -91,7 +95,7 @@ def decode_base64(data: str, *, max_bytes: int | None = None) -> bytes:
     the size is checked from the encoded length before anything is decoded.
 
     Raises:
-        AudioError: empty input, input larger than ``max_bytes``, or not valid base64.
+        AudioError: empty input or not valid base64; ``AudioTooLarge`` past ``max_bytes``.
     """
     if not isinstance(data, str):
         raise AudioError("the audio must be a base64 string")
@@ -105,7 +109,7 @@ def decode_base64(data: str, *, max_bytes: int | None = None) -> bytes:
     if not data:
         raise AudioError("the audio is empty")
     if max_bytes is not None and len(data.rstrip("=")) * 3 // 4 > max_bytes:
-        raise AudioError(f"the audio is larger than the {_format_mb(max_bytes)} limit")
+        raise AudioTooLarge(f"the audio is larger than the {_format_mb(max_bytes)} limit")
     data = data.translate(_URLSAFE_TO_STD)
     if not _B64_CHARS.match(data):
         raise AudioError("the audio is not valid base64 (unexpected characters)")

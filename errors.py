@@ -74,7 +74,7 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, InvalidRequest):
         return APIError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, InvalidAudio):
-        return APIError(400, str(exc), param=exc.param, code="invalid_audio")
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, InvalidVoiceName):
         return APIError(400, str(exc), param="name")
     if isinstance(exc, VoiceNotFound):

@@ -23,7 +23,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from audio import Audio, AudioError, active_speech_seconds, decode_audio, decode_base64, trim_silence
+from audio import (
+    Audio,
+    AudioError,
+    AudioTooLarge,
+    active_speech_seconds,
+    decode_audio,
+    decode_base64,
+    trim_silence,
+)
 from generation import SYSTEM_TEMPLATE, AudioCodes, Turn
 from protocol import InvalidRequest
 
@@ -40,11 +48,13 @@ INPUT_AUDIO_FORMATS = frozenset({"wav", "mp3", "flac", "ogg", "opus", "webm", "m
 
 
 class InvalidAudio(ValueError):
-    """Audio in a request that cannot be used; ``param`` names the request field at fault."""
+    """Audio in a request that cannot be used; ``param`` names the request field at fault, ``code`` says
+    why for programs (``file_too_large`` for audio past the upload limit)."""
 
-    def __init__(self, message: str, param: str):
+    def __init__(self, message: str, param: str, code: str = "invalid_audio"):
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class InvalidReference(InvalidAudio):
@@ -99,7 +109,8 @@ def decode_input_audio(
         raw = decode_base64(data, max_bytes=max_bytes)
         return decode_audio(raw, target_rate=sample_rate, max_seconds=max_seconds)
     except AudioError as exc:
-        raise InvalidAudio(f"input audio: {exc}", f"{param}.input_audio.data") from None
+        code = "file_too_large" if isinstance(exc, AudioTooLarge) else "invalid_audio"
+        raise InvalidAudio(f"input audio: {exc}", f"{param}.input_audio.data", code) from None
 
 
 def load_reference(

@@ -400,6 +400,13 @@ def test_uploads_over_the_upload_limit_get_413(settings, engine, recognizer):
             assert response.json()["error"]["param"] == field
             assert response.json()["error"]["code"] == "file_too_large"
         assert not list(settings.voices_dir.glob("big*"))
+        # The same limit on a chat's base64 reference: a 400 (the JSON body was taken), with the same code.
+        clone = {"role": "user", "content": [{"type": "text", "text": "Hello there."},
+                 {"type": "input_audio", "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"}}]}  # fmt: skip
+        response = c.post("/v1/chat/completions", json={**CHAT, "messages": [clone]})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["code"], error["param"]) == ("file_too_large", "messages[0].content[1].input_audio.data")
 
 
 # ---- settings ----
