@@ -30,7 +30,7 @@ from guard import RequestGate
 from metrics import Metrics
 from planner import Planner
 from routes import chat, health, models, speech, transcription, voices, web
-from settings import Settings, from_environment, resolve_device
+from settings import Settings, check_devices, from_environment
 from stt import AsyncTranscriber, load_recognizer
 from voices import VoiceLibrary, Voices
 
@@ -158,8 +158,8 @@ def _lifespan(
         # Models read from disk load behind a listening server, so that /health answers at once and
         # /ready tells when they are there; what was handed in is ready before the first request.
         loading = None
-        if owned_engine:  # cheap, and a machine without CUDA should refuse to start, not start failed
-            resolve_device(settings.device, torch.cuda.is_available())
+        # Cheap, and a machine without the CUDA asked for should refuse to start, not start failed.
+        check_devices(settings, torch.cuda.is_available(), engine=owned_engine, recognizer=owned_recognizer)
         if load_behind and (owned_engine or owned_recognizer):
             loading = asyncio.create_task(load_or_record_failure(state))
         else:
@@ -262,7 +262,7 @@ def _startable(settings: Settings) -> Settings:
     """``settings``, unless the device they ask for is missing: then the process stops at once with one
     line that says why (the app's start would refuse too, with a server's traceback around it)."""
     try:
-        resolve_device(settings.device, torch.cuda.is_available())
+        check_devices(settings, torch.cuda.is_available())
     except RuntimeError as exc:
         raise SystemExit(f"cannot start: {exc}") from None
     return settings

@@ -316,3 +316,17 @@ def resolve_device(requested: str, cuda_available: bool) -> str:
         "No CUDA device found. Higgs Audio needs a GPU to run at a useful speed; "
         "set HIGGS_DEVICE=cpu to run on the CPU anyway (slow, meant for trying the API)."
     )
+
+
+def check_devices(
+    settings: Settings, cuda_available: bool, *, engine: bool = True, recognizer: bool = True
+) -> None:
+    """Refuse devices that are not there: the engine's (``resolve_device``) and speech recognition's, when
+    it is on and set to `cuda`. ``engine``/``recognizer`` False skip one that was handed in."""
+    if engine:
+        resolve_device(settings.device, cuda_available)
+    if recognizer and settings.stt_model and settings.stt_device == "cuda" and not cuda_available:
+        raise RuntimeError(
+            "HIGGS_STT_DEVICE=cuda was asked for, but torch sees no CUDA device "
+            "(set HIGGS_STT_DEVICE=cpu or auto, or HIGGS_STT_MODEL= to turn speech recognition off)."
+        )

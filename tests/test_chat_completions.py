@@ -366,6 +366,33 @@ def test_python_app_py_without_cuda_says_why_in_one_line(tmp_path):
         assert done.stderr.strip().splitlines()[-1].startswith("cannot start: No CUDA device found.")
 
 
+def test_speech_recognition_on_cuda_without_cuda_refuses_to_start(tmp_path, settings):
+    """HIGGS_STT_DEVICE=cuda on a machine without CUDA stops the start in one line (it started, then
+    failed its load: /ready said load_failed minutes later, after the Higgs model had loaded on the CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from settings import check_devices
+
+    cuda = settings.model_copy(update={"device": "cpu", "stt_device": "cuda", "stt_model": "tiny.en"})
+    with pytest.raises(RuntimeError, match="HIGGS_STT_DEVICE=cuda was asked for"):
+        check_devices(cuda, cuda_available=False)
+    check_devices(cuda, cuda_available=True)
+    check_devices(cuda.model_copy(update={"stt_model": ""}), cuda_available=False)  # recognition off
+    check_devices(cuda, cuda_available=False, recognizer=False)  # a recognizer handed in
+    env = {**os.environ, "HIGGS_DEVICE": "cpu", "HIGGS_STT_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "",
+           "HIGGS_PORT": "18656", "HIGGS_VOICES_DIR": str(tmp_path)}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("cannot start: HIGGS_STT_DEVICE=cuda")
+
+
 def test_log_lines_carry_the_request_id_and_no_audio(client, caplog):
     """With INFO logging on (as `make run` runs), requests succeed and each line names its request."""
     import logging

@@ -406,7 +406,8 @@ def test_uploads_over_the_upload_limit_get_413(settings, engine, recognizer):
         response = c.post("/v1/chat/completions", json={**CHAT, "messages": [clone]})
         assert response.status_code == 400, response.text
         error = response.json()["error"]
-        assert (error["code"], error["param"]) == ("file_too_large", "messages[0].content[1].input_audio.data")
+        assert error["code"] == "file_too_large"
+        assert error["param"] == "messages[0].content[1].input_audio.data"
 
 
 # ---- settings ----
