@@ -235,6 +235,9 @@ class VoiceLibrary:
     def _locked(self) -> Iterator[None]:
         """Exclusive right to write the library, across threads and processes (released if one dies)."""
         with self._lock:
+            if not self.meta.is_dir():  # removed while serving: the voices in it are gone, the library is not
+                log.warning("the voices folder %s is gone; making it again", self.meta)
+                self.meta.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.meta / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)

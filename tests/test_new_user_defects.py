@@ -365,6 +365,24 @@ def test_18_voice_names_are_case_insensitive_everywhere(isolated):
         assert client.get("/v1/audio/voices/Dupe").status_code == 404
 
 
+def test_33_a_voices_folder_removed_while_serving_is_made_again(isolated, tmp_path, caplog):
+    """An operator's trial: with the voices folder removed (a cleanup, a remounted volume), every upload and
+    built-in voice answered 500 until a restart, while /ready said 200."""
+    with isolated() as client:
+        assert upload(client, "first").status_code == 200
+        shutil.rmtree(tmp_path / "voices")
+        assert client.get("/v1/audio/voices").json()["data"] == []
+        with caplog.at_level(logging.WARNING, logger="voices"):
+            assert upload(client, "second").status_code == 200, "an upload"
+        assert "is gone; making it again" in caplog.text
+        assert [v["name"] for v in client.get("/v1/audio/voices").json()["data"]] == ["second"]
+        shutil.rmtree(tmp_path / "voices")
+        speech = {"model": "tts-1", "input": "Hi.", "voice": "alloy", "response_format": "wav"}
+        made = client.post("/v1/audio/speech", json=speech)
+        assert made.status_code == 200 and made.headers["x-voice"] == "alloy", "a built-in voice"
+        assert (tmp_path / "voices" / "alloy.wav").is_file()
+
+
 def test_20_making_a_builtin_voice_does_not_block_the_library(isolated, engine, monkeypatch):
     with isolated() as client:
         assert upload(client, "keeper").status_code == 200
