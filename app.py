@@ -147,7 +147,7 @@ def _lifespan(
         try:
             await load(state)
         except Exception as exc:
-            state.load_error = f"{type(exc).__name__}: {exc}"
+            state.load_error = exc
             log.critical("loading failed; /health and /ready answer 503", exc_info=True)
 
     @asynccontextmanager

@@ -16,10 +16,17 @@ router = APIRouter(tags=["health"])
 async def health(request: Request) -> JSONResponse:
     """Liveness: the process answers, from the moment it listens (the models load behind it). Only a load
     that failed, which no waiting mends, makes it 503, so that an orchestrator restarts the process."""
-    failed = getattr(request.app.state, "load_error", None)
+    failed = _load_failure(request)
     if failed:
-        return JSONResponse({"status": "failed", "reason": f"loading failed: {failed}"}, status_code=503)
+        return JSONResponse({"status": "failed", "reason": failed}, status_code=503)
     return JSONResponse({"status": "ok"})
+
+
+def _load_failure(request: Request) -> str | None:
+    """Why loading failed, as the probes tell it: the error's kind only, since the message can name local
+    paths and the probes answer without the API key; the log has the whole of it."""
+    error = getattr(request.app.state, "load_error", None)
+    return None if error is None else f"loading failed ({type(error).__name__}); the server log says why"
 
 
 @router.get("/ready")
@@ -30,9 +37,9 @@ async def ready(request: Request) -> JSONResponse:
     engine = getattr(state, "engine", None)
     if engine is not None and engine.failure:
         return JSONResponse({"ready": False, "reason": "engine failed; restart the service"}, status_code=503)
-    if getattr(state, "load_error", None):
-        reason = f"loading failed: {state.load_error}"
-        return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+    failed = _load_failure(request)
+    if failed:
+        return JSONResponse({"ready": False, "reason": failed}, status_code=503)
     if not state.ready:
         return JSONResponse({"ready": False, "reason": "loading"}, status_code=503)
     return JSONResponse({"ready": True})

@@ -44,7 +44,8 @@ def serve(app, start_timeout: float = 120.0) -> Iterator[str]:
     try:
         while not (server.started and getattr(app.state, "ready", False)):
             if getattr(app.state, "load_error", None):
-                raise RuntimeError(f"the server could not load its models: {app.state.load_error}")
+                error = app.state.load_error
+                raise RuntimeError(f"the server could not load its models: {type(error).__name__}: {error}")
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the server did not start (see its log above)")
             time.sleep(0.05)
