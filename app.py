@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import BaseRoute, Match
 
 from engine import load_engine
-from errors import as_api_error, error_response, install_error_handlers
+from errors import APIError, as_api_error, error_response, install_error_handlers
 from generation import Engine
 from guard import RequestGate
 from metrics import Metrics
@@ -83,24 +85,19 @@ def create_app(
     app.state.ready = False
     app.state.metrics = Metrics()
 
-    app.include_router(health.router)
-    app.include_router(models.router)
-    app.include_router(chat.router)
-    app.include_router(speech.router)
-    app.include_router(voices.router)
-    app.include_router(transcription.router)
-    if settings.web_ui:
-        app.include_router(web.router)
+    routers = [health, models, chat, speech, voices, transcription, *([web] if settings.web_ui else [])]
+    for module in routers:
+        app.include_router(module.router)
 
     install_error_handlers(app)
     _document_setting_limits(app, settings)
-    # The last added runs first: CORS, then request ids, then the gate.
+    # The last added runs first: request ids (so that CORS preflights have one and are logged), then CORS,
+    # then the gate.
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=int(settings.max_body_mb * 1024 * 1024))
-    app.add_middleware(_RequestIds)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            _Cors,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             # Any request header: SDKs send their own (openai-node's x-stainless-*), and each new
@@ -109,7 +106,25 @@ def create_app(
             # What a browser's script may read: ours, and what the openai SDK reads to decide on retries.
             expose_headers=["X-Request-ID", "X-Voice", "X-Voice-Fallback", "Retry-After", "X-Should-Retry"],
         )
+    app.add_middleware(_RequestIds, routes=[route for module in routers for route in module.router.routes])
     return app
+
+
+class _Cors(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in OpenAI's error envelope (not plain text)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        error = APIError(
+            400,
+            f"CORS preflight refused: {refused} not allowed (HIGGS_CORS_ORIGINS lists the origins allowed)",
+            code="cors_refused",
+        )
+        kept = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        return JSONResponse(error.body(), status_code=400, headers=kept)
 
 
 def _lifespan(
@@ -203,8 +218,9 @@ class _RequestIds:
     mistakes a broken answer for a whole one. A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware``
     ended such a body as if it were complete."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]]):
+    def __init__(self, app: Callable[..., Awaitable[None]], routes: list[BaseRoute]):
         self.app = app
+        self.routes = routes
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -221,8 +237,7 @@ class _RequestIds:
             if message["type"] == "http.response.start":
                 responded = True
                 MutableHeaders(scope=message)["X-Request-ID"] = rid
-                route = getattr(scope.get("route"), "path_format", "unmatched")
-                scope["app"].state.metrics.observe_request(route, message["status"])
+                scope["app"].state.metrics.observe_request(self._route_of(scope), message["status"])
                 log.info(
                     "%s %s -> %d in %.3f s",
                     scope["method"],
@@ -241,6 +256,18 @@ class _RequestIds:
             await error_response(as_api_error(exc))(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
+
+    def _route_of(self, scope: dict[str, Any]) -> str:
+        """The route a request is counted under: the one that served it, or for an answer given before
+        routing (the gate's 401 and 413, a CORS preflight) the route its path and method would reach; else
+        ``unmatched``. Always a route's own template, so the metric's labels stay few."""
+        route = scope.get("route")
+        if route is None:
+            matches = [(r.matches(scope)[0], r) for r in self.routes]
+            route = next((r for m, r in matches if m == Match.FULL), None) or next(
+                (r for m, r in matches if m == Match.PARTIAL), None
+            )
+        return getattr(route, "path_format", "unmatched")
 
 
 def _install_request_id_on_log_records() -> None:

@@ -202,8 +202,17 @@ def test_cors_is_closed_by_default_and_opens_for_configured_origins(client, lock
     )
     answer = locked.options("/v1/chat/completions", headers=preflight)
     assert answer.headers["access-control-allow-origin"] == "https://app.example"
+    assert answer.status_code == 200 and answer.headers["x-request-id"]
     other = locked.options("/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+    # Refused in OpenAI's envelope (it was plain text), with a request id like every other answer.
+    assert other.status_code == 400 and other.headers["x-request-id"]
+    assert other.json()["error"]["code"] == "cors_refused" and "origin" in other.json()["error"]["message"]
+    # Answers given before routing count under the route they were for, not "unmatched".
+    assert locked.post("/v1/audio/speech", json={}).status_code == 401
+    metrics = locked.get("/metrics", headers={"Authorization": "Bearer s3cret-key"}).text
+    assert 'higgs_requests_total{route="/v1/audio/speech",status="401"}' in metrics
+    assert 'higgs_requests_total{route="/v1/chat/completions",status="400"}' in metrics
     # A browser's script may read what the openai SDK reads to decide whether and when to retry.
     refused = locked.get("/v1/models", headers={"Origin": "https://app.example"})
     exposed = refused.headers["access-control-expose-headers"].lower().split(", ")
