@@ -59,8 +59,10 @@ class OneLineFormatter(logging.Formatter):
 
 
 def configure_logging() -> None:
-    """INFO and up to standard error in ``LOG_FORMAT``, one line per record (``OneLineFormatter``)."""
+    """INFO and up to standard error in ``LOG_FORMAT``, one line per record (``OneLineFormatter``), Python's
+    warnings too (the libraries' deprecation notices came as bare lines between the log's)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.captureWarnings(True)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(OneLineFormatter())
 

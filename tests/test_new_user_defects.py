@@ -474,6 +474,10 @@ def test_21_uvicorn_app_app_serves_and_logs_as_python_app_py(tiny_settings, tmp_
     assert not [line for line in log.splitlines() if line.startswith("2026-01-01")]
     assert "/v1/audio/speech\\n2026-01-01 00:00:00,000 WARNING voices FORGED1 -> 404" in log
     assert "zz\\n2026-01-01 00:00:00,000 ERROR engine FORGED2" in log
+    # Every line is a log line, the libraries' warnings too (torch's deprecation notices came bare).
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \S+ \[\S+\] ")
+    assert [line for line in log.splitlines() if not stamp.match(line)] == []
+    assert " WARNING py.warnings [-] " in log
 
 
 def test_22_a_setting_that_does_not_fit_stops_the_service_with_a_line_naming_it():
