@@ -111,8 +111,9 @@ class Settings(BaseSettings):
     warmup: bool = True
     """Run one short generation (with a reference clip) at start-up, before reporting ready."""
 
-    default_scene: str = "Audio is recorded from a quiet room."
-    """Scene description put in the Higgs system prompt when the request has no system message."""
+    default_scene: str = Field(default="Audio is recorded from a quiet room.", max_length=4096)
+    """Scene description put in the Higgs system prompt when the request has no system message (at most as
+    long as a speech request's `instructions`: a longer one made every request a context overflow)."""
 
     max_audio_seconds: float = Field(default=60.0, gt=0, le=3600)
     """Ceiling on the audio generated for one piece of a text, in seconds (its token cap follows from it)."""

@@ -456,10 +456,11 @@ BAD_SETTINGS = [
     ("HIGGS_SERVED_MODEL_NAME", " "),
     ("HIGGS_API_KEY", ""),  # a secret templated from nothing served without a key
     ("HIGGS_API_KEY", "  \n"),
+    ("HIGGS_DEFAULT_SCENE", "A quiet room. " * 1000),  # every request a context overflow, blaming the client
 ]
 
 
-@pytest.mark.parametrize(("name", "value"), BAD_SETTINGS, ids=[f"{n}={v!r}" for n, v in BAD_SETTINGS])
+@pytest.mark.parametrize(("name", "value"), BAD_SETTINGS, ids=[f"{n}={v[:24]!r}" for n, v in BAD_SETTINGS])
 def test_a_value_that_cannot_work_stops_the_start_with_a_line_naming_it(monkeypatch, name, value):
     """Found by an operator's trial: each of these started (or died with a traceback) and failed later."""
     from settings import from_environment
