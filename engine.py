@@ -488,6 +488,16 @@ class HiggsEngine:
     async def check_context(self, request: GenerationRequest) -> None:
         await self._prompt(request)
 
+    async def text_tokens(self, text: str, limit: int | None) -> tuple[str, int]:
+        def cut() -> tuple[str, int]:
+            with self._tokenizer_lock:
+                ids = self._tokenizer.encode(text, add_special_tokens=False)
+                if limit is None or len(ids) <= limit:
+                    return text, len(ids)
+                return self._tokenizer.decode(ids[:limit]), limit
+
+        return await asyncio.get_running_loop().run_in_executor(self._prompt_pool, cut)
+
     async def _prompt(self, request: GenerationRequest) -> _Prompt:
         """``request``'s prompt, built off the event loop (in the caller's context, for its log lines)."""
         context = contextvars.copy_context()

@@ -208,6 +208,11 @@ class Engine(Protocol):
         context (its prompt is built as ``stream`` would; nothing is queued)."""
         ...
 
+    async def text_tokens(self, text: str, limit: int | None) -> tuple[str, int]:
+        """``text`` as an answer of at most ``limit`` of the model's text tokens (all of it for ``None``):
+        its first ``limit`` tokens, and how many tokens those are. For answers the model does not write."""
+        ...
+
     def release_slot(self, request: GenerationRequest) -> None:
         """No piece follows ``request`` (a ``keep_slot`` generation that ended): the slot kept for the next
         one goes back now rather than when its hold ends."""

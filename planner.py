@@ -26,7 +26,8 @@ import logging
 from dataclasses import dataclass, replace
 
 from audio import Audio
-from generation import AudioCodes, Engine, GenerationRequest, Turn
+from detokenize import first_stop
+from generation import AudioCodes, Engine, GenerationRequest, GenerationResult, Turn
 from longform import Script, script_for
 from protocol import (
     ChatCompletionRequest,
@@ -68,8 +69,9 @@ class Plan:
     spoken_text: str
     voice: str
     fallback: str | None = None
-    direct_answer: str | None = None
-    """Set when the answer needs no generation (a text-only request that carries audio: its transcript)."""
+    direct_answer: GenerationResult | None = None
+    """Set when the answer needs no generation (a text-only request that carries audio: its transcript, cut
+    by the request's stop strings and token limit as a generated answer would be)."""
     script: Script | None = None
     """Every audio answer: ``request``'s text as pieces, spoken one after another (``longform.speak``)."""
 
@@ -374,7 +376,7 @@ class Planner:
             # The base model is no chat model: audio in a text-only request is answered by its transcript
             # (the text beside it is the asker's, "What does this say?", not part of the answer).
             text = _join(await self._heard(parts))
-            return Plan(None, text, DEFAULT_VOICE, direct_answer=text)
+            return Plan(None, text, DEFAULT_VOICE, direct_answer=await self._direct_answer(request, text))
         turns = [Turn("system", scene)] if scene else []
         for i, message in enumerate(request.messages):
             if message.role in ("user", "assistant"):
@@ -384,6 +386,25 @@ class Planner:
         if not turns[-1].text:
             raise InvalidRequest("the last user message has no content", f"messages[{last}].content")
         return Plan(self._chat_generation(request, turns, turns[-1].text), turns[-1].text, DEFAULT_VOICE)
+
+    async def _direct_answer(self, request: ChatCompletionRequest, text: str) -> GenerationResult:
+        """``text`` as the answer to ``request``: up to its first stop string, at most its ``max_tokens``
+        (then finished by ``length``), its tokens counted as the usage's completion tokens."""
+        stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        cut = first_stop(text, stops) if text else -1
+        text = text if cut < 0 else text[:cut]
+        limit = request.max_completion_tokens or request.max_tokens
+        answer, tokens = await self.engine.text_tokens(text, limit) if text else ("", 0)
+        return GenerationResult(
+            text=answer,
+            audio=None,
+            finish_reason="length" if answer != text else "stop",
+            prompt_tokens=0,
+            prompt_audio_tokens=0,
+            completion_tokens=tokens,
+            completion_audio_tokens=0,
+            seconds=0.0,
+        )
 
     async def plan_speech(self, request: SpeechRequest) -> Plan:
         """The generation for /v1/audio/speech: ``input`` in ``voice``, ``instructions`` as the scene."""

@@ -11,7 +11,6 @@ from contextlib import aclosing
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from detokenize import first_stop
 from errors import bad_request
 from generation import ContextLengthError, Engine, GenerationResult, Started, StreamEvent, TextPiece
 from longform import encode_whole, speak
@@ -97,7 +96,7 @@ async def _complete(
         elif plan.request is not None:
             events = engine.stream(plan.request)
         else:
-            events = _answer_events(_before_stop(plan.direct_answer, body.stop))
+            events = _answer_events(plan.direct_answer)
         await started(events)
         if body.wants_audio:
             events = _remembered(events, planner, audio_id)
@@ -121,7 +120,7 @@ async def _complete(
         elif plan.request is not None:
             result = await until_disconnected(request, engine.generate(plan.request))
         else:
-            result = _answer(_before_stop(plan.direct_answer, body.stop))
+            result = plan.direct_answer
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it; logged and counted as 499
     if plan.script is not None:
@@ -143,26 +142,6 @@ async def _complete(
     return JSONResponse(completion.model_dump(mode="json"), headers=headers)
 
 
-def _before_stop(text: str | None, stop: str | list[str] | None) -> str | None:
-    """``text`` up to the first of the ``stop`` strings in it, as a generated answer would end."""
-    cut = first_stop(text, [stop] if isinstance(stop, str) else stop or []) if text else -1
-    return text if cut < 0 else text[:cut]
-
-
-def _answer(text: str | None) -> GenerationResult:
-    """The result of an answer that needs no generation (the transcript of audio in a text-only chat)."""
-    return GenerationResult(
-        text=text or "",
-        audio=None,
-        finish_reason="stop",
-        prompt_tokens=0,
-        prompt_audio_tokens=0,
-        completion_tokens=0,
-        completion_audio_tokens=0,
-        seconds=0.0,
-    )
-
-
 async def _remembered(
     events: AsyncIterator[StreamEvent], planner: Planner, audio_id: str
 ) -> AsyncIterator[StreamEvent]:
@@ -175,9 +154,9 @@ async def _remembered(
             yield event
 
 
-async def _answer_events(text: str | None) -> AsyncIterator[StreamEvent]:
-    """``_answer`` as a stream."""
+async def _answer_events(answer: GenerationResult) -> AsyncIterator[StreamEvent]:
+    """An answer that needs no generation, as a stream."""
     yield Started(prompt_tokens=0, prompt_audio_tokens=0)
-    if text:
-        yield TextPiece(text)
-    yield _answer(text)
+    if answer.text:
+        yield TextPiece(answer.text)
+    yield answer

@@ -56,6 +56,12 @@ class FakeEngine:
         frames = max(1, round(audio.duration * self.frame_rate))
         return AudioCodes(torch.zeros(CODEBOOKS, frames, dtype=torch.int64))
 
+    async def text_tokens(self, text: str, limit: int | None) -> tuple[str, int]:
+        words = text.split(" ")  # a token a word
+        if limit is None or len(words) <= limit:
+            return text, len(words)
+        return " ".join(words[:limit]), limit
+
     def _result(self, request: GenerationRequest) -> GenerationResult:
         audio = None
         if request.audio_output:

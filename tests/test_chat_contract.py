@@ -137,3 +137,26 @@ def test_the_transcript_answer_of_a_text_chat_about_audio_ends_at_a_stop_string(
     chunks = streamed(client, {**body, "stop": word})
     deltas = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert deltas == transcript[: transcript.find(word)] and word not in deltas
+
+
+def test_the_transcript_answer_counts_its_tokens_and_keeps_to_max_tokens(client, engine):
+    """The transcript answer's usage counts its tokens as the model's tokenizer does (it said 0), and
+    ``max_tokens`` cuts it there, finished by ``length`` (it was ignored), streamed or not."""
+    audio = {"type": "input_audio", "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"}}
+    body = {"model": "gpt-4o-audio-preview", "messages": [{"role": "user", "content": [audio]}]}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    transcript = whole["choices"][0]["message"]["content"]
+    tokens = engine._tokenizer.encode(transcript, add_special_tokens=False)
+    assert whole["usage"]["completion_tokens"] == len(tokens) > 4
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    for limit in ("max_tokens", "max_completion_tokens"):
+        cut = client.post("/v1/chat/completions", json={**body, limit: 4}).json()
+        assert cut["choices"][0]["finish_reason"] == "length"
+        assert cut["choices"][0]["message"]["content"] == engine._tokenizer.decode(tokens[:4])
+        assert cut["usage"]["completion_tokens"] == 4
+        assert transcript.startswith(cut["choices"][0]["message"]["content"])
+    chunks = streamed(client, {**body, "max_tokens": 4, "stream_options": {"include_usage": True}})
+    deltas = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert deltas == engine._tokenizer.decode(tokens[:4])
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
