@@ -86,6 +86,13 @@ the slot goes back at once; this bounds what a next piece that never comes costs
 HOLD_WHILE_DECODING = 30.0
 """The longest a kept slot waits for its generation's last audio to be decoded (the codec's backlog, on a
 CPU under load seconds; a failed stream gives its slot back at once)."""
+HOLD_FROM_NEWCOMERS = 2.0
+"""The longest a kept slot is kept from a new request waiting for one, from the end of its piece's tokens.
+On a GPU the piece's last audio, its result and the next piece's prompt come well within it. On a CPU under
+load the codec can be seconds behind, and the slot sat idle that long while new requests waited (a trial: 4
+long texts on 4 slots kept 3 slots idle most of the time, and short requests waited 28 to 36 s for their
+first audio against 0.35 s alone). The next piece then takes the next slot that is free: continuations lead
+the line."""
 
 
 def _is_fatal(exc: BaseException) -> bool:
@@ -155,6 +162,18 @@ def _revert_delay(columns: torch.Tensor) -> torch.Tensor:
     from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
 
     return revert_delay_pattern(columns)
+
+
+@dataclass
+class _Hold:
+    """A slot kept for a generation's next piece: since its tokens ended, and until when at most."""
+
+    since: float
+    until: float
+
+    def ends(self, newcomer_waiting: bool) -> float:
+        """When the slot is free for anyone: at ``until``, sooner while a new request waits for it."""
+        return min(self.until, self.since + HOLD_FROM_NEWCOMERS) if newcomer_waiting else self.until
 
 
 class _Job:
@@ -340,7 +359,7 @@ class HiggsEngine:
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
         self._running: dict[int, _Job] = {}
-        self._held: dict[_Job, float] = {}  # the ended jobs whose slots are kept, and until when
+        self._held: dict[_Job, _Hold] = {}  # the ended jobs whose slots are kept
         self._closing = False
         self._job_seconds = 5.0  # moving average of a request's time from slot to result (Retry-After)
         self._rates: deque[tuple[float, int, int]] = deque()  # (time, batch steps, audio frames) samples
@@ -396,7 +415,8 @@ class HiggsEngine:
         now = time.monotonic()
         with self._cond:
             busy, waiting = len(self._running), len(self._waiting)
-            kept = sum(1 for until in self._held.values() if until > now)
+            newcomer = self._newcomer_waiting()
+            kept = sum(1 for hold in self._held.values() if hold.ends(newcomer) > now)
             rates = list(self._rates)
         steps_per_second = audio_per_second = 0.0
         if len(rates) >= 2 and now - rates[-1][0] < 2.0:
@@ -647,7 +667,9 @@ class HiggsEngine:
                 if not jobs and not self._running and self._held:
                     # The waiting requests wait for slots kept for continuations: until one comes, a
                     # result goes out (its hold shortens) or the earliest hold ends.
-                    self._cond.wait(max(0.0, min(self._held.values()) - time.monotonic()))
+                    newcomer = self._newcomer_waiting()
+                    ends = min(hold.ends(newcomer) for hold in self._held.values())
+                    self._cond.wait(max(0.0, ends - time.monotonic()))
                     continue
             try:
                 for running in list(self._running.values()):
@@ -706,9 +728,10 @@ class HiggsEngine:
         """The waiting requests to prefill now (under the lock): as many as there are free slots, at most
         ``prefill_batch``, and a batch's padded prompts within ``PREFILL_TOKENS``. A slot kept for a
         continuation (``keep_slot``) goes to the first continuation in the line (they lead it), to nobody
-        else until its hold ends."""
+        else until its hold ends (``_Hold.ends``)."""
         now = time.monotonic()
-        for ended in [ended for ended, until in self._held.items() if until <= now]:
+        newcomer = self._newcomer_waiting()
+        for ended in [ended for ended, hold in self._held.items() if hold.ends(newcomer) <= now]:
             del self._held[ended]
         jobs: list[_Job] = []
         longest = 0
@@ -722,9 +745,13 @@ class HiggsEngine:
             if jobs and longest * (len(jobs) + 1) > PREFILL_TOKENS:
                 break
             if kept:
-                del self._held[min(self._held, key=self._held.__getitem__)]
+                del self._held[min(self._held, key=lambda held: self._held[held].until)]
             jobs.append(self._waiting.popleft())
         return jobs
+
+    def _newcomer_waiting(self) -> bool:
+        """Whether the head of the line is a new request, not an answer's next piece (under the lock)."""
+        return bool(self._waiting) and not self._waiting[0].request.continues
 
     def _sampling(self, request: GenerationRequest) -> Sampling:
         return Sampling(
@@ -934,7 +961,8 @@ class HiggsEngine:
         self._leave(job, audio_to_come=job.stream is not None)
         if job.request.keep_slot and not job.cancel.is_set():  # (a client gone takes no next piece)
             with self._cond:
-                self._held[job] = time.monotonic() + HOLD_WHILE_DECODING
+                now = time.monotonic()
+                self._held[job] = _Hold(since=now, until=now + HOLD_WHILE_DECODING)
         seconds = time.monotonic() - job.started
         request = job.request
         text = ""
@@ -973,7 +1001,8 @@ class HiggsEngine:
         """The slot kept for ``job``'s next piece (if any) is kept ``seconds`` more at most."""
         with self._cond:
             if job in self._held:
-                self._held[job] = min(self._held[job], time.monotonic() + seconds)
+                hold = self._held[job]
+                hold.until = min(hold.until, time.monotonic() + seconds)
                 self._cond.notify()
 
     # ---- the codec thread --------------------------------------------------------------------------------
