@@ -455,6 +455,9 @@ class Voices:
         # One lock per built-in name being made: making one is a whole generation, during which the
         # library's writers (create, delete) must not wait.
         self._making: dict[str, asyncio.Lock] = {}
+        # The names of uploads being checked and encoded (lower case): a second upload of one is refused
+        # at once, not after encoding its clip as well.
+        self._creating: set[str] = set()
 
     def names(self) -> list[str]:
         """Every voice name a request may use."""
@@ -558,6 +561,15 @@ class Voices:
         check_voice_name(name)
         if await asyncio.to_thread(self.library.get, name) is not None:
             raise VoiceExists(f"a voice named {name!r} already exists")
+        if name.lower() in self._creating:
+            raise VoiceExists(f"a voice named {name!r} is being created by another request")
+        self._creating.add(name.lower())
+        try:
+            return await self._create(name, data, transcript)
+        finally:
+            self._creating.discard(name.lower())
+
+    async def _create(self, name: str, data: bytes, transcript: str | None) -> Voice:
         reference = await asyncio.to_thread(
             reference_from_bytes, data, transcript, self.limits, "audio_sample", "transcript"
         )

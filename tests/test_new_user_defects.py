@@ -386,6 +386,36 @@ def test_33_a_voices_folder_removed_while_serving_is_made_again(isolated, tmp_pa
         assert (tmp_path / "voices" / "alloy.wav").is_file()
 
 
+def test_34_concurrent_uploads_of_one_name_refuse_the_others_before_encoding(isolated, engine, monkeypatch):
+    """A trial: three uploads of one name at once each checked and encoded the clip (seconds on a CPU), and
+    two of them answered 409 only then; now the others are refused at once, without an encode."""
+    encodes, real_encode = [], engine.encode
+
+    async def slow_encode(audio):
+        encodes.append(audio)
+        await asyncio.sleep(1.0)  # the first upload holds the name while it encodes
+        return await real_encode(audio)
+
+    monkeypatch.setattr(engine, "encode", slow_encode)
+    answers: list = []
+    with isolated() as client:
+        gate = threading.Barrier(3)
+
+        def send():
+            gate.wait()
+            answers.append(upload(client, "Twin"))
+
+        threads = [threading.Thread(target=send) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert sorted(a.status_code for a in answers) == [200, 409, 409]
+        assert answers[-1].status_code == 200  # the refusals came first
+        assert all("being created" in a.json()["error"]["message"] for a in answers[:2])
+        assert len(encodes) == 1
+
+
 def test_20_making_a_builtin_voice_does_not_block_the_library(isolated, engine, monkeypatch):
     with isolated() as client:
         assert upload(client, "keeper").status_code == 200
