@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 
 RAS_MAX_WINDOW = 32
 """Longest repetition-aware sampling window a request may use (columns)."""
+TOP_K_CANDIDATES = 64
+"""While every sampling row's top_k is at most this (the default top_k is 50), top-k and top-p look at the
+row's this many best tokens (``torch.topk``) instead of sorting the whole vocabulary: the same tokens kept,
+the same draw. On this project's CPU the sort was half of an eager step (6.4 of 12.3 ms at 16 rows of the
+tiny model; ``bench/bench_step.py --profile``). CUDA graphs sort: a graph's shapes are fixed at capture."""
 
 # splitmix64's constants, as signed 64-bit integers (torch has no uint64 arithmetic); products wrap.
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -280,9 +285,12 @@ class BatchDecoder:
         self.lengths = [0] * slots  # host copy of ``pos``: no device read needed to size a step
         self.text_rows: set[int] = set()
         self.busy: set[int] = set()
-        # Rows whose request filters by top-k / top-p: a step skips the (sorting) filter when none does.
+        # Rows whose request filters by top-k / top-p: a step skips the (sorting) filter when none does;
+        # and the sampling rows whose top_k is above TOP_K_CANDIDATES, or none: while any is busy, a step
+        # sorts the whole vocabulary.
         self.top_k_rows: set[int] = set()
         self.top_p_rows: set[int] = set()
+        self.wide_rows: set[int] = set()
         self._arange = torch.arange(max_len, device=dev)
         self._arange_vocab = torch.arange(max(self.vocab, self.codes), device=dev)  # ranks, for top-k
         self._codebook = torch.arange(self.codebooks, device=dev)
@@ -319,6 +327,7 @@ class BatchDecoder:
         self.lengths[slot] = 0
         self.top_k_rows.discard(slot)
         self.top_p_rows.discard(slot)
+        self.wide_rows.discard(slot)
 
     @torch.inference_mode()
     def prefill(self, *, slot: int, inputs: dict, audio_output: bool, sampling: Sampling) -> torch.Tensor:
@@ -379,6 +388,8 @@ class BatchDecoder:
             self.top_k_rows.add(slot)
         if not greedy and sampling.top_p < 1:
             self.top_p_rows.add(slot)
+        if not greedy and not 0 < sampling.top_k <= TOP_K_CANDIDATES:
+            self.wide_rows.add(slot)
         # Greedy requests keep RAS (it stops the codes from looping) but draw it from a fixed seed, so
         # that temperature 0 is deterministic with or without a seed.
         seed = sampling.seed if sampling.seed is not None else 0 if greedy else secrets.randbits(63)
@@ -406,8 +417,7 @@ class BatchDecoder:
             logits = logits.float().index_fill_(-1, self.suppress, float("-inf"))
             rows = slice(slot, slot + 1)
             noise = self._gumbel(rows, self.pos[rows], 1, 1, self.vocab)[:, 0]
-            filters = (slot in self.top_k_rows or slot in self.top_p_rows, slot in self.top_p_rows)
-            token = self._choose(logits, rows, noise, filters)[0, 0]
+            token = self._choose(logits, rows, noise, self._filters({slot}))[0, 0]
             self.token[slot] = token
             first[0] = token.item()
         return first
@@ -444,11 +454,10 @@ class BatchDecoder:
         ready.record()
         return Launched(host, ready)
 
-    def _device_step(self, rows: int, length: int, mode: str, filters: tuple[bool, bool]):
+    def _device_step(self, rows: int, length: int, mode: str, filters: tuple[bool, bool, int]):
         """Everything of a step on the device, with static shapes and no host read (so that it can be a
-        CUDA graph): the forward pass, sampling and the rows' state update. ``filters``: whether to apply
-        top-k / top-p at all, and top-p (see ``_choose``). Returns the step's output [rows, 1 + codebooks]
-        and the logits (for the capture's check)."""
+        CUDA graph): the forward pass, sampling and the rows' state update. ``filters``: see ``_choose``.
+        Returns the step's output [rows, 1 + codebooks] and the logits (for the capture's check)."""
         audio_logits, text_logits = self._forward(rows, length, mode)
         live = self.live[:rows]
         is_audio = self.audio[:rows]
@@ -476,25 +485,30 @@ class BatchDecoder:
         return torch.cat([out_token[:, None], out_column], dim=1), audio_logits, text_logits
 
     def _choose(
-        self, logits: torch.Tensor, rows: slice, noise: torch.Tensor, filters: tuple[bool, bool]
+        self, logits: torch.Tensor, rows: slice, noise: torch.Tensor, filters: tuple[bool, bool, int]
     ) -> torch.Tensor:
         """Pick one token per row and codebook from ``logits`` [rows, K, V] (the rows of slots ``rows``):
         temperature, then top-k, then top-p (like transformers' warpers, from one sort), then the argmax
         of the scores plus the row's Gumbel ``noise`` (a draw from the filtered softmax); greedy rows take
         the plain argmax. ``filters`` says whether any row filters (top-k or top-p), and by top-p: the
-        sort is skipped when none does. Every row is computed (cheaper than selecting the sampled ones);
-        the caller keeps the rows it needs."""
+        sort is skipped when none does; and how many best tokens to look at (``TOP_K_CANDIDATES``, when
+        no sampling row keeps more: the rest are removed), 0 for all. Every row is computed (cheaper than
+        selecting the sampled ones); the caller keeps the rows it needs."""
         scores = logits / self.temperature[rows].view(-1, 1, 1)
         if filters[0]:
-            descending, order = scores.sort(dim=-1, descending=True, stable=True)
-            remove = self._arange_vocab[: scores.shape[-1]] >= self.top_k[rows].view(-1, 1, 1)
+            candidates = filters[2] if 0 < filters[2] < scores.shape[-1] else scores.shape[-1]
+            if candidates < scores.shape[-1]:
+                descending, order = scores.topk(candidates, dim=-1)
+            else:
+                descending, order = scores.sort(dim=-1, descending=True, stable=True)
+            remove = self._arange_vocab[:candidates] >= self.top_k[rows].view(-1, 1, 1)
             if filters[1]:
                 # A token goes when the tokens ranked above it already hold top_p of the mass (never the
                 # first: nothing is above it, and top_p > 0).
                 probs = descending.masked_fill(remove, float("-inf")).softmax(dim=-1)
                 remove = remove | (probs.cumsum(dim=-1) - probs >= self.top_p[rows].view(-1, 1, 1))
-            unsorted = torch.empty_like(scores, dtype=torch.bool)
-            scores = scores.masked_fill(unsorted.scatter_(-1, order, remove.expand_as(scores)), float("-inf"))
+            unsorted = torch.ones_like(scores, dtype=torch.bool)  # beyond the candidates: removed
+            scores = scores.masked_fill(unsorted.scatter_(-1, order, remove.expand_as(order)), float("-inf"))
         return (scores + noise * self.sampled[rows].view(-1, 1, 1)).argmax(dim=-1)
 
     def _gumbel(self, rows: slice, position: torch.Tensor, streams: int, k: int, v: int) -> torch.Tensor:
@@ -505,7 +519,7 @@ class BatchDecoder:
         return gumbel_noise(self.seed[rows], position, lanes)
 
     def _audio_tokens(
-        self, logits: torch.Tensor, filters: tuple[bool, bool]
+        self, logits: torch.Tensor, filters: tuple[bool, bool, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample the next column of every row, with RAS, the delay pattern and the end of the stream."""
         rows = logits.shape[0]
@@ -562,8 +576,16 @@ class BatchDecoder:
             if graph is not None:
                 graph[0].replay()
                 return graph[1]
-        filters = (bool(self.top_k_rows or self.top_p_rows), bool(self.top_p_rows))
-        return self._device_step(rows, length, mode, filters)[0]
+        return self._device_step(rows, length, mode, self._filters(self.busy))[0]
+
+    def _filters(self, slots: set[int]) -> tuple[bool, bool, int]:
+        """What ``_choose`` needs to filter the rows of ``slots`` (see there): whether any filters, whether
+        any by top-p, and how many candidates to look at (0: the whole vocabulary, sorted)."""
+        return (
+            bool(slots & (self.top_k_rows | self.top_p_rows)),
+            bool(slots & self.top_p_rows),
+            0 if slots & self.wide_rows else TOP_K_CANDIDATES,
+        )
 
     def row_buckets(self) -> list[int]:
         """The row counts a CUDA step is computed for: powers of two, then every slot."""
@@ -587,7 +609,7 @@ class BatchDecoder:
         filter choice would multiply the captures). The warm-up and the check replay each advance the rows'
         state: it is put back after each (the KV cache writes land where the restored positions put them
         again, with the same values)."""
-        step = (*key, (True, True))
+        step = (*key, (True, True, 0))
         state = [self.pos, self.column, self.token, self.history, self.delay, self.remaining]
         saved = [t.clone() for t in state]
 

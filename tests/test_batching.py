@@ -1023,6 +1023,33 @@ def test_fast_forward_layers_decode_as_upstream_does(engine):
     assert torch.equal(ours, audio[0][:, :30])
 
 
+def test_top_k_candidates_choose_what_sorting_the_whole_vocabulary_chooses(engine):
+    """While every sampling row keeps at most ``TOP_K_CANDIDATES`` tokens, ``_choose`` looks at that many
+    best tokens (``topk``) instead of sorting all of them: the same token for every row, codebook and draw,
+    with top-k alone, with top-p, with both, and for greedy rows beside them."""
+    rows, vocab = 6, engine._decoder.codes
+    small = engine._decoder
+    saved = [t[:rows].clone() for t in (small.temperature, small.top_k, small.top_p, small.sampled)]
+    try:
+        small.temperature[:rows] = torch.tensor([0.7, 1.0, 1.3, 0.5, 1.0, 1.0])
+        small.top_k[:rows] = torch.tensor([50, 1, 64, 20, vocab, 50])
+        small.top_p[:rows] = torch.tensor([1.0, 1.0, 0.9, 0.5, 1.0, 0.95])
+        small.sampled[:rows] = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0])  # row 4 greedy
+        generator = torch.Generator().manual_seed(0)
+        for draw in range(20):
+            logits = torch.randn(rows, 8, vocab, generator=generator) * (1 + draw / 5)
+            noise = -torch.log(-torch.log(torch.rand(rows, 8, vocab, generator=generator)))
+            for filters in ((True, False), (True, True)):
+                whole = small._choose(logits, slice(0, rows), noise, (*filters, 0))
+                best = small._choose(logits, slice(0, rows), noise, (*filters, decoder.TOP_K_CANDIDATES))
+                assert torch.equal(whole, best), (draw, filters)
+    finally:
+        for tensor, value in zip(
+            (small.temperature, small.top_k, small.top_p, small.sampled), saved, strict=True
+        ):
+            tensor[:rows] = value
+
+
 def test_sampling_follows_the_distribution():
     """The hashed Gumbel-max draw picks each token as often as softmax says, a row's noise depends on its
     own seed and position only (not on the rows beside it), and the RAS redraw uses other numbers."""
