@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Issue 11's GPU figures in one call of the device tool, on the full-size random-weight model that
+# ../shared/gpu-bench builds (the real architecture; every timing is real, the audio is noise):
+#   1. the service under load (bench/load.py, 10 s speech requests streamed as pcm): 1 stream alone, then
+#      4 and 16 at once: audio seconds per second, first audio p50/p95, latency (per-stream RTF = latency
+#      over the audio's length); the server's /metrics after each (steps, the loop's time by work);
+#   2. one decoding step alone at 1 and 16 rows, and where an eager step's time goes (bench/bench_step.py).
+#
+# Prepare on this machine, once a session:
+#   grep -qx '/.gpu-bench/' .git/info/exclude 2>/dev/null || echo /.gpu-bench/ >> .git/info/exclude
+#   rm -rf .gpu-bench && cp -r ../shared/gpu-bench .gpu-bench && .gpu-bench/fetch-wheels.sh .gpu-bench/whl
+#   bash bench/gpu_check.sh --fetch-extra        # the service's wheels that the kit's list lacks
+# then the device tool's `run` with carry [".gpu-bench"], timeout_s 560 and the command
+#   bash bench/gpu_check.sh
+# Results: $OUT/gpu_check.txt (written as they come: a cut run returns what it had), the server's log in
+# $OUT/server.log. Dry run on this CPU (tiny model, float32, about 5 minutes):
+#   GPU_CHECK_TINY=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh
+set -u -o pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+KIT=.gpu-bench
+EXTRA="prometheus-client==0.26.0 sentencex==1.0.32 regex==2026.11.19"
+
+if [ "${1:-}" = "--fetch-extra" ]; then
+  for spec in $EXTRA; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      --platform any -d "$KIT/whl" "$spec" || exit 1
+  done
+  ls "$KIT/whl" | wc -l
+  exit 0
+fi
+
+OUT="${OUT:-/tmp/gpu-check}"
+mkdir -p "$OUT"
+RESULTS="$OUT/gpu_check.txt"
+: > "$RESULTS"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+if [ "${GPU_CHECK_TINY:-}" = "1" ]; then
+  PY=.venv/bin/python WORK=/tmp/gpu-check-tiny DEVICE=cpu DTYPE=float32 BUILD=(--tiny) SECONDS_OF_SPEECH=2
+else
+  PY=python3 WORK=/tmp/full DEVICE=cuda DTYPE=bfloat16 BUILD=() SECONDS_OF_SPEECH=10
+fi
+PORT=18731
+say() { echo "$*" | tee -a "$RESULTS"; }
+run() {  # run LIMIT_SECONDS COMMAND...: its output into the results, cut after LIMIT_SECONDS
+  local limit=$1
+  shift
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$RESULTS"
+}
+
+say "== gpu_check $(date -u '+%F %T') UTC, $(git log -1 --format='%h %s' | cut -c1-80), $(nproc) CPUs"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee -a "$RESULTS"
+if [ "$DEVICE" = cuda ]; then
+  rm -rf /tmp/site
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$KIT"/whl/*.whl \
+    || say "wheel install FAILED"
+  export PYTHONPATH="/tmp/site:$PWD/$KIT/stubs"
+fi
+
+if [ ! -f "$WORK/model/config.json" ]; then
+  t=$SECONDS
+  GPU_BENCH_PROJ=$PWD timeout 300 "$PY" "$KIT/build_model.py" "$WORK" "${BUILD[@]}" > "$OUT/build.log" 2>&1 \
+    || { say "model build FAILED"; tail -20 "$OUT/build.log" | tee -a "$RESULTS"; exit 1; }
+  say "model built in $((SECONDS - t)) s: $(grep '^BUILD ' "$OUT/build.log" | cut -c1-160)"
+fi
+export HF_HUB_CACHE="$WORK/hf-cache"
+MODEL=(--model "$WORK/model" --audio-tokenizer "$WORK/audio_tokenizer" --device "$DEVICE" --dtype "$DTYPE")
+
+# ---- 1. the service under load ----
+t=$SECONDS
+env -u HIGGS_API_KEY HIGGS_MODEL="$WORK/model" HIGGS_AUDIO_TOKENIZER="$WORK/audio_tokenizer" \
+  HIGGS_DEVICE="$DEVICE" HIGGS_DTYPE="$DTYPE" HIGGS_STT_MODEL= HIGGS_VOICES_DIR="$WORK/voices" \
+  HIGGS_HOST=127.0.0.1 HIGGS_PORT=$PORT HIGGS_MAX_AUDIO_SECONDS=$SECONDS_OF_SPEECH \
+  "$PY" app.py > "$OUT/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2> /dev/null' EXIT
+for _ in $(seq 360); do
+  curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null && break
+  kill -0 $server 2> /dev/null || break
+  sleep 0.5
+done
+if ! curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null; then
+  say "server NOT READY after $((SECONDS - t)) s"
+  tail -30 "$OUT/server.log" | tee -a "$RESULTS"
+else
+  say "server ready in $((SECONDS - t)) s"
+  grep -E "loaded |slots|captured|warm-up done" "$OUT/server.log" | cut -c1-300 | tee -a "$RESULTS"
+  text="Please read this short line out loud now"  # 40 characters; the cap makes each answer its full length
+  for n in 1 4 16; do
+    say "-- $n at once, $((2 * n)) requests of ${SECONDS_OF_SPEECH} s speech (pcm, streamed)"
+    run 150 "$PY" bench/load.py --base-url "http://127.0.0.1:$PORT" --concurrency $n --requests $((2 * n)) \
+      --mix speech --text "$text" --timeout 120 --max-seconds 120
+    curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^higgs_(decode_steps_total|scheduler_seconds_total|prefill|codec_seconds_total|batch_slots)" \
+      | tee -a "$RESULTS"
+  done
+fi
+kill $server 2> /dev/null
+wait $server 2> /dev/null
+
+# ---- 2. the step alone ----
+say "-- bench_step: 1 and 16 rows"
+run 200 "$PY" bench/bench_step.py "${MODEL[@]}" --rows 1 16 --steps 100 --profile
+say "== done in $SECONDS s"
