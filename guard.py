@@ -5,10 +5,16 @@
   before the body is read.
 * A body is refused with 413 when its ``Content-Length`` is over the limit, or, for a body of unannounced
   length, as soon as the bytes received pass it; the app then sees the body as it arrived.
+
+A refused body is read and dropped (for ``DRAIN_SECONDS`` at most) before the answer goes out, unless the
+client waits for ``100 Continue`` before sending it: a server that answers and closes while the client is
+still sending resets the connection, and the client then sees a connection error, not the answer (the
+openai Node SDK got "Connection error." for a 45 MB body, and sent it twice more).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -22,6 +28,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+DRAIN_SECONDS = 10.0
+"""How long a refused request's body is read and dropped at most (on a slower upload, the answer goes out
+then and the client may see the connection reset)."""
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/"})
 # The web page's static files hold no data; the page asks for the key itself when the API answers 401.
 PUBLIC_PREFIXES = ("/web/",)
@@ -61,6 +70,7 @@ class RequestGate:
             token = given[7:].strip().encode() if given[:7].lower() == "bearer " else b""
             if not hmac.compare_digest(token, self.api_key):
                 what = "no API key was given" if not given else "the API key is not valid"
+                await _drain(receive, headers)
                 await send_error(
                     send, 401, f"{what}; send Authorization: Bearer <key>", "authentication_error",
                     "invalid_api_key", www_authenticate="Bearer",
@@ -68,16 +78,19 @@ class RequestGate:
                 return
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
+            await _drain(receive, headers)
             await self._too_large(send)
             return
-        await self._with_counted_body(scope, receive, send)
+        await self._with_counted_body(scope, receive, send, headers)
 
     async def _too_large(self, send: Send) -> None:
         limit = self.max_body / (1024 * 1024)
         await send_error(send, 413, f"the request body is larger than {limit:g} MB", "invalid_request_error",
                          "request_too_large", connection="close")  # fmt: skip
 
-    async def _with_counted_body(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _with_counted_body(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
+    ) -> None:
         # The body is read here, up to the limit, so that a 413 can still be answered before the app starts.
         chunks: list[Message] = []
         received = 0
@@ -88,6 +101,8 @@ class RequestGate:
                 break
             received += len(message.get("body", b""))
             if received > self.max_body:
+                if message.get("more_body", False):
+                    await _drain(receive, headers)
                 await self._too_large(send)
                 return
             chunks.append(message)
@@ -98,3 +113,18 @@ class RequestGate:
             return chunks.pop(0) if chunks else await receive()
 
         await self.app(scope, replay, send)
+
+
+async def _drain(receive: Receive, headers: dict[str, str]) -> None:
+    """Read and drop the rest of a refused request's body, for ``DRAIN_SECONDS`` at most; nothing when the
+    client waits for ``100 Continue`` (it has sent no body, and asking for more would make it send it)."""
+    if headers.get("expect", "").lower() == "100-continue":
+        return
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        return

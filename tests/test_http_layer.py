@@ -156,6 +156,45 @@ def test_a_failure_mid_stream_cuts_a_plain_audio_body_short(fake_app, fake_engin
         assert whole.status_code == 200 and whole.headers["x-request-id"]
 
 
+@pytest.mark.parametrize("refusal", [413, 401])
+def test_a_refused_body_is_answered_to_a_client_still_sending_it(fake_engine, tmp_path, refusal):
+    """Through a real server: a body refused at the door (too large, or no valid key) is read and dropped
+    before the answer, so a client writing it whole then reads the answer (the openai Node SDK saw the
+    connection reset while it wrote a 45 MB body: "Connection error.", and sent it twice more); a client
+    that waits for ``100 Continue`` gets the answer at once, without sending the body."""
+    import socket
+
+    from live_server import serve
+    from pydantic import SecretStr
+
+    from app import create_app
+    from settings import Settings
+
+    settings = Settings(stt_model="", voices_dir=tmp_path / "v", max_body_mb=1, api_key=SecretStr("k"))
+    body = b"x" * (12 * 1024 * 1024 if refusal == 413 else 4 * 1024 * 1024)
+    key = "Bearer k" if refusal == 413 else "Bearer wrong"
+
+    def post(expect: bool) -> bytes:
+        head = (f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nAuthorization: {key}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                + ("Expect: 100-continue\r\n" if expect else "") + "\r\n")  # fmt: skip
+        with socket.create_connection((host, port), timeout=30) as sock:
+            sock.sendall(head.encode())
+            if not expect:
+                sock.sendall(body)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            return answer
+
+    with serve(create_app(settings, engine=fake_engine)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        assert post(expect=False).startswith(f"HTTP/1.1 {refusal} ".encode())
+        started = time.monotonic()
+        assert post(expect=True).startswith(f"HTTP/1.1 {refusal} ".encode())
+        assert time.monotonic() - started < 5
+
+
 def test_null_for_an_optional_field_is_its_default(fake_client, fake_engine):
     """The openai SDK sends ``null`` for an argument passed as ``None`` (``speed=None``): the default, as
     for an absent field; a required field stays required."""
