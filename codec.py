@@ -72,6 +72,7 @@ class PieceDecoder:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None  # not the decoding loop's pool: the two run at the same time on two streams
         self._side_stream: torch.cuda.Stream | None = None
+        self._graphs_dropped: list[torch.cuda.CUDAGraph] = []
 
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         """Decode a batch of pieces of one length (on the caller's CUDA stream)."""
@@ -111,10 +112,11 @@ class PieceDecoder:
     def _capture(self, batch: int, frames: int) -> None:
         generator = torch.Generator().manual_seed(batch * 1000 + frames)
         sample = torch.randint(0, self.codebook_size, (batch, self.codebooks, frames), generator=generator)
+        graph = None
         try:
             inputs = sample.to(self.device)
             expected = torch.from_numpy(self.codec.decode(sample)).to(self.device)
-            if self._side_stream is None:  # one for every capture (see ``BatchDecoder._warm_up_stream``)
+            if self._side_stream is None:  # one for every capture (see ``BatchDecoder._capture_stream``)
                 self._side_stream = torch.cuda.Stream()
             stream = self._side_stream
             stream.wait_stream(torch.cuda.current_stream())
@@ -124,7 +126,7 @@ class PieceDecoder:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
                 output = self._forward(inputs)
             graph.replay()
             torch.cuda.synchronize()
@@ -133,5 +135,7 @@ class PieceDecoder:
                 raise RuntimeError("the replayed codec graph differs from the codec's decode")
         except Exception:
             log.exception("CUDA graph capture of the codec failed for %d pieces of %d frames", batch, frames)
+            if graph is not None:  # kept: see ``BatchDecoder._graphs_dropped``
+                self._graphs_dropped.append(graph)
             return
         self._graphs[(batch, frames)] = (graph, inputs, output)

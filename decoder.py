@@ -173,6 +173,16 @@ def _is_gated_mlp(mlp) -> bool:
     return all(hasattr(mlp, n) for n in names) and split == 1
 
 
+def same_logits(want: torch.Tensor, got: torch.Tensor) -> bool:
+    """Whether a graph's replay gave the eager step's logits: the same ones masked (-inf), the others
+    within 1% of the largest (finite) logit."""
+    finite = want.isfinite()
+    if not torch.equal(finite, got.isfinite()) or not finite.any():
+        return bool(torch.equal(finite, got.isfinite()))
+    scale = float(want[finite].abs().max())
+    return bool(torch.allclose(want[finite], got[finite], rtol=1e-2, atol=1e-2 * scale))
+
+
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """Llama's RMSNorm as one call, its weight included: the fused kernel computes in float32 inside and
     rounds once to ``x``'s dtype (upstream's module rounds the normalised values, then applies the weight
@@ -302,6 +312,9 @@ class BatchDecoder:
         self.graphs_enabled = graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_failed: set[tuple] = set()
+        # The graphs whose capture failed its check, kept: freeing a graph can free the cuBLAS workspace
+        # that the other graphs captured on its stream still use (pytorch/pytorch#193402).
+        self._graphs_dropped: list[torch.cuda.CUDAGraph] = []
         self._graph_pool = None
         self._side_stream: torch.cuda.Stream | None = None
         self._host: list[torch.Tensor] | None = None  # two pinned buffers for the steps' tokens (CUDA)
@@ -592,6 +605,7 @@ class BatchDecoder:
         buckets = [1 << i for i in range(self.slots.bit_length()) if 1 << i < self.slots]
         return [*buckets, self.slots]
 
+    @torch.inference_mode()
     def capture_graphs(self, modes: tuple[str, ...] = ("audio", "mixed", "text")) -> int:
         """Capture every bucket's CUDA graph now (before serving: a capture takes a step's time several
         times over, which a listener would otherwise hear as a stall). Returns how many were captured."""
@@ -604,50 +618,61 @@ class BatchDecoder:
                         self._capture((rows, length, mode))
         return len(self._graphs)
 
+    @torch.inference_mode()
     def _capture(self, key: tuple[int, int, str]):
         """A graph of the whole step for ``key``, filters included (they cost the GPU little; a graph per
-        filter choice would multiply the captures). The warm-up and the check replay each advance the rows'
-        state: it is put back after each (the KV cache writes land where the restored positions put them
-        again, with the same values)."""
+        filter choice would multiply the captures). Warmed up and captured on the decoder's own stream (see
+        ``_capture_stream``); the replay must give the eager step's logits."""
         step = (*key, (True, True, 0))
-        state = [self.pos, self.column, self.token, self.history, self.delay, self.remaining]
-        saved = [t.clone() for t in state]
-
-        def restore() -> None:
-            for tensor, value in zip(state, saved, strict=True):
-                tensor.copy_(value)
-
+        graph = None
         try:
-            stream = self._warm_up_stream()
+            stream = self._capture_stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), self.state_kept():
                 # Warm-up, and the reference the replay must match: same inputs, same cache writes.
                 expected = [t.clone() for t in self._device_step(*step)[1:] if t is not None]
-                restore()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-                out, *logits = self._device_step(*step)
-            graph.replay()
-            for want, got in zip(expected, (t for t in logits if t is not None), strict=True):
-                if not torch.allclose(want, got, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
+            with self.state_kept():
+                with torch.cuda.graph(
+                    graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"
+                ):
+                    out, *logits = self._device_step(*step)
+                graph.replay()
+                got = [t for t in logits if t is not None]
+                if not all(same_logits(a, b) for a, b in zip(expected, got, strict=True)):
                     raise RuntimeError("the replayed graph's logits differ from the eager step's")
         except Exception:
             log.exception("CUDA graph capture failed for %s; decoding that shape eagerly", key)
             self._graph_failed.add(key)
+            if graph is not None:
+                self._graphs_dropped.append(graph)
             return None
-        finally:
-            restore()
         self._graphs[key] = (graph, out)
         log.debug("captured a CUDA graph for %d rows, %d tokens, %s", *key)
         return self._graphs[key]
 
-    def _warm_up_stream(self) -> torch.cuda.Stream:
-        """The side stream every capture warms up on: one for all, because PyTorch's allocator keeps the
-        blocks freed on a stream for that stream, so a stream per capture would hold a warm-up's memory
-        per graph until ``torch.cuda.empty_cache``."""
+    @contextmanager
+    def state_kept(self) -> Iterator[None]:
+        """Put the rows' state back as it was after the block (a capture's warm-up and check replay each
+        advance it; the KV cache writes land where the restored positions put them again, with the same
+        values)."""
+        state = [self.pos, self.column, self.token, self.history, self.delay, self.remaining]
+        saved = [t.clone() for t in state]
+        try:
+            yield
+        finally:
+            for tensor, value in zip(state, saved, strict=True):
+                tensor.copy_(value)
+
+    def _capture_stream(self) -> torch.cuda.Stream:
+        """The stream every capture of the decoder warms up and is captured on: one for all, because
+        PyTorch's allocator keeps the blocks freed on a stream for that stream (a stream per capture would
+        hold a warm-up's memory per graph until ``torch.cuda.empty_cache``); and not the codec's, because
+        graphs captured on one stream share its cuBLAS workspace, and the codec's graphs replay on another
+        stream at the same time as these."""
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream()
         return self._side_stream

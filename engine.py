@@ -231,13 +231,17 @@ class HiggsEngine:
         self.device = device
         torch_device = "cuda:0" if device == "cuda" else device
         self._model = HiggsAudioModel.from_pretrained(model, torch_dtype=_torch_dtype(dtype, device))
-        self._model.to(torch_device).eval()
+        # Inference only: no parameter asks for gradients, so that no code path (a CUDA graph's capture
+        # runs outside ``inference_mode`` unless told) can meet autograd, which refuses the decoder's
+        # in-place products (``addcmul(out=...)``) and would have failed every capture.
+        self._model.to(torch_device).eval().requires_grad_(False)
         self._tokenizer = AutoTokenizer.from_pretrained(model)
         self._model.set_audio_special_tokens(self._tokenizer)
         self._decode_ids = ids_decoder(self._tokenizer)  # the scheduler thread's
         self._codec = load_higgs_audio_tokenizer(audio_tokenizer, device=torch_device)
         bake_weight_norm(self._codec)
         snakes_in_place(self._codec)
+        self._codec.requires_grad_(False)  # (after the folding, whose new weights would ask for them)
         config = self._config = self._model.config
         whisper = (
             AutoProcessor.from_pretrained("openai/whisper-large-v3-turbo", trust_remote=True, device=device)
@@ -855,7 +859,7 @@ class HiggsEngine:
         spent = self._work.scheduler
         started = time.perf_counter()
         try:
-            out = launched.result()
+            out = self._guarded(launched.result)  # a fault of the GPU's shows at this wait
         except BaseException as exc:
             self._fail_running(exc)
             return

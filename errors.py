@@ -96,8 +96,11 @@ def as_api_error(exc: Exception) -> APIError:
             headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
         )
     if isinstance(exc, EngineFailure):
-        status = 503 if exc.code == "engine_failed" else 500
-        return APIError(status, str(exc), type="server_error", code=exc.code)
+        if exc.code == "engine_failed":  # for good: the openai SDK would retry a 503 unless told not to
+            return APIError(
+                503, str(exc), type="server_error", code=exc.code, headers={"x-should-retry": "false"}
+            )
+        return APIError(500, str(exc), type="server_error", code=exc.code)
     if isinstance(exc, TranslatorUnavailable):
         return APIError(503, str(exc), type="server_error", code="model_unavailable")
     if isinstance(exc, BuiltinVoiceFailed):

@@ -91,6 +91,7 @@ def require_ready(request: Request) -> None:
             "the engine failed and the service needs a restart",
             type="server_error",
             code="engine_failed",
+            headers={"x-should-retry": "false"},  # no wait mends it either
         )
     if getattr(request.app.state, "load_error", None):  # no wait mends it: no Retry-After, no retries
         raise APIError(

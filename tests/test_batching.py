@@ -1023,6 +1023,34 @@ def test_fast_forward_layers_decode_as_upstream_does(engine):
     assert torch.equal(ours, audio[0][:, :30])
 
 
+def test_the_step_a_cuda_graph_captures_runs_outside_inference_mode(engine):
+    """A capture warms up and records the eager step as the engine calls it, outside ``inference_mode``:
+    with parameters that asked for gradients, autograd refused the decoder's in-place products there
+    (``addcmul(out=...)``), and every CUDA graph capture failed (found by reading the code: no CPU test
+    captures). The model and the codec ask for none, and the step runs in every mode, its state put back."""
+    assert not any(p.requires_grad for p in engine._model.parameters())
+    assert not any(p.requires_grad for p in engine._codec.parameters())
+    small = engine._decoder
+    before = [t.clone() for t in (small.pos, small.column, small.token, small.history)]
+    for mode in ("audio", "mixed", "text"):
+        with small.state_kept():
+            out, *logits = small._device_step(2, small.length_buckets[0], mode, (True, True, 0))
+        assert out.shape == (2, 1 + small.codebooks) and not out.requires_grad
+    after = (small.pos, small.column, small.token, small.history)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_a_replay_is_checked_on_the_logits_that_are_not_masked():
+    """The check of a captured graph against the eager step: masked logits (-inf) must be masked alike,
+    the others close. Scaled by the largest logit, -inf included, it let any replay pass."""
+    want = torch.tensor([[1.0, float("-inf"), 3.0]])
+    assert decoder.same_logits(want, want.clone())
+    assert decoder.same_logits(want, want + 1e-4)
+    assert not decoder.same_logits(want, torch.tensor([[500.0, float("-inf"), 3.0]]))
+    assert not decoder.same_logits(want, torch.tensor([[1.0, 2.0, 3.0]]))
+    assert not decoder.same_logits(want, torch.tensor([[float("nan"), float("-inf"), 3.0]]))
+
+
 def test_top_k_candidates_choose_what_sorting_the_whole_vocabulary_chooses(engine):
     """While every sampling row keeps at most ``TOP_K_CANDIDATES`` tokens, ``_choose`` looks at that many
     best tokens (``topk``) instead of sorting all of them: the same token for every row, codebook and draw,

@@ -158,12 +158,15 @@ def test_the_openai_sdk_sends_the_key(locked):
         bad.models.list()
 
 
-def test_the_key_is_checked_before_the_body_is_read():
-    """The guard answers 401 without ever calling ``receive``."""
+def test_the_key_is_checked_before_the_body_is_used():
+    """The guard answers 401 without calling the app; the body is read and dropped first (so that a client
+    still sending it reads the answer), not read at all when the client waits for ``100 Continue``."""
     sent: list[dict] = []
+    chunks = [{"type": "http.request", "body": b"x" * 10, "more_body": True}] * 3
+    chunks = [*chunks, {"type": "http.request", "body": b"", "more_body": False}]
 
     async def receive():
-        raise AssertionError("the body was read")
+        return chunks.pop(0)
 
     async def send(message):
         sent.append(message)
@@ -175,7 +178,14 @@ def test_the_key_is_checked_before_the_body_is_read():
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
              "headers": [(b"content-length", b"999999999")]}  # fmt: skip
     asyncio.run(guard(scope, receive, send))
-    assert sent[0]["status"] == 401
+    assert sent[0]["status"] == 401 and chunks == []
+
+    async def no_body():
+        raise AssertionError("the body was asked for")
+
+    waiting = {**scope, "headers": [*scope["headers"], (b"expect", b"100-continue")]}
+    asyncio.run(guard(waiting, no_body, send))
+    assert sent[-2]["status"] == 401
 
 
 def test_bodies_over_the_limit_are_refused(locked):
@@ -329,18 +339,27 @@ def test_out_of_memory_frees_the_cache_and_the_next_request_succeeds(client, eng
     assert client.get("/ready").json() == {"ready": True}
 
 
-def test_a_fatal_cuda_error_makes_the_engine_not_ready(lenient, engine, monkeypatch):
+@pytest.mark.parametrize("where", ["prefill", "step's tokens"])
+def test_a_fatal_cuda_error_makes_the_engine_not_ready(lenient, engine, monkeypatch, where):
+    """Also where a CUDA fault shows up: at the wait for a step's tokens (a graph's kernels run on while
+    the host goes on), which the engine did not check for faults of the GPU."""
+    import decoder
+
     client = lenient
 
-    def broken(**kwargs):
+    def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(engine._decoder, "prefill", broken)
+    if where == "prefill":
+        monkeypatch.setattr(engine._decoder, "prefill", broken)
+    else:
+        monkeypatch.setattr(decoder.Launched, "result", broken)
     try:
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 500
         assert client.get("/ready").status_code == 503
         after = client.post("/v1/chat/completions", json=CHAT)
         assert after.status_code == 503 and after.json()["error"]["code"] == "engine_failed"
+        assert after.headers["x-should-retry"] == "false"  # the openai SDK retries a 503 unless told
         assert client.get("/health").status_code == 200  # alive, not ready
     finally:
         engine.failure = None
