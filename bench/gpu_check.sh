@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11's GPU figures in one call of the device tool, on the full-size random-weight model that
 # ../shared/gpu-bench builds (the real architecture; every timing is real, the audio is noise):
+#   0. bench/check_cuda.py on the tiny model: the CUDA graphs are captured, and answer as the eager step does;
 #   1. the service under load (bench/load.py, 10 s speech requests streamed as pcm): 1 stream alone, then
 #      4 and 16 at once: audio seconds per second, first audio p50/p95, latency (per-stream RTF = latency
 #      over the audio's length); the server's /metrics after each (steps, the loop's time by work);
@@ -57,6 +58,12 @@ if [ "$DEVICE" = cuda ]; then
   export PYTHONPATH="/tmp/site:$PWD/$KIT/stubs"
 fi
 
+# ---- 0. the CUDA paths, on the tiny model ----
+for dtype in float32 bfloat16; do
+  say "-- check_cuda, $dtype"
+  run 150 "$PY" bench/check_cuda.py --device "$DEVICE" --dtype $dtype
+done
+
 if [ ! -f "$WORK/model/config.json" ]; then
   t=$SECONDS
   GPU_BENCH_PROJ=$PWD timeout 300 "$PY" "$KIT/build_model.py" "$WORK" "${BUILD[@]}" > "$OUT/build.log" 2>&1 \
@@ -85,6 +92,7 @@ if ! curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null; then
 else
   say "server ready in $((SECONDS - t)) s"
   grep -E "loaded |slots|captured|warm-up done" "$OUT/server.log" | cut -c1-300 | tee -a "$RESULTS"
+  say "graph captures that failed: $(grep -c "capture failed\|capture of the codec failed" "$OUT/server.log")"
   text="Please read this short line out loud now"  # 40 characters; the cap makes each answer its full length
   for n in 1 4 16; do
     say "-- $n at once, $((2 * n)) requests of ${SECONDS_OF_SPEECH} s speech (pcm, streamed)"

@@ -1,0 +1,109 @@
+"""Check the engine's CUDA paths, which no CPU test reaches (one short run on a CUDA machine).
+
+Run:  python bench/check_cuda.py --device cuda [--dtype float32] [--model M --audio-tokenizer T]
+      .venv/bin/python bench/check_cuda.py            # a dry run of the script on the CPU (no graphs there)
+
+The engine is loaded through ``load_engine`` on CUDA twice, over the tiny random-weight models of
+``tests/tiny_models.py`` unless a model is named: with CUDA graphs (the default) and without. For the first
+it prints how many graphs of the decoding step and of the codec were captured and which shapes failed (none
+should: a failed shape decodes eagerly for good, several times slower); then the same requests go through
+each engine: 4 seeded audio requests at once (one of them greedy) and a text request beside them. Their
+answers are compared: in float32 a graph replays the kernels that the eager step runs, so the tokens
+should be the same; in bfloat16 they should mostly be (a graph's cuBLAS may choose other kernels). Exits
+non-zero when a capture failed, or when float32 answers differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+from _common import add_model_arguments, check_model_arguments, models, service_settings, workspace
+
+TEXT = "Hello there, and welcome to the show."
+
+
+def requests(generation, n: int = 4) -> list:
+    """The audio requests (seeds 1..n, the last greedy) and one text request."""
+    scene = "Generate audio following instruction."
+    turns = [generation.Turn("system", scene), generation.Turn("user", TEXT)]
+    audio = [
+        generation.GenerationRequest(turns, True, 60, 0.0 if i == n else 0.8, 0.95, 50, seed=i)
+        for i in range(1, n + 1)
+    ]
+    text = generation.GenerationRequest([generation.Turn("user", TEXT)], False, 24, 0.7, 0.95, 50, seed=9)
+    return [*audio, text]
+
+
+async def answers(engine, batch: list) -> list:
+    """Each request's tokens (audio codes as a list, or the text), all sent at once."""
+    results = await asyncio.gather(*(engine.generate(request) for request in batch))
+    return [r.codes.codes.tolist() if r.codes is not None else r.text for r in results]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    args = parser.parse_args()
+    check_model_arguments(parser, args)
+    with workspace() as tmp:
+        model, tokenizer = models(args, tmp)
+        import torch
+
+        import generation
+        from engine import load_engine
+
+        device = args.device
+        if device == "cuda" and not torch.cuda.is_available():
+            print("no CUDA device: nothing to check")
+            return 2
+        dtype = "float32" if args.dtype == "auto" else args.dtype
+        where = torch.cuda.get_device_name(0) if device == "cuda" else "the CPU (a dry run: no graphs)"
+        print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {where}; {dtype}")
+        batch = requests(generation)
+        seen, ok = {}, True
+        for graphs in (True, False):
+            settings = service_settings(
+                model, tokenizer, tmp / "voices", device=device, dtype=dtype, cuda_graphs=graphs,
+                max_batch_size=8, warmup=False,
+            )  # fmt: skip
+            started = time.perf_counter()
+            engine = load_engine(settings)
+            loaded = time.perf_counter() - started
+            try:
+                if graphs and device == "cuda":
+                    step, codec = engine._decoder, engine._pieces
+                    failed = sorted(step._graph_failed) or "none"
+                    print(f"loaded in {loaded:.1f} s: {len(step._graphs)} step graphs, "
+                          f"{len(codec._graphs)} codec graphs; step shapes failed: {failed}")  # fmt: skip
+                    ok &= bool(step._graphs) and not step._graph_failed and bool(codec._graphs)
+                started = time.perf_counter()
+                seen[graphs] = asyncio.run(answers(engine, batch))
+                print(f"{'graphs' if graphs else 'eager '}: {len(batch)} requests at once in "
+                      f"{time.perf_counter() - started:.2f} s")  # fmt: skip
+            finally:
+                engine.close()
+                del engine
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        for i, (with_graphs, eager) in enumerate(zip(seen[True], seen[False], strict=True)):
+            if isinstance(eager, str):
+                same = with_graphs == eager
+                print(f"request {i} (text): {'same' if same else f'differs: {with_graphs!r} / {eager!r}'}")
+            else:
+                columns = list(zip(*with_graphs, strict=True)), list(zip(*eager, strict=True))
+                agree = next(
+                    (k for k, (a, b) in enumerate(zip(*columns, strict=False)) if a != b), len(columns[1])
+                )
+                same = with_graphs == eager
+                print(f"request {i} (audio, {len(columns[1])} frames): "
+                      + ("same" if same else f"the same for {agree} frames, then differs"))  # fmt: skip
+            ok &= same or dtype != "float32"
+        print("OK" if ok else "FAILED")
+        return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
