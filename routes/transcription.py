@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -24,11 +25,21 @@ from routes.deps import (
 from settings import Settings
 from stt import WHISPER_SAMPLE_RATE, AsyncTranscriber, to_srt, to_verbose_json, to_vtt
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/v1/audio", tags=["speech to text"], dependencies=[Depends(require_ready)])
 
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("segment", "word")
 GRANULARITIES_FIELD = "timestamp_granularities[]"
+# The form fields the endpoints read (others are logged as ignored), and those refused when given, since
+# what they ask for cannot be given: per-token log probabilities (faster-whisper keeps none).
+KNOWN_FIELDS = {"file", "model", "prompt", "response_format", "temperature", "language", "stream",
+                GRANULARITIES_FIELD, "timestamp_granularities"}  # fmt: skip
+REFUSED_FIELDS = {
+    "include[]": "log probabilities are not available from this server's speech recognition",
+    "include": "log probabilities are not available from this server's speech recognition",
+}
 
 
 @router.post("/transcriptions")
@@ -42,11 +53,13 @@ async def transcriptions(
     """OpenAI's transcription endpoint."""
     if form.stream:
         raise bad_request("streamed transcription is not supported yet; send stream=false", "stream")
+    fields = await request.form()  # (parsed once: FastAPI read it for ``form``)
+    _check_fields(fields.keys())
     # OpenAI's clients send ``timestamp_granularities[]``; a form written by hand may leave out the brackets.
     granularities, field = form.timestamp_granularities, GRANULARITIES_FIELD
     if not granularities:
         field = "timestamp_granularities"
-        granularities = (await request.form()).getlist(field)
+        granularities = fields.getlist(field)
     return await _speech_to_text("transcribe", form, form.language, granularities, file, request, settings,
                                  recognizer, granularities_field=field)  # fmt: skip
 
@@ -60,7 +73,18 @@ async def translations(
     recognizer: RecognizerDep,
 ) -> Response:
     """OpenAI's translation endpoint: speech in any language the model knows, English text out."""
+    _check_fields((await request.form()).keys())
     return await _speech_to_text("translate", form, None, [], file, request, settings, recognizer)
+
+
+def _check_fields(names) -> None:
+    """Refuse a field asking for what cannot be given (400 naming it); log the unknown ones, ignored."""
+    given = set(names)
+    if refused := sorted(given & REFUSED_FIELDS.keys()):
+        name = refused[0]
+        raise bad_request(f"{name} is not supported: {REFUSED_FIELDS[name]}; leave it out", name)
+    if unknown := given - KNOWN_FIELDS:
+        log.info("ignored unknown request fields: %s", ", ".join(sorted(unknown)))
 
 
 async def _speech_to_text(

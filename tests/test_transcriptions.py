@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import time
 
@@ -107,6 +108,7 @@ BAD_UPLOADS = [
     ("unknown granularity, no brackets", None, {"response_format": "verbose_json", GRAIN[:-2]: "x"}, 400,
      GRAIN[:-2]),
     ("missing file", {}, {}, 400, "file"),
+    ("log probabilities", None, {"include[]": "logprobs"}, 400, "include[]"),  # were ignored: no logprobs
     ("unknown model", None, {"model": "whisper-9"}, 404, "model"),
 ]  # fmt: skip
 
@@ -129,6 +131,18 @@ def test_bad_transcription_requests(client, name, files, data, status, param):
         data={"model": "whisper-1"},
     )
     assert ok.status_code == 200
+
+
+def test_unknown_transcription_fields_are_logged_as_ignored(client, caplog):
+    """As the JSON endpoints do (a field this server does not read was dropped without a word)."""
+    with caplog.at_level(logging.INFO, logger="routes.transcription"):
+        response = client.post(
+            "/v1/audio/transcriptions",
+            files={"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")},
+            data={"model": "whisper-1", "chunking_strategy": "auto"},
+        )
+    assert response.status_code == 200
+    assert "ignored unknown request fields: chunking_strategy" in caplog.text
 
 
 def test_audio_in_a_text_only_chat_is_answered_with_its_transcript(openai_client):
