@@ -214,7 +214,8 @@ def _document_setting_limits(app: FastAPI, settings: Settings) -> None:
 
 class _RequestIds:
     """Give each HTTP request an id (the client's ``X-Request-ID`` when usable), answer it with the id, log
-    and count it (when its response starts: the time logged is the time to the first byte). A failure
+    and count it (when its response starts: the time logged is the time to the first byte; a body sent in
+    parts, a stream, gets a second line when it ends, whole or cut short). A failure
     nothing else answered becomes a 500 envelope with the id; one after the response started goes on to
     the server, which then cuts the body off (a chunked body without its last chunk), so that a client never
     mistakes a broken answer for a whole one. A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware``
@@ -232,11 +233,18 @@ class _RequestIds:
         rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         token = request_id.set(rid)
         started = time.perf_counter()
-        responded = False
+        responded = done = False
+        parts = 0  # of the body sent
 
         async def send_with_id(message: dict[str, Any]) -> None:
-            nonlocal responded
-            if message["type"] == "http.response.start":
+            nonlocal responded, done, parts
+            if message["type"] == "http.response.body":
+                parts += 1
+                done = not message.get("more_body", False)
+                if done and parts > 1:
+                    seconds = time.perf_counter() - started
+                    log.info("%s %s: stream sent whole in %.3f s", scope["method"], scope["path"], seconds)
+            elif message["type"] == "http.response.start":
                 responded = True
                 MutableHeaders(scope=message)["X-Request-ID"] = rid
                 scope["app"].state.metrics.observe_request(self._route_of(scope), message["status"])
@@ -257,6 +265,10 @@ class _RequestIds:
             log.exception("unexpected failure")
             await error_response(as_api_error(exc))(scope, receive, send_with_id)
         finally:
+            if responded and not done:  # (a failure's traceback is the server's to log)
+                seconds = time.perf_counter() - started
+                log.info("%s %s: stream cut short after %.3f s (the client left, a failure or a shutdown)",
+                         scope["method"], scope["path"], seconds)  # fmt: skip
             request_id.reset(token)
 
     def _route_of(self, scope: dict[str, Any]) -> str:

@@ -936,6 +936,26 @@ def test_a_non_streamed_chat_stops_when_its_client_disconnects(client, app, engi
     assert_idle(client, engine)
 
 
+def test_a_stream_s_end_is_logged_whole_or_cut_short(client, app, engine, caplog):
+    """A streamed answer is logged when its headers go out; a second line says how it ended, so that an
+    operator can tell a stream its client abandoned from one sent whole (a Node SDK trial: an aborted
+    stream left no trace)."""
+    import logging
+
+    speech = {"model": "tts-1", "input": "Hello there.", "voice": "default", "response_format": "pcm"}
+    body = json.dumps(speech).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    before = engine.steps
+    with caplog.at_level(logging.INFO, logger="app"):
+        assert client.post("/v1/audio/speech", json=speech).status_code == 200
+        ten_steps = lambda: engine.steps - before >= 10  # noqa: E731
+        client.portal.call(post_then_hang_up, app, "/v1/audio/speech", headers, body, ten_steps)
+        settle(engine)
+    ends = [r.getMessage() for r in caplog.records if r.name == "app" and ": stream" in r.getMessage()]
+    assert [line.split(": ")[1][:17] for line in ends] == ["stream sent whole", "stream cut short "]
+    assert_idle(client, engine)
+
+
 @pytest.mark.parametrize("max_tokens", [4, 5, 6, 9, 10])
 def test_audio_chat_with_too_few_tokens_for_a_frame_is_silence_not_an_error(client, max_tokens):
     """Issue 14.1: fewer columns than the delay pattern spans make no frame; that is a short silence."""
