@@ -6,10 +6,11 @@
 * A body is refused with 413 when its ``Content-Length`` is over the limit, or, for a body of unannounced
   length, as soon as the bytes received pass it; the app then sees the body as it arrived.
 
-A refused body is read and dropped (for ``DRAIN_SECONDS`` at most) before the answer goes out, unless the
-client waits for ``100 Continue`` before sending it: a server that answers and closes while the client is
-still sending resets the connection, and the client then sees a connection error, not the answer (the
-openai Node SDK got "Connection error." for a 45 MB body, and sent it twice more).
+A body too large is read and dropped (for ``DRAIN_SECONDS`` at most) before the 413 goes out, unless the
+client waits for ``100 Continue`` before sending it: the 413 closes the connection, and closing it while
+the client is still sending resets it, so the client saw a connection error, not the answer (the openai
+Node SDK got "Connection error." for a 45 MB body, and sent it twice more). A 401 keeps the connection,
+whose server reads past the rest of the body by itself.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DRAIN_SECONDS = 10.0
-"""How long a refused request's body is read and dropped at most (on a slower upload, the answer goes out
+"""How long a body too large is read and dropped at most (on a slower upload, the answer goes out
 then and the client may see the connection reset)."""
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/"})
 # The web page's static files hold no data; the page asks for the key itself when the API answers 401.
@@ -70,7 +71,6 @@ class RequestGate:
             token = given[7:].strip().encode() if given[:7].lower() == "bearer " else b""
             if not hmac.compare_digest(token, self.api_key):
                 what = "no API key was given" if not given else "the API key is not valid"
-                await _drain(receive, headers)
                 await send_error(
                     send, 401, f"{what}; send Authorization: Bearer <key>", "authentication_error",
                     "invalid_api_key", www_authenticate="Bearer",
@@ -116,7 +116,7 @@ class RequestGate:
 
 
 async def _drain(receive: Receive, headers: dict[str, str]) -> None:
-    """Read and drop the rest of a refused request's body, for ``DRAIN_SECONDS`` at most; nothing when the
+    """Read and drop the rest of a body too large, for ``DRAIN_SECONDS`` at most; nothing when the
     client waits for ``100 Continue`` (it has sent no body, and asking for more would make it send it)."""
     if headers.get("expect", "").lower() == "100-continue":
         return
