@@ -447,10 +447,7 @@ class HiggsEngine:
             raise EngineFailure(f"the engine failed and needs a restart: {self.failure}", "engine_failed")
         with self._pending_lock:
             if self._pending >= self.max_queue and not continues:
-                raise EngineBusy(
-                    f"the server is busy ({self._pending} requests running or waiting); retry shortly",
-                    retry_after=self.retry_after,
-                )
+                raise EngineBusy.full(self._pending, self.retry_after)
             self._pending += 1
 
     def _release(self) -> None:

@@ -48,6 +48,12 @@ class EngineBusy(Exception):
         super().__init__(message)
         self.retry_after = retry_after
 
+    @classmethod
+    def full(cls, pending: int, retry_after: float) -> EngineBusy:
+        """The engine's bound reached, with ``pending`` requests running or waiting."""
+        requests = "1 request" if pending == 1 else f"{pending} requests"
+        return cls(f"the server is busy ({requests} running or waiting); retry shortly", retry_after)
+
 
 class EngineFailure(Exception):
     """A generation failed in a way the client should hear about (``code``: ``out_of_memory``, ...)."""

@@ -114,10 +114,7 @@ def require_generation_slot(request: Request) -> None:
     """``require_ready``, and 429 at once when the engine's queue is full (nothing is read or decoded)."""
     engine = getattr(request.app.state, "engine", None)
     if engine is not None and not engine.failure and engine.pending >= engine.max_queue:
-        raise EngineBusy(
-            f"the server is busy ({engine.pending} requests running or waiting); retry shortly",
-            retry_after=getattr(engine, "retry_after", 2.0),
-        )
+        raise EngineBusy.full(engine.pending, getattr(engine, "retry_after", 2.0))
     require_ready(request)
 
 

@@ -84,7 +84,10 @@ def test_a_full_queue_is_a_429_before_the_body_is_used(fake_client, fake_engine)
     busy = fake_client.post("/v1/chat/completions", json=CHAT)
     assert_envelope(busy, 429, code="queue_full")
     assert busy.headers["retry-after"] == "2" and busy.json()["error"]["type"] == "rate_limit_error"
+    assert "(16 requests running or waiting)" in busy.json()["error"]["message"]
     assert fake_engine.requests == []
+    fake_engine.pending = fake_engine.max_queue = 1  # the same words as the engine's, in the singular
+    assert "(1 request running or waiting)" in fake_client.post("/v1/chat/completions", json=CHAT).text
 
 
 def test_a_busy_error_with_its_own_wait_sets_retry_after(fake_client, fake_engine):

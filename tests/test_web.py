@@ -296,6 +296,10 @@ def test_bad_input_shows_the_apis_own_message(page, base_url, tmp_path):
     expect(page.locator("#error-text")).to_have_text(expected)
     page.click("#error-close")
     expect(page.get_by_role("alert")).to_be_hidden()
+    page.click("#store")  # and Escape dismisses it too
+    expect(page.locator("#error-text")).to_have_text(expected)
+    page.keyboard.press("Escape")
+    expect(page.get_by_role("alert")).to_be_hidden()
 
 
 def test_a_refused_speech_request_shows_the_apis_message_and_no_player(page, base_url):
@@ -328,6 +332,22 @@ def test_cloning_the_clip_once_streams_it(page, base_url):
     expect(page.locator("#speed")).to_be_enabled()
 
 
+def test_a_clip_whose_format_the_api_does_not_name_still_clones(page, base_url, tmp_path):
+    """A new user's trial: an AIFF clip transcribed and stored fine, but cloning it once sent its extension
+    as ``input_audio.format``, which the API refused ("unsupported audio format 'aiff'"). The page now
+    sends a format only when the API knows its name; the server reads the bytes either way."""
+    import soundfile as sf
+
+    samples, rate = sf.read(TEST_AUDIO)
+    clip = tmp_path / "clip.aiff"
+    sf.write(clip, samples, rate, format="AIFF")
+    open_page(page, base_url)
+    page.set_input_files("#clip-file", str(clip))
+    speak(page, "Spoken once in the voice of an AIFF clip.", ":clip")
+    assert download_head(page, 4) == b"RIFF"
+    expect(page.get_by_role("alert")).to_be_hidden()
+
+
 def test_recording_with_the_fake_microphone_gives_a_clip_the_api_reads(page, base_url):
     open_page(page, base_url)
     page.click("#record")
@@ -354,6 +374,38 @@ def test_one_sound_at_a_time(page, base_url):
     assert not page.evaluate(playing, "clip-player")  # the sample paused the clip
     speak(page, "Louder than the sample.", "default", "wav")  # wav: through Web Audio, not an element
     assert not page.evaluate(playing, "sample-player")
+
+
+# Web Audio contexts made suspended, so that an answer's audio is all still to play when its stream ends,
+# as on a GPU (faster than real time), whatever this machine's speed; and kept, for their state.
+SUSPENDED_AUDIO = """
+    window.contexts = [];
+    const Real = window.AudioContext;
+    window.AudioContext = class extends Real {
+        constructor(...args) { super(...args); this.suspend(); window.contexts.push(this); }
+    };
+"""
+
+
+def test_speech_that_sounds_on_after_its_stream_can_be_stopped(page, base_url):
+    """A new user's trial: a wav answer played on through Web Audio after "Done", with Stop gone, and the
+    player's own play, a sample or the next answer sounded over it. Now Stop stays while it sounds and
+    silences it, and anything else that plays does too."""
+    page.add_init_script(SUSPENDED_AUDIO)
+    open_page(page, base_url)
+    all_closed = "() => window.contexts.length > 0 && window.contexts.every(c => c.state === 'closed')"
+    speak(page, "Still to be heard when the stream has ended.", "default", "wav")
+    expect(page.locator("#stop")).to_be_visible()  # the answer is done, its sound is not
+    page.click("#stop")
+    expect(page.locator("#stop")).to_be_hidden()
+    page.wait_for_function(all_closed)
+    expect(page.locator("#speak")).to_be_enabled()
+
+    speak(page, "Heard once, not twice over.", "default", "wav")
+    expect(page.locator("#stop")).to_be_visible()
+    page.evaluate("() => document.getElementById('player').play()")  # its replay silences it
+    expect(page.locator("#stop")).to_be_hidden()
+    page.wait_for_function(all_closed)
 
 
 def test_a_double_click_on_record_records_once(page, base_url):
@@ -469,6 +521,36 @@ def test_the_page_notices_when_the_service_goes_away(page, base_url):
     expect(page.locator("#error-text")).to_have_text("the service could not be reached; is it running?")
 
 
+def test_a_page_opened_while_the_model_loads_loads_once_it_is_ready(
+    browser, web_settings, engine, recognizer
+):
+    """A new user's trial: a page opened while the model loaded kept its "still loading" error and an empty
+    library after the pill said Ready. Now readiness reloads what failed and clears that error. The
+    instructions field takes the API's own limit for instructions, not the speech text's."""
+    from app import create_app
+
+    settings = web_settings.model_copy(update={"max_input_characters": 100})
+    app = create_app(settings, engine=engine, recognizer=recognizer)
+    with serve(app) as url:
+        store_voice(url, "waited-for")
+        app.state.ready = False  # as while the models load
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url + "/")
+        expect(page.locator("#error-text")).to_contain_text("still loading")
+        expect(page.locator("#status")).to_have_text("Model loading…")
+        assert page.locator("#voices li").count() == 0
+        app.state.ready = True
+        expect(page.locator("#status")).to_have_text("Ready", timeout=15_000)
+        expect(page.locator("#voices li[data-voice='waited-for']")).to_be_visible()
+        expect(page.get_by_role("alert")).to_be_hidden()
+        expect(page.locator("#voice option[value='waited-for']")).to_have_count(1)
+        assert page.locator("#text").get_attribute("maxlength") == "100"
+        assert page.locator("#instructions").get_attribute("maxlength") == "4096"
+        context.close()
+
+
 def test_with_an_api_key_the_page_asks_for_it_and_then_works(browser, web_settings, engine, recognizer):
     from app import create_app
 
@@ -490,6 +572,7 @@ def test_with_an_api_key_the_page_asks_for_it_and_then_works(browser, web_settin
         page.fill("#api-key", "page-secret")
         page.keyboard.press("Enter")
         expect(page.locator("#key-form")).to_be_hidden()
+        expect(page.locator("#text")).to_be_focused()  # not the page's top, with the form gone
         expect(page.locator("#voices li[data-voice='keyed-voice']")).to_be_visible()
         assert page.evaluate("() => sessionStorage.getItem('higgs-api-key')") == "page-secret"
         speak(page, "Spoken behind a key.", "keyed-voice", "mp3")

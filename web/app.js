@@ -15,16 +15,21 @@ const state = {
   clip: null,
   limit: DEFAULT_LIMIT,
   speaking: null,
+  sounding: null, // the Web Audio player still playing an answer whose stream has ended (wav, pcm, clone)
   recording: null,
   errorFrom: null, // the control that was focused when the error showed, focused again when it is dismissed
+  staleError: false, // whether the error shown says the service was loading or unreachable
   readiness: null, // the timer of the next readiness check
+  ready: null, // what the last readiness check said (null before the first)
 };
 
 // One sound at a time: the generated speech, a voice's sample and the clip pause each other (speech
-// streamed through Web Audio pauses the others when it starts: see the Speak handler).
+// streamed through Web Audio pauses the others when it starts, see the Speak handler, and is silenced by
+// them, also after its stream ended).
 const players = ["player", "sample-player", "clip-player"].map($);
 function hush(except = null) {
   players.filter((p) => p !== except).forEach((p) => p.pause());
+  state.sounding?.silence();
 }
 for (const player of players) player.addEventListener("play", () => hush(player));
 
@@ -35,6 +40,7 @@ function showError(err) {
   $("error-text").textContent = err instanceof ApiError ? err.message : `Something went wrong: ${err}`;
   $("error").hidden = false;
   state.errorFrom = document.activeElement;
+  state.staleError = err instanceof Unreachable || (err instanceof ApiError && err.status === 503);
   // The message is above the cards: bring it into view from wherever the button pressed was.
   $("error").scrollIntoView({ block: "nearest" });
   if (err instanceof ApiError && err.status === 401) askForKey();
@@ -58,12 +64,20 @@ $("key-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   apiKey.set($("api-key").value.trim());
   clearError();
-  if (await load()) $("key-form").hidden = true;
+  if (await load()) {
+    const inForm = $("key-form").contains(document.activeElement);
+    $("key-form").hidden = true;
+    if (inForm) $("text").focus(); // not back to the top of the page with the form that went
+  }
 });
-$("error-close").addEventListener("click", () => {
+function dismissError() {
   clearError();
   const back = state.errorFrom;
   (back?.isConnected && back !== document.body && !back.disabled ? back : $("text")).focus();
+}
+$("error-close").addEventListener("click", dismissError);
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && !$("error").hidden) dismissError();
 });
 
 // ---- readiness, limits, voices ----
@@ -74,16 +88,24 @@ async function watchReadiness() {
   clearTimeout(state.readiness);
   const pill = $("status");
   let next;
+  const was = state.ready;
   try {
     const response = await fetch("/ready");
     const ready = response.ok;
     pill.textContent = ready ? "Ready" : "Model loading…";
     pill.dataset.state = ready ? "ready" : "loading";
     next = ready ? 15000 : 3000;
+    state.ready = ready;
   } catch {
     pill.textContent = "Offline";
     pill.dataset.state = "offline";
     next = 5000;
+    state.ready = false;
+  }
+  if (state.ready && was === false) {
+    // Ready again (or at last): what failed meanwhile is loaded now, and its error goes.
+    if (state.staleError) clearError();
+    load();
   }
   clearTimeout(state.readiness); // a check started meanwhile (after an error) schedules one timer only
   state.readiness = setTimeout(watchReadiness, next);
@@ -97,10 +119,15 @@ async function loadLimit() {
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) throw err;
   }
-  const limit = schema?.components?.schemas?.SpeechRequest?.properties?.input?.maxLength;
+  const fields = schema?.components?.schemas?.SpeechRequest?.properties;
+  const limit = fields?.input?.maxLength;
   state.limit = Number.isInteger(limit) ? limit : DEFAULT_LIMIT;
   $("text").maxLength = state.limit;
-  $("instructions").maxLength = state.limit;
+  // instructions: a string or null, each with its own schema
+  const instructions = [fields?.instructions, ...(fields?.instructions?.anyOf ?? [])]
+    .map((f) => f?.maxLength)
+    .find(Number.isInteger);
+  $("instructions").maxLength = instructions ?? DEFAULT_LIMIT;
   updateCount();
 }
 
@@ -281,11 +308,23 @@ $("speed").addEventListener("input", () => {
 });
 
 function setSpeaking(on) {
-  // Keyboard focus follows the one button that can act: Stop while generating, Speak after.
+  // Keyboard focus follows the one button that can act: Stop while generating, Speak after. Stop stays
+  // while the answer still sounds after its stream ended (Web Audio has no controls of its own).
   const hadFocus = document.activeElement === $("speak") || document.activeElement === $("stop");
   $("speak").disabled = on;
-  $("stop").hidden = !on;
-  if (hadFocus) $(on ? "stop" : "speak").focus();
+  $("stop").hidden = !on && !state.sounding;
+  if (hadFocus) $(on || state.sounding ? "stop" : "speak").focus();
+}
+
+/** `player` plays on after its stream ended: Stop silences it, and goes when it has played. */
+function soundsOn(player) {
+  if (!player.sounding) return;
+  state.sounding = player;
+  player.sounding.then(() => {
+    if (state.sounding !== player) return;
+    state.sounding = null;
+    if (!state.speaking) setSpeaking(false);
+  });
 }
 
 $("speak-form").addEventListener("submit", async (event) => {
@@ -326,6 +365,7 @@ $("speak-form").addEventListener("submit", async (event) => {
     }
     if (player.bytes === 0) throw new ApiError(500, "the service sent no audio");
     const file = await player.end();
+    soundsOn(player);
     if (download.href) URL.revokeObjectURL(download.href);
     download.href = URL.createObjectURL(file);
     download.download = `speech.${format}`;
@@ -349,7 +389,10 @@ $("speak-form").addEventListener("submit", async (event) => {
   }
 });
 
-$("stop").addEventListener("click", () => state.speaking?.controller.abort());
+$("stop").addEventListener("click", () => {
+  state.speaking?.controller.abort();
+  state.sounding?.silence();
+});
 
 function speak(format, signal) {
   const body = {
@@ -375,6 +418,7 @@ async function cloneOnce(signal) {
       { type: "text", text: $("text").value },
       {
         type: "input_audio",
+        // the format only when the API knows its name (it reads the bytes either way)
         input_audio: { data: await dataUrl(state.clip), format: clipFormat(state.clip) },
       },
     ],
@@ -391,10 +435,19 @@ async function cloneOnce(signal) {
 
 // ---- the reference clip ----
 
+// The `input_audio.format` names the API takes, and other names of the same formats.
+const CLIP_FORMATS = ["wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "mp4", "aac"];
+const CLIP_ALIASES = { wave: "wav", "x-wav": "wav", mpeg: "mp3", oga: "ogg", "x-m4a": "m4a", "x-flac": "flac" };
+
+/** The clip's format as the API names it, or undefined (left out: the API tells by the bytes). */
 function clipFormat(file) {
   const extension = (file.name.split(".").pop() || "").toLowerCase();
-  if (extension && extension !== file.name.toLowerCase()) return extension;
-  return (file.type.split("/")[1] || "wav").split(";")[0];
+  const subtype = (file.type.split("/")[1] || "").split(";")[0].toLowerCase();
+  for (const name of [extension !== file.name.toLowerCase() ? extension : "", subtype]) {
+    const known = CLIP_FORMATS.includes(name) ? name : CLIP_ALIASES[name];
+    if (known) return known;
+  }
+  return undefined;
 }
 
 function setClip(file, origin) {
@@ -495,6 +548,7 @@ $("store-form").addEventListener("submit", async (event) => {
     await loadVoices();
     useVoice(name);
     $("speak-status").textContent = `Stored the voice ${name}; it is selected above.`;
+    $("speak-status").scrollIntoView({ block: "nearest" }); // on a phone the Speak card is far above
   } catch (err) {
     showError(err);
   } finally {

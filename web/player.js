@@ -175,14 +175,26 @@ class PcmPlayer extends Player {
     // The same audio, for replay and seeking, in the page's <audio> element (not played again now).
     const playable = this.format === "pcm" ? wav(new Blob(this.chunks), this.bytes) : file;
     this.audio.src = URL.createObjectURL(playable);
-    const left = this.next - this.context.currentTime;
-    setTimeout(() => this.context.close().catch(() => {}), Math.max(0, left) * 1000 + 200);
+    // What was scheduled plays on after the stream's end (on a GPU most of a long answer): `sounding`
+    // settles when it has played, or when `silence()` cut it short.
+    const left = Math.max(0, this.next - this.context.currentTime);
+    this.sounding = new Promise((resolve) => {
+      this.settle = resolve;
+      this.timer = setTimeout(() => this.silence(), left * 1000 + 200);
+    });
     return file;
+  }
+
+  /** Stops what is still scheduled to sound (the stream's end has been reached or not). */
+  silence() {
+    clearTimeout(this.timer);
+    this.context.close().catch(() => {});
+    this.settle?.();
   }
 
   stop() {
     super.stop();
-    this.context.close().catch(() => {});
+    this.silence();
   }
 }
 
