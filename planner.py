@@ -207,7 +207,7 @@ class Planner:
         top_p: float | None = None,
         top_k: int | None = None,
         seed: int | None = None,
-        stop: str | list[str] | None = None,
+        stop: list[str] | None = None,
     ) -> GenerationRequest:
         s = self.settings
         if max_tokens is None:
@@ -220,7 +220,7 @@ class Planner:
             top_p=s.top_p if top_p is None else top_p,
             top_k=s.top_k if top_k is None else top_k,
             seed=seed,  # any signed 64-bit integer, as OpenAI's: each its own draws
-            stop=[stop] if isinstance(stop, str) else list(stop or []),
+            stop=stop or [],
             ras_window=s.ras_window,
             time_limit=s.generation_timeout_seconds,
         )
@@ -232,12 +232,12 @@ class Planner:
             turns,
             text,
             request.wants_audio,
-            request.max_completion_tokens or request.max_tokens,
+            request.token_limit,
             request.temperature,
             request.top_p,
             request.top_k,
             request.seed,
-            request.stop,
+            request.stop_strings,
         )
 
     # ---- long texts (longform.py) ----
@@ -276,7 +276,7 @@ class Planner:
         if plan.request is None or not plan.request.audio_output:
             return plan
         self._check_length(plan.spoken_text, param)
-        max_tokens = request.max_completion_tokens or request.max_tokens
+        max_tokens = request.token_limit
         return replace(plan, script=self._script(plan.request, plan.spoken_text, max_tokens))
 
     async def _plan_chat(self, request: ChatCompletionRequest) -> Plan:
@@ -390,11 +390,9 @@ class Planner:
     async def _direct_answer(self, request: ChatCompletionRequest, text: str) -> GenerationResult:
         """``text`` as the answer to ``request``: up to its first stop string, at most its ``max_tokens``
         (then finished by ``length``), its tokens counted as the usage's completion tokens."""
-        stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
-        cut = first_stop(text, stops) if text else -1
+        cut = first_stop(text, request.stop_strings) if text else -1
         text = text if cut < 0 else text[:cut]
-        limit = request.max_completion_tokens or request.max_tokens
-        answer, tokens = await self.engine.text_tokens(text, limit) if text else ("", 0)
+        answer, tokens = await self.engine.text_tokens(text, request.token_limit) if text else ("", 0)
         return GenerationResult(
             text=answer,
             audio=None,

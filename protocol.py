@@ -198,6 +198,16 @@ class ChatCompletionRequest(OpenModel):
         """Audio output was asked for (``"audio"`` in modalities)."""
         return bool(self.modalities and "audio" in self.modalities)
 
+    @property
+    def stop_strings(self) -> list[str]:
+        """``stop`` as a list (it may be one string)."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def token_limit(self) -> int | None:
+        """The token limit the client set: ``max_completion_tokens``, which wins, or ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens
+
 
 # ---- chat completions: response --------------------------------------------------------------------------
 

@@ -37,9 +37,8 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import conditions, run_script, serve, service_settings, speech_cap_settings
+from _common import FRAME_RATE, conditions, run_script, serve, service_settings, speech_cap_settings
 
-FRAME_RATE = 25
 TEXT = "Many listeners, one model: every stream should start soon and keep up."
 
 

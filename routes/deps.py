@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request, UploadFile
 
 from errors import APIError
-from generation import Engine, EngineBusy
+from generation import Engine, EngineBusy, EngineFailure
 from metrics import Metrics
 from planner import Planner
 from settings import Settings
@@ -85,14 +85,8 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 def require_ready(request: Request) -> None:
     """503 until the models are loaded and warmed up, and after a loading or engine failure."""
     engine = getattr(request.app.state, "engine", None)
-    if engine is not None and engine.failure:
-        raise APIError(
-            503,
-            "the engine failed and the service needs a restart",
-            type="server_error",
-            code="engine_failed",
-            headers={"x-should-retry": "false"},  # no wait mends it either
-        )
+    if engine is not None and engine.failure:  # (its 503 says not to retry: ``errors.as_api_error``)
+        raise EngineFailure("the engine failed and the service needs a restart", "engine_failed")
     if getattr(request.app.state, "load_error", None):  # no wait mends it: no Retry-After, no retries
         raise APIError(
             503,

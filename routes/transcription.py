@@ -32,14 +32,14 @@ router = APIRouter(prefix="/v1/audio", tags=["speech to text"], dependencies=[De
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("segment", "word")
 GRANULARITIES_FIELD = "timestamp_granularities[]"
-# The form fields the endpoints read (others are logged as ignored), and those refused when given, since
-# what they ask for cannot be given: per-token log probabilities (faster-whisper keeps none).
-KNOWN_FIELDS = {"file", "model", "prompt", "response_format", "temperature", "language", "stream",
-                GRANULARITIES_FIELD, "timestamp_granularities"}  # fmt: skip
-REFUSED_FIELDS = {
-    "include[]": "log probabilities are not available from this server's speech recognition",
-    "include": "log probabilities are not available from this server's speech recognition",
-}
+# The form fields each endpoint reads (others are logged as ignored; the granularities without their
+# brackets are read by hand), and those refused when given, since what they ask for cannot be given.
+TRANSLATION_FIELDS = {"file", *TranslationForm.model_fields}
+TRANSCRIPTION_FIELDS = {
+    "file", "timestamp_granularities", *(f.alias or n for n, f in TranscriptionForm.model_fields.items())
+}  # fmt: skip
+NO_LOGPROBS = "log probabilities are not available from this server's speech recognition"
+REFUSED_FIELDS = {"include[]": NO_LOGPROBS, "include": NO_LOGPROBS}
 
 
 @router.post("/transcriptions")
@@ -54,7 +54,7 @@ async def transcriptions(
     if form.stream:
         raise bad_request("streamed transcription is not supported yet; send stream=false", "stream")
     fields = await request.form()  # (parsed once: FastAPI read it for ``form``)
-    _check_fields(fields.keys())
+    _check_fields(fields.keys(), TRANSCRIPTION_FIELDS)
     # OpenAI's clients send ``timestamp_granularities[]``; a form written by hand may leave out the brackets.
     granularities, field = form.timestamp_granularities, GRANULARITIES_FIELD
     if not granularities:
@@ -73,17 +73,18 @@ async def translations(
     recognizer: RecognizerDep,
 ) -> Response:
     """OpenAI's translation endpoint: speech in any language the model knows, English text out."""
-    _check_fields((await request.form()).keys())
+    _check_fields((await request.form()).keys(), TRANSLATION_FIELDS)
     return await _speech_to_text("translate", form, None, [], file, request, settings, recognizer)
 
 
-def _check_fields(names) -> None:
-    """Refuse a field asking for what cannot be given (400 naming it); log the unknown ones, ignored."""
+def _check_fields(names, known: set[str]) -> None:
+    """Refuse a field asking for what cannot be given (400 naming it); log the others not ``known``,
+    ignored."""
     given = set(names)
     if refused := sorted(given & REFUSED_FIELDS.keys()):
         name = refused[0]
         raise bad_request(f"{name} is not supported: {REFUSED_FIELDS[name]}; leave it out", name)
-    if unknown := given - KNOWN_FIELDS:
+    if unknown := given - known:
         log.info("ignored unknown request fields: %s", ", ".join(sorted(unknown)))
 
 

@@ -76,7 +76,9 @@ def test_a_failed_engine_is_reported_by_ready_and_every_generation_route(fake_cl
     assert fake_client.get("/ready").status_code == 503
     assert fake_client.get("/health").status_code == 200
     for path, body in (("/v1/chat/completions", CHAT), ("/v1/audio/speech", SPEECH)):
-        assert_envelope(fake_client.post(path, json=body), 503, code="engine_failed")
+        refused = fake_client.post(path, json=body)
+        assert_envelope(refused, 503, code="engine_failed")
+        assert refused.headers["x-should-retry"] == "false"  # no wait mends it
 
 
 def test_a_full_queue_is_a_429_before_the_body_is_used(fake_client, fake_engine):

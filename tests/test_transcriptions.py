@@ -141,8 +141,15 @@ def test_unknown_transcription_fields_are_logged_as_ignored(client, caplog):
             files={"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")},
             data={"model": "whisper-1", "chunking_strategy": "auto"},
         )
+        # a translation has no language to give (English is what comes out): said to be ignored too
+        client.post(
+            "/v1/audio/translations",
+            files={"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")},
+            data={"model": "whisper-1", "language": "fr"},
+        )
     assert response.status_code == 200
     assert "ignored unknown request fields: chunking_strategy" in caplog.text
+    assert "ignored unknown request fields: language" in caplog.text
 
 
 def test_audio_in_a_text_only_chat_is_answered_with_its_transcript(openai_client):
