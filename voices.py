@@ -111,6 +111,10 @@ ID_PREFIX = "voice_"
 META_DIR = ".voices"
 # Held (flock) by whoever writes the library, in any process on any machine that shares the folder.
 LOCK_FILE = ".lock"
+# ``np.load`` parses an .npy header with ``ast.literal_eval``, which CPython 3.11 can fail in threads that
+# parse at once ("SystemError: AST constructor recursion depth mismatch", python/cpython#106905): seen
+# once in the tests, with two requests loading stored voices' codes together. The loads take turns.
+_NPY_LOAD = threading.Lock()
 
 
 class VoiceExists(ValueError):
@@ -331,7 +335,8 @@ class VoiceLibrary:
     def codes(self, voice: Voice) -> AudioCodes | None:
         """The cached audio codes of the voice's clip, if computed and the clip is still the voice's."""
         try:
-            codes = np.load(self._codes_path(voice))
+            with _NPY_LOAD:
+                codes = np.load(self._codes_path(voice))
         except FileNotFoundError:
             return None
         if not self._is_current(voice):
