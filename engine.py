@@ -1,11 +1,11 @@
-"""The Higgs Audio engine: the only module that imports ``boson_multimodal``.
+"""The Higgs Audio engine: continuous batching over the model that ``higgs.py`` loads.
 
-It loads the generation model, the text tokenizer and the audio tokenizer once. Requests are served by
-continuous batching: one scheduler thread owns the model and a ``BatchDecoder`` (``decoder.py``) with a
-fixed number of slots; each loop it prefills waiting requests into free slots (up to ``prefill_batch``, on
-CUDA in one forward pass), then runs one decoding step for every running request. A request joins at the
-step after its prefill and leaves when it ends, is cancelled, or hits its token or time limit, without
-disturbing the others. A second thread (on CUDA with its own stream of high priority) owns the audio codec:
+Requests are served by continuous batching: one scheduler thread owns the model and a ``BatchDecoder``
+(``decoder.py``) with a fixed number of slots; each loop it prefills waiting requests into free slots (up
+to ``prefill_batch``, on CUDA in one forward pass), then runs one decoding step for every running
+request. A request joins at the step after its prefill and leaves when it ends, is cancelled, or hits its
+token or time limit, without disturbing the others.
+A second thread (on CUDA with its own stream of high priority) owns the audio codec:
 it turns the audio pieces that are due into samples, first pieces first, the same-length pieces of several
 streams in one call, and encodes reference clips; on a CPU, where the two threads share the cores, the loop
 pauses while a first piece is due.
@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -36,14 +36,13 @@ import torch
 
 from audio import Audio
 from audio_stream import AudioStream, CodecWork, Decode, Encode, End, Layout, is_first, next_codec_work
-from codec import PieceDecoder, bake_weight_norm, snakes_in_place
-from decoder import Admission, BatchDecoder, Launched, Sampling
-from detokenize import Detokenizer, ids_decoder
+from codec import PieceDecoder
+from decoder import Admission, Launched, Sampling
+from detokenize import Detokenizer
 from generation import (
     SYSTEM_TEMPLATE,
     AudioCodes,
     AudioPiece,
-    ContextLengthError,
     EngineBusy,
     EngineFailure,
     EngineStats,
@@ -56,12 +55,12 @@ from generation import (
     TextPiece,
     Turn,
 )
+from higgs import Higgs, Prompt, revert_delay
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-END_TOKENS = ("<|end_of_text|>", "<|eot_id|>")
 GPU_HEADROOM_GB = 3.0
 """GPU memory (GiB) left free beside the KV cache when ``HIGGS_KV_CACHE_GB`` is not set: a batched
 prefill's activations (``PREFILL_TOKENS`` tokens), the CUDA graphs' buffers, the codec's pieces. An
@@ -151,19 +150,6 @@ def _free_memory(device: str) -> int | None:
     return torch.cuda.mem_get_info()[0] if device == "cuda" else None
 
 
-def _torch_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def _revert_delay(columns: torch.Tensor) -> torch.Tensor:
-    """Columns of the delay pattern (codebooks, n) -> frames (codebooks, n - codebooks + 1)."""
-    from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
-
-    return revert_delay_pattern(columns)
-
-
 @dataclass
 class _Hold:
     """A slot kept for a generation's next piece: since its tokens ended, and until when at most."""
@@ -179,7 +165,7 @@ class _Hold:
 class _Job:
     """One admitted request, from the waiting line to its result."""
 
-    def __init__(self, request: GenerationRequest, prompt: _Prompt, emit: Callable, cancel: threading.Event):
+    def __init__(self, request: GenerationRequest, prompt: Prompt, emit: Callable, cancel: threading.Event):
         self.request = request
         self.prompt = prompt
         self.emit = emit
@@ -194,14 +180,6 @@ class _Job:
         self.stream: AudioStream | None = None
         self.failed = False
         self.counted = True  # counts against the engine's bound until it leaves its slot or the line
-
-
-@dataclass(frozen=True)
-class _Prompt:
-    inputs: dict  # the model's inputs for this prompt alone
-    sample: object  # its ChatMLDatasetSample, to collate with others for a prefill together
-    tokens: int
-    audio_tokens: int
 
 
 class HiggsEngine:
@@ -221,100 +199,40 @@ class HiggsEngine:
         cuda_graphs: bool = True,
         prefill_batch: int | None = None,
     ):
-        # Imported here so that merely importing this module (for its types) stays cheap.
-        from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
-        from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
-        from boson_multimodal.model.higgs_audio import HiggsAudioModel
-        from transformers import AutoProcessor, AutoTokenizer
-
         started = time.perf_counter()
         self.device = device
-        torch_device = "cuda:0" if device == "cuda" else device
-        self._model = HiggsAudioModel.from_pretrained(model, torch_dtype=_torch_dtype(dtype, device))
-        # Inference only: no parameter asks for gradients, so that no code path (a CUDA graph's capture
-        # runs outside ``inference_mode`` unless told) can meet autograd, which refuses the decoder's
-        # in-place products (``addcmul(out=...)``) and would have failed every capture.
-        self._model.to(torch_device).eval().requires_grad_(False)
-        self._tokenizer = AutoTokenizer.from_pretrained(model)
-        self._model.set_audio_special_tokens(self._tokenizer)
-        self._decode_ids = ids_decoder(self._tokenizer)  # the scheduler thread's
-        self._codec = load_higgs_audio_tokenizer(audio_tokenizer, device=torch_device)
-        bake_weight_norm(self._codec)
-        snakes_in_place(self._codec)
-        self._codec.requires_grad_(False)  # (after the folding, whose new weights would ask for them)
-        config = self._config = self._model.config
-        whisper = (
-            AutoProcessor.from_pretrained("openai/whisper-large-v3-turbo", trust_remote=True, device=device)
-            if config.encode_whisper_embed
-            else None
-        )
-        self._collator = HiggsAudioSampleCollator(
-            whisper_processor=whisper,
-            encode_whisper_embed=config.encode_whisper_embed,
-            audio_in_token_id=config.audio_in_token_idx,
-            audio_out_token_id=config.audio_out_token_idx,
-            audio_stream_bos_id=config.audio_stream_bos_id,
-            audio_stream_eos_id=config.audio_stream_eos_id,
-            pad_token_id=config.pad_token_id,
-            return_audio_in_tokens=False,
-            use_delay_pattern=config.use_delay_pattern,
-            audio_num_codebooks=config.audio_num_codebooks,
-            round_to=1,
-            pad_left=True,
-        )
-        self.sample_rate = int(self._codec.sampling_rate)
-        self.frame_rate = int(self._codec.tps)
-        self.num_codebooks = int(config.audio_num_codebooks)
+        self.higgs = Higgs(model, audio_tokenizer, "cuda:0" if device == "cuda" else device, dtype)
+        """The loaded model, tokenizers and codec (``higgs.py``)."""
+        higgs = self.higgs
+        self.sample_rate = higgs.sample_rate
+        self.frame_rate = higgs.frame_rate
+        self.num_codebooks = higgs.num_codebooks
         self.max_context = max(kv_cache_lengths)
-        self._placeholder_ids = {config.audio_in_token_idx, config.audio_out_token_idx}
-        token = self._tokenizer.convert_tokens_to_ids
-        self._end_ids = {token(t) for t in END_TOKENS}
-        self._audio_eos_id = token("<|audio_eos|>")
-        # Tokens that would start audio (or an audio placeholder with no audio behind it) in a text answer.
-        self._audio_start_ids = [
-            token("<|audio_out_bos|>"),
-            config.audio_out_token_idx,
-            config.audio_in_token_idx,
-        ]
-        self._postfix_text = self._tokenizer.encode(
-            "<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False
+        self.slots = kv_slots(
+            max_batch_size,
+            higgs.kv_bytes(self.max_context),
+            self.max_context,
+            kv_cache_gb,
+            _free_memory(device),
         )
-        self._postfix_audio = self._postfix_text + self._tokenizer.encode(
-            "<|audio_out_bos|>", add_special_tokens=False
-        )
-
-        text = config.text_config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        slot_bytes = (
-            2 * len(self._model.layers) * text.num_key_value_heads * head_dim * self.max_context
-            * self._model.dtype.itemsize
-        )  # fmt: skip
-        self.slots = kv_slots(max_batch_size, slot_bytes, self.max_context, kv_cache_gb, _free_memory(device))
         """Requests decoded together (rows of the batch)."""
-        self._decoder = BatchDecoder(
-            self._model,
-            slots=self.slots,
-            max_len=self.max_context,
-            audio_out_token=config.audio_out_token_idx,
-            audio_eos_token=self._audio_eos_id,
-            suppress_in_text=self._audio_start_ids,
-            graphs=cuda_graphs,
-            length_buckets=sorted(kv_cache_lengths),
+        self._decoder = higgs.decoder(
+            self.slots, self.max_context, graphs=cuda_graphs, length_buckets=sorted(kv_cache_lengths)
         )
 
         self.streaming = streaming or StreamSettings()
         self._layout = Layout(
             self.streaming,
             self.num_codebooks,
-            int(config.audio_codebook_size),
+            higgs.codebook_size,
             self.sample_rate,
             self.frame_rate,
-            _revert_delay,
+            revert_delay,
         )
         self._pieces = PieceDecoder(
-            self._codec,
+            higgs.codec,
             codebooks=self.num_codebooks,
-            codebook_size=int(config.audio_codebook_size),
+            codebook_size=higgs.codebook_size,
             graphs=cuda_graphs,
         )
         if cuda_graphs and device == "cuda":
@@ -358,7 +276,6 @@ class HiggsEngine:
         """Called on a worker thread with every finished generation (metrics)."""
         self._pending = 0
         self._pending_lock = threading.Lock()
-        self._tokenizer_lock = threading.Lock()
         self._prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="higgs-prompt")
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
@@ -391,7 +308,7 @@ class HiggsEngine:
             "loaded %s on %s (%s) in %.1f s; %d slots of %d tokens; audio at %d Hz, %d frames/s",
             model,
             device,
-            self._model.dtype,
+            higgs.model.dtype,
             time.perf_counter() - started,
             self.slots,
             self.max_context,
@@ -510,16 +427,10 @@ class HiggsEngine:
         await self._prompt(request)
 
     async def text_tokens(self, text: str, limit: int | None) -> tuple[str, int]:
-        def cut() -> tuple[str, int]:
-            with self._tokenizer_lock:
-                ids = self._tokenizer.encode(text, add_special_tokens=False)
-                if limit is None or len(ids) <= limit:
-                    return text, len(ids)
-                return self._tokenizer.decode(ids[:limit]), limit
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prompt_pool, self.higgs.text_tokens, text, limit)
 
-        return await asyncio.get_running_loop().run_in_executor(self._prompt_pool, cut)
-
-    async def _prompt(self, request: GenerationRequest) -> _Prompt:
+    async def _prompt(self, request: GenerationRequest) -> Prompt:
         """``request``'s prompt, built off the event loop (in the caller's context, for its log lines)."""
         context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
@@ -594,58 +505,9 @@ class HiggsEngine:
 
     # ---- prompts (off the worker threads, before admission) ------------------------------------------------
 
-    def _prepare(self, request: GenerationRequest) -> _Prompt:
-        """The model's inputs for ``request`` (on the CPU), refused when prompt plus output do not fit."""
-        from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
-        from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
-
-        messages, clips = [], []
-        for turn in request.turns:
-            content: list = []
-            if turn.text:
-                content.append(TextContent(text=turn.text))
-            if turn.audio is not None:
-                content.append(AudioContent(audio_url=""))
-                clips.append(turn.audio.codes)
-            messages.append(Message(role=turn.role, content=content))
-        with self._tokenizer_lock:
-            tokens, _, _, _ = prepare_chatml_sample(ChatMLSample(messages=messages), self._tokenizer)
-        if tokens is None:
-            raise ValueError("the conversation could not be turned into a Higgs Audio prompt")
-        tokens = tokens + (self._postfix_audio if request.audio_output else self._postfix_text)
-
-        if clips:
-            lengths = [c.shape[1] for c in clips]
-            starts = torch.tensor(np.cumsum([0, *lengths[:-1]]), dtype=torch.long)
-            concat = torch.cat(clips, dim=1)
-        else:
-            starts, concat = None, None
-        sample = ChatMLDatasetSample(
-            input_ids=torch.LongTensor(tokens),
-            label_ids=None,
-            audio_ids_concat=concat,
-            audio_ids_start=starts,
-            audio_waveforms_concat=None,
-            audio_waveforms_start=None,
-            audio_sample_rate=None,
-            audio_speaker_indices=None,
-        )
-        inputs = asdict(self._collator([sample]))
-        # The model replaces each audio placeholder by the clip's columns (frames plus the stream's
-        # begin/end markers and the codebook delay), so that is what the context really holds.
-        audio_columns = sum(
-            int(inputs[key].shape[1])
-            for key in ("audio_in_ids", "audio_out_ids")
-            if inputs.get(key) is not None
-        )
-        placeholders = sum(1 for t in tokens if t in self._placeholder_ids)
-        prompt_tokens = len(tokens) - placeholders + audio_columns
-        if prompt_tokens + request.max_new_tokens > self.max_context:
-            raise ContextLengthError(
-                f"the prompt takes {prompt_tokens} tokens and {request.max_new_tokens} more were asked for, "
-                f"but the context holds {self.max_context}"
-            )
-        return _Prompt(inputs, sample, prompt_tokens, audio_columns)
+    def _prepare(self, request: GenerationRequest) -> Prompt:
+        """The model's inputs for ``request``, refused when prompt plus output do not fit the context."""
+        return self.higgs.prompt(request, self.max_context)
 
     # ---- the scheduler thread ----------------------------------------------------------------------------
 
@@ -806,7 +668,7 @@ class HiggsEngine:
                 )
             )
         try:
-            batch = asdict(self._collator([job.prompt.sample for job in jobs]))
+            batch = self.higgs.collate([job.prompt.sample for job in jobs])
             firsts = self._guarded(self._decoder.prefill_many, admissions, batch)
         except BaseException:
             log.warning(
@@ -829,7 +691,7 @@ class HiggsEngine:
         if job.request.audio_output:
             job.stream = AudioStream(job, self._layout, self._to_codec, self._first_piece_cut)
         else:
-            job.text = Detokenizer(self._decode_ids, job.request.stop)
+            job.text = Detokenizer(self.higgs.decode_ids, job.request.stop)
         self.steps += 1
         self._advance(job, first)
 
@@ -910,10 +772,10 @@ class HiggsEngine:
             if request.audio_output:
                 self._frames += 1
                 job.stream.add(row[1:].clone())  # a view would keep the whole step's output alive
-                ended = token == self._audio_eos_id
-            elif token in self._end_ids:
+                ended = token == self.higgs.audio_eos_id
+            elif token in self.higgs.end_ids:
                 ended = True
-            elif token not in self._placeholder_ids:
+            elif token not in self.higgs.placeholder_ids:
                 if piece := job.text.add(token):
                     job.emit(TextPiece(piece))
                 ended = job.text.stopped
@@ -1010,7 +872,7 @@ class HiggsEngine:
 
     def _codec_work(self) -> None:
         if self._codec_stream is not None:
-            torch.cuda.set_device(self._model.device)
+            torch.cuda.set_device(self.higgs.model.device)
         pending: list[CodecWork] = []
         while True:
             items = [] if pending else [self._codec_queue.get()]
@@ -1058,7 +920,7 @@ class HiggsEngine:
             if not encode.future.set_running_or_notify_cancel():
                 return  # its request is gone (the client left while it waited)
             try:
-                encode.future.set_result(encode.context.run(self._guarded, self._encode, encode.audio))
+                encode.future.set_result(encode.context.run(self._guarded, self.higgs.encode, encode.audio))
             except BaseException as exc:
                 encode.future.set_exception(exc)
             return
@@ -1112,11 +974,6 @@ class HiggsEngine:
         audio_seconds = stream.frames / self.frame_rate
         result = replace(result, seconds=seconds, audio_seconds=audio_seconds, codes=stream.codes())
         self._finish(stream.job, result)
-
-    def _encode(self, audio: Audio) -> AudioCodes:
-        samples = audio.samples.astype(np.float32, copy=False)
-        codes = self._codec.encode(samples, audio.sample_rate)
-        return AudioCodes(codes.detach().to("cpu", torch.long))
 
     # ---- start-up ------------------------------------------------------------------------------------------
 

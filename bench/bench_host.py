@@ -91,7 +91,7 @@ def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) ->
 
     decoder = engine._decoder
     codes = torch.full((decoder.slots, 1 + engine.num_codebooks), 7, dtype=torch.long)
-    codes[:, 0] = engine._config.audio_out_token_idx
+    codes[:, 0] = engine.higgs.config.audio_out_token_idx
     gpu_free = [0.0]
 
     class Step:

@@ -92,12 +92,12 @@ def _operators(decoder) -> tuple[int, int, int, int]:
 
 def _decoder(module, engine, inputs, rows: int):
     decoder = module.BatchDecoder(
-        engine._model,
+        engine.higgs.model,
         slots=rows,
         max_len=engine.max_context,
-        audio_out_token=engine._config.audio_out_token_idx,
-        audio_eos_token=engine._audio_eos_id,
-        suppress_in_text=engine._audio_start_ids,
+        audio_out_token=engine.higgs.config.audio_out_token_idx,
+        audio_eos_token=engine.higgs.audio_eos_id,
+        suppress_in_text=engine.higgs.audio_start_ids,
         graphs=engine.device == "cuda",
         length_buckets=[engine.max_context],
     )
@@ -204,7 +204,7 @@ def main() -> None:
         contenders = {"new": decoder}
         if args.baseline:
             contenders = {"old": _load(args.baseline, "decoder_baseline"), **contenders}
-        layers = len(engine._model.layers)
+        layers = len(engine.higgs.model.layers)
         print(f"{args.device} {args.dtype}, {layers} layers; {args.steps} steps after {args.warmup}, medians")
         alone_one_row = None
         for rows in args.rows:

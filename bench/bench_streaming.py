@@ -117,7 +117,7 @@ class CodecTimer:
         self.engine = engine
         self.watch = Stopwatch()
         self.base = self.first_step = 0
-        self.watch.wrap(engine._codec, "decode", before=self._note_first_step)
+        self.watch.wrap(engine.higgs.codec, "decode", before=self._note_first_step)
 
     def _note_first_step(self) -> None:
         if self.watch.calls == 0:
@@ -289,7 +289,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
                 timings[kind].add(answer, rate)
                 repeatable[kind] &= answer.pcm == reference[kind].pcm
         elapsed = time.perf_counter() - started
-        dtype = engine._model.dtype
+        dtype = engine.higgs.model.dtype
 
     steps = sorted(set().union(*(t.steps for t in timings.values())))
     if tiny and steps != [args.max_tokens]:

@@ -1005,8 +1005,8 @@ def test_a_greedy_request_decodes_as_upstream_generate_does(engine):
     ours = asyncio.run(engine.generate(request))
     inputs = engine._prepare(request).inputs
     with torch.inference_mode():
-        _, audio = engine._model.generate(
-            **inputs, max_new_tokens=60, use_cache=True, tokenizer=engine._tokenizer,
+        _, audio = engine.higgs.model.generate(
+            **inputs, max_new_tokens=60, use_cache=True, tokenizer=engine.higgs.tokenizer,
             stop_strings=["<|end_of_text|>", "<|eot_id|>", "<|audio_eos|>"], do_sample=False,
         )  # fmt: skip
     upstream = revert_delay_pattern(audio[0]).clip(0, 1023)[:, 1:-1]
@@ -1021,14 +1021,18 @@ def test_fast_forward_layers_decode_as_upstream_does(engine):
 
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
-    config = copy.deepcopy(engine._model.config)
+    config = copy.deepcopy(engine.higgs.model.config)
     config.audio_dual_ffn_layers = [0]
     model = HiggsAudioModel(config).eval()
-    model.load_state_dict(engine._model.state_dict(), strict=False)  # layer 1 has no audio FFN now
+    model.load_state_dict(engine.higgs.model.state_dict(), strict=False)  # layer 1 has no audio FFN now
     small = decoder.BatchDecoder(
-        model, slots=1, max_len=1024, audio_out_token=engine._config.audio_out_token_idx,
-        audio_eos_token=engine._audio_eos_id, suppress_in_text=engine._audio_start_ids,
-    )  # fmt: skip
+        model,
+        slots=1,
+        max_len=1024,
+        audio_out_token=engine.higgs.config.audio_out_token_idx,
+        audio_eos_token=engine.higgs.audio_eos_id,
+        suppress_in_text=engine.higgs.audio_start_ids,
+    )  # a model of its own, so not engine.higgs.decoder
     assert small.kinds == ["dual", "skip"]
     turns = [generation.Turn("system", "Generate audio."), generation.Turn("user", "Hello there.")]
     request = generation.GenerationRequest(turns, True, 30, 0.0, 0.95, 50, ras_window=0)
@@ -1037,7 +1041,7 @@ def test_fast_forward_layers_decode_as_upstream_does(engine):
     ours = torch.stack([first[1:], *(small.step()[0, 1:] for _ in range(29))], dim=1)
     with torch.inference_mode():
         _, audio = model.generate(
-            **inputs, max_new_tokens=30, use_cache=True, tokenizer=engine._tokenizer, do_sample=False,
+            **inputs, max_new_tokens=30, use_cache=True, tokenizer=engine.higgs.tokenizer, do_sample=False,
             stop_strings=["<|end_of_text|>", "<|eot_id|>", "<|audio_eos|>"],
         )  # fmt: skip
     assert torch.equal(ours, audio[0][:, :30])
@@ -1048,8 +1052,8 @@ def test_the_step_a_cuda_graph_captures_runs_outside_inference_mode(engine):
     with parameters that asked for gradients, autograd refused the decoder's in-place products there
     (``addcmul(out=...)``), and every CUDA graph capture failed (found by reading the code: no CPU test
     captures). The model and the codec ask for none, and the step runs in every mode, its state put back."""
-    assert not any(p.requires_grad for p in engine._model.parameters())
-    assert not any(p.requires_grad for p in engine._codec.parameters())
+    assert not any(p.requires_grad for p in engine.higgs.model.parameters())
+    assert not any(p.requires_grad for p in engine.higgs.codec.parameters())
     small = engine._decoder
     before = [t.clone() for t in (small.pos, small.column, small.token, small.history)]
     for mode in ("audio", "mixed", "text"):
@@ -1159,7 +1163,6 @@ def test_a_prefill_together_fills_each_slot_as_alone(engine):
     """Three prompts of different lengths (one with a voice reference, one for a text answer) prefilled in
     one pass fill their slots' caches as three solo prefills do, to float32 rounding, with the same first
     tokens; the longest row, which has no padding, exactly."""
-    from dataclasses import asdict
 
     t = np.arange(48000, dtype=np.float32) / 24000
     reference = asyncio.run(engine.encode(engine_module.Audio((0.3 * np.sin(2 * np.pi * 220 * t)), 24000)))
@@ -1181,16 +1184,13 @@ def test_a_prefill_together_fills_each_slot_as_alone(engine):
         decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
         for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
     ]
-    small = decoder.BatchDecoder(
-        engine._model, slots=len(requests), max_len=1024, audio_out_token=engine._config.audio_out_token_idx,
-        audio_eos_token=engine._audio_eos_id, suppress_in_text=engine._audio_start_ids,
-    )  # fmt: skip
+    small = engine.higgs.decoder(len(requests), 1024)
     solo_firsts, solo_keys = [], []
     for a in admissions:
         solo_firsts.append(small.prefill_many([a])[0])
         solo_keys.append([k[a.slot, :, : a.tokens].clone() for k in small.keys])
         small.release(a.slot)
-    batch = asdict(engine._collator([p.sample for p in prompts]))
+    batch = engine.higgs.collate([p.sample for p in prompts])
     firsts = small.prefill_many(admissions, batch)
     longest = max(range(3), key=lambda i: prompts[i].tokens)
     for i, a in enumerate(admissions):
@@ -1314,7 +1314,6 @@ def test_speech_recognition_loads_before_the_engine_sizes_its_slots(settings, mo
 def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine):
     """Upstream's forward would make text logits for every prompt token (1 GiB for a 4,096-token prefill
     of the real model); the prefill makes them for the last one, and chooses the same first token."""
-    from dataclasses import asdict
 
     from transformers import DynamicCache
 
@@ -1324,10 +1323,7 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
         generation.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.0, 1.0, 0),
     ]
     prompts = [engine._prepare(r) for r in requests]
-    small = decoder.BatchDecoder(
-        engine._model, slots=2, max_len=1024, audio_out_token=engine._config.audio_out_token_idx,
-        audio_eos_token=engine._audio_eos_id, suppress_in_text=engine._audio_start_ids,
-    )  # fmt: skip
+    small = engine.higgs.decoder(2, 1024)
     seen = []
     hook = small.text_head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
     try:
@@ -1335,12 +1331,12 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
             decoder.Admission(i, p.inputs, False, engine._sampling(r), p.tokens)
             for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
         ]
-        firsts = small.prefill_many(admissions, asdict(engine._collator([p.sample for p in prompts])))
+        firsts = small.prefill_many(admissions, engine.higgs.collate([p.sample for p in prompts]))
         assert seen == [(2, 1, small.vocab)]  # two rows, one position each
         with torch.inference_mode():  # upstream's forward alone, as the prefill calls it: every position
-            args = asdict(engine._collator([p.sample for p in prompts]))
+            args = engine.higgs.collate([p.sample for p in prompts])
             args = {k: v for k, v in args.items() if k in small._forward_keys}
-            full = engine._model(**args, past_key_values=DynamicCache(), use_cache=True).logits
+            full = engine.higgs.model(**args, past_key_values=DynamicCache(), use_cache=True).logits
     finally:
         hook.remove()
     assert seen[-1][:2] == (2, max(p.tokens for p in prompts)) and seen[-1][1] > 1

@@ -146,17 +146,17 @@ def test_the_transcript_answer_counts_its_tokens_and_keeps_to_max_tokens(client,
     body = {"model": "gpt-4o-audio-preview", "messages": [{"role": "user", "content": [audio]}]}
     whole = client.post("/v1/chat/completions", json=body).json()
     transcript = whole["choices"][0]["message"]["content"]
-    tokens = engine._tokenizer.encode(transcript, add_special_tokens=False)
+    tokens = engine.higgs.tokenizer.encode(transcript, add_special_tokens=False)
     assert whole["usage"]["completion_tokens"] == len(tokens) > 4
     assert whole["choices"][0]["finish_reason"] == "stop"
     for limit in ("max_tokens", "max_completion_tokens"):
         cut = client.post("/v1/chat/completions", json={**body, limit: 4}).json()
         assert cut["choices"][0]["finish_reason"] == "length"
-        assert cut["choices"][0]["message"]["content"] == engine._tokenizer.decode(tokens[:4])
+        assert cut["choices"][0]["message"]["content"] == engine.higgs.tokenizer.decode(tokens[:4])
         assert cut["usage"]["completion_tokens"] == 4
         assert transcript.startswith(cut["choices"][0]["message"]["content"])
     chunks = streamed(client, {**body, "max_tokens": 4, "stream_options": {"include_usage": True}})
     deltas = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert deltas == engine._tokenizer.decode(tokens[:4])
+    assert deltas == engine.higgs.tokenizer.decode(tokens[:4])
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
     assert chunks[-1]["usage"]["completion_tokens"] == 4

@@ -173,13 +173,13 @@ def test_a_long_text_answer_streams_as_it_is_answered_whole(client, engine, monk
     """Through HTTP on the tiny engine: a streamed text answer's deltas add up to the same request's
     non-streamed content, and the engine decoded no more than a few tokens at a time."""
     windows: list[int] = []
-    decode = engine._decode_ids
+    decode = engine.higgs.decode_ids
 
     def counted(ids: list[int]) -> str:
         windows.append(len(ids))
         return decode(ids)
 
-    monkeypatch.setattr(engine, "_decode_ids", counted)
+    monkeypatch.setattr(engine.higgs, "decode_ids", counted)
     body = {
         "model": "gpt-4o-audio-preview", "modalities": ["text"], "max_tokens": 300, "seed": 31,
         "messages": [{"role": "user", "content": "Tell me a long story."}],

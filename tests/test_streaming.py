@@ -206,7 +206,7 @@ def test_the_codec_graphs_decode_as_the_codec_does(engine):
     pieces = engine._pieces
     codes = torch.randint(0, 1024, (3, engine.num_codebooks, 20), generator=torch.Generator().manual_seed(3))
     ours = pieces._forward(codes).numpy()
-    theirs = engine._codec.decode(codes)
+    theirs = engine.higgs.codec.decode(codes)
     assert ours.shape == theirs.shape == (3, 1, 20 * engine.sample_rate // engine.frame_rate)
     assert np.allclose(ours, theirs, atol=1e-6) and np.array_equal(pieces.decode(codes), theirs)
 
@@ -230,8 +230,9 @@ def test_the_codec_runs_with_its_weight_norm_folded_and_gives_upstreams_numbers(
         ]
 
     upstream = load_higgs_audio_tokenizer(tiny_settings["HIGGS_AUDIO_TOKENIZER"], device="cpu")
-    assert "WeightNorm" not in hooks(engine._codec) and "WeightNorm" in hooks(upstream)
-    assert len(snakes(engine._codec)) > 20 and all(snakes(engine._codec)) and not any(snakes(upstream))
+    codec = engine.higgs.codec
+    assert "WeightNorm" not in hooks(codec) and "WeightNorm" in hooks(upstream)
+    assert len(snakes(codec)) > 20 and all(snakes(codec)) and not any(snakes(upstream))
     generator = torch.Generator().manual_seed(5)
     t = np.arange(engine.sample_rate, dtype=np.float32) / engine.sample_rate
     tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
@@ -239,8 +240,8 @@ def test_the_codec_runs_with_its_weight_norm_folded_and_gives_upstreams_numbers(
     with torch.inference_mode():
         for shape in [(1, 8), (1, 20), (2, 12)]:
             codes = torch.randint(0, 1024, (shape[0], engine.num_codebooks, shape[1]), generator=generator)
-            assert np.array_equal(engine._codec.decode(codes), upstream.decode(codes)), shape
-        assert torch.equal(engine._codec.encode(tone, rate), upstream.encode(tone, rate))
+            assert np.array_equal(engine.higgs.codec.decode(codes), upstream.decode(codes)), shape
+        assert torch.equal(engine.higgs.codec.encode(tone, rate), upstream.encode(tone, rate))
 
 
 def test_a_snake_in_place_leaves_its_input_alone_and_steps_aside_under_autograd(engine):
@@ -248,7 +249,7 @@ def test_a_snake_in_place_leaves_its_input_alone_and_steps_aside_under_autograd(
     where gradients are recorded it runs upstream's form, whose backward pass works."""
     import torch
 
-    snake = next(m for m in engine._codec.modules() if type(m).__name__ == "Snake1d")
+    snake = next(m for m in engine.higgs.codec.modules() if type(m).__name__ == "Snake1d")
     x = torch.randn(1, snake.alpha.shape[1], 50, generator=torch.Generator().manual_seed(6))
     kept = x.clone()
     with torch.inference_mode():

@@ -283,7 +283,7 @@ def test_a_reference_whose_client_left_is_not_encoded(client, app, engine, monke
     from audio import Audio, decode_audio
 
     blocker = Audio(np.zeros(24000, np.float32), 24000)
-    busy, encoded, real = threading.Event(), [], engine._encode
+    busy, encoded, real = threading.Event(), [], engine.higgs.encode
 
     def encode(audio):
         if audio is blocker:
@@ -292,7 +292,7 @@ def test_a_reference_whose_client_left_is_not_encoded(client, app, engine, monke
             encoded.append(audio)
         return real(audio)
 
-    monkeypatch.setattr(engine, "_encode", encode)
+    monkeypatch.setattr(engine.higgs, "encode", encode)
     holding = client.portal.start_task_soon(engine.encode, blocker)
     words = transcripts()["test_audio.wav"]
     clip = decode_audio(TEST_AUDIO.read_bytes())
