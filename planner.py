@@ -5,12 +5,14 @@ voice (``voices.py``: by name or id; OpenAI's built-in names are made once and s
 ``clone``. In chat:
 
 * ``audio.voice == "clone"``: the last user message's ``input_audio`` part is the voice reference and its
-  text parts are what is spoken, whatever audio came earlier in the conversation; without a reference the
+  text parts are what is spoken, whatever audio came earlier in the conversation; without one there, the
+  latest earlier user message's reference still is (a conversation sends its reference once: it is the
+  voice of every later turn, as a stored voice's clip is, and never read as words); without any, the
   default voice is used and the fallback reported (unless the case below applies).
 * an assistant message holding ``input_audio`` (the native Higgs pattern, as Boson's own client sends it):
   the conversation is used as it stands, whatever ``audio.voice`` says (but for a ``clone`` reference in
   the last user message); so is one naming an earlier audio answer of this server, for the ``default``
-  voice and ``clone`` without a reference (the earlier answer's voice carries on). A stored or built-in
+  voice and ``clone`` without any user reference (the earlier answer's voice carries on). A stored or built-in
   voice speaks from its own reference clip in every turn.
 * otherwise the default voice speaks the last user message; ``input_audio`` parts there are transcribed
   and stand in as text.
@@ -23,7 +25,12 @@ which ``errors.py`` answers as 400s.
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, replace
+
+import torch
 
 from audio import Audio
 from detokenize import first_stop
@@ -55,8 +62,10 @@ from voices import CLONE_VOICE, DEFAULT_VOICE, VoicePrompt, Voices, audio_token_
 
 log = logging.getLogger(__name__)
 
-# Recent audio answers kept (transcript and codes, a few KB each) for requests that refer to them by id.
-ANSWERS_KEPT = 256
+# How long an audio answer stays usable by its id (OpenAI's ``expires_at``), and how many are kept at most
+# (transcript and the codes of the last piece as int16: a few KB each, 2 bytes per codebook and frame).
+AUDIO_LIFETIME_SECONDS = 3600
+ANSWERS_KEPT = 4096
 # The output cap of a text answer when the request gives none.
 TEXT_MAX_TOKENS = 512
 
@@ -104,6 +113,48 @@ class Answer:
     codes: AudioCodes | None
 
 
+class Answers:
+    """The audio answers later requests may name by id: each kept until its ``expires_at`` (``lifetime``
+    seconds), at most ``capacity`` (then the oldest goes first, logged: the server was asked to hold more
+    answers an hour than it keeps). Codes are held as int16 (they are below 1,024)."""
+
+    def __init__(self, capacity: int = ANSWERS_KEPT, lifetime: float = AUDIO_LIFETIME_SECONDS):
+        self.capacity = capacity
+        self.lifetime = lifetime
+        self.clock = time.time
+        self._items: OrderedDict[str, tuple[float, str, object]] = OrderedDict()  # id -> (expiry, ...)
+        self._lock = threading.Lock()
+
+    def put(self, audio_id: str, transcript: str, codes: AudioCodes | None) -> None:
+        held = None if codes is None else codes.codes.to(dtype=torch.int16)
+        now = self.clock()
+        with self._lock:
+            self._drop_expired(now)
+            self._items[audio_id] = (now + self.lifetime, transcript, held)
+            while len(self._items) > self.capacity:
+                forgotten, _ = self._items.popitem(last=False)
+                log.warning(
+                    "forgot audio answer %s before its expiry: more than %d answers within %d s "
+                    "(planner.ANSWERS_KEPT)",
+                    forgotten,
+                    self.capacity,
+                    self.lifetime,
+                )
+
+    def get(self, audio_id: str) -> Answer | None:
+        with self._lock:
+            self._drop_expired(self.clock())
+            item = self._items.get(audio_id)
+        if item is None:
+            return None
+        _, transcript, held = item
+        return Answer(transcript, None if held is None else AudioCodes(held.to(dtype=torch.long)))
+
+    def _drop_expired(self, now: float) -> None:
+        while self._items and next(iter(self._items.values()))[0] <= now:
+            self._items.popitem(last=False)
+
+
 def _join(texts: list[str]) -> str:
     return "\n".join(t.strip() for t in texts if t.strip())
 
@@ -120,7 +171,7 @@ class Planner:
         self.voices = voices
         self.codes: ReferenceCache[AudioCodes] = ReferenceCache()
         self.transcripts: ReferenceCache[str] = ReferenceCache()
-        self.answers: ReferenceCache[Answer] = ReferenceCache(capacity=ANSWERS_KEPT)
+        self.answers = Answers()
         self.limits = ReferenceLimits.from_settings(settings, engine.sample_rate)
 
     # ---- helpers ----
@@ -166,15 +217,27 @@ class Planner:
 
     def remember_answer(self, audio_id: str, transcript: str, codes: AudioCodes | None) -> None:
         """Keep an audio answer, so that a later request can hold it as an assistant message by its id."""
-        self.answers.put(audio_id, Answer(transcript, codes))
+        self.answers.put(audio_id, transcript, codes)
 
-    def _answer_of(self, message: ChatMessage) -> Answer | None:
-        """The earlier answer an assistant message refers to by ``audio.id``; logged when unknown."""
+    def _answer_of(self, message: ChatMessage, index: int) -> Answer | None:
+        """The earlier answer an assistant message refers to by ``audio.id``. An id this server does not
+        hold is a 400, unless the message's own text can stand for the answer (then the id is ignored)."""
         if message.role != "assistant" or message.audio is None:
             return None
         answer = self.answers.get(message.audio.id)
         if answer is None:
-            log.info("ignored assistant audio %r: no such answer is kept here", message.audio.id)
+            if _join(_parts(message, index).texts):
+                log.info(
+                    "assistant audio %r is not held here: its message's text stands for it", message.audio.id
+                )
+                return None
+            raise InvalidRequest(
+                f"no audio answer with id {message.audio.id!r} is held by this server: an answer's audio "
+                f"is kept in memory until its expires_at ({AUDIO_LIFETIME_SECONDS} s), and a restart "
+                "forgets it; send the answer's words as the assistant message's content instead",
+                f"messages[{index}].audio.id",
+                code="audio_not_found",
+            )
         return answer
 
     async def _spoken_text(self, message: ChatMessage, index: int) -> str:
@@ -284,26 +347,38 @@ class Planner:
         last = len(messages) - 1
         if messages[last].role != "user":
             raise InvalidRequest("the last message must be the user's", f"messages[{last}].role")
-        scene = _join(
-            [_join(_parts(m, i).texts) for i, m in enumerate(messages) if m.role in ("system", "developer")]
-        )
+        instructions = [
+            (i, _parts(m, i)) for i, m in enumerate(messages) if m.role in ("system", "developer")
+        ]
+        for i, parts in instructions:
+            if parts.audios:
+                raise InvalidRequest(
+                    f"a {messages[i].role} message takes text only; put a voice reference (with "
+                    'audio.voice "clone") or audio to transcribe in a user message',
+                    parts.audios[0][0],
+                )
+        scene = _join([_join(parts.texts) for _, parts in instructions])
         voice = request.audio.voice_name if request.audio else DEFAULT_VOICE
 
         if not request.wants_audio:
             return await self._plan_text(request, scene)
 
         if voice == CLONE_VOICE:
-            parts = _parts(messages[last], last)
-            if len(parts.audios) > 1:
-                raise InvalidRequest(
-                    "a clone request takes one voice reference; this message has "
-                    f"{len(parts.audios)} input_audio parts",
-                    parts.audios[1][0],
-                )
-            if parts.audios:  # the voice asked for, whatever audio came earlier in the conversation
-                return await self._plan_clone(request, scene or self.settings.default_scene, parts)
+            # The last user message's reference, else the latest earlier one: the voice asked for, whatever
+            # other audio the conversation holds.
+            for i in range(last, -1, -1):
+                parts = _parts(messages[i], i)
+                if messages[i].role != "user" or not parts.audios:
+                    continue
+                if len(parts.audios) > 1:
+                    raise InvalidRequest(
+                        "a clone request takes one voice reference; this message has "
+                        f"{len(parts.audios)} input_audio parts",
+                        parts.audios[1][0],
+                    )
+                return await self._plan_clone(request, scene or self.settings.default_scene, parts.audios[0])
 
-        answers = {i: self._answer_of(m) for i, m in enumerate(messages) if m.role == "assistant"}
+        answers = {i: self._answer_of(m, i) for i, m in enumerate(messages) if m.role == "assistant"}
         kept_audio = any(a is not None and a.codes is not None for a in answers.values())
         sent_audio = any(_parts(m, i).audios for i, m in enumerate(messages) if m.role == "assistant")
         named = voice not in (DEFAULT_VOICE, CLONE_VOICE)  # its own reference: the same voice every time
@@ -326,10 +401,14 @@ class Planner:
         turns = prompt.turns(scene, text)
         return Plan(self._chat_generation(request, turns, text), text, prompt.name, fallback)
 
-    async def _plan_clone(self, request: ChatCompletionRequest, scene: str, parts: _Parts) -> Plan:
+    async def _plan_clone(
+        self, request: ChatCompletionRequest, scene: str, reference_part: tuple[str, InputAudioPart]
+    ) -> Plan:
+        """Speak the last user message's text in the voice of ``reference_part`` (its own, or an earlier
+        user message's)."""
         last = len(request.messages) - 1
-        param, part = parts.audios[0]
-        text = _join(parts.texts)
+        param, part = reference_part
+        text = _join(_parts(request.messages[last], last).texts)
         if not text:
             raise InvalidRequest(
                 "the clone request has a voice reference but no text to speak; add a text part",
@@ -380,7 +459,7 @@ class Planner:
         turns = [Turn("system", scene)] if scene else []
         for i, message in enumerate(request.messages):
             if message.role in ("user", "assistant"):
-                answer = self._answer_of(message)
+                answer = self._answer_of(message, i)
                 text = answer.transcript if answer else await self._spoken_text(message, i)
                 turns.append(Turn(message.role, text))
         if not turns[-1].text:

@@ -195,8 +195,11 @@ class ChatCompletionRequest(OpenModel):
 
     @property
     def wants_audio(self) -> bool:
-        """Audio output was asked for (``"audio"`` in modalities)."""
-        return bool(self.modalities and "audio" in self.modalities)
+        """Audio output was asked for: ``"audio"`` in modalities, or, without modalities, an ``audio``
+        object (its voice and format say what the client wants; a text answer would ignore them)."""
+        if self.modalities is None:
+            return self.audio is not None
+        return "audio" in self.modalities
 
     @property
     def stop_strings(self) -> list[str]:

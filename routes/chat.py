@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from errors import bad_request
 from generation import ContextLengthError, Engine, GenerationResult, Started, StreamEvent, TextPiece
 from longform import encode_whole, speak
-from planner import TEXT_MAX_TOKENS, Planner
+from planner import AUDIO_LIFETIME_SECONDS, TEXT_MAX_TOKENS, Planner
 from protocol import AssistantMessage, AudioOut, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from routes.deps import (
     ClientDisconnected,
@@ -30,9 +30,6 @@ from settings import Settings
 from streaming import chat_events, started, usage_of
 
 router = APIRouter(tags=["chat"])
-
-# How long the answer says its audio stays valid (OpenAI's ``expires_at``); nothing is kept here.
-AUDIO_LIFETIME_SECONDS = 3600
 
 
 @router.post(

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 from conftest import TEST_AUDIO, b64, transcripts
 from fastapi.testclient import TestClient
 from live_server import free_port, start_process
@@ -313,11 +314,76 @@ def test_14_a_named_voice_speaks_from_its_own_clip_in_a_later_turn(isolated, spy
         assert [(t.role, t.text) for t in turns] == [(t.role, t.text) for t in spy["generate"][-1].turns]
 
 
-def test_14_an_unknown_audio_id_is_logged_as_ignored(client, caplog):
-    body = {**CHAT, "messages": [*SPEAK, {"role": "assistant", "audio": {"id": "audio_gone"}}, SPEAK[0]]}
+def test_14_an_unknown_audio_id_is_a_400_naming_it_unless_the_message_has_words(client, spy, caplog):
+    """An id this server does not hold (forgotten, or never its own) was ignored without a word to the
+    client: the answer came in the default voice, its fallback header saying there was no reference. It
+    is a 400 naming the id; an assistant message that also has text is that text."""
+    gone = {"role": "assistant", "audio": {"id": "audio_gone"}}
+    for body in (
+        {**CHAT, "messages": [*SPEAK, gone, SPEAK[0]]},
+        {"model": "tts-1", "messages": [*SPEAK, gone, SPEAK[0]]},
+    ):
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == ("messages[1].audio.id", "audio_not_found")
+        assert "'audio_gone'" in error["message"] and "expires_at" in error["message"]
+    assert spy["generate"] == []
+    worded = {**gone, "content": "Hi, how can I help?"}
     with caplog.at_level(logging.INFO):
-        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        response = client.post("/v1/chat/completions", json={**CHAT, "messages": [*SPEAK, worded, SPEAK[0]]})
+        assert response.status_code == 200 and response.headers["x-voice"] == "default"
+        text = {"model": "tts-1", "messages": [*SPEAK, worded, SPEAK[0]], "max_tokens": 4}
+        assert client.post("/v1/chat/completions", json=text).status_code == 200
     assert any("audio_gone" in r.getMessage() for r in caplog.records)
+    assert ("assistant", "Hi, how can I help?") in [(t.role, t.text) for t in spy["generate"][-1].turns]
+
+
+# ---- a cloning developer's trial (trial 31) ----
+
+
+def test_an_audio_object_without_modalities_asks_for_audio(client):
+    """``audio`` with no ``modalities`` was answered with text (for a clone request, the reference's
+    recognised words) and a 200; what the client means by a voice and format is audio. Modalities that
+    say text only still get text."""
+    body = {k: v for k, v in CHAT.items() if k != "modalities"}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200 and response.headers["x-voice"] == "default"
+    assert response.json()["choices"][0]["message"]["audio"]["data"]
+    text = client.post("/v1/chat/completions", json={**body, "modalities": ["text"]})
+    assert text.status_code == 200 and text.json()["choices"][0]["message"]["audio"] is None
+    assert "x-voice" not in text.headers
+
+
+def test_an_audio_answer_is_kept_until_its_expiry_and_no_longer(client, spy, monkeypatch, caplog):
+    """Answers were kept as the latest 256, so a busy server forgot an id within seconds of its
+    ``expires_at`` promising an hour. Now: until its expiry, as many as ``capacity`` (the oldest goes
+    first, logged), and its codes come back as they were given."""
+    import planner as planner_module
+
+    answers = client.app.state.planner.answers
+    clock = [1000.0]
+    monkeypatch.setattr(answers, "clock", lambda: clock[0])
+    monkeypatch.setattr(answers, "capacity", 2)
+    first = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 12}).json()
+    audio = first["choices"][0]["message"]["audio"]
+    assert audio["expires_at"] - first["created"] == planner_module.AUDIO_LIFETIME_SECONDS
+    later = {**CHAT, "messages": [*SPEAK, {"role": "assistant", "audio": {"id": audio["id"]}}, SPEAK[0]]}
+    kept = answers.get(audio["id"]).codes.codes
+    assert kept.dtype == torch.long and kept.shape[1] > 0
+    clock[0] += planner_module.AUDIO_LIFETIME_SECONDS - 1
+    assert client.post("/v1/chat/completions", json=later).status_code == 200
+    assert torch.equal(spy["generate"][-1].turns[2].audio.codes, kept)
+    clock[0] += 1
+    assert client.post("/v1/chat/completions", json=later).status_code == 400  # expired
+    ids = [
+        client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]["audio"]["id"]
+        for _ in range(2)
+    ]
+    with caplog.at_level(logging.WARNING):
+        client.post("/v1/chat/completions", json=CHAT)  # a third: the oldest unexpired goes
+    assert answers.get(ids[0]) is None and answers.get(ids[1]) is not None
+    assert any(ids[0] in r.getMessage() and "before its expiry" in r.getMessage() for r in caplog.records)
 
 
 # ---- quality of service ----

@@ -159,8 +159,9 @@ def test_native_higgs_pattern_is_honoured_whatever_the_voice(client, spy):
 def test_a_clone_reference_in_a_later_turn_is_the_voice_whatever_came_before(client, spy):
     """A conversation that already holds audio (an earlier answer by id, or Boson's assistant
     ``input_audio``): ``clone`` with a reference in the last user message clones that reference, and its
-    text alone is spoken (the reference is not transcribed into it). Without a reference, the earlier
-    answer's voice carries on."""
+    text alone is spoken (the reference is not transcribed into it). Without a new reference, the first
+    turn's reference is still the voice (it used to give way to the earlier answer's voice, with the
+    reference's recognised words added to the first turn's text)."""
     first = client.post("/v1/chat/completions", json=owner_request(b64(TEST_AUDIO))).json()
     answer = {"role": "assistant", "audio": {"id": first["choices"][0]["message"]["audio"]["id"]}}
     boson = {
@@ -188,7 +189,68 @@ def test_a_clone_reference_in_a_later_turn_is_the_voice_whatever_came_before(cli
         {"role": "user", "content": "On."},
     ]
     response = client.post("/v1/chat/completions", json=body)
-    assert response.status_code == 200 and response.headers["x-voice"] == "native"
+    assert response.status_code == 200 and response.headers["x-voice"] == "clone"
+    turns = spy["generate"][-1].turns
+    assert [t.role for t in turns] == ["system", "user", "assistant", "user"] and turns[3].text == "On."
+    assert turns[1].text == transcripts()["test_audio.wav"]
+    assert torch.equal(turns[2].audio.codes, spy["generate"][0].turns[2].audio.codes)  # the first turn's
+
+
+def test_a_reference_sent_once_is_the_voice_of_every_later_turn(client, spy, recognizer, monkeypatch):
+    """A conversation sends its reference in its first user turn only (no answer ids kept, no new
+    reference): ``clone`` still clones it, speaks the last user message alone, and neither recognises
+    the reference again nor reads it as words. It used to fall back to the default voice."""
+    first = owner_request(b64(TEST_AUDIO))
+    assert client.post("/v1/chat/completions", json=first).status_code == 200
+    calls = []
+    real = recognizer.transcribe
+
+    async def counting(*args, **kwargs):
+        calls.append(args)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(recognizer, "transcribe", counting)
+    body = {
+        **first,
+        "messages": [
+            *first["messages"],
+            {"role": "assistant", "content": "Say this in my voice: Hello world"},
+            {"role": "user", "content": [{"type": "text", "text": "And now the second line."}]},
+        ],
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-voice"] == "clone" and "x-voice-fallback" not in response.headers
+    assert response.json()["choices"][0]["message"]["audio"]["transcript"] == "And now the second line."
+    turns = spy["generate"][-1].turns
+    assert [t.role for t in turns] == ["system", "user", "assistant", "user"]
+    assert (turns[1].text, turns[3].text) == (transcripts()["test_audio.wav"], "And now the second line.")
+    assert torch.equal(turns[2].audio.codes, spy["generate"][0].turns[2].audio.codes)
+    assert calls == []  # its transcript came from the cache
+    # A second reference in that earlier message is refused there, as in the last one.
+    two = first["messages"][0]["content"] + first["messages"][0]["content"][1:]
+    body["messages"] = [{"role": "user", "content": two}, *body["messages"][1:]]
+    refused = client.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].content[2]"
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+def test_audio_in_a_system_message_is_refused_by_name(client, spy, role):
+    """A system or developer message takes text (the scene); an ``input_audio`` there was dropped without a
+    word and the default voice spoke."""
+    body = owner_request(b64(TEST_AUDIO))
+    reference = body["messages"][0]["content"][1]
+    body["messages"] = [
+        {"role": role, "content": [{"type": "text", "text": "A quiet room."}, reference]},
+        {"role": "user", "content": "Hello world"},
+    ]
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (
+        error["param"] == "messages[0].content[1]" and f"a {role} message takes text only" in error["message"]
+    )
+    assert spy["generate"] == []
 
 
 def silence(seconds: float) -> np.ndarray:
