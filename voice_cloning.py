@@ -102,7 +102,8 @@ def decode_input_audio(
     """
     if fmt is not None and fmt.lower() not in INPUT_AUDIO_FORMATS:
         raise InvalidAudio(
-            f"unsupported audio format {fmt!r}; use one of: {', '.join(sorted(INPUT_AUDIO_FORMATS))}",
+            f"unsupported audio format {fmt!r}; use one of: {', '.join(sorted(INPUT_AUDIO_FORMATS))}, or "
+            "leave format out: the bytes say what they are (an AIFF clip decodes too)",
             f"{param}.input_audio.format",
         )
     try:

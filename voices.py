@@ -186,7 +186,7 @@ def check_voice_name(name: str) -> str:
     """Return ``name`` if it can name a stored voice, else raise ``InvalidVoiceName`` saying why."""
     if not VOICE_NAME.match(name) or ".." in name:
         raise InvalidVoiceName(
-            "a voice name is 1 to 64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+            "a voice name is 1 to 64 ASCII letters, digits, '_', '-' or '.', starting with a letter or digit"
         )
     if name.lower() in RESERVED_NAMES:
         raise InvalidVoiceName(f"{name!r} is reserved; choose another name")

@@ -234,6 +234,21 @@ def test_a_reference_sent_once_is_the_voice_of_every_later_turn(client, spy, rec
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].content[2]"
 
 
+def test_a_format_name_the_api_does_not_know_says_to_leave_it_out(client):
+    """An AIFF clip labelled ``aiff`` was refused with a list of names, not saying that leaving ``format``
+    out works: the bytes decide, and the same clip then clones."""
+    samples, rate = sf.read(TEST_AUDIO)
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="AIFF")
+    body = owner_request(base64.b64encode(buffer.getvalue()).decode())
+    body["messages"][0]["content"][1]["input_audio"]["format"] = "aiff"
+    refused = client.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 400 and "leave format out" in refused.json()["error"]["message"]
+    del body["messages"][0]["content"][1]["input_audio"]["format"]
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200 and response.headers["x-voice"] == "clone"
+
+
 @pytest.mark.parametrize("role", ["system", "developer"])
 def test_audio_in_a_system_message_is_refused_by_name(client, spy, role):
     """A system or developer message takes text (the scene); an ``input_audio`` there was dropped without a
