@@ -33,6 +33,7 @@ from metrics import Metrics
 from planner import Planner
 from routes import chat, health, models, speech, transcription, voices, web
 from settings import Settings, check_devices, from_environment
+from shutdown import Drain
 from stt import AsyncTranscriber, load_recognizer
 from voices import VoiceLibrary, Voices
 
@@ -181,9 +182,13 @@ def _lifespan(
             loading = asyncio.create_task(load_or_record_failure(state))
         else:
             await load(state)
+        state.shutting_down = False
+        drain = Drain(state, settings.shutdown_timeout_seconds, lambda: _close_engine(state, owned_engine))
+        drain.install()
         try:
             yield
         finally:
+            drain.uninstall()
             state.ready = False
             if loading is not None and not loading.done():
                 loading.cancel()  # the thread it waits on finishes by itself; nothing is served from it
@@ -196,6 +201,14 @@ def _lifespan(
                 state.recognizer.close()
 
     return lifespan
+
+
+def _close_engine(state: Any, owned: bool) -> None:
+    """Close the engine the app loaded, if it is there: its running and waiting generations fail with
+    ``engine_closed`` (``shutdown.py``)."""
+    engine = getattr(state, "engine", None)
+    if owned and engine is not None:
+        engine.close()
 
 
 def _document_setting_limits(app: FastAPI, settings: Settings) -> None:

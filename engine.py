@@ -59,6 +59,8 @@ from higgs import Higgs, Prompt, revert_delay
 
 log = logging.getLogger(__name__)
 
+SHUTTING_DOWN = "the server is shutting down; send the request again"
+
 T = TypeVar("T")
 
 GPU_HEADROOM_GB = 3.0
@@ -454,7 +456,7 @@ class HiggsEngine:
             prompt = await self._prompt(request)
             with self._cond:
                 if self._closing:
-                    raise EngineFailure("the engine is shutting down", "engine_closed")
+                    raise EngineFailure(SHUTTING_DOWN, "engine_closed")
                 job = _Job(request, prompt, emit, cancel)
                 if request.continues:  # behind the other continuations, ahead of new requests
                     at = next((i for i, j in enumerate(self._waiting) if not j.request.continues), None)
@@ -567,7 +569,7 @@ class HiggsEngine:
             finally:
                 self._hand_over()
         for job in [*self._running.values(), *self._waiting]:
-            job.emit(EngineFailure("the engine is shutting down", "engine_closed"))
+            job.emit(EngineFailure(SHUTTING_DOWN, "engine_closed"))
             self._let_go(job)
 
     def _hand_over(self) -> None:

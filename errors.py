@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Seconds a client is told to wait when a queue is full, unless the error says otherwise.
 DEFAULT_RETRY_AFTER = 2
+# Seconds a client is told to wait when the server is shutting down (a replica, or the same one restarted).
+RESTART_RETRY_AFTER = 5
 
 
 def error_body(
@@ -99,6 +101,14 @@ def as_api_error(exc: Exception) -> APIError:
         if exc.code == "engine_failed":  # for good: the openai SDK would retry a 503 unless told not to
             return APIError(
                 503, str(exc), type="server_error", code=exc.code, headers={"x-should-retry": "false"}
+            )
+        if exc.code == "engine_closed":  # shutting down: the request may be sent again (another replica)
+            return APIError(
+                503,
+                str(exc),
+                type="server_error",
+                code=exc.code,
+                headers={"Retry-After": str(RESTART_RETRY_AFTER)},
             )
         return APIError(500, str(exc), type="server_error", code=exc.code)
     if isinstance(exc, TranslatorUnavailable):

@@ -21,11 +21,30 @@ import numpy as np
 
 from audio import EncoderStream, TempoStream, pcm16
 from errors import error_body
-from generation import AudioPiece, GenerationResult, Started, StreamEvent, TextPiece, TranscriptPiece
+from generation import (
+    AudioPiece,
+    EngineFailure,
+    GenerationResult,
+    Started,
+    StreamEvent,
+    TextPiece,
+    TranscriptPiece,
+)
 
 log = logging.getLogger(__name__)
 
 SERVER_ERROR = error_body("generation failed; see the server log", "server_error")["error"]
+
+
+def failure_error(exc: Exception) -> dict[str, Any]:
+    """The ``error`` object of an SSE stream that ``exc`` ended: an engine failure says what it was (the
+    server shutting down, out of memory, ...), logged as one line; anything else is the server's to log,
+    with its traceback, and the client hears that generation failed."""
+    if isinstance(exc, EngineFailure):
+        log.warning("stream ended by the engine: %s (%s)", exc, exc.code)
+        return error_body(str(exc), "server_error", code=exc.code)["error"]
+    log.exception("generation failed mid-stream")
+    return SERVER_ERROR
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
@@ -111,9 +130,8 @@ async def chat_events(
                         yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                    "model": model, "system_fingerprint": None, "choices": [],
                                    "usage": usage_of(event)})  # fmt: skip
-        except Exception:
-            log.exception("generation failed mid-stream")
-            yield sse({"error": SERVER_ERROR})
+        except Exception as exc:
+            yield sse({"error": failure_error(exc)})
             return
         yield sse("[DONE]")
 
@@ -183,6 +201,5 @@ async def speech_events(
                     # finish_reason is this server's extension: "length" when a limit cut the speech short.
                     done = {"type": "speech.audio.done", "usage": usage, "finish_reason": piece.finish_reason}
                     yield sse(done)
-    except Exception:
-        log.exception("generation failed mid-stream")
-        yield sse({"type": "error", "error": SERVER_ERROR})
+    except Exception as exc:
+        yield sse({"type": "error", "error": failure_error(exc)})

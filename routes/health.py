@@ -40,6 +40,8 @@ async def ready(request: Request) -> JSONResponse:
     failed = _load_failure(request)
     if failed:
         return JSONResponse({"ready": False, "reason": failed}, status_code=503)
+    if getattr(state, "shutting_down", False):
+        return JSONResponse({"ready": False, "reason": "shutting down"}, status_code=503)
     if not state.ready:
         return JSONResponse({"ready": False, "reason": "loading"}, status_code=503)
     return JSONResponse({"ready": True})

@@ -1,0 +1,91 @@
+"""What real network clients do to a server (a trial with raw sockets, stalled readers and signals): each
+defect it found, reproduced against the service as an operator runs it (``python app.py``, uvicorn, TCP)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+from live_server import start_process
+from test_new_user_defects import tiny_process_settings
+
+LONG = "Hello there, this is a rather long test sentence for you, friend."  # minutes of audio below
+
+
+def test_sigterm_ends_running_answers_with_an_error_before_the_timeout(tiny_settings, tmp_path):
+    """SIGTERM let answers run until uvicorn's grace ran out, then cancelled them: a streamed answer was cut
+    off mid-body with no SSE ``error`` event, a non-streamed one got no HTTP answer at all, and nothing was
+    logged for either. Now the server ends them shortly before: each SSE stream with an ``error`` event
+    (``engine_closed``), a non-streamed request with a 503 and ``Retry-After``."""
+    settings = tiny_process_settings(tiny_settings, tmp_path) | {
+        "HIGGS_SHUTDOWN_TIMEOUT_SECONDS": "6",
+        "HIGGS_SECONDS_PER_CHARACTER": "2", "HIGGS_MAX_AUDIO_SECONDS": "120",
+    }  # fmt: skip
+    server = start_process(["app.py"], settings)
+    url = f"http://127.0.0.1:{settings['HIGGS_PORT']}"
+    chat = {"model": "tts-1", "modalities": ["text", "audio"], "max_tokens": 3000,
+            "messages": [{"role": "user", "content": LONG}]}  # fmt: skip
+    got: dict[str, object] = {}
+    streaming = threading.Barrier(3)
+
+    def sse(name: str, path: str, body: dict) -> None:
+        with httpx.stream("POST", url + path, json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            got[name] = [next(lines)]
+            streaming.wait(30)
+            got[name] += [line for line in lines if line.startswith("data: ")]
+
+    def whole() -> None:
+        response = httpx.post(
+            url + "/v1/chat/completions",
+            json={**chat, "audio": {"voice": "default", "format": "wav"}},
+            timeout=120,
+        )
+        got["whole"] = response
+
+    threads = [
+        threading.Thread(target=sse, args=("chat", "/v1/chat/completions", {**chat, "stream": True})),
+        threading.Thread(
+            target=sse,
+            args=(
+                "speech",
+                "/v1/audio/speech",
+                {
+                    "model": "tts-1",
+                    "input": LONG,
+                    "voice": "default",
+                    "response_format": "pcm",
+                    "stream_format": "sse",
+                },
+            ),
+        ),  # fmt: skip
+        threading.Thread(target=whole),
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        streaming.wait(60)  # both streams have sent their first event; the third request is in too
+        time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        for thread in threads:
+            thread.join(60)
+        server.wait(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        if server.poll() is None:
+            server.kill()
+        log = server.communicate(timeout=60)[1]
+    assert took < 12, took  # 6 s of grace; the answers ended after 4
+    chat_error = json.loads(got["chat"][-1][6:])["error"]
+    assert chat_error["code"] == "engine_closed" and "shutting down" in chat_error["message"], got["chat"][-1]
+    speech_error = json.loads(got["speech"][-1][6:])
+    assert speech_error["type"] == "error" and speech_error["error"]["code"] == "engine_closed"
+    whole_response = got["whole"]
+    assert whole_response.status_code == 503 and whole_response.headers["retry-after"] == "5"
+    assert whole_response.json()["error"]["code"] == "engine_closed"
+    assert "running answers have 4.0 s to finish" in log
+    assert "Cancel" not in log  # uvicorn had nothing left to cut off
