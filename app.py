@@ -269,6 +269,11 @@ class _RequestIds:
                     time.perf_counter() - started,
                 )
             await send(message)
+            if message["type"] == "http.response.body" and message.get("more_body", False):
+                # Let the response's watch for a disconnect run: once the client has gone, the server's
+                # send returns at once, and a stream whose rest is already queued (its generation done)
+                # would otherwise be made and "sent" whole without ever letting it look.
+                await asyncio.sleep(0)
 
         try:
             await self.app(scope, receive, send_with_id)

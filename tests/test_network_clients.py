@@ -89,3 +89,60 @@ def test_sigterm_ends_running_answers_with_an_error_before_the_timeout(tiny_sett
     assert whole_response.json()["error"]["code"] == "engine_closed"
     assert "running answers have 4.0 s to finish" in log
     assert "Cancel" not in log  # uvicorn had nothing left to cut off
+
+
+def test_a_client_gone_while_the_rest_of_its_stream_waits_in_the_queue_is_seen(fake_app, fake_engine, caplog):
+    """A client that stalled and then left after its generation had ended was logged as ``stream sent
+    whole``, and the server base64-encoded the whole rest of the answer for nobody: once the client is
+    gone the server's ``send`` returns at once, and with every event already queued the stream never
+    let the response's disconnect watch run. Here the engine's events are all there at once, and the
+    client is gone after its request."""
+    import asyncio
+    import logging
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from generation import AudioPiece, Started
+
+    result_of = fake_engine._result
+
+    async def stream(request):
+        result = result_of(request)
+        yield Started(prompt_tokens=result.prompt_tokens, prompt_audio_tokens=0)
+        for _ in range(200):
+            yield AudioPiece(np.zeros(2400, np.float32))
+        yield result
+
+    fake_engine.stream = stream
+    body = json.dumps({
+        "model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "pcm16"},
+        "stream": True, "messages": [{"role": "user", "content": "Hello."}],
+    }).encode()  # fmt: skip
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "root_path": "",
+        "query_string": b"", "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    requests, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+
+    async def receive():
+        return requests.pop() if requests else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def call() -> None:
+        try:
+            await fake_app(scope, receive, send)
+        except asyncio.CancelledError:
+            pass
+
+    with TestClient(fake_app) as client, caplog.at_level(logging.INFO):
+        client.portal.call(call)
+    assert sent[0]["status"] == 200
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert len(bodies) < 10, len(bodies)  # not the 200 pieces
+    assert any("stream cut short" in r.getMessage() for r in caplog.records)
+    assert not any("stream sent whole" in r.getMessage() for r in caplog.records)
