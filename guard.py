@@ -5,6 +5,10 @@
   before the body is read.
 * A body is refused with 413 when its ``Content-Length`` is over the limit, or, for a body of unannounced
   length, as soon as the bytes received pass it; the app then sees the body as it arrived.
+* A body whose bytes stop coming for ``BODY_IDLE_SECONDS`` is answered 408 (the connection closed): a
+  client that hung mid-upload held its connection and the bytes it had sent for ever. A client gone
+  before its body arrived is logged and counted as 499, as any request whose client left (FastAPI
+  answered it 400, "There was an error parsing the body").
 
 A body too large is read and dropped (for ``DRAIN_SECONDS`` at most) before the 413 goes out, unless the
 client waits for ``100 Continue`` before sending it: the 413 closes the connection, and closing it while
@@ -29,6 +33,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+BODY_IDLE_SECONDS = 30.0
+"""How long the next part of a request's body may be waited for."""
 DRAIN_SECONDS = 10.0
 """How long a body too large is read and dropped at most (on a slower upload, the answer goes out
 then and the client may see the connection reset)."""
@@ -95,7 +101,17 @@ class RequestGate:
         chunks: list[Message] = []
         received = 0
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout(BODY_IDLE_SECONDS):
+                    message = await receive()
+            except TimeoutError:
+                await send_error(send, 408, f"the request body stopped arriving for {BODY_IDLE_SECONDS:g} s",
+                                 "invalid_request_error", "request_timeout", connection="close")  # fmt: skip
+                return
+            if message["type"] == "http.disconnect":
+                await send_error(send, 499, "the client closed the connection before its body arrived",
+                                 "invalid_request_error", "client_closed_request")  # fmt: skip
+                return
             if message["type"] != "http.request":
                 chunks.append(message)
                 break

@@ -3,14 +3,44 @@ defect it found, reproduced against the service as an operator runs it (``python
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import signal
 import threading
 import time
 
 import httpx
+import pytest
+from fastapi.testclient import TestClient
 from live_server import start_process
 from test_new_user_defects import tiny_process_settings
+
+
+def asgi_post(app, path: str, receive, content_type: bytes = b"application/json") -> list[dict]:
+    """``POST path`` to ``app`` (its lifespan running) with the ASGI ``receive`` given: what a client does
+    on the wire, step by step, that a test client cannot (stall, leave); returns the messages sent."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+        "headers": [(b"content-type", content_type), (b"host", b"test")],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def call() -> None:
+        try:
+            await app(scope, receive, send)
+        except asyncio.CancelledError:
+            pass
+
+    with TestClient(app) as client:
+        client.portal.call(call)
+    return sent
+
 
 LONG = "Hello there, this is a rather long test sentence for you, friend."  # minutes of audio below
 
@@ -97,11 +127,7 @@ def test_a_client_gone_while_the_rest_of_its_stream_waits_in_the_queue_is_seen(f
     gone the server's ``send`` returns at once, and with every event already queued the stream never
     let the response's disconnect watch run. Here the engine's events are all there at once, and the
     client is gone after its request."""
-    import asyncio
-    import logging
-
     import numpy as np
-    from fastapi.testclient import TestClient
 
     from generation import AudioPiece, Started
 
@@ -119,30 +145,50 @@ def test_a_client_gone_while_the_rest_of_its_stream_waits_in_the_queue_is_seen(f
         "model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "pcm16"},
         "stream": True, "messages": [{"role": "user", "content": "Hello."}],
     }).encode()  # fmt: skip
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "root_path": "",
-        "query_string": b"", "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
-        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
-    }  # fmt: skip
-    requests, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def receive():
         return requests.pop() if requests else {"type": "http.disconnect"}
 
-    async def send(message):
-        sent.append(message)
-
-    async def call() -> None:
-        try:
-            await fake_app(scope, receive, send)
-        except asyncio.CancelledError:
-            pass
-
-    with TestClient(fake_app) as client, caplog.at_level(logging.INFO):
-        client.portal.call(call)
+    with caplog.at_level(logging.INFO):
+        sent = asgi_post(fake_app, "/v1/chat/completions", receive)
     assert sent[0]["status"] == 200
     bodies = [m for m in sent if m["type"] == "http.response.body"]
     assert len(bodies) < 10, len(bodies)  # not the 200 pieces
     assert any("stream cut short" in r.getMessage() for r in caplog.records)
     assert not any("stream sent whole" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/audio/transcriptions"])
+def test_a_body_that_stops_arriving_is_a_408_and_a_client_gone_mid_body_a_499(fake_app, monkeypatch, path):
+    """An upload that stopped midway held its connection and the bytes it had sent for ever (a trial: 4
+    uploads of 36 of 38 MB, +103 MB, no answer after 60 s); one whose client left was answered 400 ("There
+    was an error parsing the body") and counted so."""
+    import guard
+
+    monkeypatch.setattr(guard, "BODY_IDLE_SECONDS", 0.3)
+    first = {"type": "http.request", "body": b'{"model": "tts-1", "messa', "more_body": True}
+
+    async def stalls():
+        if first["body"]:
+            message = dict(first)
+            first["body"] = b""
+            return message
+        await asyncio.sleep(30)  # the rest never comes
+        return {"type": "http.disconnect"}
+
+    sent = asgi_post(fake_app, path, stalls)
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
+
+    messages = [{"type": "http.disconnect"}, {"type": "http.request", "body": b'{"mo', "more_body": True}]
+
+    async def leaves():
+        return messages.pop()
+
+    sent = asgi_post(fake_app, path, leaves)
+    assert sent[0]["status"] == 499
+    counted = fake_app.state.metrics.registry.get_sample_value(
+        "higgs_requests_total", {"route": path, "status": "499"}
+    )
+    assert counted == 1
