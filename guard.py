@@ -9,6 +9,9 @@
   client that hung mid-upload held its connection and the bytes it had sent for ever. A client gone
   before its body arrived is logged and counted as 499, as any request whose client left (FastAPI
   answered it 400, "There was an error parsing the body").
+* An answer whose client stops reading it for ``SEND_IDLE_SECONDS`` is dropped and its connection closed
+  (the generation stops): a stalled reader held its connection, and the answer queued for it in memory,
+  for as long as it stayed connected (a trial: 17 minutes, 4 MB of socket buffer each).
 
 A body too large is read and dropped (for ``DRAIN_SECONDS`` at most) before the 413 goes out, unless the
 client waits for ``100 Continue`` before sending it: the 413 closes the connection, and closing it while
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -33,8 +37,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+log = logging.getLogger(__name__)
+
 BODY_IDLE_SECONDS = 30.0
 """How long the next part of a request's body may be waited for."""
+SEND_IDLE_SECONDS = 60.0
+"""How long a client may leave a part of its answer unread (the server's socket buffer full)."""
 DRAIN_SECONDS = 10.0
 """How long a body too large is read and dropped at most (on a slower upload, the answer goes out
 then and the client may see the connection reset)."""
@@ -128,7 +136,23 @@ class RequestGate:
         async def replay() -> Message:
             return chunks.pop(0) if chunks else await receive()
 
-        await self.app(scope, replay, send)
+        async def send_or_give_up(message: Message) -> None:
+            try:
+                async with asyncio.timeout(SEND_IDLE_SECONDS):
+                    await send(message)
+            except TimeoutError:
+                raise _StoppedReading from None
+
+        try:
+            await self.app(scope, replay, send_or_give_up)
+        except _StoppedReading:
+            # Returning with the answer unfinished makes the server close the connection: the client sees
+            # a cut body, never a whole one.
+            log.warning("the client read nothing of its answer for %g s: dropped", SEND_IDLE_SECONDS)
+
+
+class _StoppedReading(Exception):
+    """The client left a part of its answer unread for ``SEND_IDLE_SECONDS``."""
 
 
 async def _drain(receive: Receive, headers: dict[str, str]) -> None:

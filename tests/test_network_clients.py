@@ -17,9 +17,12 @@ from live_server import start_process
 from test_new_user_defects import tiny_process_settings
 
 
-def asgi_post(app, path: str, receive, content_type: bytes = b"application/json") -> list[dict]:
+def asgi_post(
+    app, path: str, receive, content_type: bytes = b"application/json", send_blocks_after: int | None = None
+) -> list[dict]:
     """``POST path`` to ``app`` (its lifespan running) with the ASGI ``receive`` given: what a client does
-    on the wire, step by step, that a test client cannot (stall, leave); returns the messages sent."""
+    on the wire, step by step, that a test client cannot (stall, leave); returns the messages sent. With
+    ``send_blocks_after``, every send after that many blocks (a full socket buffer: nobody reads)."""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
@@ -29,6 +32,8 @@ def asgi_post(app, path: str, receive, content_type: bytes = b"application/json"
     sent: list[dict] = []
 
     async def send(message):
+        if send_blocks_after is not None and len(sent) >= send_blocks_after:
+            await asyncio.sleep(3600)
         sent.append(message)
 
     async def call() -> None:
@@ -192,3 +197,51 @@ def test_a_body_that_stops_arriving_is_a_408_and_a_client_gone_mid_body_a_499(fa
         "higgs_requests_total", {"route": path, "status": "499"}
     )
     assert counted == 1
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_generation_stopped(
+    fake_app, fake_engine, monkeypatch, caplog
+):
+    """A client that read the start of a streamed answer and then nothing held its connection, and the
+    answer queued for it, for as long as it stayed connected (a trial: 17 minutes, 4 MB each)."""
+    import numpy as np
+
+    import guard
+    from generation import AudioPiece, Started
+
+    monkeypatch.setattr(guard, "SEND_IDLE_SECONDS", 0.3)
+    result_of, closed = fake_engine._result, []
+
+    async def stream(request):
+        result = result_of(request)
+        try:
+            yield Started(prompt_tokens=result.prompt_tokens, prompt_audio_tokens=0)
+            for _ in range(200):
+                yield AudioPiece(np.zeros(2400, np.float32))
+                await asyncio.sleep(0.001)
+            yield result
+        finally:
+            closed.append(True)
+
+    fake_engine.stream = stream
+    body = json.dumps({
+        "model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "pcm16"},
+        "stream": True, "messages": [{"role": "user", "content": "Hello."}],
+    }).encode()  # fmt: skip
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if requests:
+            return requests.pop()
+        await asyncio.sleep(60)  # connected, and silent
+        return {"type": "http.disconnect"}
+
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO):
+        sent = asgi_post(fake_app, "/v1/chat/completions", receive, send_blocks_after=3)
+    assert time.monotonic() - started < 10
+    assert sent[0]["status"] == 200 and len(sent) == 3
+    assert closed == [True]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("read nothing of its answer for 0.3 s" in m for m in messages)
+    assert any("stream cut short" in m for m in messages)
