@@ -349,21 +349,13 @@ def __getattr__(name: str) -> FastAPI:
 
 
 def main() -> None:
-    """``python app.py``: serve on the settings' host and port."""
-    import uvicorn
+    """``python app.py``: serve on the settings' host and port (``server.py``)."""
+    from server import serve
 
     settings = _startable(from_environment())
     configure_logging()
     _install_request_id_on_log_records()
-    # access_log off: the request-id middleware already logs each request, with its id.
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
-    )
+    serve(create_app(settings), settings)
 
 
 if __name__ == "__main__":

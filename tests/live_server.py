@@ -25,17 +25,20 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(app, start_timeout: float = 120.0) -> Iterator[str]:
+def serve(app, start_timeout: float = 120.0, http: str | type = "auto") -> Iterator[str]:
     """Serve ``app`` on a free 127.0.0.1 port in a thread; yields its base URL once it is ready (the
     server listens at once and loads its models behind it). ``RuntimeError`` when loading failed, or the
-    server was not ready within ``start_timeout`` seconds, or its thread ended."""
+    server was not ready within ``start_timeout`` seconds, or its thread ended. ``http``: uvicorn's
+    protocol (``server.Protocol`` is what ``python app.py`` serves with)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=http)
+    )
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True
     )

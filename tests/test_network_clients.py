@@ -4,16 +4,18 @@ defect it found, reproduced against the service as an operator runs it (``python
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from live_server import start_process
+from live_server import serve, start_process
 from test_new_user_defects import tiny_process_settings
 
 
@@ -245,3 +247,68 @@ def test_a_client_that_stops_reading_is_dropped_and_its_generation_stopped(
     messages = [r.getMessage() for r in caplog.records]
     assert any("read nothing of its answer for 0.3 s" in m for m in messages)
     assert any("stream cut short" in m for m in messages)
+
+
+def _raw(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def test_a_request_head_over_16_kb_is_refused_at_once(fake_app):
+    """A client sending an endless header: httptools (uvicorn's default when installed) buffered all of it,
+    hundreds of MB, and every other request waited seconds. ``python app.py`` serves with h11, whose
+    parser refuses a head over 16 KB."""
+    from server import Protocol
+
+    with serve(fake_app, http=Protocol) as url:
+        sock = _raw(url)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nX-Big: ")
+        answer = b""
+        with contextlib.suppress(OSError):  # the server may close while more is sent: a reset
+            for _ in range(64):
+                sock.sendall(b"a" * 4096)
+            while chunk := sock.recv(65536):
+                answer += chunk
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+        assert httpx.get(url + "/health").status_code == 200
+
+
+def test_a_request_head_that_does_not_arrive_in_time_is_closed(fake_app, monkeypatch, caplog):
+    """A client sending its headers a byte at a time (slowloris) held its connection for ever, as did one
+    that sent half a head after a first answer."""
+    import server
+
+    monkeypatch.setattr(server, "HEAD_SECONDS", 0.5)
+    with serve(fake_app, http=server.Protocol) as url, caplog.at_level(logging.INFO):
+        slow = _raw(url)
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: te")
+        started = time.monotonic()
+        assert slow.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - started < 5
+        again = _raw(url)
+        again.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert again.recv(1024).startswith(b"HTTP/1.1 200")
+        again.sendall(b"GET /health HTTP/1.1\r\nHo")  # the next request's head, never finished
+        assert again.recv(1024) == b""
+        slow.close(), again.close()
+    assert any("request headers took over 0.5 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_port_in_use_stops_the_service_before_it_loads_anything(tiny_settings, tmp_path):
+    """uvicorn binds its port after the app's startup: a port already taken was found only after the
+    models had loaded (minutes with real weights), and loading went on after the error."""
+    settings = tiny_process_settings(tiny_settings, tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(settings["HIGGS_PORT"])))
+        taken.listen()
+        server = start_process(["app.py"], settings, timeout=60)
+        try:
+            code = server.wait(timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+            log = server.communicate(timeout=60)[1]
+    assert code == 3  # uvicorn's exit code for a failed start
+    assert "Address already in use" in log
+    assert "loaded" not in log and "loading" not in log.lower(), log
