@@ -83,6 +83,7 @@ def create_app(
     app = FastAPI(
         title="Higgs Audio OpenAI-compatible server",
         lifespan=_lifespan(settings, engine, recognizer, load_behind),
+        redirect_slashes=False,  # a trailing slash is ignored instead (_RequestLine)
     )
     app.state.settings = settings
     app.state.ready = False
@@ -109,8 +110,58 @@ def create_app(
             # What a browser's script may read: ours, and what the openai SDK reads to decide on retries.
             expose_headers=["X-Request-ID", "X-Voice", "X-Voice-Fallback", "Retry-After", "X-Should-Retry"],
         )
-    app.add_middleware(_RequestIds, routes=[route for module in routers for route in module.router.routes])
+    routes = [route for module in routers for route in module.router.routes]
+    app.add_middleware(_RequestLine, routes=routes)
+    app.add_middleware(_RequestIds, routes=routes)
     return app
+
+
+class _RequestLine:
+    """What a request line names, as HTTP clients expect:
+
+    * ``HEAD`` wherever ``GET`` is served (RFC 9110 asks it of a general-purpose server): the ``GET``'s
+      status and headers, no body (it was a 405);
+    * a trailing slash ignored (``POST /v1/audio/speech/``): it was a 307 to the same path on whatever
+      host the request's ``Host`` header named;
+    * a 405's ``Allow`` naming every method the path is served with (it named one route's).
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], routes: list[BaseRoute]):
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+            scope["raw_path"] = scope["path"].encode()
+        head = scope["method"] == "HEAD" and not self._serves(scope, "HEAD") and self._serves(scope, "GET")
+        if head:
+            scope = {**scope, "method": "GET"}
+
+        async def send_line(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 405:
+                headers = MutableHeaders(scope=message)
+                headers["allow"] = ", ".join(self._methods(scope))
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app(scope, receive, send_line)
+
+    def _serves(self, scope: dict[str, Any], method: str) -> bool:
+        return any(r.matches({**scope, "method": method})[0] == Match.FULL for r in self.routes)
+
+    def _methods(self, scope: dict[str, Any]) -> list[str]:
+        methods = {
+            m for r in self.routes if r.matches(scope)[0] != Match.NONE for m in getattr(r, "methods", ())
+        }
+        if "GET" in methods:
+            methods.add("HEAD")
+        return sorted(methods)
 
 
 class _Cors(CORSMiddleware):

@@ -312,3 +312,29 @@ def test_a_port_in_use_stops_the_service_before_it_loads_anything(tiny_settings,
     assert code == 3  # uvicorn's exit code for a failed start
     assert "Address already in use" in log
     assert "loaded" not in log and "loading" not in log.lower(), log
+
+
+def test_head_wherever_get_is_served_and_allow_names_every_method(fake_client):
+    """HEAD was a 405 on every GET route but /ready (RFC 9110: a general-purpose server must answer HEAD
+    wherever it answers GET), and a 405's Allow named one route's methods: ``Allow: POST`` for
+    ``/v1/audio/voices``, which GET serves too."""
+    for path in ("/v1/models", "/v1/audio/voices", "/metrics", "/health"):
+        got, head = fake_client.get(path), fake_client.head(path)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+    refused = fake_client.delete("/v1/audio/voices")
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD, POST"
+    assert fake_client.post("/v1/models").headers["allow"] == "GET, HEAD"
+
+
+def test_a_trailing_slash_is_the_same_path_and_never_a_redirect(fake_client):
+    """``POST /v1/audio/speech/`` was a 307 to the same path on whatever host the request's Host header
+    named (``Location: http://evil.example/...``)."""
+    body = {"model": "tts-1", "input": "Hello.", "voice": "default", "response_format": "wav"}
+    response = fake_client.post(
+        "/v1/audio/speech/", json=body, headers={"host": "evil.example"}, follow_redirects=False
+    )
+    assert response.status_code == 200 and "location" not in response.headers
+    assert response.content[:4] == b"RIFF"
+    assert fake_client.get("/v1/models/").json()["data"]
+    assert fake_client.get("/").status_code == 200
