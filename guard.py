@@ -5,6 +5,8 @@
   before the body is read.
 * A body is refused with 413 when its ``Content-Length`` is over the limit, or, for a body of unannounced
   length, as soon as the bytes received pass it; the app then sees the body as it arrived.
+* A body sent compressed (``Content-Encoding`` other than ``identity``) is a 415 naming the header: a
+  gzip body was a 400 "There was an error parsing the body", and a ``br`` one was read as plain JSON.
 * A body whose bytes stop coming for ``BODY_IDLE_SECONDS`` is answered 408 (the connection closed): a
   client that hung mid-upload held its connection and the bytes it had sent for ever. A client gone
   before its body arrived is logged and counted as 499, as any request whose client left (FastAPI
@@ -90,6 +92,13 @@ class RequestGate:
                     "invalid_api_key", www_authenticate="Bearer",
                 )  # fmt: skip
                 return
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):
+            await send_error(
+                send, 415, f"request bodies are taken uncompressed; send this one without Content-Encoding: "
+                f"{encoding}", "invalid_request_error", "unsupported_content_encoding", connection="close",
+            )  # fmt: skip
+            return
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             await _drain(receive, headers)

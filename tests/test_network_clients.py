@@ -338,3 +338,26 @@ def test_a_trailing_slash_is_the_same_path_and_never_a_redirect(fake_client):
     assert response.content[:4] == b"RIFF"
     assert fake_client.get("/v1/models/").json()["data"]
     assert fake_client.get("/").status_code == 200
+
+
+def test_a_compressed_body_is_a_415_naming_the_encoding(fake_client, fake_engine):
+    """A gzip body was a 400 "There was an error parsing the body" (no param), and a body labelled ``br``
+    that was plain JSON was served as if the label were not there."""
+    import gzip
+
+    body = json.dumps({"model": "tts-1", "input": "Hello.", "voice": "default"}).encode()
+    for encoding, data in (("gzip", gzip.compress(body)), ("br", body)):
+        response = fake_client.post(
+            "/v1/audio/speech",
+            content=data,
+            headers={"content-type": "application/json", "content-encoding": encoding},
+        )
+        assert response.status_code == 415
+        error = response.json()["error"]
+        assert (
+            error["code"] == "unsupported_content_encoding"
+            and f"Content-Encoding: {encoding}" in error["message"]
+        )
+    assert fake_engine.requests == []
+    assert fake_client.post("/v1/audio/speech", content=body, headers={
+        "content-type": "application/json", "content-encoding": "identity"}).status_code == 200  # fmt: skip
