@@ -95,8 +95,8 @@ def create_app(
 
     install_error_handlers(app)
     _document_setting_limits(app, settings)
-    # The last added runs first: request ids (so that CORS preflights have one and are logged), then CORS,
-    # then the gate.
+    # The last added runs first: request ids (so that CORS preflights have one and are logged), then the
+    # request line (HEAD, a trailing slash), then CORS, then the gate.
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=int(settings.max_body_mb * 1024 * 1024))
     if settings.cors_origins:
