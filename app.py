@@ -116,15 +116,8 @@ def create_app(
     return app
 
 
-class _RequestLine:
-    """What a request line names, as HTTP clients expect:
-
-    * ``HEAD`` wherever ``GET`` is served (RFC 9110 asks it of a general-purpose server): the ``GET``'s
-      status and headers, no body (it was a 405);
-    * a trailing slash ignored (``POST /v1/audio/speech/``): it was a 307 to the same path on whatever
-      host the request's ``Host`` header named;
-    * a 405's ``Allow`` naming every method the path is served with (it named one route's).
-    """
+class _RoutesMiddleware:
+    """A plain ASGI middleware that knows the app's routes; ``handle`` sees HTTP requests only."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], routes: list[BaseRoute]):
         self.app = app
@@ -134,6 +127,23 @@ class _RequestLine:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        raise NotImplementedError
+
+
+class _RequestLine(_RoutesMiddleware):
+    """What a request line names, as HTTP clients expect:
+
+    * ``HEAD`` wherever ``GET`` is served (RFC 9110 asks it of a general-purpose server): the ``GET``'s
+      status and headers, no body (it was a 405);
+    * a trailing slash ignored (``POST /v1/audio/speech/``): it was a 307 to the same path on whatever
+      host the request's ``Host`` header named;
+    * a 405's ``Allow`` naming every method the path is served with (it named one route's).
+    """
+
+    async def handle(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         path = scope["path"]
         if len(path) > 1 and path.endswith("/"):
             scope = {**scope, "path": path.rstrip("/") or "/"}
@@ -276,7 +286,7 @@ def _document_setting_limits(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-class _RequestIds:
+class _RequestIds(_RoutesMiddleware):
     """Give each HTTP request an id (the client's ``X-Request-ID`` when usable), answer it with the id, log
     and count it (when its response starts: the time logged is the time to the first byte; a body sent in
     parts, a stream, gets a second line when it ends, whole or cut short). A failure
@@ -285,14 +295,7 @@ class _RequestIds:
     mistakes a broken answer for a whole one. A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware``
     ended such a body as if it were complete."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], routes: list[BaseRoute]):
-        self.app = app
-        self.routes = routes
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         given = Headers(scope=scope).get("x-request-id", "")
         rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         token = request_id.set(rid)

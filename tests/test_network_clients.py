@@ -49,6 +49,11 @@ def asgi_post(
     return sent
 
 
+# A streamed audio chat request's body, as the openai SDK sends it.
+STREAMED_CHAT = json.dumps({
+    "model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "pcm16"},
+    "stream": True, "messages": [{"role": "user", "content": "Hello."}],
+}).encode()  # fmt: skip
 LONG = "Hello there, this is a rather long test sentence for you, friend."  # minutes of audio below
 
 
@@ -148,11 +153,7 @@ def test_a_client_gone_while_the_rest_of_its_stream_waits_in_the_queue_is_seen(f
         yield result
 
     fake_engine.stream = stream
-    body = json.dumps({
-        "model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "pcm16"},
-        "stream": True, "messages": [{"role": "user", "content": "Hello."}],
-    }).encode()  # fmt: skip
-    requests = [{"type": "http.request", "body": body, "more_body": False}]
+    requests = [{"type": "http.request", "body": STREAMED_CHAT, "more_body": False}]
 
     async def receive():
         return requests.pop() if requests else {"type": "http.disconnect"}
@@ -226,11 +227,7 @@ def test_a_client_that_stops_reading_is_dropped_and_its_generation_stopped(
             closed.append(True)
 
     fake_engine.stream = stream
-    body = json.dumps({
-        "model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "pcm16"},
-        "stream": True, "messages": [{"role": "user", "content": "Hello."}],
-    }).encode()  # fmt: skip
-    requests = [{"type": "http.request", "body": body, "more_body": False}]
+    requests = [{"type": "http.request", "body": STREAMED_CHAT, "more_body": False}]
 
     async def receive():
         if requests:
