@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 V = TypeVar("V")
 
 # The containers and codecs a chat ``input_audio`` part may come in (its ``format`` values accepted).
+# Silence kept at each end of a trimmed reference (``audio.trim_silence``'s margin).
+TRIM_PAD_SECONDS = 0.1
 INPUT_AUDIO_FORMATS = frozenset({"wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "mp4", "aac"})
 
 
@@ -70,6 +72,12 @@ class ReferenceLimits:
     max_seconds: float = 30.0
     max_bytes: int = 25 * 1024 * 1024
     max_transcript_characters: int = 1000
+
+    @property
+    def decode_seconds(self) -> float:
+        """The longest clip decoded: ``max_seconds`` counts the sound between the silence at a clip's ends
+        (trimmed), and a recording may hold as much silence around it."""
+        return 2 * self.max_seconds
 
     @classmethod
     def from_settings(cls, settings: Settings, sample_rate: int) -> ReferenceLimits:
@@ -122,7 +130,7 @@ def load_reference(
     Refuses what ``decode_input_audio`` refuses, then what ``check_reference`` refuses.
     """
     audio = decode_input_audio(
-        data, fmt, param, sample_rate=limits.sample_rate, max_seconds=limits.max_seconds,
+        data, fmt, param, sample_rate=limits.sample_rate, max_seconds=limits.decode_seconds,
         max_bytes=limits.max_bytes,
     )  # fmt: skip
     return check_reference(
@@ -135,7 +143,7 @@ def reference_from_bytes(
 ) -> Reference:
     """Decode and check an uploaded reference clip's bytes (``check_reference``)."""
     try:
-        audio = decode_audio(raw, target_rate=limits.sample_rate, max_seconds=limits.max_seconds)
+        audio = decode_audio(raw, target_rate=limits.sample_rate, max_seconds=limits.decode_seconds)
     except AudioError as exc:
         raise InvalidReference(f"voice reference: {exc}", param) from None
     return check_reference(audio, transcript, limits, param, transcript_param)
@@ -156,7 +164,13 @@ def check_reference(
             f"(5 to 15 s works best, at most {limits.max_seconds:g} s)",
             param,
         )
-    audio = trim_silence(audio)
+    audio = trim_silence(audio, pad_seconds=TRIM_PAD_SECONDS)
+    if audio.duration > limits.max_seconds + 2 * TRIM_PAD_SECONDS:
+        raise InvalidReference(
+            f"voice reference is {audio.duration:.1f} s long once the silence at its ends is trimmed; at "
+            f"most {limits.max_seconds:g} s is taken: send a shorter clip (5 to 15 s works best)",
+            param,
+        )
     key = hashlib.sha256(audio.samples.tobytes()).hexdigest()
     if transcript is not None:
         transcript = " ".join(transcript.split())

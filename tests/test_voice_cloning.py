@@ -320,6 +320,26 @@ def test_bad_references_get_a_clear_400(client, spy, name, data, extra, field, s
     assert ok.status_code == 200
 
 
+def test_the_reference_limit_counts_the_sound_not_the_silence_at_its_ends(client, spy):
+    """4.9 s of speech padded with silence to 32.9 s was refused as "longer than the 30 s limit": a
+    recording with pauses at its ends was turned away for what trimming removes anyway. The limit is the
+    sound between the silences (a clip may be twice as long in all)."""
+    words = "We need to finish the report before the meeting on Friday morning."
+    for sound, pad, accepted in ((25, 4, True), (31, 1, False), (20, 21, False)):
+        clip = np.concatenate([silence(pad), tone(sound), silence(pad)])
+        response = client.post(
+            "/v1/chat/completions", json=owner_request(wav_b64(clip, 24000), transcript=words)
+        )
+        if accepted:
+            assert response.status_code == 200, response.text
+            assert spy["encode"][-1].duration == pytest.approx(sound + 0.2, abs=0.05)  # what was cloned
+        else:
+            assert response.status_code == 400
+            message = response.json()["error"]["message"]
+            trimmed = "31.2 s long once the silence at its ends is trimmed"  # 0.1 s of it kept at each end
+            assert (trimmed in message) if sound == 31 else ("60 s limit" in message), message
+
+
 def test_two_references_in_one_message_are_refused(client):
     body = owner_request(b64(TEST_AUDIO))
     body["messages"][0]["content"].append(body["messages"][0]["content"][1])
