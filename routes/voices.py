@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from audio import MEDIA_TYPES, encode_audio
+from protocol import InvalidRequest
 from routes.deps import SettingsDep, VoicesDep, read_upload, require_generation_slot, require_ready
 
 log = logging.getLogger(__name__)
@@ -23,11 +24,20 @@ async def create_voice(
     voices: VoicesDep,
     settings: SettingsDep,
     name: Annotated[str, Form()],
-    audio_sample: Annotated[UploadFile, File()],
+    audio_sample: Annotated[UploadFile | None, File()] = None,
     transcript: Annotated[str | None, Form()] = None,
     consent: Annotated[str | None, Form()] = None,
+    voice_type: Annotated[str | None, Form(alias="type")] = None,
 ) -> JSONResponse:
     """Store a voice from an audio sample (transcribed when no transcript is given)."""
+    if voice_type not in (None, "audio_sample"):
+        raise InvalidRequest(
+            f"this server makes voices from an audio sample only, not of type {voice_type!r}; send the "
+            "clip as audio_sample (type audio_sample, or no type)",
+            "type",
+        )
+    if audio_sample is None:
+        raise InvalidRequest("this field is required: the voice's reference clip, as a file", "audio_sample")
     data = await read_upload(audio_sample, "audio_sample", settings)
     voice = await voices.create(name, data, transcript)
     log.info("stored voice %r (%.1f s)", voice.name, voice.duration)

@@ -386,6 +386,30 @@ def test_an_audio_answer_is_kept_until_its_expiry_and_no_longer(client, spy, mon
     assert any(ids[0] in r.getMessage() and "before its expiry" in r.getMessage() for r in caplog.records)
 
 
+def test_a_voice_of_another_type_than_an_audio_sample_is_refused_by_name(isolated):
+    """``type=prompt`` (the openai SDK's other kind of voice) was stored as an audio sample voice when a
+    clip came along, and without one got "this field is required" for ``audio_sample`` alone."""
+    with isolated() as client:
+        prompt = client.post(
+            "/v1/audio/voices", data={"name": "p", "type": "prompt", "prompt": "A calm voice."}
+        )
+        assert prompt.status_code == 400
+        error = prompt.json()["error"]
+        assert error["param"] == "type" and "audio sample only" in error["message"]
+        files = {"audio_sample": ("a.wav", WAV, "audio/wav")}
+        mixed = client.post(
+            "/v1/audio/voices", data={"name": "p", "type": "prompt", "transcript": WORDS}, files=files
+        )
+        assert mixed.status_code == 400 and mixed.json()["error"]["param"] == "type"
+        missing = client.post("/v1/audio/voices", data={"name": "p"})
+        assert missing.status_code == 400 and missing.json()["error"]["param"] == "audio_sample"
+        typed = client.post(
+            "/v1/audio/voices", data={"name": "p", "type": "audio_sample", "transcript": WORDS}, files=files
+        )
+        assert typed.status_code == 200, typed.text
+        assert client.get("/v1/audio/voices").json()["data"][0]["name"] == "p"
+
+
 # ---- quality of service ----
 
 
