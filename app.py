@@ -144,7 +144,7 @@ class _RequestLine(_RoutesMiddleware):
     """
 
     async def handle(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
-        path = scope["path"]
+        given, path = scope, scope["path"]
         if len(path) > 1 and path.endswith("/"):
             scope = {**scope, "path": path.rstrip("/") or "/"}
             scope["raw_path"] = scope["path"].encode()
@@ -153,6 +153,8 @@ class _RequestLine(_RoutesMiddleware):
             scope = {**scope, "method": "GET"}
 
         async def send_line(message: dict[str, Any]) -> None:
+            if "route" in scope:  # the route that served it, for the request's log line and metrics
+                given.setdefault("route", scope["route"])
             if message["type"] == "http.response.start" and message["status"] == 405:
                 headers = MutableHeaders(scope=message)
                 headers["allow"] = ", ".join(self._methods(scope))

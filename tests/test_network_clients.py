@@ -335,6 +335,11 @@ def test_a_trailing_slash_is_the_same_path_and_never_a_redirect(fake_client):
     assert response.content[:4] == b"RIFF"
     assert fake_client.get("/v1/models/").json()["data"]
     assert fake_client.get("/").status_code == 200
+    assert fake_client.head("/v1/models/").status_code == 200
+    metrics = fake_client.app.state.metrics.registry
+    for route, method in (("/v1/audio/speech", "POST"), ("/v1/models", "GET")):  # counted as their route
+        assert metrics.get_sample_value("higgs_requests_total", {"route": route, "status": "200"}), method
+    assert metrics.get_sample_value("higgs_requests_total", {"route": "unmatched", "status": "200"}) is None
 
 
 def test_a_compressed_body_is_a_415_naming_the_encoding(fake_client, fake_engine):
