@@ -2,13 +2,12 @@
 
 Requests are served by continuous batching: one scheduler thread owns the model and a ``BatchDecoder``
 (``decoder.py``) with a fixed number of slots; each loop it prefills waiting requests into free slots (up
-to ``prefill_batch``, on CUDA in one forward pass), then runs one decoding step for every running
-request. A request joins at the step after its prefill and leaves when it ends, is cancelled, or hits its
-token or time limit, without disturbing the others.
-A second thread (on CUDA with its own stream of high priority) owns the audio codec:
-it turns the audio pieces that are due into samples, first pieces first, the same-length pieces of several
-streams in one call, and encodes reference clips; on a CPU, where the two threads share the cores, the loop
-pauses while a first piece is due.
+to ``prefill_batch``, on CUDA in one forward pass), then runs one decoding step for every running request.
+A request joins at the step after its prefill and leaves when it ends, is cancelled, or hits its token or
+time limit, without disturbing the others. A second thread (on CUDA with its own stream of high priority)
+owns the audio codec: it turns the audio pieces that are due into samples, first pieces first, the same-
+length pieces of several streams in one call, and encodes reference clips; on a CPU, where the two threads
+share the cores, the loop pauses while a first piece is due.
 Prompts are built, and their length checked, before a request is queued, off both threads. A non-streamed
 answer is the collected stream.
 It implements ``generation.Engine``: callers get the typed results of ``generation.py``, never tensors of

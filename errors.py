@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 DEFAULT_RETRY_AFTER = 2
 # Seconds a client is told to wait when the server is shutting down (a replica, or the same one restarted).
 RESTART_RETRY_AFTER = 5
+# Engine failures answered 503, with what the client is told about retrying: a failed engine fails for good
+# (the openai SDK would retry a 503 unless told not to); one shutting down may be asked again (another
+# replica, or the same once restarted).
+_UNAVAILABLE = {
+    "engine_failed": {"x-should-retry": "false"},
+    "engine_closed": {"Retry-After": str(RESTART_RETRY_AFTER)},
+}
 
 
 def error_body(
@@ -98,18 +105,8 @@ def as_api_error(exc: Exception) -> APIError:
             headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
         )
     if isinstance(exc, EngineFailure):
-        if exc.code == "engine_failed":  # for good: the openai SDK would retry a 503 unless told not to
-            return APIError(
-                503, str(exc), type="server_error", code=exc.code, headers={"x-should-retry": "false"}
-            )
-        if exc.code == "engine_closed":  # shutting down: the request may be sent again (another replica)
-            return APIError(
-                503,
-                str(exc),
-                type="server_error",
-                code=exc.code,
-                headers={"Retry-After": str(RESTART_RETRY_AFTER)},
-            )
+        if exc.code in _UNAVAILABLE:
+            return APIError(503, str(exc), type="server_error", code=exc.code, headers=_UNAVAILABLE[exc.code])
         return APIError(500, str(exc), type="server_error", code=exc.code)
     if isinstance(exc, TranslatorUnavailable):
         return APIError(503, str(exc), type="server_error", code="model_unavailable")

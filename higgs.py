@@ -114,14 +114,8 @@ class Higgs:
         """Bytes of KV cache one row of ``tokens`` tokens takes (every layer's keys and values)."""
         text = self.config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return (
-            2
-            * len(self.model.layers)
-            * text.num_key_value_heads
-            * head_dim
-            * tokens
-            * self.model.dtype.itemsize
-        )
+        per_token = 2 * text.num_key_value_heads * head_dim * self.model.dtype.itemsize  # a key and a value
+        return len(self.model.layers) * per_token * tokens
 
     def decoder(self, slots: int, max_len: int, **options) -> BatchDecoder:
         """A ``BatchDecoder`` of ``slots`` rows of ``max_len`` tokens over this model (``options``: its

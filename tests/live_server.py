@@ -78,3 +78,12 @@ def start_process(args: list[str], settings: dict[str, str], timeout: float = 30
             pass
         time.sleep(0.5)
     return process
+
+
+def tiny_process_settings(tiny_settings: dict[str, str], voices_dir) -> dict[str, str]:
+    """A server process's settings (for ``start_process``): the tiny models on the CPU, no speech
+    recognition, no warm-up, a free port, its own voice library."""
+    return tiny_settings | {
+        "HIGGS_DEVICE": "cpu", "HIGGS_DTYPE": "float32", "HIGGS_STT_MODEL": "", "HIGGS_WARMUP": "false",
+        "HIGGS_PORT": str(free_port()), "HIGGS_VOICES_DIR": str(voices_dir),
+    }  # fmt: skip

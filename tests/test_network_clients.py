@@ -15,8 +15,7 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from live_server import serve, start_process
-from test_new_user_defects import tiny_process_settings
+from live_server import serve, start_process, tiny_process_settings
 
 
 def asgi_post(

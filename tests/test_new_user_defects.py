@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import TEST_AUDIO, b64, transcripts
 from fastapi.testclient import TestClient
-from live_server import free_port, start_process
+from live_server import start_process, tiny_process_settings
 
 from app import create_app
 
@@ -24,15 +24,6 @@ CHAT = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "d
         "messages": SPEAK, "max_tokens": 8, "seed": 1}  # fmt: skip
 WAV = TEST_AUDIO.read_bytes()
 WORDS = transcripts()["test_audio.wav"]
-
-
-def tiny_process_settings(tiny_settings: dict[str, str], voices_dir) -> dict[str, str]:
-    """A server process's settings: the tiny models on the CPU, no speech recognition, no warm-up, a free
-    port, its own voice library."""
-    return tiny_settings | {
-        "HIGGS_DEVICE": "cpu", "HIGGS_DTYPE": "float32", "HIGGS_STT_MODEL": "", "HIGGS_WARMUP": "false",
-        "HIGGS_PORT": str(free_port()), "HIGGS_VOICES_DIR": str(voices_dir),
-    }  # fmt: skip
 
 
 def upload(client, name: str, transcript: str | None = WORDS):
