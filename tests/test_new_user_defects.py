@@ -333,7 +333,7 @@ def test_14_an_unknown_audio_id_is_a_400_naming_it_unless_the_message_has_words(
 # ---- a cloning developer's trial (trial 31) ----
 
 
-def test_an_audio_object_without_modalities_asks_for_audio(client):
+def test_an_audio_object_without_modalities_asks_for_audio(client, openai_client):
     """``audio`` with no ``modalities`` was answered with text (for a clone request, the reference's
     recognised words) and a 200; what the client means by a voice and format is audio. Modalities that
     say text only still get text."""
@@ -344,6 +344,12 @@ def test_an_audio_object_without_modalities_asks_for_audio(client):
     text = client.post("/v1/chat/completions", json={**body, "modalities": ["text"]})
     assert text.status_code == 200 and text.json()["choices"][0]["message"]["audio"] is None
     assert "x-voice" not in text.headers
+    # The SDK, as the trial called it: no modalities, a voice and a format.
+    completion = openai_client.chat.completions.create(
+        model="tts-1", audio={"voice": "default", "format": "wav"}, max_tokens=8, seed=1,
+        messages=[{"role": "user", "content": "Hello there."}],
+    )  # fmt: skip
+    assert completion.choices[0].message.audio.data and completion.choices[0].message.audio.id
 
 
 def test_an_audio_answer_is_kept_until_its_expiry_and_no_longer(client, spy, monkeypatch, caplog):
