@@ -213,7 +213,9 @@ class AudioStream:
         if self.heard_from is None:
             self.heard_from = time.monotonic()
         self.samples_out += len(samples)
-        return AudioPiece(np.clip(samples, -1.0, 1.0))
+        spf = self.samples_per_frame
+        codes = AudioCodes(piece.codes[:, piece.start // spf : piece.stop // spf])
+        return AudioPiece(np.clip(samples, -1.0, 1.0), codes)
 
     def codes(self) -> AudioCodes:
         """The frames heard, (codebooks, frames)."""

@@ -23,19 +23,26 @@ SYSTEM_TEMPLATE = "Generate audio following instruction.\n\n<|scene_desc_start|>
 
 class ContextLengthError(ValueError):
     """Prompt plus requested output do not fit the model's context: ``detail`` says by how much, ``advice``
-    what to change, ``param`` which request field (``max_tokens`` unless the caller knows better)."""
+    what to change, ``param`` which request field (``max_tokens`` unless the caller knows better).
+    ``prompt_alone``: the prompt leaves no room for a single token, so no output length would fit (the
+    input is what to change, never ``max_tokens``)."""
 
     def __init__(
-        self, detail: str, advice: str = "shorten the input or lower max_tokens", param: str = "max_tokens"
+        self,
+        detail: str,
+        advice: str = "shorten the input or lower max_tokens",
+        param: str = "max_tokens",
+        prompt_alone: bool = False,
     ):
         super().__init__(f"{detail}; {advice}")
         self.detail = detail
         self.advice = advice
         self.param = param
+        self.prompt_alone = prompt_alone
 
     def naming(self, param: str, advice: str) -> ContextLengthError:
         """The same overflow, blamed on ``param`` (an endpoint without ``max_tokens``)."""
-        return ContextLengthError(self.detail, advice, param)
+        return ContextLengthError(self.detail, advice, param, self.prompt_alone)
 
 
 class EngineBusy(Exception):
@@ -73,6 +80,13 @@ class AudioCodes:
     def frames(self) -> int:
         """Number of frames (the tokenizer makes 25 a second)."""
         return int(self.codes.shape[1])
+
+    @staticmethod
+    def joined(parts: list[AudioCodes]) -> AudioCodes | None:
+        """Consecutive clips as one (None for none)."""
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else AudioCodes(torch.cat([p.codes for p in parts], dim=1))
 
 
 @dataclass(frozen=True)
@@ -142,6 +156,9 @@ class AudioPiece:
     """Streaming: the next samples of the answer, mono float32 at the engine's rate."""
 
     samples: np.ndarray
+    codes: AudioCodes | None = None
+    """The frames these samples were decoded from (the engine's pieces), so that an answer cut short can
+    still be kept by what was sent."""
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,12 @@ class Higgs:
         )
         placeholders = sum(1 for t in tokens if t in self.placeholder_ids)
         prompt_tokens = len(tokens) - placeholders + audio_columns
+        if prompt_tokens >= max_context:  # no max_tokens would fit: the input is what to change
+            raise ContextLengthError(
+                f"the prompt alone takes {prompt_tokens} tokens, and the context holds {max_context}",
+                "shorten the input",
+                prompt_alone=True,
+            )
         if prompt_tokens + request.max_new_tokens > max_context:
             raise ContextLengthError(
                 f"the prompt takes {prompt_tokens} tokens and {request.max_new_tokens} more were asked for, "

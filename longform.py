@@ -205,8 +205,8 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
         for k, text in enumerate(script.pieces):
             cap = script.caps[k] if script.budget is None else script.budget - used
             if cap <= 0:
-                cut = True
-                log.warning("max_tokens ran out after %d of %d pieces of the text", k, len(script.pieces))
+                cut = True  # (the client's own limit: not worth a warning)
+                log.info("max_tokens ran out after %d of %d pieces of the text", k, len(script.pieces))
                 break
             keep_slot = in_hand.seconds() < KEEP_SLOT_LEAD
             events, started, request = await _open(engine, script, k, history, cap, keep_slot)
@@ -222,13 +222,16 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
             yield TranscriptPiece(said[-1])
             joiner.start(fade_in=k > 0, fade_out=k < len(script.pieces) - 1)
             result = None
+            codes: list[AudioCodes] = []  # the frames of the samples the joiner holds, passed on with them
             async with aclosing(events):
                 async for event in events:
                     if isinstance(event, AudioPiece):
                         out = joiner.feed(event.samples)
+                        codes += [event.codes] if event.codes is not None else []
                         if out.size:
                             in_hand.sent(out.size)
-                            yield AudioPiece(out)
+                            yield AudioPiece(out, AudioCodes.joined(codes))
+                            codes = []
                     elif isinstance(event, GenerationResult):
                         result = event
             if result is None:
@@ -237,14 +240,17 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
             tail = joiner.end(fade_out=k < len(script.pieces) - 1)
             if tail.size:
                 in_hand.sent(tail.size)
-                yield AudioPiece(tail)
+                yield AudioPiece(tail, AudioCodes.joined(codes))
             results.append(result)
             used += result.completion_tokens
             if result.codes is not None:
                 history.append((text, result.codes))
             if result.finish_reason == "length":
                 cut = True
-                log.warning("piece %d of %d reached its cap before it ended", k + 1, len(script.pieces))
+                if script.budget is not None and result.completion_tokens >= cap:  # the client's limit
+                    log.info("max_tokens ran out in piece %d of %d of the text", k + 1, len(script.pieces))
+                else:
+                    log.warning("piece %d of %d reached its cap before it ended", k + 1, len(script.pieces))
     finally:
         if kept is not None:  # no next piece comes (the client left, max_tokens ran out): its slot goes back
             engine.release_slot(kept)

@@ -41,6 +41,7 @@ from protocol import (
     ChatMessage,
     InputAudioPart,
     InvalidRequest,
+    RefusalPart,
     SpeechRequest,
     TextPart,
 )
@@ -100,9 +101,26 @@ def _parts(message: ChatMessage, index: int) -> _Parts:
     for j, part in enumerate(message.content):
         if isinstance(part, TextPart):
             texts.append(part.text)
+        elif isinstance(part, RefusalPart):  # (an assistant's: the protocol refuses them elsewhere)
+            texts.append(part.refusal)
         elif isinstance(part, InputAudioPart):
             audios.append((f"messages[{index}].content[{j}]", part))
     return _Parts(texts, audios)
+
+
+def _nothing_to_speak(message: ChatMessage, index: int) -> InvalidRequest:
+    """The 400 for a last user message with nothing to speak: for one holding audio alone, whose speech
+    was not recognised (noise, a cough), a ``no_speech`` naming the clip, so that a voice agent can ask
+    its user again."""
+    parts = _parts(message, index)
+    if parts.audios and not _join(parts.texts):
+        return InvalidRequest(
+            "no speech was recognised in the last user message's audio, so there is nothing to speak; "
+            "send a clip of clear speech, or the words as text",
+            f"{parts.audios[0][0]}.input_audio.data",
+            code="no_speech",
+        )
+    return InvalidRequest("there is no text to speak in the last user message", f"messages[{index}].content")
 
 
 @dataclass(frozen=True)
@@ -379,7 +397,7 @@ class Planner:
                 return await self._plan_clone(request, scene or self.settings.default_scene, parts.audios[0])
 
         answers = {i: self._answer_of(m, i) for i, m in enumerate(messages) if m.role == "assistant"}
-        kept_audio = any(a is not None and a.codes is not None for a in answers.values())
+        kept_audio = any(a is not None and a.codes is not None and a.codes.frames for a in answers.values())
         sent_audio = any(_parts(m, i).audios for i, m in enumerate(messages) if m.role == "assistant")
         named = voice not in (DEFAULT_VOICE, CLONE_VOICE)  # its own reference: the same voice every time
         if sent_audio or (kept_audio and not named):
@@ -390,9 +408,7 @@ class Planner:
 
         text = await self._spoken_text(messages[last], last)
         if not text:
-            raise InvalidRequest(
-                "there is no text to speak in the last user message", f"messages[{last}].content"
-            )
+            raise _nothing_to_speak(messages[last], last)
         # Resolved last: a built-in voice's first use is a generation of its own (make_builtin).
         if voice == CLONE_VOICE:
             fallback, prompt = "no-reference", VoicePrompt(DEFAULT_VOICE)
@@ -434,18 +450,18 @@ class Planner:
                     reference = self._reference(param, part)
                     turns.append(Turn("assistant", audio=await self._codes(reference)))
                 answer = answers.get(i)
-                if answer is not None and answer.codes is not None:
+                if answer is not None and answer.codes is not None and answer.codes.frames:
                     turns.append(Turn("assistant", audio=answer.codes))
                 elif parts.texts and not parts.audios:
                     turns.append(Turn("assistant", _join(parts.texts)))
+                elif answer is not None and answer.transcript:  # cut before any of its audio was sent
+                    turns.append(Turn("assistant", answer.transcript))
             elif message.role == "user":
                 turns.append(Turn("user", await self._spoken_text(message, i)))
         text = turns[-1].text
         if not text:
             last = len(request.messages) - 1
-            raise InvalidRequest(
-                "there is no text to speak in the last user message", f"messages[{last}].content"
-            )
+            raise _nothing_to_speak(request.messages[last], last)
         return Plan(self._chat_generation(request, turns, text), text, "native")
 
     async def _plan_text(self, request: ChatCompletionRequest, scene: str) -> Plan:

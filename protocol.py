@@ -81,7 +81,15 @@ class InputAudioPart(OpenModel):
     input_audio: InputAudio
 
 
-ContentPart = Annotated[TextPart | InputAudioPart, Field(discriminator="type")]
+class RefusalPart(OpenModel):
+    """An assistant's refusal, as OpenAI's answers hold them (a conversation sent back keeps them): its
+    words are the assistant's."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+ContentPart = Annotated[TextPart | InputAudioPart | RefusalPart, Field(discriminator="type")]
 
 
 class AudioRef(OpenModel):
@@ -90,11 +98,31 @@ class AudioRef(OpenModel):
 
 
 class ChatMessage(OpenModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    """``tool`` and ``function`` (OpenAI's older form) messages are a conversation's record of tool calls:
+    accepted, and not part of what is spoken."""
     content: str | list[ContentPart] | None = None
     name: str | None = None
     audio: AudioRef | None = None
     """On an assistant message: the audio answer it was."""
+
+    @field_validator("content")
+    @classmethod
+    def _refusals_are_the_assistants(cls, content: Any, info: ValidationInfo) -> Any:
+        if isinstance(content, list) and info.data.get("role", "assistant") != "assistant":
+            if any(isinstance(part, RefusalPart) for part in content):
+                raise ValueError("a refusal part belongs to an assistant message")
+        return content
+
+    @field_validator("audio")
+    @classmethod
+    def _answers_are_the_assistants(cls, audio: AudioRef | None, info: ValidationInfo) -> AudioRef | None:
+        if audio is not None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError(
+                "audio names an earlier answer of this server, so it belongs to an assistant message; "
+                "send a user's audio as an input_audio content part"
+            )
+        return audio
 
 
 class VoiceRef(OpenModel):
@@ -104,6 +132,11 @@ class VoiceRef(OpenModel):
 class AudioParams(OpenModel):
     voice: str | VoiceRef = "default"
     format: Literal["wav", "mp3", "flac", "opus", "aac", "pcm16"] = "wav"
+
+    @property
+    def format_given(self) -> str | None:
+        """``format`` as the client sent it, None when left out."""
+        return self.format if "format" in self.model_fields_set else None
 
     @property
     def voice_name(self) -> str:
@@ -150,6 +183,8 @@ class ChatCompletionRequest(OpenModel):
     presence_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     tool_choice: str | dict[str, Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    """OpenAI's older ``tool_choice`` (its ``functions`` are accepted and ignored, as ``tools`` are)."""
     response_format: dict[str, Any] | None = None
 
     @field_validator("stream_options")
@@ -167,12 +202,21 @@ class ChatCompletionRequest(OpenModel):
             raise ValueError(f"this server does not {what}; leave {info.field_name} out or send {neutral}")
         return value
 
-    @field_validator("tool_choice")
+    @field_validator("tool_choice", "function_call")
     @classmethod
-    def _no_forced_tool(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    def _no_forced_tool(
+        cls, choice: str | dict[str, Any] | None, info: ValidationInfo
+    ) -> str | dict[str, Any] | None:
+        field = info.field_name
+        allowed = ("none", "auto", "required") if field == "tool_choice" else ("none", "auto")
+        if isinstance(choice, str) and choice not in allowed:
+            raise ValueError(
+                f"{field} is {', '.join(allowed)} or an object naming a function, not {choice!r}; this model "
+                "calls none, so send none or auto"
+            )
         if choice is not None and choice not in ("none", "auto"):
             raise ValueError(
-                "this model does not call tools, so it cannot be made to; send tool_choice none or auto"
+                f"this model does not call tools, so it cannot be made to; send {field} none or auto"
             )
         return choice
 
@@ -282,6 +326,11 @@ class SpeechRequest(OpenModel):
     stream_format: Literal["audio", "sse"] = "audio"
     seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**63)
     """Extension: same seed, input and voice give the same audio."""
+
+    @property
+    def format_given(self) -> str | None:
+        """``format`` as the client sent it, None when left out."""
+        return self.format if "format" in self.model_fields_set else None
 
     @property
     def voice_name(self) -> str:

@@ -87,8 +87,14 @@ async def chat_events(
 ) -> AsyncIterator[bytes]:
     """``chat.completion.chunk`` events: base64 PCM16 audio in ``delta.audio``, text in ``delta.content``.
 
-    The audio's transcript goes in ``delta.audio.transcript`` with the first audio of what it says (a long
-    text's pieces each with their own), so the deltas concatenate to the transcript of the audio sent."""
+    ``delta.audio`` has the shape the ``openai`` SDK's types describe and its stream helper accumulates
+    (strings concatenated, numbers added): the ``id`` once, with the first audio; ``data`` in every audio
+    delta, each a whole number of 3-byte groups (3 samples), so that the deltas' base64 strings concatenate
+    to the base64 of the whole audio (padding mid-string would end a decode there); the audio's transcript
+    in ``transcript`` with the first audio of what it says (a long text's pieces each with their own), so
+    that the deltas concatenate to the transcript of the audio sent; and ``expires_at`` once, in the last
+    audio delta (which always holds ``data``, if empty: clients such as Boson's example read ``data`` from
+    every audio delta)."""
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
@@ -99,17 +105,23 @@ async def chat_events(
 
     first_audio = True
     said = ""  # transcript not yet sent
+    held = b""  # PCM bytes beyond the last whole group of 6 (3 samples: 6 bytes encode to 8 characters)
 
-    def audio_chunk(samples: np.ndarray | None) -> bytes:
-        nonlocal first_audio, said
-        audio: dict[str, Any] = {"id": audio_id}
-        if samples is not None:
-            audio["data"] = base64.b64encode(pcm16(samples)).decode()
+    def audio_chunk(samples: np.ndarray | None, last: bool = False) -> bytes | None:
+        nonlocal first_audio, said, held
+        audio: dict[str, Any] = {"id": audio_id} if first_audio else {}
+        data = held + (pcm16(samples) if samples is not None else b"")
+        cut = len(data) if last else len(data) - len(data) % 6
+        held = data[cut:]
+        if cut or last:
+            audio["data"] = base64.b64encode(data[:cut]).decode()
         if said:
             audio["transcript"], said = said, ""
-        if first_audio:
+        if last:
             audio["expires_at"] = expires_at
-            first_audio = False
+        if not audio:
+            return None
+        first_audio = False
         return chunk({"audio": audio})
 
     async with aclosing(events):
@@ -117,14 +129,16 @@ async def chat_events(
         try:
             async for event in events:
                 if isinstance(event, AudioPiece) and audio_id:
-                    yield audio_chunk(event.samples)
+                    if (data := audio_chunk(event.samples)) is not None:
+                        yield data
                 elif isinstance(event, TranscriptPiece) and audio_id:
                     said += event.text
                 elif isinstance(event, TextPiece):
                     yield chunk({"content": event.text})
                 elif isinstance(event, GenerationResult):
-                    if audio_id and (first_audio or said):
-                        yield audio_chunk(no_audio(sample_rate) if first_audio else None)
+                    if audio_id:
+                        samples = no_audio(sample_rate) if first_audio else None
+                        yield audio_chunk(samples, last=True)
                     yield chunk({}, event.finish_reason)
                     if include_usage:
                         yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,7 +13,17 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from errors import bad_request
-from generation import ContextLengthError, Engine, GenerationResult, Started, StreamEvent, TextPiece
+from generation import (
+    AudioCodes,
+    AudioPiece,
+    ContextLengthError,
+    Engine,
+    GenerationResult,
+    Started,
+    StreamEvent,
+    TextPiece,
+    TranscriptPiece,
+)
 from longform import encode_whole, speak
 from planner import AUDIO_LIFETIME_SECONDS, TEXT_MAX_TOKENS, Planner
 from protocol import AssistantMessage, AudioOut, ChatCompletion, ChatCompletionRequest, Choice, Usage
@@ -29,6 +40,7 @@ from routes.deps import (
 from settings import Settings
 from streaming import chat_events, started, usage_of
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["chat"])
 
 
@@ -54,9 +66,12 @@ async def chat_completions(
 
 def _blamed(body: ChatCompletionRequest, exc: ContextLengthError) -> ContextLengthError:
     """A context overflow blamed on the field the client sent: ``max_completion_tokens`` (which wins over
-    ``max_tokens``), else ``max_tokens``, else the messages (the answer's length was the server's default)."""
+    ``max_tokens``), else ``max_tokens``, else the messages (the answer's length was the server's default);
+    the messages too when they alone fill the context (no ``max_tokens`` would fit)."""
     if exc.param != "max_tokens":
         return exc
+    if exc.prompt_alone:
+        return exc.naming("messages", "shorten the messages")
     if body.max_completion_tokens is not None:
         return exc.naming("max_completion_tokens", "shorten the messages or lower max_completion_tokens")
     if body.max_tokens is None:
@@ -72,8 +87,11 @@ async def _complete(
     body: ChatCompletionRequest, request: Request, settings: Settings, planner: Planner, engine: Engine
 ) -> Response:
     log_ignored(body)
+    if body.wants_audio and body.stop_strings:  # the spoken text is the client's own: nothing to stop
+        log.info("stop applies to text answers; ignored for this audio answer")
     check_model(settings, body.model)
-    if body.stream and body.wants_audio and body.audio and body.audio.format != "pcm16":
+    # A stream's audio is pcm16: a format left out means it, as when the audio object is left out.
+    if body.stream and body.wants_audio and body.audio and body.audio.format_given not in (None, "pcm16"):
         raise bad_request("streamed audio is pcm16; set audio.format to pcm16", "audio.format")
     try:  # a reference to recognise and encode is work the client may not wait for
         plan = await until_disconnected(request, planner.plan(body))
@@ -142,13 +160,27 @@ async def _complete(
 async def _remembered(
     events: AsyncIterator[StreamEvent], planner: Planner, audio_id: str
 ) -> AsyncIterator[StreamEvent]:
-    """``events``, keeping the finished answer (its transcript and last audio) for later requests that refer
-    to ``audio_id``."""
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, GenerationResult):
-                planner.remember_answer(audio_id, event.text, event.codes)
-            yield event
+    """``events``, keeping the answer (its transcript and last piece's audio) for later requests that refer
+    to ``audio_id``: once finished, or as far as it was sent when the stream is cut short (a listener who
+    interrupts the answer, a voice agent's barge-in, still holds an id that works)."""
+    said: list[str] = []  # the transcript of the pieces begun
+    codes: list[AudioCodes] = []  # the frames sent of the last piece
+    finished = False
+    try:
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, TranscriptPiece):
+                    said.append(event.text)
+                    codes = []
+                elif isinstance(event, AudioPiece) and event.codes is not None:
+                    codes.append(event.codes)
+                elif isinstance(event, GenerationResult):
+                    planner.remember_answer(audio_id, event.text, event.codes)
+                    finished = True
+                yield event
+    finally:
+        if not finished:
+            planner.remember_answer(audio_id, "".join(said), AudioCodes.joined(codes))
 
 
 async def _answer_events(answer: GenerationResult) -> AsyncIterator[StreamEvent]:

@@ -103,19 +103,35 @@ def test_a_long_spoken_text_with_a_negative_seed_speaks(client):
 
 @pytest.mark.parametrize(
     ("sent", "param"),
-    [({}, "messages"), ({"max_tokens": 100}, "max_tokens"),
-     ({"max_completion_tokens": 100}, "max_completion_tokens")],
+    [({}, "messages"), ({"max_tokens": 300}, "max_tokens"),
+     ({"max_completion_tokens": 300}, "max_completion_tokens")],
 )  # fmt: skip
 def test_a_prompt_too_long_for_the_context_blames_the_field_the_client_sent(client, sent, param):
-    """Without ``max_tokens`` the answer's length is the server's default: the messages are what to fix."""
+    """Without ``max_tokens`` the answer's length is the server's default: the messages are what to fix.
+    (The prompt, about 8,020 tokens of the tiny tokenizer, fits the 8,192 alone.)"""
     body = {k: v for k, v in TEXT.items() if k != "max_tokens"}
-    body = {**body, "messages": [{"role": "user", "content": "x" * 9000}], **sent}
+    body = {**body, "messages": [{"role": "user", "content": "x" * 8000}], **sent}
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["code"] == "context_length_exceeded" and error["param"] == param
     if param == "messages":
         assert "shorten the messages" in error["message"] and "512" in error["message"]
+
+
+@pytest.mark.parametrize("sent", [{}, {"max_tokens": 30}, {"max_completion_tokens": 30}])
+@pytest.mark.parametrize("modalities", [["text"], ["text", "audio"]])
+def test_messages_that_alone_fill_the_context_blame_the_messages(client, sent, modalities):
+    """No ``max_tokens`` could make them fit: an agent that shrinks ``max_tokens`` when it is blamed would
+    loop (a trial's finding: the error named ``max_tokens``)."""
+    messages = [{"role": "system", "content": "x" * 9000}, {"role": "user", "content": "Hello there."}]
+    body = {**TEXT, "modalities": modalities, "messages": messages, **sent}
+    body = {k: v for k, v in body.items() if k != "max_tokens" or "max_tokens" in sent}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "messages")
+    assert "the prompt alone takes" in error["message"] and error["message"].endswith("shorten the messages")
 
 
 def test_a_wrong_method_says_which_are_allowed(client):
