@@ -17,8 +17,9 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from bisect import bisect_left, bisect_right
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -26,13 +27,12 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 from faster_whisper import WhisperModel
+from faster_whisper.vad import VadOptions, get_speech_timestamps
 from transformers.models.whisper.tokenization_whisper import LANGUAGES as WHISPER_LANGUAGES
 from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE as WHISPER_LANGUAGE_CODES
 
 from audio import Audio, resample
 from settings import Settings
-
-log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,17 @@ TASKS = ("transcribe", "translate")
 #: ``verbose_json``; and English names (with their common variants) -> codes. Whisper's own tables.
 LANGUAGE_NAMES: dict[str, str] = WHISPER_LANGUAGES
 _NAME_TO_CODE: dict[str, str] = WHISPER_LANGUAGE_CODES
+
+#: Silence the voice-activity filter keeps on each side of a stretch of speech (faster-whisper's default,
+#: seconds); stretches are cut only at pauses of 2 s or more, so every stretch has this much on each side.
+SPEECH_PAD = VadOptions().speech_pad_ms / 1000
+
+#: How far into a stretch of speech a segment must reach to hold any of its words: past the stretch's
+#: padding of silence, and by 0.2 s, about the shortest spoken word, more.
+WORDS_IN_REACH = SPEECH_PAD + 0.2
+
+#: Whisper's time frames per second: a segment's ``seek`` counts these (10 ms each), as OpenAI's does.
+FRAMES_PER_SECOND = 100
 
 #: Temperatures tried in turn when the caller asks for temperature 0: like OpenAI's API, 0 means
 #: "start greedy and raise the temperature while the decode looks like a failure".
@@ -98,6 +109,73 @@ class Transcript:
     segments: list[Segment]
 
 
+@dataclass(frozen=True)
+class SpeechTimeline:
+    """The stretches of speech Whisper decoded, joined, and where each lies in the original audio.
+
+    With the voice-activity filter Whisper hears only the speech, the pauses between stretches cut out, and
+    gives times on that shorter timeline; these map them back. Stretch ``i`` spans ``starts[i]`` to
+    ``ends[i]`` (seconds) of what was decoded and was found ``offsets[i]`` seconds later in the original.
+    Without the filter there is one stretch, the whole audio, found where it was decoded.
+    """
+
+    starts: tuple[float, ...]
+    ends: tuple[float, ...]
+    offsets: tuple[float, ...]
+
+    @classmethod
+    def of(cls, chunks: list[dict], sample_rate: int) -> SpeechTimeline:
+        """From the voice-activity filter's stretches (``{"start", "end"}`` in samples, in order)."""
+        starts, ends, offsets, decoded = [], [], [], 0
+        for chunk in chunks:
+            starts.append(decoded / sample_rate)
+            offsets.append((chunk["start"] - decoded) / sample_rate)
+            decoded += chunk["end"] - chunk["start"]
+            ends.append(decoded / sample_rate)
+        return cls(tuple(starts), tuple(ends), tuple(offsets))
+
+    @classmethod
+    def whole(cls, seconds: float) -> SpeechTimeline:
+        """Nothing cut out: decoded times are the original times."""
+        return cls((0.0,), (seconds,), (0.0,))
+
+    def stretch(self, time: float, *, end: bool = False) -> int:
+        """The stretch that holds ``time``: where one stretch ends and the next begins, a start belongs to
+        the later one and an ``end`` to the earlier one."""
+        index = bisect_left(self.ends, time) if end else bisect_right(self.ends, time)
+        return min(index, len(self.ends) - 1)
+
+    def span(self, start: float, end: float) -> tuple[float, float, int]:
+        """A segment's ``start`` and ``end`` in the original audio, and the stretch its start lies in.
+
+        Whisper puts the boundary between two sentences anywhere in the pause it heard between them, so
+        a segment can begin in the last moments of one stretch or end in the first of the next, and mapped
+        as it stands it would cover the whole pause that was cut out (a subtitle shown for the 40 s of
+        silence before the next words). Every stretch begins and ends with ``SPEECH_PAD`` of silence, so a
+        segment that reaches less than ``WORDS_IN_REACH`` into a stretch holds none of its words: it starts,
+        or ends, in the stretch beside it instead.
+        """
+        first, last = self.stretch(start), max(self.stretch(start), self.stretch(end, end=True))
+        while first < last and self.ends[first] - start < WORDS_IN_REACH:
+            first += 1
+            start = self.starts[first]
+        while last > first and end - self.starts[last] < WORDS_IN_REACH:
+            last -= 1
+            end = self.ends[last]
+        return start + self.offsets[first], max(start, end) + self.offsets[last], first
+
+    def word(self, start: float, end: float) -> tuple[float, float]:
+        """A word's ``start`` and ``end`` in the original audio (both in the stretch of its middle)."""
+        offset = self.offsets[self.stretch((start + end) / 2)]
+        return start + offset, end + offset
+
+    def window(self, seek: float, stretch: int) -> float:
+        """Where the window Whisper decoded from ``seek`` (seconds) began in the original audio, as seen by
+        a segment starting in ``stretch``: a window can hold several stretches, and the part of it that
+        came before this stretch was elsewhere in the original."""
+        return max(seek, self.starts[stretch]) + self.offsets[stretch]
+
+
 @runtime_checkable
 class Transcriber(Protocol):
     """Anything that turns ``Audio`` into a ``Transcript``."""
@@ -122,9 +200,11 @@ class Transcriber(Protocol):
         task: str = "transcribe",
         word_timestamps: bool = False,
         stop: threading.Event | None = None,
+        on_segment: Callable[[Segment], None] | None = None,
     ) -> Transcript:
         """Transcribe (or translate into English) ``audio``; ``ValueError`` for bad arguments. When ``stop``
-        is set (the caller left), ``TranscriptionStopped`` as soon as the work can stop."""
+        is set (the caller left), ``TranscriptionStopped`` as soon as the work can stop. ``on_segment`` is
+        called with each segment as soon as it is decoded."""
         ...
 
 
@@ -263,6 +343,7 @@ class WhisperTranscriber:
         task: str = "transcribe",
         word_timestamps: bool = False,
         stop: threading.Event | None = None,
+        on_segment: Callable[[Segment], None] | None = None,
     ) -> Transcript:
         """Transcribe ``audio`` (any sample rate; resampled to 16 kHz).
 
@@ -271,7 +352,12 @@ class WhisperTranscriber:
         greedily/beam and falls back to higher temperatures on failure, as OpenAI's API does,
         any other value in (0, 1] samples at that temperature only.  ``task="translate"``
         produces English text.  Raises ``ValueError`` for an argument the model can't honour, and
-        ``TranscriptionStopped`` after the segment being decoded when ``stop`` is set.
+        ``TranscriptionStopped`` after the segment being decoded when ``stop`` is set.  ``on_segment`` (if
+        given) is called on this thread with each segment as soon as it is decoded.
+
+        Times count from the start of ``audio`` whether or not the voice-activity filter cut pauses out
+        (``SpeechTimeline``), and lie within it: a segment or word Whisper placed past the end (it does on
+        clips shorter than a second) ends with the audio.
         """
         if task not in TASKS:
             raise ValueError(f"Unknown task {task!r}: expected 'transcribe' or 'translate'.")
@@ -290,6 +376,15 @@ class WhisperTranscriber:
             raise ValueError(f"temperature must be between 0 and 1, got {temperature!r}.")
         samples = _whisper_samples(audio)
         duration = float(audio.duration)
+        timeline = SpeechTimeline.whole(samples.size / WHISPER_SAMPLE_RATE)
+        if self.vad_filter and samples.size:
+            # The filter runs here rather than in faster-whisper, whose mapping back to the original times
+            # stretches segments over the pauses it cut out (see ``SpeechTimeline.span``).
+            chunks = get_speech_timestamps(samples, VadOptions(min_speech_duration_ms=self.min_speech_ms))
+            kept = sum(c["end"] - c["start"] for c in chunks)
+            log.debug("voice-activity filter kept %.1f s of %.1f s", kept / WHISPER_SAMPLE_RATE, duration)
+            timeline = SpeechTimeline.of(chunks, WHISPER_SAMPLE_RATE)
+            samples = np.concatenate([samples[c["start"] : c["end"]] for c in chunks] or [samples[:0]])
         if samples.size == 0:
             return Transcript(text="", language=code or "en", duration=duration, segments=[])
 
@@ -302,17 +397,19 @@ class WhisperTranscriber:
             temperature=list(temperatures),
             initial_prompt=prompt.strip() if prompt and prompt.strip() else None,
             word_timestamps=word_timestamps,
-            vad_filter=self.vad_filter,
-            vad_parameters={"min_speech_duration_ms": self.min_speech_ms},
+            vad_filter=False,
         )
         # faster-whisper decodes lazily: all the work happens while this generator is consumed, a window of
         # up to 30 s at a time, so a caller that left stops it before the next window.
         segments = []
         for i, raw in enumerate(raw_segments):
-            segments.append(_convert_segment(i, raw, word_timestamps))
+            segment = _convert_segment(i, raw, word_timestamps, timeline, duration)
+            segments.append(segment)
+            if on_segment is not None:
+                on_segment(segment)
             if stop is not None and stop.is_set():
                 raise TranscriptionStopped(
-                    f"stopped after {raw.end:.1f} s of {duration:.1f} s: the caller left"
+                    f"stopped after {segment.end:.1f} s of {duration:.1f} s: the caller left"
                 )
         text = "".join(s.text for s in segments).strip()
         return Transcript(text=text, language=info.language, duration=duration, segments=segments)
@@ -427,24 +524,59 @@ class AsyncTranscriber:
         (cancelled: its client hung up) drops a job still queued and stops a running one after the
         segment it is decoding."""
         stop = threading.Event()
-        call = functools.partial(
-            self._run,
-            audio,
-            task,
-            language=language,
-            prompt=prompt,
-            temperature=temperature,
-            word_timestamps=word_timestamps,
-            stop=stop,
-        )
+        job = self._submit(audio, task, stop, language=language, prompt=prompt, temperature=temperature,
+                           word_timestamps=word_timestamps)  # fmt: skip
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+
+    async def stream(
+        self,
+        audio: Audio,
+        *,
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float = 0.0,
+        task: str = "transcribe",
+    ) -> AsyncIterator[Segment | Transcript]:
+        """Each segment as soon as the worker has decoded it, then the whole ``Transcript``; the arguments
+        and errors of ``transcribe`` (an error about the arguments comes before any segment). Closing the
+        iterator early (its client hung up) drops a job still queued and stops a running one after the
+        segment it is decoding, as cancelling ``transcribe`` does."""
+        loop = asyncio.get_running_loop()
+        decoded: asyncio.Queue[Segment | Future] = asyncio.Queue()
+
+        def put(item: Segment | Future) -> None:
+            try:
+                loop.call_soon_threadsafe(decoded.put_nowait, item)
+            except RuntimeError:  # the event loop is closed (shut down): nobody reads it
+                pass
+
+        stop = threading.Event()
+        job = self._submit(audio, task, stop, language=language, prompt=prompt, temperature=temperature,
+                           on_segment=put)  # fmt: skip
+        job.add_done_callback(put)  # after every segment: they were put from the worker before it was done
+        try:
+            while not isinstance(item := await decoded.get(), Future):
+                yield item
+            yield item.result()
+        finally:
+            stop.set()
+            job.cancel()  # drops it if it still waits for the worker
+
+    def _submit(self, audio: Audio, task: str, stop: threading.Event, **options: object) -> Future:
+        """Queue ``transcribe`` for the worker, counted as pending until it is over (or dropped);
+        ``TranscriberBusy`` when too many are."""
         if self._pending >= self.max_pending:  # the event loop is the only writer: no lock needed
             raise TranscriberBusy(
                 f"speech recognition is busy ({self._pending} requests queued); retry shortly"
             )
+        call = functools.partial(self._run, audio, task, stop=stop, **options)
         self._pending += 1
         # In the caller's context, so that log lines from the worker carry the request's id.
-        in_context = functools.partial(contextvars.copy_context().run, call)
-        job = self._executor.submit(in_context)
+        job = self._executor.submit(contextvars.copy_context().run, call)
         loop = asyncio.get_running_loop()
 
         # Counted until the job is over (or dropped), not until the caller stops waiting: a caller that
@@ -457,11 +589,7 @@ class AsyncTranscriber:
                 pass
 
         job.add_done_callback(done)
-        try:
-            return await asyncio.wrap_future(job)
-        except asyncio.CancelledError:
-            stop.set()
-            raise
+        return job
 
     def _release(self) -> None:
         self._pending -= 1
@@ -471,19 +599,33 @@ class AsyncTranscriber:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _convert_segment(index: int, s: object, word_timestamps: bool) -> Segment:
-    """faster-whisper ``Segment`` -> our ``Segment``: plain Python numbers, ids from 0 like OpenAI."""
+def _convert_segment(
+    index: int, s: object, word_timestamps: bool, timeline: SpeechTimeline, duration: float
+) -> Segment:
+    """faster-whisper ``Segment`` -> our ``Segment``: plain Python numbers, ids from 0 like OpenAI, times in
+    the original audio (``timeline``) rounded to 10 ms and within ``[0, duration]``; a segment with words
+    spans its words, as faster-whisper's own segments with words do."""
+
+    def within(start: float, end: float) -> tuple[float, float]:
+        start = min(max(0.0, round(start, 2)), duration)
+        return start, min(max(start, round(end, 2)), duration)
+
+    start, end, stretch = timeline.span(float(s.start), float(s.end))  # type: ignore[attr-defined]
+    window = timeline.window(s.seek / FRAMES_PER_SECOND, stretch)  # type: ignore[attr-defined]
     words = None
     if word_timestamps:
-        words = [
-            Word(word=w.word, start=float(w.start), end=float(w.end), probability=float(w.probability))
-            for w in (s.words or [])  # type: ignore[attr-defined]
-        ]
+        words = []
+        for w in s.words or []:  # type: ignore[attr-defined]
+            w_start, w_end = within(*timeline.word(float(w.start), float(w.end)))
+            words.append(Word(word=w.word, start=w_start, end=w_end, probability=float(w.probability)))
+        if words:
+            start, end = words[0].start, words[-1].end
+    start, end = within(start, end)
     return Segment(
         id=index,
-        seek=int(s.seek),  # type: ignore[attr-defined]
-        start=float(s.start),  # type: ignore[attr-defined]
-        end=float(s.end),  # type: ignore[attr-defined]
+        seek=min(round(window * FRAMES_PER_SECOND), math.floor(start * FRAMES_PER_SECOND)),
+        start=start,
+        end=end,
         text=str(s.text),  # type: ignore[attr-defined]
         tokens=[int(t) for t in s.tokens],  # type: ignore[attr-defined]
         temperature=float(s.temperature or 0.0),  # type: ignore[attr-defined]
@@ -529,11 +671,23 @@ def to_srt(t: Transcript) -> str:
 
 
 def to_vtt(t: Transcript) -> str:
-    """WebVTT subtitles: ``WEBVTT`` header, then one cue per segment (``00:00:01.000 --> ...``)."""
+    """WebVTT subtitles: ``WEBVTT`` header, then one cue per segment (``00:00:01.000 --> ...``); ``&`` and
+    ``<`` in the text escaped, as WebVTT requires of cue text."""
     blocks = [
-        f"{_timestamp(start, '.')} --> {_timestamp(end, '.')}\n{text}\n" for start, end, text in _cues(t)
+        f"{_timestamp(start, '.')} --> {_timestamp(end, '.')}\n{_vtt_escape(text)}\n"
+        for start, end, text in _cues(t)
     ]
     return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def _vtt_escape(text: str) -> str:
+    """Cue text as WebVTT allows it: ``&`` and ``<`` begin escapes and tags there."""
+    return text.replace("&", "&amp;").replace("<", "&lt;")
+
+
+def usage(t: Transcript) -> dict:
+    """OpenAI's ``usage`` of a whisper-1 transcription: the audio's duration, in whole seconds rounded up."""
+    return {"type": "duration", "seconds": math.ceil(t.duration)}
 
 
 def language_name(code: str) -> str:
@@ -547,11 +701,12 @@ def to_verbose_json(t: Transcript, task: str, include_words: bool, include_segme
     ``{"task", "language" (English name), "duration", "text", "segments"?, "words"?}``; the
     ``segments``/``words`` keys are present only when asked for, as OpenAI does
     (``timestamp_granularities``).  ``include_words`` needs a transcript made with
-    ``word_timestamps=True``, else ``ValueError``.
+    ``word_timestamps=True``, else ``ValueError``.  A translation's language is the one it is in,
+    ``"english"``, as OpenAI reports it (not the language that was spoken).
     """
     body: dict = {
         "task": task,
-        "language": language_name(t.language),
+        "language": language_name("en" if task == "translate" else t.language),
         "duration": t.duration,
         "text": t.text,
     }

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from audio import AudioError, decode_audio
-from errors import APIError, bad_request
+from audio import Audio, AudioError, decode_audio
+from errors import APIError, as_api_error, bad_request
 from protocol import TranscriptionForm, TranslationForm
 from routes.deps import (
     ClientDisconnected,
@@ -23,7 +25,17 @@ from routes.deps import (
     until_disconnected,
 )
 from settings import Settings
-from stt import WHISPER_SAMPLE_RATE, AsyncTranscriber, to_srt, to_verbose_json, to_vtt
+from streaming import sse
+from stt import (
+    WHISPER_SAMPLE_RATE,
+    AsyncTranscriber,
+    Segment,
+    Transcript,
+    to_srt,
+    to_verbose_json,
+    to_vtt,
+    usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +52,11 @@ TRANSCRIPTION_FIELDS = {
 }  # fmt: skip
 NO_LOGPROBS = "log probabilities are not available from this server's speech recognition"
 REFUSED_FIELDS = {"include[]": NO_LOGPROBS, "include": NO_LOGPROBS}
+# Streamed transcription sends text only (OpenAI's ``transcript.text.delta`` events), so it takes the formats
+# whose answer is text alone; OpenAI's own models that stream take no others either.
+STREAMED_FORMATS = ("json", "text")
+# OpenAI: "streaming is not supported for the whisper-1 model and will be ignored".
+UNSTREAMED_MODELS = ("whisper-1",)
 
 
 @router.post("/transcriptions")
@@ -51,17 +68,19 @@ async def transcriptions(
     recognizer: RecognizerDep,
 ) -> Response:
     """OpenAI's transcription endpoint."""
-    if form.stream:
-        raise bad_request("streamed transcription is not supported yet; send stream=false", "stream")
     fields = await request.form()  # (parsed once: FastAPI read it for ``form``)
-    _check_fields(fields.keys(), TRANSCRIPTION_FIELDS)
+    _check_fields(fields, TRANSCRIPTION_FIELDS)
+    stream = form.stream
+    if stream and form.model in UNSTREAMED_MODELS:
+        log.info("stream ignored: %s answers unstreamed, as OpenAI's does", form.model)
+        stream = False
     # OpenAI's clients send ``timestamp_granularities[]``; a form written by hand may leave out the brackets.
     granularities, field = form.timestamp_granularities, GRANULARITIES_FIELD
     if not granularities:
         field = "timestamp_granularities"
         granularities = fields.getlist(field)
     return await _speech_to_text("transcribe", form, form.language, granularities, file, request, settings,
-                                 recognizer, granularities_field=field)  # fmt: skip
+                                 recognizer, granularities_field=field, stream=stream)  # fmt: skip
 
 
 @router.post("/translations")
@@ -73,14 +92,16 @@ async def translations(
     recognizer: RecognizerDep,
 ) -> Response:
     """OpenAI's translation endpoint: speech in any language the model knows, English text out."""
-    _check_fields((await request.form()).keys(), TRANSLATION_FIELDS)
+    _check_fields(await request.form(), TRANSLATION_FIELDS)
     return await _speech_to_text("translate", form, None, [], file, request, settings, recognizer)
 
 
-def _check_fields(names, known: set[str]) -> None:
-    """Refuse a field asking for what cannot be given (400 naming it); log the others not ``known``,
-    ignored."""
-    given = set(names)
+def _check_fields(fields, known: set[str]) -> None:
+    """Refuse a second file, and a field asking for what cannot be given (400 naming it); log the others
+    not ``known``, ignored."""
+    if (files := len(fields.getlist("file"))) > 1:
+        raise bad_request(f"send one file: the request has {files} file parts", "file")
+    given = set(fields.keys())
     if refused := sorted(given & REFUSED_FIELDS.keys()):
         name = refused[0]
         raise bad_request(f"{name} is not supported: {REFUSED_FIELDS[name]}; leave it out", name)
@@ -98,9 +119,11 @@ async def _speech_to_text(
     settings: Settings,
     recognizer: AsyncTranscriber | None,
     granularities_field: str = GRANULARITIES_FIELD,
+    stream: bool = False,
 ) -> Response:
-    """The body both endpoints share: cheap checks, decode, recognise, format. Errors about
-    ``granularities`` name ``granularities_field``, the form field they came in."""
+    """The body both endpoints share: cheap checks, decode, recognise, format (or ``stream`` the text as it
+    is recognised). Errors about ``granularities`` name ``granularities_field``, the form field they came
+    in."""
     check_model(settings, form.model)
     if recognizer is None:
         raise APIError(
@@ -119,6 +142,12 @@ async def _speech_to_text(
         )
     if granularities and fmt != "verbose_json":
         raise bad_request("timestamp_granularities needs response_format verbose_json", granularities_field)
+    if stream and fmt not in STREAMED_FORMATS:
+        raise bad_request(
+            f"a streamed transcription sends its text only: use response_format json or text with "
+            f"stream=true, not {fmt!r} (or leave stream out)",
+            "response_format",
+        )
     if task == "translate" and not recognizer.supports_translation:
         raise bad_request(
             "the speech recognition model cannot translate (English-only and turbo models cannot); "
@@ -138,6 +167,8 @@ async def _speech_to_text(
         )
     except AudioError as exc:
         raise bad_request(str(exc), "file", code="invalid_audio") from None
+    if stream:
+        return await _streamed(audio, form, language, request, recognizer)
     words = "word" in granularities
     try:
         work = recognizer.transcribe(
@@ -152,15 +183,65 @@ async def _speech_to_text(
     except ClientDisconnected:  # its job is dropped if it still waited for the worker
         return Response(status_code=499)  # nobody reads it; logged and counted as 499
     except ValueError as exc:
-        param = "temperature" if "temperature" in str(exc) else "language"
-        raise bad_request(str(exc), param) from None
+        raise _invalid_option(exc) from None
+    # OpenAI reports whisper-1's usage as the audio's duration; a translation's answer has no usage.
+    metered = {"usage": usage(transcript)} if task == "transcribe" else {}
     if fmt == "json":
-        return JSONResponse({"text": transcript.text})
+        return JSONResponse({"text": transcript.text, **metered})
     if fmt == "verbose_json":
         segments = "segment" in granularities or not granularities
-        return JSONResponse(to_verbose_json(transcript, task, include_words=words, include_segments=segments))
+        body = to_verbose_json(transcript, task, include_words=words, include_segments=segments)
+        return JSONResponse({**body, **metered})
     if fmt == "srt":
         return PlainTextResponse(to_srt(transcript))
     if fmt == "vtt":
         return PlainTextResponse(to_vtt(transcript), media_type="text/vtt")
     return PlainTextResponse(transcript.text + "\n")
+
+
+def _invalid_option(exc: ValueError) -> APIError:
+    """The 400 for an option the recognizer refused."""
+    return bad_request(str(exc), "temperature" if "temperature" in str(exc) else "language")
+
+
+async def _streamed(
+    audio: Audio, form: TranslationForm, language: str | None, request: Request, recognizer: AsyncTranscriber
+) -> Response:
+    """OpenAI's streamed transcription: server-sent ``transcript.text.delta`` events as the segments are
+    recognised, then ``transcript.text.done`` with the whole text. The headers go out with the first
+    segment (or the end), so that a refused option is still a 400; a client that leaves stops the
+    recognition after the segment being decoded, before the headers as after them."""
+    events = recognizer.stream(audio, language=language, prompt=form.prompt, temperature=form.temperature)
+    try:
+        first = await until_disconnected(request, anext(events))
+    except ClientDisconnected:  # the iterator was closed: its job dropped or stopped
+        return Response(status_code=499)
+    except ValueError as exc:
+        raise _invalid_option(exc) from None
+    return StreamingResponse(_text_events(first, events), media_type="text/event-stream")
+
+
+async def _text_events(
+    first: Segment | Transcript, events: AsyncIterator[Segment | Transcript]
+) -> AsyncIterator[bytes]:
+    """The events of ``_streamed``. The deltas joined are the done event's text, which is the unstreamed
+    answer's: the first delta has no leading space, and spaces at a segment's end wait for the next
+    segment's words (a transcript ends without them)."""
+    sent, spaces, item = False, "", first
+    try:
+        async with aclosing(events):
+            while isinstance(item, Segment):
+                text = item.text if sent else item.text.lstrip()
+                words = text.rstrip()
+                if words:
+                    yield sse({"type": "transcript.text.delta", "delta": spaces + words})
+                    sent, spaces = True, text[len(words) :]
+                elif sent:
+                    spaces += text
+                item = await anext(events)
+            yield sse({"type": "transcript.text.done", "text": item.text})
+    except Exception as exc:  # after the headers: the stream ends with an error event
+        error = as_api_error(exc)
+        if error.status >= 500:
+            log.exception("streamed transcription failed")
+        yield sse({"type": "error", "error": error.body()["error"]})

@@ -64,6 +64,15 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     return prev[-1] / len(ref)
 
 
+def srt_times(srt: str) -> list[tuple[float, float]]:
+    """The (start, end) of every cue of an SRT document, in seconds."""
+    stamp = r"(\d\d):(\d\d):(\d\d),(\d\d\d)"
+    return [
+        tuple(int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000 for h, m, s, ms in (g[:4], g[4:]))
+        for g in re.findall(stamp + " --> " + stamp, srt)
+    ]
+
+
 def fixture_path(name: str) -> Path:
     """Where the speech fixture called ``name`` (a key of transcripts.json) lives."""
     return ROOT / name if name == "test_audio.wav" else FIXTURES / name
@@ -96,10 +105,13 @@ def chat_audio(completion: dict) -> bytes:
     return base64.b64decode(completion["choices"][0]["message"]["audio"]["data"])
 
 
-async def post_then_hang_up(app, path: str, headers: list[tuple[bytes, bytes]], body: bytes, until) -> list:
+async def post_then_hang_up(
+    app, path: str, headers: list[tuple[bytes, bytes]], body: bytes, until, sent: list | None = None
+) -> list:
     """``POST path`` to the ASGI ``app`` from a client that hangs up once ``until()`` is true (a TestClient
-    cannot hang up while the answer is being made); returns the ASGI messages the app sent."""
-    sent: list = []
+    cannot hang up while the answer is being made); returns the ASGI messages the app sent, appended to
+    ``sent`` (when given) as they are sent, so that ``until`` can look at them."""
+    sent = [] if sent is None else sent
     delivered = False
 
     async def receive() -> dict:

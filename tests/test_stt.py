@@ -27,6 +27,7 @@ from stt import (
     CUDA12_LIBRARY_DIR,
     AsyncTranscriber,
     Segment,
+    SpeechTimeline,
     Transcriber,
     Transcript,
     TranslatorUnavailable,
@@ -481,3 +482,31 @@ def test_formats_of_a_real_transcript(two_sentences: tuple[Audio, Transcript]) -
     parsed = openai_types.TranscriptionVerbose.model_validate(body)
     assert parsed.segments is not None and parsed.words is not None
     assert len(parsed.words) == len(body["words"])
+
+
+def test_vtt_escapes_cue_text() -> None:
+    t = Transcript("a", "en", 2.0, [Segment(0, 0, 0.0, 1.0, " R&D <b> --> x", [], 0.0, 0.0, 1.0, 0.0)])
+    assert to_vtt(t).endswith("\nR&amp;D &lt;b> -> x\n")
+    assert to_srt(t).endswith("\nR&D <b> -> x\n")  # SubRip has no escapes
+
+
+def test_speech_timeline_maps_segments_onto_the_speech() -> None:
+    """Two stretches of speech kept by the filter, 0-6.448 s and 46.16-52.6 s of the file (the trial's
+    clip): joined, the second begins at 6.448 s of what Whisper heard."""
+    timeline = SpeechTimeline.of([{"start": 0, "end": 103_168}, {"start": 738_560, "end": 841_610}], 16_000)
+    assert timeline.starts == (0.0, 6.448) and timeline.ends == pytest.approx((6.448, 12.888625))
+    assert timeline.offsets == pytest.approx((0.0, 39.712))
+    # A segment ending at the boundary, or a little past it (Whisper's 6.64 s), ends with its speech; the
+    # next starting a little before the boundary starts with its own.
+    assert timeline.span(5.28, 6.448)[:2] == pytest.approx((5.28, 6.448))
+    assert timeline.span(5.28, 6.64)[:2] == pytest.approx((5.28, 6.448))
+    assert timeline.span(6.4, 11.0) == pytest.approx((46.16, 50.712, 1))
+    assert timeline.span(5.9, 11.0) == pytest.approx((46.16, 50.712, 1))  # in the padding and a bit more
+    # A segment holding words of both stretches spans them (and the pause between).
+    assert timeline.span(4.0, 8.0)[:2] == pytest.approx((4.0, 47.712))
+    # Words map by their middle; a window opened before the second stretch starts, for a segment in it,
+    # where that stretch does.
+    assert timeline.word(6.3, 6.5) == pytest.approx((6.3, 6.5))
+    assert timeline.word(6.4, 6.6) == pytest.approx((46.112, 46.312))
+    assert timeline.window(0.0, 1) == pytest.approx(46.16) and timeline.window(0.0, 0) == 0.0
+    assert SpeechTimeline.whole(3.0).span(1.0, 5.0) == (1.0, 5.0, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import time
@@ -11,7 +12,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from conftest import FIXTURES, TEST_AUDIO, b64, fixture_path, transcripts, wav_b64, word_error_rate
+from conftest import FIXTURES, TEST_AUDIO, b64, fixture_path, srt_times, transcripts, wav_b64, word_error_rate
 
 CLIPS = ["test_audio.wav", "speech_female.wav"]
 FORMATS = ["json", "text", "srt", "vtt", "verbose_json"]
@@ -336,6 +337,184 @@ def test_a_running_transcription_stops_when_its_client_leaves(client, app, recog
     body, began = upload.read(), lambda: bool(decoded)
     sent = client.portal.call(post_then_hang_up, app, upload.url.path, headers, body, began)
     assert sent[0]["status"] == 499
+    deadline = time.monotonic() + 300
+    while recognizer._pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert recognizer._pending == 0  # the job is over
+    assert not finished and max(decoded) < len(clip) / rate - 60, decoded  # two 30-s windows never decoded
+
+
+# ---- timestamps with the voice-activity filter, usage, streaming
+
+
+def speech_pause_speech(pause: float) -> tuple[bytes, float, float]:
+    """test_audio.wav, ``pause`` seconds of silence, speech_female.wav, as a 16 kHz WAV; and where the
+    pause begins and ends (seconds)."""
+    from audio import resample
+
+    first, rate = sf.read(str(TEST_AUDIO), dtype="float32")
+    first = resample(first, rate, 16000)
+    second, rate = sf.read(str(FIXTURES / "speech_female.wav"), dtype="float32")
+    assert rate == 16000
+    samples = np.concatenate([first, np.zeros(int(pause * 16000), np.float32), second])
+    return wav_bytes(samples, 16000), len(first) / 16000, len(first) / 16000 + pause
+
+
+def test_timestamps_lie_on_the_speech_around_a_long_pause(openai_client):
+    """The voice-activity filter cuts the 40 s pause out before Whisper hears the clip, and the times
+    Whisper gives are mapped back: no segment may stretch over the pause (faster-whisper's own mapping
+    started the second sentence at 4.0 s, 40 s before its words, and ended it past the end of the file),
+    segments lie within the audio, SRT shows the same times, and each segment's ``seek`` is the offset of
+    the window that holds it in the file (10 ms frames), as OpenAI's: seek/100 <= start < seek/100 + 30."""
+    clip, pause_start, pause_end = speech_pause_speech(40)
+    upload = ("pause.wav", clip, "audio/wav")
+    result = openai_client.audio.transcriptions.create(
+        model="whisper-1", file=upload, response_format="verbose_json"
+    )
+    spans = [(s.start, s.end, s.text) for s in result.segments]
+    assert "report" in result.text and "park" in result.text, spans
+    wrong = []  # (what is wrong, segment id): every fault at once
+    for segment in result.segments:
+        start, end, text = segment.start, segment.end, segment.text
+        if ("report" in text or "morning" in text) and end > pause_start + 1:
+            wrong.append(("ends where the next speech begins", segment.id))
+        if ("park" in text or "favorite" in text) and not pause_end - 1 <= start <= pause_end + 1:
+            wrong.append(("starts before its speech", segment.id))
+        if end > pause_start + 1 and start < pause_end - 1:
+            wrong.append(("covers the pause", segment.id))
+        if not 0 <= start <= end <= result.duration:
+            wrong.append(("outside the audio", segment.id))
+        if not segment.seek / 100 <= start < segment.seek / 100 + 30:
+            wrong.append(("seek is not its window's", segment.id))
+    assert not wrong, (wrong, [(s.seek, s.start, s.end, s.text) for s in result.segments])
+    srt = openai_client.audio.transcriptions.create(model="whisper-1", file=upload, response_format="srt")
+    assert srt_times(srt) == [(round(s, 3), round(e, 3)) for s, e, _ in spans], srt
+
+
+def test_segments_end_with_the_audio(openai_client):
+    """Whisper puts the end of half a second of speech at 1.0 s: every format says 0.5 s."""
+    speech, rate = sf.read(str(TEST_AUDIO), dtype="float32")
+    upload = ("half.wav", wav_bytes(speech[rate // 4 : rate * 3 // 4], rate), "audio/wav")
+    result = openai_client.audio.transcriptions.create(
+        model="whisper-1", file=upload, response_format="verbose_json"
+    )
+    assert result.segments and result.duration == 0.5
+    assert all(0 <= s.start <= s.end <= 0.5 for s in result.segments), result.segments
+    srt = openai_client.audio.transcriptions.create(model="whisper-1", file=upload, response_format="srt")
+    assert srt_times(srt) == [(s.start, s.end) for s in result.segments]
+
+
+def test_usage_is_the_audio_duration_in_whole_seconds(openai_client):
+    """As OpenAI reports whisper-1's: {"type": "duration", "seconds": 5} for 4.03 s of audio."""
+    for fmt in ("json", "verbose_json"):
+        with open(TEST_AUDIO, "rb") as f:
+            result = openai_client.audio.transcriptions.create(model="whisper-1", file=f, response_format=fmt)
+        assert (result.usage.type, result.usage.seconds) == ("duration", 5), fmt
+
+
+def test_vtt_escapes_ampersands(client):
+    """With this prompt tiny.en writes "green & I"; WebVTT cue text must say &amp; (SRT keeps it)."""
+    answers = {
+        fmt: client.post(
+            "/v1/audio/transcriptions",
+            files={"file": ("a.wav", (FIXTURES / "speech_female.wav").read_bytes(), "audio/wav")},
+            data={
+                "model": "whisper-1",
+                "response_format": fmt,
+                "prompt": "Salt & pepper, green & white, you & I.",
+            },
+        ).text
+        for fmt in ("srt", "vtt")
+    }
+    assert "green & I" in answers["srt"], answers  # what the test relies on the model to hear
+    assert "green &amp; I" in answers["vtt"] and not re.search(r"&(?!amp;|lt;)", answers["vtt"]), answers
+
+
+@pytest.mark.parametrize("path", ["/v1/audio/transcriptions", "/v1/audio/translations"])
+def test_two_files_are_a_400(client, path):
+    """Not the last one transcribed without a word."""
+    clip = TEST_AUDIO.read_bytes()
+    response = client.post(
+        path,
+        files=[("file", ("a.wav", clip, "audio/wav")), ("file", ("b.wav", clip, "audio/wav"))],
+        data={"model": "whisper-1"},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "file" and "one file" in error["message"]
+
+
+def test_streamed_transcription_through_the_sdk(openai_client, client):
+    """OpenAI's transcript.text.delta events, one per segment as it is recognised, then
+    transcript.text.done: the deltas joined are its text, and the unstreamed answer's."""
+    clip, _, _ = speech_pause_speech(40)  # two sentences: two segments
+    upload = ("pause.wav", clip, "audio/wav")
+    events = list(
+        openai_client.audio.transcriptions.create(model="gpt-4o-transcribe", file=upload, stream=True)
+    )
+    types = [e.type for e in events]
+    assert types[-1] == "transcript.text.done" and types[:-1] == ["transcript.text.delta"] * (len(types) - 1)
+    assert len(types) >= 3, events
+    streamed = "".join(e.delta for e in events[:-1])
+    assert streamed == events[-1].text
+    assert streamed == openai_client.audio.transcriptions.create(model="gpt-4o-transcribe", file=upload).text
+    # The text format streams the same events; whisper-1 ignores stream (as OpenAI's does).
+    form = {"model": "gpt-4o-transcribe", "stream": "true", "response_format": "text"}
+    text = client.post("/v1/audio/transcriptions", files={"file": upload}, data=form)
+    assert text.headers["content-type"].startswith("text/event-stream")
+    assert text.text.rstrip("\n").split("\n\n")[-1] == "data: " + json.dumps(
+        {"type": "transcript.text.done", "text": streamed}, separators=(",", ":")
+    )
+    plain = client.post("/v1/audio/transcriptions", files={"file": upload},
+                        data={"model": "whisper-1", "stream": "true"})  # fmt: skip
+    assert plain.headers["content-type"] == "application/json" and plain.json()["text"] == streamed
+
+
+def test_a_streamed_transcription_takes_text_formats_only(client):
+    response = client.post(
+        "/v1/audio/transcriptions",
+        files={"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")},
+        data={"model": "gpt-4o-transcribe", "stream": "true", "response_format": "srt"},
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+
+
+def test_a_streamed_transcription_stops_when_its_client_leaves(client, app, recognizer, monkeypatch):
+    """The client hangs up after the first delta: Whisper stops after the segment it is decoding instead
+    of transcribing the rest of the file."""
+    import httpx
+    from conftest import post_then_hang_up
+
+    decoded: list[float] = []
+    finished: list[bool] = []
+    model = recognizer.transcriber._model
+    real = model.transcribe
+
+    def transcribe(*args, **kwargs):
+        segments, info = real(*args, **kwargs)
+
+        def counted():
+            for segment in segments:
+                decoded.append(segment.end)
+                yield segment
+            finished.append(True)
+
+        return counted(), info
+
+    monkeypatch.setattr(model, "transcribe", transcribe)
+    samples, rate = sf.read(str(TEST_AUDIO), dtype="float32")
+    clip = np.tile(np.concatenate([samples, np.zeros(rate // 2, np.float32)]), 30)  # 136 s of speech
+    upload = httpx.Request(
+        "POST", "http://testserver/v1/audio/transcriptions",
+        data={"model": "gpt-4o-transcribe", "stream": "true"},
+        files={"file": ("long.wav", wav_bytes(clip, rate), "audio/wav")},
+    )  # fmt: skip
+    headers = [(k.lower().encode(), v.encode()) for k, v in upload.headers.items() if k != "host"]
+    sent: list = []
+    delta = lambda: any(b"transcript.text.delta" in m.get("body", b"") for m in sent)  # noqa: E731
+    client.portal.call(post_then_hang_up, app, upload.url.path, headers, upload.read(), delta, sent)
+    assert sent[0]["status"] == 200 and delta()
+    assert not any(b"transcript.text.done" in m.get("body", b"") for m in sent)
     deadline = time.monotonic() + 300
     while recognizer._pending and time.monotonic() < deadline:
         time.sleep(0.05)

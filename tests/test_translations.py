@@ -7,13 +7,16 @@ must be loaded on the first translation and not before.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
-from conftest import FIXTURES, TEST_AUDIO, transcripts, word_error_rate
+import soundfile as sf
+from conftest import FIXTURES, TEST_AUDIO, srt_times, transcripts, word_error_rate
 
 GERMAN = FIXTURES / "speech_german.wav"
 
@@ -65,8 +68,21 @@ def test_the_translation_model_is_loaded_on_first_use_and_translates(settings, e
         words = english.text.lower()
         assert "morning" in words and "coffee" in words, (english.text, expected["english"])
         assert "kaffee" not in words and "morgen" not in words
-        assert (english.task, english.language) == ("translate", "german")
-        assert english.segments and abs(english.duration - 4.51) < 0.05
+        assert english.task == "translate" and english.segments and abs(english.duration - 4.51) < 0.05
+        # The voice-activity filter cut a 30 s pause out: no subtitle is shown over it.
+        speech, rate = sf.read(str(GERMAN), dtype="float32")
+        english_speech, _ = sf.read(str(FIXTURES / "speech_female.wav"), dtype="float32")  # (both 16 kHz)
+        pause_start, pause_end = len(speech) / rate, len(speech) / rate + 30
+        clip = np.concatenate([speech, np.zeros(30 * rate, np.float32), english_speech])
+        buffer = io.BytesIO()
+        sf.write(buffer, clip, rate, format="WAV")
+        srt = api.audio.translations.create(
+            model="whisper-1", file=("pause.wav", buffer.getvalue(), "audio/wav"), response_format="srt"
+        )
+        cues = srt_times(srt)
+        over_the_pause = [(a, b) for a, b in cues if b > pause_start + 1 and a < pause_end - 1]
+        # A translation's language is that of its text, as OpenAI reports it (not the one spoken).
+        assert (english.language, len(cues) >= 2, over_the_pause) == ("english", True, []), srt
         # Transcription still uses the main model: English-only, so German is refused there.
         with open(GERMAN, "rb") as f, pytest.raises(openai.BadRequestError) as info:
             api.audio.transcriptions.create(model="whisper-1", file=f, language="de")
