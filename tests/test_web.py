@@ -269,6 +269,44 @@ def test_storing_a_voice_from_an_uploaded_file_lists_plays_and_deletes_it(page, 
     expect(page.locator("#speak-status")).to_have_text("Deleted the voice uploaded; the voice is now alloy.")
 
 
+def test_the_library_keeps_the_focus_and_says_what_its_buttons_did(page, base_url):
+    """An accessibility audit: the library was built again under the keyboard (after speaking with an OpenAI
+    name, or when the pill turned Ready), dropping the focus; "Use" was named "Speak with ..."; arming
+    Delete changed only the focused button's name, which screen readers may not announce."""
+    store_voice(base_url, "kept")
+    open_page(page, base_url)
+    item = page.locator("#voices li[data-voice='kept']")
+    expect(item).to_be_visible()  # the list has loaded
+    for use in page.locator("#voices").get_by_text("Use", exact=True).all():
+        assert use.get_attribute("aria-label").startswith("Use "), use.get_attribute("aria-label")
+
+    # The voices loaded again (Refresh pressed from a script: the focus is not moved by a click)
+    play = item.get_by_role("button", name="Play the sample of kept")
+    play.focus()
+    page.evaluate("() => document.activeElement.dataset.mark = 'here'")
+    page.evaluate("() => document.getElementById('refresh').click()")
+    expect(page.locator("#library-status")).to_contain_text("The library has")
+    assert page.evaluate("() => document.activeElement.dataset.mark") == "here"  # unchanged: not rebuilt
+    store_voice(base_url, "kept-too")
+    page.evaluate("() => document.getElementById('refresh').click()")
+    expect(page.locator("#voices li[data-voice='kept-too']")).to_have_count(1)
+    expect(play).to_be_focused()  # rebuilt: the same button of the same voice
+
+    status = page.locator("#library-status")
+    assert status.evaluate(f"e => e.closest('{LIVE}') !== null")
+    item.get_by_role("button", name="Delete kept").focus()
+    page.keyboard.press("Enter")
+    expect(status).to_have_text("Press again to delete kept; move on to keep it.")
+    page.keyboard.press("Shift+Tab")
+    expect(status).to_have_text("Kept kept.")
+    assert "kept" in api_voices(base_url)
+
+    item.get_by_role("button", name="Use kept").click()
+    expect(page.locator("#voice")).to_have_value("kept")
+    expect(page.locator("#text")).to_be_focused()
+    expect(page.locator("#speak-status")).to_have_text("The voice is now kept.")
+
+
 def test_bad_input_shows_the_apis_own_message(page, base_url, tmp_path):
     not_audio = tmp_path / "notes.wav"
     not_audio.write_bytes(b"these are words, not audio " * 20)
@@ -300,6 +338,42 @@ def test_bad_input_shows_the_apis_own_message(page, base_url, tmp_path):
     expect(page.locator("#error-text")).to_have_text(expected)
     page.keyboard.press("Escape")
     expect(page.get_by_role("alert")).to_be_hidden()
+
+
+def test_the_focus_stays_where_the_keyboard_was(page, base_url):
+    """An accessibility audit: Chromium takes the focus off a button that is disabled, so Transcribe and Store
+    sent the keyboard back to the page's top while they worked; dismissing a Speak error put the focus on the
+    hidden Stop. The field an error concerns says so (aria-invalid, described by the message)."""
+    open_page(page, base_url)
+    page.set_input_files("#clip-file", str(TEST_AUDIO))
+    page.focus("#transcribe")
+    page.keyboard.press("Enter")
+    expect(page.locator("#transcript")).not_to_have_text(re.compile(r"^(|Transcribing…)$"))
+    expect(page.locator("#transcribe")).to_be_focused()
+
+    page.fill("#voice-name", "my voice!")
+    page.check("#consent")
+    page.focus("#store")
+    page.keyboard.press("Enter")
+    expect(page.locator("#error")).to_be_visible()
+    expect(page.locator("#store")).to_be_focused()
+    name = page.locator("#voice-name")
+    expect(name).to_have_attribute("aria-invalid", "true")
+    expect(name).to_have_attribute("aria-describedby", "name-hint error-text")
+    page.keyboard.press("Escape")
+    expect(page.locator("#store")).to_be_focused()  # back where the error came from
+    expect(name).not_to_have_attribute("aria-invalid", "true")
+    expect(name).to_have_attribute("aria-describedby", "name-hint")
+
+    page.fill("#text", "   ")
+    page.focus("#speak")
+    page.keyboard.press("Enter")  # the focus goes to Stop while it is sent, then back to Speak
+    expect(page.locator("#error-text")).to_contain_text("input is empty")
+    expect(page.locator("#text")).to_have_attribute("aria-invalid", "true")
+    page.focus("#error-close")
+    page.keyboard.press("Enter")
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#speak")).to_be_focused()  # not Stop, which went with the speech
 
 
 def test_a_refused_speech_request_shows_the_apis_message_and_no_player(page, base_url):
@@ -348,11 +422,30 @@ def test_a_clip_whose_format_the_api_does_not_name_still_clones(page, base_url, 
     expect(page.get_by_role("alert")).to_be_hidden()
 
 
+# What each live region (the page's status messages) said, in order; a region's text is kept when it changes.
+HEARD = """() => {
+    window.heard = [];
+    for (const region of document.querySelectorAll('[aria-live], [role=status], [role=alert], output')) {
+        let last = region.textContent;
+        new MutationObserver(() => {
+            if (region.textContent !== last) heard.push((last = region.textContent));
+        }).observe(region, {childList: true, subtree: true, characterData: true});
+    }
+}"""
+LIVE = "[aria-live], [role=status], [role=alert], output"
+
+
 def test_recording_with_the_fake_microphone_gives_a_clip_the_api_reads(page, base_url):
     open_page(page, base_url)
+    page.evaluate(HEARD)
     page.click("#record")
     expect(page.locator("#record")).to_have_text("Stop recording")
     page.wait_for_timeout(2500)
+    # the counter ticks where it is seen, not in a live region: a screen reader would talk every second
+    clock = page.locator("#clip-clock")
+    expect(clock).to_have_text(re.compile(r"^[1-9]\d* s$"))
+    assert clock.evaluate(f"e => e.closest('{LIVE}')") is None
+    assert page.evaluate("() => window.heard") == ["Recording (at most 30 s):"]
     page.click("#record")
     # a recording's webm states no length: the page decodes it to say how long it is
     expect(page.locator("#clip-info")).to_have_text(re.compile(r"^Recorded: recording\.webm, [23]\.\d s\.$"))
@@ -425,7 +518,27 @@ def test_a_double_click_on_record_records_once(page, base_url):
     expect(info).to_contain_text("Recorded: recording.webm")
     page.wait_for_timeout(1000)  # a second recorder would still be ticking here
     expect(info).to_contain_text("Recorded: recording.webm")
+    expect(page.locator("#clip-clock")).to_be_empty()
     assert page.evaluate("() => window.microphones") == 1
+
+
+def test_where_the_browser_cannot_record_the_page_says_why(page, base_url):
+    """An accessibility audit: on a plain-http LAN address Record was disabled, skipped by Tab, with the
+    reason only in a tooltip. Now it stays reachable, off, and described by the reason, shown."""
+    page.add_init_script("delete window.MediaRecorder")  # as where the page is not a secure context
+    open_page(page, base_url)
+    why = page.locator("#record-why")
+    expect(why).to_be_visible()
+    expect(why).to_contain_text("recording needs HTTPS or localhost")
+    record = page.locator("#record")
+    assert "record-why" in record.get_attribute("aria-describedby").split()
+    expect(record).to_have_attribute("aria-disabled", "true")
+    page.focus("#clip-file")
+    page.keyboard.press("Tab")
+    expect(record).to_be_focused()
+    page.keyboard.press("Enter")  # nothing to do
+    expect(record).to_have_text("Record")
+    expect(page.get_by_role("alert")).to_be_hidden()
 
 
 def test_keyboard_reaches_every_control_with_a_visible_focus(page, base_url):
@@ -447,6 +560,69 @@ def test_keyboard_reaches_every_control_with_a_visible_focus(page, base_url):
                  .filter(e => !e.labels.length && !e.getAttribute('aria-label')).map(e => e.id)"""
     )
     assert unlabelled == []
+    # the slider says its value with a unit, and the value shown is not a second live announcement
+    page.focus("#speed")
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#speed")).to_have_attribute("aria-valuetext", "1.05 times")
+    expect(page.locator("#speed-out")).to_have_text("1.05×")
+    assert page.locator("#speed-out").evaluate(f"e => e.closest('{LIVE}')") is None
+    # hints are tied to their controls; the key form and the error are inside the main landmark
+    for control, hint in [("api-key", "key-hint"), ("clip-file", "clip-hint"), ("record", "clip-hint")]:
+        assert hint in page.locator(f"#{control}").get_attribute("aria-describedby").split(), control
+    outside = "() => ['error', 'key-form'].filter(id => !document.getElementById(id).closest('main'))"
+    assert page.evaluate(outside) == []
+
+
+def luminance(colour: str) -> float:
+    """WCAG relative luminance of a CSS ``rgb()``/``rgba()`` colour as getComputedStyle gives it."""
+    channels = [float(v) / 255 for v in re.findall(r"[\d.]+", colour)[:3]]
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio of two CSS colours."""
+    high, low = sorted([luminance(a), luminance(b)], reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+# The colours that must stand apart, read from the page; the danger and recording buttons are made for it.
+COLOURS = """() => {
+    const style = (selector, pseudo) => getComputedStyle(document.querySelector(selector), pseudo);
+    const button = (kind) => {
+        const made = document.createElement('button');
+        made.className = kind;
+        document.querySelector('.library').append(made);
+        const {color, backgroundColor} = getComputedStyle(made);
+        made.remove();
+        return [color, backgroundColor];
+    };
+    return {
+        danger: button('danger'),
+        recording: button('recording'),
+        ring: getComputedStyle(document.activeElement).outlineColor,
+        backgrounds: ['.card', 'body', '#error'].map((s) => style(s).backgroundColor),
+        pill: [style('#status').color, style('#status').backgroundColor],
+        field: [style('#voice-name').borderTopColor, style('.card').backgroundColor],
+        placeholder: [style('#text', '::placeholder').color, style('#text').backgroundColor],
+    };
+}"""
+
+
+def test_colours_meet_the_contrast_minimums_in_both_schemes(page, base_url):
+    """An accessibility audit measured white on light pink (2.3:1) on the dark scheme's Confirm delete and
+    Stop recording buttons, an amber focus ring at 2:1 on white, the Ready pill at 4.47:1, field edges at
+    1.4:1 and the dark scheme's placeholder at 3.5:1. Text needs 4.5:1, the ring and the edges 3:1."""
+    open_page(page, base_url)
+    page.keyboard.press("Tab")  # the skip link, with the keyboard's focus ring
+    for scheme in ["light", "dark"]:
+        page.emulate_media(color_scheme=scheme)
+        colours = page.evaluate(COLOURS)
+        for name in ["danger", "recording", "pill", "placeholder"]:
+            assert contrast(*colours[name]) >= 4.5, (scheme, name, colours[name])
+        assert contrast(*colours["field"]) >= 3, (scheme, colours["field"])
+        for background in colours["backgrounds"]:
+            assert contrast(colours["ring"], background) >= 3, (scheme, colours["ring"], background)
 
 
 LONGEST_NAME = "b" * 64  # the longest voice name the API takes
@@ -471,6 +647,10 @@ def test_fits_a_phone_width_screen(browser, base_url):
     assert page.evaluate(OVERFLOWING) == []
     box = page.locator("#speak").bounding_box()
     assert box["x"] >= 0 and box["x"] + box["width"] <= 360
+    # text at twice the size (the browser's setting): the library's buttons wrap, nothing scrolls sideways
+    page.evaluate("() => (document.documentElement.style.fontSize = '200%')")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 360
+    page.evaluate("() => (document.documentElement.style.fontSize = '')")
 
     # an error shows above the cards: pressing a button far below brings it into view
     page.click("#transcribe")  # no clip yet

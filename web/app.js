@@ -8,6 +8,17 @@ const OPENAI_VOICES = ["alloy", "ash", "ballad", "coral", "echo", "fable", "nova
   "verse", "marin", "cedar"];
 const CLIP = ":clip"; // the voice option that clones the reference clip once (no voice name starts with ":")
 const DEFAULT_LIMIT = 4096; // OpenAI's, when the API's schema does not say
+const RECORD_SECONDS = 30; // a recording stops by itself after this long
+// The page's field for each request parameter that the API's errors name (`param`), per request.
+const SPEECH_FIELDS = {
+  input: "text",
+  voice: "voice",
+  response_format: "format",
+  speed: "speed",
+  instructions: "instructions",
+};
+const STORE_FIELDS = { name: "voice-name", transcript: "voice-transcript", audio_sample: "clip-file" };
+const TRANSCRIBE_FIELDS = { file: "clip-file" };
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -18,9 +29,11 @@ const state = {
   sounding: null, // the Web Audio player still playing an answer whose stream has ended (wav, pcm, clone)
   recording: null,
   errorFrom: null, // the control that was focused when the error showed, focused again when it is dismissed
+  invalid: null, // the field the error shown concerns (marked aria-invalid)
   staleError: false, // whether the error shown says the service was loading or unreachable
   readiness: null, // the timer of the next readiness check
   ready: null, // what the last readiness check said (null before the first)
+  listed: null, // the voices the library shows, as JSON (it is rendered again only when they change)
 };
 
 // One sound at a time: the generated speech, a voice's sample and the clip pause each other (speech
@@ -33,13 +46,30 @@ function hush(except = null) {
 }
 for (const player of players) player.addEventListener("play", () => hush(player));
 
+// A button at work is turned off with aria-disabled, not `disabled`, and ignores presses: Chromium takes the
+// focus off a button that is disabled, and a keyboard user would start again at the page's top.
+function setOff(button, off) {
+  if (off) button.setAttribute("aria-disabled", "true");
+  else button.removeAttribute("aria-disabled");
+}
+const isOff = (button) => button.getAttribute("aria-disabled") === "true";
+
+/** Whether the keyboard can be put back on `element`: still on the page, shown, and not disabled. */
+function canFocus(element) {
+  return Boolean(
+    element?.isConnected && element !== document.body && !element.disabled && element.getClientRects().length,
+  );
+}
+
 // ---- errors and the API key ----
 
-function showError(err) {
+/** Shows `err`; `fields` maps the request's parameters to the page's fields, for the one the API names. */
+function showError(err, fields = {}) {
   if (err?.name === "AbortError") return;
   $("error-text").textContent = err instanceof ApiError ? err.message : `Something went wrong: ${err}`;
   $("error").hidden = false;
   state.errorFrom = document.activeElement;
+  markInvalid(err instanceof ApiError && err.param ? fields[err.param] : null);
   state.staleError = err instanceof Unreachable || (err instanceof ApiError && err.status === 503);
   // The message is above the cards: bring it into view from wherever the button pressed was.
   $("error").scrollIntoView({ block: "nearest" });
@@ -50,6 +80,24 @@ function showError(err) {
 function clearError() {
   $("error").hidden = true;
   $("error-text").textContent = "";
+  markInvalid(null);
+}
+
+/** Marks the field with id `id` (none when null) as the one the error concerns, described by its message. */
+function markInvalid(id) {
+  const was = state.invalid;
+  if (was) {
+    was.removeAttribute("aria-invalid");
+    const rest = was.getAttribute("aria-describedby").split(" ").filter((t) => t && t !== "error-text");
+    if (rest.length) was.setAttribute("aria-describedby", rest.join(" "));
+    else was.removeAttribute("aria-describedby");
+  }
+  const field = id ? $(id) : null;
+  state.invalid = field;
+  if (!field) return;
+  field.setAttribute("aria-invalid", "true");
+  const described = (field.getAttribute("aria-describedby") || "").split(" ").filter(Boolean);
+  field.setAttribute("aria-describedby", [...described, "error-text"].join(" "));
 }
 
 function askForKey() {
@@ -73,7 +121,9 @@ $("key-form").addEventListener("submit", async (event) => {
 function dismissError() {
   clearError();
   const back = state.errorFrom;
-  (back?.isConnected && back !== document.body && !back.disabled ? back : $("text")).focus();
+  // Stop goes when the speech does (it had the focus while generating): Speak then; else the text.
+  const fallback = back === $("stop") ? $("speak") : $("text");
+  (canFocus(back) ? back : fallback).focus();
 }
 $("error-close").addEventListener("click", dismissError);
 document.addEventListener("keydown", (event) => {
@@ -86,19 +136,16 @@ document.addEventListener("keydown", (event) => {
  * reached, 15 s while it is ready (so that the pill notices a service that went away). */
 async function watchReadiness() {
   clearTimeout(state.readiness);
-  const pill = $("status");
   let next;
   const was = state.ready;
   try {
     const response = await fetch("/ready");
     const ready = response.ok;
-    pill.textContent = ready ? "Ready" : "Model loading…";
-    pill.dataset.state = ready ? "ready" : "loading";
+    setPill(ready ? "Ready" : "Model loading…", ready ? "ready" : "loading");
     next = ready ? 15000 : 3000;
     state.ready = ready;
   } catch {
-    pill.textContent = "Offline";
-    pill.dataset.state = "offline";
+    setPill("Offline", "offline");
     next = 5000;
     state.ready = false;
   }
@@ -109,6 +156,12 @@ async function watchReadiness() {
   }
   clearTimeout(state.readiness); // a check started meanwhile (after an error) schedules one timer only
   state.readiness = setTimeout(watchReadiness, next);
+}
+
+function setPill(text, pillState) {
+  const pill = $("status");
+  if (pill.textContent !== text) pill.textContent = text; // a live region: the same words are not news
+  pill.dataset.state = pillState;
 }
 
 async function loadLimit() {
@@ -175,7 +228,8 @@ function renderVoiceSelect() {
   const other = document.createElement("optgroup");
   other.label = "Other";
   other.append(option("default", "default (model’s choice)"));
-  const clip = option(CLIP, "the reference clip (clone once)");
+  const why = state.clip ? "clone once" : "upload or record one first"; // why it cannot be chosen yet
+  const clip = option(CLIP, `the reference clip (${why})`);
   clip.disabled = !state.clip;
   other.append(clip);
   select.append(other);
@@ -184,7 +238,18 @@ function renderVoiceSelect() {
 }
 
 function renderLibrary() {
+  // Speaking with an OpenAI name reloads the voices, and so does the pill turning Ready: the keyboard may be
+  // on one of these buttons. Nothing changed, nothing is rendered; else the focus goes to the same button
+  // (by its place in the item) of the same voice, or to Refresh when that voice went.
+  const listed = JSON.stringify(state.voices);
+  if (listed === state.listed) return;
+  state.listed = listed;
   const list = $("voices");
+  const focused = list.contains(document.activeElement) ? document.activeElement : null;
+  const place = focused && {
+    voice: focused.closest("li").dataset.voice,
+    index: [...focused.closest("li").querySelectorAll("button")].indexOf(focused),
+  };
   list.replaceChildren();
   $("voices-empty").hidden = state.voices.length > 0;
   for (const voice of state.voices) {
@@ -205,11 +270,18 @@ function renderLibrary() {
     buttons.className = "buttons";
     buttons.append(
       button("Play", `Play the sample of ${voice.name}`, () => playSample(voice)),
-      button("Use", `Speak with ${voice.name}`, () => useVoice(voice.name)),
+      button("Use", `Use ${voice.name}`, () => {
+        useVoice(voice.name);
+        $("speak-status").textContent = `The voice is now ${voice.name}.`; // the focus went to the text
+      }),
       deleteButton(voice),
     );
     item.append(about, buttons);
     list.append(item);
+  }
+  if (place) {
+    const again = [...list.children].find((item) => item.dataset.voice === place.voice);
+    (again?.querySelectorAll("button")[place.index] ?? $("refresh")).focus();
   }
 }
 
@@ -223,7 +295,9 @@ function button(text, label, onClick) {
 }
 
 function deleteButton(voice) {
-  // Two presses: the first asks, the second deletes (no modal dialog to trap the keyboard).
+  // Two presses: the first asks, the second deletes (no modal dialog to trap the keyboard). Leaving the
+  // button keeps the voice. Both are said in a live region too: a screen reader may not announce that the
+  // focused button's name changed.
   const label = `Delete ${voice.name}`;
   const element = button("Delete", label, async () => {
     if (element.dataset.armed !== "yes") {
@@ -231,8 +305,10 @@ function deleteButton(voice) {
       element.textContent = "Confirm delete";
       element.setAttribute("aria-label", `Confirm: delete ${voice.name}`);
       element.classList.add("danger");
+      $("library-status").textContent = `Press again to delete ${voice.name}; move on to keep it.`;
       return;
     }
+    element.dataset.armed = "deleting";
     clearError();
     try {
       await request(`/v1/audio/voices/${encodeURIComponent(voice.id)}`, { method: "DELETE" });
@@ -250,6 +326,7 @@ function deleteButton(voice) {
     }
   });
   element.addEventListener("blur", () => {
+    if (element.dataset.armed === "yes") $("library-status").textContent = `Kept ${voice.name}.`;
     element.dataset.armed = "";
     element.textContent = "Delete";
     element.setAttribute("aria-label", label);
@@ -278,7 +355,15 @@ function useVoice(name) {
   $("text").focus();
 }
 
-$("refresh").addEventListener("click", () => loadVoices().catch(showError));
+$("refresh").addEventListener("click", async () => {
+  try {
+    await loadVoices();
+    const count = state.voices.length;
+    $("library-status").textContent = `The library has ${count} voice${count === 1 ? "" : "s"}.`;
+  } catch (err) {
+    showError(err);
+  }
+});
 
 // ---- speaking ----
 
@@ -304,7 +389,9 @@ $("text").addEventListener("input", updateCount);
 $("format").addEventListener("change", updateFormatHint);
 $("voice").addEventListener("change", updateFormatHint);
 $("speed").addEventListener("input", () => {
-  $("speed-out").textContent = `${Number($("speed").value).toFixed(2)}×`;
+  const speed = Number($("speed").value).toFixed(2);
+  $("speed-out").textContent = `${speed}×`; // shown; the slider itself tells a screen reader, with a unit
+  $("speed").setAttribute("aria-valuetext", `${speed} times`);
 });
 
 function setSpeaking(on) {
@@ -382,7 +469,7 @@ $("speak-form").addEventListener("submit", async (event) => {
       // a player that could not stop cleanly is dropped anyway; the request's error is what matters
     }
     status.textContent = err.name === "AbortError" ? "Stopped." : "";
-    showError(err);
+    showError(err, cloning ? {} : SPEECH_FIELDS);
   } finally {
     state.speaking = null;
     setSpeaking(false);
@@ -487,12 +574,13 @@ $("clip-file").addEventListener("change", () => {
 
 $("record").addEventListener("click", async () => {
   const record = $("record");
-  if (record.dataset.starting) return; // a second click while the microphone opens
+  if (isOff(record) || record.dataset.starting) return; // stopping, or a second click while the mic opens
   if (state.recording) {
-    record.disabled = true;
+    setOff(record, true);
     const file = await state.recording.stop();
     state.recording = null;
-    record.disabled = false;
+    setOff(record, false);
+    $("clip-clock").textContent = "";
     record.textContent = "Record";
     record.classList.remove("recording");
     setClip(file, "Recorded");
@@ -501,11 +589,8 @@ $("record").addEventListener("click", async () => {
   clearError();
   record.dataset.starting = "yes";
   try {
-    state.recording = await startRecording({
-      onTick: (seconds) => {
-        $("clip-info").textContent = `Recording… ${seconds.toFixed(0)} s (at most 30 s)`;
-      },
-    });
+    state.recording = await startRecording({ maxSeconds: RECORD_SECONDS, onTick: showRecordingTime });
+    $("clip-info").textContent = `Recording (at most ${RECORD_SECONDS} s):`;
     record.textContent = "Stop recording";
     record.classList.add("recording");
     state.recording.done.then((file) => {
@@ -518,9 +603,25 @@ $("record").addEventListener("click", async () => {
     delete record.dataset.starting;
   }
 });
+
+// The counter ticks outside the live region (a screen reader would talk over the speaker every second, and
+// be recorded); the live region says when the recording starts, when 5 s are left, and what it gave.
+function showRecordingTime(seconds) {
+  const shown = `${seconds.toFixed(0)} s`;
+  if ($("clip-clock").textContent !== shown) $("clip-clock").textContent = shown;
+  const warning = "Recording (5 s left):";
+  if (RECORD_SECONDS - seconds <= 5 && $("clip-info").textContent !== warning) {
+    $("clip-info").textContent = warning;
+  }
+}
+
 if (!canRecord()) {
-  $("record").disabled = true;
-  $("record").title = "This browser cannot record here (recording needs HTTPS or localhost).";
+  // Off but still focusable, with the reason shown beside it: a disabled button and its tooltip are out of
+  // the keyboard's reach.
+  setOff($("record"), true);
+  $("record-why").textContent = "This browser cannot record here: recording needs HTTPS or localhost.";
+  $("record-why").hidden = false;
+  $("record").setAttribute("aria-describedby", "record-why clip-hint");
 }
 
 function needClip() {
@@ -532,6 +633,8 @@ function needClip() {
 
 $("store-form").addEventListener("submit", async (event) => {
   event.preventDefault();
+  const store = $("store");
+  if (isOff(store)) return; // storing already (Enter in a field submits too)
   clearError();
   if (!needClip()) return;
   const form = new FormData();
@@ -540,8 +643,7 @@ $("store-form").addEventListener("submit", async (event) => {
   form.append("audio_sample", state.clip, state.clip.name);
   const transcript = $("voice-transcript").value.trim();
   if (transcript) form.append("transcript", transcript);
-  const store = $("store");
-  store.disabled = true;
+  setOff(store, true);
   store.textContent = "Storing…";
   try {
     await request("/v1/audio/voices", { method: "POST", form });
@@ -550,31 +652,32 @@ $("store-form").addEventListener("submit", async (event) => {
     $("speak-status").textContent = `Stored the voice ${name}; it is selected above.`;
     $("speak-status").scrollIntoView({ block: "nearest" }); // on a phone the Speak card is far above
   } catch (err) {
-    showError(err);
+    showError(err, STORE_FIELDS);
   } finally {
-    store.disabled = false;
+    setOff(store, false);
     store.textContent = "Store voice";
   }
 });
 
 $("transcribe").addEventListener("click", async () => {
+  const transcribe = $("transcribe");
+  if (isOff(transcribe)) return;
   clearError();
   if (!needClip()) return;
   const form = new FormData();
   form.append("file", state.clip, state.clip.name);
   form.append("model", "whisper-1");
   const output = $("transcript");
-  const transcribe = $("transcribe");
-  transcribe.disabled = true;
+  setOff(transcribe, true);
   output.textContent = "Transcribing…";
   try {
     const { text } = await (await request("/v1/audio/transcriptions", { method: "POST", form })).json();
     output.textContent = text.trim() || "(no words recognised)";
   } catch (err) {
     output.textContent = "";
-    showError(err);
+    showError(err, TRANSCRIBE_FIELDS);
   } finally {
-    transcribe.disabled = false;
+    setOff(transcribe, false);
   }
 });
 
