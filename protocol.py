@@ -129,7 +129,23 @@ class VoiceRef(OpenModel):
     id: str
 
 
-class AudioParams(OpenModel):
+class _OneVoice(OpenModel):
+    """A request model with a ``voice``."""
+
+    @field_validator("voice", mode="before", check_fields=False)
+    @classmethod
+    def _one_voice(cls, voice: Any) -> Any:
+        """The voice without the spaces around a name (clients that split a typed list "alloy, echo" at its
+        commas send " echo"); a list of voices (mixed, as some TTS servers do) refused in words rather than
+        as "not a valid string"."""
+        if isinstance(voice, str):
+            return voice.strip()
+        if isinstance(voice, list):
+            raise ValueError('voice is one voice: a name, or {"id": ...}; voices cannot be mixed here')
+        return voice
+
+
+class AudioParams(_OneVoice):
     voice: str | VoiceRef = "default"
     format: Literal["wav", "mp3", "flac", "opus", "aac", "pcm16"] = "wav"
 
@@ -315,7 +331,7 @@ class ChatCompletion(BaseModel):
 MAX_INSTRUCTIONS = 4096
 
 
-class SpeechRequest(OpenModel):
+class SpeechRequest(_OneVoice):
     model: str = Field(examples=["tts-1"])
     input: str = Field(min_length=1)
     """At most ``max_input_characters`` (a setting, checked by the planner with a 400 naming it)."""
@@ -326,11 +342,9 @@ class SpeechRequest(OpenModel):
     stream_format: Literal["audio", "sse"] = "audio"
     seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**63)
     """Extension: same seed, input and voice give the same audio."""
-
-    @property
-    def format_given(self) -> str | None:
-        """``format`` as the client sent it, None when left out."""
-        return self.format if "format" in self.model_fields_set else None
+    sample_rate: StrictInt | None = None
+    """Some servers' extension (speaches): the audio's rate. Only the model's own is made here (the speech
+    route refuses another, rather than send 24 kHz to a client that would play it at its own rate)."""
 
     @property
     def voice_name(self) -> str:

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response, StreamingResponse
 
 from audio import MEDIA_TYPES
+from errors import bad_request
 from generation import ContextLengthError
 from longform import speak
 from protocol import SpeechRequest
@@ -22,6 +23,12 @@ async def speech(
     """The audio of ``input`` in ``response_format``, or OpenAI's speech SSE events."""
     log_ignored(body)
     check_model(settings, body.model)
+    if body.sample_rate not in (None, engine.sample_rate):
+        raise bad_request(
+            f"the audio is made at {engine.sample_rate} Hz; leave sample_rate out or send "
+            f"{engine.sample_rate} (and resample on the client)",
+            "sample_rate",
+        )
     plan = await planner.plan_speech(body)
     events = speak(engine, plan.script, settings.join_fade_ms)  # long texts: in pieces, one stream
     try:

@@ -141,7 +141,10 @@ async def _speech_to_text(
             granularities_field,
         )
     if granularities and fmt != "verbose_json":
-        raise bad_request("timestamp_granularities needs response_format verbose_json", granularities_field)
+        # Only verbose_json holds timestamps; clients such as the Vercel AI SDK send the field with json for
+        # the gpt-4o models, which OpenAI answers: ignored, as there.
+        log.info("%s ignored: only response_format verbose_json holds timestamps", granularities_field)
+        granularities = []
     if stream and fmt not in STREAMED_FORMATS:
         raise bad_request(
             f"a streamed transcription sends its text only: use response_format json or text with "
