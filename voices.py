@@ -424,6 +424,7 @@ class VoiceLibrary:
     def _remove(self, name: str) -> None:
         for path in (*self._files(name), *self.meta.glob(f"{glob.escape(name)}.*.npy")):
             path.unlink(missing_ok=True)
+        self._digests.pop(name, None)  # (else every name ever stored stays, for the process's life)
 
     def recover(self) -> None:
         """Finish or undo what a crash interrupted, and remove temporary files.

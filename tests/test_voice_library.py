@@ -36,6 +36,17 @@ def test_create_read_and_codes_round_trip(tmp_path):
     assert (tmp_path / "anna.wav").is_file() and (tmp_path / "anna.txt").is_file()
 
 
+def test_a_deleted_voice_leaves_nothing_behind_in_memory(tmp_path):
+    """A soak trial found the clips' hashes kept for every name ever stored: throw-away voice names grew
+    the process for its life."""
+    library = VoiceLibrary(tmp_path)
+    for i in range(3):
+        library.create(f"throwaway{i}", clip(), "Hello.", codes())
+        assert library.get(f"throwaway{i}").digest
+        assert library.delete(f"throwaway{i}")
+    assert library._digests == {}
+
+
 def test_codes_follow_the_clip(tmp_path):
     library = VoiceLibrary(tmp_path)
     library.create("anna", clip(), "Hello.", codes())
