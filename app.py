@@ -29,6 +29,7 @@ from engine import load_engine
 from errors import APIError, as_api_error, error_response, install_error_handlers
 from generation import Engine
 from guard import RequestGate
+from memory import TrimWhenIdle, malloc_trim
 from metrics import Metrics
 from planner import Planner
 from routes import chat, health, models, speech, transcription, voices, web
@@ -96,7 +97,8 @@ def create_app(
     install_error_handlers(app)
     _document_setting_limits(app, settings)
     # The last added runs first: request ids (so that CORS preflights have one and are logged), then the
-    # request line (HEAD, a trailing slash), then CORS, then the gate.
+    # request line (HEAD, a trailing slash), then the count of requests in flight (memory is trimmed when
+    # none is), then CORS, then the gate.
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=int(settings.max_body_mb * 1024 * 1024))
     if settings.cors_origins:
@@ -111,6 +113,7 @@ def create_app(
             expose_headers=["X-Request-ID", "X-Voice", "X-Voice-Fallback", "Retry-After", "X-Should-Retry"],
         )
     routes = [route for module in routers for route in module.router.routes]
+    app.add_middleware(TrimWhenIdle, idle_seconds=settings.idle_trim_seconds)
     app.add_middleware(_RequestLine, routes=routes)
     app.add_middleware(_RequestIds, routes=routes)
     return app
@@ -217,6 +220,8 @@ def _lifespan(
         state.planner = Planner(settings, state.engine, state.recognizer, state.voices)
         if owned_engine and settings.warmup:
             await asyncio.to_thread(state.engine.warm_up)
+        if (owned_engine or owned_recognizer) and malloc_trim is not None and settings.idle_trim_seconds:
+            await asyncio.to_thread(malloc_trim)  # what loading freed (a few hundred MB of temporaries)
         metrics: Metrics = state.metrics
         metrics.track_queue(lambda: state.engine.pending)
         metrics.track_engine(state.engine)

@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     """On SIGTERM (`python app.py`): the listener closes at once, running answers may finish for this long,
     then they are cut and the process exits (a Kubernetes pod gets 30 s by default)."""
 
+    idle_trim_seconds: float = Field(default=10.0, ge=0, le=3600)
+    """After this long without a request in flight (after one that did work), the memory the process freed
+    is given back to the system (glibc's malloc_trim, `memory.py`); 0 turns it off."""
+
     served_model_name: str = "higgs-audio-v2"
     """Model id reported by /v1/models. OpenAI's own model names are accepted as aliases of it."""
 
