@@ -319,14 +319,9 @@ def test_a_transcription_whose_client_left_while_it_waited_is_never_run(client, 
     assert len(ran) == 1  # the later request's only: the abandoned one never reached Whisper
 
 
-def test_a_running_transcription_stops_when_its_client_leaves(client, app, recognizer, monkeypatch):
-    """A long file's transcription is running when its client hangs up: 499, and Whisper stops after the
-    segment it is decoding instead of transcribing the rest of the file (which kept the worker from the
-    requests behind it)."""
-    import httpx
-    from conftest import post_then_hang_up
-
-    decoded: list[float] = []  # where each segment Whisper gave ends (seconds)
+def count_decoded(recognizer, monkeypatch) -> tuple[list[float], list[bool]]:
+    """Where each segment Whisper gives ends (seconds), as it is decoded, and whether it decoded all."""
+    decoded: list[float] = []
     finished: list[bool] = []
     model = recognizer.transcriber._model
     real = model.transcribe
@@ -343,8 +338,31 @@ def test_a_running_transcription_stops_when_its_client_leaves(client, app, recog
         return counted(), info
 
     monkeypatch.setattr(model, "transcribe", transcribe)
+    return decoded, finished
+
+
+def long_speech() -> tuple[np.ndarray, int]:
+    """136 s of speech (test_audio.wav and half a second of silence, 30 times)."""
     samples, rate = sf.read(str(TEST_AUDIO), dtype="float32")
-    clip = np.tile(np.concatenate([samples, np.zeros(rate // 2, np.float32)]), 30)  # 136 s of speech
+    return np.tile(np.concatenate([samples, np.zeros(rate // 2, np.float32)]), 30), rate
+
+
+def wait_until_recognizer_idle(recognizer) -> None:
+    deadline = time.monotonic() + 300
+    while recognizer._pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert recognizer._pending == 0  # the job is over
+
+
+def test_a_running_transcription_stops_when_its_client_leaves(client, app, recognizer, monkeypatch):
+    """A long file's transcription is running when its client hangs up: 499, and Whisper stops after the
+    segment it is decoding instead of transcribing the rest of the file (which kept the worker from the
+    requests behind it)."""
+    import httpx
+    from conftest import post_then_hang_up
+
+    decoded, finished = count_decoded(recognizer, monkeypatch)
+    clip, rate = long_speech()
     buffer = io.BytesIO()
     sf.write(buffer, clip, rate, format="WAV")
     upload = httpx.Request(
@@ -355,10 +373,7 @@ def test_a_running_transcription_stops_when_its_client_leaves(client, app, recog
     body, began = upload.read(), lambda: bool(decoded)
     sent = client.portal.call(post_then_hang_up, app, upload.url.path, headers, body, began)
     assert sent[0]["status"] == 499
-    deadline = time.monotonic() + 300
-    while recognizer._pending and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert recognizer._pending == 0  # the job is over
+    wait_until_recognizer_idle(recognizer)
     assert not finished and max(decoded) < len(clip) / rate - 60, decoded  # two 30-s windows never decoded
 
 
@@ -503,25 +518,8 @@ def test_a_streamed_transcription_stops_when_its_client_leaves(client, app, reco
     import httpx
     from conftest import post_then_hang_up
 
-    decoded: list[float] = []
-    finished: list[bool] = []
-    model = recognizer.transcriber._model
-    real = model.transcribe
-
-    def transcribe(*args, **kwargs):
-        segments, info = real(*args, **kwargs)
-
-        def counted():
-            for segment in segments:
-                decoded.append(segment.end)
-                yield segment
-            finished.append(True)
-
-        return counted(), info
-
-    monkeypatch.setattr(model, "transcribe", transcribe)
-    samples, rate = sf.read(str(TEST_AUDIO), dtype="float32")
-    clip = np.tile(np.concatenate([samples, np.zeros(rate // 2, np.float32)]), 30)  # 136 s of speech
+    decoded, finished = count_decoded(recognizer, monkeypatch)
+    clip, rate = long_speech()
     upload = httpx.Request(
         "POST", "http://testserver/v1/audio/transcriptions",
         data={"model": "gpt-4o-transcribe", "stream": "true"},
@@ -533,8 +531,5 @@ def test_a_streamed_transcription_stops_when_its_client_leaves(client, app, reco
     client.portal.call(post_then_hang_up, app, upload.url.path, headers, upload.read(), delta, sent)
     assert sent[0]["status"] == 200 and delta()
     assert not any(b"transcript.text.done" in m.get("body", b"") for m in sent)
-    deadline = time.monotonic() + 300
-    while recognizer._pending and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert recognizer._pending == 0  # the job is over
+    wait_until_recognizer_idle(recognizer)
     assert not finished and max(decoded) < len(clip) / rate - 60, decoded  # two 30-s windows never decoded
