@@ -29,7 +29,7 @@ from engine import load_engine
 from errors import APIError, as_api_error, error_response, install_error_handlers
 from generation import Engine
 from guard import RequestGate
-from memory import TrimWhenIdle, malloc_trim
+from memory import TrimWhenIdle, give_back, malloc_trim
 from metrics import Metrics
 from planner import Planner
 from routes import chat, health, models, speech, transcription, voices, web
@@ -221,7 +221,7 @@ def _lifespan(
         if owned_engine and settings.warmup:
             await asyncio.to_thread(state.engine.warm_up)
         if (owned_engine or owned_recognizer) and malloc_trim is not None and settings.idle_trim_seconds:
-            await asyncio.to_thread(malloc_trim)  # what loading freed (a few hundred MB of temporaries)
+            await asyncio.to_thread(give_back, malloc_trim, "loaded")  # loading's temporaries
         metrics: Metrics = state.metrics
         metrics.track_queue(lambda: state.engine.pending)
         metrics.track_engine(state.engine)

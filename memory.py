@@ -67,7 +67,6 @@ class TrimWhenIdle:
         self.trim = trim if trim is not None else malloc_trim
         self.in_flight = 0
         self.due = False  # work was done since the last trim
-        self.trims = 0
         self._timer: asyncio.TimerHandle | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
@@ -90,17 +89,19 @@ class TrimWhenIdle:
         self._timer = None
         if self.in_flight == 0 and self.due:
             self.due = False
-            asyncio.get_running_loop().run_in_executor(None, self._trim)
+            asyncio.get_running_loop().run_in_executor(None, give_back, self.trim, "idle")
 
-    def _trim(self) -> None:
-        before, started = resident_mb(), time.perf_counter()
-        self.trim()
-        self.trims += 1
-        after = resident_mb()
-        if before is not None and after is not None:
-            log.info(
-                "idle: gave %.0f MB of freed memory back to the system in %.0f ms (resident %.0f MB)",
-                before - after,
-                (time.perf_counter() - started) * 1000,
-                after,
-            )
+
+def give_back(trim: Callable[[], int], why: str) -> None:
+    """Trim the heap with ``trim``, logging what it gave back (``why``: when)."""
+    before, started = resident_mb(), time.perf_counter()
+    trim()
+    after = resident_mb()
+    if before is not None and after is not None:
+        log.info(
+            "%s: gave %.0f MB of freed memory back to the system in %.0f ms (resident %.0f MB)",
+            why,
+            before - after,
+            (time.perf_counter() - started) * 1000,
+            after,
+        )

@@ -61,8 +61,8 @@ def test_memory_is_trimmed_once_after_work_and_not_for_probes_or_mid_answer(trim
 
 
 def test_a_trim_gives_memory_back():
-    """What the service calls, on this machine's C library: freed heap memory goes back (resident memory
-    falls by at least most of a freed 200 MB block held by the allocator's heap)."""
+    """What the service calls, on this machine's C library: freed memory between blocks still in use (which
+    ``free`` cannot give back by shrinking the heap) goes back to the system."""
     import ctypes
 
     if memory.malloc_trim is None:
@@ -70,14 +70,15 @@ def test_a_trim_gives_memory_back():
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    # Many small blocks (below the mmap threshold, so they live on the heap and stay there when freed).
+    # 200 MB in blocks below the mmap threshold (so on the heap), every other one freed: 100 MB of holes.
     blocks = [libc.malloc(64 * 1024) for _ in range(3200)]
     for block in blocks:
         ctypes.memset(block, 1, 64 * 1024)
-    for block in reversed(blocks[1:]):
+    for block in blocks[1::2]:
         libc.free(block)
     before = memory.resident_mb()
     memory.malloc_trim()
     after = memory.resident_mb()
-    libc.free(blocks[0])
-    assert before - after > 100, (before, after)
+    for block in blocks[::2]:
+        libc.free(block)
+    assert before - after > 60, (before, after)
