@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,16 @@ TOP_K_CANDIDATES = 64
 row's this many best tokens (``torch.topk``) instead of sorting the whole vocabulary: the same tokens kept,
 the same draw. On this project's CPU the sort was half of an eager step (6.4 of 12.3 ms at 16 rows of the
 tiny model; ``bench/bench_step.py --profile``). CUDA graphs sort: a graph's shapes are fixed at capture."""
+
+PREFILL_ATTENTION: tuple[SDPBackend, ...] | None = (
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+)
+"""The attention kernels a prefill may use on CUDA (None: PyTorch's choice). cuDNN's, which PyTorch prefers
+on recent GPUs, builds a plan for every sequence length it has not seen, and prompts' lengths rarely repeat:
+on an H200 (full-size model, bfloat16) a prefill of a length not seen before took 83 ms against 36 ms for a
+repeated one (``bench/bench_prefill.py``). The decoding step's graphs keep it: their shapes are fixed."""
 
 # splitmix64's constants, as signed 64-bit integers (torch has no uint64 arithmetic); products wrap.
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -129,6 +140,43 @@ def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, lanes: torch.Tensor
     bits = (_mix_(row.view(-1, *[1] * lanes.dim()) + lanes) >> 41).bitwise_and_((1 << 23) - 1)
     uniform = bits.float().add_(0.5).mul_(2.0**-23)
     return uniform.log_().neg_().log_().neg_()
+
+
+@contextmanager
+def _prefill_attention(device: torch.device) -> Iterator[None]:
+    """While it lasts, attention on CUDA uses the kernels of ``PREFILL_ATTENTION``."""
+    if device.type != "cuda" or PREFILL_ATTENTION is None:
+        yield
+        return
+    with sdpa_kernel(list(PREFILL_ATTENTION)):
+        yield
+
+
+@contextmanager
+def _plain_layers_without_audio(layers: torch.nn.ModuleList) -> Iterator[None]:
+    """While it lasts, a forward pass whose tokens include no audio codes runs upstream's decoder layers on
+    their plain path. Upstream's dual-FFN layer takes its audio path whenever it is given a mask of audio
+    positions, even an all-False one, and that path picks rows by boolean indexing: six host syncs a layer
+    (175 ``nonzero`` a prefill of Higgs Audio v2's 28 layers, whose host time was three times its GPU time
+    on an H200). Without audio positions both paths compute the same thing: the text norms, attention and
+    FFN for every token. One sync a pass asks whether the mask holds any position."""
+    seen: list = [None, True]  # the mask last asked about (every layer gets the same one), whether it has any
+
+    def hook(module, args, kwargs):
+        mask = kwargs.get("audio_out_mask")
+        if mask is None:
+            return None
+        if seen[0] is not mask:
+            seen[:] = [mask, bool(mask.any())]
+        return None if seen[1] else (args, {**kwargs, "audio_out_mask": None})
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        seen.clear()
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager
@@ -364,7 +412,11 @@ class BatchDecoder:
         args = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         args = {k: v for k, v in args.items() if k in self._forward_keys}
         cache = DynamicCache()
-        with _last_position_only(self.text_head):
+        with (
+            _last_position_only(self.text_head),
+            _prefill_attention(self.device),
+            _plain_layers_without_audio(self.model.layers),
+        ):
             out = self.model(**args, past_key_values=cache, use_cache=True, return_dict=True)
         total = cache.get_seq_length()
         lengths = [total] if batch is None else [a.tokens for a in admissions]

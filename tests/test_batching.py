@@ -1342,3 +1342,57 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
     assert seen[-1][:2] == (2, max(p.tokens for p in prompts)) and seen[-1][1] > 1
     chosen = full[:, -1].index_fill(-1, small.suppress, float("-inf")).argmax(-1)
     assert [int(f[0]) for f in firsts] == chosen.tolist()
+
+
+def test_a_prefill_without_audio_codes_runs_upstreams_layers_on_their_plain_path(engine, monkeypatch):
+    """Upstream's dual-FFN layer picks rows by boolean indexing (host syncs, six a layer on a GPU) whenever
+    it is given a mask of audio positions, even an all-False one. A prompt without audio codes (the default
+    voice) gives its layers no mask, and fills its slot as the audio path does (to float32 rounding: the
+    FFN then multiplies every row at once, not the text rows gathered); a prompt with a voice reference
+    keeps the mask."""
+    import contextlib
+
+    t = np.arange(24000, dtype=np.float32) / 24000
+    reference = asyncio.run(engine.encode(engine_module.Audio((0.3 * np.sin(2 * np.pi * 220 * t)), 24000)))
+    Turn = generation.Turn
+    plain = [Turn("system", "Generate audio."), Turn("user", "No reference in this prompt.")]
+    cloned = [Turn("system", "Generate audio."), Turn("user", "Say it."), Turn("assistant", audio=reference),
+              Turn("user", "Now.")]  # fmt: skip
+    small = engine.higgs.decoder(1, 1024)
+    masks = []
+    spies = [
+        layer.register_forward_hook(
+            lambda module, args, kwargs, out: masks.append(kwargs.get("audio_out_mask")), with_kwargs=True
+        )
+        for layer in small.model.layers
+    ]
+    filled = {}
+    try:
+        for name, turns in (("plain", plain), ("cloned", cloned)):
+            request = generation.GenerationRequest(turns, True, 10, 0.7, 0.95, 50, seed=1)
+            prompt = engine._prepare(request)
+            admission = decoder.Admission(0, prompt.inputs, True, engine._sampling(request), prompt.tokens)
+            for path in ("service", "audio path"):
+                with contextlib.ExitStack() as stack:
+                    if path == "audio path":
+                        stack.enter_context(monkeypatch.context()).setattr(
+                            decoder, "_plain_layers_without_audio", lambda layers: contextlib.nullcontext()
+                        )
+                    masks.clear()
+                    first = small.prefill_many([admission])[0]
+                given = {None if m is None else bool(m.any()) for m in masks}
+                filled[name, path] = (first, [k[0, :, : prompt.tokens].clone() for k in small.keys], given)
+                small.release(0)
+    finally:
+        for spy in spies:
+            spy.remove()
+    assert filled["plain", "service"][2] == {None} and filled["plain", "audio path"][2] == {False}
+    assert filled["cloned", "service"][2] == {True} == filled["cloned", "audio path"][2]
+    for name in ("plain", "cloned"):
+        (first, keys, _), (first_audio_path, keys_audio_path, _) = (
+            filled[name, "service"],
+            filled[name, "audio path"],
+        )
+        assert torch.equal(first, first_audio_path)
+        diff = max(float((k - o).abs().max()) for k, o in zip(keys, keys_audio_path, strict=True))
+        assert diff < 1e-5, (name, diff)

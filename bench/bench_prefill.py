@@ -1,0 +1,157 @@
+"""Where a prefill's time goes: one prompt, and several collated, run into the decoder's slots.
+
+Run:  .venv/bin/python bench/bench_prefill.py
+      .venv/bin/python bench/bench_prefill.py --model MODEL --audio-tokenizer TOKENIZER --device cuda \\
+          --dtype bfloat16 --rows 1 4 8
+
+``BatchDecoder.prefill_many`` is driven directly over the engine's own prompt (a speech request's turns,
+built by ``engine._prepare``; the tiny random-weight models on the CPU unless a model is named). For each
+row count it prints the median wall time of a prefill (ending with the first tokens on the host), and of
+prompts of lengths not seen before, side by side: as the service runs them, and with each of its two choices
+undone (``VARIANTS``), then
+PyTorch's profiler on one: the operators' own CPU time and, on CUDA, the GPU's kernels, so that a prefill
+bound by the host (many small operators, copies) shows apart from one bound by the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import statistics
+import time
+
+from _common import service_settings, workspace, write_tiny_models
+
+
+def _top(prof, steps: int, device: bool, n: int = 12) -> None:
+    """The operators of ``steps`` prefills by their own CPU time, or (``device``) by their kernels' time.
+    A kernel's time is listed twice, as a kernel and as its operator's own device time: the total counts
+    the kernels, the list names the operators."""
+    from torch.autograd import DeviceType
+
+    def own(event) -> float:  # microseconds
+        return event.self_device_time_total if device else event.self_cpu_time_total
+
+    averages = prof.key_averages()
+    total = sum(own(e) for e in averages if not device or e.device_type == DeviceType.CUDA)
+    events = sorted(
+        (e for e in averages if own(e) and e.device_type == DeviceType.CPU), key=own, reverse=True
+    )
+    title = "GPU kernels (by the operator that launched them)" if device else "operators' own CPU time"
+    print(f"    {title}: {total / steps / 1e3:.3f} ms per prefill; the top {n}:")
+    for e in events[:n]:
+        print(f"    {own(e) / steps:9.1f} us {e.count / steps:7.1f}x  {e.key[:90]}")
+
+
+VARIANTS = ("service", "any attention kernel", "layers' audio path")
+"""The service's prefill; with whichever attention kernel PyTorch prefers (``decoder.PREFILL_ATTENTION``
+None); with upstream's layers on their audio path although the prompt has no audio codes."""
+
+
+def _prefill(engine, prompt, rows: int, sampling) -> None:
+    """``prompt`` into slots ``0..rows-1`` (collated when several), its first tokens; the slots freed."""
+    from decoder import Admission
+
+    batch = None if rows == 1 else engine.higgs.collate([prompt.sample] * rows)
+    admissions = [Admission(slot, prompt.inputs, True, sampling, prompt.tokens) for slot in range(rows)]
+    engine._decoder.prefill_many(admissions, batch)
+    for slot in range(rows):
+        engine._decoder.release(slot)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", help="generation model (hub id or folder); default: the tiny model")
+    parser.add_argument("--audio-tokenizer", help="audio tokenizer (hub id or folder); default: the tiny one")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--text", default="Please read this short line out loud now")
+    args = parser.parse_args()
+
+    with workspace() as tmp:
+        if args.model:
+            models = {"model": args.model, "audio_tokenizer": args.audio_tokenizer}
+        else:
+            tiny = write_tiny_models(tmp)
+            models = {"model": tiny["HIGGS_MODEL"], "audio_tokenizer": tiny["HIGGS_AUDIO_TOKENIZER"]}
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        import decoder
+        from decoder import Sampling
+        from engine import load_engine
+        from generation import GenerationRequest, Turn
+
+        settings = service_settings(
+            **models,
+            voices_dir=tmp / "voices",
+            device=args.device,
+            dtype=args.dtype,
+            kv_cache_lengths=[1024],
+            max_batch_size=max(args.rows),
+        )
+        engine = load_engine(settings)
+        cuda = args.device == "cuda"
+        turns = [Turn("system", "Generate audio following instruction."), Turn("user", args.text)]
+        request = GenerationRequest(turns, True, 100, 0.7, 0.95, 50, seed=0)
+        started = time.perf_counter()
+        prompt = engine._prepare(request)
+        print(
+            f"{args.device} {args.dtype}: prompt of {prompt.tokens} tokens, built in "
+            f"{(time.perf_counter() - started) * 1e3:.1f} ms"
+        )
+        service_attention, plain_layers = decoder.PREFILL_ATTENTION, decoder._plain_layers_without_audio
+        lengths = itertools.count(len(args.text.split()) + 1)
+        sampling = Sampling(temperature=0.7, top_p=0.95, top_k=50, ras_window=7, seed=0)
+
+        for rows in args.rows:
+            started = time.perf_counter()
+            _prefill(engine, prompt, rows, sampling)
+            first = time.perf_counter() - started
+            times = []
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                _prefill(engine, prompt, rows, sampling)
+                times.append(time.perf_counter() - started)
+            fresh = {}  # prompts of lengths not seen before: shapes new to the kernels' caches
+            for variant in VARIANTS:
+                decoder.PREFILL_ATTENTION = None if variant == "any attention kernel" else service_attention
+                decoder._plain_layers_without_audio = (
+                    (lambda layers: contextlib.nullcontext())
+                    if variant == "layers' audio path"
+                    else plain_layers
+                )
+                fresh[variant] = []
+                for _ in range(args.repeats):
+                    words = " ".join(["word"] * next(lengths))
+                    new = engine._prepare(
+                        GenerationRequest([turns[0], Turn("user", words)], True, 100, 0.7, 0.95, 50)
+                    )
+                    started = time.perf_counter()
+                    _prefill(engine, new, rows, sampling)
+                    fresh[variant].append(time.perf_counter() - started)
+            decoder.PREFILL_ATTENTION, decoder._plain_layers_without_audio = service_attention, plain_layers
+            print(
+                f"rows {rows:3d}: prefill {statistics.median(times) * 1e3:.2f} ms (median of {args.repeats});"
+                f" first {first * 1e3:.2f} ms; prompts of lengths not seen before: "
+                + ", ".join(f"{v} {statistics.median(fresh[v]) * 1e3:.2f} ms" for v in VARIANTS)
+            )
+            activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+            with profile(activities=activities) as prof:
+                for _ in range(2):
+                    _prefill(engine, prompt, rows, sampling)
+                if cuda:
+                    torch.cuda.synchronize()
+            _top(prof, 2, device=False)
+            if cuda:
+                _top(prof, 2, device=True)
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()
