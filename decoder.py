@@ -425,15 +425,33 @@ class BatchDecoder:
         if max(lengths) > self.max_len:
             longest = max(lengths)
             raise ValueError(f"the prompt takes {longest} tokens, more than the slots hold ({self.max_len})")
-        firsts = []
-        for row, (admission, length) in enumerate(zip(admissions, lengths, strict=True)):
-            pad = total - length
-            for i, layer in enumerate(self.model.layers):
-                index = layer.self_attn.layer_idx
-                self.keys[i][admission.slot, :, :length] = cache.key_cache[index][row, :, pad:]
-                self.values[i][admission.slot, :, :length] = cache.value_cache[index][row, :, pad:]
-            firsts.append(self._occupy(admission, length, out.logits[row : row + 1, -1:, :]))
-        return firsts
+        self._install(cache, [a.slot for a in admissions], [total - length for length in lengths], total)
+        return [
+            self._occupy(admission, length, out.logits[row : row + 1, -1:, :])
+            for row, (admission, length) in enumerate(zip(admissions, lengths, strict=True))
+        ]
+
+    def _install(self, cache, slots: list[int], pads: list[int], total: int) -> None:
+        """Copy a prefill's ``cache`` (rows padded on the left by ``pads``, ``total`` positions) into the
+        first positions of ``slots``: per layer one stack of keys and values, one gather that moves each
+        row's tokens in front of its padding (when any row has some), one indexed copy, where a copy per row
+        and layer for keys and for values made 448 copies for eight prompts of Higgs Audio v2. A row's
+        positions past its length get copies of its last token; they are never read (a step attends to
+        a slot's first ``lengths`` positions and writes the next one)."""
+        where = torch.tensor(slots, device=self.device)
+        shift = None
+        if any(pads):
+            positions = (
+                torch.arange(total, device=self.device)[None, :]
+                + torch.tensor(pads, device=self.device)[:, None]
+            )
+            shift = positions.clamp_(max=total - 1)[:, None, None, :, None]  # [rows, 1, 1, total, 1]
+        for i, layer in enumerate(self.model.layers):
+            index = layer.self_attn.layer_idx
+            kv = torch.stack([cache.key_cache[index], cache.value_cache[index]], dim=1)
+            if shift is not None:
+                kv = kv.gather(3, shift.expand(-1, 2, self.kv_heads, -1, self.head_dim))
+            self.cache[i][where, :, :, :total] = kv
 
     def _occupy(self, admission: Admission, length: int, logits: torch.Tensor) -> torch.Tensor:
         """Set a prefilled slot's state; ``logits`` [1, 1, vocab] are the prompt's last position's."""
