@@ -152,31 +152,13 @@ def _prefill_attention(device: torch.device) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _plain_layers_without_audio(layers: torch.nn.ModuleList) -> Iterator[None]:
-    """While it lasts, a forward pass whose tokens include no audio codes runs upstream's decoder layers on
-    their plain path. Upstream's dual-FFN layer takes its audio path whenever it is given a mask of audio
-    positions, even an all-False one, and that path picks rows by boolean indexing: six host syncs a layer
-    (175 ``nonzero`` a prefill of Higgs Audio v2's 28 layers; one prompt took 59 ms on an H200 with them,
-    38 ms without). Without audio positions both paths compute the same thing: the text norms, attention
-    and FFN for every token. One sync a pass asks whether the mask holds any position."""
-    seen: list = [None, True]  # the mask last asked about (every layer gets the same one), whether it has any
-
-    def hook(module, args, kwargs):
-        mask = kwargs.get("audio_out_mask")
-        if mask is None:
-            return None
-        if seen[0] is not mask:
-            seen[:] = [mask, bool(mask.any())]
-        return None if seen[1] else (args, {**kwargs, "audio_out_mask": None})
-
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-    try:
-        yield
-    finally:
-        seen.clear()
-        for handle in handles:
-            handle.remove()
+def _text_only(inputs: dict) -> bool:
+    """Whether a prompt's (or a batch's) model inputs are text tokens alone: no audio codes in or out, no
+    audio features (a voice reference brings codes; the default voice none)."""
+    return all(
+        inputs.get(key) is None or inputs[key].numel() == 0
+        for key in ("audio_features", "audio_in_ids", "audio_out_ids")
+    )
 
 
 @contextmanager
@@ -400,61 +382,135 @@ class BatchDecoder:
         """Run prompts through the model into their slots, in one forward pass, and choose first tokens.
 
         One admission runs its own ``inputs``; several run ``batch``, their samples collated together and
-        padded on the left (upstream's forward then pads the merged sequences on the left too, and a row's
-        real tokens keep positions ``0..tokens-1``, as when alone), and each row's cache is taken from
-        behind its padding. Returns, per admission, on the CPU, ``[text token, *audio column]``: for an
-        audio answer ``<|AUDIO_OUT|>`` and the all-BOS column that opens the stream (nothing is sampled),
-        for a text answer the first token.
+        padded on the left (a row's real tokens keep positions ``0..tokens-1``, as when alone), and each
+        row's cache is taken from behind its padding. Prompts of text alone run the decoder's own layers
+        (``_prefill_text``); prompts with audio codes run upstream's forward, which places the codes.
+        Returns, per admission, on the CPU, ``[text token, *audio column]``: for an audio answer
+        ``<|AUDIO_OUT|>`` and the all-BOS column that opens the stream (nothing is sampled), for a text
+        answer the first token.
         """
-        from transformers import DynamicCache
-
         inputs = admissions[0].inputs if batch is None else batch
-        args = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        args = {k: v for k, v in args.items() if k in self._forward_keys}
-        cache = DynamicCache()
-        with (
-            _last_position_only(self.text_head),
-            _prefill_attention(self.device),
-            _plain_layers_without_audio(self.model.layers),
-        ):
-            out = self.model(**args, past_key_values=cache, use_cache=True, return_dict=True)
-        total = cache.get_seq_length()
-        lengths = [total] if batch is None else [a.tokens for a in admissions]
-        if batch is not None and max(lengths) != total:
+        slots = [a.slot for a in admissions]
+        with _prefill_attention(self.device):
+            if _text_only(inputs):
+                total = int(inputs["input_ids"].shape[1])
+                lengths = self._lengths(admissions, total, batch is not None)
+                texts = any(not a.audio_output for a in admissions)
+                logits = self._prefill_text(inputs["input_ids"], slots, [total - n for n in lengths], texts)
+            else:
+                lengths, logits = self._prefill_upstream(inputs, slots, admissions, batch is not None)
+        return [
+            self._occupy(admission, length, None if logits is None else logits[row : row + 1])
+            for row, (admission, length) in enumerate(zip(admissions, lengths, strict=True))
+        ]
+
+    def _lengths(self, admissions: list[Admission], total: int, batched: bool) -> list[int]:
+        """The prompts' own lengths in a pass of ``total`` positions, refused when a slot cannot hold them."""
+        lengths = [a.tokens for a in admissions] if batched else [total]
+        if batched and max(lengths) != total:
             raise ValueError(f"prompts of {lengths} tokens made a batch of {total}, not {max(lengths)}")
         if max(lengths) > self.max_len:
             longest = max(lengths)
             raise ValueError(f"the prompt takes {longest} tokens, more than the slots hold ({self.max_len})")
-        self._install(cache, [a.slot for a in admissions], [total - length for length in lengths], total)
-        return [
-            self._occupy(admission, length, out.logits[row : row + 1, -1:, :])
-            for row, (admission, length) in enumerate(zip(admissions, lengths, strict=True))
-        ]
+        return lengths
 
-    def _install(self, cache, slots: list[int], pads: list[int], total: int) -> None:
-        """Copy a prefill's ``cache`` (rows padded on the left by ``pads``, ``total`` positions) into the
-        first positions of ``slots``: per layer one stack of keys and values, one gather that moves each
-        row's tokens in front of its padding (when any row has some), one indexed copy, where a copy per row
-        and layer for keys and for values made 448 copies for eight prompts of Higgs Audio v2. A row's
-        positions past its length get copies of its last token; they are never read (a step attends to
-        a slot's first ``lengths`` positions and writes the next one)."""
-        where = torch.tensor(slots, device=self.device)
-        shift = None
-        if any(pads):
-            positions = (
-                torch.arange(total, device=self.device)[None, :]
-                + torch.tensor(pads, device=self.device)[:, None]
-            )
-            shift = positions.clamp_(max=total - 1)[:, None, None, :, None]  # [rows, 1, 1, total, 1]
+    def _prefill_upstream(
+        self, inputs: dict, slots: list[int], admissions: list[Admission], batched: bool
+    ) -> tuple[list[int], torch.Tensor]:
+        """Upstream's forward over prompts with audio codes (it expands each clip into its columns); the
+        cache into ``slots``. Returns the prompts' lengths and the last position's text logits [rows, 1,
+        vocab]."""
+        from transformers import DynamicCache
+
+        args = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        args = {k: v for k, v in args.items() if k in self._forward_keys}
+        cache = DynamicCache()
+        with _last_position_only(self.text_head):
+            out = self.model(**args, past_key_values=cache, use_cache=True, return_dict=True)
+        total = cache.get_seq_length()
+        lengths = self._lengths(admissions, total, batched)
+        where, shift = self._placement(slots, [total - n for n in lengths], total)
         for i, layer in enumerate(self.model.layers):
             index = layer.self_attn.layer_idx
             kv = torch.stack([cache.key_cache[index], cache.value_cache[index]], dim=1)
-            if shift is not None:
-                kv = kv.gather(3, shift.expand(-1, 2, self.kv_heads, -1, self.head_dim))
-            self.cache[i][where, :, :, :total] = kv
+            self._put(i, kv, where, shift)
+        return lengths, out.logits
 
-    def _occupy(self, admission: Admission, length: int, logits: torch.Tensor) -> torch.Tensor:
-        """Set a prefilled slot's state; ``logits`` [1, 1, vocab] are the prompt's last position's."""
+    def _prefill_text(
+        self, input_ids: torch.Tensor, slots: list[int], pads: list[int], logits: bool
+    ) -> torch.Tensor | None:
+        """Prompts of text alone (``input_ids`` [rows, total], rows padded on the left by ``pads``) through
+        the decoder's own layers, their keys and values written into ``slots`` layer by layer; with
+        ``logits``, returns the last position's text logits [rows, 1, vocab]. Every layer takes its text
+        path (the text norms and FFN), as upstream's does for text tokens, with the step's fused
+        projections and one-call norms: upstream's forward launched about 1,270 kernels for one 112-token
+        prompt of Higgs Audio v2 (most of its 38 ms on an H200 was the host's), and its mask handling and
+        boolean indexing synced with the GPU; this pass has no sync. A padded row's positions count from
+        its first real token; a padding position attends to itself alone (a row of nothing but masked
+        keys would make NaNs, which the values' product would carry into real rows)."""
+        model = self.model
+        rows, total = input_ids.shape
+        hidden = model.embed_tokens(input_ids.to(self.device)).to(self.dtype)
+        ahead = torch.tensor(pads, device=self.device)[:, None]
+        positions = (self._arange[None, :total] - ahead).clamp_(min=0)
+        cos, sin = model.rotary_emb(hidden, positions)  # [rows, total, dim]
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # the roll's sign (``_forward``)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
+        mask = None  # causal
+        if any(pads):
+            query, key = self._arange[:total, None], self._arange[None, :total]
+            allowed = (key <= query) & ((key[None] >= ahead[:, None]) | (key == query)[None])
+            mask = torch.zeros((rows, 1, total, total), device=self.device, dtype=self.dtype)
+            mask.masked_fill_(~allowed[:, None], float("-inf"))
+        where, shift = self._placement(slots, pads, total)
+        for i, layer in enumerate(model.layers):
+            x = _rms_norm(layer.input_layernorm, hidden)
+            hidden = self._prompt_attention(i, layer.self_attn, x, cos, sin, mask, hidden, where, shift)
+            hidden = self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden), hidden)
+        if not logits:
+            return None
+        return self.text_head(_rms_norm(model.norm, hidden[:, -1:]))
+
+    def _prompt_attention(self, i, attn, x, cos, sin, mask, residual, where, shift) -> torch.Tensor:
+        """A layer's attention over prompts ``x`` [rows, total, hidden] (causal, or ``mask``), added into
+        ``residual``; the keys and values go into the slots (``_put``)."""
+        rows, total = x.shape[:2]
+        heads, kv_heads = self.heads, self.kv_heads
+        qkv = F.linear(x, *self._qkv[i]).view(rows, total, heads + 2 * kv_heads, self.head_dim)
+        qk = qkv[:, :, : heads + kv_heads]
+        torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, dims=-1), sin, out=qk)
+        kv = qkv[:, :, heads:].view(rows, total, 2, kv_heads, self.head_dim).permute(0, 2, 3, 1, 4)
+        self._put(i, kv, where, shift)
+        groups = heads // kv_heads  # each key/value head serves this many query heads, side by side
+        keys, values = (kv[:, half].repeat_interleave(groups, dim=1) for half in (0, 1))
+        q = qkv[:, :, :heads].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
+        return _plus(residual, attn.o_proj, out.transpose(1, 2).reshape(rows, total, heads * self.head_dim))
+
+    def _placement(self, slots: list[int], pads: list[int], total: int):
+        """Where a prefill's rows go (``slots`` as a tensor) and, when any row is padded on the left, the
+        index that moves each row's tokens in front of its padding (``_put``)."""
+        where = torch.tensor(slots, device=self.device)
+        if not any(pads):
+            return where, None
+        positions = self._arange[None, :total] + torch.tensor(pads, device=self.device)[:, None]
+        return where, positions.clamp_(max=total - 1)[:, None, None, :, None]  # [rows, 1, 1, total, 1]
+
+    def _put(self, i: int, kv: torch.Tensor, where: torch.Tensor, shift: torch.Tensor | None) -> None:
+        """Layer ``i``'s keys and values of a prefill, ``kv`` [rows, 2, kv heads, total, dim], into the first
+        positions of the slots ``where``: one gather that moves each row's tokens in front of its padding
+        (when any row has some) and one indexed copy, where a copy per row and layer for keys and for values
+        made 448 copies for eight prompts of Higgs Audio v2. A row's positions past its length get copies of
+        its last token; they are never read (a step attends to a slot's first ``lengths`` positions and
+        writes the next one)."""
+        if shift is not None:
+            kv = kv.gather(3, shift.expand(-1, 2, self.kv_heads, -1, self.head_dim))
+        self.cache[i][where, :, :, : kv.shape[3]] = kv
+
+    def _occupy(self, admission: Admission, length: int, logits: torch.Tensor | None) -> torch.Tensor:
+        """Set a prefilled slot's state; ``logits`` [1, 1, vocab] are the prompt's last position's (needed
+        for a text answer only)."""
         slot, sampling, audio_output = admission.slot, admission.sampling, admission.audio_output
         self.busy.add(slot)
         self.lengths[slot] = length

@@ -8,15 +8,14 @@ Run:  .venv/bin/python bench/bench_prefill.py
 built by ``engine._prepare``; the tiny random-weight models on the CPU unless a model is named). For each
 row count it prints the median wall time of a prefill (ending with the first tokens on the host), and of
 prompts of lengths not seen before, side by side: as the service runs them, and with each of its two choices
-undone (``VARIANTS``), then
-PyTorch's profiler on one: the operators' own CPU time and, on CUDA, the GPU's kernels, so that a prefill
+undone (``VARIANTS``: cuDNN's attention allowed; upstream's forward instead of the decoder's own layers),
+then PyTorch's profiler on one: the operators' own CPU time and, on CUDA, the GPU's kernels, so that a prefill
 bound by the host (many small operators, copies) shows apart from one bound by the device.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import statistics
 import time
@@ -44,9 +43,9 @@ def _top(prof, steps: int, device: bool, n: int = 12) -> None:
         print(f"    {own(e) / steps:9.1f} us {e.count / steps:7.1f}x  {e.key[:90]}")
 
 
-VARIANTS = ("service", "any attention kernel", "layers' audio path")
+VARIANTS = ("service", "any attention kernel", "upstream's forward")
 """The service's prefill; with whichever attention kernel PyTorch prefers (``decoder.PREFILL_ATTENTION``
-None); with upstream's layers on their audio path although the prompt has no audio codes."""
+None); through upstream's forward, not the decoder's own layers (``decoder._text_only`` answering no)."""
 
 
 def _prefill(engine, prompt, rows: int, sampling) -> None:
@@ -105,7 +104,7 @@ def main() -> None:
             f"{args.device} {args.dtype}: prompt of {prompt.tokens} tokens, built in "
             f"{(time.perf_counter() - started) * 1e3:.1f} ms"
         )
-        service_attention, plain_layers = decoder.PREFILL_ATTENTION, decoder._plain_layers_without_audio
+        service_attention, text_only = decoder.PREFILL_ATTENTION, decoder._text_only
         lengths = itertools.count(len(args.text.split()) + 1)
         sampling = Sampling(temperature=0.7, top_p=0.95, top_k=50, ras_window=7, seed=0)
 
@@ -121,11 +120,7 @@ def main() -> None:
             fresh = {}  # prompts of lengths not seen before: shapes new to the kernels' caches
             for variant in VARIANTS:
                 decoder.PREFILL_ATTENTION = None if variant == "any attention kernel" else service_attention
-                decoder._plain_layers_without_audio = (
-                    (lambda layers: contextlib.nullcontext())
-                    if variant == "layers' audio path"
-                    else plain_layers
-                )
+                decoder._text_only = (lambda inputs: False) if variant == "upstream's forward" else text_only
                 fresh[variant] = []
                 for _ in range(args.repeats):
                     words = " ".join(["word"] * next(lengths))
@@ -135,7 +130,7 @@ def main() -> None:
                     started = time.perf_counter()
                     _prefill(engine, new, rows, sampling)
                     fresh[variant].append(time.perf_counter() - started)
-            decoder.PREFILL_ATTENTION, decoder._plain_layers_without_audio = service_attention, plain_layers
+            decoder.PREFILL_ATTENTION, decoder._text_only = service_attention, text_only
             print(
                 f"rows {rows:3d}: prefill {statistics.median(times) * 1e3:.2f} ms (median of {args.repeats});"
                 f" first {first * 1e3:.2f} ms; prompts of lengths not seen before: "

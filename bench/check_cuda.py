@@ -6,11 +6,12 @@ Run:  python bench/check_cuda.py --device cuda [--dtype float32] [--model M --au
 The engine is loaded through ``load_engine`` on CUDA twice, over the tiny random-weight models of
 ``tests/tiny_models.py`` unless a model is named: with CUDA graphs (the default) and without. For the first
 it prints how many graphs of the decoding step and of the codec were captured and which shapes failed (none
-should: a failed shape decodes eagerly for good, several times slower); then the same requests go through
-each engine: 4 seeded audio requests at once (one of them greedy) and a text request beside them. Their
-answers are compared: in float32 a graph replays the kernels that the eager step runs, so the tokens
-should be the same; in bfloat16 they should mostly be (a graph's cuBLAS may choose other kernels). Exits
-non-zero when a capture failed, or when float32 answers differ.
+should: a failed shape decodes eagerly for good, several times slower); for the second, the decoder's own
+prefill of prompts of text alone against upstream's forward (``text_prefill``); then the same requests go
+through each engine: 4 seeded audio requests at once (one of them greedy) and a text request beside
+them. Their answers are compared: in float32 a graph replays the kernels that the eager step runs, so
+the tokens should be the same; in bfloat16 they should mostly be (a graph's cuBLAS may choose other
+kernels). Exits non-zero when a capture failed, or when float32 answers or prefills differ.
 """
 
 from __future__ import annotations
@@ -35,6 +36,57 @@ def requests(generation, n: int = 4) -> list:
     ]
     text = generation.GenerationRequest([generation.Turn("user", TEXT)], False, 24, 0.7, 0.95, 50, seed=9)
     return [*audio, text]
+
+
+def text_prefill(engine, generation, dtype: str) -> bool:
+    """The decoder's own prefill of prompts of text alone (``decoder._prefill_text``) against upstream's
+    forward over the same prompts padded together: the slots' caches (the largest difference relative to
+    the largest value) and the first tokens. In float32 they should agree to rounding."""
+    import torch
+
+    import decoder
+
+    scene = "Generate audio following instruction."
+    batch = [
+        generation.GenerationRequest([generation.Turn("user", TEXT)], True, 10, 0.8, 0.95, 50, seed=1),
+        generation.GenerationRequest(
+            [generation.Turn("system", scene), generation.Turn("user", TEXT + " And a few words more.")],
+            False, 10, 0.0, 1.0, 0,
+        ),
+    ]  # fmt: skip
+    prompts = [engine._prepare(r) for r in batch]
+    admissions = [
+        decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
+        for i, (p, r) in enumerate(zip(prompts, batch, strict=True))
+    ]
+    small = engine.higgs.decoder(len(batch), 1024)
+    collated = engine.higgs.collate([p.sample for p in prompts])
+    filled = {}
+    own = decoder._text_only
+    for path in ("own", "upstream"):
+        decoder._text_only = own if path == "own" else (lambda inputs: False)
+        try:
+            firsts = small.prefill_many(admissions, collated)
+        finally:
+            decoder._text_only = own
+        caches = [[k[i, :, : p.tokens].float().clone() for k in small.keys] for i, p in enumerate(prompts)]
+        filled[path] = firsts, caches
+        for i in range(len(batch)):
+            small.release(i)
+    (firsts, caches), (their_firsts, their_caches) = filled["own"], filled["upstream"]
+    scale = max(float(k.abs().max()) for row in their_caches for k in row)
+    diff = max(
+        float((k - o).abs().max())
+        for row, their_row in zip(caches, their_caches, strict=True)
+        for k, o in zip(row, their_row, strict=True)
+    )
+    same = all(torch.equal(a, b) for a, b in zip(firsts, their_firsts, strict=True))
+    print(
+        f"text prefill, own layers against upstream's forward ({len(batch)} prompts padded together): "
+        f"largest cache difference {diff / scale:.1e} of the largest value; first tokens "
+        + ("same" if same else "differ")
+    )
+    return (same and diff / scale < 1e-3) or dtype != "float32"
 
 
 async def answers(engine, batch: list) -> list:
@@ -79,6 +131,8 @@ def main() -> int:
                     print(f"loaded in {loaded:.1f} s: {len(step._graphs)} step graphs, "
                           f"{len(codec._graphs)} codec graphs; step shapes failed: {failed}")  # fmt: skip
                     ok &= bool(step._graphs) and not step._graph_failed and bool(codec._graphs)
+                if not graphs:
+                    ok &= text_prefill(engine, generation, dtype)
                 started = time.perf_counter()
                 seen[graphs] = asyncio.run(answers(engine, batch))
                 print(f"{'graphs' if graphs else 'eager '}: {len(batch)} requests at once in "

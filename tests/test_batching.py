@@ -1313,14 +1313,20 @@ def test_speech_recognition_loads_before_the_engine_sizes_its_slots(settings, mo
 
 def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine):
     """Upstream's forward would make text logits for every prompt token (1 GiB for a 4,096-token prefill
-    of the real model); the prefill makes them for the last one, and chooses the same first token."""
+    of the real model); the prefill makes them for the last one, and chooses the same first token. (Prompts
+    with a voice reference: those of text alone run the decoder's own layers.)"""
 
     from transformers import DynamicCache
 
+    t = np.arange(24000, dtype=np.float32) / 24000
+    reference = asyncio.run(engine.encode(engine_module.Audio((0.3 * np.sin(2 * np.pi * 220 * t)), 24000)))
     Turn = generation.Turn
+    heard = [Turn("user", "Say it."), Turn("assistant", audio=reference)]
     requests = [
-        generation.GenerationRequest([Turn("user", "Hi there, how are you today?")], False, 10, 0.0, 1.0, 0),
-        generation.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.0, 1.0, 0),
+        generation.GenerationRequest(
+            [*heard, Turn("user", "Hi there, how are you today?")], False, 10, 0.0, 1.0, 0
+        ),
+        generation.GenerationRequest([*heard, Turn("user", "Hi.")], False, 10, 0.0, 1.0, 0),
     ]
     prompts = [engine._prepare(r) for r in requests]
     small = engine.higgs.decoder(2, 1024)
@@ -1344,55 +1350,63 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
     assert [int(f[0]) for f in firsts] == chosen.tolist()
 
 
-def test_a_prefill_without_audio_codes_runs_upstreams_layers_on_their_plain_path(engine, monkeypatch):
-    """Upstream's dual-FFN layer picks rows by boolean indexing (host syncs, six a layer on a GPU) whenever
-    it is given a mask of audio positions, even an all-False one. A prompt without audio codes (the default
-    voice) gives its layers no mask, and fills its slot as the audio path does (to float32 rounding: the
-    FFN then multiplies every row at once, not the text rows gathered); a prompt with a voice reference
-    keeps the mask."""
-    import contextlib
-
+def test_a_prefill_of_text_alone_runs_the_decoders_own_layers_as_upstreams_forward_would(engine, monkeypatch):
+    """Prompts without audio codes (the default voice, text answers) are prefilled by the decoder's own
+    layers, not upstream's forward (whose mask handling and boolean indexing cost a GPU host syncs and
+    about 1,270 kernel launches for one prompt of the real model); a prompt with a voice reference still
+    runs upstream's. Alone and padded together, the slots' caches are upstream's to float32 rounding (the
+    products are grouped differently: fused projections, additions inside the matrix products) and the
+    first tokens the same."""
     t = np.arange(24000, dtype=np.float32) / 24000
     reference = asyncio.run(engine.encode(engine_module.Audio((0.3 * np.sin(2 * np.pi * 220 * t)), 24000)))
     Turn = generation.Turn
-    plain = [Turn("system", "Generate audio."), Turn("user", "No reference in this prompt.")]
-    cloned = [Turn("system", "Generate audio."), Turn("user", "Say it."), Turn("assistant", audio=reference),
-              Turn("user", "Now.")]  # fmt: skip
-    small = engine.higgs.decoder(1, 1024)
-    masks = []
-    spies = [
-        layer.register_forward_hook(
-            lambda module, args, kwargs, out: masks.append(kwargs.get("audio_out_mask")), with_kwargs=True
-        )
-        for layer in small.model.layers
+    requests = [
+        generation.GenerationRequest(
+            [Turn("system", "Generate audio."), Turn("user", "No reference in this prompt.")], True, 10, 0.7,
+            0.95, 50, seed=1,
+        ),
+        generation.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.7, 0.95, 50, seed=2),
+        generation.GenerationRequest(
+            [Turn("user", "A text answer to a longer question, please.")], False, 10, 0.0, 1.0, 0, seed=3
+        ),
+        generation.GenerationRequest(
+            [Turn("system", "Generate audio."), Turn("user", "Say it."), Turn("assistant", audio=reference),
+             Turn("user", "Now.")], True, 10, 0.7, 0.95, 50, seed=4,
+        ),
+    ]  # fmt: skip
+    prompts = [engine._prepare(r) for r in requests]
+    admissions = [
+        decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
+        for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
     ]
-    filled = {}
+    small = engine.higgs.decoder(len(requests), 1024)
+    upstream_calls = []
+    spy = small.model.register_forward_pre_hook(lambda module, args: upstream_calls.append(1))
+
+    def fill(group: list[int], path: str) -> list:
+        """Prefill ``group`` (together when several) by ``path``; each row's first token and cache."""
+        with monkeypatch.context() as patch:
+            if path == "upstream":
+                patch.setattr(decoder, "_text_only", lambda inputs: False)
+            batch = engine.higgs.collate([prompts[i].sample for i in group]) if len(group) > 1 else None
+            firsts = small.prefill_many([admissions[i] for i in group], batch)
+        filled = [
+            (first, [k[i, :, : prompts[i].tokens].clone() for k in small.keys])
+            for first, i in zip(firsts, group, strict=True)
+        ]
+        for i in group:
+            small.release(i)
+        return filled
+
     try:
-        for name, turns in (("plain", plain), ("cloned", cloned)):
-            request = generation.GenerationRequest(turns, True, 10, 0.7, 0.95, 50, seed=1)
-            prompt = engine._prepare(request)
-            admission = decoder.Admission(0, prompt.inputs, True, engine._sampling(request), prompt.tokens)
-            for path in ("service", "audio path"):
-                with contextlib.ExitStack() as stack:
-                    if path == "audio path":
-                        stack.enter_context(monkeypatch.context()).setattr(
-                            decoder, "_plain_layers_without_audio", lambda layers: contextlib.nullcontext()
-                        )
-                    masks.clear()
-                    first = small.prefill_many([admission])[0]
-                given = {None if m is None else bool(m.any()) for m in masks}
-                filled[name, path] = (first, [k[0, :, : prompt.tokens].clone() for k in small.keys], given)
-                small.release(0)
+        for group, calls in (([0], 0), ([1], 0), ([0, 1, 2], 0), ([3], 1)):
+            upstream_calls.clear()
+            ours = fill(group, "service")
+            assert len(upstream_calls) == calls, group
+            theirs = fill(group, "upstream")
+            for i, (first, keys), (their_first, their_keys) in zip(group, ours, theirs, strict=True):
+                assert torch.equal(first, their_first), (group, i)
+                diff = max(float((k - o).abs().max()) for k, o in zip(keys, their_keys, strict=True))
+                assert diff < 1e-5, (group, i, diff)
     finally:
-        for spy in spies:
-            spy.remove()
-    assert filled["plain", "service"][2] == {None} and filled["plain", "audio path"][2] == {False}
-    assert filled["cloned", "service"][2] == {True} == filled["cloned", "audio path"][2]
-    for name in ("plain", "cloned"):
-        (first, keys, _), (first_audio_path, keys_audio_path, _) = (
-            filled[name, "service"],
-            filled[name, "audio path"],
-        )
-        assert torch.equal(first, first_audio_path)
-        diff = max(float((k - o).abs().max()) for k, o in zip(keys, keys_audio_path, strict=True))
-        assert diff < 1e-5, (name, diff)
+        spy.remove()
