@@ -2,16 +2,18 @@
 
 Upstream's ``generate`` decodes one request at a time. Here every running request owns a *slot*: a row of
 fixed-size key/value buffers, its own position, attention mask, sampling settings, seed and delay-pattern
-state. A request is prefilled by upstream's own forward into a free slot (a burst of them in one pass:
-``prefill_many``), then each ``step`` runs the decoder layers once for rows ``0..B-1`` (B = the highest busy
-slot + 1, so the buffers are sliced, never gathered) and samples each row's next token or audio column.
+state. A request is prefilled into a free slot (a burst of them in one pass: ``prefill_many``; prompts of
+text alone by the decoder's own layers, prompts with audio codes by upstream's forward), then each
+``step`` runs the decoder layers once for rows ``0..B-1`` (B = the highest busy slot + 1, so the buffers
+are sliced, never gathered) and samples each row's next token or audio column.
 
 The model's parts are reused (embeddings, ``_embed_audio_ids``, the decoder layers' weights, ``rotary_emb``,
 the heads); the attention over the slot buffers, the norms and the FFNs' arithmetic and the control flow are
 written here. A step's kernels are kept few, because at small batches a kernel's start can cost the GPU more
 than its work: each layer's query, key and value projections are one matrix product, and each FFN's gate and
 up projections another (``_fuse_rows`` stacks the weights once and leaves the upstream modules views of
-them, so nothing is stored twice and upstream's own forward, which prefills, reads the same numbers); the
+them, so nothing is stored twice and upstream's own forward, which prefills prompts with audio, reads the
+same numbers); the
 rotation is applied to queries and keys together and written back in place; a norm, weight included, is one
 call; a token's keys and values go into the cache with one copy; and the residual sums are matrix products
 that add into the hidden state (``_plus``): 13 kernels a decoder layer.
