@@ -17,6 +17,8 @@ imports transformers, and the service's modules become importable only inside ``
   endpoint's output cap exactly ``max_tokens`` decoding steps;
 * ``serve(app)``: the app served for real by uvicorn on a free 127.0.0.1 port in a background thread;
 * ``at_once(fn, seeds)``: ``fn(seed, gate)`` for every seed, each on its own thread, released together;
+* ``print_profile(prof, runs, device, what)``: a PyTorch profile's operators by their own CPU time or their
+  kernels' GPU time, each kernel counted once;
 * ``Stopwatch``, ``spread`` and ``conditions``: timing a wrapped method, a median (min-max) column, and the
   wall time and machine load of a run.
 """
@@ -98,6 +100,27 @@ def models(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
         tiny = write_tiny_models(folder)
         return tiny["HIGGS_MODEL"], tiny["HIGGS_AUDIO_TOKENIZER"]
     return args.model, args.audio_tokenizer
+
+
+def print_profile(prof, runs: int, device: bool, what: str, n: int = 15) -> None:
+    """A PyTorch profile of ``runs`` runs of ``what``, per run: the operators by their own CPU time, or
+    (``device``) by the time of the GPU kernels they launched; the total and the top ``n``. A kernel's time
+    is listed twice in a profile, as a kernel and as its operator's own device time: the total counts the
+    kernels, the list names the operators."""
+    from torch.autograd import DeviceType
+
+    def own(event) -> float:  # microseconds
+        return event.self_device_time_total if device else event.self_cpu_time_total
+
+    averages = prof.key_averages()
+    total = sum(own(e) for e in averages if not device or e.device_type == DeviceType.CUDA)
+    events = sorted(
+        (e for e in averages if own(e) and e.device_type == DeviceType.CPU), key=own, reverse=True
+    )
+    title = "GPU kernels (by the operator that launched them)" if device else "operators' own CPU time"
+    print(f"    {title}: {total / runs / 1e3:.3f} ms per {what}; the top {n}:")
+    for e in events[:n]:
+        print(f"    {own(e) / runs:9.1f} us {e.count / runs:7.1f}x  {e.key[:90]}")
 
 
 def run_script(

@@ -20,28 +20,14 @@ import itertools
 import statistics
 import time
 
-from _common import service_settings, workspace, write_tiny_models
-
-
-def _top(prof, steps: int, device: bool, n: int = 12) -> None:
-    """The operators of ``steps`` prefills by their own CPU time, or (``device``) by their kernels' time.
-    A kernel's time is listed twice, as a kernel and as its operator's own device time: the total counts
-    the kernels, the list names the operators."""
-    from torch.autograd import DeviceType
-
-    def own(event) -> float:  # microseconds
-        return event.self_device_time_total if device else event.self_cpu_time_total
-
-    averages = prof.key_averages()
-    total = sum(own(e) for e in averages if not device or e.device_type == DeviceType.CUDA)
-    events = sorted(
-        (e for e in averages if own(e) and e.device_type == DeviceType.CPU), key=own, reverse=True
-    )
-    title = "GPU kernels (by the operator that launched them)" if device else "operators' own CPU time"
-    print(f"    {title}: {total / steps / 1e3:.3f} ms per prefill; the top {n}:")
-    for e in events[:n]:
-        print(f"    {own(e) / steps:9.1f} us {e.count / steps:7.1f}x  {e.key[:90]}")
-
+from _common import (
+    add_model_arguments,
+    check_model_arguments,
+    models,
+    print_profile,
+    service_settings,
+    workspace,
+)
 
 VARIANTS = ("service", "any attention kernel", "upstream's forward")
 """The service's prefill; with whichever attention kernel PyTorch prefers (``decoder.PREFILL_ATTENTION``
@@ -65,19 +51,13 @@ def main() -> None:
     )
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--model", help="generation model (hub id or folder); default: the tiny model")
-    parser.add_argument("--audio-tokenizer", help="audio tokenizer (hub id or folder); default: the tiny one")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--text", default="Please read this short line out loud now")
+    add_model_arguments(parser)
     args = parser.parse_args()
+    check_model_arguments(parser, args)
 
     with workspace() as tmp:
-        if args.model:
-            models = {"model": args.model, "audio_tokenizer": args.audio_tokenizer}
-        else:
-            tiny = write_tiny_models(tmp)
-            models = {"model": tiny["HIGGS_MODEL"], "audio_tokenizer": tiny["HIGGS_AUDIO_TOKENIZER"]}
+        model, audio_tokenizer = models(args, tmp)
         import torch
         from torch.profiler import ProfilerActivity, profile
 
@@ -87,8 +67,9 @@ def main() -> None:
         from generation import GenerationRequest, Turn
 
         settings = service_settings(
-            **models,
-            voices_dir=tmp / "voices",
+            model,
+            audio_tokenizer,
+            tmp / "voices",
             device=args.device,
             dtype=args.dtype,
             kv_cache_lengths=[1024],
@@ -142,9 +123,9 @@ def main() -> None:
                     _prefill(engine, prompt, rows, sampling)
                 if cuda:
                     torch.cuda.synchronize()
-            _top(prof, 2, device=False)
+            print_profile(prof, 2, False, "prefill", n=12)
             if cuda:
-                _top(prof, 2, device=True)
+                print_profile(prof, 2, True, "prefill", n=12)
         engine.close()
 
 

@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 
-from _common import service_settings, workspace, write_tiny_models
+from _common import print_profile, service_settings, workspace, write_tiny_models
 
 
 def _load(path: str, name: str):
@@ -120,7 +120,6 @@ def _step_time(decoder, steps: int, warmup: int) -> float:
 def _profile(decoder, steps: int = 20) -> None:
     """The top operators (kernels on CUDA) of ``steps`` eager steps, by their own time, per step."""
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = decoder.device.type == "cuda"
@@ -136,20 +135,7 @@ def _profile(decoder, steps: int = 20) -> None:
     finally:
         decoder.graphs_enabled = graphs
 
-    def own(event) -> float:  # microseconds
-        return event.self_device_time_total if cuda else event.self_cpu_time_total
-
-    averages = prof.key_averages()
-    # A kernel's time is listed twice: as a kernel, and as the own device time of the operator that
-    # launched it. The total counts the kernels; the list names the operators.
-    total = sum(own(e) for e in averages if not cuda or e.device_type == DeviceType.CUDA)
-    events = sorted(
-        (e for e in averages if own(e) and e.device_type == DeviceType.CPU), key=own, reverse=True
-    )
-    where = "GPU kernels (by the operator that launched them)" if cuda else "operators' own CPU time"
-    print(f"    {where}: {total / steps / 1e3:.3f} ms per eager step; the top 15:")
-    for e in events[:15]:
-        print(f"    {own(e) / steps:9.1f} us {e.count / steps:6.1f}x  {e.key[:90]}")
+    print_profile(prof, steps, cuda, "eager step")
 
 
 def _engine_step_time(engine, request, steps: int) -> float:

@@ -1159,13 +1159,28 @@ def test_waiting_requests_prefilled_together_get_the_answers_they_get_alone(
     assert_idle(client, engine)
 
 
+def _tone_reference(engine, seconds: float = 1) -> generation.AudioCodes:
+    """A voice reference's codes: a 220 Hz tone of ``seconds``, encoded by the engine's codec."""
+    t = np.arange(int(24000 * seconds), dtype=np.float32) / 24000
+    return asyncio.run(engine.encode(engine_module.Audio(0.3 * np.sin(2 * np.pi * 220 * t), 24000)))
+
+
+def _admitted(engine, requests: list) -> tuple[list, list]:
+    """The requests' prompts, and their admissions into slots 0, 1, ... in order."""
+    prompts = [engine._prepare(r) for r in requests]
+    admissions = [
+        decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
+        for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
+    ]
+    return prompts, admissions
+
+
 def test_a_prefill_together_fills_each_slot_as_alone(engine):
     """Three prompts of different lengths (one with a voice reference, one for a text answer) prefilled in
     one pass fill their slots' caches as three solo prefills do, to float32 rounding, with the same first
     tokens; the longest row, which has no padding, exactly."""
 
-    t = np.arange(48000, dtype=np.float32) / 24000
-    reference = asyncio.run(engine.encode(engine_module.Audio((0.3 * np.sin(2 * np.pi * 220 * t)), 24000)))
+    reference = _tone_reference(engine, seconds=2)
     Turn = generation.Turn
     requests = [
         generation.GenerationRequest(
@@ -1179,11 +1194,7 @@ def test_a_prefill_together_fills_each_slot_as_alone(engine):
         ),
         generation.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.7, 0.95, 50, seed=3),
     ]  # fmt: skip
-    prompts = [engine._prepare(r) for r in requests]
-    admissions = [
-        decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
-        for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
-    ]
+    prompts, admissions = _admitted(engine, requests)
     small = engine.higgs.decoder(len(requests), 1024)
     solo_firsts, solo_keys = [], []
     for a in admissions:
@@ -1318,8 +1329,7 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
 
     from transformers import DynamicCache
 
-    t = np.arange(24000, dtype=np.float32) / 24000
-    reference = asyncio.run(engine.encode(engine_module.Audio((0.3 * np.sin(2 * np.pi * 220 * t)), 24000)))
+    reference = _tone_reference(engine)
     Turn = generation.Turn
     heard = [Turn("user", "Say it."), Turn("assistant", audio=reference)]
     requests = [
@@ -1328,15 +1338,11 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
         ),
         generation.GenerationRequest([*heard, Turn("user", "Hi.")], False, 10, 0.0, 1.0, 0),
     ]
-    prompts = [engine._prepare(r) for r in requests]
+    prompts, admissions = _admitted(engine, requests)
     small = engine.higgs.decoder(2, 1024)
     seen = []
     hook = small.text_head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
     try:
-        admissions = [
-            decoder.Admission(i, p.inputs, False, engine._sampling(r), p.tokens)
-            for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
-        ]
         firsts = small.prefill_many(admissions, engine.higgs.collate([p.sample for p in prompts]))
         assert seen == [(2, 1, small.vocab)]  # two rows, one position each
         with torch.inference_mode():  # upstream's forward alone, as the prefill calls it: every position
@@ -1357,8 +1363,7 @@ def test_a_prefill_of_text_alone_runs_the_decoders_own_layers_as_upstreams_forwa
     runs upstream's. Alone and padded together, the slots' caches are upstream's to float32 rounding (the
     products are grouped differently: fused projections, additions inside the matrix products) and the
     first tokens the same."""
-    t = np.arange(24000, dtype=np.float32) / 24000
-    reference = asyncio.run(engine.encode(engine_module.Audio((0.3 * np.sin(2 * np.pi * 220 * t)), 24000)))
+    reference = _tone_reference(engine)
     Turn = generation.Turn
     requests = [
         generation.GenerationRequest(
@@ -1374,11 +1379,7 @@ def test_a_prefill_of_text_alone_runs_the_decoders_own_layers_as_upstreams_forwa
              Turn("user", "Now.")], True, 10, 0.7, 0.95, 50, seed=4,
         ),
     ]  # fmt: skip
-    prompts = [engine._prepare(r) for r in requests]
-    admissions = [
-        decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
-        for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
-    ]
+    prompts, admissions = _admitted(engine, requests)
     small = engine.higgs.decoder(len(requests), 1024)
     upstream_calls = []
     spy = small.model.register_forward_pre_hook(lambda module, args: upstream_calls.append(1))
