@@ -2,8 +2,8 @@
 
 Upstream's ``generate`` decodes one request at a time. Here every running request owns a *slot*: a row of
 fixed-size key/value buffers, its own position, attention mask, sampling settings, seed and delay-pattern
-state. A request is prefilled into a free slot (a burst of them in one pass: ``prefill_many``; prompts of
-text alone by the decoder's own layers, prompts with audio codes by upstream's forward), then each
+state. A request is prefilled into a free slot by the decoder's own layers (a burst of them in one pass:
+``prefill_many``), then each
 ``step`` runs the decoder layers once for rows ``0..B-1`` (B = the highest busy slot + 1, so the buffers
 are sliced, never gathered) and samples each row's next token or audio column.
 
@@ -12,8 +12,8 @@ the heads); the attention over the slot buffers, the norms and the FFNs' arithme
 written here. A step's kernels are kept few, because at small batches a kernel's start can cost the GPU more
 than its work: each layer's query, key and value projections are one matrix product, and each FFN's gate and
 up projections another (``_fuse_rows`` stacks the weights once and leaves the upstream modules views of
-them, so nothing is stored twice and upstream's own forward, which prefills prompts with audio, reads the
-same numbers); the
+them, so nothing is stored twice and upstream's own forward, which prefills what the decoder's layers
+leave to it, reads the same numbers); the
 rotation is applied to queries and keys together and written back in place; a norm, weight included, is one
 call; a token's keys and values go into the cache with one copy; and the residual sums are matrix products
 that add into the hidden state (``_plus``): 13 kernels a decoder layer.
@@ -154,13 +154,15 @@ def _prefill_attention(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _text_only(inputs: dict) -> bool:
-    """Whether a prompt's (or a batch's) model inputs are text tokens alone: no audio codes in or out, no
-    audio features (a voice reference brings codes; the default voice none)."""
-    return all(
-        inputs.get(key) is None or inputs[key].numel() == 0
-        for key in ("audio_features", "audio_in_ids", "audio_out_ids")
-    )
+def _own_layers(inputs: dict, kinds: list[str]) -> bool:
+    """Whether the decoder's own layers can prefill these model inputs (a prompt's, or a batch's): text
+    tokens, and audio codes out (a voice reference) on a model whose layers are dual or plain. Audio
+    features, audio-in codes and fast-forward layers with audio in the prompt are left to upstream's forward
+    (the service's prompts hold none of the first two; Higgs Audio v2's layers are all dual)."""
+    if any(inputs.get(key) is not None and inputs[key].numel() for key in ("audio_features", "audio_in_ids")):
+        return False
+    codes = inputs.get("audio_out_ids")
+    return codes is None or codes.numel() == 0 or "skip" not in kinds
 
 
 @contextmanager
@@ -385,20 +387,18 @@ class BatchDecoder:
 
         One admission runs its own ``inputs``; several run ``batch``, their samples collated together and
         padded on the left (a row's real tokens keep positions ``0..tokens-1``, as when alone), and each
-        row's cache is taken from behind its padding. Prompts of text alone run the decoder's own layers
-        (``_prefill_text``); prompts with audio codes run upstream's forward, which places the codes.
+        row's cache is taken from behind its padding. The decoder's own layers run the pass
+        (``_prefill_own``), upstream's forward the inputs they leave to it (``_own_layers``).
         Returns, per admission, on the CPU, ``[text token, *audio column]``: for an audio answer
         ``<|AUDIO_OUT|>`` and the all-BOS column that opens the stream (nothing is sampled), for a text
         answer the first token.
         """
         inputs = admissions[0].inputs if batch is None else batch
         slots = [a.slot for a in admissions]
+        texts = any(not a.audio_output for a in admissions)
         with _prefill_attention(self.device):
-            if _text_only(inputs):
-                total = int(inputs["input_ids"].shape[1])
-                lengths = self._lengths(admissions, total, batch is not None)
-                texts = any(not a.audio_output for a in admissions)
-                logits = self._prefill_text(inputs["input_ids"], slots, [total - n for n in lengths], texts)
+            if _own_layers(inputs, self.kinds):
+                lengths, logits = self._prefill_own(inputs, slots, admissions, batch is not None, texts)
             else:
                 lengths, logits = self._prefill_upstream(inputs, slots, admissions, batch is not None)
         return [
@@ -438,21 +438,43 @@ class BatchDecoder:
             self._put(i, kv, where, shift)
         return lengths, out.logits
 
-    def _prefill_text(
-        self, input_ids: torch.Tensor, slots: list[int], pads: list[int], logits: bool
-    ) -> torch.Tensor | None:
-        """Prompts of text alone (``input_ids`` [rows, total], rows padded on the left by ``pads``) through
-        the decoder's own layers, their keys and values written into ``slots`` layer by layer; with
-        ``logits``, returns the last position's text logits [rows, 1, vocab]. Every layer takes its text
-        path (the text norms and FFN), as upstream's does for text tokens, with the step's fused
-        projections and one-call norms: upstream's forward launched about 1,270 kernels for one 112-token
-        prompt of Higgs Audio v2 (most of its 38 ms on an H200 was the host's), and its mask handling and
-        boolean indexing synced with the GPU; this pass has no sync. A padded row's positions count from
-        its first real token; a padding position attends to itself alone (a row of nothing but masked
-        keys would make NaNs, which the values' product would carry into real rows)."""
+    def _prefill_own(
+        self, inputs: dict, slots: list[int], admissions: list[Admission], batched: bool, logits: bool
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """Prompts through the decoder's own layers (``_own_layers``), their keys and values written into
+        ``slots`` layer by layer. Returns the prompts' lengths and, with ``logits``, the last position's
+        text logits [rows, 1, vocab].
+
+        A voice reference's codes are embedded and put in place of their placeholder by upstream's own
+        functions (``_embed_audio_ids``, ``merge_input_ids_with_audio_features``, as its forward does);
+        then each dual layer gives a code position its audio norms and FFN and a text position the text
+        ones (both computed for every position, kept by ``torch.where``, as a mixed decoding step does),
+        and a prompt of text alone takes the text path only. The step's fused projections and one-call
+        norms do the work: upstream's forward launched about 1,270 kernels for one 112-token prompt of
+        Higgs Audio v2 (most of its 38 ms on an H200 was the host's), and its layers synced with the GPU
+        six times each to pick text and audio rows; this pass does not sync. A padded row's positions count
+        from its first real token; a padding position attends to itself alone (a row of nothing but
+        masked keys would make NaNs, which the values' product would carry into real rows)."""
         model = self.model
-        rows, total = input_ids.shape
-        hidden = model.embed_tokens(input_ids.to(self.device)).to(self.dtype)
+        ids = inputs["input_ids"].to(self.device)
+        hidden = model.embed_tokens(ids)
+        codes = inputs.get("audio_out_ids")
+        dual = codes is not None and codes.numel() > 0
+        if dual:
+            from boson_multimodal.model.higgs_audio.utils import merge_input_ids_with_audio_features
+
+            merged = merge_input_ids_with_audio_features(
+                None, None, None, None,
+                model._embed_audio_ids(codes.to(self.device)), inputs["audio_out_ids_start"].to(self.device),
+                model.audio_in_token_idx, model.audio_out_token_idx, hidden, ids,
+                inputs["attention_mask"].to(self.device), None,
+                pad_token_id=model.padding_idx, round_to=1, left_padding=True,
+            )  # fmt: skip
+            hidden, is_code = merged[0], merged[7][:, :, None]  # the audio-out positions, [rows, total, 1]
+        hidden = hidden.to(self.dtype).contiguous()  # the residual sums are written into it (``_plus``)
+        rows, total = hidden.shape[:2]
+        lengths = self._lengths(admissions, total, batched)
+        pads = [total - length for length in lengths]
         ahead = torch.tensor(pads, device=self.device)[:, None]
         positions = (self._arange[None, :total] - ahead).clamp_(min=0)
         cos, sin = model.rotary_emb(hidden, positions)  # [rows, total, dim]
@@ -466,13 +488,23 @@ class BatchDecoder:
             mask = torch.zeros((rows, 1, total, total), device=self.device, dtype=self.dtype)
             mask.masked_fill_(~allowed[:, None], float("-inf"))
         where, shift = self._placement(slots, pads, total)
-        for i, layer in enumerate(model.layers):
+        for i, (layer, kind) in enumerate(zip(model.layers, self.kinds, strict=True)):
+            both = dual and kind == "dual"
             x = _rms_norm(layer.input_layernorm, hidden)
+            if both:
+                x = torch.where(is_code, _rms_norm(layer.audio_input_layernorm, hidden), x)
             hidden = self._prompt_attention(i, layer.self_attn, x, cos, sin, mask, hidden, where, shift)
-            hidden = self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden), hidden)
+            if both:
+                hidden = hidden + torch.where(
+                    is_code,
+                    self._mlp(layer.audio_mlp, _rms_norm(layer.audio_post_attention_layernorm, hidden)),
+                    self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden)),
+                )
+            else:
+                hidden = self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden), hidden)
         if not logits:
-            return None
-        return self.text_head(_rms_norm(model.norm, hidden[:, -1:]))
+            return lengths, None
+        return lengths, self.text_head(_rms_norm(model.norm, hidden[:, -1:]))
 
     def _prompt_attention(self, i, attn, x, cos, sin, mask, residual, where, shift) -> torch.Tensor:
         """A layer's attention over prompts ``x`` [rows, total, hidden] (causal, or ``mask``), added into

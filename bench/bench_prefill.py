@@ -5,17 +5,19 @@ Run:  .venv/bin/python bench/bench_prefill.py
           --dtype bfloat16 --rows 1 4 8
 
 ``BatchDecoder.prefill_many`` is driven directly over the engine's own prompt (a speech request's turns,
-built by ``engine._prepare``; the tiny random-weight models on the CPU unless a model is named). For each
-row count it prints the median wall time of a prefill (ending with the first tokens on the host), and of
-prompts of lengths not seen before, side by side: as the service runs them, and with each of its two choices
-undone (``VARIANTS``: cuDNN's attention allowed; upstream's forward instead of the decoder's own layers),
-then PyTorch's profiler on one: the operators' own CPU time and, on CUDA, the GPU's kernels, so that a prefill
-bound by the host (many small operators, copies) shows apart from one bound by the device.
+with ``--reference SECONDS`` of a voice reference before them, built by ``engine._prepare``; the tiny
+random-weight models on the CPU unless a model is named). For each row count it prints the median wall
+time of a prefill (ending with the first tokens on the host), and of prompts of lengths not seen before,
+side by side: as the service runs them, and with each of its two choices undone (``VARIANTS``: cuDNN's
+attention allowed; upstream's forward instead of the decoder's own layers), then PyTorch's profiler on
+one: the operators' own CPU time and, on CUDA, the GPU's kernels, so that a prefill bound by the host
+(many small operators, copies) shows apart from one bound by the device.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import statistics
 import time
@@ -31,7 +33,7 @@ from _common import (
 
 VARIANTS = ("service", "any attention kernel", "upstream's forward")
 """The service's prefill; with whichever attention kernel PyTorch prefers (``decoder.PREFILL_ATTENTION``
-None); through upstream's forward, not the decoder's own layers (``decoder._text_only`` answering no)."""
+None); through upstream's forward, not the decoder's own layers (``decoder._own_layers`` answering no)."""
 
 
 def _prefill(engine, prompt, rows: int, sampling) -> None:
@@ -52,18 +54,22 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--text", default="Please read this short line out loud now")
+    parser.add_argument(
+        "--reference", type=float, default=0, help="seconds of a voice reference in the prompt (a tone)"
+    )
     add_model_arguments(parser)
     args = parser.parse_args()
     check_model_arguments(parser, args)
 
     with workspace() as tmp:
         model, audio_tokenizer = models(args, tmp)
+        import numpy as np
         import torch
         from torch.profiler import ProfilerActivity, profile
 
         import decoder
         from decoder import Sampling
-        from engine import load_engine
+        from engine import Audio, load_engine
         from generation import GenerationRequest, Turn
 
         settings = service_settings(
@@ -77,7 +83,13 @@ def main() -> None:
         )
         engine = load_engine(settings)
         cuda = args.device == "cuda"
-        turns = [Turn("system", "Generate audio following instruction."), Turn("user", args.text)]
+        heard = []  # a voice reference: a tone of --reference seconds and its transcript
+        if args.reference:
+            t = np.arange(int(24000 * args.reference), dtype=np.float32) / 24000
+            tone = asyncio.run(engine.encode(Audio(0.3 * np.sin(2 * np.pi * 220 * t), 24000)))
+            heard = [Turn("user", "Read this line."), Turn("assistant", audio=tone)]
+        opening = [Turn("system", "Generate audio following instruction."), *heard]
+        turns = [*opening, Turn("user", args.text)]
         request = GenerationRequest(turns, True, 100, 0.7, 0.95, 50, seed=0)
         started = time.perf_counter()
         prompt = engine._prepare(request)
@@ -85,7 +97,7 @@ def main() -> None:
             f"{args.device} {args.dtype}: prompt of {prompt.tokens} tokens, built in "
             f"{(time.perf_counter() - started) * 1e3:.1f} ms"
         )
-        service_attention, text_only = decoder.PREFILL_ATTENTION, decoder._text_only
+        service_attention, own_layers = decoder.PREFILL_ATTENTION, decoder._own_layers
         lengths = itertools.count(len(args.text.split()) + 1)
         sampling = Sampling(temperature=0.7, top_p=0.95, top_k=50, ras_window=7, seed=0)
 
@@ -101,17 +113,19 @@ def main() -> None:
             fresh = {}  # prompts of lengths not seen before: shapes new to the kernels' caches
             for variant in VARIANTS:
                 decoder.PREFILL_ATTENTION = None if variant == "any attention kernel" else service_attention
-                decoder._text_only = (lambda inputs: False) if variant == "upstream's forward" else text_only
+                decoder._own_layers = (
+                    (lambda inputs, kinds: False) if variant == "upstream's forward" else own_layers
+                )
                 fresh[variant] = []
                 for _ in range(args.repeats):
                     words = " ".join(["word"] * next(lengths))
                     new = engine._prepare(
-                        GenerationRequest([turns[0], Turn("user", words)], True, 100, 0.7, 0.95, 50)
+                        GenerationRequest([*opening, Turn("user", words)], True, 100, 0.7, 0.95, 50)
                     )
                     started = time.perf_counter()
                     _prefill(engine, new, rows, sampling)
                     fresh[variant].append(time.perf_counter() - started)
-            decoder.PREFILL_ATTENTION, decoder._text_only = service_attention, text_only
+            decoder.PREFILL_ATTENTION, decoder._own_layers = service_attention, own_layers
             print(
                 f"rows {rows:3d}: prefill {statistics.median(times) * 1e3:.2f} ms (median of {args.repeats});"
                 f" first {first * 1e3:.2f} ms; prompts of lengths not seen before: "

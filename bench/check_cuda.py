@@ -7,7 +7,7 @@ The engine is loaded through ``load_engine`` on CUDA twice, over the tiny random
 ``tests/tiny_models.py`` unless a model is named: with CUDA graphs (the default) and without. For the first
 it prints how many graphs of the decoding step and of the codec were captured and which shapes failed (none
 should: a failed shape decodes eagerly for good, several times slower); for the second, the decoder's own
-prefill of prompts of text alone against upstream's forward (``text_prefill``); then the same requests go
+prefill against upstream's forward (``own_prefill``); then the same requests go
 through each engine: 4 seeded audio requests at once (one of them greedy) and a text request beside
 them. Their answers are compared: in float32 a graph replays the kernels that the eager step runs, so
 the tokens should be the same; in bfloat16 they should mostly be (a graph's cuBLAS may choose other
@@ -38,20 +38,29 @@ def requests(generation, n: int = 4) -> list:
     return [*audio, text]
 
 
-def text_prefill(engine, generation, dtype: str) -> bool:
-    """The decoder's own prefill of prompts of text alone (``decoder._prefill_text``) against upstream's
-    forward over the same prompts padded together: the slots' caches (the largest difference relative to
-    the largest value) and the first tokens. In float32 they should agree to rounding."""
+def own_prefill(engine, generation, dtype: str) -> bool:
+    """The decoder's own prefill (``decoder._prefill_own``) against upstream's forward over the same
+    prompts padded together (a default-voice speech prompt, a text question, a prompt with a voice
+    reference): the slots' caches (the largest difference relative to the largest value) and the first
+    tokens. In float32 they should agree to rounding."""
+    import numpy as np
     import torch
 
     import decoder
+    from engine import Audio
 
     scene = "Generate audio following instruction."
+    t = np.arange(24000, dtype=np.float32) / 24000
+    reference = asyncio.run(engine.encode(Audio(0.3 * np.sin(2 * np.pi * 220 * t), 24000)))
+    Turn = generation.Turn
     batch = [
-        generation.GenerationRequest([generation.Turn("user", TEXT)], True, 10, 0.8, 0.95, 50, seed=1),
+        generation.GenerationRequest([Turn("user", TEXT)], True, 10, 0.8, 0.95, 50, seed=1),
         generation.GenerationRequest(
-            [generation.Turn("system", scene), generation.Turn("user", TEXT + " And a few words more.")],
-            False, 10, 0.0, 1.0, 0,
+            [Turn("system", scene), Turn("user", TEXT + " And a few words more.")], False, 10, 0.0, 1.0, 0
+        ),
+        generation.GenerationRequest(
+            [Turn("system", scene), Turn("user", "Say it."), Turn("assistant", audio=reference),
+             Turn("user", TEXT)], True, 10, 0.8, 0.95, 50, seed=3,
         ),
     ]  # fmt: skip
     prompts = [engine._prepare(r) for r in batch]
@@ -62,13 +71,13 @@ def text_prefill(engine, generation, dtype: str) -> bool:
     small = engine.higgs.decoder(len(batch), 1024)
     collated = engine.higgs.collate([p.sample for p in prompts])
     filled = {}
-    own = decoder._text_only
+    own = decoder._own_layers
     for path in ("own", "upstream"):
-        decoder._text_only = own if path == "own" else (lambda inputs: False)
+        decoder._own_layers = own if path == "own" else (lambda inputs, kinds: False)
         try:
             firsts = small.prefill_many(admissions, collated)
         finally:
-            decoder._text_only = own
+            decoder._own_layers = own
         caches = [[k[i, :, : p.tokens].float().clone() for k in small.keys] for i, p in enumerate(prompts)]
         filled[path] = firsts, caches
         for i in range(len(batch)):
@@ -82,7 +91,7 @@ def text_prefill(engine, generation, dtype: str) -> bool:
     )
     same = all(torch.equal(a, b) for a, b in zip(firsts, their_firsts, strict=True))
     print(
-        f"text prefill, own layers against upstream's forward ({len(batch)} prompts padded together): "
+        f"prefill, own layers against upstream's forward ({len(batch)} prompts padded together): "
         f"largest cache difference {diff / scale:.1e} of the largest value; first tokens "
         + ("same" if same else "differ")
     )
@@ -132,7 +141,7 @@ def main() -> int:
                           f"{len(codec._graphs)} codec graphs; step shapes failed: {failed}")  # fmt: skip
                     ok &= bool(step._graphs) and not step._graph_failed and bool(codec._graphs)
                 if not graphs:
-                    ok &= text_prefill(engine, generation, dtype)
+                    ok &= own_prefill(engine, generation, dtype)
                 started = time.perf_counter()
                 seen[graphs] = asyncio.run(answers(engine, batch))
                 print(f"{'graphs' if graphs else 'eager '}: {len(batch)} requests at once in "

@@ -6,8 +6,8 @@
 #      4 and 16 at once (16 twice: 32 and 96 requests, the second nearer the steady state): audio seconds
 #      per second, first audio p50/p95, latency (per-stream RTF = latency over the audio's length); the
 #      server's /metrics after each (steps, the loop's time by work);
-#   2. a prefill alone at 1, 4 and 8 prompts, with the engine's choices undone side by side, and where its
-#      time goes (bench/bench_prefill.py);
+#   2. a prefill alone at 1, 4 and 8 prompts, and at 1 and 8 with a voice reference, with the engine's
+#      choices undone side by side, and where its time goes (bench/bench_prefill.py);
 #   3. one decoding step alone at 1 and 16 rows, and where an eager step's time goes (bench/bench_step.py).
 # GPU_CHECK_SKIP="cuda load prefill step" leaves out the parts named (a second call after a first that
 # measured some). On an H200 the whole script took 114 s without part 2 (2026-11-27), the first call's
@@ -121,8 +121,9 @@ wait $server 2> /dev/null
 }
 
 # ---- 2. a prefill alone ----
-[[ $SKIP == *prefill* ]] || say "-- bench_prefill: 1, 4 and 8 prompts"
+[[ $SKIP == *prefill* ]] || say "-- bench_prefill: 1, 4 and 8 prompts; then 1 and 8 with a 3 s voice reference"
 [[ $SKIP == *prefill* ]] || run 150 "$PY" bench/bench_prefill.py "${MODEL[@]}" --rows 1 4 8
+[[ $SKIP == *prefill* ]] || run 150 "$PY" bench/bench_prefill.py "${MODEL[@]}" --rows 1 8 --reference 3
 
 # ---- 3. the step alone ----
 [[ $SKIP == *step* ]] || say "-- bench_step: 1 and 16 rows"

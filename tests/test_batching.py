@@ -1322,10 +1322,10 @@ def test_speech_recognition_loads_before_the_engine_sizes_its_slots(settings, mo
 # ---- prefill ----
 
 
-def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine):
+def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine, monkeypatch):
     """Upstream's forward would make text logits for every prompt token (1 GiB for a 4,096-token prefill
-    of the real model); the prefill makes them for the last one, and chooses the same first token. (Prompts
-    with a voice reference: those of text alone run the decoder's own layers.)"""
+    of the real model); a prefill through it (for inputs the decoder's own layers leave to it) makes them
+    for the last one, and chooses the same first token."""
 
     from transformers import DynamicCache
 
@@ -1342,6 +1342,7 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
     small = engine.higgs.decoder(2, 1024)
     seen = []
     hook = small.text_head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    monkeypatch.setattr(decoder, "_own_layers", lambda inputs, kinds: False)  # what upstream's forward gets
     try:
         firsts = small.prefill_many(admissions, engine.higgs.collate([p.sample for p in prompts]))
         assert seen == [(2, 1, small.vocab)]  # two rows, one position each
@@ -1356,13 +1357,13 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
     assert [int(f[0]) for f in firsts] == chosen.tolist()
 
 
-def test_a_prefill_of_text_alone_runs_the_decoders_own_layers_as_upstreams_forward_would(engine, monkeypatch):
-    """Prompts without audio codes (the default voice, text answers) are prefilled by the decoder's own
-    layers, not upstream's forward (whose mask handling and boolean indexing cost a GPU host syncs and
-    about 1,270 kernel launches for one prompt of the real model); a prompt with a voice reference still
-    runs upstream's. Alone and padded together, the slots' caches are upstream's to float32 rounding (the
-    products are grouped differently: fused projections, additions inside the matrix products) and the
-    first tokens the same."""
+def test_a_prefill_runs_the_decoders_own_layers_as_upstreams_forward_would(engine, monkeypatch):
+    """Prompts are prefilled by the decoder's own layers, not upstream's forward (whose mask handling and
+    boolean indexing cost a GPU host syncs in every layer and about 1,270 kernel launches for one prompt of
+    the real model): the default voice, text answers, and a voice reference, whose codes take the dual
+    layers' audio norms and FFN. Alone and padded together, text and audio prompts mixed, the slots'
+    caches are upstream's to float32 rounding (the products are grouped differently: fused projections,
+    additions inside the matrix products) and the first tokens the same."""
     reference = _tone_reference(engine)
     Turn = generation.Turn
     requests = [
@@ -1378,6 +1379,10 @@ def test_a_prefill_of_text_alone_runs_the_decoders_own_layers_as_upstreams_forwa
             [Turn("system", "Generate audio."), Turn("user", "Say it."), Turn("assistant", audio=reference),
              Turn("user", "Now.")], True, 10, 0.7, 0.95, 50, seed=4,
         ),
+        generation.GenerationRequest(
+            [Turn("user", "Say it."), Turn("assistant", audio=reference), Turn("user", "What did you say?")],
+            False, 10, 0.0, 1.0, 0, seed=5,
+        ),
     ]  # fmt: skip
     prompts, admissions = _admitted(engine, requests)
     small = engine.higgs.decoder(len(requests), 1024)
@@ -1388,7 +1393,7 @@ def test_a_prefill_of_text_alone_runs_the_decoders_own_layers_as_upstreams_forwa
         """Prefill ``group`` (together when several) by ``path``; each row's first token and cache."""
         with monkeypatch.context() as patch:
             if path == "upstream":
-                patch.setattr(decoder, "_text_only", lambda inputs: False)
+                patch.setattr(decoder, "_own_layers", lambda inputs, kinds: False)
             batch = engine.higgs.collate([prompts[i].sample for i in group]) if len(group) > 1 else None
             firsts = small.prefill_many([admissions[i] for i in group], batch)
         filled = [
@@ -1400,10 +1405,10 @@ def test_a_prefill_of_text_alone_runs_the_decoders_own_layers_as_upstreams_forwa
         return filled
 
     try:
-        for group, calls in (([0], 0), ([1], 0), ([0, 1, 2], 0), ([3], 1)):
+        for group in ([0], [1], [3], [0, 1, 2], [2, 3, 4], [0, 1, 2, 3, 4]):
             upstream_calls.clear()
             ours = fill(group, "service")
-            assert len(upstream_calls) == calls, group
+            assert not upstream_calls, group
             theirs = fill(group, "upstream")
             for i, (first, keys), (their_first, their_keys) in zip(group, ours, theirs, strict=True):
                 assert torch.equal(first, their_first), (group, i)
