@@ -452,8 +452,8 @@ class BatchDecoder:
         and a prompt of text alone takes the text path only. The step's fused projections and one-call
         norms do the work: upstream's forward launched about 1,270 kernels for one 112-token prompt of
         Higgs Audio v2 (most of its 38 ms on an H200 was the host's), and its layers synced with the GPU
-        six times each to pick text and audio rows; this pass syncs only in the merge, once a pass and
-        with a reference only. A padded row's positions count
+        six times each to pick text and audio rows; this pass syncs only inside upstream's merge (with a
+        reference), never in the layers. A padded row's positions count
         from its first real token; a padding position attends to itself alone (a row of nothing but
         masked keys would make NaNs, which the values' product would carry into real rows)."""
         model = self.model
