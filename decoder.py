@@ -67,6 +67,14 @@ on recent GPUs, builds a plan for every sequence length it has not seen, and pro
 on an H200 (full-size model, bfloat16) one prompt of a length not seen before took 92 ms with cuDNN allowed,
 38 ms without (``bench/bench_prefill.py``, side by side). The step graphs keep it (fixed shapes)."""
 
+OWN_PREFILL_TOLERANCE = {torch.float32: 1e-3}
+"""How far the decoder's own prefill layers may be from upstream's forward at start (``check_own_prefill``):
+the largest difference of a slot's cache against its largest value, by dtype; 5e-2 for the 16-bit ones.
+The two group their products differently (fused projections, sums inside the products), so they agree to
+rounding only: 2e-7 in float32 and 7e-3 in bfloat16 on the tiny model (``bench/check_cuda.py``). The
+check is against gross faults (wrong positions left 0.86 of the largest value apart); ``check_cuda.py``
+compares the two in float32 to 1e-3."""
+
 # splitmix64's constants, as signed 64-bit integers (torch has no uint64 arithmetic); products wrap.
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -273,6 +281,9 @@ class BatchDecoder:
         self.text_head = model.audio_decoder_proj.text_lm_head
         self.audio_head = model.audio_decoder_proj.audio_lm_head
         self._forward_keys = set(inspect.signature(model.forward).parameters)
+        self.own_prefill = True
+        """Prefill with the decoder's own layers (``_prefill_own``) what they can take; off, every prompt
+        goes through upstream's forward (``check_own_prefill`` turns it off when the two disagree)."""
 
         # Each layer is "dual" (audio tokens take their own norms and FFN), "skip" (fast-forward: audio
         # tokens keep their input hidden state) or "plain" (one path for every token).
@@ -397,13 +408,52 @@ class BatchDecoder:
         slots = [a.slot for a in admissions]
         texts = any(not a.audio_output for a in admissions)
         with _prefill_attention(self.device):
-            if _own_layers(inputs, self.kinds):
+            if self.own_prefill and _own_layers(inputs, self.kinds):
                 lengths, logits = self._prefill_own(inputs, slots, admissions, batch is not None, texts)
             else:
                 lengths, logits = self._prefill_upstream(inputs, slots, admissions, batch is not None)
         return [
             self._occupy(admission, length, None if logits is None else logits[row : row + 1])
             for row, (admission, length) in enumerate(zip(admissions, lengths, strict=True))
+        ]
+
+    def check_own_prefill(self, groups: list[tuple[list[Admission], dict | None]]) -> tuple[bool, str]:
+        """Prefill each group of admissions (collated in its batch when several) by the decoder's own layers
+        and by upstream's forward, and compare the slots' caches (the largest difference against the
+        largest value). The own layers stay on where they agree within the dtype's rounding
+        (``OWN_PREFILL_TOLERANCE``), and are turned off where they do not or fail: a fault of this
+        device's kernels costs speed, never answers. Returns whether they agree and what was seen."""
+        tolerance = OWN_PREFILL_TOLERANCE.get(self.dtype, 5e-2)
+        apart = 0.0
+        try:
+            for admissions, batch in groups:
+                filled = []
+                for own in (True, False):
+                    self.own_prefill = own
+                    try:
+                        self.prefill_many(admissions, batch)
+                        filled.append([self._cached(a) for a in admissions])
+                    finally:
+                        for a in admissions:
+                            self.release(a.slot)
+                ours, theirs = filled
+                scale = max(float(kv.abs().max()) for row in theirs for kv in row) or 1.0
+                diff = max(
+                    float((a - b).abs().max())
+                    for row, their_row in zip(ours, theirs, strict=True)
+                    for a, b in zip(row, their_row, strict=True)
+                )
+                apart = max(apart, diff / scale)
+        except Exception as exc:
+            self.own_prefill = False
+            return False, f"failed ({type(exc).__name__}: {exc})"
+        self.own_prefill = apart <= tolerance
+        return self.own_prefill, f"{apart:.1e} of the largest value apart, {tolerance:.0e} allowed"
+
+    def _cached(self, admission: Admission) -> list[torch.Tensor]:
+        """A float32 copy of each layer's keys and values of ``admission``'s prompt in its slot."""
+        return [
+            kv[admission.slot, :, :, : admission.tokens].to(torch.float32, copy=True) for kv in self.cache
         ]
 
     def _lengths(self, admissions: list[Admission], total: int, batched: bool) -> list[int]:

@@ -221,6 +221,7 @@ class HiggsEngine:
             self.slots, self.max_context, graphs=cuda_graphs, length_buckets=sorted(kv_cache_lengths)
         )
 
+        self._check_own_prefill(together=device == "cuda" and self.slots > 1)
         self.streaming = streaming or StreamSettings()
         self._layout = Layout(
             self.streaming,
@@ -503,6 +504,49 @@ class HiggsEngine:
         self._codec_queue.put(None)
         self._codec_thread.join(timeout=30)
         self._prompt_pool.shutdown(wait=True, cancel_futures=True)
+
+    def _check_own_prefill(self, together: bool) -> None:
+        """Whether the decoder's own prefill layers answer as upstream's forward on this device and dtype
+        (``BatchDecoder.check_own_prefill``), on a default-voice prompt and one with a voice reference
+        (random codes), padded together where prefills are batched (``together``). Where they do not, or
+        fail, every prompt is prefilled by upstream's forward from then on, and the log says so."""
+        started = time.perf_counter()
+        scene = Turn("system", SYSTEM_TEMPLATE.format(scene="Audio is recorded from a quiet room."))
+        draw = torch.Generator().manual_seed(0)
+        codes = AudioCodes(
+            torch.randint(0, self.higgs.codebook_size, (self.num_codebooks, 10), generator=draw)
+        )
+        requests = [
+            GenerationRequest([scene, Turn("user", "Check the prefill.")], True, 8, 0.7, 0.95, 50, seed=0),
+            GenerationRequest(
+                [scene, Turn("user", "Say it."), Turn("assistant", audio=codes), Turn("user", "Now.")],
+                True, 8, 0.7, 0.95, 50, seed=0,
+            ),
+        ]  # fmt: skip
+        prompts = [self._prepare(r) for r in requests]
+        admissions = [
+            Admission(i if together else 0, p.inputs, True, self._sampling(r), p.tokens)
+            for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
+        ]
+        if together:
+            groups = [(admissions, self.higgs.collate([p.sample for p in prompts]))]
+        else:
+            groups = [([a], None) for a in admissions]
+        agree, seen = self._decoder.check_own_prefill(groups)
+        if agree:
+            log.info(
+                "prefill: the decoder's own layers answer as upstream's forward (%s; checked in %.2f s)",
+                seen,
+                time.perf_counter() - started,
+            )
+        else:
+            log.warning(
+                "the decoder's own prefill layers do not answer as upstream's forward on %s (%s, %s): "
+                "prompts are prefilled by upstream's forward, which is slower",
+                self.device,
+                self._decoder.dtype,
+                seen,
+            )
 
     # ---- prompts (off the worker threads, before admission) ------------------------------------------------
 

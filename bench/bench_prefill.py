@@ -33,7 +33,7 @@ from _common import (
 
 VARIANTS = ("service", "any attention kernel", "upstream's forward")
 """The service's prefill; with whichever attention kernel PyTorch prefers (``decoder.PREFILL_ATTENTION``
-None); through upstream's forward, not the decoder's own layers (``decoder._own_layers`` answering no)."""
+None); through upstream's forward, not the decoder's own layers (``BatchDecoder.own_prefill`` off)."""
 
 
 def _prefill(engine, prompt, rows: int, sampling) -> None:
@@ -97,7 +97,7 @@ def main() -> None:
             f"{args.device} {args.dtype}: prompt of {prompt.tokens} tokens, built in "
             f"{(time.perf_counter() - started) * 1e3:.1f} ms"
         )
-        service_attention, own_layers = decoder.PREFILL_ATTENTION, decoder._own_layers
+        service_attention = decoder.PREFILL_ATTENTION
         lengths = itertools.count(len(args.text.split()) + 1)
         sampling = Sampling(temperature=0.7, top_p=0.95, top_k=50, ras_window=7, seed=0)
 
@@ -113,9 +113,7 @@ def main() -> None:
             fresh = {}  # prompts of lengths not seen before: shapes new to the kernels' caches
             for variant in VARIANTS:
                 decoder.PREFILL_ATTENTION = None if variant == "any attention kernel" else service_attention
-                decoder._own_layers = (
-                    (lambda inputs, kinds: False) if variant == "upstream's forward" else own_layers
-                )
+                engine._decoder.own_prefill = variant != "upstream's forward"
                 fresh[variant] = []
                 for _ in range(args.repeats):
                     words = " ".join(["word"] * next(lengths))
@@ -125,7 +123,7 @@ def main() -> None:
                     started = time.perf_counter()
                     _prefill(engine, new, rows, sampling)
                     fresh[variant].append(time.perf_counter() - started)
-            decoder.PREFILL_ATTENTION, decoder._own_layers = service_attention, own_layers
+            decoder.PREFILL_ATTENTION, engine._decoder.own_prefill = service_attention, True
             print(
                 f"rows {rows:3d}: prefill {statistics.median(times) * 1e3:.2f} ms (median of {args.repeats});"
                 f" first {first * 1e3:.2f} ms; prompts of lengths not seen before: "

@@ -71,13 +71,9 @@ def own_prefill(engine, generation, dtype: str) -> bool:
     small = engine.higgs.decoder(len(batch), 1024)
     collated = engine.higgs.collate([p.sample for p in prompts])
     filled = {}
-    own = decoder._own_layers
     for path in ("own", "upstream"):
-        decoder._own_layers = own if path == "own" else (lambda inputs, kinds: False)
-        try:
-            firsts = small.prefill_many(admissions, collated)
-        finally:
-            decoder._own_layers = own
+        small.own_prefill = path == "own"
+        firsts = small.prefill_many(admissions, collated)
         caches = [[k[i, :, : p.tokens].float().clone() for k in small.keys] for i, p in enumerate(prompts)]
         filled[path] = firsts, caches
         for i in range(len(batch)):

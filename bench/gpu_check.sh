@@ -104,7 +104,7 @@ if ! curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null; then
   tail -30 "$OUT/server.log" | tee -a "$RESULTS"
 else
   say "server ready in $((SECONDS - t)) s"
-  grep -E "loaded |slots|captured|warm-up done" "$OUT/server.log" | cut -c1-300 | tee -a "$RESULTS"
+  grep -E "loaded |slots|captured|warm-up done|prefill" "$OUT/server.log" | cut -c1-300 | tee -a "$RESULTS"
   say "graph captures that failed: $(grep -c "capture failed\|capture of the codec failed" "$OUT/server.log")"
   text="Please read this short line out loud now"  # 40 characters; the cap makes each answer its full length
   for load in "1 2" "4 8" "16 32" "16 96"; do  # at once, requests in all

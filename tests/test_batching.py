@@ -1322,7 +1322,7 @@ def test_speech_recognition_loads_before_the_engine_sizes_its_slots(settings, mo
 # ---- prefill ----
 
 
-def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine, monkeypatch):
+def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine):
     """Upstream's forward would make text logits for every prompt token (1 GiB for a 4,096-token prefill
     of the real model); a prefill through it (for inputs the decoder's own layers leave to it) makes them
     for the last one, and chooses the same first token."""
@@ -1342,7 +1342,7 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
     small = engine.higgs.decoder(2, 1024)
     seen = []
     hook = small.text_head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
-    monkeypatch.setattr(decoder, "_own_layers", lambda inputs, kinds: False)  # what upstream's forward gets
+    small.own_prefill = False  # what upstream's forward gets
     try:
         firsts = small.prefill_many(admissions, engine.higgs.collate([p.sample for p in prompts]))
         assert seen == [(2, 1, small.vocab)]  # two rows, one position each
@@ -1357,7 +1357,7 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
     assert [int(f[0]) for f in firsts] == chosen.tolist()
 
 
-def test_a_prefill_runs_the_decoders_own_layers_as_upstreams_forward_would(engine, monkeypatch):
+def test_a_prefill_runs_the_decoders_own_layers_as_upstreams_forward_would(engine):
     """Prompts are prefilled by the decoder's own layers, not upstream's forward (whose mask handling and
     boolean indexing cost a GPU host syncs in every layer and about 1,270 kernel launches for one prompt of
     the real model): the default voice, text answers, and a voice reference, whose codes take the dual
@@ -1391,11 +1391,9 @@ def test_a_prefill_runs_the_decoders_own_layers_as_upstreams_forward_would(engin
 
     def fill(group: list[int], path: str) -> list:
         """Prefill ``group`` (together when several) by ``path``; each row's first token and cache."""
-        with monkeypatch.context() as patch:
-            if path == "upstream":
-                patch.setattr(decoder, "_own_layers", lambda inputs, kinds: False)
-            batch = engine.higgs.collate([prompts[i].sample for i in group]) if len(group) > 1 else None
-            firsts = small.prefill_many([admissions[i] for i in group], batch)
+        small.own_prefill = path == "service"
+        batch = engine.higgs.collate([prompts[i].sample for i in group]) if len(group) > 1 else None
+        firsts = small.prefill_many([admissions[i] for i in group], batch)
         filled = [
             (first, [k[i, :, : prompts[i].tokens].clone() for k in small.keys])
             for first, i in zip(firsts, group, strict=True)
@@ -1416,3 +1414,49 @@ def test_a_prefill_runs_the_decoders_own_layers_as_upstreams_forward_would(engin
                 assert diff < 1e-5, (group, i, diff)
     finally:
         spy.remove()
+
+
+def test_the_decoders_own_prefill_was_checked_against_upstreams_at_start(engine):
+    """The engine compared the decoder's own prefill layers with upstream's forward when it loaded, and
+    they agreed (float32 on the CPU), so its prompts go through the own layers."""
+    assert engine._decoder.own_prefill
+
+
+@pytest.mark.parametrize("fault", ["differs", "fails"])
+def test_an_own_prefill_that_disagrees_at_start_leaves_prompts_to_upstreams_forward(
+    fault, settings, monkeypatch, tmp_path, caplog
+):
+    """Where the decoder's own prefill layers answer otherwise than upstream's forward at start (here made
+    to write wrong caches, or to raise: a device's kernels could), the log says so and every prompt goes
+    through upstream's forward: the service answers, at upstream's speed."""
+    from fastapi.testclient import TestClient
+
+    from app import create_app
+
+    real = decoder.BatchDecoder._prefill_own
+    calls = []
+
+    def faulty(self, inputs, slots, admissions, batched, logits):
+        calls.append(len(slots))
+        if fault == "fails":
+            raise RuntimeError("no kernel image is available for execution on the device")
+        lengths, out = real(self, inputs, slots, admissions, batched, logits)
+        for kv in self.cache:
+            kv[torch.tensor(slots)] += 1.0
+        return lengths, out
+
+    monkeypatch.setattr(decoder.BatchDecoder, "_prefill_own", faulty)
+    changes = {"stt_model": "", "warmup": False, "voices_dir": tmp_path}
+    app = create_app(settings.model_copy(update=changes))
+    with caplog.at_level("WARNING", logger="engine"), TestClient(app) as client:
+        deadline = time.monotonic() + 300
+        while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not app.state.engine._decoder.own_prefill
+        checked = len(calls)
+        body = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "pcm", "seed": 1}
+        speech = client.post("/v1/audio/speech", json=body)
+        assert speech.status_code == 200 and len(speech.content) > 0
+    assert checked >= 1 and len(calls) == checked  # the check's calls only: the request's went to upstream
+    warned = [r.getMessage() for r in caplog.records if "own prefill layers do not answer" in r.getMessage()]
+    assert len(warned) == 1 and ("failed (RuntimeError" in warned[0]) == (fault == "fails"), warned
