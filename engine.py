@@ -220,8 +220,8 @@ class HiggsEngine:
         self._decoder = higgs.decoder(
             self.slots, self.max_context, graphs=cuda_graphs, length_buckets=sorted(kv_cache_lengths)
         )
-
         self._check_own_prefill(together=device == "cuda" and self.slots > 1)
+
         self.streaming = streaming or StreamSettings()
         self._layout = Layout(
             self.streaming,
