@@ -3,9 +3,8 @@
 Upstream's ``generate`` decodes one request at a time. Here every running request owns a *slot*: a row of
 fixed-size key/value buffers, its own position, attention mask, sampling settings, seed and delay-pattern
 state. A request is prefilled into a free slot by the decoder's own layers (a burst of them in one pass:
-``prefill_many``), then each
-``step`` runs the decoder layers once for rows ``0..B-1`` (B = the highest busy slot + 1, so the buffers
-are sliced, never gathered) and samples each row's next token or audio column.
+``prefill_many``), then each ``step`` runs the decoder layers once for rows ``0..B-1`` (B = the highest busy
+slot + 1, so the buffers are sliced, never gathered) and samples each row's next token or audio column.
 
 The model's parts are reused (embeddings, ``_embed_audio_ids``, the decoder layers' weights, ``rotary_emb``,
 the heads); the attention over the slot buffers, the norms and the FFNs' arithmetic and the control flow are
@@ -503,9 +502,9 @@ class BatchDecoder:
         norms do the work: upstream's forward launched about 1,270 kernels for one 112-token prompt of
         Higgs Audio v2 (most of its 38 ms on an H200 was the host's), and its layers synced with the GPU
         six times each to pick text and audio rows; this pass syncs only inside upstream's merge (with a
-        reference), never in the layers. A padded row's positions count
-        from its first real token; a padding position attends to itself alone (a row of nothing but
-        masked keys would make NaNs, which the values' product would carry into real rows)."""
+        reference), never in the layers. A padded row's positions count from its first real token; a
+        padding position attends to itself alone (a row of nothing but masked keys would make NaNs, which
+        the values' product would carry into real rows)."""
         model = self.model
         ids = inputs["input_ids"].to(self.device)
         hidden = model.embed_tokens(ids)
