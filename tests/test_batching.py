@@ -1359,11 +1359,11 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
 
 def test_a_prefill_runs_the_decoders_own_layers_as_upstreams_forward_would(engine):
     """Prompts are prefilled by the decoder's own layers, not upstream's forward (whose mask handling and
-    boolean indexing cost a GPU host syncs in every layer and about 1,270 kernel launches for one prompt of
-    the real model): the default voice, text answers, and a voice reference, whose codes take the dual
-    layers' audio norms and FFN. Alone and padded together, text and audio prompts mixed, the slots'
-    caches are upstream's to float32 rounding (the products are grouped differently: fused projections,
-    additions inside the matrix products) and the first tokens the same."""
+    boolean indexing cost host syncs in every layer on a GPU, and about 1,270 kernel launches for one
+    prompt of the real model): the default voice, text answers, and a voice reference, whose codes take
+    the dual layers' audio norms and FFN. Alone and padded together, text and audio prompts mixed, the
+    slots' caches are upstream's to float32 rounding (the products are grouped differently: fused
+    projections, additions inside the matrix products) and the first tokens the same."""
     reference = _tone_reference(engine)
     Turn = generation.Turn
     requests = [
