@@ -404,13 +404,11 @@ class BatchDecoder:
         answer the first token.
         """
         inputs = admissions[0].inputs if batch is None else batch
-        slots = [a.slot for a in admissions]
-        texts = any(not a.audio_output for a in admissions)
         with _prefill_attention(self.device):
             if self.own_prefill and _own_layers(inputs, self.kinds):
-                lengths, logits = self._prefill_own(inputs, slots, admissions, batch is not None, texts)
+                lengths, logits = self._prefill_own(inputs, admissions, batch is not None)
             else:
-                lengths, logits = self._prefill_upstream(inputs, slots, admissions, batch is not None)
+                lengths, logits = self._prefill_upstream(inputs, admissions, batch is not None)
         return [
             self._occupy(admission, length, None if logits is None else logits[row : row + 1])
             for row, (admission, length) in enumerate(zip(admissions, lengths, strict=True))
@@ -466,11 +464,11 @@ class BatchDecoder:
         return lengths
 
     def _prefill_upstream(
-        self, inputs: dict, slots: list[int], admissions: list[Admission], batched: bool
+        self, inputs: dict, admissions: list[Admission], batched: bool
     ) -> tuple[list[int], torch.Tensor]:
         """Upstream's forward over the inputs the decoder's own layers leave to it (``_own_layers``); the
-        cache into ``slots``. Returns the prompts' lengths and the last position's text logits [rows, 1,
-        vocab]."""
+        cache into the admissions' slots. Returns the prompts' lengths and the last position's text
+        logits [rows, 1, vocab]."""
         from transformers import DynamicCache
 
         args = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
@@ -480,7 +478,7 @@ class BatchDecoder:
             out = self.model(**args, past_key_values=cache, use_cache=True, return_dict=True)
         total = cache.get_seq_length()
         lengths = self._lengths(admissions, total, batched)
-        where, shift = self._placement(slots, [total - n for n in lengths], total)
+        where, shift = self._placement(admissions, [total - n for n in lengths], total)
         for i, layer in enumerate(self.model.layers):
             index = layer.self_attn.layer_idx
             kv = torch.stack([cache.key_cache[index], cache.value_cache[index]], dim=1)
@@ -488,11 +486,11 @@ class BatchDecoder:
         return lengths, out.logits
 
     def _prefill_own(
-        self, inputs: dict, slots: list[int], admissions: list[Admission], batched: bool, logits: bool
+        self, inputs: dict, admissions: list[Admission], batched: bool
     ) -> tuple[list[int], torch.Tensor | None]:
         """Prompts through the decoder's own layers (``_own_layers``), their keys and values written into
-        ``slots`` layer by layer. Returns the prompts' lengths and, with ``logits``, the last position's
-        text logits [rows, 1, vocab].
+        the admissions' slots layer by layer. Returns the prompts' lengths and, when any admission answers
+        in text, the last position's text logits [rows, 1, vocab].
 
         A voice reference's codes are embedded and put in place of their placeholder by upstream's own
         functions (``_embed_audio_ids``, ``merge_input_ids_with_audio_features``, as its forward does);
@@ -537,7 +535,7 @@ class BatchDecoder:
             allowed = (key <= query) & ((key[None] >= ahead[:, None]) | (key == query)[None])
             mask = torch.zeros((rows, 1, total, total), device=self.device, dtype=self.dtype)
             mask.masked_fill_(~allowed[:, None], float("-inf"))
-        where, shift = self._placement(slots, pads, total)
+        where, shift = self._placement(admissions, pads, total)
         for i, (layer, kind) in enumerate(zip(model.layers, self.kinds, strict=True)):
             both = dual and kind == "dual"
             x = _rms_norm(layer.input_layernorm, hidden)
@@ -552,7 +550,7 @@ class BatchDecoder:
                 )
             else:
                 hidden = self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden), hidden)
-        if not logits:
+        if all(a.audio_output for a in admissions):
             return lengths, None
         return lengths, self.text_head(_rms_norm(model.norm, hidden[:, -1:]))
 
@@ -572,10 +570,10 @@ class BatchDecoder:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
         return _plus(residual, attn.o_proj, out.transpose(1, 2).reshape(rows, total, heads * self.head_dim))
 
-    def _placement(self, slots: list[int], pads: list[int], total: int):
-        """Where a prefill's rows go (``slots`` as a tensor) and, when any row is padded on the left, the
-        index that moves each row's tokens in front of its padding (``_put``)."""
-        where = torch.tensor(slots, device=self.device)
+    def _placement(self, admissions: list[Admission], pads: list[int], total: int):
+        """Where a prefill's rows go (the admissions' slots, as a tensor) and, when any row is padded on
+        the left, the index that moves each row's tokens in front of its padding (``_put``)."""
+        where = torch.tensor([a.slot for a in admissions], device=self.device)
         if not any(pads):
             return where, None
         positions = self._arange[None, :total] + torch.tensor(pads, device=self.device)[:, None]

@@ -17,6 +17,7 @@ imports transformers, and the service's modules become importable only inside ``
   endpoint's output cap exactly ``max_tokens`` decoding steps;
 * ``serve(app)``: the app served for real by uvicorn on a free 127.0.0.1 port in a background thread;
 * ``at_once(fn, seeds)``: ``fn(seed, gate)`` for every seed, each on its own thread, released together;
+* ``tone_reference(engine, seconds)``: a voice reference's codes, a tone encoded by the engine's codec;
 * ``print_profile(prof, runs, device, what)``: a PyTorch profile's operators by their own CPU time or their
   kernels' GPU time, each kernel counted once;
 * ``Stopwatch``, ``spread`` and ``conditions``: timing a wrapped method, a median (min-max) column, and the
@@ -100,6 +101,19 @@ def models(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
         tiny = write_tiny_models(folder)
         return tiny["HIGGS_MODEL"], tiny["HIGGS_AUDIO_TOKENIZER"]
     return args.model, args.audio_tokenizer
+
+
+def tone_reference(engine, seconds: float = 1):
+    """A voice reference's codes for a script: a 220 Hz tone of ``seconds``, encoded by ``engine``'s codec."""
+    import asyncio
+
+    import numpy as np
+
+    from engine import Audio
+
+    rate = engine.sample_rate
+    t = np.arange(int(rate * seconds), dtype=np.float32) / rate
+    return asyncio.run(engine.encode(Audio(0.3 * np.sin(2 * np.pi * 220 * t), rate)))
 
 
 def print_profile(prof, runs: int, device: bool, what: str, n: int = 15) -> None:

@@ -17,7 +17,6 @@ one: the operators' own CPU time and, on CUDA, the GPU's kernels, so that a pref
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import statistics
 import time
@@ -28,6 +27,7 @@ from _common import (
     models,
     print_profile,
     service_settings,
+    tone_reference,
     workspace,
 )
 
@@ -63,13 +63,12 @@ def main() -> None:
 
     with workspace() as tmp:
         model, audio_tokenizer = models(args, tmp)
-        import numpy as np
         import torch
         from torch.profiler import ProfilerActivity, profile
 
         import decoder
         from decoder import Sampling
-        from engine import Audio, load_engine
+        from engine import load_engine
         from generation import GenerationRequest, Turn
 
         settings = service_settings(
@@ -85,8 +84,7 @@ def main() -> None:
         cuda = args.device == "cuda"
         heard = []  # a voice reference: a tone of --reference seconds and its transcript
         if args.reference:
-            t = np.arange(int(24000 * args.reference), dtype=np.float32) / 24000
-            tone = asyncio.run(engine.encode(Audio(0.3 * np.sin(2 * np.pi * 220 * t), 24000)))
+            tone = tone_reference(engine, args.reference)
             heard = [Turn("user", "Read this line."), Turn("assistant", audio=tone)]
         opening = [Turn("system", "Generate audio following instruction."), *heard]
         turns = [*opening, Turn("user", args.text)]

@@ -21,7 +21,14 @@ import asyncio
 import sys
 import time
 
-from _common import add_model_arguments, check_model_arguments, models, service_settings, workspace
+from _common import (
+    add_model_arguments,
+    check_model_arguments,
+    models,
+    service_settings,
+    tone_reference,
+    workspace,
+)
 
 TEXT = "Hello there, and welcome to the show."
 
@@ -43,15 +50,12 @@ def own_prefill(engine, generation, dtype: str) -> bool:
     prompts padded together (a default-voice speech prompt, a text question, a prompt with a voice
     reference): the slots' caches (the largest difference relative to the largest value) and the first
     tokens. In float32 they should agree to rounding."""
-    import numpy as np
     import torch
 
     import decoder
-    from engine import Audio
 
     scene = "Generate audio following instruction."
-    t = np.arange(24000, dtype=np.float32) / 24000
-    reference = asyncio.run(engine.encode(Audio(0.3 * np.sin(2 * np.pi * 220 * t), 24000)))
+    reference = tone_reference(engine)
     Turn = generation.Turn
     batch = [
         generation.GenerationRequest([Turn("user", TEXT)], True, 10, 0.8, 0.95, 50, seed=1),

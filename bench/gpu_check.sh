@@ -121,11 +121,15 @@ wait $server 2> /dev/null
 }
 
 # ---- 2. a prefill alone ----
-[[ $SKIP == *prefill* ]] || say "-- bench_prefill: 1, 4 and 8 prompts; then 1 and 8 with a 3 s voice reference"
-[[ $SKIP == *prefill* ]] || run 150 "$PY" bench/bench_prefill.py "${MODEL[@]}" --rows 1 4 8
-[[ $SKIP == *prefill* ]] || run 150 "$PY" bench/bench_prefill.py "${MODEL[@]}" --rows 1 8 --reference 3
+if [[ $SKIP != *prefill* ]]; then
+  say "-- bench_prefill: 1, 4 and 8 prompts; then 1 and 8 with a 3 s voice reference"
+  run 150 "$PY" bench/bench_prefill.py "${MODEL[@]}" --rows 1 4 8
+  run 150 "$PY" bench/bench_prefill.py "${MODEL[@]}" --rows 1 8 --reference 3
+fi
 
 # ---- 3. the step alone ----
-[[ $SKIP == *step* ]] || say "-- bench_step: 1 and 16 rows"
-[[ $SKIP == *step* ]] || run 200 "$PY" bench/bench_step.py "${MODEL[@]}" --rows 1 16 --steps 100 --profile
+if [[ $SKIP != *step* ]]; then
+  say "-- bench_step: 1 and 16 rows"
+  run 200 "$PY" bench/bench_step.py "${MODEL[@]}" --rows 1 16 --steps 100 --profile
+fi
 say "== done in $SECONDS s"

@@ -1436,13 +1436,13 @@ def test_an_own_prefill_that_disagrees_at_start_leaves_prompts_to_upstreams_forw
     real = decoder.BatchDecoder._prefill_own
     calls = []
 
-    def faulty(self, inputs, slots, admissions, batched, logits):
-        calls.append(len(slots))
+    def faulty(self, inputs, admissions, batched):
+        calls.append(len(admissions))
         if fault == "fails":
             raise RuntimeError("no kernel image is available for execution on the device")
-        lengths, out = real(self, inputs, slots, admissions, batched, logits)
+        lengths, out = real(self, inputs, admissions, batched)
         for kv in self.cache:
-            kv[torch.tensor(slots)] += 1.0
+            kv[torch.tensor([a.slot for a in admissions])] += 1.0
         return lengths, out
 
     monkeypatch.setattr(decoder.BatchDecoder, "_prefill_own", faulty)
