@@ -1,13 +1,14 @@
 """The Higgs Audio engine: continuous batching over the model that ``higgs.py`` loads.
 
 Requests are served by continuous batching: one scheduler thread owns the model and a ``BatchDecoder``
-(``decoder.py``) with a fixed number of slots; each loop it prefills waiting requests into free slots (up
-to ``prefill_batch``, on CUDA in one forward pass), then runs one decoding step for every running request.
-A request joins at the step after its prefill and leaves when it ends, is cancelled, or hits its token or
-time limit, without disturbing the others. A second thread (on CUDA with its own stream of high priority)
-owns the audio codec: it turns the audio pieces that are due into samples, first pieces first, the same-
-length pieces of several streams in one call, and encodes reference clips; on a CPU, where the two threads
-share the cores, the loop pauses while a first piece is due.
+(``decoder.py``) with a fixed number of slots; each loop it takes waiting requests into free slots (up to
+``prefill_batch``), has the prefill thread fill their slots (on CUDA in one forward pass, on a stream of its
+own, while the loop goes on stepping: ``prefill_beside_steps``), then runs one decoding step for every running
+request. A request joins at the step after its fill is done and leaves when it ends, is cancelled, or hits its
+token or time limit, without disturbing the others. A second thread (on CUDA with its own stream of high
+priority) owns the audio codec: it turns the audio pieces that are due into samples, first pieces first, the
+same-length pieces of several streams in one call, and encodes reference clips; on a CPU, where the two
+threads share the cores, the loop pauses while a first piece is due.
 Prompts are built, and their length checked, before a request is queued, off both threads. A non-streamed
 answer is the collected stream.
 It implements ``generation.Engine``: callers get the typed results of ``generation.py``, never tensors of
@@ -17,6 +18,7 @@ the model's layout.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import logging
 import math
@@ -36,7 +38,7 @@ import torch
 from audio import Audio
 from audio_stream import AudioStream, CodecWork, Decode, Encode, End, Layout, is_first, next_codec_work
 from codec import PieceDecoder
-from decoder import Admission, Launched, Sampling
+from decoder import Admission, Filled, Launched, Sampling
 from detokenize import Detokenizer
 from generation import (
     SYSTEM_TEMPLATE,
@@ -69,8 +71,9 @@ estimate: the start-up log's ``warm-up done`` line says what was left free."""
 CPU_KV_CACHE_GB = 16.0
 """The KV cache's budget (GiB) on the CPU when ``HIGGS_KV_CACHE_GB`` is not set."""
 PREFILL_TOKENS = 4096
-"""Most tokens (rows x the longest prompt, padding included) one prefill of several requests may take: the
-pass stalls every running stream, and its activations grow with it."""
+"""Most tokens (rows x the longest prompt, padding included) one prefill of several requests may take: its
+activations grow with it, and the requests admitted after it wait for it (where the loop waits for fills,
+``prefill_beside_steps`` off, so does every running stream)."""
 CPU_CODEC_FRAMES = 32
 """Most frames one codec call decodes on a CPU, same-length pieces of several streams together. Measured
 with the tiny codec (the real decoder's 1,024 channels) on this project's 2-core CPU, against the same
@@ -176,11 +179,32 @@ class _Job:
         self.started = 0.0
         self.deadline = math.inf
         self.slot = -1
+        self.admission: Admission | None = None  # from when it is taken into a slot
         self.steps = 0
         self.text: Detokenizer | None = None  # a text answer's, from its first token
         self.stream: AudioStream | None = None
         self.failed = False
         self.counted = True  # counts against the engine's bound until it leaves its slot or the line
+
+
+@dataclass
+class _Prefill:
+    """Prompts being filled into their slots on the prefill thread (``HiggsEngine._fill``). It gives back
+    the groups it filled, each with its ``Filled`` or the failure that fails its requests alone, and on
+    CUDA the event after its last kernel."""
+
+    jobs: list[_Job]
+    future: Future[tuple[list[tuple[list[_Job], Filled | BaseException]], torch.cuda.Event | None]]
+
+    def ready(self) -> bool:
+        """Whether the fill is done, on the GPU too (``occupy`` then waits for nothing)."""
+        if not self.future.done():
+            return False
+        try:
+            ready = self.future.result()[1]
+        except BaseException:
+            return True
+        return ready is None or ready.query()
 
 
 class HiggsEngine:
@@ -199,6 +223,7 @@ class HiggsEngine:
         kv_cache_gb: float | None = None,
         cuda_graphs: bool = True,
         prefill_batch: int | None = None,
+        prefill_beside_steps: bool | None = None,
     ):
         started = time.perf_counter()
         self.device = device
@@ -268,6 +293,10 @@ class HiggsEngine:
         """Prefill a turn's admissions in one forward pass, their prompts padded. On the CPU each prompt has
         its own pass: a padded row's cache differs from its solo prefill by rounding, and there an answer's
         tokens are those of the request alone (tested)."""
+        self.prefill_beside_steps = device == "cuda" if prefill_beside_steps is None else prefill_beside_steps
+        """Go on stepping the running requests while the prefill thread fills the next ones' slots (on CUDA
+        on a stream of its own), and let them join when it is done. By default not on a CPU, where the loop
+        waits for the fill: the two would share two cores, and a step's time is its computation's."""
         self.lookahead = device == "cuda"
         """Launch each step before taking the previous one's tokens (on the CPU a step is done when launched,
         so there it would only delay every token by a step)."""
@@ -279,6 +308,9 @@ class HiggsEngine:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="higgs-prompt")
+        self._prefill_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="higgs-prefill")
+        self._prefill_stream = torch.cuda.Stream() if device == "cuda" else None
+        self._prefilling: _Prefill | None = None  # one fill at a time (scheduler thread)
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
         self._running: dict[int, _Job] = {}
@@ -501,6 +533,7 @@ class HiggsEngine:
             self._closing = True
             self._cond.notify()
         self._scheduler.join(timeout=30)
+        self._prefill_pool.shutdown(wait=True, cancel_futures=True)
         self._codec_queue.put(None)
         self._codec_thread.join(timeout=30)
         self._prompt_pool.shutdown(wait=True, cancel_futures=True)
@@ -561,7 +594,7 @@ class HiggsEngine:
         while True:
             with self._cond:
                 while not self._closing and (
-                    (not self._waiting and not self._running)
+                    (not self._waiting and not self._running and self._prefilling is None)
                     or (self._first_pieces and self.yield_to_first_pieces)
                 ):
                     pausing = bool(self._first_pieces and (self._waiting or self._running))
@@ -571,8 +604,8 @@ class HiggsEngine:
                         spent["paused"] += time.perf_counter() - waited
                 if self._closing:
                     break
-                jobs = self._admissible()
-                if not jobs and not self._running and self._held:
+                jobs = self._admissible() if self._prefilling is None else []
+                if not jobs and not self._running and self._prefilling is None and self._held:
                     # The waiting requests wait for slots kept for continuations: until one comes, a
                     # result goes out (its hold shortens) or the earliest hold ends.
                     newcomer = self._newcomer_waiting()
@@ -588,12 +621,13 @@ class HiggsEngine:
                         self._let_go(job)
                 jobs = [job for job in jobs if not job.cancel.is_set()]
                 started = time.perf_counter()
-                if len(jobs) > 1 and self.prefill_in_one_pass:
-                    self._join_together(jobs)
-                else:
-                    for job in jobs:
-                        job.context.run(self._join, job)
                 if jobs:
+                    self._begin_prefill(jobs)
+                prefill = self._prefilling
+                if prefill is not None and (
+                    not self._running or not self.prefill_beside_steps or prefill.ready()
+                ):
+                    self._end_prefill(prefill)
                     spent["prefill"] += time.perf_counter() - started
                 if self._running:
                     self._step()
@@ -603,7 +637,11 @@ class HiggsEngine:
                 for running in list(self._running.values()):
                     running.emit(exc)
                     self._leave(running)
-                for job in jobs:  # taken from the line, not decoding yet
+                if self._prefilling is not None:  # its slots are written until the fill ends
+                    concurrent.futures.wait([self._prefilling.future])
+                    jobs = [*jobs, *self._prefilling.jobs]
+                    self._prefilling = None
+                for job in dict.fromkeys(jobs):  # taken from the line, not decoding yet
                     if job.counted:
                         if job.slot >= 0 and job.slot not in self._running:
                             self._decoder.release(job.slot)
@@ -611,7 +649,10 @@ class HiggsEngine:
                         self._let_go(job)
             finally:
                 self._hand_over()
-        for job in [*self._running.values(), *self._waiting]:
+        if self._prefilling is not None:
+            concurrent.futures.wait([self._prefilling.future])
+        prefilling = self._prefilling.jobs if self._prefilling is not None else []
+        for job in [*self._running.values(), *prefilling, *self._waiting]:
             job.emit(EngineFailure(SHUTTING_DOWN, "engine_closed"))
             self._let_go(job)
 
@@ -676,58 +717,85 @@ class HiggsEngine:
         if job.request.time_limit is not None:
             job.deadline = job.started + job.request.time_limit
 
-    def _join(self, job: _Job) -> None:
-        """Prefill ``job`` into a free slot; a failure fails this request alone."""
-        self._start(job, self._decoder.free_slots(1)[0])
-        request = job.request
-        try:
-            first = self._guarded(
-                self._decoder.prefill,
-                slot=job.slot,
-                inputs=job.prompt.inputs,
-                audio_output=request.audio_output,
-                sampling=self._sampling(request),
-            )
-        except BaseException as exc:
-            if not isinstance(exc, EngineFailure):
-                log.exception("prefill failed")
-            self._decoder.release(job.slot)
-            self._let_go(job)
-            job.emit(exc)
-            return
-        self._work.prefills += 1
-        self._work.prefilled += 1
-        self._joined(job, first)
-
-    def _join_together(self, jobs: list[_Job]) -> None:
-        """Prefill ``jobs`` in one forward pass, their samples collated (padded on the left); when that
-        fails, each is prefilled alone, so that a fault fails its own request only."""
+    def _begin_prefill(self, jobs: list[_Job]) -> None:
+        """Take ``jobs`` into free slots and hand their prompts to the prefill thread (``_fill``)."""
         slots = self._decoder.free_slots(len(jobs))
-        admissions = []
+        self._decoder.reserve(slots)
         for job, slot in zip(jobs, slots, strict=True):
             self._start(job, slot)
             request = job.request
-            admissions.append(
-                Admission(
-                    slot, job.prompt.inputs, request.audio_output, self._sampling(request), job.prompt.tokens
-                )
+            job.admission = Admission(
+                slot, job.prompt.inputs, request.audio_output, self._sampling(request), job.prompt.tokens
             )
-        try:
-            batch = self.higgs.collate([job.prompt.sample for job in jobs])
-            firsts = self._guarded(self._decoder.prefill_many, admissions, batch)
-        except BaseException:
-            log.warning(
-                "prefilling %d requests together failed; prefilling them one by one", len(jobs), exc_info=True
-            )
-            for slot in slots:
-                self._decoder.release(slot)
-            for job in jobs:
-                job.context.run(self._join, job)
-            return
-        self._work.prefills += 1
-        self._work.prefilled += len(jobs)
-        for job, first in zip(jobs, firsts, strict=True):
-            job.context.run(self._joined, job, first)
+        after = None
+        if self._prefill_stream is not None:  # after the steps launched so far, which may write the slots
+            after = torch.cuda.Event()
+            after.record()
+        self._prefilling = _Prefill(jobs, self._prefill_pool.submit(self._fill, jobs, after))
+
+    def _fill(
+        self, jobs: list[_Job], after: torch.cuda.Event | None
+    ) -> tuple[list[tuple[list[_Job], Filled | BaseException]], torch.cuda.Event | None]:
+        """On the prefill thread: fill ``jobs``' slots, with ``prefill_in_one_pass`` in one forward pass,
+        their samples collated (padded on the left); when that fails, or without it, each alone, so that
+        a fault fails its own request only. Returns the groups filled, with their ``Filled`` or failure,
+        and on CUDA the event after the last kernel."""
+        stream = self._prefill_stream
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if after is not None:
+                stream.wait_event(after)
+            groups: list[tuple[list[_Job], Filled | BaseException]] = []
+            if len(jobs) > 1 and self.prefill_in_one_pass:
+                try:
+                    batch = self.higgs.collate([job.prompt.sample for job in jobs])
+                    admissions = [job.admission for job in jobs]
+                    groups.append((jobs, self._guarded(self._decoder.fill, admissions, batch)))
+                except BaseException:
+                    log.warning(
+                        "prefilling %d requests together failed; prefilling them one by one",
+                        len(jobs),
+                        exc_info=True,
+                    )
+            if not groups:
+                for job in jobs:
+                    try:
+                        filled = job.context.run(self._guarded, self._decoder.fill, [job.admission])
+                    except BaseException as exc:
+                        if not isinstance(exc, EngineFailure):
+                            job.context.run(log.exception, "prefill failed")
+                        filled = exc
+                    groups.append(([job], filled))
+            ready = None
+            if stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(stream)
+        return groups, ready
+
+    def _end_prefill(self, prefill: _Prefill) -> None:
+        """The fill's requests start decoding (their first tokens taken now); a group whose fill failed
+        fails its own requests. Waits for the fill when it is not done."""
+        groups, ready = prefill.future.result()
+        if ready is not None:
+            torch.cuda.current_stream().wait_event(ready)
+        self._prefilling = None
+        for jobs, filled in groups:
+            firsts: list[torch.Tensor] | BaseException = filled
+            if isinstance(filled, Filled):
+                self._work.prefills += 1
+                try:
+                    firsts = self._guarded(self._decoder.occupy, [job.admission for job in jobs], filled)
+                except BaseException as exc:
+                    log.exception("starting %d prefilled requests failed", len(jobs))
+                    firsts = exc
+            if isinstance(firsts, BaseException):
+                for job in jobs:
+                    self._decoder.release(job.slot)
+                    self._let_go(job)
+                    job.emit(firsts)
+                continue
+            self._work.prefilled += len(jobs)
+            for job, first in zip(jobs, firsts, strict=True):
+                job.context.run(self._joined, job, first)
 
     def _joined(self, job: _Job, first: torch.Tensor) -> None:
         """A prefilled job starts decoding: it runs from the next step, its first token taken now."""
@@ -1083,4 +1151,5 @@ def load_engine(settings: Settings) -> HiggsEngine:
         kv_cache_gb=settings.kv_cache_gb,
         cuda_graphs=settings.cuda_graphs,
         prefill_batch=settings.prefill_batch,
+        prefill_beside_steps=settings.prefill_beside_steps,
     )

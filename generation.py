@@ -267,15 +267,16 @@ CODEC_WORK = ("first_piece", "piece", "end", "encode")
 class EngineWork:
     """Where the engine's time went since it started (read by /metrics; each field written by one thread).
 
-    ``scheduler``: the decoding loop's seconds by work: ``prefill`` (prompts into slots: ``prefills``
-    forward passes for ``prefilled`` requests); for ``steps`` batched steps ``launch`` (starting them: on a
-    CPU the whole computation, on CUDA a graph replay), ``wait`` (blocked until a step's tokens are on the
-    host: on CUDA the GPU's time the host did not cover; on a CPU nothing) and ``tokens`` (streaming them,
-    cutting audio pieces, stop strings: the host's own work per step); and ``paused`` (on a CPU, stepping
-    aside while a first piece is with the codec). On CUDA a ``wait`` near zero means the GPU waits for the
-    host. ``codec`` and ``codec_calls``: the codec thread's seconds and calls by
-    work: ``first_piece`` and ``piece`` (``codec_pieces`` pieces in all: more than one a call is a batch of
-    several streams' pieces), ``end`` (a stream's last piece) and ``encode`` (a voice reference).
+    ``scheduler``: the decoding loop's seconds by work: ``prefill`` (prompts into slots: ``prefills`` forward
+    passes for ``prefilled`` requests; where fills run beside the steps, only the loop's wait for a fill when
+    nothing else runs, and starting the filled requests); for ``steps`` batched steps ``launch`` (starting
+    them: on a CPU the whole computation, on CUDA a graph replay), ``wait`` (blocked until a step's tokens are
+    on the host: on CUDA the GPU's time the host did not cover; on a CPU nothing) and ``tokens`` (streaming
+    them, cutting audio pieces, stop strings: the host's own work per step); and ``paused`` (on a CPU,
+    stepping aside while a first piece is with the codec). On CUDA a ``wait`` near zero means the GPU waits
+    for the host. ``codec`` and ``codec_calls``: the codec thread's seconds and calls by work: ``first_piece``
+    and ``piece`` (``codec_pieces`` pieces in all: more than one a call is a batch of several streams'
+    pieces), ``end`` (a stream's last piece) and ``encode`` (a voice reference).
     """
 
     scheduler: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SCHEDULER_WORK, 0.0))

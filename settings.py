@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     pass; on the CPU one prompt a pass, which keeps every answer's tokens those of the request alone (padded
     rows round differently)."""
 
+    prefill_beside_steps: bool | None = None
+    """Fill the newcomers' slots on a thread (on CUDA, a stream) of their own while the running requests go on
+    stepping, so that a prefill no longer stalls every listener; false: the loop waits for each prefill.
+    Default: on CUDA, not on the CPU (where the two would share the cores)."""
+
     cuda_graphs: bool = True
     """On CUDA, replay each decoding step (forward pass and sampling) and each streamed piece's audio decode
     as CUDA graphs, captured at start-up per rows/length bucket; a shape whose capture fails runs eagerly."""

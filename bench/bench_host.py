@@ -16,7 +16,7 @@ device work replaced by waits that hold no lock, as a GPU's do:
   at batch 1 and 8) and gives silence of the right length; the codec batches any number of pieces, as
   CUDA graphs let it;
 * prefills are real (the tiny model's, milliseconds) plus ``--prefill-ms`` a pass; a turn's newcomers are
-  prefilled in one pass, as on CUDA.
+  prefilled in one pass on the prefill thread while the running streams step on, as on CUDA.
 
 The clients run in a separate process (as real clients would), each streaming ``/v1/audio/speech`` as raw
 PCM (``--seconds`` of audio each). Printed, for 1 and for ``--listeners`` at once: audio seconds per second
@@ -123,11 +123,11 @@ def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) ->
         return delayed
 
     decoder.launch = launch
-    decoder.prefill = with_delay(decoder.prefill)
-    decoder.prefill_many = with_delay(decoder.prefill_many)
+    decoder.fill = with_delay(decoder.fill)
     engine._pieces.decode = decode
     engine._next_codec_work = lambda pending: next_codec_work(pending, None)
     engine.lookahead = True
+    engine.prefill_beside_steps = True
     engine.prefill_in_one_pass = True
     engine.yield_to_first_pieces = False
     engine.first_piece_wait = 0

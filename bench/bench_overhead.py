@@ -296,7 +296,7 @@ def run(args: argparse.Namespace, short: int, long: int, tiny: dict[str, str], v
             return finish
 
         sides = [Side("service (HTTP)", run_service), Side("upstream engine", run_upstream)]
-        for method in ("prefill", "prefill_many", "launch"):  # the service's loop: prefills and steps
+        for method in ("fill", "occupy", "launch"):  # the service's loop: prefills and steps
             sides[0].loop.wrap(engine._decoder, method)
         sides[1].loop.wrap(upstream.model, "generate")
         sides[0].decode.wrap(engine.higgs.codec, "decode")

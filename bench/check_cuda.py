@@ -6,12 +6,14 @@ Run:  python bench/check_cuda.py --device cuda [--dtype float32] [--model M --au
 The engine is loaded through ``load_engine`` on CUDA twice, over the tiny random-weight models of
 ``tests/tiny_models.py`` unless a model is named: with CUDA graphs (the default) and without. For the first
 it prints how many graphs of the decoding step and of the codec were captured and which shapes failed (none
-should: a failed shape decodes eagerly for good, several times slower); for the second, the decoder's own
-prefill against upstream's forward (``own_prefill``); then the same requests go
+should: a failed shape decodes eagerly for good, several times slower); and that a slot filled on the prefill
+stream while steps run holds what a fill alone gives it (``prefill_beside_steps``); for the second, the
+decoder's own prefill against upstream's forward (``own_prefill``); then the same requests go
 through each engine: 4 seeded audio requests at once (one of them greedy) and a text request beside
 them. Their answers are compared: in float32 a graph replays the kernels that the eager step runs, so
 the tokens should be the same; in bfloat16 they should mostly be (a graph's cuBLAS may choose other
-kernels). Exits non-zero when a capture failed, or when float32 answers or prefills differ.
+kernels). Exits non-zero when a capture failed, when a slot filled beside steps differs, or when
+float32 answers or prefills differ.
 """
 
 from __future__ import annotations
@@ -98,6 +100,60 @@ def own_prefill(engine, generation, dtype: str) -> bool:
     return (same and diff / scale < 1e-3) or dtype != "float32"
 
 
+def prefill_beside_steps(engine, generation) -> bool:
+    """A slot filled on the engine's prefill stream while another slot's steps run on the loop's stream (as
+    the engine does with ``prefill_beside_steps``) holds the cache that the fill gives it with no step
+    beside it, bit for bit (the same kernels), and decodes the same tokens from then on. Steps write a
+    reserved slot's parked position only, and the fill is ordered after the steps launched before it."""
+    import torch
+
+    import decoder
+
+    small = engine._decoder
+    Turn = generation.Turn
+    scene = "Generate audio following instruction."
+    requests = [
+        generation.GenerationRequest(
+            [Turn("system", scene), Turn("user", text)], True, 60, 0.8, 0.95, 50, seed=s
+        )
+        for s, text in ((1, TEXT), (2, "A newcomer, filled while the other one decodes."))
+    ]
+    running, newcomer = (
+        decoder.Admission(slot, p.inputs, True, engine._sampling(r), p.tokens)
+        for slot, (p, r) in enumerate((engine._prepare(r), r) for r in requests)
+    )
+    stream = engine._prefill_stream
+
+    def fill_beside(steps: int) -> tuple[list, list]:
+        small.prefill_many([running])
+        small.reserve([newcomer.slot])
+        after = torch.cuda.Event()
+        after.record()
+        with torch.cuda.stream(stream):
+            stream.wait_event(after)
+            filled = small.fill([newcomer])
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        for _ in range(steps):  # launched while the fill's kernels run
+            small.launch()
+        torch.cuda.current_stream().wait_event(ready)
+        cache = [kv[newcomer.slot, :, :, : newcomer.tokens].float().cpu() for kv in small.cache]
+        small.occupy([newcomer], filled)
+        tokens = [small.step()[newcomer.slot].tolist() for _ in range(12)]
+        small.release(running.slot)
+        small.release(newcomer.slot)
+        return cache, tokens
+
+    alone, beside = fill_beside(0), fill_beside(8)
+    same_cache = all(torch.equal(a, b) for a, b in zip(alone[0], beside[0], strict=True))
+    same_tokens = alone[1] == beside[1]
+    print(
+        f"prefill beside steps: the filled slot's cache {'same' if same_cache else 'DIFFERS'}, its tokens "
+        f"{'same' if same_tokens else 'DIFFER'} (against a fill with no step beside it)"
+    )
+    return same_cache and same_tokens
+
+
 async def answers(engine, batch: list) -> list:
     """Each request's tokens (audio codes as a list, or the text), all sent at once."""
     results = await asyncio.gather(*(engine.generate(request) for request in batch))
@@ -140,6 +196,7 @@ def main() -> int:
                     print(f"loaded in {loaded:.1f} s: {len(step._graphs)} step graphs, "
                           f"{len(codec._graphs)} codec graphs; step shapes failed: {failed}")  # fmt: skip
                     ok &= bool(step._graphs) and not step._graph_failed and bool(codec._graphs)
+                    ok &= prefill_beside_steps(engine, generation)
                 if not graphs:
                     ok &= own_prefill(engine, generation, dtype)
                 started = time.perf_counter()

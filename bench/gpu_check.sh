@@ -5,7 +5,8 @@
 #   1. the service under load (bench/load.py, 10 s speech requests streamed as pcm): 1 stream alone, then
 #      4 and 16 at once (16 twice: 32 and 96 requests, the second nearer the steady state): audio seconds
 #      per second, first audio p50/p95, latency (per-stream RTF = latency over the audio's length); the
-#      server's /metrics after each (steps, the loop's time by work);
+#      server's /metrics after each (steps, the loop's time by work); then a second server with
+#      HIGGS_PREFILL_BESIDE_STEPS=false (the loop waits for each prefill) at 1 and 16, side by side;
 #   2. a prefill alone at 1, 4 and 8 prompts, and at 1 and 8 with a voice reference, with the engine's
 #      choices undone side by side, and where its time goes (bench/bench_prefill.py);
 #   3. one decoding step alone at 1 and 16 rows, and where an eager step's time goes (bench/bench_step.py).
@@ -20,7 +21,7 @@
 # then the device tool's `run` with carry [".gpu-bench"], timeout_s 560 and the command
 #   bash bench/gpu_check.sh
 # Results: $OUT/gpu_check.txt (written as they come: a cut run returns what it had), the server's log in
-# $OUT/server.log. Dry run on this CPU (tiny model, float32, about 5 minutes):
+# $OUT/server-*.log. Dry run on this CPU (tiny model, float32, about 5 minutes):
 #   GPU_CHECK_TINY=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -86,39 +87,46 @@ export HF_HUB_CACHE="$WORK/hf-cache"
 MODEL=(--model "$WORK/model" --audio-tokenizer "$WORK/audio_tokenizer" --device "$DEVICE" --dtype "$DTYPE")
 
 # ---- 1. the service under load ----
-t=$SECONDS
-[[ $SKIP == *load* ]] || {
-env -u HIGGS_API_KEY HIGGS_MODEL="$WORK/model" HIGGS_AUDIO_TOKENIZER="$WORK/audio_tokenizer" \
-  HIGGS_DEVICE="$DEVICE" HIGGS_DTYPE="$DTYPE" HIGGS_STT_MODEL= HIGGS_VOICES_DIR="$WORK/voices" \
-  HIGGS_HOST=127.0.0.1 HIGGS_PORT=$PORT HIGGS_MAX_AUDIO_SECONDS=$SECONDS_OF_SPEECH \
-  "$PY" app.py > "$OUT/server.log" 2>&1 &
-server=$!
-trap 'kill $server 2> /dev/null' EXIT
-for _ in $(seq 360); do
-  curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null && break
-  kill -0 $server 2> /dev/null || break
-  sleep 0.5
-done
-if ! curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null; then
-  say "server NOT READY after $((SECONDS - t)) s"
-  tail -30 "$OUT/server.log" | tee -a "$RESULTS"
-else
-  say "server ready in $((SECONDS - t)) s"
-  grep -E "loaded |slots|captured|warm-up done|prefill" "$OUT/server.log" | cut -c1-300 | tee -a "$RESULTS"
-  say "graph captures that failed: $(grep -c "capture failed\|capture of the codec failed" "$OUT/server.log")"
-  text="Please read this short line out loud now"  # 40 characters; the cap makes each answer its full length
-  for load in "1 2" "4 8" "16 32" "16 96"; do  # at once, requests in all
-    read -r n total <<< "$load"
-    say "-- $n at once, $total requests of ${SECONDS_OF_SPEECH} s speech (pcm, streamed)"
-    run 150 "$PY" bench/load.py --base-url "http://127.0.0.1:$PORT" --concurrency $n --requests $total \
-      --mix speech --text "$text" --timeout 120 --max-seconds 120
-    curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^higgs_(decode_steps_total|scheduler_seconds_total|prefill|codec_seconds_total|batch_slots)" \
-      | tee -a "$RESULTS"
+serve_and_load() {  # serve_and_load LABEL "LOADS" [VAR=VALUE...]: the server with those settings, under LOADS
+  local label=$1 loads=$2 t=$SECONDS
+  shift 2
+  env -u HIGGS_API_KEY HIGGS_MODEL="$WORK/model" HIGGS_AUDIO_TOKENIZER="$WORK/audio_tokenizer" \
+    HIGGS_DEVICE="$DEVICE" HIGGS_DTYPE="$DTYPE" HIGGS_STT_MODEL= HIGGS_VOICES_DIR="$WORK/voices" \
+    HIGGS_HOST=127.0.0.1 HIGGS_PORT=$PORT HIGGS_MAX_AUDIO_SECONDS=$SECONDS_OF_SPEECH "$@" \
+    "$PY" app.py > "$OUT/server-$label.log" 2>&1 &
+  server=$!
+  trap 'kill $server 2> /dev/null' EXIT
+  for _ in $(seq 360); do
+    curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null && break
+    kill -0 $server 2> /dev/null || break
+    sleep 0.5
   done
-fi
-kill $server 2> /dev/null
-wait $server 2> /dev/null
+  if ! curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null; then
+    say "server ($label) NOT READY after $((SECONDS - t)) s"
+    tail -30 "$OUT/server-$label.log" | tee -a "$RESULTS"
+  else
+    say "server ($label: $*) ready in $((SECONDS - t)) s"
+    grep -E "loaded |slots|captured|warm-up done|prefill" "$OUT/server-$label.log" | cut -c1-300 | tee -a "$RESULTS"
+    say "graph captures that failed: $(grep -c "capture failed\|capture of the codec failed" "$OUT/server-$label.log")"
+    text="Please read this short line out loud now"  # 40 characters; the cap makes each answer its full length
+    for load in $loads; do  # at once:requests in all
+      local n=${load%:*} total=${load#*:}
+      say "-- ($label) $n at once, $total requests of ${SECONDS_OF_SPEECH} s speech (pcm, streamed)"
+      run 150 "$PY" bench/load.py --base-url "http://127.0.0.1:$PORT" --concurrency $n --requests $total \
+        --mix speech --text "$text" --timeout 120 --max-seconds 120
+      curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^higgs_(decode_steps_total|scheduler_seconds_total|prefill|codec_seconds_total|batch_slots)" \
+        | tee -a "$RESULTS"
+    done
+    grep -E "ERROR|CRITICAL|Traceback" "$OUT/server-$label.log" | head -5 | tee -a "$RESULTS"
+  fi
+  kill $server 2> /dev/null
+  wait $server 2> /dev/null
 }
+if [[ $SKIP != *load* ]]; then
+  # the service as it is (prefills beside the steps), then with the loop waiting for each prefill
+  serve_and_load beside "1:2 4:8 16:32 16:96"
+  serve_and_load waiting "1:2 16:32 16:96" HIGGS_PREFILL_BESIDE_STEPS=false
+fi
 
 # ---- 2. a prefill alone ----
 if [[ $SKIP != *prefill* ]]; then

@@ -171,6 +171,50 @@ def test_eight_concurrent_requests_each_get_their_own_answer(client, engine, sto
     assert_idle(client, engine)
 
 
+def test_running_requests_step_on_while_newcomers_are_prefilled(client, engine, monkeypatch, lookahead):
+    """CUDA's way (``prefill_beside_steps``): the prefill thread fills the newcomers' slots while the running
+    request goes on stepping, and they join at the step after their fill is done. Every answer is the one it
+    gets alone: the steps run meanwhile leave the slots being filled alone, and a fill writes its own."""
+    monkeypatch.setattr(engine, "prefill_beside_steps", True)
+    long = chat(seed=15, max_tokens=120)
+    newcomers = [
+        chat(seed=16, max_tokens=25, text="I join while it decodes."),
+        text_chat(seed=17, max_tokens=12),
+    ]
+    alone_long = answer(post(client, long))
+    alone = [answer(post(client, body)) for body in newcomers]
+    launches = [0]
+    during: list[int] = []  # steps launched while a newcomer's fill lingered
+    real_fill, real_launch = engine._decoder.fill, engine._decoder.launch
+
+    def launch():
+        launches[0] += 1
+        return real_launch()
+
+    def fill(admissions, batch=None):
+        filled = real_fill(admissions, batch)
+        if engine._running:  # a newcomer: its fill lingers, the steps go on
+            before = launches[0]
+            time.sleep(0.2)
+            during.append(launches[0] - before)
+        return filled
+
+    monkeypatch.setattr(engine._decoder, "fill", fill)
+    monkeypatch.setattr(engine._decoder, "launch", launch)
+    results: dict = {}
+    long_thread = threading.Thread(target=lambda: results.update(long=post(client, long)))
+    long_thread.start()
+    deadline = time.monotonic() + 30
+    while engine.stats().busy_slots == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    joined = [answer(r) for r in together(client, newcomers)]
+    long_thread.join()
+    assert joined == alone and answer(results["long"]) == alone_long
+    assert during and min(during) > 0, during
+    monkeypatch.undo()
+    assert_idle(client, engine)
+
+
 def test_a_request_joins_while_another_decodes_and_others_leave_early(client, engine, lookahead):
     long = chat(seed=11, max_tokens=150)
     short = chat(seed=12, max_tokens=20, text="I join late and leave early.")
@@ -665,12 +709,12 @@ def test_a_long_text_that_stops_between_pieces_gives_its_kept_slot_back_at_once(
 def test_a_fault_in_one_request_fails_only_it(client, engine, monkeypatch, lenient):
     others = [chat(seed=21, max_tokens=40), clone(seed=22, max_tokens=25)]
     alone = [answer(post(client, body)) for body in others]
-    real_prefill = engine._decoder.prefill
+    real_fill = engine._decoder.fill
 
-    def prefill(**kwargs):
-        if not kwargs["audio_output"]:  # the text request's prefill fails; the audio ones run on
+    def fill(admissions, batch=None):
+        if not admissions[0].audio_output:  # the text request's prefill fails; the audio ones run on
             raise ValueError("injected prefill fault")
-        return real_prefill(**kwargs)
+        return real_fill(admissions, batch)
 
     real_join = audio_stream.AudioStream.join
 
@@ -679,7 +723,7 @@ def test_a_fault_in_one_request_fails_only_it(client, engine, monkeypatch, lenie
             raise RuntimeError("injected codec fault")
         return real_join(self, piece, decoded)
 
-    monkeypatch.setattr(engine._decoder, "prefill", prefill)
+    monkeypatch.setattr(engine._decoder, "fill", fill)
     monkeypatch.setattr(audio_stream.AudioStream, "join", join)
     bodies = [*others, text_chat(seed=23, max_tokens=10), chat(seed=666, max_tokens=80)]
     results = together(lenient, bodies)
@@ -754,15 +798,15 @@ def test_on_a_cpu_a_burst_starts_together_and_its_first_pieces_share_a_codec_cal
     alone = [answer(post(client, body)) for body in bodies]
     passes: list[int] = []
     firsts: list[int] = []
-    real_prefill_many, real_admissible, real_run = (
-        engine._decoder.prefill_many,
+    real_fill, real_admissible, real_run = (
+        engine._decoder.fill,
         engine._admissible,
         engine._codec_run,
     )
 
-    def prefill_many(admissions, batch=None):
+    def fill(admissions, batch=None):
         passes.append(len(admissions))
-        return real_prefill_many(admissions, batch)
+        return real_fill(admissions, batch)
 
     def admissible():  # (under the engine's lock) nothing is admitted until all of them wait: one burst
         return real_admissible() if passes or len(engine._waiting) == len(bodies) else []
@@ -772,7 +816,7 @@ def test_on_a_cpu_a_burst_starts_together_and_its_first_pieces_share_a_codec_cal
             firsts.append(len(work))
         real_run(work)
 
-    monkeypatch.setattr(engine._decoder, "prefill_many", prefill_many)
+    monkeypatch.setattr(engine._decoder, "fill", fill)
     monkeypatch.setattr(engine, "_admissible", admissible)
     monkeypatch.setattr(engine, "_codec_run", codec_run)
     assert [answer(r) for r in together(client, bodies)] == alone
@@ -1138,16 +1182,16 @@ def test_waiting_requests_prefilled_together_get_the_answers_they_get_alone(
     ]
     alone = [answer(post(client, body)) for body in bodies]
     batches = []
-    real_prefill_many, real_admissible = engine._decoder.prefill_many, engine._admissible
+    real_fill, real_admissible = engine._decoder.fill, engine._admissible
 
-    def prefill_many(admissions, batch=None):
+    def fill(admissions, batch=None):
         batches.append(len(admissions))
-        return real_prefill_many(admissions, batch)
+        return real_fill(admissions, batch)
 
     def admissible():  # (under the engine's lock) nothing is admitted until all of them wait: one burst
         return real_admissible() if batches or len(engine._waiting) == len(bodies) else []
 
-    monkeypatch.setattr(engine._decoder, "prefill_many", prefill_many)
+    monkeypatch.setattr(engine._decoder, "fill", fill)
     monkeypatch.setattr(engine, "_admissible", admissible)
     monkeypatch.setattr(engine, "prefill_in_one_pass", True)
     together_answers = [answer(r) for r in together(client, bodies)]
@@ -1173,6 +1217,41 @@ def _admitted(engine, requests: list) -> tuple[list, list]:
         for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
     ]
     return prompts, admissions
+
+
+def test_steps_run_while_a_slot_is_filled_leave_its_prompt_alone(engine):
+    """A slot filled while others step (CUDA's ``prefill_beside_steps``) joins with the cache a fill alone
+    gives it: the steps between its fill and ``occupy`` write its parked position (the slot's last), never
+    its prompt, and from then on its tokens are those of the same prompt filled and started at once. A
+    reserved slot goes to no other admission."""
+    Turn = generation.Turn
+    requests = [
+        generation.GenerationRequest(
+            [Turn("system", "Generate audio."), Turn("user", text)], True, 40, 0.7, 0.95, 50, seed=seed
+        )
+        for seed, text in ((1, "I am decoding."), (2, "I am being filled meanwhile."))
+    ]
+    _, (running, newcomer) = _admitted(engine, requests)
+    small = engine.higgs.decoder(2, 1024)
+
+    def newcomers_tokens(steps_between: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        small.prefill_many([running])
+        small.reserve([newcomer.slot])
+        with pytest.raises(RuntimeError):
+            small.free_slots(1)
+        filled = small.fill([newcomer])
+        prompt = [kv[newcomer.slot, :, :, : newcomer.tokens].clone() for kv in small.cache]
+        for _ in range(steps_between):
+            small.step()
+        kept = [kv[newcomer.slot, :, :, : newcomer.tokens] for kv in small.cache]
+        assert all(torch.equal(a, b) for a, b in zip(prompt, kept, strict=True)), steps_between
+        small.occupy([newcomer], filled)
+        tokens = torch.stack([small.step()[newcomer.slot] for _ in range(20)])
+        small.release(running.slot)
+        small.release(newcomer.slot)
+        return tokens
+
+    assert torch.equal(newcomers_tokens(0), newcomers_tokens(6))
 
 
 def test_a_prefill_together_fills_each_slot_as_alone(engine):
@@ -1219,18 +1298,18 @@ def test_a_failed_prefill_together_falls_back_to_one_at_a_time(client, engine, m
     bodies = [chat(seed=1, max_tokens=12), chat(seed=2, max_tokens=10, text="Another one.")]
     alone = [answer(post(client, body)) for body in bodies]
     failed = []
-    real_prefill_many, real_admissible = engine._decoder.prefill_many, engine._admissible
+    real_fill, real_admissible = engine._decoder.fill, engine._admissible
 
-    def prefill_many(admissions, batch=None):
-        if len(admissions) == 1:  # a prefill alone (``prefill`` calls this too)
-            return real_prefill_many(admissions, batch)
+    def fill(admissions, batch=None):
+        if len(admissions) == 1:  # a prefill alone
+            return real_fill(admissions, batch)
         failed.append(len(admissions))
         raise ValueError("injected fault in a prefill together")
 
     def admissible():
         return real_admissible() if failed or len(engine._waiting) == len(bodies) else []
 
-    monkeypatch.setattr(engine._decoder, "prefill_many", prefill_many)
+    monkeypatch.setattr(engine._decoder, "fill", fill)
     monkeypatch.setattr(engine, "_admissible", admissible)
     monkeypatch.setattr(engine, "prefill_in_one_pass", True)
     assert [answer(r) for r in together(client, bodies)] == alone and failed == [2]

@@ -305,7 +305,13 @@ def test_startup_loads_models_from_settings_and_reports_readiness(settings):
 
     from app import create_app
 
-    changes = {"stt_model": "", "stream_first_chunk_frames": 2, "stream_chunk_frames": 5, "prefill_batch": 3}
+    changes = {
+        "stt_model": "",
+        "stream_first_chunk_frames": 2,
+        "stream_chunk_frames": 5,
+        "prefill_batch": 3,
+        "prefill_beside_steps": True,
+    }
     app = create_app(settings.model_copy(update=changes))
     assert TestClient(app).get("/ready").status_code == 503  # lifespan not started: not ready
     with TestClient(app) as client:
@@ -319,6 +325,7 @@ def test_startup_loads_models_from_settings_and_reports_readiness(settings):
             sizes = [len(piece) for piece in response.iter_bytes()]
         assert sizes[:3] == [2 * 960 * 2, 5 * 960 * 2, 5 * 960 * 2]  # streaming settings reach the engine
         assert app.state.engine.prefill_batch == 3  # and HIGGS_PREFILL_BATCH
+        assert app.state.engine.prefill_beside_steps  # and HIGGS_PREFILL_BESIDE_STEPS (a CPU's default: off)
         body = {
             "model": "tts-1",
             "modalities": ["text", "audio"],

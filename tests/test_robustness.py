@@ -301,10 +301,10 @@ def lenient(client, app):
 def test_an_exception_in_generation_fails_that_request_alone(lenient, engine, monkeypatch):
     client = lenient
 
-    def explode(**kwargs):
+    def explode(*args, **kwargs):
         raise ValueError("internal detail /secret/path")
 
-    monkeypatch.setattr(engine._decoder, "prefill", explode)
+    monkeypatch.setattr(engine._decoder, "fill", explode)
     response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 500
     error = response.json()["error"]
@@ -316,10 +316,10 @@ def test_an_exception_in_generation_fails_that_request_alone(lenient, engine, mo
 def test_out_of_memory_frees_the_cache_and_the_next_request_succeeds(client, engine, monkeypatch):
     freed = []
 
-    def oom(**kwargs):
+    def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(engine._decoder, "prefill", oom)
+    monkeypatch.setattr(engine._decoder, "fill", oom)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(True))
     response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 500 and response.json()["error"]["code"] == "out_of_memory"
@@ -341,7 +341,7 @@ def test_a_fatal_cuda_error_makes_the_engine_not_ready(lenient, engine, monkeypa
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     if where == "prefill":
-        monkeypatch.setattr(engine._decoder, "prefill", broken)
+        monkeypatch.setattr(engine._decoder, "fill", broken)
     else:
         monkeypatch.setattr(decoder.Launched, "result", broken)
     try:
