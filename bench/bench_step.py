@@ -1,6 +1,6 @@
 """One batched decoding step, alone and inside the engine: its time and the operators (kernels) it runs.
 
-Run:  .venv/bin/python bench/bench_step.py [--rows 1 8] [--steps 100] [--baseline OLD_DECODER.py]
+Run:  .venv/bin/python bench/bench_step.py [--rows 1 8] [--lengths 1024] [--steps 100] [--baseline OLD.py]
       .venv/bin/python bench/bench_step.py --model MODEL --audio-tokenizer TOKENIZER --device cuda \\
           --dtype bfloat16 --rows 1 16
 
@@ -14,15 +14,18 @@ that many slots is filled with sampled audio requests (temperature 0.7, top-p 0.
   the GPU microseconds to start, so at batch 1, where every kernel is tiny, their number weighs more than
   their work). Exact on any machine; in ``--dtype bfloat16`` the dtype conversions count as they do on a
   GPU;
-* **step**: the median wall time of a step (graph replays on CUDA, ending with the copy to the host);
+* **step**: the median wall time of a step (graph replays on CUDA, ending with the copy to the host), at
+  each of ``--lengths`` (the step's attention length: the service rounds a step up to the smallest of
+  ``HIGGS_KV_CACHE_LENGTHS`` that holds its longest row);
 * **engine**: on the same model, the median time per step of one request decoded by the whole engine
   (scheduler thread, codec thread, streaming), from its steps counter: what the step alone does not
   explain is the engine's own overhead.
 
-``--baseline FILE`` (e.g. ``git show HEAD~1:decoder.py > /tmp/old.py``) measures another ``decoder.py`` in
-the same run for a before/after ratio. ``--profile`` also prints, per row count, where an eager step's time
-goes (PyTorch's profiler; the GPU's kernels on CUDA, the operators' own CPU time otherwise): what a graphed
-step replays, broken down.
+``--baseline FILE`` (e.g. ``git show HEAD~1:decoder.py > /tmp/old.py``) measures another ``decoder.py`` in the
+same run for a before/after ratio; ``--masked`` the same decoder with masked attention (on CUDA a step attends
+by each row's length: ``BatchDecoder.step_attention``). ``--profile`` also prints, per row count, where an
+eager step's time goes (PyTorch's profiler; the GPU's kernels on CUDA, the operators' own CPU time otherwise):
+what a graphed step replays, broken down.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def _operators(decoder) -> tuple[int, int, int, int]:
     return Count.total, Count.forward, Count.computing, Count.forward_computing
 
 
-def _decoder(module, engine, inputs, rows: int):
+def _decoder(module, engine, inputs, rows: int, length: int, attention: str | None):
     decoder = module.BatchDecoder(
         engine.higgs.model,
         slots=rows,
@@ -99,8 +102,10 @@ def _decoder(module, engine, inputs, rows: int):
         audio_eos_token=engine.higgs.audio_eos_id,
         suppress_in_text=engine.higgs.audio_start_ids,
         graphs=engine.device == "cuda",
-        length_buckets=[engine.max_context],
+        length_buckets=[length],
     )
+    if attention is not None:
+        decoder.step_attention = attention
     for slot in range(rows):
         sampling = module.Sampling(temperature=0.7, top_p=0.95, top_k=50, ras_window=7, seed=slot)
         decoder.prefill(slot=slot, inputs=inputs, audio_output=True, sampling=sampling)
@@ -159,6 +164,7 @@ def main() -> None:
     )
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024], help="attention lengths to measure")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--baseline", help="another decoder.py to measure side by side")
     parser.add_argument("--model", help="generation model (hub id or folder); default: the tiny model")
@@ -167,6 +173,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--profile", action="store_true", help="where an eager step's time goes")
+    parser.add_argument(
+        "--masked", action="store_true", help="also the step with masked attention (CUDA's is by lengths)"
+    )
     args = parser.parse_args()
 
     with workspace() as tmp:
@@ -186,7 +195,7 @@ def main() -> None:
             voices_dir=tmp / "voices",
             device=args.device,
             dtype=args.dtype,
-            kv_cache_lengths=[1024],
+            kv_cache_lengths=[max(args.lengths)],
             max_batch_size=1,
         )
         torch.set_num_threads(args.threads)
@@ -194,39 +203,40 @@ def main() -> None:
         turns = [Turn("system", "Generate audio."), Turn("user", "Many rows, one step.")]
         request = GenerationRequest(turns, True, args.steps, 0.7, 0.95, 50, seed=0)
         inputs = engine._prepare(request).inputs
-        contenders = {"new": decoder}
+        contenders = {"new": (decoder, None)}
+        if args.masked:
+            contenders["mask"] = (decoder, "mask")
         if args.baseline:
-            contenders = {"old": _load(args.baseline, "decoder_baseline"), **contenders}
+            contenders = {"old": (_load(args.baseline, "decoder_baseline"), None), **contenders}
         layers = len(engine.higgs.model.layers)
         print(f"{args.device} {args.dtype}, {layers} layers; {args.steps} steps after {args.warmup}, medians")
         alone_one_row = None
-        for rows in args.rows:
+        for rows, length in [(r, n) for n in args.lengths for r in args.rows]:
             results = {}
-            for name, module in contenders.items():
-                made = _decoder(module, engine, inputs, rows)
+            for name, (module, attention) in contenders.items():
+                made = _decoder(module, engine, inputs, rows, length, attention)
                 operators, forward, computing, forward_computing = _operators(made)
                 results[name] = (operators, _step_time(made, args.steps, args.warmup), computing)
                 print(
-                    f"rows {rows:3d} {name:>4}: {operators:5d} operators per step ({computing} compute), "
+                    f"rows {rows:3d}, length {length:5d} {name:>4}: {operators:5d} operators per step "
+                    f"({computing} compute), "
                     f"{forward / layers:5.1f} per layer in the forward pass "
                     f"({forward_computing / layers:.1f} compute); "
                     f"step {results[name][1] * 1e3:8.3f} ms"
                 )
-                if rows == 1 and name == "new":
+                if rows == 1 and name == "new" and alone_one_row is None:
                     alone_one_row = results[name][1]
                 if args.profile and name == "new":
                     _profile(made)
                 del made
-            if "old" in results:
-                (old_ops, old_time, old_computing), (new_ops, new_time, new_computing) = (
-                    results["old"],
-                    results["new"],
-                )
-                ratio = (
-                    f"operators x{old_ops / new_ops:.2f}, computing x{old_computing / new_computing:.2f}, "
-                    f"step x{old_time / new_time:.2f}"
-                )
-                print(f"rows {rows:3d} old/new: {ratio}")
+            new_ops, new_time, new_computing = results["new"]
+            for name, (ops, took, computing) in results.items():
+                if name != "new":
+                    ratio = (
+                        f"operators x{ops / new_ops:.2f}, computing x{computing / new_computing:.2f}, "
+                        f"step x{took / new_time:.2f}"
+                    )
+                    print(f"rows {rows:3d}, length {length:5d} {name}/new: {ratio}")
         per_step = _engine_step_time(engine, request, args.steps)
         ratio = f"; x{per_step / alone_one_row:.2f} the step alone at 1 row" if alone_one_row else ""
         print(f"engine, one request: {per_step * 1e3:.3f} ms per step{ratio}")

@@ -6,10 +6,12 @@
 #      4 and 16 at once (16 twice: 32 and 96 requests, the second nearer the steady state): audio seconds
 #      per second, first audio p50/p95, latency (per-stream RTF = latency over the audio's length); the
 #      server's /metrics after each (steps, the loop's time by work); then a second server with
-#      HIGGS_PREFILL_BESIDE_STEPS=false (the loop waits for each prefill) at 1 and 16, side by side;
+#      HIGGS_PREFILL_BESIDE_STEPS=false (the loop waits for each prefill), side by side (GPU_CHECK_SERVERS
+#      and GPU_CHECK_LOADS name other servers and loads);
 #   2. a prefill alone at 1, 4 and 8 prompts, and at 1 and 8 with a voice reference, with the engine's
 #      choices undone side by side, and where its time goes (bench/bench_prefill.py);
-#   3. one decoding step alone at 1 and 16 rows, and where an eager step's time goes (bench/bench_step.py).
+#   3. one decoding step alone at 1 and 16 rows, and where an eager step's time goes (bench/bench_step.py;
+#      GPU_CHECK_STEP_ARGS replaces its arguments).
 # GPU_CHECK_SKIP="cuda load prefill step" leaves out the parts named (a second call after a first that
 # measured some). On an H200 the whole script took 114 s without part 2 (2026-11-27), the first call's
 # start-up about 30 s more.
@@ -122,10 +124,15 @@ serve_and_load() {  # serve_and_load LABEL "LOADS" [VAR=VALUE...]: the server wi
   kill $server 2> /dev/null
   wait $server 2> /dev/null
 }
+# GPU_CHECK_SERVERS: one server a line, "LABEL [VAR=VALUE ...]", each under GPU_CHECK_LOADS ("at once:requests")
+SERVERS="${GPU_CHECK_SERVERS:-default
+waiting HIGGS_PREFILL_BESIDE_STEPS=false}"
+LOADS="${GPU_CHECK_LOADS:-1:2 4:8 16:32 16:96}"
 if [[ $SKIP != *load* ]]; then
-  # the service as it is (prefills beside the steps), then with the loop waiting for each prefill
-  serve_and_load beside "1:2 4:8 16:32 16:96"
-  serve_and_load waiting "1:2 16:32 16:96" HIGGS_PREFILL_BESIDE_STEPS=false
+  while read -r label settings; do
+    # shellcheck disable=SC2086  # the settings are words
+    [ -n "$label" ] && serve_and_load "$label" "$LOADS" $settings < /dev/null
+  done <<< "$SERVERS"
 fi
 
 # ---- 2. a prefill alone ----
@@ -138,6 +145,7 @@ fi
 # ---- 3. the step alone ----
 if [[ $SKIP != *step* ]]; then
   say "-- bench_step: 1 and 16 rows"
-  run 200 "$PY" bench/bench_step.py "${MODEL[@]}" --rows 1 16 --steps 100 --profile
+  # shellcheck disable=SC2086
+  run 200 "$PY" bench/bench_step.py "${MODEL[@]}" ${GPU_CHECK_STEP_ARGS:---rows 1 16 --steps 100 --profile}
 fi
 say "== done in $SECONDS s"

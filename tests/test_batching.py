@@ -1219,6 +1219,66 @@ def _admitted(engine, requests: list) -> tuple[list, list]:
     return prompts, admissions
 
 
+def _by_lengths_on_a_cpu(first_only: bool = False):
+    """A stand-in for ``decoder._attention_by_lengths`` (PyTorch's memory-efficient kernel, CUDA only):
+    masked attention over each row's first ``seen`` positions (with ``first_only``, a broken one that
+    reads the first position alone)."""
+
+    def attend(q, keys, values, seen):
+        kept = torch.arange(keys.shape[2])[None, :] < (seen.long() * (not first_only) + first_only)[:, None]
+        mask = torch.zeros(kept.shape, dtype=q.dtype).masked_fill_(~kept, float("-inf"))
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask[:, None, None]
+        )
+
+    return attend
+
+
+def test_a_step_attending_by_lengths_gives_the_masked_steps_tokens(engine, monkeypatch):
+    """On CUDA a step attends over each row's own positions (``step_attention`` "lengths"), with a kernel
+    that reads no key past a row's length, instead of masking the bucket's later positions. With that
+    kernel stood in for by masked attention over the lengths it is given, two rows of different lengths
+    decode the masked step's tokens exactly (float32): the lengths are each row's positions up to its new
+    token. The start-up check keeps such a kernel, and turns off one that attends wrongly or fails."""
+    Turn = generation.Turn
+    requests = [
+        generation.GenerationRequest(
+            [Turn("system", "Generate audio."), Turn("user", text)], True, 40, 0.7, 0.95, 50, seed=seed
+        )
+        for seed, text in ((1, "A short one."), (2, "A longer prompt than the other one, by some words."))
+    ]
+    _, admissions = _admitted(engine, requests)
+    small = engine.higgs.decoder(2, 1024)
+
+    def tokens(kind: str) -> torch.Tensor:
+        small.step_attention = kind
+        for admission in admissions:
+            small.prefill_many([admission])
+        out = torch.stack([small.step() for _ in range(12)])
+        for admission in admissions:
+            small.release(admission.slot)
+        return out
+
+    monkeypatch.setattr(decoder, "_attention_by_lengths", _by_lengths_on_a_cpu())
+    assert torch.equal(tokens("lengths"), tokens("mask"))
+    small.step_attention = "lengths"
+    assert small.check_step_attention(admissions)[0] and small.step_attention == "lengths"
+    assert not small.busy and not small.live.any()
+
+    monkeypatch.setattr(decoder, "_attention_by_lengths", _by_lengths_on_a_cpu(first_only=True))
+    agree, seen = small.check_step_attention(admissions)
+    assert not agree and small.step_attention == "mask" and "apart" in seen, seen
+
+    def fails(*args):
+        raise RuntimeError("no kernel for this")
+
+    small.step_attention = "lengths"
+    monkeypatch.setattr(decoder, "_attention_by_lengths", fails)
+    agree, seen = small.check_step_attention(admissions)
+    assert not agree and small.step_attention == "mask" and "no kernel for this" in seen
+    assert not small.busy
+
+
 def test_steps_run_while_a_slot_is_filled_leave_its_prompt_alone(engine):
     """A slot filled while others step (CUDA's ``prefill_beside_steps``) joins with the cache a fill alone
     gives it: the steps between its fill and ``occupy`` write its parked position (the slot's last), never
@@ -1539,3 +1599,44 @@ def test_an_own_prefill_that_disagrees_at_start_leaves_prompts_to_upstreams_forw
     assert checked >= 1 and len(calls) == checked  # the check's calls only: the request's went to upstream
     warned = [r.getMessage() for r in caplog.records if "own prefill layers do not answer" in r.getMessage()]
     assert len(warned) == 1 and ("failed (RuntimeError" in warned[0]) == (fault == "fails"), warned
+
+
+@pytest.mark.parametrize("kernel", ["agrees", "differs", "fails"])
+def test_a_steps_attention_by_lengths_is_checked_at_start(
+    kernel, client, settings, monkeypatch, tmp_path, caplog
+):
+    """Where a step attends by each row's length (CUDA's way; here with a CPU stand-in for its kernel), the
+    engine compares it with masked attention when it loads: kept where it agrees (the log says so, and the
+    answers are the masked engine's), turned off where it attends wrongly or fails (a warning; the service
+    still answers)."""
+    from fastapi.testclient import TestClient
+
+    from app import create_app
+
+    def fails(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    stand_in = {"agrees": _by_lengths_on_a_cpu(), "differs": _by_lengths_on_a_cpu(first_only=True)}
+    monkeypatch.setattr(decoder, "_attention_by_lengths", stand_in.get(kernel, fails))
+    real_init = decoder.BatchDecoder.__init__
+
+    def on_cuda_by_lengths(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.step_attention = "lengths"
+
+    monkeypatch.setattr(decoder.BatchDecoder, "__init__", on_cuda_by_lengths)
+    body = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "pcm", "seed": 1}
+    masked = answer(client.post("/v1/audio/speech", json=body))  # the session's engine: masked (a CPU's)
+    changes = {"stt_model": "", "warmup": False, "voices_dir": tmp_path}
+    app = create_app(settings.model_copy(update=changes))
+    with caplog.at_level("INFO", logger="engine"), TestClient(app) as fresh:
+        deadline = time.monotonic() + 300
+        while fresh.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kept = app.state.engine._decoder.step_attention
+        speech = answer(fresh.post("/v1/audio/speech", json=body))
+    assert kept == ("lengths" if kernel == "agrees" else "mask")
+    assert speech == masked
+    logged = [r for r in caplog.records if "attend" in r.getMessage()]
+    assert len(logged) == 1 and (logged[0].levelname == "INFO") == (kernel == "agrees"), logged
+    assert ("failed (RuntimeError" in logged[0].getMessage()) == (kernel == "fails")
