@@ -67,11 +67,9 @@ on recent GPUs, builds a plan for every sequence length it has not seen, and pro
 on an H200 (full-size model, bfloat16) one prompt of a length not seen before took 92 ms with cuDNN allowed,
 38 ms without (``bench/bench_prefill.py``, side by side). The step graphs keep it (fixed shapes)."""
 
-OWN_KERNEL_TOLERANCE = {torch.float32: 1e-3}
-"""How far the decoder's own kernels may be from the plain ones at start, by dtype, 1e-1 for the 16-bit ones:
-the largest difference against the largest value of a slot's cache, between the own prefill layers and
-upstream's forward (``check_own_prefill``), and of a step's logits, between attention by lengths and masked
-attention (``check_step_attention``).
+OWN_PREFILL_TOLERANCE = {torch.float32: 1e-3}
+"""How far the decoder's own prefill layers may be from upstream's forward at start (``check_own_prefill``):
+the largest difference of a slot's cache against its largest value, by dtype; 1e-1 for the 16-bit ones.
 The two group their products differently (fused projections, sums inside the products), so they agree to
 rounding only: 2e-7 in float32 and 7e-3 in bfloat16 on the tiny model (``bench/check_cuda.py``), 3.4e-2
 in bfloat16 on the full-size random-weight model on an H200 (the rounding of 28 layers), which 5e-2 left
@@ -237,22 +235,6 @@ def same_logits(want: torch.Tensor, got: torch.Tensor) -> bool:
     return bool(torch.allclose(want[finite], got[finite], rtol=1e-2, atol=1e-2 * scale))
 
 
-def _attention_by_lengths(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seen: torch.Tensor
-) -> torch.Tensor:
-    """A decoding step's attention on CUDA: ``q`` [rows, kv heads, query heads per kv head, dim] over the
-    first ``seen`` [rows] (int32) positions of each row's ``keys`` and ``values`` [rows, kv heads, length,
-    dim], by PyTorch's memory-efficient kernel, which reads no key past a row's length. Returns [rows, kv
-    heads, query heads per kv head, dim]. (``scaled_dot_product_attention`` takes a mask instead, and its
-    kernels then read the bucket's every key: cuDNN's took 25 us a layer at 1 row and 1,024 positions on
-    an H200, for 4 MB of keys and values.)"""
-    out = torch.ops.aten._efficient_attention_forward(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        None, None, None, None, None, 0.0, 0, False, seqlen_k=seen,
-    )[0]  # fmt: skip
-    return out.transpose(1, 2)
-
-
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """Llama's RMSNorm as one call, its weight included: the fused kernel computes in float32 inside and
     rounds once to ``x``'s dtype (upstream's module rounds the normalised values, then applies the weight
@@ -309,10 +291,6 @@ class BatchDecoder:
         self.text_head = model.audio_decoder_proj.text_lm_head
         self.audio_head = model.audio_decoder_proj.audio_lm_head
         self._forward_keys = set(inspect.signature(model.forward).parameters)
-        self.step_attention = "lengths" if self.device.type == "cuda" else "mask"
-        """How a decoding step attends: "lengths", each row over its own positions (``_attention_by_lengths``,
-        CUDA only), or "mask", over the whole bucket with the later positions masked (any device).
-        ``check_step_attention`` keeps "lengths" where the two agree."""
         self.own_prefill = True
         """Prefill with the decoder's own layers (``_prefill_own``) what they can take; off, every prompt
         goes through upstream's forward (``check_own_prefill`` turns it off when the two disagree)."""
@@ -476,9 +454,9 @@ class BatchDecoder:
         """Prefill each group of admissions (collated in its batch when several) by the decoder's own layers
         and by upstream's forward, and compare the slots' caches (the largest difference against the
         largest value). The own layers stay on where they agree within the dtype's rounding
-        (``OWN_KERNEL_TOLERANCE``), and are turned off where they do not or fail: a fault of this
+        (``OWN_PREFILL_TOLERANCE``), and are turned off where they do not or fail: a fault of this
         device's kernels costs speed, never answers. Returns whether they agree and what was seen."""
-        tolerance = OWN_KERNEL_TOLERANCE.get(self.dtype, 1e-1)
+        tolerance = OWN_PREFILL_TOLERANCE.get(self.dtype, 1e-1)
         apart = 0.0
         try:
             for admissions, batch in groups:
@@ -504,35 +482,6 @@ class BatchDecoder:
             return False, f"failed ({type(exc).__name__}: {exc})"
         self.own_prefill = apart <= tolerance
         return self.own_prefill, f"{apart:.1e} of the largest value apart, {tolerance:.0e} allowed"
-
-    def check_step_attention(self, admissions: list[Admission]) -> tuple[bool, str]:
-        """Fill the admissions' slots (audio answers) and run one eager step both ways, by each row's
-        length and masked (``step_attention``): "lengths" stays where the logits agree within the dtype's
-        rounding (``OWN_KERNEL_TOLERANCE``, against their largest), and goes where they do not or it fails:
-        a fault of this device's kernels costs speed, never answers. The slots are freed, the state kept.
-        Returns whether "lengths" stays and what was seen."""
-        if self.step_attention != "lengths":
-            return False, "not on this device"
-        logits = []
-        try:
-            for admission in admissions:
-                self.prefill_many([admission])
-            rows, length = self._shape()
-            for kind in ("lengths", "mask"):
-                self.step_attention = kind
-                with self.state_kept():
-                    logits.append(self._device_step(rows, length, "audio", self._filters(self.busy))[1])
-            masked, ours = logits[1], logits[0]
-            apart = float((masked - ours).abs().max()) / (float(masked.abs().max()) or 1.0)
-            agree = apart <= OWN_KERNEL_TOLERANCE.get(self.dtype, 1e-1)
-            seen = f"{len(admissions)} rows at {length} positions: logits {apart:.1e} of the largest apart"
-        except Exception as exc:
-            agree, seen = False, f"failed ({type(exc).__name__}: {exc})"
-        finally:
-            for admission in admissions:
-                self.release(admission.slot)
-        self.step_attention = "lengths" if agree else "mask"
-        return agree, seen
 
     def _cached(self, admission: Admission) -> list[torch.Tensor]:
         """A float32 copy of each layer's keys and values of ``admission``'s prompt in its slot."""
@@ -993,17 +942,10 @@ class BatchDecoder:
         # onto sin, once per step, cat(-x2, x1) becomes a roll (a negation is exact: the same numbers).
         half = sin.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        if self.step_attention == "lengths":
-            # Each row's keys: its positions up to the new token's (a free row's parked position is past
-            # the bucket: it reads the whole bucket, and its output is never used).
-            mask = None
-            seen = (positions + 1).clamp(max=length).to(torch.int32)
-        else:
-            # An additive mask in the model's dtype, made once per step: given as booleans, attention would
-            # turn them into this in every layer.
-            seen = None
-            mask = torch.full((rows, 1, 1, length), float("-inf"), device=self.device, dtype=self.dtype)
-            mask.masked_fill_((self._arange[None, :length] <= positions[:, None])[:, None, None, :], 0.0)
+        # An additive mask in the model's dtype, made once per step: given as booleans, attention would
+        # turn them into this in every layer.
+        mask = torch.full((rows, 1, 1, length), float("-inf"), device=self.device, dtype=self.dtype)
+        mask.masked_fill_((self._arange[None, :length] <= positions[:, None])[:, None, None, :], 0.0)
         index = self._arange[:rows]
 
         for i, (layer, kind) in enumerate(zip(model.layers, self.kinds, strict=True)):
@@ -1019,9 +961,7 @@ class BatchDecoder:
                 )
             else:
                 x = _rms_norm(layer.audio_input_layernorm if audio_path else layer.input_layernorm, hidden)
-            hidden = self._attention(
-                i, layer.self_attn, x, cos, sin, mask, seen, index, positions, length, hidden
-            )
+            hidden = self._attention(i, layer.self_attn, x, cos, sin, mask, index, positions, length, hidden)
             if kind == "dual" and mode == "mixed":
                 hidden = hidden + torch.where(
                     is_audio,
@@ -1050,11 +990,8 @@ class BatchDecoder:
         gate, up = F.linear(x, *fused).chunk(2, dim=-1)
         return _plus(residual, mlp.down_proj, mlp.act_fn(gate) * up)
 
-    def _attention(
-        self, i, attn, x, cos, sin, mask, seen, index, positions, length, residual
-    ) -> torch.Tensor:
-        """The layer's attention of ``x``, added into ``residual``: over each row's ``seen`` positions, or
-        the bucket's with ``mask`` (``step_attention``)."""
+    def _attention(self, i, attn, x, cos, sin, mask, index, positions, length, residual) -> torch.Tensor:
+        """The layer's attention of ``x``, added into ``residual``."""
         rows = x.shape[0]
         qkv = F.linear(x[:, 0], *self._qkv[i]).view(rows, self.heads + 2 * self.kv_heads, self.head_dim)
         # Queries and keys are rotated together, in place: keys and values are then side by side in
@@ -1069,8 +1006,5 @@ class BatchDecoder:
         # become that head's "query positions".
         groups = self.heads // self.kv_heads
         q = qkv[:, : self.heads].reshape(rows, self.kv_heads, groups, self.head_dim)
-        if seen is not None:
-            out = _attention_by_lengths(q, keys, values, seen)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return _plus(residual, attn.o_proj, out.reshape(rows, 1, self.heads * self.head_dim))

@@ -245,7 +245,7 @@ class HiggsEngine:
         self._decoder = higgs.decoder(
             self.slots, self.max_context, graphs=cuda_graphs, length_buckets=sorted(kv_cache_lengths)
         )
-        self._check_kernels(together=device == "cuda" and self.slots > 1)
+        self._check_own_prefill(together=device == "cuda" and self.slots > 1)
 
         self.streaming = streaming or StreamSettings()
         self._layout = Layout(
@@ -538,11 +538,12 @@ class HiggsEngine:
         self._codec_thread.join(timeout=30)
         self._prompt_pool.shutdown(wait=True, cancel_futures=True)
 
-    def _check_kernels(self, together: bool) -> None:
-        """The start-up checks of the decoder's own kernels against the plain ones, on this device and dtype,
-        over a default-voice prompt and one with a voice reference (random codes): the prefill's own layers
-        (``_check_own_prefill``) and a step's attention by lengths (``_check_step_attention``). Each turns
-        its kernels off where they do not answer as the plain ones, and the log says so."""
+    def _check_own_prefill(self, together: bool) -> None:
+        """Whether the decoder's own prefill layers answer as upstream's forward on this device and dtype
+        (``BatchDecoder.check_own_prefill``), on a default-voice prompt and one with a voice reference
+        (random codes), padded together where prefills are batched (``together``). Where they do not, or
+        fail, every prompt is prefilled by upstream's forward from then on, and the log says so."""
+        started = time.perf_counter()
         scene = Turn("system", SYSTEM_TEMPLATE.format(scene="Audio is recorded from a quiet room."))
         draw = torch.Generator().manual_seed(0)
         codes = AudioCodes(
@@ -556,16 +557,6 @@ class HiggsEngine:
             ),
         ]  # fmt: skip
         prompts = [self._prepare(r) for r in requests]
-        self._check_own_prefill(prompts, requests, together)
-        self._check_step_attention(prompts, requests)
-
-    def _check_own_prefill(
-        self, prompts: list[Prompt], requests: list[GenerationRequest], together: bool
-    ) -> None:
-        """Whether the decoder's own prefill layers answer as upstream's forward
-        (``BatchDecoder.check_own_prefill``), the prompts padded together where prefills are batched
-        (``together``). Where they do not, or fail, every prompt is prefilled by upstream's forward."""
-        started = time.perf_counter()
         admissions = [
             Admission(i if together else 0, p.inputs, True, self._sampling(r), p.tokens)
             for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
@@ -587,27 +578,6 @@ class HiggsEngine:
                 "prompts are prefilled by upstream's forward, which is slower",
                 self.device,
                 self._decoder.dtype,
-                seen,
-            )
-
-    def _check_step_attention(self, prompts: list[Prompt], requests: list[GenerationRequest]) -> None:
-        """Whether a decoding step's attention by each row's length answers as the masked one on this device
-        (``BatchDecoder.check_step_attention``: two prompts of other lengths in two slots, or one where
-        there is one slot); where it does not, or fails, steps attend masked, and the log says so."""
-        if self._decoder.step_attention != "lengths":
-            return
-        admissions = [
-            Admission(slot, p.inputs, True, self._sampling(r), p.tokens)
-            for slot, (p, r) in enumerate(zip(prompts[: self.slots], requests, strict=False))
-        ]
-        agree, seen = self._decoder.check_step_attention(admissions)
-        if agree:
-            log.info("decoding steps attend by each row's length (%s as masked attention)", seen)
-        else:
-            log.warning(
-                "attention by each row's length does not answer as masked attention on %s (%s): decoding "
-                "steps attend masked, which is slower",
-                self.device,
                 seen,
             )
 

@@ -22,10 +22,9 @@ that many slots is filled with sampled audio requests (temperature 0.7, top-p 0.
   explain is the engine's own overhead.
 
 ``--baseline FILE`` (e.g. ``git show HEAD~1:decoder.py > /tmp/old.py``) measures another ``decoder.py`` in the
-same run for a before/after ratio; ``--masked`` the same decoder with masked attention (on CUDA a step attends
-by each row's length: ``BatchDecoder.step_attention``). ``--profile`` also prints, per row count, where an
-eager step's time goes (PyTorch's profiler; the GPU's kernels on CUDA, the operators' own CPU time otherwise):
-what a graphed step replays, broken down.
+same run for a before/after ratio. ``--profile`` also prints, per row count, where an eager step's time goes
+(PyTorch's profiler; the GPU's kernels on CUDA, the operators' own CPU time otherwise): what a graphed step
+replays, broken down.
 """
 
 from __future__ import annotations
@@ -93,7 +92,7 @@ def _operators(decoder) -> tuple[int, int, int, int]:
     return Count.total, Count.forward, Count.computing, Count.forward_computing
 
 
-def _decoder(module, engine, inputs, rows: int, length: int, attention: str | None):
+def _decoder(module, engine, inputs, rows: int, length: int):
     decoder = module.BatchDecoder(
         engine.higgs.model,
         slots=rows,
@@ -104,8 +103,6 @@ def _decoder(module, engine, inputs, rows: int, length: int, attention: str | No
         graphs=engine.device == "cuda",
         length_buckets=[length],
     )
-    if attention is not None:
-        decoder.step_attention = attention
     for slot in range(rows):
         sampling = module.Sampling(temperature=0.7, top_p=0.95, top_k=50, ras_window=7, seed=slot)
         decoder.prefill(slot=slot, inputs=inputs, audio_output=True, sampling=sampling)
@@ -173,9 +170,6 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--profile", action="store_true", help="where an eager step's time goes")
-    parser.add_argument(
-        "--masked", action="store_true", help="also the step with masked attention (CUDA's is by lengths)"
-    )
     args = parser.parse_args()
 
     with workspace() as tmp:
@@ -203,18 +197,16 @@ def main() -> None:
         turns = [Turn("system", "Generate audio."), Turn("user", "Many rows, one step.")]
         request = GenerationRequest(turns, True, args.steps, 0.7, 0.95, 50, seed=0)
         inputs = engine._prepare(request).inputs
-        contenders = {"new": (decoder, None)}
-        if args.masked:
-            contenders["mask"] = (decoder, "mask")
+        contenders = {"new": decoder}
         if args.baseline:
-            contenders = {"old": (_load(args.baseline, "decoder_baseline"), None), **contenders}
+            contenders = {"old": _load(args.baseline, "decoder_baseline"), **contenders}
         layers = len(engine.higgs.model.layers)
         print(f"{args.device} {args.dtype}, {layers} layers; {args.steps} steps after {args.warmup}, medians")
         alone_one_row = None
         for rows, length in [(r, n) for n in args.lengths for r in args.rows]:
             results = {}
-            for name, (module, attention) in contenders.items():
-                made = _decoder(module, engine, inputs, rows, length, attention)
+            for name, module in contenders.items():
+                made = _decoder(module, engine, inputs, rows, length)
                 operators, forward, computing, forward_computing = _operators(made)
                 results[name] = (operators, _step_time(made, args.steps, args.warmup), computing)
                 print(
