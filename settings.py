@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     served_model_name: str = "higgs-audio-v2"
     """Model id reported by /v1/models. OpenAI's own model names are accepted as aliases of it."""
 
-    kv_cache_lengths: list[int] = [1024, 4096, 8192]
+    kv_cache_lengths: list[int] = [512, 1024, 4096, 8192]
     """Attention lengths (tokens) a decoding step is bucketed to; the largest bounds prompt plus output and
     is what every slot holds."""
 

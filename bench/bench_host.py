@@ -19,10 +19,11 @@ device work replaced by waits that hold no lock, as a GPU's do:
   prefilled in one pass on the prefill thread while the running streams step on, as on CUDA.
 
 The clients run in a separate process (as real clients would), each streaming ``/v1/audio/speech`` as raw
-PCM (``--seconds`` of audio each). Printed, for 1 and for ``--listeners`` at once: audio seconds per second
-of all streams together, first audio (median and 95th percentile), each stream's real-time factor (its
-time from sending to its last byte over its audio's length), and the
-ceiling the simulated GPU allows (rows / (step x 25 frames a second)) with the ratio to it; then the
+PCM (``--seconds`` of audio each). Printed, for 1 and for ``--listeners`` at once (each client sending
+``--rounds`` requests one after another: a closed loop, as ``bench/load.py``'s clients are): audio seconds
+per second of all streams together, first audio (median and 95th percentile), each stream's real-time
+factor (its time from sending to its last byte over its audio's length), the rows a step held on average,
+the ceiling the simulated GPU allows (rows / (step x 25 frames a second)) with the ratio to it; then the
 engine's host time per step: ``launch`` and ``tokens`` (the host's work) against ``wait`` (the host idle
 for the simulated GPU). A ``wait`` near zero means the host is the limit.
 """
@@ -51,30 +52,39 @@ def main() -> None:
     parser.add_argument("--codec-ms", type=float, default=5.0, help="simulated codec call, any batch")
     parser.add_argument("--prefill-ms", type=float, default=0.0, help="added to each (real) prefill pass")
     parser.add_argument("--seconds", type=float, default=10.0, help="audio per request")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="requests each client sends one after another (a closed loop)"
+    )
     run_script(parser, run)
 
 
-def _clients(url: str, n: int, seconds: float, out) -> None:
-    """In the clients' process: ``n`` streamed speech requests at once; per request (first audio, end,
-    audio seconds) in seconds from the start."""
+def _clients(url: str, n: int, seconds: float, rounds: int, out) -> None:
+    """In the clients' process: ``n`` clients at once, each sending ``rounds`` streamed speech requests one
+    after another (the next when the previous answer's last byte is in); per request (first audio and
+    latency from its sending, end from the start, audio seconds)."""
     import httpx
 
-    async def one(client: httpx.AsyncClient, i: int, start: float) -> tuple[float, float, float]:
+    async def one(client: httpx.AsyncClient, start: float) -> tuple[float, float, float, float]:
         body = {"model": "tts-1", "input": TEXT, "voice": "default", "response_format": "pcm", "speed": 1.0}
-        first, received = None, 0
+        first, received, sent = None, 0, time.perf_counter()
         async with client.stream("POST", "/v1/audio/speech", json=body) as response:
             response.raise_for_status()
             async for chunk in response.aiter_bytes():
                 if first is None and chunk:
-                    first = time.perf_counter() - start
+                    first = time.perf_counter() - sent
                 received += len(chunk)
-        return first, time.perf_counter() - start, received / 2 / 24000
+        done = time.perf_counter()
+        return first, done - start, received / 2 / 24000, done - sent
 
-    async def all_at_once() -> list[tuple[float, float, float]]:
+    async def client_rounds(client: httpx.AsyncClient, start: float) -> list:
+        return [await one(client, start) for _ in range(rounds)]
+
+    async def all_at_once() -> list[tuple[float, float, float, float]]:
         limits = httpx.Limits(max_connections=n + 4)
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
             start = time.perf_counter()
-            return await asyncio.gather(*(one(client, i, start) for i in range(n)))
+            results = await asyncio.gather(*(client_rounds(client, start) for _ in range(n)))
+            return [r for rs in results for r in rs]
 
     try:
         out.put(asyncio.run(all_at_once()))
@@ -159,12 +169,13 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         )
         print(
             f"{'at once':>8} {'audio s/s':>10} {'ceiling':>8} {'ratio':>6} {'first p50':>10} "
-            f"{'first p95':>10} {'RTF p50':>8} {'RTF max':>8}   host per step: launch / tokens / wait (ms)"
+            f"{'first p95':>10} {'RTF p50':>8} {'RTF max':>8} {'rows':>5}   host per step: launch / tokens / "
+            "wait (ms)"
         )
         for n in sorted({1, args.listeners}):
             out = context.Queue()
-            before = engine.work()
-            clients = context.Process(target=_clients, args=(url, n, args.seconds, out))
+            before, steps_before = engine.work(), engine.steps
+            clients = context.Process(target=_clients, args=(url, n, args.seconds, args.rounds, out))
             clients.start()
             results = out.get()
             clients.join()
@@ -174,7 +185,8 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             firsts = sorted(r[0] for r in results)
             wall = max(r[1] for r in results)
             audio = sum(r[2] for r in results)
-            rtf = sorted(r[1] / r[2] for r in results)
+            rtf = sorted(r[3] / r[2] for r in results)
+            rows = (engine.steps - steps_before) / max(after.steps - before.steps, 1)
             ceiling = min(n, engine.slots) / (args.step_ms / 1e3 * FRAME_RATE)
             done = max(after.steps - before.steps, 1)
             per = {k: (after.scheduler[k] - before.scheduler[k]) / done * 1e3 for k in after.scheduler}
@@ -182,7 +194,8 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             print(
                 f"{n:>8} {audio / wall:>10.1f} {ceiling:>8.1f} {audio / wall / ceiling:>6.2f} "
                 f"{statistics.median(firsts):>9.3f}s {p95:>9.3f}s {statistics.median(rtf):>8.3f} "
-                f"{rtf[-1]:>8.3f}   {per['launch']:.3f} / {per['tokens']:.3f} / {per['wait']:.3f}"
+                f"{rtf[-1]:>8.3f} {rows:>5.1f}   "
+                f"{per['launch']:.3f} / {per['tokens']:.3f} / {per['wait']:.3f}"
             )
     print(conditions(time.monotonic() - started, load_before))
 
