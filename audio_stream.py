@@ -68,6 +68,11 @@ class End:
     stream: AudioStream
     result: GenerationResult
 
+    @property
+    def frames(self) -> int:
+        """Frames its last piece decodes (``AudioStream.final``), 0 when none is left."""
+        return self.stream.final_frames
+
 
 @dataclass(eq=False)
 class Encode:
@@ -81,37 +86,59 @@ class Encode:
 
 CodecWork = Decode | End | Encode
 
+ENDS_FIRST = 0.5
+"""The codec serves the streams whose tokens have ended before the others while every other listener has
+this many seconds of audio in hand (``next_codec_work``). A finished stream's last pieces are what its
+client still waits for (all of them, for an answer that is not streamed), and a listener far ahead of its
+playback loses nothing by waiting a few calls; by the listener who runs out first alone, a stream that had
+seconds in hand kept its last pieces waiting behind every newer stream's."""
+
 
 def is_first(item: CodecWork) -> bool:
     """A stream's first piece (a listener waits for sound; on a CPU the decoding loop waits too)."""
     return isinstance(item, Decode) and item.piece.first
 
 
-def next_codec_work(pending: list[CodecWork], max_frames: int | None = None) -> list[CodecWork]:
+def next_codec_work(
+    pending: list[CodecWork], max_frames: int | None = None, ends_first: float | None = ENDS_FIRST
+) -> list[CodecWork]:
     """What to do next: the first piece of a stream that has sent nothing (a listener is waiting for
     sound; on a CPU the decoding loop too), else a reference to encode (a request waits for it before it
-    can be queued), else the next item of the stream whose listener runs out of audio first (the oldest
-    item first would serve the streams that started earlier, with seconds in hand, while one that
-    joined later falls silent); a piece goes together with the other streams' next pieces of the same
-    length, as many as make ``max_frames`` frames at most (all of them when None)."""
+    can be queued), else the next item of a stream whose tokens have ended, while every other listener
+    has at least ``ends_first`` seconds of audio in hand (None: never), else the next item of the stream
+    whose listener runs out of audio first (the oldest item first would serve the streams that started
+    earlier, with seconds in hand, while one that joined later falls silent); a piece goes together with
+    the other streams' next pieces of the same length, as many as make ``max_frames`` frames at most (all
+    of them when None)."""
     heads: dict[int, CodecWork] = {}  # each stream's oldest item: a stream's pieces are joined in order
     for item in pending:  # a reference to encode is a line of its own
         heads.setdefault(id(item if isinstance(item, Encode) else item.stream), item)
     firsts = [item for item in heads.values() if is_first(item)]
     encodes = [item for item in pending if isinstance(item, Encode)]
+    ended = {id(item.stream) for item in pending if isinstance(item, End)}
+    ending = [item for key, item in heads.items() if key in ended]
+    now = time.monotonic()
     if firsts or encodes:
         chosen = firsts[0] if firsts else encodes[0]
+    elif (
+        ending
+        and ends_first is not None
+        and all(item.stream.runs_out - now >= ends_first for key, item in heads.items() if key not in ended)
+    ):
+        chosen = min(ending, key=lambda item: item.stream.runs_out)
     else:  # (min keeps the oldest of equals)
         chosen = min(heads.values(), key=lambda item: item.stream.runs_out)
-    if not isinstance(chosen, Decode):
+    if isinstance(chosen, Encode):
         return [chosen]
+    # Streams' pieces of one length go together, and so do ends whose last pieces have one length: streams
+    # that started together end together, and their ends one call each kept the last client waiting.
     length = chosen.frames
-    same = [i for i in heads.values() if isinstance(i, Decode) and i.frames == length]
+    same = [i for i in heads.values() if type(i) is type(chosen) and i.frames == length]
     same.sort(key=lambda item: item.stream.runs_out)
     work = [chosen, *(i for i in same if i is not chosen)]
     # A row decoded in a batch differs from the piece decoded alone by float32 rounding (up to 1.6e-7: the
     # convolutions choose their arithmetic by batch size), at most a step of 16-bit PCM in a sample.
-    return work if max_frames is None else work[: max(1, max_frames // length)]
+    return work if max_frames is None or length == 0 else work[: max(1, max_frames // length)]
 
 
 class AudioStream:
@@ -186,6 +213,12 @@ class AudioStream:
         frames = self.settings.first_chunk_frames
         self.to_codec(Decode(self, self.cut(frames, frames + self.settings.context_frames)))
         self.first_cut()
+
+    @property
+    def final_frames(self) -> int:
+        """Frames the last piece decodes, its context included (``final``), 0 when none is left."""
+        final = self.frames
+        return final - max(0, self.sent - self.settings.context_frames) if final > self.sent else 0
 
     def final(self) -> Piece | None:
         """The last piece (everything not yet cut), or None."""

@@ -1054,7 +1054,7 @@ class HiggsEngine:
             return
         try:
             if isinstance(live[0], End):
-                live[0].stream.job.context.run(self._end_stream, live[0].stream, live[0].result)
+                self._end_streams(live)
                 return
             audio = self._guarded(self._pieces.decode, torch.stack([item.piece.codes for item in live]))
         except BaseException as exc:
@@ -1078,15 +1078,28 @@ class HiggsEngine:
         stream.job.emit(exc)
         self._hold_ends(stream.job, 0.0)  # no next piece follows a failed one
 
-    def _end_stream(self, stream: AudioStream, result: GenerationResult) -> None:
-        last = stream.final()
-        if last is not None:
-            samples = self._guarded(self._pieces.decode, last.codes[None])[0, 0]
-            stream.job.emit(stream.join(last, samples))
-        seconds = time.monotonic() - stream.job.started  # to the last audio, the codec's backlog included
-        audio_seconds = stream.frames / self.frame_rate
-        result = replace(result, seconds=seconds, audio_seconds=audio_seconds, codes=stream.codes())
-        self._finish(stream.job, result)
+    def _end_streams(self, ends: list[End]) -> None:
+        """Send the ended streams' last pieces (of one length: ``next_codec_work``), decoded in one call,
+        then their results. A failed decode fails them all (``_codec_run``), as a batch of pieces does."""
+        lasts = [end.stream.final() for end in ends]
+        pieces = [last for last in lasts if last is not None]
+        if pieces:
+            audio = iter(self._guarded(self._pieces.decode, torch.stack([last.codes for last in pieces])))
+        for end, last in zip(ends, lasts, strict=True):
+            stream = end.stream
+            try:
+                if last is not None:
+                    stream.job.emit(stream.join(last, next(audio)[0]))
+                seconds = time.monotonic() - stream.job.started  # to the last audio, the codec's backlog too
+                audio_seconds = stream.frames / self.frame_rate
+                result = replace(
+                    end.result, seconds=seconds, audio_seconds=audio_seconds, codes=stream.codes()
+                )
+                stream.job.context.run(self._finish, stream.job, result)
+            except BaseException as exc:  # this stream's alone (its slot is free already, no result follows)
+                stream.job.context.run(log.exception, "ending the stream failed")
+                self._fail_stream(stream, exc)
+                self._let_go(stream.job)
 
     # ---- start-up ------------------------------------------------------------------------------------------
 

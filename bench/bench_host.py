@@ -43,6 +43,25 @@ from _common import FRAME_RATE, conditions, run_script, serve, service_settings,
 TEXT = "Many listeners, one model: every stream should start soon and keep up."
 
 
+def _ends_as_any_other(pending: list) -> list:
+    """The codec's order before finished streams went first: by the listener who runs out first, and
+    each stream's end in a call of its own."""
+    from audio_stream import End, next_codec_work
+
+    work = next_codec_work(pending, None, ends_first=None)
+    return work if not isinstance(work[0], End) else work[:1]
+
+
+def _as_it_is(pending: list) -> list:
+    """The codec's order (on CUDA: no cap on a batch's frames)."""
+    from audio_stream import next_codec_work
+
+    return next_codec_work(pending, None)
+
+
+ORDERS = {"ends as any other item": _ends_as_any_other, "ends first and together": _as_it_is}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,6 +73,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="audio per request")
     parser.add_argument(
         "--rounds", type=int, default=1, help="requests each client sends one after another (a closed loop)"
+    )
+    parser.add_argument(
+        "--compare-ends",
+        action="store_true",
+        help="the codec's order for finished streams both ways (ends first and together, or as any other "
+        "item), alternated twice, at --listeners",
     )
     run_script(parser, run)
 
@@ -97,8 +122,6 @@ def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) ->
     import numpy as np
     import torch
 
-    from audio_stream import next_codec_work
-
     decoder = engine._decoder
     codes = torch.full((decoder.slots, 1 + engine.num_codebooks), 7, dtype=torch.long)
     codes[:, 0] = engine.higgs.config.audio_out_token_idx
@@ -135,7 +158,7 @@ def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) ->
     decoder.launch = launch
     decoder.fill = with_delay(decoder.fill)
     engine._pieces.decode = decode
-    engine._next_codec_work = lambda pending: next_codec_work(pending, None)
+    engine._next_codec_work = _as_it_is
     engine.lookahead = True
     engine.prefill_beside_steps = True
     engine.prefill_in_one_pass = True
@@ -172,7 +195,14 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             f"{'first p95':>10} {'RTF p50':>8} {'RTF max':>8} {'rows':>5}   host per step: launch / tokens / "
             "wait (ms)"
         )
-        for n in sorted({1, args.listeners}):
+        runs = [(n, "") for n in sorted({1, args.listeners})]
+        if args.compare_ends:  # the codec's order for finished streams, both ways, alternated
+            runs = [(args.listeners, label) for _ in range(2) for label in ORDERS]
+        got: dict[str, list[float]] = {label: [] for label in ORDERS}
+        for n, label in runs:
+            if label:
+                engine._next_codec_work = ORDERS[label]
+                print(label)
             out = context.Queue()
             before, steps_before = engine.work(), engine.steps
             clients = context.Process(target=_clients, args=(url, n, args.seconds, args.rounds, out))
@@ -197,6 +227,11 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
                 f"{rtf[-1]:>8.3f} {rows:>5.1f}   "
                 f"{per['launch']:.3f} / {per['tokens']:.3f} / {per['wait']:.3f}"
             )
+            if label:
+                got[label].append(audio / wall)
+        if args.compare_ends:
+            old, new = (statistics.mean(got[label]) for label in ORDERS)
+            print(f"audio s per s, ends first and together / as any other item: {new / old:.2f}x")
     print(conditions(time.monotonic() - started, load_before))
 
 

@@ -266,13 +266,13 @@ def test_a_finished_request_counts_until_its_last_audio_is_decoded(engine, clien
     (seconds behind on a CPU under load): until the result goes out it counts against the bound, the queue
     gauge shows it, and Retry-After's measure of a request's time includes the wait."""
     gate = threading.Event()
-    real_end = engine._end_stream
+    real_end = engine._end_streams
 
-    def slow_end(stream, result):
+    def slow_end(ends):
         gate.wait(30)
-        real_end(stream, result)
+        real_end(ends)
 
-    monkeypatch.setattr(engine, "_end_stream", slow_end)
+    monkeypatch.setattr(engine, "_end_streams", slow_end)
     monkeypatch.setattr(engine, "_job_seconds", 0.0)
     released = threading.Event()
     at_each_release(engine, monkeypatch, lambda: released.set() or 0)
@@ -625,6 +625,103 @@ def test_the_codec_serves_the_listener_who_runs_out_first(engine, monkeypatch):
     same = [item(now + t, 20) for t in (2.0, 0.5, 1.0)]
     work = engine._next_codec_work(same)
     assert work[0] is same[1] and [w.stream.runs_out for w in work] == sorted(w.stream.runs_out for w in work)
+
+
+def test_the_codec_ends_finished_streams_first_while_the_listeners_have_audio_in_hand(engine):
+    """A stream whose tokens have ended (its end item is queued) has its last pieces decoded before the
+    others' while every other listener has ``ENDS_FIRST`` seconds of audio in hand: its client waits for
+    them (for the whole answer, when it is not streamed), and a listener that far ahead loses nothing. A
+    listener about to run out still goes first. Ends whose last pieces have one length go in one call."""
+    from types import SimpleNamespace
+
+    now = time.monotonic()
+    margin = audio_stream.ENDS_FIRST
+    result = generation.GenerationResult("", None, "stop", 1, 0, 1, 1, 1.0)
+
+    def stream(runs_out: float, final_frames: int = 12):
+        return SimpleNamespace(runs_out=runs_out, final_frames=final_frames)
+
+    def piece(owner, frames: int = 20):
+        return audio_stream.Decode(
+            owner, audio_stream.Piece(torch.zeros((8, frames), dtype=torch.long), 0, 0, False)
+        )
+
+    done, ahead, other = stream(now + 5.0), stream(now + margin + 1.0), stream(now + margin + 2.0)
+    last, end = piece(done, 16), audio_stream.End(done, result)
+    assert engine._next_codec_work([piece(ahead), piece(other), last, end]) == [last]
+    assert engine._next_codec_work([piece(ahead), piece(other), end]) == [end]
+    assert audio_stream.next_codec_work([piece(ahead), last, end], ends_first=None)[0].stream is ahead
+    needy = piece(stream(now + margin / 2))  # about to run out: first, as before
+    assert engine._next_codec_work([piece(ahead), needy, last, end]) == [needy]
+    # Ends together: those whose last pieces have the same length in one call, others apart.
+    ends = [
+        audio_stream.End(stream(now + t, frames), result) for t, frames in ((2.0, 12), (1.0, 12), (3.0, 9))
+    ]
+    assert engine._next_codec_work(ends) == [ends[1], ends[0]]
+    assert engine._next_codec_work([ends[2]]) == [ends[2]]
+    nothing_left = [audio_stream.End(stream(now + t, 0), result) for t in (1.0, 2.0)]
+    assert audio_stream.next_codec_work(nothing_left, max_frames=8) == nothing_left
+
+
+def test_streams_that_end_together_have_their_ends_decoded_in_one_call(client, engine, monkeypatch):
+    """A burst of requests of one length ends at one step; their last pieces are decoded in one codec call
+    (one call each kept the last of them waiting), and each answer is the one it gets alone."""
+    bodies = [chat(seed=60 + i, max_tokens=30, text="The same length for all.") for i in range(3)]
+    alone = [answer(post(client, body)) for body in bodies]
+    ends: list[int] = []
+    real_run, real_admissible = engine._codec_run, engine._admissible
+
+    def codec_run(work):
+        if isinstance(work[0], audio_stream.End):
+            ends.append(len(work))
+        real_run(work)
+
+    def admissible():  # (under the engine's lock) nothing is admitted until all of them wait: one burst
+        return real_admissible() if ends or len(engine._waiting) == len(bodies) else []
+
+    monkeypatch.setattr(engine, "_codec_run", codec_run)
+    monkeypatch.setattr(engine, "_admissible", admissible)
+    assert [answer(r) for r in together(client, bodies)] == alone
+    assert ends == [3], ends
+    monkeypatch.undo()
+    assert_idle(client, engine)
+
+
+def test_a_fault_in_one_of_the_ends_decoded_together_fails_only_its_request(
+    client, engine, monkeypatch, lenient
+):
+    """Ends decoded in one call are sent one by one: a fault in sending one of them (the first) fails its
+    request alone, and the others get their answers."""
+    bodies = [chat(seed=70 + i, max_tokens=30, text="The same length for all.") for i in range(3)]
+    alone = [answer(post(client, body)) for body in bodies]
+    real_join, real_admissible, real_end = (
+        audio_stream.AudioStream.join,
+        engine._admissible,
+        engine._end_streams,
+    )
+    ended: list[int] = []
+
+    def join(self, piece, decoded):
+        if ended and self.job.request.seed == 71:  # its last piece, decoded with the others' in one call
+            raise RuntimeError("injected fault in a last piece")
+        return real_join(self, piece, decoded)
+
+    def admissible():
+        return real_admissible() if ended or len(engine._waiting) == len(bodies) else []
+
+    def end_streams(items):
+        ended.append(len(items))
+        real_end(sorted(items, key=lambda end: end.stream.job.request.seed != 71))  # the faulty one first
+
+    monkeypatch.setattr(audio_stream.AudioStream, "join", join)
+    monkeypatch.setattr(engine, "_admissible", admissible)
+    monkeypatch.setattr(engine, "_end_streams", end_streams)
+    results = together(lenient, bodies)
+    assert ended == [3]
+    assert results[1].status_code == 500
+    assert [answer(results[i]) for i in (0, 2)] == [alone[0], alone[2]]
+    monkeypatch.undo()
+    assert_idle(client, engine)
 
 
 def test_a_stream_s_deadline_is_its_first_audio_plus_the_audio_sent(engine):
