@@ -36,7 +36,17 @@ import numpy as np
 import torch
 
 from audio import Audio
-from audio_stream import AudioStream, CodecWork, Decode, Encode, End, Layout, is_first, next_codec_work
+from audio_stream import (
+    AudioStream,
+    CodecWork,
+    Decode,
+    Encode,
+    End,
+    Layout,
+    Piece,
+    is_first,
+    next_codec_work,
+)
 from codec import PieceDecoder
 from decoder import Admission, Filled, Launched, Sampling
 from detokenize import Detokenizer
@@ -1086,20 +1096,24 @@ class HiggsEngine:
         if pieces:
             audio = iter(self._guarded(self._pieces.decode, torch.stack([last.codes for last in pieces])))
         for end, last in zip(ends, lasts, strict=True):
-            stream = end.stream
-            try:
-                if last is not None:
-                    stream.job.emit(stream.join(last, next(audio)[0]))
-                seconds = time.monotonic() - stream.job.started  # to the last audio, the codec's backlog too
-                audio_seconds = stream.frames / self.frame_rate
-                result = replace(
-                    end.result, seconds=seconds, audio_seconds=audio_seconds, codes=stream.codes()
-                )
-                stream.job.context.run(self._finish, stream.job, result)
-            except BaseException as exc:  # this stream's alone (its slot is free already, no result follows)
-                stream.job.context.run(log.exception, "ending the stream failed")
-                self._fail_stream(stream, exc)
-                self._let_go(stream.job)
+            decoded = None if last is None else next(audio)[0]
+            end.stream.job.context.run(self._end_stream, end, last, decoded)
+
+    def _end_stream(self, end: End, last: Piece | None, decoded: np.ndarray | None) -> None:
+        """Send an ended stream's last piece (``decoded``) and its result; a fault fails this request
+        alone (its slot is free already, and no result follows)."""
+        stream = end.stream
+        try:
+            if last is not None:
+                stream.job.emit(stream.join(last, decoded))
+            seconds = time.monotonic() - stream.job.started  # to the last audio, the codec's backlog included
+            audio_seconds = stream.frames / self.frame_rate
+            result = replace(end.result, seconds=seconds, audio_seconds=audio_seconds, codes=stream.codes())
+            self._finish(stream.job, result)
+        except BaseException as exc:
+            log.exception("ending the stream failed")
+            self._fail_stream(stream, exc)
+            self._let_go(stream.job)
 
     # ---- start-up ------------------------------------------------------------------------------------------
 

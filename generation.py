@@ -276,7 +276,8 @@ class EngineWork:
     stepping aside while a first piece is with the codec). On CUDA a ``wait`` near zero means the GPU waits
     for the host. ``codec`` and ``codec_calls``: the codec thread's seconds and calls by work: ``first_piece``
     and ``piece`` (``codec_pieces`` pieces in all: more than one a call is a batch of several streams'
-    pieces), ``end`` (a stream's last piece) and ``encode`` (a voice reference).
+    pieces), ``end`` (streams' last pieces: of those that end together, in one call) and ``encode`` (a voice
+    reference).
     """
 
     scheduler: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SCHEDULER_WORK, 0.0))

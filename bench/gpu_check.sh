@@ -13,8 +13,8 @@
 #   3. one decoding step alone at 1 and 16 rows, and where an eager step's time goes (bench/bench_step.py;
 #      GPU_CHECK_STEP_ARGS replaces its arguments).
 # GPU_CHECK_SKIP="cuda load prefill step" leaves out the parts named (a second call after a first that
-# measured some). On an H200 the whole script took 114 s without part 2 (2026-11-27), the first call's
-# start-up about 30 s more.
+# measured some). On an H200 (2026-11-27) parts 0-2 took 224 s with both servers, parts 0, 1 (one server)
+# and 3 229 s; the call's start-up is about 30 s more, and a fresh machine builds the model again (30-40 s).
 #
 # Prepare on this machine, once a session:
 #   grep -qx '/.gpu-bench/' .git/info/exclude 2>/dev/null || echo /.gpu-bench/ >> .git/info/exclude
