@@ -1030,18 +1030,23 @@ def test_metrics_say_where_the_engines_time_goes(client, engine):
         r.status_code == 200 for r in together(client, [chat(seed=60 + i, max_tokens=40) for i in range(3)])
     )
     settle(engine)
-    deadline = time.monotonic() + 10  # a stream's last codec call is counted just after its answer is sent
+    # A stream's last codec call is counted just after its answer is sent: read until the counters rest.
+    deadline, last = time.monotonic() + 10, None
     while True:
         after = work_counters(client)
         added = {name: value - before.get(name, 0.0) for name, value in after.items()}
-        if added['higgs_codec_calls_total{work="end"}'] >= 3 or time.monotonic() > deadline:
+        if (
+            added['higgs_codec_calls_total{work="end"}'] >= 1 and after == last
+        ) or time.monotonic() > deadline:
             break
-        time.sleep(0.01)
+        last = after
+        time.sleep(0.05)
     assert added["higgs_prefilled_requests_total"] == 3
     assert added["higgs_prefills_total"] == 3  # one request a forward pass on a CPU (``prefill_batch``)
     assert added["higgs_decode_steps_total"] == engine.batch_steps - steps_before > 0
     calls = {work: added[f'higgs_codec_calls_total{{work="{work}"}}'] for work in generation.CODEC_WORK}
-    assert 1 <= calls["first_piece"] <= 3 and calls["end"] == 3 and calls["piece"] >= 3
+    # Ends of one length share a call (the three end at one step, or near it).
+    assert 1 <= calls["first_piece"] <= 3 and 1 <= calls["end"] <= 3 and calls["piece"] >= 3
     assert calls["encode"] == 0
     # 3 first pieces (8 frames, up to 4 a call on a CPU), then later pieces (20 frames) one a call.
     assert added["higgs_codec_pieces_total"] == 3 + calls["piece"]
