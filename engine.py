@@ -741,15 +741,23 @@ class HiggsEngine:
         if self._prefill_stream is not None:  # after the steps launched so far, which may write the slots
             after = torch.cuda.Event()
             after.record()
-        self._prefilling = _Prefill(jobs, self._prefill_pool.submit(self._fill, jobs, after))
+        if self.prefill_beside_steps:
+            future = self._prefill_pool.submit(self._fill, jobs, after)
+        else:
+            # On this thread: the loop would wait for the fill anyway, and on a CPU another computing thread
+            # slows every parallel operation (GNU OpenMP's workers stop spinning when they outnumber the
+            # cores: README, "Benchmarks").
+            future = Future()
+            future.set_result(self._fill(jobs, after))
+        self._prefilling = _Prefill(jobs, future)
 
     def _fill(
         self, jobs: list[_Job], after: torch.cuda.Event | None
     ) -> tuple[list[tuple[list[_Job], Filled | BaseException]], torch.cuda.Event | None]:
-        """On the prefill thread: fill ``jobs``' slots, with ``prefill_in_one_pass`` in one forward pass,
-        their samples collated (padded on the left); when that fails, or without it, each alone, so that
-        a fault fails its own request only. Returns the groups filled, with their ``Filled`` or failure,
-        and on CUDA the event after the last kernel."""
+        """On the prefill thread (the loop's, where fills do not run beside the steps): fill ``jobs``' slots,
+        with ``prefill_in_one_pass`` in one forward pass, their samples collated (padded on the left); when
+        that fails, or without it, each alone, so that a fault fails its own request only. Returns the
+        groups filled, with their ``Filled`` or failure, and on CUDA the event after the last kernel."""
         stream = self._prefill_stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             if after is not None:
