@@ -561,9 +561,7 @@ class BatchDecoder:
         pads = [total - length for length in lengths]
         ahead = torch.tensor(pads, device=self.device)[:, None]
         positions = (self._arange[None, :total] - ahead).clamp_(min=0)
-        cos, sin = model.rotary_emb(hidden, positions)  # [rows, total, dim]
-        half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # the roll's sign (``_forward``)
+        cos, sin = self._rotation(hidden, positions)  # [rows, total, dim]
         cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
         mask = None  # causal
         if any(pads):
@@ -937,11 +935,7 @@ class BatchDecoder:
                 model.embed_tokens(self.token[:rows]),
             )
         hidden = hidden[:, None, :].to(self.dtype)
-        cos, sin = model.rotary_emb(hidden, positions[:, None])  # [rows, 1 (heads), dim]
-        # Llama's rotation is x * cos + cat(-x2, x1) * sin for the halves x1, x2 of x; with the sign moved
-        # onto sin, once per step, cat(-x2, x1) becomes a roll (a negation is exact: the same numbers).
-        half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        cos, sin = self._rotation(hidden, positions[:, None])  # [rows, 1 (heads), dim]
         # An additive mask in the model's dtype, made once per step: given as booleans, attention would
         # turn them into this in every layer.
         mask = torch.full((rows, 1, 1, length), float("-inf"), device=self.device, dtype=self.dtype)
@@ -981,6 +975,14 @@ class BatchDecoder:
         )
         text_logits = None if mode == "audio" else self.text_head(hidden).float()
         return audio_logits, text_logits
+
+    def _rotation(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embedding's cosines and sines at ``positions``, the sign of the rotation on the sines.
+        Llama's rotation is x * cos + cat(-x2, x1) * sin for the halves x1, x2 of x; with the sign moved onto
+        sin, once per pass, cat(-x2, x1) becomes a roll (a negation is exact: the same numbers)."""
+        cos, sin = self.model.rotary_emb(hidden, positions)
+        half = sin.shape[-1] // 2
+        return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
     def _mlp(self, mlp, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The FFN of ``x``, added into ``residual`` when one is given."""
