@@ -67,6 +67,12 @@ on recent GPUs, builds a plan for every sequence length it has not seen, and pro
 on an H200 (full-size model, bfloat16) one prompt of a length not seen before took 92 ms with cuDNN allowed,
 38 ms without (``bench/bench_prefill.py``, side by side). The step graphs keep it (fixed shapes)."""
 
+BY_LENGTHS_TOLERANCE = {torch.float32: 1e-5}
+"""How far attention by each row's length may be from the masked attention (``check_attention_by_lengths``):
+the largest difference of one attention's output against its largest value, by dtype; 2e-2 for the 16-bit
+ones (their rounding is 4e-3 of a value). A kernel that reads the positions beyond a row's length, which
+the check fills with values 50 times the others, is off by about 1 (tested with such a kernel)."""
+
 OWN_PREFILL_TOLERANCE = {torch.float32: 1e-3}
 """How far the decoder's own prefill layers may be from upstream's forward at start (``check_own_prefill``):
 the largest difference of a slot's cache against its largest value, by dtype; 1e-1 for the 16-bit ones.
@@ -170,6 +176,43 @@ def _prefill_attention(device: torch.device) -> Iterator[None]:
         return
     with sdpa_kernel(list(PREFILL_ATTENTION)):
         yield
+
+
+def flash_by_lengths(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    used: torch.Tensor,
+    length: int,
+) -> torch.Tensor:
+    """FlashAttention's variable-length kernel: row ``b``'s query (``q`` [rows, heads, dim]) attends to the
+    ``used[b]`` keys and values from row ``cu_k[b]`` of ``keys`` and ``values`` ([rows, kv heads, dim], the
+    packed views of ``packed_views``), at most ``length``. Returns [rows, heads, dim]. CUDA, 16-bit only."""
+    return torch.ops.aten._flash_attention_forward(
+        q, keys, values, cu_q, cu_k, 1, length, 0.0, False, False, seqused_k=used
+    )[0]
+
+
+def packed_views(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's cache ([slots, 2, kv heads, max_len, dim], contiguous) seen as the variable-length kernel
+    reads keys and values, [rows, kv heads, dim], without a copy: a row's next row is the next position
+    (stride ``dim``), a head is ``max_len`` rows on (stride ``max_len * dim``), and slot ``s``'s position
+    ``p`` is row ``s * 2 * kv_heads * max_len + p`` (``slot_rows``), of the keys' view for its key and of
+    the values' view (``kv_heads * max_len`` rows on) for its value. The views overlap (a slot's other
+    heads, its values) but reach no further than the tensor."""
+    slots, _, heads, max_len, dim = kv.shape
+    rows = (slots - 1) * slot_rows(heads, max_len) + max_len
+    strides = (dim, max_len * dim, 1)
+    keys = kv.as_strided((rows, heads, dim), strides, kv.storage_offset())
+    values = kv.as_strided((rows, heads, dim), strides, kv.storage_offset() + heads * max_len * dim)
+    return keys, values
+
+
+def slot_rows(kv_heads: int, max_len: int) -> int:
+    """Rows of ``packed_views`` from one slot's first position to the next slot's."""
+    return 2 * kv_heads * max_len
 
 
 def _own_layers(inputs: dict, kinds: list[str]) -> bool:
@@ -328,6 +371,16 @@ class BatchDecoder:
         ]
         self.keys = [kv[:, 0] for kv in self.cache]
         self.values = [kv[:, 1] for kv in self.cache]
+        self.attend_by_lengths = False
+        """A step's attention reads each row's own keys only, with a variable-length kernel (``_varlen``,
+        FlashAttention's on CUDA) over the cache as it is (``packed_views``); off, every row reads the
+        length bucket's keys, those beyond its own masked. The engine turns it on
+        (``HIGGS_ATTENTION_BY_LENGTHS``) where ``check_attention_by_lengths`` passes; set it before graphs
+        are captured."""
+        self._varlen = flash_by_lengths
+        self._packed = [packed_views(kv) for kv in self.cache]
+        self._cu_q = torch.arange(slots + 1, device=dev, dtype=torch.int32)
+        self._cu_k = self._cu_q * slot_rows(self.kv_heads, max_len)
 
         def longs(*size: int, fill: int = 0) -> torch.Tensor:
             return torch.full(size, fill, device=dev, dtype=torch.long)
@@ -482,6 +535,52 @@ class BatchDecoder:
             return False, f"failed ({type(exc).__name__}: {exc})"
         self.own_prefill = apart <= tolerance
         return self.own_prefill, f"{apart:.1e} of the largest value apart, {tolerance:.0e} allowed"
+
+    @torch.inference_mode()
+    def check_attention_by_lengths(self) -> tuple[bool, str]:
+        """Whether ``_varlen`` attends as the masked attention does over this decoder's cache layout
+        (``packed_views``), in its dtype: on a scratch cache of 4 slots whose positions beyond each row's
+        length hold large values (a kernel that reads them, as one reading the whole bucket would, answers
+        far off), with all rows and with the first two in a shorter bucket. The largest difference against
+        the largest output must be within ``BY_LENGTHS_TOLERANCE``. Returns the verdict and what was seen;
+        a kernel that fails (not built for this GPU or dtype) fails the check."""
+        tolerance = BY_LENGTHS_TOLERANCE.get(self.dtype, 2e-2)
+        draw = torch.Generator(device=self.device).manual_seed(0)
+        slots, max_len, dim = 4, 256, self.head_dim
+
+        def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
+            values = torch.randn(size, generator=draw, device=self.device, dtype=torch.float32)
+            return (values * scale).to(self.dtype)
+
+        cache = randn(slots, 2, self.kv_heads, max_len, dim)
+        lengths = [1, 37, 200, max_len]
+        for slot, used in enumerate(lengths):
+            cache[slot, :, :, used:] = randn(2, self.kv_heads, max_len - used, dim, scale=50.0)
+        keys, values = packed_views(cache)
+        cu_q = torch.arange(slots + 1, device=self.device, dtype=torch.int32)
+        cu_k = cu_q * slot_rows(self.kv_heads, max_len)
+        queries = randn(slots, self.heads, dim)
+        apart = 0.0
+        try:
+            for rows, length in ((slots, max_len), (2, 64)):
+                used = torch.tensor([min(n, length) for n in lengths[:rows]], device=self.device)
+                got = self._varlen(
+                    queries[:rows], keys, values, cu_q[: rows + 1], cu_k[: rows + 1],
+                    used.to(torch.int32), length,
+                ).float()  # fmt: skip
+                groups = self.heads // self.kv_heads
+                q = queries[:rows].float().reshape(rows, self.kv_heads, groups, dim)
+                seen = torch.arange(length, device=self.device)[None, :] < used[:, None]
+                want = F.scaled_dot_product_attention(
+                    q,
+                    cache[:rows, 0, :, :length].float(),
+                    cache[:rows, 1, :, :length].float(),
+                    attn_mask=seen[:, None, None, :],
+                ).reshape(rows, self.heads, dim)
+                apart = max(apart, float((got - want).abs().max()) / float(want.abs().max()))
+        except Exception as exc:  # its first line: a missing kernel's message lists every dispatch key
+            return False, f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        return apart <= tolerance, f"{apart:.1e} of the largest output apart, {tolerance:.0e} allowed"
 
     def _cached(self, admission: Admission) -> list[torch.Tensor]:
         """A float32 copy of each layer's keys and values of ``admission``'s prompt in its slot."""
@@ -936,10 +1035,13 @@ class BatchDecoder:
             )
         hidden = hidden[:, None, :].to(self.dtype)
         cos, sin = self._rotation(hidden, positions[:, None])  # [rows, 1 (heads), dim]
-        # An additive mask in the model's dtype, made once per step: given as booleans, attention would
-        # turn them into this in every layer.
-        mask = torch.full((rows, 1, 1, length), float("-inf"), device=self.device, dtype=self.dtype)
-        mask.masked_fill_((self._arange[None, :length] <= positions[:, None])[:, None, None, :], 0.0)
+        if self.attend_by_lengths:  # the keys each row reads: its own (a parked row's: the bucket's)
+            mask = (positions + 1).clamp(max=length).to(torch.int32)
+        else:
+            # An additive mask in the model's dtype, made once per step: given as booleans, attention
+            # would turn them into this in every layer.
+            mask = torch.full((rows, 1, 1, length), float("-inf"), device=self.device, dtype=self.dtype)
+            mask.masked_fill_((self._arange[None, :length] <= positions[:, None])[:, None, None, :], 0.0)
         index = self._arange[:rows]
 
         for i, (layer, kind) in enumerate(zip(model.layers, self.kinds, strict=True)):
@@ -993,7 +1095,8 @@ class BatchDecoder:
         return _plus(residual, mlp.down_proj, mlp.act_fn(gate) * up)
 
     def _attention(self, i, attn, x, cos, sin, mask, index, positions, length, residual) -> torch.Tensor:
-        """The layer's attention of ``x``, added into ``residual``."""
+        """The layer's attention of ``x``, added into ``residual``. ``mask``: the additive mask of the keys
+        beyond each row's position, or with ``attend_by_lengths`` how many keys each row reads."""
         rows = x.shape[0]
         qkv = F.linear(x[:, 0], *self._qkv[i]).view(rows, self.heads + 2 * self.kv_heads, self.head_dim)
         # Queries and keys are rotated together, in place: keys and values are then side by side in
@@ -1002,11 +1105,16 @@ class BatchDecoder:
         torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, dims=-1), sin, out=qk)
         kv = qkv[:, self.heads :].view(rows, 2, self.kv_heads, self.head_dim)
         self.cache[i][index, :, :, positions] = kv
-        keys = self.keys[i][:rows, :, :length]
-        values = self.values[i][:rows, :, :length]
-        # Grouped-query attention without copying the cache: the query heads that share a key/value head
-        # become that head's "query positions".
-        groups = self.heads // self.kv_heads
-        q = qkv[:, : self.heads].reshape(rows, self.kv_heads, groups, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if self.attend_by_lengths:  # ``mask``: the keys each row reads
+            keys, values = self._packed[i]
+            cu_q, cu_k = self._cu_q[: rows + 1], self._cu_k[: rows + 1]
+            out = self._varlen(qkv[:, : self.heads], keys, values, cu_q, cu_k, mask, length)
+        else:
+            # Grouped-query attention without copying the cache: the query heads that share a key/value
+            # head become that head's "query positions".
+            groups = self.heads // self.kv_heads
+            q = qkv[:, : self.heads].reshape(rows, self.kv_heads, groups, self.head_dim)
+            keys = self.keys[i][:rows, :, :length]
+            values = self.values[i][:rows, :, :length]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return _plus(residual, attn.o_proj, out.reshape(rows, 1, self.heads * self.head_dim))

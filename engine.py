@@ -234,6 +234,7 @@ class HiggsEngine:
         cuda_graphs: bool = True,
         prefill_batch: int | None = None,
         prefill_beside_steps: bool | None = None,
+        attention_by_lengths: bool = False,
     ):
         started = time.perf_counter()
         self.device = device
@@ -255,6 +256,8 @@ class HiggsEngine:
         self._decoder = higgs.decoder(
             self.slots, self.max_context, graphs=cuda_graphs, length_buckets=sorted(kv_cache_lengths)
         )
+        if attention_by_lengths:
+            self._attend_by_lengths()
         self._check_own_prefill(together=device == "cuda" and self.slots > 1)
 
         self.streaming = streaming or StreamSettings()
@@ -547,6 +550,23 @@ class HiggsEngine:
         self._codec_queue.put(None)
         self._codec_thread.join(timeout=30)
         self._prompt_pool.shutdown(wait=True, cancel_futures=True)
+
+    def _attend_by_lengths(self) -> None:
+        """Let each step's attention read each row's own keys (``BatchDecoder.attend_by_lengths``) where its
+        kernel answers as the masked attention on this device and dtype (``check_attention_by_lengths``);
+        elsewhere (a CPU, float32: FlashAttention is CUDA's and 16-bit) the log says why it stays masked."""
+        agree, seen = self._decoder.check_attention_by_lengths()
+        self._decoder.attend_by_lengths = agree
+        if agree:
+            log.info("attention by each row's length: on (%s)", seen)
+        else:
+            log.warning(
+                "attention by each row's length (HIGGS_ATTENTION_BY_LENGTHS) is off: its kernel does not "
+                "answer as the masked attention on %s in %s (%s)",
+                self.device,
+                self._decoder.dtype,
+                seen,
+            )
 
     def _check_own_prefill(self, together: bool) -> None:
         """Whether the decoder's own prefill layers answer as upstream's forward on this device and dtype
@@ -1187,4 +1207,5 @@ def load_engine(settings: Settings) -> HiggsEngine:
         cuda_graphs=settings.cuda_graphs,
         prefill_batch=settings.prefill_batch,
         prefill_beside_steps=settings.prefill_beside_steps,
+        attention_by_lengths=settings.attention_by_lengths,
     )

@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     stepping, so that a prefill no longer stalls every listener; false: the loop waits for each prefill.
     Default: on CUDA, not on the CPU (where the two would share the cores)."""
 
+    attention_by_lengths: bool = False
+    """On CUDA with 16-bit weights: a decoding step's attention reads each request's own keys only
+    (FlashAttention's variable-length kernel over the KV cache as it is laid out) instead of all its length
+    bucket's, those beyond the request masked. Checked against the masked attention at start; where the two
+    disagree, or the kernel is missing, attention stays masked and the log says why. Off until measured on a
+    GPU (README, "Concurrency")."""
+
     cuda_graphs: bool = True
     """On CUDA, replay each decoding step (forward pass and sampling) and each streamed piece's audio decode
     as CUDA graphs, captured at start-up per rows/length bucket; a shape whose capture fails runs eagerly."""

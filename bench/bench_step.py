@@ -1,6 +1,7 @@
 """One batched decoding step, alone and inside the engine: its time and the operators (kernels) it runs.
 
 Run:  .venv/bin/python bench/bench_step.py [--rows 1 8] [--lengths 1024] [--steps 100] [--baseline OLD.py]
+                                           [--by-lengths] [--profile]
       .venv/bin/python bench/bench_step.py --model MODEL --audio-tokenizer TOKENIZER --device cuda \\
           --dtype bfloat16 --rows 1 16
 
@@ -24,7 +25,9 @@ that many slots is filled with sampled audio requests (temperature 0.7, top-p 0.
 ``--baseline FILE`` (e.g. ``git show HEAD~1:decoder.py > /tmp/old.py``) measures another ``decoder.py`` in the
 same run for a before/after ratio. ``--profile`` also prints, per row count, where an eager step's time goes
 (PyTorch's profiler; the GPU's kernels on CUDA, the operators' own CPU time otherwise): what a graphed step
-replays, broken down.
+replays, broken down. ``--by-lengths`` also measures the step with attention by each row's length
+(``HIGGS_ATTENTION_BY_LENGTHS``: each row reads its own keys, not its bucket's) side by side, after the
+start-up check that the service runs (on the CPU, and in float32, its kernel is missing: it says so).
 """
 
 from __future__ import annotations
@@ -170,6 +173,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--profile", action="store_true", help="where an eager step's time goes")
+    parser.add_argument(
+        "--by-lengths",
+        action="store_true",
+        help="also the step with attention by each row's length (HIGGS_ATTENTION_BY_LENGTHS), side by side",
+    )
     args = parser.parse_args()
 
     with workspace() as tmp:
@@ -197,16 +205,24 @@ def main() -> None:
         turns = [Turn("system", "Generate audio."), Turn("user", "Many rows, one step.")]
         request = GenerationRequest(turns, True, args.steps, 0.7, 0.95, 50, seed=0)
         inputs = engine._prepare(request).inputs
-        contenders = {"new": decoder}
+        contenders = {"new": (decoder, False)}
         if args.baseline:
-            contenders = {"old": _load(args.baseline, "decoder_baseline"), **contenders}
+            contenders = {"old": (_load(args.baseline, "decoder_baseline"), False), **contenders}
+        if args.by_lengths:
+            contenders["bylen"] = (decoder, True)
         layers = len(engine.higgs.model.layers)
         print(f"{args.device} {args.dtype}, {layers} layers; {args.steps} steps after {args.warmup}, medians")
         alone_one_row = None
         for rows, length in [(r, n) for n in args.lengths for r in args.rows]:
             results = {}
-            for name, module in contenders.items():
+            for name, (module, by_lengths) in contenders.items():
                 made = _decoder(module, engine, inputs, rows, length)
+                if by_lengths:
+                    agree, seen = made.check_attention_by_lengths()
+                    print(f"attention by each row's length: {'on' if agree else 'OFF'} ({seen})")
+                    if not agree:
+                        continue
+                    made.attend_by_lengths = True
                 operators, forward, computing, forward_computing = _operators(made)
                 results[name] = (operators, _step_time(made, args.steps, args.warmup), computing)
                 print(
@@ -218,7 +234,7 @@ def main() -> None:
                 )
                 if rows == 1 and name == "new" and alone_one_row is None:
                     alone_one_row = results[name][1]
-                if args.profile and name == "new":
+                if args.profile and name != "old":
                     _profile(made)
                 del made
             new_ops, new_time, new_computing = results["new"]

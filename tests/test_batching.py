@@ -1641,3 +1641,126 @@ def test_an_own_prefill_that_disagrees_at_start_leaves_prompts_to_upstreams_forw
     assert checked >= 1 and len(calls) == checked  # the check's calls only: the request's went to upstream
     warned = [r.getMessage() for r in caplog.records if "own prefill layers do not answer" in r.getMessage()]
     assert len(warned) == 1 and ("failed (RuntimeError" in warned[0]) == (fault == "fails"), warned
+
+
+# ---- attention by each row's length (HIGGS_ATTENTION_BY_LENGTHS) ------------------------------------------
+
+
+def varlen_reference(q, keys, values, cu_q, cu_k, used, length, *, whole_bucket: bool = False):
+    """FlashAttention's variable-length kernel written out (which the CPU lacks), addressing memory as it
+    does: row ``b``'s queries (``q`` rows ``cu_q[b]`` to ``cu_q[b + 1]``) attend to the ``used[b]`` rows of
+    ``keys`` and ``values`` from row ``cu_k[b]``, query head ``h`` to key head ``h // (heads / kv heads)``;
+    in float32. ``whole_bucket``: a faulty kernel that reads ``length`` rows whatever ``used`` says."""
+    heads, kv_heads, dim = q.shape[1], keys.shape[1], q.shape[2]
+    out = []
+    for b in range(len(cu_q) - 1):
+        n = length if whole_bucket else int(used[b])
+        assert n <= length
+        start = int(cu_k[b])
+        k = keys[start : start + n].float().repeat_interleave(heads // kv_heads, dim=1)
+        v = values[start : start + n].float().repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[int(cu_q[b]) : int(cu_q[b + 1])].float(), k) / math.sqrt(dim)
+        out.append(torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v))
+    return torch.cat(out).to(q.dtype)
+
+
+def test_the_packed_views_address_each_slots_keys_and_values(engine):
+    """The variable-length kernel reads the cache as it is laid out, through two views without a copy:
+    row ``slot_rows * s + p`` of the keys' (values') view is slot ``s``'s key (value) at position ``p``, for
+    every head, and the views stay within the cache (``as_strided`` would refuse otherwise)."""
+    small = engine.higgs.decoder(3, 64)
+    for kv in small.cache:
+        kv.copy_(torch.randn_like(kv))
+    span = decoder.slot_rows(small.kv_heads, small.max_len)
+    assert torch.equal(small._cu_k, torch.arange(4, dtype=torch.int32) * span)
+    for kv, (keys, values) in zip(small.cache, small._packed, strict=True):
+        for slot in range(3):
+            rows = slice(span * slot, span * slot + small.max_len)
+            assert torch.equal(keys[rows], kv[slot, 0].transpose(0, 1))  # [positions, heads, dim]
+            assert torch.equal(values[rows], kv[slot, 1].transpose(0, 1))
+
+
+@pytest.mark.parametrize(
+    "kernel, agrees",
+    [("written out", True), ("reads the whole bucket", False), ("FlashAttention, missing on a CPU", False)],
+)
+def test_attention_by_lengths_is_checked_against_the_masked_attention(engine, kernel, agrees):
+    """The start-up check runs the kernel over a scratch cache whose positions beyond each row's length hold
+    values 50 times the others: a kernel that attends as the masked attention passes (float32: rounding
+    apart), one that reads the whole bucket is off by far more than any rounding, a missing one fails."""
+    small = engine.higgs.decoder(2, 64)
+    if kernel == "written out":
+        small._varlen = varlen_reference
+    elif kernel == "reads the whole bucket":
+        small._varlen = lambda *args: varlen_reference(*args, whole_bucket=True)
+    agree, seen = small.check_attention_by_lengths()
+    assert agree == agrees, seen
+    if kernel == "reads the whole bucket":
+        assert float(seen.split()[0]) > 0.3, seen  # decoder.BY_LENGTHS_TOLERANCE's "off by about 1"
+    if kernel.startswith("FlashAttention"):
+        assert seen.startswith("failed (NotImplementedError"), seen
+
+
+def test_attention_by_lengths_decodes_what_the_masked_attention_does(
+    client, engine, stored_voice, monkeypatch
+):
+    """With attention by each row's length, requests decoded together (speech, a clone, text; different
+    lengths, so different keys per row) get the answers the masked attention gives them, through HTTP; the
+    kernel is the written-out one (the CPU has no FlashAttention), so this checks how the step feeds it:
+    the packed views, the slots' offsets, each row's count of keys, the output's shape. In float32 the two
+    attentions differ by rounding (about 1e-7 of the logits), far below the margins of the tokens chosen."""
+    bodies = [
+        chat(seed=21, max_tokens=30),
+        clone(seed=22, max_tokens=24, temperature=1.0, top_p=0.8),
+        chat(seed=23, max_tokens=36, voice=stored_voice, text="A stored voice, a longer prompt than most."),
+        text_chat(seed=24, max_tokens=16),
+    ]
+    masked = [answer(r) for r in together(client, bodies)]
+    calls = [0]
+
+    def kernel(*args):
+        calls[0] += 1
+        return varlen_reference(*args)
+
+    monkeypatch.setattr(engine._decoder, "_varlen", kernel)
+    monkeypatch.setattr(engine._decoder, "attend_by_lengths", True)
+    by_lengths = [answer(r) for r in together(client, bodies)]
+    monkeypatch.undo()
+    assert calls[0] > 0
+    assert by_lengths == masked
+    assert_idle(client, engine)
+
+
+@pytest.mark.parametrize("kernel", ["written out", "reads the whole bucket"])
+def test_the_attention_by_lengths_setting_turns_it_on_where_its_kernel_passes(
+    kernel, settings, monkeypatch, tmp_path, caplog
+):
+    """``HIGGS_ATTENTION_BY_LENGTHS=true``: the engine checks the kernel at start and decodes with it where it
+    passes; where it does not (here one that reads the whole bucket; on this CPU FlashAttention itself),
+    the log says so and attention stays masked. Either way the service answers."""
+    from fastapi.testclient import TestClient
+
+    from app import create_app
+
+    calls = [0]
+
+    def written_out(*args):
+        calls[0] += 1
+        return varlen_reference(*args, whole_bucket=kernel == "reads the whole bucket")
+
+    monkeypatch.setattr(decoder, "flash_by_lengths", written_out)
+    changes = {"stt_model": "", "warmup": False, "voices_dir": tmp_path, "attention_by_lengths": True}
+    app = create_app(settings.model_copy(update=changes))
+    with caplog.at_level("INFO", logger="engine"), TestClient(app) as client:
+        deadline = time.monotonic() + 300
+        while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        on = app.state.engine._decoder.attend_by_lengths
+        checked = calls[0]
+        body = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "pcm", "seed": 1}
+        speech = client.post("/v1/audio/speech", json=body)
+        assert speech.status_code == 200 and len(speech.content) > 0
+    assert on == (kernel == "written out") and checked == 2  # the check's two calls
+    assert (calls[0] > checked) == on  # the request's steps went through the kernel where it is on
+    said = [r.getMessage() for r in caplog.records if "attention by each row's length" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("attention by each row's length: on") == on, said
