@@ -160,6 +160,46 @@ async def answers(engine, batch: list) -> list:
     return [r.codes.codes.tolist() if r.codes is not None else r.text for r in results]
 
 
+def compared(a, b) -> tuple[bool, str]:
+    """Whether two answers (text, or audio codes per codebook) are the same, and how they compare."""
+    if a == b:
+        return True, "same"
+    if isinstance(b, str):
+        return False, f"differs: {a!r} / {b!r}"
+    frames = list(zip(*a, strict=True)), list(zip(*b, strict=True))
+    agree = next((k for k, (x, y) in enumerate(zip(*frames, strict=False)) if x != y), len(frames[1]))
+    return False, f"{len(frames[1])} frames, the same for {agree}, then differs"
+
+
+def by_lengths(model: str, tokenizer: str, tmp, dtype: str, batch: list, masked: list) -> bool:
+    """The engine with attention by each row's length (``HIGGS_ATTENTION_BY_LENGTHS``, graphs on): its
+    start-up check must pass (FlashAttention's variable-length kernel over the cache as laid out answers as
+    the masked attention), and the batch's answers are compared with the masked engine's (in 16 bits
+    "mostly the same": the two kernels round differently)."""
+    import torch
+
+    from engine import load_engine
+
+    settings = service_settings(
+        model, tokenizer, tmp / "voices", device="cuda", dtype=dtype, max_batch_size=8, warmup=False,
+        attention_by_lengths=True,
+    )  # fmt: skip
+    engine = load_engine(settings)
+    try:
+        on = engine._decoder.attend_by_lengths
+        print(f"attention by each row's length: {'on' if on else 'OFF (the check failed: see the log)'}")
+        if not on:
+            return False
+        got = asyncio.run(answers(engine, batch))
+    finally:
+        engine.close()
+        del engine
+        torch.cuda.empty_cache()
+    for i, (a, b) in enumerate(zip(got, masked, strict=True)):
+        print(f"request {i}, by lengths against masked: {compared(a, b)[1]}")
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)
@@ -209,18 +249,11 @@ def main() -> int:
                 if device == "cuda":
                     torch.cuda.empty_cache()
         for i, (with_graphs, eager) in enumerate(zip(seen[True], seen[False], strict=True)):
-            if isinstance(eager, str):
-                same = with_graphs == eager
-                print(f"request {i} (text): {'same' if same else f'differs: {with_graphs!r} / {eager!r}'}")
-            else:
-                columns = list(zip(*with_graphs, strict=True)), list(zip(*eager, strict=True))
-                agree = next(
-                    (k for k, (a, b) in enumerate(zip(*columns, strict=False)) if a != b), len(columns[1])
-                )
-                same = with_graphs == eager
-                print(f"request {i} (audio, {len(columns[1])} frames): "
-                      + ("same" if same else f"the same for {agree} frames, then differs"))  # fmt: skip
+            same, verdict = compared(with_graphs, eager)
+            print(f"request {i} ({'text' if isinstance(eager, str) else 'audio'}): {verdict}")
             ok &= same or dtype != "float32"
+        if device == "cuda" and dtype != "float32":
+            ok &= by_lengths(model, tokenizer, tmp, dtype, batch, seen[True])
         print("OK" if ok else "FAILED")
         return 0 if ok else 1
 

@@ -6,11 +6,12 @@
 #      4 and 16 at once (16 twice: 32 and 96 requests, the second nearer the steady state): audio seconds
 #      per second, first audio p50/p95, latency (per-stream RTF = latency over the audio's length); the
 #      server's /metrics after each (steps, the loop's time by work); then a second server with
-#      HIGGS_PREFILL_BESIDE_STEPS=false (the loop waits for each prefill), side by side (GPU_CHECK_SERVERS
-#      and GPU_CHECK_LOADS name other servers and loads);
+#      HIGGS_ATTENTION_BY_LENGTHS=true (each row's attention reads its own keys), side by side
+#      (GPU_CHECK_SERVERS and GPU_CHECK_LOADS name other servers, or another revision's, and loads);
 #   2. a prefill alone at 1, 4 and 8 prompts, and at 1 and 8 with a voice reference, with the engine's
 #      choices undone side by side, and where its time goes (bench/bench_prefill.py);
-#   3. one decoding step alone at 1 and 16 rows, and where an eager step's time goes (bench/bench_step.py;
+#   3. one decoding step alone at 1 and 16 rows, 512 and 1,024 positions, with attention masked and by
+#      each row's length side by side, and where an eager step's time goes (bench/bench_step.py;
 #      GPU_CHECK_STEP_ARGS replaces its arguments).
 # GPU_CHECK_SKIP="cuda load prefill step" leaves out the parts named (a second call after a first that
 # measured some). On an H200 (2026-11-27) parts 0-2 took 224 s with both servers, parts 0, 1 (one server)
@@ -40,13 +41,13 @@ if [ "${1:-}" = "--fetch-extra" ]; then
   exit 0
 fi
 
-OUT="${OUT:-/tmp/gpu-check}"
+OUT=$(realpath -m "${OUT:-/tmp/gpu-check}")
 mkdir -p "$OUT"
 RESULTS="$OUT/gpu_check.txt"
 : > "$RESULTS"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 if [ "${GPU_CHECK_TINY:-}" = "1" ]; then
-  PY=.venv/bin/python WORK=/tmp/gpu-check-tiny DEVICE=cpu DTYPE=float32 BUILD=(--tiny) SECONDS_OF_SPEECH=2
+  PY=$PWD/.venv/bin/python WORK=/tmp/gpu-check-tiny DEVICE=cpu DTYPE=float32 BUILD=(--tiny) SECONDS_OF_SPEECH=2
 else
   PY=python3 WORK=/tmp/full DEVICE=cuda DTYPE=bfloat16 BUILD=() SECONDS_OF_SPEECH=10
 fi
@@ -89,14 +90,20 @@ export HF_HUB_CACHE="$WORK/hf-cache"
 MODEL=(--model "$WORK/model" --audio-tokenizer "$WORK/audio_tokenizer" --device "$DEVICE" --dtype "$DTYPE")
 
 # ---- 1. the service under load ----
-serve_and_load() {  # serve_and_load LABEL "LOADS" [VAR=VALUE...]: the server with those settings, under LOADS
-  local label=$1 loads=$2 t=$SECONDS
+serve_and_load() {  # serve_and_load LABEL "LOADS" [TREE=DIR] [VAR=VALUE...]: that server under LOADS
+  local label=$1 loads=$2 t=$SECONDS tree=. from=""
   shift 2
+  if [[ ${1:-} == TREE=* ]]; then  # another revision's app.py (e.g. one unpacked into the kit by git archive)
+    tree=${1#TREE=} from=" from ${1#TREE=}"
+    shift
+  fi
+  cd "$tree" || { say "server ($label): no folder $tree"; return; }
   env -u HIGGS_API_KEY HIGGS_MODEL="$WORK/model" HIGGS_AUDIO_TOKENIZER="$WORK/audio_tokenizer" \
     HIGGS_DEVICE="$DEVICE" HIGGS_DTYPE="$DTYPE" HIGGS_STT_MODEL= HIGGS_VOICES_DIR="$WORK/voices" \
     HIGGS_HOST=127.0.0.1 HIGGS_PORT=$PORT HIGGS_MAX_AUDIO_SECONDS=$SECONDS_OF_SPEECH "$@" \
     "$PY" app.py > "$OUT/server-$label.log" 2>&1 &
   server=$!
+  cd - > /dev/null
   trap 'kill $server 2> /dev/null' EXIT
   for _ in $(seq 360); do
     curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null && break
@@ -107,8 +114,8 @@ serve_and_load() {  # serve_and_load LABEL "LOADS" [VAR=VALUE...]: the server wi
     say "server ($label) NOT READY after $((SECONDS - t)) s"
     tail -30 "$OUT/server-$label.log" | tee -a "$RESULTS"
   else
-    say "server ($label: $*) ready in $((SECONDS - t)) s"
-    grep -E "loaded |slots|captured|warm-up done|prefill" "$OUT/server-$label.log" | cut -c1-300 | tee -a "$RESULTS"
+    say "server ($label$from: $*) ready in $((SECONDS - t)) s"
+    grep -E "loaded |slots|captured|warm-up done|prefill|attention by" "$OUT/server-$label.log" | cut -c1-300 | tee -a "$RESULTS"
     say "graph captures that failed: $(grep -c "capture failed\|capture of the codec failed" "$OUT/server-$label.log")"
     text="Please read this short line out loud now"  # 40 characters; the cap makes each answer its full length
     for load in $loads; do  # at once:requests in all
@@ -124,9 +131,11 @@ serve_and_load() {  # serve_and_load LABEL "LOADS" [VAR=VALUE...]: the server wi
   kill $server 2> /dev/null
   wait $server 2> /dev/null
 }
-# GPU_CHECK_SERVERS: one server a line, "LABEL [VAR=VALUE ...]", each under GPU_CHECK_LOADS ("at once:requests")
+# GPU_CHECK_SERVERS: one server a line, "LABEL [TREE=DIR] [VAR=VALUE ...]", each under GPU_CHECK_LOADS
+# ("at once:requests"); TREE runs the app.py of DIR, e.g. an earlier revision for a side-by-side:
+#   mkdir -p .gpu-bench/old && git archive REV | tar -x -C .gpu-bench/old   (then "old TREE=.gpu-bench/old")
 SERVERS="${GPU_CHECK_SERVERS:-default
-waiting HIGGS_PREFILL_BESIDE_STEPS=false}"
+bylengths HIGGS_ATTENTION_BY_LENGTHS=true}"
 LOADS="${GPU_CHECK_LOADS:-1:2 4:8 16:32 16:96}"
 if [[ $SKIP != *load* ]]; then
   while read -r label settings; do
@@ -146,6 +155,6 @@ fi
 if [[ $SKIP != *step* ]]; then
   say "-- bench_step: 1 and 16 rows"
   # shellcheck disable=SC2086
-  run 200 "$PY" bench/bench_step.py "${MODEL[@]}" ${GPU_CHECK_STEP_ARGS:---rows 1 16 --steps 100 --profile}
+  run 200 "$PY" bench/bench_step.py "${MODEL[@]}" ${GPU_CHECK_STEP_ARGS:---rows 1 16 --lengths 512 1024 --steps 100 --by-lengths --profile}
 fi
 say "== done in $SECONDS s"

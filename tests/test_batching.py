@@ -1696,7 +1696,7 @@ def test_attention_by_lengths_is_checked_against_the_masked_attention(engine, ke
     agree, seen = small.check_attention_by_lengths()
     assert agree == agrees, seen
     if kernel == "reads the whole bucket":
-        assert float(seen.split()[0]) > 0.3, seen  # decoder.BY_LENGTHS_TOLERANCE's "off by about 1"
+        assert float(seen.split()[0]) > 10, seen  # decoder.BY_LENGTHS_TOLERANCE: 53 times the largest output
     if kernel.startswith("FlashAttention"):
         assert seen.startswith("failed (NotImplementedError"), seen
 
