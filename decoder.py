@@ -123,10 +123,14 @@ class Filled:
 
 @dataclass(frozen=True)
 class Launched:
-    """A launched step: its tokens [rows, 1 + codebooks] on the host once ``result`` returns."""
+    """A launched step: its tokens [rows, 1 + codebooks] on the host once ``result`` returns; on CUDA the
+    timing events recorded before its first kernel (``begun``) and after its copy to the host (``ready``),
+    and the step before it's ``ready`` when it was launched while that one ran (``after``, the engine's)."""
 
     tokens: torch.Tensor
     ready: torch.cuda.Event | None
+    begun: torch.cuda.Event | None = None
+    after: torch.cuda.Event | None = None
 
     def result(self) -> torch.Tensor:
         if self.ready is not None:
@@ -795,6 +799,10 @@ class BatchDecoder:
         any_text = bool(self.text_rows)
         all_text = len(self.text_rows) == len(self.busy)
         mode = "text" if all_text else ("mixed" if any_text else "audio")
+        begun = None
+        if self.device.type == "cuda":
+            begun = torch.cuda.Event(enable_timing=True)
+            begun.record()
         out = self._run(rows, length, mode)
         for slot in self.busy:
             self.lengths[slot] += 1
@@ -806,9 +814,9 @@ class BatchDecoder:
         host = self._host[self._flip][:rows]
         self._flip ^= 1  # the buffer is read before the step after next is launched
         host.copy_(out, non_blocking=True)
-        ready = torch.cuda.Event()
+        ready = torch.cuda.Event(enable_timing=True)
         ready.record()
-        return Launched(host, ready)
+        return Launched(host, ready, begun)
 
     def _device_step(self, rows: int, length: int, mode: str, filters: tuple[bool, bool, int]):
         """Everything of a step on the device, with static shapes and no host read (so that it can be a

@@ -858,6 +858,11 @@ class HiggsEngine:
             return
         finally:
             self._work.scheduler["launch"] += time.perf_counter() - started
+        previous = self._in_flight
+        if previous is not None and any(self._running.get(slot) is job for slot, job in previous[1].items()):
+            # Launched while that one ran, in a run of steps (after an idle spell the step in flight is an
+            # old one, whose requests all left: the GPU's wait since is not the host's lateness).
+            launched = replace(launched, after=previous[0].ready)
         step = (launched, dict(self._running))
         if self.lookahead:
             step, self._in_flight = self._in_flight, step
@@ -876,6 +881,7 @@ class HiggsEngine:
         finally:
             spent["wait"] += (taken := time.perf_counter()) - started
         self._work.steps += 1
+        self._time_on_gpu(launched)
         for slot, job in jobs.items():
             if self._running.get(slot) is job and not job.cancel.is_set():
                 self.steps += 1
@@ -888,6 +894,16 @@ class HiggsEngine:
             while self._rates and now - self._rates[0][0] > 10.0:
                 self._rates.popleft()
         spent["tokens"] += time.perf_counter() - taken
+
+    def _time_on_gpu(self, step: Launched) -> None:
+        """Count a taken step's time on the GPU and, when it was launched while the step before it ran, the
+        GPU's wait between the two (``EngineWork.step_gpu``; CUDA's timing events, done by now)."""
+        if step.begun is None or step.ready is None:
+            return
+        gpu = self._work.step_gpu
+        gpu["step"] += step.begun.elapsed_time(step.ready) / 1e3
+        if step.after is not None:
+            gpu["between"] += max(0.0, step.after.elapsed_time(step.begun) / 1e3)
 
     def _cut_first_pieces(self) -> None:
         """Queue the first pieces that are due. They may wait ``first_piece_wait`` steps while another

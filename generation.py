@@ -261,6 +261,7 @@ class EngineStats:
 
 SCHEDULER_WORK = ("prefill", "launch", "wait", "tokens", "paused")
 CODEC_WORK = ("first_piece", "piece", "end", "encode")
+STEP_GPU = ("step", "between")
 
 
 @dataclass
@@ -277,7 +278,11 @@ class EngineWork:
     for the host. ``codec`` and ``codec_calls``: the codec thread's seconds and calls by work: ``first_piece``
     and ``piece`` (``codec_pieces`` pieces in all: more than one a call is a batch of several streams'
     pieces), ``end`` (streams' last pieces: of those that end together, in one call) and ``encode`` (a voice
-    reference).
+    reference). ``step_gpu`` (CUDA, from events around each step on the GPU's own clock): ``step``, the
+    seconds from a step's first kernel starting to its last ending (its own work, slowed by whatever else
+    runs on the GPU meanwhile: the codec, fills), and ``between``, from a step's end to the start of the
+    next when that one was launched before the step ended (the loop's lookahead): the GPU waiting for the
+    host, or for a fill the next step must follow.
     """
 
     scheduler: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SCHEDULER_WORK, 0.0))
@@ -287,3 +292,4 @@ class EngineWork:
     codec: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CODEC_WORK, 0.0))
     codec_calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CODEC_WORK, 0))
     codec_pieces: int = 0
+    step_gpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STEP_GPU, 0.0))

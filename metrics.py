@@ -129,6 +129,11 @@ class _WorkCollector(Collector):
             ("higgs_scheduler_seconds", "Seconds the decoding loop spent, by work", work.scheduler),
             ("higgs_codec_seconds", "Seconds the audio codec's thread spent, by work", work.codec),
             ("higgs_codec_calls", "Calls of the audio codec, by work", work.codec_calls),
+            (
+                "higgs_step_gpu_seconds",
+                "CUDA: seconds the GPU ran decoding steps (step), and waited between two in a row (between)",
+                work.step_gpu,
+            ),
         ]
         for name, documentation, values in by_work:
             family = CounterMetricFamily(name, documentation, labels=["work"])

@@ -12,8 +12,12 @@ decoder's own prefill against upstream's forward (``own_prefill``); then the sam
 through each engine: 4 seeded audio requests at once (one of them greedy) and a text request beside
 them. Their answers are compared: in float32 a graph replays the kernels that the eager step runs, so
 the tokens should be the same; in bfloat16 they should mostly be (a graph's cuBLAS may choose other
-kernels). Exits non-zero when a capture failed, when a slot filled beside steps differs, or when
-float32 answers or prefills differ.
+kernels). Each engine's steps must have been timed on the GPU (``EngineWork.step_gpu``, from their CUDA
+events: counted, and no more per step than the loop's time). In 16 bits a third engine runs with attention
+by each row's length (``HIGGS_ATTENTION_BY_LENGTHS``): its start-up check must pass, and its answers are
+compared with the masked engine's. Exits non-zero when a capture failed, when a slot filled beside steps
+differs, when float32 answers or prefills differ, when steps went untimed, or when attention by lengths
+failed its check.
 """
 
 from __future__ import annotations
@@ -160,6 +164,17 @@ async def answers(engine, batch: list) -> list:
     return [r.codes.codes.tolist() if r.codes is not None else r.text for r in results]
 
 
+def step_gpu(work) -> bool:
+    """The steps' GPU time from their timing events (``EngineWork.step_gpu``): counted, and no more per
+    step than the loop's own time per step (the events are on the GPU's clock, the loop's on the host's)."""
+    steps = max(work.steps, 1)
+    gpu, between = work.step_gpu["step"] / steps, work.step_gpu["between"] / steps
+    loop = sum(work.scheduler[k] for k in ("launch", "wait", "tokens")) / steps
+    print(f"GPU per step: {gpu * 1e3:.3f} ms running, {between * 1e3:.3f} ms waiting between steps; "
+          f"the loop {loop * 1e3:.3f} ms per step")  # fmt: skip
+    return 0 < gpu <= 1.5 * loop
+
+
 def compared(a, b) -> tuple[bool, str]:
     """Whether two answers (text, or audio codes per codebook) are the same, and how they compare."""
     if a == b:
@@ -243,6 +258,8 @@ def main() -> int:
                 seen[graphs] = asyncio.run(answers(engine, batch))
                 print(f"{'graphs' if graphs else 'eager '}: {len(batch)} requests at once in "
                       f"{time.perf_counter() - started:.2f} s")  # fmt: skip
+                if device == "cuda":
+                    ok &= step_gpu(engine.work())
             finally:
                 engine.close()
                 del engine

@@ -123,7 +123,7 @@ serve_and_load() {  # serve_and_load LABEL "LOADS" [TREE=DIR] [VAR=VALUE...]: th
       say "-- ($label) $n at once, $total requests of ${SECONDS_OF_SPEECH} s speech (pcm, streamed)"
       run 150 "$PY" bench/load.py --base-url "http://127.0.0.1:$PORT" --concurrency $n --requests $total \
         --mix speech --text "$text" --timeout 120 --max-seconds 120
-      curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^higgs_(decode_steps_total|scheduler_seconds_total|prefill|codec_seconds_total|batch_slots)" \
+      curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^higgs_(decode_steps_total|scheduler_seconds_total|prefill|codec_(seconds|calls|pieces)_total|step_gpu|batch_slots)" \
         | tee -a "$RESULTS"
     done
     grep -E "ERROR|CRITICAL|Traceback" "$OUT/server-$label.log" | head -5 | tee -a "$RESULTS"

@@ -1016,7 +1016,8 @@ def work_counters(client) -> dict[str, float]:
     """The engine's work counters on /metrics, by name with labels."""
     found = {}
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith(("higgs_scheduler_", "higgs_codec_", "higgs_prefill", "higgs_decode_steps_total")):
+        kinds = ("scheduler_", "codec_", "prefill", "decode_steps_total", "step_gpu_")
+        if line.startswith(tuple(f"higgs_{kind}" for kind in kinds)):
             name, value = line.rsplit(" ", 1)
             found[name] = float(value)
     return found
@@ -1060,6 +1061,51 @@ def test_metrics_say_where_the_engines_time_goes(client, engine):
     for work in ("first_piece", "piece", "end"):
         assert added[f'higgs_codec_seconds_total{{work="{work}"}}'] > 0, work
     assert added['higgs_codec_seconds_total{work="encode"}'] == 0
+
+
+class _Clock:
+    """A stand-in for a CUDA timing event, on a made-up GPU clock (milliseconds)."""
+
+    def __init__(self, at: float):
+        self.at = at
+
+    def elapsed_time(self, later: _Clock) -> float:
+        return later.at - self.at
+
+    def synchronize(self) -> None:
+        pass
+
+
+def test_metrics_say_how_long_the_gpu_ran_each_step_and_waited_between_steps(client, engine, monkeypatch):
+    """On CUDA each step carries timing events (its first kernel's start, its copy's end): /metrics adds up
+    the GPU's time per step and its wait from a step's end to the next's start, for steps launched while
+    the previous one ran (the lookahead). The CPU has no events, so here a step gets made-up ones: it
+    "starts" when launched and "runs" 0.5 ms. Over two requests a second apart, ``step`` is 0.5 ms per
+    step taken, and ``between`` the time from one step's end to the next's launch within each request, not
+    the idle second between them (the step in flight then was an old one, whose request had left)."""
+    monkeypatch.setattr(engine, "lookahead", True)
+    real = engine._decoder.launch
+
+    def launch():
+        step = real()
+        begun = time.perf_counter() * 1e3
+        return replace(step, ready=_Clock(begun + 0.5), begun=_Clock(begun))
+
+    monkeypatch.setattr(engine._decoder, "launch", launch)
+    before, steps = work_counters(client), engine.batch_steps
+    started = time.perf_counter()
+    for seed in (70, 71):
+        assert post(client, chat(seed=seed, max_tokens=30)).status_code == 200
+        settle(engine)
+        time.sleep(1.0)
+    took = time.perf_counter() - started
+    added = {name: value - before.get(name, 0.0) for name, value in work_counters(client).items()}
+    taken = engine.batch_steps - steps
+    assert taken >= 40
+    assert added['higgs_step_gpu_seconds_total{work="step"}'] == pytest.approx(0.0005 * taken)
+    assert 0 < added['higgs_step_gpu_seconds_total{work="between"}'] < took - 2.0
+    monkeypatch.undo()
+    assert_idle(client, engine)
 
 
 @pytest.fixture
