@@ -403,7 +403,11 @@ class HiggsEngine:
         """Where the time went since start (a copy)."""
         done = self._work
         return replace(
-            done, scheduler=dict(done.scheduler), codec=dict(done.codec), codec_calls=dict(done.codec_calls)
+            done,
+            scheduler=dict(done.scheduler),
+            codec=dict(done.codec),
+            codec_calls=dict(done.codec_calls),
+            step_gpu=dict(done.step_gpu),
         )
 
     def _admit(self, continues: bool = False) -> None:

@@ -25,7 +25,9 @@ per second of all streams together, first audio (median and 95th percentile), ea
 factor (its time from sending to its last byte over its audio's length), the rows a step held on average,
 the ceiling the simulated GPU allows (rows / (step x 25 frames a second)) with the ratio to it; then the
 engine's host time per step: ``launch`` and ``tokens`` (the host's work) against ``wait`` (the host idle
-for the simulated GPU). A ``wait`` near zero means the host is the limit.
+for the simulated GPU), and the simulated GPU's idle time between two steps in a row (``/metrics``'
+``higgs_step_gpu_seconds_total{work="between"}``, from the simulated timing events). A ``wait`` near zero,
+or an idle GPU, means the host is the limit.
 """
 
 from __future__ import annotations
@@ -122,25 +124,32 @@ def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) ->
     import numpy as np
     import torch
 
+    from decoder import Launched
+
     decoder = engine._decoder
     codes = torch.full((decoder.slots, 1 + engine.num_codebooks), 7, dtype=torch.long)
     codes[:, 0] = engine.higgs.config.audio_out_token_idx
     gpu_free = [0.0]
 
-    class Step:
-        def __init__(self, rows: int, done: float):
-            self.rows, self.done = rows, done
+    class Event:
+        """A simulated CUDA timing event: reached at ``at`` (``time.perf_counter``'s clock)."""
 
-        def result(self) -> torch.Tensor:
-            time.sleep(max(0.0, self.done - time.perf_counter()))
-            return codes[: self.rows]
+        def __init__(self, at: float):
+            self.at = at
 
-    def launch() -> Step:
+        def synchronize(self) -> None:
+            time.sleep(max(0.0, self.at - time.perf_counter()))
+
+        def elapsed_time(self, later: Event) -> float:
+            return (later.at - self.at) * 1e3
+
+    def launch() -> Launched:
         rows, _ = decoder._shape()
         for slot in decoder.busy:
             decoder.lengths[slot] += 1
-        gpu_free[0] = max(time.perf_counter(), gpu_free[0]) + step_ms / 1e3
-        return Step(rows, gpu_free[0])
+        begun = max(time.perf_counter(), gpu_free[0])
+        gpu_free[0] = begun + step_ms / 1e3
+        return Launched(codes[:rows], Event(gpu_free[0]), Event(begun))
 
     samples_per_frame = engine.sample_rate // engine.frame_rate
 
@@ -193,7 +202,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         print(
             f"{'at once':>8} {'audio s/s':>10} {'ceiling':>8} {'ratio':>6} {'first p50':>10} "
             f"{'first p95':>10} {'RTF p50':>8} {'RTF max':>8} {'rows':>5}   host per step: launch / tokens / "
-            "wait (ms)"
+            "wait; the GPU idle between steps (ms)"
         )
         runs = [(n, "") for n in sorted({1, args.listeners})]
         if args.compare_ends:  # the codec's order for finished streams, both ways, alternated
@@ -220,12 +229,13 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             ceiling = min(n, engine.slots) / (args.step_ms / 1e3 * FRAME_RATE)
             done = max(after.steps - before.steps, 1)
             per = {k: (after.scheduler[k] - before.scheduler[k]) / done * 1e3 for k in after.scheduler}
+            idle = (after.step_gpu["between"] - before.step_gpu["between"]) / done * 1e3
             p95 = firsts[min(len(firsts) - 1, int(round(0.95 * (len(firsts) - 1))))]
             print(
                 f"{n:>8} {audio / wall:>10.1f} {ceiling:>8.1f} {audio / wall / ceiling:>6.2f} "
                 f"{statistics.median(firsts):>9.3f}s {p95:>9.3f}s {statistics.median(rtf):>8.3f} "
                 f"{rtf[-1]:>8.3f} {rows:>5.1f}   "
-                f"{per['launch']:.3f} / {per['tokens']:.3f} / {per['wait']:.3f}"
+                f"{per['launch']:.3f} / {per['tokens']:.3f} / {per['wait']:.3f}; {idle:.3f}"
             )
             if label:
                 got[label].append(audio / wall)
