@@ -125,7 +125,7 @@ class Filled:
 class Launched:
     """A launched step: its tokens [rows, 1 + codebooks] on the host once ``result`` returns; on CUDA the
     timing events recorded before its first kernel (``begun``) and after its copy to the host (``ready``),
-    and the step before it's ``ready`` when it was launched while that one ran (``after``, the engine's)."""
+    and, for steps in a row, the ``ready`` of the step before it (``after``: set by the engine)."""
 
     tokens: torch.Tensor
     ready: torch.cuda.Event | None

@@ -864,8 +864,8 @@ class HiggsEngine:
             self._work.scheduler["launch"] += time.perf_counter() - started
         previous = self._in_flight
         if previous is not None and any(self._running.get(slot) is job for slot, job in previous[1].items()):
-            # Launched while that one ran, in a run of steps (after an idle spell the step in flight is an
-            # old one, whose requests all left: the GPU's wait since is not the host's lateness).
+            # Launched before that one's tokens were taken, in a run of steps (after an idle spell the step
+            # in flight is an old one, whose requests all left: the GPU's wait since is not the host's).
             launched = replace(launched, after=previous[0].ready)
         step = (launched, dict(self._running))
         if self.lookahead:
@@ -900,8 +900,8 @@ class HiggsEngine:
         spent["tokens"] += time.perf_counter() - taken
 
     def _time_on_gpu(self, step: Launched) -> None:
-        """Count a taken step's time on the GPU and, when it was launched while the step before it ran, the
-        GPU's wait between the two (``EngineWork.step_gpu``; CUDA's timing events, done by now)."""
+        """Count a taken step's time on the GPU and, for steps in a row (``Launched.after``), the GPU's wait
+        between the one before and this one (``EngineWork.step_gpu``; CUDA's timing events, done by now)."""
         if step.begun is None or step.ready is None:
             return
         gpu = self._work.step_gpu

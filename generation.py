@@ -280,9 +280,9 @@ class EngineWork:
     pieces), ``end`` (streams' last pieces: of those that end together, in one call) and ``encode`` (a voice
     reference). ``step_gpu`` (CUDA, from events around each step on the GPU's own clock): ``step``, the
     seconds from a step's first kernel starting to its last ending (its own work, slowed by whatever else
-    runs on the GPU meanwhile: the codec, fills), and ``between``, from a step's end to the start of the
-    next when that one was launched before the step ended (the loop's lookahead): the GPU waiting for the
-    host, or for a fill the next step must follow.
+    runs on the GPU meanwhile: the codec, fills), and ``between``, from a step's end to the next one's start
+    for steps in a row (the next launched before this one's tokens were taken: the loop's lookahead): the
+    GPU waiting for the host, or for a fill the next step must follow.
     """
 
     scheduler: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SCHEDULER_WORK, 0.0))
