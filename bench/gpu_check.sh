@@ -2,6 +2,7 @@
 # Issue 11's GPU figures in one call of the device tool, on the full-size random-weight model that
 # ../shared/gpu-bench builds (the real architecture; every timing is real, the audio is noise):
 #   0. bench/check_cuda.py on the tiny model: the CUDA graphs are captured, and answer as the eager step does;
+#      the steps are timed on the GPU; in bfloat16, attention by each row's length passes its check;
 #   1. the service under load (bench/load.py, 10 s speech requests streamed as pcm): 1 stream alone, then
 #      4 and 16 at once (16 twice: 32 and 96 requests, the second nearer the steady state): audio seconds
 #      per second, first audio p50/p95, latency (per-stream RTF = latency over the audio's length); the
@@ -16,6 +17,7 @@
 # GPU_CHECK_SKIP="cuda load prefill step" leaves out the parts named (a second call after a first that
 # measured some). On an H200 (2026-11-27) parts 0-2 took 224 s with both servers, parts 0, 1 (one server)
 # and 3 229 s; the call's start-up is about 30 s more, and a fresh machine builds the model again (30-40 s).
+# Since then part 0 runs a third engine and part 3 measures twice the shapes both ways: not timed yet.
 #
 # Prepare on this machine, once a session:
 #   grep -qx '/.gpu-bench/' .git/info/exclude 2>/dev/null || echo /.gpu-bench/ >> .git/info/exclude
