@@ -763,14 +763,16 @@ class BatchDecoder:
             window = min(max(sampling.ras_window, 0), RAS_MAX_WINDOW)
             self.window[slot] = self._arange[:RAS_MAX_WINDOW] >= RAS_MAX_WINDOW - window
             # The RAS window looks back into the prompt's audio (upstream counts the voice reference's
-            # last columns too), then the opening column.
-            history = torch.full((self.codebooks, RAS_MAX_WINDOW), -1, dtype=torch.long)
+            # last columns too), then the opening column. Written on the device, the reference's columns
+            # copied without waiting: a copy from the host that waits would wait for the step in flight,
+            # and the loop would launch the next one only after (its lookahead lost at every admission).
+            history = self.history[slot]
+            history.fill_(-1)
             prompt = admission.inputs.get("audio_out_ids")
             if prompt is not None and prompt.shape[-1] > 0:
-                tail = prompt[:, -(RAS_MAX_WINDOW - 1) :].to(torch.long)
+                tail = prompt[:, -(RAS_MAX_WINDOW - 1) :].to(self.device, torch.long, non_blocking=True)
                 history[:, -1 - tail.shape[1] : -1] = tail
             history[:, -1] = self.bos
-            self.history[slot] = history.to(self.device)
             first[0] = self.audio_out_token
         else:
             self.text_rows.add(slot)

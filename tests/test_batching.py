@@ -1406,6 +1406,35 @@ def test_steps_run_while_a_slot_is_filled_leave_its_prompt_alone(engine):
     assert torch.equal(newcomers_tokens(0), newcomers_tokens(6))
 
 
+def test_a_slot_s_repetition_window_looks_back_into_its_voice_reference(engine):
+    """RAS counts repeats over a row's last columns: for a cloned voice the reference's last columns (as
+    upstream counts them), then the opening all-BOS column; without a reference, nothing before it. Slot
+    1 is filled after slot 0 held a reference, so what a slot held before must not show through."""
+    reference = _tone_reference(engine, seconds=2)
+    Turn = generation.Turn
+    requests = [
+        generation.GenerationRequest(
+            [Turn("system", "Generate audio."), Turn("user", "Say it."), Turn("assistant", audio=reference),
+             Turn("user", "Now.")],
+            True, 10, 0.7, 0.95, 50, seed=1,
+        ),
+        generation.GenerationRequest(
+            [Turn("system", "Generate audio."), Turn("user", "None.")], True, 10, 0.7, 0.95, 50, seed=2
+        ),
+    ]  # fmt: skip
+    _, (cloned, plain) = _admitted(engine, requests)
+    small = engine.higgs.decoder(2, 1024)
+    small.prefill_many([replace(cloned, slot=1)])  # slot 1 holds a reference's columns first
+    small.release(1)
+    small.prefill_many([cloned])
+    small.prefill_many([plain])
+    window = decoder.RAS_MAX_WINDOW
+    codes = cloned.inputs["audio_out_ids"][:, -(window - 1) :].long()
+    history = small.history.cpu()
+    assert torch.equal(history[0, :, : window - 1], codes) and (history[:, :, -1] == small.bos).all()
+    assert (history[1, :, :-1] == -1).all()
+
+
 def test_a_prefill_together_fills_each_slot_as_alone(engine):
     """Three prompts of different lengths (one with a voice reference, one for a text answer) prefilled in
     one pass fill their slots' caches as three solo prefills do, to float32 rounding, with the same first
