@@ -1078,14 +1078,14 @@ class _Clock:
 
 def test_metrics_say_how_long_the_gpu_ran_each_step_and_waited_between_steps(client, engine, monkeypatch):
     """On CUDA each step carries timing events (its first kernel's start, its copy's end): /metrics adds up
-    the GPU's time per step and its wait from a step's end to the next's start, for steps launched while
-    the previous one ran (the lookahead). The CPU has no events, so here a step gets made-up ones: it
-    "starts" when launched and "runs" 0.5 ms. Over two requests a second apart, ``step`` is 0.5 ms per
-    such step taken, and ``between`` the time from one step's end to the next's launch within each request,
-    not the idle second between them (the step in flight then was an old one, whose request had left)."""
+    the GPU's time per step and its wait from a step's end to the next's start, for steps in a row (the
+    next launched before the previous one's tokens were taken: the lookahead). The CPU has no events, so
+    here a step gets made-up ones: it "starts" when launched and "runs" 0.5 ms. Over two requests a second
+    apart, ``step`` is 0.5 ms per such step taken, and ``between`` the time from one step's end to the
+    next's launch within each request, not the idle second between them (the step in flight then was an
+    old one, whose request had left)."""
     monkeypatch.setattr(engine, "lookahead", True)
     real = engine._decoder.launch
-
     launches = [0]
 
     def launch():
@@ -1408,8 +1408,8 @@ def test_steps_run_while_a_slot_is_filled_leave_its_prompt_alone(engine):
 
 def test_a_slot_s_repetition_window_looks_back_into_its_voice_reference(engine):
     """RAS counts repeats over a row's last columns: for a cloned voice the reference's last columns (as
-    upstream counts them), then the opening all-BOS column; without a reference, nothing before it. Slot
-    1 is filled after slot 0 held a reference, so what a slot held before must not show through."""
+    upstream counts them), then the opening all-BOS column; without a reference, nothing before it. The
+    plain request's slot held a reference's columns before, which must not show through."""
     reference = _tone_reference(engine, seconds=2)
     Turn = generation.Turn
     requests = [
