@@ -862,16 +862,18 @@ class HiggsEngine:
             return
         finally:
             self._work.scheduler["launch"] += time.perf_counter() - started
+        jobs = dict(self._running)
+        if not self.lookahead:
+            self._take(launched, jobs)
+            return
         previous = self._in_flight
         if previous is not None and any(self._running.get(slot) is job for slot, job in previous[1].items()):
             # Launched before that one's tokens were taken, in a run of steps (after an idle spell the step
             # in flight is an old one, whose requests all left: the GPU's wait since is not the host's).
             launched = replace(launched, after=previous[0].ready)
-        step = (launched, dict(self._running))
-        if self.lookahead:
-            step, self._in_flight = self._in_flight, step
-        if step is not None:
-            self._take(*step)
+        self._in_flight = (launched, jobs)
+        if previous is not None:
+            self._take(*previous)
 
     def _take(self, launched: Launched, jobs: dict[int, _Job]) -> None:
         """Stream a step's tokens to the jobs it was launched for that still hold their slots."""
