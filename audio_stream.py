@@ -34,6 +34,12 @@ class Layout:
     frame_rate: int
     revert_delay: Callable[[torch.Tensor], torch.Tensor]
     """Columns of the delay pattern (codebooks, n) -> frames (codebooks, n - codebooks + 1)."""
+    end_frames: int = 0
+    """The length a stream's last piece is decoded at, where the stream is that long: more of the frames
+    already sent go on its left, which only brings its samples nearer the one-shot decode (a sample depends
+    on the frames within 10 of its own: ``../shared/HIGGS_DECODING.md``). Every end is then a piece of one
+    length, decoded together with the others and from a captured graph (on CUDA: the regular pieces'
+    length, ``HiggsEngine``). 0: the last piece is what is left, with its context."""
 
 
 @dataclass(eq=False)
@@ -205,7 +211,7 @@ class AudioStream:
     @property
     def first_due_in(self) -> int:
         """Steps until the first piece is complete: 0 at the step it becomes due, -1 a step later."""
-        frames = self.settings.first_chunk_frames + self.settings.context_frames
+        frames = self.settings.first_piece_frames
         return frames + self.codebooks - len(self.columns)
 
     def cut_first(self) -> None:
@@ -218,16 +224,25 @@ class AudioStream:
     def final_frames(self) -> int:
         """Frames the last piece decodes, its context included (``final``), 0 when none is left."""
         final = self.frames
-        return final - max(0, self.sent - self.settings.context_frames) if final > self.sent else 0
+        return final - self._final_from(final) if final > self.sent else 0
 
     def final(self) -> Piece | None:
         """The last piece (everything not yet cut), or None."""
         final = self.frames
-        return self.cut(final, final) if final > self.sent else None
+        return self.cut(final, final, self._final_from(final)) if final > self.sent else None
 
-    def cut(self, upto: int, available: int) -> Piece:
-        """Frames [sent, upto) to send, decoded from [sent - context, available)."""
+    def _final_from(self, final: int) -> int:
+        """The first frame the last piece decodes: its context's, or earlier, to make it ``end_frames``
+        long where the stream has that many frames."""
         first = max(0, self.sent - self.settings.context_frames)
+        wanted = self.layout.end_frames
+        return final - wanted if wanted and final - first <= wanted <= final else first
+
+    def cut(self, upto: int, available: int, first: int | None = None) -> Piece:
+        """Frames [sent, upto) to send, decoded from [first, available): by default from ``sent`` less the
+        context."""
+        if first is None:
+            first = max(0, self.sent - self.settings.context_frames)
         window = torch.stack(self.columns[1 + first : 1 + available + self.codebooks - 1], dim=1)
         codes = self.layout.revert_delay(window).clip(0, self.layout.codebook_size - 1)
         spf = self.samples_per_frame

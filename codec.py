@@ -5,8 +5,9 @@ but the last: see ``AudioStream.cut``), from every stream at once. The codec's d
 of small convolutions: at batch 1 a piece costs about as much as a batch of 8 (launch-bound), and every
 launch holds Python's lock that the decoding loop needs too. So on CUDA each (batch bucket, piece length)
 gets a CUDA graph, captured before serving: a piece is then one copy in, one replay and one copy out,
-whatever else is decoding. Other shapes (a stream's last piece), a capture that failed its check, and the
-CPU use the codec's own ``decode``. Either way the codec's weight normalisation is folded into plain weights
+whatever else is decoding (a stream's last piece too: ``Layout.end_frames`` gives it the regular length).
+Other shapes (a stream too short for that), a capture that failed its check, and the CPU use the codec's
+own ``decode``. Either way the codec's weight normalisation is folded into plain weights
 at load (``bake_weight_norm``), so no call recomputes its convolution weights, and its Snake activations
 work on one buffer each (``snakes_in_place``); the numbers stay upstream's.
 """
@@ -73,12 +74,19 @@ class PieceDecoder:
         self._pool = None  # not the decoding loop's pool: the two run at the same time on two streams
         self._side_stream: torch.cuda.Stream | None = None
         self._graphs_dropped: list[torch.cuda.CUDAGraph] = []
+        self.eager_calls = 0
+        """Calls decoded by the codec's own ``decode`` (no graph of their shape), since start."""
+
+    def graphed(self, frames: int) -> bool:
+        """Whether pieces of this length have captured graphs."""
+        return any(length == frames for _, length in self._graphs)
 
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         """Decode a batch of pieces of one length (on the caller's CUDA stream)."""
         batch, _, frames = codes.shape
         bucket = next((b for b, f in sorted(self._graphs) if f == frames and b >= batch), None)
         if bucket is None:
+            self.eager_calls += 1
             return self.codec.decode(codes)
         graph, inputs, output = self._graphs[(bucket, frames)]
         inputs[:batch].copy_(codes)  # rows past ``batch`` keep earlier (valid) codes; their output is unread

@@ -280,11 +280,10 @@ class HiggsEngine:
             reserved = torch.cuda.memory_reserved()
             steps = self._decoder.capture_graphs()
             piece = self.streaming
-            lengths = [  # a stream's first piece, and every later one but the last (``AudioStream.cut``)
-                piece.first_chunk_frames + piece.context_frames,
-                piece.context_frames + piece.chunk_frames + piece.context_frames,
-            ]
+            lengths = [piece.first_piece_frames, piece.piece_frames]  # (``AudioStream.cut``)
             pieces = self._pieces.capture(lengths, self._decoder.row_buckets())
+            if self._pieces.graphed(piece.piece_frames):  # every stream's end, decoded as a regular piece is
+                self._layout = replace(self._layout, end_frames=piece.piece_frames)
             torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs keep their own pools
             log.info(
                 "captured %d CUDA graphs of the decoding step and %d of the codec in %.1f s; "

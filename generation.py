@@ -195,6 +195,16 @@ class StreamSettings:
     context_frames: int = 4
     crossfade_ms: float = 10.0
 
+    @property
+    def first_piece_frames(self) -> int:
+        """Frames the codec decodes for a stream's first piece, its context on the right included."""
+        return self.first_chunk_frames + self.context_frames
+
+    @property
+    def piece_frames(self) -> int:
+        """Frames the codec decodes for a later piece (all but the last), its context on both sides."""
+        return self.context_frames + self.chunk_frames + self.context_frames
+
 
 class Engine(Protocol):
     """What the HTTP layer needs from a speech engine."""

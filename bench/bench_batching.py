@@ -130,7 +130,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             return response.json()["usage"]["completion_tokens"] / 25.0
 
         engine = app.state.engine
-        first_frames = engine.streaming.first_chunk_frames + engine.streaming.context_frames
+        first_frames = engine.streaming.first_piece_frames
         firsts: list[tuple[int, float]] = []  # (pieces, seconds) of each codec call on first pieces
         codec_decode = engine._pieces.decode
 

@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from _common import FRAME_RATE, conditions, run_script, serve, service_settings, speech_cap_settings
@@ -168,6 +169,7 @@ def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) ->
     decoder.fill = with_delay(decoder.fill)
     engine._pieces.decode = decode
     engine._next_codec_work = _as_it_is
+    engine._layout = replace(engine._layout, end_frames=engine.streaming.piece_frames)  # as on CUDA
     engine.lookahead = True
     engine.prefill_beside_steps = True
     engine.prefill_in_one_pass = True

@@ -296,7 +296,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         raise RuntimeError(f"decoding steps per request {steps}, expected exactly {args.max_tokens}")
     s = engine.streaming
     # A frame is complete num_codebooks - 1 columns later (the delay pattern); the first column is a marker.
-    expected_step = s.first_chunk_frames + s.context_frames + engine.num_codebooks
+    expected_step = s.first_piece_frames + engine.num_codebooks
     first_steps = sorted({n + 1 for k in KINDS[:2] for n in timings[k].first_decode_step})
     first_step = max(first_steps)
     median = statistics.median

@@ -13,11 +13,12 @@ through each engine: 4 seeded audio requests at once (one of them greedy) and a 
 them. Their answers are compared: in float32 a graph replays the kernels that the eager step runs, so
 the tokens should be the same; in bfloat16 they should mostly be (a graph's cuBLAS may choose other
 kernels). Each engine's steps must have been timed on the GPU (``EngineWork.step_gpu``, from their CUDA
-events: counted, and no more per step than the loop's time). In 16 bits a third engine runs with attention
+events: counted, and no more per step than the loop's time), and the streams' last pieces must have gone
+through the codec's graphs (``Layout.end_frames``). In 16 bits a third engine runs with attention
 by each row's length (``HIGGS_ATTENTION_BY_LENGTHS``): its start-up check must pass, and its answers are
 compared with the masked engine's. Exits non-zero when a capture failed, when a slot filled beside steps
-differs, when float32 answers or prefills differ, when steps went untimed, or when attention by lengths
-failed its check.
+differs, when float32 answers or prefills differ, when steps went untimed, when a last piece was decoded
+without a graph, or when attention by lengths failed its check.
 """
 
 from __future__ import annotations
@@ -175,6 +176,17 @@ def step_gpu(work) -> bool:
     return 0 < gpu <= 1.5 * loop
 
 
+def ends_graphed(engine, answers: list) -> bool:
+    """Every stream's last piece went through a codec graph (``Layout.end_frames``), but for a stream
+    shorter than that length: the codec's own decode ran for no more calls than there are such streams."""
+    end = engine._layout.end_frames
+    short = sum(1 for a in answers if not isinstance(a, str) and len(a[0]) < end)
+    eager = engine._pieces.eager_calls
+    print(f"codec: the last pieces decoded at {end} frames; {eager} calls without a graph "
+          f"({short} streams shorter than that)")  # fmt: skip
+    return end > 0 and eager <= short
+
+
 def compared(a, b) -> tuple[bool, str]:
     """Whether two answers (text, or audio codes per codebook) are the same, and how they compare."""
     if a == b:
@@ -260,6 +272,8 @@ def main() -> int:
                       f"{time.perf_counter() - started:.2f} s")  # fmt: skip
                 if device == "cuda":
                     ok &= step_gpu(engine.work())
+                if graphs and device == "cuda":
+                    ok &= ends_graphed(engine, seen[graphs])
             finally:
                 engine.close()
                 del engine

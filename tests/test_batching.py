@@ -937,7 +937,7 @@ def test_on_a_cpu_a_first_piece_waits_a_step_for_one_due_at_the_next(
     monkeypatch.setattr(engine, "first_piece_wait", wait)
     bodies = [chat(seed=80 + i, max_tokens=30, text=f"Staggered number {i}.") for i in range(4)]
     if ends:  # due with the begin marker, the delay, the first piece's frames and its context: a step more
-        frames = engine.streaming.first_chunk_frames + engine.streaming.context_frames
+        frames = engine.streaming.first_piece_frames
         bodies[0]["max_tokens"] = engine.num_codebooks + frames + 1
     alone = [answer(post(client, body)) for body in bodies]
     firsts: list[int] = []

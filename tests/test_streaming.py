@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 
 import numpy as np
 import openai
 import pytest
+import torch
 from conftest import TEST_AUDIO, b64, chat_audio, decoded_seconds, pcm16_samples
 
 import audio_stream
@@ -96,6 +98,72 @@ def test_cloning_streams_like_it_answers(client, openai_client):
     joined, reference = np.concatenate(pieces), whole(client, body)
     assert len(joined) == len(reference)
     assert np.corrcoef(joined, reference)[0, 1] > 0.95
+
+
+def fed_stream(layout, frames: int) -> audio_stream.AudioStream:
+    """A stream fed random columns until it holds ``frames`` frames, its pieces cut as the engine cuts
+    them (and dropped)."""
+    generator = torch.Generator().manual_seed(frames)
+    stream = audio_stream.AudioStream(None, layout, lambda item: None, lambda: None)
+    for _ in range(frames + layout.codebooks + 1):  # the begin marker, the delay, the dropped last frame
+        stream.add(torch.randint(0, layout.codebook_size, (layout.codebooks,), generator=generator))
+        if stream.sent == 0 and stream.first_due_in <= 0:
+            stream.cut_first()
+    assert stream.frames == frames
+    return stream
+
+
+def test_a_stream_s_last_piece_decoded_at_the_regular_length_is_the_one_shot_decode(engine):
+    """With ``Layout.end_frames`` (on CUDA: the regular pieces' length, which has captured graphs) a
+    stream's last piece takes more of the frames already sent as its left context: it sends the same
+    frames, its samples are the one-shot decode's (the tiny codec's too: up to float rounding with 12 or
+    more frames of context, 4e-3 of the peak with 9; with the 4 frames of context alone 7-12%), and ends
+    whose last pieces would differ in length go to the codec in one call. A stream shorter than that
+    length keeps its last piece as it is."""
+    decode = engine.higgs.codec.decode
+    regular = engine.streaming.piece_frames
+    plain, longer = engine._layout, dataclasses.replace(engine._layout, end_frames=regular)
+    result = audio_stream.GenerationResult("", None, "stop", 1, 0, 1, 1, 1.0)
+    ends = {}
+    for frames in (45, 50, 57, 63):
+        as_is, stream = fed_stream(plain, frames).final(), fed_stream(longer, frames)
+        assert stream.final_frames == regular > as_is.codes.shape[1]
+        last = stream.final()
+        spf = stream.samples_per_frame
+        assert last.codes.shape[1] == regular and last.stop - last.start == as_is.stop - as_is.start
+        one_shot = decode(stream.codes().codes[None])[0, 0][frames * spf - (last.stop - last.start) :]
+        got = decode(last.codes[None])[0, 0][last.start : last.stop]
+        assert np.abs(got - one_shot).max() <= 1e-2 * np.abs(one_shot).max(), frames
+        ends[frames] = audio_stream.End(fed_stream(longer, frames), result)
+    assert audio_stream.next_codec_work(list(ends.values())) == list(ends.values())  # one call
+    short = fed_stream(longer, regular - 3)
+    assert short.final_frames == fed_stream(plain, regular - 3).final_frames < regular
+
+
+def test_streams_end_with_their_last_piece_at_the_regular_length_through_http(client, engine, monkeypatch):
+    """Through HTTP, with the engine's layout as on CUDA: the answer keeps its length and every sample
+    before its last piece, and the last piece, decoded at the regular length, is another decode of the
+    same codes (nearer the one-shot decode, above)."""
+    body = chat_body(seed=5, max_tokens=80)
+    ends: list[tuple[int, int]] = []
+    real_end = engine._end_streams
+
+    def end_streams(items):
+        ends.extend((item.frames, item.stream.frames - item.stream.sent) for item in items)
+        real_end(items)
+
+    monkeypatch.setattr(engine, "_end_streams", end_streams)
+    as_is = whole(client, body)
+    regular = engine.streaming.piece_frames
+    monkeypatch.setattr(engine, "_layout", dataclasses.replace(engine._layout, end_frames=regular))
+    longer = whole(client, body)
+    monkeypatch.undo()
+    (frames, left), (longer_frames, longer_left) = ends
+    assert frames < regular == longer_frames and left == longer_left > 0
+    last = left * engine.sample_rate // engine.frame_rate
+    assert len(longer) == len(as_is) and np.array_equal(longer[:-last], as_is[:-last])
+    assert not np.array_equal(longer[-last:], as_is[-last:])
+    assert np.corrcoef(longer[-last:], as_is[-last:])[0, 1] > 0.8
 
 
 def test_streamed_audio_must_be_pcm16(client):
