@@ -378,10 +378,11 @@ class BatchDecoder:
         self.values = [kv[:, 1] for kv in self.cache]
         self.attend_by_lengths = False
         """A step's attention reads each row's own keys only, with a variable-length kernel (``_varlen``,
-        FlashAttention's on CUDA) over the cache as it is (``packed_views``); off, every row reads the
-        length bucket's keys, those beyond its own masked. The engine turns it on
-        (``HIGGS_ATTENTION_BY_LENGTHS``) where ``check_attention_by_lengths`` passes; set it before graphs
-        are captured."""
+        FlashAttention's on CUDA) over the cache as it is (``packed_views``), in the length buckets of at
+        least ``by_lengths_from`` positions; elsewhere (and off) every row reads the bucket's keys, those
+        beyond its own masked. The engine turns it on (``HIGGS_ATTENTION_BY_LENGTHS``) where
+        ``check_attention_by_lengths`` passes; set both before graphs are captured."""
+        self.by_lengths_from = 0
         self._varlen = flash_by_lengths
         self._packed = [packed_views(kv) for kv in self.cache]
         self._cu_q = torch.arange(slots + 1, device=dev, dtype=torch.int32)
@@ -1046,7 +1047,8 @@ class BatchDecoder:
             )
         hidden = hidden[:, None, :].to(self.dtype)
         cos, sin = self._rotation(hidden, positions[:, None])  # [rows, 1 (heads), dim]
-        if self.attend_by_lengths:  # the keys each row reads: its own (a parked row's: the bucket's)
+        by_lengths = self.reads_own_keys(length)
+        if by_lengths:  # the keys each row reads: its own (a parked row's: the bucket's)
             mask = (positions + 1).clamp(max=length).to(torch.int32)
         else:
             # An additive mask in the model's dtype, made once per step: given as booleans, attention
@@ -1068,7 +1070,9 @@ class BatchDecoder:
                 )
             else:
                 x = _rms_norm(layer.audio_input_layernorm if audio_path else layer.input_layernorm, hidden)
-            hidden = self._attention(i, layer.self_attn, x, cos, sin, mask, index, positions, length, hidden)
+            hidden = self._attention(
+                i, layer.self_attn, x, cos, sin, mask, index, positions, length, by_lengths, hidden
+            )
             if kind == "dual" and mode == "mixed":
                 hidden = hidden + torch.where(
                     is_audio,
@@ -1105,9 +1109,15 @@ class BatchDecoder:
         gate, up = F.linear(x, *fused).chunk(2, dim=-1)
         return _plus(residual, mlp.down_proj, mlp.act_fn(gate) * up)
 
-    def _attention(self, i, attn, x, cos, sin, mask, index, positions, length, residual) -> torch.Tensor:
+    def reads_own_keys(self, length: int) -> bool:
+        """Whether a step in this length bucket attends by each row's length (``attend_by_lengths``)."""
+        return self.attend_by_lengths and length >= self.by_lengths_from
+
+    def _attention(
+        self, i, attn, x, cos, sin, mask, index, positions, length, by_lengths, residual
+    ) -> torch.Tensor:
         """The layer's attention of ``x``, added into ``residual``. ``mask``: the additive mask of the keys
-        beyond each row's position, or with ``attend_by_lengths`` how many keys each row reads."""
+        beyond each row's position, or ``by_lengths`` how many keys each row reads."""
         rows = x.shape[0]
         qkv = F.linear(x[:, 0], *self._qkv[i]).view(rows, self.heads + 2 * self.kv_heads, self.head_dim)
         # Queries and keys are rotated together, in place: keys and values are then side by side in
@@ -1116,7 +1126,7 @@ class BatchDecoder:
         torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, dims=-1), sin, out=qk)
         kv = qkv[:, self.heads :].view(rows, 2, self.kv_heads, self.head_dim)
         self.cache[i][index, :, :, positions] = kv
-        if self.attend_by_lengths:  # ``mask``: the keys each row reads
+        if by_lengths:  # ``mask``: the keys each row reads
             keys, values = self._packed[i]
             cu_q, cu_k = self._cu_q[: rows + 1], self._cu_k[: rows + 1]
             out = self._varlen(qkv[:, : self.heads], keys, values, cu_q, cu_k, mask, length)

@@ -18,6 +18,7 @@ the model's layout.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import contextvars
 import logging
@@ -51,6 +52,7 @@ from codec import PieceDecoder
 from decoder import Admission, Filled, Launched, Sampling
 from detokenize import Detokenizer
 from generation import (
+    STEP_GPU_WAITS,
     SYSTEM_TEMPLATE,
     AudioCodes,
     AudioPiece,
@@ -234,7 +236,7 @@ class HiggsEngine:
         cuda_graphs: bool = True,
         prefill_batch: int | None = None,
         prefill_beside_steps: bool | None = None,
-        attention_by_lengths: bool = False,
+        attention_by_lengths_from: int | None = None,
     ):
         started = time.perf_counter()
         self.device = device
@@ -256,8 +258,8 @@ class HiggsEngine:
         self._decoder = higgs.decoder(
             self.slots, self.max_context, graphs=cuda_graphs, length_buckets=sorted(kv_cache_lengths)
         )
-        if attention_by_lengths:
-            self._attend_by_lengths()
+        if attention_by_lengths_from is not None:
+            self._attend_by_lengths(attention_by_lengths_from)
         self._check_own_prefill(together=device == "cuda" and self.slots > 1)
 
         self.streaming = streaming or StreamSettings()
@@ -282,7 +284,7 @@ class HiggsEngine:
             piece = self.streaming
             lengths = [piece.first_piece_frames, piece.piece_frames]  # (``AudioStream.cut``)
             pieces = self._pieces.capture(lengths, self._decoder.row_buckets())
-            if self._pieces.graphed(piece.piece_frames):  # every stream's end, decoded as a regular piece is
+            if self._pieces.graphed(piece.piece_frames):  # streams' ends too, at that length
                 self._layout = replace(self._layout, end_frames=piece.piece_frames)
             torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs keep their own pools
             log.info(
@@ -407,6 +409,7 @@ class HiggsEngine:
             codec=dict(done.codec),
             codec_calls=dict(done.codec_calls),
             step_gpu=dict(done.step_gpu),
+            step_gpu_waits=list(done.step_gpu_waits),
         )
 
     def _admit(self, continues: bool = False) -> None:
@@ -554,22 +557,34 @@ class HiggsEngine:
         self._codec_thread.join(timeout=30)
         self._prompt_pool.shutdown(wait=True, cancel_futures=True)
 
-    def _attend_by_lengths(self) -> None:
-        """Let each step's attention read each row's own keys (``BatchDecoder.attend_by_lengths``) where its
-        kernel answers as the masked attention on this device and dtype (``check_attention_by_lengths``);
-        elsewhere (a CPU, float32: FlashAttention is CUDA's and 16-bit) the log says why it stays masked."""
-        agree, seen = self._decoder.check_attention_by_lengths()
-        self._decoder.attend_by_lengths = agree
-        if agree:
-            log.info("attention by each row's length: on (%s)", seen)
-        else:
-            log.warning(
-                "attention by each row's length (HIGGS_ATTENTION_BY_LENGTHS) is off: its kernel does not "
-                "answer as the masked attention on %s in %s (%s)",
-                self.device,
-                self._decoder.dtype,
-                seen,
+    def _attend_by_lengths(self, shortest: int) -> None:
+        """Let each step in the length buckets of ``shortest`` positions or more read each row's own keys
+        (``BatchDecoder.attend_by_lengths``) where its kernel answers as the masked attention on this device
+        and dtype (``check_attention_by_lengths``); elsewhere the log says why attention stays masked (a
+        warning where the kernel should be there: CUDA in 16 bits)."""
+        decoder = self._decoder
+        buckets = [b for b in decoder.length_buckets if b >= shortest]
+        if not buckets:
+            log.info(
+                "attention by each row's length: no length bucket of %d positions or more (%s)",
+                shortest,
+                decoder.length_buckets,
             )
+            return
+        agree, seen = decoder.check_attention_by_lengths()
+        decoder.attend_by_lengths, decoder.by_lengths_from = agree, shortest
+        if agree:
+            log.info("attention by each row's length: on in the length buckets %s (%s)", buckets, seen)
+            return
+        expected = self.device == "cuda" and decoder.dtype != torch.float32
+        log.log(
+            logging.WARNING if expected else logging.INFO,
+            "attention by each row's length (HIGGS_ATTENTION_BY_LENGTHS) is off: its kernel does not answer "
+            "as the masked attention on %s in %s (%s)",
+            self.device,
+            decoder.dtype,
+            seen,
+        )
 
     def _check_own_prefill(self, together: bool) -> None:
         """Whether the decoder's own prefill layers answer as upstream's forward on this device and dtype
@@ -908,7 +923,9 @@ class HiggsEngine:
         gpu = self._work.step_gpu
         gpu["step"] += step.begun.elapsed_time(step.ready) / 1e3
         if step.after is not None:
-            gpu["between"] += max(0.0, step.after.elapsed_time(step.begun) / 1e3)
+            waited = max(0.0, step.after.elapsed_time(step.begun) / 1e3)
+            gpu["between"] += waited
+            self._work.step_gpu_waits[bisect.bisect_left(STEP_GPU_WAITS, waited)] += 1
 
     def _cut_first_pieces(self) -> None:
         """Queue the first pieces that are due. They may wait ``first_piece_wait`` steps while another
@@ -1215,6 +1232,7 @@ def load_engine(settings: Settings) -> HiggsEngine:
         context_frames=settings.stream_context_frames,
         crossfade_ms=settings.stream_crossfade_ms,
     )
+    by_lengths_from = settings.attention_by_lengths_from if settings.attention_by_lengths else None
     return HiggsEngine(
         settings.model,
         settings.audio_tokenizer,
@@ -1228,5 +1246,5 @@ def load_engine(settings: Settings) -> HiggsEngine:
         cuda_graphs=settings.cuda_graphs,
         prefill_batch=settings.prefill_batch,
         prefill_beside_steps=settings.prefill_beside_steps,
-        attention_by_lengths=settings.attention_by_lengths,
+        attention_by_lengths_from=by_lengths_from,
     )

@@ -272,6 +272,9 @@ class EngineStats:
 SCHEDULER_WORK = ("prefill", "launch", "wait", "tokens", "paused")
 CODEC_WORK = ("first_piece", "piece", "end", "encode")
 STEP_GPU = ("step", "between")
+STEP_GPU_WAITS = (0.0001, 0.0005, 0.001, 0.002, 0.004, 0.006, 0.01, 0.05)
+"""Upper bounds (seconds) of the histogram of the GPU's waits between steps in a row (``EngineWork``): a
+host late by a thread's turn at the interpreter lock would show near Python's switch interval, 5 ms."""
 
 
 @dataclass
@@ -292,7 +295,8 @@ class EngineWork:
     seconds from a step's first kernel starting to its last ending (its own work, slowed by whatever else
     runs on the GPU meanwhile: the codec, fills), and ``between``, from a step's end to the next one's start
     for steps in a row (the next launched before this one's tokens were taken: the loop's lookahead): the
-    GPU waiting for the host, or for a fill the next step must follow.
+    GPU waiting for the host, or for a fill the next step must follow; ``step_gpu_waits`` counts those waits
+    by the bounds of ``STEP_GPU_WAITS`` (the last count: longer than all of them).
     """
 
     scheduler: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SCHEDULER_WORK, 0.0))
@@ -303,3 +307,4 @@ class EngineWork:
     codec_calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CODEC_WORK, 0))
     codec_pieces: int = 0
     step_gpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STEP_GPU, 0.0))
+    step_gpu_waits: list[int] = field(default_factory=lambda: [0] * (len(STEP_GPU_WAITS) + 1))

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from generation import EngineWork, GenerationResult
+from generation import STEP_GPU_WAITS, EngineWork, GenerationResult
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -140,6 +140,16 @@ class _WorkCollector(Collector):
             for label, value in values.items():
                 family.add_metric([label], value)
             yield family
+        counts, total = [], 0
+        for bound, count in zip((*STEP_GPU_WAITS, float("inf")), work.step_gpu_waits, strict=True):
+            total += count
+            counts.append((str(bound) if bound != float("inf") else "+Inf", total))
+        yield HistogramMetricFamily(
+            "higgs_step_gpu_wait_seconds",
+            "CUDA: the GPU's waits between two decoding steps in a row (a late host, or a fill)",
+            buckets=counts,
+            sum_value=work.step_gpu["between"],
+        )
         yield CounterMetricFamily(
             "higgs_codec_pieces", "Audio pieces decoded by the codec's piece calls", value=work.codec_pieces
         )

@@ -14,11 +14,11 @@ them. Their answers are compared: in float32 a graph replays the kernels that th
 the tokens should be the same; in bfloat16 they should mostly be (a graph's cuBLAS may choose other
 kernels). Each engine's steps must have been timed on the GPU (``EngineWork.step_gpu``, from their CUDA
 events: counted, and no more per step than the loop's time), and the streams' last pieces must have gone
-through the codec's graphs (``Layout.end_frames``). In 16 bits a third engine runs with attention
-by each row's length (``HIGGS_ATTENTION_BY_LENGTHS``): its start-up check must pass, and its answers are
-compared with the masked engine's. Exits non-zero when a capture failed, when a slot filled beside steps
-differs, when float32 answers or prefills differ, when steps went untimed, when a last piece was decoded
-without a graph, or when attention by lengths failed its check.
+through the codec's graphs (``Layout.end_frames``). The two attend masked; in 16 bits a third engine runs
+with attention by each row's length in every bucket (``HIGGS_ATTENTION_BY_LENGTHS``): its start-up check
+must pass, and its answers are compared with the masked engine's. Exits non-zero when a capture failed,
+when a slot filled beside steps differs, when float32 answers or prefills differ, when steps went untimed,
+when a last piece was decoded without a graph, or when attention by lengths failed its check.
 """
 
 from __future__ import annotations
@@ -168,11 +168,17 @@ async def answers(engine, batch: list) -> list:
 def step_gpu(work) -> bool:
     """The steps' GPU time from their timing events (``EngineWork.step_gpu``): counted, and no more per
     step than the loop's own time per step (the events are on the GPU's clock, the loop's on the host's)."""
+    from generation import STEP_GPU_WAITS
+
     steps = max(work.steps, 1)
     gpu, between = work.step_gpu["step"] / steps, work.step_gpu["between"] / steps
     loop = sum(work.scheduler[k] for k in ("launch", "wait", "tokens")) / steps
     print(f"GPU per step: {gpu * 1e3:.3f} ms running, {between * 1e3:.3f} ms waiting between steps; "
           f"the loop {loop * 1e3:.3f} ms per step")  # fmt: skip
+    bounds = [f"<= {b * 1e3:g} ms" for b in STEP_GPU_WAITS] + [f"> {STEP_GPU_WAITS[-1] * 1e3:g} ms"]
+    print("its waits between steps in a row: " + ", ".join(
+        f"{bound} {n}" for bound, n in zip(bounds, work.step_gpu_waits, strict=True) if n
+    ))  # fmt: skip
     return 0 < gpu <= 1.5 * loop
 
 
@@ -199,17 +205,18 @@ def compared(a, b) -> tuple[bool, str]:
 
 
 def by_lengths(model: str, tokenizer: str, tmp, dtype: str, batch: list, masked: list) -> bool:
-    """The engine with attention by each row's length (``HIGGS_ATTENTION_BY_LENGTHS``, graphs on): its
-    start-up check must pass (FlashAttention's variable-length kernel over the cache as laid out answers as
-    the masked attention), and the batch's answers are compared with the masked engine's (in 16 bits
-    "mostly the same": the two kernels round differently)."""
+    """The engine with attention by each row's length in every length bucket (``HIGGS_ATTENTION_BY_LENGTHS``
+    from 1 position: these requests are short; graphs on): its start-up check must pass (FlashAttention's
+    variable-length kernel over the cache as laid out answers as the masked attention), and the batch's
+    answers are compared with the masked engine's (in 16 bits "mostly the same": the two kernels round
+    differently)."""
     import torch
 
     from engine import load_engine
 
     settings = service_settings(
         model, tokenizer, tmp / "voices", device="cuda", dtype=dtype, max_batch_size=8, warmup=False,
-        attention_by_lengths=True,
+        attention_by_lengths=True, attention_by_lengths_from=1,
     )  # fmt: skip
     engine = load_engine(settings)
     try:
@@ -251,7 +258,7 @@ def main() -> int:
         for graphs in (True, False):
             settings = service_settings(
                 model, tokenizer, tmp / "voices", device=device, dtype=dtype, cuda_graphs=graphs,
-                max_batch_size=8, warmup=False,
+                max_batch_size=8, warmup=False, attention_by_lengths=False,
             )  # fmt: skip
             started = time.perf_counter()
             engine = load_engine(settings)

@@ -6,8 +6,9 @@
 #   1. the service under load (bench/load.py, 10 s speech requests streamed as pcm): 1 stream alone, then
 #      4 and 16 at once (16 twice: 32 and 96 requests, the second nearer the steady state): audio seconds
 #      per second, first audio p50/p95, latency (per-stream RTF = latency over the audio's length); the
-#      server's /metrics after each (steps, the loop's time by work); then a second server with
-#      HIGGS_ATTENTION_BY_LENGTHS=true (each row's attention reads its own keys), side by side
+#      server's /metrics after each (steps, the loop's time by work, the GPU's time and waits per step);
+#      then a second server with Python's switch interval at 0.5 ms instead of 5 (SWITCH=: how long a
+#      thread waits for the interpreter lock before it asks for it; bench/bench_lock.py), side by side
 #      (GPU_CHECK_SERVERS and GPU_CHECK_LOADS name other servers, or another revision's, and loads);
 #   2. a prefill alone at 1, 4 and 8 prompts, and at 1 and 8 with a voice reference, with the engine's
 #      choices undone side by side, and where its time goes (bench/bench_prefill.py);
@@ -17,7 +18,8 @@
 # GPU_CHECK_SKIP="cuda load prefill step" leaves out the parts named (a second call after a first that
 # measured some). On an H200 (2026-11-27) parts 0-2 took 224 s with both servers, parts 0, 1 (one server)
 # and 3 229 s; the call's start-up is about 30 s more, and a fresh machine builds the model again (30-40 s).
-# Since then part 0 runs a third engine and part 3 measures twice the shapes both ways: not timed yet.
+# On 2026-11-28 parts 0, 1 (two servers, loads "1:2 16:96") and 3 took 289 s, and the device tool's lease
+# 336 s from asking to the end of the call.
 #
 # Prepare on this machine, once a session:
 #   grep -qx '/.gpu-bench/' .git/info/exclude 2>/dev/null || echo /.gpu-bench/ >> .git/info/exclude
@@ -92,18 +94,23 @@ export HF_HUB_CACHE="$WORK/hf-cache"
 MODEL=(--model "$WORK/model" --audio-tokenizer "$WORK/audio_tokenizer" --device "$DEVICE" --dtype "$DTYPE")
 
 # ---- 1. the service under load ----
-serve_and_load() {  # serve_and_load LABEL "LOADS" [TREE=DIR] [VAR=VALUE...]: that server under LOADS
-  local label=$1 loads=$2 t=$SECONDS tree=. from=""
+serve_and_load() {  # serve_and_load LABEL "LOADS" [TREE=DIR] [SWITCH=S] [VAR=VALUE...]: it, under LOADS
+  local label=$1 loads=$2 t=$SECONDS tree=. from="" start=(app.py)
   shift 2
   if [[ ${1:-} == TREE=* ]]; then  # another revision's app.py (e.g. one unpacked into the kit by git archive)
     tree=${1#TREE=} from=" from ${1#TREE=}"
+    shift
+  fi
+  if [[ ${1:-} == SWITCH=* ]]; then  # Python's switch interval (sys.setswitchinterval; 0.005 s by default)
+    from="$from, switch interval ${1#SWITCH=} s"
+    start=(-c "import runpy, sys; sys.setswitchinterval(${1#SWITCH=}); print('switch interval', sys.getswitchinterval()); runpy.run_path('app.py', run_name='__main__')")
     shift
   fi
   cd "$tree" || { say "server ($label): no folder $tree"; return; }
   env -u HIGGS_API_KEY HIGGS_MODEL="$WORK/model" HIGGS_AUDIO_TOKENIZER="$WORK/audio_tokenizer" \
     HIGGS_DEVICE="$DEVICE" HIGGS_DTYPE="$DTYPE" HIGGS_STT_MODEL= HIGGS_VOICES_DIR="$WORK/voices" \
     HIGGS_HOST=127.0.0.1 HIGGS_PORT=$PORT HIGGS_MAX_AUDIO_SECONDS=$SECONDS_OF_SPEECH "$@" \
-    "$PY" app.py > "$OUT/server-$label.log" 2>&1 &
+    "$PY" "${start[@]}" > "$OUT/server-$label.log" 2>&1 &
   server=$!
   cd - > /dev/null
   trap 'kill $server 2> /dev/null' EXIT
@@ -117,7 +124,7 @@ serve_and_load() {  # serve_and_load LABEL "LOADS" [TREE=DIR] [VAR=VALUE...]: th
     tail -30 "$OUT/server-$label.log" | tee -a "$RESULTS"
   else
     say "server ($label$from: $*) ready in $((SECONDS - t)) s"
-    grep -E "loaded |slots|captured|warm-up done|prefill|attention by" "$OUT/server-$label.log" | cut -c1-300 | tee -a "$RESULTS"
+    grep -E "loaded |slots|captured|warm-up done|prefill|attention by|switch interval" "$OUT/server-$label.log" | cut -c1-300 | tee -a "$RESULTS"
     say "graph captures that failed: $(grep -c "capture failed\|capture of the codec failed" "$OUT/server-$label.log")"
     text="Please read this short line out loud now"  # 40 characters; the cap makes each answer its full length
     for load in $loads; do  # at once:requests in all
@@ -133,11 +140,13 @@ serve_and_load() {  # serve_and_load LABEL "LOADS" [TREE=DIR] [VAR=VALUE...]: th
   kill $server 2> /dev/null
   wait $server 2> /dev/null
 }
-# GPU_CHECK_SERVERS: one server a line, "LABEL [TREE=DIR] [VAR=VALUE ...]", each under GPU_CHECK_LOADS
-# ("at once:requests"); TREE runs the app.py of DIR, e.g. an earlier revision for a side-by-side:
+# GPU_CHECK_SERVERS: one server a line, "LABEL [TREE=DIR] [SWITCH=S] [VAR=VALUE ...]", each under
+# GPU_CHECK_LOADS ("at once:requests"); SWITCH sets Python's switch interval in the server (seconds: how
+# long a thread that wants the interpreter lock waits before it asks for it); TREE runs the app.py of DIR,
+# e.g. an earlier revision for a side-by-side:
 #   mkdir -p .gpu-bench/old && git archive REV | tar -x -C .gpu-bench/old   (then "old TREE=.gpu-bench/old")
 SERVERS="${GPU_CHECK_SERVERS:-default
-bylengths HIGGS_ATTENTION_BY_LENGTHS=true}"
+switch SWITCH=0.0005}"
 LOADS="${GPU_CHECK_LOADS:-1:2 4:8 16:32 16:96}"
 if [[ $SKIP != *load* ]]; then
   while read -r label settings; do

@@ -1016,7 +1016,7 @@ def work_counters(client) -> dict[str, float]:
     """The engine's work counters on /metrics, by name with labels."""
     found = {}
     for line in client.get("/metrics").text.splitlines():
-        kinds = ("scheduler_", "codec_", "prefill", "decode_steps_total", "step_gpu_")
+        kinds = ("scheduler_", "codec_", "prefill", "decode_steps_total", "step_gpu_")  # (its histogram too)
         if line.startswith(tuple(f"higgs_{kind}" for kind in kinds)):
             name, value = line.rsplit(" ", 1)
             found[name] = float(value)
@@ -1107,9 +1107,34 @@ def test_metrics_say_how_long_the_gpu_ran_each_step_and_waited_between_steps(cli
     # Every step launched here was taken but the last, still in flight (the first one taken may be an
     # older test's, left in flight by its lookahead: it has no events).
     assert added['higgs_step_gpu_seconds_total{work="step"}'] == pytest.approx(0.0005 * (launches[0] - 1))
-    assert 0 < added['higgs_step_gpu_seconds_total{work="between"}'] < took - 2.0
+    between = added['higgs_step_gpu_seconds_total{work="between"}']
+    assert 0 < between < took - 2.0
+    # The same waits, one by one, in a histogram (its buckets: the next test).
+    waits = added["higgs_step_gpu_wait_seconds_count"]
+    assert 0 < waits < launches[0] and added['higgs_step_gpu_wait_seconds_bucket{le="+Inf"}'] == waits
+    assert added["higgs_step_gpu_wait_seconds_sum"] == pytest.approx(between)
     monkeypatch.undo()
     assert_idle(client, engine)
+
+
+def test_the_gpu_s_waits_between_steps_are_counted_by_length(engine):
+    """Each wait between two steps in a row goes into the first bucket of ``STEP_GPU_WAITS`` that holds it
+    (a bound holds its own value; a wait longer than the last bound in the last count; the clocks' rounding
+    below zero as zero), so that a host late by the interpreter's switch interval (5 ms) stands out."""
+    from types import SimpleNamespace
+
+    bounds = generation.STEP_GPU_WAITS
+    before = engine.work()
+    waits_ms = [-0.001, 0.05, 0.1, 0.10001, 5.0, 6.0, 200.0]
+    for waited in waits_ms:
+        step = SimpleNamespace(begun=_Clock(waited), ready=_Clock(waited + 0.5), after=_Clock(0.0))
+        engine._time_on_gpu(step)
+    after = engine.work()
+    added = [b - a for a, b in zip(before.step_gpu_waits, after.step_gpu_waits, strict=True)]
+    assert len(added) == len(bounds) + 1
+    assert added == [3, 1, 0, 0, 0, 2, 0, 0, 1]  # <= 0.1 ms: 3; 0.5 ms: 1; 6 ms: 2 (5 and 6); above 50: 1
+    gained = after.step_gpu["between"] - before.step_gpu["between"]
+    assert gained == pytest.approx(sum(max(0.0, w) for w in waits_ms) / 1e3)
 
 
 @pytest.fixture
@@ -1803,6 +1828,7 @@ def test_attention_by_lengths_decodes_what_the_masked_attention_does(
 
     monkeypatch.setattr(engine._decoder, "_varlen", kernel)
     monkeypatch.setattr(engine._decoder, "attend_by_lengths", True)
+    monkeypatch.setattr(engine._decoder, "by_lengths_from", 0)  # every length bucket
     by_lengths = [answer(r) for r in together(client, bodies)]
     monkeypatch.undo()
     assert calls[0] > 0
@@ -1810,13 +1836,55 @@ def test_attention_by_lengths_decodes_what_the_masked_attention_does(
     assert_idle(client, engine)
 
 
-@pytest.mark.parametrize("kernel", ["written out", "reads the whole bucket"])
+def test_attention_by_lengths_is_used_from_its_shortest_bucket_on(client, engine, monkeypatch):
+    """``HIGGS_ATTENTION_BY_LENGTHS_FROM``: the steps in the length buckets of that many positions or more
+    attend by each row's length, those in shorter buckets stay masked (on an H200 the masked step was as
+    fast at 512 positions, and slower from 1,024 on). Here the buckets are cut to the prompt's length plus
+    8 and plus 24 positions (and the slots' full length), and the threshold is the middle one: a request
+    whose context grows through all three buckets gets the masked attention's answer, and the kernel ran
+    in the two longer buckets only."""
+    body = chat(seed=26, max_tokens=40)
+    prompt = post(client, body).json()["usage"]["prompt_tokens"]
+    decoder_ = engine._decoder
+    buckets = [prompt + 8, prompt + 24, decoder_.max_len]
+    monkeypatch.setattr(decoder_, "length_buckets", buckets)
+    stepped: list[int] = []
+    kernel_read: list[int] = []
+    real_run = decoder_._run
+
+    def run(rows, length, mode):
+        stepped.append(length)
+        return real_run(rows, length, mode)
+
+    def kernel(*args):
+        kernel_read.append(args[-1])  # the bucket's length
+        return varlen_reference(*args)
+
+    monkeypatch.setattr(decoder_, "_run", run)
+    monkeypatch.setattr(decoder_, "_varlen", kernel)
+    masked = answer(post(client, body))
+    assert sorted(set(stepped)) == buckets and not kernel_read
+    monkeypatch.setattr(decoder_, "attend_by_lengths", True)
+    monkeypatch.setattr(decoder_, "by_lengths_from", buckets[1])
+    stepped.clear()
+    by_lengths = answer(post(client, body))
+    monkeypatch.undo()
+    assert by_lengths == masked
+    assert sorted(set(stepped)) == buckets and sorted(set(kernel_read)) == buckets[1:]
+    assert len(kernel_read) == sum(length >= buckets[1] for length in stepped) * len(decoder_.cache)
+    assert_idle(client, engine)
+
+
+@pytest.mark.parametrize(
+    "kernel, shortest", [("written out", 512), ("reads the whole bucket", 512), ("written out", 16384)]
+)
 def test_the_attention_by_lengths_setting_turns_it_on_where_its_kernel_passes(
-    kernel, settings, monkeypatch, tmp_path, caplog
+    kernel, shortest, settings, monkeypatch, tmp_path, caplog
 ):
-    """``HIGGS_ATTENTION_BY_LENGTHS=true``: the engine checks the kernel at start and decodes with it where it
-    passes; where it does not (here one that reads the whole bucket; on this CPU FlashAttention itself),
-    the log says so and attention stays masked. Either way the service answers."""
+    """``HIGGS_ATTENTION_BY_LENGTHS`` (on by default) with ``HIGGS_ATTENTION_BY_LENGTHS_FROM``: the engine
+    checks the kernel at start and decodes with it where it passes; where it does not (here one that reads
+    the whole bucket; on this CPU FlashAttention itself), the log says so and attention stays masked; with
+    no length bucket that long, nothing is checked and the log says that. Either way the service answers."""
     from fastapi.testclient import TestClient
 
     from app import create_app
@@ -1828,18 +1896,28 @@ def test_the_attention_by_lengths_setting_turns_it_on_where_its_kernel_passes(
         return varlen_reference(*args, whole_bucket=kernel == "reads the whole bucket")
 
     monkeypatch.setattr(decoder, "flash_by_lengths", written_out)
-    changes = {"stt_model": "", "warmup": False, "voices_dir": tmp_path, "attention_by_lengths": True}
+    changes = {
+        "stt_model": "",
+        "warmup": False,
+        "voices_dir": tmp_path,
+        "attention_by_lengths_from": shortest,
+    }
     app = create_app(settings.model_copy(update=changes))
     with caplog.at_level("INFO", logger="engine"), TestClient(app) as client:
         deadline = time.monotonic() + 300
         while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
         on = app.state.engine._decoder.attend_by_lengths
+        reads_own_keys = app.state.engine._decoder.reads_own_keys
+        assert reads_own_keys(512) == on and not reads_own_keys(511)  # (the shortest bucket: 512)
         checked = calls[0]
         body = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "pcm", "seed": 1}
         speech = client.post("/v1/audio/speech", json=body)
         assert speech.status_code == 200 and len(speech.content) > 0
-    assert on == (kernel == "written out") and checked == 2  # the check's two calls
+    assert on == (kernel == "written out" and shortest == 512)
+    assert checked == (2 if shortest == 512 else 0)  # the check's two calls
     assert (calls[0] > checked) == on  # the request's steps went through the kernel where it is on
     said = [r.getMessage() for r in caplog.records if "attention by each row's length" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("attention by each row's length: on") == on, said
+    if shortest > 512:
+        assert said[0].startswith("attention by each row's length: no length bucket of 16384"), said
