@@ -32,8 +32,6 @@ class Layout:
     codebook_size: int
     sample_rate: int
     frame_rate: int
-    revert_delay: Callable[[torch.Tensor], torch.Tensor]
-    """Columns of the delay pattern (codebooks, n) -> frames (codebooks, n - codebooks + 1)."""
     end_frames: int = 0
     """The length a stream's last piece is decoded at, where the stream is that long: more of the frames
     already sent go on its left, which only brings its samples nearer the one-shot decode (a sample depends
@@ -178,7 +176,7 @@ class AudioStream:
         self.samples_per_frame = layout.sample_rate // layout.frame_rate
         held = self.settings.context_frames * self.samples_per_frame
         self.crossfade = min(held, int(layout.sample_rate * self.settings.crossfade_ms / 1000))
-        self.columns: list[torch.Tensor] = []
+        self.columns: list[np.ndarray] = []  # one step's codes each (numpy: see ``HiggsEngine._take``)
         self.sent = 0  # frames cut so far
         self.tail: np.ndarray | None = None  # the previous decode of the samples the next piece starts with
         self.heard_from: float | None = None  # when its first audio went out (monotonic)
@@ -197,7 +195,7 @@ class AudioStream:
         """Frames heard once the stream ends: the columns less the begin marker, the delay and the last."""
         return max(0, len(self.columns) - self.codebooks - 1)
 
-    def add(self, column: torch.Tensor) -> None:
+    def add(self, column: np.ndarray) -> None:
         """Take the next column; queue a later piece for the codec when one is due (the engine cuts first
         pieces after the step: ``HiggsEngine._cut_first_pieces``)."""
         self.columns.append(column)
@@ -243,10 +241,10 @@ class AudioStream:
         context."""
         if first is None:
             first = max(0, self.sent - self.settings.context_frames)
-        window = torch.stack(self.columns[1 + first : 1 + available + self.codebooks - 1], dim=1)
-        codes = self.layout.revert_delay(window).clip(0, self.layout.codebook_size - 1)
         spf = self.samples_per_frame
-        piece = Piece(codes, (self.sent - first) * spf, (upto - first) * spf, self.sent == 0)
+        piece = Piece(
+            self._frames(first, available), (self.sent - first) * spf, (upto - first) * spf, self.sent == 0
+        )
         self.sent = upto
         return piece
 
@@ -270,5 +268,14 @@ class AudioStream:
         frames = self.frames
         if frames == 0:
             return AudioCodes(torch.zeros((self.codebooks, 0), dtype=torch.long))
-        reverted = self.layout.revert_delay(torch.stack(self.columns, dim=1))[:, 1 : 1 + frames]
-        return AudioCodes(reverted.clip(0, self.layout.codebook_size - 1).contiguous())
+        return AudioCodes(self._frames(0, frames))
+
+    def _frames(self, first: int, upto: int) -> torch.Tensor:
+        """Frames [first, upto) as codes (codebooks, frames), clipped to the codec's range: codebook ``c`` of
+        frame ``j`` is in column ``1 + j + c`` (the delay pattern, after the begin marker). Made in numpy:
+        on the decoding loop's thread each torch operator would hand the interpreter lock to another
+        thread (``HiggsEngine._take``)."""
+        n = upto - first
+        window = np.stack(self.columns[1 + first : upto + self.codebooks], axis=1)  # (codebooks, n + delay)
+        frames = np.stack([window[c, c : c + n] for c in range(self.codebooks)])
+        return torch.from_numpy(frames.clip(0, self.layout.codebook_size - 1))

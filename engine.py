@@ -68,7 +68,7 @@ from generation import (
     TextPiece,
     Turn,
 )
-from higgs import Higgs, Prompt, revert_delay
+from higgs import Higgs, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,6 @@ class HiggsEngine:
             higgs.codebook_size,
             self.sample_rate,
             self.frame_rate,
-            revert_delay,
         )
         self._pieces = PieceDecoder(
             higgs.codec,
@@ -862,7 +861,7 @@ class HiggsEngine:
         else:
             job.text = Detokenizer(self.higgs.decode_ids, job.request.stop)
         self.steps += 1
-        self._advance(job, first)
+        self._advance(job, first.numpy())
 
     def _step(self) -> None:
         """Launch a step for every running job; with ``lookahead``, take the previous step's tokens while
@@ -902,10 +901,13 @@ class HiggsEngine:
             spent["wait"] += (taken := time.perf_counter()) - started
         self._work.steps += 1
         self._time_on_gpu(launched)
+        # Read as numpy (a view, no copy): every torch operator on a row would hand the interpreter lock to
+        # another thread, which may keep it for Python's switch interval (``bench/bench_lock.py``).
+        rows = out.numpy()
         for slot, job in jobs.items():
             if self._running.get(slot) is job and not job.cancel.is_set():
                 self.steps += 1
-                job.context.run(self._advance, job, out[slot])
+                job.context.run(self._advance, job, rows[slot])
         self._cut_first_pieces()
         now = time.monotonic()
         with self._cond:
@@ -951,7 +953,7 @@ class HiggsEngine:
             job.emit(exc)
             self._leave(job)
 
-    def _advance(self, job: _Job, row: torch.Tensor) -> None:
+    def _advance(self, job: _Job, row: np.ndarray) -> None:
         """Take one step's output for ``job``: stream it, and end the job when it is done."""
         job.steps += 1
         token = int(row[0])
@@ -960,7 +962,7 @@ class HiggsEngine:
         try:
             if request.audio_output:
                 self._frames += 1
-                job.stream.add(row[1:].clone())  # a view would keep the whole step's output alive
+                job.stream.add(row[1:].copy())  # (the step's buffer is reused: a view would change)
                 ended = token == self.higgs.audio_eos_id
             elif token in self.higgs.end_ids:
                 ended = True

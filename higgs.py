@@ -30,13 +30,6 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def revert_delay(columns: torch.Tensor) -> torch.Tensor:
-    """Columns of the delay pattern (codebooks, n) -> frames (codebooks, n - codebooks + 1)."""
-    from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
-
-    return revert_delay_pattern(columns)
-
-
 @dataclass(frozen=True)
 class Prompt:
     inputs: dict  # the model's inputs for this prompt alone

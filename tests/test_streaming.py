@@ -9,7 +9,6 @@ import json
 import numpy as np
 import openai
 import pytest
-import torch
 from conftest import TEST_AUDIO, b64, chat_audio, decoded_seconds, pcm16_samples
 
 import audio_stream
@@ -103,14 +102,46 @@ def test_cloning_streams_like_it_answers(client, openai_client):
 def fed_stream(layout, frames: int) -> audio_stream.AudioStream:
     """A stream fed random columns until it holds ``frames`` frames, its pieces cut as the engine cuts
     them (and dropped)."""
-    generator = torch.Generator().manual_seed(frames)
+    draw = np.random.default_rng(frames)
     stream = audio_stream.AudioStream(None, layout, lambda item: None, lambda: None)
     for _ in range(frames + layout.codebooks + 1):  # the begin marker, the delay, the dropped last frame
-        stream.add(torch.randint(0, layout.codebook_size, (layout.codebooks,), generator=generator))
+        stream.add(draw.integers(0, layout.codebook_size, layout.codebooks))
         if stream.sent == 0 and stream.first_due_in <= 0:
             stream.cut_first()
     assert stream.frames == frames
     return stream
+
+
+def test_a_stream_reverts_the_delay_pattern_as_upstream_does(engine):
+    """A stream turns its columns into frames itself (in numpy: ``AudioStream._frames``): the codes of every
+    piece it cuts, and its whole codes, are what upstream's ``revert_delay_pattern`` gives for the same
+    columns, clipped to the codec's range (some columns here hold values beyond it, as markers do)."""
+    import torch
+    from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
+
+    layout = engine._layout
+    draw = np.random.default_rng(11)
+    stream = audio_stream.AudioStream(None, layout, lambda item: None, lambda: None)
+    cut: list[tuple[int, int, torch.Tensor]] = []
+    real_frames = stream._frames
+
+    def frames(first: int, upto: int) -> torch.Tensor:
+        codes = real_frames(first, upto)
+        cut.append((first, upto, codes))
+        return codes
+
+    stream._frames = frames
+    for _ in range(50 + layout.codebooks + 1):
+        stream.add(draw.integers(0, layout.codebook_size + 2, layout.codebooks))
+        if stream.sent == 0 and stream.first_due_in <= 0:
+            stream.cut_first()
+    stream.final()
+    columns = torch.from_numpy(np.stack(stream.columns, axis=1))
+    upstream = revert_delay_pattern(columns).clip(0, layout.codebook_size - 1)  # frame j: its column 0 is j
+    assert len(cut) > 3 and cut[-1][1] == stream.frames == 50
+    for first, upto, codes in cut:
+        assert torch.equal(codes, upstream[:, 1 + first : 1 + upto]), (first, upto)
+    assert torch.equal(stream.codes().codes, upstream[:, 1 : 1 + stream.frames])
 
 
 def test_a_stream_s_last_piece_decoded_at_the_regular_length_is_the_one_shot_decode(engine):
