@@ -376,13 +376,12 @@ class BatchDecoder:
         ]
         self.keys = [kv[:, 0] for kv in self.cache]
         self.values = [kv[:, 1] for kv in self.cache]
-        self.attend_by_lengths = False
-        """A step's attention reads each row's own keys only, with a variable-length kernel (``_varlen``,
-        FlashAttention's on CUDA) over the cache as it is (``packed_views``), in the length buckets of at
-        least ``by_lengths_from`` positions; elsewhere (and off) every row reads the bucket's keys, those
-        beyond its own masked. The engine turns it on (``HIGGS_ATTENTION_BY_LENGTHS``) where
-        ``check_attention_by_lengths`` passes; set both before graphs are captured."""
-        self.by_lengths_from = 0
+        self.by_lengths_from: int | None = None
+        """In the length buckets of at least this many positions a step's attention reads each row's own
+        keys only, with a variable-length kernel (``_varlen``, FlashAttention's on CUDA) over the cache as
+        it is (``packed_views``); elsewhere (and with None, everywhere) every row reads the bucket's keys,
+        those beyond its own masked. The engine sets it (``HIGGS_ATTENTION_BY_LENGTHS``) where
+        ``check_attention_by_lengths`` passes; set it before graphs are captured."""
         self._varlen = flash_by_lengths
         self._packed = [packed_views(kv) for kv in self.cache]
         self._cu_q = torch.arange(slots + 1, device=dev, dtype=torch.int32)
@@ -1110,8 +1109,8 @@ class BatchDecoder:
         return _plus(residual, mlp.down_proj, mlp.act_fn(gate) * up)
 
     def reads_own_keys(self, length: int) -> bool:
-        """Whether a step in this length bucket attends by each row's length (``attend_by_lengths``)."""
-        return self.attend_by_lengths and length >= self.by_lengths_from
+        """Whether a step in this length bucket attends by each row's length (``by_lengths_from``)."""
+        return self.by_lengths_from is not None and length >= self.by_lengths_from
 
     def _attention(
         self, i, attn, x, cos, sin, mask, index, positions, length, by_lengths, residual

@@ -558,7 +558,7 @@ class HiggsEngine:
 
     def _attend_by_lengths(self, shortest: int) -> None:
         """Let each step in the length buckets of ``shortest`` positions or more read each row's own keys
-        (``BatchDecoder.attend_by_lengths``) where its kernel answers as the masked attention on this device
+        (``BatchDecoder.by_lengths_from``) where its kernel answers as the masked attention on this device
         and dtype (``check_attention_by_lengths``); elsewhere the log says why attention stays masked (a
         warning where the kernel should be there: CUDA in 16 bits)."""
         decoder = self._decoder
@@ -571,8 +571,8 @@ class HiggsEngine:
             )
             return
         agree, seen = decoder.check_attention_by_lengths()
-        decoder.attend_by_lengths, decoder.by_lengths_from = agree, shortest
         if agree:
+            decoder.by_lengths_from = shortest
             log.info("attention by each row's length: on in the length buckets %s (%s)", buckets, seen)
             return
         expected = self.device == "cuda" and decoder.dtype != torch.float32

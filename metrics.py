@@ -3,6 +3,7 @@ the batching engine's slots, queue wait, steps and audio per second, and where i
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -140,14 +141,11 @@ class _WorkCollector(Collector):
             for label, value in values.items():
                 family.add_metric([label], value)
             yield family
-        counts, total = [], 0
-        for bound, count in zip((*STEP_GPU_WAITS, float("inf")), work.step_gpu_waits, strict=True):
-            total += count
-            counts.append((str(bound) if bound != float("inf") else "+Inf", total))
+        cumulative = itertools.accumulate(work.step_gpu_waits)
         yield HistogramMetricFamily(
             "higgs_step_gpu_wait_seconds",
             "CUDA: the GPU's waits between two decoding steps in a row (a late host, or a fill)",
-            buckets=counts,
+            buckets=[(str(b), n) for b, n in zip((*STEP_GPU_WAITS, "+Inf"), cumulative, strict=True)],
             sum_value=work.step_gpu["between"],
         )
         yield CounterMetricFamily(

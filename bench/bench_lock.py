@@ -24,6 +24,8 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -44,6 +46,21 @@ def _module_like(stop: threading.Event) -> None:
     while not stop.is_set():
         [i for i in range(30)]  # noqa: B018 (a little Python between operators)
         torch.add(x, x)
+
+
+@contextmanager
+def _beside(busy: Callable[[threading.Event], None] | None) -> Iterator[None]:
+    """``busy`` running on a thread of its own (None: nothing) for the duration."""
+    stop = threading.Event()
+    thread = threading.Thread(target=busy, args=(stop,)) if busy else None
+    if thread:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if thread:
+            thread.join()
 
 
 def _rows_torch(out: torch.Tensor) -> list:
@@ -100,15 +117,8 @@ def main() -> None:
     for interval in (default, 0.0005):
         sys.setswitchinterval(interval)
         for name, busy in beside.items():
-            stop = threading.Event()
-            thread = threading.Thread(target=busy, args=(stop,)) if busy else None
-            if thread:
-                thread.start()
-            late, work = _waiter(args.rounds)
-            stop.set()
-            if thread:
-                thread.join()
-
+            with _beside(busy):
+                late, work = _waiter(args.rounds)
             print(f"{interval * 1e3:13.1f} ms  {name:<22} {_spread(late):>15} {_spread(work):>15}")
     sys.setswitchinterval(default)
 
@@ -117,16 +127,10 @@ def main() -> None:
     print(f"\na step's 16 rows handled, at {default * 1e3:g} ms; mean / p95 in ms")
     print(f"{'beside':<22} {'torch operators':>17} {'numpy':>15}")
     for name, busy in beside.items():
-        stop = threading.Event()
-        thread = threading.Thread(target=busy, args=(stop,)) if busy else None
-        if thread:
-            thread.start()
         rounds = args.rounds if name != "plain Python" else max(10, args.rounds // 10)  # 5 ms an operator
-        with_torch = _timed(lambda: _rows_torch(out), rounds)
-        with_numpy = _timed(lambda: _rows_numpy(out), args.rounds)
-        stop.set()
-        if thread:
-            thread.join()
+        with _beside(busy):
+            with_torch = _timed(lambda: _rows_torch(out), rounds)
+            with_numpy = _timed(lambda: _rows_numpy(out), args.rounds)
         print(f"{name:<22} {_spread(with_torch):>17} {_spread(with_numpy):>15}")
 
 

@@ -222,7 +222,7 @@ def main() -> None:
                     print(f"attention by each row's length: {'on' if agree else 'OFF'} ({seen})")
                     if not agree:
                         continue
-                    made.attend_by_lengths = True
+                    made.by_lengths_from = 0
                 operators, forward, computing, forward_computing = _operators(made)
                 results[name] = (operators, _step_time(made, args.steps, args.warmup), computing)
                 print(

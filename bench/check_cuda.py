@@ -220,7 +220,7 @@ def by_lengths(model: str, tokenizer: str, tmp, dtype: str, batch: list, masked:
     )  # fmt: skip
     engine = load_engine(settings)
     try:
-        on = engine._decoder.attend_by_lengths
+        on = engine._decoder.by_lengths_from is not None
         print(f"attention by each row's length: {'on' if on else 'OFF (the check failed: see the log)'}")
         if not on:
             return False

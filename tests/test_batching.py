@@ -1827,7 +1827,6 @@ def test_attention_by_lengths_decodes_what_the_masked_attention_does(
         return varlen_reference(*args)
 
     monkeypatch.setattr(engine._decoder, "_varlen", kernel)
-    monkeypatch.setattr(engine._decoder, "attend_by_lengths", True)
     monkeypatch.setattr(engine._decoder, "by_lengths_from", 0)  # every length bucket
     by_lengths = [answer(r) for r in together(client, bodies)]
     monkeypatch.undo()
@@ -1864,7 +1863,6 @@ def test_attention_by_lengths_is_used_from_its_shortest_bucket_on(client, engine
     monkeypatch.setattr(decoder_, "_varlen", kernel)
     masked = answer(post(client, body))
     assert sorted(set(stepped)) == buckets and not kernel_read
-    monkeypatch.setattr(decoder_, "attend_by_lengths", True)
     monkeypatch.setattr(decoder_, "by_lengths_from", buckets[1])
     stepped.clear()
     by_lengths = answer(post(client, body))
@@ -1907,7 +1905,7 @@ def test_the_attention_by_lengths_setting_turns_it_on_where_its_kernel_passes(
         deadline = time.monotonic() + 300
         while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
-        on = app.state.engine._decoder.attend_by_lengths
+        on = app.state.engine._decoder.by_lengths_from is not None
         reads_own_keys = app.state.engine._decoder.reads_own_keys
         assert reads_own_keys(512) == on and not reads_own_keys(511)  # (the shortest bucket: 512)
         checked = calls[0]

@@ -99,20 +99,20 @@ def test_cloning_streams_like_it_answers(client, openai_client):
     assert np.corrcoef(joined, reference)[0, 1] > 0.95
 
 
-def fed_stream(layout, frames: int) -> audio_stream.AudioStream:
-    """A stream fed random columns until it holds ``frames`` frames, its pieces cut as the engine cuts
-    them (and dropped)."""
+def fed_stream(layout, frames: int, beyond: int = 0) -> audio_stream.AudioStream:
+    """A stream fed random columns (values up to ``beyond`` past the codec's range) until it holds ``frames``
+    frames, its pieces cut as the engine cuts them (and dropped)."""
     draw = np.random.default_rng(frames)
     stream = audio_stream.AudioStream(None, layout, lambda item: None, lambda: None)
     for _ in range(frames + layout.codebooks + 1):  # the begin marker, the delay, the dropped last frame
-        stream.add(draw.integers(0, layout.codebook_size, layout.codebooks))
+        stream.add(draw.integers(0, layout.codebook_size + beyond, layout.codebooks))
         if stream.sent == 0 and stream.first_due_in <= 0:
             stream.cut_first()
     assert stream.frames == frames
     return stream
 
 
-def test_a_stream_reverts_the_delay_pattern_as_upstream_does(engine):
+def test_a_stream_reverts_the_delay_pattern_as_upstream_does(engine, monkeypatch):
     """A stream turns its columns into frames itself (in numpy: ``AudioStream._frames``): the codes of every
     piece it cuts, and its whole codes, are what upstream's ``revert_delay_pattern`` gives for the same
     columns, clipped to the codec's range (some columns here hold values beyond it, as markers do)."""
@@ -120,21 +120,16 @@ def test_a_stream_reverts_the_delay_pattern_as_upstream_does(engine):
     from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
 
     layout = engine._layout
-    draw = np.random.default_rng(11)
-    stream = audio_stream.AudioStream(None, layout, lambda item: None, lambda: None)
     cut: list[tuple[int, int, torch.Tensor]] = []
-    real_frames = stream._frames
+    real_frames = audio_stream.AudioStream._frames
 
-    def frames(first: int, upto: int) -> torch.Tensor:
-        codes = real_frames(first, upto)
+    def frames(self, first: int, upto: int) -> torch.Tensor:
+        codes = real_frames(self, first, upto)
         cut.append((first, upto, codes))
         return codes
 
-    stream._frames = frames
-    for _ in range(50 + layout.codebooks + 1):
-        stream.add(draw.integers(0, layout.codebook_size + 2, layout.codebooks))
-        if stream.sent == 0 and stream.first_due_in <= 0:
-            stream.cut_first()
+    monkeypatch.setattr(audio_stream.AudioStream, "_frames", frames)
+    stream = fed_stream(layout, 50, beyond=2)
     stream.final()
     columns = torch.from_numpy(np.stack(stream.columns, axis=1))
     upstream = revert_delay_pattern(columns).clip(0, layout.codebook_size - 1)  # frame j: its column 0 is j
