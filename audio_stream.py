@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextvars
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -57,6 +58,9 @@ class Decode:
     kind: ClassVar[str] = "piece"
     stream: AudioStream
     piece: Piece
+    cut_at: float = field(default_factory=time.monotonic)
+    """When the scheduler cut it (monotonic): a later piece waits at most ``gather`` from then
+    (``codec_due_in``)."""
 
     @property
     def frames(self) -> int:
@@ -95,7 +99,16 @@ ENDS_FIRST = 0.5
 this many seconds of audio in hand (``next_codec_work``). A finished stream's last pieces are what its
 client still waits for (all of them, for an answer that is not streamed), and a listener far ahead of its
 playback loses nothing by waiting a few calls; by the listener who runs out first alone, a stream that had
-seconds in hand kept its last pieces waiting behind every newer stream's."""
+seconds in hand kept its last pieces waiting behind every newer stream's. A later piece waiting to share a
+call (``codec_due_in``) waits only while its listener has this much in hand too."""
+
+GATHER = 0.04
+"""Seconds a stream's later piece waits, on CUDA, for other streams' pieces to share its codec call
+(``codec_due_in``; ``HIGGS_CODEC_GATHER_MS``). A call replayed from a CUDA graph costs about the same for
+one piece as for eight (5 ms on an H200 for 20 frames), and every call runs beside the decoding steps on
+the same GPU. Taken as they came, pieces at 16 concurrent went 3.5 to a call (583 calls of 5.0-5.4 ms in
+8.6 s: the codec busy a third of the time while the steps ran 1.12-1.16x as long as alone); 40 ms is
+about 10 steps there, in which 16 streams cut about 13 pieces."""
 
 
 def is_first(item: CodecWork) -> bool:
@@ -103,17 +116,47 @@ def is_first(item: CodecWork) -> bool:
     return isinstance(item, Decode) and item.piece.first
 
 
+def codec_due_in(pending: list[CodecWork], gather: float, full: int | None = None) -> float:
+    """Seconds until the codec must take up some of ``pending`` (0: now), for a codec whose calls cost
+    about the same whatever their batch (CUDA graphs: ``GATHER``). A stream's later piece may wait up to
+    ``gather`` seconds after it was cut, while its listener has ``ENDS_FIRST`` seconds of audio in hand,
+    for other streams' pieces to share its call; anything else is due at once (a first piece, a
+    reference to encode, every item of a stream whose tokens have ended), and so is a full call: ``full``
+    pieces of one length."""
+    if not gather:
+        return 0.0
+    ended = {id(item.stream) for item in pending if isinstance(item, End)}
+    now = time.monotonic()
+    wait = math.inf
+    lengths: Counter[int] = Counter()
+    for item in pending:
+        if not isinstance(item, Decode) or item.piece.first or id(item.stream) in ended:
+            return 0.0
+        lengths[item.frames] += 1
+        wait = min(wait, item.cut_at + gather - now, item.stream.runs_out - ENDS_FIRST - now)
+    if full is not None and lengths and max(lengths.values()) >= full:
+        return 0.0
+    return max(0.0, wait) if pending else math.inf
+
+
 def next_codec_work(
-    pending: list[CodecWork], max_frames: int | None = None, ends_first: float | None = ENDS_FIRST
+    pending: list[CodecWork],
+    max_frames: int | None = None,
+    ends_first: float | None = ENDS_FIRST,
+    gather: float = 0.0,
+    max_batch: int | None = None,
 ) -> list[CodecWork]:
-    """What to do next: the first piece of a stream that has sent nothing (a listener is waiting for
-    sound; on a CPU the decoding loop too), else a reference to encode (a request waits for it before it
-    can be queued), else the next item of a stream whose tokens have ended, while every other listener
-    has at least ``ends_first`` seconds of audio in hand (None: never), else the next item of the stream
-    whose listener runs out of audio first (the oldest item first would serve the streams that started
-    earlier, with seconds in hand, while one that joined later falls silent); a piece goes together with
-    the other streams' next pieces of the same length, as many as make ``max_frames`` frames at most (all
-    of them when None)."""
+    """What to do next (nothing, while every item may still wait ``gather``: ``codec_due_in``): the first
+    piece of a stream that has sent nothing (a listener is waiting for sound; on a CPU the decoding loop
+    too), else a reference to encode (a request waits for it before it can be queued), else the next item
+    of a stream whose tokens have ended, while every other listener has at least ``ends_first`` seconds of
+    audio in hand (None: never), else the next item of the stream whose listener runs out of audio first
+    (the oldest item first would serve the streams that started earlier, with seconds in hand, while one
+    that joined later falls silent); a piece goes together with the other streams' next pieces of the
+    same length (and each stream's pieces after those, in order, while they have that length too), as
+    many as make ``max_frames`` frames and ``max_batch`` pieces at most (all of them when None)."""
+    if codec_due_in(pending, gather, max_batch) > 0:
+        return []
     heads: dict[int, CodecWork] = {}  # each stream's oldest item: a stream's pieces are joined in order
     for item in pending:  # a reference to encode is a line of its own
         heads.setdefault(id(item if isinstance(item, Encode) else item.stream), item)
@@ -139,10 +182,27 @@ def next_codec_work(
     length = chosen.frames
     same = [i for i in heads.values() if type(i) is type(chosen) and i.frames == length]
     same.sort(key=lambda item: item.stream.runs_out)
-    work = [chosen, *(i for i in same if i is not chosen)]
+    work = []
+    for head in [chosen, *(i for i in same if i is not chosen)]:
+        work.append(head)
+        if isinstance(head, Decode):  # the stream's next pieces of that length, joined after it
+            work.extend(_run_after(pending, head))
     # A row decoded in a batch differs from the piece decoded alone by float32 rounding (up to 1.6e-7: the
     # convolutions choose their arithmetic by batch size), at most a step of 16-bit PCM in a sample.
-    return work if max_frames is None or length == 0 else work[: max(1, max_frames // length)]
+    most = len(work) if max_frames is None or length == 0 else max(1, max_frames // length)
+    return work[: min(most, max_batch or most)]
+
+
+def _run_after(pending: list[CodecWork], head: Decode) -> list[Decode]:
+    """The pieces of ``head``'s stream queued after it, up to the first of another kind or length."""
+    run = []
+    for item in pending[pending.index(head) + 1 :]:
+        if isinstance(item, Encode) or item.stream is not head.stream:
+            continue
+        if not isinstance(item, Decode) or item.frames != head.frames:
+            break
+        run.append(item)
+    return run
 
 
 class AudioStream:

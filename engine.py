@@ -38,6 +38,7 @@ import torch
 
 from audio import Audio
 from audio_stream import (
+    GATHER,
     AudioStream,
     CodecWork,
     Decode,
@@ -45,6 +46,7 @@ from audio_stream import (
     End,
     Layout,
     Piece,
+    codec_due_in,
     is_first,
     next_codec_work,
 )
@@ -237,6 +239,7 @@ class HiggsEngine:
         prefill_batch: int | None = None,
         prefill_beside_steps: bool | None = None,
         attention_by_lengths_from: int | None = None,
+        codec_gather: float | None = None,
     ):
         started = time.perf_counter()
         self.device = device
@@ -347,6 +350,14 @@ class HiggsEngine:
         the time of one by one (``CPU_CODEC_FRAMES``): a burst whose requests were admitted a turn apart
         is heard sooner, the earliest a step later. On CUDA the codec runs beside the loop."""
         self._first_pieces = 0  # first pieces queued for the codec or being decoded (under ``_cond``)
+        self.codec_gather = (
+            (GATHER if self._codec_stream is not None else 0.0) if codec_gather is None else codec_gather
+        )
+        """Seconds a stream's later piece may wait for other streams' to share its codec call
+        (``codec_due_in``). By default ``GATHER`` on CUDA, where a call costs about the same whatever its
+        batch, and none on a CPU, where later pieces are decoded one by one (``CPU_CODEC_FRAMES``)."""
+        self._codec_batch = max(self._decoder.row_buckets()) if self._pieces.graphs_enabled else None
+        """Most pieces in one codec call on CUDA: the largest batch its graphs replay."""
         self._scheduler = threading.Thread(target=self._schedule, name="higgs-decoder", daemon=True)
         self._codec_thread = threading.Thread(target=self._codec_work, name="higgs-codec", daemon=True)
         self._scheduler.start()
@@ -1066,7 +1077,11 @@ class HiggsEngine:
             torch.cuda.set_device(self.higgs.model.device)
         pending: list[CodecWork] = []
         while True:
-            items = [] if pending else [self._codec_queue.get()]
+            wait = codec_due_in(pending, self.codec_gather, self._codec_batch) if pending else None
+            try:  # block while nothing is queued; while pieces gather, until the first is due
+                items = [] if wait == 0 else [self._codec_queue.get(timeout=wait)]
+            except queue.Empty:
+                items = []
             while True:
                 try:
                     items.append(self._codec_queue.get_nowait())
@@ -1077,6 +1092,8 @@ class HiggsEngine:
             for work_items in items:
                 pending.extend(work_items)
             work = self._next_codec_work(pending)
+            if not work:  # they may all wait
+                continue
             pending = [item for item in pending if item not in work]  # (by identity: ``eq=False``)
             firsts = sum(1 for item in work if is_first(item))
             kind = "first_piece" if firsts else work[0].kind
@@ -1101,8 +1118,13 @@ class HiggsEngine:
 
     def _next_codec_work(self, pending: list[CodecWork]) -> list[CodecWork]:
         """``next_codec_work``; on a CPU a batch pays only while its activations fit the caches
-        (``CPU_CODEC_FRAMES``), on CUDA a graph replays any batch."""
-        return next_codec_work(pending, None if self._codec_stream is not None else CPU_CODEC_FRAMES)
+        (``CPU_CODEC_FRAMES``), on CUDA a graph replays any batch up to the largest captured."""
+        return next_codec_work(
+            pending,
+            None if self._codec_stream is not None else CPU_CODEC_FRAMES,
+            gather=self.codec_gather,
+            max_batch=self._codec_batch,
+        )
 
     def _codec_run(self, work: list[CodecWork]) -> None:
         """Encode a reference, end a stream, or decode pieces of several streams in one codec call."""
@@ -1249,4 +1271,5 @@ def load_engine(settings: Settings) -> HiggsEngine:
         prefill_batch=settings.prefill_batch,
         prefill_beside_steps=settings.prefill_beside_steps,
         attention_by_lengths_from=by_lengths_from,
+        codec_gather=None if settings.codec_gather_ms is None else settings.codec_gather_ms / 1e3,
     )

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
     stream_crossfade_ms: float = Field(default=10.0, ge=0, le=40)
     """Streaming: crossfade at each join, in milliseconds (at most the context's length)."""
 
+    codec_gather_ms: float | None = Field(default=None, ge=0, le=1000)
+    """Most milliseconds a stream's later piece waits for other streams' pieces to share a codec call,
+    while its listener has half a second of audio in hand; unset: 40 on CUDA (a call costs about the same
+    for one piece as for many), 0 on a CPU. First pieces and a finished stream's pieces never wait."""
+
     warmup: bool = True
     """Run one short generation (with a reference clip) at start-up, before reporting ready."""
 

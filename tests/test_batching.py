@@ -987,7 +987,11 @@ def test_the_codec_takes_first_pieces_then_references_then_later_pieces(engine):
     later, newcomer = piece(one, False), piece(two, True)
     assert engine._next_codec_work([later, encode, newcomer]) == [newcomer, later]  # same length: together
     assert engine._next_codec_work([later, encode]) == [encode]
-    assert engine._next_codec_work([later, piece(one, False)]) == [later]
+    after = piece(one, False)  # the stream's next piece of that length: with it, in order
+    assert engine._next_codec_work([later, after]) == [later, after]
+    end = audio_stream.End(one, None)
+    work = engine._next_codec_work([later, end, piece(two, False)])
+    assert work[0] is later and end not in work  # not past its end
 
 
 def test_on_a_cpu_the_codec_decodes_a_few_short_pieces_together(engine, monkeypatch):
@@ -1010,6 +1014,75 @@ def test_on_a_cpu_the_codec_decodes_a_few_short_pieces_together(engine, monkeypa
     monkeypatch.setattr(engine, "_codec_stream", object())  # what CUDA's path decides (nothing runs here)
     assert engine._next_codec_work([*laters, *firsts]) == firsts
     assert engine._next_codec_work(laters) == laters
+
+
+def test_a_later_piece_waits_to_share_a_codec_call_only_while_its_listener_has_audio_in_hand(engine):
+    """With a gather (CUDA's default: ``GATHER``), a stream's later piece waits up to that long after it
+    was cut for other streams' pieces, then goes with all of them: a replayed graph costs the same for one
+    piece as for many, and each call runs beside the steps. It goes at once when its listener has less
+    than ``ENDS_FIRST`` in hand, when a first piece, a reference or a stream's end is queued (they are due
+    at once, and the pieces of that length go with them), or when a call's largest batch is waiting."""
+    from types import SimpleNamespace
+
+    now = time.monotonic()
+    gather = audio_stream.GATHER
+
+    def piece(runs_out: float, cut_ago: float = 0.0, first: bool = False, frames: int = 20):
+        owner = SimpleNamespace(runs_out=runs_out, final_frames=12)
+        codes = audio_stream.Piece(torch.zeros((8, frames), dtype=torch.long), 0, 1, first)
+        return audio_stream.Decode(owner, codes, cut_at=now - cut_ago)
+
+    ahead = [piece(now + 3.0, cut_ago=0.01), piece(now + 2.0), piece(now + 5.0)]
+    due_in = audio_stream.codec_due_in(ahead, gather)
+    assert gather - 0.01 - 0.005 < due_in <= gather - 0.01  # the oldest's wait, less what it has waited
+    assert audio_stream.next_codec_work(ahead, gather=gather) == []
+    assert audio_stream.codec_due_in(ahead, 0.0) == 0 and audio_stream.next_codec_work(ahead) != []
+    waited = piece(now + 4.0, cut_ago=gather)  # waited its time: it goes, and every piece of its length
+    work = audio_stream.next_codec_work([*ahead, waited], gather=gather)
+    assert work == [ahead[1], ahead[0], waited, ahead[2]]  # the listener who runs out first first
+    short = piece(now + audio_stream.ENDS_FIRST / 2)  # little in hand: it does not wait
+    assert audio_stream.codec_due_in([*ahead, short], gather) == 0
+    assert audio_stream.codec_due_in([*ahead, piece(-math.inf, first=True, frames=8)], gather) == 0
+    assert audio_stream.codec_due_in([*ahead, audio_stream.Encode(object(), None, None)], gather) == 0
+    result = generation.GenerationResult("", None, "stop", 1, 0, 1, 1, 1.0)
+    ended = [piece(now + 3.0), audio_stream.End(ahead[0].stream, result)]
+    assert audio_stream.codec_due_in([*ahead, *ended], gather) == 0
+    assert audio_stream.codec_due_in(ahead, gather, full=4) > 0
+    assert audio_stream.codec_due_in([*ahead, piece(now + 3.0)], gather, full=4) == 0
+    assert len(audio_stream.next_codec_work([*ahead, piece(now + 3.0)], gather=gather, max_batch=4)) == 4
+    assert len(audio_stream.next_codec_work([*ahead, piece(now + 3.0)], max_batch=2)) == 2
+
+
+def test_with_a_gather_the_streams_later_pieces_share_codec_calls_and_answers_do_not_change(
+    client, engine, monkeypatch
+):
+    """Three streams started together, with a long gather, as if every listener were far ahead of its
+    playback (the tiny engine on a CPU runs near real time) and the codec's batches were CUDA's: their
+    later pieces wait until something is due (their ends, at one step), then go in one call, several
+    streams' and several of a stream's, and each answer is the one it gets alone."""
+    bodies = [chat(seed=90 + i, max_tokens=60, text=f"Gathered number {i}.") for i in range(3)]
+    alone = [answer(post(client, body)) for body in bodies]
+    calls: list[list] = []
+    real_run, real_admissible = engine._codec_run, engine._admissible
+
+    def codec_run(work):
+        if isinstance(work[0], audio_stream.Decode) and not audio_stream.is_first(work[0]):
+            calls.append([item.stream for item in work])
+        real_run(work)
+
+    def admissible():  # (under the engine's lock) nothing is admitted until all of them wait: one burst
+        return real_admissible() if calls or len(engine._waiting) == len(bodies) else []
+
+    monkeypatch.setattr(engine, "codec_gather", 30.0)
+    monkeypatch.setattr(audio_stream, "ENDS_FIRST", -1e9)  # (the margin of ``codec_due_in``)
+    monkeypatch.setattr(engine_module, "CPU_CODEC_FRAMES", 10_000)
+    monkeypatch.setattr(engine, "_codec_run", codec_run)
+    monkeypatch.setattr(engine, "_admissible", admissible)
+    assert [answer(r) for r in together(client, bodies)] == alone
+    assert len(calls) == 1 and len(calls[0]) >= 6, [len(call) for call in calls]
+    assert len(set(map(id, calls[0]))) == len(bodies)  # every stream's in that call, several of each
+    monkeypatch.undo()
+    assert_idle(client, engine)
 
 
 def work_counters(client) -> dict[str, float]:
