@@ -106,9 +106,9 @@ GATHER = 0.04
 """Seconds a stream's later piece waits, on CUDA, for other streams' pieces to share its codec call
 (``codec_due_in``; ``HIGGS_CODEC_GATHER_MS``). A call replayed from a CUDA graph costs about the same for
 one piece as for eight (5 ms on an H200 for 20 frames), and every call runs beside the decoding steps on
-the same GPU. Taken as they came, pieces at 16 concurrent went 3.5 to a call (583 calls of 5.0-5.4 ms in
-8.6 s: the codec busy a third of the time while the steps ran 1.12-1.16x as long as alone); 40 ms is
-about 10 steps there, in which 16 streams cut about 13 pieces."""
+the same GPU. Taken as they came, pieces at 16 concurrent went 3.5 to a call (571-583 calls of 5.0-5.4 ms
+in 8.6-9.1 s of steps: the codec busy a third of the time while the steps ran 1.12-1.16x as long as
+alone); 40 ms is about 10 steps there, in which 16 streams cut about 13 pieces."""
 
 
 def is_first(item: CodecWork) -> bool:

@@ -65,6 +65,12 @@ def _as_it_is(pending: list) -> list:
 ORDERS = {"ends as any other item": _ends_as_any_other, "ends first and together": _as_it_is}
 
 
+def _gathers() -> dict[str, float]:
+    from audio_stream import GATHER
+
+    return {"pieces as they come": 0.0, f"pieces gathered ({GATHER * 1e3:.0f} ms)": GATHER}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,6 +82,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="audio per request")
     parser.add_argument(
         "--rounds", type=int, default=1, help="requests each client sends one after another (a closed loop)"
+    )
+    parser.add_argument(
+        "--compare-gather",
+        action="store_true",
+        help="later pieces taken as they come or gathered for up to GATHER (CUDA's default), alternated "
+        "twice, at --listeners",
     )
     parser.add_argument(
         "--compare-ends",
@@ -92,17 +104,20 @@ def _clients(url: str, n: int, seconds: float, rounds: int, out) -> None:
     latency from its sending, end from the start, audio seconds)."""
     import httpx
 
-    async def one(client: httpx.AsyncClient, start: float) -> tuple[float, float, float, float]:
+    async def one(client: httpx.AsyncClient, start: float) -> tuple[float, ...]:
         body = {"model": "tts-1", "input": TEXT, "voice": "default", "response_format": "pcm", "speed": 1.0}
-        first, received, sent = None, 0, time.perf_counter()
+        first, received, sent, stall = None, 0, time.perf_counter(), 0.0
         async with client.stream("POST", "/v1/audio/speech", json=body) as response:
             response.raise_for_status()
             async for chunk in response.aiter_bytes():
+                now = time.perf_counter()
                 if first is None and chunk:
-                    first = time.perf_counter() - sent
+                    first = now - sent
+                elif chunk:  # a listener playing from its first audio on has heard all it got by then
+                    stall = max(stall, now - sent - first - received / 2 / 24000)
                 received += len(chunk)
         done = time.perf_counter()
-        return first, done - start, received / 2 / 24000, done - sent
+        return first, done - start, received / 2 / 24000, done - sent, stall
 
     async def client_rounds(client: httpx.AsyncClient, start: float) -> list:
         return [await one(client, start) for _ in range(rounds)]
@@ -125,6 +140,7 @@ def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) ->
     import numpy as np
     import torch
 
+    from audio_stream import GATHER, next_codec_work
     from decoder import Launched
 
     decoder = engine._decoder
@@ -168,7 +184,11 @@ def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) ->
     decoder.launch = launch
     decoder.fill = with_delay(decoder.fill)
     engine._pieces.decode = decode
-    engine._next_codec_work = _as_it_is
+    engine._next_codec_work = lambda pending: next_codec_work(
+        pending, None, gather=engine.codec_gather, max_batch=engine._codec_batch
+    )  # as on CUDA, where a graph replays any batch up to the slots
+    engine._codec_batch = engine.slots
+    engine.codec_gather = GATHER
     engine._layout = replace(engine._layout, end_frames=engine.streaming.piece_frames)  # as on CUDA
     engine.lookahead = True
     engine.prefill_beside_steps = True
@@ -204,15 +224,20 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         print(
             f"{'at once':>8} {'audio s/s':>10} {'ceiling':>8} {'ratio':>6} {'first p50':>10} "
             f"{'first p95':>10} {'RTF p50':>8} {'RTF max':>8} {'rows':>5}   host per step: launch / tokens / "
-            "wait; the GPU idle between steps (ms)"
+            "wait; the GPU idle between steps (ms) | codec: later-piece calls, pieces a call, busy share; "
+            "stall max (s)"
         )
         runs = [(n, "") for n in sorted({1, args.listeners})]
-        if args.compare_ends:  # the codec's order for finished streams, both ways, alternated
-            runs = [(args.listeners, label) for _ in range(2) for label in ORDERS]
-        got: dict[str, list[float]] = {label: [] for label in ORDERS}
+        compared = _gathers() if args.compare_gather else ORDERS
+        if args.compare_ends or args.compare_gather:  # two ways of the codec's, alternated
+            runs = [(args.listeners, label) for _ in range(2) for label in compared]
+        got: dict[str, list[float]] = {label: [] for label in compared}
         for n, label in runs:
-            if label:
+            if label in ORDERS:
                 engine._next_codec_work = ORDERS[label]
+            elif label:
+                engine.codec_gather = compared[label]
+            if label:
                 print(label)
             out = context.Queue()
             before, steps_before = engine.work(), engine.steps
@@ -233,17 +258,21 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             per = {k: (after.scheduler[k] - before.scheduler[k]) / done * 1e3 for k in after.scheduler}
             idle = (after.step_gpu["between"] - before.step_gpu["between"]) / done * 1e3
             p95 = firsts[min(len(firsts) - 1, int(round(0.95 * (len(firsts) - 1))))]
+            calls = after.codec_calls["piece"] - before.codec_calls["piece"]
+            pieces = after.codec_pieces - before.codec_pieces - len(results)  # less each one's first piece
+            busy = sum(after.codec.values()) - sum(before.codec.values())
             print(
                 f"{n:>8} {audio / wall:>10.1f} {ceiling:>8.1f} {audio / wall / ceiling:>6.2f} "
                 f"{statistics.median(firsts):>9.3f}s {p95:>9.3f}s {statistics.median(rtf):>8.3f} "
                 f"{rtf[-1]:>8.3f} {rows:>5.1f}   "
-                f"{per['launch']:.3f} / {per['tokens']:.3f} / {per['wait']:.3f}; {idle:.3f}"
+                f"{per['launch']:.3f} / {per['tokens']:.3f} / {per['wait']:.3f}; {idle:.3f} | "
+                f"{calls} {pieces / max(calls, 1):.1f} {busy / wall:.2f}; {max(r[4] for r in results):.3f}"
             )
             if label:
                 got[label].append(audio / wall)
-        if args.compare_ends:
-            old, new = (statistics.mean(got[label]) for label in ORDERS)
-            print(f"audio s per s, ends first and together / as any other item: {new / old:.2f}x")
+        if args.compare_ends or args.compare_gather:
+            old, new = (statistics.mean(got[label]) for label in compared)
+            print(f"audio s per s, {' / '.join(reversed(compared))}: {new / old:.2f}x")
     print(conditions(time.monotonic() - started, load_before))
 
 
