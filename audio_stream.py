@@ -153,8 +153,9 @@ def next_codec_work(
     audio in hand (None: never), else the next item of the stream whose listener runs out of audio first
     (the oldest item first would serve the streams that started earlier, with seconds in hand, while one
     that joined later falls silent); a piece goes together with the other streams' next pieces of the
-    same length (and each stream's pieces after those, in order, while they have that length too), as
-    many as make ``max_frames`` frames and ``max_batch`` pieces at most (all of them when None)."""
+    same length and the ends whose last pieces have it (and each stream's items after those, in order,
+    while they have that length too), as many as make ``max_frames`` frames and ``max_batch`` pieces at
+    most (all of them when None)."""
     if codec_due_in(pending, gather, max_batch) > 0:
         return []
     heads: dict[int, CodecWork] = {}  # each stream's oldest item: a stream's pieces are joined in order
@@ -177,31 +178,33 @@ def next_codec_work(
         chosen = min(heads.values(), key=lambda item: item.stream.runs_out)
     if isinstance(chosen, Encode):
         return [chosen]
-    # Streams' pieces of one length go together, and so do ends whose last pieces have one length: streams
+    # Streams' pieces of one length go together, and so do ends whose last pieces have that length: streams
     # that started together end together, and their ends one call each kept the last client waiting.
     length = chosen.frames
-    same = [i for i in heads.values() if type(i) is type(chosen) and i.frames == length]
+    same = [i for i in heads.values() if not isinstance(i, Encode) and i.frames == length]
     same.sort(key=lambda item: item.stream.runs_out)
-    work = []
-    for head in [chosen, *(i for i in same if i is not chosen)]:
-        work.append(head)
-        if isinstance(head, Decode):  # the stream's next pieces of that length, joined after it
-            work.extend(_run_after(pending, head))
+    work = [chosen, *(i for i in same if i is not chosen)]
+    # Then each stream's next items of that length, its end too (after every stream's first: a batch cut
+    # short keeps each stream's most needed item; a stream's own are still joined in order).
+    work += [item for head in work if isinstance(head, Decode) for item in _run_after(pending, head)]
     # A row decoded in a batch differs from the piece decoded alone by float32 rounding (up to 1.6e-7: the
     # convolutions choose their arithmetic by batch size), at most a step of 16-bit PCM in a sample.
     most = len(work) if max_frames is None or length == 0 else max(1, max_frames // length)
     return work[: min(most, max_batch or most)]
 
 
-def _run_after(pending: list[CodecWork], head: Decode) -> list[Decode]:
-    """The pieces of ``head``'s stream queued after it, up to the first of another kind or length."""
-    run = []
+def _run_after(pending: list[CodecWork], head: Decode) -> list[CodecWork]:
+    """The items of ``head``'s stream queued after it while they decode as many frames: its pieces, then
+    its end."""
+    run: list[CodecWork] = []
     for item in pending[pending.index(head) + 1 :]:
         if isinstance(item, Encode) or item.stream is not head.stream:
             continue
-        if not isinstance(item, Decode) or item.frames != head.frames:
+        if item.frames != head.frames:
             break
         run.append(item)
+        if isinstance(item, End):
+            break
     return run
 
 

@@ -1096,7 +1096,8 @@ class HiggsEngine:
                 continue
             pending = [item for item in pending if item not in work]  # (by identity: ``eq=False``)
             firsts = sum(1 for item in work if is_first(item))
-            kind = "first_piece" if firsts else work[0].kind
+            ends_only = all(isinstance(item, End) for item in work)  # (with pieces, a piece call)
+            kind = "first_piece" if firsts else ("end" if ends_only else "piece")
             started = time.perf_counter()
             with (
                 torch.inference_mode(),
@@ -1110,7 +1111,7 @@ class HiggsEngine:
                     self._work.codec[kind] += time.perf_counter() - started
                     self._work.codec_calls[kind] += 1
                     if kind in ("first_piece", "piece"):
-                        self._work.codec_pieces += len(work)
+                        self._work.codec_pieces += sum(1 for item in work if isinstance(item, Decode))
                     if firsts:  # a decoding loop that stepped aside for them goes on
                         with self._cond:
                             self._first_pieces -= firsts
@@ -1152,11 +1153,10 @@ class HiggsEngine:
         ]
         if not live:
             return
-        try:
-            if isinstance(live[0], End):
-                self._end_streams(live)
-                return
-            audio = self._guarded(self._pieces.decode, torch.stack([item.piece.codes for item in live]))
+        try:  # a stream's last piece is what its stream has not cut yet
+            pieces = [item.piece if isinstance(item, Decode) else item.stream.final() for item in live]
+            codes = [piece.codes for piece in pieces if piece is not None]
+            audio = iter(self._guarded(self._pieces.decode, torch.stack(codes)) if codes else ())
         except BaseException as exc:
             for item in live:  # each stream's line under its own request id
                 item.stream.job.context.run(log.exception, "audio decoding failed")
@@ -1164,9 +1164,13 @@ class HiggsEngine:
                 if isinstance(item, End):  # its slot is already free, and no result follows
                     self._let_go(item.stream.job)
             return
-        for i, item in enumerate(live):
+        for item, piece in zip(live, pieces, strict=True):
+            decoded = None if piece is None else next(audio)[0]
+            if isinstance(item, End):
+                item.stream.job.context.run(self._end_stream, item, piece, decoded)
+                continue
             try:
-                item.stream.job.emit(item.stream.join(item.piece, audio[i, 0]))
+                item.stream.job.emit(item.stream.join(piece, decoded))
             except BaseException as exc:
                 self._fail_stream(item.stream, exc)
 
@@ -1177,17 +1181,6 @@ class HiggsEngine:
             self._cond.notify()
         stream.job.emit(exc)
         self._hold_ends(stream.job, 0.0)  # no next piece follows a failed one
-
-    def _end_streams(self, ends: list[End]) -> None:
-        """Send the ended streams' last pieces (of one length: ``next_codec_work``), decoded in one call,
-        then their results. A failed decode fails them all (``_codec_run``), as a batch of pieces does."""
-        lasts = [end.stream.final() for end in ends]
-        pieces = [last for last in lasts if last is not None]
-        if pieces:
-            audio = iter(self._guarded(self._pieces.decode, torch.stack([last.codes for last in pieces])))
-        for end, last in zip(ends, lasts, strict=True):
-            decoded = None if last is None else next(audio)[0]
-            end.stream.job.context.run(self._end_stream, end, last, decoded)
 
     def _end_stream(self, end: End, last: Piece | None, decoded: np.ndarray | None) -> None:
         """Send an ended stream's last piece (``decoded``) and its result; a fault fails this request

@@ -27,7 +27,12 @@ the ceiling the simulated GPU allows (rows / (step x 25 frames a second)) with t
 engine's host time per step: ``launch`` and ``tokens`` (the host's work) against ``wait`` (the host idle
 for the simulated GPU), and the simulated GPU's idle time between two steps in a row (``/metrics``'
 ``higgs_step_gpu_seconds_total{work="between"}``, from the simulated timing events). A ``wait`` near zero,
-or an idle GPU, means the host is the limit.
+or an idle GPU, means the host is the limit. Then the codec: its calls for later pieces, the pieces a call
+took on average, the share of the wall time it was busy (on a GPU, time it shares with the steps), and
+the longest a listener playing from its first audio on would have heard silence (``stall``). And where a
+request's time went on average: outside the engine (HTTP both ways, its prompt built), waiting in the line
+for a slot, in its slot before its first step and after its last (its fill, its last audio), and stepping
+(its steps at the run's wall time per step): in a closed loop, all but the last leave a slot empty.
 """
 
 from __future__ import annotations
@@ -224,8 +229,8 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         print(
             f"{'at once':>8} {'audio s/s':>10} {'ceiling':>8} {'ratio':>6} {'first p50':>10} "
             f"{'first p95':>10} {'RTF p50':>8} {'RTF max':>8} {'rows':>5}   host per step: launch / tokens / "
-            "wait; the GPU idle between steps (ms) | codec: later-piece calls, pieces a call, busy share; "
-            "stall max (s)"
+            "wait; the GPU idle between steps (ms) | codec: later-piece calls, pieces a call, busy share "
+            "(calls of ends alone); stall max (s)"
         )
         runs = [(n, "") for n in sorted({1, args.listeners})]
         compared = _gathers() if args.compare_gather else ORDERS
@@ -240,6 +245,8 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             if label:
                 print(label)
             out = context.Queue()
+            results_seen: list = []
+            engine.observers.append(results_seen.append)
             before, steps_before = engine.work(), engine.steps
             clients = context.Process(target=_clients, args=(url, n, args.seconds, args.rounds, out))
             clients.start()
@@ -261,12 +268,25 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             calls = after.codec_calls["piece"] - before.codec_calls["piece"]
             pieces = after.codec_pieces - before.codec_pieces - len(results)  # less each one's first piece
             busy = sum(after.codec.values()) - sum(before.codec.values())
+            ends = after.codec_calls["end"] - before.codec_calls["end"]
             print(
                 f"{n:>8} {audio / wall:>10.1f} {ceiling:>8.1f} {audio / wall / ceiling:>6.2f} "
                 f"{statistics.median(firsts):>9.3f}s {p95:>9.3f}s {statistics.median(rtf):>8.3f} "
                 f"{rtf[-1]:>8.3f} {rows:>5.1f}   "
                 f"{per['launch']:.3f} / {per['tokens']:.3f} / {per['wait']:.3f}; {idle:.3f} | "
-                f"{calls} {pieces / max(calls, 1):.1f} {busy / wall:.2f}; {max(r[4] for r in results):.3f}"
+                f"{calls} {pieces / max(calls, 1):.1f} {busy / wall:.2f} ({ends}); "
+                f"{max(r[4] for r in results):.3f}"
+            )
+            engine.observers.remove(results_seen.append)
+            per_step = wall / done
+            stepping = statistics.mean(r.completion_tokens for r in results_seen) * per_step
+            engine_side = statistics.mean(r.seconds + r.queue_seconds for r in results_seen)
+            print(
+                f"{'':>8} a request (ms): outside the engine "
+                f"{(statistics.mean(r[3] for r in results) - engine_side) * 1e3:.1f}, in the line "
+                f"{statistics.mean(r.queue_seconds for r in results_seen) * 1e3:.1f}, in its slot not "
+                f"stepping {(statistics.mean(r.seconds for r in results_seen) - stepping) * 1e3:.1f}, "
+                f"stepping {stepping * 1e3:.1f}"
             )
             if label:
                 got[label].append(audio / wall)

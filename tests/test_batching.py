@@ -266,13 +266,14 @@ def test_a_finished_request_counts_until_its_last_audio_is_decoded(engine, clien
     (seconds behind on a CPU under load): until the result goes out it counts against the bound, the queue
     gauge shows it, and Retry-After's measure of a request's time includes the wait."""
     gate = threading.Event()
-    real_end = engine._end_streams
+    real_run = engine._codec_run
 
-    def slow_end(ends):
-        gate.wait(30)
-        real_end(ends)
+    def slow_end(work):
+        if any(isinstance(item, audio_stream.End) for item in work):
+            gate.wait(30)
+        real_run(work)
 
-    monkeypatch.setattr(engine, "_end_streams", slow_end)
+    monkeypatch.setattr(engine, "_codec_run", slow_end)
     monkeypatch.setattr(engine, "_job_seconds", 0.0)
     released = threading.Event()
     at_each_release(engine, monkeypatch, lambda: released.set() or 0)
@@ -694,10 +695,10 @@ def test_a_fault_in_one_of_the_ends_decoded_together_fails_only_its_request(
     request alone, and the others get their answers."""
     bodies = [chat(seed=70 + i, max_tokens=30, text="The same length for all.") for i in range(3)]
     alone = [answer(post(client, body)) for body in bodies]
-    real_join, real_admissible, real_end = (
+    real_join, real_admissible, real_run = (
         audio_stream.AudioStream.join,
         engine._admissible,
-        engine._end_streams,
+        engine._codec_run,
     )
     ended: list[int] = []
 
@@ -710,12 +711,14 @@ def test_a_fault_in_one_of_the_ends_decoded_together_fails_only_its_request(
         return real_admissible() if ended or len(engine._waiting) == len(bodies) else []
 
     def end_streams(items):
-        ended.append(len(items))
-        real_end(sorted(items, key=lambda end: end.stream.job.request.seed != 71))  # the faulty one first
+        if isinstance(items[0], audio_stream.End):
+            ended.append(len(items))
+            items = sorted(items, key=lambda end: end.stream.job.request.seed != 71)  # the faulty one first
+        real_run(items)
 
     monkeypatch.setattr(audio_stream.AudioStream, "join", join)
     monkeypatch.setattr(engine, "_admissible", admissible)
-    monkeypatch.setattr(engine, "_end_streams", end_streams)
+    monkeypatch.setattr(engine, "_codec_run", end_streams)
     results = together(lenient, bodies)
     assert ended == [3]
     assert results[1].status_code == 500
@@ -974,8 +977,8 @@ def test_the_codec_takes_first_pieces_then_references_then_later_pieces(engine):
     ``test_the_codec_serves_the_listener_who_runs_out_first`` shows); a stream's pieces in order."""
     from types import SimpleNamespace
 
-    def stream() -> object:
-        return SimpleNamespace(runs_out=-math.inf)
+    def stream() -> SimpleNamespace:
+        return SimpleNamespace(runs_out=-math.inf, final_frames=8)
 
     def piece(owner: object, first: bool) -> audio_stream.Decode:
         return audio_stream.Decode(
@@ -989,9 +992,14 @@ def test_the_codec_takes_first_pieces_then_references_then_later_pieces(engine):
     assert engine._next_codec_work([later, encode]) == [encode]
     after = piece(one, False)  # the stream's next piece of that length: with it, in order
     assert engine._next_codec_work([later, after]) == [later, after]
-    end = audio_stream.End(one, None)
-    work = engine._next_codec_work([later, end, piece(two, False)])
-    assert work[0] is later and end not in work  # not past its end
+    # Its end too, when its last piece has that length, after every stream's next piece (a batch cut to
+    # what fits keeps those); not when it has another length.
+    end, other = audio_stream.End(one, None), piece(two, False)
+    assert engine._next_codec_work([later, end, other]) == [later, other, end]
+    one.final_frames = 5
+    assert engine._next_codec_work([later, end, other]) == [later, other]
+    done = audio_stream.End(stream(), None)  # a stream with nothing else queued: its end with the pieces
+    assert engine._next_codec_work([done, other]) == [done, other]
 
 
 def test_on_a_cpu_the_codec_decodes_a_few_short_pieces_together(engine, monkeypatch):
@@ -1053,21 +1061,21 @@ def test_a_later_piece_waits_to_share_a_codec_call_only_while_its_listener_has_a
     assert len(audio_stream.next_codec_work([*ahead, piece(now + 3.0)], max_batch=2)) == 2
 
 
-def test_with_a_gather_the_streams_later_pieces_share_codec_calls_and_answers_do_not_change(
-    client, engine, monkeypatch
-):
+def test_with_a_gather_the_streams_later_pieces_and_ends_share_one_codec_call(client, engine, monkeypatch):
     """Three streams started together, with a long gather, as if every listener were far ahead of its
-    playback (the tiny engine on a CPU runs near real time) and the codec's batches were CUDA's: their
-    later pieces wait until something is due (their ends, at one step), then go in one call, several
-    streams' and several of a stream's, and each answer is the one it gets alone."""
+    playback (the tiny engine on a CPU runs near real time), with CUDA's batches and CUDA's ends (decoded
+    at the regular pieces' length): their later pieces wait until something is due (their ends, at one
+    step), then go in one call with the ends, several streams' and several of a stream's, each stream's
+    in order; each answer is the one it gets alone."""
+    monkeypatch.setattr(engine, "_layout", replace(engine._layout, end_frames=engine.streaming.piece_frames))
     bodies = [chat(seed=90 + i, max_tokens=60, text=f"Gathered number {i}.") for i in range(3)]
     alone = [answer(post(client, body)) for body in bodies]
     calls: list[list] = []
     real_run, real_admissible = engine._codec_run, engine._admissible
 
     def codec_run(work):
-        if isinstance(work[0], audio_stream.Decode) and not audio_stream.is_first(work[0]):
-            calls.append([item.stream for item in work])
+        if not audio_stream.is_first(work[0]):
+            calls.append(list(work))
         real_run(work)
 
     def admissible():  # (under the engine's lock) nothing is admitted until all of them wait: one burst
@@ -1079,8 +1087,13 @@ def test_with_a_gather_the_streams_later_pieces_share_codec_calls_and_answers_do
     monkeypatch.setattr(engine, "_codec_run", codec_run)
     monkeypatch.setattr(engine, "_admissible", admissible)
     assert [answer(r) for r in together(client, bodies)] == alone
-    assert len(calls) == 1 and len(calls[0]) >= 6, [len(call) for call in calls]
-    assert len(set(map(id, calls[0]))) == len(bodies)  # every stream's in that call, several of each
+    assert len(calls) == 1, [[item.kind for item in call] for call in calls]
+    (work,) = calls
+    ends = [item for item in work if isinstance(item, audio_stream.End)]
+    assert len(ends) == len(bodies) and len(work) - len(ends) >= 6  # several pieces of each stream
+    for end in ends:  # each stream's pieces before its end
+        own = [item for item in work if item.stream is end.stream]
+        assert own[-1] is end and len(own) >= 3
     monkeypatch.undo()
     assert_idle(client, engine)
 

@@ -172,13 +172,17 @@ def test_streams_end_with_their_last_piece_at_the_regular_length_through_http(cl
     same codes (nearer the one-shot decode, above)."""
     body = chat_body(seed=5, max_tokens=80)
     ends: list[tuple[int, int]] = []
-    real_end = engine._end_streams
+    real_run = engine._codec_run
 
     def end_streams(items):
-        ends.extend((item.frames, item.stream.frames - item.stream.sent) for item in items)
-        real_end(items)
+        ends.extend(
+            (item.frames, item.stream.frames - item.stream.sent)
+            for item in items
+            if isinstance(item, audio_stream.End)
+        )
+        real_run(items)
 
-    monkeypatch.setattr(engine, "_end_streams", end_streams)
+    monkeypatch.setattr(engine, "_codec_run", end_streams)
     as_is = whole(client, body)
     regular = engine.streaming.piece_frames
     monkeypatch.setattr(engine, "_layout", dataclasses.replace(engine._layout, end_frames=regular))
