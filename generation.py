@@ -290,13 +290,14 @@ class EngineWork:
     stepping aside while a first piece is with the codec). On CUDA a ``wait`` near zero means the GPU waits
     for the host. ``codec`` and ``codec_calls``: the codec thread's seconds and calls by work: ``first_piece``
     and ``piece`` (``codec_pieces`` pieces in all: more than one a call is a batch of several streams'
-    pieces), ``end`` (streams' last pieces: of those that end together, in one call) and ``encode`` (a voice
-    reference). ``step_gpu`` (CUDA, from events around each step on the GPU's own clock): ``step``, the
-    seconds from a step's first kernel starting to its last ending (its own work, slowed by whatever else
-    runs on the GPU meanwhile: the codec, fills), and ``between``, from a step's end to the next one's start
-    for steps in a row (the next launched before this one's tokens were taken: the loop's lookahead): the
-    GPU waiting for the host, or for a fill the next step must follow; ``step_gpu_waits`` counts those waits
-    by the bounds of ``STEP_GPU_WAITS`` (the last count: longer than all of them).
+    pieces; with them, ends of their length), ``end`` (streams' last pieces alone: of those that end
+    together, in one call) and ``encode`` (a voice reference). ``step_gpu`` (CUDA, from events around each
+    step on the GPU's own clock): ``step``, the seconds from a step's first kernel starting to its last
+    ending (its own work, slowed by whatever else runs on the GPU meanwhile: the codec, fills), and
+    ``between``, from a step's end to the next one's start for steps in a row (the next launched before
+    this one's tokens were taken: the loop's lookahead): the GPU waiting for the host, or for a fill the
+    next step must follow; ``step_gpu_waits`` counts those waits by the bounds of ``STEP_GPU_WAITS`` (the
+    last count: longer than all of them).
     """
 
     scheduler: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SCHEDULER_WORK, 0.0))
