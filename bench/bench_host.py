@@ -238,8 +238,9 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             runs = [(args.listeners, label) for _ in range(2) for label in compared]
         got: dict[str, list[float]] = {label: [] for label in compared}
         for n, label in runs:
-            if label in ORDERS:
+            if label in ORDERS:  # (the order takes pieces as they come: the codec thread waits for none)
                 engine._next_codec_work = ORDERS[label]
+                engine.codec_gather = 0.0
             elif label:
                 engine.codec_gather = compared[label]
             if label:
