@@ -190,6 +190,9 @@ def ends_graphed(engine, answers: list) -> bool:
     eager = engine._pieces.eager_calls
     print(f"codec: the last pieces decoded at {end} frames; {eager} calls without a graph "
           f"({short} streams shorter than that)")  # fmt: skip
+    work = engine.work()  # (the later pieces gathered for up to ``codec_gather``, ends with them)
+    calls = ", ".join(f"{kind} {n}" for kind, n in work.codec_calls.items() if n)
+    print(f"codec calls: {calls}; {work.codec_pieces} pieces; gather {engine.codec_gather * 1e3:g} ms")
     return end > 0 and eager <= short
 
 
