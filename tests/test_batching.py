@@ -1646,7 +1646,8 @@ def test_the_default_slots_are_16_on_a_gpu_and_8_on_the_cpu(settings):
 
 def test_the_engine_sizes_its_slots_and_line_to_the_memory_free(settings, engine, tmp_path, monkeypatch):
     """On a GPU (its free memory faked: the tiny engine runs on the CPU) the engine makes as many of the
-    slots wanted as fit beside the headroom, and a waiting line twice as long; /metrics shows them."""
+    slots wanted as fit beside the headroom, and a waiting line twice as long; /metrics shows them. (And
+    ``HIGGS_CODEC_GATHER_MS`` reaches the engine: by default nothing waits on a CPU.)"""
     from fastapi.testclient import TestClient
 
     from app import create_app
@@ -1654,13 +1655,16 @@ def test_the_engine_sizes_its_slots_and_line_to_the_memory_free(settings, engine
     slot_bytes = sum(kv[0].numel() * kv.element_size() for kv in engine._decoder.cache)
     free = int(engine_module.GPU_HEADROOM_GB * 1024**3) + 5 * slot_bytes + slot_bytes // 2
     monkeypatch.setattr(engine_module, "_free_memory", lambda device: free)
-    changes = {"stt_model": "", "warmup": False, "voices_dir": tmp_path, "max_batch_size": 16}
+    changes = {
+        "stt_model": "", "warmup": False, "voices_dir": tmp_path, "max_batch_size": 16, "codec_gather_ms": 25,
+    }  # fmt: skip
     app = create_app(settings.model_copy(update=changes))
     with TestClient(app) as client:
         deadline = time.monotonic() + 300
         while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert (app.state.engine.slots, app.state.engine.max_queue) == (5, 10)
+        assert (app.state.engine.codec_gather, engine.codec_gather) == (0.025, 0.0)
         assert "higgs_batch_slots 5.0" in client.get("/metrics").text
         body = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "wav", "seed": 1}
         assert client.post("/v1/audio/speech", json=body).status_code == 200
