@@ -432,8 +432,11 @@ class BatchDecoder:
         self._graphs_dropped: list[torch.cuda.CUDAGraph] = []
         self._graph_pool = None
         self._side_stream: torch.cuda.Stream | None = None
-        self._host: list[torch.Tensor] | None = None  # two pinned buffers for the steps' tokens (CUDA)
+        self._host: list[torch.Tensor] | None = None  # pinned buffers for the steps' tokens (CUDA)
         self._flip = 0
+        self.host_buffers = 2
+        """Pinned buffers the steps' tokens come back to in turn (CUDA): one more than the steps launched
+        before the oldest one's tokens are read (the engine's ``lookahead_steps``)."""
 
     # ---- slots ----------------------------------------------------------------------------------------
 
@@ -793,10 +796,10 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def launch(self) -> Launched:
-        """Start a step (``step`` without waiting): on CUDA its output comes back to one of two pinned host
-        buffers while the caller goes on, so that the host's work on one step's tokens overlaps the GPU's
-        work on the next. The slots' state on the device already holds the step's result, so the next step
-        can be launched before this one's tokens are read."""
+        """Start a step (``step`` without waiting): on CUDA its output comes back to one of the pinned host
+        buffers (``host_buffers``) while the caller goes on, so that the host's work on one step's tokens
+        overlaps the GPU's work on the next. The slots' state on the device already holds the step's result,
+        so the next step can be launched before this one's tokens are read."""
         rows, length = self._shape()
         any_text = bool(self.text_rows)
         all_text = len(self.text_rows) == len(self.busy)
@@ -810,11 +813,14 @@ class BatchDecoder:
             self.lengths[slot] += 1
         if self.device.type != "cuda":
             return Launched(out, None)
-        if self._host is None:
+        if self._host is None or len(self._host) != self.host_buffers:
             shape = (self.slots, 1 + self.codebooks)
-            self._host = [torch.empty(shape, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self._host = [
+                torch.empty(shape, dtype=torch.long, pin_memory=True) for _ in range(self.host_buffers)
+            ]
+            self._flip = 0
         host = self._host[self._flip][:rows]
-        self._flip ^= 1  # the buffer is read before the step after next is launched
+        self._flip = (self._flip + 1) % len(self._host)  # read before this buffer's next turn is launched
         host.copy_(out, non_blocking=True)
         ready = torch.cuda.Event(enable_timing=True)
         ready.record()

@@ -240,6 +240,7 @@ class HiggsEngine:
         prefill_beside_steps: bool | None = None,
         attention_by_lengths_from: int | None = None,
         codec_gather: float | None = None,
+        lookahead_steps: int = 1,
     ):
         started = time.perf_counter()
         self.device = device
@@ -249,17 +250,20 @@ class HiggsEngine:
         self.sample_rate = higgs.sample_rate
         self.frame_rate = higgs.frame_rate
         self.num_codebooks = higgs.num_codebooks
-        self.max_context = max(kv_cache_lengths)
+        slot_length = max(kv_cache_lengths)
+        self.max_context = slot_length - (lookahead_steps - 1)
+        """Most prompt and output tokens of a request: a slot's length, less the positions that the steps
+        launched ahead (``lookahead_steps``) past a request's last token write into."""
         self.slots = kv_slots(
             max_batch_size,
-            higgs.kv_bytes(self.max_context),
-            self.max_context,
+            higgs.kv_bytes(slot_length),
+            slot_length,
             kv_cache_gb,
             _free_memory(device),
         )
         """Requests decoded together (rows of the batch)."""
         self._decoder = higgs.decoder(
-            self.slots, self.max_context, graphs=cuda_graphs, length_buckets=sorted(kv_cache_lengths)
+            self.slots, slot_length, graphs=cuda_graphs, length_buckets=sorted(kv_cache_lengths)
         )
         if attention_by_lengths_from is not None:
             self._attend_by_lengths(attention_by_lengths_from)
@@ -316,7 +320,13 @@ class HiggsEngine:
         self.lookahead = device == "cuda"
         """Launch each step before taking the previous one's tokens (on the CPU a step is done when launched,
         so there it would only delay every token by a step)."""
-        self._in_flight: tuple[Launched, dict[int, _Job]] | None = None
+        self.lookahead_steps = lookahead_steps
+        """With ``lookahead``, the steps launched and not yet taken after each launch: 1, a step runs on the
+        GPU while the host takes the one before; 2, the host may be late by up to a step's time without the
+        GPU waiting (``higgs_step_gpu_seconds_total{work="between"}`` counts what it waits), each finished
+        row's slot freed a step later and every token read a step later."""
+        self._decoder.host_buffers = lookahead_steps + 1
+        self._in_flight: deque[tuple[Launched, dict[int, _Job]]] = deque()  # launched, oldest first
         self.failure: str | None = None
         """Set when CUDA failed in a way that needs a restart; the engine refuses work from then on."""
         self.observers: list[Callable[[GenerationResult], None]] = []
@@ -369,7 +379,7 @@ class HiggsEngine:
             higgs.model.dtype,
             time.perf_counter() - started,
             self.slots,
-            self.max_context,
+            self._decoder.max_len,
             self.sample_rate,
             self.frame_rate,
         )
@@ -691,7 +701,7 @@ class HiggsEngine:
                     self._step()
             except BaseException as exc:  # a bug here must not stop the engine for every later request
                 log.exception("the scheduler failed; failing the requests it was decoding or admitting")
-                self._in_flight = None
+                self._in_flight.clear()
                 for running in list(self._running.values()):
                     running.emit(exc)
                     self._leave(running)
@@ -890,14 +900,15 @@ class HiggsEngine:
         if not self.lookahead:
             self._take(launched, jobs)
             return
-        previous = self._in_flight
+        in_flight = self._in_flight
+        previous = in_flight[-1] if in_flight else None
         if previous is not None and any(self._running.get(slot) is job for slot, job in previous[1].items()):
             # Launched before that one's tokens were taken, in a run of steps (after an idle spell the step
             # in flight is an old one, whose requests all left: the GPU's wait since is not the host's).
             launched = replace(launched, after=previous[0].ready)
-        self._in_flight = (launched, jobs)
-        if previous is not None:
-            self._take(*previous)
+        in_flight.append((launched, jobs))
+        while len(in_flight) > self.lookahead_steps:
+            self._take(*in_flight.popleft())
 
     def _take(self, launched: Launched, jobs: dict[int, _Job]) -> None:
         """Stream a step's tokens to the jobs it was launched for that still hold their slots."""
@@ -959,7 +970,7 @@ class HiggsEngine:
 
     def _fail_running(self, exc: BaseException) -> None:
         log.exception("decoding step failed", exc_info=exc)
-        self._in_flight = None
+        self._in_flight.clear()
         for job in list(self._running.values()):
             job.emit(exc)
             self._leave(job)
@@ -1265,4 +1276,5 @@ def load_engine(settings: Settings) -> HiggsEngine:
         prefill_beside_steps=settings.prefill_beside_steps,
         attention_by_lengths_from=by_lengths_from,
         codec_gather=None if settings.codec_gather_ms is None else settings.codec_gather_ms / 1e3,
+        lookahead_steps=settings.lookahead_steps,
     )

@@ -121,11 +121,13 @@ def assert_idle(client, engine) -> None:
     assert f"higgs_batch_slots {float(engine.slots)}" in metrics
 
 
-@pytest.fixture(params=[False, True], ids=["step by step", "lookahead"])
+@pytest.fixture(params=[0, 1, 2], ids=["step by step", "lookahead", "two steps ahead"])
 def lookahead(request, engine, monkeypatch):
-    """The engine taking each step's tokens before launching the next (the CPU's way) or while the next one
-    runs (CUDA's): nothing a client gets may differ."""
-    monkeypatch.setattr(engine, "lookahead", request.param)
+    """The engine taking each step's tokens before launching the next (the CPU's way), while the next one
+    runs (CUDA's), or while the next two run (``HIGGS_LOOKAHEAD_STEPS=2``): nothing a client gets may
+    differ."""
+    monkeypatch.setattr(engine, "lookahead", request.param > 0)
+    monkeypatch.setattr(engine, "lookahead_steps", max(1, request.param))
     return request.param
 
 
@@ -1279,6 +1281,37 @@ def test_temperature_zero_without_a_seed_is_deterministic(client):
     first, second = answer(post(client, body)), answer(post(client, body))
     assert first == second
     assert [answer(r) for r in together(client, [body, body])] == [first, first]
+
+
+def test_steps_launched_ahead_are_as_many_as_set_and_a_request_may_still_fill_its_context(settings):
+    """With ``HIGGS_LOOKAHEAD_STEPS=2`` the loop takes a step's tokens while the two launched after it are
+    in flight, and the context a request may fill is a slot's length less the one position the second
+    step ahead writes past its last token: a request at that bound decodes to its end, one more is a 400
+    (``context_length_exceeded``) before any decoding."""
+    from engine import load_engine
+
+    engine = load_engine(settings.model_copy(update={"kv_cache_lengths": [256], "lookahead_steps": 2}))
+    try:
+        assert (engine.max_context, engine._decoder.max_len, engine._decoder.host_buffers) == (255, 256, 3)
+        engine.lookahead = True  # (CUDA's way; a CPU takes each step's tokens before the next)
+        in_flight: list[int] = []
+        real_take = engine._take
+
+        def take(launched, jobs):
+            in_flight.append(len(engine._in_flight))  # the steps still in flight beside this one
+            real_take(launched, jobs)
+
+        engine._take = take
+        request = generation.GenerationRequest([generation.Turn("user", "Fill it.")], True, 1, 0.7, 0.95, 50)
+        prompt = engine._prepare(request).tokens
+        room = replace(request, max_new_tokens=engine.max_context - prompt, seed=3)
+        result = asyncio.run(engine.generate(room))
+        assert (result.completion_tokens, result.finish_reason) == (room.max_new_tokens, "length")
+        assert max(in_flight) == 2 and in_flight.count(2) >= room.max_new_tokens - 1
+        with pytest.raises(generation.ContextLengthError):
+            asyncio.run(engine.generate(replace(room, max_new_tokens=room.max_new_tokens + 1)))
+    finally:
+        engine.close()
 
 
 def test_an_impossible_max_tokens_is_a_400_before_queueing(client, engine):
