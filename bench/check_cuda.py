@@ -4,21 +4,22 @@ Run:  python bench/check_cuda.py --device cuda [--dtype float32] [--model M --au
       .venv/bin/python bench/check_cuda.py            # a dry run of the script on the CPU (no graphs there)
 
 The engine is loaded through ``load_engine`` on CUDA twice, over the tiny random-weight models of
-``tests/tiny_models.py`` unless a model is named: with CUDA graphs (the default) and without. For the first
+``tests/tiny_models.py`` unless a model is named: with CUDA graphs (the default) and two steps launched ahead
+(``HIGGS_LOOKAHEAD_STEPS=2``: three host buffers in turn), and without graphs, one step ahead. For the first
 it prints how many graphs of the decoding step and of the codec were captured and which shapes failed (none
 should: a failed shape decodes eagerly for good, several times slower); and that a slot filled on the prefill
 stream while steps run holds what a fill alone gives it (``prefill_beside_steps``); for the second, the
-decoder's own prefill against upstream's forward (``own_prefill``); then the same requests go
-through each engine: 4 seeded audio requests at once (one of them greedy) and a text request beside
-them. Their answers are compared: in float32 a graph replays the kernels that the eager step runs, so
-the tokens should be the same; in bfloat16 they should mostly be (a graph's cuBLAS may choose other
-kernels). Each engine's steps must have been timed on the GPU (``EngineWork.step_gpu``, from their CUDA
-events: counted, and no more per step than the loop's time), and the streams' last pieces must have gone
-through the codec's graphs (``Layout.end_frames``). The two attend masked; in 16 bits a third engine runs
-with attention by each row's length in every bucket (``HIGGS_ATTENTION_BY_LENGTHS``): its start-up check
-must pass, and its answers are compared with the masked engine's. Exits non-zero when a capture failed,
-when a slot filled beside steps differs, when float32 answers or prefills differ, when steps went untimed,
-when a last piece was decoded without a graph, or when attention by lengths failed its check.
+decoder's own prefill against upstream's forward (``own_prefill``); then the same requests go through each
+engine: 4 seeded audio requests at once (one of them greedy) and a text request beside them. Their answers are
+compared: in float32 a graph replays the kernels that the eager step runs, so the tokens should be the same;
+in bfloat16 they should mostly be (a graph's cuBLAS may choose other kernels). Each engine's steps must have
+been timed on the GPU (``EngineWork.step_gpu``, from their CUDA events: counted, and no more per step than the
+loop's time), and the streams' last pieces must have gone through the codec's graphs (``Layout.end_frames``).
+The two attend masked; in 16 bits a third engine runs with attention by each row's length in every bucket
+(``HIGGS_ATTENTION_BY_LENGTHS``): its start-up check must pass, and its answers are compared with the masked
+engine's. Exits non-zero when a capture failed, when a slot filled beside steps differs, when float32 answers
+or prefills differ, when steps went untimed, when a last piece was decoded without a graph, or when attention
+by lengths failed its check.
 """
 
 from __future__ import annotations
@@ -259,9 +260,10 @@ def main() -> int:
         batch = requests(generation)
         seen, ok = {}, True
         for graphs in (True, False):
+            # (the graphs two steps ahead, HIGGS_LOOKAHEAD_STEPS=2, against eager steps one ahead)
             settings = service_settings(
                 model, tokenizer, tmp / "voices", device=device, dtype=dtype, cuda_graphs=graphs,
-                max_batch_size=8, warmup=False, attention_by_lengths=False,
+                max_batch_size=8, warmup=False, attention_by_lengths=False, lookahead_steps=1 + graphs,
             )  # fmt: skip
             started = time.perf_counter()
             engine = load_engine(settings)
