@@ -240,7 +240,7 @@ class HiggsEngine:
         prefill_beside_steps: bool | None = None,
         attention_by_lengths_from: int | None = None,
         codec_gather: float | None = None,
-        lookahead_steps: int = 1,
+        lookahead_steps: int | None = None,
     ):
         started = time.perf_counter()
         self.device = device
@@ -251,6 +251,7 @@ class HiggsEngine:
         self.frame_rate = higgs.frame_rate
         self.num_codebooks = higgs.num_codebooks
         slot_length = max(kv_cache_lengths)
+        lookahead_steps = lookahead_steps or (2 if device == "cuda" else 1)
         self.max_context = slot_length - (lookahead_steps - 1)
         """Most prompt and output tokens of a request: a slot's length, less the positions that the steps
         launched ahead (``lookahead_steps``) past a request's last token write into."""
@@ -322,10 +323,9 @@ class HiggsEngine:
         so there it would only delay every token by a step)."""
         self.lookahead_steps = lookahead_steps
         """With ``lookahead``, the steps launched and not yet taken after each launch: 1, a step runs on the
-        GPU while the host takes the one before; 2, the host may be late by up to a step's time without the
-        GPU waiting (``higgs_step_gpu_seconds_total{work="between"}`` counts what it waits), each finished
-        row's slot freed a step later and every token read a step later."""
-        self._decoder.host_buffers = lookahead_steps + 1
+        GPU while the host takes the one before; 2 (CUDA's default), the host may be late by up to a step's
+        time without the GPU waiting (``higgs_step_gpu_seconds_total{work="between"}`` counts what it
+        waits), each finished row's slot freed a step later and every token read a step later."""
         self._in_flight: deque[tuple[Launched, dict[int, _Job]]] = deque()  # launched, oldest first
         self.failure: str | None = None
         """Set when CUDA failed in a way that needs a restart; the engine refuses work from then on."""
@@ -385,6 +385,14 @@ class HiggsEngine:
         )
 
     # ---- the async face ------------------------------------------------------------------------------------
+
+    @property
+    def lookahead_steps(self) -> int:
+        return self._decoder.host_buffers - 1
+
+    @lookahead_steps.setter
+    def lookahead_steps(self, steps: int) -> None:
+        self._decoder.host_buffers = steps + 1  # (the buffers the steps in flight and the one read use)
 
     @property
     def pending(self) -> int:

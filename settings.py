@@ -130,9 +130,10 @@ class Settings(BaseSettings):
     stream_crossfade_ms: float = Field(default=10.0, ge=0, le=40)
     """Streaming: crossfade at each join, in milliseconds (at most the context's length)."""
 
-    lookahead_steps: int = Field(default=1, ge=1, le=4)
-    """CUDA: decoding steps launched ahead of the one whose tokens the host reads (2: the host may be late
-    by a whole step's time without the GPU waiting; a finished request's slot is free a step later)."""
+    lookahead_steps: int | None = Field(default=None, ge=1, le=4)
+    """CUDA: decoding steps launched ahead of the one whose tokens the host reads; unset: 2 on CUDA (the
+    host may be late by a whole step's time without the GPU waiting; a request may fill one position less
+    of its slot), 1 on a CPU (where steps are not launched ahead)."""
 
     codec_gather_ms: float | None = Field(default=None, ge=0, le=1000)
     """Most milliseconds a stream's later piece waits for other streams' pieces to share a codec call,

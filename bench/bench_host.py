@@ -42,6 +42,7 @@ import asyncio
 import multiprocessing
 import os
 import statistics
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -70,6 +71,19 @@ def _as_it_is(pending: list) -> list:
 ORDERS = {"ends as any other item": _ends_as_any_other, "ends first and together": _as_it_is}
 
 
+AHEAD = {"one step ahead": 1, "two steps ahead": 2}
+
+
+def _bursts_of_python(ms: float, stop) -> None:
+    """Plain Python for ``ms``, then a sleep as long, until ``stop`` (it holds the interpreter lock while it
+    runs, up to Python's switch interval at a time)."""
+    while not stop.is_set():
+        until = time.perf_counter() + ms / 1e3
+        while time.perf_counter() < until:
+            sum(range(200))
+        stop.wait(ms / 1e3)
+
+
 def _gathers() -> dict[str, float]:
     from audio_stream import GATHER
 
@@ -87,6 +101,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="audio per request")
     parser.add_argument(
         "--rounds", type=int, default=1, help="requests each client sends one after another (a closed loop)"
+    )
+    parser.add_argument(
+        "--python-beside",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="a thread in the server running plain Python in bursts of MS ms, MS ms apart (as an event loop "
+        "under load holds the interpreter lock)",
+    )
+    parser.add_argument(
+        "--compare-ahead",
+        action="store_true",
+        help="steps launched one and two ahead (HIGGS_LOOKAHEAD_STEPS), alternated twice, at --listeners",
     )
     parser.add_argument(
         "--compare-gather",
@@ -233,14 +260,20 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             "(calls of ends alone); stall max (s)"
         )
         runs = [(n, "") for n in sorted({1, args.listeners})]
-        compared = _gathers() if args.compare_gather else ORDERS
-        if args.compare_ends or args.compare_gather:  # two ways of the codec's, alternated
+        compared = _gathers() if args.compare_gather else AHEAD if args.compare_ahead else ORDERS
+        if args.compare_ends or args.compare_gather or args.compare_ahead:  # two ways, alternated
             runs = [(args.listeners, label) for _ in range(2) for label in compared]
+        if args.python_beside:
+            stop = threading.Event()
+            threading.Thread(target=_bursts_of_python, args=(args.python_beside, stop), daemon=True).start()
+            print(f"beside the loop: plain Python in bursts of {args.python_beside} ms, as far apart")
         got: dict[str, list[float]] = {label: [] for label in compared}
         for n, label in runs:
             if label in ORDERS:  # (the order takes pieces as they come: the codec thread waits for none)
                 engine._next_codec_work = ORDERS[label]
                 engine.codec_gather = 0.0
+            elif label in AHEAD:
+                engine.lookahead_steps = AHEAD[label]
             elif label:
                 engine.codec_gather = compared[label]
             if label:
@@ -291,7 +324,9 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             )
             if label:
                 got[label].append(audio / wall)
-        if args.compare_ends or args.compare_gather:
+        if args.python_beside:
+            stop.set()
+        if args.compare_ends or args.compare_gather or args.compare_ahead:
             old, new = (statistics.mean(got[label]) for label in compared)
             print(f"audio s per s, {' / '.join(reversed(compared))}: {new / old:.2f}x")
     print(conditions(time.monotonic() - started, load_before))

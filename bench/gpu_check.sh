@@ -8,10 +8,10 @@
 #      per second, first audio p50/p95, latency (per-stream RTF = latency over the audio's length); the
 #      server's /metrics after each (steps, the loop's time by work, the GPU's time and waits per step);
 #      then a server whose codec takes later pieces as they come (HIGGS_CODEC_GATHER_MS=0, against the
-#      default's 40 ms gather), one that launches two steps ahead (HIGGS_LOOKAHEAD_STEPS=2) and one with
-#      Python's switch interval at 0.5 ms instead of 5 (SWITCH=: how long a thread waits for the
-#      interpreter lock before it asks for it; bench/bench_lock.py), side by side (GPU_CHECK_SERVERS and
-#      GPU_CHECK_LOADS name other servers, or another revision's, and loads);
+#      default's 40 ms gather), one that launches one step ahead (HIGGS_LOOKAHEAD_STEPS=1, against the
+#      default's 2) and one with Python's switch interval at 0.5 ms instead of 5 (SWITCH=: how long a
+#      thread waits for the interpreter lock before it asks for it; bench/bench_lock.py), side by side
+#      (GPU_CHECK_SERVERS and GPU_CHECK_LOADS name other servers, or another revision's, and loads);
 #   2. a prefill alone at 1, 4 and 8 prompts, and at 1 and 8 with a voice reference, with the engine's
 #      choices undone side by side, and where its time goes (bench/bench_prefill.py);
 #   3. one decoding step alone at 1 and 16 rows, 512 and 1,024 positions, with attention masked and by
@@ -149,7 +149,7 @@ serve_and_load() {  # serve_and_load LABEL "LOADS" [TREE=DIR] [SWITCH=S] [VAR=VA
 #   mkdir -p .gpu-bench/old && git archive REV | tar -x -C .gpu-bench/old   (then "old TREE=.gpu-bench/old")
 SERVERS="${GPU_CHECK_SERVERS:-default
 nogather HIGGS_CODEC_GATHER_MS=0
-ahead2 HIGGS_LOOKAHEAD_STEPS=2
+ahead1 HIGGS_LOOKAHEAD_STEPS=1
 switch SWITCH=0.0005}"
 LOADS="${GPU_CHECK_LOADS:-1:2 4:8 16:32 16:96}"
 if [[ $SKIP != *load* ]]; then

@@ -1283,12 +1283,15 @@ def test_temperature_zero_without_a_seed_is_deterministic(client):
     assert [answer(r) for r in together(client, [body, body])] == [first, first]
 
 
-def test_steps_launched_ahead_are_as_many_as_set_and_a_request_may_still_fill_its_context(settings):
-    """With ``HIGGS_LOOKAHEAD_STEPS=2`` the loop takes a step's tokens while the two launched after it are
-    in flight, and the context a request may fill is a slot's length less the one position the second
-    step ahead writes past its last token: a request at that bound decodes to its end, one more is a 400
-    (``context_length_exceeded``) before any decoding."""
+def test_steps_launched_ahead_are_as_many_as_set_and_a_request_may_still_fill_its_context(settings, engine):
+    """With ``HIGGS_LOOKAHEAD_STEPS=2`` (CUDA's default) the loop takes a step's tokens while the two
+    launched after it are in flight, and the context a request may fill is a slot's length less the one
+    position the second step ahead writes past its last token: a request at that bound decodes to its end,
+    one more is refused before any decoding (a 400, ``context_length_exceeded``). A CPU, which takes each
+    step's tokens at once, keeps the whole slot."""
     from engine import load_engine
+
+    assert (engine.lookahead, engine.lookahead_steps, engine.max_context) == (False, 1, 8192)
 
     engine = load_engine(settings.model_copy(update={"kv_cache_lengths": [256], "lookahead_steps": 2}))
     try:
