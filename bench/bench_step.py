@@ -99,7 +99,7 @@ def _decoder(module, engine, inputs, rows: int, length: int):
     decoder = module.BatchDecoder(
         engine.higgs.model,
         slots=rows,
-        max_len=engine.max_context,
+        max_len=engine._decoder.max_len,
         audio_out_token=engine.higgs.config.audio_out_token_idx,
         audio_eos_token=engine.higgs.audio_eos_id,
         suppress_in_text=engine.higgs.audio_start_ids,
