@@ -32,7 +32,7 @@ took on average, the share of the wall time it was busy (on a GPU, time it share
 the longest a listener playing from its first audio on would have heard silence (``stall``). And where a
 request's time went on average: outside the engine (HTTP both ways, its prompt built), waiting in the line
 for a slot, in its slot before its first step and after its last (its fill, its last audio), and stepping
-(its steps at the run's wall time per step): in a closed loop, all but the last leave a slot empty.
+(its steps at the loop's time per step): in a closed loop, all but the last leave a slot empty.
 """
 
 from __future__ import annotations
@@ -223,6 +223,7 @@ def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) ->
     engine.codec_gather = GATHER
     engine._layout = replace(engine._layout, end_frames=engine.streaming.piece_frames)  # as on CUDA
     engine.lookahead = True
+    engine.lookahead_steps = 2  # (CUDA's default)
     engine.prefill_beside_steps = True
     engine.prefill_in_one_pass = True
     engine.yield_to_first_pieces = False
@@ -312,7 +313,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
                 f"{max(r[4] for r in results):.3f}"
             )
             engine.observers.remove(results_seen.append)
-            per_step = wall / done
+            per_step = (per["launch"] + per["wait"] + per["tokens"]) / 1e3  # the loop's time a step
             stepping = statistics.mean(r.completion_tokens for r in results_seen) * per_step
             engine_side = statistics.mean(r.seconds + r.queue_seconds for r in results_seen)
             print(
