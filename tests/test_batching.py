@@ -1035,19 +1035,19 @@ def test_a_later_piece_waits_to_share_a_codec_call_only_while_its_listener_has_a
     from types import SimpleNamespace
 
     now = time.monotonic()
-    gather = audio_stream.GATHER
+    gather = 10.0  # (``GATHER`` is 40 ms: longer here, so that a slow CI machine cannot outrun a wait)
 
     def piece(runs_out: float, cut_ago: float = 0.0, first: bool = False, frames: int = 20):
         owner = SimpleNamespace(runs_out=runs_out, final_frames=12)
         codes = audio_stream.Piece(torch.zeros((8, frames), dtype=torch.long), 0, 1, first)
         return audio_stream.Decode(owner, codes, cut_at=now - cut_ago)
 
-    ahead = [piece(now + 3.0, cut_ago=0.01), piece(now + 2.0), piece(now + 5.0)]
+    ahead = [piece(now + 30.0, cut_ago=0.01), piece(now + 20.0), piece(now + 50.0)]
     due_in = audio_stream.codec_due_in(ahead, gather)
     assert 0 < due_in <= gather - 0.01  # the oldest's wait, less what it has waited (and this test's time)
     assert audio_stream.next_codec_work(ahead, gather=gather) == []
     assert audio_stream.codec_due_in(ahead, 0.0) == 0 and audio_stream.next_codec_work(ahead) != []
-    waited = piece(now + 4.0, cut_ago=gather)  # waited its time: it goes, and every piece of its length
+    waited = piece(now + 40.0, cut_ago=gather)  # waited its time: it goes, and every piece of its length
     work = audio_stream.next_codec_work([*ahead, waited], gather=gather)
     assert work == [ahead[1], ahead[0], waited, ahead[2]]  # the listener who runs out first first
     short = piece(now + audio_stream.ENDS_FIRST / 2)  # little in hand: it does not wait
@@ -1055,12 +1055,12 @@ def test_a_later_piece_waits_to_share_a_codec_call_only_while_its_listener_has_a
     assert audio_stream.codec_due_in([*ahead, piece(-math.inf, first=True, frames=8)], gather) == 0
     assert audio_stream.codec_due_in([*ahead, audio_stream.Encode(object(), None, None)], gather) == 0
     result = generation.GenerationResult("", None, "stop", 1, 0, 1, 1, 1.0)
-    ended = [piece(now + 3.0), audio_stream.End(ahead[0].stream, result)]
+    ended = [piece(now + 30.0), audio_stream.End(ahead[0].stream, result)]
     assert audio_stream.codec_due_in([*ahead, *ended], gather) == 0
     assert audio_stream.codec_due_in(ahead, gather, full=4) > 0
-    assert audio_stream.codec_due_in([*ahead, piece(now + 3.0)], gather, full=4) == 0
-    assert len(audio_stream.next_codec_work([*ahead, piece(now + 3.0)], gather=gather, max_batch=4)) == 4
-    assert len(audio_stream.next_codec_work([*ahead, piece(now + 3.0)], max_batch=2)) == 2
+    assert audio_stream.codec_due_in([*ahead, piece(now + 30.0)], gather, full=4) == 0
+    assert len(audio_stream.next_codec_work([*ahead, piece(now + 30.0)], gather=gather, max_batch=4)) == 4
+    assert len(audio_stream.next_codec_work([*ahead, piece(now + 30.0)], max_batch=2)) == 2
 
 
 def test_with_a_gather_the_streams_later_pieces_and_ends_share_one_codec_call(client, engine, monkeypatch):
