@@ -158,9 +158,10 @@ def next_codec_work(
     most (all of them when None)."""
     if codec_due_in(pending, gather, max_batch) > 0:
         return []
-    heads: dict[int, CodecWork] = {}  # each stream's oldest item: a stream's pieces are joined in order
+    lines: dict[int, list[CodecWork]] = {}  # each stream's items in order (they are joined in order)
     for item in pending:  # a reference to encode is a line of its own
-        heads.setdefault(id(item if isinstance(item, Encode) else item.stream), item)
+        lines.setdefault(id(item if isinstance(item, Encode) else item.stream), []).append(item)
+    heads = {key: line[0] for key, line in lines.items()}
     firsts = [item for item in heads.values() if is_first(item)]
     encodes = [item for item in pending if isinstance(item, Encode)]
     ended = {id(item.stream) for item in pending if isinstance(item, End)}
@@ -186,25 +187,21 @@ def next_codec_work(
     work = [chosen, *(i for i in same if i is not chosen)]
     # Then each stream's next items of that length, its end too (after every stream's first: a batch cut
     # short keeps each stream's most needed item; a stream's own are still joined in order).
-    work += [item for head in work if isinstance(head, Decode) for item in _run_after(pending, head)]
+    work += [item for head in work for item in _run_after(lines[id(head.stream)], length)]
     # A row decoded in a batch differs from the piece decoded alone by float32 rounding (up to 1.6e-7: the
     # convolutions choose their arithmetic by batch size), at most a step of 16-bit PCM in a sample.
     most = len(work) if max_frames is None or length == 0 else max(1, max_frames // length)
     return work[: min(most, max_batch or most)]
 
 
-def _run_after(pending: list[CodecWork], head: Decode) -> list[CodecWork]:
-    """The items of ``head``'s stream queued after it while they decode as many frames: its pieces, then
-    its end."""
+def _run_after(line: list[CodecWork], frames: int) -> list[CodecWork]:
+    """A stream's items after its first while they decode ``frames`` frames: its pieces, then its end (the
+    last item a stream queues)."""
     run: list[CodecWork] = []
-    for item in pending[pending.index(head) + 1 :]:
-        if isinstance(item, Encode) or item.stream is not head.stream:
-            continue
-        if item.frames != head.frames:
+    for item in line[1:]:
+        if item.frames != frames:
             break
         run.append(item)
-        if isinstance(item, End):
-            break
     return run
 
 

@@ -1095,12 +1095,10 @@ class HiggsEngine:
         if self._codec_stream is not None:
             torch.cuda.set_device(self.higgs.model.device)
         pending: list[CodecWork] = []
+        items: list = []
         while True:
-            wait = codec_due_in(pending, self.codec_gather, self._codec_batch) if pending else None
-            try:  # block while nothing is queued; while pieces gather, until the first is due
-                items = [] if wait == 0 else [self._codec_queue.get(timeout=wait)]
-            except queue.Empty:
-                items = []
+            if not pending and not items:
+                items.append(self._codec_queue.get())
             while True:
                 try:
                     items.append(self._codec_queue.get_nowait())
@@ -1110,8 +1108,14 @@ class HiggsEngine:
                 return
             for work_items in items:
                 pending.extend(work_items)
+            items = []
             work = self._next_codec_work(pending)
-            if not work:  # they may all wait
+            if not work:  # they may all wait: until the first is due, or more come
+                due_in = codec_due_in(pending, self.codec_gather, self._codec_batch)
+                try:
+                    items.append(self._codec_queue.get(timeout=due_in))
+                except queue.Empty:
+                    pass
                 continue
             pending = [item for item in pending if item not in work]  # (by identity: ``eq=False``)
             firsts = sum(1 for item in work if is_first(item))

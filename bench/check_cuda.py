@@ -263,7 +263,8 @@ def main() -> int:
             # (the graphs two steps ahead, HIGGS_LOOKAHEAD_STEPS=2, against eager steps one ahead)
             settings = service_settings(
                 model, tokenizer, tmp / "voices", device=device, dtype=dtype, cuda_graphs=graphs,
-                max_batch_size=8, warmup=False, attention_by_lengths=False, lookahead_steps=1 + graphs,
+                max_batch_size=8, warmup=False, attention_by_lengths=False,
+                lookahead_steps=2 if graphs else 1,
             )  # fmt: skip
             started = time.perf_counter()
             engine = load_engine(settings)
