@@ -190,7 +190,8 @@ class _Job:
         self.cancel = cancel
         self.context = contextvars.copy_context()  # the request id, for log lines on the worker threads
         self.queued = time.monotonic()
-        self.started = 0.0
+        self.started = 0.0  # taken into a slot (monotonic)
+        self.joined = 0.0  # its first token taken (monotonic)
         self.deadline = math.inf
         self.slot = -1
         self.admission: Admission | None = None  # from when it is taken into a slot
@@ -883,6 +884,7 @@ class HiggsEngine:
 
     def _joined(self, job: _Job, first: torch.Tensor) -> None:
         """A prefilled job starts decoding: it runs from the next step, its first token taken now."""
+        job.joined = time.monotonic()
         with self._cond:
             self._running[job.slot] = job
         if job.request.audio_output:
@@ -1034,20 +1036,18 @@ class HiggsEngine:
             prompt_audio_tokens=job.prompt.audio_tokens,
             completion_tokens=job.steps,
             completion_audio_tokens=job.steps if job.request.audio_output else 0,
-            seconds=time.monotonic() - job.started,
             audio_seconds=frames / self.frame_rate,
-            queue_seconds=job.started - job.queued,
+            **self._phases(job, time.monotonic()),
         )
         for observe in self.observers:
             observe(partial)
 
     def _complete(self, job: _Job, reason: Literal["stop", "length"]) -> None:
         self._leave(job, audio_to_come=job.stream is not None)
+        now = time.monotonic()
         if job.request.keep_slot and not job.cancel.is_set():  # (a client gone takes no next piece)
             with self._cond:
-                now = time.monotonic()
                 self._held[job] = _Hold(since=now, until=now + HOLD_WHILE_DECODING)
-        seconds = time.monotonic() - job.started
         request = job.request
         text = ""
         if job.text is not None:
@@ -1062,8 +1062,7 @@ class HiggsEngine:
             prompt_audio_tokens=job.prompt.audio_tokens,
             completion_tokens=job.steps,
             completion_audio_tokens=job.steps if request.audio_output else 0,
-            seconds=seconds,
-            queue_seconds=job.started - job.queued,
+            **self._phases(job, now),
         )
         if job.stream is not None:  # the codec thread sends the last piece, then the result
             if job.stream.sent == 0 and job.stream.first_due_in <= 0:
@@ -1071,6 +1070,18 @@ class HiggsEngine:
             self._handover.append(End(job.stream, result))
         else:
             self._finish(job, result)
+
+    @staticmethod
+    def _phases(job: _Job, now: float) -> dict[str, float]:
+        """A result's times when its tokens end at ``now``: from its slot, and each part (a job that
+        never joined spent them all in its fill)."""
+        joined = job.joined or now
+        return {
+            "seconds": now - job.started,
+            "queue_seconds": job.started - job.queued,
+            "fill_seconds": joined - job.started,
+            "decode_seconds": now - joined,
+        }
 
     def _finish(self, job: _Job, result: GenerationResult) -> None:
         # A request's time from its slot to its result (its audio's last piece decoded): Retry-After's unit.

@@ -141,6 +141,10 @@ class GenerationResult:
     """The answer's audio frames as heard (delay pattern reverted), (codebooks, frames) on the CPU."""
     queue_seconds: float = 0.0
     """Time the request waited for a slot."""
+    fill_seconds: float = 0.0
+    """From its slot to its first token: its prompt's prefill, and the wait for a fill before it."""
+    decode_seconds: float = 0.0
+    """From its first token to its last (``seconds`` less this and ``fill_seconds``: the codec's tail)."""
 
 
 @dataclass(frozen=True)

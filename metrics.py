@@ -50,6 +50,14 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
             registry=self.registry,
         )
+        self.phase_seconds = Histogram(
+            "higgs_generation_phase_seconds",
+            "A generation's time in its slot by phase: fill (its prefill and any fill before it), decode "
+            "(its first token to its last), finish (its last token to its result: the codec's tail)",
+            ["phase"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300),
+            registry=self.registry,
+        )
         self.slots = Gauge(
             "higgs_batch_slots", "Decoding slots (most requests decoded together)", registry=self.registry
         )
@@ -105,6 +113,14 @@ class Metrics:
         """Record one generation, finished or stopped early (called on the engine's threads)."""
         self.generation_seconds.observe(result.seconds)
         self.queue_wait.observe(result.queue_seconds)
+        if result.fill_seconds or result.decode_seconds:  # (results made by the engine's slots)
+            finish = max(0.0, result.seconds - result.fill_seconds - result.decode_seconds)
+            for phase, seconds in (
+                ("fill", result.fill_seconds),
+                ("decode", result.decode_seconds),
+                ("finish", finish),
+            ):
+                self.phase_seconds.labels(phase=phase).observe(seconds)
         if result.audio_seconds > 0:
             self.audio_seconds.inc(result.audio_seconds)
             self.realtime_factor.observe(result.seconds / result.audio_seconds)

@@ -31,8 +31,9 @@ or an idle GPU, means the host is the limit. Then the codec: its calls for later
 took on average, the share of the wall time it was busy (on a GPU, time it shares with the steps), and
 the longest a listener playing from its first audio on would have heard silence (``stall``). And where a
 request's time went on average: outside the engine (HTTP both ways, its prompt built), waiting in the line
-for a slot, in its slot before its first step and after its last (its fill, its last audio), and stepping
-(its steps at the loop's time per step): in a closed loop, all but the last leave a slot empty.
+for a slot, its fill (from its slot to its first token: its prefill and any fill before it), decoding (its
+first token to its last) and its last audio (the codec's tail; the engine's results, as
+``higgs_generation_phase_seconds`` has them): in a closed loop, all but decoding leave a slot empty.
 """
 
 from __future__ import annotations
@@ -313,16 +314,17 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
                 f"{max(r[4] for r in results):.3f}"
             )
             engine.observers.remove(results_seen.append)
-            per_step = (per["launch"] + per["wait"] + per["tokens"]) / 1e3  # the loop's time a step
-            stepping = statistics.mean(r.completion_tokens for r in results_seen) * per_step
-            engine_side = statistics.mean(r.seconds + r.queue_seconds for r in results_seen)
-            print(
-                f"{'':>8} a request (ms): outside the engine "
-                f"{(statistics.mean(r[3] for r in results) - engine_side) * 1e3:.1f}, in the line "
-                f"{statistics.mean(r.queue_seconds for r in results_seen) * 1e3:.1f}, in its slot not "
-                f"stepping {(statistics.mean(r.seconds for r in results_seen) - stepping) * 1e3:.1f}, "
-                f"stepping {stepping * 1e3:.1f}"
-            )
+            mean = {
+                "outside the engine": statistics.mean(r[3] for r in results)
+                - statistics.mean(r.seconds + r.queue_seconds for r in results_seen),
+                "in the line": statistics.mean(r.queue_seconds for r in results_seen),
+                "its fill": statistics.mean(r.fill_seconds for r in results_seen),
+                "decoding": statistics.mean(r.decode_seconds for r in results_seen),
+                "its last audio": statistics.mean(
+                    r.seconds - r.fill_seconds - r.decode_seconds for r in results_seen
+                ),
+            }
+            print(f"{'':>8} a request (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in mean.items()))
             if label:
                 got[label].append(audio / wall)
         if args.python_beside:

@@ -6,7 +6,8 @@
 #   1. the service under load (bench/load.py, 10 s speech requests streamed as pcm): 1 stream alone, then
 #      4 and 16 at once (16 twice: 32 and 96 requests, the second nearer the steady state): audio seconds
 #      per second, first audio p50/p95, latency (per-stream RTF = latency over the audio's length); the
-#      server's /metrics after each (steps, the loop's time by work, the GPU's time and waits per step);
+#      server's /metrics after each (steps, the loop's time by work, the GPU's time and waits per step, a
+#      request's time in the line, its fill, its decoding and its last audio: what leaves a slot empty);
 #      then a server whose codec takes later pieces as they come (HIGGS_CODEC_GATHER_MS=0, against the
 #      default's 40 ms gather), one that launches one step ahead (HIGGS_LOOKAHEAD_STEPS=1, against the
 #      default's 2) and one with Python's switch interval at 0.5 ms instead of 5 (SWITCH=: how long a
@@ -134,7 +135,7 @@ serve_and_load() {  # serve_and_load LABEL "LOADS" [TREE=DIR] [SWITCH=S] [VAR=VA
       say "-- ($label) $n at once, $total requests of ${SECONDS_OF_SPEECH} s speech (pcm, streamed)"
       run 150 "$PY" bench/load.py --base-url "http://127.0.0.1:$PORT" --concurrency $n --requests $total \
         --mix speech --text "$text" --timeout 120 --max-seconds 120
-      curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^higgs_(decode_steps_total|scheduler_seconds_total|prefill|codec_(seconds|calls|pieces)_total|step_gpu|batch_slots)" \
+      curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^higgs_(decode_steps_total|scheduler_seconds_total|prefill|codec_(seconds|calls|pieces)_total|step_gpu|batch_slots|(generation(_phase)?|queue_wait)_seconds_(sum|count))" \
         | tee -a "$RESULTS"
     done
     grep -E "ERROR|CRITICAL|Traceback" "$OUT/server-$label.log" | head -5 | tee -a "$RESULTS"

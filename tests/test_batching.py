@@ -173,6 +173,61 @@ def test_eight_concurrent_requests_each_get_their_own_answer(client, engine, sto
     assert_idle(client, engine)
 
 
+def test_a_results_time_is_split_into_its_fill_its_decoding_and_its_last_audio(client, engine, monkeypatch):
+    """``fill_seconds`` (slot to first token), ``decode_seconds`` (first token to last) and the rest (the
+    codec's tail) each hold their own part: a fill slowed by a second shows in the fill alone, a stream's last
+    codec call slowed by a second in its tail alone (the others within half a second of their times
+    unslowed: this machine's noise); ``/metrics`` has them by phase."""
+    seen: list = []
+    real_fill, real_run = engine._decoder.fill, engine._codec_run
+
+    def slow_fill(admissions, batch=None):
+        time.sleep(1.0)
+        return real_fill(admissions, batch)
+
+    def slow_end(work):
+        if any(isinstance(item, audio_stream.End) for item in work):
+            time.sleep(1.0)
+        return real_run(work)
+
+    def phases(body: dict):
+        engine.observers.append(seen.append)
+        try:
+            assert post(client, body).status_code == 200
+            settle(engine)
+        finally:
+            engine.observers.remove(seen.append)
+        result = seen.pop()
+        tail = result.seconds - result.fill_seconds - result.decode_seconds
+        assert min(result.fill_seconds, result.decode_seconds, tail) >= 0
+        return result.fill_seconds, result.decode_seconds, tail
+
+    def sums() -> dict[str, float]:
+        lines = client.get("/metrics").text.splitlines()
+        names = [f'higgs_generation_phase_seconds_sum{{phase="{p}"}}' for p in ("fill", "decode", "finish")]
+        return {
+            name: float(next((line for line in lines if line.startswith(name)), "x 0").split()[-1])
+            for name in [*names, "higgs_generation_seconds_sum"]
+        }
+
+    before = sums()
+    body = chat(seed=21, max_tokens=20)
+    fill, decode, tail = phases(body)
+    monkeypatch.setattr(engine._decoder, "fill", slow_fill)
+    slow = phases(body)
+    assert slow[0] >= 1.0 and slow[1] < decode + 0.5 and slow[2] < tail + 0.5
+    monkeypatch.setattr(engine._decoder, "fill", real_fill)
+    monkeypatch.setattr(engine, "_codec_run", slow_end)
+    slow = phases(body)
+    assert slow[2] >= 1.0 and slow[0] < fill + 0.5 and slow[1] < decode + 0.5
+    text = phases(text_chat(seed=22, max_tokens=8))
+    assert text[2] < 0.5  # a text answer's result goes out with its last token
+    added = [after - before[name] for name, after in sums().items()]
+    assert added[0] >= 1.0 and added[2] >= 1.0  # the slowed fill, the slowed tail
+    assert sum(added[:3]) == pytest.approx(added[3])  # the phases make up each result's time
+    assert_idle(client, engine)
+
+
 def test_running_requests_step_on_while_newcomers_are_prefilled(client, engine, monkeypatch, lookahead):
     """CUDA's way (``prefill_beside_steps``): the prefill thread fills the newcomers' slots while the running
     request goes on stepping, and they join at the step after their fill is done. Every answer is the one it
