@@ -67,6 +67,14 @@ on recent GPUs, builds a plan for every sequence length it has not seen, and pro
 on an H200 (full-size model, bfloat16) one prompt of a length not seen before took 92 ms with cuDNN allowed,
 38 ms without (``bench/bench_prefill.py``, side by side). The step graphs keep it (fixed shapes)."""
 
+PREFILL_GRAPH_LENGTHS = (64, 128, 256, 512, 1024)
+"""The lengths a prefill of prompts of text alone is padded to on CUDA, each a CUDA graph per number of prompts
+(``capture_prefill_graphs``): the smallest that holds the longest prompt. A prefill was mostly the host's
+time, launching the layers' kernels one by one (on an H200 with the full-size model 12.8 ms for one prompt and
+37.6 ms for eight, their GPU work a few ms), while the decoding loop's own host work waits for the interpreter
+lock; a replay is one launch. The price: the GPU computes up to twice the prompt's positions. Longer prompts,
+and prompts with a voice reference (whose codes upstream's merge puts in place, with host reads), run eagerly."""
+
 BY_LENGTHS_TOLERANCE = {torch.float32: 1e-5}
 """How far attention by each row's length may be from the masked attention (``check_attention_by_lengths``):
 the largest difference of one attention's output against its largest value, by dtype; 2e-2 for the 16-bit
@@ -136,6 +144,17 @@ class Launched:
         if self.ready is not None:
             self.ready.synchronize()
         return self.tokens
+
+
+@dataclass
+class _PrefillGraph:
+    """A captured prefill of ``rows`` prompts padded to one length: its input buffers and its logits."""
+
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor  # [rows, length], each prompt's tokens on the right
+    pads: torch.Tensor  # [rows], the positions before each prompt's first token
+    where: torch.Tensor  # [rows], the slots
+    logits: torch.Tensor  # [rows, 1, vocab], the last position's
 
 
 def _signed64(value: int) -> int:
@@ -342,6 +361,13 @@ class BatchDecoder:
         self.own_prefill = True
         """Prefill with the decoder's own layers (``_prefill_own``) what they can take; off, every prompt
         goes through upstream's forward (``check_own_prefill`` turns it off when the two disagree)."""
+        self.prefill_lengths: tuple[int, ...] = ()
+        """The lengths prompts of text alone are padded to (``_padded_length``): on CUDA
+        ``PREFILL_GRAPH_LENGTHS``, set by ``capture_prefill_graphs``, where a captured graph runs the pass
+        (``_prefill_graphs``); elsewhere (the tests) the same padded pass runs eagerly."""
+        self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
+        self._prefill_pool = None  # not the steps' pool: a fill runs beside the steps
+        self._prefill_capture: torch.cuda.Stream | None = None
 
         # Each layer is "dual" (audio tokens take their own norms and FFN), "skip" (fast-forward: audio
         # tokens keep their input hidden state) or "plain" (one path for every token).
@@ -643,14 +669,22 @@ class BatchDecoder:
         norms do the work: upstream's forward launched about 1,270 kernels for one 112-token prompt of
         Higgs Audio v2 (most of its 38 ms on an H200 was the host's), and its layers synced with the GPU
         six times each to pick text and audio rows; this pass syncs only inside upstream's merge (with a
-        reference), never in the layers. A padded row's positions count from its first real token; a
-        padding position attends to itself alone (a row of nothing but masked keys would make NaNs, which
-        the values' product would carry into real rows)."""
+        reference), never in the layers. A padded row's positions count from its first real token
+        (``_prompt_mask``). Prompts of text alone are padded further to one of ``prefill_lengths`` where
+        one holds them (``_prefill_padded``: on CUDA a captured graph's replay)."""
         model = self.model
-        ids = inputs["input_ids"].to(self.device)
-        hidden = model.embed_tokens(ids)
         codes = inputs.get("audio_out_ids")
         dual = codes is not None and codes.numel() > 0
+        if not dual:
+            rows, total = inputs["input_ids"].shape
+            lengths = self._lengths(admissions, total, batched)
+            length = self._padded_length(rows, total)
+            if length is not None:
+                logits = self._prefill_padded(inputs["input_ids"], lengths, admissions, length)
+                return lengths, None if all(a.audio_output for a in admissions) else logits
+        ids = inputs["input_ids"].to(self.device)
+        hidden = model.embed_tokens(ids)
+        is_code = None
         if dual:
             from boson_multimodal.model.higgs_audio.utils import merge_input_ids_with_audio_features
 
@@ -666,19 +700,32 @@ class BatchDecoder:
         rows, total = hidden.shape[:2]
         lengths = self._lengths(admissions, total, batched)
         pads = [total - length for length in lengths]
-        ahead = torch.tensor(pads, device=self.device)[:, None]
-        positions = (self._arange[None, :total] - ahead).clamp_(min=0)
+        ahead = torch.tensor(pads, device=self.device)
+        positions = (self._arange[None, :total] - ahead[:, None]).clamp_(min=0)
+        mask = self._prompt_mask(ahead, total) if any(pads) else None  # (None: causal)
+        where, shift = self._placement(admissions, pads, total)
+        hidden = self._prompt_layers(hidden, positions, mask, where, shift, is_code)
+        if all(a.audio_output for a in admissions):
+            return lengths, None
+        return lengths, self.text_head(_rms_norm(model.norm, hidden[:, -1:]))
+
+    def _prompt_mask(self, ahead: torch.Tensor, total: int) -> torch.Tensor:
+        """The additive attention mask of prompts padded on the left by ``ahead`` [rows] positions: causal
+        among each row's own tokens; a padding position attends to itself alone (a row of nothing but
+        masked keys would make NaNs, which the values' product would carry into real rows)."""
+        query, key = self._arange[:total, None], self._arange[None, :total]
+        allowed = (key <= query) & ((key[None] >= ahead[:, None, None]) | (key == query)[None])
+        mask = torch.zeros((len(ahead), 1, total, total), device=self.device, dtype=self.dtype)
+        return mask.masked_fill_(~allowed[:, None], float("-inf"))
+
+    def _prompt_layers(self, hidden, positions, mask, where, shift, is_code) -> torch.Tensor:
+        """The layers over prompts ``hidden`` [rows, total, hidden] at ``positions`` (``mask`` or causal),
+        their keys and values into the slots ``where`` (``_put``); ``is_code`` [rows, total, 1] marks a
+        voice reference's positions (None: text alone). Returns the last layer's hidden states."""
         cos, sin = self._rotation(hidden, positions)  # [rows, total, dim]
         cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
-        mask = None  # causal
-        if any(pads):
-            query, key = self._arange[:total, None], self._arange[None, :total]
-            allowed = (key <= query) & ((key[None] >= ahead[:, None]) | (key == query)[None])
-            mask = torch.zeros((rows, 1, total, total), device=self.device, dtype=self.dtype)
-            mask.masked_fill_(~allowed[:, None], float("-inf"))
-        where, shift = self._placement(admissions, pads, total)
-        for i, (layer, kind) in enumerate(zip(model.layers, self.kinds, strict=True)):
-            both = dual and kind == "dual"
+        for i, (layer, kind) in enumerate(zip(self.model.layers, self.kinds, strict=True)):
+            both = is_code is not None and kind == "dual"
             x = _rms_norm(layer.input_layernorm, hidden)
             if both:
                 x = torch.where(is_code, _rms_norm(layer.audio_input_layernorm, hidden), x)
@@ -691,9 +738,105 @@ class BatchDecoder:
                 )
             else:
                 hidden = self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden), hidden)
-        if all(a.audio_output for a in admissions):
-            return lengths, None
-        return lengths, self.text_head(_rms_norm(model.norm, hidden[:, -1:]))
+        return hidden
+
+    def _padded_length(self, rows: int, total: int) -> int | None:
+        """The length (of ``prefill_lengths``) that ``rows`` prompts of ``total`` positions are padded to,
+        or None: none holds them, or on CUDA none of the fitting length was captured for that many rows."""
+        length = next((n for n in self.prefill_lengths if n >= total), None)
+        if length is None or length >= self.max_len:  # (the slot's last position is the parked one)
+            return None
+        if self.graphs_enabled and (rows, length) not in self._prefill_graphs:
+            return None
+        return length
+
+    def _prefill_padded(
+        self, ids: torch.Tensor, lengths: list[int], admissions: list[Admission], length: int
+    ) -> torch.Tensor:
+        """Prompts of text alone (``ids`` [rows, total], padded on the left to their longest), padded on the
+        left to ``length`` and filled into their slots by ``_padded_pass``: a captured graph's replay where
+        there is one. Returns the last position's text logits [rows, 1, vocab]."""
+        rows, total = ids.shape
+        padded = torch.zeros((rows, length), dtype=torch.long)
+        padded[:, length - total :] = ids.to("cpu")
+        pads = torch.tensor([length - n for n in lengths])
+        where = torch.tensor([a.slot for a in admissions])
+        graph = self._prefill_graphs.get((rows, length))
+        if graph is None:
+            return self._padded_pass(*(t.to(self.device) for t in (padded, pads, where)))
+        for buffer, value in ((graph.ids, padded), (graph.pads, pads), (graph.where, where)):
+            buffer.copy_(value)
+        graph.graph.replay()
+        return graph.logits.clone()  # (the next replay writes over the graph's own)
+
+    def _padded_pass(self, ids: torch.Tensor, pads: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Prompts of text alone, ``ids`` [rows, length] each padded on the left by ``pads`` [rows], into the
+        slots ``where`` [rows]: ``_prefill_own``'s pass with every shape fixed by ``ids``' and no host read,
+        so that it can be a CUDA graph. Returns the last position's text logits [rows, 1, vocab]."""
+        length = ids.shape[1]
+        hidden = self.model.embed_tokens(ids).to(self.dtype).contiguous()
+        positions = (self._arange[None, :length] - pads[:, None]).clamp_(min=0)
+        shift = (self._arange[None, :length] + pads[:, None]).clamp_(max=length - 1)[:, None, None, :, None]
+        hidden = self._prompt_layers(hidden, positions, self._prompt_mask(pads, length), where, shift, None)
+        return self.text_head(_rms_norm(self.model.norm, hidden[:, -1:]))
+
+    @torch.inference_mode()
+    def capture_prefill_graphs(self, most_rows: int, most_tokens: int) -> int:
+        """Capture a prefill graph for every length of ``PREFILL_GRAPH_LENGTHS`` below the slots' length and
+        every number of prompts up to ``most_rows`` whose padded positions stay within ``most_tokens`` (one
+        prompt: any length), before serving; then prompts of text alone are padded to them. A capture that
+        fails, or whose replay differs from the eager pass, leaves that shape eager (logged). Returns how
+        many were captured."""
+        if not self.graphs_enabled or self.busy or not self.own_prefill:
+            return 0
+        with _prefill_attention(self.device):
+            for rows in range(1, min(most_rows, self.slots) + 1):
+                for length in PREFILL_GRAPH_LENGTHS:
+                    if length < self.max_len and (rows == 1 or rows * length <= most_tokens):
+                        self._capture_prefill(rows, length)
+        if self._prefill_graphs:
+            self.prefill_lengths = PREFILL_GRAPH_LENGTHS
+        return len(self._prefill_graphs)
+
+    def _capture_prefill(self, rows: int, length: int) -> None:
+        """Capture the padded pass of ``rows`` prompts of ``length`` positions on a stream of its own (its
+        graphs replay beside the steps': they must not share their cuBLAS workspace, nor their pool). The
+        replay must give the eager pass's logits and caches (the slots' first rows, free at start)."""
+        generator = torch.Generator().manual_seed(rows * 100_000 + length)
+        ids = torch.randint(0, self.vocab, (rows, length), generator=generator).to(self.device)
+        pads = torch.tensor([length * row // (2 * rows) for row in range(rows)], device=self.device)
+        where = torch.arange(rows, device=self.device)
+        graph = None
+        try:
+            if self._prefill_capture is None:
+                self._prefill_capture = torch.cuda.Stream()
+            stream = self._prefill_capture
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                expected = self._padded_pass(ids, pads, where).clone()  # the warm-up, and the reference
+                cached = [kv[:rows, :, :, :length].clone() for kv in self.cache]
+                graph = torch.cuda.CUDAGraph()
+                if self._prefill_pool is None:
+                    self._prefill_pool = torch.cuda.graph_pool_handle()
+                with torch.cuda.graph(
+                    graph, pool=self._prefill_pool, stream=stream, capture_error_mode="thread_local"
+                ):
+                    logits = self._padded_pass(ids, pads, where)
+                for kv in self.cache:
+                    kv[:rows, :, :, :length].zero_()
+                graph.replay()
+                written = [kv[:rows, :, :, :length] for kv in self.cache]
+                if not same_logits(expected, logits) or not all(
+                    same_logits(a, b) for a, b in zip(cached, written, strict=True)
+                ):
+                    raise RuntimeError("the replayed prefill differs from the eager one")
+            torch.cuda.current_stream().wait_stream(stream)
+        except Exception:
+            log.exception("CUDA graph capture failed for a prefill of %d x %d; it runs eagerly", rows, length)
+            if graph is not None:
+                self._graphs_dropped.append(graph)
+            return
+        self._prefill_graphs[(rows, length)] = _PrefillGraph(graph, ids, pads, where, logits)
 
     def _prompt_attention(self, i, attn, x, cos, sin, mask, residual, where, shift) -> torch.Tensor:
         """A layer's attention over prompts ``x`` [rows, total, hidden] (causal, or ``mask``), added into

@@ -84,6 +84,8 @@ prefill's activations (``PREFILL_TOKENS`` tokens), the CUDA graphs' buffers, the
 estimate: the start-up log's ``warm-up done`` line says what was left free."""
 CPU_KV_CACHE_GB = 16.0
 """The KV cache's budget (GiB) on the CPU when ``HIGGS_KV_CACHE_GB`` is not set."""
+PREFILL_BATCH = 8
+"""Most waiting requests admitted (and prefilled together) in one turn of the loop, by default."""
 PREFILL_TOKENS = 4096
 """Most tokens (rows x the longest prompt, padding included) one prefill of several requests may take: its
 activations grow with it, and the requests admitted after it wait for it (where the loop waits for fills,
@@ -237,6 +239,7 @@ class HiggsEngine:
         max_batch_size: int = 8,
         kv_cache_gb: float | None = None,
         cuda_graphs: bool = True,
+        prefill_graphs: bool = True,
         prefill_batch: int | None = None,
         prefill_beside_steps: bool | None = None,
         attention_by_lengths_from: int | None = None,
@@ -289,6 +292,9 @@ class HiggsEngine:
             took = time.perf_counter()
             reserved = torch.cuda.memory_reserved()
             steps = self._decoder.capture_graphs()
+            fills = 0
+            if prefill_graphs:
+                fills = self._decoder.capture_prefill_graphs(prefill_batch or PREFILL_BATCH, PREFILL_TOKENS)
             piece = self.streaming
             lengths = [piece.first_piece_frames, piece.piece_frames]  # (``AudioStream.cut``)
             pieces = self._pieces.capture(lengths, self._decoder.row_buckets())
@@ -296,9 +302,10 @@ class HiggsEngine:
                 self._layout = replace(self._layout, end_frames=piece.piece_frames)
             torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs keep their own pools
             log.info(
-                "captured %d CUDA graphs of the decoding step and %d of the codec in %.1f s; "
-                "GPU memory reserved by PyTorch %.2f GiB before, %.2f GiB after",
+                "captured %d CUDA graphs of the decoding step, %d of the prefill and %d of the codec in "
+                "%.1f s; GPU memory reserved by PyTorch %.2f GiB before, %.2f GiB after",
                 steps,
+                fills,
                 pieces,
                 time.perf_counter() - took,
                 reserved / 1024**3,
@@ -309,7 +316,7 @@ class HiggsEngine:
         self._work = EngineWork()
         self.max_queue = max_queue or 2 * self.slots
         """Most jobs (running or waiting) the engine takes; more are refused with ``EngineBusy``."""
-        self.prefill_batch = prefill_batch or 8
+        self.prefill_batch = prefill_batch or PREFILL_BATCH
         """Most waiting requests admitted in one turn of the loop: a burst starts decoding together."""
         self.prefill_in_one_pass = device == "cuda"
         """Prefill a turn's admissions in one forward pass, their prompts padded. On the CPU each prompt has
@@ -1295,6 +1302,7 @@ def load_engine(settings: Settings) -> HiggsEngine:
         max_batch_size=settings.batch_slots(device),
         kv_cache_gb=settings.kv_cache_gb,
         cuda_graphs=settings.cuda_graphs,
+        prefill_graphs=settings.prefill_graphs,
         prefill_batch=settings.prefill_batch,
         prefill_beside_steps=settings.prefill_beside_steps,
         attention_by_lengths_from=by_lengths_from,

@@ -1675,6 +1675,108 @@ def test_a_prefill_together_fills_each_slot_as_alone(engine):
         assert diff < 1e-5 and (i != longest or diff == 0), (i, diff)
 
 
+def test_prompts_padded_to_a_prefill_graphs_length_fill_their_slots_as_unpadded(engine, monkeypatch):
+    """On CUDA prompts of text alone are padded on the left to one of ``PREFILL_GRAPH_LENGTHS`` and filled by
+    a captured graph of that shape (``_padded_pass``); here the same pass runs eagerly. Alone and together,
+    audio and text answers, each slot's keys and values are the unpadded fill's to float32 rounding and the
+    first tokens the same; a prompt with a voice reference, one longer than every length, and a length
+    that reaches the slot's last position (where free slots' rows park) are filled unpadded."""
+    reference = _tone_reference(engine)
+    Turn = generation.Turn
+    requests = [
+        generation.GenerationRequest(
+            [Turn("system", "Generate audio."), Turn("user", "No reference in this prompt.")], True, 10, 0.7,
+            0.95, 50, seed=1,
+        ),
+        generation.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.7, 0.95, 50, seed=2),
+        generation.GenerationRequest(
+            [Turn("user", "A text answer to a longer question, please.")], False, 10, 0.0, 1.0, 0, seed=3
+        ),
+        generation.GenerationRequest(
+            [Turn("system", "Generate audio."), Turn("user", "Say it."), Turn("assistant", audio=reference),
+             Turn("user", "Now.")], True, 10, 0.7, 0.95, 50, seed=4,
+        ),
+    ]  # fmt: skip
+    prompts, admissions = _admitted(engine, requests)
+    small = engine.higgs.decoder(len(requests), 1024)
+    padded: list[tuple[int, int]] = []
+    real_pass = small._padded_pass
+
+    def padded_pass(ids, pads, where):
+        padded.append(tuple(ids.shape))
+        return real_pass(ids, pads, where)
+
+    monkeypatch.setattr(small, "_padded_pass", padded_pass)
+
+    def fill(group: list[int], lengths: tuple[int, ...]) -> list:
+        small.prefill_lengths = lengths
+        batch = engine.higgs.collate([prompts[i].sample for i in group]) if len(group) > 1 else None
+        firsts = small.prefill_many([admissions[i] for i in group], batch)
+        filled = [
+            (first, [kv[i, :, :, : prompts[i].tokens].clone() for kv in small.cache])
+            for first, i in zip(firsts, group, strict=True)
+        ]
+        for i in group:
+            small.release(i)
+        return filled
+
+    longest = max(prompts[i].tokens for i in (0, 1, 2))
+    for group, lengths, pads in (
+        ([0], (16, 64, 128, 256), True),
+        ([1], (64, 128, 256), True),
+        ([0, 1, 2], (64, 128, 256), True),
+        ([3], (64, 128, 256, 512), False),  # a voice reference
+        ([0, 3], (64, 128, 256, 512), False),
+        ([0, 1, 2], (longest - 1,), False),  # longer than every length
+        ([0], (1024,), False),  # the slot's last position is its parked one
+    ):
+        padded.clear()
+        ours = fill(group, lengths)
+        tokens = max(prompts[i].tokens for i in group)
+        shape = (len(group), min((n for n in lengths if n >= tokens), default=0))
+        assert padded == ([shape] if pads else []), (group, lengths, padded)
+        theirs = fill(group, ())
+        for i, (first, cached), (their_first, their_cached) in zip(group, ours, theirs, strict=True):
+            assert torch.equal(first, their_first), (group, i)
+            diff = max(float((a - b).abs().max()) for a, b in zip(cached, their_cached, strict=True))
+            assert diff < 1e-5, (group, i, diff)
+
+
+def test_requests_prefilled_padded_get_the_answers_they_get_unpadded(client, engine, stored_voice, monkeypatch):
+    """Through HTTP, with prompts of text alone padded as on CUDA (``prefill_lengths``, run eagerly here)
+    and a burst prefilled in one pass beside the steps: every request (default and built-in voices, a text
+    answer, speech; the stored and built-in voices' references go unpadded) gets the answer it gets
+    unpadded, its audio within a step of 16-bit PCM (float32 rounding: the padded attention is masked, the
+    unpadded causal)."""
+    bodies = [
+        chat(seed=31, max_tokens=20),
+        chat(seed=None, max_tokens=14, temperature=0, text="The default voice, greedy."),
+        text_chat(seed=33, max_tokens=10),
+        chat(seed=34, max_tokens=12, voice=stored_voice),
+        chat(seed=36, max_tokens=12, voice="nova"),
+        {"model": "tts-1", "input": "Padded speech.", "voice": "default", "response_format": "pcm", "seed": 35},
+    ]
+    unpadded = [answer(post(client, body)) for body in bodies]
+    shapes: list[tuple[int, int]] = []
+    real_pass = engine._decoder._padded_pass
+
+    def padded_pass(ids, pads, where):
+        shapes.append(tuple(ids.shape))
+        return real_pass(ids, pads, where)
+
+    monkeypatch.setattr(engine._decoder, "_padded_pass", padded_pass)
+    monkeypatch.setattr(engine._decoder, "prefill_lengths", (64, 128, 256))
+    assert [answer(post(client, body)) for body in bodies] == unpadded
+    assert len(shapes) == 4 and all(rows == 1 for rows, _ in shapes), shapes
+    monkeypatch.setattr(engine, "prefill_in_one_pass", True)
+    monkeypatch.setattr(engine, "prefill_beside_steps", True)
+    shapes.clear()
+    text_only = [bodies[i] for i in (0, 1, 2, 5)]
+    assert [answer(r) for r in together(client, text_only)] == [unpadded[i] for i in (0, 1, 2, 5)]
+    assert sum(rows for rows, _ in shapes) == 4 and max(rows for rows, _ in shapes) > 1, shapes
+    assert_idle(client, engine)
+
+
 def test_a_failed_prefill_together_falls_back_to_one_at_a_time(client, engine, monkeypatch):
     """A fault in a prefill of several requests (a prompt the batch cannot take) costs nobody an answer:
     each is prefilled alone."""
