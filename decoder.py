@@ -68,12 +68,13 @@ on an H200 (full-size model, bfloat16) one prompt of a length not seen before to
 38 ms without (``bench/bench_prefill.py``, side by side). The step graphs keep it (fixed shapes)."""
 
 PREFILL_GRAPH_LENGTHS = (64, 128, 256, 512, 1024)
-"""The lengths a prefill of prompts of text alone is padded to on CUDA, each a CUDA graph per number of prompts
-(``capture_prefill_graphs``): the smallest that holds the longest prompt. A prefill was mostly the host's
-time, launching the layers' kernels one by one (on an H200 with the full-size model 12.8 ms for one prompt and
-37.6 ms for eight, their GPU work a few ms), while the decoding loop's own host work waits for the interpreter
-lock; a replay is one launch. The price: the GPU computes up to twice the prompt's positions. Longer prompts,
-and prompts with a voice reference (whose codes upstream's merge puts in place, with host reads), run eagerly."""
+"""The lengths a prefill of prompts of text alone is padded to on CUDA, each a CUDA graph per number of
+prompts (``capture_prefill_graphs``): the smallest that holds the longest prompt. A prefill was mostly the
+host's time, launching the layers' kernels one by one (on an H200 with the full-size model 12.8 ms for one
+prompt and 37.6 ms for eight, their GPU work a few ms), while the decoding loop's own host work waits for the
+interpreter lock; a replay is one launch. The price: the GPU computes up to twice the prompt's positions.
+Longer prompts, and prompts with a voice reference (whose codes upstream's merge puts in place, with host
+reads), run eagerly."""
 
 BY_LENGTHS_TOLERANCE = {torch.float32: 1e-5}
 """How far attention by each row's length may be from the masked attention (``check_attention_by_lengths``):
@@ -366,6 +367,7 @@ class BatchDecoder:
         ``PREFILL_GRAPH_LENGTHS``, set by ``capture_prefill_graphs``, where a captured graph runs the pass
         (``_prefill_graphs``); elsewhere (the tests) the same padded pass runs eagerly."""
         self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
+        self._prefill_failed: set[tuple[int, int]] = set()  # shapes whose capture failed (eager)
         self._prefill_pool = None  # not the steps' pool: a fill runs beside the steps
         self._prefill_capture: torch.cuda.Stream | None = None
 
@@ -765,7 +767,7 @@ class BatchDecoder:
         if graph is None:
             return self._padded_pass(*(t.to(self.device) for t in (padded, pads, where)))
         for buffer, value in ((graph.ids, padded), (graph.pads, pads), (graph.where, where)):
-            buffer.copy_(value)
+            buffer.copy_(value.pin_memory(), non_blocking=True)  # (a copy that waits waits for the steps)
         graph.graph.replay()
         return graph.logits.clone()  # (the next replay writes over the graph's own)
 
@@ -833,6 +835,7 @@ class BatchDecoder:
             torch.cuda.current_stream().wait_stream(stream)
         except Exception:
             log.exception("CUDA graph capture failed for a prefill of %d x %d; it runs eagerly", rows, length)
+            self._prefill_failed.add((rows, length))
             if graph is not None:
                 self._graphs_dropped.append(graph)
             return

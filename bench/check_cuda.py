@@ -7,8 +7,9 @@ The engine is loaded through ``load_engine`` on CUDA twice, over the tiny random
 ``tests/tiny_models.py`` unless a model is named: with CUDA graphs (the default) and two steps launched ahead
 (``HIGGS_LOOKAHEAD_STEPS=2``: three host buffers in turn), and without graphs, one step ahead. For the first
 it prints how many graphs of the decoding step and of the codec were captured and which shapes failed (none
-should: a failed shape decodes eagerly for good, several times slower); and that a slot filled on the prefill
-stream while steps run holds what a fill alone gives it (``prefill_beside_steps``); for the second, the
+should: a failed shape decodes eagerly for good, several times slower); that a slot filled on the prefill
+stream while steps run holds what a fill alone gives it (``prefill_beside_steps``), and that the prefill's
+graphs (prompts of text alone padded to their lengths) fill slots as the eager fill does; for the second, the
 decoder's own prefill against upstream's forward (``own_prefill``); then the same requests go through each
 engine: 4 seeded audio requests at once (one of them greedy) and a text request beside them. Their answers are
 compared: in float32 a graph replays the kernels that the eager step runs, so the tokens should be the same;
@@ -17,9 +18,9 @@ been timed on the GPU (``EngineWork.step_gpu``, from their CUDA events: counted,
 loop's time), and the streams' last pieces must have gone through the codec's graphs (``Layout.end_frames``).
 The two attend masked; in 16 bits a third engine runs with attention by each row's length in every bucket
 (``HIGGS_ATTENTION_BY_LENGTHS``): its start-up check must pass, and its answers are compared with the masked
-engine's. Exits non-zero when a capture failed, when a slot filled beside steps differs, when float32 answers
-or prefills differ, when steps went untimed, when a last piece was decoded without a graph, or when attention
-by lengths failed its check.
+engine's. Exits non-zero when a capture failed, when a slot filled beside steps or by a prefill graph differs,
+when float32 answers or prefills differ, when steps went untimed, when a last piece was decoded without a
+graph, or when attention by lengths failed its check.
 """
 
 from __future__ import annotations
@@ -104,6 +105,59 @@ def own_prefill(engine, generation, dtype: str) -> bool:
         + ("same" if same else "differ")
     )
     return (same and diff / scale < 1e-3) or dtype != "float32"
+
+
+def prefill_graphs(engine, generation) -> bool:
+    """Prompts of text alone filled by the prefill's CUDA graphs (padded to ``PREFILL_GRAPH_LENGTHS``)
+    against the same prompts filled eagerly, unpadded: one prompt, and three of different lengths together
+    (an audio and two text answers). The slots' caches should agree to the dtype's rounding (the padded
+    attention is masked, the unpadded one causal), the first tokens be the same."""
+    import torch
+
+    import decoder
+
+    small = engine._decoder
+    scene = "Generate audio following instruction."
+    Turn = generation.Turn
+    batch = [
+        generation.GenerationRequest([Turn("system", scene), Turn("user", TEXT)], True, 10, 0.8, 0.95, 50, 1),
+        generation.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.0, 1.0, 0),
+        generation.GenerationRequest([Turn("user", TEXT * 3)], False, 10, 0.8, 0.95, 50, seed=3),
+    ]
+    prompts = [engine._prepare(r) for r in batch]
+    admissions = [
+        decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
+        for i, (p, r) in enumerate(zip(prompts, batch, strict=True))
+    ]
+    ok, lengths = True, small.prefill_lengths
+    for group in ([0], [0, 1, 2]):
+        collated = engine.higgs.collate([prompts[i].sample for i in group]) if len(group) > 1 else None
+        filled = []
+        for padded in (lengths, ()):
+            small.prefill_lengths = padded
+            firsts = small.prefill_many([admissions[i] for i in group], collated)
+            caches = [[kv[i, :, :, : prompts[i].tokens].float().clone() for kv in small.cache] for i in group]
+            filled.append((firsts, caches))
+            for i in group:
+                small.release(i)
+        small.prefill_lengths = lengths
+        (firsts, caches), (their_firsts, their_caches) = filled
+        scale = max(float(kv.abs().max()) for row in their_caches for kv in row)
+        diff = max(
+            float((a - b).abs().max())
+            for row, their_row in zip(caches, their_caches, strict=True)
+            for a, b in zip(row, their_row, strict=True)
+        )
+        same = all(torch.equal(a, b) for a, b in zip(firsts, their_firsts, strict=True))
+        tolerance = decoder.OWN_PREFILL_TOLERANCE.get(small.dtype, 1e-1)
+        print(
+            f"prefill graphs ({len(small._prefill_graphs)} captured, failed: "
+            f"{sorted(small._prefill_failed) or 'none'}), {len(group)} prompt(s) against the eager fill: "
+            f"largest cache difference {diff / scale:.1e} of the largest value; first tokens "
+            + ("same" if same else "differ")
+        )
+        ok &= diff / scale <= tolerance and (same or small.dtype != torch.float32)
+    return ok and bool(small._prefill_graphs) and not small._prefill_failed and bool(lengths)
 
 
 def prefill_beside_steps(engine, generation) -> bool:
@@ -277,6 +331,7 @@ def main() -> int:
                           f"{len(codec._graphs)} codec graphs; step shapes failed: {failed}")  # fmt: skip
                     ok &= bool(step._graphs) and not step._graph_failed and bool(codec._graphs)
                     ok &= prefill_beside_steps(engine, generation)
+                    ok &= prefill_graphs(engine, generation)
                 if not graphs:
                     ok &= own_prefill(engine, generation, dtype)
                 started = time.perf_counter()

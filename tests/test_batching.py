@@ -1742,7 +1742,9 @@ def test_prompts_padded_to_a_prefill_graphs_length_fill_their_slots_as_unpadded(
             assert diff < 1e-5, (group, i, diff)
 
 
-def test_requests_prefilled_padded_get_the_answers_they_get_unpadded(client, engine, stored_voice, monkeypatch):
+def test_requests_prefilled_padded_get_the_answers_they_get_unpadded(
+    client, engine, stored_voice, monkeypatch
+):
     """Through HTTP, with prompts of text alone padded as on CUDA (``prefill_lengths``, run eagerly here)
     and a burst prefilled in one pass beside the steps: every request (default and built-in voices, a text
     answer, speech; the stored and built-in voices' references go unpadded) gets the answer it gets
@@ -1754,7 +1756,13 @@ def test_requests_prefilled_padded_get_the_answers_they_get_unpadded(client, eng
         text_chat(seed=33, max_tokens=10),
         chat(seed=34, max_tokens=12, voice=stored_voice),
         chat(seed=36, max_tokens=12, voice="nova"),
-        {"model": "tts-1", "input": "Padded speech.", "voice": "default", "response_format": "pcm", "seed": 35},
+        {
+            "model": "tts-1",
+            "input": "Padded speech.",
+            "voice": "default",
+            "response_format": "pcm",
+            "seed": 35,
+        },
     ]
     unpadded = [answer(post(client, body)) for body in bodies]
     shapes: list[tuple[int, int]] = []
