@@ -8,8 +8,10 @@ Run:  .venv/bin/python bench/bench_prefill.py
 with ``--reference SECONDS`` of a voice reference before them, built by ``engine._prepare``; the tiny
 random-weight models on the CPU unless a model is named). For each row count it prints the median wall
 time of a prefill (ending with the first tokens on the host), and of prompts of lengths not seen before,
-side by side: as the service runs them, and with each of its two choices undone (``VARIANTS``: cuDNN's
-attention allowed; upstream's forward instead of the decoder's own layers), then PyTorch's profiler on
+side by side: as the service runs them, and with each of its choices undone (``VARIANTS``: on CUDA the
+prefill's graphs, which the service replays for prompts of text alone padded to their lengths; then, also
+without the graphs, cuDNN's attention allowed, and upstream's forward instead of the decoder's own
+layers), then PyTorch's profiler on
 one: the operators' own CPU time and, on CUDA, the GPU's kernels, so that a prefill bound by the host
 (many small operators, copies) shows apart from one bound by the device.
 """
@@ -31,9 +33,10 @@ from _common import (
     workspace,
 )
 
-VARIANTS = ("service", "any attention kernel", "upstream's forward")
-"""The service's prefill; with whichever attention kernel PyTorch prefers (``decoder.PREFILL_ATTENTION``
-None); through upstream's forward, not the decoder's own layers (``BatchDecoder.own_prefill`` off)."""
+VARIANTS = ("service", "no graphs", "any attention kernel", "upstream's forward")
+"""The service's prefill; eager (no graphs: ``BatchDecoder.prefill_lengths`` empty), and so are the next
+two: with whichever attention kernel PyTorch prefers (``decoder.PREFILL_ATTENTION`` None); through
+upstream's forward, not the decoder's own layers (``BatchDecoder.own_prefill`` off)."""
 
 
 def _prefill(engine, prompt, rows: int, sampling) -> None:
@@ -96,6 +99,9 @@ def main() -> None:
             f"{(time.perf_counter() - started) * 1e3:.1f} ms"
         )
         service_attention = decoder.PREFILL_ATTENTION
+        graphed = engine._decoder.prefill_lengths  # (CUDA: the lengths captured; none on a CPU)
+        captured = len(engine._decoder._prefill_graphs)
+        print(f"prefill graphs: {captured}, prompts of text alone padded to {graphed or 'none'}")
         lengths = itertools.count(len(args.text.split()) + 1)
         sampling = Sampling(temperature=0.7, top_p=0.95, top_k=50, ras_window=7, seed=0)
 
@@ -112,6 +118,7 @@ def main() -> None:
             for variant in VARIANTS:
                 decoder.PREFILL_ATTENTION = None if variant == "any attention kernel" else service_attention
                 engine._decoder.own_prefill = variant != "upstream's forward"
+                engine._decoder.prefill_lengths = graphed if variant == "service" else ()
                 fresh[variant] = []
                 for _ in range(args.repeats):
                     words = " ".join(["word"] * next(lengths))
@@ -122,6 +129,7 @@ def main() -> None:
                     _prefill(engine, new, rows, sampling)
                     fresh[variant].append(time.perf_counter() - started)
             decoder.PREFILL_ATTENTION, engine._decoder.own_prefill = service_attention, True
+            engine._decoder.prefill_lengths = graphed
             print(
                 f"rows {rows:3d}: prefill {statistics.median(times) * 1e3:.2f} ms (median of {args.repeats});"
                 f" first {first * 1e3:.2f} ms; prompts of lengths not seen before: "

@@ -10,9 +10,10 @@
 #      request's time in the line, its fill, its decoding and its last audio: what leaves a slot empty);
 #      then a server whose codec takes later pieces as they come (HIGGS_CODEC_GATHER_MS=0, against the
 #      default's 40 ms gather), one that launches one step ahead (HIGGS_LOOKAHEAD_STEPS=1, against the
-#      default's 2) and one with Python's switch interval at 0.5 ms instead of 5 (SWITCH=: how long a
-#      thread waits for the interpreter lock before it asks for it; bench/bench_lock.py), side by side
-#      (GPU_CHECK_SERVERS and GPU_CHECK_LOADS name other servers, or another revision's, and loads);
+#      default's 2) and one that prefills eagerly (HIGGS_PREFILL_GRAPHS=false, against the default's
+#      graphs of padded prompts), side by side (GPU_CHECK_SERVERS and GPU_CHECK_LOADS name other servers,
+#      e.g. "switch SWITCH=0.0005" for Python's switch interval at 0.5 ms (bench/bench_lock.py), or
+#      another revision's, and loads);
 #   2. a prefill alone at 1, 4 and 8 prompts, and at 1 and 8 with a voice reference, with the engine's
 #      choices undone side by side, and where its time goes (bench/bench_prefill.py);
 #   3. one decoding step alone at 1 and 16 rows, 512 and 1,024 positions, with attention masked and by
@@ -151,7 +152,7 @@ serve_and_load() {  # serve_and_load LABEL "LOADS" [TREE=DIR] [SWITCH=S] [VAR=VA
 SERVERS="${GPU_CHECK_SERVERS:-default
 nogather HIGGS_CODEC_GATHER_MS=0
 ahead1 HIGGS_LOOKAHEAD_STEPS=1
-switch SWITCH=0.0005}"
+eagerfill HIGGS_PREFILL_GRAPHS=false}"
 LOADS="${GPU_CHECK_LOADS:-1:2 4:8 16:32 16:96}"
 if [[ $SKIP != *load* ]]; then
   while read -r label settings; do

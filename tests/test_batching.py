@@ -1871,6 +1871,18 @@ def test_the_engine_sizes_its_slots_and_line_to_the_memory_free(settings, engine
         assert client.post("/v1/audio/speech", json=body).status_code == 200
 
 
+def test_the_prefill_graphs_setting_reaches_the_engine(settings, monkeypatch):
+    """``HIGGS_PREFILL_GRAPHS`` (on by default) is the engine's ``prefill_graphs``: on CUDA whether prompts
+    of text alone are padded and filled by graphs (``BatchDecoder.capture_prefill_graphs``)."""
+    made: list[dict] = []
+    monkeypatch.setattr(engine_module, "HiggsEngine", lambda *args, **kwargs: made.append(kwargs))
+    monkeypatch.setenv("HIGGS_PREFILL_GRAPHS", "false")
+    for update in ({}, {"prefill_graphs": False}):
+        engine_module.load_engine(settings.model_copy(update=update))
+    assert [kwargs["prefill_graphs"] for kwargs in made] == [True, False]
+    assert not type(settings)().prefill_graphs  # (from the environment)
+
+
 def test_speech_recognition_loads_before_the_engine_sizes_its_slots(settings, monkeypatch, tmp_path):
     """On a GPU the engine takes what is free for its KV cache: the recognizer must hold its memory first."""
     from fastapi.testclient import TestClient
