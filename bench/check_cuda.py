@@ -54,12 +54,26 @@ def requests(generation, n: int = 4) -> list:
     return [*audio, text]
 
 
+def fills_apart(ours: tuple[list, list], theirs: tuple[list, list]) -> tuple[float, bool]:
+    """Two fills of the same prompts, each (first tokens, each row's caches): the largest cache difference
+    relative to the largest value of ``theirs``, and whether the first tokens are the same."""
+    import torch
+
+    (firsts, caches), (their_firsts, their_caches) = ours, theirs
+    scale = max(float(kv.abs().max()) for row in their_caches for kv in row)
+    diff = max(
+        float((a - b).abs().max())
+        for row, their_row in zip(caches, their_caches, strict=True)
+        for a, b in zip(row, their_row, strict=True)
+    )
+    return diff / scale, all(torch.equal(a, b) for a, b in zip(firsts, their_firsts, strict=True))
+
+
 def own_prefill(engine, generation, dtype: str) -> bool:
     """The decoder's own prefill (``decoder._prefill_own``) against upstream's forward over the same
     prompts padded together (a default-voice speech prompt, a text question, a prompt with a voice
     reference): the slots' caches (the largest difference relative to the largest value) and the first
     tokens. In float32 they should agree to rounding."""
-    import torch
 
     import decoder
 
@@ -91,20 +105,13 @@ def own_prefill(engine, generation, dtype: str) -> bool:
         filled[path] = firsts, caches
         for i in range(len(batch)):
             small.release(i)
-    (firsts, caches), (their_firsts, their_caches) = filled["own"], filled["upstream"]
-    scale = max(float(k.abs().max()) for row in their_caches for k in row)
-    diff = max(
-        float((k - o).abs().max())
-        for row, their_row in zip(caches, their_caches, strict=True)
-        for k, o in zip(row, their_row, strict=True)
-    )
-    same = all(torch.equal(a, b) for a, b in zip(firsts, their_firsts, strict=True))
+    apart, same = fills_apart(filled["own"], filled["upstream"])
     print(
         f"prefill, own layers against upstream's forward ({len(batch)} prompts padded together): "
-        f"largest cache difference {diff / scale:.1e} of the largest value; first tokens "
+        f"largest cache difference {apart:.1e} of the largest value; first tokens "
         + ("same" if same else "differ")
     )
-    return (same and diff / scale < 1e-3) or dtype != "float32"
+    return (same and apart < 1e-3) or dtype != "float32"
 
 
 def prefill_graphs(engine, generation) -> bool:
@@ -141,22 +148,15 @@ def prefill_graphs(engine, generation) -> bool:
             for i in group:
                 small.release(i)
         small.prefill_lengths = lengths
-        (firsts, caches), (their_firsts, their_caches) = filled
-        scale = max(float(kv.abs().max()) for row in their_caches for kv in row)
-        diff = max(
-            float((a - b).abs().max())
-            for row, their_row in zip(caches, their_caches, strict=True)
-            for a, b in zip(row, their_row, strict=True)
-        )
-        same = all(torch.equal(a, b) for a, b in zip(firsts, their_firsts, strict=True))
+        diff, same = fills_apart(*filled)
         tolerance = decoder.OWN_PREFILL_TOLERANCE.get(small.dtype, 1e-1)
         print(
             f"prefill graphs ({len(small._prefill_graphs)} captured, failed: "
             f"{sorted(small._prefill_failed) or 'none'}), {len(group)} prompt(s) against the eager fill: "
-            f"largest cache difference {diff / scale:.1e} of the largest value; first tokens "
+            f"largest cache difference {diff:.1e} of the largest value; first tokens "
             + ("same" if same else "differ")
         )
-        ok &= diff / scale <= tolerance and (same or small.dtype != torch.float32)
+        ok &= diff <= tolerance and (same or small.dtype != torch.float32)
     return ok and bool(small._prefill_graphs) and not small._prefill_failed and bool(lengths)
 
 

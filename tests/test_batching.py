@@ -1563,6 +1563,31 @@ def _tone_reference(engine, seconds: float = 1) -> generation.AudioCodes:
     return asyncio.run(engine.encode(engine_module.Audio(0.3 * np.sin(2 * np.pi * 220 * t), 24000)))
 
 
+def _mixed_prompts(engine, answered: bool = False) -> list:
+    """Requests whose prompts take each path of a fill: the default voice, text answers (a short and a
+    longer question), a voice reference; with ``answered``, a text answer to a question about a reference."""
+    reference = _tone_reference(engine)
+    Turn = generation.Turn
+    requests = [
+        generation.GenerationRequest(
+            [Turn("system", "Generate audio."), Turn("user", "No reference in this prompt.")], True, 10, 0.7,
+            0.95, 50, seed=1,
+        ),
+        generation.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.7, 0.95, 50, seed=2),
+        generation.GenerationRequest(
+            [Turn("user", "A text answer to a longer question, please.")], False, 10, 0.0, 1.0, 0, seed=3
+        ),
+        generation.GenerationRequest(
+            [Turn("system", "Generate audio."), Turn("user", "Say it."), Turn("assistant", audio=reference),
+             Turn("user", "Now.")], True, 10, 0.7, 0.95, 50, seed=4,
+        ),
+    ]  # fmt: skip
+    if answered:
+        turns = [Turn("user", "Say it."), Turn("assistant", audio=reference), Turn("user", "What was it?")]
+        requests.append(generation.GenerationRequest(turns, False, 10, 0.0, 1.0, 0, seed=5))
+    return requests
+
+
 def _admitted(engine, requests: list) -> tuple[list, list]:
     """The requests' prompts, and their admissions into slots 0, 1, ... in order."""
     prompts = [engine._prepare(r) for r in requests]
@@ -1681,22 +1706,7 @@ def test_prompts_padded_to_a_prefill_graphs_length_fill_their_slots_as_unpadded(
     audio and text answers, each slot's keys and values are the unpadded fill's to float32 rounding and the
     first tokens the same; a prompt with a voice reference, one longer than every length, and a length
     that reaches the slot's last position (where free slots' rows park) are filled unpadded."""
-    reference = _tone_reference(engine)
-    Turn = generation.Turn
-    requests = [
-        generation.GenerationRequest(
-            [Turn("system", "Generate audio."), Turn("user", "No reference in this prompt.")], True, 10, 0.7,
-            0.95, 50, seed=1,
-        ),
-        generation.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.7, 0.95, 50, seed=2),
-        generation.GenerationRequest(
-            [Turn("user", "A text answer to a longer question, please.")], False, 10, 0.0, 1.0, 0, seed=3
-        ),
-        generation.GenerationRequest(
-            [Turn("system", "Generate audio."), Turn("user", "Say it."), Turn("assistant", audio=reference),
-             Turn("user", "Now.")], True, 10, 0.7, 0.95, 50, seed=4,
-        ),
-    ]  # fmt: skip
+    requests = _mixed_prompts(engine)
     prompts, admissions = _admitted(engine, requests)
     small = engine.higgs.decoder(len(requests), 1024)
     padded: list[tuple[int, int]] = []
@@ -1952,26 +1962,7 @@ def test_a_prefill_runs_the_decoders_own_layers_as_upstreams_forward_would(engin
     the dual layers' audio norms and FFN. Alone and padded together, text and audio prompts mixed, the
     slots' caches are upstream's to float32 rounding (the products are grouped differently: fused
     projections, additions inside the matrix products) and the first tokens the same."""
-    reference = _tone_reference(engine)
-    Turn = generation.Turn
-    requests = [
-        generation.GenerationRequest(
-            [Turn("system", "Generate audio."), Turn("user", "No reference in this prompt.")], True, 10, 0.7,
-            0.95, 50, seed=1,
-        ),
-        generation.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.7, 0.95, 50, seed=2),
-        generation.GenerationRequest(
-            [Turn("user", "A text answer to a longer question, please.")], False, 10, 0.0, 1.0, 0, seed=3
-        ),
-        generation.GenerationRequest(
-            [Turn("system", "Generate audio."), Turn("user", "Say it."), Turn("assistant", audio=reference),
-             Turn("user", "Now.")], True, 10, 0.7, 0.95, 50, seed=4,
-        ),
-        generation.GenerationRequest(
-            [Turn("user", "Say it."), Turn("assistant", audio=reference), Turn("user", "What did you say?")],
-            False, 10, 0.0, 1.0, 0, seed=5,
-        ),
-    ]  # fmt: skip
+    requests = _mixed_prompts(engine, answered=True)
     prompts, admissions = _admitted(engine, requests)
     small = engine.higgs.decoder(len(requests), 1024)
     upstream_calls = []
