@@ -68,13 +68,12 @@ on an H200 (full-size model, bfloat16) one prompt of a length not seen before to
 38 ms without (``bench/bench_prefill.py``, side by side). The step graphs keep it (fixed shapes)."""
 
 PREFILL_GRAPH_LENGTHS = (64, 128, 256, 512, 1024)
-"""The lengths a prefill of prompts of text alone is padded to on CUDA, each a CUDA graph per number of
-prompts (``capture_prefill_graphs``): the smallest that holds the longest prompt. A prefill was mostly the
-host's time, launching the layers' kernels one by one (on an H200 with the full-size model 12.8 ms for one
-prompt and 37.6 ms for eight, their GPU work a few ms), while the decoding loop's own host work waits for the
-interpreter lock; a replay is one launch. The price: the GPU computes up to twice the prompt's positions.
-Longer prompts, and prompts with a voice reference (whose codes upstream's merge puts in place, with host
-reads), run eagerly."""
+"""The lengths a prefill's prompts are padded to on CUDA, each a CUDA graph per number of prompts, with a
+voice reference or without (``capture_prefill_graphs``): the smallest that holds the longest prompt. A
+prefill was mostly the host's time, launching the layers' kernels one by one (on an H200 with the full-size
+model 12.8 ms for one prompt and 37.6 ms for eight, their GPU work a few ms), while the decoding loop's own
+host work waits for the interpreter lock; a replay is one launch. The price: the GPU computes up to twice
+the prompt's positions. Longer prompts run eagerly."""
 
 BY_LENGTHS_TOLERANCE = {torch.float32: 1e-5}
 """How far attention by each row's length may be from the masked attention (``check_attention_by_lengths``):
@@ -149,13 +148,12 @@ class Launched:
 
 @dataclass
 class _PrefillGraph:
-    """A captured prefill of ``rows`` prompts padded to one length: its input buffers and its logits."""
+    """A captured prefill of prompts padded to one length: its input buffers (``_padded_pass``'s arguments)
+    and its logits [rows, 1, vocab]."""
 
     graph: torch.cuda.CUDAGraph
-    ids: torch.Tensor  # [rows, length], each prompt's tokens on the right
-    pads: torch.Tensor  # [rows], the positions before each prompt's first token
-    where: torch.Tensor  # [rows], the slots
-    logits: torch.Tensor  # [rows, 1, vocab], the last position's
+    inputs: list[torch.Tensor]
+    logits: torch.Tensor
 
 
 def _signed64(value: int) -> int:
@@ -363,11 +361,11 @@ class BatchDecoder:
         """Prefill with the decoder's own layers (``_prefill_own``) what they can take; off, every prompt
         goes through upstream's forward (``check_own_prefill`` turns it off when the two disagree)."""
         self.prefill_lengths: tuple[int, ...] = ()
-        """The lengths prompts of text alone are padded to (``_padded_length``): on CUDA
+        """The lengths prompts are padded to (``_padded_length``): on CUDA
         ``PREFILL_GRAPH_LENGTHS``, set by ``capture_prefill_graphs``, where a captured graph runs the pass
         (``_prefill_graphs``); elsewhere (the tests) the same padded pass runs eagerly."""
-        self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
-        self._prefill_failed: set[tuple[int, int]] = set()  # shapes whose capture failed (eager)
+        self._prefill_graphs: dict[tuple[int, int, bool], _PrefillGraph] = {}  # (rows, length, codes)
+        self._prefill_failed: set[tuple[int, int, bool]] = set()  # shapes whose capture failed (eager)
         self._prefill_pool = None  # not the steps' pool: a fill runs beside the steps
         self._prefill_capture: torch.cuda.Stream | None = None
 
@@ -672,17 +670,19 @@ class BatchDecoder:
         Higgs Audio v2 (most of its 38 ms on an H200 was the host's), and its layers synced with the GPU
         six times each to pick text and audio rows; this pass syncs only inside upstream's merge (with a
         reference), never in the layers. A padded row's positions count from its first real token
-        (``_prompt_mask``). Prompts of text alone are padded further to one of ``prefill_lengths`` where
-        one holds them (``_prefill_padded``: on CUDA a captured graph's replay)."""
+        (``_prompt_mask``). Prompts are padded further to one of ``prefill_lengths`` where one holds
+        them (``_prefill_padded``: on CUDA a captured graph's replay; a reference's place found on the host,
+        ``_merged_layout``)."""
         model = self.model
         codes = inputs.get("audio_out_ids")
         dual = codes is not None and codes.numel() > 0
-        if not dual:
-            rows, total = inputs["input_ids"].shape
+        if self.prefill_lengths:
+            layout = self._merged_layout(inputs) if dual else (inputs["input_ids"], None)
+            rows, total = layout[0].shape
             lengths = self._lengths(admissions, total, batched)
-            length = self._padded_length(rows, total)
+            length = self._padded_length(rows, total, dual)
             if length is not None:
-                logits = self._prefill_padded(inputs["input_ids"], lengths, admissions, length)
+                logits = self._prefill_padded(layout, codes, lengths, admissions, length)
                 return lengths, None if all(a.audio_output for a in admissions) else logits
         ids = inputs["input_ids"].to(self.device)
         hidden = model.embed_tokens(ids)
@@ -742,72 +742,132 @@ class BatchDecoder:
                 hidden = self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden), hidden)
         return hidden
 
-    def _padded_length(self, rows: int, total: int) -> int | None:
-        """The length (of ``prefill_lengths``) that ``rows`` prompts of ``total`` positions are padded to,
-        or None: none holds them, or on CUDA none of the fitting length was captured for that many rows."""
+    def _padded_length(self, rows: int, total: int, codes: bool) -> int | None:
+        """The length (of ``prefill_lengths``) that ``rows`` prompts of ``total`` positions (with a voice
+        reference's ``codes`` or not) are padded to, or None: none holds them, or on CUDA none of the
+        fitting length was captured for that many rows."""
         length = next((n for n in self.prefill_lengths if n >= total), None)
         if length is None or length >= self.max_len:  # (the slot's last position is the parked one)
             return None
-        if self.graphs_enabled and (rows, length) not in self._prefill_graphs:
+        if self.graphs_enabled and (rows, length, codes) not in self._prefill_graphs:
             return None
         return length
 
+    def _merged_layout(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a batch's voice references go, on the host: each position's token (``input_ids`` with each
+        reference's placeholder widened to its columns, padded on the left as upstream's forward pads them)
+        and the reference column it holds (-1 for a token), [rows, total] each. Upstream's own merge
+        (``merge_input_ids_with_audio_features``, as ``_prefill_own`` calls it) places stand-ins: each
+        token's embedding is its index plus one, each column's minus its index less one."""
+        from boson_multimodal.model.higgs_audio.utils import merge_input_ids_with_audio_features
+
+        ids = inputs["input_ids"].to("cpu")
+        columns = inputs["audio_out_ids"].shape[1]
+        tokens = torch.arange(1, ids.numel() + 1, dtype=torch.float64).view(*ids.shape, 1)
+        merged = merge_input_ids_with_audio_features(
+            None, None, None, None,
+            -torch.arange(1, columns + 1, dtype=torch.float64)[:, None],
+            inputs["audio_out_ids_start"].to("cpu"),
+            self.model.audio_in_token_idx, self.model.audio_out_token_idx, tokens, ids,
+            inputs["attention_mask"].to("cpu"), None,
+            pad_token_id=self.model.padding_idx, round_to=1, left_padding=True,
+        )  # fmt: skip
+        placed = merged[0][..., 0].long()
+        return merged[4], torch.where(placed < 0, -placed - 1, -1)
+
     def _prefill_padded(
-        self, ids: torch.Tensor, lengths: list[int], admissions: list[Admission], length: int
+        self,
+        layout: tuple[torch.Tensor, torch.Tensor | None],
+        codes: torch.Tensor | None,
+        lengths: list[int],
+        admissions: list[Admission],
+        length: int,
     ) -> torch.Tensor:
-        """Prompts of text alone (``ids`` [rows, total], padded on the left to their longest), padded on the
-        left to ``length`` and filled into their slots by ``_padded_pass``: a captured graph's replay where
-        there is one. Returns the last position's text logits [rows, 1, vocab]."""
+        """Prompts (``layout``: their tokens [rows, total], padded on the left to their longest, and where
+        their voice references' ``codes`` go, or None: ``_merged_layout``), padded on the left to
+        ``length`` and filled into their slots by ``_padded_pass``: a captured graph's replay where there is
+        one. Returns the last position's text logits [rows, 1, vocab]."""
+        ids, columns = layout
         rows, total = ids.shape
         padded = torch.zeros((rows, length), dtype=torch.long)
         padded[:, length - total :] = ids.to("cpu")
-        pads = torch.tensor([length - n for n in lengths])
-        where = torch.tensor([a.slot for a in admissions])
-        graph = self._prefill_graphs.get((rows, length))
+        pads, slots = torch.tensor([length - n for n in lengths]), torch.tensor([a.slot for a in admissions])
+        inputs = [padded, pads, slots]
+        if columns is not None:  # each position's reference column, a token's the first (its codes unused)
+            at = torch.full((rows, length), -1, dtype=torch.long)
+            at[:, length - total :] = columns
+            inputs += [codes.to("cpu", torch.long)[:, at.clamp(min=0).flatten()], at >= 0]
+        graph = self._prefill_graphs.get((rows, length, columns is not None))
         if graph is None:
-            return self._padded_pass(*(t.to(self.device) for t in (padded, pads, where)))
-        for buffer, value in ((graph.ids, padded), (graph.pads, pads), (graph.where, where)):
+            return self._padded_pass(*(t.to(self.device) for t in inputs))
+        for buffer, value in zip(graph.inputs, inputs, strict=True):
             buffer.copy_(value.pin_memory(), non_blocking=True)  # (a copy that waits waits for the steps)
         graph.graph.replay()
         return graph.logits.clone()  # (the next replay writes over the graph's own)
 
-    def _padded_pass(self, ids: torch.Tensor, pads: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        """Prompts of text alone, ``ids`` [rows, length] each padded on the left by ``pads`` [rows], into the
-        slots ``where`` [rows]: ``_prefill_own``'s pass with every shape fixed by ``ids``' and no host read,
-        so that it can be a CUDA graph. Returns the last position's text logits [rows, 1, vocab]."""
-        length = ids.shape[1]
-        hidden = self.model.embed_tokens(ids).to(self.dtype).contiguous()
+    def _padded_pass(
+        self,
+        ids: torch.Tensor,
+        pads: torch.Tensor,
+        where: torch.Tensor,
+        codes: torch.Tensor | None = None,
+        is_code: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Prompts, ``ids`` [rows, length] each padded on the left by ``pads`` [rows], into the slots
+        ``where`` [rows]; with voice references, each position's codes (``codes`` [codebooks, rows x
+        length]) and whether it holds a reference's (``is_code`` [rows, length]): ``_prefill_own``'s pass
+        with every shape fixed by the inputs' and no host read, so that it can be a CUDA graph. Returns the
+        last position's text logits [rows, 1, vocab]."""
+        rows, length = ids.shape
+        hidden = self.model.embed_tokens(ids)
+        if codes is not None:
+            audio = self.model._embed_audio_ids(codes).view(rows, length, -1)
+            is_code = is_code[:, :, None]
+            hidden = torch.where(is_code, audio, hidden)
+        hidden = hidden.to(self.dtype).contiguous()
         positions = (self._arange[None, :length] - pads[:, None]).clamp_(min=0)
         shift = (self._arange[None, :length] + pads[:, None]).clamp_(max=length - 1)[:, None, None, :, None]
-        hidden = self._prompt_layers(hidden, positions, self._prompt_mask(pads, length), where, shift, None)
+        mask = self._prompt_mask(pads, length)
+        hidden = self._prompt_layers(hidden, positions, mask, where, shift, is_code)
         return self.text_head(_rms_norm(self.model.norm, hidden[:, -1:]))
 
     @torch.inference_mode()
     def capture_prefill_graphs(self, most_rows: int, most_tokens: int) -> int:
-        """Capture a prefill graph for every length of ``PREFILL_GRAPH_LENGTHS`` below the slots' length and
-        every number of prompts up to ``most_rows`` whose padded positions stay within ``most_tokens`` (one
-        prompt: any length), before serving; then prompts of text alone are padded to them. A capture that
-        fails, or whose replay differs from the eager pass, leaves that shape eager (logged). Returns how
-        many were captured."""
+        """Capture prefill graphs, before serving: for prompts of text alone and for prompts with a voice
+        reference, for every length of ``PREFILL_GRAPH_LENGTHS`` below the slots' length and every number
+        of prompts up to ``most_rows`` whose padded positions stay within ``most_tokens`` (one prompt: any
+        length); from then on prompts are padded to them. A capture that fails, or whose replay differs from
+        the eager pass, leaves that shape eager (logged). Returns how many were captured."""
         if not self.graphs_enabled or self.busy or not self.own_prefill:
             return 0
         with _prefill_attention(self.device):
-            for rows in range(1, min(most_rows, self.slots) + 1):
-                for length in PREFILL_GRAPH_LENGTHS:
-                    if length < self.max_len and (rows == 1 or rows * length <= most_tokens):
-                        self._capture_prefill(rows, length)
+            for codes in (False, True):
+                for rows in range(1, min(most_rows, self.slots) + 1):
+                    for length in PREFILL_GRAPH_LENGTHS:
+                        if length < self.max_len and (rows == 1 or rows * length <= most_tokens):
+                            self._capture_prefill(rows, length, codes)
         if self._prefill_graphs:
             self.prefill_lengths = PREFILL_GRAPH_LENGTHS
         return len(self._prefill_graphs)
 
-    def _capture_prefill(self, rows: int, length: int) -> None:
-        """Capture the padded pass of ``rows`` prompts of ``length`` positions on a stream of its own (its
-        graphs replay beside the steps': they must not share their cuBLAS workspace, nor their pool). The
-        replay must give the eager pass's logits and caches (the slots' first rows, free at start)."""
-        generator = torch.Generator().manual_seed(rows * 100_000 + length)
-        ids = torch.randint(0, self.vocab, (rows, length), generator=generator).to(self.device)
-        pads = torch.tensor([length * row // (2 * rows) for row in range(rows)], device=self.device)
-        where = torch.arange(rows, device=self.device)
+    def _capture_prefill(self, rows: int, length: int, codes: bool) -> None:
+        """Capture the padded pass of ``rows`` prompts of ``length`` positions (with a voice reference's
+        ``codes`` in the middle of each, or none) on a stream of its own (its graphs replay beside the
+        steps': they must not share their cuBLAS workspace, nor their pool). The replay must give the eager
+        pass's logits and caches (the slots' first rows, free at start)."""
+        generator = torch.Generator().manual_seed(rows * 100_000 + length * 2 + codes)
+        inputs = [
+            torch.randint(0, self.vocab, (rows, length), generator=generator),
+            torch.tensor([length * row // (2 * rows) for row in range(rows)]),
+            torch.arange(rows),
+        ]
+        if codes:
+            size = self.model.audio_codebook_size
+            inputs.append(torch.randint(0, size, (self.codebooks, rows * length), generator=generator))
+            inputs.append((torch.arange(length) >= length // 2) & (torch.arange(length) < 3 * length // 4))
+            inputs[-1] = inputs[-1].expand(rows, length).contiguous()
+        inputs = [t.to(self.device) for t in inputs]
+        key = (rows, length, codes)
         graph = None
         try:
             if self._prefill_capture is None:
@@ -815,7 +875,7 @@ class BatchDecoder:
             stream = self._prefill_capture
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                expected = self._padded_pass(ids, pads, where).clone()  # the warm-up, and the reference
+                expected = self._padded_pass(*inputs).clone()  # the warm-up, and the reference
                 cached = [kv[:rows, :, :, :length].clone() for kv in self.cache]
                 graph = torch.cuda.CUDAGraph()
                 if self._prefill_pool is None:
@@ -823,7 +883,7 @@ class BatchDecoder:
                 with torch.cuda.graph(
                     graph, pool=self._prefill_pool, stream=stream, capture_error_mode="thread_local"
                 ):
-                    logits = self._padded_pass(ids, pads, where)
+                    logits = self._padded_pass(*inputs)
                 for kv in self.cache:
                     kv[:rows, :, :, :length].zero_()
                 graph.replay()
@@ -834,12 +894,12 @@ class BatchDecoder:
                     raise RuntimeError("the replayed prefill differs from the eager one")
             torch.cuda.current_stream().wait_stream(stream)
         except Exception:
-            log.exception("CUDA graph capture failed for a prefill of %d x %d; it runs eagerly", rows, length)
-            self._prefill_failed.add((rows, length))
+            log.exception("CUDA graph capture failed for a prefill of %s; it runs eagerly", key)
+            self._prefill_failed.add(key)
             if graph is not None:
                 self._graphs_dropped.append(graph)
             return
-        self._prefill_graphs[(rows, length)] = _PrefillGraph(graph, ids, pads, where, logits)
+        self._prefill_graphs[key] = _PrefillGraph(graph, inputs, logits)
 
     def _prompt_attention(self, i, attn, x, cos, sin, mask, residual, where, shift) -> torch.Tensor:
         """A layer's attention over prompts ``x`` [rows, total, hidden] (causal, or ``mask``), added into

@@ -101,9 +101,9 @@ class Settings(BaseSettings):
     as CUDA graphs, captured at start-up per rows/length bucket; a shape whose capture fails runs eagerly."""
 
     prefill_graphs: bool = True
-    """With ``cuda_graphs``, also replay the prefill of prompts of text alone as CUDA graphs, padded to 64,
-    128, 256, 512 or 1,024 positions (one graph per length and number of prompts, captured at start-up): a
-    fill is then one launch instead of the layers' kernels one by one from the host."""
+    """With ``cuda_graphs``, also replay the prefill as CUDA graphs, its prompts padded to 64, 128, 256, 512
+    or 1,024 positions (one graph per length, number of prompts and whether they hold a voice reference,
+    captured at start-up): a fill is then one launch instead of the layers' kernels one by one."""
 
     generation_timeout_seconds: float = Field(default=300.0, gt=0)
     """Wall-clock limit of one generation; it then stops with finish_reason "length"."""

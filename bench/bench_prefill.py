@@ -9,7 +9,7 @@ with ``--reference SECONDS`` of a voice reference before them, built by ``engine
 random-weight models on the CPU unless a model is named). For each row count it prints the median wall
 time of a prefill (ending with the first tokens on the host), and of prompts of lengths not seen before,
 side by side: as the service runs them, and with each of its choices undone (``VARIANTS``: on CUDA the
-prefill's graphs, which the service replays for prompts of text alone padded to their lengths; then, also
+prefill's graphs, which the service replays for prompts padded to their lengths; then, also
 without the graphs, cuDNN's attention allowed, and upstream's forward instead of the decoder's own
 layers), then PyTorch's profiler on
 one: the operators' own CPU time and, on CUDA, the GPU's kernels, so that a prefill bound by the host
@@ -101,7 +101,7 @@ def main() -> None:
         service_attention = decoder.PREFILL_ATTENTION
         graphed = engine._decoder.prefill_lengths  # (CUDA: the lengths captured; none on a CPU)
         captured = len(engine._decoder._prefill_graphs)
-        print(f"prefill graphs: {captured}, prompts of text alone padded to {graphed or 'none'}")
+        print(f"prefill graphs: {captured}, prompts padded to {graphed or 'none'}")
         lengths = itertools.count(len(args.text.split()) + 1)
         sampling = Sampling(temperature=0.7, top_p=0.95, top_k=50, ras_window=7, seed=0)
 

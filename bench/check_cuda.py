@@ -9,7 +9,7 @@ The engine is loaded through ``load_engine`` on CUDA twice, over the tiny random
 it prints how many graphs of the decoding step and of the codec were captured and which shapes failed (none
 should: a failed shape decodes eagerly for good, several times slower); that a slot filled on the prefill
 stream while steps run holds what a fill alone gives it (``prefill_beside_steps``), and that the prefill's
-graphs (prompts of text alone padded to their lengths) fill slots as the eager fill does; for the second, the
+graphs (prompts padded to their lengths) fill slots as the eager fill does; for the second, the
 decoder's own prefill against upstream's forward (``own_prefill``); then the same requests go through each
 engine: 4 seeded audio requests at once (one of them greedy) and a text request beside them. Their answers are
 compared: in float32 a graph replays the kernels that the eager step runs, so the tokens should be the same;
@@ -115,10 +115,11 @@ def own_prefill(engine, generation, dtype: str) -> bool:
 
 
 def prefill_graphs(engine, generation) -> bool:
-    """Prompts of text alone filled by the prefill's CUDA graphs (padded to ``PREFILL_GRAPH_LENGTHS``)
-    against the same prompts filled eagerly, unpadded: one prompt, and three of different lengths together
-    (an audio and two text answers). The slots' caches should agree to the dtype's rounding (the padded
-    attention is masked, the unpadded one causal), the first tokens be the same."""
+    """Prompts filled by the prefill's CUDA graphs (padded to ``PREFILL_GRAPH_LENGTHS``) against the same
+    prompts filled eagerly, unpadded: one prompt, three of different lengths together (an audio and two
+    text answers), one with a voice reference, and all four together. The slots' caches should agree to the
+    dtype's rounding (the padded attention is masked, the unpadded one causal), the first tokens be the
+    same."""
     import torch
 
     import decoder
@@ -130,14 +131,18 @@ def prefill_graphs(engine, generation) -> bool:
         generation.GenerationRequest([Turn("system", scene), Turn("user", TEXT)], True, 10, 0.8, 0.95, 50, 1),
         generation.GenerationRequest([Turn("user", "Hi.")], False, 10, 0.0, 1.0, 0),
         generation.GenerationRequest([Turn("user", TEXT * 3)], False, 10, 0.8, 0.95, 50, seed=3),
-    ]
+        generation.GenerationRequest(
+            [Turn("system", scene), Turn("user", "Say it."), Turn("assistant", audio=tone_reference(engine)),
+             Turn("user", TEXT)], True, 10, 0.8, 0.95, 50, seed=4,
+        ),
+    ]  # fmt: skip
     prompts = [engine._prepare(r) for r in batch]
     admissions = [
         decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
         for i, (p, r) in enumerate(zip(prompts, batch, strict=True))
     ]
     ok, lengths = True, small.prefill_lengths
-    for group in ([0], [0, 1, 2]):
+    for group in ([0], [0, 1, 2], [3], [0, 1, 2, 3]):
         collated = engine.higgs.collate([prompts[i].sample for i in group]) if len(group) > 1 else None
         filled = []
         for padded in (lengths, ()):

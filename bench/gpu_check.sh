@@ -8,10 +8,10 @@
 #      per second, first audio p50/p95, latency (per-stream RTF = latency over the audio's length); the
 #      server's /metrics after each (steps, the loop's time by work, the GPU's time and waits per step, a
 #      request's time in the line, its fill, its decoding and its last audio: what leaves a slot empty);
-#      then a server whose codec takes later pieces as they come (HIGGS_CODEC_GATHER_MS=0, against the
-#      default's 40 ms gather), one that launches one step ahead (HIGGS_LOOKAHEAD_STEPS=1, against the
-#      default's 2) and one that prefills eagerly (HIGGS_PREFILL_GRAPHS=false, against the default's
-#      graphs of padded prompts), side by side (GPU_CHECK_SERVERS and GPU_CHECK_LOADS name other servers,
+#      then a server that prefills eagerly (HIGGS_PREFILL_GRAPHS=false, against the default's graphs of
+#      padded prompts), one whose codec takes later pieces as they come (HIGGS_CODEC_GATHER_MS=0, against
+#      the default's 40 ms gather) and one that launches one step ahead (HIGGS_LOOKAHEAD_STEPS=1, against
+#      the default's 2), side by side (GPU_CHECK_SERVERS and GPU_CHECK_LOADS name other servers,
 #      e.g. "switch SWITCH=0.0005" for Python's switch interval at 0.5 ms (bench/bench_lock.py), or
 #      another revision's, and loads);
 #   2. a prefill alone at 1, 4 and 8 prompts, and at 1 and 8 with a voice reference, with the engine's
@@ -150,9 +150,9 @@ serve_and_load() {  # serve_and_load LABEL "LOADS" [TREE=DIR] [SWITCH=S] [VAR=VA
 # e.g. an earlier revision for a side-by-side:
 #   mkdir -p .gpu-bench/old && git archive REV | tar -x -C .gpu-bench/old   (then "old TREE=.gpu-bench/old")
 SERVERS="${GPU_CHECK_SERVERS:-default
+eagerfill HIGGS_PREFILL_GRAPHS=false
 nogather HIGGS_CODEC_GATHER_MS=0
-ahead1 HIGGS_LOOKAHEAD_STEPS=1
-eagerfill HIGGS_PREFILL_GRAPHS=false}"
+ahead1 HIGGS_LOOKAHEAD_STEPS=1}"
 LOADS="${GPU_CHECK_LOADS:-1:2 4:8 16:32 16:96}"
 if [[ $SKIP != *load* ]]; then
   while read -r label settings; do

@@ -1701,20 +1701,21 @@ def test_a_prefill_together_fills_each_slot_as_alone(engine):
 
 
 def test_prompts_padded_to_a_prefill_graphs_length_fill_their_slots_as_unpadded(engine, monkeypatch):
-    """On CUDA prompts of text alone are padded on the left to one of ``PREFILL_GRAPH_LENGTHS`` and filled by
-    a captured graph of that shape (``_padded_pass``); here the same pass runs eagerly. Alone and together,
-    audio and text answers, each slot's keys and values are the unpadded fill's to float32 rounding and the
-    first tokens the same; a prompt with a voice reference, one longer than every length, and a length
-    that reaches the slot's last position (where free slots' rows park) are filled unpadded."""
-    requests = _mixed_prompts(engine)
+    """On CUDA prompts are padded on the left to one of ``PREFILL_GRAPH_LENGTHS`` and filled by a captured
+    graph of that shape (``_padded_pass``); here the same pass runs eagerly. Alone and together, audio and
+    text answers, with and without a voice reference (whose columns ``_merged_layout`` places as upstream's
+    merge does), each slot's keys and values are the unpadded fill's to float32 rounding and the first
+    tokens the same; a prompt longer than every length, and a length that reaches the slot's last position
+    (where free slots' rows park), are filled unpadded."""
+    requests = _mixed_prompts(engine, answered=True)
     prompts, admissions = _admitted(engine, requests)
     small = engine.higgs.decoder(len(requests), 1024)
-    padded: list[tuple[int, int]] = []
+    padded: list[tuple[tuple[int, int], bool]] = []
     real_pass = small._padded_pass
 
-    def padded_pass(ids, pads, where):
-        padded.append(tuple(ids.shape))
-        return real_pass(ids, pads, where)
+    def padded_pass(ids, pads, where, codes=None, is_code=None):
+        padded.append((tuple(ids.shape), codes is not None))
+        return real_pass(ids, pads, where, codes, is_code)
 
     monkeypatch.setattr(small, "_padded_pass", padded_pass)
 
@@ -1735,8 +1736,9 @@ def test_prompts_padded_to_a_prefill_graphs_length_fill_their_slots_as_unpadded(
         ([0], (16, 64, 128, 256), True),
         ([1], (64, 128, 256), True),
         ([0, 1, 2], (64, 128, 256), True),
-        ([3], (64, 128, 256, 512), False),  # a voice reference
-        ([0, 3], (64, 128, 256, 512), False),
+        ([3], (64, 128, 256, 512), True),  # a voice reference
+        ([4], (64, 128, 256, 512), True),  # a text answer about one
+        ([0, 3, 2, 4], (64, 128, 256, 512), True),
         ([0, 1, 2], (longest - 1,), False),  # longer than every length
         ([0], (1024,), False),  # the slot's last position is its parked one
     ):
@@ -1744,7 +1746,8 @@ def test_prompts_padded_to_a_prefill_graphs_length_fill_their_slots_as_unpadded(
         ours = fill(group, lengths)
         tokens = max(prompts[i].tokens for i in group)
         shape = (len(group), min((n for n in lengths if n >= tokens), default=0))
-        assert padded == ([shape] if pads else []), (group, lengths, padded)
+        codes = any(i in (3, 4) for i in group)
+        assert padded == ([(shape, codes)] if pads else []), (group, lengths, padded)
         theirs = fill(group, ())
         for i, (first, cached), (their_first, their_cached) in zip(group, ours, theirs, strict=True):
             assert torch.equal(first, their_first), (group, i)
@@ -1755,43 +1758,37 @@ def test_prompts_padded_to_a_prefill_graphs_length_fill_their_slots_as_unpadded(
 def test_requests_prefilled_padded_get_the_answers_they_get_unpadded(
     client, engine, stored_voice, monkeypatch
 ):
-    """Through HTTP, with prompts of text alone padded as on CUDA (``prefill_lengths``, run eagerly here)
-    and a burst prefilled in one pass beside the steps: every request (default and built-in voices, a text
-    answer, speech; the stored and built-in voices' references go unpadded) gets the answer it gets
-    unpadded, its audio within a step of 16-bit PCM (float32 rounding: the padded attention is masked, the
-    unpadded causal)."""
+    """Through HTTP, with prompts padded as on CUDA (``prefill_lengths``, the pass run eagerly here) and a
+    burst prefilled in one pass beside the steps: every request (the default voice, a stored one, a
+    built-in one, a cloned one, a text answer, speech) gets the answer it gets unpadded, its audio within a
+    step of 16-bit PCM (float32 rounding: the padded attention is masked, the unpadded one causal)."""
     bodies = [
         chat(seed=31, max_tokens=20),
         chat(seed=None, max_tokens=14, temperature=0, text="The default voice, greedy."),
         text_chat(seed=33, max_tokens=10),
         chat(seed=34, max_tokens=12, voice=stored_voice),
         chat(seed=36, max_tokens=12, voice="nova"),
-        {
-            "model": "tts-1",
-            "input": "Padded speech.",
-            "voice": "default",
-            "response_format": "pcm",
-            "seed": 35,
-        },
-    ]
+        clone(seed=37, max_tokens=12),
+        {"model": "tts-1", "input": "Padded speech.", "voice": "default", "response_format": "pcm",
+         "seed": 35},
+    ]  # fmt: skip
     unpadded = [answer(post(client, body)) for body in bodies]
-    shapes: list[tuple[int, int]] = []
+    shapes: list[tuple[int, bool]] = []
     real_pass = engine._decoder._padded_pass
 
-    def padded_pass(ids, pads, where):
-        shapes.append(tuple(ids.shape))
-        return real_pass(ids, pads, where)
+    def padded_pass(ids, pads, where, codes=None, is_code=None):
+        shapes.append((ids.shape[0], codes is not None))
+        return real_pass(ids, pads, where, codes, is_code)
 
     monkeypatch.setattr(engine._decoder, "_padded_pass", padded_pass)
-    monkeypatch.setattr(engine._decoder, "prefill_lengths", (64, 128, 256))
+    monkeypatch.setattr(engine._decoder, "prefill_lengths", (64, 128, 256, 512))
     assert [answer(post(client, body)) for body in bodies] == unpadded
-    assert len(shapes) == 4 and all(rows == 1 for rows, _ in shapes), shapes
+    assert shapes == [(1, False)] * 3 + [(1, True)] * 3 + [(1, False)], shapes
     monkeypatch.setattr(engine, "prefill_in_one_pass", True)
     monkeypatch.setattr(engine, "prefill_beside_steps", True)
     shapes.clear()
-    text_only = [bodies[i] for i in (0, 1, 2, 5)]
-    assert [answer(r) for r in together(client, text_only)] == [unpadded[i] for i in (0, 1, 2, 5)]
-    assert sum(rows for rows, _ in shapes) == 4 and max(rows for rows, _ in shapes) > 1, shapes
+    assert [answer(r) for r in together(client, bodies)] == unpadded
+    assert sum(rows for rows, _ in shapes) == len(bodies) and max(rows for rows, _ in shapes) > 1, shapes
     assert_idle(client, engine)
 
 
