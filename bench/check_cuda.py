@@ -54,6 +54,18 @@ def requests(generation, n: int = 4) -> list:
     return [*audio, text]
 
 
+def admitted(engine, batch: list) -> tuple[list, list]:
+    """The requests' prompts, and their admissions into slots 0, 1, ... in order."""
+    import decoder
+
+    prompts = [engine._prepare(r) for r in batch]
+    admissions = [
+        decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
+        for i, (p, r) in enumerate(zip(prompts, batch, strict=True))
+    ]
+    return prompts, admissions
+
+
 def fills_apart(ours: tuple[list, list], theirs: tuple[list, list]) -> tuple[float, bool]:
     """Two fills of the same prompts, each (first tokens, each row's caches): the largest cache difference
     relative to the largest value of ``theirs``, and whether the first tokens are the same."""
@@ -75,8 +87,6 @@ def own_prefill(engine, generation, dtype: str) -> bool:
     reference): the slots' caches (the largest difference relative to the largest value) and the first
     tokens. In float32 they should agree to rounding."""
 
-    import decoder
-
     scene = "Generate audio following instruction."
     reference = tone_reference(engine)
     Turn = generation.Turn
@@ -90,11 +100,7 @@ def own_prefill(engine, generation, dtype: str) -> bool:
              Turn("user", TEXT)], True, 10, 0.8, 0.95, 50, seed=3,
         ),
     ]  # fmt: skip
-    prompts = [engine._prepare(r) for r in batch]
-    admissions = [
-        decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
-        for i, (p, r) in enumerate(zip(prompts, batch, strict=True))
-    ]
+    prompts, admissions = admitted(engine, batch)
     small = engine.higgs.decoder(len(batch), 1024)
     collated = engine.higgs.collate([p.sample for p in prompts])
     filled = {}
@@ -136,11 +142,7 @@ def prefill_graphs(engine, generation) -> bool:
              Turn("user", TEXT)], True, 10, 0.8, 0.95, 50, seed=4,
         ),
     ]  # fmt: skip
-    prompts = [engine._prepare(r) for r in batch]
-    admissions = [
-        decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
-        for i, (p, r) in enumerate(zip(prompts, batch, strict=True))
-    ]
+    prompts, admissions = admitted(engine, batch)
     ok, lengths = True, small.prefill_lengths
     for group in ([0], [0, 1, 2], [3], [0, 1, 2, 3]):
         collated = engine.higgs.collate([prompts[i].sample for i in group]) if len(group) > 1 else None
