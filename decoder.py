@@ -840,8 +840,9 @@ class BatchDecoder:
         the eager pass, leaves that shape eager (logged). Returns how many were captured."""
         if not self.graphs_enabled or self.busy or not self.own_prefill:
             return 0
+        references = (False, True) if "skip" not in self.kinds else (False,)  # (``_own_layers``)
         with _prefill_attention(self.device):
-            for codes in (False, True):
+            for codes in references:
                 for rows in range(1, min(most_rows, self.slots) + 1):
                     for length in PREFILL_GRAPH_LENGTHS:
                         if length < self.max_len and (rows == 1 or rows * length <= most_tokens):
