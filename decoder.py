@@ -703,13 +703,21 @@ class BatchDecoder:
         lengths = self._lengths(admissions, total, batched)
         pads = [total - length for length in lengths]
         ahead = torch.tensor(pads, device=self.device)
-        positions = (self._arange[None, :total] - ahead[:, None]).clamp_(min=0)
-        mask = self._prompt_mask(ahead, total) if any(pads) else None  # (None: causal)
-        where, shift = self._placement(admissions, pads, total)
-        hidden = self._prompt_layers(hidden, positions, mask, where, shift, is_code)
+        where = torch.tensor([a.slot for a in admissions], device=self.device)
+        hidden = self._prompt_pass(hidden, ahead, where, is_code, padded=any(pads))
         if all(a.audio_output for a in admissions):
             return lengths, None
         return lengths, self.text_head(_rms_norm(model.norm, hidden[:, -1:]))
+
+    def _prompt_pass(self, hidden, ahead, where, is_code, padded: bool) -> torch.Tensor:
+        """The layers over prompts ``hidden`` [rows, total, hidden] padded on the left by ``ahead`` [rows]
+        positions (``padded``: whether any is; else the attention is causal and nothing moves), into the
+        slots ``where`` [rows] (``_prompt_layers``). Returns the last layer's hidden states."""
+        total = hidden.shape[1]
+        positions = (self._arange[None, :total] - ahead[:, None]).clamp_(min=0)
+        mask = self._prompt_mask(ahead, total) if padded else None
+        shift = self._shift(ahead, total) if padded else None
+        return self._prompt_layers(hidden, positions, mask, where, shift, is_code)
 
     def _prompt_mask(self, ahead: torch.Tensor, total: int) -> torch.Tensor:
         """The additive attention mask of prompts padded on the left by ``ahead`` [rows] positions: causal
@@ -824,11 +832,7 @@ class BatchDecoder:
             audio = self.model._embed_audio_ids(codes).view(rows, length, -1)
             is_code = is_code[:, :, None]
             hidden = torch.where(is_code, audio, hidden)
-        hidden = hidden.to(self.dtype).contiguous()
-        positions = (self._arange[None, :length] - pads[:, None]).clamp_(min=0)
-        shift = (self._arange[None, :length] + pads[:, None]).clamp_(max=length - 1)[:, None, None, :, None]
-        mask = self._prompt_mask(pads, length)
-        hidden = self._prompt_layers(hidden, positions, mask, where, shift, is_code)
+        hidden = self._prompt_pass(hidden.to(self.dtype).contiguous(), pads, where, is_code, padded=True)
         return self.text_head(_rms_norm(self.model.norm, hidden[:, -1:]))
 
     @torch.inference_mode()
@@ -924,8 +928,12 @@ class BatchDecoder:
         where = torch.tensor([a.slot for a in admissions], device=self.device)
         if not any(pads):
             return where, None
-        positions = self._arange[None, :total] + torch.tensor(pads, device=self.device)[:, None]
-        return where, positions.clamp_(max=total - 1)[:, None, None, :, None]  # [rows, 1, 1, total, 1]
+        return where, self._shift(torch.tensor(pads, device=self.device), total)
+
+    def _shift(self, ahead: torch.Tensor, total: int) -> torch.Tensor:
+        """The index that moves each row's tokens in front of its ``ahead`` [rows] positions of padding
+        (``_put``), [rows, 1, 1, total, 1]."""
+        return (self._arange[None, :total] + ahead[:, None]).clamp_(max=total - 1)[:, None, None, :, None]
 
     def _put(self, i: int, kv: torch.Tensor, where: torch.Tensor, shift: torch.Tensor | None) -> None:
         """Layer ``i``'s keys and values of a prefill, ``kv`` [rows, 2, kv heads, total, dim], into the first

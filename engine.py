@@ -642,7 +642,7 @@ class HiggsEngine:
         ]  # fmt: skip
         prompts = [self._prepare(r) for r in requests]
         admissions = [
-            Admission(i if together else 0, p.inputs, True, self._sampling(r), p.tokens)
+            self._admission(r, p, i if together else 0)
             for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
         ]
         if together:
@@ -795,6 +795,10 @@ class HiggsEngine:
             seed=request.seed,
         )
 
+    def _admission(self, request: GenerationRequest, prompt: Prompt, slot: int) -> Admission:
+        """``request`` (its ``prompt`` built) as the decoder takes it into ``slot``."""
+        return Admission(slot, prompt.inputs, request.audio_output, self._sampling(request), prompt.tokens)
+
     def _start(self, job: _Job, slot: int) -> None:
         job.slot = slot
         job.started = time.monotonic()
@@ -807,10 +811,7 @@ class HiggsEngine:
         self._decoder.reserve(slots)
         for job, slot in zip(jobs, slots, strict=True):
             self._start(job, slot)
-            request = job.request
-            job.admission = Admission(
-                slot, job.prompt.inputs, request.audio_output, self._sampling(request), job.prompt.tokens
-            )
+            job.admission = self._admission(job.request, job.prompt, slot)
         after = None
         if self._prefill_stream is not None:  # after the steps launched so far, which may write the slots
             after = torch.cuda.Event()

@@ -56,14 +56,8 @@ def requests(generation, n: int = 4) -> list:
 
 def admitted(engine, batch: list) -> tuple[list, list]:
     """The requests' prompts, and their admissions into slots 0, 1, ... in order."""
-    import decoder
-
     prompts = [engine._prepare(r) for r in batch]
-    admissions = [
-        decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
-        for i, (p, r) in enumerate(zip(prompts, batch, strict=True))
-    ]
-    return prompts, admissions
+    return prompts, [engine._admission(r, p, i) for i, (p, r) in enumerate(zip(prompts, batch, strict=True))]
 
 
 def fills_apart(ours: tuple[list, list], theirs: tuple[list, list]) -> tuple[float, bool]:
@@ -174,8 +168,6 @@ def prefill_beside_steps(engine, generation) -> bool:
     reserved slot's parked position only, and the fill is ordered after the steps launched before it."""
     import torch
 
-    import decoder
-
     small = engine._decoder
     Turn = generation.Turn
     scene = "Generate audio following instruction."
@@ -185,10 +177,7 @@ def prefill_beside_steps(engine, generation) -> bool:
         )
         for s, text in ((1, TEXT), (2, "A newcomer, filled while the other one decodes."))
     ]
-    running, newcomer = (
-        decoder.Admission(slot, p.inputs, True, engine._sampling(r), p.tokens)
-        for slot, (p, r) in enumerate((engine._prepare(r), r) for r in requests)
-    )
+    running, newcomer = admitted(engine, requests)[1]
     stream = engine._prefill_stream
 
     def fill_beside(steps: int) -> tuple[list, list]:

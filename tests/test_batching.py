@@ -1591,11 +1591,9 @@ def _mixed_prompts(engine, answered: bool = False) -> list:
 def _admitted(engine, requests: list) -> tuple[list, list]:
     """The requests' prompts, and their admissions into slots 0, 1, ... in order."""
     prompts = [engine._prepare(r) for r in requests]
-    admissions = [
-        decoder.Admission(i, p.inputs, r.audio_output, engine._sampling(r), p.tokens)
-        for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
+    return prompts, [
+        engine._admission(r, p, i) for i, (p, r) in enumerate(zip(prompts, requests, strict=True))
     ]
-    return prompts, admissions
 
 
 def test_steps_run_while_a_slot_is_filled_leave_its_prompt_alone(engine):
