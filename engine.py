@@ -1138,8 +1138,9 @@ class HiggsEngine:
                 continue
             pending = [item for item in pending if item not in work]  # (by identity: ``eq=False``)
             firsts = sum(1 for item in work if is_first(item))
-            ends_only = all(isinstance(item, End) for item in work)  # (with pieces, a piece call)
-            kind = "first_piece" if firsts else ("end" if ends_only else "piece")
+            # A call with pieces is a piece call (ends of their length in it too); else its items' kind.
+            kinds = {item.kind for item in work}
+            kind = "first_piece" if firsts else ("piece" if "piece" in kinds else work[0].kind)
             started = time.perf_counter()
             with (
                 torch.inference_mode(),

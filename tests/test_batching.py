@@ -1206,6 +1206,19 @@ def test_metrics_say_where_the_engines_time_goes(client, engine):
     assert added['higgs_codec_seconds_total{work="encode"}'] == 0
 
 
+def test_a_voice_reference_encoded_counts_as_the_codecs_encode_work(client, engine):
+    """A cloned voice's reference is encoded in a codec call of its own, counted as ``encode`` (calls and
+    seconds), not as a piece call."""
+    before = work_counters(client)
+    assert post(client, clone(seed=65, max_tokens=10)).status_code == 200
+    settle(engine)
+    added = {name: value - before.get(name, 0.0) for name, value in work_counters(client).items()}
+    assert added['higgs_codec_calls_total{work="encode"}'] == 1
+    assert added['higgs_codec_seconds_total{work="encode"}'] > 0
+    calls = {work: added[f'higgs_codec_calls_total{{work="{work}"}}'] for work in ("first_piece", "piece")}
+    assert added["higgs_codec_pieces_total"] == sum(calls.values())  # (a CPU's later pieces: one a call)
+
+
 class _Clock:
     """A stand-in for a CUDA timing event, on a made-up GPU clock (milliseconds)."""
 
