@@ -24,7 +24,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_AUDIO, Pcm, b64, post_then_hang_up
+from conftest import TEST_AUDIO, Pcm, b64, post_then_hang_up, wav_b64
 
 import audio_stream
 import decoder
@@ -1208,9 +1208,14 @@ def test_metrics_say_where_the_engines_time_goes(client, engine):
 
 def test_a_voice_reference_encoded_counts_as_the_codecs_encode_work(client, engine):
     """A cloned voice's reference is encoded in a codec call of its own, counted as ``encode`` (calls and
-    seconds), not as a piece call."""
+    seconds), not as a piece call. (A reference of its own: one heard before is cached, not encoded.)"""
+    import soundfile
+
+    samples, rate = soundfile.read(TEST_AUDIO, dtype="float32")
+    body = clone(seed=65, max_tokens=10)
+    body["messages"][0]["content"][1]["input_audio"]["data"] = wav_b64(0.9 * samples, rate)
     before = work_counters(client)
-    assert post(client, clone(seed=65, max_tokens=10)).status_code == 200
+    assert post(client, body).status_code == 200
     settle(engine)
     added = {name: value - before.get(name, 0.0) for name, value in work_counters(client).items()}
     assert added['higgs_codec_calls_total{work="encode"}'] == 1
