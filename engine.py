@@ -821,7 +821,7 @@ class HiggsEngine:
         else:
             # On this thread: the loop would wait for the fill anyway, and on a CPU another computing thread
             # slows every parallel operation (GNU OpenMP's workers stop spinning when they outnumber the
-            # cores: README, "Benchmarks").
+            # cores: `bench/RESULTS.md`, "Batching").
             future = Future()
             future.set_result(self._fill(jobs, after))
         self._prefilling = _Prefill(jobs, future)

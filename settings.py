@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     attention_by_lengths_from: int = Field(default=1024, ge=1)
     """The shortest length bucket (``kv_cache_lengths``) that attends by each row's length. On an H200 a step
     at 1,024 positions took 0.95x (16 requests) and 0.93x (1) the masked step's time, at 512 positions 1.13x
-    and 1.00x (README, "Concurrency")."""
+    and 1.00x (`docs/engine.md`, "Attention by each row's length")."""
 
     cuda_graphs: bool = True
     """On CUDA, replay each decoding step (forward pass and sampling) and each streamed piece's audio decode
