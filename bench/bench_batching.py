@@ -22,16 +22,25 @@ request decodes exactly that many steps). Two measurements, side by side in one 
 * **throughput**: for each concurrency ``c``, ``c`` whole (non-streamed) requests sent at once, against the
   same ``c`` requests sent one after another, in ``--rounds`` interleaved rounds: seconds of audio produced
   per wall-clock second, and the ratio (batched / one at a time; it should never be below 1).
+
+The clients run in a process of their own, as real clients do: a thread of each request, in the server's
+own process, would take the server's interpreter lock for its Python (reading the stream line by line,
+parsing its JSON), and more of it the more listeners there are. ``--clients-here`` runs them there, as
+this script did before 2026-11-28, for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import statistics
 import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from _common import (
@@ -56,7 +65,59 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per concurrency")
     parser.add_argument("--slots", type=int, default=8, help="HIGGS_MAX_BATCH_SIZE")
+    parser.add_argument(
+        "--clients-here", action="store_true", help="the clients as threads of the server's own process"
+    )
     run_script(parser, run)
+
+
+_client = None  # the clients' httpx.Client, in whichever process sends the requests (``_connect``)
+
+
+def _connect(url: str) -> None:
+    global _client
+    import httpx
+
+    _client = httpx.Client(base_url=url, timeout=1800)
+
+
+def _first_audio(body: dict, gate: threading.Barrier | None = None) -> float:
+    """Seconds from sending a streamed request to its first audio piece (then read to the end)."""
+    if gate is not None:
+        gate.wait()
+    sent = time.perf_counter()
+    heard = None
+    with _client.stream("POST", "/v1/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if heard is None and line.startswith("data: {") and '"data":"' in line:
+                chunk = json.loads(line[6:])
+                audio = chunk["choices"][0]["delta"].get("audio") if chunk["choices"] else None
+                if audio and audio.get("data"):
+                    heard = time.perf_counter() - sent
+    if heard is None:
+        raise RuntimeError("a stream ended without audio")
+    return heard
+
+
+def _whole(body: dict, gate: threading.Barrier | None = None) -> float:
+    """Seconds of audio in one whole answer."""
+    if gate is not None:
+        gate.wait()
+    response = _client.post("/v1/chat/completions", json=body)
+    response.raise_for_status()
+    return response.json()["usage"]["completion_tokens"] / 25.0
+
+
+def _send(bodies: list[dict], together: bool) -> tuple[list[float], float]:
+    """``bodies`` sent at once (each on a thread of its own, leaving together), or one after another;
+    each one's first audio (streamed) or audio seconds (whole), and the wall time of them all."""
+    fn = _first_audio if bodies[0]["stream"] else _whole
+    started = time.perf_counter()
+    if together and len(bodies) > 1:
+        got = at_once(lambda i, gate: fn(bodies[i], gate), list(range(len(bodies))))
+    else:
+        got = [fn(body) for body in bodies]
+    return got, time.perf_counter() - started
 
 
 def work_done(before, after) -> str:
@@ -74,8 +135,6 @@ def work_done(before, after) -> str:
 
 
 def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: Path) -> None:
-    import httpx
-
     from app import create_app
 
     dtype = args.dtype if args.model is not None else ("float32" if args.dtype == "auto" else args.dtype)
@@ -101,33 +160,16 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     app = create_app(settings)
     load_before = os.getloadavg()[0]
     started = time.monotonic()
-    with serve(app, start_timeout=1800) as url, httpx.Client(base_url=url, timeout=1800) as client:
+    with serve(app, start_timeout=1800) as url, _clients(url, args.clients_here) as send:
         slots = app.state.engine.slots  # what the KV budget allowed
 
-        def first_audio(seed: int, gate: threading.Barrier | None = None) -> float:
-            """Seconds from sending a streamed request to its first audio piece (then read to the end)."""
-            if gate is not None:
-                gate.wait()
-            sent = time.perf_counter()
-            heard = None
-            with client.stream("POST", "/v1/chat/completions", json=body(seed, True)) as response:
-                for line in response.iter_lines():
-                    if heard is None and line.startswith("data: {") and '"data":"' in line:
-                        chunk = json.loads(line[6:])
-                        audio = chunk["choices"][0]["delta"].get("audio") if chunk["choices"] else None
-                        if audio and audio.get("data"):
-                            heard = time.perf_counter() - sent
-            if heard is None:
-                raise RuntimeError("a stream ended without audio")
-            return heard
+        def first_audio(seeds: list[int]) -> list[float]:
+            return send([body(s, True) for s in seeds], True)[0]
 
-        def whole(seed: int, gate: threading.Barrier | None = None) -> float:
-            """Seconds of audio in one whole answer."""
-            if gate is not None:
-                gate.wait()
-            response = client.post("/v1/chat/completions", json=body(seed, False))
-            response.raise_for_status()
-            return response.json()["usage"]["completion_tokens"] / 25.0
+        def whole(seeds: list[int], together: bool) -> tuple[float, float]:
+            """The requests' seconds of audio and the wall time they took."""
+            audio, wall = send([body(s, False) for s in seeds], together)
+            return sum(audio), wall
 
         engine = app.state.engine
         first_frames = engine.streaming.first_piece_frames
@@ -143,7 +185,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
                     firsts.append((codes.shape[0], time.perf_counter() - started))
 
         engine._pieces.decode = timed_decode
-        whole(0)  # untimed: first-use costs
+        whole([0], False)  # untimed: first-use costs
 
         # On a CPU the loop pauses while a first piece is due; measured against no pause, interleaved.
         pausing = [True, False] if engine.yield_to_first_pieces else [False]
@@ -154,22 +196,22 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
                 engine.yield_to_first_pieces = pause
                 got = runs[pause]
                 firsts.clear()
-                got["alone"].append(first_audio(100 + r))
+                got["alone"] += first_audio([100 + r])
                 got["alone_codec"] += [seconds for _, seconds in firsts]
                 firsts.clear()
                 before = engine.work()
-                got["crowds"].append(at_once(first_audio, [200 + 100 * r + i for i in range(args.listeners)]))
+                got["crowds"].append(first_audio([200 + 100 * r + i for i in range(args.listeners)]))
                 got["crowd_codecs"].append(list(firsts))
                 got["crowd_work"].append(work_done(before, engine.work()))
         engine.yield_to_first_pieces = pausing[0]
 
         def one_at_a_time(seeds: list[int]) -> float:
-            t0 = time.perf_counter()
-            return sum(whole(s) for s in seeds) / (time.perf_counter() - t0)
+            audio, wall = whole(seeds, False)
+            return audio / wall
 
         def batched(seeds: list[int]) -> float:
-            t0 = time.perf_counter()
-            return sum(at_once(whole, seeds)) / (time.perf_counter() - t0)
+            audio, wall = whole(seeds, True)
+            return audio / wall
 
         rows = []
         for c in args.concurrency:
@@ -188,7 +230,8 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     print(
         f"\nbench_batching: {'tiny random-weight models' if args.model is None else args.model} on "
         f"{args.device}, {slots} slots, {args.max_tokens} steps per request, "
-        f"torch threads {args.threads}"
+        f"torch threads {args.threads}; the clients "
+        f"{'in the server' + chr(39) + 's process' if args.clients_here else 'in a process of their own'}"
     )
     for pause, got in runs.items():
         if len(runs) > 1:
@@ -215,6 +258,21 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         together = spread(batch_rates, unit="", width=6)
         print(f"{c:11d}   {one:24}  {together:24}  {spread(ratios, unit='x', width=5)}")
     print(f"\nrun: {conditions(time.monotonic() - started, load_before)}")
+
+
+@contextlib.contextmanager
+def _clients(url: str, here: bool) -> Iterator[Callable[[list[dict], bool], tuple[list[float], float]]]:
+    """``_send`` in a process of the clients' own (spawned, kept for the run), or in this one."""
+    if here:
+        _connect(url)
+        try:
+            yield _send
+        finally:
+            _client.close()
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_connect, initargs=(url,)) as pool:
+        yield lambda bodies, together: pool.submit(_send, bodies, together).result()
 
 
 if __name__ == "__main__":
