@@ -1896,7 +1896,7 @@ def test_the_engine_sizes_its_slots_and_line_to_the_memory_free(settings, engine
 
 def test_the_prefill_graphs_setting_reaches_the_engine(settings, monkeypatch):
     """``HIGGS_PREFILL_GRAPHS`` (on by default) is the engine's ``prefill_graphs``: on CUDA whether prompts
-    of text alone are padded and filled by graphs (``BatchDecoder.capture_prefill_graphs``)."""
+    (with a voice reference or without) are padded and filled by graphs (``capture_prefill_graphs``)."""
     made: list[dict] = []
     monkeypatch.setattr(engine_module, "HiggsEngine", lambda *args, **kwargs: made.append(kwargs))
     monkeypatch.setenv("HIGGS_PREFILL_GRAPHS", "false")
