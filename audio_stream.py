@@ -308,14 +308,21 @@ class AudioStream:
         self.sent = upto
         return piece
 
-    def join(self, piece: Piece, decoded: np.ndarray) -> AudioPiece:
-        """The piece's samples, cross-faded into the previous piece's tail."""
-        samples = np.array(decoded[piece.start : piece.stop], dtype=np.float32)
+    def span(self, piece: Piece) -> tuple[int, int]:
+        """The samples of the piece's decode that ``join`` reads: those it sends and the tail the next
+        piece fades from (where the piece has it)."""
+        return piece.start, min(piece.stop + self.crossfade, piece.codes.shape[1] * self.samples_per_frame)
+
+    def join(self, piece: Piece, decoded: np.ndarray, offset: int = 0) -> AudioPiece:
+        """The piece's samples, cross-faded into the previous piece's tail; ``decoded[0]`` is sample
+        ``offset`` of the piece's decode (at least its ``span``)."""
+        start, stop = piece.start - offset, piece.stop - offset
+        samples = np.array(decoded[start:stop], dtype=np.float32)
         if self.tail is not None:
             n = min(len(self.tail), len(samples))
             fade = np.linspace(0.0, 1.0, n, dtype=np.float32)
             samples[:n] = self.tail[:n] * (1.0 - fade) + samples[:n] * fade
-        self.tail = np.array(decoded[piece.stop : piece.stop + self.crossfade], dtype=np.float32)
+        self.tail = np.array(decoded[stop : stop + self.crossfade], dtype=np.float32)
         if self.heard_from is None:
             self.heard_from = time.monotonic()
         self.samples_out += len(samples)

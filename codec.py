@@ -6,16 +6,20 @@ of small convolutions: at batch 1 a piece costs about as much as a batch of 8 (l
 launch holds Python's lock that the decoding loop needs too. So on CUDA each (batch bucket, piece length)
 gets a CUDA graph, captured before serving: a piece is then one copy in, one replay and one copy out,
 whatever else is decoding (a stream's last piece too: ``Layout.end_frames`` gives it the regular length).
-Other shapes (a stream too short for that), a capture that failed its check, and the CPU use the codec's
-own ``decode``. Either way the codec's weight normalisation is folded into plain weights
-at load (``bake_weight_norm``), so no call recomputes its convolution weights, and its Snake activations
-work on one buffer each (``snakes_in_place``); the numbers stay upstream's.
+Other shapes (a stream too short for that), a capture that failed its check, and the CPU decode eagerly,
+and there only what the stream sends is computed (``PieceDecoder.decode_part``): a piece's context frames
+are decoded for the sake of its samples' neighbours, not to be heard, so each layer computes just the part
+of its activations that the samples sent depend on (``decoder_stages``). Either way the codec's weight
+normalisation is folded into plain weights at load (``bake_weight_norm``), so no call recomputes its
+convolution weights, and its Snake activations work on one buffer each (``snakes_in_place``); the numbers
+stay upstream's.
 """
 
 from __future__ import annotations
 
 import logging
 import types
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -61,6 +65,77 @@ def _snake_in_place(self, x: torch.Tensor) -> torch.Tensor:
     return y.add_(x)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One step of the codec's decoder, as ``decode_part`` crops its input: an output sample at ``y``
+    depends on the input samples within ``reach`` of ``y / upsampling``; ``margin`` is the reach, in its
+    input's samples, of this stage and every one after it, and ``scale`` the decoder's output samples per
+    input sample of this stage."""
+
+    module: torch.nn.Module
+    upsampling: int
+    reach: int
+    margin: int = 0
+    scale: int = 1
+
+
+def decoder_stages(decoder: torch.nn.Module) -> list[Stage] | None:
+    """Higgs Audio's codec decoder (DAC's: a convolution; blocks of a Snake, a transposed convolution that
+    upsamples and three dilated residual units; a Snake and a last convolution) as the flat list of its
+    stages, each with its reach (``Stage``). None for a decoder of another make: it is never cropped."""
+    modules = getattr(decoder, "model", None)
+    if not isinstance(modules, torch.nn.Sequential):
+        return None
+    flat: list[torch.nn.Module] = []
+    for module in modules:
+        flat.extend(module.block if type(module).__name__ == "DecoderBlock" else [module])
+    stages = []
+    for module in flat:
+        name = type(module).__name__
+        if name == "Snake1d":
+            stages.append(Stage(module, 1, 0))
+        elif name == "ResidualUnit" and _convolutions(module) is not None:
+            stages.append(Stage(module, 1, sum(_reach(conv) for conv in _convolutions(module))))
+        elif isinstance(module, torch.nn.ConvTranspose1d) and module.dilation[0] == 1:
+            # input i reaches the outputs i * stride - padding + k, k < kernel: output y takes the inputs
+            # within kernel / stride + 1 of y / stride
+            stride, kernel = module.stride[0], module.kernel_size[0]
+            stages.append(Stage(module, stride, -(-kernel // stride) + 1))
+        elif isinstance(module, torch.nn.Conv1d) and _same_length(module):
+            stages.append(Stage(module, 1, _reach(module)))
+        else:
+            return None
+    margin, scale = 0, 1
+    for i in reversed(range(len(stages))):
+        stage = stages[i]
+        margin = -(-margin // stage.upsampling) + stage.reach
+        scale *= stage.upsampling
+        stages[i] = replace(stage, margin=margin, scale=scale)
+    return stages
+
+
+def _same_length(conv: torch.nn.Module) -> bool:
+    """A 1-d convolution whose output is its input's length, each output aligned with its input."""
+    if not isinstance(conv, torch.nn.Conv1d) or conv.stride[0] != 1 or isinstance(conv.padding, str):
+        return False
+    return 2 * conv.padding[0] == (conv.kernel_size[0] - 1) * conv.dilation[0]
+
+
+def _reach(conv: torch.nn.Conv1d) -> int:
+    """How far from an output's position its inputs lie, at most (a same-length convolution's padding)."""
+    return conv.padding[0]
+
+
+def _convolutions(unit: torch.nn.Module) -> list[torch.nn.Conv1d] | None:
+    """A residual unit's convolutions (DAC's: a Snake, a dilated convolution, a Snake, a 1-wide one, the
+    input added back), when every other step of it is a Snake and each keeps the length; else None."""
+    steps = list(getattr(unit, "block", []))
+    convolutions = [step for step in steps if type(step).__name__ != "Snake1d"]
+    if not convolutions or not all(_same_length(conv) for conv in convolutions):
+        return None
+    return convolutions
+
+
 class PieceDecoder:
     """Audio codes ``[batch, codebooks, frames]`` to samples ``[batch, 1, frames * samples_per_frame]``."""
 
@@ -75,7 +150,9 @@ class PieceDecoder:
         self._side_stream: torch.cuda.Stream | None = None
         self._graphs_dropped: list[torch.cuda.CUDAGraph] = []
         self.eager_calls = 0
-        """Calls decoded by the codec's own ``decode`` (no graph of their shape), since start."""
+        """Calls decoded eagerly (no graph of their shape), since start."""
+        self.stages = decoder_stages(codec.decoder_2) if codec.quantizer_type == "RVQ" else None
+        """The decoder's stages as ``decode_part`` crops them; None: it decodes whole pieces."""
 
     def graphed(self, frames: int) -> bool:
         """Whether pieces of this length have captured graphs."""
@@ -84,7 +161,7 @@ class PieceDecoder:
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         """Decode a batch of pieces of one length (on the caller's CUDA stream)."""
         batch, _, frames = codes.shape
-        bucket = next((b for b, f in sorted(self._graphs) if f == frames and b >= batch), None)
+        bucket = self._bucket(batch, frames)
         if bucket is None:
             self.eager_calls += 1
             return self.codec.decode(codes)
@@ -92,6 +169,33 @@ class PieceDecoder:
         inputs[:batch].copy_(codes)  # rows past ``batch`` keep earlier (valid) codes; their output is unread
         graph.replay()
         return output[:batch].float().cpu().numpy()
+
+    def _bucket(self, batch: int, frames: int) -> int | None:
+        """The smallest batch with a captured graph for ``batch`` pieces of ``frames`` frames, or None."""
+        return next((b for b, f in sorted(self._graphs) if f == frames and b >= batch), None)
+
+    def decode_part(self, codes: torch.Tensor, start: int, stop: int) -> np.ndarray:
+        """Samples ``[start, stop)`` of each piece's decode, ``[batch, 1, stop - start]``: ``decode``'s, up
+        to float rounding (a layer may sum in another order for another length). Decoded eagerly, each stage
+        computes only the part of its activations within its ``margin`` of those samples (cut where
+        nothing is left to cut, a stage's input is padded as the whole piece's is; elsewhere the padding is
+        further from every sample wanted than any of them reaches). A batch with a graph of its shape
+        replays it whole."""
+        batch, _, frames = codes.shape
+        if self.stages is None or self._bucket(batch, frames) is not None:
+            return self.decode(codes)[..., start:stop]
+        self.eager_calls += 1
+        with torch.inference_mode():
+            x = self._latent(codes.to(self.device))
+            at = 0  # the input sample of the stage that ``x[..., 0]`` is
+            for stage in self.stages:
+                first = max(at, start // stage.scale - stage.margin)
+                upto = min(at + x.shape[-1], -(-stop // stage.scale) + stage.margin)
+                if first > at or upto < at + x.shape[-1]:
+                    x, at = x[..., first - at : upto - at], first
+                x = stage.module(x)
+                at *= stage.upsampling
+            return x[..., start - at : stop - at].float().cpu().numpy()
 
     def capture(self, frames: list[int], batches: list[int]) -> int:
         """Capture a graph per piece length and batch bucket (before serving). Returns how many there are."""
@@ -105,16 +209,18 @@ class PieceDecoder:
 
     @torch.inference_mode()
     def _forward(self, codes: torch.Tensor) -> torch.Tensor:
-        """The codec's decode without its host copies: code embeddings summed over the residual
-        codebooks, the projection, the decoder (the codec starts its sum from a tensor made on the host)."""
-        codec = self.codec
-        layers = codec.quantizer.vq.layers
+        """The codec's decode without its host copies (the codec starts its sum from a tensor made on the
+        host)."""
+        return self.codec.decoder_2(self._latent(codes))
+
+    def _latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """The decoder's input: code embeddings summed over the residual codebooks, projected."""
+        layers = self.codec.quantizer.vq.layers
         by_codebook = codes.permute(1, 0, 2)
         quantized = layers[0].decode(by_codebook[0])
         for i in range(1, by_codebook.shape[0]):
             quantized = quantized + layers[i].decode(by_codebook[i])
-        hidden = codec.fc_post2(quantized.transpose(1, 2)).transpose(1, 2)
-        return codec.decoder_2(hidden)
+        return self.codec.fc_post2(quantized.transpose(1, 2)).transpose(1, 2)
 
     @torch.inference_mode()
     def _capture(self, batch: int, frames: int) -> None:

@@ -1198,8 +1198,13 @@ class HiggsEngine:
             return
         try:  # a stream's last piece is what its stream has not cut yet
             pieces = [item.piece if isinstance(item, Decode) else item.stream.final() for item in live]
-            codes = [piece.codes for piece in pieces if piece is not None]
-            audio = iter(self._guarded(self._pieces.decode, torch.stack(codes)) if codes else ())
+            cut = [(item.stream, p) for item, p in zip(live, pieces, strict=True) if p is not None]
+            audio, offset = iter(()), 0
+            if cut:  # pieces of one length, in one call: the samples that some piece's join reads
+                spans = [stream.span(piece) for stream, piece in cut]
+                offset, stop = min(span[0] for span in spans), max(span[1] for span in spans)
+                codes = torch.stack([piece.codes for _, piece in cut])
+                audio = iter(self._guarded(self._pieces.decode_part, codes, offset, stop))
         except BaseException as exc:
             for item in live:  # each stream's line under its own request id
                 item.stream.job.context.run(log.exception, "audio decoding failed")
@@ -1210,10 +1215,10 @@ class HiggsEngine:
         for item, piece in zip(live, pieces, strict=True):
             decoded = None if piece is None else next(audio)[0]
             if isinstance(item, End):
-                item.stream.job.context.run(self._end_stream, item, piece, decoded)
+                item.stream.job.context.run(self._end_stream, item, piece, decoded, offset)
                 continue
             try:
-                item.stream.job.emit(item.stream.join(piece, decoded))
+                item.stream.job.emit(item.stream.join(piece, decoded, offset))
             except BaseException as exc:
                 self._fail_stream(item.stream, exc)
 
@@ -1225,13 +1230,13 @@ class HiggsEngine:
         stream.job.emit(exc)
         self._hold_ends(stream.job, 0.0)  # no next piece follows a failed one
 
-    def _end_stream(self, end: End, last: Piece | None, decoded: np.ndarray | None) -> None:
-        """Send an ended stream's last piece (``decoded``) and its result; a fault fails this request
-        alone (its slot is free already, and no result follows)."""
+    def _end_stream(self, end: End, last: Piece | None, decoded: np.ndarray | None, offset: int) -> None:
+        """Send an ended stream's last piece (``decoded``, from its sample ``offset``) and its result; a
+        fault fails this request alone (its slot is free already, and no result follows)."""
         stream = end.stream
         try:
             if last is not None:
-                stream.job.emit(stream.join(last, decoded))
+                stream.job.emit(stream.join(last, decoded, offset))
             seconds = time.monotonic() - stream.job.started  # to the last audio, the codec's backlog included
             audio_seconds = stream.frames / self.frame_rate
             result = replace(end.result, seconds=seconds, audio_seconds=audio_seconds, codes=stream.codes())

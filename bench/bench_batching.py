@@ -174,17 +174,17 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         engine = app.state.engine
         first_frames = engine.streaming.first_piece_frames
         firsts: list[tuple[int, float]] = []  # (pieces, seconds) of each codec call on first pieces
-        codec_decode = engine._pieces.decode
+        codec_decode = engine._pieces.decode_part
 
-        def timed_decode(codes):
+        def timed_decode(codes, *span):
             started = time.perf_counter()
             try:
-                return codec_decode(codes)
+                return codec_decode(codes, *span)
             finally:
                 if codes.shape[-1] == first_frames:
                     firsts.append((codes.shape[0], time.perf_counter() - started))
 
-        engine._pieces.decode = timed_decode
+        engine._pieces.decode_part = timed_decode
         whole([0], False)  # untimed: first-use costs
 
         # On a CPU the loop pauses while a first piece is due; measured against no pause, interleaved.

@@ -6,12 +6,16 @@ Run:  .venv/bin/python bench/bench_codec.py [--rounds 7] [--calls 10] [--frames 
 
 Three copies of the codec, each loaded by upstream's ``load_higgs_audio_tokenizer``: as loaded; with its
 weight normalisation folded into plain weights (``codec.bake_weight_norm``); and that with its Snake
-activations in place as well (``codec.snakes_in_place``: what the engine serves). Each decodes the same
-pieces with the codec's own ``decode``, by default of the streamed lengths (a first piece of 8 frames, a
-later one of 20), ``--calls`` calls per timing, and each encodes a clip of ``--encode-seconds`` (a voice
-reference's work); the copies take turns in ``--rounds`` rounds, the order rotating, so drift in the
-machine's load hits all three. Printed: the median milliseconds per call, each copy's time as a multiple of
-upstream's, and whether its samples (codes, for the clip) equal upstream's (they must). By default
+activations in place as well (``codec.snakes_in_place``). Each decodes the same pieces with the codec's
+own ``decode``, by default of the streamed lengths (a first piece of 8 frames, a later one of 20),
+``--calls`` calls per timing, and each encodes a clip of ``--encode-seconds`` (a voice reference's work).
+A fourth row is what the engine serves: the third copy decoding only the samples a stream sends of such a
+piece and the crossfade's tail (``codec.PieceDecoder.decode_part``: of a first piece its first 4 frames,
+of a later one the 12 between its context frames), eagerly as on a CPU. The rows take turns in
+``--rounds`` rounds, the order rotating, so drift in the machine's load hits all of them. Printed: the
+median milliseconds per call, each row's time as a multiple of upstream's, and whether its samples
+(codes, for the clip) equal upstream's (they must; for the fourth row, those samples of upstream's, up to
+float rounding: within 1e-5 of the peak). By default
 on the tiny codec of ``tests/tiny_models.py`` on the CPU, whose decoder has the real one's 1,024 channels
 at the frame rate and four upsampling stages; ``--audio-tokenizer`` (with ``--model``, which is not loaded)
 measures another.
@@ -29,6 +33,7 @@ from _common import conditions, run_script, spread
 
 CODEBOOK_SIZE = 1024  # Higgs Audio v2's codebooks (the tiny codec's too)
 COPIES = ("upstream", "weight norm folded", "folded, snakes in place")
+IN_PART = "the samples sent only"
 
 
 def main() -> None:
@@ -48,7 +53,8 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     import torch
     from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
 
-    from codec import bake_weight_norm, snakes_in_place
+    from codec import PieceDecoder, bake_weight_norm, snakes_in_place
+    from generation import StreamSettings
 
     device = "cuda:0" if args.device == "cuda" else "cpu"
     codecs = {}
@@ -60,24 +66,30 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             snakes_in_place(codec)
         codecs[name] = codec
     codebooks = codecs["upstream"].num_codebooks
+    served = codecs["folded, snakes in place"]
+    pieces = PieceDecoder(served, codebooks=codebooks, codebook_size=CODEBOOK_SIZE, graphs=False)
     generator = torch.Generator().manual_seed(0)
     load_before = os.getloadavg()[0]
     started = time.monotonic()
     rows = []
+    decoders = {name: codec.decode for name, codec in codecs.items()}
     with torch.inference_mode():
         for frames in args.frames:
+            start, stop = sent_span(frames, served.sample_rate, served.tps, StreamSettings())
+            decoders[IN_PART] = lambda codes, start=start, stop=stop: pieces.decode_part(codes, start, stop)
             codes = torch.randint(0, CODEBOOK_SIZE, (args.batch, codebooks, frames), generator=generator)
-            same = {
-                name: bool(np.array_equal(codec.decode(codes), codecs["upstream"].decode(codes)))
-                for name, codec in codecs.items()
-            }  # also the warm-up of each copy for this shape
-            times: dict[str, list[float]] = {name: [] for name in COPIES}
+            upstream = codecs["upstream"].decode(codes)
+            same = {name: bool(np.array_equal(c.decode(codes), upstream)) for name, c in codecs.items()}
+            in_part = pieces.decode_part(codes, start, stop)  # (the warm-ups of every row for this shape)
+            peak = np.abs(upstream).max()
+            same[IN_PART] = bool(np.abs(in_part - upstream[..., start:stop]).max() <= 1e-5 * peak)
+            names = (*COPIES, IN_PART)
+            times: dict[str, list[float]] = {name: [] for name in names}
             for r in range(args.rounds):
-                order = COPIES[r % len(COPIES) :] + COPIES[: r % len(COPIES)]
-                for name in order:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     t0 = time.perf_counter()
                     for _ in range(args.calls):
-                        codecs[name].decode(codes)
+                        decoders[name](codes)
                     times[name].append((time.perf_counter() - t0) / args.calls * 1000)
             rows.append((str(frames), times, same))
         if args.encode_seconds > 0:
@@ -103,11 +115,22 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     print("   piece  copy                      ms per call, median (min-max)   vs upstream   same output")
     for piece, times, same in rows:
         upstream = statistics.median(times["upstream"])
-        for name in COPIES:
+        for name in times:
             ratio = statistics.median(times[name]) / upstream
             column = spread(times[name], unit=" ms", width=8)
             print(f"{piece:>8}  {name:24}  {column:32}  {ratio:10.2f}x   {same[name]}")
     print(f"\nrun: {conditions(time.monotonic() - started, load_before)}")
+
+
+def sent_span(frames: int, sample_rate: int, frame_rate: int, settings) -> tuple[int, int]:
+    """The samples a stream sends of a piece of ``frames`` frames, and the crossfade's tail
+    (``AudioStream.span``): of a first piece its first frames, of a later one those between its context."""
+    spf = sample_rate // frame_rate
+    fade = int(sample_rate * settings.crossfade_ms / 1000)
+    if frames == settings.first_piece_frames:
+        return 0, settings.first_chunk_frames * spf + fade
+    context = settings.context_frames
+    return context * spf, min((frames - context) * spf + fade, frames * spf)
 
 
 if __name__ == "__main__":

@@ -201,11 +201,9 @@ def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) ->
         gpu_free[0] = begun + step_ms / 1e3
         return Launched(codes[:rows], Event(gpu_free[0]), Event(begun))
 
-    samples_per_frame = engine.sample_rate // engine.frame_rate
-
-    def decode(batch: torch.Tensor) -> np.ndarray:
+    def decode(batch: torch.Tensor, start: int, stop: int) -> np.ndarray:
         time.sleep(codec_ms / 1e3)
-        return np.zeros((batch.shape[0], 1, batch.shape[2] * samples_per_frame), np.float32)
+        return np.zeros((batch.shape[0], 1, stop - start), np.float32)
 
     def with_delay(prefill):
         def delayed(*args, **kwargs):
@@ -216,7 +214,7 @@ def _simulate_gpu(engine, step_ms: float, codec_ms: float, prefill_ms: float) ->
 
     decoder.launch = launch
     decoder.fill = with_delay(decoder.fill)
-    engine._pieces.decode = decode
+    engine._pieces.decode_part = decode
     engine._next_codec_work = lambda pending: next_codec_work(
         pending, None, gather=engine.codec_gather, max_batch=engine._codec_batch
     )  # as on CUDA, where a graph replays any batch up to the slots

@@ -400,20 +400,20 @@ def test_the_queued_pieces_of_a_stream_whose_client_left_are_not_decoded(engine,
     """A client that leaves (a closed stream, Stop on the web page) frees its slot within a step, and the
     pieces it had waiting for the codec are dropped, not decoded for nobody (here the codec is slowed
     down so that they pile up: four more are due when the client leaves)."""
-    real_decode = engine._pieces.decode
+    real_decode = engine._pieces.decode_part
 
-    def slow(codes):
+    def slow(codes, *span):
         time.sleep(0.3)
-        return real_decode(codes)
+        return real_decode(codes, *span)
 
     joined: list[float] = []  # when each piece was decoded and sent
     real_join = audio_stream.AudioStream.join
 
-    def join(self, piece, decoded):
+    def join(self, piece, *decoded):
         joined.append(time.monotonic())
-        return real_join(self, piece, decoded)
+        return real_join(self, piece, *decoded)
 
-    monkeypatch.setattr(engine._pieces, "decode", slow)
+    monkeypatch.setattr(engine._pieces, "decode_part", slow)
     monkeypatch.setattr(audio_stream.AudioStream, "join", join)
     turns = [generation.Turn("user", "Leave early.")]
     request = generation.GenerationRequest(turns, True, 400, 0.7, 0.95, 50, seed=3)
@@ -588,13 +588,13 @@ def test_a_new_request_waits_for_a_kept_slot_only_briefly_while_its_audio_is_dec
     piece's tokens ended at most, however far the codec is behind (a trial on this CPU: long texts kept 3 of
     4 slots idle for the codec's backlog, and short requests waited 28 to 36 s for their first audio)."""
     started = one_slot_kept_for(engine, monkeypatch, 3600.0, 3600.0, from_newcomers=0.5)
-    real_decode, results = engine._pieces.decode, {}
+    real_decode, results = engine._pieces.decode_part, {}
 
-    def slow_decode(codes):  # a codec seconds behind the decoding, as on a CPU under load
+    def slow_decode(codes, *span):  # a codec seconds behind the decoding, as on a CPU under load
         time.sleep(0.4)
-        return real_decode(codes)
+        return real_decode(codes, *span)
 
-    monkeypatch.setattr(engine._pieces, "decode", slow_decode)
+    monkeypatch.setattr(engine._pieces, "decode_part", slow_decode)
     holds = []
 
     class Recorded(engine_module._Hold):
@@ -632,14 +632,14 @@ def test_a_kept_slot_goes_back_at_once_when_its_last_audio_fails(engine, client,
     """No next piece follows a piece whose audio failed: the request waiting behind it gets the slot at
     once, not after the hold."""
     started = one_slot_kept_for(engine, monkeypatch, 3600.0, 3600.0)
-    failures, real_decode = [RuntimeError("injected codec failure")], engine._pieces.decode
+    failures, real_decode = [RuntimeError("injected codec failure")], engine._pieces.decode_part
 
-    def decode(codes):
+    def decode(codes, *span):
         if failures:
             raise failures.pop()
-        return real_decode(codes)
+        return real_decode(codes, *span)
 
-    monkeypatch.setattr(engine._pieces, "decode", decode)
+    monkeypatch.setattr(engine._pieces, "decode_part", decode)
     GenerationRequest, Turn = generation.GenerationRequest, generation.Turn
     turns = [Turn("user", "Keep my slot.")]
     piece = GenerationRequest(turns, True, 12, 0.7, 0.95, 50, seed=1, keep_slot=True)
@@ -759,10 +759,10 @@ def test_a_fault_in_one_of_the_ends_decoded_together_fails_only_its_request(
     )
     ended: list[int] = []
 
-    def join(self, piece, decoded):
+    def join(self, piece, *decoded):
         if ended and self.job.request.seed == 71:  # its last piece, decoded with the others' in one call
             raise RuntimeError("injected fault in a last piece")
-        return real_join(self, piece, decoded)
+        return real_join(self, piece, *decoded)
 
     def admissible():
         return real_admissible() if ended or len(engine._waiting) == len(bodies) else []
@@ -875,10 +875,10 @@ def test_a_fault_in_one_request_fails_only_it(client, engine, monkeypatch, lenie
 
     real_join = audio_stream.AudioStream.join
 
-    def join(self, piece, decoded):
+    def join(self, piece, *decoded):
         if self.job.request.seed == 666:  # this stream's audio fails half-way
             raise RuntimeError("injected codec fault")
-        return real_join(self, piece, decoded)
+        return real_join(self, piece, *decoded)
 
     monkeypatch.setattr(engine._decoder, "fill", fill)
     monkeypatch.setattr(audio_stream.AudioStream, "join", join)
@@ -895,10 +895,10 @@ def test_the_codec_threads_log_lines_name_the_request(client, engine, monkeypatc
     """Audio is decoded on the codec thread, for several requests at once; a failure there is logged
     under each request's own id."""
 
-    def decode(codes):
+    def decode(codes, *span):
         raise RuntimeError("injected codec failure")
 
-    monkeypatch.setattr(engine._pieces, "decode", decode)
+    monkeypatch.setattr(engine._pieces, "decode_part", decode)
     response = lenient.post("/v1/chat/completions", json=chat(seed=7), headers={"X-Request-ID": "codec-7"})
     assert response.status_code == 500
     failed = [r for r in caplog.records if r.getMessage() == "audio decoding failed"]

@@ -389,14 +389,14 @@ def test_metrics(client):
 def test_generation_time_runs_to_the_last_audio_sent(client, engine, monkeypatch):
     """``higgs_generation_seconds`` and the real-time factor count until the listener has the last audio,
     the codec's time included (a CPU's codec, which falls behind under load, made them look faster)."""
-    calls, real = [], engine._pieces.decode
+    calls, real = [], engine._pieces.decode_part
 
-    def slow(codes):
+    def slow(codes, *span):
         time.sleep(0.2)
         calls.append(1)
-        return real(codes)
+        return real(codes, *span)
 
-    monkeypatch.setattr(engine._pieces, "decode", slow)
+    monkeypatch.setattr(engine._pieces, "decode_part", slow)
     seen = []
     engine.observers.append(seen.append)
     try:

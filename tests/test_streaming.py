@@ -9,7 +9,7 @@ import json
 import numpy as np
 import openai
 import pytest
-from conftest import TEST_AUDIO, b64, chat_audio, decoded_seconds, pcm16_samples
+from conftest import TEST_AUDIO, Pcm, b64, chat_audio, decoded_seconds, pcm16_samples
 
 import audio_stream
 import codec as codec_module
@@ -266,11 +266,11 @@ def test_a_fault_mid_generation_ends_the_stream_with_an_error_event(client, open
     real_join = audio_stream.AudioStream.join
     sent = {"n": 0}
 
-    def failing_join(self, piece, decoded):
+    def failing_join(self, piece, *decoded):
         sent["n"] += 1
         if sent["n"] == 2:
             raise RuntimeError("injected fault")
-        return real_join(self, piece, decoded)
+        return real_join(self, piece, *decoded)
 
     monkeypatch.setattr(audio_stream.AudioStream, "join", failing_join)
     stream = openai_client.chat.completions.create(**chat_body(max_tokens=200), stream=True)
@@ -308,6 +308,93 @@ def test_the_codec_graphs_decode_as_the_codec_does(engine):
     theirs = engine.higgs.codec.decode(codes)
     assert ours.shape == theirs.shape == (3, 1, 20 * engine.sample_rate // engine.frame_rate)
     assert np.allclose(ours, theirs, atol=1e-6) and np.array_equal(pieces.decode(codes), theirs)
+
+
+def _final_conv_samples(engine) -> tuple[list[int], object]:
+    """The input lengths the codec decoder's last convolution sees, as it runs (and its hook, to remove)."""
+    seen: list[int] = []
+    last = engine.higgs.codec.decoder_2.model[-1]
+    return seen, last.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-1]))
+
+
+def test_a_piece_decoded_in_part_is_that_part_of_its_whole_decode(engine):
+    """Only the samples a stream sends are decoded (``PieceDecoder.decode_part``): each stage of the
+    codec's decoder computes the part of its activations those samples depend on, and they equal the
+    whole piece's decode but for float rounding (its convolutions sum in another order for another
+    length: 1e-7 here, against a peak of 0.1). A first piece (its 4 frames and the crossfade's tail), a
+    later one (its 12 frames between 4 of context on each side), a last one (to its end), the whole piece
+    and an arbitrary span, one piece and several. Without the margins of what each stage reaches the same
+    spans come out wrong (so this comparison can fail), and the last convolution sees fewer samples than
+    the whole piece has wherever the span is shorter."""
+    import torch
+
+    pieces = engine._pieces
+    spf = engine.sample_rate // engine.frame_rate
+    fade = int(engine.sample_rate * engine.streaming.crossfade_ms / 1000)
+    assert pieces.stages is not None and [s.upsampling for s in pieces.stages if s.upsampling > 1] == [
+        6,
+        5,
+        4,
+        8,
+    ]
+    generator = torch.Generator().manual_seed(11)
+    margins_off = [dataclasses.replace(stage, margin=0) for stage in pieces.stages]
+    for batch, frames, start, stop in [
+        (1, 8, 0, 4 * spf + fade),
+        (4, 8, 0, 4 * spf + fade),
+        (1, 20, 4 * spf, 16 * spf + fade),
+        (3, 20, 4 * spf, 16 * spf + fade),
+        (2, 20, 7 * spf + 5, 20 * spf),
+        (1, 20, 0, 20 * spf),
+        (2, 13, 1234, 5678),
+    ]:
+        codes = torch.randint(0, 1024, (batch, engine.num_codebooks, frames), generator=generator)
+        whole = engine.higgs.codec.decode(codes)[..., start:stop]
+        seen, hook = _final_conv_samples(engine)
+        try:
+            part = pieces.decode_part(codes, start, stop)
+        finally:
+            hook.remove()
+        peak = np.abs(whole).max()
+        assert part.shape == whole.shape == (batch, 1, stop - start)
+        assert np.abs(part - whole).max() <= 1e-5 * peak, (batch, frames, start, stop)
+        shorter = stop - start < frames * spf
+        assert (seen[0] < frames * spf) == shorter and seen[0] >= stop - start, (seen, frames * spf)
+        if shorter:
+            pieces.stages, kept = margins_off, pieces.stages
+            try:
+                wrong = pieces.decode_part(codes, start, stop)
+            finally:
+                pieces.stages = kept
+            assert np.abs(wrong - whole).max() > 1e-3 * peak, (batch, frames, start, stop)
+
+
+def test_streams_decode_only_what_they_send_and_sound_the_same_through_http(client, engine, monkeypatch):
+    """Through HTTP the codec decodes each call's pieces in part (``AudioStream.span``: the samples sent
+    and the crossfade's tail): a streamed speech body and a whole chat answer sound as they do when every
+    piece is decoded whole (within one step of 16-bit PCM, ``Pcm``), while the decoder's last convolution
+    goes over at most 0.8x the samples."""
+    speech = {"model": "tts-1", "input": TEXT, "voice": "default", "response_format": "pcm", "seed": 2}
+
+    def answers() -> tuple[list, int]:
+        seen, hook = _final_conv_samples(engine)
+        try:
+            streamed = client.post("/v1/audio/speech", json=speech)
+            chat = client.post("/v1/chat/completions", json=chat_body(seed=3, max_tokens=70))
+        finally:
+            hook.remove()
+        assert streamed.status_code == 200 and chat.status_code == 200
+        return [Pcm(streamed.content), Pcm(chat_audio(chat.json()))], sum(seen)
+
+    in_part, samples_in_part = answers()
+
+    def whole_piece(self, piece) -> tuple[int, int]:  # every piece decoded whole, as before
+        return 0, piece.codes.shape[1] * self.samples_per_frame
+
+    monkeypatch.setattr(audio_stream.AudioStream, "span", whole_piece)
+    whole_pieces, samples_whole = answers()
+    assert in_part == whole_pieces
+    assert 0 < samples_in_part <= 0.8 * samples_whole, (samples_in_part, samples_whole)
 
 
 def test_the_codec_runs_with_its_weight_norm_folded_and_gives_upstreams_numbers(engine, tiny_settings):
