@@ -331,12 +331,8 @@ def test_a_piece_decoded_in_part_is_that_part_of_its_whole_decode(engine):
     pieces = engine._pieces
     spf = engine.sample_rate // engine.frame_rate
     fade = int(engine.sample_rate * engine.streaming.crossfade_ms / 1000)
-    assert pieces.stages is not None and [s.upsampling for s in pieces.stages if s.upsampling > 1] == [
-        6,
-        5,
-        4,
-        8,
-    ]
+    upsampling = [stage.upsampling for stage in pieces.stages or [] if stage.upsampling > 1]
+    assert upsampling == [6, 5, 4, 8]  # the real decoder's stages, which the tiny codec keeps
     generator = torch.Generator().manual_seed(11)
     margins_off = [dataclasses.replace(stage, margin=0) for stage in pieces.stages]
     for batch, frames, start, stop in [
