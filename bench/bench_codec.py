@@ -75,7 +75,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     decoders = {name: codec.decode for name, codec in codecs.items()}
     with torch.inference_mode():
         for frames in args.frames:
-            start, stop = sent_span(frames, served.sample_rate, served.tps, StreamSettings())
+            start, stop = sent_span(frames, int(served.sample_rate), int(served.tps), StreamSettings())
             decoders[IN_PART] = lambda codes, start=start, stop=stop: pieces.decode_part(codes, start, stop)
             codes = torch.randint(0, CODEBOOK_SIZE, (args.batch, codebooks, frames), generator=generator)
             upstream = codecs["upstream"].decode(codes)
