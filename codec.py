@@ -82,13 +82,16 @@ class Stage:
 def decoder_stages(decoder: torch.nn.Module) -> list[Stage] | None:
     """Higgs Audio's codec decoder (DAC's: a convolution; blocks of a Snake, a transposed convolution that
     upsamples and three dilated residual units; a Snake and a last convolution) as the flat list of its
-    stages, each with its reach (``Stage``). None for a decoder of another make: it is never cropped."""
+    stages, each with its reach (``Stage``). None for a decoder of another make: it is never cut."""
     modules = getattr(decoder, "model", None)
     if not isinstance(modules, torch.nn.Sequential):
         return None
     flat: list[torch.nn.Module] = []
     for module in modules:
-        flat.extend(module.block if type(module).__name__ == "DecoderBlock" else [module])
+        block = getattr(module, "block", None) if type(module).__name__ == "DecoderBlock" else [module]
+        if block is None:
+            return None
+        flat.extend(block)
     stages = []
     for module in flat:
         name = type(module).__name__
