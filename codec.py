@@ -67,7 +67,7 @@ def _snake_in_place(self, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of the codec's decoder, as ``decode_part`` crops its input: an output sample at ``y``
+    """One step of the codec's decoder, as ``decode_part`` cuts its input: an output sample at ``y``
     depends on the input samples within ``reach`` of ``y / upsampling``; ``margin`` is the reach, in its
     input's samples, of this stage and every one after it, and ``scale`` the decoder's output samples per
     input sample of this stage."""
@@ -97,8 +97,8 @@ def decoder_stages(decoder: torch.nn.Module) -> list[Stage] | None:
         name = type(module).__name__
         if name == "Snake1d":
             stages.append(Stage(module, 1, 0))
-        elif name == "ResidualUnit" and _convolutions(module) is not None:
-            stages.append(Stage(module, 1, sum(_reach(conv) for conv in _convolutions(module))))
+        elif name == "ResidualUnit" and (convolutions := _convolutions(module)) is not None:
+            stages.append(Stage(module, 1, sum(_reach(conv) for conv in convolutions)))
         elif isinstance(module, torch.nn.ConvTranspose1d) and module.dilation[0] == 1:
             # input i reaches the outputs i * stride - padding + k, k < kernel: output y takes the inputs
             # within kernel / stride + 1 of y / stride
@@ -155,7 +155,7 @@ class PieceDecoder:
         self.eager_calls = 0
         """Calls decoded eagerly (no graph of their shape), since start."""
         self.stages = decoder_stages(codec.decoder_2) if codec.quantizer_type == "RVQ" else None
-        """The decoder's stages as ``decode_part`` crops them; None: it decodes whole pieces."""
+        """The decoder's stages as ``decode_part`` cuts them; None: it decodes whole pieces."""
 
     def graphed(self, frames: int) -> bool:
         """Whether pieces of this length have captured graphs."""
@@ -180,10 +180,10 @@ class PieceDecoder:
     def decode_part(self, codes: torch.Tensor, start: int, stop: int) -> np.ndarray:
         """Samples ``[start, stop)`` of each piece's decode, ``[batch, 1, stop - start]``: ``decode``'s, up
         to float rounding (a layer may sum in another order for another length). Decoded eagerly, each stage
-        computes only the part of its activations within its ``margin`` of those samples (cut where
-        nothing is left to cut, a stage's input is padded as the whole piece's is; elsewhere the padding is
-        further from every sample wanted than any of them reaches). A batch with a graph of its shape
-        replays it whole."""
+        computes only the part of its activations within its ``margin`` of those samples: where that part
+        reaches the piece's edge the stage's input is padded as the whole piece's is, and where it is cut
+        the padding lies further from every wanted sample than any of them reaches. A batch with a graph of
+        its shape replays it whole."""
         batch, _, frames = codes.shape
         if self.stages is None or self._bucket(batch, frames) is not None:
             return self.decode(codes)[..., start:stop]
