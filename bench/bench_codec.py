@@ -24,6 +24,7 @@ measures another.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     import torch
     from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
 
+    from audio_stream import Layout
     from codec import PieceDecoder, bake_weight_norm, snakes_in_place
     from generation import StreamSettings
 
@@ -68,6 +70,8 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     codebooks = codecs["upstream"].num_codebooks
     served = codecs["folded, snakes in place"]
     pieces = PieceDecoder(served, codebooks=codebooks, codebook_size=CODEBOOK_SIZE, graphs=False)
+    rates = int(served.sample_rate), int(served.tps)
+    layout = Layout(StreamSettings(), codebooks, CODEBOOK_SIZE, *rates)
     generator = torch.Generator().manual_seed(0)
     load_before = os.getloadavg()[0]
     started = time.monotonic()
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     decoders = {name: codec.decode for name, codec in codecs.items()}
     with torch.inference_mode():
         for frames in args.frames:
-            start, stop = sent_span(frames, int(served.sample_rate), int(served.tps), StreamSettings())
+            start, stop = sent_span(frames, layout)
             decoders[IN_PART] = lambda codes, start=start, stop=stop: pieces.decode_part(codes, start, stop)
             codes = torch.randint(0, CODEBOOK_SIZE, (args.batch, codebooks, frames), generator=generator)
             upstream = codecs["upstream"].decode(codes)
@@ -122,15 +126,29 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     print(f"\nrun: {conditions(time.monotonic() - started, load_before)}")
 
 
-def sent_span(frames: int, sample_rate: int, frame_rate: int, settings) -> tuple[int, int]:
-    """The samples a stream sends of a piece of ``frames`` frames, and the crossfade's tail
-    (``AudioStream.span``): of a first piece its first frames, of a later one those between its context."""
-    spf = sample_rate // frame_rate
-    fade = int(sample_rate * settings.crossfade_ms / 1000)
-    if frames == settings.first_piece_frames:
-        return 0, settings.first_chunk_frames * spf + fade
-    context = settings.context_frames
-    return context * spf, min((frames - context) * spf + fade, frames * spf)
+def sent_span(frames: int, layout) -> tuple[int, int]:
+    """The samples a stream sends of a piece of ``frames`` frames, and the crossfade's tail: read off an
+    ``AudioStream`` (``cut``, ``span``) fed columns until it cuts a piece that long, its first piece or a
+    later one (the stream's chunk set to make later pieces that long)."""
+    import numpy as np
+
+    from audio_stream import AudioStream
+
+    settings = layout.settings
+    if frames != settings.first_piece_frames:
+        chunk = frames - 2 * settings.context_frames
+        layout = dataclasses.replace(layout, settings=dataclasses.replace(settings, chunk_frames=chunk))
+    cut = []
+    stream = AudioStream(None, layout, lambda item: cut.append(item.piece), lambda: None)
+    column = np.zeros(layout.codebooks, dtype=np.int64)
+    for _ in range(layout.codebooks + 4 * frames):
+        stream.add(column)
+        if stream.sent == 0 and stream.first_due_in <= 0:
+            stream.cut_first()
+        piece = next((piece for piece in cut if piece.codes.shape[1] == frames), None)
+        if piece is not None:
+            return stream.span(piece)
+    raise ValueError(f"a stream cuts no piece of {frames} frames")
 
 
 if __name__ == "__main__":
