@@ -572,9 +572,10 @@ $("clip-file").addEventListener("change", () => {
   if (file) setClip(file, "Uploaded");
 });
 
-$("record").addEventListener("click", async () => {
+$("record").addEventListener("click", async (event) => {
   const record = $("record");
   if (isOff(record) || record.dataset.starting) return; // stopping, or a second click while the mic opens
+  if (event.detail > 1) return; // a double click's second click, even where the mic opened in between
   if (state.recording) {
     setOff(record, true);
     const file = await state.recording.stop();
