@@ -269,6 +269,22 @@ def test_storing_a_voice_from_an_uploaded_file_lists_plays_and_deletes_it(page, 
     expect(page.locator("#speak-status")).to_have_text("Deleted the voice uploaded; the voice is now alloy.")
 
 
+def test_a_double_click_on_delete_only_asks(page, base_url):
+    """Delete asks first and deletes at the second press: a double click (a habit on desktops) was both
+    presses, and deleted the voice unasked. Its second click now never confirms."""
+    store_voice(base_url, "doubled")
+    open_page(page, base_url)
+    item = page.locator("#voices li[data-voice='doubled']")
+    item.get_by_role("button", name="Delete doubled").dblclick()
+    confirm = item.get_by_role("button", name="Confirm: delete doubled")
+    expect(confirm).to_have_text("Confirm delete")
+    page.wait_for_timeout(500)
+    assert "doubled" in api_voices(base_url)
+    confirm.click()
+    expect(item).to_have_count(0)
+    assert "doubled" not in api_voices(base_url)
+
+
 def test_the_library_keeps_the_focus_and_says_what_its_buttons_did(page, base_url):
     """An accessibility audit: the library was built again under the keyboard (after speaking with an OpenAI
     name, or when the pill turned Ready), dropping the focus; "Use" was named "Speak with ..."; arming

@@ -299,7 +299,10 @@ function deleteButton(voice) {
   // button keeps the voice. Both are said in a live region too: a screen reader may not announce that the
   // focused button's name changed.
   const label = `Delete ${voice.name}`;
-  const element = button("Delete", label, async () => {
+  const element = button("Delete", label, async (event) => {
+    if (element.dataset.armed === "deleting") return;
+    // A double click's second click never confirms: it would delete unasked.
+    if (event.detail > 1) return;
     if (element.dataset.armed !== "yes") {
       element.dataset.armed = "yes";
       element.textContent = "Confirm delete";
