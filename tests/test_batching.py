@@ -2185,7 +2185,8 @@ def test_attention_by_lengths_is_used_from_its_shortest_bucket_on(client, engine
 
 
 @pytest.mark.parametrize(
-    "kernel, shortest", [("written out", 512), ("reads the whole bucket", 512), ("written out", 16384)]
+    "kernel, shortest",
+    [("written out", 512), ("reads the whole bucket", 512), ("written out", 16384), ("this CPU's", 512)],
 )
 def test_the_attention_by_lengths_setting_turns_it_on_where_its_kernel_passes(
     kernel, shortest, settings, monkeypatch, tmp_path, caplog
@@ -2204,7 +2205,8 @@ def test_the_attention_by_lengths_setting_turns_it_on_where_its_kernel_passes(
         calls[0] += 1
         return varlen_reference(*args, whole_bucket=kernel == "reads the whole bucket")
 
-    monkeypatch.setattr(decoder, "flash_by_lengths", written_out)
+    if kernel != "this CPU's":
+        monkeypatch.setattr(decoder, "flash_by_lengths", written_out)
     changes = {
         "stt_model": "",
         "warmup": False,
@@ -2224,9 +2226,12 @@ def test_the_attention_by_lengths_setting_turns_it_on_where_its_kernel_passes(
         speech = client.post("/v1/audio/speech", json=body)
         assert speech.status_code == 200 and len(speech.content) > 0
     assert on == (kernel == "written out" and shortest == 512)
-    assert checked == (2 if shortest == 512 else 0)  # the check's two calls
-    assert (calls[0] > checked) == on  # the request's steps went through the kernel where it is on
+    if kernel != "this CPU's":
+        assert checked == (2 if shortest == 512 else 0)  # the check's two calls
+        assert (calls[0] > checked) == on  # the request's steps went through the kernel where it is on
     said = [r.getMessage() for r in caplog.records if "attention by each row's length" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("attention by each row's length: on") == on, said
     if shortest > 512:
         assert said[0].startswith("attention by each row's length: no length bucket of 16384"), said
+    if kernel == "this CPU's":  # FlashAttention is CUDA's: one short line, not its dispatch error
+        assert said[0].endswith("its kernel does not run on cpu in torch.float32; attention stays masked")
