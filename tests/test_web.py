@@ -285,6 +285,22 @@ def test_a_double_click_on_delete_only_asks(page, base_url):
     assert "doubled" not in api_voices(base_url)
 
 
+def test_a_delete_that_failed_can_be_pressed_again(page, base_url):
+    """A press while the delete is on its way is ignored; once it has failed, the button asks again."""
+    store_voice(base_url, "gone")
+    open_page(page, base_url)
+    item = page.locator("#voices li[data-voice='gone']")
+    delete = item.get_by_role("button", name="Delete gone")
+    delete.click()
+    assert httpx.delete(f"{base_url}/v1/audio/voices/gone").status_code == 200  # deleted elsewhere
+    item.get_by_role("button", name="Confirm: delete gone").click()
+    expect(page.get_by_role("alert")).to_contain_text("no voice")
+    button = item.locator("button", has_text="Delete")
+    expect(button).to_have_text("Delete")
+    button.click()
+    expect(button).to_have_text("Confirm delete")
+
+
 def test_the_library_keeps_the_focus_and_says_what_its_buttons_did(page, base_url):
     """An accessibility audit: the library was built again under the keyboard (after speaking with an OpenAI
     name, or when the pill turned Ready), dropping the focus; "Use" was named "Speak with ..."; arming

@@ -325,15 +325,19 @@ function deleteButton(voice) {
       updateFormatHint();
       $("refresh").focus();
     } catch (err) {
+      disarm(); // pressed again, it asks again
       showError(err);
     }
   });
-  element.addEventListener("blur", () => {
-    if (element.dataset.armed === "yes") $("library-status").textContent = `Kept ${voice.name}.`;
+  function disarm() {
     element.dataset.armed = "";
     element.textContent = "Delete";
     element.setAttribute("aria-label", label);
     element.classList.remove("danger");
+  }
+  element.addEventListener("blur", () => {
+    if (element.dataset.armed === "yes") $("library-status").textContent = `Kept ${voice.name}.`;
+    disarm();
   });
   return element;
 }
