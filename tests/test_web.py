@@ -286,7 +286,8 @@ def test_a_double_click_on_delete_only_asks(page, base_url):
 
 
 def test_a_delete_that_failed_can_be_pressed_again(page, base_url):
-    """A press while the delete is on its way is ignored; once it has failed, the button asks again."""
+    """A delete that failed (the voice was deleted elsewhere meanwhile) leaves its button asking again, not
+    ignoring presses as it does while the delete is on its way."""
     store_voice(base_url, "gone")
     open_page(page, base_url)
     item = page.locator("#voices li[data-voice='gone']")
