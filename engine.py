@@ -612,18 +612,16 @@ class HiggsEngine:
             decoder.by_lengths_from = shortest
             log.info("attention by each row's length: on in the length buckets %s (%s)", buckets, seen)
             return
-        expected = self.device == "cuda" and decoder.dtype != torch.float32
-        if not expected and seen.startswith("failed"):  # a CPU, or CUDA in float32: no FlashAttention
+        if self.device != "cuda" or decoder.dtype == torch.float32:  # FlashAttention has no kernel here
             log.info(
-                "attention by each row's length (HIGGS_ATTENTION_BY_LENGTHS): its kernel does not run on %s "
-                "in %s; attention stays masked",
+                "attention by each row's length (HIGGS_ATTENTION_BY_LENGTHS) is off on %s in %s: its kernel "
+                "is CUDA's, in 16 bits; attention stays masked",
                 self.device,
                 decoder.dtype,
             )
-            log.debug("attention by each row's length: the check %s", seen)
+            log.debug("attention by each row's length: the check found %s", seen)
             return
-        log.log(
-            logging.WARNING if expected else logging.INFO,
+        log.warning(
             "attention by each row's length (HIGGS_ATTENTION_BY_LENGTHS) is off: its kernel does not answer "
             "as the masked attention on %s in %s (%s)",
             self.device,
