@@ -32,15 +32,16 @@ Every request uses voice ``default`` and its own ``seed`` (``--seed`` plus its i
 ``/ready`` is polled for up to ``--ready-timeout`` seconds (a 404 there is accepted).
 
 Printed at the end: throughput (requests per second, seconds of audio generated per second of wall time,
-seconds of audio transcribed per second), per kind the latency p50/p95/max of the successful requests (sent
-to last byte), and for the streamed kinds the time to first byte and to first audio and the longest gap
-between two audio pieces; counts by HTTP status; errors: connection errors, timeouts, 4xx, 5xx, 429
-("rejected: queue full") with the ``Retry-After`` values seen (a 429 is not retried; with ``--backoff``
-the client that got it waits that long before its next request), streams broken after a 200, 200 answers
-without usable audio or text; and the first error messages. When the server has ``/metrics`` (Prometheus
-text), it is polled during the run for ``higgs_queue_depth`` and read before and after for
-``higgs_audio_generated_seconds``; without it, that part says so. Audio seconds are counted from the bytes
-received, as 16-bit mono at 24 kHz.
+seconds of audio transcribed per second; and the audio generated per second while every client was sending,
+before the first one ran out of requests: the end of a closed-loop run has fewer), per kind the latency
+p50/p95/max of the successful requests (sent to last byte), and for the streamed kinds the time to first byte
+and to first audio and the longest gap between two audio pieces; counts by HTTP status; errors: connection
+errors, timeouts, 4xx, 5xx, 429 ("rejected: queue full") with the ``Retry-After`` values seen (a 429 is not
+retried; with ``--backoff`` the client that got it waits that long before its next request), streams broken
+after a 200, 200 answers without usable audio or text; and the first error messages. When the server has
+``/metrics`` (Prometheus text), it is polled during the run for ``higgs_queue_depth`` and read before and
+after for ``higgs_audio_generated_seconds``; without it, that part says so. Audio seconds are counted from the
+bytes received, as 16-bit mono at 24 kHz.
 
 ``--serve-tiny`` serves the service itself first, in this process (as ``bench/bench_streaming.py`` does):
 the tiny random-weight Higgs models of ``tests/tiny_models.py`` written to a temporary folder (its private
@@ -71,7 +72,7 @@ import time
 import wave
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -187,6 +188,8 @@ class Result:
     audio_seconds: float = 0.0
     retry_after: str | None = None
     detail: str = ""
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
+    """Audio bytes as they arrived: (``time.perf_counter()``, bytes); a whole answer's at its end."""
 
     @property
     def latency(self) -> float:
@@ -298,6 +301,7 @@ class Driver:
             raise BadAnswer(f"no audio in the chat answer ({type(exc).__name__}: {exc})") from None
         if not pcm or len(pcm) % 2:
             raise BadAnswer(f"chat audio of {len(pcm)} bytes is not 16-bit PCM with samples")
+        result.arrivals.append((time.perf_counter(), len(pcm)))
         result.audio_seconds = len(pcm) / 2 / SAMPLE_RATE
 
     def chat_stream(self, client: httpx.Client, result: Result, index: int) -> None:
@@ -338,7 +342,9 @@ class Driver:
                     for choice in event.get("choices") or []:
                         data = ((choice.get("delta") or {}).get("audio") or {}).get("data")
                         if data:
-                            audio_bytes += len(base64.b64decode(data))
+                            size = len(base64.b64decode(data))
+                            audio_bytes += size
+                            result.arrivals.append((now, size))
                             if result.first_audio is None:
                                 result.first_audio = now - result.started
                             elif last_piece is not None:
@@ -368,6 +374,7 @@ class Driver:
                     result.max_gap = max(result.max_gap or 0.0, now - last_piece)
                 last_piece = now
                 audio_bytes += len(chunk)
+                result.arrivals.append((now, len(chunk)))
                 self.check_deadline()
         if audio_bytes == 0 or audio_bytes % 2:
             raise BadAnswer(f"speech body of {audio_bytes} bytes is not 16-bit PCM with samples")
@@ -504,6 +511,7 @@ def drive(args: argparse.Namespace, base_url: str, note: str) -> int:
         results: list[Result] = []
         lock = threading.Lock()
         taken = 0
+        left: list[float] = []  # when each client found no request left to send
         started = time.perf_counter()
         deadline = started + args.max_seconds
         driver = Driver(args, deadline, clip)
@@ -513,7 +521,10 @@ def drive(args: argparse.Namespace, base_url: str, note: str) -> int:
             with new_client() as client:
                 while True:
                     with lock:
-                        if taken >= len(order) or time.perf_counter() >= deadline:
+                        if taken >= len(order):
+                            left.append(time.perf_counter())
+                            return
+                        if time.perf_counter() >= deadline:
                             return
                         index = taken
                         taken += 1
@@ -539,7 +550,8 @@ def drive(args: argparse.Namespace, base_url: str, note: str) -> int:
             results = list(results)
             in_flight = taken - len(results)
 
-    report(args, base_url, note, readiness, order, results, in_flight, wall, clip_seconds, watch)
+    all_busy = min(left) if args.concurrency > 1 and left else None
+    report(args, base_url, note, readiness, order, results, in_flight, wall, clip_seconds, watch, all_busy)
     failed = sum(r.outcome not in NOT_FAILURES for r in results) + in_flight
     return 1 if failed else 0
 
@@ -580,7 +592,10 @@ def report(
     wall: float,
     clip_seconds: float,
     watch: MetricsWatch,
+    all_busy: float | None = None,
 ) -> None:
+    """Print the run's report. ``all_busy``: when the first client found no request left to send (until
+    then every client had a request under way or about to be sent), or None."""
     ok = [r for r in results if r.outcome == "ok"]
     kinds = [k for k in KINDS if k in order]
     if results:
@@ -612,6 +627,16 @@ def report(
         f"{span:.1f} s; audio generated {generated / span:.3f} s per second ({generated:.1f} s in all); "
         f"audio transcribed {transcribed / span:.3f} s per second"
     )
+    if results and all_busy is not None:
+        # The end of a closed-loop run has fewer clients than --concurrency (each leaves after its last
+        # answer): the audio that arrived while all of them were sending is the rate at that concurrency.
+        begun = min(r.started for r in results)
+        received = sum(size for r in ok for at, size in r.arrivals if at <= all_busy) / 2 / SAMPLE_RATE
+        window = max(all_busy - begun, 1e-9)
+        print(
+            f"while all {args.concurrency} clients were sending (the first {window:.1f} s, until one had "
+            f"no request left): audio generated {received / window:.3f} s per second"
+        )
     print()
     width = 24
     print("latency of successful requests, seconds (sent to last byte)   p50     p95     max")
