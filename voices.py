@@ -177,6 +177,17 @@ class Voice:
         }
 
 
+def already_exists(stored: Voice | None, name: str) -> str:
+    """Why ``name`` cannot be stored: ``stored`` (or a file) has it. A built-in voice's clip was made by the
+    server on that name's first use, so the message says whose it is and how to put one's own in its place."""
+    if stored is not None and stored.builtin:
+        return (
+            f"voice {stored.name!r} already exists: the server made its clip when the name was first used; "
+            f"to store your own clip under that name, delete it first (DELETE /v1/audio/voices/{stored.name})"
+        )
+    return f"a voice named {name!r} already exists; delete it first or pick another name"
+
+
 def voice_id(name: str) -> str:
     """A voice's stable id, derived from its name (so hand-placed voices have one too)."""
     return ID_PREFIX + hashlib.sha256(name.encode()).hexdigest()[:20]
@@ -366,10 +377,9 @@ class VoiceLibrary:
         wav_bytes = buf.getvalue()
         with self._locked():
             voices = self.list()
-            if any(v.name.lower() == name.lower() for v in voices) or self._files(name)[0].exists():
-                raise VoiceExists(
-                    f"a voice named {name!r} already exists; delete it first or pick another name"
-                )
+            stored = next((v for v in voices if v.name.lower() == name.lower()), None)
+            if stored is not None or self._files(name)[0].exists():
+                raise VoiceExists(already_exists(stored, name))
             self._check_room(voices, len(wav_bytes))
             wav, txt, meta = self._files(name)
             marker = self.meta / f"{name}.pending"
@@ -565,8 +575,8 @@ class Voices:
         """Store an uploaded voice: validated, transcribed when no transcript is given, and encoded, all
         before anything is written."""
         check_voice_name(name)
-        if await asyncio.to_thread(self.library.get, name) is not None:
-            raise VoiceExists(f"a voice named {name!r} already exists")
+        if (stored := await asyncio.to_thread(self.library.get, name)) is not None:
+            raise VoiceExists(already_exists(stored, name))
         if name.lower() in self._creating:
             raise VoiceExists(f"a voice named {name!r} is being created by another request")
         self._creating.add(name.lower())

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from audio import MEDIA_TYPES, encode_audio
@@ -21,6 +21,7 @@ router = APIRouter(prefix="/v1/audio/voices", tags=["voices"], dependencies=[Dep
 
 @router.post("", dependencies=[Depends(require_generation_slot)])
 async def create_voice(
+    request: Request,
     voices: VoicesDep,
     settings: SettingsDep,
     name: Annotated[str, Form()],
@@ -38,6 +39,8 @@ async def create_voice(
         )
     if audio_sample is None:
         raise InvalidRequest("this field is required: the voice's reference clip, as a file", "audio_sample")
+    if (clips := len((await request.form()).getlist("audio_sample"))) > 1:
+        raise InvalidRequest(f"send one clip: the request has {clips} audio_sample parts", "audio_sample")
     data = await read_upload(audio_sample, "audio_sample", settings)
     voice = await voices.create(name, data, transcript)
     log.info("stored voice %r (%.1f s)", voice.name, voice.duration)

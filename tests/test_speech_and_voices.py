@@ -107,6 +107,11 @@ def test_builtin_voice_is_made_once_and_the_same_every_time(client, openai_clien
     )  # fmt: skip
     assert completion.usage.prompt_tokens_details.audio_tokens > 50
     assert calls()["encode"] == 1
+    # Its name is taken by the clip the server made: an upload under it says so, and how to replace it.
+    refused = upload(client, "CORAL", transcript="known words")
+    assert refused.status_code == 409, refused.text
+    message = refused.json()["error"]["message"]
+    assert "the server made its clip" in message and "DELETE /v1/audio/voices/coral" in message
 
 
 def upload(client, name, path=TEST_AUDIO, transcript=None):
@@ -258,6 +263,21 @@ def test_bad_uploads_write_nothing(client, settings, name, data, content, status
 
 def wav_bytes_of_tone(seconds: float) -> bytes:
     return wav_bytes((0.4 * np.sin(np.arange(int(24000 * seconds)) / 5)).astype(np.float32), 24000)
+
+
+def test_two_clips_in_one_upload_are_a_400_and_write_nothing(client, settings):
+    """Which of two clips would be the voice is not for the server to guess (it kept the last)."""
+    before = files_in(settings.voices_dir)
+    clip = TEST_AUDIO.read_bytes()
+    response = client.post(
+        "/v1/audio/voices",
+        data={"name": "twofiles"},
+        files=[("audio_sample", ("a.wav", clip, "audio/wav")), ("audio_sample", ("b.wav", clip, "audio/wav"))],
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "audio_sample" and "2 audio_sample parts" in error["message"]
+    assert files_in(settings.voices_dir) == before
 
 
 def test_duplicate_name_is_a_409_and_writes_nothing(client, settings):
