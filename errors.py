@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from generation import ContextLengthError, EngineBusy, EngineFailure
-from protocol import InvalidRequest
+from protocol import CONTENT_PART_TYPES, InvalidRequest
 from stt import TranscriberBusy, TranslatorUnavailable
 from voice_cloning import InvalidAudio
 from voices import BuiltinVoiceFailed, InvalidVoiceName, VoiceExists, VoiceNotFound, VoiceQuotaExceeded
@@ -163,6 +163,9 @@ def _validation_message(err: dict[str, Any]) -> str:
         return "the request body is not valid JSON"
     if err.get("type") == "missing":
         return "this field is required"
+    if err.get("type") == "union_tag_not_found":  # a content part without its "type"
+        kinds = ", ".join(repr(kind) for kind in CONTENT_PART_TYPES)
+        return f"this content part has no type; give it one of {kinds}"
     if err.get("type") == "union_tag_invalid":
         expected = err.get("ctx", {}).get("expected_tags", "text or input_audio")
         return f"unsupported content part type; use {expected}"

@@ -7,7 +7,7 @@ OpenAI's error envelope.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_validator
 
@@ -90,6 +90,10 @@ class RefusalPart(OpenModel):
 
 
 ContentPart = Annotated[TextPart | InputAudioPart | RefusalPart, Field(discriminator="type")]
+#: The ``type`` of each kind of content part: what a part without one is told to give.
+CONTENT_PART_TYPES = [
+    get_args(part.model_fields["type"].annotation)[0] for part in (TextPart, InputAudioPart, RefusalPart)
+]
 
 
 class AudioRef(OpenModel):

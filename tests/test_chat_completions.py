@@ -258,6 +258,23 @@ def test_bad_requests_get_the_openai_envelope(client, name, body, status, param)
     assert client.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("part", "words"),
+    [
+        ({"text": "hi"}, "has no type"),
+        ({"type": "image_url", "image_url": {"url": "http://x"}}, "unsupported"),
+    ],
+    ids=["without a type", "of a type not served"],
+)
+def test_a_content_part_of_no_known_type_is_told_the_types(client, part, words):
+    """The message names the part types there are (pydantic's own words, "Unable to extract tag using
+    discriminator", told a user nothing)."""
+    body = {"model": "tts-1", "messages": [{"role": "user", "content": [part]}]}
+    error = client.post("/v1/chat/completions", json=body).json()["error"]
+    assert error["param"] == "messages[0].content[0]" and words in error["message"], error
+    assert all(repr(kind) in error["message"] for kind in ("text", "input_audio", "refusal")), error
+
+
 def test_invalid_json_is_a_400(client):
     response = client.post(
         "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
