@@ -268,12 +268,8 @@ def wav_bytes_of_tone(seconds: float) -> bytes:
 def test_two_clips_in_one_upload_are_a_400_and_write_nothing(client, settings):
     """Which of two clips would be the voice is not for the server to guess (it kept the last)."""
     before = files_in(settings.voices_dir)
-    clip = TEST_AUDIO.read_bytes()
-    response = client.post(
-        "/v1/audio/voices",
-        data={"name": "twofiles"},
-        files=[("audio_sample", ("a.wav", clip, "audio/wav")), ("audio_sample", ("b.wav", clip, "audio/wav"))],
-    )
+    clips = [("audio_sample", (f"{n}.wav", TEST_AUDIO.read_bytes(), "audio/wav")) for n in "ab"]
+    response = client.post("/v1/audio/voices", data={"name": "twofiles"}, files=clips)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "audio_sample" and "2 audio_sample parts" in error["message"]
