@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from audio import MEDIA_TYPES, encode_audio
+from errors import APIError
 from protocol import InvalidRequest
 from routes.deps import SettingsDep, VoicesDep, read_upload, require_generation_slot, require_ready
 
@@ -69,11 +71,40 @@ async def get_voice(voice_id: str, voices: VoicesDep) -> JSONResponse:
 
 
 @router.get("/{voice_id}/sample")
-async def voice_sample(voice_id: str, voices: VoicesDep) -> Response:
+async def voice_sample(voice_id: str, voices: VoicesDep, request: Request) -> Response:
     """A stored voice's reference clip as WAV (24 kHz mono), by id or name: what the voice sounds like."""
     voice = await voices.get(voice_id)
     data = await asyncio.to_thread(lambda: encode_audio(voices.library.audio(voice), "wav"))
-    return Response(data, media_type=MEDIA_TYPES["wav"])
+    return _ranged(request, data, MEDIA_TYPES["wav"])
+
+
+def _ranged(request: Request, data: bytes, media_type: str) -> Response:
+    """``data`` whole, or the one byte range that a ``Range: bytes=...`` header asks for (206), as a file
+    server answers it: Safari's ``<audio>`` asks for a range first and may not play an answer without one.
+    A range that starts past the end is a 416; several ranges, or a header that is not a byte range, get
+    the whole (HTTP lets a server ignore a range it does not serve)."""
+    size, whole = len(data), {"Accept-Ranges": "bytes"}
+    asked = re.fullmatch(r"bytes=(\d*)-(\d*)", request.headers.get("range", "").strip())
+    if (
+        asked is None
+        or asked[1] == asked[2] == ""
+        or (asked[1] and asked[2] and int(asked[2]) < int(asked[1]))
+    ):
+        return Response(data, media_type=media_type, headers=whole)
+    if asked[1]:
+        start, end = int(asked[1]), min(int(asked[2] or size - 1), size - 1)
+    else:  # the last N bytes
+        start, end = max(0, size - int(asked[2])), size - 1
+    if start >= size or end < start:
+        raise APIError(
+            416,
+            f"the range {asked[0]!r} is past the end of the {size}-byte clip",
+            param="Range",
+            code="range_not_satisfiable",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    ranged = {**whole, "Content-Range": f"bytes {start}-{end}/{size}"}
+    return Response(data[start : end + 1], 206, media_type=media_type, headers=ranged)
 
 
 @router.delete("/{voice_id}")

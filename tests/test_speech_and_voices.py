@@ -265,6 +265,36 @@ def wav_bytes_of_tone(seconds: float) -> bytes:
     return wav_bytes((0.4 * np.sin(np.arange(int(24000 * seconds)) / 5)).astype(np.float32), 24000)
 
 
+def test_a_voices_sample_is_its_clip_and_is_served_by_ranges(client):
+    """``/sample`` is the stored clip as WAV; a ``Range`` gets those bytes (206), as a file server gives
+    them: Safari's ``<audio>`` asks for ``bytes=0-1`` first."""
+    created = upload(client, "sampled", transcript="known words")
+    assert created.status_code == 200, created.text
+    try:
+        whole = client.get("/v1/audio/voices/sampled/sample")
+        assert whole.status_code == 200 and whole.headers["accept-ranges"] == "bytes"
+        data, size = whole.content, len(whole.content)
+        assert whole.headers["content-type"] == "audio/wav"
+        assert decoded(data, "wav") == (pytest.approx(created.json()["duration"], abs=0.01), 24000)
+        last = size - 1
+        for asked, start, end in [
+            ("0-1", 0, 1), ("0-99", 0, 99), ("100-", 100, last), ("-100", size - 100, last),
+            (f"10-{size}", 10, last),
+        ]:  # fmt: skip
+            part = client.get("/v1/audio/voices/sampled/sample", headers={"Range": f"bytes={asked}"})
+            assert part.status_code == 206, (asked, part.text)
+            assert part.headers["content-range"] == f"bytes {start}-{end}/{size}", asked
+            assert part.content == data[start : end + 1], asked
+        past = client.get("/v1/audio/voices/sampled/sample", headers={"Range": f"bytes={size}-"})
+        assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{size}"
+        assert past.json()["error"]["code"] == "range_not_satisfiable"
+        for ignored in ("bytes=9-2", "bytes=0-1,5-6", "items=0-1"):  # invalid or not served: the whole clip
+            answer = client.get("/v1/audio/voices/sampled/sample", headers={"Range": ignored})
+            assert answer.status_code == 200 and answer.content == data, ignored
+    finally:
+        client.delete("/v1/audio/voices/sampled")
+
+
 def test_two_clips_in_one_upload_are_a_400_and_write_nothing(client, settings):
     """Which of two clips would be the voice is not for the server to guess (it kept the last)."""
     before = files_in(settings.voices_dir)
