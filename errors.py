@@ -214,12 +214,23 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     return error_response(APIError(400, _validation_message(err), param=param))
 
 
+# OpenAI's paths that this server does not serve, and what to do instead: their 404 says it.
+NOT_SERVED = {
+    "/v1/audio/voice_consents": "this server keeps no consent recordings; create the voice from its clip "
+    "with POST /v1/audio/voices (its consent field is accepted and ignored)",
+}
+
+
 async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Starlette's own errors (unknown route, wrong method) in the envelope, with their headers (a 405's
-    ``Allow``); an unknown route as OpenAI words it."""
+    ``Allow``); an unknown route as OpenAI words it, and what to use instead for one of OpenAI's that this
+    server does not serve."""
     message = str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
+        path = request.url.path.rstrip("/")
         message = f"Invalid URL ({request.method} {request.url.path})"
+        if hint := next((h for p, h in NOT_SERVED.items() if path == p or path.startswith(p + "/")), None):
+            message += f": {hint}"
     return error_response(APIError(exc.status_code, message, headers=dict(exc.headers or {})))
 
 

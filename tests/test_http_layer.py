@@ -246,6 +246,16 @@ def test_an_unknown_url_is_answered_as_openai_words_it(fake_client):
     assert error["message"] == "Invalid URL (POST /v1/audio/speak)"
 
 
+def test_openais_consent_recordings_are_answered_with_what_to_do_instead(fake_client):
+    """The SDK's custom-voice flow starts with ``client.audio.voice_consents.create``: its 404 says to
+    create the voice directly (its ``consent`` is accepted and ignored)."""
+    files = {"recording": ("c.wav", TEST_AUDIO.read_bytes(), "audio/wav")}
+    created = fake_client.post("/v1/audio/voice_consents", data={"name": "me", "language": "en"}, files=files)
+    for answer in (created, fake_client.get("/v1/audio/voice_consents/cons_123")):
+        error = assert_envelope(answer, 404)
+        assert "/v1/audio/voice_consents" in error["message"] and "POST /v1/audio/voices" in error["message"]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [  # JSON may escape half a surrogate pair; no tokenizer or encoder takes it (it was a 500)
