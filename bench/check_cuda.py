@@ -177,7 +177,10 @@ def prefill_beside_steps(engine, generation) -> bool:
         )
         for s, text in ((1, TEXT), (2, "A newcomer, filled while the other one decodes."))
     ]
-    running, newcomer = admitted(engine, requests)[1]
+    # The newcomer in slot 0, below the running slot 1: the steps beside its fill then cover its row (a
+    # step's rows run up to its highest busy slot), as they do in the engine whenever a higher slot runs.
+    newcomer, running = admitted(engine, requests[::-1])[1]
+    assert newcomer.slot < running.slot
     stream = engine._prefill_stream
 
     def fill_beside(steps: int) -> tuple[list, list]:
