@@ -988,7 +988,10 @@ class BatchDecoder:
             history.fill_(-1)
             prompt = admission.inputs.get("audio_out_ids")
             if prompt is not None and prompt.shape[-1] > 0:
-                tail = prompt[:, -(RAS_MAX_WINDOW - 1) :].to(self.device, torch.long, non_blocking=True)
+                tail = prompt[:, -(RAS_MAX_WINDOW - 1) :]
+                if tail.device.type == "cpu" and self.device.type == "cuda":
+                    tail = tail.pin_memory()  # (from pageable memory, CUDA's copy may wait for the stream)
+                tail = tail.to(self.device, torch.long, non_blocking=True)
                 history[:, -1 - tail.shape[1] : -1] = tail
             history[:, -1] = self.bos
             first[0] = self.audio_out_token
