@@ -314,7 +314,6 @@ class Driver:
         with client.stream("POST", "/v1/chat/completions", json=body, timeout=self.timeout()) as response:
             if not self._status(response, result):
                 return
-            audio_bytes = 0
             done = False
             last_piece: float | None = None
             buffer = b""
@@ -342,9 +341,7 @@ class Driver:
                     for choice in event.get("choices") or []:
                         data = ((choice.get("delta") or {}).get("audio") or {}).get("data")
                         if data:
-                            size = len(base64.b64decode(data))
-                            audio_bytes += size
-                            result.arrivals.append((now, size))
+                            result.arrivals.append((now, len(base64.b64decode(data))))
                             if result.first_audio is None:
                                 result.first_audio = now - result.started
                             elif last_piece is not None:
@@ -353,6 +350,7 @@ class Driver:
                 self.check_deadline()
         if not done:
             raise BrokenStream("the event stream ended without data: [DONE]")
+        audio_bytes = sum(size for _, size in result.arrivals)
         if audio_bytes == 0 or audio_bytes % 2:
             raise BadAnswer(f"streamed audio of {audio_bytes} bytes is not 16-bit PCM with samples")
         result.audio_seconds = audio_bytes / 2 / SAMPLE_RATE
@@ -362,7 +360,6 @@ class Driver:
         with client.stream("POST", "/v1/audio/speech", json=body, timeout=self.timeout()) as response:
             if not self._status(response, result):
                 return
-            audio_bytes = 0
             last_piece: float | None = None
             for chunk in response.iter_bytes():
                 if not chunk:
@@ -373,9 +370,9 @@ class Driver:
                 elif last_piece is not None:
                     result.max_gap = max(result.max_gap or 0.0, now - last_piece)
                 last_piece = now
-                audio_bytes += len(chunk)
                 result.arrivals.append((now, len(chunk)))
                 self.check_deadline()
+        audio_bytes = sum(size for _, size in result.arrivals)
         if audio_bytes == 0 or audio_bytes % 2:
             raise BadAnswer(f"speech body of {audio_bytes} bytes is not 16-bit PCM with samples")
         result.audio_seconds = audio_bytes / 2 / SAMPLE_RATE
