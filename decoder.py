@@ -2,21 +2,15 @@
 
 Upstream's ``generate`` decodes one request at a time. Here every running request owns a *slot*: a row of
 fixed-size key/value buffers, its own position, attention mask, sampling settings, seed and delay-pattern
-state. A request is prefilled into a free slot by the decoder's own layers (a burst of them in one pass:
-``fill``, which may run beside the steps, then ``occupy``), then each ``step`` runs the decoder layers once
-for rows ``0..B-1`` (B = the highest busy slot + 1, so the buffers are sliced, never gathered) and samples
-each row's next token or audio column.
+state. A request's prompt is filled into a free slot (``prefill.py``: a burst of them in one pass, ``fill``,
+which may run beside the steps), it joins the steps at ``occupy``, then each ``step`` runs the decoder layers
+once for rows ``0..B-1`` (B = the highest busy slot + 1, so the buffers are sliced, never gathered) and
+samples each row's next token or audio column.
 
 The model's parts are reused (embeddings, ``_embed_audio_ids``, the decoder layers' weights, ``rotary_emb``,
-the heads); the attention over the slot buffers, the norms and the FFNs' arithmetic and the control flow are
-written here. A step's kernels are kept few, because at small batches a kernel's start can cost the GPU more
-than its work: each layer's query, key and value projections are one matrix product, and each FFN's gate and
-up projections another (``_fuse_rows`` stacks the weights once and leaves the upstream modules views of
-them, so nothing is stored twice and upstream's own forward, which prefills what the decoder's layers
-leave to it, reads the same numbers); the
-rotation is applied to queries and keys together and written back in place; a norm, weight included, is one
-call; a token's keys and values go into the cache with one copy; and the residual sums are matrix products
-that add into the hidden state (``_plus``): 13 kernels a decoder layer.
+the heads); the attention over the slot buffers and the control flow are written here, the layers'
+arithmetic in ``layers.py`` (fused projections, one-call norms, residual sums into the hidden state), and a
+token's keys and values go into the cache with one copy: 13 kernels a decoder layer.
 
 The decisions are upstream's (``modeling_higgs_audio.py``): an audio answer starts with an all-BOS column,
 codebook ``c`` starts ``c`` steps late (delay pattern), the lowest codebook that samples end-of-stream ends
@@ -36,7 +30,6 @@ replay differs from the eager step, leaves that bucket eager, logged.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import secrets
 from collections.abc import Iterator
@@ -45,7 +38,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from layers import Layers, plus, rms_norm, same_logits
+from prefill import Filled, Prefiller
 
 log = logging.getLogger(__name__)
 
@@ -57,39 +52,12 @@ row's this many best tokens (``torch.topk``) instead of sorting the whole vocabu
 the same draw. On this project's CPU the sort was half of an eager step (6.4 of 12.3 ms at 16 rows of the
 tiny model; ``bench/bench_step.py --profile``). CUDA graphs sort: a graph's shapes are fixed at capture."""
 
-PREFILL_ATTENTION: tuple[SDPBackend, ...] | None = (
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-)
-"""The attention kernels a prefill may use on CUDA (None: PyTorch's choice). cuDNN's, which PyTorch prefers
-on recent GPUs, builds a plan for every sequence length it has not seen, and prompts' lengths rarely repeat:
-on an H200 (full-size model, bfloat16) one prompt of a length not seen before took 92 ms with cuDNN allowed,
-38 ms without (``bench/bench_prefill.py``, side by side). The step graphs keep it (fixed shapes)."""
-
-PREFILL_GRAPH_LENGTHS = (64, 128, 256, 512, 1024)
-"""The lengths a prefill's prompts are padded to on CUDA, each a CUDA graph per number of prompts, with a
-voice reference or without (``capture_prefill_graphs``): the smallest that holds the longest prompt. A
-prefill was mostly the host's time, launching the layers' kernels one by one (on an H200 with the full-size
-model 12.8 ms for one prompt and 37.6 ms for eight, their GPU work a few ms), while the decoding loop's own
-host work waits for the interpreter lock; a replay is one launch. The price: the GPU computes up to twice
-the prompt's positions. Longer prompts run eagerly."""
-
 BY_LENGTHS_TOLERANCE = {torch.float32: 1e-5}
 """How far attention by each row's length may be from the masked attention (``check_attention_by_lengths``):
 the largest difference of one attention's output against its largest value, by dtype; 2e-2 for the 16-bit
 ones (their rounding is 4e-3 of a value). A kernel that reads the positions beyond a row's length, which
 the check fills with values 50 times the others, is off by 53 times the largest output on the tiny model,
 in float32 and bfloat16 alike (tested with such a kernel, written out)."""
-
-OWN_PREFILL_TOLERANCE = {torch.float32: 1e-3}
-"""How far the decoder's own prefill layers may be from upstream's forward at start (``check_own_prefill``):
-the largest difference of a slot's cache against its largest value, by dtype; 1e-1 for the 16-bit ones.
-The two group their products differently (fused projections, sums inside the products), so they agree to
-rounding only: 2e-7 in float32 and 7e-3 in bfloat16 on the tiny model (``bench/check_cuda.py``), 3.4e-2
-in bfloat16 on the full-size random-weight model on an H200 (the rounding of 28 layers), which 5e-2 left
-too little room. The check is against gross faults (wrong positions left 0.86 of the largest value
-apart); ``check_cuda.py`` compares the two in float32 to 1e-3."""
 
 # splitmix64's constants, as signed 64-bit integers (torch has no uint64 arithmetic); products wrap.
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -121,15 +89,6 @@ class Admission:
 
 
 @dataclass(frozen=True)
-class Filled:
-    """Prompts run into their slots' caches (``BatchDecoder.fill``), not decoding yet: each prompt's length
-    in its slot and, when any answers in text, the last position's text logits [rows, 1, vocab]."""
-
-    lengths: list[int]
-    logits: torch.Tensor | None
-
-
-@dataclass(frozen=True)
 class Launched:
     """A launched step: its tokens [rows, 1 + codebooks] on the host once ``result`` returns; on CUDA the
     timing events recorded before its first kernel (``begun``) and after its copy to the host (``ready``),
@@ -144,16 +103,6 @@ class Launched:
         if self.ready is not None:
             self.ready.synchronize()
         return self.tokens
-
-
-@dataclass
-class _PrefillGraph:
-    """A captured prefill of prompts padded to one length: its input buffers (``_padded_pass``'s arguments)
-    and its logits [rows, 1, vocab]."""
-
-    graph: torch.cuda.CUDAGraph
-    inputs: list[torch.Tensor]
-    logits: torch.Tensor
 
 
 def _signed64(value: int) -> int:
@@ -189,16 +138,6 @@ def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, lanes: torch.Tensor
     bits = (_mix_(row.view(-1, *[1] * lanes.dim()) + lanes) >> 41).bitwise_and_((1 << 23) - 1)
     uniform = bits.float().add_(0.5).mul_(2.0**-23)
     return uniform.log_().neg_().log_().neg_()
-
-
-@contextmanager
-def _prefill_attention(device: torch.device) -> Iterator[None]:
-    """While it lasts, attention on CUDA uses the kernels of ``PREFILL_ATTENTION``."""
-    if device.type != "cuda" or PREFILL_ATTENTION is None:
-        yield
-        return
-    with sdpa_kernel(list(PREFILL_ATTENTION)):
-        yield
 
 
 def flash_by_lengths(
@@ -238,87 +177,6 @@ def slot_rows(kv_heads: int, max_len: int) -> int:
     return 2 * kv_heads * max_len
 
 
-def _own_layers(inputs: dict, kinds: list[str]) -> bool:
-    """Whether the decoder's own layers can prefill these model inputs (a prompt's, or a batch's): text
-    tokens, and audio codes out (a voice reference) on a model whose layers are dual or plain. Audio
-    features, audio-in codes and fast-forward layers with audio in the prompt are left to upstream's forward
-    (the service's prompts hold none of the first two; Higgs Audio v2's layers are all dual)."""
-    if any(inputs.get(key) is not None and inputs[key].numel() for key in ("audio_features", "audio_in_ids")):
-        return False
-    codes = inputs.get("audio_out_ids")
-    return codes is None or codes.numel() == 0 or "skip" not in kinds
-
-
-@contextmanager
-def _last_position_only(head: torch.nn.Linear) -> Iterator[None]:
-    """While it lasts, ``head`` projects each row's last position only. Upstream's forward gives the text
-    head every prompt position, 128,256 logits each (1 GiB for a 4,096-token prefill in bfloat16), where a
-    prefill needs the last one (its rows are padded on the left, so every row's prompt ends there)."""
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:], *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _fuse_rows(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) stacking the rows of ``linears``, whose own weights become views of it; made
-    once per model (another decoder over the same model reuses it)."""
-    key = tuple(id(linear) for linear in linears)
-    made = getattr(linears[0], "_fused_rows", None)
-    if made is not None and made[0] == key:
-        return made[1], made[2]
-    weight = torch.cat([linear.weight.detach() for linear in linears])
-    has_bias = [linear.bias is not None for linear in linears]
-    bias = torch.cat([linear.bias.detach() for linear in linears]) if all(has_bias) else None
-    if any(has_bias) and bias is None:
-        raise NotImplementedError("projections with and without bias in one layer")
-    start = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
-        if bias is not None:
-            linear.bias = torch.nn.Parameter(bias[start : start + rows], requires_grad=False)
-        start += rows
-    linears[0]._fused_rows = (key, weight, bias)
-    return weight, bias
-
-
-def _is_gated_mlp(mlp) -> bool:
-    """Llama's FFN, ``down(act(gate(x)) * up(x))``, in one piece (not split for tensor parallelism)."""
-    names = ("gate_proj", "up_proj", "down_proj", "act_fn")
-    split = getattr(getattr(mlp, "config", None), "pretraining_tp", 1)
-    return all(hasattr(mlp, n) for n in names) and split == 1
-
-
-def same_logits(want: torch.Tensor, got: torch.Tensor) -> bool:
-    """Whether a graph's replay gave the eager step's logits: the same ones masked (-inf), the others
-    within 1% of the largest (finite) logit."""
-    finite = want.isfinite()
-    if not torch.equal(finite, got.isfinite()) or not finite.any():
-        return bool(torch.equal(finite, got.isfinite()))
-    scale = float(want[finite].abs().max())
-    return bool(torch.allclose(want[finite], got[finite], rtol=1e-2, atol=1e-2 * scale))
-
-
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """Llama's RMSNorm as one call, its weight included: the fused kernel computes in float32 inside and
-    rounds once to ``x``'s dtype (upstream's module rounds the normalised values, then applies the weight
-    in that dtype: the same numbers in float32, one rounding fewer in bfloat16)."""
-    return F.rms_norm(x, (x.shape[-1],), weight=norm.weight, eps=norm.variance_epsilon)
-
-
-def _plus(residual: torch.Tensor | None, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``residual + linear(x)``, written into ``residual``: one matrix product that adds (``addmm_``, beta
-    1) instead of a product and an addition. Without a residual, ``linear(x)``."""
-    if residual is None:
-        return linear(x)
-    if linear.bias is not None:
-        return residual + linear(x)
-    residual.view(-1, residual.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), linear.weight.t())
-    return residual
-
-
 class BatchDecoder:
     """Slots of KV cache and per-row decoding state for a ``HiggsAudioModel``; not thread-safe (one owner)."""
 
@@ -356,42 +214,9 @@ class BatchDecoder:
         self.vocab = int(text.vocab_size)
         self.text_head = model.audio_decoder_proj.text_lm_head
         self.audio_head = model.audio_decoder_proj.audio_lm_head
-        self._forward_keys = set(inspect.signature(model.forward).parameters)
-        self.own_prefill = True
-        """Prefill with the decoder's own layers (``_prefill_own``) what they can take; off, every prompt
-        goes through upstream's forward (``check_own_prefill`` turns it off when the two disagree)."""
-        self.prefill_lengths: tuple[int, ...] = ()
-        """The lengths prompts are padded to (``_padded_length``): on CUDA
-        ``PREFILL_GRAPH_LENGTHS``, set by ``capture_prefill_graphs``, where a captured graph runs the pass
-        (``_prefill_graphs``); elsewhere (the tests) the same padded pass runs eagerly."""
-        self._prefill_graphs: dict[tuple[int, int, bool], _PrefillGraph] = {}  # (rows, length, codes)
-        self._prefill_failed: set[tuple[int, int, bool]] = set()  # shapes whose capture failed (eager)
-        self._prefill_pool = None  # not the steps' pool: a fill runs beside the steps
-        self._prefill_capture: torch.cuda.Stream | None = None
-
-        # Each layer is "dual" (audio tokens take their own norms and FFN), "skip" (fast-forward: audio
-        # tokens keep their input hidden state) or "plain" (one path for every token).
-        self.kinds: list[str] = []
-        for layer in model.layers:
-            if hasattr(layer, "audio_mlp") and not getattr(layer, "fast_forward", False):
-                self.kinds.append("dual")
-            elif getattr(layer, "fast_forward", False):
-                self.kinds.append("skip")
-            else:
-                self.kinds.append("plain")
-        self._qkv = [
-            _fuse_rows([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
-            for layer in model.layers
-        ]
-        self._gate_up: dict[int, tuple[torch.Tensor, torch.Tensor | None] | None] = {}
-        for layer in model.layers:
-            for mlp in (layer.mlp, getattr(layer, "audio_mlp", None)):
-                if mlp is not None and _is_gated_mlp(mlp):
-                    self._gate_up[id(mlp)] = _fuse_rows([mlp.gate_proj, mlp.up_proj])
-        attn = model.layers[0].self_attn
-        self.heads = int(getattr(attn, "num_heads", text.num_attention_heads))
-        self.kv_heads = int(getattr(attn, "num_key_value_heads", text.num_key_value_heads))
-        self.head_dim = int(getattr(attn, "head_dim", text.hidden_size // text.num_attention_heads))
+        self.layers = Layers(model)
+        layers = self.layers
+        self.heads, self.kv_heads, self.head_dim = layers.heads, layers.kv_heads, layers.head_dim
         dev, dt = self.device, self.dtype
         # A layer's keys and values are one tensor, [slots, 2, kv heads, max_len, dim], so that a step
         # writes a token's keys and values with one indexed copy; ``keys`` and ``values`` are its halves,
@@ -402,6 +227,8 @@ class BatchDecoder:
         ]
         self.keys = [kv[:, 0] for kv in self.cache]
         self.values = [kv[:, 1] for kv in self.cache]
+        self.prefiller = Prefiller(model, layers, self.cache, max_len=max_len, graphs=graphs)
+        """Fills prompts into the slots' caches (``fill``; its CUDA graphs, its check at start)."""
         self.by_lengths_from: int | None = None
         """In the length buckets of at least this many positions a step's attention reads each row's own
         keys only, with a variable-length kernel (``_varlen``, FlashAttention's on CUDA) over the cache as
@@ -502,27 +329,10 @@ class BatchDecoder:
         """Run prompts into their slots and choose their first tokens: ``fill``, then ``occupy``."""
         return self.occupy(admissions, self.fill(admissions, batch))
 
-    @torch.inference_mode()
     def fill(self, admissions: list[Admission], batch: dict | None = None) -> Filled:
-        """Run prompts through the model into their slots' caches, in one forward pass.
-
-        One admission runs its own ``inputs``; several run ``batch``, their samples collated together and
-        padded on the left (a row's real tokens keep positions ``0..tokens-1``, as when alone), and each
-        row's cache is taken from behind its padding. The decoder's own layers run the pass
-        (``_prefill_own``), upstream's forward the inputs they leave to it (``_own_layers``).
-
-        Nothing but the admissions' cache rows is written, so a fill may run on another thread and CUDA
-        stream while steps run: a step writes a free or reserved row's keys and values at its parked
-        position, the slot's last (``release``), which a prompt never reaches (it leaves room for one
-        token at least) and the slot's own step overwrites before reading it. On CUDA the caller orders
-        the fill after the steps launched before the slots were freed, and ``occupy`` after the fill."""
-        inputs = admissions[0].inputs if batch is None else batch
-        with _prefill_attention(self.device):
-            if self.own_prefill and _own_layers(inputs, self.kinds):
-                lengths, logits = self._prefill_own(inputs, admissions, batch is not None)
-            else:
-                lengths, logits = self._prefill_upstream(inputs, admissions, batch is not None)
-        return Filled(lengths, logits)
+        """Run prompts into their reserved slots' caches, in one pass (``Prefiller.fill``; it may run beside
+        the steps); they decode from the step after ``occupy``."""
+        return self.prefiller.fill(admissions, batch)
 
     @torch.inference_mode()
     def occupy(self, admissions: list[Admission], filled: Filled) -> list[torch.Tensor]:
@@ -536,39 +346,6 @@ class BatchDecoder:
             self._occupy(admission, length, None if logits is None else logits[row : row + 1])
             for row, (admission, length) in enumerate(zip(admissions, filled.lengths, strict=True))
         ]
-
-    def check_own_prefill(self, groups: list[tuple[list[Admission], dict | None]]) -> tuple[bool, str]:
-        """Prefill each group of admissions (collated in its batch when several) by the decoder's own layers
-        and by upstream's forward, and compare the slots' caches (the largest difference against the
-        largest value). The own layers stay on where they agree within the dtype's rounding
-        (``OWN_PREFILL_TOLERANCE``), and are turned off where they do not or fail: a fault of this
-        device's kernels costs speed, never answers. Returns whether they agree and what was seen."""
-        tolerance = OWN_PREFILL_TOLERANCE.get(self.dtype, 1e-1)
-        apart = 0.0
-        try:
-            for admissions, batch in groups:
-                filled = []
-                for own in (True, False):
-                    self.own_prefill = own
-                    try:
-                        self.prefill_many(admissions, batch)
-                        filled.append([self._cached(a) for a in admissions])
-                    finally:
-                        for a in admissions:
-                            self.release(a.slot)
-                ours, theirs = filled
-                scale = max(float(kv.abs().max()) for row in theirs for kv in row) or 1.0
-                diff = max(
-                    float((a - b).abs().max())
-                    for row, their_row in zip(ours, theirs, strict=True)
-                    for a, b in zip(row, their_row, strict=True)
-                )
-                apart = max(apart, diff / scale)
-        except Exception as exc:
-            self.own_prefill = False
-            return False, f"failed ({type(exc).__name__}: {exc})"
-        self.own_prefill = apart <= tolerance
-        return self.own_prefill, f"{apart:.1e} of the largest value apart, {tolerance:.0e} allowed"
 
     @torch.inference_mode()
     def check_attention_by_lengths(self) -> tuple[bool, str]:
@@ -615,336 +392,6 @@ class BatchDecoder:
         except Exception as exc:  # its first line: a missing kernel's message lists every dispatch key
             return False, f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
         return apart <= tolerance, f"{apart:.1e} of the largest output apart, {tolerance:.0e} allowed"
-
-    def _cached(self, admission: Admission) -> list[torch.Tensor]:
-        """A float32 copy of each layer's keys and values of ``admission``'s prompt in its slot."""
-        return [
-            kv[admission.slot, :, :, : admission.tokens].to(torch.float32, copy=True) for kv in self.cache
-        ]
-
-    def _lengths(self, admissions: list[Admission], total: int, batched: bool) -> list[int]:
-        """The prompts' own lengths in a pass of ``total`` positions, refused when a slot cannot hold them."""
-        lengths = [a.tokens for a in admissions] if batched else [total]
-        if batched and max(lengths) != total:
-            raise ValueError(f"prompts of {lengths} tokens made a batch of {total}, not {max(lengths)}")
-        if max(lengths) > self.max_len:
-            longest = max(lengths)
-            raise ValueError(f"the prompt takes {longest} tokens, more than the slots hold ({self.max_len})")
-        return lengths
-
-    def _prefill_upstream(
-        self, inputs: dict, admissions: list[Admission], batched: bool
-    ) -> tuple[list[int], torch.Tensor]:
-        """Upstream's forward over the inputs the decoder's own layers leave to it (``_own_layers``); the
-        cache into the admissions' slots. Returns the prompts' lengths and the last position's text
-        logits [rows, 1, vocab]."""
-        from transformers import DynamicCache
-
-        args = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        args = {k: v for k, v in args.items() if k in self._forward_keys}
-        cache = DynamicCache()
-        with _last_position_only(self.text_head):
-            out = self.model(**args, past_key_values=cache, use_cache=True, return_dict=True)
-        total = cache.get_seq_length()
-        lengths = self._lengths(admissions, total, batched)
-        where, shift = self._placement(admissions, [total - n for n in lengths], total)
-        for i, layer in enumerate(self.model.layers):
-            index = layer.self_attn.layer_idx
-            kv = torch.stack([cache.key_cache[index], cache.value_cache[index]], dim=1)
-            self._put(i, kv, where, shift)
-        return lengths, out.logits
-
-    def _prefill_own(
-        self, inputs: dict, admissions: list[Admission], batched: bool
-    ) -> tuple[list[int], torch.Tensor | None]:
-        """Prompts through the decoder's own layers (``_own_layers``), their keys and values written into
-        the admissions' slots layer by layer. Returns the prompts' lengths and, when any admission answers
-        in text, the last position's text logits [rows, 1, vocab].
-
-        A voice reference's codes are embedded and put in place of their placeholder by upstream's own
-        functions (``_embed_audio_ids``, ``merge_input_ids_with_audio_features``, as its forward does);
-        then each dual layer gives a code position its audio norms and FFN and a text position the text
-        ones (both computed for every position, kept by ``torch.where``, as a mixed decoding step does),
-        and a prompt of text alone takes the text path only. The step's fused projections and one-call
-        norms do the work: upstream's forward launched about 1,270 kernels for one 112-token prompt of
-        Higgs Audio v2 (most of its 38 ms on an H200 was the host's), and its layers synced with the GPU
-        six times each to pick text and audio rows; this pass syncs only inside upstream's merge (with a
-        reference), never in the layers. A padded row's positions count from its first real token
-        (``_prompt_mask``). Prompts are padded further to one of ``prefill_lengths`` where one holds
-        them (``_prefill_padded``: on CUDA a captured graph's replay; a reference's place found on the host,
-        ``_merged_layout``)."""
-        model = self.model
-        codes = inputs.get("audio_out_ids")
-        dual = codes is not None and codes.numel() > 0
-        if self.prefill_lengths:
-            layout = self._merged_layout(inputs) if dual else (inputs["input_ids"], None)
-            rows, total = layout[0].shape
-            lengths = self._lengths(admissions, total, batched)
-            length = self._padded_length(rows, total, dual)
-            if length is not None:
-                logits = self._prefill_padded(layout, codes, lengths, admissions, length)
-                return lengths, None if all(a.audio_output for a in admissions) else logits
-        ids = inputs["input_ids"].to(self.device)
-        hidden = model.embed_tokens(ids)
-        is_code = None
-        if dual:
-            from boson_multimodal.model.higgs_audio.utils import merge_input_ids_with_audio_features
-
-            merged = merge_input_ids_with_audio_features(
-                None, None, None, None,
-                model._embed_audio_ids(codes.to(self.device)), inputs["audio_out_ids_start"].to(self.device),
-                model.audio_in_token_idx, model.audio_out_token_idx, hidden, ids,
-                inputs["attention_mask"].to(self.device), None,
-                pad_token_id=model.padding_idx, round_to=1, left_padding=True,
-            )  # fmt: skip
-            hidden, is_code = merged[0], merged[7][:, :, None]  # the audio-out positions, [rows, total, 1]
-        hidden = hidden.to(self.dtype).contiguous()  # the residual sums are written into it (``_plus``)
-        rows, total = hidden.shape[:2]
-        lengths = self._lengths(admissions, total, batched)
-        pads = [total - length for length in lengths]
-        ahead = torch.tensor(pads, device=self.device)
-        where = torch.tensor([a.slot for a in admissions], device=self.device)
-        hidden = self._prompt_pass(hidden, ahead, where, is_code, padded=any(pads))
-        if all(a.audio_output for a in admissions):
-            return lengths, None
-        return lengths, self.text_head(_rms_norm(model.norm, hidden[:, -1:]))
-
-    def _prompt_pass(self, hidden, ahead, where, is_code, padded: bool) -> torch.Tensor:
-        """The layers over prompts ``hidden`` [rows, total, hidden] padded on the left by ``ahead`` [rows]
-        positions (``padded``: whether any is; else the attention is causal and nothing moves), into the
-        slots ``where`` [rows] (``_prompt_layers``). Returns the last layer's hidden states."""
-        total = hidden.shape[1]
-        positions = (self._arange[None, :total] - ahead[:, None]).clamp_(min=0)
-        mask = self._prompt_mask(ahead, total) if padded else None
-        shift = self._shift(ahead, total) if padded else None
-        return self._prompt_layers(hidden, positions, mask, where, shift, is_code)
-
-    def _prompt_mask(self, ahead: torch.Tensor, total: int) -> torch.Tensor:
-        """The additive attention mask of prompts padded on the left by ``ahead`` [rows] positions: causal
-        among each row's own tokens; a padding position attends to itself alone (a row of nothing but
-        masked keys would make NaNs, which the values' product would carry into real rows)."""
-        query, key = self._arange[:total, None], self._arange[None, :total]
-        allowed = (key <= query) & ((key[None] >= ahead[:, None, None]) | (key == query)[None])
-        mask = torch.zeros((len(ahead), 1, total, total), device=self.device, dtype=self.dtype)
-        return mask.masked_fill_(~allowed[:, None], float("-inf"))
-
-    def _prompt_layers(self, hidden, positions, mask, where, shift, is_code) -> torch.Tensor:
-        """The layers over prompts ``hidden`` [rows, total, hidden] at ``positions`` (``mask`` or causal),
-        their keys and values into the slots ``where`` (``_put``); ``is_code`` [rows, total, 1] marks a
-        voice reference's positions (None: text alone). Returns the last layer's hidden states."""
-        cos, sin = self._rotation(hidden, positions)  # [rows, total, dim]
-        cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
-        for i, (layer, kind) in enumerate(zip(self.model.layers, self.kinds, strict=True)):
-            both = is_code is not None and kind == "dual"
-            x = _rms_norm(layer.input_layernorm, hidden)
-            if both:
-                x = torch.where(is_code, _rms_norm(layer.audio_input_layernorm, hidden), x)
-            hidden = self._prompt_attention(i, layer.self_attn, x, cos, sin, mask, hidden, where, shift)
-            if both:
-                hidden = hidden + torch.where(
-                    is_code,
-                    self._mlp(layer.audio_mlp, _rms_norm(layer.audio_post_attention_layernorm, hidden)),
-                    self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden)),
-                )
-            else:
-                hidden = self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden), hidden)
-        return hidden
-
-    def _padded_length(self, rows: int, total: int, codes: bool) -> int | None:
-        """The length (of ``prefill_lengths``) that ``rows`` prompts of ``total`` positions (with a voice
-        reference's ``codes`` or not) are padded to, or None: none holds them, or on CUDA none of the
-        fitting length was captured for that many rows."""
-        length = next((n for n in self.prefill_lengths if n >= total), None)
-        if length is None or length >= self.max_len:  # (the slot's last position is the parked one)
-            return None
-        if self.graphs_enabled and (rows, length, codes) not in self._prefill_graphs:
-            return None
-        return length
-
-    def _merged_layout(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where a batch's voice references go, on the host: each position's token (``input_ids`` with each
-        reference's placeholder widened to its columns, padded on the left as upstream's forward pads them)
-        and the reference column it holds (-1 for a token), [rows, total] each. Upstream's own merge
-        (``merge_input_ids_with_audio_features``, as ``_prefill_own`` calls it) places stand-ins: each
-        token's embedding is its index plus one, each column's minus its index less one."""
-        from boson_multimodal.model.higgs_audio.utils import merge_input_ids_with_audio_features
-
-        ids = inputs["input_ids"].to("cpu")
-        columns = inputs["audio_out_ids"].shape[1]
-        tokens = torch.arange(1, ids.numel() + 1, dtype=torch.float64).view(*ids.shape, 1)
-        merged = merge_input_ids_with_audio_features(
-            None, None, None, None,
-            -torch.arange(1, columns + 1, dtype=torch.float64)[:, None],
-            inputs["audio_out_ids_start"].to("cpu"),
-            self.model.audio_in_token_idx, self.model.audio_out_token_idx, tokens, ids,
-            inputs["attention_mask"].to("cpu"), None,
-            pad_token_id=self.model.padding_idx, round_to=1, left_padding=True,
-        )  # fmt: skip
-        placed = merged[0][..., 0].long()
-        return merged[4], torch.where(placed < 0, -placed - 1, -1)
-
-    def _prefill_padded(
-        self,
-        layout: tuple[torch.Tensor, torch.Tensor | None],
-        codes: torch.Tensor | None,
-        lengths: list[int],
-        admissions: list[Admission],
-        length: int,
-    ) -> torch.Tensor:
-        """Prompts (``layout``: their tokens [rows, total], padded on the left to their longest, and where
-        their voice references' ``codes`` go, or None: ``_merged_layout``), padded on the left to
-        ``length`` and filled into their slots by ``_padded_pass``: a captured graph's replay where there is
-        one. Returns the last position's text logits [rows, 1, vocab]."""
-        ids, columns = layout
-        rows, total = ids.shape
-        padded = torch.zeros((rows, length), dtype=torch.long)
-        padded[:, length - total :] = ids.to("cpu")
-        pads, slots = torch.tensor([length - n for n in lengths]), torch.tensor([a.slot for a in admissions])
-        inputs = [padded, pads, slots]
-        if columns is not None:  # each position's reference column, a token's the first (its codes unused)
-            at = torch.full((rows, length), -1, dtype=torch.long)
-            at[:, length - total :] = columns
-            inputs += [codes.to("cpu", torch.long)[:, at.clamp(min=0).flatten()], at >= 0]
-        graph = self._prefill_graphs.get((rows, length, columns is not None))
-        if graph is None:
-            return self._padded_pass(*(t.to(self.device) for t in inputs))
-        for buffer, value in zip(graph.inputs, inputs, strict=True):
-            buffer.copy_(value.pin_memory(), non_blocking=True)  # (a copy that waits waits for the steps)
-        graph.graph.replay()
-        return graph.logits.clone()  # (the next replay writes over the graph's own)
-
-    def _padded_pass(
-        self,
-        ids: torch.Tensor,
-        pads: torch.Tensor,
-        where: torch.Tensor,
-        codes: torch.Tensor | None = None,
-        is_code: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Prompts, ``ids`` [rows, length] each padded on the left by ``pads`` [rows], into the slots
-        ``where`` [rows]; with voice references, each position's codes (``codes`` [codebooks, rows x
-        length]) and whether it holds a reference's (``is_code`` [rows, length]): ``_prefill_own``'s pass
-        with every shape fixed by the inputs' and no host read, so that it can be a CUDA graph. Returns the
-        last position's text logits [rows, 1, vocab]."""
-        rows, length = ids.shape
-        hidden = self.model.embed_tokens(ids)
-        if codes is not None:
-            audio = self.model._embed_audio_ids(codes).view(rows, length, -1)
-            is_code = is_code[:, :, None]
-            hidden = torch.where(is_code, audio, hidden)
-        hidden = self._prompt_pass(hidden.to(self.dtype).contiguous(), pads, where, is_code, padded=True)
-        return self.text_head(_rms_norm(self.model.norm, hidden[:, -1:]))
-
-    @torch.inference_mode()
-    def capture_prefill_graphs(self, most_rows: int, most_tokens: int) -> int:
-        """Capture prefill graphs, before serving: for prompts of text alone and for prompts with a voice
-        reference, for every length of ``PREFILL_GRAPH_LENGTHS`` below the slots' length and every number
-        of prompts up to ``most_rows`` whose padded positions stay within ``most_tokens`` (one prompt: any
-        length); from then on prompts are padded to them. A capture that fails, or whose replay differs from
-        the eager pass, leaves that shape eager (logged). Returns how many were captured."""
-        if not self.graphs_enabled or self.busy or not self.own_prefill:
-            return 0
-        references = (False, True) if "skip" not in self.kinds else (False,)  # (``_own_layers``)
-        with _prefill_attention(self.device):
-            for codes in references:
-                for rows in range(1, min(most_rows, self.slots) + 1):
-                    for length in PREFILL_GRAPH_LENGTHS:
-                        if length < self.max_len and (rows == 1 or rows * length <= most_tokens):
-                            self._capture_prefill(rows, length, codes)
-        if self._prefill_graphs:
-            self.prefill_lengths = PREFILL_GRAPH_LENGTHS
-        return len(self._prefill_graphs)
-
-    def _capture_prefill(self, rows: int, length: int, codes: bool) -> None:
-        """Capture the padded pass of ``rows`` prompts of ``length`` positions (with a voice reference's
-        ``codes`` in the middle of each, or none) on a stream of its own (its graphs replay beside the
-        steps': they must not share their cuBLAS workspace, nor their pool). The replay must give the eager
-        pass's logits and caches (the slots' first rows, free at start)."""
-        generator = torch.Generator().manual_seed(rows * 100_000 + length * 2 + codes)
-        inputs = [
-            torch.randint(0, self.vocab, (rows, length), generator=generator),
-            torch.tensor([length * row // (2 * rows) for row in range(rows)]),
-            torch.arange(rows),
-        ]
-        if codes:
-            size = self.model.audio_codebook_size
-            inputs.append(torch.randint(0, size, (self.codebooks, rows * length), generator=generator))
-            inputs.append((torch.arange(length) >= length // 2) & (torch.arange(length) < 3 * length // 4))
-            inputs[-1] = inputs[-1].expand(rows, length).contiguous()
-        inputs = [t.to(self.device) for t in inputs]
-        key = (rows, length, codes)
-        graph = None
-        try:
-            if self._prefill_capture is None:
-                self._prefill_capture = torch.cuda.Stream()
-            stream = self._prefill_capture
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                expected = self._padded_pass(*inputs).clone()  # the warm-up, and the reference
-                cached = [kv[:rows, :, :, :length].clone() for kv in self.cache]
-                graph = torch.cuda.CUDAGraph()
-                if self._prefill_pool is None:
-                    self._prefill_pool = torch.cuda.graph_pool_handle()
-                with torch.cuda.graph(
-                    graph, pool=self._prefill_pool, stream=stream, capture_error_mode="thread_local"
-                ):
-                    logits = self._padded_pass(*inputs)
-                for kv in self.cache:
-                    kv[:rows, :, :, :length].zero_()
-                graph.replay()
-                written = [kv[:rows, :, :, :length] for kv in self.cache]
-                if not same_logits(expected, logits) or not all(
-                    same_logits(a, b) for a, b in zip(cached, written, strict=True)
-                ):
-                    raise RuntimeError("the replayed prefill differs from the eager one")
-            torch.cuda.current_stream().wait_stream(stream)
-        except Exception:
-            log.exception("CUDA graph capture failed for a prefill of %s; it runs eagerly", key)
-            self._prefill_failed.add(key)
-            if graph is not None:
-                self._graphs_dropped.append(graph)
-            return
-        self._prefill_graphs[key] = _PrefillGraph(graph, inputs, logits)
-
-    def _prompt_attention(self, i, attn, x, cos, sin, mask, residual, where, shift) -> torch.Tensor:
-        """A layer's attention over prompts ``x`` [rows, total, hidden] (causal, or ``mask``), added into
-        ``residual``; the keys and values go into the slots (``_put``)."""
-        rows, total = x.shape[:2]
-        heads, kv_heads = self.heads, self.kv_heads
-        qkv = F.linear(x, *self._qkv[i]).view(rows, total, heads + 2 * kv_heads, self.head_dim)
-        qk = qkv[:, :, : heads + kv_heads]
-        torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, dims=-1), sin, out=qk)
-        kv = qkv[:, :, heads:].view(rows, total, 2, kv_heads, self.head_dim).permute(0, 2, 3, 1, 4)
-        self._put(i, kv, where, shift)
-        groups = heads // kv_heads  # each key/value head serves this many query heads, side by side
-        keys, values = (kv[:, half].repeat_interleave(groups, dim=1) for half in (0, 1))
-        q = qkv[:, :, :heads].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
-        return _plus(residual, attn.o_proj, out.transpose(1, 2).reshape(rows, total, heads * self.head_dim))
-
-    def _placement(self, admissions: list[Admission], pads: list[int], total: int):
-        """Where a prefill's rows go (the admissions' slots, as a tensor) and, when any row is padded on
-        the left, the index that moves each row's tokens in front of its padding (``_put``)."""
-        where = torch.tensor([a.slot for a in admissions], device=self.device)
-        if not any(pads):
-            return where, None
-        return where, self._shift(torch.tensor(pads, device=self.device), total)
-
-    def _shift(self, ahead: torch.Tensor, total: int) -> torch.Tensor:
-        """The index that moves each row's tokens in front of its ``ahead`` [rows] positions of padding
-        (``_put``), [rows, 1, 1, total, 1]."""
-        return (self._arange[None, :total] + ahead[:, None]).clamp_(max=total - 1)[:, None, None, :, None]
-
-    def _put(self, i: int, kv: torch.Tensor, where: torch.Tensor, shift: torch.Tensor | None) -> None:
-        """Layer ``i``'s keys and values of a prefill, ``kv`` [rows, 2, kv heads, total, dim], into the first
-        positions of the slots ``where``: one gather that moves each row's tokens in front of its padding
-        (when any row has some) and one indexed copy, where a copy per row and layer for keys and for values
-        made 448 copies for eight prompts of Higgs Audio v2. A row's positions past its length get copies of
-        its last token; they are never read (a step attends to a slot's first ``lengths`` positions and
-        writes the next one)."""
-        if shift is not None:
-            kv = kv.gather(3, shift.expand(-1, 2, self.kv_heads, -1, self.head_dim))
-        self.cache[i][where, :, :, : kv.shape[3]] = kv
 
     def _occupy(self, admission: Admission, length: int, logits: torch.Tensor | None) -> torch.Tensor:
         """Set a prefilled slot's state; ``logits`` [1, 1, vocab] are the prompt's last position's (needed
@@ -1269,7 +716,7 @@ class BatchDecoder:
                 model.embed_tokens(self.token[:rows]),
             )
         hidden = hidden[:, None, :].to(self.dtype)
-        cos, sin = self._rotation(hidden, positions[:, None])  # [rows, 1 (heads), dim]
+        cos, sin = self.layers.rotation(hidden, positions[:, None])  # [rows, 1 (heads), dim]
         by_lengths = self.reads_own_keys(length)
         if by_lengths:  # the keys each row reads: its own (a parked row's: the bucket's)
             mask = (positions + 1).clamp(max=length).to(torch.int32)
@@ -1280,57 +727,41 @@ class BatchDecoder:
             mask.masked_fill_((self._arange[None, :length] <= positions[:, None])[:, None, None, :], 0.0)
         index = self._arange[:rows]
 
-        for i, (layer, kind) in enumerate(zip(model.layers, self.kinds, strict=True)):
-            # The residual sums are written into ``hidden`` by the products that make them (``_plus``);
+        for i, (layer, kind) in enumerate(zip(model.layers, self.layers.kinds, strict=True)):
+            # The residual sums are written into ``hidden`` by the products that make them (``layers.plus``);
             # a fast-forward layer gives audio rows their input back, so it keeps a copy.
             layer_input = hidden.clone() if kind == "skip" and mode != "text" else hidden
             audio_path = kind == "dual" and mode == "audio"
             if kind == "dual" and mode == "mixed":
                 x = torch.where(
                     is_audio,
-                    _rms_norm(layer.audio_input_layernorm, hidden),
-                    _rms_norm(layer.input_layernorm, hidden),
+                    rms_norm(layer.audio_input_layernorm, hidden),
+                    rms_norm(layer.input_layernorm, hidden),
                 )
             else:
-                x = _rms_norm(layer.audio_input_layernorm if audio_path else layer.input_layernorm, hidden)
+                x = rms_norm(layer.audio_input_layernorm if audio_path else layer.input_layernorm, hidden)
             hidden = self._attention(
                 i, layer.self_attn, x, cos, sin, mask, index, positions, length, by_lengths, hidden
             )
             if kind == "dual" and mode == "mixed":
                 hidden = hidden + torch.where(
                     is_audio,
-                    self._mlp(layer.audio_mlp, _rms_norm(layer.audio_post_attention_layernorm, hidden)),
-                    self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden)),
+                    self.layers.mlp(layer.audio_mlp, rms_norm(layer.audio_post_attention_layernorm, hidden)),
+                    self.layers.mlp(layer.mlp, rms_norm(layer.post_attention_layernorm, hidden)),
                 )
             elif audio_path:
-                x = _rms_norm(layer.audio_post_attention_layernorm, hidden)
-                hidden = self._mlp(layer.audio_mlp, x, hidden)
+                x = rms_norm(layer.audio_post_attention_layernorm, hidden)
+                hidden = self.layers.mlp(layer.audio_mlp, x, hidden)
             else:
-                hidden = self._mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden), hidden)
+                hidden = self.layers.mlp(layer.mlp, rms_norm(layer.post_attention_layernorm, hidden), hidden)
             if kind == "skip" and mode != "text":
                 hidden = torch.where(is_audio, layer_input, hidden) if mode == "mixed" else layer_input
-        hidden = _rms_norm(model.norm, hidden)[:, 0]
+        hidden = rms_norm(model.norm, hidden)[:, 0]
         audio_logits = (
             None if mode == "text" else self.audio_head(hidden).view(rows, self.codebooks, self.codes).float()
         )
         text_logits = None if mode == "audio" else self.text_head(hidden).float()
         return audio_logits, text_logits
-
-    def _rotation(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary embedding's cosines and sines at ``positions``, the sign of the rotation on the sines.
-        Llama's rotation is x * cos + cat(-x2, x1) * sin for the halves x1, x2 of x; with the sign moved onto
-        sin, once per pass, cat(-x2, x1) becomes a roll (a negation is exact: the same numbers)."""
-        cos, sin = self.model.rotary_emb(hidden, positions)
-        half = sin.shape[-1] // 2
-        return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-
-    def _mlp(self, mlp, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The FFN of ``x``, added into ``residual`` when one is given."""
-        fused = self._gate_up.get(id(mlp))
-        if fused is None:
-            return mlp(x) if residual is None else residual + mlp(x)
-        gate, up = F.linear(x, *fused).chunk(2, dim=-1)
-        return _plus(residual, mlp.down_proj, mlp.act_fn(gate) * up)
 
     def reads_own_keys(self, length: int) -> bool:
         """Whether a step in this length bucket attends by each row's length (``by_lengths_from``)."""
@@ -1342,11 +773,11 @@ class BatchDecoder:
         """The layer's attention of ``x``, added into ``residual``. ``mask``: the additive mask of the keys
         beyond each row's position, or ``by_lengths`` how many keys each row reads."""
         rows = x.shape[0]
-        qkv = F.linear(x[:, 0], *self._qkv[i]).view(rows, self.heads + 2 * self.kv_heads, self.head_dim)
+        qkv = F.linear(x[:, 0], *self.layers.qkv[i]).view(rows, self.heads + 2 * self.kv_heads, self.head_dim)
         # Queries and keys are rotated together, in place: keys and values are then side by side in
         # ``qkv``, as the cache holds them, and go in with one indexed copy.
         qk = qkv[:, : self.heads + self.kv_heads]
-        torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, dims=-1), sin, out=qk)
+        self.layers.rotate_(qk, cos, sin)
         kv = qkv[:, self.heads :].view(rows, 2, self.kv_heads, self.head_dim)
         self.cache[i][index, :, :, positions] = kv
         if by_lengths:  # ``mask``: the keys each row reads
@@ -1361,4 +792,4 @@ class BatchDecoder:
             keys = self.keys[i][:rows, :, :length]
             values = self.values[i][:rows, :, :length]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return _plus(residual, attn.o_proj, out.reshape(rows, 1, self.heads * self.head_dim))
+        return plus(residual, attn.o_proj, out.reshape(rows, 1, self.heads * self.head_dim))

@@ -51,7 +51,7 @@ from audio_stream import (
     next_codec_work,
 )
 from codec import PieceDecoder
-from decoder import Admission, Filled, Launched, Sampling
+from decoder import Admission, Launched, Sampling
 from detokenize import Detokenizer
 from generation import (
     STEP_GPU_WAITS,
@@ -71,6 +71,7 @@ from generation import (
     Turn,
 )
 from higgs import Higgs, Prompt
+from prefill import Filled
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ class HiggsEngine:
             steps = self._decoder.capture_graphs()
             fills = 0
             if prefill_graphs:
-                fills = self._decoder.capture_prefill_graphs(prefill_batch or PREFILL_BATCH, PREFILL_TOKENS)
+                fills = self._decoder.prefiller.capture_graphs(prefill_batch or PREFILL_BATCH, PREFILL_TOKENS)
             piece = self.streaming
             lengths = [piece.first_piece_frames, piece.piece_frames]  # (``AudioStream.cut``)
             pieces = self._pieces.capture(lengths, self._decoder.row_buckets())
@@ -631,7 +632,7 @@ class HiggsEngine:
 
     def _check_own_prefill(self, together: bool) -> None:
         """Whether the decoder's own prefill layers answer as upstream's forward on this device and dtype
-        (``BatchDecoder.check_own_prefill``), on a default-voice prompt and one with a voice reference
+        (``Prefiller.check_own``), on a default-voice prompt and one with a voice reference
         (random codes), padded together where prefills are batched (``together``). Where they do not, or
         fail, every prompt is prefilled by upstream's forward from then on, and the log says so."""
         started = time.perf_counter()
@@ -656,7 +657,7 @@ class HiggsEngine:
             groups = [(admissions, self.higgs.collate([p.sample for p in prompts]))]
         else:
             groups = [([a], None) for a in admissions]
-        agree, seen = self._decoder.check_own_prefill(groups)
+        agree, seen = self._decoder.prefiller.check_own(groups)
         if agree:
             log.info(
                 "prefill: the decoder's own layers answer as upstream's forward (%s; checked in %.2f s)",

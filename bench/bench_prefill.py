@@ -34,9 +34,9 @@ from _common import (
 )
 
 VARIANTS = ("service", "no graphs", "any attention kernel", "upstream's forward")
-"""The service's prefill; eager (no graphs: ``BatchDecoder.prefill_lengths`` empty), and so are the next
-two: with whichever attention kernel PyTorch prefers (``decoder.PREFILL_ATTENTION`` None); through
-upstream's forward, not the decoder's own layers (``BatchDecoder.own_prefill`` off)."""
+"""The service's prefill; eager (no graphs: ``Prefiller.padded_lengths`` empty), and so are the next
+two: with whichever attention kernel PyTorch prefers (``prefill.PREFILL_ATTENTION`` None); through
+upstream's forward, not the decoder's own layers (``Prefiller.own`` off)."""
 
 
 def _prefill(engine, prompt, rows: int, sampling) -> None:
@@ -69,7 +69,7 @@ def main() -> None:
         import torch
         from torch.profiler import ProfilerActivity, profile
 
-        import decoder
+        import prefill
         from decoder import Sampling
         from engine import load_engine
         from generation import GenerationRequest, Turn
@@ -98,9 +98,10 @@ def main() -> None:
             f"{args.device} {args.dtype}: prompt of {prompt.tokens} tokens, built in "
             f"{(time.perf_counter() - started) * 1e3:.1f} ms"
         )
-        service_attention = decoder.PREFILL_ATTENTION
-        graphed = engine._decoder.prefill_lengths  # (CUDA: the lengths captured; none on a CPU)
-        captured = len(engine._decoder._prefill_graphs)
+        fills = engine._decoder.prefiller
+        service_attention = prefill.PREFILL_ATTENTION
+        graphed = fills.padded_lengths  # (CUDA: the lengths captured; none on a CPU)
+        captured = len(fills.graphs)
         print(f"prefill graphs: {captured}, prompts padded to {graphed or 'none'}")
         lengths = itertools.count(len(args.text.split()) + 1)
         sampling = Sampling(temperature=0.7, top_p=0.95, top_k=50, ras_window=7, seed=0)
@@ -116,9 +117,9 @@ def main() -> None:
                 times.append(time.perf_counter() - started)
             fresh = {}  # prompts of lengths not seen before: shapes new to the kernels' caches
             for variant in VARIANTS:
-                decoder.PREFILL_ATTENTION = None if variant == "any attention kernel" else service_attention
-                engine._decoder.own_prefill = variant != "upstream's forward"
-                engine._decoder.prefill_lengths = graphed if variant == "service" else ()
+                prefill.PREFILL_ATTENTION = None if variant == "any attention kernel" else service_attention
+                fills.own = variant != "upstream's forward"
+                fills.padded_lengths = graphed if variant == "service" else ()
                 fresh[variant] = []
                 for _ in range(args.repeats):
                     words = " ".join(["word"] * next(lengths))
@@ -128,8 +129,8 @@ def main() -> None:
                     started = time.perf_counter()
                     _prefill(engine, new, rows, sampling)
                     fresh[variant].append(time.perf_counter() - started)
-            decoder.PREFILL_ATTENTION, engine._decoder.own_prefill = service_attention, True
-            engine._decoder.prefill_lengths = graphed
+            prefill.PREFILL_ATTENTION, fills.own = service_attention, True
+            fills.padded_lengths = graphed
             print(
                 f"rows {rows:3d}: prefill {statistics.median(times) * 1e3:.2f} ms (median of {args.repeats});"
                 f" first {first * 1e3:.2f} ms; prompts of lengths not seen before: "

@@ -10,7 +10,7 @@ it prints how many graphs of the decoding step and of the codec were captured an
 should: a failed shape decodes eagerly for good, several times slower); that a slot filled on the prefill
 stream while steps run holds what a fill alone gives it (``prefill_beside_steps``), and that the prefill's
 graphs (prompts padded to their lengths) fill slots as the eager fill does; for the second, the
-decoder's own prefill against upstream's forward (``own_prefill``); then the same requests go through each
+decoder's own prefill against upstream's forward (``Prefiller.own``); then the same requests go through each
 engine: 4 seeded audio requests at once (one of them greedy) and a text request beside them. Their answers are
 compared: in float32 a graph replays the kernels that the eager step runs, so the tokens should be the same;
 in bfloat16 they should mostly be (a graph's cuBLAS may choose other kernels). Each engine's steps must have
@@ -76,7 +76,7 @@ def fills_apart(ours: tuple[list, list], theirs: tuple[list, list]) -> tuple[flo
 
 
 def own_prefill(engine, generation, dtype: str) -> bool:
-    """The decoder's own prefill (``decoder._prefill_own``) against upstream's forward over the same
+    """The decoder's own prefill (``Prefiller._own``) against upstream's forward over the same
     prompts padded together (a default-voice speech prompt, a text question, a prompt with a voice
     reference): the slots' caches (the largest difference relative to the largest value) and the first
     tokens. In float32 they should agree to rounding."""
@@ -99,7 +99,7 @@ def own_prefill(engine, generation, dtype: str) -> bool:
     collated = engine.higgs.collate([p.sample for p in prompts])
     filled = {}
     for path in ("own", "upstream"):
-        small.own_prefill = path == "own"
+        small.prefiller.own = path == "own"
         firsts = small.prefill_many(admissions, collated)
         caches = [[k[i, :, : p.tokens].float().clone() for k in small.keys] for i, p in enumerate(prompts)]
         filled[path] = firsts, caches
@@ -122,9 +122,10 @@ def prefill_graphs(engine, generation) -> bool:
     same."""
     import torch
 
-    import decoder
+    import prefill
 
     small = engine._decoder
+    fills = small.prefiller
     scene = "Generate audio following instruction."
     Turn = generation.Turn
     batch = [
@@ -137,28 +138,28 @@ def prefill_graphs(engine, generation) -> bool:
         ),
     ]  # fmt: skip
     prompts, admissions = admitted(engine, batch)
-    ok, lengths = True, small.prefill_lengths
+    ok, lengths = True, fills.padded_lengths
     for group in ([0], [0, 1, 2], [3], [0, 1, 2, 3]):
         collated = engine.higgs.collate([prompts[i].sample for i in group]) if len(group) > 1 else None
         filled = []
         for padded in (lengths, ()):
-            small.prefill_lengths = padded
+            fills.padded_lengths = padded
             firsts = small.prefill_many([admissions[i] for i in group], collated)
             caches = [[kv[i, :, :, : prompts[i].tokens].float().clone() for kv in small.cache] for i in group]
             filled.append((firsts, caches))
             for i in group:
                 small.release(i)
-        small.prefill_lengths = lengths
+        fills.padded_lengths = lengths
         diff, same = fills_apart(*filled)
-        tolerance = decoder.OWN_PREFILL_TOLERANCE.get(small.dtype, 1e-1)
+        tolerance = prefill.OWN_PREFILL_TOLERANCE.get(small.dtype, 1e-1)
         print(
-            f"prefill graphs ({len(small._prefill_graphs)} captured, failed: "
-            f"{sorted(small._prefill_failed) or 'none'}), {len(group)} prompt(s) against the eager fill: "
+            f"prefill graphs ({len(fills.graphs)} captured, failed: "
+            f"{sorted(fills.failed) or 'none'}), {len(group)} prompt(s) against the eager fill: "
             f"largest cache difference {diff:.1e} of the largest value; first tokens "
             + ("same" if same else "differ")
         )
         ok &= diff <= tolerance and (same or small.dtype != torch.float32)
-    return ok and bool(small._prefill_graphs) and not small._prefill_failed and bool(lengths)
+    return ok and bool(fills.graphs) and not fills.failed and bool(lengths)
 
 
 def prefill_beside_steps(engine, generation) -> bool:

@@ -30,6 +30,8 @@ import audio_stream
 import decoder
 import engine as engine_module
 import generation
+import layers
+import prefill
 
 SPEAK = "Read this sentence aloud, please."
 
@@ -1453,7 +1455,7 @@ def test_fast_forward_layers_decode_as_upstream_does(engine):
         audio_eos_token=engine.higgs.audio_eos_id,
         suppress_in_text=engine.higgs.audio_start_ids,
     )  # a model of its own, so not engine.higgs.decoder
-    assert small.kinds == ["dual", "skip"]
+    assert small.layers.kinds == ["dual", "skip"]
     turns = [generation.Turn("system", "Generate audio."), generation.Turn("user", "Hello there.")]
     request = generation.GenerationRequest(turns, True, 30, 0.0, 0.95, 50, ras_window=0)
     inputs = engine._prepare(request).inputs
@@ -1488,11 +1490,11 @@ def test_a_replay_is_checked_on_the_logits_that_are_not_masked():
     """The check of a captured graph against the eager step: masked logits (-inf) must be masked alike,
     the others close. Scaled by the largest logit, -inf included, it let any replay pass."""
     want = torch.tensor([[1.0, float("-inf"), 3.0]])
-    assert decoder.same_logits(want, want.clone())
-    assert decoder.same_logits(want, want + 1e-4)
-    assert not decoder.same_logits(want, torch.tensor([[500.0, float("-inf"), 3.0]]))
-    assert not decoder.same_logits(want, torch.tensor([[1.0, 2.0, 3.0]]))
-    assert not decoder.same_logits(want, torch.tensor([[float("nan"), float("-inf"), 3.0]]))
+    assert layers.same_logits(want, want.clone())
+    assert layers.same_logits(want, want + 1e-4)
+    assert not layers.same_logits(want, torch.tensor([[500.0, float("-inf"), 3.0]]))
+    assert not layers.same_logits(want, torch.tensor([[1.0, 2.0, 3.0]]))
+    assert not layers.same_logits(want, torch.tensor([[float("nan"), float("-inf"), 3.0]]))
 
 
 def test_top_k_candidates_choose_what_sorting_the_whole_vocabulary_chooses(engine):
@@ -1731,16 +1733,16 @@ def test_prompts_padded_to_a_prefill_graphs_length_fill_their_slots_as_unpadded(
     prompts, admissions = _admitted(engine, requests)
     small = engine.higgs.decoder(len(requests), 1024)
     padded: list[tuple[tuple[int, int], bool]] = []
-    real_pass = small._padded_pass
+    real_pass = small.prefiller._padded_pass
 
     def padded_pass(ids, pads, where, codes=None, is_code=None):
         padded.append((tuple(ids.shape), codes is not None))
         return real_pass(ids, pads, where, codes, is_code)
 
-    monkeypatch.setattr(small, "_padded_pass", padded_pass)
+    monkeypatch.setattr(small.prefiller, "_padded_pass", padded_pass)
 
     def fill(group: list[int], lengths: tuple[int, ...]) -> list:
-        small.prefill_lengths = lengths
+        small.prefiller.padded_lengths = lengths
         batch = engine.higgs.collate([prompts[i].sample for i in group]) if len(group) > 1 else None
         firsts = small.prefill_many([admissions[i] for i in group], batch)
         filled = [
@@ -1778,7 +1780,7 @@ def test_prompts_padded_to_a_prefill_graphs_length_fill_their_slots_as_unpadded(
 def test_requests_prefilled_padded_get_the_answers_they_get_unpadded(
     client, engine, stored_voice, monkeypatch
 ):
-    """Through HTTP, with prompts padded as on CUDA (``prefill_lengths``, the pass run eagerly here) and a
+    """Through HTTP, with prompts padded as on CUDA (``padded_lengths``, the pass run eagerly here) and a
     burst prefilled in one pass beside the steps: every request (the default voice, a stored one, a
     built-in one, a cloned one, a text answer, speech) gets the answer it gets unpadded, its audio within a
     step of 16-bit PCM (float32 rounding: the padded attention is masked, the unpadded one causal)."""
@@ -1794,14 +1796,14 @@ def test_requests_prefilled_padded_get_the_answers_they_get_unpadded(
     ]  # fmt: skip
     unpadded = [answer(post(client, body)) for body in bodies]
     shapes: list[tuple[int, bool]] = []
-    real_pass = engine._decoder._padded_pass
+    real_pass = engine._decoder.prefiller._padded_pass
 
     def padded_pass(ids, pads, where, codes=None, is_code=None):
         shapes.append((ids.shape[0], codes is not None))
         return real_pass(ids, pads, where, codes, is_code)
 
-    monkeypatch.setattr(engine._decoder, "_padded_pass", padded_pass)
-    monkeypatch.setattr(engine._decoder, "prefill_lengths", (64, 128, 256, 512))
+    monkeypatch.setattr(engine._decoder.prefiller, "_padded_pass", padded_pass)
+    monkeypatch.setattr(engine._decoder.prefiller, "padded_lengths", (64, 128, 256, 512))
     assert [answer(post(client, body)) for body in bodies] == unpadded
     assert shapes == [(1, False)] * 3 + [(1, True)] * 3 + [(1, False)], shapes
     monkeypatch.setattr(engine, "prefill_in_one_pass", True)
@@ -1900,7 +1902,7 @@ def test_the_engine_sizes_its_slots_and_line_to_the_memory_free(settings, engine
 
 def test_the_prefill_graphs_setting_reaches_the_engine(settings, monkeypatch):
     """``HIGGS_PREFILL_GRAPHS`` (on by default) is the engine's ``prefill_graphs``: on CUDA whether prompts
-    (with a voice reference or without) are padded and filled by graphs (``capture_prefill_graphs``)."""
+    (with a voice reference or without) are padded and filled by graphs (``Prefiller.capture_graphs``)."""
     made: list[dict] = []
     monkeypatch.setattr(engine_module, "HiggsEngine", lambda *args, **kwargs: made.append(kwargs))
     monkeypatch.setenv("HIGGS_PREFILL_GRAPHS", "false")
@@ -1957,13 +1959,13 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
     small = engine.higgs.decoder(2, 1024)
     seen = []
     hook = small.text_head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
-    small.own_prefill = False  # what upstream's forward gets
+    small.prefiller.own = False  # what upstream's forward gets
     try:
         firsts = small.prefill_many(admissions, engine.higgs.collate([p.sample for p in prompts]))
         assert seen == [(2, 1, small.vocab)]  # two rows, one position each
         with torch.inference_mode():  # upstream's forward alone, as the prefill calls it: every position
             args = engine.higgs.collate([p.sample for p in prompts])
-            args = {k: v for k, v in args.items() if k in small._forward_keys}
+            args = {k: v for k, v in args.items() if k in small.prefiller._forward_keys}
             full = engine.higgs.model(**args, past_key_values=DynamicCache(), use_cache=True).logits
     finally:
         hook.remove()
@@ -1987,7 +1989,7 @@ def test_a_prefill_runs_the_decoders_own_layers_as_upstreams_forward_would(engin
 
     def fill(group: list[int], path: str) -> list:
         """Prefill ``group`` (together when several) by ``path``; each row's first token and cache."""
-        small.own_prefill = path == "service"
+        small.prefiller.own = path == "service"
         batch = engine.higgs.collate([prompts[i].sample for i in group]) if len(group) > 1 else None
         firsts = small.prefill_many([admissions[i] for i in group], batch)
         filled = [
@@ -2015,7 +2017,7 @@ def test_a_prefill_runs_the_decoders_own_layers_as_upstreams_forward_would(engin
 def test_the_decoders_own_prefill_was_checked_against_upstreams_at_start(engine):
     """The engine compared the decoder's own prefill layers with upstream's forward when it loaded, and
     they agreed (float32 on the CPU), so its prompts go through the own layers."""
-    assert engine._decoder.own_prefill
+    assert engine._decoder.prefiller.own
 
 
 @pytest.mark.parametrize("fault", ["differs", "fails"])
@@ -2029,7 +2031,7 @@ def test_an_own_prefill_that_disagrees_at_start_leaves_prompts_to_upstreams_forw
 
     from app import create_app
 
-    real = decoder.BatchDecoder._prefill_own
+    real = prefill.Prefiller._own
     calls = []
 
     def faulty(self, inputs, admissions, batched):
@@ -2041,14 +2043,14 @@ def test_an_own_prefill_that_disagrees_at_start_leaves_prompts_to_upstreams_forw
             kv[torch.tensor([a.slot for a in admissions])] += 1.0
         return lengths, out
 
-    monkeypatch.setattr(decoder.BatchDecoder, "_prefill_own", faulty)
+    monkeypatch.setattr(prefill.Prefiller, "_own", faulty)
     changes = {"stt_model": "", "warmup": False, "voices_dir": tmp_path}
     app = create_app(settings.model_copy(update=changes))
     with caplog.at_level("WARNING", logger="engine"), TestClient(app) as client:
         deadline = time.monotonic() + 300
         while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not app.state.engine._decoder.own_prefill
+        assert not app.state.engine._decoder.prefiller.own
         checked = len(calls)
         body = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "pcm", "seed": 1}
         speech = client.post("/v1/audio/speech", json=body)
