@@ -59,7 +59,7 @@ from voice_cloning import (
     recognised_words,
     system_turn,
 )
-from voices import CLONE_VOICE, DEFAULT_VOICE, VoicePrompt, Voices, audio_token_cap
+from voices import CLONE_VOICE, DEFAULT_VOICE, VoicePrompt, Voices, audio_token_cap, canonical_voice
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ class Planner:
                     parts.audios[0][0],
                 )
         scene = _join([_join(parts.texts) for _, parts in instructions])
-        voice = request.audio.voice_name if request.audio else DEFAULT_VOICE
+        voice = canonical_voice(request.audio.voice_name) if request.audio else DEFAULT_VOICE
 
         if not request.wants_audio:
             return await self._plan_text(request, scene)

@@ -108,6 +108,16 @@ class VoicePrompt:
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = frozenset({CLONE_VOICE, DEFAULT_VOICE})
 ID_PREFIX = "voice_"
+
+
+def canonical_voice(name: str) -> str:
+    """``name`` as this server spells its own voices: ``default``, ``clone`` and OpenAI's built-in names in
+    lower case, whatever the case they were sent in (as stored voices are matched: ``VoiceLibrary.get``);
+    any other name as it is."""
+    lower = name.lower()
+    return lower if lower in RESERVED_NAMES or lower in BUILTIN_VOICES else name
+
+
 META_DIR = ".voices"
 # Held (flock) by whoever writes the library, in any process on any machine that shares the folder.
 LOCK_FILE = ".lock"
@@ -494,6 +504,7 @@ class Voices:
     async def resolve_or_make(self, name: str, param: str) -> VoicePrompt:
         """What voice ``name`` (or id) adds to a prompt. A built-in name not stored yet is made first: a whole
         generation, once. ``InvalidRequest`` naming the voices there are when the name is unknown."""
+        name = canonical_voice(name)
         if name == DEFAULT_VOICE:
             return VoicePrompt(DEFAULT_VOICE)
         stored = await asyncio.to_thread(self.library.get, name)

@@ -8,7 +8,7 @@ import av
 import numpy as np
 import openai
 import pytest
-from conftest import FIXTURES, TEST_AUDIO, decoded_seconds, transcripts, wav_bytes
+from conftest import FIXTURES, TEST_AUDIO, b64, decoded_seconds, transcripts, wav_bytes
 
 FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm"]
 MEDIA = {
@@ -112,6 +112,32 @@ def test_builtin_voice_is_made_once_and_the_same_every_time(client, openai_clien
     assert refused.status_code == 409, refused.text
     message = refused.json()["error"]["message"]
     assert "the server made its clip" in message and "DELETE /v1/audio/voices/coral" in message
+
+
+def test_the_servers_own_voice_names_are_taken_in_any_case(client, spy):
+    """`default`, `clone` and OpenAI's names in any case, as stored voices are matched, also before a built-in
+    voice was made (it is made under its own name, once)."""
+    client.delete("/v1/audio/voices/echo")
+    body = {"model": "tts-1", "input": "Any case.", "response_format": "pcm", "seed": 3}
+    made = client.post("/v1/audio/speech", json={**body, "voice": "Echo"})
+    assert made.status_code == 200, made.text
+    assert made.headers["x-voice"] == "echo" and len(spy["generate"]) == 2  # made, then spoken
+    names = [v["name"] for v in client.get("/v1/audio/voices").json()["data"]]
+    assert "echo" in names and "Echo" not in names
+    again = client.post("/v1/audio/speech", json={**body, "voice": " ECHO "})
+    assert again.status_code == 200 and again.content == made.content and len(spy["generate"]) == 3
+    plain = client.post("/v1/audio/speech", json={**body, "voice": "DEFAULT"})
+    assert plain.status_code == 200 and plain.headers["x-voice"] == "default"
+    assert plain.content == client.post("/v1/audio/speech", json={**body, "voice": "default"}).content
+    clone = {
+        "model": "gpt-4o-audio-preview", "modalities": ["text", "audio"], "max_tokens": 20,
+        "audio": {"voice": "Clone", "format": "wav"},
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "In my voice."},
+                     {"type": "input_audio", "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"}}]}],
+    }  # fmt: skip
+    cloned = client.post("/v1/chat/completions", json=clone)
+    assert cloned.status_code == 200, cloned.text
+    assert cloned.headers["x-voice"] == "clone" and "x-voice-fallback" not in cloned.headers
 
 
 def upload(client, name, path=TEST_AUDIO, transcript=None):
