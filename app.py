@@ -35,6 +35,7 @@ from planner import Planner
 from routes import chat, health, models, speech, transcription, voices, web
 from settings import Settings, check_devices, from_environment
 from shutdown import Drain
+from streaming import note_errors
 from stt import AsyncTranscriber, load_recognizer
 from voices import VoiceLibrary, Voices
 
@@ -296,7 +297,8 @@ def _document_setting_limits(app: FastAPI, settings: Settings) -> None:
 class _RequestIds(_RoutesMiddleware):
     """Give each HTTP request an id (the client's ``X-Request-ID`` when usable), answer it with the id, log
     and count it (when its response starts: the time logged is the time to the first byte; a body sent in
-    parts, a stream, gets a second line when it ends, whole or cut short). A failure
+    parts, a stream, gets a second line when it ends: sent whole, or cut short by the client leaving, by a
+    failure, or by an ``error`` event, named by its code). A failure
     nothing else answered becomes a 500 envelope with the id; one after the response started goes on to
     the server, which then cuts the body off (a chunked body without its last chunk), so that a client never
     mistakes a broken answer for a whole one. A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware``
@@ -306,6 +308,7 @@ class _RequestIds(_RoutesMiddleware):
         given = Headers(scope=scope).get("x-request-id", "")
         rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         token = request_id.set(rid)
+        ended_by, noting = note_errors()
         started = time.perf_counter()
         responded = done = False
         parts = 0  # of the body sent
@@ -316,8 +319,11 @@ class _RequestIds(_RoutesMiddleware):
                 parts += 1
                 done = not message.get("more_body", False)
                 if done and parts > 1:
+                    how = "sent whole in"
+                    if ended_by:  # (its error event: an engine failure, the server shutting down, ...)
+                        how = f"cut short by an error ({', '.join(ended_by)}) after"
                     seconds = time.perf_counter() - started
-                    log.info("%s %s: stream sent whole in %.3f s", scope["method"], scope["path"], seconds)
+                    log.info("%s %s: stream %s %.3f s", scope["method"], scope["path"], how, seconds)
             elif message["type"] == "http.response.start":
                 responded = True
                 MutableHeaders(scope=message)["X-Request-ID"] = rid
@@ -349,6 +355,7 @@ class _RequestIds(_RoutesMiddleware):
                 log.info("%s %s: stream cut short after %.3f s (the client left, a failure or a shutdown)",
                          scope["method"], scope["path"], seconds)  # fmt: skip
             request_id.reset(token)
+            noting.var.reset(noting)
 
     def _route_of(self, scope: dict[str, Any]) -> str:
         """The route a request is counted under: the one that served it, or for an answer given before

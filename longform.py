@@ -209,14 +209,11 @@ async def speak(engine: Engine, script: Script, join_ms: float = 10.0) -> AsyncI
                 log.info("max_tokens ran out after %d of %d pieces of the text", k, len(script.pieces))
                 break
             keep_slot = in_hand.seconds() < KEEP_SLOT_LEAD
+            if k == 0:  # before the first piece is queued: a 400 then costs no place in the line, no decoding
+                await _check_later_pieces(engine, script)
             events, started, request = await _open(engine, script, k, history, cap, keep_slot)
             kept = None  # the next piece is in the line, at its head: the slot is its own
             if k == 0:
-                try:
-                    await _check_later_pieces(engine, script)
-                except BaseException:
-                    await events.aclose()
-                    raise
                 yield started
             said.append(script.transcripts[k])
             yield TranscriptPiece(said[-1])

@@ -90,6 +90,8 @@ class Plan:
 class _Parts:
     texts: list[str]
     audios: list[tuple[str, InputAudioPart]]  # (param path of the part, part)
+    after: tuple[int, ...] = ()
+    """For each audio part, how many text parts come before it (where what it says goes)."""
 
 
 def _parts(message: ChatMessage, index: int) -> _Parts:
@@ -97,7 +99,7 @@ def _parts(message: ChatMessage, index: int) -> _Parts:
         return _Parts([], [])
     if isinstance(message.content, str):
         return _Parts([message.content], [])
-    texts, audios = [], []
+    texts, audios, after = [], [], []
     for j, part in enumerate(message.content):
         if isinstance(part, TextPart):
             texts.append(part.text)
@@ -105,7 +107,8 @@ def _parts(message: ChatMessage, index: int) -> _Parts:
             texts.append(part.refusal)
         elif isinstance(part, InputAudioPart):
             audios.append((f"messages[{index}].content[{j}]", part))
-    return _Parts(texts, audios)
+            after.append(len(texts))
+    return _Parts(texts, audios, tuple(after))
 
 
 def _nothing_to_speak(message: ChatMessage, index: int) -> InvalidRequest:
@@ -259,9 +262,12 @@ class Planner:
         return answer
 
     async def _spoken_text(self, message: ChatMessage, index: int) -> str:
-        """The message's text, its ``input_audio`` parts replaced by what they say."""
+        """The message's text, each ``input_audio`` part replaced by what it says, where it stands."""
         parts = _parts(message, index)
-        return _join([*parts.texts, *await self._heard(parts)])
+        spoken = list(parts.texts)
+        for at, words in reversed(list(zip(parts.after, await self._heard(parts), strict=True))):
+            spoken.insert(at, words)
+        return _join(spoken)
 
     async def _heard(self, parts: _Parts) -> list[str]:
         """What each ``input_audio`` part says: its ``transcript`` when given, else recognised."""
@@ -270,6 +276,8 @@ class Planner:
             given = part.input_audio.transcript
             if not given:
                 given = await recognised_words(self.recognizer, self._user_audio(param, part), param)
+                if not given.strip():
+                    log.info("no speech was recognised in %s: it adds nothing to the words", param)
             heard.append(given)
         return heard
 

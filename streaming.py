@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -34,6 +35,25 @@ from generation import (
 log = logging.getLogger(__name__)
 
 SERVER_ERROR = error_body("generation failed; see the server log", "server_error")["error"]
+
+_ENDED_BY: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("stream_ended_by", default=None)
+
+
+def note_errors() -> tuple[list[str], contextvars.Token]:
+    """For the request being served: the list its stream's ``error`` events are noted in (each one's code,
+    or type), so that the request's log line can tell a stream an error ended from one sent whole; and the
+    token that undoes it (``contextvars.ContextVar.reset``)."""
+    noted: list[str] = []
+    return noted, _ENDED_BY.set(noted)
+
+
+def error_event(error: dict[str, Any], **fields: Any) -> bytes:
+    """The SSE ``error`` event that ends a stream after its headers (``error``: the envelope's object),
+    noted for the request's log line (``note_errors``)."""
+    noted = _ENDED_BY.get()
+    if noted is not None:
+        noted.append(error.get("code") or error.get("type") or "error")
+    return sse({**fields, "error": error})
 
 
 def failure_error(exc: Exception) -> dict[str, Any]:
@@ -145,7 +165,7 @@ async def chat_events(
                                    "model": model, "system_fingerprint": None, "choices": [],
                                    "usage": usage_of(event)})  # fmt: skip
         except Exception as exc:
-            yield sse({"error": failure_error(exc)})
+            yield error_event(failure_error(exc))
             return
         yield sse("[DONE]")
 
@@ -216,4 +236,4 @@ async def speech_events(
                     done = {"type": "speech.audio.done", "usage": usage, "finish_reason": piece.finish_reason}
                     yield sse(done)
     except Exception as exc:
-        yield sse({"type": "error", "error": failure_error(exc)})
+        yield error_event(failure_error(exc), type="error")

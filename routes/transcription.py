@@ -25,7 +25,7 @@ from routes.deps import (
     until_disconnected,
 )
 from settings import Settings
-from streaming import sse
+from streaming import error_event, sse
 from stt import (
     WHISPER_SAMPLE_RATE,
     AsyncTranscriber,
@@ -247,4 +247,4 @@ async def _text_events(
         error = as_api_error(exc)
         if error.status >= 500:
             log.exception("streamed transcription failed")
-        yield sse({"type": "error", "error": error.body()["error"]})
+        yield error_event(error.body()["error"], type="error")

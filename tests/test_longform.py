@@ -261,10 +261,12 @@ def test_speech_input_over_the_limit_is_refused_naming_it(client, long_app, spy)
     assert spy["generate"] == []
 
 
-def test_a_text_whose_later_piece_cannot_fit_is_refused_before_the_answer_starts(client):
+def test_a_text_whose_later_piece_cannot_fit_is_refused_before_the_answer_starts(client, spy):
     """Long instructions leave room for a short first piece but not for a longer later one (the tiny
     tokenizer takes 4 tokens an emoji): a 400 naming ``instructions`` before any audio, where the answer
-    used to stop after its first piece with a body that looked whole."""
+    used to stop after its first piece with a body that looked whole; and before the first piece is in
+    the line (it was queued and prefilled first, and a request right after the 400 could find the line
+    full)."""
     text = "Hello there. " + "\N{GRINNING FACE}" * 600  # pieces of 12, 1,200 and 1,200 tokens
     body = speech(client, text, instructions="\N{GRINNING FACE}" * 1750)  # 7,000 tokens of scene
     for stream_format in ("audio", "sse"):
@@ -274,6 +276,7 @@ def test_a_text_whose_later_piece_cannot_fit_is_refused_before_the_answer_starts
         assert error["code"] == "context_length_exceeded" and error["message"].endswith(
             "shorten the instructions"
         )
+    assert spy["stream"] == []  # no piece was given to the engine
     # Instructions too long for even the first piece: the same answer (speech has no max_tokens to blame).
     response = client.post(
         "/v1/audio/speech", json=speech(client, "Hi.", instructions="\N{GRINNING FACE}" * 4096)

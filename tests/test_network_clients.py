@@ -60,7 +60,7 @@ def test_sigterm_ends_running_answers_with_an_error_before_the_timeout(tiny_sett
     """SIGTERM let answers run until uvicorn's grace ran out, then cancelled them: a streamed answer was cut
     off mid-body with no SSE ``error`` event, a non-streamed one got no HTTP answer at all, and nothing was
     logged for either. Now the server ends them shortly before: each SSE stream with an ``error`` event
-    (``engine_closed``), a non-streamed request with a 503 and ``Retry-After``."""
+    (``engine_closed``, in its log line too), a non-streamed request with a 503 and ``Retry-After``."""
     settings = tiny_process_settings(tiny_settings, tmp_path) | {
         "HIGGS_SHUTDOWN_TIMEOUT_SECONDS": "6",
         "HIGGS_SECONDS_PER_CHARACTER": "2", "HIGGS_MAX_AUDIO_SECONDS": "120",
@@ -130,6 +130,9 @@ def test_sigterm_ends_running_answers_with_an_error_before_the_timeout(tiny_sett
     assert whole_response.json()["error"]["code"] == "engine_closed"
     assert "running answers have 4.0 s to finish" in log
     assert "Cancel" not in log  # uvicorn had nothing left to cut off
+    # Each stream's log line says the error ended it (it said "sent whole": its body was complete).
+    assert log.count("stream cut short by an error (engine_closed) after") == 2, log[-2000:]
+    assert "stream sent whole" not in log
 
 
 def test_a_client_gone_while_the_rest_of_its_stream_waits_in_the_queue_is_seen(fake_app, fake_engine, caplog):

@@ -125,6 +125,29 @@ def test_speech_that_is_not_recognised_is_a_no_speech_error_naming_the_clip(clie
     assert empty.status_code == 400 and empty.json()["error"]["param"] == "messages[0].content"
 
 
+def test_audio_parts_are_spoken_where_they_stand_and_noise_beside_text_is_logged(client, caplog):
+    """A README trial: audio parts were spoken after all the text parts, wherever they stood; and a clip
+    of noise beside text was dropped without a word. Its words go where the part stands (given here as its
+    ``transcript``), and a clip with no speech is logged."""
+    clip = wav_b64(np.zeros(8000, np.float32), 16000)
+    said = {"type": "input_audio",
+            "input_audio": {"data": clip, "format": "wav", "transcript": "in the middle"}}  # fmt: skip
+    content = [{"type": "text", "text": "Before."}, said, {"type": "text", "text": "After."}]
+    body = {**STREAM, "audio": {"voice": "default", "format": "wav"}, "max_tokens": 8,
+            "messages": [{"role": "user", "content": content}]}  # fmt: skip
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["audio"]["transcript"] == "Before.\nin the middle\nAfter."
+    noise = (np.random.default_rng(0).standard_normal(16000) * 0.05).astype(np.float32)
+    part = {"type": "input_audio", "input_audio": {"data": wav_b64(noise, 16000), "format": "wav"}}
+    body["messages"] = [{"role": "user", "content": [{"type": "text", "text": "Hi there."}, part]}]
+    with caplog.at_level(logging.INFO, logger="planner"):
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["audio"]["transcript"] == "Hi there."
+    assert "no speech was recognised in messages[0].content[1]" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("changes", "param"),
     [({"function_call": {"name": "get_weather"}}, "function_call"),
