@@ -18,22 +18,30 @@ device work replaced by waits that hold no lock, as a GPU's do:
 * prefills are real (the tiny model's, milliseconds) plus ``--prefill-ms`` a pass; a turn's newcomers are
   prefilled in one pass on the prefill thread while the running streams step on, as on CUDA.
 
-The clients run in a separate process (as real clients would), each streaming ``/v1/audio/speech`` as raw
-PCM (``--seconds`` of audio each). Printed, for 1 and for ``--listeners`` at once (each client sending
-``--rounds`` requests one after another: a closed loop, as ``bench/load.py``'s clients are): audio seconds
-per second of all streams together, first audio (median and 95th percentile), each stream's real-time
-factor (its time from sending to its last byte over its audio's length), the rows a step held on average,
-the ceiling the simulated GPU allows (rows / (step x 25 frames a second)) with the ratio to it; then the
-engine's host time per step: ``launch`` and ``tokens`` (the host's work) against ``wait`` (the host idle
-for the simulated GPU), and the simulated GPU's idle time between two steps in a row (``/metrics``'
-``higgs_step_gpu_seconds_total{work="between"}``, from the simulated timing events). A ``wait`` near zero,
-or an idle GPU, means the host is the limit. Then the codec: its calls for later pieces, the pieces a call
-took on average, the share of the wall time it was busy (on a GPU, time it shares with the steps), and
-the longest a listener playing from its first audio on would have heard silence (``stall``). And where a
-request's time went on average: outside the engine (HTTP both ways, its prompt built), waiting in the line
-for a slot, its fill (from its slot to its first token: its prefill and any fill before it), decoding (its
-first token to its last) and its last audio (the codec's tail; the engine's results, as
-``higgs_generation_phase_seconds`` has them): in a closed loop, all but decoding leave a slot empty.
+The clients run in a separate process (as real clients would), each streaming ``/v1/audio/speech`` as raw PCM
+(``--seconds`` of audio each). Printed, for 1 and for ``--listeners`` at once (each client sending
+``--rounds`` requests one after another: a closed loop, as ``bench/load.py``'s clients are): audio seconds per
+second of all streams together (over the whole run, and while every client was sending: until the first one
+had no request left, as the end of a closed loop has fewer), first audio (median and 95th percentile), each
+stream's real-time factor (its time from sending to its last byte over its audio's length), the rows a step
+held on average, the ceiling the simulated GPU allows (rows / (step x 25 frames a second)) with the ratio to
+it; then the engine's host time per step: ``launch`` and ``tokens`` (the host's work) against ``wait`` (the
+host idle for the simulated GPU), and the simulated GPU's idle time between two steps in a row (``/metrics``'
+``higgs_step_gpu_seconds_total{work="between"}``, from the simulated timing events). A ``wait`` near zero, or
+an idle GPU, means the host is the limit. Then the codec: its calls for later pieces, the pieces a call took
+on average, the share of the wall time it was busy (on a GPU, time it shares with the steps), and the longest
+a listener playing from its first audio on would have heard silence (``stall``). And where a request's time
+went on average: outside the engine (HTTP both ways, its prompt built), waiting in the line for a slot, its
+fill (from its slot to its first token: its prefill and any fill before it), decoding (its first token to its
+last) and its last audio (the codec's tail; the engine's results, as ``higgs_generation_phase_seconds`` has
+them): in a closed loop, all but decoding leave a slot empty.
+
+With the random-weight models every request runs to its cap, so requests of one text all end at the same
+step, and in a closed loop their clients send again together: each round's newcomers wait for one another's
+last audio, prompts and fills while the slots stand empty. Real requests differ in length with their texts.
+``--spread F`` draws each request's length between (1 - F) and (1 + F) times ``--seconds`` by its text's
+length (the same draws every run); ``--compare-spread`` runs every request as long and lengths spread by F
+(0.3 unless given) side by side.
 """
 
 from __future__ import annotations
@@ -73,6 +81,21 @@ ORDERS = {"ends as any other item": _ends_as_any_other, "ends first and together
 
 
 AHEAD = {"one step ahead": 1, "two steps ahead": 2}
+
+SECONDS_PER_CHARACTER = 0.1
+"""With ``--spread``, the speech endpoint's cap follows each text's length (4 s plus this per character,
+``planner.py``), so that a request's length is its text's, as with real weights."""
+
+
+def _lengths(spread: float) -> dict[str, float]:
+    """``--compare-spread``'s two ways: every request as long, and lengths spread by ``spread``."""
+    return {"every request as long": 0.0, f"lengths spread +-{spread:.0%}": spread}
+
+
+def _text(seconds: float) -> str:
+    """A text whose speech the endpoint caps at ``seconds`` (at ``SECONDS_PER_CHARACTER``; 4 s at least)."""
+    chars = round((seconds - 4.0) / SECONDS_PER_CHARACTER)
+    return ((TEXT + " ") * (chars // len(TEXT) + 1))[:chars]
 
 
 def _bursts_of_python(ms: float, stop) -> None:
@@ -123,6 +146,20 @@ def main() -> None:
         "twice, at --listeners",
     )
     parser.add_argument(
+        "--spread",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="each request's audio drawn between (1-F) and (1+F) times --seconds (by its text's length; the "
+        "same draws every run), not all as long: clients that end together send together again",
+    )
+    parser.add_argument(
+        "--compare-spread",
+        action="store_true",
+        help="every request as long, and lengths spread by --spread (0.3 unless given), alternated twice, "
+        "at --listeners",
+    )
+    parser.add_argument(
         "--compare-ends",
         action="store_true",
         help="the codec's order for finished streams both ways (ends first and together, or as any other "
@@ -131,14 +168,26 @@ def main() -> None:
     run_script(parser, run)
 
 
-def _clients(url: str, n: int, seconds: float, rounds: int, out) -> None:
+def _clients(url: str, n: int, seconds: float, rounds: int, out, spread: float | None = None) -> None:
     """In the clients' process: ``n`` clients at once, each sending ``rounds`` streamed speech requests one
     after another (the next when the previous answer's last byte is in); per request (first audio and
-    latency from its sending, end from the start, audio seconds)."""
+    latency from its sending, end from the start, audio seconds). With ``spread`` (not None) each request's
+    text makes its length (``_text``): ``seconds`` times a factor drawn between 1 - spread and 1 + spread
+    from the client's and the round's number."""
+    import random
+
     import httpx
 
-    async def one(client: httpx.AsyncClient, start: float) -> tuple[float, ...]:
-        body = {"model": "tts-1", "input": TEXT, "voice": "default", "response_format": "pcm", "speed": 1.0}
+    def text(client: int, round_: int) -> str:
+        if spread is None:
+            return TEXT
+        draw = random.Random(1000 * client + round_).uniform(-1.0, 1.0)
+        return _text(seconds * (1.0 + spread * draw))
+
+    arrivals: list[tuple[float, int]] = []  # (seconds since the start, bytes) of every piece of audio
+
+    async def one(client: httpx.AsyncClient, start: float, words: str) -> tuple[float, ...]:
+        body = {"model": "tts-1", "input": words, "voice": "default", "response_format": "pcm", "speed": 1.0}
         first, received, sent, stall = None, 0, time.perf_counter(), 0.0
         async with client.stream("POST", "/v1/audio/speech", json=body) as response:
             response.raise_for_status()
@@ -149,18 +198,22 @@ def _clients(url: str, n: int, seconds: float, rounds: int, out) -> None:
                 elif chunk:  # a listener playing from its first audio on has heard all it got by then
                     stall = max(stall, now - sent - first - received / 2 / 24000)
                 received += len(chunk)
+                arrivals.append((now - start, len(chunk)))
         done = time.perf_counter()
         return first, done - start, received / 2 / 24000, done - sent, stall
 
-    async def client_rounds(client: httpx.AsyncClient, start: float) -> list:
-        return [await one(client, start) for _ in range(rounds)]
+    async def client_rounds(client: httpx.AsyncClient, start: float, number: int) -> list:
+        return [await one(client, start, text(number, r)) for r in range(rounds)]
 
-    async def all_at_once() -> list[tuple[float, float, float, float]]:
+    async def all_at_once() -> tuple[list[tuple[float, ...]], float]:
         limits = httpx.Limits(max_connections=n + 4)
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
             start = time.perf_counter()
-            results = await asyncio.gather(*(client_rounds(client, start) for _ in range(n)))
-            return [r for rs in results for r in rs]
+            results = await asyncio.gather(*(client_rounds(client, start, i) for i in range(n)))
+        # While every client was sending: until the first one had no request left (the run's end has fewer).
+        until = min(rs[-1][1] for rs in results)
+        heard = sum(size for at, size in arrivals if at <= until) / 2 / 24000
+        return [r for rs in results for r in rs], heard / until
 
     try:
         out.put(asyncio.run(all_at_once()))
@@ -233,6 +286,14 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
     from app import create_app
 
     steps = int(args.seconds * FRAME_RATE)
+    if args.compare_spread and not args.spread:
+        args.spread = 0.3
+    by_text = bool(args.spread)  # each request's cap made by its text (``_text``), not one for all
+    if by_text and not (0 < args.spread < 1 and args.seconds * (1 - args.spread) > 4.0):
+        raise SystemExit("--spread takes a fraction below 1 that leaves every request over 4 s of audio")
+    cap = speech_cap_settings(steps)
+    if by_text:
+        cap = {"seconds_per_character": SECONDS_PER_CHARACTER, "max_audio_seconds": 1 + args.seconds * 2}
     settings = service_settings(
         model,
         audio_tokenizer,
@@ -240,7 +301,7 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         max_batch_size=args.listeners,
         max_queue=4 * args.listeners,
         kv_cache_lengths=[1024],
-        **speech_cap_settings(steps),
+        **cap,
     )
     app = create_app(settings)
     started = time.monotonic()
@@ -252,24 +313,31 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         print(
             f"simulated GPU: a step {args.step_ms} ms, a codec call {args.codec_ms} ms, prefill + "
             f"{args.prefill_ms} ms; {steps} steps ({args.seconds} s of audio) per request"
+            + (f" on average, spread +-{args.spread:.0%} by the texts' lengths" if by_text else "")
         )
         print(
-            f"{'at once':>8} {'audio s/s':>10} {'ceiling':>8} {'ratio':>6} {'first p50':>10} "
+            f"{'at once':>8} {'audio s/s':>10} {'sending':>8} {'ceiling':>8} {'ratio':>6} {'first p50':>10} "
             f"{'first p95':>10} {'RTF p50':>8} {'RTF max':>8} {'rows':>5}   host per step: launch / tokens / "
             "wait; the GPU idle between steps (ms) | codec: later-piece calls, pieces a call, busy share "
             "(calls of ends alone); stall max (s)"
         )
         runs = [(n, "") for n in sorted({1, args.listeners})]
         compared = _gathers() if args.compare_gather else AHEAD if args.compare_ahead else ORDERS
-        if args.compare_ends or args.compare_gather or args.compare_ahead:  # two ways, alternated
+        if args.compare_spread:
+            compared = _lengths(args.spread)
+        comparing = args.compare_ends or args.compare_gather or args.compare_ahead or args.compare_spread
+        if comparing:  # two ways, alternated
             runs = [(args.listeners, label) for _ in range(2) for label in compared]
         if args.python_beside:
             stop = threading.Event()
             threading.Thread(target=_bursts_of_python, args=(args.python_beside, stop), daemon=True).start()
             print(f"beside the loop: plain Python in bursts of {args.python_beside} ms, as far apart")
-        got: dict[str, list[float]] = {label: [] for label in compared}
+        got: dict[str, list[tuple[float, float]]] = {label: [] for label in compared}
         for n, label in runs:
-            if label in ORDERS:  # (the order takes pieces as they come: the codec thread waits for none)
+            spread = args.spread if by_text else None
+            if args.compare_spread:
+                spread = compared[label]
+            elif label in ORDERS:  # (the order takes pieces as they come: the codec thread waits for none)
                 engine._next_codec_work = ORDERS[label]
                 engine.codec_gather = 0.0
             elif label in AHEAD:
@@ -282,12 +350,13 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             results_seen: list = []
             engine.observers.append(results_seen.append)
             before, steps_before = engine.work(), engine.steps
-            clients = context.Process(target=_clients, args=(url, n, args.seconds, args.rounds, out))
+            clients = context.Process(target=_clients, args=(url, n, args.seconds, args.rounds, out, spread))
             clients.start()
-            results = out.get()
+            got_back = out.get()
             clients.join()
-            if isinstance(results, str):
-                raise RuntimeError(f"the clients failed: {results}")
+            if isinstance(got_back, str):
+                raise RuntimeError(f"the clients failed: {got_back}")
+            results, sending = got_back
             after = engine.work()
             firsts = sorted(r[0] for r in results)
             wall = max(r[1] for r in results)
@@ -304,7 +373,8 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             busy = sum(after.codec.values()) - sum(before.codec.values())
             ends = after.codec_calls["end"] - before.codec_calls["end"]
             print(
-                f"{n:>8} {audio / wall:>10.1f} {ceiling:>8.1f} {audio / wall / ceiling:>6.2f} "
+                f"{n:>8} {audio / wall:>10.1f} {sending:>8.1f} {ceiling:>8.1f} "
+                f"{audio / wall / ceiling:>6.2f} "
                 f"{statistics.median(firsts):>9.3f}s {p95:>9.3f}s {statistics.median(rtf):>8.3f} "
                 f"{rtf[-1]:>8.3f} {rows:>5.1f}   "
                 f"{per['launch']:.3f} / {per['tokens']:.3f} / {per['wait']:.3f}; {idle:.3f} | "
@@ -324,12 +394,17 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
             }
             print(f"{'':>8} a request (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in mean.items()))
             if label:
-                got[label].append(audio / wall)
+                got[label].append((audio / wall, sending))
         if args.python_beside:
             stop.set()
-        if args.compare_ends or args.compare_gather or args.compare_ahead:
-            old, new = (statistics.mean(got[label]) for label in compared)
-            print(f"audio s per s, {' / '.join(reversed(compared))}: {new / old:.2f}x")
+        if comparing:
+            (old, old_sending), (new, new_sending) = (
+                [statistics.mean(column) for column in zip(*got[label], strict=True)] for label in compared
+            )
+            print(
+                f"audio s per s, {' / '.join(reversed(compared))}: {new / old:.2f}x over the whole run, "
+                f"{new_sending / old_sending:.2f}x while every client was sending"
+            )
     print(conditions(time.monotonic() - started, load_before))
 
 

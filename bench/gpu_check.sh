@@ -4,7 +4,10 @@
 #   0. bench/check_cuda.py on the tiny model: the CUDA graphs are captured, and answer as the eager step does;
 #      the steps are timed on the GPU; in bfloat16, attention by each row's length passes its check;
 #   1. the service under load (bench/load.py, 10 s speech requests streamed as pcm): 1 stream alone, then
-#      4 and 16 at once (16 twice: 32 and 96 requests, the second nearer the steady state): audio seconds
+#      4 and 16 at once (16 twice: 32 and 96 requests, the second nearer the steady state), and 16 at once
+#      with texts of varied lengths (7 to 13 s, 10 s on average: with random weights every request runs to
+#      its cap, so requests of one text end together and their clients send again together, where real
+#      texts differ; load "16:96v"): audio seconds
 #      per second, first audio p50/p95, latency (per-stream RTF = latency over the audio's length); the
 #      server's /metrics after each (steps, the loop's time by work, the GPU's time and waits per step, a
 #      request's time in the line, its fill, its decoding and its last audio: what leaves a slot empty);
@@ -56,8 +59,10 @@ RESULTS="$OUT/gpu_check.txt"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 if [ "${GPU_CHECK_TINY:-}" = "1" ]; then
   PY=$PWD/.venv/bin/python WORK=/tmp/gpu-check-tiny DEVICE=cpu DTYPE=float32 BUILD=(--tiny) SECONDS_OF_SPEECH=2
+  LONGEST_SPEECH=2  # (the varied texts are all cut to 2 s here)
 else
   PY=python3 WORK=/tmp/full DEVICE=cuda DTYPE=bfloat16 BUILD=() SECONDS_OF_SPEECH=10
+  LONGEST_SPEECH=13  # the varied texts' longest: 4 s + 0.15 s a character (HIGGS_SECONDS_PER_CHARACTER) x 60
 fi
 PORT=18731
 say() { echo "$*" | tee -a "$RESULTS"; }
@@ -113,7 +118,7 @@ serve_and_load() {  # serve_and_load LABEL "LOADS" [TREE=DIR] [SWITCH=S] [VAR=VA
   cd "$tree" || { say "server ($label): no folder $tree"; return; }
   env -u HIGGS_API_KEY HIGGS_MODEL="$WORK/model" HIGGS_AUDIO_TOKENIZER="$WORK/audio_tokenizer" \
     HIGGS_DEVICE="$DEVICE" HIGGS_DTYPE="$DTYPE" HIGGS_STT_MODEL= HIGGS_VOICES_DIR="$WORK/voices" \
-    HIGGS_HOST=127.0.0.1 HIGGS_PORT=$PORT HIGGS_MAX_AUDIO_SECONDS=$SECONDS_OF_SPEECH "$@" \
+    HIGGS_HOST=127.0.0.1 HIGGS_PORT=$PORT HIGGS_MAX_AUDIO_SECONDS=$LONGEST_SPEECH "$@" \
     "$PY" "${start[@]}" > "$OUT/server-$label.log" 2>&1 &
   server=$!
   cd - > /dev/null
@@ -131,11 +136,17 @@ serve_and_load() {  # serve_and_load LABEL "LOADS" [TREE=DIR] [SWITCH=S] [VAR=VA
     grep -E "loaded |slots|captured|warm-up done|prefill|attention by|switch interval" "$OUT/server-$label.log" | cut -c1-300 | tee -a "$RESULTS"
     say "graph captures that failed: $(grep -c "capture failed\|capture of the codec failed" "$OUT/server-$label.log")"
     text="Please read this short line out loud now"  # 40 characters; the cap makes each answer its full length
-    for load in $loads; do  # at once:requests in all
-      local n=${load%:*} total=${load#*:}
-      say "-- ($label) $n at once, $total requests of ${SECONDS_OF_SPEECH} s speech (pcm, streamed)"
+    for load in $loads; do  # at once:requests in all, and "v" for texts of varied lengths
+      local n total varied=()
+      [[ $load == *v ]] && varied=(--text-lengths 20:60) load=${load%v}
+      n=${load%:*} total=${load#*:}
+      if [ ${#varied[@]} -gt 0 ]; then
+        say "-- ($label) $n at once, $total requests of 20 to 60 characters: 7 to 13 s of speech, 10 s on average, at most $LONGEST_SPEECH s here (pcm, streamed)"
+      else
+        say "-- ($label) $n at once, $total requests of ${SECONDS_OF_SPEECH} s speech (pcm, streamed)"
+      fi
       run 150 "$PY" bench/load.py --base-url "http://127.0.0.1:$PORT" --concurrency $n --requests $total \
-        --mix speech --text "$text" --timeout 120 --max-seconds 120
+        --mix speech --text "$text" "${varied[@]}" --timeout 120 --max-seconds 120
       curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^higgs_(decode_steps_total|scheduler_seconds_total|prefill|codec_(seconds|calls|pieces)_total|step_gpu|batch_slots|(generation(_phase)?|queue_wait)_seconds_(sum|count))" \
         | tee -a "$RESULTS"
     done
@@ -153,7 +164,7 @@ SERVERS="${GPU_CHECK_SERVERS:-default
 eagerfill HIGGS_PREFILL_GRAPHS=false
 nogather HIGGS_CODEC_GATHER_MS=0
 ahead1 HIGGS_LOOKAHEAD_STEPS=1}"
-LOADS="${GPU_CHECK_LOADS:-1:2 4:8 16:32 16:96}"
+LOADS="${GPU_CHECK_LOADS:-1:2 4:8 16:32 16:96 16:96v}"
 if [[ $SKIP != *load* ]]; then
   while read -r label settings; do
     # shellcheck disable=SC2086  # the settings are words

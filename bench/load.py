@@ -2,7 +2,7 @@
 
 Run:  .venv/bin/python bench/load.py [--base-url http://127.0.0.1:8000] [--concurrency 4] [--requests 40]
           [--max-seconds 120] [--mix chat=1,chat_stream=1,speech=1,transcription=1] [--max-tokens 40]
-          [--api-key KEY]
+          [--text TEXT] [--text-lengths MIN:MAX] [--api-key KEY]
       .venv/bin/python bench/load.py --serve-tiny          # stand-alone and offline: see below
 
 Only loopback servers are driven: a base URL whose host is not in 127.0.0.0/8, ``localhost`` (whose every
@@ -27,8 +27,12 @@ proportion to their weights:
 * ``transcription``: ``/v1/audio/transcriptions`` of ``test_audio.wav`` (4 s), model ``whisper-1``,
   ``response_format: "json"``; a server with speech recognition off answers 400.
 
-Every request uses voice ``default`` and its own ``seed`` (``--seed`` plus its index), and sends
-``Authorization: Bearer KEY`` when ``--api-key`` (or ``$HIGGS_API_KEY``) is set. Before the load,
+Every chat and speech request speaks ``--text``; with ``--text-lengths MIN:MAX`` each speaks it repeated and
+cut to a length drawn between MIN and MAX characters (from its seed: the same in every run), so that answers
+differ in length as real texts make them (with random weights every answer runs to its cap, which the
+speech endpoint sets by the text's length; clients whose answers all end at the same step send their next
+requests together). Every request uses voice ``default`` and its own ``seed`` (``--seed`` plus its index), and
+sends ``Authorization: Bearer KEY`` when ``--api-key`` (or ``$HIGGS_API_KEY``) is set. Before the load,
 ``/ready`` is polled for up to ``--ready-timeout`` seconds (a 404 there is accepted).
 
 Printed at the end: throughput (requests per second, seconds of audio generated per second of wall time,
@@ -65,6 +69,7 @@ import ipaddress
 import json
 import math
 import os
+import random
 import socket
 import sys
 import threading
@@ -134,6 +139,17 @@ def _is_loopback(host: str) -> bool:
     if isinstance(ip, ipaddress.IPv4Address):
         return ip in ipaddress.IPv4Network("127.0.0.0/8")
     return ip == ipaddress.IPv6Address("::1")
+
+
+def _length_range(text: str) -> tuple[int, int]:
+    """``20:60`` -> (20, 60): ``--text-lengths``' characters, at least 1, the first not above the second."""
+    try:
+        shortest, longest = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN:MAX (two whole numbers)") from None
+    if not 1 <= shortest <= longest:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= MIN <= MAX")
+    return shortest, longest
 
 
 def parse_mix(text: str) -> dict[str, int]:
@@ -239,6 +255,21 @@ class Driver:
             "response_format": "pcm",
         }
 
+    def text(self, index: int) -> str:
+        """What request ``index`` speaks: ``--text``, or with ``--text-lengths`` that text repeated and cut
+        to a length drawn for the request (from ``--seed`` and its index: the same in every run)."""
+        if self.args.text_lengths is None:
+            return self.args.text
+        shortest, longest = self.args.text_lengths
+        chars = random.Random(self.args.seed + index).randint(shortest, longest)
+        return ((self.args.text + " ") * (chars // len(self.args.text) + 1))[:chars].rstrip() or "Hi."
+
+    def bodies(self, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Request ``index``'s chat and speech bodies: its seed, and its text (``text``)."""
+        seed, text = self.args.seed + index, self.text(index)
+        chat = {**self.chat_body, "seed": seed, "messages": [{"role": "user", "content": text}]}
+        return chat, {**self.speech_body, "seed": seed, "input": text}
+
     def timeout(self) -> httpx.Timeout:
         left = max(0.001, min(self.args.timeout, self.deadline - time.perf_counter()))
         return httpx.Timeout(left, connect=min(left, 10.0))
@@ -290,7 +321,7 @@ class Driver:
         return False
 
     def chat(self, client: httpx.Client, result: Result, index: int) -> None:
-        body = {**self.chat_body, "seed": self.args.seed + index}
+        body = self.bodies(index)[0]
         response = client.post("/v1/chat/completions", json=body, timeout=self.timeout())
         if not self._status(response, result):
             return
@@ -306,8 +337,7 @@ class Driver:
 
     def chat_stream(self, client: httpx.Client, result: Result, index: int) -> None:
         body = {
-            **self.chat_body,
-            "seed": self.args.seed + index,
+            **self.bodies(index)[0],
             "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -356,7 +386,7 @@ class Driver:
         result.audio_seconds = audio_bytes / 2 / SAMPLE_RATE
 
     def speech(self, client: httpx.Client, result: Result, index: int) -> None:
-        body = {**self.speech_body, "seed": self.args.seed + index}
+        body = self.bodies(index)[1]
         with client.stream("POST", "/v1/audio/speech", json=body, timeout=self.timeout()) as response:
             if not self._status(response, result):
                 return
@@ -609,7 +639,12 @@ def report(
         f"{args.concurrency} concurrent clients; {len(order)} requests at most ({mix}), "
         f"{args.max_seconds:g} s at most{'; backoff on 429' if args.backoff else ''}; "
         f"max_tokens {args.max_tokens}; voice default; "
-        f"text {len(args.text)} characters; load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs"
+        + (
+            f"text {len(args.text)} characters"
+            if args.text_lengths is None
+            else "texts of {} to {} characters".format(*args.text_lengths)
+        )
+        + f"; load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs"
     )
     not_sent = len(order) - len(results) - in_flight
     print(
@@ -774,6 +809,13 @@ def main(argv: list[str] | None = None) -> int:
         "--max-tokens", type=int, default=40, help="chats' output cap (decoding steps; > 16; default 40)"
     )
     parser.add_argument("--text", default=TEXT, help="what every chat and speech request speaks")
+    parser.add_argument(
+        "--text-lengths",
+        type=_length_range,
+        metavar="MIN:MAX",
+        help="each chat and speech request speaks --text repeated and cut to a length drawn between MIN and "
+        "MAX characters (the same draws every run): requests of different lengths, as real texts are",
+    )
     parser.add_argument("--seed", type=int, default=1234, help="seed of the first request; then +1 each")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request limit in seconds")
     parser.add_argument(
