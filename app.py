@@ -113,7 +113,10 @@ def create_app(
             # What a browser's script may read: ours, and what the openai SDK reads to decide on retries.
             expose_headers=["X-Request-ID", "X-Voice", "X-Voice-Fallback", "Retry-After", "X-Should-Retry"],
         )
-    routes = [route for module in routers for route in module.router.routes]
+    # The routers' routes and FastAPI's own (the OpenAPI schema, /docs, /redoc; an included router is one
+    # entry of the app's list, without a path of its own).
+    own = [route for route in app.router.routes if getattr(route, "path_format", None)]
+    routes = [*own, *(route for module in routers for route in module.router.routes)]
     app.add_middleware(TrimWhenIdle, idle_seconds=settings.idle_trim_seconds)
     app.add_middleware(_RequestLine, routes=routes)
     app.add_middleware(_RequestIds, routes=routes)

@@ -1,5 +1,8 @@
 """Access and size checks at the door, before any body is read: an ASGI middleware.
 
+* A request head (request line and headers) over ``MAX_HEAD_BYTES`` is a 431, the connection closed. h11
+  (``server.py``) refuses a longer head only while it is still arriving; one that came in a single read,
+  up to about 100 KB in a trial, reached the app.
 * With an API key configured, every path but the public ones (health, readiness, the web page's files)
   needs ``Authorization: Bearer <key>``, compared in constant time; otherwise 401 in OpenAI's envelope,
   before the body is read.
@@ -48,9 +51,19 @@ SEND_IDLE_SECONDS = 60.0
 DRAIN_SECONDS = 10.0
 """How long a body too large is read and dropped at most (on a slower upload, the answer goes out
 then and the client may see the connection reset)."""
+MAX_HEAD_BYTES = 16 * 1024
+"""The largest request head taken, counted as it was sent (request line, headers, line ends): h11's limit."""
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/"})
 # The web page's static files hold no data; the page asks for the key itself when the API answers 401.
 PUBLIC_PREFIXES = ("/web/",)
+
+
+def _head_bytes(scope: Scope) -> int:
+    """The size of a request's head as it was sent: ``METHOD /path?query HTTP/1.1``, each ``name: value``,
+    and the line ends."""
+    path = scope.get("raw_path") or scope.get("path", "").encode()
+    line = len(scope.get("method", "")) + len(path) + len(scope.get("query_string", b"")) + 13  # (the rest)
+    return line + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", [])) + 2
 
 
 async def send_error(
@@ -75,6 +88,12 @@ class RequestGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if _head_bytes(scope) > MAX_HEAD_BYTES:
+            await send_error(
+                send, 431, f"the request's headers are larger than {MAX_HEAD_BYTES // 1024} KB",
+                "invalid_request_error", "request_header_too_large", connection="close",
+            )  # fmt: skip
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if (

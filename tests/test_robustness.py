@@ -213,6 +213,13 @@ def test_cors_is_closed_by_default_and_opens_for_configured_origins(client, lock
     metrics = locked.get("/metrics", headers={"Authorization": "Bearer s3cret-key"}).text
     assert 'higgs_requests_total{route="/v1/audio/speech",status="401"}' in metrics
     assert 'higgs_requests_total{route="/v1/chat/completions",status="400"}' in metrics
+    # FastAPI's own pages count under their paths (they were "unmatched", a path no route serves).
+    headers = {"Authorization": "Bearer s3cret-key"}
+    assert [locked.get(p, headers=headers).status_code for p in ("/openapi.json", "/docs", "/redoc")] == [200] * 3
+    metrics = locked.get("/metrics", headers=headers).text
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert f'higgs_requests_total{{route="{path}",status="200"}}' in metrics, path
+    assert 'route="unmatched"' not in metrics
     # A browser's script may read what the openai SDK reads to decide whether and when to retry.
     refused = locked.get("/v1/models", headers={"Origin": "https://app.example"})
     exposed = refused.headers["access-control-expose-headers"].lower().split(", ")
