@@ -28,6 +28,7 @@ whose server reads past the rest of the body by itself.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import json
 import logging
@@ -77,10 +78,27 @@ async def send_error(
     await send({"type": "http.response.body", "body": body})
 
 
+_DROPPED: contextvars.ContextVar[bool] = contextvars.ContextVar("answer_dropped", default=False)
+
+
+class _DroppedAnswer(logging.Filter):
+    """Leaves out uvicorn's error for an answer the gate left unfinished on purpose (its client stopped
+    reading it: the gate's warning says so). uvicorn logs it in the request's own task, after the app
+    returned, where ``_DROPPED`` is still set."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        unfinished = record.getMessage().startswith("ASGI callable returned without completing")
+        return not (unfinished and _DROPPED.get())
+
+
+_DROPPED_ANSWER = _DroppedAnswer()
+
+
 class RequestGate:
     """The API-key and body-size checks (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int):
+        logging.getLogger("uvicorn.error").addFilter(_DROPPED_ANSWER)  # (once: the same filter)
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body = max_body_bytes
@@ -175,7 +193,8 @@ class RequestGate:
             await self.app(scope, replay, send_or_give_up)
         except _StoppedReading:
             # Returning with the answer unfinished makes the server close the connection: the client sees
-            # a cut body, never a whole one.
+            # a cut body, never a whole one (and uvicorn's error for it is left out: ``_DroppedAnswer``).
+            _DROPPED.set(True)
             log.warning("the client read nothing of its answer for %g s: dropped", SEND_IDLE_SECONDS)
 
 

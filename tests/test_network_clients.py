@@ -169,6 +169,51 @@ def test_a_client_gone_while_the_rest_of_its_stream_waits_in_the_queue_is_seen(f
     assert not any("stream sent whole" in r.getMessage() for r in caplog.records)
 
 
+def test_a_client_that_stops_reading_is_one_warning_not_an_error(fake_app, fake_engine, monkeypatch):
+    """Through a real server: uvicorn logged the dropped answer as an ERROR too ("ASGI callable returned
+    without completing response"), for a case the service handles as designed (a README trial)."""
+    import numpy as np
+
+    import guard
+    from generation import AudioPiece, Started
+
+    monkeypatch.setattr(guard, "SEND_IDLE_SECONDS", 0.5)
+    result_of = fake_engine._result
+
+    async def stream(request):
+        yield Started(prompt_tokens=1, prompt_audio_tokens=0)
+        for _ in range(4000):  # about 25 MB of SSE: more than the sockets' buffers hold
+            yield AudioPiece(np.zeros(2400, np.float32))
+        yield result_of(request)
+
+    fake_engine.stream = stream
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    with serve(fake_app) as url:
+        for name in ("uvicorn.error", "guard"):
+            logging.getLogger(name).addHandler(handler)
+        try:
+            host, port = url.removeprefix("http://").split(":")
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            head = "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            head += f"Content-Length: {len(STREAMED_CHAT)}\r\n\r\n"
+            sock.sendall(head.encode() + STREAMED_CHAT)
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")  # then nothing more is read
+            deadline = time.monotonic() + 30
+            while not any("read nothing" in r.getMessage() for r in seen) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # (uvicorn's line would come after the gate's)
+            sock.close()
+        finally:
+            for name in ("uvicorn.error", "guard"):
+                logging.getLogger(name).removeHandler(handler)
+    assert any("read nothing of its answer for 0.5 s" in r.getMessage() for r in seen)
+    assert [r.getMessage() for r in seen if r.levelno >= logging.ERROR] == []
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/audio/transcriptions"])
 def test_a_body_that_stops_arriving_is_a_408_and_a_client_gone_mid_body_a_499(fake_app, monkeypatch, path):
     """An upload that stopped midway held its connection and the bytes it had sent for ever (a trial: 4
