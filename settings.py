@@ -7,7 +7,6 @@ the README lists them all with their defaults. Nothing else in the project reads
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Literal, get_origin
@@ -22,7 +21,9 @@ MIN_CONTEXT, MAX_CONTEXT = 256, 131_072  # attention lengths: room for a prompt,
 class Settings(BaseSettings):
     """Service configuration; built once in ``create_app``."""
 
-    model_config = SettingsConfigDict(env_prefix="HIGGS_", extra="ignore")
+    # A number that is not finite is refused as such, before any bound is checked (a bound's message
+    # for "nan" said "less than or equal to 2").
+    model_config = SettingsConfigDict(env_prefix="HIGGS_", extra="ignore", allow_inf_nan=False)
 
     model: str = "bosonai/higgs-audio-v2-generation-3B-base"
     """Higgs Audio generation model: a Hugging Face hub id or a local folder."""
@@ -237,13 +238,6 @@ class Settings(BaseSettings):
     web_ui: bool = True
     """Serve the web page at `/` (its static files under `/web/`, public even with an API key)."""
 
-    @field_validator("*")
-    @classmethod
-    def _finite(cls, value: object) -> object:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
-
     @field_validator("api_key")
     @classmethod
     def _a_key_or_none(cls, key: SecretStr | None) -> SecretStr | None:
@@ -331,7 +325,9 @@ def from_environment() -> Settings:
     except ValidationError as exc:
         for error in exc.errors():
             name = "HIGGS_" + "_".join(str(part) for part in error["loc"][:1]).upper()
-            given = "" if "key" in name.lower() else f" (given: {error['input']!r})"
+            set_here = any(v.upper() == name for v in os.environ)
+            given = f" (given: {error['input']!r})" if set_here else f" (its default: {error['input']!r})"
+            given = "" if "key" in name.lower() else given
             faults.append(f"{name}: {error['msg']}{given}")
     except SettingsError as exc:  # a value pydantic-settings could not parse otherwise
         faults.append(str(exc))

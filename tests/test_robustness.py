@@ -465,6 +465,7 @@ BAD_SETTINGS = [
     ("HIGGS_MAX_UPLOAD_MB", "inf"),  # failed the load
     ("HIGGS_MAX_TRANSCRIPTION_SECONDS", "inf"),  # failed every transcription
     ("HIGGS_GENERATION_TIMEOUT_SECONDS", "nan"),
+    ("HIGGS_TEMPERATURE", "nan"),  # (a bounded setting: its bound's message named no "finite")
     ("HIGGS_KV_CACHE_LENGTHS", "[]"),
     ("HIGGS_KV_CACHE_LENGTHS", "[0]"),
     ("HIGGS_KV_CACHE_LENGTHS", "[16]"),  # too short for any prompt: the warm-up failed
@@ -486,6 +487,8 @@ def test_a_value_that_cannot_work_stops_the_start_with_a_line_naming_it(monkeypa
         from_environment()
     lines = str(stopped.value).splitlines()
     assert len(lines) == 2 and lines[1].strip().startswith(name + ":"), lines
+    if value in ("inf", "nan"):
+        assert "finite number" in lines[1], lines
 
 
 def test_reference_bounds_that_admit_no_clip_are_refused(monkeypatch):
@@ -493,6 +496,9 @@ def test_reference_bounds_that_admit_no_clip_are_refused(monkeypatch):
 
     monkeypatch.setenv("HIGGS_MIN_REFERENCE_SECONDS", "40")
     with pytest.raises(SystemExit, match="HIGGS_MAX_REFERENCE_SECONDS: .*below HIGGS_MIN_REFERENCE_SECONDS"):
+        from_environment()
+    # The other bound, not set, is told as its default (it read "given: 30.0").
+    with pytest.raises(SystemExit, match=r"\(its default: 30.0\)"):
         from_environment()
 
 
