@@ -334,6 +334,13 @@ class BatchDecoder:
         the steps); they decode from the step after ``occupy``."""
         return self.prefiller.fill(admissions, batch)
 
+    def capture_prefill_graphs(self, most_rows: int, most_tokens: int) -> int:
+        """The prefill's CUDA graphs (``Prefiller.capture_graphs``), while no slot is in use: a capture writes
+        the first slots' caches. Returns how many were captured."""
+        if self.busy or self.filling:
+            return 0
+        return self.prefiller.capture_graphs(most_rows, most_tokens)
+
     @torch.inference_mode()
     def occupy(self, admissions: list[Admission], filled: Filled) -> list[torch.Tensor]:
         """Start decoding filled slots from the next step. Returns, per admission, on the CPU,

@@ -295,7 +295,7 @@ class HiggsEngine:
             steps = self._decoder.capture_graphs()
             fills = 0
             if prefill_graphs:
-                fills = self._decoder.prefiller.capture_graphs(prefill_batch or PREFILL_BATCH, PREFILL_TOKENS)
+                fills = self._decoder.capture_prefill_graphs(prefill_batch or PREFILL_BATCH, PREFILL_TOKENS)
             piece = self.streaming
             lengths = [piece.first_piece_frames, piece.piece_frames]  # (``AudioStream.cut``)
             pieces = self._pieces.capture(lengths, self._decoder.row_buckets())

@@ -62,8 +62,9 @@ PUBLIC_PREFIXES = ("/web/",)
 def _head_bytes(scope: Scope) -> int:
     """The size of a request's head as it was sent: ``METHOD /path?query HTTP/1.1``, each ``name: value``,
     and the line ends."""
-    path = scope.get("raw_path") or scope.get("path", "").encode()
-    line = len(scope.get("method", "")) + len(path) + len(scope.get("query_string", b"")) + 13  # (the rest)
+    path = len(scope.get("raw_path") or scope.get("path", "").encode()) - len(scope.get("root_path", ""))
+    query = scope.get("query_string", b"")
+    line = len(scope.get("method", "")) + path + len(query) + bool(query) + 12  # ("?", spaces, version, CRLF)
     return line + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", [])) + 2
 
 

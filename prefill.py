@@ -244,7 +244,7 @@ class Prefiller:
                 pad_token_id=model.padding_idx, round_to=1, left_padding=True,
             )  # fmt: skip
             hidden, is_code = merged[0], merged[7][:, :, None]  # the audio-out positions, [rows, total, 1]
-        hidden = hidden.to(self.dtype).contiguous()  # the residual sums are written into it (``_plus``)
+        hidden = hidden.to(self.dtype).contiguous()  # the residual sums are written into it (``plus``)
         rows, total = hidden.shape[:2]
         lengths = self._lengths(admissions, total, batched)
         pads = [total - length for length in lengths]
@@ -383,12 +383,13 @@ class Prefiller:
 
     @torch.inference_mode()
     def capture_graphs(self, most_rows: int, most_tokens: int) -> int:
-        """Capture prefill graphs, before serving (a capture writes the first slots' caches): for prompts
-        of text alone and for prompts with a voice reference, for every length of ``PREFILL_GRAPH_LENGTHS``
-        below the slots' length and every number of prompts up to ``most_rows`` whose padded positions stay
-        within ``most_tokens`` (one prompt: any length); from then on prompts are padded to them. A capture
-        that fails, or whose replay differs from the eager pass, leaves that shape eager (logged). Returns
-        how many were captured."""
+        """Capture prefill graphs, before serving (a capture writes the first slots' caches: the decoder's
+        ``capture_prefill_graphs`` calls it while no slot is in use): for prompts of text alone and for
+        prompts with a voice reference, for every length of ``PREFILL_GRAPH_LENGTHS`` below the slots' length
+        and every number of prompts up to ``most_rows`` whose padded positions stay within ``most_tokens``
+        (one prompt: any length); from then on prompts are padded to them. A capture that fails, or whose
+        replay differs from the eager pass, leaves that shape eager (logged). Returns how many were
+        captured."""
         if not self.graphs_enabled or not self.own:
             return 0
         references = (False, True) if "skip" not in self.layers.kinds else (False,)  # (``_own_layers``)

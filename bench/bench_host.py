@@ -95,7 +95,7 @@ def _lengths(spread: float) -> dict[str, float]:
 def _text(seconds: float) -> str:
     """A text whose speech the endpoint caps at ``seconds`` (at ``SECONDS_PER_CHARACTER``; 4 s at least)."""
     chars = round((seconds - 4.0) / SECONDS_PER_CHARACTER)
-    return ((TEXT + " ") * (chars // len(TEXT) + 1))[:chars]
+    return ((TEXT + " ") * (chars // len(TEXT) + 1))[:chars].rstrip()
 
 
 def _bursts_of_python(ms: float, stop) -> None:
@@ -313,7 +313,11 @@ def run(args: argparse.Namespace, model: str, audio_tokenizer: str, voices_dir: 
         print(
             f"simulated GPU: a step {args.step_ms} ms, a codec call {args.codec_ms} ms, prefill + "
             f"{args.prefill_ms} ms; {steps} steps ({args.seconds} s of audio) per request"
-            + (f" on average, spread +-{args.spread:.0%} by the texts' lengths" if by_text else "")
+            + (
+                f" on average (+9 for the cap's margin), spread +-{args.spread:.0%} by the texts' lengths"
+                if by_text
+                else ""
+            )
         )
         print(
             f"{'at once':>8} {'audio s/s':>10} {'sending':>8} {'ceiling':>8} {'ratio':>6} {'first p50':>10} "

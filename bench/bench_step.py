@@ -1,6 +1,6 @@
 """One batched decoding step, alone and inside the engine: its time and the operators (kernels) it runs.
 
-Run:  .venv/bin/python bench/bench_step.py [--rows 1 8] [--lengths 1024] [--steps 100] [--baseline OLD.py]
+Run:  .venv/bin/python bench/bench_step.py [--rows 1 8] [--lengths 1024] [--steps 100] [--baseline REV]
                                            [--by-lengths] [--profile]
       .venv/bin/python bench/bench_step.py --model MODEL --audio-tokenizer TOKENIZER --device cuda \\
           --dtype bfloat16 --rows 1 16
@@ -22,13 +22,14 @@ that many slots is filled with sampled audio requests (temperature 0.7, top-p 0.
   (scheduler thread, codec thread, streaming), from its steps counter: what the step alone does not
   explain is the engine's own overhead.
 
-``--baseline FILE`` (e.g. ``git show HEAD~1:decoder.py > /tmp/old.py``) measures another ``decoder.py`` in the
-same run for a before/after ratio. ``--profile`` also prints, per row count, where an eager step's time goes
-(PyTorch's profiler; the GPU's kernels on CUDA, the operators' own CPU time otherwise): what a graphed step
-replays, broken down. ``--by-lengths`` also measures the step with attention by each row's length
-(``HIGGS_ATTENTION_BY_LENGTHS``: each row reads its own keys, not its bucket's) side by side, after the
-start-up check that the service runs (on the CPU, and in float32, its kernel is missing: it says so).
-"""
+``--baseline REV`` (a git revision, e.g. ``HEAD~1``) measures that revision's decoder in the same run for a
+before/after ratio: its ``decoder.py`` with its own ``layers.py`` and ``prefill.py`` (where it has them), not
+this tree's (``--baseline FILE`` takes a ``decoder.py`` of its own, one from before they were split out).
+``--profile`` also prints, per row count, where an eager step's time goes (PyTorch's profiler; the GPU's
+kernels on CUDA, the operators' own CPU time otherwise): what a graphed step replays, broken down.
+``--by-lengths`` also measures the step with attention by each row's length (``HIGGS_ATTENTION_BY_LENGTHS``:
+each row reads its own keys, not its bucket's) side by side, after the start-up check that the service runs
+(on the CPU, and in float32, its kernel is missing: it says so). """
 
 from __future__ import annotations
 
@@ -36,10 +37,13 @@ import argparse
 import asyncio
 import importlib.util
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from _common import print_profile, service_settings, workspace, write_tiny_models
+from _common import ROOT, print_profile, service_settings, workspace, write_tiny_models
 
 
 def _load(path: str, name: str):
@@ -47,6 +51,29 @@ def _load(path: str, name: str):
     module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
     spec.loader.exec_module(module)
     return module
+
+
+def _baseline(given: str):
+    """The decoder module of ``--baseline``: a file, or a git revision's ``decoder.py`` imported with that
+    revision's ``layers.py`` and ``prefill.py`` (those it has) in place of this tree's."""
+    if Path(given).is_file():
+        return _load(given, "decoder_baseline")
+    folder = Path(tempfile.mkdtemp(prefix="decoder-baseline-"))
+    for name in ("decoder.py", "layers.py", "prefill.py"):
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{given}:{name}"], capture_output=True)
+        if shown.returncode == 0:
+            (folder / name).write_bytes(shown.stdout)
+    if not (folder / "decoder.py").exists():
+        raise SystemExit(f"--baseline {given!r}: neither a file nor a git revision with a decoder.py")
+    siblings = {name: sys.modules.pop(name) for name in ("layers", "prefill") if name in sys.modules}
+    sys.path.insert(0, str(folder))
+    try:
+        return _load(str(folder / "decoder.py"), "decoder_baseline")
+    finally:
+        sys.path.remove(str(folder))
+        for name in ("layers", "prefill"):  # the baseline's, held by its decoder module only
+            sys.modules.pop(name, None)
+        sys.modules.update(siblings)
 
 
 def _operators(decoder) -> tuple[int, int, int, int]:
@@ -166,7 +193,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024], help="attention lengths to measure")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--baseline", help="another decoder.py to measure side by side")
+    parser.add_argument(
+        "--baseline",
+        help="a git revision (or a single-file decoder.py) whose decoder to measure side by side",
+    )
     parser.add_argument("--model", help="generation model (hub id or folder); default: the tiny model")
     parser.add_argument("--audio-tokenizer", help="audio tokenizer (hub id or folder); default: the tiny one")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -207,7 +237,7 @@ def main() -> None:
         inputs = engine._prepare(request).inputs
         contenders = {"new": (decoder, False)}
         if args.baseline:
-            contenders = {"old": (_load(args.baseline, "decoder_baseline"), False), **contenders}
+            contenders = {"old": (_baseline(args.baseline), False), **contenders}
         if args.by_lengths:
             contenders["bylen"] = (decoder, True)
         layers = len(engine.higgs.model.layers)

@@ -4,10 +4,10 @@
 #   0. bench/check_cuda.py on the tiny model: the CUDA graphs are captured, and answer as the eager step does;
 #      the steps are timed on the GPU; in bfloat16, attention by each row's length passes its check;
 #   1. the service under load (bench/load.py, 10 s speech requests streamed as pcm): 1 stream alone, then
-#      4 and 16 at once (16 twice: 32 and 96 requests, the second nearer the steady state), and 16 at once
-#      with texts of varied lengths (7 to 13 s, 10 s on average: with random weights every request runs to
-#      its cap, so requests of one text end together and their clients send again together, where real
-#      texts differ; load "16:96v"): audio seconds
+#      4 and 16 at once (16 twice: 32 and 96 requests, the second nearer the steady state); the load
+#      "16:96v" (GPU_CHECK_LOADS) gives 16 clients texts of varied lengths (7 to 13 s, 10 s on average: with
+#      random weights every request runs to its cap, so requests of one text end together and their
+#      clients send again together, where real texts differ): audio seconds
 #      per second, first audio p50/p95, latency (per-stream RTF = latency over the audio's length); the
 #      server's /metrics after each (steps, the loop's time by work, the GPU's time and waits per step, a
 #      request's time in the line, its fill, its decoding and its last audio: what leaves a slot empty);
@@ -164,7 +164,7 @@ SERVERS="${GPU_CHECK_SERVERS:-default
 eagerfill HIGGS_PREFILL_GRAPHS=false
 nogather HIGGS_CODEC_GATHER_MS=0
 ahead1 HIGGS_LOOKAHEAD_STEPS=1}"
-LOADS="${GPU_CHECK_LOADS:-1:2 4:8 16:32 16:96 16:96v}"
+LOADS="${GPU_CHECK_LOADS:-1:2 4:8 16:32 16:96}"  # and "16:96v" (each load adds 10-20 s a server)
 if [[ $SKIP != *load* ]]; then
   while read -r label settings; do
     # shellcheck disable=SC2086  # the settings are words
