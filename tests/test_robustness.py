@@ -215,9 +215,10 @@ def test_cors_is_closed_by_default_and_opens_for_configured_origins(client, lock
     assert 'higgs_requests_total{route="/v1/chat/completions",status="400"}' in metrics
     # FastAPI's own pages count under their paths (they were "unmatched", a path no route serves).
     headers = {"Authorization": "Bearer s3cret-key"}
-    assert [locked.get(p, headers=headers).status_code for p in ("/openapi.json", "/docs", "/redoc")] == [200] * 3
+    pages = ("/openapi.json", "/docs", "/redoc")
+    assert [locked.get(page, headers=headers).status_code for page in pages] == [200] * 3
     metrics = locked.get("/metrics", headers=headers).text
-    for path in ("/openapi.json", "/docs", "/redoc"):
+    for path in pages:
         assert f'higgs_requests_total{{route="{path}",status="200"}}' in metrics, path
     assert 'route="unmatched"' not in metrics
     # A browser's script may read what the openai SDK reads to decide whether and when to retry.
