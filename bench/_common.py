@@ -185,6 +185,12 @@ def service_settings(
     )
 
 
+def text_of_length(text: str, chars: int) -> str:
+    """``text`` repeated (a space between) and cut to ``chars`` characters, without a space at its end: a
+    speech request's length, where the speech endpoint caps the audio by the text's length."""
+    return ((text + " ") * (chars // len(text) + 1))[:chars].rstrip()
+
+
 def speech_cap_settings(max_tokens: int) -> dict[str, float]:
     """Settings that make the speech endpoint's output cap exactly ``max_tokens`` decoding steps.
 

@@ -56,7 +56,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from _common import FRAME_RATE, conditions, run_script, serve, service_settings, speech_cap_settings
+from _common import (
+    FRAME_RATE,
+    conditions,
+    run_script,
+    serve,
+    service_settings,
+    speech_cap_settings,
+    text_of_length,
+)
 
 TEXT = "Many listeners, one model: every stream should start soon and keep up."
 
@@ -94,8 +102,7 @@ def _lengths(spread: float) -> dict[str, float]:
 
 def _text(seconds: float) -> str:
     """A text whose speech the endpoint caps at ``seconds`` (at ``SECONDS_PER_CHARACTER``; 4 s at least)."""
-    chars = round((seconds - 4.0) / SECONDS_PER_CHARACTER)
-    return ((TEXT + " ") * (chars // len(TEXT) + 1))[:chars].rstrip()
+    return text_of_length(TEXT, round((seconds - 4.0) / SECONDS_PER_CHARACTER))
 
 
 def _bursts_of_python(ms: float, stop) -> None:

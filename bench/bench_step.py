@@ -58,22 +58,23 @@ def _baseline(given: str):
     revision's ``layers.py`` and ``prefill.py`` (those it has) in place of this tree's."""
     if Path(given).is_file():
         return _load(given, "decoder_baseline")
-    folder = Path(tempfile.mkdtemp(prefix="decoder-baseline-"))
-    for name in ("decoder.py", "layers.py", "prefill.py"):
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{given}:{name}"], capture_output=True)
-        if shown.returncode == 0:
-            (folder / name).write_bytes(shown.stdout)
-    if not (folder / "decoder.py").exists():
-        raise SystemExit(f"--baseline {given!r}: neither a file nor a git revision with a decoder.py")
-    siblings = {name: sys.modules.pop(name) for name in ("layers", "prefill") if name in sys.modules}
-    sys.path.insert(0, str(folder))
-    try:
-        return _load(str(folder / "decoder.py"), "decoder_baseline")
-    finally:
-        sys.path.remove(str(folder))
-        for name in ("layers", "prefill"):  # the baseline's, held by its decoder module only
-            sys.modules.pop(name, None)
-        sys.modules.update(siblings)
+    with tempfile.TemporaryDirectory(prefix="decoder-baseline-") as kept:
+        folder = Path(kept)
+        for name in ("decoder.py", "layers.py", "prefill.py"):
+            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{given}:{name}"], capture_output=True)
+            if shown.returncode == 0:
+                (folder / name).write_bytes(shown.stdout)
+        if not (folder / "decoder.py").exists():
+            raise SystemExit(f"--baseline {given!r}: neither a file nor a git revision with a decoder.py")
+        siblings = {name: sys.modules.pop(name) for name in ("layers", "prefill") if name in sys.modules}
+        sys.path.insert(0, kept)
+        try:
+            return _load(str(folder / "decoder.py"), "decoder_baseline")
+        finally:
+            sys.path.remove(kept)
+            for name in ("layers", "prefill"):  # the baseline's, held by its decoder module only
+                sys.modules.pop(name, None)
+            sys.modules.update(siblings)
 
 
 def _operators(decoder) -> tuple[int, int, int, int]:

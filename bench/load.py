@@ -81,7 +81,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from _common import ROOT, serve, service_settings, speech_cap_settings, workspace, write_tiny_models
+from _common import (
+    ROOT,
+    serve,
+    service_settings,
+    speech_cap_settings,
+    text_of_length,
+    workspace,
+    write_tiny_models,
+)
 
 CLIP = ROOT / "test_audio.wav"
 TEXT = "Hello there, and welcome to the show."
@@ -262,7 +270,7 @@ class Driver:
             return self.args.text
         shortest, longest = self.args.text_lengths
         chars = random.Random(self.args.seed + index).randint(shortest, longest)
-        return ((self.args.text + " ") * (chars // len(self.args.text) + 1))[:chars].rstrip() or "Hi."
+        return text_of_length(self.args.text, chars) or "Hi."
 
     def bodies(self, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """Request ``index``'s chat and speech bodies: its seed, and its text (``text``)."""
