@@ -10,6 +10,8 @@
   length, as soon as the bytes received pass it; the app then sees the body as it arrived.
 * A body sent compressed (``Content-Encoding`` other than ``identity``) is a 415 naming the header: a
   gzip body was a 400 "There was an error parsing the body", and a ``br`` one was read as plain JSON.
+* A multipart form whose body never closes (no ``--boundary--``) is a 400: the form's parser dropped its
+  last part unseen.
 * A body whose bytes stop coming for ``BODY_IDLE_SECONDS`` is answered 408 (the connection closed): a
   client that hung mid-upload held its connection and the bytes it had sent for ever. A client gone
   before its body arrived is logged and counted as 499, as any request whose client left (FastAPI
@@ -180,6 +182,13 @@ class RequestGate:
             if not message.get("more_body", False):
                 break
 
+        if (boundary := _unclosed_multipart(headers.get("content-type", ""), chunks)) is not None:
+            await send_error(
+                send, 400, f"the multipart body ends before its closing boundary (--{boundary}--), so its "
+                "last part may be cut short; send the whole form", "invalid_request_error", None,
+            )  # fmt: skip
+            return
+
         async def replay() -> Message:
             return chunks.pop(0) if chunks else await receive()
 
@@ -197,6 +206,26 @@ class RequestGate:
             # a cut body, never a whole one (and uvicorn's error for it is left out: ``_DroppedAnswer``).
             _DROPPED.set(True)
             log.warning("the client read nothing of its answer for %g s: dropped", SEND_IDLE_SECONDS)
+
+
+def _unclosed_multipart(content_type: str, chunks: list[Message]) -> str | None:
+    """The boundary of a multipart form whose body never closes it (``--boundary--``), else None. The form's
+    parser drops the last part of such a body without a word (a form ending in ``language`` was served as
+    if none had been sent)."""
+    kind, _, options = content_type.partition(";")
+    if kind.strip().lower() != "multipart/form-data":
+        return None
+    names = (option.strip().partition("=") for option in options.split(";"))
+    boundary = next((value.strip().strip('"') for name, _, value in names if name.lower() == "boundary"), "")
+    if not boundary:
+        return None  # (the parser's own 400)
+    close, tail = b"--" + boundary.encode("latin-1") + b"--", b""
+    for message in chunks:
+        data = tail + message.get("body", b"")
+        if close in data:
+            return None
+        tail = data[-(len(close) - 1) :]
+    return boundary
 
 
 class _StoppedReading(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -518,10 +519,17 @@ def _own_layers(inputs: dict, kinds: list[str]) -> bool:
 
 @contextmanager
 def _last_position_only(head: torch.nn.Linear) -> Iterator[None]:
-    """While it lasts, ``head`` projects each row's last position only. Upstream's forward gives the text
-    head every prompt position, 128,256 logits each (1 GiB for a 4,096-token prefill in bfloat16), where a
-    prefill needs the last one (its rows are padded on the left, so every row's prompt ends there)."""
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:], *args[1:]))
+    """While it lasts, ``head`` projects each row's last position only, when this thread calls it. Upstream's
+    forward gives the text head every prompt position, 128,256 logits each (1 GiB for a 4,096-token prefill
+    in bfloat16), where a prefill needs the last one (its rows are padded on the left, so every row's prompt
+    ends there). The head is the decoding step's too, and a fill runs beside the steps: an eager step on
+    the scheduler thread meanwhile gets its own positions [rows, hidden] whole."""
+    filling = threading.get_ident()
+
+    def last_only(module: torch.nn.Module, args: tuple) -> tuple | None:
+        return (args[0][:, -1:], *args[1:]) if threading.get_ident() == filling else None
+
+    handle = head.register_forward_pre_hook(last_only)
     try:
         yield
     finally:

@@ -1974,6 +1974,24 @@ def test_a_prefill_projects_the_text_head_on_each_rows_last_position_only(engine
     assert [int(f[0]) for f in firsts] == chosen.tolist()
 
 
+def test_the_prefills_last_position_hook_leaves_other_threads_calls_of_the_text_head_alone(engine):
+    """The text head is the decoding step's too, and a fill through upstream's forward runs beside the steps
+    (on its own thread): while the fill holds the head to the last position, an eager text step on the
+    scheduler thread must still get logits for every row (cut to [rows, 1], its hidden states would not go
+    through the head at all)."""
+    small = engine.higgs.decoder(2, 1024)
+    head = small.text_head
+    hidden = torch.randn(3, head.in_features)
+    got = {}
+    with torch.inference_mode(), prefill._last_position_only(head):
+        assert tuple(head(torch.randn(2, 5, head.in_features)).shape) == (2, 1, head.out_features)
+        other = threading.Thread(target=lambda: got.update(shape=tuple(head(hidden).shape)))
+        other.start()
+        other.join()
+    assert got == {"shape": (3, head.out_features)}
+    assert not head._forward_pre_hooks
+
+
 def test_a_prefill_runs_the_decoders_own_layers_as_upstreams_forward_would(engine):
     """Prompts are prefilled by the decoder's own layers, not upstream's forward (whose mask handling and
     boolean indexing cost host syncs in every layer on a GPU, and about 1,270 kernel launches for one

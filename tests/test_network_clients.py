@@ -395,6 +395,29 @@ def test_a_trailing_slash_is_the_same_path_and_never_a_redirect(fake_client):
     assert metrics.get_sample_value("higgs_requests_total", {"route": "unmatched", "status": "200"}) is None
 
 
+def test_a_multipart_form_without_its_closing_boundary_is_a_400(fake_client):
+    """The form's parser dropped the last part of a body that never closes: a transcription form ending in
+    ``language`` was served as if no language had been sent. A body split anywhere, the closing line in it
+    or not, is read as sent."""
+    form = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="language"\r\n\r\nen\r\n'
+    )
+    quoted = {"content-type": 'multipart/form-data; boundary="XyZ"'}
+    for body, headers in ((form, {"content-type": "multipart/form-data; boundary=XyZ"}), (form[:-2], quoted)):
+        response = fake_client.post("/v1/audio/transcriptions", content=body, headers=headers)
+        assert response.status_code == 400, response.text
+        assert "closing boundary (--XyZ--)" in response.json()["error"]["message"]
+
+    def split(data: bytes):  # in pieces, the closing line across two of them
+        yield from (data[i : i + 7] for i in range(0, len(data), 7))
+
+    closed = form + b"--XyZ--\r\n"
+    for body in (closed, split(closed)):
+        response = fake_client.post("/v1/audio/transcriptions", content=body, headers=quoted)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "file"  # read whole
+
+
 def test_a_compressed_body_is_a_415_naming_the_encoding(fake_client, fake_engine):
     """A gzip body was a 400 "There was an error parsing the body" (no param), and a body labelled ``br``
     that was plain JSON was served as if the label were not there."""
