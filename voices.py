@@ -254,6 +254,7 @@ class VoiceLibrary:
         self._lock = threading.Lock()
         self._digests: dict[str, tuple[tuple[int, ...], str]] = {}
         self._ignored: set[str] = set()  # clips already logged as ignored
+        self._unreadable_logged: set[str] = set()  # voices already logged as unreadable (``_unreadable``)
         self.recover()
 
     @contextmanager
@@ -287,6 +288,12 @@ class VoiceLibrary:
             stat = wav.stat()
         except FileNotFoundError:  # deleted by another request or process while being read
             return None
+        except (RuntimeError, ValueError) as error:  # (soundfile's errors; not UTF-8; bad JSON)
+            self._unreadable(name, str(error))
+            return None
+        if info.frames == 0:
+            self._unreadable(name, "its clip holds no samples")
+            return None
         return Voice(
             id=voice_id(name),
             name=name,
@@ -297,6 +304,14 @@ class VoiceLibrary:
             bytes=stat.st_size,
             digest=digest,
         )
+
+    def _unreadable(self, name: str, why: str) -> None:
+        """A voice whose files cannot be read (placed by hand: a clip that is not audio, a transcript that
+        is not UTF-8) is left out of the library, logged once; it was a 500 for every list, create and
+        unknown voice."""
+        if name not in self._unreadable_logged:
+            self._unreadable_logged.add(name)
+            log.warning("voice %s ignored: its files cannot be read (%s)", name, why)
 
     def _names(self) -> dict[str, str]:
         """The stored names by their lower case: names are unique regardless of case, so of clips placed
@@ -442,7 +457,10 @@ class VoiceLibrary:
         return True
 
     def _remove(self, name: str) -> None:
-        for path in (*self._files(name), *self.meta.glob(f"{glob.escape(name)}.*.npy")):
+        # Its codes are NAME.<hash>.npy; the pattern also matches another voice's, NAME.b.<hash>.npy.
+        found = self.meta.glob(f"{glob.escape(name)}.*.npy")
+        codes = [p for p in found if "." not in p.name[len(name) + 1 : -4]]
+        for path in (*self._files(name), *codes):
             path.unlink(missing_ok=True)
         self._digests.pop(name, None)  # (else every name ever stored stays, for the process's life)
 

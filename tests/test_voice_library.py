@@ -69,6 +69,47 @@ def test_clips_placed_by_hand_whose_names_differ_in_case_are_one_voice(tmp_path,
     assert caplog.text.count("dup.wav ignored") == 1  # once, not at every use
 
 
+def test_voice_files_placed_by_hand_that_cannot_be_read_are_left_out_not_a_500(fake_client, tmp_path, caplog):
+    """Any NAME.wav + NAME.txt in the folder is a voice; one that was not audio (or empty, or of no samples),
+    or whose transcript was not UTF-8, made every list, every create and every unknown voice a 500."""
+    import soundfile as sf
+
+    folder = tmp_path / "voices"
+    sf.write(folder / "good.wav", clip().samples, 24000)
+    (folder / "good.txt").write_text("Said well.")
+    (folder / "noise.wav").write_bytes(np.random.default_rng(0).bytes(5000))
+    (folder / "empty.wav").write_bytes(b"")
+    sf.write(folder / "nothing.wav", np.zeros(0, dtype=np.float32), 24000)
+    sf.write(folder / "latin.wav", clip().samples, 24000)
+    (folder / "latin.txt").write_bytes(b"caf\xe9 words")
+    for name in ("noise", "empty", "nothing"):
+        (folder / f"{name}.txt").write_text("words")
+    for _ in range(2):
+        listed = fake_client.get("/v1/audio/voices")
+        assert listed.status_code == 200 and [v["name"] for v in listed.json()["data"]] == ["good"]
+    for name in ("noise", "empty", "nothing", "latin"):
+        assert caplog.text.count(f"voice {name} ignored: its files cannot be read") == 1  # once each
+    speech = {"model": "tts-1", "input": "Hi.", "voice": "latin"}
+    assert fake_client.post("/v1/audio/speech", json=speech).status_code == 400  # an unknown voice
+    made = fake_client.post(
+        "/v1/audio/voices", data={"name": "fresh", "transcript": "Hello there."},
+        files={"audio_sample": ("a.wav", open(ROOT / "test_audio.wav", "rb"), "audio/wav")},
+    )  # fmt: skip
+    assert made.status_code == 200, made.text
+
+
+def test_deleting_a_voice_leaves_the_codes_of_voices_whose_names_extend_its_own(tmp_path):
+    """Voice ``a``'s codes are ``a.<hash>.npy``; its deletion took ``a.b``'s (``a.b.<hash>.npy``) too."""
+    library = VoiceLibrary(tmp_path)
+    for name in ("a", "a.b", "a.txt"):
+        library.save_codes(library.create(name, clip(freq=200 + len(name)), "Hello there.", None), codes())
+    library.delete("a")
+    for name in ("a.b", "a.txt"):
+        assert library.codes(library.get(name)) is not None, name
+    left = sorted(p.name for p in (tmp_path / ".voices").glob("*.npy"))
+    assert [n.rsplit(".", 2)[0] for n in left] == ["a.b", "a.txt"]  # a's own went
+
+
 def test_duplicates_and_quotas_write_nothing(tmp_path):
     library = VoiceLibrary(tmp_path, max_voices=1)
     library.create("anna", clip(), "Hello.")
