@@ -37,6 +37,8 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from python_multipart.multipart import parse_options_header
+
 from errors import error_body
 
 Scope = MutableMapping[str, Any]
@@ -211,21 +213,20 @@ class RequestGate:
 def _unclosed_multipart(content_type: str, chunks: list[Message]) -> str | None:
     """The boundary of a multipart form whose body never closes it (``--boundary--``), else None. The form's
     parser drops the last part of such a body without a word (a form ending in ``language`` was served as
-    if none had been sent)."""
-    kind, _, options = content_type.partition(";")
-    if kind.strip().lower() != "multipart/form-data":
-        return None
-    names = (option.strip().partition("=") for option in options.split(";"))
-    boundary = next((value.strip().strip('"') for name, _, value in names if name.lower() == "boundary"), "")
-    if not boundary:
-        return None  # (the parser's own 400)
-    close, tail = b"--" + boundary.encode("latin-1") + b"--", b""
+    if none had been sent). The header is read by that parser's own function."""
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary", b"")
+    if kind != b"multipart/form-data" or not boundary:
+        return None  # (no boundary: the parser's own 400)
+    close = b"--" + boundary + b"--"
+    seam = len(close) - 1  # a closing line split between two chunks: its start ends the last one
+    tail = b""
     for message in chunks:
-        data = tail + message.get("body", b"")
-        if close in data:
+        body = message.get("body", b"")
+        if close in body or close in tail + body[:seam]:
             return None
-        tail = data[-(len(close) - 1) :]
-    return boundary
+        tail = (tail + body[-seam:])[-seam:]
+    return boundary.decode("latin-1")
 
 
 class _StoppedReading(Exception):

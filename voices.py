@@ -253,8 +253,7 @@ class VoiceLibrary:
         self.meta.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._digests: dict[str, tuple[tuple[int, ...], str]] = {}
-        self._ignored: set[str] = set()  # clips already logged as ignored
-        self._unreadable_logged: set[str] = set()  # voices already logged as unreadable (``_unreadable``)
+        self._warned: set[str] = set()  # what ``_warn_once`` has logged
         self.recover()
 
     @contextmanager
@@ -289,10 +288,10 @@ class VoiceLibrary:
         except FileNotFoundError:  # deleted by another request or process while being read
             return None
         except (RuntimeError, ValueError) as error:  # (soundfile's errors; not UTF-8; bad JSON)
-            self._unreadable(name, str(error))
+            self._warn_once("voice %s ignored: its files cannot be read (%s)", name, error)
             return None
         if info.frames == 0:
-            self._unreadable(name, "its clip holds no samples")
+            self._warn_once("voice %s ignored: its files cannot be read (%s)", name, "no samples")
             return None
         return Voice(
             id=voice_id(name),
@@ -305,13 +304,12 @@ class VoiceLibrary:
             digest=digest,
         )
 
-    def _unreadable(self, name: str, why: str) -> None:
-        """A voice whose files cannot be read (placed by hand: a clip that is not audio, a transcript that
-        is not UTF-8) is left out of the library, logged once; it was a 500 for every list, create and
-        unknown voice."""
-        if name not in self._unreadable_logged:
-            self._unreadable_logged.add(name)
-            log.warning("voice %s ignored: its files cannot be read (%s)", name, why)
+    def _warn_once(self, message: str, *args: object) -> None:
+        """Log a warning about files placed by hand once, not at every list."""
+        line = message % args
+        if line not in self._warned:
+            self._warned.add(line)
+            log.warning(line)
 
     def _names(self) -> dict[str, str]:
         """The stored names by their lower case: names are unique regardless of case, so of clips placed
@@ -320,9 +318,8 @@ class VoiceLibrary:
         names: dict[str, str] = {}
         for stem in sorted(p.stem for p in self.root.glob("*.wav") if VOICE_NAME.match(p.stem)):
             kept = names.setdefault(stem.lower(), stem)
-            if kept != stem and stem not in self._ignored:
-                self._ignored.add(stem)
-                log.warning("voice file %s.wav ignored: its name is %s.wav's but for case", stem, kept)
+            if kept != stem:
+                self._warn_once("voice file %s.wav ignored: its name is %s.wav's but for case", stem, kept)
         return names
 
     def list(self) -> list[Voice]:

@@ -93,7 +93,7 @@ def test_voice_files_placed_by_hand_that_cannot_be_read_are_left_out_not_a_500(f
     assert fake_client.post("/v1/audio/speech", json=speech).status_code == 400  # an unknown voice
     made = fake_client.post(
         "/v1/audio/voices", data={"name": "fresh", "transcript": "Hello there."},
-        files={"audio_sample": ("a.wav", open(ROOT / "test_audio.wav", "rb"), "audio/wav")},
+        files={"audio_sample": ("a.wav", (ROOT / "test_audio.wav").read_bytes(), "audio/wav")},
     )  # fmt: skip
     assert made.status_code == 200, made.text
 
