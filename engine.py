@@ -203,6 +203,7 @@ class _Job:
         self.stream: AudioStream | None = None
         self.failed = False
         self.counted = True  # counts against the engine's bound until it leaves its slot or the line
+        self.finishing = False  # out of its slot, counted until the codec ends its audio
 
 
 @dataclass
@@ -341,6 +342,7 @@ class HiggsEngine:
         self.observers: list[Callable[[GenerationResult], None]] = []
         """Called on a worker thread with every finished generation (metrics)."""
         self._pending = 0
+        self._finishing = 0  # of ``_pending``: out of their slots, their audio still with the codec
         self._pending_lock = threading.Lock()
         self._prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="higgs-prompt")
         self._prefill_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="higgs-prefill")
@@ -430,7 +432,9 @@ class HiggsEngine:
             if t1 > t0:
                 steps_per_second = (s1 - s0) / (t1 - t0)
                 audio_per_second = (f1 - f0) / self.frame_rate / (t1 - t0)
-        return EngineStats(self.slots, busy, waiting, steps_per_second, audio_per_second, kept)
+        return EngineStats(
+            self.slots, busy, waiting, steps_per_second, audio_per_second, kept, finishing=self._finishing
+        )
 
     @property
     def batch_steps(self) -> int:
@@ -453,9 +457,10 @@ class HiggsEngine:
         if self.failure is not None:
             raise EngineFailure(f"the engine failed and needs a restart: {self.failure}", "engine_failed")
         with self._pending_lock:
-            if self._pending >= self.max_queue and not continues:
-                raise EngineBusy.full(self._pending, self.retry_after)
-            self._pending += 1
+            if self._pending < self.max_queue or continues:
+                self._pending += 1
+                return
+        raise EngineBusy.full(self._pending, self.retry_after, self._finishing)
 
     def _release(self) -> None:
         with self._pending_lock:
@@ -467,6 +472,14 @@ class HiggsEngine:
             if job.counted:
                 job.counted = False
                 self._pending -= 1
+                if job.finishing:
+                    job.finishing = False
+                    self._finishing -= 1
+
+    @property
+    def finishing(self) -> int:
+        """Of ``pending``: requests whose tokens ended and whose audio the codec is still decoding."""
+        return self._finishing
 
     def _guarded(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """Run ``fn``, turning GPU failures into errors the client can be told about."""
@@ -1039,6 +1052,11 @@ class HiggsEngine:
                 self._decoder.release(job.slot)
         if not audio_to_come:
             self._let_go(job)
+            return
+        with self._pending_lock:
+            if job.counted and not job.finishing:
+                job.finishing = True
+                self._finishing += 1
 
     def _abandon(self, job: _Job) -> None:
         """Free a cancelled job's slot; the work it did still counts for the observers (metrics)."""

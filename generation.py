@@ -56,10 +56,13 @@ class EngineBusy(Exception):
         self.retry_after = retry_after
 
     @classmethod
-    def full(cls, pending: int, retry_after: float) -> EngineBusy:
-        """The engine's bound reached, with ``pending`` requests running or waiting."""
+    def full(cls, pending: int, retry_after: float, finishing: int = 0) -> EngineBusy:
+        """The engine's bound reached, with ``pending`` requests running or waiting, ``finishing`` of which
+        have all their tokens and wait for the codec to end their audio (on a CPU, seconds after their
+        slots went idle: said, so that an idle ``higgs_batch_occupancy`` beside a 429 is no puzzle)."""
         requests = "1 request" if pending == 1 else f"{pending} requests"
-        return cls(f"the server is busy ({requests} running or waiting); retry shortly", retry_after)
+        tail = f", {finishing} of them finishing their audio" if finishing else ""
+        return cls(f"the server is busy ({requests} running or waiting{tail}); retry shortly", retry_after)
 
 
 class EngineFailure(Exception):
@@ -271,6 +274,8 @@ class EngineStats:
     audio_seconds_per_second: float
     kept_slots: int = 0
     """Free slots kept for the next piece of a long text (``GenerationRequest.keep_slot``)."""
+    finishing: int = 0
+    """Requests out of their slots whose audio the codec is still decoding (they count against the bound)."""
 
 
 SCHEDULER_WORK = ("prefill", "launch", "wait", "tokens", "paused")

@@ -25,7 +25,10 @@ class Metrics:
             "higgs_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
         )
         self.queue_depth = Gauge(
-            "higgs_queue_depth", "Generation jobs running or waiting on the worker", registry=self.registry
+            "higgs_queue_depth",
+            "Generation requests counted against HIGGS_MAX_QUEUE: being prepared, waiting, decoding, or "
+            "finishing their audio (higgs_finishing_requests)",
+            registry=self.registry,
         )
         self.generation_seconds = Histogram(
             "higgs_generation_seconds",
@@ -72,6 +75,12 @@ class Metrics:
             "Free decoding slots kept for the next piece of a long text",
             registry=self.registry,
         )
+        self.finishing = Gauge(
+            "higgs_finishing_requests",
+            "Requests out of their slots whose audio the codec is still decoding (on a CPU, seconds after "
+            "their last token); they count in higgs_queue_depth until their answer ends",
+            registry=self.registry,
+        )
         self.steps_per_second = Gauge(
             "higgs_decode_steps_per_second",
             "Batched decoding steps per second (over the last 10 s of decoding; 0 after 2 s without any)",
@@ -102,6 +111,7 @@ class Metrics:
         self.busy_slots.set_function(lambda: stats().busy_slots)
         self.waiting.set_function(lambda: stats().waiting)
         self.kept_slots.set_function(lambda: stats().kept_slots)
+        self.finishing.set_function(lambda: stats().finishing)
         self.steps_per_second.set_function(lambda: stats().steps_per_second)
         self.audio_per_second.set_function(lambda: stats().audio_seconds_per_second)
 

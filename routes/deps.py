@@ -108,7 +108,9 @@ def require_generation_slot(request: Request) -> None:
     """``require_ready``, and 429 at once when the engine's queue is full (nothing is read or decoded)."""
     engine = getattr(request.app.state, "engine", None)
     if engine is not None and not engine.failure and engine.pending >= engine.max_queue:
-        raise EngineBusy.full(engine.pending, getattr(engine, "retry_after", 2.0))
+        raise EngineBusy.full(
+            engine.pending, getattr(engine, "retry_after", 2.0), getattr(engine, "finishing", 0)
+        )
     require_ready(request)
 
 

@@ -119,7 +119,7 @@ def assert_idle(client, engine) -> None:
     assert engine._first_pieces == 0  # else the CPU's decoding loop would wait for the codec for good
     metrics = client.get("/metrics").text
     assert "higgs_batch_occupancy 0.0" in metrics and "higgs_waiting_requests 0.0" in metrics
-    assert "higgs_kept_slots 0.0" in metrics
+    assert "higgs_kept_slots 0.0" in metrics and "higgs_finishing_requests 0.0" in metrics
     assert f"higgs_batch_slots {float(engine.slots)}" in metrics
 
 
@@ -327,7 +327,9 @@ def test_a_request_joins_while_another_decodes_and_others_leave_early(client, en
 def test_a_finished_request_counts_until_its_last_audio_is_decoded(engine, client, monkeypatch):
     """Its slot is free as soon as its tokens are done, but the codec may still be decoding its last piece
     (seconds behind on a CPU under load): until the result goes out it counts against the bound, the queue
-    gauge shows it, and Retry-After's measure of a request's time includes the wait."""
+    gauge shows it, and so do ``higgs_finishing_requests`` and the words of the 429 it causes (an idle
+    occupancy beside a 429 puzzled a user), and Retry-After's measure of a request's time includes the
+    wait."""
     gate = threading.Event()
     real_run = engine._codec_run
 
@@ -354,15 +356,24 @@ def test_a_finished_request_counts_until_its_last_audio_is_decoded(engine, clien
 
         await asyncio.to_thread(slot_freed)
         seen = (engine.stats().busy_slots, engine.pending, engine._job_seconds)
+        finishing = (engine.stats().finishing, client.get("/metrics").text)
+        with monkeypatch.context() as full:
+            full.setattr(engine, "max_queue", 1)
+            refused = client.post("/v1/chat/completions", json=chat(seed=1))
         gate.set()
         async for _ in events:
             pass
-        return seen
+        return seen, finishing, refused
 
-    busy, pending, job_seconds = asyncio.run(run())
+    (busy, pending, job_seconds), (finishing, metrics), refused = asyncio.run(run())
     assert (busy, pending, job_seconds) == (0, 1, 0.0)
+    assert finishing == 1 and "higgs_finishing_requests 1.0" in metrics and "higgs_queue_depth 1.0" in metrics
+    assert refused.status_code == 429
+    message = refused.json()["error"]["message"]
+    assert "(1 request running or waiting, 1 of them finishing their audio)" in message
     settle(engine)
     assert engine.pending == 0 and engine._job_seconds >= 0.2 * 0.3  # the codec's wait counted
+    assert engine.stats().finishing == 0
     monkeypatch.undo()
     assert_idle(client, engine)
 
