@@ -331,12 +331,16 @@ class Planner:
 
     # ---- long texts (longform.py) ----
 
-    def _check_length(self, text: str, param: str) -> None:
-        """400 when ``text`` is longer than one request may speak."""
+    def _check_length(self, text: str, param: str, line_breaks: bool = True) -> None:
+        """400 when ``text`` is longer than one request may speak. A chat message's text counts without
+        its line breaks (``line_breaks=False``): they join its text parts (``_join``), and two parts of
+        2048 characters are 4096 characters sent, as the limit reads."""
         limit = self.settings.max_input_characters
-        if len(text) > limit:
+        characters = len(text) if line_breaks else len(text) - text.count("\n")
+        if characters > limit:
+            unit = "characters" if line_breaks else "characters besides line breaks"
             raise InvalidRequest(
-                f"the text to speak has {len(text)} characters; this server speaks at most {limit} per "
+                f"the text to speak has {characters} {unit}; this server speaks at most {limit} per "
                 "request (HIGGS_MAX_INPUT_CHARACTERS): split it over several requests",
                 param,
                 code="string_above_max_length",
@@ -360,11 +364,11 @@ class Planner:
         last = len(request.messages) - 1
         param = f"messages[{last}].content"
         if request.wants_audio:
-            self._check_length(_join(_parts(request.messages[last], last).texts), param)
+            self._check_length(_join(_parts(request.messages[last], last).texts), param, line_breaks=False)
         plan = await self._plan_chat(request)
         if plan.request is None or not plan.request.audio_output:
             return plan
-        self._check_length(plan.spoken_text, param)
+        self._check_length(plan.spoken_text, param, line_breaks=False)
         max_tokens = request.token_limit
         return replace(plan, script=self._script(plan.request, plan.spoken_text, max_tokens))
 

@@ -261,6 +261,21 @@ def test_speech_input_over_the_limit_is_refused_naming_it(client, long_app, spy)
     assert spy["generate"] == []
 
 
+def test_a_chat_messages_text_parts_count_without_the_line_breaks_that_join_them(long_app):
+    """Two text parts of 1750 characters are 3500 sent, within a limit of 3500: the line break that joins
+    them in the prompt is not counted (it was, and the 400 said 3501). One more character is over."""
+
+    def parts(*lengths: int) -> list[dict]:
+        return [{"type": "text", "text": "Say it. " + "d" * (n - 8)} for n in lengths]
+
+    refused = long_app.post("/v1/chat/completions", json=chat(parts(1750, 1751), max_tokens=5))
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["code"] == "string_above_max_length"
+    assert "3501 characters besides line breaks" in error["message"]
+    taken = long_app.post("/v1/chat/completions", json=chat(parts(1750, 1750), max_tokens=5))
+    assert taken.status_code == 200, taken.text[:300]
+
+
 def test_a_text_whose_later_piece_cannot_fit_is_refused_before_the_answer_starts(client, spy):
     """Long instructions leave room for a short first piece but not for a longer later one (the tiny
     tokenizer takes 4 tokens an emoji): a 400 naming ``instructions`` before any audio, where the answer
