@@ -7,7 +7,9 @@
   previous answer: a client that sends its headers a byte at a time (slowloris) held its connection for
   ever. uvicorn's keep-alive timeout covers an idle connection only until its first byte.
 * **The port bound before the models load**: uvicorn binds after the app's startup, so a port already
-  in use was found after the engine had loaded (minutes with real weights); now it is one line and exit 3.
+  in use was found after the engine had loaded (minutes with real weights). Now it is one line naming the
+  address, the setting to change and why (``listen``), and exit 3 (uvicorn's code for a failed start);
+  uvicorn's own line, ``[Errno 98] Address already in use``, named neither.
 
 ``uvicorn app:app`` does not get these; README "Security and limits" says what to give it instead.
 """
@@ -15,7 +17,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 from typing import Any
 
 import uvicorn
@@ -67,6 +71,47 @@ class Protocol(H11Protocol):
         super().connection_lost(exc)
 
 
+STARTUP_FAILURE = 3
+"""The exit code of a service that could not start listening (uvicorn's for a failed start)."""
+
+
+def listen(settings: Settings) -> socket.socket:
+    """A socket bound to the settings' host and port, listened on by uvicorn; exits with a line that names
+    the address and what to change when it cannot be bound."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    address = (
+        f"[{settings.host}]:{settings.port}"
+        if family == socket.AF_INET6
+        else f"{settings.host}:{settings.port}"
+    )
+    sock = None
+    try:
+        sock = socket.socket(family=family)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        log.critical("cannot listen on %s: %s; %s", address, exc.strerror or exc, _remedy(exc))
+        raise SystemExit(STARTUP_FAILURE) from None
+    sock.set_inheritable(True)
+    log.info("listening on http://%s", address)
+    return sock
+
+
+def _remedy(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "another process listens there: stop it, or choose another port with HIGGS_PORT"
+    if exc.errno == errno.EACCES:
+        return "ports below 1024 need privileges: choose another with HIGGS_PORT"
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return (
+            "HIGGS_HOST is not an address of this machine: 127.0.0.1 serves this machine alone, 0.0.0.0 "
+            "every network it is on"
+        )
+    return "check HIGGS_HOST and HIGGS_PORT"
+
+
 def serve(app: Any, settings: Settings) -> None:
     """Serve ``app`` on the settings' host and port until a signal stops it (``shutdown.py``)."""
     config = uvicorn.Config(
@@ -78,5 +123,4 @@ def serve(app: Any, settings: Settings) -> None:
         access_log=False,  # the request-id middleware logs each request, with its id
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
-    socket = config.bind_socket()  # exits with uvicorn's one line when the port is taken
-    uvicorn.Server(config).run(sockets=[socket])
+    uvicorn.Server(config).run(sockets=[listen(settings)])

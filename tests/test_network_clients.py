@@ -360,8 +360,36 @@ def test_a_port_in_use_stops_the_service_before_it_loads_anything(tiny_settings,
                 server.kill()
             log = server.communicate(timeout=60)[1]
     assert code == 3  # uvicorn's exit code for a failed start
-    assert "Address already in use" in log
+    assert f"cannot listen on 127.0.0.1:{settings['HIGGS_PORT']}: Address already in use" in log
+    assert "choose another port with HIGGS_PORT" in log
     assert "loaded" not in log and "loading" not in log.lower(), log
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        ("192.0.2.1", "HIGGS_HOST is not an address of this machine"),  # (TEST-NET-1: nobody's)
+        ("::1", "listening on http://[::1]:"),
+    ],
+)
+def test_the_service_says_which_address_it_cannot_listen_on_and_what_to_change(host, says, caplog):
+    """uvicorn's own line for a host that is not this machine's was ``[Errno 99] Cannot assign requested
+    address``, naming neither the address nor the setting; IPv6 hosts are bracketed."""
+    import server
+    from settings import Settings
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    settings = Settings(host=host, port=port)
+    caplog.set_level(logging.INFO, logger="server")
+    try:
+        server.listen(settings).close()
+    except SystemExit as exc:
+        assert exc.code == server.STARTUP_FAILURE
+        if host == "::1" and ("Cannot assign" in caplog.text or "not supported" in caplog.text):
+            pytest.skip("this machine has no IPv6 loopback")
+    assert says in caplog.text, caplog.text
 
 
 def test_head_wherever_get_is_served_and_allow_names_every_method(fake_client):
