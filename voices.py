@@ -40,6 +40,7 @@ from voice_cloning import (
     InvalidReference,
     Reference,
     ReferenceLimits,
+    check_reference,
     clone_turns,
     recognised_words,
     reference_from_bytes,
@@ -172,6 +173,8 @@ class Voice:
     bytes: int
     digest: str = field(default="", repr=False)
     """Content hash of the clip as read; its cached codes are stored and looked up under it."""
+    by_hand: bool = field(default=False, repr=False)
+    """Placed in the folder by hand (no metadata): its clip is checked as an upload is, then encoded."""
 
     def public(self) -> dict:
         """The voice as the API shows it."""
@@ -253,7 +256,7 @@ class VoiceLibrary:
         self.meta.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._digests: dict[str, tuple[tuple[int, ...], str]] = {}
-        self._warned: set[str] = set()  # what ``_warn_once`` has logged
+        self._warned: set[str] = set()  # what ``warn_once`` has logged
         self.recover()
 
     @contextmanager
@@ -278,6 +281,10 @@ class VoiceLibrary:
     def _load(self, name: str) -> Voice | None:
         wav, txt, meta_path = self._files(name)
         if not (wav.is_file() and txt.is_file()) or (self.meta / f"{name}.pending").exists():
+            if wav.is_file() and not txt.exists() and not (self.meta / f"{name}.pending").exists():
+                self.warn_once(
+                    "voice file %s.wav ignored: it needs %s.txt beside it, the words it says", name, name
+                )
             return None
         try:
             meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -288,10 +295,10 @@ class VoiceLibrary:
         except FileNotFoundError:  # deleted by another request or process while being read
             return None
         except (RuntimeError, ValueError) as error:  # (soundfile's errors; not UTF-8; bad JSON)
-            self._warn_once("voice %s ignored: its files cannot be read (%s)", name, error)
+            self.warn_once("voice %s ignored: its files cannot be read (%s)", name, error)
             return None
         if info.frames == 0:
-            self._warn_once("voice %s ignored: its files cannot be read (%s)", name, "no samples")
+            self.warn_once("voice %s ignored: its files cannot be read (%s)", name, "no samples")
             return None
         return Voice(
             id=voice_id(name),
@@ -302,10 +309,11 @@ class VoiceLibrary:
             duration=float(info.duration),
             bytes=stat.st_size,
             digest=digest,
+            by_hand=not meta_path.is_file(),
         )
 
-    def _warn_once(self, message: str, *args: object) -> None:
-        """Log a warning about files placed by hand once, not at every list."""
+    def warn_once(self, message: str, *args: object) -> None:
+        """Log a warning about files placed by hand once, not at every list or use."""
         line = message % args
         if line not in self._warned:
             self._warned.add(line)
@@ -316,10 +324,18 @@ class VoiceLibrary:
         by hand whose names differ only in case the first in sorted order is the voice (the others are
         ignored, logged)."""
         names: dict[str, str] = {}
-        for stem in sorted(p.stem for p in self.root.glob("*.wav") if VOICE_NAME.match(p.stem)):
+        stems = sorted(p.stem for p in self.root.glob("*.wav") if not p.name.startswith("."))
+        for stem in stems:
+            if not VOICE_NAME.match(stem) or ".." in stem:
+                self.warn_once(
+                    "voice file %s.wav ignored: a voice name is 1 to 64 ASCII letters, digits, '_', '-' or "
+                    "'.', starting with a letter or digit",
+                    stem,
+                )
+                continue
             kept = names.setdefault(stem.lower(), stem)
             if kept != stem:
-                self._warn_once("voice file %s.wav ignored: its name is %s.wav's but for case", stem, kept)
+                self.warn_once("voice file %s.wav ignored: its name is %s.wav's but for case", stem, kept)
         return names
 
     def list(self) -> list[Voice]:
@@ -551,10 +567,27 @@ class Voices:
             audio = await asyncio.to_thread(self.library.audio, voice)
         except VoiceChanged as exc:
             raise VoiceChanged(f"{exc}; send the request again", param) from None
+        if voice.by_hand:
+            audio = await asyncio.to_thread(self._checked_by_hand, voice, audio, param)
         codes = await self.engine.encode(audio)
         # Kept only while the clip is still the voice's (a voice deleted meanwhile keeps nothing).
         await asyncio.to_thread(self.library.save_codes, voice, codes)
         return codes
+
+    def _checked_by_hand(self, voice: Voice, audio: Audio, param: str) -> Audio:
+        """A clip placed by hand, checked as an upload is (enough speech, not too long once trimmed, a
+        transcript) and trimmed as one is; a 400 naming the files to replace, and a warning, when it fails.
+        (Nothing is cached for a clip that fails: it is checked again once its files are replaced.)"""
+        try:
+            return check_reference(audio, voice.transcript, self.limits, param, param).audio
+        except InvalidReference as exc:
+            self.library.warn_once("voice %s cannot be used: %s", voice.name, exc)
+            raise InvalidRequest(
+                f"voice {voice.name!r} cannot be used until its files are replaced ({voice.name}.wav and "
+                f"{voice.name}.txt were placed in the voices folder by hand, and are checked as an upload "
+                f"is): {exc}",
+                param,
+            ) from None
 
     async def make_builtin(self, name: str, param: str = "voice") -> Voice:
         """Generate built-in voice ``name``'s clip and store it (unless another request just did).

@@ -222,6 +222,63 @@ def test_hand_placed_voices_are_found_and_encoded_once(client, settings, spy):
         client.delete("/v1/audio/voices/preset")
 
 
+def test_hand_placed_voices_are_checked_as_uploads_are_and_misplaced_files_are_named(
+    client, settings, spy, caplog
+):
+    """A preset placed by hand skipped the upload checks (a silent clip, a 37 s one, a blank transcript
+    were encoded and cloned), and a clip without its transcript or with a name no voice can have was
+    dropped without a word. Now: a 400 naming the voice, its files and what is wrong, nothing encoded or
+    cached, and one warning each for the operator."""
+    import soundfile as sf
+
+    folder = settings.voices_dir
+    speech, rate = sf.read(TEST_AUDIO, dtype="float32")
+    sf.write(folder / "hush.wav", np.zeros(3 * rate, dtype=np.float32), rate)
+    sf.write(folder / "lengthy.wav", np.tile(speech, 10)[: 37 * rate], rate)
+    sf.write(folder / "wordless.wav", speech, rate)
+    for name, words in (("hush", "Quiet."), ("lengthy", "Long words."), ("wordless", "  \n ")):
+        (folder / f"{name}.txt").write_text(words)
+    sf.write(folder / "orphan.wav", speech, rate)
+    sf.write(folder / "-dash.wav", speech, rate)
+    (folder / "-dash.txt").write_text("A name no voice can have.")
+    encodes = len(spy["encode"])
+    try:
+        for name, says in (
+            ("hush", "voice reference is silent"),
+            ("lengthy", "s long once the silence at its ends is trimmed; at most 30 s"),
+            ("wordless", "the reference transcript is empty"),
+        ):
+            for _ in range(2):
+                refused = client.post(
+                    "/v1/audio/speech", json={"model": "tts-1", "input": "Hi.", "voice": name}
+                )
+                error = refused.json()["error"]
+                assert refused.status_code == 400 and error["param"] == "voice", refused.text
+                assert (
+                    f"voice {name!r} cannot be used until its files are replaced ({name}.wav"
+                    in error["message"]
+                )
+                assert says in error["message"], error["message"]
+            assert len([r for r in caplog.records if r.getMessage().startswith(f"voice {name} cannot")]) == 1
+        chat = {
+            "model": "gpt-4o-audio-preview", "modalities": ["text", "audio"],
+            "audio": {"voice": "hush", "format": "wav"}, "messages": [{"role": "user", "content": "Hi."}],
+        }  # fmt: skip
+        refused = client.post("/v1/chat/completions", json=chat)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "audio.voice"
+        assert len(spy["encode"]) == encodes
+        cached = {p.name.split(".")[0] for p in (folder / ".voices").glob("*.npy")}
+        assert not cached & {"hush", "lengthy", "wordless"}
+        listed = [v["name"] for v in client.get("/v1/audio/voices").json()["data"]]
+        assert "orphan" not in listed and "-dash" not in listed
+        assert caplog.text.count("voice file orphan.wav ignored: it needs orphan.txt beside it") == 1
+        assert caplog.text.count("voice file -dash.wav ignored: a voice name is 1 to 64 ASCII letters") == 1
+    finally:
+        for path in folder.glob("*"):
+            if path.stem in ("hush", "lengthy", "wordless", "orphan", "-dash"):
+                path.unlink()
+
+
 def files_in(folder) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
