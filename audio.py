@@ -34,6 +34,14 @@ class AudioTooLarge(AudioError):
     """Audio past the size limit (refused before it is decoded)."""
 
 
+class AudioTooLong(AudioError):
+    """Audio past the duration limit; ``seconds`` is its length where its header states it."""
+
+    def __init__(self, message: str, seconds: float | None):
+        super().__init__(message)
+        self.seconds = seconds
+
+
 @dataclass(frozen=True)
 class Audio:
     """Mono float32 samples in [-1, 1] and their sample rate."""
@@ -206,7 +214,9 @@ def _check_stream(
 
 def _too_long(max_seconds: float, seconds: float | None = None) -> None:
     got = f" ({seconds:.1f} s)" if seconds is not None else ""
-    raise AudioError(f"the audio is longer than the {max_seconds:g} s limit{got}; send a shorter clip")
+    raise AudioTooLong(
+        f"the audio is longer than the {max_seconds:g} s limit{got}; send a shorter clip", seconds
+    )
 
 
 def _limit_samples(rate: int, max_seconds: float | None) -> int | None:

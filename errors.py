@@ -211,7 +211,8 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     # Of a union's alternatives, the deepest error is the one closest to what the client meant.
     err = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
     param = None if err.get("type") == "json_invalid" else param_from_loc(tuple(err.get("loc", ())))
-    return error_response(APIError(400, _validation_message(err), param=param))
+    code = "string_above_max_length" if err.get("type") == "string_too_long" else None  # (OpenAI's code)
+    return error_response(APIError(400, _validation_message(err), param=param, code=code))
 
 
 # OpenAI's paths that this server does not serve, and what to do instead: their 404 says it.

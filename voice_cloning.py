@@ -20,6 +20,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -27,6 +28,7 @@ from audio import (
     Audio,
     AudioError,
     AudioTooLarge,
+    AudioTooLong,
     active_speech_seconds,
     decode_audio,
     decode_base64,
@@ -79,6 +81,15 @@ class ReferenceLimits:
         (trimmed), and a recording may hold as much silence around it."""
         return 2 * self.max_seconds
 
+    def too_long(self, exc: AudioTooLong) -> str:
+        """Why a clip past ``decode_seconds`` is refused, stating the limit the settings give (the decoding
+        bound, twice as long, read as the limit: "60 s" for a limit of 30)."""
+        length = f"{exc.seconds:.1f} s long" if exc.seconds else f"over {self.decode_seconds:g} s long"
+        return (
+            f"voice reference is {length}; at most {self.max_seconds:g} s of it is taken, the silence at its "
+            "ends aside (HIGGS_MAX_REFERENCE_SECONDS): send a shorter clip (5 to 15 s works best)"
+        )
+
     @classmethod
     def from_settings(cls, settings: Settings, sample_rate: int) -> ReferenceLimits:
         """The limits the settings give, at ``sample_rate``."""
@@ -101,12 +112,20 @@ class Reference:
 
 
 def decode_input_audio(
-    data: str, fmt: str | None, param: str, *, sample_rate: int, max_seconds: float, max_bytes: int
+    data: str,
+    fmt: str | None,
+    param: str,
+    *,
+    sample_rate: int,
+    max_seconds: float,
+    max_bytes: int,
+    too_long: Callable[[AudioTooLong], str] | None = None,
 ) -> Audio:
     """Decode a chat ``input_audio`` part (a voice reference or speech to transcribe): the one decoder.
 
     ``param`` is the part's request path (``messages[0].content[1]``). Refuses, naming the field to fix, an
-    unknown format, bad base64, and bytes that are not audio or are longer than ``max_seconds``.
+    unknown format, bad base64, and bytes that are not audio or are longer than ``max_seconds`` (saying
+    ``too_long``'s words where given).
     """
     if fmt is not None and fmt.lower() not in INPUT_AUDIO_FORMATS:
         raise InvalidAudio(
@@ -119,7 +138,8 @@ def decode_input_audio(
         return decode_audio(raw, target_rate=sample_rate, max_seconds=max_seconds)
     except AudioError as exc:
         code = "file_too_large" if isinstance(exc, AudioTooLarge) else "invalid_audio"
-        raise InvalidAudio(f"input audio: {exc}", f"{param}.input_audio.data", code) from None
+        message = too_long(exc) if too_long and isinstance(exc, AudioTooLong) else f"input audio: {exc}"
+        raise InvalidAudio(message, f"{param}.input_audio.data", code) from None
 
 
 def load_reference(
@@ -131,7 +151,7 @@ def load_reference(
     """
     audio = decode_input_audio(
         data, fmt, param, sample_rate=limits.sample_rate, max_seconds=limits.decode_seconds,
-        max_bytes=limits.max_bytes,
+        max_bytes=limits.max_bytes, too_long=limits.too_long,
     )  # fmt: skip
     return check_reference(
         audio, transcript, limits, f"{param}.input_audio.data", f"{param}.input_audio.transcript"
@@ -144,6 +164,8 @@ def reference_from_bytes(
     """Decode and check an uploaded reference clip's bytes (``check_reference``)."""
     try:
         audio = decode_audio(raw, target_rate=limits.sample_rate, max_seconds=limits.decode_seconds)
+    except AudioTooLong as exc:
+        raise InvalidReference(limits.too_long(exc), param) from None
     except AudioError as exc:
         raise InvalidReference(f"voice reference: {exc}", param) from None
     return check_reference(audio, transcript, limits, param, transcript_param)

@@ -198,6 +198,11 @@ def already_exists(stored: Voice | None, name: str) -> str:
             f"voice {stored.name!r} already exists: the server made its clip when the name was first used; "
             f"to store your own clip under that name, delete it first (DELETE /v1/audio/voices/{stored.name})"
         )
+    if stored is not None and stored.name != name:  # one name regardless of case: say the stored one's case
+        return (
+            f"a voice named {stored.name!r} already exists (names are the same whatever their case); delete "
+            "it first or pick another name"
+        )
     return f"a voice named {name!r} already exists; delete it first or pick another name"
 
 
@@ -210,7 +215,8 @@ def check_voice_name(name: str) -> str:
     """Return ``name`` if it can name a stored voice, else raise ``InvalidVoiceName`` saying why."""
     if not VOICE_NAME.match(name) or ".." in name:
         raise InvalidVoiceName(
-            "a voice name is 1 to 64 ASCII letters, digits, '_', '-' or '.', starting with a letter or digit"
+            "a voice name is 1 to 64 ASCII letters, digits, '_', '-' or '.', starting with a letter or "
+            "digit, without '..'"
         )
     if name.lower() in RESERVED_NAMES:
         raise InvalidVoiceName(f"{name!r} is reserved; choose another name")
@@ -329,7 +335,7 @@ class VoiceLibrary:
             if not VOICE_NAME.match(stem) or ".." in stem:
                 self.warn_once(
                     "voice file %s.wav ignored: a voice name is 1 to 64 ASCII letters, digits, '_', '-' or "
-                    "'.', starting with a letter or digit",
+                    "'.', starting with a letter or digit, without '..'",
                     stem,
                 )
                 continue

@@ -80,7 +80,7 @@ def _blamed(body: ChatCompletionRequest, exc: ContextLengthError) -> ContextLeng
             f"shorten the messages (a text answer without max_tokens may take up to {TEXT_MAX_TOKENS} "
             "tokens, a spoken one what its text needs)",
         )
-    return exc
+    return exc.naming("max_tokens", "shorten the messages or lower max_tokens")
 
 
 async def _complete(

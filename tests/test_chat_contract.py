@@ -117,6 +117,8 @@ def test_a_prompt_too_long_for_the_context_blames_the_field_the_client_sent(clie
     assert error["code"] == "context_length_exceeded" and error["param"] == param
     if param == "messages":
         assert "shorten the messages" in error["message"] and "512" in error["message"]
+    else:  # (the engine's words, "shorten the input", name no field of a chat)
+        assert error["message"].endswith(f"shorten the messages or lower {param}")
 
 
 @pytest.mark.parametrize("sent", [{}, {"max_tokens": 30}, {"max_completion_tokens": 30}])

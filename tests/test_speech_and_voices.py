@@ -308,6 +308,15 @@ def test_bad_speech_requests(client, name, change, status, param):
     assert response.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("field", ["input", "instructions"])
+def test_over_long_speech_fields_have_one_code(client, field):
+    """``input`` over the limit had OpenAI's ``string_above_max_length``, ``instructions`` code null."""
+    body = {"model": "tts-1", "input": "Hello.", "voice": "default", field: "a" * 4097}
+    error = client.post("/v1/audio/speech", json=body).json()["error"]
+    assert (error["param"], error["code"]) == (field, "string_above_max_length")
+    assert "4096" in error["message"]
+
+
 def silence_wav(seconds: float) -> bytes:
     return wav_bytes(np.zeros(int(24000 * seconds), dtype=np.float32), 24000)
 

@@ -114,8 +114,8 @@ def test_duplicates_and_quotas_write_nothing(tmp_path):
     library = VoiceLibrary(tmp_path, max_voices=1)
     library.create("anna", clip(), "Hello.")
     before = sorted(tmp_path.rglob("*"))
-    with pytest.raises(VoiceExists):
-        library.create("ANNA", clip(), "Hello.")
+    with pytest.raises(VoiceExists, match="a voice named 'anna' already exists .names are the same whatever"):
+        library.create("ANNA", clip(), "Hello.")  # the stored name, not the one asked for (it said 'ANNA')
     with pytest.raises(VoiceQuotaExceeded):
         library.create("bob", clip(), "Hello.")
     assert sorted(tmp_path.rglob("*")) == before
@@ -127,8 +127,10 @@ def test_duplicates_and_quotas_write_nothing(tmp_path):
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", ".x", "", "x" * 65, "default", "Clone", "a..b"])
 def test_bad_names(name):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as refused:
         check_voice_name(name)
+    if name == "a..b":  # the rule it breaks is stated (the message stated only rules it meets)
+        assert "without '..'" in str(refused.value)
 
 
 CRASH = """
