@@ -152,6 +152,8 @@ class PieceDecoder:
         self._pool = None  # not the decoding loop's pool: the two run at the same time on two streams
         self._side_stream: torch.cuda.Stream | None = None
         self._graphs_dropped: list[torch.cuda.CUDAGraph] = []
+        self.failed: set[tuple[int, int]] = set()
+        """The (batch, frames) shapes whose capture failed (logged): decoded eagerly for good."""
         self.eager_calls = 0
         """Calls decoded eagerly (no graph of their shape), since start."""
         self.stages = decoder_stages(codec.decoder_2) if codec.quantizer_type == "RVQ" else None
@@ -254,5 +256,6 @@ class PieceDecoder:
             log.exception("CUDA graph capture of the codec failed for %d pieces of %d frames", batch, frames)
             if graph is not None:  # kept: see ``BatchDecoder._graphs_dropped``
                 self._graphs_dropped.append(graph)
+            self.failed.add((batch, frames))
             return
         self._graphs[(batch, frames)] = (graph, inputs, output)

@@ -312,7 +312,7 @@ def main() -> int:
         where = torch.cuda.get_device_name(0) if device == "cuda" else "the CPU (a dry run: no graphs)"
         print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {where}; {dtype}")
         batch = requests(generation)
-        seen, ok = {}, True
+        seen, ok, padded = {}, True, ()
         for graphs in (True, False):
             # (the graphs two steps ahead, HIGGS_LOOKAHEAD_STEPS=2, against eager steps one ahead)
             settings = service_settings(
@@ -328,12 +328,19 @@ def main() -> int:
                     step, codec = engine._decoder, engine._pieces
                     failed = sorted(step._graph_failed) or "none"
                     print(f"loaded in {loaded:.1f} s: {len(step._graphs)} step graphs, "
-                          f"{len(codec._graphs)} codec graphs; step shapes failed: {failed}")  # fmt: skip
-                    ok &= bool(step._graphs) and not step._graph_failed and bool(codec._graphs)
+                          f"{len(codec._graphs)} codec graphs; step shapes failed: {failed}, codec shapes "
+                          f"failed: {sorted(codec.failed) or 'none'}")  # fmt: skip
+                    ok &= bool(step._graphs) and not step._graph_failed
+                    ok &= bool(codec._graphs) and not codec.failed
                     ok &= prefill_beside_steps(engine, generation)
                     ok &= prefill_graphs(engine, generation)
-                if not graphs:
+                if graphs:
+                    padded = engine._decoder.prefiller.padded_lengths
+                else:
                     ok &= own_prefill(engine, generation, dtype)
+                    # Prompts padded as the graphed engine pads them (its prefill graphs' lengths): in
+                    # float32 its answers must be the same, and an unpadded fill rounds otherwise.
+                    engine._decoder.prefiller.padded_lengths = padded
                 started = time.perf_counter()
                 seen[graphs] = asyncio.run(answers(engine, batch))
                 print(f"{'graphs' if graphs else 'eager '}: {len(batch)} requests at once in "
@@ -344,6 +351,7 @@ def main() -> int:
                     ok &= ends_graphed(engine, seen[graphs])
             finally:
                 engine.close()
+                step = codec = None  # (the first engine's decoder and codec held for the second's load)
                 del engine
                 if device == "cuda":
                     torch.cuda.empty_cache()
