@@ -13,7 +13,8 @@ graphs (prompts padded to their lengths) fill slots as the eager fill does; for 
 decoder's own prefill against upstream's forward (``Prefiller.own``); then the same requests go through each
 engine: 4 seeded audio requests at once (one of them greedy) and a text request beside them. Their answers are
 compared: in float32 a graph replays the kernels that the eager step runs, so the tokens should be the same;
-in bfloat16 they should mostly be (a graph's cuBLAS may choose other kernels). Each engine's steps must have
+in bfloat16 they should mostly be (a graph's cuBLAS may choose other kernels). Where an audio answer's codes
+agree, its samples must too, within ``CODEC_TOLERANCE`` (the codec's graphs against its eager decode). Each engine's steps must have
 been timed on the GPU (``EngineWork.step_gpu``, from their CUDA events: counted, and no more per step than the
 loop's time), and the streams' last pieces must have gone through the codec's graphs (``Layout.end_frames``).
 The two attend masked; in 16 bits a third engine runs with attention by each row's length in every bucket
@@ -214,10 +215,27 @@ def prefill_beside_steps(engine, generation) -> bool:
     return same_cache and same_tokens
 
 
-async def answers(engine, batch: list) -> list:
-    """Each request's tokens (audio codes as a list, or the text), all sent at once."""
+async def answers(engine, batch: list, heard: list | None = None) -> list:
+    """Each request's tokens (audio codes as a list, or the text), all sent at once; each one's samples
+    (None for a text answer) appended to ``heard`` when given."""
     results = await asyncio.gather(*(engine.generate(request) for request in batch))
+    if heard is not None:
+        heard.extend(r.audio.samples if r.audio is not None else None for r in results)
     return [r.codes.codes.tolist() if r.codes is not None else r.text for r in results]
+
+
+CODEC_TOLERANCE = 1e-2
+"""How far the same codes' samples may be apart, graphed and eager, against their largest value (the
+codec runs in float32 in both; its capture check allows as much)."""
+
+
+def audio_apart(a, b) -> float:
+    """The largest difference between two answers' samples against their largest value (inf when their
+    lengths differ)."""
+    if a is None or b is None or len(a) != len(b):
+        return 0.0 if a is None and b is None else float("inf")
+    scale = max(float(abs(a).max(initial=0.0)), 1e-6)
+    return float(abs(a - b).max(initial=0.0)) / scale
 
 
 def step_gpu(work) -> bool:
@@ -313,6 +331,7 @@ def main() -> int:
         print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {where}; {dtype}")
         batch = requests(generation)
         seen, ok, padded = {}, True, ()
+        heard: dict[bool, list] = {True: [], False: []}
         for graphs in (True, False):
             # (the graphs two steps ahead, HIGGS_LOOKAHEAD_STEPS=2, against eager steps one ahead)
             settings = service_settings(
@@ -342,7 +361,7 @@ def main() -> int:
                     # float32 its answers must be the same, and an unpadded fill rounds otherwise.
                     engine._decoder.prefiller.padded_lengths = padded
                 started = time.perf_counter()
-                seen[graphs] = asyncio.run(answers(engine, batch))
+                seen[graphs] = asyncio.run(answers(engine, batch, heard[graphs]))
                 print(f"{'graphs' if graphs else 'eager '}: {len(batch)} requests at once in "
                       f"{time.perf_counter() - started:.2f} s")  # fmt: skip
                 if device == "cuda":
@@ -357,6 +376,10 @@ def main() -> int:
                     torch.cuda.empty_cache()
         for i, (with_graphs, eager) in enumerate(zip(seen[True], seen[False], strict=True)):
             same, verdict = compared(with_graphs, eager)
+            if same and not isinstance(eager, str):  # the codec's graphs against its eager decode_part
+                apart = audio_apart(heard[True][i], heard[False][i])
+                verdict += f", samples within {apart:.1e} of the largest"
+                ok &= apart <= CODEC_TOLERANCE
             print(f"request {i} ({'text' if isinstance(eager, str) else 'audio'}): {verdict}")
             ok &= same or dtype != "float32"
         if device == "cuda" and dtype != "float32":
