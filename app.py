@@ -14,6 +14,7 @@ import logging
 import re
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -61,11 +62,18 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record).translate(_ESCAPED)
 
 
+UPSTREAM_DEPRECATIONS = r"`torch\.(jit\.script|nn\.utils\.weight_norm)` is deprecated"
+"""PyTorch's notices about what upstream's audio codec calls at every load: two WARNING lines at each start
+that nobody running the service can act on (a new user took them for a fault)."""
+
+
 def configure_logging() -> None:
     """INFO and up to standard error in ``LOG_FORMAT``, one line per record (``OneLineFormatter``), Python's
-    warnings too (the libraries' deprecation notices came as bare lines between the log's)."""
+    warnings too (the libraries' deprecation notices came as bare lines between the log's), but for
+    ``UPSTREAM_DEPRECATIONS``."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", message=UPSTREAM_DEPRECATIONS, category=FutureWarning)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(OneLineFormatter())
 

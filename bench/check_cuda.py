@@ -14,14 +14,14 @@ decoder's own prefill against upstream's forward (``Prefiller.own``); then the s
 engine: 4 seeded audio requests at once (one of them greedy) and a text request beside them. Their answers are
 compared: in float32 a graph replays the kernels that the eager step runs, so the tokens should be the same;
 in bfloat16 they should mostly be (a graph's cuBLAS may choose other kernels). Where an audio answer's codes
-agree, its samples must too, within ``CODEC_TOLERANCE`` (the codec's graphs against its eager decode). Each engine's steps must have
-been timed on the GPU (``EngineWork.step_gpu``, from their CUDA events: counted, and no more per step than the
-loop's time), and the streams' last pieces must have gone through the codec's graphs (``Layout.end_frames``).
-The two attend masked; in 16 bits a third engine runs with attention by each row's length in every bucket
-(``HIGGS_ATTENTION_BY_LENGTHS``): its start-up check must pass, and its answers are compared with the masked
-engine's. Exits non-zero when a capture failed, when a slot filled beside steps or by a prefill graph differs,
-when float32 answers or prefills differ, when steps went untimed, when a last piece was decoded without a
-graph, or when attention by lengths failed its check.
+agree, its samples must too, within ``CODEC_TOLERANCE`` (the codec's graphs against its eager decode). Each
+engine's steps must have been timed on the GPU (``EngineWork.step_gpu``, from their CUDA events: counted, and
+no more per step than the loop's time), and the streams' last pieces must have gone through the codec's graphs
+(``Layout.end_frames``). The two attend masked; in 16 bits a third engine runs with attention by each row's
+length in every bucket (``HIGGS_ATTENTION_BY_LENGTHS``): its start-up check must pass, and its answers are
+compared with the masked engine's. Exits non-zero when a capture failed, when a slot filled beside steps or by
+a prefill graph differs, when float32 answers or prefills differ, when steps went untimed, when a last piece
+was decoded without a graph, or when attention by lengths failed its check.
 """
 
 from __future__ import annotations
