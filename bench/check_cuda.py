@@ -19,9 +19,11 @@ engine's steps must have been timed on the GPU (``EngineWork.step_gpu``, from th
 no more per step than the loop's time), and the streams' last pieces must have gone through the codec's graphs
 (``Layout.end_frames``). The two attend masked; in 16 bits a third engine runs with attention by each row's
 length in every bucket (``HIGGS_ATTENTION_BY_LENGTHS``): its start-up check must pass, and its answers are
-compared with the masked engine's. Exits non-zero when a capture failed, when a slot filled beside steps or by
-a prefill graph differs, when float32 answers or prefills differ, when steps went untimed, when a last piece
-was decoded without a graph, or when attention by lengths failed its check.
+compared with the masked engine's. The graphed engine answers the requests again with the GPU held back before
+every step (``gpu_behind``: the host as far ahead as it may go), and in float32 must answer the same. Exits
+non-zero when a capture failed, when a slot filled beside steps or by a prefill graph differs, when float32
+answers or prefills differ, when steps went untimed, when a last piece was decoded without a graph, or when
+attention by lengths failed its check.
 """
 
 from __future__ import annotations
@@ -163,38 +165,53 @@ def prefill_graphs(engine, generation) -> bool:
     return ok and bool(fills.graphs) and not fills.failed and bool(lengths)
 
 
+SLEEP_CYCLES = 40_000_000
+"""``torch.cuda._sleep``'s length that puts one stream's work well after the other's (about 20 ms)."""
+
+
 def prefill_beside_steps(engine, generation) -> bool:
     """A slot filled on the engine's prefill stream while another slot's steps run on the loop's stream (as
     the engine does with ``prefill_beside_steps``) holds the cache that the fill gives it with no step
     beside it, bit for bit (the same kernels), and decodes the same tokens from then on. Steps write a
-    reserved slot's parked position only, and the fill is ordered after the steps launched before it."""
+    reserved slot's parked position only, and the fill is ordered after the steps launched before it.
+    Tried for three newcomers (speech, a text answer, speech with a voice reference) and three orders on
+    the GPU: as it comes, the steps held back behind the fill (``torch.cuda._sleep`` on their stream), and
+    the fill held back behind the steps."""
     import torch
 
     small = engine._decoder
     Turn = generation.Turn
     scene = "Generate audio following instruction."
-    requests = [
-        generation.GenerationRequest(
-            [Turn("system", scene), Turn("user", text)], True, 60, 0.8, 0.95, 50, seed=s
-        )
-        for s, text in ((1, TEXT), (2, "A newcomer, filled while the other one decodes."))
-    ]
-    # The newcomer in slot 0, below the running slot 1: the steps beside its fill then cover its row (a
-    # step's rows run up to its highest busy slot), as they do in the engine whenever a higher slot runs.
-    newcomer, running = admitted(engine, requests[::-1])[1]
-    assert newcomer.slot < running.slot
+    running_request = generation.GenerationRequest(
+        [Turn("system", scene), Turn("user", TEXT)], True, 60, 0.8, 0.95, 50, seed=1
+    )
+    newcomers = {
+        "speech": generation.GenerationRequest(
+            [Turn("system", scene), Turn("user", "A newcomer, filled while the other one decodes.")],
+            True, 60, 0.8, 0.95, 50, seed=2,
+        ),
+        "text": generation.GenerationRequest([Turn("user", "Hi there.")], False, 60, 0.8, 0.95, 50, seed=3),
+        "cloned": generation.GenerationRequest(
+            [Turn("system", scene), Turn("user", "Say it."), Turn("assistant", audio=tone_reference(engine)),
+             Turn("user", "A cloned newcomer.")], True, 60, 0.8, 0.95, 50, seed=4,
+        ),
+    }  # fmt: skip
     stream = engine._prefill_stream
 
-    def fill_beside(steps: int) -> tuple[list, list]:
+    def fill_beside(newcomer, running, steps: int, held: str | None = None) -> tuple[list, list]:
         small.prefill_many([running])
         small.reserve([newcomer.slot])
         after = torch.cuda.Event()
         after.record()
         with torch.cuda.stream(stream):
             stream.wait_event(after)
+            if held == "fill":
+                torch.cuda._sleep(SLEEP_CYCLES)
             filled = small.fill([newcomer])
             ready = torch.cuda.Event()
             ready.record(stream)
+        if held == "steps":
+            torch.cuda._sleep(SLEEP_CYCLES)
         for _ in range(steps):  # launched while the fill's kernels run
             small.launch()
         torch.cuda.current_stream().wait_event(ready)
@@ -205,14 +222,52 @@ def prefill_beside_steps(engine, generation) -> bool:
         small.release(newcomer.slot)
         return cache, tokens
 
-    alone, beside = fill_beside(0), fill_beside(8)
-    same_cache = all(torch.equal(a, b) for a, b in zip(alone[0], beside[0], strict=True))
-    same_tokens = alone[1] == beside[1]
-    print(
-        f"prefill beside steps: the filled slot's cache {'same' if same_cache else 'DIFFERS'}, its tokens "
-        f"{'same' if same_tokens else 'DIFFER'} (against a fill with no step beside it)"
-    )
-    return same_cache and same_tokens
+    ok = True
+    for kind, request in newcomers.items():
+        # The newcomer in slot 0, below the running slot 1: the steps beside its fill then cover its row (a
+        # step's rows run up to its highest busy slot), as they do in the engine whenever a higher slot runs.
+        newcomer, running = admitted(engine, [request, running_request])[1]
+        assert newcomer.slot < running.slot
+        alone = fill_beside(newcomer, running, 0)
+        for held in (None, "steps", "fill"):
+            beside = fill_beside(newcomer, running, 8, held)
+            same_cache = all(torch.equal(a, b) for a, b in zip(alone[0], beside[0], strict=True))
+            same_tokens = alone[1] == beside[1]
+            order = {None: "as it comes", "steps": "the steps held back", "fill": "the fill held back"}[held]
+            print(
+                f"prefill beside steps ({kind} newcomer, {order}): the filled slot's cache "
+                f"{'same' if same_cache else 'DIFFERS'}, its tokens {'same' if same_tokens else 'DIFFER'} "
+                "(against a fill with no step beside it)"
+            )
+            ok &= same_cache and same_tokens
+    return ok
+
+
+def gpu_behind(engine, batch: list, expected: list, dtype: str) -> bool:
+    """The same requests with the GPU held back before every step (``torch.cuda._sleep``, about 2 ms), so
+    that the host launches as far ahead as it may (``HIGGS_LOOKAHEAD_STEPS``: every host buffer in use) and
+    reads each step's tokens late: the answers must be the same as when the GPU kept up (in float32; in 16
+    bits the requests may join at other steps, and kernels round with the batch)."""
+    import torch
+
+    small = engine._decoder
+    launch = small.launch
+
+    def late():
+        torch.cuda._sleep(SLEEP_CYCLES // 10)
+        return launch()
+
+    small.launch = late
+    try:
+        got = asyncio.run(answers(engine, batch))
+    finally:
+        del small.launch  # (the method again)
+    ok = True
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        same, verdict = compared(a, b)
+        print(f"request {i}, the GPU behind ({engine.lookahead_steps} steps ahead): {verdict}")
+        ok &= same or dtype != "float32"
+    return ok
 
 
 async def answers(engine, batch: list, heard: list | None = None) -> list:
@@ -368,6 +423,7 @@ def main() -> int:
                     ok &= step_gpu(engine.work())
                 if graphs and device == "cuda":
                     ok &= ends_graphed(engine, seen[graphs])
+                    ok &= gpu_behind(engine, batch, seen[graphs], dtype)
             finally:
                 engine.close()
                 step = codec = None  # (the first engine's decoder and codec held for the second's load)
