@@ -303,11 +303,13 @@ class Choice(BaseModel):
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
     audio_tokens: int = 0
+    text_tokens: int = 0
 
 
 class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int = 0
     audio_tokens: int = 0
+    text_tokens: int = 0
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
 

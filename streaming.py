@@ -171,14 +171,19 @@ async def chat_events(
 
 
 def usage_of(result: GenerationResult) -> dict[str, Any]:
-    """OpenAI's chat ``usage`` object for a result."""
+    """OpenAI's chat ``usage`` object for a result: its audio models split each side into ``audio_tokens``
+    and ``text_tokens`` (what cost calculators read)."""
+    prompt_text = result.prompt_tokens - result.prompt_audio_tokens
+    completion_text = result.completion_tokens - result.completion_audio_tokens
     return {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "total_tokens": result.prompt_tokens + result.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": result.prompt_audio_tokens},
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": result.prompt_audio_tokens,
+                                  "text_tokens": prompt_text},
         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": result.completion_audio_tokens,
-                                      "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+                                      "text_tokens": completion_text, "accepted_prediction_tokens": 0,
+                                      "rejected_prediction_tokens": 0},
     }  # fmt: skip
 
 

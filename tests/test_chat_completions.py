@@ -42,6 +42,9 @@ def test_sdk_chat_returns_wav_at_the_tokenizer_rate(openai_client, engine):
     usage = completion.usage
     assert usage.completion_tokens_details.audio_tokens == usage.completion_tokens == 40
     assert usage.prompt_tokens_details.audio_tokens == 0
+    # Each side split as OpenAI's audio models split it (text_tokens was left out: null in the SDK).
+    assert usage.completion_tokens_details.text_tokens == 0
+    assert usage.prompt_tokens_details.text_tokens == usage.prompt_tokens
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert completion.choices[0].finish_reason == "length"
 
@@ -109,6 +112,7 @@ def test_text_only_returns_the_models_text(openai_client):
     assert message.audio is None
     assert isinstance(message.content, str)
     assert completion.usage.completion_tokens_details.audio_tokens == 0
+    assert completion.usage.completion_tokens_details.text_tokens == completion.usage.completion_tokens
     assert completion.usage.prompt_tokens > 10
 
 

@@ -75,6 +75,8 @@ def test_reference_reaches_the_model_as_about_25_tokens_a_second(client):
     assert 25 * (info.duration - 1.0) <= audio_tokens <= 25 * info.duration + 12
     assert without["prompt_tokens_details"]["audio_tokens"] == 0
     assert with_ref["prompt_tokens"] >= without["prompt_tokens"] + audio_tokens
+    details = with_ref["prompt_tokens_details"]
+    assert details["text_tokens"] + audio_tokens == with_ref["prompt_tokens"]  # each token on one side
 
 
 def test_references_change_the_audio_and_the_same_reference_repeats_it(client):
