@@ -238,6 +238,8 @@ def _lifespan(
         metrics.track_queue(lambda: state.engine.pending)
         metrics.track_engine(state.engine)
         state.engine.observers.append(metrics.observe_generation)
+        if state.recognizer is not None:
+            metrics.track_recognizer(state.recognizer)
         state.ready = True
         log.info("ready: serving %s", settings.served_model_name)
 
@@ -277,8 +279,11 @@ def _lifespan(
                 loaded.observers.remove(state.metrics.observe_generation)
             if owned_engine and loaded is not None:
                 loaded.close()
-            if owned_recognizer and getattr(state, "recognizer", None) is not None:
-                state.recognizer.close()
+            heard = getattr(state, "recognizer", None)
+            if heard is not None and state.metrics.observe_recognition in getattr(heard, "observers", []):
+                heard.observers.remove(state.metrics.observe_recognition)
+            if owned_recognizer and heard is not None:
+                heard.close()
 
     return lifespan
 

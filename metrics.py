@@ -92,7 +92,38 @@ class Metrics:
             "decoding; 0 after 2 s without any); the codec's own work is higgs_codec_seconds_total",
             registry=self.registry,
         )
+        self.transcription_depth = Gauge(
+            "higgs_transcription_queue_depth",
+            "Speech recognitions running or waiting (transcriptions, translations, chat audio heard); at "
+            "HIGGS_MAX_QUEUE (16 when unset) more are refused with 429",
+            registry=self.registry,
+        )
+        self.transcription_seconds = Histogram(
+            "higgs_transcription_seconds",
+            "Time of one speech recognition from its queueing to its result (its wait for the worker "
+            "included)",
+            ["task"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.transcribed_audio = Counter(
+            "higgs_transcribed_audio_seconds", "Seconds of audio recognised", ["task"], registry=self.registry
+        )
         self._work: _WorkCollector | None = None
+
+    def track_recognizer(self, recognizer: object) -> None:
+        """Read the speech recognizer's line at each scrape, and record each recognition it ends
+        (recognizers without ``pending`` or ``observers`` leave these at 0)."""
+        if hasattr(recognizer, "pending"):
+            self.transcription_depth.set_function(lambda: recognizer.pending)
+        observers = getattr(recognizer, "observers", None)
+        if observers is not None and self.observe_recognition not in observers:
+            observers.append(self.observe_recognition)
+
+    def observe_recognition(self, task: str, audio_seconds: float, seconds: float) -> None:
+        """Record one recognition that ended with a result (called on the recognizer's worker thread)."""
+        self.transcription_seconds.labels(task=task).observe(seconds)
+        self.transcribed_audio.labels(task=task).inc(audio_seconds)
 
     def track_engine(self, engine: object) -> None:
         """Read the engine's batching gauges at each scrape (engines without ``stats()`` leave them at 0),

@@ -17,6 +17,7 @@ import logging
 import math
 import sys
 import threading
+import time
 from bisect import bisect_left, bisect_right
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -464,6 +465,9 @@ class AsyncTranscriber:
     ) -> None:
         self.transcriber = transcriber
         self.max_pending = max_pending
+        self.observers: list[Callable[[str, float, float], None]] = []
+        """Called on the worker thread with each recognition that ended with a result: its task, its audio's
+        seconds and its seconds from queueing to result (metrics)."""
         self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="stt")
         self._make_translator = translator
@@ -574,6 +578,7 @@ class AsyncTranscriber:
                 f"speech recognition is busy ({self._pending} requests queued); retry shortly"
             )
         call = functools.partial(self._run, audio, task, stop=stop, **options)
+        queued = time.monotonic()
         self._pending += 1
         # In the caller's context, so that log lines from the worker carry the request's id.
         job = self._executor.submit(contextvars.copy_context().run, call)
@@ -582,17 +587,25 @@ class AsyncTranscriber:
         # Counted until the job is over (or dropped), not until the caller stops waiting: a caller that
         # leaves (its client hung up) cancels the job, which drops it while it waits for the worker; one
         # already running stops after its current segment and counts until then.
-        def done(_: object) -> None:
+        def done(future: Future) -> None:
             try:
                 loop.call_soon_threadsafe(self._release)
             except RuntimeError:  # the event loop is closed (shut down): nothing counts any more
                 pass
+            if not future.cancelled() and future.exception() is None:
+                for observe in self.observers:
+                    observe(task, audio.duration, time.monotonic() - queued)
 
         job.add_done_callback(done)
         return job
 
     def _release(self) -> None:
         self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        """Recognitions running or waiting for the worker (``max_pending`` at most)."""
+        return self._pending
 
     def close(self) -> None:
         """Stop the worker thread(s), dropping queued calls; idempotent."""

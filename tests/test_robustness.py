@@ -269,6 +269,45 @@ def test_speech_recognition_has_its_own_queue(client, engine, recognizer, monkey
     assert client.post("/v1/audio/transcriptions", **upload).status_code == 200
 
 
+def test_speech_recognitions_line_and_work_are_in_the_metrics(client, recognizer):
+    """/metrics showed generation alone: during a burst of transcriptions the 429s came while
+    ``higgs_queue_depth`` stayed 0 (a trial). Now the recognizer's line is a gauge, and each recognition
+    ended is counted with its time and its audio's seconds, by task."""
+    import re
+
+    def sample(metrics: str, name: str) -> float:
+        found = re.search(rf"^{re.escape(name)} (\S+)$", metrics, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    upload = {"data": {"model": "whisper-1"}, "files": {"file": ("a.wav", WAV, "audio/wav")}}
+    count, heard = (
+        'higgs_transcription_seconds_count{task="transcribe"}',
+        ('higgs_transcribed_audio_seconds_total{task="transcribe"}'),
+    )
+    before = client.get("/metrics").text
+    gate = threading.Event()
+    blocker = recognizer._executor.submit(gate.wait, 30)  # the worker busy: the next one waits in the line
+    answers: list = []
+    worker = threading.Thread(
+        target=lambda: answers.append(client.post("/v1/audio/transcriptions", **upload))
+    )
+    worker.start()
+    deadline = time.monotonic() + 10
+    while recognizer.pending == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    waiting = client.get("/metrics").text
+    gate.set()
+    worker.join()
+    blocker.result()
+    after = client.get("/metrics").text
+    assert answers[0].status_code == 200
+    assert sample(waiting, "higgs_transcription_queue_depth") == 1.0
+    assert sample(after, "higgs_transcription_queue_depth") == 0.0
+    assert sample(after, count) == sample(before, count) + 1
+    seconds = sf.info(io.BytesIO(WAV)).duration
+    assert sample(after, heard) - sample(before, heard) == pytest.approx(seconds, abs=0.01)
+
+
 def test_concurrent_seeded_requests_equal_their_solo_runs(client):
     bodies = {seed: {**CHAT, "seed": seed, "max_tokens": 20} for seed in (31, 32, 33, 34)}
     solo = {s: client.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["audio"]["data"]
