@@ -76,7 +76,7 @@ async def send_error(
     send: Send, status: int, message: str, type_: str, code: str | None, **headers: str
 ) -> None:
     """Answer with OpenAI's error envelope."""
-    body = json.dumps(error_body(message, type_, None, code)).encode()
+    body = json.dumps(error_body(message, type_, None, code), separators=(",", ":")).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
