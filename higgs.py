@@ -8,6 +8,7 @@ decoding loop reads, and encodes reference clips. It does not schedule anything:
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import asdict, dataclass
 
@@ -21,6 +22,8 @@ from detokenize import ids_decoder
 from generation import AudioCodes, ContextLengthError, GenerationRequest
 
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>")
+SCENE_MARKERS = ("<|scene_desc_start|>", "<|scene_desc_end|>")
+"""The control tokens a system turn's text may hold (the scene description's bounds)."""
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:
@@ -81,6 +84,9 @@ class Higgs:
             pad_left=True,
         )
         self._tokenizer_lock = threading.Lock()  # prompts are built on a pool thread, text cut on another
+        controls = [t for t in self.tokenizer.get_added_vocab() if t.startswith("<|") and t.endswith("|>")]
+        controls.sort(key=len, reverse=True)  # (the longest first, where one starts another)
+        self._controls = re.compile("|".join(map(re.escape, controls)) or "(?!)")  # (``as_text``)
 
         self.sample_rate = int(self.codec.sampling_rate)
         self.frame_rate = int(self.codec.tps)
@@ -131,6 +137,20 @@ class Higgs:
                 return text, len(ids)
             return self.tokenizer.decode(ids[:limit]), limit
 
+    def as_text(self, text: str, role: str) -> str:
+        """``text`` with each of the tokenizer's control tokens (``<|eot_id|>``, ``<|AUDIO_OUT|>``, ...)
+        broken by a zero-width space after its ``<``, so that the tokenizer reads it as text. A client's
+        ``<|AUDIO_OUT|>`` was an audio placeholder with no audio behind it (upstream's prompt building
+        failed: a 500), and its ``<|eot_id|>`` ended a turn (a client could write the conversation's
+        structure). A system turn keeps its scene markers (``SCENE_MARKERS``): a Higgs system prompt written
+        out in full is taken as it is (``voice_cloning.system_turn``)."""
+
+        def broken(match: re.Match) -> str:
+            token = match.group(0)
+            return token if role == "system" and token in SCENE_MARKERS else f"<\u200b{token[1:]}"
+
+        return self._controls.sub(broken, text)
+
     def prompt(self, request: GenerationRequest, max_context: int) -> Prompt:
         """The model's inputs for ``request`` (on the CPU), refused when prompt plus output do not fit in
         ``max_context`` tokens."""
@@ -141,7 +161,7 @@ class Higgs:
         for turn in request.turns:
             content: list = []
             if turn.text:
-                content.append(TextContent(text=turn.text))
+                content.append(TextContent(text=self.as_text(turn.text, turn.role)))
             if turn.audio is not None:
                 content.append(AudioContent(audio_url=""))
                 clips.append(turn.audio.codes)
