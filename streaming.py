@@ -67,6 +67,11 @@ def failure_error(exc: Exception) -> dict[str, Any]:
     return SERVER_ERROR
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+"""Headers of every server-sent event stream: no cache or proxy may hold its events back (nginx buffers a
+response unless told not to, and a stream with no such header went out without them)."""
+
+
 def sse(payload: dict[str, Any] | str) -> bytes:
     """One server-sent event."""
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))

@@ -38,7 +38,7 @@ from routes.deps import (
     until_disconnected,
 )
 from settings import Settings
-from streaming import chat_events, started, usage_of
+from streaming import SSE_HEADERS, chat_events, started, usage_of
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["chat"])
@@ -125,7 +125,9 @@ async def _complete(
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
             sample_rate=engine.sample_rate,
         )
-        return StreamingResponse(body_stream, media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            body_stream, media_type="text/event-stream", headers={**headers, **SSE_HEADERS}
+        )
     try:
         if plan.script is not None:
             # Encoded as it is decoded, piece by piece: memory stays bounded whatever the length.

@@ -11,7 +11,7 @@ from generation import ContextLengthError
 from longform import speak
 from protocol import SpeechRequest
 from routes.deps import EngineDep, PlannerDep, SettingsDep, check_model, log_ignored, require_generation_slot
-from streaming import speech_audio, speech_events, started
+from streaming import SSE_HEADERS, speech_audio, speech_events, started
 
 router = APIRouter(tags=["speech"])
 
@@ -40,6 +40,6 @@ async def speech(
     rate = engine.sample_rate
     if body.stream_format == "sse":
         stream = speech_events(events, body.response_format, body.speed, rate)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
     stream = speech_audio(events, body.response_format, body.speed, rate)
     return StreamingResponse(stream, media_type=MEDIA_TYPES[body.response_format], headers=headers)

@@ -25,7 +25,7 @@ from routes.deps import (
     until_disconnected,
 )
 from settings import Settings
-from streaming import error_event, sse
+from streaming import SSE_HEADERS, error_event, sse
 from stt import (
     WHISPER_SAMPLE_RATE,
     AsyncTranscriber,
@@ -221,7 +221,7 @@ async def _streamed(
         return Response(status_code=499)
     except ValueError as exc:
         raise _invalid_option(exc) from None
-    return StreamingResponse(_text_events(first, events), media_type="text/event-stream")
+    return StreamingResponse(_text_events(first, events), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def _text_events(

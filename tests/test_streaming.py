@@ -443,3 +443,25 @@ def test_a_snake_in_place_leaves_its_input_alone_and_steps_aside_under_autograd(
         out.sum().backward()
     snake.alpha.grad = None  # the engine's codec is shared by the other tests
     assert torch.equal(out.detach(), fast) and x.grad is not None
+
+
+def test_every_event_stream_tells_caches_and_proxies_not_to_hold_it(client):
+    """Server-sent events went out with their content type alone: a reverse proxy (nginx buffers a response
+    unless told not to) or a cache could hold them back, and a listener heard nothing until the end."""
+    chat = {"model": "gpt-4o-audio-preview", "modalities": ["text"], "max_tokens": 3, "stream": True,
+            "messages": [{"role": "user", "content": "Hi."}]}  # fmt: skip
+    speech = {"model": "tts-1", "input": "Hi.", "voice": "default", "stream_format": "sse", "seed": 1}
+    upload = {"files": {"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")},
+              "data": {"model": "gpt-4o-transcribe", "stream": "true"}}  # fmt: skip
+    for path, kwargs in (
+        ("/v1/chat/completions", {"json": chat}),
+        ("/v1/audio/speech", {"json": speech}),
+        ("/v1/audio/transcriptions", upload),
+    ):
+        with client.stream("POST", path, **kwargs) as response:
+            response.read()
+        assert response.status_code == 200 and response.headers["content-type"].startswith(
+            "text/event-stream"
+        )
+        assert response.headers["cache-control"] == "no-cache", path
+        assert response.headers["x-accel-buffering"] == "no", path
