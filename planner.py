@@ -47,7 +47,7 @@ from protocol import (
 )
 from settings import Settings
 from stt import AsyncTranscriber
-from text_split import split_text
+from text_split import speakable, split_text
 from voice_cloning import (
     InvalidReference,
     Reference,
@@ -116,7 +116,7 @@ def _nothing_to_speak(message: ChatMessage, index: int) -> InvalidRequest:
     was not recognised (noise, a cough), a ``no_speech`` naming the clip, so that a voice agent can ask
     its user again."""
     parts = _parts(message, index)
-    if parts.audios and not _join(parts.texts):
+    if parts.audios and not speakable(_join(parts.texts)):
         return InvalidRequest(
             "no speech was recognised in the last user message's audio, so there is nothing to speak; "
             "send a clip of clear speech, or the words as text",
@@ -419,7 +419,7 @@ class Planner:
             log.warning("voice 'clone' without an input_audio reference: falling back to the default voice")
 
         text = await self._spoken_text(messages[last], last)
-        if not text:
+        if not speakable(text):
             raise _nothing_to_speak(messages[last], last)
         # Resolved last: a built-in voice's first use is a generation of its own (make_builtin).
         if voice == CLONE_VOICE:
@@ -437,7 +437,7 @@ class Planner:
         last = len(request.messages) - 1
         param, part = reference_part
         text = _join(_parts(request.messages[last], last).texts)
-        if not text:
+        if not speakable(text):
             raise InvalidRequest(
                 "the clone request has a voice reference but no text to speak; add a text part",
                 f"messages[{last}].content",
@@ -471,7 +471,7 @@ class Planner:
             elif message.role == "user":
                 turns.append(Turn("user", await self._spoken_text(message, i)))
         text = turns[-1].text
-        if not text:
+        if not speakable(text):
             last = len(request.messages) - 1
             raise _nothing_to_speak(request.messages[last], last)
         return Plan(self._chat_generation(request, turns, text), text, "native")
@@ -514,8 +514,9 @@ class Planner:
     async def plan_speech(self, request: SpeechRequest) -> Plan:
         """The generation for /v1/audio/speech: ``input`` in ``voice``, ``instructions`` as the scene."""
         text = " ".join(request.input.split())
-        if not text:
-            raise InvalidRequest("input is empty; give the text to speak", "input")
+        if not speakable(text):
+            what = "empty" if not text else "only invisible characters (no letter, digit, mark or symbol)"
+            raise InvalidRequest(f"input is {what}; give the text to speak", "input")
         self._check_length(request.input, "input")
         scene = (request.instructions or "").strip() or self.settings.default_scene
         prompt = await self.voices.resolve_or_make(request.voice_name, "voice")

@@ -22,6 +22,14 @@ from sentencex import segment
 _CLAUSE_END = re.compile(r"(?<=[,;:])\s+|(?<=\s[\u2013\u2014-])\s+|(?<=[\uff0c\u3001\uff1b\uff1a])")
 _SPACE = re.compile(r"\s+")
 _GRAPHEME = regex.compile(r"\X")  # an extended grapheme cluster (Unicode's UAX #29)
+_SPEAKABLE = regex.compile(r"[\p{L}\p{N}\p{P}\p{S}]")
+
+
+def speakable(text: str) -> bool:
+    """Whether ``text`` holds anything to speak: a letter, digit, punctuation mark or symbol (an emoji is
+    one). A text of spaces, zero-width or byte-order marks, control characters or lone accents holds
+    nothing, and was spoken as seconds of sound."""
+    return _SPEAKABLE.search(text) is not None
 
 
 def split_text(text: str, max_chars: int, language: str = "en") -> list[str]:

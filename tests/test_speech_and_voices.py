@@ -286,6 +286,10 @@ def files_in(folder) -> set[str]:
 BAD_SPEECH = [
     ("empty input", {"input": ""}, 400, "input"),
     ("blank input", {"input": "   "}, 400, "input"),
+    # Spoken as 4 s of sound each: nothing in them is a letter, digit, mark or symbol.
+    ("invisible input", {"input": "\u200b\ufeff"}, 400, "input"),
+    ("control characters", {"input": "\u0000\u0007"}, 400, "input"),
+    ("a lone accent", {"input": "\u0301"}, 400, "input"),
     ("over-long input", {"input": "a" * 4097}, 400, "input"),
     ("unknown format", {"response_format": "ogg"}, 400, "response_format"),
     ("speed too high", {"speed": 4.5}, 400, "speed"),
@@ -469,3 +473,18 @@ def test_duplicate_name_is_a_409_and_writes_nothing(client, settings):
     finally:
         client.delete("/v1/audio/voices/twin")
     assert client.delete("/v1/audio/voices/twin").status_code == 404
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\ufeff \u200b", "\u0000"])
+def test_a_chat_message_of_invisible_characters_has_nothing_to_speak(client, text):
+    """A zero-width space was spoken as 4 s of sound, with the zero-width space as its transcript."""
+    body = {
+        "model": "gpt-4o-audio-preview", "modalities": ["text", "audio"], "max_tokens": 20,
+        "audio": {"voice": "default", "format": "wav"}, "messages": [{"role": "user", "content": text}],
+    }  # fmt: skip
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[0].content"
+    speech = {"model": "tts-1", "input": text, "voice": "default"}
+    assert (
+        "only invisible characters" in client.post("/v1/audio/speech", json=speech).json()["error"]["message"]
+    )
