@@ -162,6 +162,8 @@ def _validation_message(err: dict[str, Any]) -> str:
     if err.get("type") == "json_invalid":
         return "the request body is not valid JSON"
     if err.get("type") == "missing":
+        if tuple(err.get("loc", ())) == ("body",):  # (no body at all: no field to name)
+            return "the request body is empty; send a JSON object"
         return "this field is required"
     if err.get("type") == "union_tag_not_found":  # a content part without its "type"
         kinds = ", ".join(repr(kind) for kind in CONTENT_PART_TYPES)

@@ -478,3 +478,11 @@ def test_a_transcription_whose_client_left_is_dropped_while_it_waits(fake_engine
         while recognizer._pending and time.monotonic() < deadline:
             time.sleep(0.01)
         assert recognizer._pending == 0  # both counted out of the queue
+
+
+@pytest.mark.parametrize("path", ["/v1/audio/speech", "/v1/chat/completions"])
+def test_an_empty_json_body_is_called_empty(fake_client, path):
+    """It was answered "this field is required", with no field named."""
+    response = fake_client.post(path, content=b"", headers={"Content-Type": "application/json"})
+    assert_envelope(response, 400)
+    assert response.json()["error"]["message"] == "the request body is empty; send a JSON object"
