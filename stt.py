@@ -592,7 +592,7 @@ class AsyncTranscriber:
                 loop.call_soon_threadsafe(self._release)
             except RuntimeError:  # the event loop is closed (shut down): nothing counts any more
                 pass
-            if not future.cancelled() and future.exception() is None:
+            if not future.cancelled() and future.exception() is None and not stop.is_set():  # (whole)
                 for observe in self.observers:
                     observe(task, audio.duration, time.monotonic() - queued)
 
