@@ -108,6 +108,10 @@ class VoicePrompt:
 
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = frozenset({CLONE_VOICE, DEFAULT_VOICE})
+NAME_RULE = (
+    "a voice name is 1 to 64 ASCII letters, digits, '_', '-' or '.', starting with a letter or digit, "
+    "without '..'"
+)
 ID_PREFIX = "voice_"
 
 
@@ -214,10 +218,7 @@ def voice_id(name: str) -> str:
 def check_voice_name(name: str) -> str:
     """Return ``name`` if it can name a stored voice, else raise ``InvalidVoiceName`` saying why."""
     if not VOICE_NAME.match(name) or ".." in name:
-        raise InvalidVoiceName(
-            "a voice name is 1 to 64 ASCII letters, digits, '_', '-' or '.', starting with a letter or "
-            "digit, without '..'"
-        )
+        raise InvalidVoiceName(NAME_RULE)
     if name.lower() in RESERVED_NAMES:
         raise InvalidVoiceName(f"{name!r} is reserved; choose another name")
     if name.lower().startswith(ID_PREFIX):
@@ -286,14 +287,14 @@ class VoiceLibrary:
 
     def _load(self, name: str) -> Voice | None:
         wav, txt, meta_path = self._files(name)
-        if not (wav.is_file() and txt.is_file()) or (self.meta / f"{name}.pending").exists():
-            if wav.is_file() and not txt.exists() and not (self.meta / f"{name}.pending").exists():
-                self.warn_once(
-                    "voice file %s.wav ignored: it needs %s.txt beside it, the words it says", name, name
-                )
+        if (self.meta / f"{name}.pending").exists() or not wav.is_file():
+            return None  # (being written or deleted: a write keeps its marker until its metadata is there)
+        if not txt.is_file():
+            self.warn_once("voice file %s.wav ignored: it needs %s.txt beside it (its words)", name, name)
             return None
+        by_hand = not meta_path.is_file()
         try:
-            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+            meta = {} if by_hand else json.loads(meta_path.read_text())
             info = sf.info(str(wav))
             digest = self._digest(wav)
             transcript = txt.read_text(encoding="utf-8")
@@ -315,7 +316,7 @@ class VoiceLibrary:
             duration=float(info.duration),
             bytes=stat.st_size,
             digest=digest,
-            by_hand=not meta_path.is_file(),
+            by_hand=by_hand,
         )
 
     def warn_once(self, message: str, *args: object) -> None:
@@ -333,11 +334,7 @@ class VoiceLibrary:
         stems = sorted(p.stem for p in self.root.glob("*.wav") if not p.name.startswith("."))
         for stem in stems:
             if not VOICE_NAME.match(stem) or ".." in stem:
-                self.warn_once(
-                    "voice file %s.wav ignored: a voice name is 1 to 64 ASCII letters, digits, '_', '-' or "
-                    "'.', starting with a letter or digit, without '..'",
-                    stem,
-                )
+                self.warn_once("voice file %s.wav ignored: %s", stem, NAME_RULE)
                 continue
             kept = names.setdefault(stem.lower(), stem)
             if kept != stem:
