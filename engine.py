@@ -114,6 +114,10 @@ long texts on 4 slots kept 3 slots idle most of the time, and short requests wai
 first audio against 0.35 s alone). The next piece then takes the next slot that is free: continuations lead
 the line."""
 
+JOB_SECONDS = 5.0
+"""A request's time from its slot to its result, assumed until results are measured (Retry-After's unit: a
+429 says ``ceil(line / slots)`` of them). The warm-up's answers, a few tokens long, do not count."""
+
 
 def _is_fatal(exc: BaseException) -> bool:
     """Errors after which CUDA (and so the engine) cannot be trusted: the process must be restarted."""
@@ -353,7 +357,7 @@ class HiggsEngine:
         self._running: dict[int, _Job] = {}
         self._held: dict[_Job, _Hold] = {}  # the ended jobs whose slots are kept
         self._closing = False
-        self._job_seconds = 5.0  # moving average of a request's time from slot to result (Retry-After)
+        self._job_seconds = JOB_SECONDS  # a request's time from slot to result (moving average)
         self._rates: deque[tuple[float, int, int]] = deque()  # (time, batch steps, audio frames) samples
         self._frames = 0
         self._codec_queue: queue.SimpleQueue = queue.SimpleQueue()  # lists of ``CodecWork``, or None to stop
@@ -1292,6 +1296,8 @@ class HiggsEngine:
             await self.generate(GenerationRequest(turns[:2], False, 4, 0.7, 0.95, 50, seed=0))
 
         asyncio.run(run())
+        self._job_seconds = JOB_SECONDS  # (the warm-up's short answers would make a fresh server's first 429s
+        # name a third of the wait: 3 s for 12 in a trial's burst of speech requests on the tiny CPU engine)
         log.info("warm-up done in %.1f s%s", time.perf_counter() - started, self._gpu_memory())
 
     def _gpu_memory(self) -> str:

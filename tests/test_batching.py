@@ -1426,6 +1426,16 @@ def test_a_full_engine_answers_429_with_retry_after_from_the_measured_rate(clien
     assert refused.value.retry_after == pytest.approx(7.3)
 
 
+def test_the_warm_up_teaches_retry_after_nothing(engine, monkeypatch):
+    """A fresh server's first 429s assume ``JOB_SECONDS`` a request: the warm-up's answers (24 tokens and 4)
+    made them say 3 s where a trial's burst of speech requests waited 12."""
+    from engine import JOB_SECONDS
+
+    monkeypatch.setattr(engine, "_job_seconds", 0.01)
+    engine.warm_up()
+    assert engine.retry_after == pytest.approx(JOB_SECONDS)
+
+
 def test_a_greedy_request_decodes_as_upstream_generate_does(engine):
     """The batched decoder reproduces upstream's batch-1 ``generate`` token for token (float32, greedy, with
     the repetition-aware redraw off). Greedy only: a sampled request draws its random numbers from a hash of
