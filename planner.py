@@ -84,6 +84,9 @@ class Plan:
     by the request's stop strings and token limit as a generated answer would be)."""
     script: Script | None = None
     """Every audio answer: ``request``'s text as pieces, spoken one after another (``longform.speak``)."""
+    spoken_joins: int = 0
+    """The line breaks in ``spoken_text`` that join the last message's parts (``_join``): not counted
+    toward the input limit."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,11 @@ def _join(texts: list[str]) -> str:
     return "\n".join(t.strip() for t in texts if t.strip())
 
 
+def _joins(texts: list[str]) -> int:
+    """The line breaks ``_join`` puts between ``texts``."""
+    return max(0, sum(1 for t in texts if t.strip()) - 1)
+
+
 class Planner:
     """Builds ``Plan``s; holds the reference-codes cache shared by all requests."""
 
@@ -263,11 +271,15 @@ class Planner:
 
     async def _spoken_text(self, message: ChatMessage, index: int) -> str:
         """The message's text, each ``input_audio`` part replaced by what it says, where it stands."""
+        return _join(await self._spoken_parts(message, index))
+
+    async def _spoken_parts(self, message: ChatMessage, index: int) -> list[str]:
+        """The message's text parts, with what each ``input_audio`` part says where it stands."""
         parts = _parts(message, index)
         spoken = list(parts.texts)
         for at, words in reversed(list(zip(parts.after, await self._heard(parts), strict=True))):
             spoken.insert(at, words)
-        return _join(spoken)
+        return spoken
 
     async def _heard(self, parts: _Parts) -> list[str]:
         """What each ``input_audio`` part says: its ``transcript`` when given, else recognised."""
@@ -331,16 +343,16 @@ class Planner:
 
     # ---- long texts (longform.py) ----
 
-    def _check_length(self, text: str, param: str, line_breaks: bool = True) -> None:
-        """400 when ``text`` is longer than one request may speak. A chat message's text counts without
-        its line breaks (``line_breaks=False``): they join its text parts (``_join``), and two parts of
-        2048 characters are 4096 characters sent, as the limit reads."""
+    def _check_length(self, characters: int, param: str) -> None:
+        """400 when a text of ``characters`` is longer than one request may speak. A chat message's are the
+        characters sent in its text parts, as speech counts its ``input``: the line breaks that join the
+        parts in the prompt (``_join``) do not count (two parts of 2048 characters are 4096 characters
+        sent, as the limit reads); the client's own do, and whitespace at the parts' ends, though the
+        prompt leaves it out."""
         limit = self.settings.max_input_characters
-        characters = len(text) if line_breaks else len(text) - text.count("\n")
         if characters > limit:
-            unit = "characters" if line_breaks else "characters besides line breaks"
             raise InvalidRequest(
-                f"the text to speak has {characters} {unit}; this server speaks at most {limit} per "
+                f"the text to speak has {characters} characters; this server speaks at most {limit} per "
                 "request (HIGGS_MAX_INPUT_CHARACTERS): split it over several requests",
                 param,
                 code="string_above_max_length",
@@ -364,11 +376,11 @@ class Planner:
         last = len(request.messages) - 1
         param = f"messages[{last}].content"
         if request.wants_audio:
-            self._check_length(_join(_parts(request.messages[last], last).texts), param, line_breaks=False)
+            self._check_length(sum(map(len, _parts(request.messages[last], last).texts)), param)
         plan = await self._plan_chat(request)
         if plan.request is None or not plan.request.audio_output:
             return plan
-        self._check_length(plan.spoken_text, param, line_breaks=False)
+        self._check_length(len(plan.spoken_text) - plan.spoken_joins, param)  # with the words of its audio
         max_tokens = request.token_limit
         return replace(plan, script=self._script(plan.request, plan.spoken_text, max_tokens))
 
@@ -418,7 +430,8 @@ class Planner:
         if voice == CLONE_VOICE:
             log.warning("voice 'clone' without an input_audio reference: falling back to the default voice")
 
-        text = await self._spoken_text(messages[last], last)
+        spoken = await self._spoken_parts(messages[last], last)
+        text = _join(spoken)
         if not speakable(text):
             raise _nothing_to_speak(messages[last], last)
         # Resolved last: a built-in voice's first use is a generation of its own (make_builtin).
@@ -427,7 +440,13 @@ class Planner:
         else:
             fallback, prompt = None, await self.voices.resolve_or_make(voice, "audio.voice")
         turns = prompt.turns(scene, text)
-        return Plan(self._chat_generation(request, turns, text), text, prompt.name, fallback)
+        return Plan(
+            self._chat_generation(request, turns, text),
+            text,
+            prompt.name,
+            fallback,
+            spoken_joins=_joins(spoken),
+        )
 
     async def _plan_clone(
         self, request: ChatCompletionRequest, scene: str, reference_part: tuple[str, InputAudioPart]
@@ -436,7 +455,8 @@ class Planner:
         user message's)."""
         last = len(request.messages) - 1
         param, part = reference_part
-        text = _join(_parts(request.messages[last], last).texts)
+        texts = _parts(request.messages[last], last).texts
+        text = _join(texts)
         if not speakable(text):
             raise InvalidRequest(
                 "the clone request has a voice reference but no text to speak; add a text part",
@@ -446,13 +466,16 @@ class Planner:
         transcript = await self._transcript_of(reference, param)
         codes = await self._codes(reference)
         turns = clone_turns(scene, transcript, codes, text)
-        return Plan(self._chat_generation(request, turns, text), text, CLONE_VOICE)
+        return Plan(
+            self._chat_generation(request, turns, text), text, CLONE_VOICE, spoken_joins=_joins(texts)
+        )
 
     async def _plan_native(
         self, request: ChatCompletionRequest, scene: str, answers: dict[int, Answer | None]
     ) -> Plan:
         """The conversation as it stands: assistant audio (sent, or an earlier answer by id) in context."""
         turns = [system_turn(scene)]
+        joins = 0  # (the last message's: it is the user's)
         for i, message in enumerate(request.messages):
             if message.role in ("system", "developer"):
                 continue
@@ -469,12 +492,14 @@ class Planner:
                 elif answer is not None and answer.transcript:  # cut before any of its audio was sent
                     turns.append(Turn("assistant", answer.transcript))
             elif message.role == "user":
-                turns.append(Turn("user", await self._spoken_text(message, i)))
+                spoken = await self._spoken_parts(message, i)
+                joins = _joins(spoken)
+                turns.append(Turn("user", _join(spoken)))
         text = turns[-1].text
         if not speakable(text):
             last = len(request.messages) - 1
             raise _nothing_to_speak(request.messages[last], last)
-        return Plan(self._chat_generation(request, turns, text), text, "native")
+        return Plan(self._chat_generation(request, turns, text), text, "native", spoken_joins=joins)
 
     async def _plan_text(self, request: ChatCompletionRequest, scene: str) -> Plan:
         last = len(request.messages) - 1
@@ -517,7 +542,7 @@ class Planner:
         if not speakable(text):
             what = "empty" if not text else "only invisible characters (no letter, digit, mark or symbol)"
             raise InvalidRequest(f"input is {what}; give the text to speak", "input")
-        self._check_length(request.input, "input")
+        self._check_length(len(request.input), "input")
         scene = (request.instructions or "").strip() or self.settings.default_scene
         prompt = await self.voices.resolve_or_make(request.voice_name, "voice")
         generation = self._generation(prompt.turns(scene, text), text, True, seed=request.seed)

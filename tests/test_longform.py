@@ -263,7 +263,8 @@ def test_speech_input_over_the_limit_is_refused_naming_it(client, long_app, spy)
 
 def test_a_chat_messages_text_parts_count_without_the_line_breaks_that_join_them(long_app):
     """Two text parts of 1750 characters are 3500 sent, within a limit of 3500: the line break that joins
-    them in the prompt is not counted (it was, and the 400 said 3501). One more character is over."""
+    them in the prompt is not counted (it was, and the 400 said 3501). One more character is over. A line
+    break the client sent counts."""
 
     def parts(*lengths: int) -> list[dict]:
         return [{"type": "text", "text": "Say it. " + "d" * (n - 8)} for n in lengths]
@@ -271,9 +272,18 @@ def test_a_chat_messages_text_parts_count_without_the_line_breaks_that_join_them
     refused = long_app.post("/v1/chat/completions", json=chat(parts(1750, 1751), max_tokens=5))
     error = refused.json()["error"]
     assert refused.status_code == 400 and error["code"] == "string_above_max_length"
-    assert "3501 characters besides line breaks" in error["message"]
+    assert "3501 characters" in error["message"]
     taken = long_app.post("/v1/chat/completions", json=chat(parts(1750, 1750), max_tokens=5))
     assert taken.status_code == 200, taken.text[:300]
+    # The client's own line breaks count, as they do in speech (a trial: all of them were left out, and
+    # 3,490 characters and 11 line breaks were spoken by chat and refused by speech).
+    for text in ("Say it. " + "e" * 3482 + "\n" * 11, "Say it." + "\n" * 11 + "e" * 3483):
+        for refused in (
+            long_app.post("/v1/chat/completions", json=chat(text, max_tokens=5)),
+            long_app.post("/v1/chat/completions", json=chat([{"type": "text", "text": text}], max_tokens=5)),
+            long_app.post("/v1/audio/speech", json=speech(long_app, text)),
+        ):
+            assert refused.status_code == 400 and "3501 characters" in refused.json()["error"]["message"]
 
 
 def test_a_text_whose_later_piece_cannot_fit_is_refused_before_the_answer_starts(client, spy):

@@ -5,6 +5,7 @@ Chromium is Debian's (``/usr/bin/chromium``, installed by ``make test``); withou
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import re
 import time
@@ -123,8 +124,10 @@ def test_page_loads_without_console_errors_and_shows_the_apis_limit(page, base_u
     schema = httpx.get(f"{base_url}/openapi.json").json()
     limit = schema["components"]["schemas"]["SpeechRequest"]["properties"]["input"]["maxLength"]
     expect(page.locator("#count")).to_have_text(f"0 / {limit}")
-    assert page.locator("#text").get_attribute("maxlength") == str(limit)
     page.fill("#text", "Hello")
+    expect(page.locator("#count")).to_have_text(f"5 / {limit}")
+    # characters as the API counts them (an emoji is one; JavaScript's length and maxlength say two)
+    page.fill("#text", "Hi \U0001f600\U0001f600")
     expect(page.locator("#count")).to_have_text(f"5 / {limit}")
     page.wait_for_load_state("networkidle")
     assert page.console.errors == []
@@ -250,6 +253,10 @@ def test_storing_a_voice_from_an_uploaded_file_lists_plays_and_deletes_it(page, 
     expect(item).to_be_visible()
     assert "uploaded" in api_voices(base_url)
     expect(page.locator("#voice")).to_have_value("uploaded")
+    # the form is cleared (pressing Store again asked for a 409); the clip stays, to clone or transcribe
+    expect(page.locator("#voice-name")).to_have_value("")
+    expect(page.locator("#consent")).not_to_be_checked()
+    expect(page.locator("#clip-info")).to_contain_text("speech_female.wav")
 
     item.get_by_role("button", name="Play the sample of uploaded").click()
     page.wait_for_function("() => document.getElementById('sample-player').currentTime > 0")
@@ -267,6 +274,10 @@ def test_storing_a_voice_from_an_uploaded_file_lists_plays_and_deletes_it(page, 
     # it was the selected voice: the page says which one speaks now
     expect(page.locator("#voice")).to_have_value("alloy")
     expect(page.locator("#speak-status")).to_have_text("Deleted the voice uploaded; the voice is now alloy.")
+    # the library's live region, which said "Press again to delete", says it too
+    expect(page.locator("#library-status")).to_have_text(
+        "Deleted the voice uploaded; the voice is now alloy."
+    )
 
 
 def test_a_double_click_on_delete_only_asks(page, base_url):
@@ -286,20 +297,35 @@ def test_a_double_click_on_delete_only_asks(page, base_url):
 
 
 def test_a_delete_that_failed_can_be_pressed_again(page, base_url):
-    """A delete that failed (the voice was deleted elsewhere meanwhile) leaves its button asking again, not
-    ignoring presses as it does while the delete is on its way."""
+    """A delete that failed leaves its button asking again, not ignoring presses as it does while the delete
+    is on its way. One that failed because the voice was deleted elsewhere meanwhile takes it off the page."""
     store_voice(base_url, "gone")
     open_page(page, base_url)
     item = page.locator("#voices li[data-voice='gone']")
-    delete = item.get_by_role("button", name="Delete gone")
-    delete.click()
-    assert httpx.delete(f"{base_url}/v1/audio/voices/gone").status_code == 200  # deleted elsewhere
+
+    def refuse(route):
+        body = {"error": {"message": "the disk is full", "type": "server_error", "param": None, "code": None}}
+        route.fulfill(status=500, json=body)
+
+    deletes = re.compile(r"/v1/audio/voices/[^/]+$")  # (by the voice's id)
+    page.route(
+        deletes, lambda route: refuse(route) if route.request.method == "DELETE" else route.continue_()
+    )
+    item.get_by_role("button", name="Delete gone").click()
     item.get_by_role("button", name="Confirm: delete gone").click()
-    expect(page.get_by_role("alert")).to_contain_text("no voice")
+    expect(page.get_by_role("alert")).to_contain_text("the disk is full")
     button = item.locator("button", has_text="Delete")
     expect(button).to_have_text("Delete")
     button.click()
     expect(button).to_have_text("Confirm delete")
+    page.unroute(deletes)
+
+    assert httpx.delete(f"{base_url}/v1/audio/voices/gone").status_code == 200  # deleted elsewhere
+    item.get_by_role("button", name="Confirm: delete gone").click()
+    expect(page.get_by_role("alert")).to_contain_text("no voice")
+    expect(item).to_have_count(0)  # the list follows the library
+    expect(page.locator("#voice option[value='gone']")).to_have_count(0)
+    expect(page.locator("#refresh")).to_be_focused()  # where the keyboard goes when its voice went
 
 
 def test_the_library_keeps_the_focus_and_says_what_its_buttons_did(page, base_url):
@@ -422,6 +448,84 @@ def test_a_refused_speech_request_shows_the_apis_message_and_no_player(page, bas
     expect(page.locator("#error-text")).to_have_text(expected)
     expect(page.locator("#download")).to_be_hidden()
     expect(page.locator("#speak")).to_be_enabled()
+    # the voice menu and the library follow the library: the voice went
+    expect(page.locator("#voice option[value='gone-soon']")).to_have_count(0)
+    expect(page.locator("#voices li[data-voice='gone-soon']")).to_have_count(0)
+
+
+def test_a_refused_request_leaves_the_previous_answer_playable(page, base_url):
+    """A trial: a Speak the API refused (blank text, a 429) emptied the player and hid the last answer's
+    download before the request went out. The player is now made at the first audio."""
+    open_page(page, base_url)
+    speak(page, "Hi.", "default", "mp3")
+    href = page.locator("#download").get_attribute("href")
+    page.fill("#text", "   ")  # the browser lets it through (required is met); the API refuses it
+    page.click("#speak")
+    expect(page.get_by_role("alert")).to_be_visible()
+    expect(page.locator("#download")).to_be_visible()
+    assert page.locator("#download").get_attribute("href") == href
+    assert page.evaluate("() => document.getElementById('player').src").startswith("blob:")
+    assert page.evaluate("() => document.getElementById('player').error") is None
+
+
+def test_text_over_the_limit_is_kept_whole_and_not_sent(browser, web_settings, engine, recognizer):
+    """A trial: text pasted over the limit was cut to it unsaid (``maxlength``), and the counter counted an
+    emoji as two. The text is now kept, the counter counts characters as the API does, and Speak says what
+    is too long without sending anything."""
+    from app import create_app
+
+    settings = web_settings.model_copy(update={"max_input_characters": 30})
+    with serve(create_app(settings, engine=engine, recognizer=recognizer)) as url:
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        open_page(page, url)
+        expect(page.locator("#count")).to_have_text("0 / 30")
+        sent = []
+        page.on("request", lambda r: "/v1/audio/speech" in r.url and sent.append(r.url))
+        text = "A sentence of forty characters, pasted."
+        page.fill("#text", text)
+        assert page.input_value("#text") == text  # whole
+        expect(page.locator("#count")).to_have_text("39 / 30")
+        expect(page.locator("#count")).to_have_class(re.compile(r"\bfull\b"))
+        message = page.eval_on_selector("#text", "e => e.validationMessage")
+        assert message == "The text has 39 characters, 9 more than the 30 of one request."
+        page.click("#speak")
+        page.wait_for_timeout(500)
+        assert sent == [] and page.locator("#speak-status").inner_text() == ""
+        page.fill("#text", "Hi " + "\U0001f600" * 27)  # 30 characters (57 UTF-16 units): within the limit
+        assert page.eval_on_selector("#text", "e => e.validationMessage") == ""
+        page.select_option("#voice", "default")
+        page.click("#speak")
+        expect(page.locator("#download")).to_be_visible()
+        context.close()
+
+
+def test_a_503_makes_the_pill_check_at_once(browser, web_settings, engine, recognizer):
+    """A trial: a call answered 503 "still loading" (a restarted service) left the pill saying Ready until
+    its next check, 15 s later. The page's timers are frozen here, so only the check the error starts can
+    change the pill."""
+    from app import create_app
+
+    app = create_app(web_settings, engine=engine, recognizer=recognizer)
+    with serve(app) as url:
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.clock.install()
+        open_page(page, url)
+        now = page.evaluate("() => Date.now()") / 1000  # the page's clock, paused a second on from now
+        page.clock.pause_at(datetime.datetime.fromtimestamp(now + 1, datetime.UTC))
+        app.state.ready = False  # as while the models load again
+        page.fill("#text", "Hi.")
+        page.click("#speak")
+        expect(page.locator("#error-text")).to_contain_text("still loading")
+        expect(page.locator("#status")).to_have_text("Model loading…")
+        app.state.ready = True
+        page.clock.run_for(3_000)  # the next check, 3 s later while loading
+        expect(page.locator("#status")).to_have_text("Ready")
+        expect(page.get_by_role("alert")).to_be_hidden()  # the "loading" error went with it
+        context.close()
 
 
 def test_cloning_the_clip_once_streams_it(page, base_url):
@@ -766,12 +870,14 @@ def test_a_page_opened_while_the_model_loads_loads_once_it_is_ready(
         expect(page.locator("#error-text")).to_contain_text("still loading")
         expect(page.locator("#status")).to_have_text("Model loading…")
         assert page.locator("#voices li").count() == 0
+        expect(page.locator("#voices-empty")).to_have_text("The voices could not be loaded.")  # not "none"
         app.state.ready = True
         expect(page.locator("#status")).to_have_text("Ready", timeout=15_000)
         expect(page.locator("#voices li[data-voice='waited-for']")).to_be_visible()
         expect(page.get_by_role("alert")).to_be_hidden()
         expect(page.locator("#voice option[value='waited-for']")).to_have_count(1)
-        assert page.locator("#text").get_attribute("maxlength") == "100"
+        expect(page.locator("#count")).to_have_text("0 / 100")
+        expect(page.locator("#voices-empty")).to_be_hidden()
         assert page.locator("#instructions").get_attribute("maxlength") == "4096"
         context.close()
 

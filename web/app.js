@@ -74,7 +74,12 @@ function showError(err, fields = {}) {
   // The message is above the cards: bring it into view from wherever the button pressed was.
   $("error").scrollIntoView({ block: "nearest" });
   if (err instanceof ApiError && err.status === 401) askForKey();
-  if (err instanceof Unreachable) watchReadiness(); // the service may be gone: the pill says so
+  // The service may be gone, or loading again after a restart: the pill says which at once.
+  if (state.staleError) watchReadiness();
+  // A voice deleted elsewhere since the list was loaded: the list follows the library.
+  if (err instanceof ApiError && (err.param === "voice" || err.code === "voice_not_found")) {
+    loadVoices().catch(() => {});
+  }
 }
 
 function clearError() {
@@ -175,7 +180,6 @@ async function loadLimit() {
   const fields = schema?.components?.schemas?.SpeechRequest?.properties;
   const limit = fields?.input?.maxLength;
   state.limit = Number.isInteger(limit) ? limit : DEFAULT_LIMIT;
-  $("text").maxLength = state.limit;
   // instructions: a string or null, each with its own schema
   const instructions = [fields?.instructions, ...(fields?.instructions?.anyOf ?? [])]
     .map((f) => f?.maxLength)
@@ -185,7 +189,14 @@ async function loadLimit() {
 }
 
 async function loadVoices() {
-  const { data } = await (await request("/v1/audio/voices")).json();
+  let data;
+  try {
+    ({ data } = await (await request("/v1/audio/voices")).json());
+  } catch (err) {
+    // Not "No stored voices yet": nothing is known about them (a list loaded before stays shown).
+    if (state.listed === null) $("voices-empty").textContent = "The voices could not be loaded.";
+    throw err;
+  }
   state.voices = data;
   renderVoiceSelect();
   renderLibrary();
@@ -251,6 +262,7 @@ function renderLibrary() {
     index: [...focused.closest("li").querySelectorAll("button")].indexOf(focused),
   };
   list.replaceChildren();
+  $("voices-empty").textContent = "No stored voices yet.";
   $("voices-empty").hidden = state.voices.length > 0;
   for (const voice of state.voices) {
     const item = document.createElement("li");
@@ -318,10 +330,12 @@ function deleteButton(voice) {
       const selected = $("voice").value;
       await loadVoices();
       const now = $("voice").value;
-      $("speak-status").textContent =
+      const said =
         selected === voice.name && now !== selected
           ? `Deleted the voice ${voice.name}; the voice is now ${now}.`
           : `Deleted the voice ${voice.name}.`;
+      $("speak-status").textContent = said;
+      $("library-status").textContent = said; // where "Press again to delete" was said
       updateFormatHint();
       $("refresh").focus();
     } catch (err) {
@@ -374,11 +388,21 @@ $("refresh").addEventListener("click", async () => {
 
 // ---- speaking ----
 
+/** The length of `text` as the API counts it: characters (code points), where an emoji is one, not two
+ * UTF-16 units as `maxlength` and `String.length` count them. */
+const characters = (text) => [...text].length;
+
 function updateCount() {
-  const length = $("text").value.length;
+  const text = $("text");
+  const length = characters(text.value);
   const count = $("count");
   count.textContent = `${length} / ${state.limit}`;
   count.classList.toggle("full", length >= state.limit);
+  // A paste over the limit is kept whole (a maxlength would cut it unsaid): Speak says what is too long.
+  const over = length - state.limit;
+  text.setCustomValidity(
+    over > 0 ? `The text has ${length} characters, ${over} more than the ${state.limit} of one request.` : "",
+  );
 }
 
 function updateFormatHint() {
@@ -429,10 +453,10 @@ $("speak-form").addEventListener("submit", async (event) => {
   const controller = new AbortController();
   const status = $("speak-status");
   const download = $("download");
-  download.hidden = true;
   hush();
-  const player = playerFor(format, $("player"));
-  state.speaking = { controller, player };
+  // The player is made at the first audio: a refused request leaves the previous answer to play and download.
+  let player = null;
+  state.speaking = { controller };
   setSpeaking(true);
   status.textContent = "Generating…";
   const started = performance.now();
@@ -440,6 +464,8 @@ $("speak-form").addEventListener("submit", async (event) => {
   const live = streamsLive(format);
   const onAudio = (bytes) => {
     if (first === null) {
+      download.hidden = true;
+      player = playerFor(format, $("player"));
       first = performance.now() - started;
       const after = (first / 1000).toFixed(1);
       status.textContent = live
@@ -457,7 +483,7 @@ $("speak-form").addEventListener("submit", async (event) => {
         message.type === "speech.audio.delta" ? message.audio : message.choices?.[0]?.delta?.audio?.data;
       if (delta) onAudio(fromBase64(delta));
     }
-    if (player.bytes === 0) throw new ApiError(500, "the service sent no audio");
+    if (player === null) throw new ApiError(500, "the service sent no audio");
     const file = await player.end();
     soundsOn(player);
     if (download.href) URL.revokeObjectURL(download.href);
@@ -471,7 +497,7 @@ $("speak-form").addEventListener("submit", async (event) => {
     if (OPENAI_VOICES.includes($("voice").value)) loadVoices().catch(() => {});
   } catch (err) {
     try {
-      player.stop();
+      player?.stop();
     } catch {
       // a player that could not stop cleanly is dropped anyway; the request's error is what matters
     }
@@ -658,6 +684,9 @@ $("store-form").addEventListener("submit", async (event) => {
     await loadVoices();
     useVoice(name);
     $("speak-status").textContent = `Stored the voice ${name}; it is selected above.`;
+    // (the clip stays: it may be cloned once or transcribed next)
+    for (const id of ["voice-name", "voice-transcript"]) $(id).value = "";
+    $("consent").checked = false;
     $("speak-status").scrollIntoView({ block: "nearest" }); // on a phone the Speak card is far above
   } catch (err) {
     showError(err, STORE_FIELDS);
