@@ -405,6 +405,9 @@ class Planner:
         if not request.wants_audio:
             return await self._plan_text(request, scene)
 
+        # Every assistant message's audio id is checked, whatever the voice (a clone answered one that is
+        # not held with a 200, where every other voice answered 400).
+        answers = {i: self._answer_of(m, i) for i, m in enumerate(messages) if m.role == "assistant"}
         if voice == CLONE_VOICE:
             # The last user message's reference, else the latest earlier one: the voice asked for, whatever
             # other audio the conversation holds.
@@ -420,7 +423,6 @@ class Planner:
                     )
                 return await self._plan_clone(request, scene or self.settings.default_scene, parts.audios[0])
 
-        answers = {i: self._answer_of(m, i) for i, m in enumerate(messages) if m.role == "assistant"}
         kept_audio = any(a is not None and a.codes is not None and a.codes.frames for a in answers.values())
         sent_audio = any(_parts(m, i).audios for i, m in enumerate(messages) if m.role == "assistant")
         named = voice not in (DEFAULT_VOICE, CLONE_VOICE)  # its own reference: the same voice every time

@@ -36,6 +36,7 @@ from audio import (
 )
 from generation import SYSTEM_TEMPLATE, AudioCodes, Turn
 from protocol import InvalidRequest
+from text_split import speakable
 
 if TYPE_CHECKING:
     from settings import Settings
@@ -199,6 +200,12 @@ def check_reference(
         if not transcript:
             raise InvalidReference(
                 "the reference transcript is empty; omit it or give the words spoken", transcript_param
+            )
+        if not speakable(transcript):  # zero-width or control characters: paired with the clip as no words
+            raise InvalidReference(
+                "the reference transcript holds only invisible characters (zero-width or control ones); "
+                "omit it or give the words spoken",
+                transcript_param,
             )
         if len(transcript) > limits.max_transcript_characters:
             raise InvalidReference(

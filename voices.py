@@ -520,9 +520,11 @@ class Voices:
         self._creating: set[str] = set()
 
     def names(self) -> list[str]:
-        """Every voice name a request may use."""
+        """Every voice name a request may use, once: a stored voice under an OpenAI name in another case
+        (``Nova``) is that name's voice, and the list had both."""
         stored = [v.name for v in self.library.list()]
-        return sorted({DEFAULT_VOICE, *stored, *BUILTIN_VOICES})
+        taken = {name.lower() for name in stored}
+        return sorted({DEFAULT_VOICE, *stored, *(name for name in BUILTIN_VOICES if name not in taken)})
 
     async def list(self) -> list[Voice]:
         """Every stored voice."""

@@ -209,6 +209,15 @@ def test_10_voice_list_has_the_voices_field_other_clients_read(isolated):
         assert names["lister"] == "lister"  # usable as `voice` directly
         for builtin in ("alloy", "nova", "default"):
             assert names[builtin] == builtin
+        # An OpenAI name stored in another case is listed once, as stored (a trial: "Nova" and "nova").
+        assert upload(client, "Nova").status_code == 200
+        listed = [v["name"] for v in client.get("/v1/audio/voices").json()["voices"]]
+        assert "Nova" in listed and "nova" not in listed
+        unknown = client.post("/v1/audio/speech", json={"model": "tts-1", "input": "Hi.", "voice": "nobody"})
+        assert (
+            "Nova, " in unknown.json()["error"]["message"]
+            and "nova" not in unknown.json()["error"]["message"]
+        )
 
 
 @pytest.mark.parametrize(
@@ -310,9 +319,17 @@ def test_14_an_unknown_audio_id_is_a_400_naming_it_unless_the_message_has_words(
     client: the answer came in the default voice, its fallback header saying there was no reference. It
     is a 400 naming the id; an assistant message that also has text is that text."""
     gone = {"role": "assistant", "audio": {"id": "audio_gone"}}
+    reference = {
+        "type": "input_audio",
+        "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"},
+    }
+    cloned = {"role": "user", "content": [{"type": "text", "text": "Hello there."}, reference]}
     for body in (
         {**CHAT, "messages": [*SPEAK, gone, SPEAK[0]]},
         {"model": "tts-1", "messages": [*SPEAK, gone, SPEAK[0]]},
+        # a clone too (a trial: it was a 200, the id unchecked), its reference here or in an earlier turn
+        {**CHAT, "audio": {"voice": "clone", "format": "wav"}, "messages": [*SPEAK, gone, cloned]},
+        {**CHAT, "audio": {"voice": "clone", "format": "wav"}, "messages": [cloned, gone, SPEAK[0]]},
     ):
         response = client.post("/v1/chat/completions", json=body)
         assert response.status_code == 400

@@ -397,6 +397,7 @@ BAD_UPLOADS = [
     ("too short", {"name": "short"}, "short", 400, "audio_sample"),
     ("silent", {"name": "silent"}, silence_wav(3), 400, "audio_sample"),
     ("empty transcript", {"name": "blank", "transcript": "  "}, None, 400, "transcript"),
+    ("invisible transcript", {"name": "zw", "transcript": "\u200b"}, None, 400, "transcript"),  # (was stored)
     ("missing name", {}, None, 400, "name"),
 ]
 

@@ -301,6 +301,15 @@ BAD_REFERENCES = [
     ("nan samples", wav_b64(np.full(48000, np.nan, dtype=np.float32), 24000, "FLOAT"), {}, "data", "NaN"),
     ("unknown format", wav_b64(tone(2), 24000), {"format": "midi"}, "format", "midi"),
     ("empty transcript", wav_b64(tone(2), 24000), {"transcript": "   "}, "transcript", "transcript"),
+    # a trial: these were taken, the clip paired with no words
+    (
+        "invisible transcript",
+        wav_b64(tone(2), 24000),
+        {"transcript": "\u200b\u200b"},
+        "transcript",
+        "invisible",
+    ),
+    ("control transcript", wav_b64(tone(2), 24000), {"transcript": "\x01\x02"}, "transcript", "invisible"),
 ]
 
 
