@@ -70,7 +70,7 @@ MEDIA_TYPES: dict[str, str] = {
 }
 OUTPUT_FORMATS: frozenset[str] = frozenset(MEDIA_TYPES)
 
-_NOT_AUDIO = "the file could not be decoded as audio; send wav, mp3, flac, ogg, opus, webm or m4a"
+_NOT_AUDIO = "the file could not be decoded as audio; send wav, mp3, flac, ogg, opus, webm, m4a or aac"
 # Codec priming/padding and container rounding: a clip may decode a little longer than stated.
 _DURATION_SLACK_S = 0.1
 # Durations guessed from the bit rate may be this far off before the header alone refuses.

@@ -131,7 +131,7 @@ def decode_input_audio(
     if fmt is not None and fmt.lower() not in INPUT_AUDIO_FORMATS:
         raise InvalidAudio(
             f"unsupported audio format {fmt!r}; use one of: {', '.join(sorted(INPUT_AUDIO_FORMATS))}, or "
-            "leave format out: the bytes say what they are (an AIFF clip decodes too)",
+            "leave format out: the bytes say what they are (AIFF and CAF clips decode too, with no format)",
             f"{param}.input_audio.format",
         )
     try:

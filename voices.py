@@ -271,7 +271,9 @@ class VoiceLibrary:
         """Exclusive right to write the library, across threads and processes (released if one dies)."""
         with self._lock:
             if not self.meta.is_dir():  # removed while serving: the voices in it are gone, the library is not
-                log.warning("the voices folder %s is gone; making it again", self.meta)
+                # named as it went: the library's whole folder, or only its .voices
+                gone = self.meta if self.root.is_dir() else self.root
+                log.warning("the voices folder %s is gone; making it again", gone)
                 self.meta.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.meta / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -352,7 +352,7 @@ def test_refuse_empty() -> None:
     ],
 )
 def test_refuse_not_audio(junk: bytes) -> None:
-    _refused(junk, r"could not be decoded as audio; send wav, mp3, flac, ogg, opus, webm or m4a")
+    _refused(junk, r"could not be decoded as audio; send wav, mp3, flac, ogg, opus, webm, m4a or aac")
 
 
 def test_refuse_header_only_wav() -> None:
