@@ -212,26 +212,22 @@ class Planner:
     async def _transcript_of(self, reference: Reference, param: str) -> str:
         if reference.transcript is not None:
             return reference.transcript
-        known = self.transcripts.get(reference.key)
-        if known is not None:
-            return known
-        text = await recognised_words(self.recognizer, reference.audio, f"{param}.input_audio.transcript")
-        if not text:  # with voice-activity filtering, also a clip of noise, hum or a lone syllable
-            raise InvalidReference(
-                "no speech was found in the voice reference; send a clip of clear speech or give its "
-                "words in input_audio.transcript",
-                f"{param}.input_audio.data",
-            )
-        log.info("reference transcript recognised (%d characters)", len(text))
-        self.transcripts.put(reference.key, text)
-        return text
+
+        async def recognise() -> str:
+            text = await recognised_words(self.recognizer, reference.audio, f"{param}.input_audio.transcript")
+            if not text:  # with voice-activity filtering, also a clip of noise, hum or a lone syllable
+                raise InvalidReference(
+                    "no speech was found in the voice reference; send a clip of clear speech or give its "
+                    "words in input_audio.transcript",
+                    f"{param}.input_audio.data",
+                )
+            log.info("reference transcript recognised (%d characters)", len(text))
+            return text
+
+        return await self.transcripts.get_or_make(reference.key, recognise)
 
     async def _codes(self, reference: Reference) -> AudioCodes:
-        codes = self.codes.get(reference.key)
-        if codes is None:
-            codes = await self.engine.encode(reference.audio)
-            self.codes.put(reference.key, codes)
-        return codes
+        return await self.codes.get_or_make(reference.key, lambda: self.engine.encode(reference.audio))
 
     def _user_audio(self, param: str, part: InputAudioPart) -> Audio:
         audio = part.input_audio

@@ -16,11 +16,12 @@ stored voices are ``voices.py``'s.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -227,17 +228,62 @@ async def recognised_words(recognizer: AsyncTranscriber | None, audio: Audio, pa
     return transcript.text
 
 
+@dataclass
+class _Making(Generic[V]):
+    """A value being made for a ``ReferenceCache``, and how many callers wait for it."""
+
+    task: asyncio.Task[V]
+    callers: int = 0
+
+
 class ReferenceCache(Generic[V]):
     """A small LRU keyed by a reference's content hash (its audio codes, or its recognised transcript).
 
     Clients resend the same reference with every request; encoding or recognising it again would cost a
-    tokenizer pass or a Whisper run.
+    tokenizer pass or a Whisper run. ``get_or_make`` makes a value once for the requests that ask for it at
+    the same time (an app that speaks a text's sentences in parallel sends the reference with each).
     """
 
     def __init__(self, capacity: int = 64):
         self._capacity = capacity
         self._items: OrderedDict[str, V] = OrderedDict()
         self._lock = threading.Lock()
+        self._making: dict[str, _Making[V]] = {}  # (on the event loop)
+
+    async def get_or_make(self, key: str, make: Callable[[], Awaitable[V]]) -> V:
+        """The value for ``key``: cached, or made by ``make`` once for every caller meanwhile. A caller
+        that is cancelled (its client left) leaves the making to the others, and the value is cached for
+        them; when none is left, the making is cancelled too (an abandoned reference would hold up the
+        codec's line). A failure is every waiting caller's."""
+        value = self.get(key)
+        if value is not None:
+            return value
+        making = self._making.get(key)
+        if making is None:
+            making = self._making[key] = _Making(asyncio.ensure_future(self._make(key, make)))
+            making.task.add_done_callback(lambda done: self._made(key, done))
+        making.callers += 1
+        try:
+            return await asyncio.shield(making.task)
+        except asyncio.CancelledError:
+            if making.callers == 1:  # the last one waiting
+                making.task.cancel()
+                if self._making.get(key) is making:  # a caller from now on makes it anew
+                    del self._making[key]
+            raise
+        finally:
+            making.callers -= 1
+
+    async def _make(self, key: str, make: Callable[[], Awaitable[V]]) -> V:
+        value = await make()
+        self.put(key, value)
+        return value
+
+    def _made(self, key: str, task: asyncio.Task[V]) -> None:
+        if (making := self._making.get(key)) is not None and making.task is task:
+            del self._making[key]
+        if not task.cancelled():
+            task.exception()  # (retrieved: a failure whose callers all left is not logged as unretrieved)
 
     def get(self, key: str) -> V | None:
         with self._lock:

@@ -6,12 +6,16 @@ Items about speech recognition (15, 19, 23, 24) and the engine (1, 22) are teste
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import logging
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import soundfile as sf
 import torch
 from conftest import TEST_AUDIO, b64, transcripts
 from fastapi.testclient import TestClient
@@ -452,6 +456,45 @@ def test_16_a_clone_reference_is_recognised_once(client, recognizer, monkeypatch
     for _ in range(2):
         assert client.post("/v1/chat/completions", json=body).status_code == 200
     assert len(calls) <= 1  # at most the first use (an earlier test may already have cached it)
+
+
+def test_a_clone_reference_sent_twice_at_once_is_recognised_and_encoded_once(
+    client, recognizer, spy, monkeypatch
+):
+    """A trial: two requests at the same moment with the same new clip (an app speaking a text's sentences
+    in parallel) each ran Whisper and the tokenizer. The second now waits for the first's. Recognition is
+    held back 2 s here, so that the two requests are surely in flight together."""
+    calls = []
+    real = recognizer.transcribe
+
+    async def slow(*args, **kwargs):
+        calls.append(1)
+        await asyncio.sleep(2)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(recognizer, "transcribe", slow)
+    speech, rate = sf.read(TEST_AUDIO, dtype="float32")
+    clip = io.BytesIO()
+    sf.write(clip, 0.9 * speech, rate, format="WAV")  # a clip no other test sent: not cached
+    reference = {"data": base64.b64encode(clip.getvalue()).decode(), "format": "wav"}
+    body = {
+        **CHAT,
+        "audio": {"voice": "clone", "format": "wav"},
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "At once."},
+                    {"type": "input_audio", "input_audio": reference},
+                ],
+            }
+        ],
+    }
+    encodes = len(spy["encode"])
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/chat/completions", json=body), range(2)))
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    assert len(calls) == 1 and len(spy["encode"]) == encodes + 1
 
 
 def test_17_a_transcript_is_limited_at_creation(isolated):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import re
@@ -419,3 +420,52 @@ def test_a_reference_whose_client_left_is_not_encoded(client, app, engine, monke
     later = client.post("/v1/chat/completions", json=owner_request(fresh(0.8), transcript=words))
     assert later.status_code == 200
     assert len(encoded) == 1  # the later request's reference alone (the codec takes them in order)
+
+
+def test_the_reference_cache_makes_a_value_once_for_callers_at_once():
+    """``get_or_make``: one make for callers at the same time; a caller that is cancelled leaves the value
+    to the others (and the cache), the last one stops the making; a failure is every caller's, and the
+    next call tries again."""
+    from voice_cloning import ReferenceCache
+
+    async def scenario() -> None:
+        cache: ReferenceCache[str] = ReferenceCache()
+        made = []
+        gate = asyncio.Event()
+
+        async def make() -> str:
+            made.append(1)
+            await gate.wait()
+            return "words"
+
+        first = asyncio.ensure_future(cache.get_or_make("k", make))
+        second = asyncio.ensure_future(cache.get_or_make("k", make))
+        await asyncio.sleep(0)
+        first.cancel()  # its client left
+        gate.set()
+        assert await second == "words" and made == [1]
+        assert first.cancelled() and cache.get("k") == "words"
+
+        gate.clear()
+        alone = asyncio.ensure_future(cache.get_or_make("gone", make))
+        await asyncio.sleep(0)
+        alone.cancel()  # the only caller left: the making stops, nothing is kept
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.sleep(0)
+        assert alone.cancelled() and cache.get("gone") is None and made == [1, 1]
+
+        async def fail() -> str:
+            made.append(2)
+            await asyncio.sleep(0)
+            raise ValueError("no speech")
+
+        results = await asyncio.gather(
+            cache.get_or_make("x", fail), cache.get_or_make("x", fail), return_exceptions=True
+        )
+        assert [type(r) for r in results] == [ValueError, ValueError] and made == [1, 1, 2]
+        with pytest.raises(ValueError):
+            await cache.get_or_make("x", fail)  # not remembered: made again
+        assert made == [1, 1, 2, 2]
+
+    asyncio.run(scenario())
