@@ -538,7 +538,8 @@ class Planner:
         """The generation for /v1/audio/speech: ``input`` in ``voice``, ``instructions`` as the scene."""
         text = " ".join(request.input.split())
         if not speakable(text):
-            what = "empty" if not text else "only invisible characters (no letter, digit, mark or symbol)"
+            shown = "no letter, digit, punctuation or symbol"
+            what = "empty" if not text else f"only invisible characters ({shown})"
             raise InvalidRequest(f"input is {what}; give the text to speak", "input")
         self._check_length(len(request.input), "input")
         scene = (request.instructions or "").strip() or self.settings.default_scene

@@ -286,7 +286,7 @@ def files_in(folder) -> set[str]:
 BAD_SPEECH = [
     ("empty input", {"input": ""}, 400, "input"),
     ("blank input", {"input": "   "}, 400, "input"),
-    # Spoken as 4 s of sound each: nothing in them is a letter, digit, mark or symbol.
+    # Spoken as 4 s of sound each: nothing in them is a letter, digit, punctuation mark or symbol.
     ("invisible input", {"input": "\u200b\ufeff"}, 400, "input"),
     ("control characters", {"input": "\u0000\u0007"}, 400, "input"),
     ("a lone accent", {"input": "\u0301"}, 400, "input"),
