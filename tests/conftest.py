@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
 import os
 import re
@@ -76,6 +77,16 @@ def srt_times(srt: str) -> list[tuple[float, float]]:
 def fixture_path(name: str) -> Path:
     """Where the speech fixture called ``name`` (a key of transcripts.json) lives."""
     return ROOT / name if name == "test_audio.wav" else FIXTURES / name
+
+
+_GAINS = itertools.count()
+
+
+def unheard_gain() -> float:
+    """A gain no other caller in this session got (0.3 up, by thousandths): ``TEST_AUDIO`` scaled by it is a
+    voice reference that is not cached yet (codes and transcripts are cached by content for the session, so
+    a test of what a new reference costs needs one no earlier test sent)."""
+    return 0.3 + next(_GAINS) / 1000
 
 
 def b64(path: Path) -> str:

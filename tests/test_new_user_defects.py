@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import soundfile as sf
 import torch
-from conftest import TEST_AUDIO, b64, transcripts
+from conftest import TEST_AUDIO, b64, transcripts, unheard_gain
 from fastapi.testclient import TestClient
 from live_server import start_process, tiny_process_settings
 
@@ -475,7 +475,7 @@ def test_a_clone_reference_sent_twice_at_once_is_recognised_and_encoded_once(
     monkeypatch.setattr(recognizer, "transcribe", slow)
     speech, rate = sf.read(TEST_AUDIO, dtype="float32")
     clip = io.BytesIO()
-    sf.write(clip, 0.9 * speech, rate, format="WAV")  # a clip no other test sent: not cached
+    sf.write(clip, unheard_gain() * speech, rate, format="WAV")
     reference = {"data": base64.b64encode(clip.getvalue()).decode(), "format": "wav"}
     body = {
         **CHAT,

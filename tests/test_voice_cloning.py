@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import FIXTURES, TEST_AUDIO, b64, chat_audio, transcripts, wav_b64
+from conftest import FIXTURES, TEST_AUDIO, b64, chat_audio, transcripts, unheard_gain, wav_b64
 
 FEMALE = FIXTURES / "speech_female.wav"
 
@@ -408,16 +408,16 @@ def test_a_reference_whose_client_left_is_not_encoded(client, app, engine, monke
     words = transcripts()["test_audio.wav"]
     clip = decode_audio(TEST_AUDIO.read_bytes())
 
-    def fresh(gain: float) -> str:  # a reference not encoded before (codes are cached by content)
-        return wav_b64(clip.samples * gain, clip.sample_rate)
+    def fresh() -> str:  # a reference not encoded before (codes are cached by content)
+        return wav_b64(clip.samples * unheard_gain(), clip.sample_rate)
 
-    path, headers, body = _hang_up_request(owner_request(fresh(0.9), transcript=words))
+    path, headers, body = _hang_up_request(owner_request(fresh(), transcript=words))
     queued = lambda: engine._codec_queue.qsize() >= 1  # noqa: E731
     sent = client.portal.call(post_then_hang_up, app, path, headers, body, queued)
     busy.set()
     holding.result(timeout=60)
     assert sent[0]["status"] == 499
-    later = client.post("/v1/chat/completions", json=owner_request(fresh(0.8), transcript=words))
+    later = client.post("/v1/chat/completions", json=owner_request(fresh(), transcript=words))
     assert later.status_code == 200
     assert len(encoded) == 1  # the later request's reference alone (the codec takes them in order)
 
