@@ -6,8 +6,6 @@ Items about speech recognition (15, 19, 23, 24) and the engine (1, 22) are teste
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import logging
 import shutil
 import threading
@@ -17,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import soundfile as sf
 import torch
-from conftest import TEST_AUDIO, b64, transcripts, unheard_gain
+from conftest import TEST_AUDIO, b64, transcripts, unheard_gain, wav_b64
 from fastapi.testclient import TestClient
 from live_server import start_process, tiny_process_settings
 
@@ -28,6 +26,13 @@ CHAT = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "d
         "messages": SPEAK, "max_tokens": 8, "seed": 1}  # fmt: skip
 WAV = TEST_AUDIO.read_bytes()
 WORDS = transcripts()["test_audio.wav"]
+
+
+def clone_chat(text: str, data: str) -> dict:
+    """A chat request that clones the base64 clip ``data`` to say ``text``."""
+    reference = {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": text}, reference]}]
+    return {**CHAT, "audio": {"voice": "clone", "format": "wav"}, "messages": messages}
 
 
 def upload(client, name: str, transcript: str | None = WORDS):
@@ -323,17 +328,14 @@ def test_14_an_unknown_audio_id_is_a_400_naming_it_unless_the_message_has_words(
     client: the answer came in the default voice, its fallback header saying there was no reference. It
     is a 400 naming the id; an assistant message that also has text is that text."""
     gone = {"role": "assistant", "audio": {"id": "audio_gone"}}
-    reference = {
-        "type": "input_audio",
-        "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"},
-    }
-    cloned = {"role": "user", "content": [{"type": "text", "text": "Hello there."}, reference]}
+    clone = clone_chat("Hello there.", b64(TEST_AUDIO))
+    (cloned,) = clone["messages"]
     for body in (
         {**CHAT, "messages": [*SPEAK, gone, SPEAK[0]]},
         {"model": "tts-1", "messages": [*SPEAK, gone, SPEAK[0]]},
         # a clone too (a trial: it was a 200, the id unchecked), its reference here or in an earlier turn
-        {**CHAT, "audio": {"voice": "clone", "format": "wav"}, "messages": [*SPEAK, gone, cloned]},
-        {**CHAT, "audio": {"voice": "clone", "format": "wav"}, "messages": [cloned, gone, SPEAK[0]]},
+        {**clone, "messages": [*SPEAK, gone, cloned]},
+        {**clone, "messages": [cloned, gone, SPEAK[0]]},
     ):
         response = client.post("/v1/chat/completions", json=body)
         assert response.status_code == 400
@@ -440,19 +442,7 @@ def test_16_a_clone_reference_is_recognised_once(client, recognizer, monkeypatch
         return await real(*args, **kwargs)
 
     monkeypatch.setattr(recognizer, "transcribe", counting)
-    body = {
-        **CHAT,
-        "audio": {"voice": "clone", "format": "wav"},
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "Once, twice."},
-                    {"type": "input_audio", "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"}},
-                ],
-            }
-        ],
-    }
+    body = clone_chat("Once, twice.", b64(TEST_AUDIO))
     for _ in range(2):
         assert client.post("/v1/chat/completions", json=body).status_code == 200
     assert len(calls) <= 1  # at most the first use (an earlier test may already have cached it)
@@ -474,22 +464,7 @@ def test_a_clone_reference_sent_twice_at_once_is_recognised_and_encoded_once(
 
     monkeypatch.setattr(recognizer, "transcribe", slow)
     speech, rate = sf.read(TEST_AUDIO, dtype="float32")
-    clip = io.BytesIO()
-    sf.write(clip, unheard_gain() * speech, rate, format="WAV")
-    reference = {"data": base64.b64encode(clip.getvalue()).decode(), "format": "wav"}
-    body = {
-        **CHAT,
-        "audio": {"voice": "clone", "format": "wav"},
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "At once."},
-                    {"type": "input_audio", "input_audio": reference},
-                ],
-            }
-        ],
-    }
+    body = clone_chat("At once.", wav_b64(unheard_gain() * speech, rate))
     encodes = len(spy["encode"])
     with ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda _: client.post("/v1/chat/completions", json=body), range(2)))
