@@ -36,6 +36,7 @@ from generation import AudioCodes, Engine, GenerationRequest, Turn
 from protocol import InvalidRequest
 from settings import Settings
 from stt import AsyncTranscriber
+from text_split import speakable
 from voice_cloning import (
     InvalidReference,
     Reference,
@@ -586,6 +587,9 @@ class Voices:
         transcript) and trimmed as one is; a 400 naming the files to replace, and a warning, when it fails.
         (Nothing is cached for a clip that fails: it is checked again once its files are replaced.)"""
         try:
+            if not speakable(voice.transcript):  # "omit it", the upload's advice, cannot be done here
+                words = f"{voice.name}.txt holds no words; write in it the words spoken in {voice.name}.wav"
+                raise InvalidReference(words, param)
             return check_reference(audio, voice.transcript, self.limits, param, param).audio
         except InvalidReference as exc:
             self.library.warn_once("voice %s cannot be used: %s", voice.name, exc)

@@ -44,6 +44,8 @@ async def create_voice(
     if (clips := len((await request.form()).getlist("audio_sample"))) > 1:
         raise InvalidRequest(f"send one clip: the request has {clips} audio_sample parts", "audio_sample")
     data = await read_upload(audio_sample, "audio_sample", settings)
+    if transcript is not None and not transcript.strip():
+        transcript = None  # a blank field, as a form sends an empty one: recognised, as when left out
     voice = await voices.create(name, data, transcript)
     log.info("stored voice %r (%.1f s)", voice.name, voice.duration)
     return JSONResponse(voice.public())

@@ -530,17 +530,23 @@ def test_a_503_makes_the_pill_check_at_once(browser, web_settings, engine, recog
 
 def test_cloning_the_clip_once_streams_it(page, base_url):
     open_page(page, base_url)
+    expect(page.locator("#player")).to_be_hidden()  # empty controls were two Tab stops of nothing
+    page.fill("#speed", "1.5")
     page.set_input_files("#clip-file", str(TEST_AUDIO))
     page.select_option("#voice", ":clip")
-    # the chat endpoint that clones once has no speed: the slider says so by being off
+    # the chat endpoint that clones once has no speed: the slider says so by being off, and the readout
+    # by showing the speed it speaks at (it kept saying 1.50x)
     expect(page.locator("#speed")).to_be_disabled()
+    expect(page.locator("#speed-out")).to_have_text("1.00×")
     expect(page.locator("#format-hint")).to_contain_text("at normal speed")
     speak(page, "Spoken once in the voice of the clip.", ":clip")
     assert download_head(page, 4) == b"RIFF"
+    expect(page.locator("#player")).to_be_visible()
     page.wait_for_function("() => document.getElementById('player').duration > 0.5")
     assert "uploaded" not in api_voices(base_url)  # nothing was stored
     page.select_option("#voice", "alloy")
     expect(page.locator("#speed")).to_be_enabled()
+    expect(page.locator("#speed-out")).to_have_text("1.50×")
 
 
 def test_a_clip_whose_format_the_api_does_not_name_still_clones(page, base_url, tmp_path):

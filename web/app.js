@@ -409,6 +409,7 @@ function updateFormatHint() {
   const format = $("format").value;
   const cloning = $("voice").value === CLIP;
   $("speed").disabled = cloning; // the chat endpoint that clones once has no speed
+  showSpeed();
   $("format-hint").textContent = cloning
     ? "Cloning from the clip streams raw audio at normal speed; the download is wav."
     : streamsLive(format)
@@ -419,11 +420,14 @@ function updateFormatHint() {
 $("text").addEventListener("input", updateCount);
 $("format").addEventListener("change", updateFormatHint);
 $("voice").addEventListener("change", updateFormatHint);
-$("speed").addEventListener("input", () => {
+$("speed").addEventListener("input", showSpeed);
+
+function showSpeed() {
   const speed = Number($("speed").value).toFixed(2);
-  $("speed-out").textContent = `${speed}×`; // shown; the slider itself tells a screen reader, with a unit
+  // shown; the slider itself tells a screen reader, with a unit. Off (cloning once), the speed is normal.
+  $("speed-out").textContent = $("speed").disabled ? "1.00×" : `${speed}×`;
   $("speed").setAttribute("aria-valuetext", `${speed} times`);
-});
+}
 
 function setSpeaking(on) {
   // Keyboard focus follows the one button that can act: Stop while generating, Speak after. Stop stays
@@ -466,6 +470,7 @@ $("speak-form").addEventListener("submit", async (event) => {
     if (first === null) {
       download.hidden = true;
       player = playerFor(format, $("player"));
+      $("player").hidden = false; // hidden until the first answer: empty controls are two Tab stops of nothing
       first = performance.now() - started;
       const after = (first / 1000).toFixed(1);
       status.textContent = live
