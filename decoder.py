@@ -442,10 +442,12 @@ class BatchDecoder:
             history.fill_(-1)
             prompt = admission.inputs.get("audio_out_ids")
             if prompt is not None and prompt.shape[-1] > 0:
-                tail = prompt[:, -(RAS_MAX_WINDOW - 1) :]
+                tail = prompt[:, -(RAS_MAX_WINDOW - 1) :].to(torch.long)
                 if tail.device.type == "cpu" and self.device.type == "cuda":
-                    tail = tail.pin_memory()  # (from pageable memory, CUDA's copy may wait for the stream)
-                tail = tail.to(self.device, torch.long, non_blocking=True)
+                    # Pinned and contiguous: a strided source (this slice of a longer reference) or one in
+                    # pageable memory goes through a pageable copy, which may wait for the stream.
+                    tail = tail.contiguous().pin_memory()
+                tail = tail.to(self.device, non_blocking=True)
                 history[:, -1 - tail.shape[1] : -1] = tail
             history[:, -1] = self.bos
             first[0] = self.audio_out_token
