@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # A client's X-Request-ID is kept when it is a plain token (it ends up in log lines).
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(higgs_request_id)s] %(message)s"
 # Control characters, as they are escaped in log lines (tabs are left alone).
 _ESCAPED = {c: f"\\x{c:02x}" for c in [*range(32), 127] if c != 9} | {10: "\\n", 13: "\\r"}
 
@@ -387,14 +387,16 @@ class _RequestIds(_RoutesMiddleware):
 
 
 def _install_request_id_on_log_records() -> None:
-    """Give every log record a ``request_id`` attribute (``-`` outside a request)."""
+    """Give every log record a ``higgs_request_id`` attribute (``-`` outside a request). Not
+    ``request_id``: a library that passes its own in ``extra`` (Ray Serve's access log does) would then
+    fail, as logging refuses an ``extra`` that overwrites a record's attribute."""
     factory = logging.getLogRecordFactory()
     if getattr(factory, "adds_request_id", False):
         return
 
     def make_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = factory(*args, **kwargs)
-        record.request_id = request_id.get()
+        record.higgs_request_id = request_id.get()
         return record
 
     make_record.adds_request_id = True  # type: ignore[attr-defined]

@@ -5,11 +5,13 @@
 
 Each replica runs ``app.create_app(settings)`` exactly as ``make run`` would, behind Ray Serve's HTTP proxy on
 ``HIGGS_HOST:HIGGS_PORT``; the ``HIGGS_*`` settings are read once here and handed to every replica. What this
-module adds around the app: the ``X-Replica`` response header (which replica answered; ``X-Request-ID`` is
-the proxy's, once), the replica's health check (the app's readiness: a replica whose engine failed is
-replaced by Ray), and the replica count (``HIGGS_REPLICAS``, or autoscaling up to ``HIGGS_MAX_REPLICAS``).
-The voice library is shared through ``HIGGS_VOICES_DIR``, which must be one folder that every machine sees
-(see ``VoiceLibrary``).
+module adds around the app: the ``X-Replica`` response header and a ``replica`` label on its metrics (which
+replica answered; ``X-Request-ID`` is the proxy's, once), the app's logging in each replica, the replica's
+health check (the app's readiness: a replica whose engine failed is replaced by Ray), the replica count
+(``HIGGS_REPLICAS``, or autoscaling up to ``HIGGS_MAX_REPLICAS``), and Serve's limits around the app's own
+bounded line. The voice library, and the audio answers later turns name by id, are shared through
+``HIGGS_VOICES_DIR``, which must be one folder that every machine sees (see ``VoiceLibrary`` and
+``answers.py``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import create_app
+from app import configure_logging, create_app
 from settings import Settings, from_environment, resolve_device
 
 log = logging.getLogger(__name__)
@@ -74,9 +77,14 @@ class ReplicaHeader:
 
 
 def replica_app(settings: Settings, replica: str) -> FastAPI:
-    """``create_app(settings)`` whose responses carry ``X-Replica: <replica>``. The models load during the
-    app's start-up, which Ray waits for before it sends the replica any request."""
+    """``create_app(settings)`` whose responses carry ``X-Replica: <replica>``, and whose metrics carry a
+    ``replica`` label (through the proxy each scrape of ``/metrics`` is one replica's: apart, each
+    replica's counters are series of their own instead of seeming to reset). Logs as ``make run`` does
+    (Ray's worker has no handler for the app's loggers: its INFO lines were lost). The models load during
+    the app's start-up, which Ray waits for before it sends the replica any request."""
+    configure_logging()
     app = create_app(settings, load_behind=False)
+    app.state.metrics.labels = {"replica": replica}
     app.add_middleware(ReplicaHeader, replica=replica)
     return app
 
@@ -111,8 +119,10 @@ class Replica:
 
 
 def shareable(settings: Settings) -> Settings:
-    """The settings with local paths made absolute (a replica's working folder is not this one)."""
-    update: dict[str, Any] = {"voices_dir": settings.voices_dir.resolve()}
+    """The settings with local paths made absolute (a replica's working folder is not this one), and the
+    audio answers shared."""
+    # Audio answers shared through the voices folder: a conversation's next turn may reach another replica.
+    update: dict[str, Any] = {"voices_dir": settings.voices_dir.resolve(), "shared_answers": True}
     for name in ("model", "audio_tokenizer", "stt_model"):
         value = getattr(settings, name)
         if value and Path(value).exists():
@@ -141,10 +151,17 @@ def deployment_options(settings: Settings, cluster_gpus: int) -> dict[str, Any]:
             max(replicas, settings.max_replicas),
             cluster_gpus,
         )
+    line = settings.max_queue or 2 * engine_slots(settings)
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if device == "cuda" else 0},
-        # Past the app's own bounded queue a replica answers 429 itself; Serve should not hold more.
-        "max_ongoing_requests": settings.max_queue or 2 * engine_slots(settings),
+        # The app's own bounded line decides, as with `make run`: a replica is sent up to twice as many
+        # requests as its line holds, and answers those past it with its 429 and Retry-After at once. (At
+        # the line's own size Serve held the rest in its proxy, unbounded: 40 requests at once on a line of
+        # 16 were all answered, the last after 104 s.) Past that, Serve's queue at each proxy holds one
+        # line more, then answers 429 itself.
+        "max_ongoing_requests": 2 * line,
+        "max_queued_requests": line,
+        "backpressure_config": {"status_code": 429, "retry_after_s": 1},
     }
     if settings.max_replicas > replicas:
         options["autoscaling_config"] = {
@@ -189,10 +206,45 @@ def deploy(
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     options = deployment_options(settings, gpus)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    start_serve(settings)
     application = Replica.options(**options).bind(shareable(settings))
     log.info("deploying %s on a cluster with %d GPUs: %s", name, gpus, options)
     serve.run(application, name=name, route_prefix=route_prefix, blocking=blocking)
+
+
+def serve_running() -> bool:
+    """Whether Serve already runs on the connected Ray cluster (a `ray start` cluster keeps it, and its
+    proxies' address, between runs of this script)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        _get_global_client()
+    except RayServeException:
+        return False
+    return True
+
+
+class ProxiesElsewhere(RuntimeError):
+    """Serve runs on the cluster with its proxies on another address than the settings'."""
+
+
+def start_serve(settings: Settings) -> None:
+    """Start Serve on the connected cluster, its proxies on the settings' host and port, or connect to the
+    Serve running there; ``ProxiesElsewhere`` when that one's proxies listen elsewhere: Serve takes its
+    HTTP options when it first starts on a cluster, and ignores new ones while it runs (it said so in one
+    line of its own, and the service answered on the old port)."""
+    from ray.serve.context import _get_global_client
+
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    config = _get_global_client().http_config
+    if (config.host, config.port) != (settings.host, settings.port):
+        raise ProxiesElsewhere(
+            f"Serve already runs on this Ray cluster with its proxies on {config.host}:{config.port}, "
+            f"and cannot move them to HIGGS_HOST:HIGGS_PORT {settings.host}:{settings.port} while it runs: "
+            "set those to its address, or stop Serve first (`.venv/bin/serve shutdown --yes` on the head "
+            "machine, or `ray stop` on every machine and start them again)"
+        )
 
 
 def main() -> None:
@@ -201,22 +253,42 @@ def main() -> None:
     from ray.serve.exceptions import RayServeException
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # A service manager's stop (SIGTERM) ends it as Ctrl-C does: the application is removed from the cluster.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     settings = from_environment()
-    ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env())
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:  # a local Ray has this machine's GPUs: refused before it starts, as `make run` refuses
+        refuse_unless_servable(settings, torch.cuda.device_count())
+    ray.init(address=address, runtime_env=runtime_env())
+    # A service manager's stop (SIGTERM) ends it as Ctrl-C does: the application is removed from the cluster.
+    # Set after Ray's start, whose own handler printed a stack dump that looked like a crash.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    refuse_unless_servable(settings, int(ray.cluster_resources().get("GPU", 0)))
+    started_serve = not serve_running()
     try:
-        deployment_options(settings, int(ray.cluster_resources().get("GPU", 0)))
-    except RuntimeError as exc:  # no GPU and no HIGGS_DEVICE=cpu: refused, as `make run` refuses
+        start_serve(settings)
+    except ProxiesElsewhere as exc:  # (Serve ran before: nothing of it is this script's to undo)
         raise SystemExit(f"cluster.py: {exc}") from None
     try:
         deploy(settings, blocking=True)
     except KeyboardInterrupt:
         pass
     finally:
-        with contextlib.suppress(RayServeException):  # Serve may not have started
-            serve.delete(APP_NAME)
+        # On a cluster that outlives this script, Serve started here goes with it (its proxies kept
+        # answering 404 on their port); one that ran before keeps running, without this application.
+        with contextlib.suppress(RayServeException):
+            if started_serve and address:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
         ray.shutdown()
+
+
+def refuse_unless_servable(settings: Settings, gpus: int) -> None:
+    """Stop with one line where the settings cannot be served with ``gpus`` GPUs (no GPU and no
+    ``HIGGS_DEVICE=cpu``)."""
+    try:
+        deployment_options(settings, gpus)
+    except RuntimeError as exc:
+        raise SystemExit(f"cluster.py: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.labels: dict[str, str] = {}
+        """Labels added to every sample (a cluster's replica names itself: ``cluster.replica_app``)."""
         self.requests = Counter(
             "higgs_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
         )
@@ -171,8 +173,28 @@ class Metrics:
         self.requests.labels(route=route, status=str(status)).inc()
 
     def render(self) -> bytes:
-        """The text exposition format."""
-        return generate_latest(self.registry)
+        """The text exposition format, with ``labels`` on every sample."""
+        text = generate_latest(self.registry)
+        if not self.labels:
+            return text
+        extra = ",".join(f'{k}="{_escaped(v)}"' for k, v in self.labels.items()).encode()
+        lines = []
+        for line in text.split(b"\n"):
+            if line and not line.startswith(b"#"):
+                # A sample: its name, then its labels in braces (the first brace: names have none) or not.
+                name, brace, rest = line.partition(b"{")
+                if brace:
+                    line = name + b"{" + extra + (b"," if not rest.startswith(b"}") else b"") + rest
+                else:
+                    name, space, rest = line.partition(b" ")
+                    line = name + b"{" + extra + b"}" + space + rest
+            lines.append(line)
+        return b"\n".join(lines)
+
+
+def _escaped(value: str) -> str:
+    """A label value as the exposition format writes it."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 class _WorkCollector(Collector):

@@ -25,13 +25,9 @@ which ``errors.py`` answers as 400s.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-import torch
-
+from answers import AUDIO_LIFETIME_SECONDS, Answer, Answers
 from audio import Audio
 from detokenize import first_stop
 from generation import AudioCodes, Engine, GenerationRequest, GenerationResult, Turn
@@ -63,10 +59,6 @@ from voices import CLONE_VOICE, DEFAULT_VOICE, VoicePrompt, Voices, audio_token_
 
 log = logging.getLogger(__name__)
 
-# How long an audio answer stays usable by its id (OpenAI's ``expires_at``), and how many are kept at most
-# (transcript and the codes of the last piece as int16: a few KB each, 2 bytes per codebook and frame).
-AUDIO_LIFETIME_SECONDS = 3600
-ANSWERS_KEPT = 4096
 # The output cap of a text answer when the request gives none.
 TEXT_MAX_TOKENS = 512
 
@@ -129,56 +121,6 @@ def _nothing_to_speak(message: ChatMessage, index: int) -> InvalidRequest:
     return InvalidRequest("there is no text to speak in the last user message", f"messages[{index}].content")
 
 
-@dataclass(frozen=True)
-class Answer:
-    """An audio answer this server gave, as a later request may refer to it (``{"audio": {"id": ...}}``)."""
-
-    transcript: str
-    codes: AudioCodes | None
-
-
-class Answers:
-    """The audio answers later requests may name by id: each kept until its ``expires_at`` (``lifetime``
-    seconds), at most ``capacity`` (then the oldest goes first, logged: the server was asked to hold more
-    answers an hour than it keeps). Codes are held as int16 (they are below 1,024)."""
-
-    def __init__(self, capacity: int = ANSWERS_KEPT, lifetime: float = AUDIO_LIFETIME_SECONDS):
-        self.capacity = capacity
-        self.lifetime = lifetime
-        self.clock = time.time
-        self._items: OrderedDict[str, tuple[float, str, object]] = OrderedDict()  # id -> (expiry, ...)
-        self._lock = threading.Lock()
-
-    def put(self, audio_id: str, transcript: str, codes: AudioCodes | None) -> None:
-        held = None if codes is None else codes.codes.to(dtype=torch.int16)
-        now = self.clock()
-        with self._lock:
-            self._drop_expired(now)
-            self._items[audio_id] = (now + self.lifetime, transcript, held)
-            while len(self._items) > self.capacity:
-                forgotten, _ = self._items.popitem(last=False)
-                log.warning(
-                    "forgot audio answer %s before its expiry: more than %d answers within %d s "
-                    "(planner.ANSWERS_KEPT)",
-                    forgotten,
-                    self.capacity,
-                    self.lifetime,
-                )
-
-    def get(self, audio_id: str) -> Answer | None:
-        with self._lock:
-            self._drop_expired(self.clock())
-            item = self._items.get(audio_id)
-        if item is None:
-            return None
-        _, transcript, held = item
-        return Answer(transcript, None if held is None else AudioCodes(held.to(dtype=torch.long)))
-
-    def _drop_expired(self, now: float) -> None:
-        while self._items and next(iter(self._items.values()))[0] <= now:
-            self._items.popitem(last=False)
-
-
 def _join(texts: list[str]) -> str:
     return "\n".join(t.strip() for t in texts if t.strip())
 
@@ -200,7 +142,7 @@ class Planner:
         self.voices = voices
         self.codes: ReferenceCache[AudioCodes] = ReferenceCache()
         self.transcripts: ReferenceCache[str] = ReferenceCache()
-        self.answers = Answers()
+        self.answers = Answers(folder=settings.voices_dir / ".answers" if settings.shared_answers else None)
         self.limits = ReferenceLimits.from_settings(settings, engine.sample_rate)
 
     # ---- helpers ----
@@ -256,10 +198,12 @@ class Planner:
                     "assistant audio %r is not held here: its message's text stands for it", message.audio.id
                 )
                 return None
+            kept = "" if self.answers.folder else " in memory"
+            forgets = "" if self.answers.folder else ", and a restart forgets it"
             raise InvalidRequest(
                 f"no audio answer with id {message.audio.id!r} is held by this server: an answer's audio "
-                f"is kept in memory until its expires_at ({AUDIO_LIFETIME_SECONDS} s), and a restart "
-                "forgets it; send the answer's words as the assistant message's content instead",
+                f"is kept{kept} until its expires_at ({AUDIO_LIFETIME_SECONDS} s){forgets}; send the "
+                "answer's words as the assistant message's content instead",
                 f"messages[{index}].audio.id",
                 code="audio_not_found",
             )

@@ -226,6 +226,11 @@ class Settings(BaseSettings):
     voices_dir: Path = Path("voices")
     """Folder of the voice library: NAME.wav + NAME.txt per voice (fill it by hand or through the API)."""
 
+    shared_answers: bool = False
+    """Keep each audio answer (that a later chat request may name by its id) in a file under the voices
+    folder's `.answers` too, for the other processes serving the same folder: `cluster.py` turns it on for
+    its replicas, where a conversation's next turn may reach any of them."""
+
     max_voices: int = Field(default=100, ge=1)
     """Most voices the library holds."""
 

@@ -12,6 +12,7 @@ from contextlib import aclosing
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from answers import AUDIO_LIFETIME_SECONDS
 from errors import bad_request
 from generation import (
     AudioCodes,
@@ -25,7 +26,7 @@ from generation import (
     TranscriptPiece,
 )
 from longform import encode_whole, speak
-from planner import AUDIO_LIFETIME_SECONDS, TEXT_MAX_TOKENS, Planner
+from planner import TEXT_MAX_TOKENS, Planner
 from protocol import AssistantMessage, AudioOut, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from routes.deps import (
     ClientDisconnected,

@@ -421,6 +421,17 @@ def test_speech_recognition_on_cuda_without_cuda_refuses_to_start(tmp_path, sett
     assert done.stderr.strip().splitlines()[-1].startswith("cannot start: HIGGS_STT_DEVICE=cuda")
 
 
+def test_a_library_that_logs_its_own_request_id_is_not_refused(client, caplog):
+    """Ray Serve's access log passes ``extra={"request_id": ...}``; while the app's records had an attribute
+    of that name, logging refused every such line with a KeyError (a Ray trial: each request through the
+    proxy was logged as failed, and left out of Ray's request metrics)."""
+    import logging
+
+    with caplog.at_level("INFO"):
+        logging.getLogger("ray.serve").info("access line", extra={"request_id": "theirs"})
+    assert [r.request_id for r in caplog.records if r.getMessage() == "access line"] == ["theirs"]
+
+
 def test_log_lines_carry_the_request_id_and_no_audio(client, caplog):
     """With INFO logging on (as `make run` runs), requests succeed and each line names its request."""
     import logging
@@ -431,9 +442,9 @@ def test_log_lines_carry_the_request_id_and_no_audio(client, caplog):
         response = client.post("/v1/chat/completions", json=body, headers={"X-Request-ID": "req-42"})
         assert response.status_code == 200
         assert client.get("/health", headers={"X-Request-ID": "bad id\nwith newline"}).status_code == 200
-    ours = [r for r in caplog.records if getattr(r, "request_id", "-") == "req-42"]
+    ours = [r for r in caplog.records if getattr(r, "higgs_request_id", "-") == "req-42"]
     assert any("/v1/chat/completions -> 200" in r.getMessage() for r in ours)
-    assert not any("\n" in getattr(r, "request_id", "") for r in caplog.records)
+    assert not any("\n" in getattr(r, "higgs_request_id", "") for r in caplog.records)
     audio = response.json()["choices"][0]["message"]["audio"]["data"]
     assert not any(audio[:40] in r.getMessage() for r in caplog.records)
 

@@ -139,12 +139,13 @@ def test_deployment_options_one_replica_per_gpu(settings):
     scaled = cluster.deployment_options(gpu.model_copy(update={"replicas": 2, "max_replicas": 6}), 8)
     assert "num_replicas" not in scaled
     assert scaled["autoscaling_config"]["target_ongoing_requests"] == cluster.engine_slots(gpu)
-    # Unset, a GPU replica's slots and line are the engine's defaults there: 16, and twice as many.
+    # Unset, a GPU replica's slots and line are the engine's defaults there: 16, and twice as many; Serve
+    # sends a replica twice its line (the app answers past it with its own 429) and holds one line more.
     unset = gpu.model_copy(update={"max_batch_size": None, "max_queue": None})
-    assert (
-        cluster.engine_slots(unset) == 16
-        and cluster.deployment_options(unset, 1)["max_ongoing_requests"] == 32
-    )
+    options = cluster.deployment_options(unset, 1)
+    assert cluster.engine_slots(unset) == 16
+    assert options["max_ongoing_requests"] == 64 and options["max_queued_requests"] == 32
+    assert options["backpressure_config"] == {"status_code": 429, "retry_after_s": 1}
     assert (
         scaled["autoscaling_config"]["min_replicas"] == 2
         and scaled["autoscaling_config"]["max_replicas"] == 6
@@ -303,11 +304,16 @@ def metrics_by_replica(
 
     def scrape() -> tuple[str, dict[str, float]]:
         response = http.get("/metrics")
+        replica = response.headers["x-replica"]
+        # Every sample names its replica: to Prometheus, each replica's counters are series of their own
+        # (without the label, scrapes that alternate between replicas looked like counters resetting).
+        assert not re.search(r"^higgs_\w+ ", response.text, re.M), "a sample without its replica"
+        labelled = f'{{replica="{re.escape(replica)}"}}'
         values = {
-            name: float(re.search(rf"^{name} (\S+)$", response.text, re.M).group(1))
+            name: float(re.search(rf"^{name}{labelled} (\S+)$", response.text, re.M)[1])
             for name in ("higgs_queue_depth", "higgs_audio_generated_seconds_total")
         }
-        return response.headers["x-replica"], values
+        return replica, values
 
     return replica_of_each(scrape, want=replicas, attempts=attempts)  # type: ignore[return-value]
 
@@ -342,6 +348,57 @@ def test_a_client_that_leaves_stops_its_generation_through_the_proxy(http):
         time.sleep(0.5)
     assert after[replica]["higgs_queue_depth"] == 0
     assert 0 < made < 20, made  # of the 60 s asked for
+
+
+def test_a_conversations_next_turn_finds_its_answer_on_any_replica(sdk, http):
+    """An assistant message naming an earlier audio answer by id: each replica finds it (a trial's next
+    turn reached the other replica, which answered 400 audio_not_found, every time)."""
+    first = sdk.chat.completions.create(
+        model="gpt-4o-audio-preview", modalities=["text", "audio"], max_tokens=30, seed=1,
+        audio={"voice": "default", "format": "wav"}, messages=[{"role": "user", "content": TEXT}],
+    )  # fmt: skip
+    body = {
+        "model": "gpt-4o-audio-preview", "modalities": ["text", "audio"], "max_tokens": 10,
+        "audio": {"voice": "default", "format": "wav"},
+        "messages": [
+            {"role": "user", "content": TEXT},
+            {"role": "assistant", "audio": {"id": first.choices[0].message.audio.id}},
+            {"role": "user", "content": "And on."},
+        ],
+    }  # fmt: skip
+
+    def follow() -> tuple[str, tuple[int, str | None]]:
+        response = http.post("/v1/chat/completions", json=body)
+        return response.headers["x-replica"], (response.status_code, response.headers.get("x-voice"))
+
+    answers = replica_of_each(follow)
+    assert len(answers) == 2 and set(answers.values()) == {(200, "native")}, answers
+
+
+def test_past_a_replicas_line_the_answer_is_429_at_once(base_url, cluster_settings):
+    """Behind Ray the app's bounded line never filled: Serve sent a replica no more requests than its line
+    holds and kept the rest in its proxy's queue, unbounded (40 requests on a line of 16 were all answered,
+    the last after 104 s). Now the replica answers past its line with its own 429, and Serve's queue is
+    bounded too (its 429 also says when to retry)."""
+    from ray import serve
+
+    small = cluster_settings.model_copy(update={"replicas": 1, "max_queue": 2, "max_batch_size": 1})
+    cluster.deploy(small, name="small", route_prefix="/small")
+    body = {"model": "tts-1", "input": TEXT, "voice": "default", "response_format": "pcm"}
+
+    def send(_: int) -> httpx.Response:
+        return httpx.post(f"{base_url}/small/v1/audio/speech", json=body, timeout=120)
+
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(send, range(10)))
+    finally:
+        serve.delete("small")
+    statuses = sorted(a.status_code for a in answers)
+    assert set(statuses) == {200, 429} and statuses.count(200) <= 4, statuses
+    assert all(a.headers.get("retry-after") for a in answers if a.status_code == 429)
+    apps = [a for a in answers if a.status_code == 429 and "json" in a.headers.get("content-type", "")]
+    assert apps and all(a.json()["error"]["code"] == "queue_full" for a in apps), [a.text for a in apps]
 
 
 def replica_actor(replica: str):

@@ -421,6 +421,23 @@ def test_models_and_metrics(fake_client):
     assert 'route="/v1/audio/speech",status="200"' in metrics
 
 
+def test_metrics_labelled_with_a_replica_parse_with_the_label_on_every_sample(fake_client):
+    """A cluster's replica names itself on every sample (``cluster.replica_app``), labels of its own
+    (a route with braces) kept as they were."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fake_client.app.state.metrics.labels = {"replica": 'Higgs#a"1'}
+    fake_client.get("/v1/audio/voices/nobody")
+    samples = [
+        sample
+        for family in text_string_to_metric_families(fake_client.get("/metrics").text)
+        for sample in family.samples
+    ]
+    assert samples and all(sample.labels["replica"] == 'Higgs#a"1' for sample in samples)
+    routes = {s.labels.get("route") for s in samples if s.name == "higgs_requests_total"}
+    assert "/v1/audio/voices/{voice_id}" in routes, routes
+
+
 class GatedTranscriber:
     """A ``Transcriber`` whose jobs hold the worker until ``gate`` opens; ``ran`` lists the jobs it ran."""
 

@@ -166,7 +166,7 @@ def test_6_unexpected_failures_carry_the_request_id_and_are_counted(client, engi
         answer = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-ID": "req-500-check"})
     assert answer.status_code == 500 and answer.json()["error"]["type"] == "server_error"
     assert answer.headers["x-request-id"] == "req-500-check"
-    assert any(getattr(r, "request_id", None) == "req-500-check" for r in caplog.records)
+    assert any(getattr(r, "higgs_request_id", None) == "req-500-check" for r in caplog.records)
     metrics = client.get("/metrics").text
     assert 'higgs_requests_total{route="/v1/chat/completions",status="500"}' in metrics
 

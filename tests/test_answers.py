@@ -1,0 +1,82 @@
+"""Audio answers named by id in a later turn (``answers.py``), shared by processes serving one voices folder
+(``HIGGS_SHARED_ANSWERS``, as ``cluster.py``'s replicas do): a Ray trial's next turn reached the other
+replica and got ``audio_not_found`` every time."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from fastapi.testclient import TestClient
+
+from answers import AUDIO_LIFETIME_SECONDS, Answers
+from app import create_app
+from generation import AudioCodes
+
+SPEAK = [{"role": "user", "content": "Hello there."}]
+CHAT = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "wav"},
+        "messages": SPEAK, "max_tokens": 8, "seed": 1}  # fmt: skip
+
+
+def later_turn(audio_id: str) -> dict:
+    return {**CHAT, "messages": [*SPEAK, {"role": "assistant", "audio": {"id": audio_id}}, SPEAK[0]]}
+
+
+def test_an_answer_given_by_one_process_is_found_by_another_serving_the_same_folder(
+    settings, engine, recognizer, tmp_path
+):
+    shared = settings.model_copy(update={"voices_dir": tmp_path / "voices", "shared_answers": True})
+    alone = settings.model_copy(update={"voices_dir": tmp_path / "voices"})
+    with (
+        TestClient(create_app(shared, engine=engine, recognizer=recognizer)) as first,
+        TestClient(create_app(shared, engine=engine, recognizer=recognizer)) as second,
+        TestClient(create_app(alone, engine=engine, recognizer=recognizer)) as unshared,
+    ):
+        answered = first.post("/v1/chat/completions", json={**CHAT, "max_tokens": 30})
+        answer = answered.json()["choices"][0]["message"]["audio"]
+        kept = first.app.state.planner.answers.get(answer["id"])
+        assert kept is not None and kept.codes.frames > 0
+        assert (tmp_path / "voices" / ".answers" / f"{answer['id']}.npz").is_file()
+
+        followed = second.post("/v1/chat/completions", json=later_turn(answer["id"]))
+        assert followed.status_code == 200, followed.text
+        assert followed.headers["x-voice"] == "native"  # the answer's audio carries the voice on
+        found = second.app.state.planner.answers.get(answer["id"])
+        assert found.transcript == kept.transcript == answer["transcript"]
+        assert torch.equal(found.codes.codes, kept.codes.codes)
+
+        # A process that does not share answers finds only its own, and says where they are kept.
+        refused = unshared.post("/v1/chat/completions", json=later_turn(answer["id"]))
+        error = refused.json()["error"]
+        assert refused.status_code == 400 and error["code"] == "audio_not_found"
+        assert "kept in memory" in error["message"]
+
+        # Expired, the answer is gone for every process, and its file with it.
+        answers = second.app.state.planner.answers
+        answers.clock = lambda: time.time() + AUDIO_LIFETIME_SECONDS + 1
+        refused = second.post("/v1/chat/completions", json=later_turn(answer["id"]))
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "audio_not_found"
+        assert "in memory" not in refused.json()["error"]["message"]
+        assert not (tmp_path / "voices" / ".answers" / f"{answer['id']}.npz").exists()
+
+
+def test_shared_answers_are_forgotten_as_the_process_forgets_them_and_files_are_only_ids(tmp_path):
+    folder = tmp_path / ".answers"
+    codes = AudioCodes(torch.arange(16).view(8, 2))
+    writer, reader = Answers(capacity=2, folder=folder), Answers(folder=folder)
+    ids = [f"audio_{i:032x}" for i in range(3)]
+    writer.put(ids[0], "kept as text only", None)
+    writer.put(ids[1], "one", codes)
+    assert reader.get(ids[0]).codes is None and reader.get(ids[0]).transcript == "kept as text only"
+    assert torch.equal(reader.get(ids[1]).codes.codes, codes.codes)
+    writer.put(ids[2], "two", codes)  # over the capacity: the oldest goes, its file too
+    assert reader.get(ids[0]) is None and not (folder / f"{ids[0]}.npz").exists()
+    # Only ids as the server makes them name a file: nothing else is read.
+    (tmp_path / "elsewhere.npz").write_bytes(b"not an answer")
+    assert reader.get("../elsewhere") is None and reader.get("audio_x") is None
+    # A file its writer never removed (it stopped) goes once it is older than an answer's lifetime.
+    old = time.time() - AUDIO_LIFETIME_SECONDS - 10
+    os.utime(folder / f"{ids[1]}.npz", (old, old))
+    reader._sweep(time.time() - reader.lifetime)
+    assert not (folder / f"{ids[1]}.npz").exists() and (folder / f"{ids[2]}.npz").exists()
