@@ -148,6 +148,15 @@ class _RoutesMiddleware:
         raise NotImplementedError
 
 
+def _without_trailing_slash(scope: dict[str, Any]) -> dict[str, Any]:
+    """``scope`` with its path's trailing slash dropped (``/v1/audio/speech/`` is ``/v1/audio/speech``)."""
+    path = scope["path"]
+    if len(path) > 1 and path.endswith("/"):
+        scope = {**scope, "path": path.rstrip("/") or "/"}
+        scope["raw_path"] = scope["path"].encode()
+    return scope
+
+
 class _RequestLine(_RoutesMiddleware):
     """What a request line names, as HTTP clients expect:
 
@@ -159,10 +168,7 @@ class _RequestLine(_RoutesMiddleware):
     """
 
     async def handle(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
-        given, path = scope, scope["path"]
-        if len(path) > 1 and path.endswith("/"):
-            scope = {**scope, "path": path.rstrip("/") or "/"}
-            scope["raw_path"] = scope["path"].encode()
+        given, scope = scope, _without_trailing_slash(scope)
         head = scope["method"] == "HEAD" and not self._serves(scope, "HEAD") and self._serves(scope, "GET")
         if head:
             scope = {**scope, "method": "GET"}
@@ -379,6 +385,7 @@ class _RequestIds(_RoutesMiddleware):
         ``unmatched``. Always a route's own template, so the metric's labels stay few."""
         route = scope.get("route")
         if route is None:
+            scope = _without_trailing_slash(scope)  # as ``_RequestLine`` routes it (after these answers)
             matches = [(r.matches(scope)[0], r) for r in self.routes]
             route = next((r for m, r in matches if m == Match.FULL), None) or next(
                 (r for m, r in matches if m == Match.PARTIAL), None

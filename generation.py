@@ -148,6 +148,9 @@ class GenerationResult:
     """From its slot to its first token: its prompt's prefill, and the wait for a fill before it."""
     decode_seconds: float = 0.0
     """From its first token to its last (``seconds`` less this and ``fill_seconds``: the codec's tail)."""
+    abandoned: bool = False
+    """Its client left before its end: its times end there, and ``audio_seconds`` counts the audio decoded
+    into tokens by then (more than was sent)."""
 
 
 @dataclass(frozen=True)

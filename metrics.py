@@ -6,7 +6,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -14,6 +21,9 @@ from prometheus_client.registry import Collector
 from generation import STEP_GPU_WAITS, EngineWork, GenerationResult
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Without a ``_created`` gauge beside each counter and histogram (their start time: twice the series, and no
+# query of these metrics needs it). Process-wide, as prometheus_client has it.
+disable_created_metrics()
 
 
 class Metrics:
@@ -153,9 +163,15 @@ class Metrics:
         self.queue_depth.set_function(depth)
 
     def observe_generation(self, result: GenerationResult) -> None:
-        """Record one generation, finished or stopped early (called on the engine's threads)."""
-        self.generation_seconds.observe(result.seconds)
+        """Record one generation, finished or left by its client (called on the engine's threads). A left
+        one counts its wait for a slot and the audio it decoded, not its times: they end where its client
+        left, before its audio was all decoded (its real-time factor looked better than any finished
+        one's)."""
         self.queue_wait.observe(result.queue_seconds)
+        if result.abandoned:
+            self.audio_seconds.inc(result.audio_seconds)
+            return
+        self.generation_seconds.observe(result.seconds)
         if result.fill_seconds or result.decode_seconds:  # (results made by the engine's slots)
             finish = max(0.0, result.seconds - result.fill_seconds - result.decode_seconds)
             for phase, seconds in (

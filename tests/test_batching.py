@@ -175,6 +175,24 @@ def test_eight_concurrent_requests_each_get_their_own_answer(client, engine, sto
     assert_idle(client, engine)
 
 
+def test_the_rates_are_per_second_of_decoding_not_of_the_window():
+    """``higgs_decode_steps_per_second`` and ``higgs_audio_seconds_per_second`` were the counts over the
+    wall time of their 10 s window, so a request after a pause showed its rate diluted by the pause (an
+    operator's trial: 41 steps per second where it ran 190). Now per second the loop worked: 2 s of
+    decoding 2 rows at 100 steps per second, 4.5 s idle, then 1 s more."""
+    from engine import RateSample, decoding_rates
+
+    samples = [
+        RateSample(time=0.0, steps=0, frames=0, busy=10.0),
+        RateSample(time=2.0, steps=200, frames=400, busy=12.0),
+        RateSample(time=6.5, steps=201, frames=402, busy=12.01),  # the first step after the pause
+        RateSample(time=7.5, steps=300, frames=600, busy=13.0),
+    ]
+    steps, audio = decoding_rates(samples, frame_rate=25)
+    assert steps == pytest.approx(100) and audio == pytest.approx(600 / 25 / 3)
+    assert decoding_rates(samples[:1], frame_rate=25) == (0.0, 0.0)
+
+
 def test_a_results_time_is_split_into_its_fill_its_decoding_and_its_last_audio(client, engine, monkeypatch):
     """``fill_seconds`` (slot to first token), ``decode_seconds`` (first token to last) and the rest (the
     codec's tail) each hold their own part: a fill slowed by a second shows in the fill alone, a stream's last

@@ -434,6 +434,7 @@ def test_metrics_labelled_with_a_replica_parse_with_the_label_on_every_sample(fa
         for sample in family.samples
     ]
     assert samples and all(sample.labels["replica"] == 'Higgs#a"1' for sample in samples)
+    assert not [s.name for s in samples if s.name.endswith("_created")]  # half the series, never queried
     routes = {s.labels.get("route") for s in samples if s.name == "higgs_requests_total"}
     assert "/v1/audio/voices/{voice_id}" in routes, routes
 
