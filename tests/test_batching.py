@@ -937,7 +937,7 @@ def test_the_codec_threads_log_lines_name_the_request(client, engine, monkeypatc
     response = lenient.post("/v1/chat/completions", json=chat(seed=7), headers={"X-Request-ID": "codec-7"})
     assert response.status_code == 500
     failed = [r for r in caplog.records if r.getMessage() == "audio decoding failed"]
-    assert [r.request_id for r in failed] == ["codec-7"]
+    assert [r.higgs_request_id for r in failed] == ["codec-7"]
     assert failed[0].threadName == "higgs-codec"
     monkeypatch.undo()
     assert_idle(client, engine)

@@ -64,7 +64,7 @@ def test_the_translation_model_is_loaded_on_first_use_and_translates(settings, e
             english = api.audio.translations.create(model="whisper-1", file=f, response_format="verbose_json")
         assert recognizer.translator is not None and "de" in recognizer.translator.languages
         loading = [r for r in caplog.records if "loading the translation model" in r.getMessage()]
-        assert len(loading) == 1 and loading[0].request_id not in ("", "-")  # logged under the request's id
+        assert len(loading) == 1 and loading[0].higgs_request_id not in ("", "-")  # under the request's id
         words = english.text.lower()
         assert "morning" in words and "coffee" in words, (english.text, expected["english"])
         assert "kaffee" not in words and "morgen" not in words
