@@ -394,8 +394,8 @@ def test_past_a_replicas_line_the_answer_is_429_at_once(base_url, cluster_settin
             answers = list(pool.map(send, range(10)))
     finally:
         serve.delete("small")
-    # At most the line's 2, and the 4 Serve sent or held while the replica's line was full were they
-    # let in later (the rest are Serve's at once); before, all 10 were answered.
+    # The line's 2, and at most the 4 more that Serve sent or held while the line was full, if they were
+    # let in later; Serve refuses the rest at once (before, all 10 were answered).
     statuses = sorted(a.status_code for a in answers)
     assert set(statuses) == {200, 429} and statuses.count(200) <= 6, statuses
     assert all(a.headers.get("retry-after") for a in answers if a.status_code == 429)
