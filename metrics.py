@@ -190,27 +190,21 @@ class Metrics:
 
     def render(self) -> bytes:
         """The text exposition format, with ``labels`` on every sample."""
-        text = generate_latest(self.registry)
-        if not self.labels:
-            return text
-        extra = ",".join(f'{k}="{_escaped(v)}"' for k, v in self.labels.items()).encode()
-        lines = []
-        for line in text.split(b"\n"):
-            if line and not line.startswith(b"#"):
-                # A sample: its name, then its labels in braces (the first brace: names have none) or not.
-                name, brace, rest = line.partition(b"{")
-                if brace:
-                    line = name + b"{" + extra + (b"," if not rest.startswith(b"}") else b"") + rest
-                else:
-                    name, space, rest = line.partition(b" ")
-                    line = name + b"{" + extra + b"}" + space + rest
-            lines.append(line)
-        return b"\n".join(lines)
+        return generate_latest(_Labelled(self.registry, self.labels) if self.labels else self.registry)
 
 
-def _escaped(value: str) -> str:
-    """A label value as the exposition format writes it."""
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class _Labelled:
+    """A registry's metrics, each sample with ``labels`` added (what ``generate_latest`` reads of a
+    registry is its ``collect``; each call makes its families anew)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]):
+        self.registry = registry
+        self.labels = labels
+
+    def collect(self):
+        for family in self.registry.collect():
+            family.samples = [s._replace(labels={**self.labels, **s.labels}) for s in family.samples]
+            yield family
 
 
 class _WorkCollector(Collector):

@@ -173,12 +173,22 @@ def reference_from_bytes(
     return check_reference(audio, transcript, limits, param, transcript_param)
 
 
+TRANSCRIPT_FIX = "omit it or give the words spoken"
+"""What a request whose reference transcript holds no words is told to do (``check_reference``)."""
+
+
 def check_reference(
-    audio: Audio, transcript: str | None, limits: ReferenceLimits, param: str, transcript_param: str
+    audio: Audio,
+    transcript: str | None,
+    limits: ReferenceLimits,
+    param: str,
+    transcript_param: str,
+    transcript_fix: str = TRANSCRIPT_FIX,
 ) -> Reference:
     """Check a decoded reference clip and trim its leading and trailing silence.
 
-    Refuses a clip with less than ``limits.min_speech_seconds`` of non-silent sound and an empty transcript.
+    Refuses a clip with less than ``limits.min_speech_seconds`` of non-silent sound, and a transcript that
+    holds no words, saying ``transcript_fix`` (where the transcript is a file, omitting it is no answer).
     """
     speech = active_speech_seconds(audio)
     if speech < limits.min_speech_seconds:
@@ -198,16 +208,10 @@ def check_reference(
     key = hashlib.sha256(audio.samples.tobytes()).hexdigest()
     if transcript is not None:
         transcript = " ".join(transcript.split())
-        if not transcript:
-            raise InvalidReference(
-                "the reference transcript is empty; omit it or give the words spoken", transcript_param
-            )
         if not speakable(transcript):  # zero-width or control characters: paired with the clip as no words
-            raise InvalidReference(
-                "the reference transcript holds only invisible characters (zero-width or control ones); "
-                "omit it or give the words spoken",
-                transcript_param,
-            )
+            invisible = "holds only invisible characters (zero-width or control ones)"
+            what = "is empty" if not transcript else invisible
+            raise InvalidReference(f"the reference transcript {what}; {transcript_fix}", transcript_param)
         if len(transcript) > limits.max_transcript_characters:
             raise InvalidReference(
                 f"the reference transcript has {len(transcript)} characters; at most "

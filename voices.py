@@ -36,7 +36,6 @@ from generation import AudioCodes, Engine, GenerationRequest, Turn
 from protocol import InvalidRequest
 from settings import Settings
 from stt import AsyncTranscriber
-from text_split import speakable
 from voice_cloning import (
     InvalidReference,
     Reference,
@@ -586,11 +585,9 @@ class Voices:
         """A clip placed by hand, checked as an upload is (enough speech, not too long once trimmed, a
         transcript) and trimmed as one is; a 400 naming the files to replace, and a warning, when it fails.
         (Nothing is cached for a clip that fails: it is checked again once its files are replaced.)"""
+        fix = f"write in {voice.name}.txt the words spoken in {voice.name}.wav"  # (it cannot be left out)
         try:
-            if not speakable(voice.transcript):  # "omit it", the upload's advice, cannot be done here
-                words = f"{voice.name}.txt holds no words; write in it the words spoken in {voice.name}.wav"
-                raise InvalidReference(words, param)
-            return check_reference(audio, voice.transcript, self.limits, param, param).audio
+            return check_reference(audio, voice.transcript, self.limits, param, param, fix).audio
         except InvalidReference as exc:
             self.library.warn_once("voice %s cannot be used: %s", voice.name, exc)
             raise InvalidRequest(

@@ -46,6 +46,14 @@ def test_an_answer_given_by_one_process_is_found_by_another_serving_the_same_fol
         assert found.transcript == kept.transcript == answer["transcript"]
         assert torch.equal(found.codes.codes, kept.codes.codes)
 
+        # An id that is not one of the server's never names a file: the same 400 as any unknown id.
+        (tmp_path / "voices" / "elsewhere.npz").write_bytes(b"not an answer")
+        for made_up in ("../elsewhere", "audio_../../elsewhere", "audio_" + "0" * 32):
+            refused = second.post("/v1/chat/completions", json=later_turn(made_up))
+            error = refused.json()["error"]
+            assert refused.status_code == 400 and error["code"] == "audio_not_found", refused.text
+            assert error["param"] == "messages[1].audio.id"
+
         # A process that does not share answers finds only its own, and says where they are kept.
         refused = unshared.post("/v1/chat/completions", json=later_turn(answer["id"]))
         error = refused.json()["error"]

@@ -236,7 +236,7 @@ def test_hand_placed_voices_are_checked_as_uploads_are_and_misplaced_files_are_n
     sf.write(folder / "hush.wav", np.zeros(3 * rate, dtype=np.float32), rate)
     sf.write(folder / "lengthy.wav", np.tile(speech, 10)[: 37 * rate], rate)
     sf.write(folder / "wordless.wav", speech, rate)
-    for name, words in (("hush", "Quiet."), ("lengthy", "Long words."), ("wordless", " \u200b\n ")):
+    for name, words in (("hush", "Quiet."), ("lengthy", "Long words."), ("wordless", "  \n ")):
         (folder / f"{name}.txt").write_text(words)
     sf.write(folder / "orphan.wav", speech, rate)
     sf.write(folder / "-dash.wav", speech, rate)
@@ -246,7 +246,7 @@ def test_hand_placed_voices_are_checked_as_uploads_are_and_misplaced_files_are_n
         for name, says in (
             ("hush", "voice reference is silent"),
             ("lengthy", "s long once the silence at its ends is trimmed; at most 30 s"),
-            ("wordless", "wordless.txt holds no words; write in it the words spoken in wordless.wav"),
+            ("wordless", "transcript is empty; write in wordless.txt the words spoken in wordless.wav"),
         ):
             for _ in range(2):
                 refused = client.post(
