@@ -5,13 +5,15 @@
 In memory by default. Where several processes serve one voice library (``cluster.py``'s replicas, behind a
 proxy that sends a conversation's next turn to any of them), each answer is also written to a file in the
 library's ``.answers`` folder (``HIGGS_SHARED_ANSWERS``), so that any of them finds it: a few KB a file,
-written before the answer's last bytes are sent, read only for an id this process does not hold, and
-removed when it expires (by the process that wrote it, or, for a process that has gone, by any other once
-the file is older than an answer's lifetime).
+written (on a thread of its own, off the event loop) before the answer's last bytes are sent, read (off
+the event loop too) only for an id this process does not hold, and removed when it expires (by the process
+that wrote it, or, for a process that has gone, by any other once the file is older than an answer's
+lifetime).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -21,6 +23,7 @@ import time
 import uuid
 import zipfile
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +71,11 @@ class Answers:
         self._items: OrderedDict[str, tuple[float, str, torch.Tensor | None]] = OrderedDict()  # id -> item
         self._lock = threading.Lock()
         self._swept = 0.0
+        self._files = ThreadPoolExecutor(1, thread_name_prefix="answers") if folder is not None else None
 
-    def put(self, audio_id: str, transcript: str, codes: AudioCodes | None) -> None:
+    def put(self, audio_id: str, transcript: str, codes: AudioCodes | None) -> Future[None] | None:
+        """Keep an answer. Shared, its file is written on the answers' thread: the future returned ends
+        when it is (None when answers are not shared)."""
         held = None if codes is None else codes.codes.to(dtype=torch.int16)
         now = self.clock()
         item = (now + self.lifetime, transcript, held)
@@ -86,10 +92,15 @@ class Answers:
                     self.capacity,
                     self.lifetime,
                 )
-        if self.folder is not None:
-            self._write(audio_id, item)
-            self._remove(gone)
-            self._sweep_now_and_then()
+        if self._files is None:
+            return None
+        return self._files.submit(self._share, audio_id, item, gone)
+
+    async def find(self, audio_id: str) -> Answer | None:
+        """``get``, off the event loop where it may read a file (shared answers)."""
+        if self.folder is None:
+            return self.get(audio_id)
+        return await asyncio.to_thread(self.get, audio_id)
 
     def get(self, audio_id: str) -> Answer | None:
         now = self.clock()
@@ -117,6 +128,11 @@ class Answers:
     def _path(self, audio_id: str) -> Path:
         assert self.folder is not None
         return self.folder / f"{audio_id}.npz"
+
+    def _share(self, audio_id: str, item: tuple[float, str, torch.Tensor | None], gone: list[str]) -> None:
+        self._write(audio_id, item)
+        self._remove(gone)
+        self._sweep_now_and_then()
 
     def _write(self, audio_id: str, item: tuple[float, str, torch.Tensor | None]) -> None:
         """The answer's file, written whole under a temporary name and renamed (a reader never sees half

@@ -611,7 +611,7 @@ class HiggsEngine:
             if job is None:
                 self._release()
             elif waiting:
-                self._let_go(job)
+                self._left_the_line(job)
 
     def release_slot(self, request: GenerationRequest) -> None:
         with self._cond:
@@ -745,7 +745,7 @@ class HiggsEngine:
                         self._abandon(running)
                 for job in jobs:
                     if job.cancel.is_set():
-                        self._let_go(job)
+                        self._left_the_line(job)
                 jobs = [job for job in jobs if not job.cancel.is_set()]
                 started = time.perf_counter()
                 if jobs:
@@ -1099,6 +1099,26 @@ class HiggsEngine:
         )
         for observe in self.observers:
             observe(partial)
+
+    def _left_the_line(self, job: _Job) -> None:
+        """``job``'s client left before it had a slot: it stops counting, and the observers see its wait
+        (the longest waits are the ones clients give up on; a wait histogram without them looks better
+        than the line was)."""
+        self._let_go(job)
+        gave_up = GenerationResult(
+            text="",
+            audio=None,
+            finish_reason="length",
+            prompt_tokens=job.prompt.tokens,
+            prompt_audio_tokens=job.prompt.audio_tokens,
+            completion_tokens=0,
+            completion_audio_tokens=0,
+            seconds=0.0,
+            queue_seconds=time.monotonic() - job.queued,
+            abandoned=True,
+        )
+        for observe in self.observers:
+            observe(gave_up)
 
     def _complete(self, job: _Job, reason: Literal["stop", "length"]) -> None:
         self._leave(job, audio_to_come=job.stream is not None)

@@ -24,6 +24,7 @@ which ``errors.py`` answers as 400s.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, replace
 
@@ -182,16 +183,19 @@ class Planner:
             max_bytes=self.limits.max_bytes,
         )
 
-    def remember_answer(self, audio_id: str, transcript: str, codes: AudioCodes | None) -> None:
-        """Keep an audio answer, so that a later request can hold it as an assistant message by its id."""
-        self.answers.put(audio_id, transcript, codes)
+    async def remember_answer(self, audio_id: str, transcript: str, codes: AudioCodes | None) -> None:
+        """Keep an audio answer, so that a later request can hold it as an assistant message by its id;
+        shared with other processes (``HIGGS_SHARED_ANSWERS``), its file is written when this returns."""
+        written = self.answers.put(audio_id, transcript, codes)
+        if written is not None:
+            await asyncio.wrap_future(written)
 
-    def _answer_of(self, message: ChatMessage, index: int) -> Answer | None:
+    async def _answer_of(self, message: ChatMessage, index: int) -> Answer | None:
         """The earlier answer an assistant message refers to by ``audio.id``. An id this server does not
         hold is a 400, unless the message's own text can stand for the answer (then the id is ignored)."""
         if message.role != "assistant" or message.audio is None:
             return None
-        answer = self.answers.get(message.audio.id)
+        answer = await self.answers.find(message.audio.id)
         if answer is None:
             if _join(_parts(message, index).texts):
                 log.info(
@@ -347,7 +351,7 @@ class Planner:
 
         # Every assistant message's audio id is checked, whatever the voice (a clone answered one that is
         # not held with a 200, where every other voice answered 400).
-        answers = {i: self._answer_of(m, i) for i, m in enumerate(messages) if m.role == "assistant"}
+        answers = {i: await self._answer_of(m, i) for i, m in enumerate(messages) if m.role == "assistant"}
         if voice == CLONE_VOICE:
             # The last user message's reference, else the latest earlier one: the voice asked for, whatever
             # other audio the conversation holds.
@@ -454,7 +458,7 @@ class Planner:
         turns = [Turn("system", scene)] if scene else []
         for i, message in enumerate(request.messages):
             if message.role in ("user", "assistant"):
-                answer = self._answer_of(message, i)
+                answer = await self._answer_of(message, i)
                 text = answer.transcript if answer else await self._spoken_text(message, i)
                 turns.append(Turn(message.role, text))
         if not turns[-1].text:

@@ -143,7 +143,7 @@ async def _complete(
         return Response(status_code=499)  # nobody reads it; logged and counted as 499
     if plan.script is not None:
         # The transcript of the pieces spoken: the whole text unless max_tokens ran out first.
-        planner.remember_answer(audio_id, result.text, result.codes)
+        await planner.remember_answer(audio_id, result.text, result.codes)
         audio_out = AudioOut(
             id=audio_id,
             data=base64.b64encode(data).decode("ascii"),
@@ -178,12 +178,12 @@ async def _remembered(
                 elif isinstance(event, AudioPiece) and event.codes is not None:
                     codes.append(event.codes)
                 elif isinstance(event, GenerationResult):
-                    planner.remember_answer(audio_id, event.text, event.codes)
+                    await planner.remember_answer(audio_id, event.text, event.codes)
                     finished = True
                 yield event
     finally:
-        if not finished:
-            planner.remember_answer(audio_id, "".join(said), AudioCodes.joined(codes))
+        if not finished:  # (not awaited: the stream may be cancelled; a shared answer's file is on its way)
+            planner.answers.put(audio_id, "".join(said), AudioCodes.joined(codes))
 
 
 async def _answer_events(answer: GenerationResult) -> AsyncIterator[StreamEvent]:

@@ -5,6 +5,7 @@ replica and got ``audio_not_found`` every time."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import torch
@@ -24,8 +25,21 @@ def later_turn(audio_id: str) -> dict:
 
 
 def test_an_answer_given_by_one_process_is_found_by_another_serving_the_same_folder(
-    settings, engine, recognizer, tmp_path
+    settings, engine, recognizer, tmp_path, monkeypatch
 ):
+    files_on = set()  # the threads that wrote and read the answers' files: never the event loop's
+    real_write, real_read = Answers._write, Answers._read
+
+    def write(self, *args):
+        files_on.add(threading.current_thread().name.split("_")[0])
+        return real_write(self, *args)
+
+    def read(self, *args):
+        files_on.add(threading.current_thread().name.split("_")[0])
+        return real_read(self, *args)
+
+    monkeypatch.setattr(Answers, "_write", write)
+    monkeypatch.setattr(Answers, "_read", read)
     shared = settings.model_copy(update={"voices_dir": tmp_path / "voices", "shared_answers": True})
     alone = settings.model_copy(update={"voices_dir": tmp_path / "voices"})
     with (
@@ -42,6 +56,7 @@ def test_an_answer_given_by_one_process_is_found_by_another_serving_the_same_fol
         followed = second.post("/v1/chat/completions", json=later_turn(answer["id"]))
         assert followed.status_code == 200, followed.text
         assert followed.headers["x-voice"] == "native"  # the answer's audio carries the voice on
+        assert files_on == {"answers", "asyncio"}, files_on  # the answers' thread; asyncio.to_thread's
         found = second.app.state.planner.answers.get(answer["id"])
         assert found.transcript == kept.transcript == answer["transcript"]
         assert torch.equal(found.codes.codes, kept.codes.codes)
@@ -74,11 +89,11 @@ def test_shared_answers_are_forgotten_as_the_process_forgets_them_and_files_are_
     codes = AudioCodes(torch.arange(16).view(8, 2))
     writer, reader = Answers(capacity=2, folder=folder), Answers(folder=folder)
     ids = [f"audio_{i:032x}" for i in range(3)]
-    writer.put(ids[0], "kept as text only", None)
-    writer.put(ids[1], "one", codes)
+    writer.put(ids[0], "kept as text only", None).result()  # (each file is written on the answers' thread)
+    writer.put(ids[1], "one", codes).result()
     assert reader.get(ids[0]).codes is None and reader.get(ids[0]).transcript == "kept as text only"
     assert torch.equal(reader.get(ids[1]).codes.codes, codes.codes)
-    writer.put(ids[2], "two", codes)  # over the capacity: the oldest goes, its file too
+    writer.put(ids[2], "two", codes).result()  # over the capacity: the oldest goes, its file too
     assert reader.get(ids[0]) is None and not (folder / f"{ids[0]}.npz").exists()
     # Only ids as the server makes them name a file: nothing else is read.
     (tmp_path / "elsewhere.npz").write_bytes(b"not an answer")

@@ -478,9 +478,12 @@ def test_the_queued_pieces_of_a_stream_whose_client_left_are_not_decoded(engine,
 
 def test_a_request_counts_against_the_bound_until_its_slot_is_free(engine, client, monkeypatch):
     """``pending`` (the queue gauge and the 429 bound) counts a request whose client left until the
-    scheduler has freed its slot; a waiting request whose client left is out of the line at once."""
+    scheduler has freed its slot; a waiting request whose client left is out of the line at once, and the
+    observers (the metrics' wait histogram) see how long it waited."""
     pending_at_release = at_each_release(engine, monkeypatch, lambda: engine.pending)
     monkeypatch.setattr(engine, "slots", 1)  # one request decodes, the next one waits
+    observed: list[generation.GenerationResult] = []
+    monkeypatch.setattr(engine, "observers", [*engine.observers, observed.append])
     turns = [generation.Turn("user", "Count me.")]
     leaving = generation.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=1)
     waiting = generation.GenerationRequest(turns, True, 500, 0.7, 0.95, 50, seed=2)
@@ -494,6 +497,7 @@ def test_a_request_counts_against_the_bound_until_its_slot_is_free(engine, clien
         second = engine.stream(waiting)
         assert isinstance(await anext(second), generation.Started)  # queued behind the first
         seen.append((engine.pending, engine.stats().waiting))
+        await asyncio.sleep(0.2)
         await second.aclose()
         seen.append((engine.pending, engine.stats().waiting))
         await first.aclose()
@@ -503,6 +507,9 @@ def test_a_request_counts_against_the_bound_until_its_slot_is_free(engine, clien
     assert seen == [(2, 1), (1, 0)]
     settle(engine)
     assert pending_at_release == [1]  # the leaving request still counted while its slot was freed
+    gave_up = observed[0]  # the waiting one left first, before the scheduler freed the other's slot
+    assert gave_up.abandoned and gave_up.completion_tokens == 0 and gave_up.queue_seconds >= 0.2
+    assert len(observed) == 2 and observed[1].abandoned and observed[1].completion_tokens > 0
     monkeypatch.undo()
     assert_idle(client, engine)
 
