@@ -33,7 +33,7 @@ from guard import RequestGate
 from memory import TrimWhenIdle, give_back, malloc_trim
 from metrics import Metrics
 from planner import Planner
-from routes import chat, health, models, speech, transcription, voices, web
+from routes import chat, docs, health, models, speech, transcription, voices, web
 from settings import Settings, check_devices, from_environment
 from shutdown import Drain
 from streaming import note_errors
@@ -91,15 +91,17 @@ def create_app(
     settings = settings or Settings()
     _install_request_id_on_log_records()
     app = FastAPI(
-        title="Higgs Audio OpenAI-compatible server",
+        title=docs.TITLE,
         lifespan=_lifespan(settings, engine, recognizer, load_behind),
         redirect_slashes=False,  # a trailing slash is ignored instead (_RequestLine)
+        docs_url=None,  # (routes/docs.py serves the pages with their files; FastAPI's load them from a CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.ready = False
     app.state.metrics = Metrics()
 
-    routers = [health, models, chat, speech, voices, transcription, *([web] if settings.web_ui else [])]
+    routers = [health, models, chat, speech, voices, transcription, docs, *([web] if settings.web_ui else [])]
     for module in routers:
         app.include_router(module.router)
 
@@ -121,7 +123,7 @@ def create_app(
             # What a browser's script may read: ours, and what the openai SDK reads to decide on retries.
             expose_headers=["X-Request-ID", "X-Voice", "X-Voice-Fallback", "Retry-After", "X-Should-Retry"],
         )
-    # The routers' routes and FastAPI's own (the OpenAPI schema, /docs, /redoc; an included router is one
+    # The routers' routes and FastAPI's own (the OpenAPI schema; an included router is one
     # entry of the app's list, without a path of its own).
     own = [route for route in app.router.routes if getattr(route, "path_format", None)]
     routes = [*own, *(route for module in routers for route in module.router.routes)]
@@ -304,13 +306,19 @@ def _close_engine(state: Any, owned: bool) -> None:
 
 def _document_setting_limits(app: FastAPI, settings: Settings) -> None:
     """Put the limits that settings choose into the OpenAPI schema, where clients (the web page too) read
-    them: the speech ``input``'s length is checked by the planner against ``max_input_characters``."""
+    them: the speech ``input``'s length is checked by the planner against ``max_input_characters``; an
+    uploaded or ``input_audio`` file's size and a voice reference's length, which no field's schema can
+    state, go in ``info``'s ``x-higgs-limits``."""
     build_schema = app.openapi
 
     def openapi() -> dict[str, Any]:
         schema = build_schema()
         speech_input = schema["components"]["schemas"]["SpeechRequest"]["properties"]["input"]
         speech_input["maxLength"] = settings.max_input_characters
+        schema["info"]["x-higgs-limits"] = {
+            "upload_bytes": int(settings.max_upload_mb * 1024 * 1024),
+            "reference_seconds": settings.max_reference_seconds,
+        }
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

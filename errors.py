@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from generation import ContextLengthError, EngineBusy, EngineFailure
-from protocol import CONTENT_PART_TYPES, InvalidRequest
+from protocol import CONTENT_PART_TYPES, InvalidRequest, half_surrogate
 from stt import TranscriberBusy, TranslatorUnavailable
 from voice_cloning import InvalidAudio
 from voices import BuiltinVoiceFailed, InvalidVoiceName, VoiceExists, VoiceNotFound, VoiceQuotaExceeded
@@ -158,13 +158,15 @@ def param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return path or None
 
 
-def _validation_message(err: dict[str, Any]) -> str:
+def _validation_message(err: dict[str, Any], param: str | None) -> str:
     if err.get("type") == "json_invalid":
         return "the request body is not valid JSON"
     if err.get("type") == "missing":
         if tuple(err.get("loc", ())) == ("body",):  # (no body at all: no field to name)
             return "the request body is empty; send a JSON object"
-        return "this field is required"
+        return f"{param} is required" if param else "a required field is missing"
+    if err.get("type") == "string_unicode" and isinstance(err.get("input"), str):  # (a bounded field's)
+        return half_surrogate(err["input"]) or "the text is not valid Unicode"
     if err.get("type") == "union_tag_not_found":  # a content part without its "type"
         kinds = ", ".join(repr(kind) for kind in CONTENT_PART_TYPES)
         return f"this content part has no type; give it one of {kinds}"
@@ -214,7 +216,7 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     err = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
     param = None if err.get("type") == "json_invalid" else param_from_loc(tuple(err.get("loc", ())))
     code = "string_above_max_length" if err.get("type") == "string_too_long" else None  # (OpenAI's code)
-    return error_response(APIError(400, _validation_message(err), param=param, code=code))
+    return error_response(APIError(400, _validation_message(err, param), param=param, code=code))
 
 
 # OpenAI's paths that this server does not serve, and what to do instead: their 404 says it.
@@ -224,11 +226,29 @@ NOT_SERVED = {
 }
 
 
+# FastAPI's 400 for a body it could not read for any reason but malformed JSON (raised from the cause).
+UNPARSED_BODY = "There was an error parsing the body"
+
+
+def _unparsed_body(cause: BaseException | None) -> str:
+    """Why a JSON body could not be read, from the cause of FastAPI's ``UNPARSED_BODY`` (a trial: invalid
+    UTF-8, JSON nested 100,000 deep and a 5,000-digit number all got its words, which say nothing)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "the request body is not valid UTF-8; send JSON encoded as UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON here: it is nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "the request body holds a number too long to read (more than 4,300 digits)"
+    return "the request body could not be read"
+
+
 async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Starlette's own errors (unknown route, wrong method) in the envelope, with their headers (a 405's
     ``Allow``); an unknown route as OpenAI words it, and what to use instead for one of OpenAI's that this
     server does not serve."""
     message = str(exc.detail)
+    if exc.status_code == 400 and message == UNPARSED_BODY:
+        message = _unparsed_body(exc.__cause__)
     if exc.status_code == 404 and message == "Not Found":
         path = request.url.path.rstrip("/")
         message = f"Invalid URL ({request.method} {request.url.path})"

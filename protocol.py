@@ -49,15 +49,23 @@ class OpenModel(BaseModel):
     @classmethod
     def _whole_characters(cls, value: Any) -> Any:
         for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    raise ValueError(
-                        f"the text holds half of a surrogate pair ({text[exc.start]!r} at character "
-                        f"{exc.start}); send whole characters"
-                    ) from None
+            if isinstance(text, str) and (half := half_surrogate(text)):
+                raise ValueError(half)
         return value
+
+
+def half_surrogate(text: str) -> str | None:
+    """What is wrong with ``text`` when it holds half of a surrogate pair (JSON may escape one; no tokenizer
+    or encoder takes it), else None. (A field with a length bound is refused by pydantic before any
+    validator of ours: ``errors.py`` says this for it too.)"""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"the text holds half of a surrogate pair ({text[exc.start]!r} at character {exc.start}); "
+            "send whole characters"
+        )
+    return None
 
 
 # ---- chat completions: request ---------------------------------------------------------------------------

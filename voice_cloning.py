@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -192,7 +193,8 @@ def check_reference(
     """
     speech = active_speech_seconds(audio)
     if speech < limits.min_speech_seconds:
-        what = "silent" if speech == 0 else f"too short ({speech:.1f} s of sound)"
+        # (rounded down: 0.97 s said as "1.0 s" read as enough)
+        what = "silent" if speech == 0 else f"too short ({math.floor(speech * 10) / 10:.1f} s of sound)"
         raise InvalidReference(
             f"voice reference is {what}; send at least {limits.min_speech_seconds:g} s of clear speech "
             f"(5 to 15 s works best, at most {limits.max_seconds:g} s)",

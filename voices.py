@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VOICE = "default"
 CLONE_VOICE = "clone"  # chat only: the voice of the request's own input_audio reference
+NAMES_SAID = 24  # the voices an unknown voice's 400 names at most
 
 # OpenAI's built-in voice names. Each is a stored voice: the library's voice of that name when there is
 # one; otherwise, on first use, the model speaks BUILTIN_SENTENCE with this speaker description and a seed
@@ -335,8 +336,10 @@ class VoiceLibrary:
         names: dict[str, str] = {}
         stems = sorted(p.stem for p in self.root.glob("*.wav") if not p.name.startswith("."))
         for stem in stems:
-            if not VOICE_NAME.match(stem) or ".." in stem:
-                self.warn_once("voice file %s.wav ignored: %s", stem, NAME_RULE)
+            try:  # the rules an upload's name follows: a reserved name or an id's form is no voice's
+                check_voice_name(stem)
+            except InvalidVoiceName as exc:
+                self.warn_once("voice file %s.wav ignored: %s", stem, exc)
                 continue
             kept = names.setdefault(stem.lower(), stem)
             if kept != stem:
@@ -549,7 +552,12 @@ class Voices:
         if stored is None and name in BUILTIN_VOICES:
             stored = await self.make_builtin(name, param)
         if stored is None:
-            names = ", ".join(self.names())
+            every = self.names()
+            names = ", ".join(every[:NAMES_SAID])
+            everything = ""
+            if len(every) > NAMES_SAID:  # (a large library's list was the whole message)
+                names += f", and {len(every) - NAMES_SAID} more"
+                everything = "; GET /v1/audio/voices lists them all"
             if name == CLONE_VOICE:
                 raise InvalidRequest(
                     "voice 'clone' clones the input_audio reference of a chat completion "
@@ -557,7 +565,9 @@ class Voices:
                     param,
                 )
             raise InvalidRequest(
-                f"unknown voice {name!r}; available voices: {names} (and, in chat, clone)", param
+                f"unknown voice {name!r}; available voices: {names} (and, in chat, clone){everything}",
+                param,
+                code="voice_not_found",
             )
         return VoicePrompt(stored.name, stored.transcript, await self._codes(stored, param))
 

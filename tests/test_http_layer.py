@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import time
 
@@ -235,7 +236,10 @@ def test_speech_recognition_off(fake_client, fake_engine):
 
 def test_unknown_voice_names_the_voices_there_are(fake_client):
     error = assert_envelope(
-        fake_client.post("/v1/audio/speech", json={**SPEECH, "voice": "nobody"}), 400, "voice"
+        fake_client.post("/v1/audio/speech", json={**SPEECH, "voice": "nobody"}),
+        400,
+        "voice",
+        "voice_not_found",
     )
     assert "coral" in error["message"] and "default" in error["message"]
 
@@ -267,11 +271,15 @@ def test_openais_consent_recordings_are_answered_with_what_to_do_instead(fake_cl
          '[{"type": "text", "text": "x\\ud800"}]}]}', "messages[0].content[0].text"),
         ("/v1/chat/completions", '{"model": "tts-1", "messages": [{"role": "user", "content": "Hi."}], '
          '"stop": ["ok", "\\udfff"]}', "stop"),
+        # fields with a length bound, which pydantic refused in words of its own (a new user's trial)
+        ("/v1/audio/speech", '{"model": "tts-1", "input": "Hi.", "instructions": "x\\ud800", '
+         '"voice": "alloy"}', "instructions"),
     ],
 )  # fmt: skip
 def test_half_a_surrogate_pair_is_a_400(fake_client, path, body, param):
     response = fake_client.post(path, content=body, headers={"content-type": "application/json"})
-    assert_envelope(response, 400, param)
+    error = assert_envelope(response, 400, param)
+    assert "the text holds half of a surrogate pair" in error["message"], error
     whole = body.replace("\\ud800", "\\ud83d\\ude00").replace("\\udc00", "\\ud83d\\ude00")
     if "stop" not in body:  # a whole pair (an emoji) is fine
         assert (
@@ -498,9 +506,44 @@ def test_a_transcription_whose_client_left_is_dropped_while_it_waits(fake_engine
         assert recognizer._pending == 0  # both counted out of the queue
 
 
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"model": "tts-1", "voice": "alloy", "input": "Hi \xff\xfe"}', "is not valid UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"model": "tts-1", "voice": "alloy", "input": "Hi", "seed": ' + b"9" * 5000 + b"}", "too long"),
+    ],
+    ids=["not utf-8", "deep", "long number"],
+)
+def test_a_json_body_that_cannot_be_read_says_why(fake_client, body, says):
+    """A new user's trial: these got FastAPI's "There was an error parsing the body", which says nothing."""
+    json_type = {"Content-Type": "application/json"}
+    response = fake_client.post("/v1/audio/speech", content=body, headers=json_type)
+    assert_envelope(response, 400)
+    assert says in response.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("path", ["/v1/audio/speech", "/v1/chat/completions"])
 def test_an_empty_json_body_is_called_empty(fake_client, path):
     """It was answered "this field is required", with no field named."""
     response = fake_client.post(path, content=b"", headers={"Content-Type": "application/json"})
     assert_envelope(response, 400)
     assert response.json()["error"]["message"] == "the request body is empty; send a JSON object"
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_pages_are_served_whole_by_this_server(fake_client, page):
+    """A new user's trial: FastAPI's /docs and /redoc loaded Swagger UI, ReDoc and fonts from CDNs, so they
+    were blank offline, and each visit reached third parties. Every file they name is served here."""
+    html = fake_client.get(page)
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert "https://" not in html.text and "http://" not in html.text.replace("http://www.w3.org", "")
+    files = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+    assert len(files) >= 2 and all(f.startswith("/docs/assets/") for f in files), files
+    for path in files:
+        answer = fake_client.get(path)
+        assert answer.status_code == 200 and len(answer.content) > 1000, path
+        kind = {"js": "text/javascript", "css": "text/css", "png": "image/png"}[path.rsplit(".", 1)[1]]
+        assert answer.headers["content-type"].startswith(kind), path
+    assert "/openapi.json" in html.text
+    assert_envelope(fake_client.get("/docs/assets/..%2Fcore.py"), 404)

@@ -423,6 +423,9 @@ def test_a_voice_of_another_type_than_an_audio_sample_is_refused_by_name(isolate
         assert mixed.status_code == 400 and mixed.json()["error"]["param"] == "type"
         missing = client.post("/v1/audio/voices", data={"name": "p"})
         assert missing.status_code == 400 and missing.json()["error"]["param"] == "audio_sample"
+        # A name left blank is named too (the web page showed "this field is required", naming nothing).
+        unnamed = client.post("/v1/audio/voices", data={"name": ""}, files=files).json()["error"]
+        assert unnamed["param"] == "name" and unnamed["message"] == "name is required", unnamed
         typed = client.post(
             "/v1/audio/voices", data={"name": "p", "type": "audio_sample", "transcript": WORDS}, files=files
         )

@@ -297,6 +297,8 @@ BAD_REFERENCES = [
     ("empty", "", {}, "data", "empty"),
     ("header only", header_only_wav(), {}, "data", ""),
     ("too short", wav_b64(tone(0.5), 24000), {}, "data", "too short"),
+    # rounded down: 0.97 s of sound was said as "1.0 s", the least it asked for (a web page trial)
+    ("just too short", wav_b64(tone(0.97), 24000), {}, "data", "too short (0.9 s of sound)"),
     ("too long", wav_b64(tone(31), 24000), {}, "data", "30"),
     ("silent", wav_b64(silence(3), 24000), {}, "data", "silent"),
     ("nan samples", wav_b64(np.full(48000, np.nan, dtype=np.float32), 24000, "FLOAT"), {}, "data", "NaN"),

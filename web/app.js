@@ -8,6 +8,9 @@ const OPENAI_VOICES = ["alloy", "ash", "ballad", "coral", "echo", "fable", "nova
   "verse", "marin", "cedar"];
 const CLIP = ":clip"; // the voice option that clones the reference clip once (no voice name starts with ":")
 const DEFAULT_LIMIT = 4096; // OpenAI's, when the API's schema does not say
+// The service's own limits on a clip (its schema's `info["x-higgs-limits"]`), and the defaults when unsaid.
+const DEFAULT_UPLOAD_BYTES = 25 * 1024 * 1024;
+const DEFAULT_REFERENCE_SECONDS = 30;
 const RECORD_SECONDS = 30; // a recording stops by itself after this long
 // The page's field for each request parameter that the API's errors name (`param`), per request.
 const SPEECH_FIELDS = {
@@ -25,6 +28,8 @@ const state = {
   voices: [],
   clip: null,
   limit: DEFAULT_LIMIT,
+  uploadBytes: DEFAULT_UPLOAD_BYTES,
+  referenceSeconds: DEFAULT_REFERENCE_SECONDS,
   speaking: null,
   sounding: null, // the Web Audio player still playing an answer whose stream has ended (wav, pcm, clone)
   recording: null,
@@ -63,10 +68,11 @@ function canFocus(element) {
 
 // ---- errors and the API key ----
 
-/** Shows `err`; `fields` maps the request's parameters to the page's fields, for the one the API names. */
-function showError(err, fields = {}) {
+/** Shows `err`; `fields` maps the request's parameters to the page's fields, for the one the API names;
+ * `voice` is the voice the request was about, if any (its name, where the API was given its id). */
+function showError(err, fields = {}, voice = null) {
   if (err?.name === "AbortError") return;
-  $("error-text").textContent = err instanceof ApiError ? err.message : `Something went wrong: ${err}`;
+  $("error-text").textContent = inPageWords(err, voice);
   $("error").hidden = false;
   state.errorFrom = document.activeElement;
   markInvalid(err instanceof ApiError && err.param ? fields[err.param] : null);
@@ -80,6 +86,36 @@ function showError(err, fields = {}) {
   if (err instanceof ApiError && (err.param === "voice" || err.code === "voice_not_found")) {
     loadVoices().catch(() => {});
   }
+}
+
+/** The API's message, or the page's own words where the API's speak of HTTP or of the API's terms (a header
+ * to send, a request body, a voice's id), for which the page has a form, a button or a name. */
+function inPageWords(err, voice) {
+  if (!(err instanceof ApiError)) return `Something went wrong: ${err}`;
+  if (err.status === 401) {
+    return apiKey.get()
+      ? "That API key is not valid here; enter the key this server was given."
+      : "This server needs an API key; enter it below.";
+  }
+  if (err.code === "voice_not_found" && voice) {
+    return `The voice “${voice}” is not in the library any more (deleted elsewhere?); choose another.`;
+  }
+  const builtin = state.voices.find((v) => v.builtin && v.name.toLowerCase() === voice?.toLowerCase());
+  if (err.code === "voice_exists" && builtin) {
+    const made = `The service made the voice “${builtin.name}” when that name was first used`;
+    return `${made}; to store your clip under that name, delete that voice in the library first.`;
+  }
+  if (err.code === "request_too_large" || err.code === "file_too_large") {
+    return `The clip is too large: the service takes files up to ${size(state.uploadBytes)}.`;
+  }
+  return err.message;
+}
+
+/** `bytes` as people read a file's size. */
+function size(bytes) {
+  if (bytes < 1024) return `${bytes} byte${bytes === 1 ? "" : "s"}`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(0)} KB`;
+  return `${(bytes / (1024 * 1024)).toFixed(1)} MB`;
 }
 
 function clearError() {
@@ -117,12 +153,18 @@ $("key-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   apiKey.set($("api-key").value.trim());
   clearError();
-  if (await load()) {
-    const inForm = $("key-form").contains(document.activeElement);
-    $("key-form").hidden = true;
-    if (inForm) $("text").focus(); // not back to the top of the page with the form that went
-  }
+  await load();
 });
+
+/** The API answered with the key: the form goes, whichever load it was (the form's, or the one when the
+ * service turned Ready, for a key entered while the model loaded). */
+function keyWorks() {
+  const form = $("key-form");
+  if (form.hidden) return;
+  const inForm = form.contains(document.activeElement);
+  form.hidden = true;
+  if (inForm) $("text").focus(); // not back to the top of the page with the form that went
+}
 function dismissError() {
   clearError();
   const back = state.errorFrom;
@@ -185,6 +227,10 @@ async function loadLimit() {
     .map((f) => f?.maxLength)
     .find(Number.isInteger);
   $("instructions").maxLength = instructions ?? DEFAULT_LIMIT;
+  const limits = schema?.info?.["x-higgs-limits"];
+  state.uploadBytes = Number.isInteger(limits?.upload_bytes) ? limits.upload_bytes : DEFAULT_UPLOAD_BYTES;
+  const seconds = limits?.reference_seconds;
+  state.referenceSeconds = Number.isFinite(seconds) ? seconds : DEFAULT_REFERENCE_SECONDS;
   updateCount();
 }
 
@@ -206,6 +252,7 @@ async function loadVoices() {
 async function load() {
   try {
     await Promise.all([loadVoices(), loadLimit()]);
+    keyWorks();
     return true;
   } catch (err) {
     showError(err);
@@ -340,7 +387,7 @@ function deleteButton(voice) {
       $("refresh").focus();
     } catch (err) {
       disarm(); // pressed again, it asks again
-      showError(err);
+      showError(err, {}, voice.name);
     }
   });
   function disarm() {
@@ -365,7 +412,7 @@ async function playSample(voice) {
     player.src = URL.createObjectURL(blob);
     await player.play();
   } catch (err) {
-    showError(err);
+    showError(err, {}, voice.name);
   }
 }
 
@@ -409,6 +456,7 @@ function updateFormatHint() {
   const format = $("format").value;
   const cloning = $("voice").value === CLIP;
   $("speed").disabled = cloning; // the chat endpoint that clones once has no speed
+  $("format").disabled = cloning; // nor a format: it streams raw audio, downloaded as wav
   showSpeed();
   $("format-hint").textContent = cloning
     ? "Cloning from the clip streams raw audio at normal speed; the download is wav."
@@ -433,7 +481,7 @@ function setSpeaking(on) {
   // Keyboard focus follows the one button that can act: Stop while generating, Speak after. Stop stays
   // while the answer still sounds after its stream ended (Web Audio has no controls of its own).
   const hadFocus = document.activeElement === $("speak") || document.activeElement === $("stop");
-  $("speak").disabled = on;
+  setOff($("speak"), on);
   $("stop").hidden = !on && !state.sounding;
   if (hadFocus) $(on || state.sounding ? "stop" : "speak").focus();
 }
@@ -451,8 +499,15 @@ function soundsOn(player) {
 
 $("speak-form").addEventListener("submit", async (event) => {
   event.preventDefault();
+  if (state.speaking) return; // a second press (Speak is off, not disabled: see setOff)
   clearError();
+  if (!$("text").value.trim()) {
+    const blank = new ApiError(0, "Type the text to speak: there are only spaces in it.", "input");
+    showError(blank, SPEECH_FIELDS);
+    return;
+  }
   const cloning = $("voice").value === CLIP;
+  const voice = $("voice").value;
   const format = cloning ? "wav" : $("format").value;
   const controller = new AbortController();
   const status = $("speak-status");
@@ -494,7 +549,7 @@ $("speak-form").addEventListener("submit", async (event) => {
     if (download.href) URL.revokeObjectURL(download.href);
     download.href = URL.createObjectURL(file);
     download.download = `speech.${format}`;
-    download.textContent = `Download ${format} (${(file.size / 1024).toFixed(0)} KB)`;
+    download.textContent = `Download ${format} (${size(file.size)})`;
     download.hidden = false;
     const total = ((performance.now() - started) / 1000).toFixed(1);
     status.textContent = `Done in ${total} s; first audio after ${(first / 1000).toFixed(1)} s.`;
@@ -507,7 +562,7 @@ $("speak-form").addEventListener("submit", async (event) => {
       // a player that could not stop cleanly is dropped anyway; the request's error is what matters
     }
     status.textContent = err.name === "AbortError" ? "Stopped." : "";
-    showError(err, cloning ? {} : SPEECH_FIELDS);
+    showError(err, cloning ? {} : SPEECH_FIELDS, cloning ? null : voice);
   } finally {
     state.speaking = null;
     setSpeaking(false);
@@ -575,16 +630,40 @@ function clipFormat(file) {
   return undefined;
 }
 
+/** Why `file` cannot be the clip (the service would refuse it whatever is done with it), or null. */
+function clipRefused(file) {
+  if (file.size === 0) return `${file.name} is empty.`;
+  if (file.size > state.uploadBytes) {
+    return `${file.name} is ${size(file.size)}; the service takes files up to ${size(state.uploadBytes)}.`;
+  }
+  return null;
+}
+
+/** Takes `file` as the reference clip, unless the service would refuse it (the clip before stays). */
 function setClip(file, origin) {
+  const refused = clipRefused(file);
+  if (refused) {
+    $("clip-file").value = ""; // (not shown as chosen: the clip is still the one before, if any)
+    showError(new ApiError(0, refused, "file"), TRANSCRIBE_FIELDS);
+    return;
+  }
+  if (state.invalid === $("clip-file")) clearError(); // what it said was about the clip this one replaces
   state.clip = file;
   const player = $("clip-player");
   if (player.src) URL.revokeObjectURL(player.src);
   player.src = URL.createObjectURL(file);
   player.hidden = false;
-  $("clip-info").textContent = `${origin}: ${file.name}, ${(file.size / 1024).toFixed(0)} KB.`;
-  const said = (seconds) => {
-    if (state.clip === file) $("clip-info").textContent = `${origin}: ${file.name}, ${seconds.toFixed(1)} s.`;
+  const info = (text) => {
+    if (state.clip === file) $("clip-info").textContent = `${origin}: ${file.name}, ${text}`;
   };
+  info(`${size(file.size)}.`);
+  const said = (seconds) => {
+    // A voice takes so much of it at most (the service refuses a longer one); speech recognition all of it.
+    const long = seconds > state.referenceSeconds;
+    const why = long ? ` A voice takes at most ${state.referenceSeconds} s; it can be transcribed.` : "";
+    info(`${seconds.toFixed(1)} s.${why}`);
+  };
+  // (A clip replaced before it loaded leaves its listeners to the next one's events: `info` ignores them.)
   player.addEventListener(
     "loadedmetadata",
     () => {
@@ -593,6 +672,9 @@ function setClip(file, origin) {
     },
     { once: true },
   );
+  // A file the browser cannot play (AIFF, or not audio at all) may still be one the service reads.
+  const unplayable = "; this browser cannot play it (the service may still read it).";
+  player.addEventListener("error", () => info(`${size(file.size)}${unplayable}`), { once: true });
   renderVoiceSelect();
 }
 
@@ -608,6 +690,11 @@ async function clipSeconds(file) {
 $("clip-file").addEventListener("change", () => {
   const file = $("clip-file").files[0];
   if (file) setClip(file, "Uploaded");
+});
+// A name of spaces passes `required`: the page says so before sending it.
+$("voice-name").addEventListener("input", () => {
+  const name = $("voice-name");
+  name.setCustomValidity(name.value && !name.value.trim() ? "The name has only spaces; type a name." : "");
 });
 
 $("record").addEventListener("click", async (event) => {
@@ -694,7 +781,7 @@ $("store-form").addEventListener("submit", async (event) => {
     $("consent").checked = false;
     $("speak-status").scrollIntoView({ block: "nearest" }); // on a phone the Speak card is far above
   } catch (err) {
-    showError(err, STORE_FIELDS);
+    showError(err, STORE_FIELDS, name);
   } finally {
     setOff(store, false);
     store.textContent = "Store voice";

@@ -1,0 +1,73 @@
+"""``/docs`` and ``/redoc``: the API's schema as pages to try the API from, served whole by this server.
+
+FastAPI's own pages load Swagger UI and ReDoc from a CDN (and ReDoc's fonts from Google): offline they were
+blank, and each visit told third parties about it. Here their files come from the ``fastapi-offline``
+package, looked up by exact name, under ``/docs/assets/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fastapi_offline
+from fastapi import APIRouter, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import FileResponse, HTMLResponse
+
+from errors import APIError
+
+TITLE = "Higgs Audio OpenAI-compatible server"
+ASSETS_URL = "/docs/assets"
+_CONTENT_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+}
+_STATIC = Path(fastapi_offline.__file__).resolve().parent / "static"
+_ASSETS = {p.name: p for p in _STATIC.iterdir() if p.suffix in _CONTENT_TYPES}
+
+router = APIRouter(include_in_schema=False)
+
+
+def _asset(request: Request, name: str) -> str:
+    return f"{request.scope.get('root_path', '')}{ASSETS_URL}/{name}"
+
+
+@router.get("/docs")
+async def swagger_ui(request: Request) -> HTMLResponse:
+    """Swagger UI, to read the schema and try its endpoints."""
+    root = request.scope.get("root_path", "")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}/openapi.json",
+        title=f"{TITLE}: Swagger UI",
+        swagger_js_url=_asset(request, "swagger-ui-bundle.js"),
+        swagger_css_url=_asset(request, "swagger-ui.css"),
+        swagger_favicon_url=_asset(request, "favicon.png"),
+        oauth2_redirect_url=f"{root}/docs/oauth2-redirect",
+    )
+
+
+@router.get("/docs/oauth2-redirect")
+async def swagger_ui_redirect() -> HTMLResponse:
+    return get_swagger_ui_oauth2_redirect_html()
+
+
+@router.get("/redoc")
+async def redoc(request: Request) -> HTMLResponse:
+    """ReDoc, to read the schema, in the system's fonts."""
+    return get_redoc_html(
+        openapi_url=f"{request.scope.get('root_path', '')}/openapi.json",
+        title=f"{TITLE}: ReDoc",
+        redoc_js_url=_asset(request, "redoc.standalone.js"),
+        redoc_favicon_url=_asset(request, "favicon.png"),
+        with_google_fonts=False,
+    )
+
+
+@router.get(ASSETS_URL + "/{name}")
+async def asset(name: str) -> FileResponse:
+    """One of the pages' files."""
+    path = _ASSETS.get(name)
+    if path is None:
+        raise APIError(404, f"no file {name!r} in the API's pages", type="not_found_error")
+    return FileResponse(path, media_type=_CONTENT_TYPES[path.suffix])
