@@ -26,6 +26,14 @@ _CONTENT_TYPES = {
 _STATIC = Path(fastapi_offline.__file__).resolve().parent / "static"
 _ASSETS = {p.name: p for p in _STATIC.iterdir() if p.suffix in _CONTENT_TYPES}
 
+# Nothing from elsewhere, whatever the pages' scripts ask for (ReDoc's bundle shows its maker's logo from
+# cdn.redoc.ly): their own inline script and styles, this server's files, and the worker ReDoc makes.
+_ONLY_HERE = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; worker-src 'self' blob:; "
+    "font-src 'self' data:",
+}
+
 router = APIRouter(include_in_schema=False)
 
 
@@ -37,7 +45,7 @@ def _asset(request: Request, name: str) -> str:
 async def swagger_ui(request: Request) -> HTMLResponse:
     """Swagger UI, to read the schema and try its endpoints."""
     root = request.scope.get("root_path", "")
-    return get_swagger_ui_html(
+    page = get_swagger_ui_html(
         openapi_url=f"{root}/openapi.json",
         title=f"{TITLE}: Swagger UI",
         swagger_js_url=_asset(request, "swagger-ui-bundle.js"),
@@ -45,6 +53,8 @@ async def swagger_ui(request: Request) -> HTMLResponse:
         swagger_favicon_url=_asset(request, "favicon.png"),
         oauth2_redirect_url=f"{root}/docs/oauth2-redirect",
     )
+    page.headers.update(_ONLY_HERE)
+    return page
 
 
 @router.get("/docs/oauth2-redirect")
@@ -55,13 +65,15 @@ async def swagger_ui_redirect() -> HTMLResponse:
 @router.get("/redoc")
 async def redoc(request: Request) -> HTMLResponse:
     """ReDoc, to read the schema, in the system's fonts."""
-    return get_redoc_html(
+    page = get_redoc_html(
         openapi_url=f"{request.scope.get('root_path', '')}/openapi.json",
         title=f"{TITLE}: ReDoc",
         redoc_js_url=_asset(request, "redoc.standalone.js"),
         redoc_favicon_url=_asset(request, "favicon.png"),
         with_google_fonts=False,
     )
+    page.headers.update(_ONLY_HERE)
+    return page
 
 
 @router.get(ASSETS_URL + "/{name}")

@@ -583,6 +583,22 @@ def test_a_clip_the_service_would_refuse_is_not_taken(browser, web_settings, eng
         context.close()
 
 
+def test_the_api_pages_render_with_nothing_from_elsewhere(page, base_url):
+    """A new user's trial: /docs and /redoc loaded Swagger UI, ReDoc and fonts from CDNs (blank offline).
+    Both render here from this server's files; what their scripts ask of elsewhere (ReDoc's bundle asks for
+    its maker's logo) the pages' Content-Security-Policy stops in the browser, before any connection."""
+    elsewhere: list[str] = []  # (ReDoc's worker is a blob: URL of the page's own)
+    page.on("request", lambda r: r.url.startswith((base_url, "blob:")) or elsewhere.append(r.url))
+    stopped: list[str] = []
+    page.on("requestfailed", lambda r: r.failure == "csp" and stopped.append(r.url))
+    page.goto(base_url + "/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("Higgs Audio OpenAI-compatible server")
+    expect(page.locator(".opblock-summary-path", has_text="/v1/audio/speech").first).to_be_visible()
+    page.goto(base_url + "/redoc")
+    expect(page.locator("h1", has_text="Higgs Audio OpenAI-compatible server")).to_be_visible()
+    assert elsewhere == stopped, (elsewhere, stopped)
+
+
 def test_a_503_makes_the_pill_check_at_once(browser, web_settings, engine, recognizer):
     """A trial: a call answered 503 "still loading" (a restarted service) left the pill saying Ready until
     its next check, 15 s later. The page's timers are frozen here, so only the check the error starts can
