@@ -1085,6 +1085,17 @@ class HiggsEngine:
         """Free a cancelled job's slot; the work it did still counts for the observers (metrics)."""
         self._leave(job)
         frames = job.stream.frames if job.stream is not None else 0
+        self._observe_left(job, frames / self.frame_rate, **self._phases(job, time.monotonic()))
+
+    def _left_the_line(self, job: _Job) -> None:
+        """``job``'s client left before it had a slot: it stops counting, and the observers see its wait
+        (the longest waits are the ones clients give up on; a wait histogram without them looks better
+        than the line was)."""
+        self._let_go(job)
+        self._observe_left(job, 0.0, seconds=0.0, queue_seconds=time.monotonic() - job.queued)
+
+    def _observe_left(self, job: _Job, audio_seconds: float, **times: float) -> None:
+        """The observers see what a job whose client left did: its tokens, its audio and ``times``."""
         partial = GenerationResult(
             text="",
             audio=None,
@@ -1093,32 +1104,12 @@ class HiggsEngine:
             prompt_audio_tokens=job.prompt.audio_tokens,
             completion_tokens=job.steps,
             completion_audio_tokens=job.steps if job.request.audio_output else 0,
-            audio_seconds=frames / self.frame_rate,
+            audio_seconds=audio_seconds,
             abandoned=True,
-            **self._phases(job, time.monotonic()),
+            **times,
         )
         for observe in self.observers:
             observe(partial)
-
-    def _left_the_line(self, job: _Job) -> None:
-        """``job``'s client left before it had a slot: it stops counting, and the observers see its wait
-        (the longest waits are the ones clients give up on; a wait histogram without them looks better
-        than the line was)."""
-        self._let_go(job)
-        gave_up = GenerationResult(
-            text="",
-            audio=None,
-            finish_reason="length",
-            prompt_tokens=job.prompt.tokens,
-            prompt_audio_tokens=job.prompt.audio_tokens,
-            completion_tokens=0,
-            completion_audio_tokens=0,
-            seconds=0.0,
-            queue_seconds=time.monotonic() - job.queued,
-            abandoned=True,
-        )
-        for observe in self.observers:
-            observe(gave_up)
 
     def _complete(self, job: _Job, reason: Literal["stop", "length"]) -> None:
         self._leave(job, audio_to_come=job.stream is not None)
