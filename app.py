@@ -106,7 +106,7 @@ def create_app(
         app.include_router(module.router)
 
     install_error_handlers(app)
-    _document_setting_limits(app, settings)
+    _document_settings(app, settings)
     # The last added runs first: request ids (so that CORS preflights have one and are logged), then the
     # request line (HEAD, a trailing slash), then the count of requests in flight (memory is trimmed when
     # none is), then CORS, then the gate.
@@ -304,11 +304,12 @@ def _close_engine(state: Any, owned: bool) -> None:
         engine.close()
 
 
-def _document_setting_limits(app: FastAPI, settings: Settings) -> None:
-    """Put the limits that settings choose into the OpenAPI schema, where clients (the web page too) read
-    them: the speech ``input``'s length is checked by the planner against ``max_input_characters``; an
-    uploaded or ``input_audio`` file's size and a voice reference's length, which no field's schema can
-    state, go in ``info``'s ``x-higgs-limits``."""
+def _document_settings(app: FastAPI, settings: Settings) -> None:
+    """Put what settings choose into the OpenAPI schema, where clients (the web page, Swagger UI) read it:
+    the speech ``input``'s length is checked by the planner against ``max_input_characters``; an uploaded
+    or ``input_audio`` file's size and a voice reference's length, which no field's schema can state, go in
+    ``info``'s ``x-higgs-limits``; with an API key, every operation takes a bearer token (Swagger UI's
+    Authorize button then asks for it, and sends it with each request tried from ``/docs``)."""
     build_schema = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -319,6 +320,9 @@ def _document_setting_limits(app: FastAPI, settings: Settings) -> None:
             "upload_bytes": int(settings.max_upload_mb * 1024 * 1024),
             "reference_seconds": settings.max_reference_seconds,
         }
+        if settings.api_key is not None:
+            schema["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"apiKey": []}]
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

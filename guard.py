@@ -58,9 +58,13 @@ DRAIN_SECONDS = 10.0
 then and the client may see the connection reset)."""
 MAX_HEAD_BYTES = 16 * 1024
 """The largest request head taken, counted as it was sent (request line, headers, line ends): h11's limit."""
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/"})
-# The web page's static files hold no data; the page asks for the key itself when the API answers 401.
-PUBLIC_PREFIXES = ("/web/",)
+# The web page and its static files hold no data; the page asks for the key itself when the API answers 401.
+# Nor do the API's description and the pages that show it (``/docs``'s Authorize button takes the key for
+# the requests tried from it): with them behind the key, a browser could not open them at all.
+PUBLIC_PATHS = frozenset(
+    {"/health", "/ready", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
+PUBLIC_PREFIXES = ("/web/", "/docs/assets/")
 
 
 def _head_bytes(scope: Scope) -> int:

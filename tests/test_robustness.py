@@ -144,6 +144,12 @@ def test_api_key_is_required_except_for_health(locked):
     assert locked.get("/metrics").status_code == 401
     assert locked.get("/health").status_code == 200 and locked.get("/ready").status_code == 200
     assert locked.head("/health").status_code == 200  # probes that send HEAD need no key either
+    # The API's description and its pages hold no data, and a browser cannot send a key to open them
+    # (they answered 401): public, the schema saying that every operation takes the key as a bearer token.
+    assert [locked.get(page).status_code for page in ("/openapi.json", "/docs", "/redoc")] == [200] * 3
+    schema = locked.get("/openapi.json").json()
+    assert schema["security"] == [{"apiKey": []}]
+    assert schema["components"]["securitySchemes"]["apiKey"] == {"type": "http", "scheme": "bearer"}
 
 
 def test_the_openai_sdk_sends_the_key(locked):

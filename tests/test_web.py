@@ -599,6 +599,32 @@ def test_the_api_pages_render_with_nothing_from_elsewhere(page, base_url):
     assert elsewhere == stopped, (elsewhere, stopped)
 
 
+def test_with_an_api_key_the_api_pages_open_and_take_the_key_for_what_is_tried(
+    browser, web_settings, engine, recognizer
+):
+    """/docs answered 401 to a browser, which cannot send a key to open a page. It opens now, and its
+    Authorize button takes the key for the requests tried from it."""
+    from app import create_app
+
+    settings = web_settings.model_copy(update={"api_key": SecretStr("docs-secret")})
+    with serve(create_app(settings, engine=engine, recognizer=recognizer)) as url:
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url + "/docs")
+        page.locator("button.authorize").first.click()
+        page.locator(".modal-ux input").fill("docs-secret")
+        page.locator(".modal-ux button.authorize").click()
+        page.locator(".modal-ux button.btn-done").click()
+        models = page.locator(".opblock", has=page.locator(".opblock-summary-path", has_text="/v1/models"))
+        models.first.locator(".opblock-summary").click()
+        models.first.locator("button.try-out__btn").click()
+        models.first.locator("button.execute").click()
+        status = models.first.locator(".live-responses-table tr.response .response-col_status").first
+        expect(status).to_have_text("200")
+        context.close()
+
+
 def test_a_503_makes_the_pill_check_at_once(browser, web_settings, engine, recognizer):
     """A trial: a call answered 503 "still loading" (a restarted service) left the pill saying Ready until
     its next check, 15 s later. The page's timers are frozen here, so only the check the error starts can
@@ -1021,9 +1047,15 @@ def test_with_an_api_key_the_page_asks_for_it_and_then_works(browser, web_settin
         page.wait_for_function("() => document.getElementById('sample-player').duration > 0")
         assert httpx.get(f"{url}/v1/audio/voices/keyed-voice/sample").status_code == 401
         context.close()
-        # the public /web/ prefix opens nothing else, however the path is spelled
+        # the public prefixes (/web/, /docs/assets/) open nothing else, however the path is spelled
         host, port = url.removeprefix("http://").split(":")
-        for path in ["/web/../v1/audio/voices", "/web/%2e%2e/v1/audio/voices", "/web/x/../../metrics"]:
+        for path in [
+            "/web/../v1/audio/voices",
+            "/web/%2e%2e/v1/audio/voices",
+            "/web/x/../../metrics",
+            "/docs/assets/../../v1/audio/voices",
+            "/docs/assets/%2e%2e/%2e%2e/v1/audio/voices",
+        ]:
             connection = http.client.HTTPConnection(host, int(port), timeout=30)
             connection.request("GET", path)
             answer = connection.getresponse()
