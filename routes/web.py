@@ -24,6 +24,13 @@ _CONTENT_TYPES = {
 _ASSETS = {p.name: p for p in WEB_DIR.iterdir() if p.suffix in _CONTENT_TYPES} if WEB_DIR.is_dir() else {}
 # Revalidate on each load, so a new version of the page is never mixed with cached old modules.
 _NO_CACHE = {"Cache-Control": "no-cache"}
+# The page runs its own modules and styles only, talks to this server only, and plays what it fetched or
+# recorded (blob: URLs): a voice's name or transcript that slipped past ``textContent`` could run nothing.
+_ONLY_ITSELF = {
+    "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; img-src 'self' data: blob:; "
+    "connect-src 'self' blob:; object-src 'none'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+}
 
 router = APIRouter()
 
@@ -31,7 +38,9 @@ router = APIRouter()
 @router.get("/", include_in_schema=False)
 async def index() -> FileResponse:
     """The page."""
-    return await asset("index.html")
+    page = await asset("index.html")
+    page.headers.update(_ONLY_ITSELF)
+    return page
 
 
 @router.get("/web/{name}", include_in_schema=False)

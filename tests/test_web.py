@@ -57,6 +57,11 @@ class Console:
     def uncaught(self) -> list[str]:
         return [e for e in self.errors if e.startswith("uncaught")]
 
+    @property
+    def refused(self) -> list[str]:
+        """What the page's Content-Security-Policy stopped (the browser logs each as an error)."""
+        return [e for e in self.errors if "Content Security Policy" in e]
+
 
 @pytest.fixture
 def page(browser):
@@ -67,6 +72,7 @@ def page(browser):
     page.console = Console(page)
     yield page
     assert not page.console.uncaught, page.console.uncaught
+    assert not page.console.refused, page.console.refused  # the page's own policy allows what it does
     context.close()
 
 
@@ -131,6 +137,9 @@ def test_page_loads_without_console_errors_and_shows_the_apis_limit(page, base_u
     expect(page.locator("#count")).to_have_text(f"5 / {limit}")
     page.wait_for_load_state("networkidle")
     assert page.console.errors == []
+    # Its own scripts, styles and this server only (every test's page is checked for what it refused).
+    policy = httpx.get(f"{base_url}/").headers["content-security-policy"]
+    assert policy.startswith("default-src 'self';") and "frame-ancestors 'none'" in policy
     # the page's files are served with their types; anything else under /web/ is a 404 in the envelope
     assert httpx.get(f"{base_url}/web/app.js").headers["content-type"].startswith("text/javascript")
     missing = httpx.get(f"{base_url}/web/..%2Fapp.py")
@@ -597,6 +606,7 @@ def test_the_api_pages_render_with_nothing_from_elsewhere(page, base_url):
     page.goto(base_url + "/redoc")
     expect(page.locator("h1", has_text="Higgs Audio OpenAI-compatible server")).to_be_visible()
     assert elsewhere == stopped, (elsewhere, stopped)
+    page.console.errors.clear()  # (the browser logged what the policy stopped, as it should)
 
 
 def test_with_an_api_key_the_api_pages_open_and_take_the_key_for_what_is_tried(
