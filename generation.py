@@ -21,11 +21,16 @@ from audio import Audio
 SYSTEM_TEMPLATE = "Generate audio following instruction.\n\n<|scene_desc_start|>\n{scene}\n<|scene_desc_end|>"
 
 
+# What else mends a prompt that alone fills the context (the context is the largest KV-cache length).
+LONGER_CONTEXT = "serve a longer context (a larger last HIGGS_KV_CACHE_LENGTHS)"
+
+
 class ContextLengthError(ValueError):
     """Prompt plus requested output do not fit the model's context: ``detail`` says by how much, ``advice``
     what to change, ``param`` which request field (``max_tokens`` unless the caller knows better).
     ``prompt_alone``: the prompt leaves no room for a single token, so no output length would fit (the
-    input is what to change, never ``max_tokens``)."""
+    input is what to change, never ``max_tokens``); ``audio_bound``: then its audio (a voice's reference
+    clip, audio in the messages) takes half the context or more, so shortening its text cannot help."""
 
     def __init__(
         self,
@@ -33,16 +38,18 @@ class ContextLengthError(ValueError):
         advice: str = "shorten the input or lower max_tokens",
         param: str = "max_tokens",
         prompt_alone: bool = False,
+        audio_bound: bool = False,
     ):
         super().__init__(f"{detail}; {advice}")
         self.detail = detail
         self.advice = advice
         self.param = param
         self.prompt_alone = prompt_alone
+        self.audio_bound = audio_bound
 
     def naming(self, param: str, advice: str) -> ContextLengthError:
         """The same overflow, blamed on ``param`` (an endpoint without ``max_tokens``)."""
-        return ContextLengthError(self.detail, advice, param, self.prompt_alone)
+        return ContextLengthError(self.detail, advice, param, self.prompt_alone, self.audio_bound)
 
 
 class EngineBusy(Exception):

@@ -199,10 +199,12 @@ class Higgs:
         placeholders = sum(1 for t in tokens if t in self.placeholder_ids)
         prompt_tokens = len(tokens) - placeholders + audio_columns
         if prompt_tokens >= max_context:  # no max_tokens would fit: the input is what to change
+            audio = f" ({audio_columns} of them audio)" if audio_columns else ""
             raise ContextLengthError(
-                f"the prompt alone takes {prompt_tokens} tokens, and the context holds {max_context}",
+                f"the prompt alone takes {prompt_tokens} tokens{audio}, and the context holds {max_context}",
                 "shorten the input",
                 prompt_alone=True,
+                audio_bound=2 * audio_columns >= max_context,
             )
         if prompt_tokens + request.max_new_tokens > max_context:
             raise ContextLengthError(

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from answers import AUDIO_LIFETIME_SECONDS
 from errors import bad_request
 from generation import (
+    LONGER_CONTEXT,
     AudioCodes,
     AudioPiece,
     ContextLengthError,
@@ -71,6 +72,10 @@ def _blamed(body: ChatCompletionRequest, exc: ContextLengthError) -> ContextLeng
     the messages too when they alone fill the context (no ``max_tokens`` would fit)."""
     if exc.param != "max_tokens":
         return exc
+    if exc.prompt_alone and exc.audio_bound:  # a voice's reference clip, or the messages' audio
+        return exc.naming(
+            "messages", f"shorten the messages' audio or the voice's reference clip, or {LONGER_CONTEXT}"
+        )
     if exc.prompt_alone:
         return exc.naming("messages", "shorten the messages")
     if body.max_completion_tokens is not None:

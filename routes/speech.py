@@ -7,7 +7,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from audio import MEDIA_TYPES
 from errors import bad_request
-from generation import ContextLengthError
+from generation import LONGER_CONTEXT, ContextLengthError
 from longform import speak
 from protocol import SpeechRequest
 from routes.deps import EngineDep, PlannerDep, SettingsDep, check_model, log_ignored, require_generation_slot
@@ -34,6 +34,10 @@ async def speech(
     try:
         await started(events)
     except ContextLengthError as exc:  # speech has no max_tokens: what makes the prompt long is the scene
+        if exc.audio_bound:  # the voice's reference clip, which no shorter text makes room for
+            raise exc.naming(
+                "voice", f"use a voice with a shorter reference clip, or {LONGER_CONTEXT}"
+            ) from None
         param = "instructions" if (body.instructions or "").strip() else "input"
         raise exc.naming(param, f"shorten the {param}") from None
     headers = {"X-Voice": plan.voice}

@@ -518,3 +518,32 @@ def test_an_unknown_voice_names_a_few_voices_and_where_to_list_them_all(client, 
     every = client.app.state.voices.names()  # (the stored ones, the OpenAI names, default)
     assert said.split(", ") == every[:5] and more.startswith(f"{len(every) - 5} more (and, in chat, clone)")
     assert error["message"].endswith("; GET /v1/audio/voices lists them all")
+
+
+def test_a_voice_whose_clip_fills_the_context_is_what_a_context_error_names(client, engine, monkeypatch):
+    """A trial: with a short context, a 3-character speech input was told "shorten the input" (and with
+    instructions, "shorten the instructions") where the voice's reference clip took most of it: no
+    shorter text could fit. The error names the voice (speech) and the audio (chat) then."""
+    with open(TEST_AUDIO, "rb") as clip:
+        stored = client.post(
+            "/v1/audio/voices",
+            data={"name": "roomy", "transcript": transcripts()["test_audio.wav"]},
+            files={"audio_sample": ("ref.wav", clip, "audio/wav")},
+        )
+    assert stored.status_code == 200, stored.text
+    monkeypatch.setattr(engine, "max_context", 160)  # the clip's 4 s take about 110 positions
+    try:
+        for instructions in (None, "Calm."):
+            body = {"model": "tts-1", "input": "Hi.", "voice": "roomy", "instructions": instructions}
+            error = client.post("/v1/audio/speech", json=body).json()["error"]
+            assert (error["code"], error["param"]) == ("context_length_exceeded", "voice"), error
+            assert "of them audio), and the context holds 160" in error["message"]
+            assert error["message"].endswith("use a voice with a shorter reference clip, or serve a longer "
+                                             "context (a larger last HIGGS_KV_CACHE_LENGTHS)")  # fmt: skip
+        chat = {"model": "tts-1", "modalities": ["text", "audio"], "audio": {"voice": "roomy"},
+                "messages": [{"role": "user", "content": "Hi."}]}  # fmt: skip
+        error = client.post("/v1/chat/completions", json=chat).json()["error"]
+        assert error["param"] == "messages" and "the voice's reference clip" in error["message"], error
+    finally:
+        monkeypatch.undo()
+        client.delete("/v1/audio/voices/roomy")
