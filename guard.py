@@ -154,8 +154,8 @@ class RequestGate:
 
     async def _too_large(self, send: Send) -> None:
         limit = self.max_body / (1024 * 1024)
-        await send_error(send, 413, f"the request body is larger than {limit:g} MB", "invalid_request_error",
-                         "request_too_large", connection="close")  # fmt: skip
+        await send_error(send, 413, f"the request body is larger than {limit:.3g} MB",
+                         "invalid_request_error", "request_too_large", connection="close")  # fmt: skip
 
     async def _with_counted_body(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]

@@ -6,14 +6,19 @@ the README lists them all with their defaults. Nothing else in the project reads
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, get_origin
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
+
+log = logging.getLogger(__name__)
 
 MIN_CONTEXT, MAX_CONTEXT = 256, 131_072  # attention lengths: room for a prompt, and Llama 3's context
 
@@ -207,7 +212,18 @@ class Settings(BaseSettings):
     stt_device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where speech recognition runs; `auto` follows CUDA's presence."""
 
-    stt_compute_type: str = "auto"
+    stt_compute_type: Literal[
+        "auto",
+        "default",
+        "int8",
+        "int8_float32",
+        "int8_float16",
+        "int8_bfloat16",
+        "int16",
+        "float16",
+        "bfloat16",
+        "float32",
+    ] = "auto"
     """CTranslate2 compute type; `auto` is float16 on CUDA and int8 on the CPU."""
 
     stt_translation_model: str = ""
@@ -340,7 +356,22 @@ def from_environment() -> Settings:
         os.environ.update(hidden)
     if faults:
         raise SystemExit("invalid settings:\n  " + "\n  ".join(faults))
+    for line in unknown_variables(os.environ):
+        log.warning(line)
     return settings
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line for each ``HIGGS_`` variable that is no setting, naming the nearest one (an operator's trial:
+    ``HIGGS_MAX_QEUE=4`` served with the default line and nothing said)."""
+    known = {f"HIGGS_{name.upper()}" for name in Settings.model_fields}
+    lines = []
+    for variable in sorted(v for v in environ if v.upper().startswith("HIGGS_") and v.upper() not in known):
+        near = difflib.get_close_matches(variable.upper(), known, n=1, cutoff=0.8)
+        lines.append(
+            f"{variable} is no setting, and is ignored" + (f": did you mean {near[0]}?" if near else "")
+        )
+    return lines
 
 
 def resolve_device(requested: str, cuda_available: bool) -> str:

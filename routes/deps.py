@@ -149,7 +149,7 @@ async def read_upload(upload: UploadFile, param: str, settings: Settings) -> byt
     if len(data) > limit:
         raise APIError(
             413,
-            f"the {param} is larger than {settings.max_upload_mb:g} MB",
+            f"the {param} is larger than {settings.max_upload_mb:.3g} MB",
             param=param,
             code="file_too_large",
         )

@@ -508,6 +508,19 @@ def test_every_setting_at_fault_is_named_at_once(monkeypatch):
     assert settings.cors_origins == ["https://app.example"] and settings.kv_cache_lengths == [1024, 2048]
 
 
+def test_a_variable_that_is_no_setting_is_named_with_the_nearest_one(monkeypatch, caplog):
+    """An operator's trial: ``HIGGS_MAX_QEUE=4`` served with the default line, and nothing said."""
+    from settings import from_environment
+
+    monkeypatch.setenv("HIGGS_MAX_QEUE", "4")
+    monkeypatch.setenv("HIGGS_SOMETHING_ELSE", "1")
+    with caplog.at_level("WARNING", logger="settings"):
+        settings = from_environment()
+    assert settings.max_queue is None  # (ignored, as before: said now)
+    assert "HIGGS_MAX_QEUE is no setting, and is ignored: did you mean HIGGS_MAX_QUEUE?" in caplog.messages
+    assert "HIGGS_SOMETHING_ELSE is no setting, and is ignored" in caplog.messages
+
+
 BAD_SETTINGS = [
     ("HIGGS_MAX_BODY_MB", "inf"),  # stopped the process with a traceback
     ("HIGGS_MAX_UPLOAD_MB", "inf"),  # failed the load
@@ -522,6 +535,7 @@ BAD_SETTINGS = [
     ("HIGGS_API_KEY", ""),  # a secret templated from nothing served without a key
     ("HIGGS_API_KEY", "  \n"),
     ("HIGGS_DEFAULT_SCENE", "A quiet room. " * 1000),  # every request a context overflow, blaming the client
+    ("HIGGS_STT_COMPUTE_TYPE", "bogus"),  # started, then "loading failed" for as long as it ran
 ]
 
 
