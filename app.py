@@ -27,8 +27,15 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import BaseRoute, Match
 
 from engine import load_engine
-from errors import APIError, as_api_error, error_response, install_error_handlers
-from generation import Engine
+from errors import (
+    APIError,
+    StreamCut,
+    as_api_error,
+    error_response,
+    install_error_handlers,
+    quiet_stream_cuts,
+)
+from generation import Engine, EngineFailure
 from guard import RequestGate
 from memory import TrimWhenIdle, give_back, malloc_trim
 from metrics import Metrics
@@ -90,6 +97,7 @@ def create_app(
     something else holds requests back until start-up is done, as Ray Serve does with its replicas)."""
     settings = settings or Settings()
     _install_request_id_on_log_records()
+    quiet_stream_cuts()
     app = FastAPI(
         title=docs.TITLE,
         lifespan=_lifespan(settings, engine, recognizer, load_behind),
@@ -379,12 +387,23 @@ class _RequestIds(_RoutesMiddleware):
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            if responded:
-                raise
-            log.exception("unexpected failure")
-            await error_response(as_api_error(exc))(scope, receive, send_with_id)
+            if not responded:
+                log.exception("unexpected failure")
+                await error_response(as_api_error(exc))(scope, receive, send_with_id)
+                return
+            # A body cut off by a failure: one line, with the request's id, and the server cuts it.
+            seconds = time.perf_counter() - started
+            failure = next((e for e in (exc, exc.__cause__) if isinstance(e, EngineFailure)), None)
+            if failure is not None:  # (a shutdown's engine_closed, an out_of_memory: said, not a bug)
+                log.info("%s %s: stream cut short by an error (%s) after %.3f s",
+                         scope["method"], scope["path"], failure.code, seconds)  # fmt: skip
+            else:
+                log.error("%s %s: stream cut short by an unexpected failure after %.3f s",
+                          scope["method"], scope["path"], seconds, exc_info=exc)  # fmt: skip
+            done = True  # (said)
+            raise StreamCut() from exc
         finally:
-            if responded and not done:  # (a failure's traceback is the server's to log)
+            if responded and not done:
                 seconds = time.perf_counter() - started
                 log.info("%s %s: stream cut short after %.3f s (the client left, a failure or a shutdown)",
                          scope["method"], scope["path"], seconds)  # fmt: skip

@@ -257,9 +257,30 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
     return error_response(APIError(exc.status_code, message, headers=dict(exc.headers or {})))
 
 
+class StreamCut(Exception):
+    """A body that failed after its response began, raised on so that the server cuts it off (a client then
+    sees an error, never a short answer that looks whole). Its request's line was logged already: nothing
+    logs it again (it was two tracebacks, after the request's id was gone: an operator's trial)."""
+
+
+class _QuietStreamCuts(logging.Filter):
+    """Keeps the server's own "Exception in ASGI application" for a ``StreamCut`` out of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], StreamCut))
+
+
+def quiet_stream_cuts() -> None:
+    """Install ``_QuietStreamCuts`` on uvicorn's error logger, once."""
+    server = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietStreamCuts) for f in server.filters):
+        server.addFilter(_QuietStreamCuts())
+
+
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     """Anything else: a 500 that leaks nothing; the traceback goes to the log."""
-    log.exception("unexpected failure")
+    if not isinstance(exc, StreamCut):
+        log.exception("unexpected failure")
     return error_response(as_api_error(exc))
 
 

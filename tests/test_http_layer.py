@@ -145,21 +145,42 @@ def test_a_failure_mid_stream_ends_the_sse_with_an_error_envelope(fake_client, f
 
 
 @pytest.mark.parametrize("failure", ["RuntimeError", "EngineFailure"])
-def test_a_failure_mid_stream_cuts_a_plain_audio_body_short(fake_app, fake_engine, failure):
+def test_a_failure_mid_stream_cuts_a_plain_audio_body_short(fake_app, fake_engine, failure, caplog):
     """Through a real server: the body ends without its last chunk, so a client sees an error, never a
-    short answer that looks whole (an unexpected error, or one with an answer of its own, alike)."""
+    short answer that looks whole (an unexpected error, or one with an answer of its own, alike). Each is
+    one line with its request's id: an engine's error said, an unexpected one with its traceback, once (an
+    operator's trial: a shutdown mid-body was two tracebacks, the server's and ours, without the id)."""
+    import logging
+
     from live_server import serve
 
     fake_engine.fail_mid_stream = True
     if failure == "EngineFailure":
         fake_engine.mid_stream_error = EngineFailure("the GPU ran out of memory", "out_of_memory")
-    with serve(fake_app) as url:
-        for fmt in ("pcm", "mp3", "wav"):
-            with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
-                httpx.post(f"{url}/v1/audio/speech", json={**SPEECH, "response_format": fmt}, timeout=60)
-        fake_engine.fail_mid_stream = False  # and the server goes on serving
-        whole = httpx.post(f"{url}/v1/audio/speech", json={**SPEECH, "response_format": "pcm"}, timeout=60)
-        assert whole.status_code == 200 and whole.headers["x-request-id"]
+    server_said: list[logging.LogRecord] = []  # (uvicorn's own logger does not propagate to caplog)
+    server_log = logging.getLogger("uvicorn.error")
+    handler = logging.Handler()
+    handler.emit = server_said.append
+    server_log.addHandler(handler)
+    try:
+        with serve(fake_app) as url, caplog.at_level(logging.INFO, logger="app"):
+            for fmt in ("pcm", "mp3", "wav"):
+                with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+                    httpx.post(f"{url}/v1/audio/speech", json={**SPEECH, "response_format": fmt}, timeout=60)
+            fake_engine.fail_mid_stream = False  # and the server goes on serving
+            whole = httpx.post(
+                f"{url}/v1/audio/speech", json={**SPEECH, "response_format": "pcm"}, timeout=60
+            )
+            assert whole.status_code == 200 and whole.headers["x-request-id"]
+    finally:
+        server_log.removeHandler(handler)
+    assert [r for r in server_said if r.exc_info] == []
+    cuts = [r for r in caplog.records if "stream cut short" in r.getMessage()]
+    said = "by an error (out_of_memory) after" if failure == "EngineFailure" else "by an unexpected failure"
+    assert len(cuts) == 3 and all(said in r.getMessage() for r in cuts), [r.getMessage() for r in cuts]
+    assert all(r.higgs_request_id != "-" for r in cuts)
+    assert [bool(r.exc_info) for r in cuts] == [failure == "RuntimeError"] * 3
+    assert not [r for r in caplog.records if r.getMessage() == "unexpected failure"]
 
 
 @pytest.mark.parametrize("refusal", [413, 401])
