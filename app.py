@@ -45,7 +45,7 @@ from settings import Settings, check_devices, from_environment
 from shutdown import Drain
 from streaming import note_errors
 from stt import AsyncTranscriber, load_recognizer
-from voices import VoiceLibrary, Voices
+from voices import VoiceLibrary, Voices, check_voices_dir
 
 log = logging.getLogger(__name__)
 
@@ -442,10 +442,12 @@ def _install_request_id_on_log_records() -> None:
 
 
 def _startable(settings: Settings) -> Settings:
-    """``settings``, unless the device they ask for is missing: then the process stops at once with one
-    line that says why (the app's start would refuse too, with a server's traceback around it)."""
+    """``settings``, unless the device they ask for is missing or the voices folder cannot hold voices:
+    then the process stops at once with one line that says why (the app's start would refuse a device too,
+    with a server's traceback around it; a folder it would find only after the models had loaded)."""
     try:
         check_devices(settings, torch.cuda.is_available())
+        check_voices_dir(settings.voices_dir)
     except RuntimeError as exc:
         raise SystemExit(f"cannot start: {exc}") from None
     return settings

@@ -211,6 +211,22 @@ def already_exists(stored: Voice | None, name: str) -> str:
     return f"a voice named {name!r} already exists; delete it first or pick another name"
 
 
+def check_voices_dir(folder: Path) -> None:
+    """Refuse a voices folder that cannot hold voices (a file, or one this process cannot write), before
+    the models load: it was found after them (minutes with real weights), and every call then answered
+    that the models could not be loaded (an operator's trial)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-check-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RuntimeError(
+            f"HIGGS_VOICES_DIR {str(folder)!r} cannot hold voices ({exc.strerror or exc}); give a folder "
+            "this process can write"
+        ) from None
+
+
 def voice_id(name: str) -> str:
     """A voice's stable id, derived from its name (so hand-placed voices have one too)."""
     return ID_PREFIX + hashlib.sha256(name.encode()).hexdigest()[:20]

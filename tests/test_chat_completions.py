@@ -421,6 +421,34 @@ def test_speech_recognition_on_cuda_without_cuda_refuses_to_start(tmp_path, sett
     assert done.stderr.strip().splitlines()[-1].startswith("cannot start: HIGGS_STT_DEVICE=cuda")
 
 
+def test_a_voices_folder_that_cannot_hold_voices_refuses_the_start_before_the_models_load(tmp_path):
+    """An operator's trial: a voices folder that was a file (or not writable) was found only after the
+    models had loaded, and every call then said the models could not be loaded."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from voices import check_voices_dir
+
+    a_file = tmp_path / "voices"
+    a_file.write_text("not a folder")
+    with pytest.raises(RuntimeError, match="cannot hold voices"):
+        check_voices_dir(a_file)
+    check_voices_dir(tmp_path / "made" / "here")  # a missing one is made
+    assert (tmp_path / "made" / "here").is_dir() and not list((tmp_path / "made" / "here").iterdir())
+    env = {**os.environ, "HIGGS_DEVICE": "cpu", "HIGGS_STT_MODEL": "", "HIGGS_PORT": "18657",
+           "HIGGS_VOICES_DIR": str(a_file), "HIGGS_MODEL": str(tmp_path / "no-model")}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"cannot start: HIGGS_VOICES_DIR '{a_file}' cannot hold voices"), last
+
+
 def test_a_library_that_logs_its_own_request_id_is_not_refused(client, caplog):
     """Ray Serve's access log passes ``extra={"request_id": ...}``; while the app's records had an attribute
     of that name, logging refused every such line with a KeyError (a Ray trial: each request through the
