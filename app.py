@@ -403,7 +403,7 @@ class _RequestIds(_RoutesMiddleware):
             done = True  # (said)
             raise StreamCut() from exc
         finally:
-            if responded and not done:
+            if responded and not done and scope["method"] != "HEAD":  # (a HEAD's answer is its head)
                 seconds = time.perf_counter() - started
                 log.info("%s %s: stream cut short after %.3f s (the client left, a failure or a shutdown)",
                          scope["method"], scope["path"], seconds)  # fmt: skip

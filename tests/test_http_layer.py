@@ -309,6 +309,28 @@ def test_half_a_surrogate_pair_is_a_400(fake_client, path, body, param):
         )
 
 
+def test_a_head_whose_client_leaves_after_the_head_is_not_logged_as_cut_short(fake_app, caplog):
+    """An operator's trial: ``curl -I`` on the page (a file) logged "stream cut short" every time: curl
+    closes once it has the head, which is all of a HEAD's answer."""
+    import logging
+    import socket
+
+    from live_server import serve
+
+    with serve(fake_app) as url, caplog.at_level(logging.INFO, logger="app"):
+        host, port = url.removeprefix("http://").split(":")
+        for path in ("/", "/web/app.js", "/docs/assets/swagger-ui-bundle.js"):
+            with socket.create_connection((host, int(port)), timeout=30) as connection:
+                connection.sendall(f"HEAD {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += connection.recv(4096)
+                assert head.startswith(b"HTTP/1.1 200"), head
+        time.sleep(0.5)  # (the server notices the client gone)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("HEAD ")]
+    assert len(said) == 3 and not [m for m in said if "cut short" in m], said
+
+
 def test_probes_may_send_head(fake_client):
     assert fake_client.head("/health").status_code == 200 and fake_client.head("/ready").status_code == 200
 
