@@ -1,5 +1,6 @@
 """What the routes share, reached per request through ``Depends``: the serving objects on ``app.state``
-(built by the lifespan in ``app.py``), readiness, and the model-name check.
+(built by the lifespan in ``app.py``), readiness, and the model-name check; and the static files of the
+pages (``StaticFiles``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, UploadFile
+from fastapi.responses import FileResponse
 
 from errors import APIError
 from generation import Engine, EngineBusy, EngineFailure
@@ -22,6 +24,27 @@ from stt import AsyncTranscriber
 from voices import Voices
 
 log = logging.getLogger(__name__)
+
+
+class StaticFiles:
+    """The files of ``folder`` whose suffixes ``content_types`` names, looked up by exact name: no path from
+    a URL ever reaches the disk. ``what`` names them in a 404; ``headers`` go with each."""
+
+    def __init__(
+        self, folder: Path, content_types: dict[str, str], what: str, headers: dict[str, str] | None = None
+    ):
+        self.content_types = content_types
+        self.what = what
+        self.headers = headers
+        found = folder.iterdir() if folder.is_dir() else ()
+        self.files = {p.name: p for p in found if p.suffix in content_types}
+
+    def response(self, name: str) -> FileResponse:
+        path = self.files.get(name)
+        if path is None:
+            raise APIError(404, f"no file {name!r} in {self.what}", type="not_found_error")
+        return FileResponse(path, media_type=self.content_types[path.suffix], headers=self.headers)
+
 
 # Model names OpenAI clients hard-code; each is served by the one loaded model, and so is a dated snapshot of
 # each (``gpt-4o-mini-tts-2025-03-20``, or month and day alone as in ``tts-1-1106``).

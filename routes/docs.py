@@ -14,17 +14,15 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import FileResponse, HTMLResponse
 
-from errors import APIError
+from routes.deps import StaticFiles
 
 TITLE = "Higgs Audio OpenAI-compatible server"
 ASSETS_URL = "/docs/assets"
-_CONTENT_TYPES = {
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".png": "image/png",
-}
-_STATIC = Path(fastapi_offline.__file__).resolve().parent / "static"
-_ASSETS = {p.name: p for p in _STATIC.iterdir() if p.suffix in _CONTENT_TYPES}
+_FILES = StaticFiles(
+    Path(fastapi_offline.__file__).resolve().parent / "static",
+    {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".png": "image/png"},
+    "the API's pages",
+)
 
 # Nothing from elsewhere, whatever the pages' scripts ask for (ReDoc's bundle shows its maker's logo from
 # cdn.redoc.ly): their own inline script and styles, this server's files, and the worker ReDoc makes.
@@ -79,7 +77,4 @@ async def redoc(request: Request) -> HTMLResponse:
 @router.get(ASSETS_URL + "/{name}")
 async def asset(name: str) -> FileResponse:
     """One of the pages' files."""
-    path = _ASSETS.get(name)
-    if path is None:
-        raise APIError(404, f"no file {name!r} in the API's pages", type="not_found_error")
-    return FileResponse(path, media_type=_CONTENT_TYPES[path.suffix])
+    return _FILES.response(name)

@@ -11,19 +11,21 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from errors import APIError
+from routes.deps import StaticFiles
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-_CONTENT_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".svg": "image/svg+xml",
-}
-# Only the files shipped in web/, looked up by exact name: no path from the URL ever reaches the disk.
-_ASSETS = {p.name: p for p in WEB_DIR.iterdir() if p.suffix in _CONTENT_TYPES} if WEB_DIR.is_dir() else {}
-# Revalidate on each load, so a new version of the page is never mixed with cached old modules.
-_NO_CACHE = {"Cache-Control": "no-cache"}
+# Revalidated on each load, so a new version of the page is never mixed with cached old modules.
+_FILES = StaticFiles(
+    WEB_DIR,
+    {
+        ".html": "text/html; charset=utf-8",
+        ".css": "text/css; charset=utf-8",
+        ".js": "text/javascript; charset=utf-8",
+        ".svg": "image/svg+xml",
+    },
+    "the web page",
+    headers={"Cache-Control": "no-cache"},
+)
 # The page runs its own modules and styles only, talks to this server only, and plays what it fetched or
 # recorded (blob: URLs): a voice's name or transcript that slipped past ``textContent`` could run nothing.
 _ONLY_ITSELF = {
@@ -38,7 +40,7 @@ router = APIRouter()
 @router.get("/", include_in_schema=False)
 async def index() -> FileResponse:
     """The page."""
-    page = await asset("index.html")
+    page = _FILES.response("index.html")
     page.headers.update(_ONLY_ITSELF)
     return page
 
@@ -46,7 +48,4 @@ async def index() -> FileResponse:
 @router.get("/web/{name}", include_in_schema=False)
 async def asset(name: str) -> FileResponse:
     """One of the page's static files."""
-    path = _ASSETS.get(name)
-    if path is None:
-        raise APIError(404, f"no file {name!r} in the web page", type="not_found_error")
-    return FileResponse(path, media_type=_CONTENT_TYPES[path.suffix], headers=_NO_CACHE)
+    return _FILES.response(name)
