@@ -52,6 +52,13 @@ class Answer:
     codes: AudioCodes | None
 
 
+def _answer(item: tuple[float, str, torch.Tensor | None] | None) -> Answer | None:
+    if item is None:
+        return None
+    _, transcript, held = item
+    return Answer(transcript, None if held is None else AudioCodes(held.to(dtype=torch.long)))
+
+
 class Answers:
     """The audio answers later requests may name by id: each kept until its ``expires_at`` (``lifetime``
     seconds), at most ``capacity`` by this process (then the oldest goes first, logged: the server was
@@ -97,24 +104,32 @@ class Answers:
         return self._files.submit(self._share, audio_id, item, gone)
 
     async def find(self, audio_id: str) -> Answer | None:
-        """``get``, off the event loop where it may read a file (shared answers)."""
+        """``get``, off the event loop where it reads a file (shared answers, another process's): an
+        answer this process holds is found where it is, with no thread in between."""
         if self.folder is None:
             return self.get(audio_id)
-        return await asyncio.to_thread(self.get, audio_id)
+        now = self.clock()
+        item = self._held(audio_id, now)
+        if item is None:
+            item = await asyncio.to_thread(self._read, audio_id, now)
+        return _answer(item)
 
     def get(self, audio_id: str) -> Answer | None:
         now = self.clock()
+        item = self._held(audio_id, now)
+        if item is None and self.folder is not None:
+            item = self._read(audio_id, now)
+        return _answer(item)
+
+    def _held(self, audio_id: str, now: float) -> tuple[float, str, torch.Tensor | None] | None:
+        """The answer as this process holds it (None when it does not); the expired ones forgotten, and
+        their shared files removed on the answers' thread."""
         with self._lock:
             gone = self._drop_expired(now)
             item = self._items.get(audio_id)
-        if self.folder is not None:
-            self._remove(gone)
-            if item is None:
-                item = self._read(audio_id, now)
-        if item is None:
-            return None
-        _, transcript, held = item
-        return Answer(transcript, None if held is None else AudioCodes(held.to(dtype=torch.long)))
+        if gone and self._files is not None:
+            self._files.submit(self._remove, gone)
+        return item
 
     def _drop_expired(self, now: float) -> list[str]:
         """Forget the expired answers (the oldest come first); their ids."""

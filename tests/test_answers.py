@@ -4,6 +4,7 @@ replica and got ``audio_not_found`` every time."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -28,6 +29,7 @@ def test_an_answer_given_by_one_process_is_found_by_another_serving_the_same_fol
     settings, engine, recognizer, tmp_path, monkeypatch
 ):
     files_on = set()  # the threads that wrote and read the answers' files: never the event loop's
+    reads = []
     real_write, real_read = Answers._write, Answers._read
 
     def write(self, *args):
@@ -36,6 +38,7 @@ def test_an_answer_given_by_one_process_is_found_by_another_serving_the_same_fol
 
     def read(self, *args):
         files_on.add(threading.current_thread().name.split("_")[0])
+        reads.append(args[0])
         return real_read(self, *args)
 
     monkeypatch.setattr(Answers, "_write", write)
@@ -60,6 +63,20 @@ def test_an_answer_given_by_one_process_is_found_by_another_serving_the_same_fol
         found = second.app.state.planner.answers.get(answer["id"])
         assert found.transcript == kept.transcript == answer["transcript"]
         assert torch.equal(found.codes.codes, kept.codes.codes)
+        # The process that gave the answer finds it where it holds it: no file read, no thread hop.
+        reads.clear()
+        hops = []
+        real_hop = asyncio.to_thread
+
+        def hop(function, *args):
+            hops.append(function.__name__)
+            return real_hop(function, *args)
+
+        monkeypatch.setattr(asyncio, "to_thread", hop)
+        own = first.post("/v1/chat/completions", json=later_turn(answer["id"]))
+        assert own.status_code == 200 and own.headers["x-voice"] == "native", own.text
+        assert reads == [] and not {"get", "_read"} & set(hops), (reads, hops)
+        monkeypatch.setattr(asyncio, "to_thread", real_hop)
 
         # An id that is not one of the server's never names a file: the same 400 as any unknown id.
         (tmp_path / "voices" / "elsewhere.npz").write_bytes(b"not an answer")
