@@ -325,6 +325,16 @@ class Settings(BaseSettings):
     """Ray Serve: when above `replicas`, autoscale between the two on load."""
 
 
+def _shown(value: object, most: int = 80) -> str:
+    """A value as a refusal line shows it: whole when short, its ends and its length when long (a scene of
+    thousands of characters filled the terminal)."""
+    text = repr(value)
+    if len(text) <= most:
+        return text
+    length = f", {len(value):,} characters" if isinstance(value, str) else ""
+    return f"{text[: most // 2]}…{text[-most // 4 :]}{length}"
+
+
 def from_environment() -> Settings:
     """The settings of the environment, for the service's entry points: values that do not fit exit with
     one line per setting at fault, naming its variable, instead of a traceback."""
@@ -347,7 +357,8 @@ def from_environment() -> Settings:
         for error in exc.errors():
             name = "HIGGS_" + "_".join(str(part) for part in error["loc"][:1]).upper()
             set_here = any(v.upper() == name for v in os.environ)
-            given = f" (given: {error['input']!r})" if set_here else f" (its default: {error['input']!r})"
+            shown = _shown(error["input"])
+            given = f" (given: {shown})" if set_here else f" (its default: {shown})"
             given = "" if "key" in name.lower() else given
             faults.append(f"{name}: {error['msg']}{given}")
     except SettingsError as exc:  # a value pydantic-settings could not parse otherwise

@@ -551,6 +551,7 @@ def test_a_value_that_cannot_work_stops_the_start_with_a_line_naming_it(monkeypa
     assert len(lines) == 2 and lines[1].strip().startswith(name + ":"), lines
     if value in ("inf", "nan"):
         assert "finite number" in lines[1], lines
+    assert len(lines[1]) < 300, lines[1]  # a long value is shown by its ends and its length, not whole
 
 
 def test_reference_bounds_that_admit_no_clip_are_refused(monkeypatch):
