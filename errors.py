@@ -166,7 +166,10 @@ def _validation_message(err: dict[str, Any], param: str | None) -> str:
             return "the request body is empty; send a JSON object"
         return f"{param} is required" if param else "a required field is missing"
     if err.get("type") == "string_unicode" and isinstance(err.get("input"), str):  # (a bounded field's)
-        return half_surrogate(err["input"]) or "the text is not valid Unicode"
+        half = half_surrogate(err["input"]) or "the text is not valid Unicode"
+        if param is None:  # (a field's name: pydantic gives it no place)
+            return half.replace("the text", f"a field's name ({err['input']!r})", 1)
+        return half
     if err.get("type") == "union_tag_not_found":  # a content part without its "type"
         kinds = ", ".join(repr(kind) for kind in CONTENT_PART_TYPES)
         return f"this content part has no type; give it one of {kinds}"
