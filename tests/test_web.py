@@ -434,6 +434,13 @@ def test_the_focus_stays_where_the_keyboard_was(page, base_url):
     expect(name).not_to_have_attribute("aria-invalid", "true")
     expect(name).to_have_attribute("aria-describedby", "name-hint")
 
+    page.fill("#voice-name", "  ")  # the same for a voice's name, in the same place
+    page.focus("#store")
+    page.keyboard.press("Enter")
+    expect(page.locator("#error-text")).to_have_text("Type a name for the voice: there are only spaces in it.")
+    expect(name).to_have_attribute("aria-invalid", "true")
+    page.keyboard.press("Escape")
+
     page.fill("#text", "   ")  # (required is met: the page says what is missing, the API is not asked)
     page.focus("#speak")
     page.keyboard.press("Enter")

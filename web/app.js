@@ -691,11 +691,6 @@ $("clip-file").addEventListener("change", () => {
   const file = $("clip-file").files[0];
   if (file) setClip(file, "Uploaded");
 });
-// A name of spaces passes `required`: the page says so before sending it.
-$("voice-name").addEventListener("input", () => {
-  const name = $("voice-name");
-  name.setCustomValidity(name.value && !name.value.trim() ? "The name has only spaces; type a name." : "");
-});
 
 $("record").addEventListener("click", async (event) => {
   const record = $("record");
@@ -762,9 +757,15 @@ $("store-form").addEventListener("submit", async (event) => {
   const store = $("store");
   if (isOff(store)) return; // storing already (Enter in a field submits too)
   clearError();
+  const name = $("voice-name").value.trim();
+  if (!name) {
+    // (a name of spaces passes `required`: the page says what is missing, as for the text to speak)
+    const blank = new ApiError(0, "Type a name for the voice: there are only spaces in it.", "name");
+    showError(blank, STORE_FIELDS);
+    return;
+  }
   if (!needClip()) return;
   const form = new FormData();
-  const name = $("voice-name").value.trim();
   form.append("name", name);
   form.append("audio_sample", state.clip, state.clip.name);
   const transcript = $("voice-transcript").value.trim();
