@@ -8,6 +8,7 @@ that is not audio, ...); ``install_error_handlers`` maps each to its HTTP status
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -158,30 +159,96 @@ def param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return path or None
 
 
-def _validation_message(err: dict[str, Any], param: str | None) -> str:
-    if err.get("type") == "json_invalid":
-        return "the request body is not valid JSON"
-    if err.get("type") == "missing":
+# Pydantic's checks of a value's type, and what the value must be instead.
+_TYPES = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "a whole number",
+    "float_type": "a number", "float_parsing": "a number",
+    "bool_type": "true or false", "bool_parsing": "true or false", "string_type": "a string",
+    "list_type": "an array", "dict_type": "an object", "model_type": "an object",
+    "model_attributes_type": "an object",
+}  # fmt: skip
+# Pydantic's bounds on a number, and the words and OpenAI's code (by the number's kind) for each.
+_BOUNDS = {
+    "greater_than": ("above", "below_min"),
+    "greater_than_equal": ("at least", "below_min"),
+    "less_than": ("below", "above_max"),
+    "less_than_equal": ("at most", "above_max"),
+}
+
+
+def _given(value: Any) -> str:
+    """A value as the client wrote it (JSON), shortened when long."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}…"
+
+
+def _validation_answer(err: dict[str, Any], param: str | None) -> tuple[str, str | None]:
+    """Pydantic's error as this API says it: a message naming the field, what it must be and what was
+    given, and OpenAI's code for the kind of fault (``integer_above_max_value``, ``invalid_type``, ...)."""
+    kind, ctx, given = err.get("type"), err.get("ctx", {}), err.get("input")
+    name = param or "the request body"
+    if kind == "json_invalid":
+        return "the request body is not valid JSON", None
+    if kind == "missing":
         if tuple(err.get("loc", ())) == ("body",):  # (no body at all: no field to name)
-            return "the request body is empty; send a JSON object"
-        return f"{param} is required" if param else "a required field is missing"
-    if err.get("type") == "string_unicode" and isinstance(err.get("input"), str):  # (a bounded field's)
-        half = half_surrogate(err["input"]) or "the text is not valid Unicode"
+            return "the request body is empty; send a JSON object", None
+        return (
+            f"{param} is required" if param else "a required field is missing"
+        ), "missing_required_parameter"
+    if kind == "string_unicode" and isinstance(given, str):  # (a bounded field's)
+        half = half_surrogate(given) or "the text is not valid Unicode"
         if param is None:  # (a field's name: pydantic gives it no place)
-            return half.replace("the text", f"a field's name ({err['input']!r})", 1)
-        return half
-    if err.get("type") == "union_tag_not_found":  # a content part without its "type"
+            return half.replace("the text", f"a field's name ({given!r})", 1), None
+        return half, None
+    if kind == "union_tag_not_found":  # a content part without its "type"
         kinds = ", ".join(repr(kind) for kind in CONTENT_PART_TYPES)
-        return f"this content part has no type; give it one of {kinds}"
-    if err.get("type") == "union_tag_invalid":
-        expected = err.get("ctx", {}).get("expected_tags", "text or input_audio")
-        return f"unsupported content part type; use {expected}"
-    if err.get("type") == "value_error":  # a validator's own words, without pydantic's "Value error, "
-        message = str(err.get("ctx", {}).get("error", err.get("msg", "invalid value")))
+        return f"this content part has no type; give it one of {kinds}", None
+    if kind == "union_tag_invalid":
+        expected = ctx.get("expected_tags", "text or input_audio")
+        return f"unsupported content part type; use {expected}", "invalid_value"
+    if kind == "value_error":  # a validator's own words, without pydantic's "Value error, "
+        message = str(ctx.get("error", err.get("msg", "invalid value")))
         if message.startswith("Expected UploadFile"):  # text sent where a form wants a file
-            return "this field must be a file, sent as multipart/form-data"
-        return message
-    return str(err.get("msg", "invalid value"))
+            return "this field must be a file, sent as multipart/form-data", "invalid_type"
+        return message, None
+    if kind in _BOUNDS:
+        words, code = _BOUNDS[kind]
+        bound = next(iter(ctx.values()), None)
+        number = "integer" if isinstance(bound, int) else "decimal"
+        return f"{name} must be {words} {_given(bound)}; got {_given(given)}", f"{number}_{code}_value"
+    if kind == "finite_number":  # (NaN, Infinity: Python's json writes them, and pydantic reads them)
+        return f"{name} must be a finite number; got {_given(given)}", "invalid_value"
+    if kind in _TYPES:
+        return f"{name} must be {_TYPES[kind]}; got {_given(given)}", "invalid_type"
+    if kind in ("literal_error", "enum"):
+        return (
+            f"{name} must be {ctx.get('expected', 'one of its values')}; got {_given(given)}",
+            "invalid_value",
+        )
+    if kind in ("too_short", "too_long") and ctx.get("field_type") == "List":
+        if kind == "too_short":
+            least = ctx.get("min_length")
+            code = "empty_array" if not ctx.get("actual_length") else "array_below_min_length"
+            return (
+                f"{name} must have at least {least} item{'s' * (least != 1)}; got {ctx.get('actual_length')}",
+                code,
+            )
+        return f"{name} takes at most {ctx.get('max_length')} items; got {ctx.get('actual_length')}", (
+            "array_above_max_length"
+        )
+    if kind == "string_too_short":
+        if given == "":
+            return f"{name} is empty; give it some text", "empty_string"
+        return f"{name} must have at least {ctx.get('min_length')} characters", "string_below_min_length"
+    if kind == "string_too_long":
+        return f"{name} takes at most {ctx.get('max_length')} characters; got {len(given)}", (
+            "string_above_max_length"
+        )
+    message = str(err.get("msg", "invalid value"))
+    return (f"{param}: {message}" if param else message), None
 
 
 async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
@@ -218,8 +285,8 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     # Of a union's alternatives, the deepest error is the one closest to what the client meant.
     err = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
     param = None if err.get("type") == "json_invalid" else param_from_loc(tuple(err.get("loc", ())))
-    code = "string_above_max_length" if err.get("type") == "string_too_long" else None  # (OpenAI's code)
-    return error_response(APIError(400, _validation_message(err, param), param=param, code=code))
+    message, code = _validation_answer(err, param)
+    return error_response(APIError(400, message, param=param, code=code))
 
 
 # OpenAI's paths that this server does not serve, and what to do instead: their 404 says it.
