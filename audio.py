@@ -170,22 +170,18 @@ def decode_audio(
 
     container = _sniff(data)
     # libsndfile parses a dozen obscure formats too; only hand it the common ones.
-    decoded = _decode_soundfile(data, max_seconds) if container in _SOUNDFILE_CONTAINERS else None
-    if decoded is None:
-        decoded = _decode_pyav(data, max_seconds, container or _hint_demuxer(format_hint))
-    samples, rate = decoded
-
+    gathered = None
+    if container in _SOUNDFILE_CONTAINERS:
+        gathered = _decode_soundfile(data, max_seconds, _Gathered(target_rate))
+    if gathered is None:
+        gathered = _decode_pyav(
+            data, max_seconds, container or _hint_demuxer(format_hint), _Gathered(target_rate)
+        )
+    samples, rate, peak = gathered.finish()
     if samples.size == 0:
         raise AudioError("the audio contains no samples")
-    if not np.isfinite(samples).all():
-        raise AudioError("the audio contains invalid samples (NaN or infinity)")
-    peak = float(np.max(np.abs(samples)))
-    if peak > 1.0:
-        samples = samples / peak
-    samples = np.ascontiguousarray(samples, dtype=np.float32)
-    if target_rate is not None and target_rate != rate:
-        samples = resample(samples, rate, target_rate)
-        rate = target_rate
+    if peak > 1.0:  # (float audio past full scale: scaled down, not clipped)
+        samples = samples / np.float32(peak)
     return Audio(samples, rate)
 
 
@@ -226,8 +222,8 @@ def _limit_samples(rate: int, max_seconds: float | None) -> int | None:
     return math.floor((max_seconds + _DURATION_SLACK_S) * rate)
 
 
-def _decode_soundfile(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int] | None:
-    """Decode with libsndfile; None if it does not recognise (or cannot finish) the file."""
+def _decode_soundfile(data: bytes, max_seconds: float | None, into: _Gathered) -> _Gathered | None:
+    """Decode with libsndfile into ``into``; None if it does not recognise (or cannot start) the file."""
     import soundfile as sf
 
     try:
@@ -244,23 +240,20 @@ def _decode_soundfile(data: bytes, max_seconds: float | None) -> tuple[np.ndarra
             raise AudioError("the audio contains no samples")
         limit = _limit_samples(rate, max_seconds)
         block = max(1024, _SF_BLOCK_SAMPLES // channels)
-        chunks: list[np.ndarray] = []
-        total = 0
         try:
             while True:
                 chunk = f.read(block, dtype="float32", always_2d=True)
                 if len(chunk) == 0:
                     break
-                chunks.append(chunk.mean(axis=1, dtype=np.float32) if channels > 1 else chunk[:, 0])
-                total += len(chunk)
-                if limit is not None and total > limit:
+                into.add(chunk.mean(axis=1, dtype=np.float32) if channels > 1 else chunk[:, 0], rate)
+                if limit is not None and into.total > limit:
                     _too_long(max_seconds or 0.0)
         except (sf.SoundFileError, RuntimeError):
-            if total == 0:
+            if into.total == 0:
                 return None  # let FFmpeg have a go
-        if total == 0:
+        if into.total == 0:
             raise AudioError("the audio contains no samples")
-    return np.concatenate(chunks), rate
+    return into
 
 
 # Leading bytes -> FFmpeg demuxer.  Sniffing first (rather than letting FFmpeg probe any
@@ -389,8 +382,8 @@ def _frame_to_mono(frame: AudioFrame) -> np.ndarray:
     return arr.mean(axis=0, dtype=np.float32) if arr.shape[0] > 1 else arr[0]
 
 
-def _decode_pyav(data: bytes, max_seconds: float | None, demuxer: str | None) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream with FFmpeg (PyAV)."""
+def _decode_pyav(data: bytes, max_seconds: float | None, demuxer: str | None, into: _Gathered) -> _Gathered:
+    """Decode the first audio stream with FFmpeg (PyAV) into ``into``."""
     import av
 
     container = _open_container(data, demuxer)
@@ -399,6 +392,8 @@ def _decode_pyav(data: bytes, max_seconds: float | None, demuxer: str | None) ->
             raise AudioError(_NOT_AUDIO)
         stream = container.streams.audio[0]
         ctx = stream.codec_context
+        if ctx is None:  # (a header FFmpeg makes no decoder for: a WAV of 0 bits, or float of 16 bits)
+            raise AudioError(_NOT_AUDIO)
         # Some streams (e.g. ADTS with channel configuration 0) only tell rate/channels once
         # decoding starts; then the first frame is checked instead.
         rate = int(ctx.sample_rate or 0)
@@ -412,8 +407,6 @@ def _decode_pyav(data: bytes, max_seconds: float | None, demuxer: str | None) ->
         if rate and channels:
             _check_stream(rate, channels, seconds, max_seconds, estimated=estimated)
 
-        chunks: list[np.ndarray] = []
-        total = 0
         out_rate: int | None = None
         try:
             for frame in container.decode(stream):
@@ -428,21 +421,19 @@ def _decode_pyav(data: bytes, max_seconds: float | None, demuxer: str | None) ->
                     raise AudioError("the audio changes sample rate mid-stream; convert it to wav first")
                 if frame.layout.nb_channels > MAX_CHANNELS:
                     raise AudioError(f"the audio has more than {MAX_CHANNELS} channels")
-                chunk = _frame_to_mono(frame)
-                chunks.append(chunk)
-                total += len(chunk)
+                into.add(_frame_to_mono(frame), out_rate)
                 limit = _limit_samples(out_rate, max_seconds)
-                if limit is not None and total > limit:
+                if limit is not None and into.total > limit:
                     _too_long(max_seconds or 0.0)
         except (av.FFmpegError, ValueError, OSError, EOFError) as exc:
             if isinstance(exc, AudioError):
                 raise
-            if total == 0:
+            if into.total == 0:
                 raise AudioError(_NOT_AUDIO) from None
             # A truncated tail (e.g. an interrupted browser recording): keep what decoded.
-        if total == 0 or out_rate is None:
+        if into.total == 0 or out_rate is None:
             raise AudioError("the audio contains no samples")
-    return np.concatenate(chunks), out_rate
+    return into
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,9 +459,8 @@ def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     samples = np.ascontiguousarray(samples, dtype=np.float32)
     if orig_rate == new_rate or samples.size == 0:
         return samples
-    g = math.gcd(orig_rate, new_rate)
     n_out = math.ceil(len(samples) * new_rate / orig_rate)
-    if new_rate // g <= _MAX_PHASES and (orig_rate // g) * (new_rate // g) <= _MAX_POLYPHASE:
+    if _torch_resamples(orig_rate, new_rate):
         import torch
         import torchaudio.functional as taf
 
@@ -483,6 +473,12 @@ def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     return np.ascontiguousarray(out[:n_out], dtype=np.float32)
 
 
+def _torch_resamples(orig_rate: int, new_rate: int) -> bool:
+    """Whether torchaudio's polyphase filter takes these rates at a bounded cost (else FFmpeg's)."""
+    g = math.gcd(orig_rate, new_rate)
+    return new_rate // g <= _MAX_PHASES and (orig_rate // g) * (new_rate // g) <= _MAX_POLYPHASE
+
+
 def _resample_ffmpeg(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     import av
 
@@ -493,6 +489,120 @@ def _resample_ffmpeg(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.n
     if not out:
         return np.zeros(0, np.float32)
     return np.concatenate([f.to_ndarray()[0] for f in out])
+
+
+# Native samples resampled at a time while a clip is gathered (44 s at 48 kHz, 5.5 s at 384 kHz): memory
+# then grows with the result, not with the source's rate (a 2.6 MB FLAC of 30 min at 384 kHz decoded whole
+# held 2.8 GB of samples, and the resampler's working memory on top: 8 GB in all, a hostile-input trial).
+# A voice reference (at most 30 s) at up to 48 kHz is one block: resampled at once, as before.
+_BLOCK_SAMPLES = 1 << 21
+
+
+class _Gathered:
+    """A clip's mono samples as they are decoded, resampled to ``target_rate`` a block at a time.
+
+    A block's samples equal those of the whole clip resampled at once (to float rounding): each block is
+    cut at a whole period of the two rates (``orig/g`` samples in, ``new/g`` out) and resampled with enough
+    of its neighbours on both sides to cover the filter's reach, and only its own samples are kept. A clip
+    shorter than a block is resampled at once, as it was. Rates torchaudio does not take go through one
+    FFmpeg resampler fed block by block. The finite check and the peak are taken as the samples come."""
+
+    def __init__(self, target_rate: int | None):
+        self.target = target_rate
+        self.rate: int | None = None
+        self.total = 0  # native samples so far
+        self.peak = 0.0
+        self._done: list[np.ndarray] = []  # at the target rate
+        self._pending: list[np.ndarray] = []  # native, not resampled yet
+        self._pending_count = 0
+        self._history = np.zeros(0, np.float32)  # native samples before the pending ones, as context
+        self._ffmpeg = None
+
+    def add(self, samples: np.ndarray, rate: int) -> None:
+        if self.rate is None:
+            self.rate = rate
+        if samples.size == 0:
+            return
+        if not np.isfinite(samples).all():
+            raise AudioError("the audio contains invalid samples (NaN or infinity)")
+        self.peak = max(self.peak, float(np.max(np.abs(samples))))
+        self.total += len(samples)
+        self._pending.append(samples)
+        self._pending_count += len(samples)
+        if self._resampling and self._pending_count >= _BLOCK_SAMPLES + 2 * self._margin:
+            self._resample(final=False)
+
+    def finish(self) -> tuple[np.ndarray, int, float]:
+        """The samples (at the target rate when one is given), their rate and the source's peak."""
+        if self.rate is None:
+            return np.zeros(0, np.float32), self.target or MIN_SAMPLE_RATE, 0.0
+        if not self._resampling:
+            samples = np.concatenate(self._pending) if self._pending else np.zeros(0, np.float32)
+            return np.ascontiguousarray(samples, dtype=np.float32), self.rate, self.peak
+        self._resample(final=True)
+        samples = np.concatenate(self._done) if self._done else np.zeros(0, np.float32)
+        wanted = math.ceil(self.total * self.target / self.rate)
+        if len(samples) < wanted:  # (FFmpeg's resampler may end a few samples short)
+            samples = np.pad(samples, (0, wanted - len(samples)))
+        return np.ascontiguousarray(samples[:wanted], dtype=np.float32), self.target, self.peak
+
+    @property
+    def _resampling(self) -> bool:
+        return self.target is not None and self.rate is not None and self.target != self.rate
+
+    @property
+    def _period(self) -> int:
+        return self.rate // math.gcd(self.rate, self.target)
+
+    @property
+    def _margin(self) -> int:
+        """Native samples of context a block needs on each side: the filter's reach, in whole periods."""
+        period, phases = self._period, self.target // math.gcd(self.rate, self.target)
+        reach = math.ceil(
+            _RESAMPLE_KW["lowpass_filter_width"] * period / (min(period, phases) * _RESAMPLE_KW["rolloff"])
+        )
+        return period * (math.ceil(reach / period) + 1)
+
+    def _resample(self, final: bool) -> None:
+        pending = np.concatenate(self._pending) if self._pending else np.zeros(0, np.float32)
+        if not _torch_resamples(self.rate, self.target):
+            self._done.append(self._through_ffmpeg(pending, final))
+            self._pending, self._pending_count = [], 0
+            return
+        period, margin = self._period, self._margin
+        if final:
+            cut, window = len(pending), pending
+        else:
+            cut = (len(pending) - margin) // period * period
+            if cut <= 0:
+                return
+            window = pending[: cut + margin]
+        if len(self._history) == 0 and final:
+            out = resample(window, self.rate, self.target)
+        else:
+            out = resample(np.concatenate([self._history, window]), self.rate, self.target)
+            skip = len(self._history) // period * (self.target // math.gcd(self.rate, self.target))
+            count = math.ceil(cut * self.target / self.rate)
+            out = out[skip : skip + count]
+        self._done.append(out.copy())  # (copies of slices: a view would keep its whole block alive)
+        used = pending[:cut]
+        self._history = (used if cut >= margin else np.concatenate([self._history, used]))[-margin:].copy()
+        rest = pending[cut:].copy()
+        self._pending, self._pending_count = ([rest] if len(rest) else []), len(rest)
+
+    def _through_ffmpeg(self, samples: np.ndarray, final: bool) -> np.ndarray:
+        import av
+
+        if self._ffmpeg is None:
+            self._ffmpeg = av.AudioResampler(format="fltp", layout="mono", rate=self.target)
+        frames = []
+        if len(samples):
+            frame = av.AudioFrame.from_ndarray(samples[None, :], format="fltp", layout="mono")
+            frame.sample_rate = self.rate
+            frames += self._ffmpeg.resample(frame)
+        if final:
+            frames += self._ffmpeg.resample(None)
+        return np.concatenate([f.to_ndarray()[0] for f in frames]) if frames else np.zeros(0, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

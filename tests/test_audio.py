@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 import tracemalloc
 
 import av
@@ -314,7 +315,8 @@ def test_packed_pcm_through_pyav_path() -> None:
     # Interleaved int16 WAV forced through FFmpeg: a packed (non-planar) sample format.
     x = sine(0.5)
     stereo = np.stack([x, np.zeros_like(x)], axis=1)
-    samples, rate = audio._decode_pyav(sf_bytes(stereo, SR, "WAV", "PCM_16"), None, "wav")
+    gathered = audio._decode_pyav(sf_bytes(stereo, SR, "WAV", "PCM_16"), None, "wav", audio._Gathered(None))
+    samples, rate, _ = gathered.finish()
     assert rate == SR and samples.shape == (len(x),)
     np.testing.assert_allclose(samples, x / 2, atol=2e-4)
 
@@ -353,6 +355,16 @@ def test_refuse_empty() -> None:
 )
 def test_refuse_not_audio(junk: bytes) -> None:
     _refused(junk, r"could not be decoded as audio; send wav, mp3, flac, ogg, opus, webm, m4a or aac")
+
+
+@pytest.mark.parametrize(("tag", "bits"), [(3, 16), (3, 24), (1, 0), (0xFFFF, 16)])
+def test_refuse_a_wav_header_ffmpeg_makes_no_decoder_for(tag: int, bits: int) -> None:
+    """A hostile-input trial: a float WAV of 16 bits (and 3 more such headers) failed every audio endpoint
+    with a 500 and a traceback: FFmpeg gives such a stream no codec context."""
+    body = b"\x10\x00" * 16_000
+    fmt = struct.pack("<HHIIHH", tag, 1, 16_000, 32_000, 2, bits)
+    riff = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(body)) + body
+    _refused(b"RIFF" + struct.pack("<I", len(riff)) + riff, "could not be decoded as audio")
 
 
 def test_refuse_header_only_wav() -> None:
@@ -488,6 +500,59 @@ def test_resample_downsampling_removes_aliases() -> None:
     out = audio.resample(x, 48_000, 16_000)
     assert len(out) == 16_000
     assert np.sqrt(np.mean(out[500:-500] ** 2)) < 0.01
+
+
+@pytest.mark.parametrize(
+    ("rate", "target", "kind"),
+    [(44_100, 16_000, "WAV"), (48_000, 24_000, "FLAC"), (384_000, 16_000, "WAV"), (8_000, 16_000, "WAV"),
+     (22_050, 24_000, "FLAC"), (44_099, 16_000, "WAV"), (48_000, 16_000, "mp3")],
+)  # fmt: skip
+def test_a_long_clip_resampled_block_by_block_is_the_clip_resampled_at_once(rate, target, kind) -> None:
+    """A clip is resampled a block at a time as it is decoded (its samples at the source's rate were all
+    held, then resampled at once: gigabytes for a small file at 384 kHz); the result is the same but for
+    float rounding (a convolution of another length sums in another order), across every join."""
+    seconds = 2.5 * audio._BLOCK_SAMPLES / rate + 0.37  # three blocks, the last one short
+    t = np.arange(int(seconds * rate)) / rate
+    x = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 97 * t * (1 + t / 60))).astype(
+        np.float32
+    )
+    data = (
+        av_bytes(x, rate, "mp3", "libmp3lame")
+        if kind == "mp3"
+        else sf_bytes(x, rate, kind, "FLOAT" if kind == "WAV" else None)
+    )
+    native = decode_audio(data)
+    whole = audio.resample(native.samples, native.sample_rate, target)
+    blocks = decode_audio(data, target_rate=target)
+    assert blocks.sample_rate == target and len(blocks.samples) == len(whole)
+    assert np.max(np.abs(blocks.samples - whole)) < 2e-5, np.max(np.abs(blocks.samples - whole))
+
+
+def test_a_long_high_rate_clip_is_decoded_in_bounded_memory() -> None:
+    """A hostile-input trial: 30 minutes of 384 kHz FLAC silence is 2.6 MB, and decoding it for speech
+    recognition took the server from 1.9 to 8.2 GB. Now the memory a decode holds at its peak grows with
+    the 16 kHz result, not with the source: a clip twice as long peaks at about the same."""
+    rate = 384_000
+
+    def peak_of(seconds: int) -> int:
+        buffer = io.BytesIO()
+        with sf.SoundFile(buffer, "w", rate, 1, format="FLAC") as f:
+            for _ in range(seconds):
+                f.write(np.zeros(rate, np.int16))
+        tracemalloc.start()
+        try:
+            decoded = decode_audio(buffer.getvalue(), target_rate=16_000)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert decoded.sample_rate == 16_000 and len(decoded.samples) == seconds * 16_000
+        return peak
+
+    seconds = 6 * audio._BLOCK_SAMPLES // rate  # (33 s: six blocks)
+    once, twice = peak_of(seconds), peak_of(2 * seconds)
+    result = seconds * 16_000 * 4  # the longer clip's extra float32 samples at 16 kHz
+    assert twice < once + 2 * result, (once, twice)  # (whole, the longer held twice the native samples)
+    assert twice < 2 * seconds * rate * 4 / 2, twice  # (under half the native samples a whole decode held)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -279,6 +280,15 @@ def tone(seconds: float) -> np.ndarray:
     return (0.4 * np.sin(2 * np.pi * 200 * np.arange(int(24000 * seconds)) / 24000)).astype(np.float32)
 
 
+def wav_without_a_decoder() -> str:
+    """A float WAV of 16 bits: FFmpeg makes no decoder for it (a hostile-input trial: a 500 on every audio
+    endpoint, with a traceback)."""
+    body = b"\x10\x00" * 24000
+    riff = b"WAVE" + b"fmt " + struct.pack("<IHHIIHH", 16, 3, 1, 24000, 48000, 2, 16)
+    riff += b"data" + struct.pack("<I", len(body)) + body
+    return base64.b64encode(b"RIFF" + struct.pack("<I", len(riff)) + riff).decode()
+
+
 def header_only_wav() -> str:
     buf = io.BytesIO()
     sf.write(buf, np.zeros(0, dtype=np.float32), 24000, format="WAV", subtype="PCM_16")
@@ -296,6 +306,7 @@ BAD_REFERENCES = [
     ),
     ("empty", "", {}, "data", "empty"),
     ("header only", header_only_wav(), {}, "data", ""),
+    ("no decoder for its header", wav_without_a_decoder(), {}, "data", "could not be decoded as audio"),
     ("too short", wav_b64(tone(0.5), 24000), {}, "data", "too short"),
     # rounded down: 0.97 s of sound was said as "1.0 s", the least it asked for (a web page trial)
     ("just too short", wav_b64(tone(0.97), 24000), {}, "data", "too short (0.9 s of sound)"),
