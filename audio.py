@@ -16,6 +16,7 @@ import io
 import math
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 
 class AudioError(ValueError):
     """The bytes given are not usable audio; the message says why, for the caller."""
+
+
+class DecodeStopped(Exception):
+    """A decode whose caller set its ``stop`` (the client left): nobody waits for its samples."""
 
 
 class AudioTooLarge(AudioError):
@@ -147,6 +152,7 @@ def decode_audio(
     target_rate: int | None = None,
     max_seconds: float | None = None,
     format_hint: str | None = None,
+    stop: threading.Event | None = None,
 ) -> Audio:
     """Decode an audio file held in memory to mono float32.
 
@@ -157,7 +163,8 @@ def decode_audio(
     ``max_seconds`` refuses longer audio: from the header where the container states the
     length (nothing is decoded then), otherwise by stopping once decoding passes the limit.
     ``format_hint`` (an extension or MIME type such as ``"m4a"`` or ``"audio/webm"``) is only
-    used when the bytes themselves do not identify the container.
+    used when the bytes themselves do not identify the container. Once ``stop`` is set, the decode
+    ends at its next block of samples with ``DecodeStopped`` (half an hour of audio takes seconds).
 
     Raises:
         AudioError: with a message fit to show to the client.
@@ -172,10 +179,10 @@ def decode_audio(
     # libsndfile parses a dozen obscure formats too; only hand it the common ones.
     gathered = None
     if container in _SOUNDFILE_CONTAINERS:
-        gathered = _decode_soundfile(data, max_seconds, _Gathered(target_rate))
+        gathered = _decode_soundfile(data, max_seconds, _Gathered(target_rate, stop))
     if gathered is None:
         gathered = _decode_pyav(
-            data, max_seconds, container or _hint_demuxer(format_hint), _Gathered(target_rate)
+            data, max_seconds, container or _hint_demuxer(format_hint), _Gathered(target_rate, stop)
         )
     samples, rate, peak = gathered.finish()
     if samples.size == 0:
@@ -507,8 +514,9 @@ class _Gathered:
     shorter than a block is resampled at once, as it was. Rates torchaudio does not take go through one
     FFmpeg resampler fed block by block. The finite check and the peak are taken as the samples come."""
 
-    def __init__(self, target_rate: int | None):
+    def __init__(self, target_rate: int | None, stop: threading.Event | None = None):
         self.target = target_rate
+        self.stop = stop
         self.rate: int | None = None
         self.total = 0  # native samples so far
         self.peak = 0.0
@@ -519,6 +527,8 @@ class _Gathered:
         self._ffmpeg = None
 
     def add(self, samples: np.ndarray, rate: int) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise DecodeStopped
         if self.rate is None:
             self.rate = rate
         if samples.size == 0:

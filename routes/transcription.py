@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
@@ -96,6 +97,24 @@ async def translations(
     return await _speech_to_text("translate", form, None, [], file, request, settings, recognizer)
 
 
+async def _decoded(data: bytes, filename: str | None, settings: Settings) -> Audio:
+    """The upload decoded at Whisper's rate on a thread, which stops at its next block of samples when the
+    request is cancelled (its client left: half an hour of audio takes seconds to decode)."""
+    stop = threading.Event()
+    try:
+        return await asyncio.to_thread(
+            decode_audio,
+            data,
+            target_rate=WHISPER_SAMPLE_RATE,
+            max_seconds=settings.max_transcription_seconds,
+            format_hint=Path(filename or "").suffix.lstrip(".") or None,
+            stop=stop,
+        )
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+
+
 def _check_fields(fields, known: set[str]) -> None:
     """Refuse a second file, and a field asking for what cannot be given (400 naming it); log the others
     not ``known``, ignored."""
@@ -161,13 +180,9 @@ async def _speech_to_text(
         )
     data = await read_upload(file, "file", settings)
     try:
-        audio = await asyncio.to_thread(
-            decode_audio,
-            data,
-            target_rate=WHISPER_SAMPLE_RATE,
-            max_seconds=settings.max_transcription_seconds,
-            format_hint=Path(file.filename or "").suffix.lstrip(".") or None,
-        )
+        audio = await until_disconnected(request, _decoded(data, file.filename, settings))
+    except ClientDisconnected:  # the decode stops at its next block
+        return Response(status_code=499)
     except AudioError as exc:
         raise bad_request(str(exc), "file", code="invalid_audio") from None
     if stream:

@@ -377,6 +377,43 @@ def test_a_running_transcription_stops_when_its_client_leaves(client, app, recog
     assert not finished and max(decoded) < len(clip) / rate - 60, decoded  # two 30-s windows never decoded
 
 
+def test_a_decode_stops_when_its_client_leaves(client, app, monkeypatch):
+    """A hostile-input trial: a client that gave up on a long upload (curl -m 2) left the server decoding
+    it for seconds more. The decode now stops at its next block of samples."""
+    import threading
+
+    import httpx
+    from conftest import post_then_hang_up
+
+    import audio
+
+    rate, seconds = 384_000, 600
+    buffer = io.BytesIO()
+    with sf.SoundFile(buffer, "w", rate, 1, format="FLAC") as f:
+        for _ in range(seconds):
+            f.write(np.zeros(rate, np.int16))
+    gathered, stopped, real = [], threading.Event(), audio._Gathered.add
+
+    def add(self, samples, sample_rate):
+        try:
+            real(self, samples, sample_rate)
+        except audio.DecodeStopped:
+            stopped.set()
+            raise
+        gathered.append(self.total)
+
+    monkeypatch.setattr(audio._Gathered, "add", add)
+    upload = httpx.Request(
+        "POST", "http://testserver/v1/audio/transcriptions", data={"model": "whisper-1"},
+        files={"file": ("long.flac", buffer.getvalue(), "audio/flac")},
+    )  # fmt: skip
+    headers = [(k.lower().encode(), v.encode()) for k, v in upload.headers.items() if k != "host"]
+    began = lambda: bool(gathered) and gathered[-1] > 5 * rate  # noqa: E731
+    sent = client.portal.call(post_then_hang_up, app, upload.url.path, headers, upload.read(), began)
+    assert sent[0]["status"] == 499
+    assert stopped.wait(30) and gathered[-1] < seconds * rate / 4, gathered[-1] / rate
+
+
 # ---- timestamps with the voice-activity filter, usage, streaming
 
 

@@ -437,7 +437,8 @@ def test_the_focus_stays_where_the_keyboard_was(page, base_url):
     page.fill("#voice-name", "  ")  # the same for a voice's name, in the same place
     page.focus("#store")
     page.keyboard.press("Enter")
-    expect(page.locator("#error-text")).to_have_text("Type a name for the voice: there are only spaces in it.")
+    blank_name = "Type a name for the voice: there are only spaces in it."
+    expect(page.locator("#error-text")).to_have_text(blank_name)
     expect(name).to_have_attribute("aria-invalid", "true")
     page.keyboard.press("Escape")
 
