@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import Counter
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -19,6 +20,7 @@ from errors import APIError
 from generation import Engine, EngineBusy, EngineFailure
 from metrics import Metrics
 from planner import Planner
+from protocol import InvalidRequest
 from settings import Settings
 from stt import AsyncTranscriber
 from voices import Voices
@@ -180,6 +182,22 @@ async def read_upload(upload: UploadFile, param: str, settings: Settings) -> byt
 
 
 T = TypeVar("T")
+
+
+# Form fields a client may repeat: OpenAI's clients send each granularity as a ``[]`` field of its own.
+REPEATABLE_FIELDS = frozenset({"timestamp_granularities[]", "timestamp_granularities", "include[]"})
+
+
+async def each_field_once(request: Request, files: tuple[str, ...] = ()) -> None:
+    """Refuse a form field given more than once (400 naming it). The form's parser keeps the last of them,
+    so a second ``name`` named the voice and a second ``response_format`` chose the answer's, silently (a
+    hostile-input trial); ``files`` are the file fields, said as parts."""
+    counts = Counter(name for name, _ in (await request.form()).multi_items())
+    for name, count in counts.items():
+        if count > 1 and name not in REPEATABLE_FIELDS:
+            if name in files:
+                raise InvalidRequest(f"send one {name}: the request has {count} {name} parts", name)
+            raise InvalidRequest(f"{name} is given {count} times; send it once", name)
 
 
 class ClientDisconnected(Exception):

@@ -21,6 +21,7 @@ from routes.deps import (
     RecognizerDep,
     SettingsDep,
     check_model,
+    each_field_once,
     read_upload,
     require_ready,
     until_disconnected,
@@ -70,16 +71,17 @@ async def transcriptions(
 ) -> Response:
     """OpenAI's transcription endpoint."""
     fields = await request.form()  # (parsed once: FastAPI read it for ``form``)
-    _check_fields(fields, TRANSCRIPTION_FIELDS)
+    await _check_fields(request, TRANSCRIPTION_FIELDS)
     stream = form.stream
     if stream and form.model in UNSTREAMED_MODELS:
         log.info("stream ignored: %s answers unstreamed, as OpenAI's does", form.model)
         stream = False
     # OpenAI's clients send ``timestamp_granularities[]``; a form written by hand may leave out the brackets.
+    # Both spellings in one form are both taken (the plain one's values were dropped without a word).
     granularities, field = form.timestamp_granularities, GRANULARITIES_FIELD
-    if not granularities:
-        field = "timestamp_granularities"
-        granularities = fields.getlist(field)
+    if plain := fields.getlist("timestamp_granularities"):
+        field = field if granularities else "timestamp_granularities"
+        granularities = [*granularities, *plain]
     return await _speech_to_text("transcribe", form, form.language, granularities, file, request, settings,
                                  recognizer, granularities_field=field, stream=stream)  # fmt: skip
 
@@ -93,7 +95,7 @@ async def translations(
     recognizer: RecognizerDep,
 ) -> Response:
     """OpenAI's translation endpoint: speech in any language the model knows, English text out."""
-    _check_fields(await request.form(), TRANSLATION_FIELDS)
+    await _check_fields(request, TRANSLATION_FIELDS)
     return await _speech_to_text("translate", form, None, [], file, request, settings, recognizer)
 
 
@@ -115,12 +117,11 @@ async def _decoded(data: bytes, filename: str | None, settings: Settings) -> Aud
         raise
 
 
-def _check_fields(fields, known: set[str]) -> None:
-    """Refuse a second file, and a field asking for what cannot be given (400 naming it); log the others
-    not ``known``, ignored."""
-    if (files := len(fields.getlist("file"))) > 1:
-        raise bad_request(f"send one file: the request has {files} file parts", "file")
-    given = set(fields.keys())
+async def _check_fields(request: Request, known: set[str]) -> None:
+    """Refuse a field given twice (a second file too), and a field asking for what cannot be given (400
+    naming it); log the others not ``known``, ignored."""
+    await each_field_once(request, files=("file",))
+    given = set((await request.form()).keys())
     if refused := sorted(given & REFUSED_FIELDS.keys()):
         name = refused[0]
         raise bad_request(f"{name} is not supported: {REFUSED_FIELDS[name]}; leave it out", name)

@@ -13,7 +13,14 @@ from fastapi.responses import JSONResponse, Response
 from audio import MEDIA_TYPES, encode_audio
 from errors import APIError
 from protocol import InvalidRequest
-from routes.deps import SettingsDep, VoicesDep, read_upload, require_generation_slot, require_ready
+from routes.deps import (
+    SettingsDep,
+    VoicesDep,
+    each_field_once,
+    read_upload,
+    require_generation_slot,
+    require_ready,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +48,7 @@ async def create_voice(
         )
     if audio_sample is None:
         raise InvalidRequest("this field is required: the voice's reference clip, as a file", "audio_sample")
-    if (clips := len((await request.form()).getlist("audio_sample"))) > 1:
-        raise InvalidRequest(f"send one clip: the request has {clips} audio_sample parts", "audio_sample")
+    await each_field_once(request, files=("audio_sample",))
     data = await read_upload(audio_sample, "audio_sample", settings)
     if transcript is not None and not transcript.strip():
         transcript = None  # a blank field, as a form sends an empty one: recognised, as when left out

@@ -425,6 +425,32 @@ def test_a_body_of_the_wrong_kind_is_told_which_kind(fake_client, path, kind, wo
     )
 
 
+@pytest.mark.parametrize(
+    ("path", "fields", "twice"),
+    [
+        ("/v1/audio/voices", [("name", "a3"), ("name", "a4"), ("transcript", "Words.")], "name"),
+        ("/v1/audio/voices", [("name", "a5"), ("transcript", "One."), ("transcript", "Two.")], "transcript"),
+        ("/v1/audio/transcriptions", [("model", "whisper-1"), ("response_format", "json"),
+                                      ("response_format", "text")], "response_format"),
+        ("/v1/audio/transcriptions", [("model", "whisper-1"), ("language", "xx"), ("language", "en")],
+         "language"),
+        ("/v1/audio/translations", [("model", "whisper-1"), ("model", "whisper-1")], "model"),
+    ],
+)  # fmt: skip
+def test_a_form_field_given_twice_is_a_400_naming_it(fake_client, path, fields, twice):
+    """A hostile-input trial: the form's parser keeps the last of a repeated field, so a second ``name``
+    named the voice and a second ``response_format`` chose the answer's, silently (and a second language
+    was refused or taken by its order)."""
+    part = "audio_sample" if path.endswith("voices") else "file"
+    files = {part: ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")}
+    data: dict[str, list[str]] = {}
+    for name, value in fields:
+        data.setdefault(name, []).append(value)
+    error = assert_envelope(fake_client.post(path, data=data, files=files), 400, twice)
+    assert error["message"] == f"{twice} is given 2 times; send it once", error
+    assert fake_client.get("/v1/audio/voices").json()["data"] == []  # (nothing stored)
+
+
 def upload(client, name: str, transcript: str | None = "Known words of the clip."):
     data = {"name": name} if transcript is None else {"name": name, "transcript": transcript}
     files = {"audio_sample": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")}

@@ -68,6 +68,17 @@ def test_words_only_when_asked(client, field):
     assert "words" in body and "segments" not in body
 
 
+def test_both_spellings_of_the_granularities_are_both_taken(client):
+    """A hostile-input trial: ``timestamp_granularities=word`` beside ``timestamp_granularities[]=segment``
+    gave segments only, the word dropped without a word."""
+    data = {"model": "whisper-1", "response_format": "verbose_json",
+            "timestamp_granularities": "word", "timestamp_granularities[]": "segment"}  # fmt: skip
+    body = client.post(
+        "/v1/audio/transcriptions", files={"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")}, data=data
+    ).json()
+    assert body["words"] and body["segments"], body
+
+
 def test_prompt_and_other_containers(openai_client):
     """An mp3 of the clip (made with the service's own encoder) transcribes as well as the wav."""
     from audio import decode_audio, encode_audio
