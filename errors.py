@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request, params
@@ -185,7 +186,9 @@ def _given(value: Any) -> str:
     return text if len(text) <= 60 else f"{text[:40]}…"
 
 
-def _validation_answer(err: dict[str, Any], param: str | None) -> tuple[str, str | None]:
+def _validation_answer(
+    err: dict[str, Any], param: str | None, multipart: bool = False
+) -> tuple[str, str | None]:
     """Pydantic's error as this API says it: a message naming the field, what it must be and what was
     given, and OpenAI's code for the kind of fault (``integer_above_max_value``, ``invalid_type``, ...)."""
     kind, ctx, given = err.get("type"), err.get("ctx", {}), err.get("input")
@@ -212,6 +215,9 @@ def _validation_answer(err: dict[str, Any], param: str | None) -> tuple[str, str
     if kind == "value_error":  # a validator's own words, without pydantic's "Value error, "
         message = str(ctx.get("error", err.get("msg", "invalid value")))
         if message.startswith("Expected UploadFile"):  # text sent where a form wants a file
+            if multipart:  # (a part without a filename is a text field to the form's parser)
+                return (f"{name} must be a file: its part has no filename in its Content-Disposition header; "
+                        'give it one (filename="clip.wav")'), "invalid_type"  # fmt: skip
             return "this field must be a file, sent as multipart/form-data", "invalid_type"
         return message, None
     if kind in _BOUNDS:
@@ -285,7 +291,8 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     # Of a union's alternatives, the deepest error is the one closest to what the client meant.
     err = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
     param = None if err.get("type") == "json_invalid" else param_from_loc(tuple(err.get("loc", ())))
-    message, code = _validation_answer(err, param)
+    multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+    message, code = _validation_answer(err, param, multipart)
     return error_response(APIError(400, message, param=param, code=code))
 
 
@@ -312,6 +319,34 @@ def _unparsed_body(cause: BaseException | None) -> str:
     return "the request body could not be read"
 
 
+# Starlette's form parser's refusals, and what this API says instead (a hostile-input trial: its own words
+# named no field and said nothing of what to do).
+_FORM_FAULTS = [
+    (re.compile(r"(?:Part|Field) exceeded maximum size of (\d+)KB\."),
+     "a form field that is not a file is over {0} KB; send text fields shorter, and audio as a file part "
+     "(with a filename)"),
+    (re.compile(r"Too many fields\. Maximum number of fields is (\d+)\."),
+     "the form has more than {0} fields; send the fields the endpoint takes"),
+    (re.compile(r"Too many files\. Maximum number of files is (\d+)\."),
+     "the form has more than {0} files; send the one file the endpoint takes"),
+    (re.compile(r"Missing boundary in multipart\."),
+     "the multipart/form-data Content-Type names no boundary; let the HTTP client write that header "
+     "(curl -F, or a files= argument)"),
+    (re.compile(r'The Content-Disposition header field "name" must be provided\.'),
+     "a part of the form has no name in its Content-Disposition header; name every part"),
+    (re.compile(r"Invalid multipart data\."),
+     "the multipart/form-data body could not be read (a part's headers are malformed or too long)"),
+]  # fmt: skip
+
+
+def _form_fault(message: str) -> str | None:
+    """This API's words for a refusal of Starlette's form parser; None for any other message."""
+    for pattern, words in _FORM_FAULTS:
+        if found := pattern.fullmatch(message):
+            return words.format(*found.groups())
+    return None
+
+
 async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Starlette's own errors (unknown route, wrong method) in the envelope, with their headers (a 405's
     ``Allow``); an unknown route as OpenAI words it, and what to use instead for one of OpenAI's that this
@@ -319,6 +354,8 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
     message = str(exc.detail)
     if exc.status_code == 400 and message == UNPARSED_BODY:
         message = _unparsed_body(exc.__cause__)
+    elif exc.status_code == 400:
+        message = _form_fault(message) or message
     if exc.status_code == 404 and message == "Not Found":
         path = request.url.path.rstrip("/")
         message = f"Invalid URL ({request.method} {request.url.path})"

@@ -451,6 +451,27 @@ def test_a_form_field_given_twice_is_a_400_naming_it(fake_client, path, fields, 
     assert fake_client.get("/v1/audio/voices").json()["data"] == []  # (nothing stored)
 
 
+def test_a_form_the_parser_refuses_is_said_in_the_apis_words(fake_client):
+    """A hostile-input trial: Starlette's parser answered "Part exceeded maximum size of 1024KB.", "Too many
+    fields. ...", "Missing boundary in multipart." and the like, naming nothing and saying nothing of what
+    to do."""
+    audio_part = {"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")}
+    path = "/v1/audio/transcriptions"
+    big = fake_client.post(path, data={"model": "whisper-1", "prompt": "x" * (1100 * 1024)}, files=audio_part)
+    assert "a form field that is not a file is over 1024 KB" in assert_envelope(big, 400)["message"]
+    many = {f"f{i}": "1" for i in range(1001)}
+    crowded = fake_client.post(path, data={"model": "whisper-1", **many}, files=audio_part)
+    assert "the form has more than 1000 fields" in assert_envelope(crowded, 400)["message"]
+    body = b"--x\r\nContent-Disposition: form-data\r\n\r\nwhisper-1\r\n--x--\r\n"
+    headers = {"content-type": "multipart/form-data"}
+    unbounded = fake_client.post(path, content=body, headers=headers)
+    assert "names no boundary" in assert_envelope(unbounded, 400)["message"]
+    unnamed = fake_client.post(
+        path, content=body, headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    assert "has no name in its Content-Disposition" in assert_envelope(unnamed, 400)["message"]
+
+
 def upload(client, name: str, transcript: str | None = "Known words of the clip."):
     data = {"name": name} if transcript is None else {"name": name, "transcript": transcript}
     files = {"audio_sample": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")}
