@@ -40,10 +40,20 @@ _UNAVAILABLE = {
 }
 
 
+# The longest error message said whole: an unknown voice's 400 names up to 24 voices of 64 characters.
+MESSAGE_CHARACTERS = 2_000
+
+
 def error_body(
     message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    """OpenAI's error envelope, exactly."""
+    """OpenAI's error envelope, exactly; a message past ``MESSAGE_CHARACTERS`` (a client's value said back
+    whole: a model or voice name of megabytes) cut in its middle, where such a value stands."""
+    if len(message) > MESSAGE_CHARACTERS:
+        head, tail = MESSAGE_CHARACTERS * 2 // 3, MESSAGE_CHARACTERS // 4
+        message = (
+            f"{message[:head]} … ({len(message) - head - tail:,} characters left out) … {message[-tail:]}"
+        )
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 

@@ -396,6 +396,6 @@ class TranslationForm(BaseModel):
 class TranscriptionForm(TranslationForm):
     """The form fields of ``/v1/audio/transcriptions``."""
 
-    language: str | None = None
+    language: str | None = Field(None, max_length=64)  # (a name or a code; it was said back whole)
     timestamp_granularities: list[str] = Field(default_factory=list, alias="timestamp_granularities[]")
     stream: bool = False

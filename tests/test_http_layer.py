@@ -472,6 +472,25 @@ def test_a_form_the_parser_refuses_is_said_in_the_apis_words(fake_client):
     assert "has no name in its Content-Disposition" in assert_envelope(unnamed, 400)["message"]
 
 
+def test_a_long_value_said_back_in_an_error_is_cut_short(fake_client):
+    """A hostile-input trial: a 100,000-character language came back whole in its 400, and a model or voice
+    name of any length is said back as long as the body limit allows."""
+    from errors import MESSAGE_CHARACTERS
+
+    long = "a" * 100_000
+    for answer, param in (
+        (fake_client.post("/v1/audio/speech", json={**SPEECH, "model": long}), "model"),
+        (fake_client.post("/v1/audio/speech", json={**SPEECH, "voice": long}), "voice"),
+        (fake_client.post("/v1/audio/transcriptions", data={"model": "whisper-1", "language": long},
+                          files={"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")}), "language"),
+    ):  # fmt: skip
+        assert answer.status_code in (400, 404), answer.text[:300]
+        error = answer.json()["error"]
+        assert error["param"] == param and len(error["message"]) < MESSAGE_CHARACTERS + 100, error["message"][
+            :300
+        ]
+
+
 def upload(client, name: str, transcript: str | None = "Known words of the clip."):
     data = {"name": name} if transcript is None else {"name": name, "transcript": transcript}
     files = {"audio_sample": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")}
