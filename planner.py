@@ -365,6 +365,12 @@ class Planner:
                         f"{len(parts.audios)} input_audio parts",
                         parts.audios[1][0],
                     )
+                # The conversation's other audio is neither read nor checked: said in the log (a hostile-input
+                # trial found bad audio there taken without a word).
+                if unused := [p for j, m in enumerate(messages) if j != i for p, _ in _parts(m, j).audios]:
+                    log.info(
+                        "clone: %s not used (messages[%d]'s reference is the voice)", ", ".join(unused), i
+                    )
                 return await self._plan_clone(request, scene or self.settings.default_scene, parts.audios[0])
 
         kept_audio = any(a is not None and a.codes is not None and a.codes.frames for a in answers.values())

@@ -160,6 +160,19 @@ def test_native_higgs_pattern_is_honoured_whatever_the_voice(client, spy):
     assert response.json()["usage"]["prompt_tokens_details"]["audio_tokens"] > 75
 
 
+def test_a_clone_requests_other_audio_is_said_in_the_log_to_be_unused(client, spy, caplog):
+    """A hostile-input trial: audio that is not base64 in an earlier assistant message was taken without a
+    word when the last user message held the reference (the clone reads neither it nor its checks)."""
+    body = owner_request(b64(TEST_AUDIO))
+    bad = {"role": "assistant", "content": [{"type": "input_audio", "input_audio": {"data": "!!!notb64"}}]}
+    body["messages"] = [{"role": "user", "content": "Hi."}, bad, *body["messages"]]
+    with caplog.at_level("INFO", logger="planner"):
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200 and response.headers["x-voice"] == "clone", response.text
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("clone: ")]
+    assert said == ["clone: messages[1].content[0] not used (messages[2]'s reference is the voice)"]
+
+
 def test_a_clone_reference_in_a_later_turn_is_the_voice_whatever_came_before(client, spy):
     """A conversation that already holds audio (an earlier answer by id, or Boson's assistant
     ``input_audio``): ``clone`` with a reference in the last user message clones that reference, and its
