@@ -580,6 +580,8 @@ class _Gathered:
             self._pending, self._pending_count = [], 0
             return
         period, margin = self._period, self._margin
+        if final and not len(pending):
+            return
         if final:
             cut, window = len(pending), pending
         else:
