@@ -208,9 +208,7 @@ def _validation_answer(
     if kind == "missing":
         if tuple(err.get("loc", ())) == ("body",):  # (no body at all: no field to name)
             return "the request body is empty; send a JSON object", None
-        return (
-            f"{param} is required" if param else "a required field is missing"
-        ), "missing_required_parameter"
+        return f"{param or 'a field'} is required", "missing_required_parameter"
     if kind == "string_unicode" and isinstance(given, str):  # (a bounded field's)
         half = half_surrogate(given) or "the text is not valid Unicode"
         if param is None:  # (a field's name: pydantic gives it no place)
@@ -225,10 +223,13 @@ def _validation_answer(
     if kind == "value_error":  # a validator's own words, without pydantic's "Value error, "
         message = str(ctx.get("error", err.get("msg", "invalid value")))
         if message.startswith("Expected UploadFile"):  # text sent where a form wants a file
-            if multipart:  # (a part without a filename is a text field to the form's parser)
-                return (f"{name} must be a file: its part has no filename in its Content-Disposition header; "
-                        'give it one (filename="clip.wav")'), "invalid_type"  # fmt: skip
-            return "this field must be a file, sent as multipart/form-data", "invalid_type"
+            if not multipart:
+                return "this field must be a file, sent as multipart/form-data", "invalid_type"
+            # (to the form's parser, a part without a filename is a text field)
+            return (
+                f"{name} must be a file: its part's Content-Disposition has no filename; add one",
+                "invalid_type",
+            )
         return message, None
     if kind in _BOUNDS:
         words, code = _BOUNDS[kind]
