@@ -1184,7 +1184,8 @@ class HiggsEngine:
                     items.append(self._codec_queue.get_nowait())
                 except queue.Empty:
                     break
-            if None in items:
+            if None in items:  # closed: what the codec still owed ends with the engine
+                self._end_owed([*pending, *(item for work in items if work is not None for item in work)])
                 return
             for work_items in items:
                 pending.extend(work_items)
@@ -1220,6 +1221,24 @@ class HiggsEngine:
                         with self._cond:
                             self._first_pieces -= firsts
                             self._cond.notify()
+
+    def _end_owed(self, owed: list[CodecWork]) -> None:
+        """At close, the codec's work not done: each stream it owed audio to (a request whose tokens had
+        ended, its last pieces still to decode; on a CPU seconds behind) fails with ``engine_closed`` and
+        stops counting, and a reference to encode fails likewise. They waited for the codec's backlog, and
+        the server cut them off at its grace's end with no error (an abuse trial: every SSE stream of a
+        long text ended mid-body on SIGTERM)."""
+        closed = EngineFailure(SHUTTING_DOWN, "engine_closed")
+        for item in owed:
+            if isinstance(item, Encode):
+                if item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(closed)
+                continue
+            job = item.stream.job
+            if not job.failed:
+                job.failed = True
+                job.emit(closed)
+            self._let_go(job)
 
     def _next_codec_work(self, pending: list[CodecWork]) -> list[CodecWork]:
         """``next_codec_work``; on a CPU a batch pays only while its activations fit the caches

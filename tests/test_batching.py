@@ -1432,6 +1432,43 @@ def test_steps_launched_ahead_are_as_many_as_set_and_a_request_may_still_fill_it
         engine.close()
 
 
+def test_closing_the_engine_ends_the_streams_whose_audio_the_codec_still_owes(settings):
+    """A request whose tokens have ended waits for the codec's backlog (seconds, on a CPU); the codec
+    thread returned at close without a word to it, so its stream waited until the server cut it off with
+    no error (an abuse trial: SIGTERM during long texts). It now ends with ``engine_closed`` at once, and
+    stops counting."""
+    from engine import load_engine
+
+    engine = load_engine(settings)
+    real_run = engine._codec_run
+
+    def slow_codec(work):  # a codec far behind the decoding
+        time.sleep(0.3)
+        real_run(work)
+
+    engine._codec_run = slow_codec
+    request = generation.GenerationRequest([generation.Turn("user", "Say it.")], True, 1, 0.7, 0.95, 50)
+    request = replace(request, max_new_tokens=200, seed=1)
+    pieces, closing = [], None
+
+    async def listen():
+        nonlocal closing
+        async for event in engine.stream(request):
+            if isinstance(event, generation.AudioPiece):
+                pieces.append(event)
+            if closing is None and engine.finishing:  # its tokens are done, its audio is not
+                closing = asyncio.ensure_future(asyncio.to_thread(engine.close))
+
+    try:
+        with pytest.raises(generation.EngineFailure) as ended:
+            asyncio.run(asyncio.wait_for(listen(), 30))
+        assert ended.value.code == "engine_closed"
+        assert closing is not None and len(pieces) < 200 // 20, len(pieces)  # (a 20-frame piece each)
+        assert engine.pending == 0 and engine.finishing == 0
+    finally:
+        engine.close()
+
+
 def test_an_impossible_max_tokens_is_a_400_before_queueing(client, engine):
     steps = engine.steps
     response = client.post("/v1/chat/completions", json=chat(seed=1, max_tokens=engine.max_context))
