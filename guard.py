@@ -8,6 +8,9 @@
   before the body is read.
 * A body is refused with 413 when its ``Content-Length`` is over the limit, or, for a body of unannounced
   length, as soon as the bytes received pass it; the app then sees the body as it arrived.
+* A head that means two things is a 400, the connection closed: a header that may come once given twice
+  (``Authorization``, ``Content-Type``, ...), or a body framed both by ``Content-Length`` and by
+  ``Transfer-Encoding`` (``SINGLE_HEADERS``, ``_ambiguous_head``).
 * A body sent compressed (``Content-Encoding`` other than ``identity``) is a 415 naming the header: a
   gzip body was a 400 "There was an error parsing the body", and a ``br`` one was read as plain JSON.
 * A multipart form whose body never closes (no ``--boundary--``) is a 400: the form's parser dropped its
@@ -67,6 +70,26 @@ PUBLIC_PATHS = frozenset(
 PUBLIC_PREFIXES = ("/web/", "/docs/assets/")
 
 
+# Headers a request may carry once: with two, the layers between a client and this app may each read
+# another (the key check read the last Authorization, a proxy may check the first; the body's checks and
+# its parser read two Content-Types differently: an abuse trial).
+SINGLE_HEADERS = ("authorization", "content-type", "content-length", "transfer-encoding", "content-encoding")
+
+
+def _ambiguous_head(raw: list[tuple[bytes, bytes]]) -> str | None:
+    """What makes a request's head mean two things, else None: a header that may come once given twice,
+    or a body framed both by ``Content-Length`` and by ``Transfer-Encoding`` (RFC 9112, 6.3: a proxy that
+    reads the length and this server, which reads the chunks, would split the bytes into requests
+    differently)."""
+    names = [name.decode("latin-1").lower() for name, _ in raw]
+    for name in SINGLE_HEADERS:
+        if (count := names.count(name)) > 1:
+            return f"the request has {count} {name.title()} headers; send one"
+    if "content-length" in names and "transfer-encoding" in names:
+        return "the request has both Content-Length and Transfer-Encoding; send one of them"
+    return None
+
+
 def _head_bytes(scope: Scope) -> int:
     """The size of a request's head as it was sent: ``METHOD /path?query HTTP/1.1``, each ``name: value``,
     and the line ends."""
@@ -123,6 +146,12 @@ class RequestGate:
             )  # fmt: skip
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if fault := _ambiguous_head(scope.get("headers", [])):
+            await _drain(receive, headers)
+            await send_error(
+                send, 400, fault, "invalid_request_error", "ambiguous_request", connection="close"
+            )
+            return
         if (
             self.api_key is not None
             and scope.get("path") not in PUBLIC_PATHS

@@ -338,6 +338,58 @@ def test_a_head_whose_client_leaves_after_the_head_is_not_logged_as_cut_short(fa
     assert len(said) == 3 and not [m for m in said if "cut short" in m], said
 
 
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [("authorization", ["Bearer wrong", "Bearer k"]), ("content-type", ["application/json", "text/plain"])],
+)
+def test_a_header_that_may_come_once_given_twice_is_a_400(fake_engine, tmp_path, name, values):
+    """An abuse trial: of two Authorization headers the key check read the last (a proxy that checks or
+    replaces the first is passed by); two Content-Types were read one way by the body's checks and another
+    by its parser."""
+    from pydantic import SecretStr
+
+    from app import create_app
+    from settings import Settings
+
+    settings = Settings(stt_model="", voices_dir=tmp_path / "v", api_key=SecretStr("k"))
+    with TestClient(create_app(settings, engine=fake_engine)) as client:
+        headers = [(name, value) for value in values]
+        if name != "authorization":
+            headers.append(("authorization", "Bearer k"))
+        answer = client.post("/v1/audio/speech", content=json.dumps(SPEECH), headers=headers)
+        error = assert_envelope(answer, 400, None, "ambiguous_request")
+        assert error["message"] == f"the request has 2 {name.title()} headers; send one", error
+        assert answer.headers["connection"] == "close"
+
+
+def test_a_body_framed_by_both_length_and_chunks_is_refused_and_its_connection_closed(fake_app):
+    """An abuse trial: ``Content-Length`` beside ``Transfer-Encoding: chunked`` was read as chunks, and
+    a request sent after it on the same connection was answered too: behind a proxy that reads the length
+    instead, the two would split the bytes into requests differently (RFC 9112, 6.3)."""
+    import socket
+
+    from live_server import serve
+
+    from server import Protocol
+
+    body = json.dumps(SPEECH).encode()
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    with serve(fake_app, http=Protocol) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(
+                b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+                + b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+            )  # fmt: skip
+            answered = b""
+            while chunk := connection.recv(65536):  # until the server closes the connection
+                answered += chunk
+    assert answered.startswith(b"HTTP/1.1 400 "), answered[:200]
+    assert b"both Content-Length and Transfer-Encoding" in answered
+    assert answered.count(b"HTTP/1.1 ") == 1, answered  # the request after it was not answered
+
+
 def test_probes_may_send_head(fake_client):
     assert fake_client.head("/health").status_code == 200 and fake_client.head("/ready").status_code == 200
 
