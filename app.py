@@ -281,7 +281,11 @@ def _lifespan(
         else:
             await load(state)
         state.shutting_down = False
-        drain = Drain(state, settings.shutdown_timeout_seconds, lambda: _close_engine(state, owned_engine))
+        drain = Drain(
+            state,
+            settings.shutdown_timeout_seconds,
+            lambda: _end_running(state, owned_engine, owned_recognizer),
+        )
         drain.install()
         try:
             yield
@@ -304,11 +308,15 @@ def _lifespan(
     return lifespan
 
 
-def _close_engine(state: Any, owned: bool) -> None:
-    """Close the engine the app loaded, if it is there: its running and waiting generations fail with
-    ``engine_closed`` (``shutdown.py``)."""
+def _end_running(state: Any, owned_engine: bool, owned_recognizer: bool) -> None:
+    """End what the models the app loaded are doing (``shutdown.py``): the recognitions running or waiting
+    stop with ``TranscriberClosed``, and the engine closes, failing its generations with ``engine_closed``;
+    each is answered 503 (or ends its stream with an error event)."""
+    recognizer = getattr(state, "recognizer", None)
+    if owned_recognizer and recognizer is not None:
+        recognizer.end_running()
     engine = getattr(state, "engine", None)
-    if owned and engine is not None:
+    if owned_engine and engine is not None:
         engine.close()
 
 

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from generation import ContextLengthError, EngineBusy, EngineFailure
 from protocol import CONTENT_PART_TYPES, InvalidRequest, half_surrogate
-from stt import TranscriberBusy, TranslatorUnavailable
+from stt import TranscriberBusy, TranscriberClosed, TranslatorUnavailable
 from voice_cloning import InvalidAudio
 from voices import BuiltinVoiceFailed, InvalidVoiceName, VoiceExists, VoiceNotFound, VoiceQuotaExceeded
 
@@ -120,6 +120,10 @@ def as_api_error(exc: Exception) -> APIError:
         if exc.code in _UNAVAILABLE:
             return APIError(503, str(exc), type="server_error", code=exc.code, headers=_UNAVAILABLE[exc.code])
         return APIError(500, str(exc), type="server_error", code=exc.code)
+    if isinstance(exc, TranscriberClosed):  # (as a generation ended by the shutdown is answered)
+        return APIError(
+            503, str(exc), type="server_error", code="engine_closed", headers=_UNAVAILABLE["engine_closed"]
+        )
     if isinstance(exc, TranslatorUnavailable):
         return APIError(503, str(exc), type="server_error", code="model_unavailable")
     if isinstance(exc, BuiltinVoiceFailed):
@@ -138,6 +142,7 @@ DOMAIN_ERRORS: tuple[type[Exception], ...] = (
     ContextLengthError,
     EngineBusy,
     TranscriberBusy,
+    TranscriberClosed,
     TranslatorUnavailable,
     EngineFailure,
     BuiltinVoiceFailed,

@@ -6,7 +6,8 @@ open ones; then it cancels what is left, which cuts streams off mid-body (no SSE
 incomplete chunked body) and leaves a non-streamed request without any answer. So, ``DRAIN_MARGIN_SECONDS``
 before that, the engine is closed: every running or waiting generation fails with ``EngineFailure``
 ("the server is shutting down", ``engine_closed``), which an SSE stream ends with as an ``error`` event and a
-non-streamed request answers as a 503 with ``Retry-After``. Readiness answers 503 from the signal on.
+non-streamed request answers as a 503 with ``Retry-After``; recognitions running or waiting end the same way
+(``AsyncTranscriber.end_running``). Readiness answers 503 from the signal on.
 
 The signal handlers are uvicorn's, wrapped (uvicorn installs them before the app starts, with
 ``signal.signal``, and restores its own saved ones when it stops). Only in the main thread, where signals

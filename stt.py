@@ -434,6 +434,13 @@ class TranscriptionStopped(Exception):
     """The caller left, and the transcription stopped between two segments."""
 
 
+class TranscriberClosed(Exception):
+    """The server is shutting down: a recognition running or waiting was ended (``end_running``)."""
+
+
+SHUTTING_DOWN = "the server is shutting down; send the request again"
+
+
 class TranscriberBusy(Exception):
     """Too many transcriptions are running or waiting; the request was not queued."""
 
@@ -470,6 +477,9 @@ class AsyncTranscriber:
         seconds and its seconds from queueing to result (metrics)."""
         self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="stt")
+        self._stops: set[threading.Event] = set()  # of the recognitions running or waiting
+        self._stops_lock = threading.Lock()
+        self._closing = False
         self._make_translator = translator
         self._translator: Transcriber | None = None
         self._translator_lock = threading.Lock()
@@ -510,8 +520,24 @@ class AsyncTranscriber:
                 self._translator = translator
             return self._translator
 
-    def _run(self, audio: Audio, task: str, **options: object) -> Transcript:
-        return self._for_task(task).transcribe(audio, task=task, **options)
+    def _run(self, audio: Audio, task: str, stop: threading.Event, **options: object) -> Transcript:
+        if stop.is_set():  # (its caller left, or the server is shutting down, while it waited)
+            raise TranscriptionStopped("stopped before it began")
+        return self._for_task(task).transcribe(audio, task=task, stop=stop, **options)
+
+    def end_running(self) -> None:
+        """At shutdown: every recognition running stops after the segment it is decoding, every one waiting
+        stops before it begins, each with ``TranscriberClosed`` for its caller (a transcription running at
+        SIGTERM was cut off with no answer, and kept the process up for its whole file: 50 s for 3 min of
+        speech on a CPU, past the shutdown timeout); and new ones are refused the same way."""
+        self._closing = True
+        with self._stops_lock:
+            for stop in self._stops:
+                stop.set()
+
+    def _ended(self, exc: TranscriptionStopped) -> BaseException:
+        """What a caller still waiting hears of its stopped recognition: ``TranscriberClosed`` at shutdown."""
+        return TranscriberClosed(SHUTTING_DOWN) if self._closing else exc
 
     async def transcribe(
         self,
@@ -535,6 +561,8 @@ class AsyncTranscriber:
         except asyncio.CancelledError:
             stop.set()
             raise
+        except TranscriptionStopped as exc:
+            raise self._ended(exc) from None
 
     async def stream(
         self,
@@ -565,7 +593,11 @@ class AsyncTranscriber:
         try:
             while not isinstance(item := await decoded.get(), Future):
                 yield item
-            yield item.result()
+            try:
+                result = item.result()
+            except TranscriptionStopped as exc:
+                raise self._ended(exc) from None
+            yield result
         finally:
             stop.set()
             job.cancel()  # drops it if it still waits for the worker
@@ -573,6 +605,8 @@ class AsyncTranscriber:
     def _submit(self, audio: Audio, task: str, stop: threading.Event, **options: object) -> Future:
         """Queue ``transcribe`` for the worker, counted as pending until it is over (or dropped);
         ``TranscriberBusy`` when too many are."""
+        if self._closing:
+            raise TranscriberClosed(SHUTTING_DOWN)
         if self._pending >= self.max_pending:  # the event loop is the only writer: no lock needed
             raise TranscriberBusy(
                 f"speech recognition is busy ({self._pending} requests queued); retry shortly"
@@ -581,6 +615,8 @@ class AsyncTranscriber:
         queued = time.monotonic()
         self._pending += 1
         # In the caller's context, so that log lines from the worker carry the request's id.
+        with self._stops_lock:
+            self._stops.add(stop)
         job = self._executor.submit(contextvars.copy_context().run, call)
         loop = asyncio.get_running_loop()
 
@@ -588,6 +624,8 @@ class AsyncTranscriber:
         # leaves (its client hung up) cancels the job, which drops it while it waits for the worker; one
         # already running stops after its current segment and counts until then.
         def done(future: Future) -> None:
+            with self._stops_lock:
+                self._stops.discard(stop)
             try:
                 loop.call_soon_threadsafe(self._release)
             except RuntimeError:  # the event loop is closed (shut down): nothing counts any more

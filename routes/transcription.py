@@ -32,6 +32,7 @@ from stt import (
     WHISPER_SAMPLE_RATE,
     AsyncTranscriber,
     Segment,
+    TranscriberClosed,
     Transcript,
     to_srt,
     to_verbose_json,
@@ -261,6 +262,8 @@ async def _text_events(
             yield sse({"type": "transcript.text.done", "text": item.text})
     except Exception as exc:  # after the headers: the stream ends with an error event
         error = as_api_error(exc)
-        if error.status >= 500:
+        if isinstance(exc, TranscriberClosed):  # (the server's doing, said once: no traceback)
+            log.warning("streamed transcription ended: %s", exc)
+        elif error.status >= 500:
             log.exception("streamed transcription failed")
         yield error_event(error.body()["error"], type="error")

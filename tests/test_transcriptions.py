@@ -388,6 +388,45 @@ def test_a_running_transcription_stops_when_its_client_leaves(client, app, recog
     assert not finished and max(decoded) < len(clip) / rate - 60, decoded  # two 30-s windows never decoded
 
 
+def test_a_shutdown_ends_the_recognitions_running_and_waiting_with_a_503(recognizer):
+    """An abuse trial's finding, seen again on a transcription: one running at SIGTERM got no answer (uvicorn
+    cut it off at its grace's end) and kept the process up until its whole file was done (50 s for 3 min of
+    speech on this CPU). ``end_running`` (the shutdown's, ``app._end_running``) stops the one running after
+    its segment and the one waiting before it begins, each with ``TranscriberClosed`` (a 503, or a streamed
+    answer's error event: ``errors.py``), and refuses new ones. (A worker of its own: this one stays open.)"""
+    import asyncio
+
+    from audio import Audio
+    from errors import as_api_error
+    from stt import AsyncTranscriber, TranscriberClosed
+
+    heard = AsyncTranscriber(recognizer.transcriber)
+    clip = Audio(*long_speech())
+
+    async def shut_down_while_busy():
+        running = asyncio.ensure_future(heard.transcribe(clip))
+        waiting = asyncio.ensure_future(heard.transcribe(clip))
+        streamed = asyncio.ensure_future(anext(heard.stream(clip)))  # (its first segment, or its end)
+        await asyncio.sleep(1.5)  # the first is decoding its first windows, the others wait for the worker
+        assert heard.pending == 3 and not running.done()
+        started = time.monotonic()
+        heard.end_running()
+        results = await asyncio.gather(running, waiting, streamed, return_exceptions=True)
+        return results, time.monotonic() - started
+
+    try:
+        results, took = asyncio.run(shut_down_while_busy())
+        assert [type(r) for r in results] == [TranscriberClosed] * 3, results
+        assert took < 10, took  # (the whole file took tens of seconds)
+        error = as_api_error(results[0])
+        answer = (error.status, error.body()["error"]["code"], error.headers["Retry-After"])
+        assert answer == (503, "engine_closed", "5"), answer
+        with pytest.raises(TranscriberClosed):
+            asyncio.run(heard.transcribe(clip))
+    finally:
+        heard.close()
+
+
 def test_a_decode_stops_when_its_client_leaves(client, app, monkeypatch):
     """A hostile-input trial: a client that gave up on a long upload (curl -m 2) left the server decoding
     it for seconds more. The decode now stops at its next block of samples."""
