@@ -72,10 +72,9 @@ from generation import (
 )
 from higgs import Higgs, Prompt
 from prefill import Filled
+from shutdown import SHUTTING_DOWN
 
 log = logging.getLogger(__name__)
-
-SHUTTING_DOWN = "the server is shutting down; send the request again"
 
 T = TypeVar("T")
 

@@ -26,6 +26,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# What a request the shutdown ended is told (a generation's, a recognition's: 503 or an error event).
+SHUTTING_DOWN = "the server is shutting down; send the request again"
 # How long before the shutdown timeout runs out the server ends the answers still running, so that their
 # error events and 503s are sent before uvicorn cancels the requests (at most half the timeout).
 DRAIN_MARGIN_SECONDS = 2.0

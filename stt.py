@@ -34,6 +34,7 @@ from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE as
 
 from audio import Audio, resample
 from settings import Settings
+from shutdown import SHUTTING_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -436,9 +437,6 @@ class TranscriptionStopped(Exception):
 
 class TranscriberClosed(Exception):
     """The server is shutting down: a recognition running or waiting was ended (``end_running``)."""
-
-
-SHUTTING_DOWN = "the server is shutting down; send the request again"
 
 
 class TranscriberBusy(Exception):
