@@ -24,6 +24,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from av.audio.frame import AudioFrame
+    from av.audio.resampler import AudioResampler
     from av.container import InputContainer
 
 
@@ -486,16 +487,26 @@ def _torch_resamples(orig_rate: int, new_rate: int) -> bool:
     return new_rate // g <= _MAX_PHASES and (orig_rate // g) * (new_rate // g) <= _MAX_POLYPHASE
 
 
-def _resample_ffmpeg(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+def _resample_ffmpeg(
+    samples: np.ndarray,
+    orig_rate: int,
+    new_rate: int,
+    resampler: AudioResampler | None = None,
+    final: bool = True,
+) -> np.ndarray:
+    """FFmpeg's resampling of ``samples``; ``resampler`` carries on from the samples it was given before (a
+    clip fed a block at a time, ``_Gathered``), and ``final`` flushes what it still holds."""
     import av
 
-    frame = av.AudioFrame.from_ndarray(samples[None, :], format="fltp", layout="mono")
-    frame.sample_rate = orig_rate
-    resampler = av.AudioResampler(format="fltp", layout="mono", rate=new_rate)
-    out = resampler.resample(frame) + resampler.resample(None)
-    if not out:
-        return np.zeros(0, np.float32)
-    return np.concatenate([f.to_ndarray()[0] for f in out])
+    resampler = resampler or av.AudioResampler(format="fltp", layout="mono", rate=new_rate)
+    out = []
+    if len(samples):
+        frame = av.AudioFrame.from_ndarray(samples[None, :], format="fltp", layout="mono")
+        frame.sample_rate = orig_rate
+        out += resampler.resample(frame)
+    if final:
+        out += resampler.resample(None)
+    return np.concatenate([f.to_ndarray()[0] for f in out]) if out else np.zeros(0, np.float32)
 
 
 # Native samples resampled at a time while a clip is gathered (44 s at 48 kHz, 5.5 s at 384 kHz): memory
@@ -524,13 +535,14 @@ class _Gathered:
         self._pending: list[np.ndarray] = []  # native, not resampled yet
         self._pending_count = 0
         self._history = np.zeros(0, np.float32)  # native samples before the pending ones, as context
-        self._ffmpeg = None
+        self._ffmpeg: AudioResampler | None = None  # (rates torchaudio does not take)
+        self._period = self._phases = self._margin = 0  # (set with the rate, when resampling)
 
     def add(self, samples: np.ndarray, rate: int) -> None:
         if self.stop is not None and self.stop.is_set():
             raise DecodeStopped
         if self.rate is None:
-            self.rate = rate
+            self._begin(rate)
         if samples.size == 0:
             return
         if not np.isfinite(samples).all():
@@ -560,23 +572,28 @@ class _Gathered:
     def _resampling(self) -> bool:
         return self.target is not None and self.rate is not None and self.target != self.rate
 
-    @property
-    def _period(self) -> int:
-        return self.rate // math.gcd(self.rate, self.target)
-
-    @property
-    def _margin(self) -> int:
-        """Native samples of context a block needs on each side: the filter's reach, in whole periods."""
-        period, phases = self._period, self.target // math.gcd(self.rate, self.target)
+    def _begin(self, rate: int) -> None:
+        """The source's rate is known: a block's period (native samples in, samples out) and the context it
+        needs on each side (the filter's reach, in whole periods)."""
+        self.rate = rate
+        if not self._resampling:
+            return
+        g = math.gcd(rate, self.target)
+        self._period, self._phases = rate // g, self.target // g
         reach = math.ceil(
-            _RESAMPLE_KW["lowpass_filter_width"] * period / (min(period, phases) * _RESAMPLE_KW["rolloff"])
+            _RESAMPLE_KW["lowpass_filter_width"]
+            * self._period
+            / (min(self._period, self._phases) * _RESAMPLE_KW["rolloff"])
         )
-        return period * (math.ceil(reach / period) + 1)
+        self._margin = self._period * (math.ceil(reach / self._period) + 1)
 
     def _resample(self, final: bool) -> None:
         pending = np.concatenate(self._pending) if self._pending else np.zeros(0, np.float32)
         if not _torch_resamples(self.rate, self.target):
-            self._done.append(self._through_ffmpeg(pending, final))
+            import av
+
+            self._ffmpeg = self._ffmpeg or av.AudioResampler(format="fltp", layout="mono", rate=self.target)
+            self._done.append(_resample_ffmpeg(pending, self.rate, self.target, self._ffmpeg, final))
             self._pending, self._pending_count = [], 0
             return
         period, margin = self._period, self._margin
@@ -589,32 +606,14 @@ class _Gathered:
             if cut <= 0:
                 return
             window = pending[: cut + margin]
-        if len(self._history) == 0 and final:
-            out = resample(window, self.rate, self.target)
-        else:
-            out = resample(np.concatenate([self._history, window]), self.rate, self.target)
-            skip = len(self._history) // period * (self.target // math.gcd(self.rate, self.target))
-            count = math.ceil(cut * self.target / self.rate)
-            out = out[skip : skip + count]
+        out = resample(np.concatenate([self._history, window]), self.rate, self.target)
+        skip = len(self._history) // period * self._phases  # (the history's own samples, sent before)
+        out = out[skip : skip + math.ceil(cut * self.target / self.rate)]
         self._done.append(out.copy())  # (copies of slices: a view would keep its whole block alive)
         used = pending[:cut]
         self._history = (used if cut >= margin else np.concatenate([self._history, used]))[-margin:].copy()
         rest = pending[cut:].copy()
         self._pending, self._pending_count = ([rest] if len(rest) else []), len(rest)
-
-    def _through_ffmpeg(self, samples: np.ndarray, final: bool) -> np.ndarray:
-        import av
-
-        if self._ffmpeg is None:
-            self._ffmpeg = av.AudioResampler(format="fltp", layout="mono", rate=self.target)
-        frames = []
-        if len(samples):
-            frame = av.AudioFrame.from_ndarray(samples[None, :], format="fltp", layout="mono")
-            frame.sample_rate = self.rate
-            frames += self._ffmpeg.resample(frame)
-        if final:
-            frames += self._ffmpeg.resample(None)
-        return np.concatenate([f.to_ndarray()[0] for f in frames]) if frames else np.zeros(0, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from generation import ContextLengthError, EngineBusy, EngineFailure
@@ -380,6 +380,15 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
     return error_response(APIError(exc.status_code, message, headers=dict(exc.headers or {})))
 
 
+class ClientDisconnected(Exception):
+    """The client closed its connection before the answer was ready (``routes.deps.until_disconnected``):
+    answered 499, which nobody reads, so that it is logged and counted as such."""
+
+
+async def on_client_gone(request: Request, exc: ClientDisconnected) -> Response:
+    return Response(status_code=499)
+
+
 class StreamCut(Exception):
     """A body that failed after its response began, raised on so that the server cuts it off (a client then
     sees an error, never a short answer that looks whole). Its request's line was logged already: nothing
@@ -411,6 +420,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Answer every failure in OpenAI's envelope."""
     for kind in DOMAIN_ERRORS:
         app.add_exception_handler(kind, on_domain_error)
+    app.add_exception_handler(ClientDisconnected, on_client_gone)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)

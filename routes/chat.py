@@ -30,7 +30,6 @@ from longform import encode_whole, speak
 from planner import TEXT_MAX_TOKENS, Planner
 from protocol import AssistantMessage, AudioOut, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from routes.deps import (
-    ClientDisconnected,
     EngineDep,
     PlannerDep,
     SettingsDep,
@@ -99,10 +98,8 @@ async def _complete(
     # A stream's audio is pcm16: a format left out means it, as when the audio object is left out.
     if body.stream and body.wants_audio and body.audio and body.audio.format_given not in (None, "pcm16"):
         raise bad_request("streamed audio is pcm16; set audio.format to pcm16", "audio.format")
-    try:  # a reference to recognise and encode is work the client may not wait for
-        plan = await until_disconnected(request, planner.plan(body))
-    except ClientDisconnected:
-        return Response(status_code=499)  # nobody reads it; logged and counted as 499
+    # A reference to recognise and encode is work the client may not wait for (gone: a 499, ``errors.py``).
+    plan = await until_disconnected(request, planner.plan(body))
     headers = {}
     if body.wants_audio:  # the voice of an audio answer (a text answer has none)
         headers["X-Voice"] = plan.voice
@@ -134,18 +131,15 @@ async def _complete(
         return StreamingResponse(
             body_stream, media_type="text/event-stream", headers={**headers, **SSE_HEADERS}
         )
-    try:
-        if plan.script is not None:
-            # Encoded as it is decoded, piece by piece: memory stays bounded whatever the length.
-            fmt = body.audio.format if body.audio else "wav"
-            events = speak(engine, plan.script, settings.join_fade_ms)
-            data, result = await until_disconnected(request, encode_whole(events, fmt, engine.sample_rate))
-        elif plan.request is not None:
-            result = await until_disconnected(request, engine.generate(plan.request))
-        else:
-            result = plan.direct_answer
-    except ClientDisconnected:
-        return Response(status_code=499)  # nobody reads it; logged and counted as 499
+    if plan.script is not None:  # (a client gone meanwhile: a 499, ``errors.py``)
+        # Encoded as it is decoded, piece by piece: memory stays bounded whatever the length.
+        fmt = body.audio.format if body.audio else "wav"
+        events = speak(engine, plan.script, settings.join_fade_ms)
+        data, result = await until_disconnected(request, encode_whole(events, fmt, engine.sample_rate))
+    elif plan.request is not None:
+        result = await until_disconnected(request, engine.generate(plan.request))
+    else:
+        result = plan.direct_answer
     if plan.script is not None:
         # The transcript of the pieces spoken: the whole text unless max_tokens ran out first.
         await planner.remember_answer(audio_id, result.text, result.codes)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request, UploadFile
 from fastapi.responses import FileResponse
 
-from errors import APIError
+from errors import APIError, ClientDisconnected
 from generation import Engine, EngineBusy, EngineFailure
 from metrics import Metrics
 from planner import Planner
@@ -198,10 +198,6 @@ async def each_field_once(request: Request, files: tuple[str, ...] = ()) -> None
             if name in files:
                 raise InvalidRequest(f"send one {name}: the request has {count} {name} parts", name)
             raise InvalidRequest(f"{name} is given {count} times; send it once", name)
-
-
-class ClientDisconnected(Exception):
-    """The client closed its connection before the answer was ready."""
 
 
 async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:

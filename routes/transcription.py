@@ -17,7 +17,6 @@ from audio import Audio, AudioError, decode_audio
 from errors import APIError, as_api_error, bad_request
 from protocol import TranscriptionForm, TranslationForm
 from routes.deps import (
-    ClientDisconnected,
     RecognizerDep,
     SettingsDep,
     check_model,
@@ -181,10 +180,8 @@ async def _speech_to_text(
             "model",
         )
     data = await read_upload(file, "file", settings)
-    try:
+    try:  # (a client gone meanwhile: a 499, ``errors.py``; the decode stops at its next block)
         audio = await until_disconnected(request, _decoded(data, file.filename, settings))
-    except ClientDisconnected:  # the decode stops at its next block
-        return Response(status_code=499)
     except AudioError as exc:
         raise bad_request(str(exc), "file", code="invalid_audio") from None
     if stream:
@@ -199,9 +196,7 @@ async def _speech_to_text(
             task=task,
             word_timestamps=words,
         )
-        transcript = await until_disconnected(request, work)
-    except ClientDisconnected:  # its job is dropped if it still waited for the worker
-        return Response(status_code=499)  # nobody reads it; logged and counted as 499
+        transcript = await until_disconnected(request, work)  # (a client gone: its job dropped or stopped)
     except ValueError as exc:
         raise _invalid_option(exc) from None
     # OpenAI reports whisper-1's usage as the audio's duration; a translation's answer has no usage.
@@ -232,10 +227,8 @@ async def _streamed(
     segment (or the end), so that a refused option is still a 400; a client that leaves stops the
     recognition after the segment being decoded, before the headers as after them."""
     events = recognizer.stream(audio, language=language, prompt=form.prompt, temperature=form.temperature)
-    try:
+    try:  # (a client gone: the iterator closed, its job dropped or stopped)
         first = await until_disconnected(request, anext(events))
-    except ClientDisconnected:  # the iterator was closed: its job dropped or stopped
-        return Response(status_code=499)
     except ValueError as exc:
         raise _invalid_option(exc) from None
     return StreamingResponse(_text_events(first, events), media_type="text/event-stream", headers=SSE_HEADERS)
