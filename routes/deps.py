@@ -125,6 +125,7 @@ def require_ready(request: Request) -> None:
             503,
             "the model is still loading; retry shortly",
             type="server_error",
+            code="model_loading",
             headers={"Retry-After": str(LOADING_RETRY_AFTER)},
         )
 

@@ -49,7 +49,7 @@ def test_not_ready_until_the_lifespan_has_run(fake_app):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").status_code == 503
     loading = client.post("/v1/chat/completions", json=CHAT)
-    assert_envelope(loading, 503)
+    assert_envelope(loading, 503, code="model_loading")
     assert loading.headers["retry-after"] == "5"
 
 
@@ -65,7 +65,7 @@ def test_every_route_that_needs_the_models_answers_503_while_they_load(fake_app)
         path = path.replace("{voice_id}", "narrator")
         for method in operations:
             response = client.request(method, path)
-            assert_envelope(response, 503)
+            assert_envelope(response, 503, code="model_loading")  # a code a client can branch on
             assert response.headers["retry-after"] == "5", (method, path)
             checked.append(f"{method.upper()} {path}")
     expected = {"GET /v1/audio/voices", "DELETE /v1/audio/voices/narrator", "POST /v1/audio/speech"}
