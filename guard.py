@@ -14,7 +14,8 @@
 * A body sent compressed (``Content-Encoding`` other than ``identity``) is a 415 naming the header: a
   gzip body was a 400 "There was an error parsing the body", and a ``br`` one was read as plain JSON.
 * A multipart form whose body never closes (no ``--boundary--``) is a 400: the form's parser dropped its
-  last part unseen.
+  last part unseen. So is one with a text field that is not text in the form's charset (UTF-8): the
+  parser took its bytes as Latin-1 (``_undecodable_field``).
 * A body whose bytes stop coming for ``BODY_IDLE_SECONDS`` is answered 408 (the connection closed): a
   client that hung mid-upload held its connection and the bytes it had sent for ever. A client gone
   before its body arrived is logged and counted as 499, as any request whose client left (FastAPI
@@ -33,6 +34,7 @@ whose server reads past the rest of the body by itself.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextvars
 import hmac
 import json
@@ -40,7 +42,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from python_multipart.multipart import parse_options_header
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from errors import error_body
 
@@ -100,10 +102,16 @@ def _head_bytes(scope: Scope) -> int:
 
 
 async def send_error(
-    send: Send, status: int, message: str, type_: str, code: str | None, **headers: str
+    send: Send,
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None,
+    param: str | None = None,
+    **headers: str,
 ) -> None:
     """Answer with OpenAI's error envelope."""
-    body = json.dumps(error_body(message, type_, None, code), separators=(",", ":")).encode()
+    body = json.dumps(error_body(message, type_, param, code), separators=(",", ":")).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -224,6 +232,11 @@ class RequestGate:
             )  # fmt: skip
             return
 
+        if fault := _undecodable_field(headers.get("content-type", ""), chunks):
+            name, message = fault
+            await send_error(send, 400, message, "invalid_request_error", "invalid_value", name)
+            return
+
         async def replay() -> Message:
             return chunks.pop(0) if chunks else await receive()
 
@@ -260,6 +273,81 @@ def _unclosed_multipart(content_type: str, chunks: list[Message]) -> str | None:
             return None
         tail = (tail + body[-seam:])[-seam:]
     return boundary.decode("latin-1")
+
+
+def _undecodable_field(content_type: str, chunks: list[Message]) -> tuple[str, str] | None:
+    """The name of a multipart form's first text field (a part without a filename) whose bytes are not text
+    in the form's charset (UTF-8 unless its Content-Type names another), and what to tell the client; else
+    None. The form's parser takes such bytes as Latin-1 without a word: a trial's transcript in GBK was
+    stored as "ÎÒÃÇÐèÒª..." with a 200. Files are not read here; a text part over the parser's own limit
+    is left to its 400."""
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary", b"")
+    if kind != b"multipart/form-data" or not boundary:
+        return None
+    try:
+        charset = codecs.lookup(options.get(b"charset", b"utf-8").decode("latin-1")).name
+    except LookupError:
+        return None  # (the parser takes every field as Latin-1 then: nothing to tell apart)
+    part: dict[str, Any] = {}
+    header: list[bytes] = [b"", b""]
+    faults: list[tuple[str, str]] = []
+
+    def on_part_begin() -> None:
+        part.clear()
+        part.update(headers={}, data=bytearray())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def on_header_end() -> None:
+        part["headers"][header[0].strip().lower()] = header[1].strip()
+        header[:] = [b"", b""]
+
+    def on_headers_finished() -> None:
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        part["name"] = disposition.get(b"name", b"").decode("utf-8", "replace")
+        part["text"] = b"filename" not in disposition
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if part["text"] and len(part["data"]) <= _TEXT_PART_BYTES:
+            part["data"] += data[start:end]
+
+    def on_part_end() -> None:
+        if faults or not part["text"] or len(part["data"]) > _TEXT_PART_BYTES:
+            return
+        try:
+            bytes(part["data"]).decode(charset)
+        except UnicodeDecodeError as exc:
+            what = "UTF-8" if charset == "utf-8" else f"{charset} (the form's charset)"
+            byte = f"byte {exc.start} is {exc.object[exc.start]:#04x}"
+            faults.append((part["name"], f"the form field {part['name']!r} is not {what} text ({byte}); send "
+                           f"text fields encoded as {what}"))  # fmt: skip
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+            "on_header_value": on_header_value, "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )  # fmt: skip
+    try:
+        for message in chunks:
+            parser.write(message.get("body", b""))
+            if faults:
+                break
+    except Exception:  # (a malformed body: the form's parser says so in its own 400)
+        return None
+    return faults[0] if faults else None
+
+
+# A text field the form's parser takes at most (Starlette's ``max_part_size``): past it, its own 400.
+_TEXT_PART_BYTES = 1024 * 1024
 
 
 class _StoppedReading(Exception):

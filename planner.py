@@ -44,7 +44,7 @@ from protocol import (
 )
 from settings import Settings
 from stt import AsyncTranscriber
-from text_split import speakable, split_text
+from text_split import piece_characters, speakable, split_text, spoken_length
 from voice_cloning import (
     InvalidReference,
     Reference,
@@ -238,9 +238,10 @@ class Planner:
         return heard
 
     def audio_token_cap(self, text: str) -> int:
-        """Default output cap for speaking ``text``: 4 s plus ``seconds_per_character`` (bounded)."""
-        seconds = min(self.settings.max_audio_seconds, 4.0 + self.settings.seconds_per_character * len(text))
-        return audio_token_cap(self.engine.frame_rate, seconds)
+        """Default output cap for speaking ``text``: 4 s plus ``seconds_per_character`` a letter's worth of
+        speech (``spoken_length``: a Chinese character counts three), bounded."""
+        spoken = self.settings.seconds_per_character * spoken_length(text)
+        return audio_token_cap(self.engine.frame_rate, min(self.settings.max_audio_seconds, 4.0 + spoken))
 
     def _generation(
         self,
@@ -305,7 +306,7 @@ class Planner:
     def _script(self, request: GenerationRequest, text: str, max_tokens: int | None) -> Script:
         """``request`` (whose last turn is ``text``) as pieces; each piece capped by its own length, or all
         of them together by the client's ``max_tokens``."""
-        pieces = split_text(text, self.settings.piece_characters) or [text]
+        pieces = split_text(text, piece_characters(text, self.settings.piece_characters)) or [text]
         caps = [self.audio_token_cap(piece) for piece in pieces]
         return script_for(request, pieces, caps, max_tokens, self.settings.context_pieces)
 

@@ -162,14 +162,16 @@ class Settings(BaseSettings):
     """Ceiling on the audio generated for one piece of a text, in seconds (its token cap follows from it)."""
 
     seconds_per_character: float = Field(default=0.15, gt=0, le=2)
-    """Without `max_tokens`, each piece's output is capped at 4 s plus this many seconds per character."""
+    """Without `max_tokens`, each piece's output is capped at 4 s plus this many seconds per character (a
+    Chinese, Japanese or Korean one counts three: `text_split.spoken_length`)."""
 
     # -- long texts (longform.py) --
     max_input_characters: int = Field(default=4096, ge=1, le=1_000_000)
     """Longest text one request speaks (speech `input`, the text of an audio chat answer); 400 above."""
 
     piece_characters: int = Field(default=300, ge=20, le=10_000)
-    """Texts longer than this are spoken in pieces of at most this many characters, cut at sentences."""
+    """Texts longer than this are spoken in pieces of at most this many characters, cut at sentences (a third
+    as many in Chinese, Japanese or Korean, whose characters are syllables: the same time spoken)."""
 
     context_pieces: int = Field(default=2, ge=0, le=8)
     """Previous pieces (text and generated audio) in each piece's prompt, so the voice carries on."""

@@ -210,16 +210,28 @@ class Transcriber(Protocol):
         ...
 
 
+# ISO-639-1 codes Whisper spells otherwise (Javanese's "jw"), or not at all (Norwegian Bokmål is its
+# Norwegian), and the codes the standard withdrew that systems still send (Java's locales: "iw", "in", "ji").
+_ISO_TO_WHISPER = {"jv": "jw", "nb": "no", "iw": "he", "in": "id", "ji": "yi", "fil": "tl"}
+
+
+def _code(key: str) -> str | None:
+    """Whisper's code for a lowercase code or English name, else None."""
+    key = _ISO_TO_WHISPER.get(key, key)
+    return key if key in LANGUAGE_NAMES else _NAME_TO_CODE.get(key)
+
+
 def normalize_language(language: str | None, known: Iterable[str] = LANGUAGE_NAMES) -> str | None:
-    """Map a user-given language (``"en"``, ``"EN"``, ``"english"``) to Whisper's code.
+    """Map a user-given language (``"en"``, ``"EN"``, ``"english"``, a locale such as ``"en-US"``; an
+    ISO-639-1 code Whisper spells otherwise, such as ``"jv"`` for its ``"jw"``) to Whisper's code.
 
     ``None`` or an empty string means "detect it".  Raises ``ValueError`` when the language is
     not one Whisper knows, or not one in ``known`` (the languages of the loaded model).
     """
     if language is None or not language.strip():
         return None
-    key = language.strip().lower()
-    code = key if key in LANGUAGE_NAMES else _NAME_TO_CODE.get(key)
+    key = language.strip().lower().replace("_", "-")
+    code = _code(key) or _code(key.split("-")[0])  # a locale ("zh-CN", "en_US"): its language
     if code is None:
         raise ValueError(f"Unknown language {language!r}: use an ISO-639-1 code such as 'en', 'fr' or 'de'.")
     known = frozenset(known)

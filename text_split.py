@@ -3,11 +3,13 @@
 Sentences come from ``sentencex`` (Wikimedia's rule-based segmenter: abbreviations such as "Mr." or "e.g.",
 decimals, quotes, ellipses, and the full stops of Chinese and Japanese); consecutive sentences are packed into
 pieces of at most ``max_chars`` characters, so a piece ends at a sentence end whenever one fits. A sentence
-longer than that is cut at its clauses (``, ; :`` and dashes followed by a space, ``，、；：`` without one), a
-clause still too long at spaces, and a run without spaces (a long word, or Chinese without punctuation) at
-``max_chars``, moved back to the last boundary between graphemes (what a reader sees as one character: a
-letter with its accents, an emoji with its skin tone or its joined parts, a flag). No character is dropped:
-the pieces, joined with the whitespace they were split at, are the text.
+longer than that is cut at its clauses (``, ; :`` and dashes followed by a space, ``，、；：``, an ellipsis
+``…`` and a doubled dash ``——`` with or without one), a clause still too long at spaces, and a run without
+spaces (a long word, or Chinese without punctuation) at ``max_chars``, moved back to the last boundary
+between graphemes (what a reader sees as one character: a letter with its accents, an emoji with its skin
+tone or its joined parts, a flag). No character is dropped: the pieces, joined with the whitespace they were
+split at, are the text. The abbreviations known are those of the text's script's language (Russian's for
+Cyrillic, Greek's for Greek), else English's.
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ import regex
 from sentencex import segment
 
 # A clause ends after a Latin mark followed by whitespace (so "3,000" and "10:30" stay whole), after a dash
-# set off by spaces, or after a CJK mark, which needs no space.
-_CLAUSE_END = re.compile(r"(?<=[,;:])\s+|(?<=\s[\u2013\u2014-])\s+|(?<=[\uff0c\u3001\uff1b\uff1a])")
+# set off by spaces, after a CJK mark, which needs no space, and after an ellipsis or a doubled dash, with or
+# without a space (Chinese writes "……" and "——" between clauses; a trial's long Chinese sentence of them
+# was cut mid-word at the piece's length).
+_CLAUSE_END = re.compile(
+    r"(?<=[,;:])\s+|(?<=\s[\u2013\u2014-])\s+|(?<=[\uff0c\u3001\uff1b\uff1a])"
+    r"|(?<=\u2026)(?!\u2026)\s*|(?<=\u2014\u2014)(?!\u2014)\s*"
+)
 _SPACE = re.compile(r"\s+")
 _GRAPHEME = regex.compile(r"\X")  # an extended grapheme cluster (Unicode's UAX #29)
 _SPEAKABLE = regex.compile(r"[\p{L}\p{N}\p{P}\p{S}]")
@@ -32,18 +39,61 @@ def speakable(text: str) -> bool:
     return _SPEAKABLE.search(text) is not None
 
 
-def split_text(text: str, max_chars: int, language: str = "en") -> list[str]:
+def split_text(text: str, max_chars: int, language: str | None = None) -> list[str]:
     """``text`` as pieces of 1 to ``max_chars`` characters, stripped, in order; ``[]`` for a blank text.
 
     ``language`` picks sentencex's abbreviation rules (the sentence marks of every script apply whatever
-    it is).
+    it is); by default those of the text's script (``rules_for``).
     """
     if max_chars < 1:
         raise ValueError("max_chars must be at least 1")
     units: list[str] = []
-    for sentence in segment(language, text):
+    for sentence in segment(language or rules_for(text), text):
         units.extend(_units(sentence, max_chars))
     return _pack(units, max_chars)
+
+
+# Scripts whose abbreviations sentencex knows in a language of their own, and the language whose rules are
+# taken for them; any other text (Latin, or a script whose sentences end with marks of its own) takes
+# English's. Cyrillic with a letter only Ukrainian writes is Ukrainian.
+_SCRIPT_RULES = {"Cyrillic": "ru", "Greek": "el"}
+_UKRAINIAN = re.compile("[\u0404\u0406\u0407\u0490\u0454\u0456\u0457\u0491]")  # Є І Ї Ґ є і ї ґ
+_LETTERS = {script: regex.compile(rf"\p{{{script}}}") for script in ("Latin", *_SCRIPT_RULES)}
+
+
+def rules_for(text: str) -> str:
+    """The language whose sentence rules fit ``text``: that of its script when most of its letters are
+    Cyrillic or Greek, else English. With English's, "в 1990 г. в Москве" ended a sentence at "г." (a
+    trial: a long Russian text was split into pieces there); no script tells German from English, so
+    Latin text keeps English's rules."""
+    sample = text[:2000]
+    counts = {script: len(letters.findall(sample)) for script, letters in _LETTERS.items()}
+    script = max(counts, key=counts.__getitem__)
+    if script not in _SCRIPT_RULES or counts[script] == 0:
+        return "en"
+    if script == "Cyrillic" and _UKRAINIAN.search(sample):
+        return "uk"
+    return _SCRIPT_RULES[script]
+
+
+# A character of these scripts is a syllable (a Chinese character, a kana, a Hangul block): about three
+# letters' worth of speech. Mandarin is read at 4 to 5 characters a second, English at about 15 letters.
+_SYLLABIC = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]")
+SYLLABLE_WEIGHT = 3
+
+
+def spoken_length(text: str) -> int:
+    """``text``'s length in letters' worth of speech: its characters, a Chinese, Japanese or Korean one
+    counted ``SYLLABLE_WEIGHT`` times. What a piece's size and a default audio cap are measured in: 300
+    Chinese characters take about a minute to say, 300 English letters about 20 s."""
+    return len(text) + (SYLLABLE_WEIGHT - 1) * len(_SYLLABIC.findall(text))
+
+
+def piece_characters(text: str, spoken: int) -> int:
+    """The characters a piece of ``text`` holds when each piece should take ``spoken`` letters' worth of
+    speech (``spoken_length``): ``spoken`` for a text in letters, a third of it in Chinese characters, in
+    between for a text of both."""
+    return max(1, round(spoken * len(text) / max(1, spoken_length(text))))
 
 
 def spaced(text: str, pieces: list[str]) -> list[str]:

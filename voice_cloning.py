@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import threading
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -209,16 +210,23 @@ def check_reference(
         )
     key = hashlib.sha256(audio.samples.tobytes()).hexdigest()
     if transcript is not None:
-        transcript = " ".join(transcript.split())
+        # Composed (NFC), as the words to speak are (``protocol.OpenModel``): an accent is one character
+        # with its letter, for the limit and for the tokenizer; a byte-order mark is no word.
+        transcript = " ".join(unicodedata.normalize("NFC", transcript).replace("\ufeff", " ").split())
+        # (The faults are the text's, not the clip's: their codes say so.)
         if not speakable(transcript):  # zero-width or control characters: paired with the clip as no words
             invisible = "holds only invisible characters (zero-width or control ones)"
             what = "is empty" if not transcript else invisible
-            raise InvalidReference(f"the reference transcript {what}; {transcript_fix}", transcript_param)
+            raise InvalidReference(
+                f"the reference transcript {what}; {transcript_fix}", transcript_param,
+                "empty_string" if not transcript else "invalid_value",
+            )  # fmt: skip
         if len(transcript) > limits.max_transcript_characters:
             raise InvalidReference(
                 f"the reference transcript has {len(transcript)} characters; at most "
                 f"{limits.max_transcript_characters} are taken (the words of the clip, nothing more)",
                 transcript_param,
+                "string_above_max_length",
             )
     return Reference(audio, key, transcript)
 

@@ -22,7 +22,9 @@ from sample_texts import sentences
 
 from generation import AudioPiece, GenerationResult
 from longform import Joiner
-from text_split import spaced, split_text
+from planner import Planner
+from text_split import piece_characters, spaced, split_text, spoken_length
+from voices import audio_token_cap
 
 TEXT = sentences(200)
 TEXT = TEXT[: TEXT.rfind(".", 0, 3000) + 1]
@@ -70,7 +72,7 @@ def results(spy, engine, monkeypatch):
 
 
 def pieces_of(client, text: str) -> list[str]:
-    return split_text(text, client.app.state.settings.piece_characters)
+    return split_text(text, piece_characters(text, client.app.state.settings.piece_characters))
 
 
 def expected_samples(client, text: str) -> tuple[list[int], list[int]]:
@@ -108,6 +110,26 @@ def assert_joins_are_smooth(signal: np.ndarray, lengths: list[int]) -> None:
 def test_the_text_is_long_and_split_in_many_pieces(long_app):
     assert 2900 <= len(TEXT) <= 3000
     assert len(pieces_of(long_app, TEXT)) >= 10
+
+
+def test_chinese_is_spoken_in_pieces_of_a_third_the_characters_and_capped_by_its_syllables(long_app, spy):
+    """A trial: 300 Chinese characters (a minute of speech, at 4 to 5 a second) were one piece, as 300
+    letters (20 s) are, with the cap of 300 letters: 49 s. A Chinese character is a syllable: it counts
+    three letters' worth, for a piece's size and for its cap."""
+    text = "今天天气很好，我们去公园散步。" * 16  # 240 characters, 16 sentences
+    response = long_app.post("/v1/audio/speech", json=speech(long_app, text))
+    assert response.status_code == 200, response.text
+    said = [request.turns[-1].text for request in spy["stream"]]
+    # 13 of each sentence's 15 characters are Chinese: a piece holds 110 characters (300 x 240 / 656), seven
+    # sentences, 287 letters' worth; it held all 240 characters, one piece, before.
+    assert [len(piece) for piece in said] == [105, 105, 30]
+    assert [spoken_length(piece) for piece in said] == [287, 287, 82] and "".join(said) == text
+    # Each piece's default cap counts its syllables three times: 4 s + 0.15 s x 287.
+    planner, frames = long_app.app.state.planner, long_app.app.state.engine.frame_rate
+    uncapped = planner.settings.model_copy(update={"max_audio_seconds": 300.0})
+    caps = Planner(uncapped, planner.engine, None, planner.voices)
+    assert caps.audio_token_cap(said[0]) == audio_token_cap(frames, 4 + 0.15 * 287) > 1000
+    assert caps.audio_token_cap("a" * 105) == audio_token_cap(frames, 4 + 0.15 * 105)
 
 
 def test_speech_body_speaks_every_piece_after_the_previous_ones(long_app, spy, results):

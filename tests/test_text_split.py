@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from text_split import spaced, split_text
+from text_split import rules_for, spaced, split_text
 
 TABLE = [
     # (name, text, max_chars, expected pieces)
@@ -101,6 +101,30 @@ TABLE = [
         100,
         ["First paragraph.\n\nSecond one\nwith a line break."],
     ),
+    (
+        "Chinese: an ellipsis and a doubled dash end clauses (a trial: cut mid-word at the length)",
+        "他说……我不知道该怎么办……他又说——算了吧——走吧。",
+        14,
+        ["他说……我不知道该怎么办……", "他又说——算了吧——走吧。"],
+    ),
+    (
+        "an ellipsis followed by a space ends a clause; one of several marks does not part them",
+        "Well… I thought about it... and then, honestly, I left.",
+        30,
+        ["Well… I thought about it...", "and then, honestly, I left."],
+    ),
+    (
+        "Russian: Russian abbreviations (a trial: English's ended a sentence at 'г.')",
+        "Обычно тут. Он родился в 1990 г. в Москве. Потом он уехал.",
+        32,
+        ["Обычно тут.", "Он родился в 1990 г. в Москве.", "Потом он уехал."],
+    ),
+    (
+        "Ukrainian: Ukrainian abbreviations",
+        "Так. Він народився в 1990 р. у Києві. Добре.",
+        34,
+        ["Так.", "Він народився в 1990 р. у Києві.", "Добре."],
+    ),
     ("blank text", "  \n ", 10, []),
 ]
 
@@ -153,6 +177,16 @@ def test_3000_characters_of_sentences_end_every_piece_at_a_sentence():
 
 def test_a_piece_not_found_in_the_text_is_joined_with_a_space():
     assert spaced("One. Two.", ["One.", "Three."]) == ["One.", " Three."]
+
+
+def test_the_rules_are_those_of_the_texts_script():
+    assert rules_for("Он родился в Москве. Hello.") == "ru"
+    assert rules_for("Він народився в Києві.") == "uk"
+    assert rules_for("Πού είσαι;") == "el"
+    assert rules_for("Wir treffen uns z. B. am Montag, Д.") == "en"  # (most letters Latin)
+    assert rules_for("他说……") == rules_for("") == "en"
+    # Given, a language is taken as it is.
+    assert split_text("Обычно тут. Он родился в 1990 г. в Москве.", 32, "en")[0].endswith("г.")
 
 
 def test_budget_must_be_positive():
