@@ -105,6 +105,13 @@ class InputAudioPart(OpenModel):
     type: Literal["input_audio"]
     input_audio: InputAudio
 
+    @field_validator("input_audio", mode="before")
+    @classmethod
+    def _base64_alone(cls, value: Any) -> Any:
+        """The base64 alone, as Mistral's chat API takes it (Open WebUI sends its recordings so to a
+        Mistral-style server): the clip, its format found from its bytes as always."""
+        return {"data": value} if isinstance(value, str) else value
+
 
 class RefusalPart(OpenModel):
     """An assistant's refusal, as OpenAI's answers hold them (a conversation sent back keeps them): its

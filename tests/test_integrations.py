@@ -47,3 +47,35 @@ def test_a_sample_rate_other_than_the_models_is_refused(client, engine):
     assert error["param"] == "sample_rate" and str(engine.sample_rate) in error["message"]
     same = {**SPEECH, "voice": "default", "sample_rate": engine.sample_rate}
     assert client.post("/v1/audio/speech", json=same).status_code == 200
+
+
+def test_open_webui_finds_the_speech_models_where_it_looks_for_them(client, settings):
+    """Open WebUI asks a custom speech server for ``{base}/audio/models`` and reads ``models``: a 404 left
+    it logging an error and offering tts-1 and tts-1-hd alone (a trial of apps' requests)."""
+    listed = client.get("/v1/audio/models")
+    assert listed.status_code == 200
+    body = listed.json()
+    names = [settings.served_model_name, "tts-1", "tts-1-hd", "gpt-4o-mini-tts"]
+    assert [model["id"] for model in body["models"]] == names  # (Open WebUI's shape)
+    assert [model["id"] for model in body["data"]] == names and body["object"] == "list"  # (OpenAI's)
+    for name in names:  # each one speaks
+        speech = {**SPEECH, "model": name, "voice": "default", "input": "Hi."}
+        assert client.post("/v1/audio/speech", json=speech).status_code == 200
+
+
+def test_open_webuis_mistral_transcription_sends_the_clip_as_a_bare_base64_string(client):
+    """Open WebUI's Mistral speech-to-text (chat completions) sends ``input_audio`` as the base64 alone,
+    Mistral's shape: a 400 "must be an object". Taken as the clip, its format read from its bytes."""
+    from conftest import TEST_AUDIO, b64, transcripts
+
+    body = {
+        "model": "higgs-audio-v2",
+        "messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": b64(TEST_AUDIO)},
+            {"type": "text", "text": "Transcribe this audio."},
+        ]}],
+    }  # fmt: skip
+    answer = client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    heard = answer.json()["choices"][0]["message"]["content"]
+    assert heard.split()[:3] == transcripts()["test_audio.wav"].split()[:3]
