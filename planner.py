@@ -307,6 +307,9 @@ class Planner:
         """``request`` (whose last turn is ``text``) as pieces; each piece capped by its own length, or all
         of them together by the client's ``max_tokens``."""
         pieces = split_text(text, piece_characters(text, self.settings.piece_characters)) or [text]
+        if len(pieces) > 1:  # (where a long text was cut: a trial found no word of it but in the transcripts)
+            log.info("a text of %d characters, spoken in %d pieces of %s", len(text), len(pieces),
+                     ", ".join(str(len(piece)) for piece in pieces))  # fmt: skip
         caps = [self.audio_token_cap(piece) for piece in pieces]
         return script_for(request, pieces, caps, max_tokens, self.settings.context_pieces)
 
@@ -497,7 +500,8 @@ class Planner:
             what = "empty" if not text else f"only invisible characters ({shown})"
             raise InvalidRequest(f"input is {what}; give the text to speak", "input")
         self._check_length(len(request.input), "input")
-        scene = (request.instructions or "").strip() or self.settings.default_scene
+        instructions = (request.instructions or "").strip()  # (invisible ones are none: a trial's bidi marks)
+        scene = instructions if speakable(instructions) else self.settings.default_scene
         prompt = await self.voices.resolve_or_make(request.voice_name, "voice")
         generation = self._generation(prompt.turns(scene, text), text, True, seed=request.seed)
         return Plan(generation, text, prompt.name, script=self._script(generation, text, None))

@@ -48,9 +48,28 @@ def split_text(text: str, max_chars: int, language: str | None = None) -> list[s
     if max_chars < 1:
         raise ValueError("max_chars must be at least 1")
     units: list[str] = []
-    for sentence in segment(language or rules_for(text), text):
+    for sentence in _sentences(text, language or rules_for(text)):
         units.extend(_units(sentence, max_chars))
     return _pack(units, max_chars)
+
+
+# A quotation's closing bracket, and a word of kana after it that carries its sentence on (「本当ですか？」と
+# 彼は聞いた。: "…", he asked.).
+_QUOTE_CLOSED = re.compile(r"[\u300d\u300f\uff09]\s*$")
+_GOES_ON = re.compile(r"^[\u3041-\u309f]")
+
+
+def _sentences(text: str, language: str) -> list[str]:
+    """sentencex's sentences of ``text``, but a Japanese quotation that ends with its own mark stays with
+    the words after it that carry its sentence on (sentencex ended the sentence at "？」", and a piece began
+    with "と彼は聞いた。")."""
+    sentences: list[str] = []
+    for sentence in segment(language, text):
+        if sentences and _QUOTE_CLOSED.search(sentences[-1]) and _GOES_ON.match(sentence):
+            sentences[-1] += sentence
+        else:
+            sentences.append(sentence)
+    return sentences
 
 
 # Scripts whose abbreviations sentencex knows in a language of their own, and the language whose rules are

@@ -142,3 +142,17 @@ def test_a_locale_is_taken_through_http_and_a_language_the_model_lacks_says_so(c
     lacking = transcribe("zh-CN")  # (the tests' model is English's only)
     assert lacking.status_code == 400 and "not supported" in lacking.json()["error"]["message"]
     assert "Unknown language" in transcribe("xx-YY").json()["error"]["message"]
+
+
+def test_instructions_of_invisible_characters_are_none_and_a_split_is_logged(client, settings, spy, caplog):
+    """Instructions of bidi marks alone became the scene, where invisible ``input`` is a 400; and a long
+    text's split into pieces showed nowhere but in the streamed transcripts."""
+    speech = {"model": "tts-1", "input": "Hi.", "voice": "default", "response_format": "pcm",
+              "instructions": "\u200f\u200e"}  # fmt: skip
+    assert client.post("/v1/audio/speech", json=speech).status_code == 200
+    assert settings.default_scene in spy["generate"][-1].turns[0].text
+    assert "\u200f" not in spy["generate"][-1].turns[0].text
+    long = {**speech, "input": "他说……我不知道该怎么办……" * 12, "instructions": "Calm."}
+    with caplog.at_level("INFO", logger="planner"):
+        client.post("/v1/audio/speech", json=long)
+    assert "a text of 168 characters, spoken in 2 pieces of 116, 52" in caplog.text

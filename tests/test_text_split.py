@@ -114,6 +114,12 @@ TABLE = [
         ["Well… I thought about it...", "and then, honestly, I left."],
     ),
     (
+        "Japanese: a quotation's words after it stay in its sentence (a trial: cut at '？」')",
+        "はい。「本当ですか？」と彼は聞いた。",
+        16,
+        ["はい。", "「本当ですか？」と彼は聞いた。"],
+    ),
+    (
         "Russian: Russian abbreviations (a trial: English's ended a sentence at 'г.')",
         "Обычно тут. Он родился в 1990 г. в Москве. Потом он уехал.",
         32,
