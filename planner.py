@@ -29,7 +29,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from answers import AUDIO_LIFETIME_SECONDS, Answer, Answers
-from audio import Audio
+from audio import Audio, decoding
 from detokenize import first_stop
 from generation import AudioCodes, Engine, GenerationRequest, GenerationResult, Turn
 from longform import Script, script_for
@@ -148,9 +148,9 @@ class Planner:
 
     # ---- helpers ----
 
-    def _reference(self, param: str, part: InputAudioPart) -> Reference:
+    async def _reference(self, param: str, part: InputAudioPart) -> Reference:
         audio = part.input_audio
-        return load_reference(audio.data, audio.format, audio.transcript, self.limits, param)
+        return await decoding(load_reference, audio.data, audio.format, audio.transcript, self.limits, param)
 
     async def _transcript_of(self, reference: Reference, param: str) -> str:
         if reference.transcript is not None:
@@ -172,9 +172,10 @@ class Planner:
     async def _codes(self, reference: Reference) -> AudioCodes:
         return await self.codes.get_or_make(reference.key, lambda: self.engine.encode(reference.audio))
 
-    def _user_audio(self, param: str, part: InputAudioPart) -> Audio:
+    async def _user_audio(self, param: str, part: InputAudioPart) -> Audio:
         audio = part.input_audio
-        return decode_input_audio(
+        return await decoding(
+            decode_input_audio,
             audio.data,
             audio.format,
             param,
@@ -231,7 +232,7 @@ class Planner:
         for param, part in parts.audios:
             given = part.input_audio.transcript
             if not given:
-                given = await recognised_words(self.recognizer, self._user_audio(param, part), param)
+                given = await recognised_words(self.recognizer, await self._user_audio(param, part), param)
                 if not given.strip():
                     log.info("no speech was recognised in %s: it adds nothing to the words", param)
             heard.append(given)
@@ -418,7 +419,7 @@ class Planner:
                 "the clone request has a voice reference but no text to speak; add a text part",
                 f"messages[{last}].content",
             )
-        reference = self._reference(param, part)
+        reference = await self._reference(param, part)
         transcript = await self._transcript_of(reference, param)
         codes = await self._codes(reference)
         turns = clone_turns(scene, transcript, codes, text)
@@ -438,7 +439,7 @@ class Planner:
             parts = _parts(message, i)
             if message.role == "assistant":
                 for param, part in parts.audios:
-                    reference = self._reference(param, part)
+                    reference = await self._reference(param, part)
                     turns.append(Turn("assistant", audio=await self._codes(reference)))
                 answer = answers.get(i)
                 if answer is not None and answer.codes is not None and answer.codes.frames:

@@ -32,7 +32,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from audio import Audio, active_speech_seconds, trim_silence
+from audio import Audio, active_speech_seconds, decoding, trim_silence
 from generation import AudioCodes, Engine, GenerationRequest, Turn
 from protocol import InvalidRequest
 from settings import Settings
@@ -680,7 +680,7 @@ class Voices:
             self._creating.discard(name.lower())
 
     async def _create(self, name: str, data: bytes, transcript: str | None) -> Voice:
-        reference = await asyncio.to_thread(
+        reference = await decoding(
             reference_from_bytes, data, transcript, self.limits, "audio_sample", "transcript"
         )
         if reference.transcript is None:

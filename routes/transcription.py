@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from audio import Audio, AudioError, decode_audio
+from audio import Audio, AudioError, decode_audio, decoding
 from errors import APIError, as_api_error, bad_request
 from protocol import TranscriptionForm, TranslationForm
 from routes.deps import (
@@ -100,11 +100,11 @@ async def translations(
 
 
 async def _decoded(data: bytes, filename: str | None, settings: Settings) -> Audio:
-    """The upload decoded at Whisper's rate on a thread, which stops at its next block of samples when the
-    request is cancelled (its client left: half an hour of audio takes seconds to decode)."""
+    """The upload decoded at Whisper's rate on a decoding thread, which stops at its next block of samples
+    when the request is cancelled (its client left: half an hour of audio takes seconds to decode)."""
     stop = threading.Event()
     try:
-        return await asyncio.to_thread(
+        return await decoding(
             decode_audio,
             data,
             target_rate=WHISPER_SAMPLE_RATE,

@@ -572,3 +572,41 @@ def test_a_mounted_key_with_a_trailing_newline_is_the_key(monkeypatch):
     assert from_environment().api_key.get_secret_value() == "abc"
     monkeypatch.setenv("HIGGS_KV_CACHE_LENGTHS", "[4096, 1024, 4096]")
     assert from_environment().kv_cache_lengths == [1024, 4096]
+
+
+def test_a_clients_audio_is_decoded_on_the_decoding_threads_never_on_the_event_loop(
+    client, settings, monkeypatch
+):
+    """A chat's reference and a clip sent to chat for its words were decoded on the event loop (a 20-minute
+    clip took 2.3 s there, and every stream's audio stopped meanwhile), and uploads on the default
+    executor's threads, where every streamed answer's audio is encoded. Each kind, through HTTP."""
+    import audio
+    import routes.transcription
+    import voice_cloning
+
+    decoded_on = []
+    real = audio.decode_audio
+
+    def recorded(*args, **kwargs):
+        decoded_on.append(threading.current_thread().name.split("_")[0])
+        return real(*args, **kwargs)
+
+    for module in (voice_cloning, routes.transcription):
+        monkeypatch.setattr(module, "decode_audio", recorded)
+    clip = b64(TEST_AUDIO)
+    reference = {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}}
+    clone = {**CHAT, "audio": {"voice": "clone", "format": "wav"},
+             "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi."}, reference]}]}  # fmt: skip
+    assert client.post("/v1/chat/completions", json=clone).status_code == 200
+    words = {"model": "tts-1", "messages": [{"role": "user", "content": [reference]}]}  # text out: its words
+    assert client.post("/v1/chat/completions", json=words).status_code == 200
+    upload = {"audio_sample": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")}
+    stored = client.post("/v1/audio/voices", data={"name": "decoded", "transcript": "Words."}, files=upload)
+    assert stored.status_code == 200, stored.text
+    client.delete("/v1/audio/voices/decoded")
+    files = {"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")}
+    assert (
+        client.post("/v1/audio/transcriptions", files=files, data={"model": "whisper-1"}).status_code == 200
+    )
+    assert decoded_on == ["decode"] * 4, decoded_on
+    assert audio.DECODE_THREADS >= 2
