@@ -249,6 +249,23 @@ def client(app):
         yield client
 
 
+@pytest.fixture
+def isolated(settings, engine, recognizer, tmp_path):
+    """Makes a TestClient of the app with ``changes`` to its settings and a voice library of its own (so
+    quotas and names do not touch the shared one); use it with ``with``."""
+    from fastapi.testclient import TestClient
+
+    from app import create_app
+
+    def make(**changes):
+        changes.setdefault("voices_dir", tmp_path / "voices")
+        return TestClient(
+            create_app(settings.model_copy(update=changes), engine=engine, recognizer=recognizer)
+        )
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def openai_client(client):
     """The official OpenAI SDK, pointed at the app."""

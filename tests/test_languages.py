@@ -10,25 +10,12 @@ import unicodedata
 
 import pytest
 from conftest import TEST_AUDIO, transcripts
-from fastapi.testclient import TestClient
 
-from app import create_app
 from stt import normalize_language
 
 WAV = TEST_AUDIO.read_bytes()
 WORDS = transcripts()["test_audio.wav"]
 VIETNAMESE = "Tiếng Việt có dấu."  # 18 characters composed, 25 apart
-
-
-@pytest.fixture
-def isolated(settings, engine, recognizer, tmp_path):
-    def make(**changes):
-        changes.setdefault("voices_dir", tmp_path / "voices")
-        return TestClient(
-            create_app(settings.model_copy(update=changes), engine=engine, recognizer=recognizer)
-        )
-
-    return make
 
 
 def nfd(text: str) -> str:

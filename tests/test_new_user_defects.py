@@ -40,19 +40,6 @@ def upload(client, name: str, transcript: str | None = WORDS):
     return client.post("/v1/audio/voices", data=data, files={"audio_sample": ("a.wav", WAV, "audio/wav")})
 
 
-@pytest.fixture
-def isolated(settings, engine, recognizer, tmp_path):
-    """An app with a library of its own (so quotas and names do not touch the shared one)."""
-
-    def make(**changes):
-        changes.setdefault("voices_dir", tmp_path / "voices")
-        return TestClient(
-            create_app(settings.model_copy(update=changes), engine=engine, recognizer=recognizer)
-        )
-
-    return make
-
-
 # ---- 500s and wrong states ----
 
 
