@@ -135,6 +135,8 @@ def test_page_loads_without_console_errors_and_shows_the_apis_limit(page, base_u
     # characters as the API counts them (an emoji is one; JavaScript's length and maxlength say two)
     page.fill("#text", "Hi \U0001f600\U0001f600")
     expect(page.locator("#count")).to_have_text(f"5 / {limit}")
+    page.fill("#text", "Vie\u0323\u0302t")  # composed, as the API counts it: "Việt", 4 characters, not 6
+    expect(page.locator("#count")).to_have_text(f"4 / {limit}")
     page.wait_for_load_state("networkidle")
     assert page.console.errors == []
     # Its own scripts, styles and this server only (every test's page is checked for what it refused).

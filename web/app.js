@@ -435,9 +435,10 @@ $("refresh").addEventListener("click", async () => {
 
 // ---- speaking ----
 
-/** The length of `text` as the API counts it: characters (code points), where an emoji is one, not two
- * UTF-16 units as `maxlength` and `String.length` count them. */
-const characters = (text) => [...text].length;
+/** The length of `text` as the API counts it: characters (code points) of its composed form (NFC), where an
+ * emoji is one, not two UTF-16 units as `maxlength` and `String.length` count them, and a letter typed with
+ * its accent apart is one. */
+const characters = (text) => [...text.normalize("NFC")].length;
 
 function updateCount() {
   const text = $("text");
