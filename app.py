@@ -53,8 +53,11 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 # A client's X-Request-ID is kept when it is a plain token (it ends up in log lines).
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(higgs_request_id)s] %(message)s"
-# Control characters, as they are escaped in log lines (tabs are left alone).
-_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(32), 127] if c != 9} | {10: "\\n", 13: "\\r"}
+# Control characters, as they are escaped in log lines (tabs are left alone): C0 and DEL, C1 (NEL ends a line
+# for some readers, CSI starts a terminal's escape) and Unicode's line and paragraph separators (a security
+# review forged a line in the log with U+2028, which Python's ``splitlines`` and some viewers break at).
+_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)] if c != 9} | {10: "\\n", 13: "\\r"}
+_ESCAPED |= {0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 class OneLineFormatter(logging.Formatter):

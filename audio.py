@@ -381,11 +381,15 @@ def _hint_demuxer(format_hint: str | None) -> str | None:
 
 
 def _open_container(data: bytes, demuxer: str | None) -> InputContainer:
-    """Open with FFmpeg; ``demuxer`` None means probe, restricted to plain audio containers."""
+    """Open with FFmpeg; ``demuxer`` None means probe, restricted to plain audio containers: FFmpeg is told
+    to take no other (``format_whitelist``), since opening one may do anything its demuxer does before a
+    check after the open could refuse it (a security review: 110 bytes of SDP made the server listen on
+    two UDP ports of the sender's choosing, one on every interface, and held a decoding thread for 10 s)."""
     import av
 
+    allowed = {"format_whitelist": ",".join(sorted(_ALLOWED_DEMUXERS))}
     try:
-        container = av.open(io.BytesIO(data), mode="r", format=demuxer)
+        container = av.open(io.BytesIO(data), mode="r", format=demuxer, options=allowed)
     except (av.FFmpegError, ValueError, OSError, EOFError):
         raise AudioError(_NOT_AUDIO) from None
     if demuxer is None and not set(container.format.name.split(",")) & _ALLOWED_DEMUXERS:

@@ -412,7 +412,8 @@ class TranslationForm(BaseModel):
     """The form fields of ``/v1/audio/translations``."""
 
     model: str
-    prompt: str | None = None
+    prompt: str | None = Field(None, max_length=4096)  # (Whisper reads its last 224 tokens; a review found
+    # no bound but the form's 1 MB a field)
     response_format: str = "json"
     temperature: float = 0.0
 

@@ -108,7 +108,7 @@ class VoicePrompt:
         return clone_turns(scene, self.transcript, self.codes, text)
 
 
-VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # (whole: ``fullmatch``; "$" let "nl\n" by)
 RESERVED_NAMES = frozenset({CLONE_VOICE, DEFAULT_VOICE})
 NAME_RULE = (
     "a voice name is 1 to 64 ASCII letters, digits, '_', '-' or '.', starting with a letter or digit, "
@@ -235,7 +235,7 @@ def voice_id(name: str) -> str:
 
 def check_voice_name(name: str) -> str:
     """Return ``name`` if it can name a stored voice, else raise ``InvalidVoiceName`` saying why."""
-    if not VOICE_NAME.match(name) or ".." in name:
+    if not VOICE_NAME.fullmatch(name) or ".." in name:
         raise InvalidVoiceName(NAME_RULE)
     if name.lower() in RESERVED_NAMES:
         raise InvalidVoiceName(f"{name!r} is reserved; choose another name")
@@ -371,7 +371,7 @@ class VoiceLibrary:
         """A voice by id, or by name in any case (names are unique regardless of case)."""
         if name_or_id.startswith(ID_PREFIX):
             return next((v for v in self.list() if v.id == name_or_id), None)
-        if not VOICE_NAME.match(name_or_id) or ".." in name_or_id:
+        if not VOICE_NAME.fullmatch(name_or_id) or ".." in name_or_id:
             return None
         stored = self._names().get(name_or_id.lower())
         return self._load(stored) if stored is not None else None

@@ -90,9 +90,10 @@ def _ranged(request: Request, data: bytes, media_type: str) -> Response:
     """``data`` whole, or the one byte range that a ``Range: bytes=...`` header asks for (206), as a file
     server answers it: Safari's ``<audio>`` asks for a range first and may not play an answer without one.
     A range that starts past the end is a 416; several ranges, or a header that is not a byte range, get
-    the whole (HTTP lets a server ignore a range it does not serve)."""
+    the whole (HTTP lets a server ignore a range it does not serve), and so does a number of more than 18
+    digits (a security review's 5,000 nines were a 500: Python reads no integer that long)."""
     size, whole = len(data), {"Accept-Ranges": "bytes"}
-    asked = re.fullmatch(r"bytes=(\d*)-(\d*)", request.headers.get("range", "").strip())
+    asked = re.fullmatch(r"bytes=(\d{0,18})-(\d{0,18})", request.headers.get("range", "").strip())
     if (
         asked is None
         or asked[1] == asked[2] == ""

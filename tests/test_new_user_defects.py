@@ -608,6 +608,8 @@ def test_21_uvicorn_app_app_serves_and_logs_as_python_app_py(tiny_settings, tmp_
         httpx.post(f"{url}/v1/audio/speech%0A2026-01-01%2000:00:00,000%20WARNING%20voices%20FORGED1")
         forged = {**body, "zz\n2026-01-01 00:00:00,000 ERROR engine FORGED2": 1}
         assert httpx.post(f"{url}/v1/audio/speech", json=forged, timeout=120).status_code == 200
+        # Nor Unicode's line separator, or C1's next line and escape (a security review's forgeries).
+        httpx.get(f"{url}/x%E2%80%A82026-01-01%2000:00:00,000%20CRITICAL%20engine%20FORGED3%C2%85N%C2%9B31m")
     finally:
         server.terminate()
         log = server.communicate(timeout=60)[1]
@@ -618,6 +620,7 @@ def test_21_uvicorn_app_app_serves_and_logs_as_python_app_py(tiny_settings, tmp_
     assert not [line for line in log.splitlines() if line.startswith("2026-01-01")]
     assert "/v1/audio/speech\\n2026-01-01 00:00:00,000 WARNING voices FORGED1 -> 404" in log
     assert "zz\\n2026-01-01 00:00:00,000 ERROR engine FORGED2" in log
+    assert "/x\\u20282026-01-01 00:00:00,000 CRITICAL engine FORGED3\\x85N\\x9b31m -> 404" in log
     # Every line is a log line, the libraries' warnings too (torch's deprecation notices came bare).
     stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \S+ \[\S+\] ")
     assert [line for line in log.splitlines() if not stamp.match(line)] == []

@@ -610,3 +610,52 @@ def test_a_clients_audio_is_decoded_on_the_decoding_threads_never_on_the_event_l
     )
     assert decoded_on == ["decode"] * 4, decoded_on
     assert audio.DECODE_THREADS >= 2
+
+
+SDP = (
+    b"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=x\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    b"m=audio 47004 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+)
+
+
+def _udp_ports() -> set[int]:
+    """The local UDP ports this machine listens on (``/proc/net/udp`` and ``udp6``)."""
+    ports = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with open(table) as rows:
+            ports |= {int(row.split()[1].rsplit(":", 1)[1], 16) for row in list(rows)[1:]}
+    return ports
+
+
+def test_a_session_description_sent_as_audio_is_refused_before_ffmpeg_opens_its_network_streams(client):
+    """A security review: 110 bytes of SDP, as an upload, a reference or a clip to transcribe, made FFmpeg's
+    probe open its RTP demuxer, which listened on UDP ports 47004 and 47005 (one on every interface) and
+    waited 10 s for packets, holding a decoding thread, before the check of the container's kind refused
+    it. FFmpeg is now told which demuxers it may open at all."""
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.update(_udp_ports() & {47004, 47005})
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        files = {"file": ("clip", SDP, "application/octet-stream")}
+        refused = client.post("/v1/audio/transcriptions", files=files, data={"model": "whisper-1"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_audio"
+        reference = {
+            "type": "input_audio",
+            "input_audio": {"data": base64.b64encode(SDP).decode(), "format": "wav"},
+        }
+        clone = {**CHAT, "audio": {"voice": "clone", "format": "wav"},
+                 "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi."}, reference]}]}  # fmt: skip
+        assert client.post("/v1/chat/completions", json=clone).status_code == 400
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen == set()  # no port opened for the sender
+    assert time.monotonic() - started < 8  # (not two waits of 10 s for packets that never come)

@@ -114,6 +114,7 @@ BAD_UPLOADS = [
     ("unknown language", None, {"language": "xx"}, 400, "language"),
     ("language the model lacks", None, {"language": "fr"}, 400, "language"),
     ("bad temperature", None, {"temperature": "7"}, 400, "temperature"),
+    ("over-long prompt", None, {"prompt": "word " * 1000}, 400, "prompt"),
     ("unknown granularity", None, {"response_format": "verbose_json", GRAIN: "letter"}, 400, GRAIN),
     ("unknown granularity, no brackets", None, {"response_format": "verbose_json", GRAIN[:-2]: "x"}, 400,
      GRAIN[:-2]),
