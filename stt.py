@@ -615,12 +615,7 @@ class AsyncTranscriber:
     def _submit(self, audio: Audio, task: str, stop: threading.Event, **options: object) -> Future:
         """Queue ``transcribe`` for the worker, counted as pending until it is over (or dropped);
         ``TranscriberBusy`` when too many are."""
-        if self._closing:
-            raise TranscriberClosed(SHUTTING_DOWN)
-        if self._pending >= self.max_pending:  # the event loop is the only writer: no lock needed
-            raise TranscriberBusy(
-                f"speech recognition is busy ({self._pending} requests queued); retry shortly"
-            )
+        self.check_room()
         call = functools.partial(self._run, audio, task, stop=stop, **options)
         queued = time.monotonic()
         self._pending += 1
@@ -649,6 +644,17 @@ class AsyncTranscriber:
 
     def _release(self) -> None:
         self._pending -= 1
+
+    def check_room(self) -> None:
+        """``TranscriberClosed`` once closing, ``TranscriberBusy`` while ``max_pending`` recognitions run or
+        wait; a caller asks before it decodes a clip (a security review: a full queue still cost each
+        request its upload's decode)."""
+        if self._closing:
+            raise TranscriberClosed(SHUTTING_DOWN)
+        if self._pending >= self.max_pending:  # the event loop is the only writer: no lock needed
+            raise TranscriberBusy(
+                f"speech recognition is busy ({self._pending} requests queued); retry shortly"
+            )
 
     @property
     def pending(self) -> int:

@@ -25,11 +25,12 @@ _FILES = StaticFiles(
 )
 
 # Nothing from elsewhere, whatever the pages' scripts ask for (ReDoc's bundle shows its maker's logo from
-# cdn.redoc.ly): their own inline script and styles, this server's files, and the worker ReDoc makes.
+# cdn.redoc.ly): their own inline script and styles, this server's files, and the worker ReDoc makes; and no
+# other site may frame them (Swagger's Authorize button takes the API key: a security review).
 _ONLY_HERE = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
     "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; worker-src 'self' blob:; "
-    "font-src 'self' data:",
+    "font-src 'self' data:; frame-ancestors 'none'",
 }
 
 router = APIRouter(include_in_schema=False)
@@ -57,7 +58,9 @@ async def swagger_ui(request: Request) -> HTMLResponse:
 
 @router.get("/docs/oauth2-redirect")
 async def swagger_ui_redirect() -> HTMLResponse:
-    return get_swagger_ui_oauth2_redirect_html()
+    page = get_swagger_ui_oauth2_redirect_html()
+    page.headers.update(_ONLY_HERE)
+    return page
 
 
 @router.get("/redoc")

@@ -179,6 +179,7 @@ async def _speech_to_text(
             "/v1/audio/transcriptions",
             "model",
         )
+    recognizer.check_room()  # (a 429 before the upload is read and decoded: the queue would refuse it after)
     data = await read_upload(file, "file", settings)
     try:  # (a client gone meanwhile: a 499, ``errors.py``; the decode stops at its next block)
         audio = await until_disconnected(request, _decoded(data, file.filename, settings))

@@ -744,3 +744,7 @@ def test_the_api_pages_are_served_whole_by_this_server(fake_client, page):
         assert answer.headers["content-type"].startswith(kind), path
     assert "/openapi.json" in html.text
     assert_envelope(fake_client.get("/docs/assets/..%2Fcore.py"), 404)
+    # Nothing from elsewhere, and no other site may frame them (a security review: no frame-ancestors).
+    for path in (page, "/docs/oauth2-redirect"):
+        policy = fake_client.get(path).headers["content-security-policy"]
+        assert policy.startswith("default-src 'self';") and policy.endswith("frame-ancestors 'none'"), path

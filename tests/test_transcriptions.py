@@ -621,3 +621,25 @@ def test_a_streamed_transcription_stops_when_its_client_leaves(client, app, reco
     assert not any(b"transcript.text.done" in m.get("body", b"") for m in sent)
     wait_until_recognizer_idle(recognizer)
     assert not finished and max(decoded) < len(clip) / rate - 60, decoded  # two 30-s windows never decoded
+
+
+def test_a_full_recognition_queue_is_a_429_before_the_upload_is_decoded(client, recognizer, monkeypatch):
+    """A security review: with the recognizer's queue full, each request still read and decoded its upload
+    (up to 30 minutes of audio) before the queue refused it."""
+    import routes.transcription
+
+    decoded = []
+    real = routes.transcription.decode_audio
+    monkeypatch.setattr(
+        routes.transcription, "decode_audio", lambda *a, **k: decoded.append(1) or real(*a, **k)
+    )
+    monkeypatch.setattr(recognizer, "_pending", recognizer.max_pending)  # as when that many run or wait
+    files = {"file": ("a.wav", TEST_AUDIO.read_bytes(), "audio/wav")}
+    busy = client.post("/v1/audio/transcriptions", data={"model": "whisper-1"}, files=files)
+    assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full", busy.text
+    assert busy.headers["retry-after"] and decoded == []
+    monkeypatch.setattr(recognizer, "_pending", 0)
+    assert (
+        client.post("/v1/audio/transcriptions", data={"model": "whisper-1"}, files=files).status_code == 200
+    )
+    assert decoded == [1]
