@@ -232,6 +232,8 @@ class Planner:
         for param, part in parts.audios:
             given = part.input_audio.transcript
             if not given:
+                if self.recognizer is not None:  # (a full line refuses it before the clip is decoded)
+                    self.recognizer.check_room()
                 given = await recognised_words(self.recognizer, await self._user_audio(param, part), param)
                 if not given.strip():
                     log.info("no speech was recognised in %s: it adds nothing to the words", param)

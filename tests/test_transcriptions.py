@@ -638,8 +638,17 @@ def test_a_full_recognition_queue_is_a_429_before_the_upload_is_decoded(client, 
     busy = client.post("/v1/audio/transcriptions", data={"model": "whisper-1"}, files=files)
     assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full", busy.text
     assert busy.headers["retry-after"] and decoded == []
+    # So is a clip sent to chat for its words.
+    import voice_cloning
+
+    monkeypatch.setattr(voice_cloning, "decode_audio", lambda *a, **k: decoded.append(2) or real(*a, **k))
+    clip = {"type": "input_audio", "input_audio": {"data": b64(TEST_AUDIO), "format": "wav"}}
+    words = {"model": "tts-1", "messages": [{"role": "user", "content": [clip]}]}
+    refused = client.post("/v1/chat/completions", json=words)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full", refused.text
+    assert decoded == []
     monkeypatch.setattr(recognizer, "_pending", 0)
-    assert (
-        client.post("/v1/audio/transcriptions", data={"model": "whisper-1"}, files=files).status_code == 200
-    )
-    assert decoded == [1]
+    transcribed = client.post("/v1/audio/transcriptions", data={"model": "whisper-1"}, files=files)
+    assert transcribed.status_code == 200
+    assert client.post("/v1/chat/completions", json=words).status_code == 200
+    assert decoded == [1, 2]
