@@ -22,7 +22,7 @@ def nfd(text: str) -> str:
     return unicodedata.normalize("NFD", text)
 
 
-def test_text_typed_with_its_accents_apart_is_one_character_a_letter_and_spoken_composed(isolated, spy):
+def test_a_letter_typed_with_its_accents_apart_is_one_character_and_is_spoken_composed(isolated, spy):
     """The same Vietnamese was 4,059 characters composed and 5,599 apart, and only the first was taken;
     the words reached the model as typed, each accent a token of its own."""
     assert len(nfd(VIETNAMESE)) == 25 and len(VIETNAMESE) == 18
