@@ -21,7 +21,6 @@ import hashlib
 import logging
 import math
 import threading
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from audio import (
     trim_silence,
 )
 from generation import SYSTEM_TEMPLATE, AudioCodes, Turn
-from protocol import InvalidRequest
+from protocol import InvalidRequest, composed
 from text_split import speakable
 
 if TYPE_CHECKING:
@@ -179,6 +178,13 @@ TRANSCRIPT_FIX = "omit it or give the words spoken"
 """What a request whose reference transcript holds no words is told to do (``check_reference``)."""
 
 
+def transcript_text(transcript: str) -> str:
+    """A reference's words as they are stored and prompted: composed (NFC), as the words to speak are
+    (``protocol.composed``: an accent is one character with its letter, for the limit and the tokenizer),
+    without a byte-order mark (an editor's, or a form's: no word), on one line with single spaces."""
+    return " ".join(composed(transcript).replace("\ufeff", " ").split())
+
+
 def check_reference(
     audio: Audio,
     transcript: str | None,
@@ -210,9 +216,7 @@ def check_reference(
         )
     key = hashlib.sha256(audio.samples.tobytes()).hexdigest()
     if transcript is not None:
-        # Composed (NFC), as the words to speak are (``protocol.OpenModel``): an accent is one character
-        # with its letter, for the limit and for the tokenizer; a byte-order mark is no word.
-        transcript = " ".join(unicodedata.normalize("NFC", transcript).replace("\ufeff", " ").split())
+        transcript = transcript_text(transcript)
         # (The faults are the text's, not the clip's: their codes say so.)
         if not speakable(transcript):  # zero-width or control characters: paired with the clip as no words
             invisible = "holds only invisible characters (zero-width or control ones)"

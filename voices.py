@@ -21,7 +21,6 @@ import os
 import re
 import threading
 import time
-import unicodedata
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +45,7 @@ from voice_cloning import (
     recognised_words,
     reference_from_bytes,
     system_turn,
+    transcript_text,
 )
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ class VoiceLibrary:
             meta = {} if by_hand else json.loads(meta_path.read_text())
             info = sf.info(str(wav))
             digest = self._digest(wav)
-            transcript = txt.read_text(encoding="utf-8-sig")  # (an editor's byte-order mark is no word)
+            transcript = txt.read_text(encoding="utf-8")
             stat = wav.stat()
         except FileNotFoundError:  # deleted by another request or process while being read
             return None
@@ -330,7 +330,7 @@ class VoiceLibrary:
         return Voice(
             id=voice_id(name),
             name=name,
-            transcript=" ".join(unicodedata.normalize("NFC", transcript).split()),
+            transcript=transcript_text(transcript),
             created_at=int(meta.get("created_at", stat.st_mtime)),
             builtin=bool(meta.get("builtin", False)),
             duration=float(info.duration),
